@@ -1,0 +1,138 @@
+"""Pure-jnp references for every MoC kernel.
+
+These define the semantics the Pallas kernels must match bit-for-bit in selection and to
+rounding in values. They are also the `xla` backend: always available, on any device.
+
+Shapes use suffixes: T tokens, F channels (d_ff), K selected channels, D model width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+GROUP = 8  # moc_2of8: groups of 8 consecutive channels
+PER_GROUP = 2  # ... of which the top 2 are kept
+
+
+def index_dtype(num_channels: int) -> jnp.dtype:
+  """The narrowest integer type that holds a channel index (uint16 for F < 65536)."""
+  return jnp.uint16 if num_channels <= 65536 else jnp.int32
+
+
+def topk_select(g_TxF: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Per row, the k largest *signed* values; ties go to the lower channel index.
+
+  Returns (idx_TxK int32 sorted ascending by channel, val_TxK in g's dtype).
+  """
+  num_channels = g_TxF.shape[-1]
+  if not 0 < k <= num_channels:
+    raise ValueError(f"k must be in [1, {num_channels}], got {k}")
+  # lax.top_k is stable: among equal values the lower index comes first.
+  _, idx_TxK = jax.lax.top_k(g_TxF, k)
+  idx_TxK = jnp.sort(idx_TxK, axis=-1).astype(jnp.int32)
+  return idx_TxK, jnp.take_along_axis(g_TxF, idx_TxK, axis=-1)
+
+
+def group_select(g_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """moc_2of8: the top 2 of every 8 consecutive channels (ties to the lower index).
+
+  Returns (idx_TxK int32 ascending, val_TxK) with K = F // 4.
+  """
+  *lead, num_channels = g_TxF.shape
+  if num_channels % GROUP:
+    raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={num_channels}")
+  g_TxGx8 = g_TxF.reshape(*lead, num_channels // GROUP, GROUP)
+  _, local_TxGx2 = jax.lax.top_k(g_TxGx8, PER_GROUP)
+  local_TxGx2 = jnp.sort(local_TxGx2, axis=-1)
+  base_G = jnp.arange(num_channels // GROUP, dtype=jnp.int32) * GROUP
+  idx_TxK = (local_TxGx2.astype(jnp.int32) + base_G[:, None]).reshape(*lead, -1)
+  return idx_TxK, jnp.take_along_axis(g_TxF, idx_TxK, axis=-1)
+
+
+def select(g_TxF: jax.Array, k: int, variant: str) -> tuple[jax.Array, jax.Array]:
+  """Dispatch on the MoC variant ('moc' or 'moc_2of8')."""
+  if variant == "moc":
+    return topk_select(g_TxF, k)
+  if variant == "moc_2of8":
+    return group_select(g_TxF)
+  raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+
+
+def scatter_rows(val_TxK: jax.Array, idx_TxK: jax.Array, num_channels: int) -> jax.Array:
+  """Zero-filled (T, F) array holding val at idx: the inverse of take_along_axis."""
+  *lead, k = val_TxK.shape
+  flat_val = val_TxK.reshape(-1, k)
+  flat_idx = idx_TxK.reshape(-1, k).astype(jnp.int32)
+  rows = jnp.arange(flat_val.shape[0], dtype=jnp.int32)[:, None]
+  out = jnp.zeros((flat_val.shape[0], num_channels), val_TxK.dtype)
+  out = out.at[rows, flat_idx].set(flat_val, unique_indices=True, indices_are_sorted=True)
+  return out.reshape(*lead, num_channels)
+
+
+def silu_grad(g: jax.Array) -> jax.Array:
+  """d/dg silu(g) = s(g) (1 + g (1 - s(g))), in fp32."""
+  g32 = g.astype(jnp.float32)
+  s = jax.nn.sigmoid(g32)
+  return s * (1.0 + g32 * (1.0 - s))
+
+
+def train_forward_epilogue(
+    g_TxF: jax.Array, u_TxF: jax.Array, k: int, variant: str
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """From the gate and up projections to what the forward needs and keeps.
+
+  Returns (idx_TxK int32, g_sel_TxK, u_sel_TxK, z_TxF) where z is the zero-filled
+  silu(G)*U on the selected channels, ready for the down GEMM.
+  """
+  idx_TxK, g_sel = select(g_TxF, k, variant)
+  u_sel = jnp.take_along_axis(u_TxF, idx_TxK, axis=-1)
+  z_sel = silu_and_mul(g_sel, u_sel)
+  return idx_TxK, g_sel, u_sel, scatter_rows(z_sel, idx_TxK, g_TxF.shape[-1])
+
+
+def silu_and_mul(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:
+  """silu(g) * u in fp32, rounded once to u's dtype."""
+  return (jax.nn.silu(g_sel.astype(jnp.float32)) * u_sel.astype(jnp.float32)).astype(u_sel.dtype)
+
+
+def train_backward_epilogue(
+    dz_TxF: jax.Array, idx_TxK: jax.Array, g_sel_TxK: jax.Array, u_sel_TxK: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """From dZ = dy @ Wd^T to the zero-filled dG and dU (DESIGN.md §1).
+
+  Unselected channels get exactly zero. Math in fp32, outputs in dz's dtype.
+  """
+  num_channels = dz_TxF.shape[-1]
+  dz_sel = jnp.take_along_axis(dz_TxF, idx_TxK.astype(jnp.int32), axis=-1).astype(jnp.float32)
+  g32 = g_sel_TxK.astype(jnp.float32)
+  du_sel = dz_sel * jax.nn.silu(g32)
+  dg_sel = dz_sel * u_sel_TxK.astype(jnp.float32) * silu_grad(g32)
+  out_dtype = dz_TxF.dtype
+  return (
+      scatter_rows(dg_sel.astype(out_dtype), idx_TxK, num_channels),
+      scatter_rows(du_sel.astype(out_dtype), idx_TxK, num_channels),
+  )
+
+
+def decode_ffn(
+    x_TxD: jax.Array,
+    w_gate_DxF: jax.Array,
+    w_up_FxD: jax.Array,
+    w_down_FxD: jax.Array,
+    k: int,
+    variant: str,
+) -> jax.Array:
+  """MoC FFN for a few tokens with channel-major up/down weights (F, D).
+
+  Reads all of Wg, then only the selected rows of Wu^T and Wd. fp32 accumulation.
+  """
+  g_TxF = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=jnp.float32).astype(x_TxD.dtype)
+  idx_TxK, g_sel = select(g_TxF, k, variant)
+  wu_TxKxD = jnp.take(w_up_FxD, idx_TxK, axis=0)
+  wd_TxKxD = jnp.take(w_down_FxD, idx_TxK, axis=0)
+  u_sel = jnp.einsum("td,tkd->tk", x_TxD, wu_TxKxD, preferred_element_type=jnp.float32)
+  z_sel = jax.nn.silu(g_sel.astype(jnp.float32)) * u_sel
+  y = jnp.einsum("tk,tkd->td", z_sel.astype(x_TxD.dtype), wd_TxKxD,
+                 preferred_element_type=jnp.float32)
+  return y.astype(x_TxD.dtype)
