@@ -1,0 +1,60 @@
+"""One switch for every kernel: `xla` (the jnp reference, always there) or a Pallas backend.
+
+Each getter returns a callable with exactly the signature of its reference in
+`reference.py`, so callers never branch on the backend themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from pallas_kernels import reference
+
+BACKENDS = ("xla", "pallas")
+
+
+def resolve(backend: str) -> str:
+  """'auto' means Pallas on GPU and the jnp reference elsewhere."""
+  if backend == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown kernel backend {backend!r}; expected one of {('auto', *BACKENDS)}")
+  return backend
+
+
+def select(backend: str) -> Callable:
+  """(g_TxF, k, variant) -> (idx_TxK, val_TxK)."""
+  if resolve(backend) == "xla":
+    return reference.select
+  from pallas_kernels import topk
+
+  return topk.select
+
+
+def train_forward_epilogue(backend: str) -> Callable:
+  """(g_TxF, u_TxF, k, variant) -> (idx_TxK, g_sel, u_sel, z_TxF)."""
+  if resolve(backend) == "xla":
+    return reference.train_forward_epilogue
+  from pallas_kernels import moc_train
+
+  return moc_train.train_forward_epilogue
+
+
+def train_backward_epilogue(backend: str) -> Callable:
+  """(dz_TxF, idx_TxK, g_sel, u_sel) -> (dg_TxF, du_TxF)."""
+  if resolve(backend) == "xla":
+    return reference.train_backward_epilogue
+  from pallas_kernels import moc_train
+
+  return moc_train.train_backward_epilogue
+
+
+def decode_ffn(backend: str) -> Callable:
+  """(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> y_TxD."""
+  if resolve(backend) == "xla":
+    return reference.decode_ffn
+  from pallas_kernels import moc_decode
+
+  return moc_decode.decode_ffn
