@@ -78,7 +78,7 @@ def silu_grad(g: jax.Array) -> jax.Array:
 
 
 def train_forward_epilogue(
-    g_TxF: jax.Array, u_TxF: jax.Array, k: int, variant: str
+  g_TxF: jax.Array, u_TxF: jax.Array, k: int, variant: str
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """From the gate and up projections to what the forward needs and keeps.
 
@@ -97,7 +97,7 @@ def silu_and_mul(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:
 
 
 def train_backward_epilogue(
-    dz_TxF: jax.Array, idx_TxK: jax.Array, g_sel_TxK: jax.Array, u_sel_TxK: jax.Array
+  dz_TxF: jax.Array, idx_TxK: jax.Array, g_sel_TxK: jax.Array, u_sel_TxK: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """From dZ = dy @ Wd^T to the zero-filled dG and dU (DESIGN.md §1).
 
@@ -110,18 +110,18 @@ def train_backward_epilogue(
   dg_sel = dz_sel * u_sel_TxK.astype(jnp.float32) * silu_grad(g32)
   out_dtype = dz_TxF.dtype
   return (
-      scatter_rows(dg_sel.astype(out_dtype), idx_TxK, num_channels),
-      scatter_rows(du_sel.astype(out_dtype), idx_TxK, num_channels),
+    scatter_rows(dg_sel.astype(out_dtype), idx_TxK, num_channels),
+    scatter_rows(du_sel.astype(out_dtype), idx_TxK, num_channels),
   )
 
 
 def decode_ffn(
-    x_TxD: jax.Array,
-    w_gate_DxF: jax.Array,
-    w_up_FxD: jax.Array,
-    w_down_FxD: jax.Array,
-    k: int,
-    variant: str,
+  x_TxD: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_FxD: jax.Array,
+  w_down_FxD: jax.Array,
+  k: int,
+  variant: str,
 ) -> jax.Array:
   """MoC FFN for a few tokens with channel-major up/down weights (F, D).
 
@@ -133,6 +133,7 @@ def decode_ffn(
   wd_TxKxD = jnp.take(w_down_FxD, idx_TxK, axis=0)
   u_sel = jnp.einsum("td,tkd->tk", x_TxD, wu_TxKxD, preferred_element_type=jnp.float32)
   z_sel = jax.nn.silu(g_sel.astype(jnp.float32)) * u_sel
-  y = jnp.einsum("tk,tkd->td", z_sel.astype(x_TxD.dtype), wd_TxKxD,
-                 preferred_element_type=jnp.float32)
+  y = jnp.einsum(
+    "tk,tkd->td", z_sel.astype(x_TxD.dtype), wd_TxKxD, preferred_element_type=jnp.float32
+  )
   return y.astype(x_TxD.dtype)

@@ -1,0 +1,228 @@
+"""The Mixture-of-Channels FFN: one public op with a `jax.custom_vjp` that keeps compact residuals.
+
+    y = moc_ffn(x, w_gate, w_up, w_down, k=K, variant="moc", gcp=False, backend="xla")
+
+Per token, only the K channels with the largest signed gate value `x @ w_gate` pass through
+silu(G) * U and the down projection (DESIGN.md §1). What survives from the forward to the
+backward is only per-token K-sized: channel indices (uint16 when F allows), G_sel, U_sel and,
+without GCP, Z_sel. silu(G_sel) and silu'(G_sel) are recomputed in the backward epilogue, where
+they cost nothing, so they are not kept. Weights enter the op in their storage dtype (fp32
+masters) and are cast inside both passes, so no bf16 weight copy is held across layers either.
+
+This module imports only jax and `pallas_kernels`: the GPU benchmark machine needs nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import backends, reference
+
+VARIANTS = ("dense", "moc", "moc_2of8")
+PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIGN.md §3)
+
+
+def default_k(d_model: int) -> int:
+  """The paper's default: K = d_model // 2."""
+  return d_model // 2
+
+
+def effective_k(k: int | None, d_ff: int, variant: str) -> int:
+  """K as the op will use it; 2:8 fixes K = F / 4."""
+  if variant == "moc_2of8":
+    return d_ff // reference.GROUP * reference.PER_GROUP
+  if k is None:
+    raise ValueError(f"variant {variant!r} needs k")
+  return k
+
+
+def validate(d_ff: int, k: int | None, variant: str) -> None:
+  """Reject a bad (F, K, variant) with one message naming the problem."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown FFN variant {variant!r}; valid: {', '.join(VARIANTS)}")
+  if variant == "moc" and (k is None or not 0 < k <= d_ff):
+    raise ValueError(f"MoC needs 0 < k <= d_ff={d_ff}, got k={k}")
+  if variant == "moc_2of8" and d_ff % reference.GROUP:
+    raise ValueError(f"moc_2of8 needs d_ff divisible by {reference.GROUP}, got d_ff={d_ff}")
+
+
+def _pad_multiple(pad_to: int | None) -> int:
+  if pad_to is not None:
+    return max(int(pad_to), 1)
+  return PAD_MULTIPLE_GPU if jax.default_backend() == "gpu" else 1
+
+
+def _cast_and_pad(w_gate, w_up, w_down, dtype, multiple: int):
+  """Compute-dtype weights with F padded by zero channels (fused into the cast by XLA)."""
+  d_ff = w_gate.shape[1]
+  extra = -d_ff % multiple
+  wg = jnp.pad(w_gate.astype(dtype), ((0, 0), (0, extra)))
+  wu = jnp.pad(w_up.astype(dtype), ((0, 0), (0, extra)))
+  wd = jnp.pad(w_down.astype(dtype), ((0, extra), (0, 0)))
+  return wg, wu, wd
+
+
+def select_channels(
+  g_TxF: jax.Array, k: int | None, variant: str = "moc", backend: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
+  """The selection alone: (indices int32 ascending per token, selected values)."""
+  validate(g_TxF.shape[-1], k, variant)
+  return backends.select(backend)(g_TxF, effective_k(k, g_TxF.shape[-1], variant), variant)
+
+
+def moc_ffn(
+  x: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  *,
+  k: int | None,
+  variant: str = "moc",
+  gcp: bool = False,
+  backend: str = "xla",
+  pad_to: int | None = None,
+) -> jax.Array:
+  """SwiGLU FFN restricted per token to its top-K gate channels.
+
+  Args:
+    x: (..., D) activations in the compute dtype.
+    w_gate, w_up: (D, F); w_down: (F, D); any float dtype (cast to x.dtype inside).
+    k: channels kept per token (ignored for 'dense'; 'moc_2of8' uses F/4).
+    variant: 'dense' | 'moc' | 'moc_2of8'.
+    gcp: keep only idx, G_sel, U_sel and recompute Z_sel in the backward.
+    backend: kernel backend for selection and epilogues ('xla', 'pallas', 'auto').
+    pad_to: pad F to a multiple of this inside the op (None: 128 on GPU, 1 elsewhere).
+  Returns:
+    (..., D) in x.dtype; differentiable in x and all three weights.
+  """
+  *lead, d_model = x.shape
+  d_ff = w_gate.shape[1]
+  validate(d_ff, k, variant)
+  if w_gate.shape != (d_model, d_ff) or w_up.shape != (d_model, d_ff):
+    raise ValueError(f"w_gate/w_up must be ({d_model}, {d_ff}); got {w_gate.shape}, {w_up.shape}")
+  if w_down.shape != (d_ff, d_model):
+    raise ValueError(f"w_down must be ({d_ff}, {d_model}); got {w_down.shape}")
+  multiple = _pad_multiple(pad_to)
+  x_TxD = x.reshape(-1, d_model)
+  if variant == "dense":
+    y_TxD = _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple)
+  else:
+    k_eff = effective_k(k, d_ff, variant)
+    y_TxD = _moc_core(x_TxD, w_gate, w_up, w_down, k_eff, variant, gcp, backend, multiple)
+  return y_TxD.reshape(*lead, d_model)
+
+
+def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:
+  """Plain SwiGLU under autodiff (the baseline), padded like MoC so comparisons are fair."""
+  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
+  h_TxF = jax.nn.silu(x_TxD @ wg) * (x_TxD @ wu)
+  return h_TxF @ wd
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom_vjp. Arguments after the four arrays are static.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
+  y_TxD, _ = _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple)
+  return y_TxD
+
+
+def _masked_gate(g_TxF: jax.Array, d_ff: int) -> jax.Array:
+  """Padded channels get the lowest finite value: never selected, silu of it is exactly 0."""
+  if g_TxF.shape[-1] == d_ff:
+    return g_TxF
+  valid_F = jnp.arange(g_TxF.shape[-1]) < d_ff
+  return jnp.where(valid_F, g_TxF, jnp.finfo(g_TxF.dtype).min)
+
+
+def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
+  d_ff = w_gate.shape[1]
+  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
+  g_TxF = _masked_gate(x_TxD @ wg, d_ff)
+  u_TxF = x_TxD @ wu
+  epilogue = backends.train_forward_epilogue(backend)
+  idx_TxK, g_sel, u_sel, z_TxF = epilogue(g_TxF, u_TxF, k, variant)
+  y_TxD = z_TxF @ wd
+  idx_TxK = idx_TxK.astype(reference.index_dtype(g_TxF.shape[-1]))
+  compact = (idx_TxK, g_sel, u_sel) if gcp else (idx_TxK, g_sel, u_sel, _z_sel(g_sel, u_sel))
+  return y_TxD, (x_TxD, w_gate, w_up, w_down, compact)
+
+
+def _z_sel(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:
+  """Z at the selected channels; bit-identical whether kept (MoC) or recomputed (GCP)."""
+  return reference.silu_and_mul(g_sel, u_sel)
+
+
+def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
+  del k, variant
+  # Keep XLA from hoisting backward work (which depends only on residuals) into the forward,
+  # where it would stay alive across layers (DESIGN.md §2).
+  residuals, dy_TxD = jax.lax.optimization_barrier((residuals, dy_TxD))
+  x_TxD, w_gate, w_up, w_down, compact = residuals
+  idx_TxK, g_sel, u_sel = compact[:3]
+  z_sel = _z_sel(g_sel, u_sel) if gcp else compact[3]
+  d_ff = w_gate.shape[1]
+  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
+  dy_TxD = dy_TxD.astype(x_TxD.dtype)
+
+  dz_TxF = dy_TxD @ wd.T
+  epilogue = backends.train_backward_epilogue(backend)
+  dg_TxF, du_TxF = epilogue(dz_TxF, idx_TxK.astype(jnp.int32), g_sel, u_sel)
+  z_TxF = reference.scatter_rows(z_sel, idx_TxK, wg.shape[1])
+
+  f32 = jnp.float32
+  dw_down = jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff]
+  dw_gate = jnp.dot(x_TxD.T, dg_TxF, preferred_element_type=f32)[:, :d_ff]
+  dw_up = jnp.dot(x_TxD.T, du_TxF, preferred_element_type=f32)[:, :d_ff]
+  dx_TxD = dg_TxF @ wg.T + du_TxF @ wu.T
+  return (
+    dx_TxD.astype(x_TxD.dtype),
+    dw_gate.astype(w_gate.dtype),
+    dw_up.astype(w_up.dtype),
+    dw_down.astype(w_down.dtype),
+  )
+
+
+_moc_core.defvjp(_moc_fwd, _moc_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference.
+
+
+def moc_decode_ffn(
+  x: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_FxD: jax.Array,
+  w_down_FxD: jax.Array,
+  *,
+  k: int | None,
+  variant: str = "moc",
+  backend: str = "xla",
+) -> jax.Array:
+  """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows."""
+  *lead, d_model = x.shape
+  d_ff = w_gate_DxF.shape[1]
+  validate(d_ff, k, variant)
+  kernel = backends.decode_ffn(backend)
+  y = kernel(
+    x.reshape(-1, d_model), w_gate_DxF, w_up_FxD, w_down_FxD, effective_k(k, d_ff, variant), variant
+  )
+  return y.reshape(*lead, d_model)
+
+
+def residual_bytes_per_token(
+  d_ff: int, k: int | None, variant: str, gcp: bool, itemsize: int = 2
+) -> int:
+  """FFN activation bytes kept per token between forward and backward (x excluded)."""
+  validate(d_ff, k, variant)
+  if variant == "dense":
+    return 4 * d_ff * itemsize  # autodiff keeps G, U, silu(G), Z
+  k_eff = effective_k(k, d_ff, variant)
+  index_bytes = jnp.dtype(reference.index_dtype(d_ff)).itemsize
+  return k_eff * (index_bytes + (2 if gcp else 3) * itemsize)

@@ -1,0 +1,227 @@
+"""A LLaMA-style decoder in Flax NNX whose FFN is dense SwiGLU or Mixture-of-Channels.
+
+Pre-norm RMSNorm, RoPE, causal attention through `jax.nn.dot_product_attention`, untied
+embeddings, no biases, N(0, 0.02) init. Parameters carry logical axis names (`embed`, `mlp`,
+`heads`, `head_dim`, `vocab`) so a sharding rule table can place them without model changes.
+
+Shape suffixes: B batch, L length, S cache length, D d_model, F d_ff, H heads, E head dim,
+V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moc_jax import moc
+from moc_jax.model_config import ModelConfig
+
+init_normal = nnx.initializers.normal(stddev=0.02)
+
+
+def _param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=init_normal
+) -> nnx.Param:
+  """A parameter annotated with logical axis names; the mesh rules place it later."""
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale, computed in fp32."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.scale = _param(rngs, (dim,), ("embed",), param_dtype, nnx.initializers.ones)
+    self.eps = eps
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x32 = x_BxLxD.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def apply_rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding on pairs (i, i + E/2), in fp32."""
+  half = x_BxLxHxE.shape[-1] // 2
+  freq_E2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * freq_E2
+  sin, cos = jnp.sin(angle_BxLxE2)[..., None, :], jnp.cos(angle_BxLxE2)[..., None, :]
+  x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxE.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with RoPE and an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, e, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
+    self.w_q = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.w_k = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.w_v = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.w_o = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"), pd)
+    self.cfg = cfg
+
+  def _qkv(self, x_BxLxD, positions_BxL):
+    dt = x_BxLxD.dtype
+    proj = lambda w: jnp.einsum("bld,dhe->blhe", x_BxLxD, w[...].astype(dt))
+    q = apply_rope(proj(self.w_q), positions_BxL, self.cfg.rope_theta)
+    k = apply_rope(proj(self.w_k), positions_BxL, self.cfg.rope_theta)
+    return q, k, proj(self.w_v)
+
+  def _out(self, o_BxLxHxE):
+    return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.w_o[...].astype(o_BxLxHxE.dtype))
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    q, k, v = self._qkv(x_BxLxD, positions_BxL)
+    if segment_ids_BxL is None:
+      o = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=self.cfg.attention_impl()
+      )
+    else:
+      # Packed rows: attend only within a document (and never to padding, segment 0).
+      same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+      causal_LxL = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))
+      mask = (same_BxLxL & causal_LxL)[:, None]
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return self._out(o)
+
+  def decode(self, x_BxLxD, positions_BxL, cache: dict):
+    """Write k/v at `positions` into the cache and attend to every slot at or before them."""
+    q, k, v = self._qkv(x_BxLxD, positions_BxL)
+    write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
+    start_B = positions_BxL[:, 0]
+    k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
+    v_cache = write(cache["v"], v.astype(cache["v"].dtype), start_B)
+    slots_S = jnp.arange(k_cache.shape[1])
+    mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
+    o = jax.nn.dot_product_attention(
+      q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, implementation="xla"
+    )
+    return self._out(o), {"k": k_cache, "v": v_cache}
+
+
+class DecodeWeight(nnx.Variable):
+  """A derived inference-only weight layout; not a trained parameter."""
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU FFN: dense or MoC, all through `moc.moc_ffn`."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.w_down = _param(rngs, (f, d), ("mlp", "embed"), pd)
+    self.cfg = cfg
+    self.w_up_t: DecodeWeight | None = nnx.data(None)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    c = self.cfg
+    ffn = lambda x, wg, wu, wd: moc.moc_ffn(
+      x, wg, wu, wd, k=c.k, variant=c.ffn, gcp=c.gcp, backend=c.kernel_backend, pad_to=c.pad_to
+    )
+    if c.remat == "ffn":
+      ffn = jax.checkpoint(ffn)
+    return ffn(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+  def prepare_for_decode(self) -> None:
+    """Store Wu^T channel-major (F, D) once, so decoding reads only the selected rows."""
+    self.w_up_t = DecodeWeight(self.w_up[...].T)
+
+  def decode(self, x_BxLxD: jax.Array) -> jax.Array:
+    c = self.cfg
+    if self.w_up_t is None or c.ffn == "dense":
+      return self(x_BxLxD)
+    dt = x_BxLxD.dtype
+    return moc.moc_decode_ffn(
+      x_BxLxD,
+      self.w_gate[...].astype(dt),
+      self.w_up_t[...].astype(dt),
+      self.w_down[...].astype(dt),
+      k=c.k,
+      variant=c.ffn,
+      backend=c.kernel_backend,
+    )
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.ffn = FeedForward(cfg, rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
+
+  def decode(self, x_BxLxD, positions_BxL, cache):
+    attn_out, cache = self.attn.decode(self.attn_norm(x_BxLxD), positions_BxL, cache)
+    x_BxLxD = x_BxLxD + attn_out
+    return x_BxLxD + self.ffn.decode(self.ffn_norm(x_BxLxD)), cache
+
+
+class Transformer(nnx.Module):
+  """Token embedding, a stack of blocks, final norm, untied output projection."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+
+  def _embed(self, tokens_BxL):
+    return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.compute_dtype)
+
+  def _logits(self, x_BxLxD):
+    x_BxLxD = self.final_norm(x_BxLxD)
+    return jnp.einsum(
+      "bld,dv->blv",
+      x_BxLxD,
+      self.unembed[...].astype(x_BxLxD.dtype),
+      preferred_element_type=jnp.float32,
+    )
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
+    """Logits (B, L, V) in fp32 for a batch of (possibly packed) token rows."""
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    x = self._embed(tokens_BxL)
+    for block in self.blocks:
+      if self.cfg.remat == "full":
+        x = nnx.remat(lambda b, *a: b(*a))(block, x, positions_BxL, segment_ids_BxL)
+      else:
+        x = block(x, positions_BxL, segment_ids_BxL)
+    return self._logits(x)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[dict]:
+    """Per-layer zero k/v buffers of shape (B, S, H, E)."""
+    c = self.cfg
+    dtype = dtype or c.compute_dtype
+    shape = (batch_size, max_len, c.num_heads, c.head_dim)
+    return [
+      {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(c.num_layers)
+    ]
+
+  def decode(self, tokens_BxL, positions_BxL, cache: list[dict]):
+    """Run L new tokens per row at `positions` (contiguous per row) against the cache."""
+    x = self._embed(tokens_BxL)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.decode(x, positions_BxL, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x), new_cache
+
+  def prepare_for_decode(self) -> None:
+    """Convert FFN weights to the decode layout once (channel-major Wu^T)."""
+    for block in self.blocks:
+      block.ffn.prepare_for_decode()
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
