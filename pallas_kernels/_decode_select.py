@@ -1,0 +1,157 @@
+"""Exact MoC selection for a few tokens, one program per token, the whole row on chip.
+
+Same semantics as `reference.select`: the K largest *signed* values of G rounded to x's dtype,
+ties to the lower channel index (`moc`), or the top 2 of every 8 consecutive channels
+(`moc_2of8`). Values are compared through an order-preserving integer image of their bits (as
+`lax.top_k` does: +0 ranks above -0). The K-th largest key is found by radix bisection, a few
+bits per step (each step counts the row against 2^r candidates at once); ties at the threshold
+are resolved with a prefix count, so no sort is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import reference
+
+F32 = jnp.float32
+I32 = jnp.int32
+
+
+def sortable_key(v: jax.Array) -> jax.Array:
+  """int32 keys with the same order as v's values (16- or 32-bit floats)."""
+  bits = jnp.dtype(v.dtype).itemsize * 8
+  int_type = jnp.int16 if bits == 16 else jnp.int32
+  b = jax.lax.bitcast_convert_type(v, int_type).astype(I32)
+  return jnp.where(b < 0, b ^ ((1 << (bits - 1)) - 1), b)
+
+
+def kth_largest_key(key: jax.Array, k: int, num_bits: int, radix_bits: int) -> jax.Array:
+  """The largest tau with #(key >= tau) >= k, built from the most significant bit down."""
+  lo = -(1 << (num_bits - 1))  # tau = 0 if k keys are >= 0, else lo (arithmetic, not a select:
+  tau = lo - lo * (jnp.sum((key >= 0).astype(I32)) >= k).astype(I32)  # scalar selects mis-lower)
+  bit = num_bits - 1
+  while bit > 0:
+    r = min(radix_bits, bit)
+    bit -= r
+    cands = tau | (jnp.arange(1 << r, dtype=I32) << bit)  # cands[0] = tau always qualifies
+    shape = (cands.shape[0], key.shape[0])  # explicit broadcasts: Triton lowering needs them
+    ge = jnp.broadcast_to(key[None, :], shape) >= jnp.broadcast_to(cands[:, None], shape)
+    counts = jnp.sum(ge.astype(I32), axis=1)
+    digit = jnp.sum((counts >= k).astype(I32)) - 1
+    tau = tau | (digit << bit)
+  return tau
+
+
+def _i(n: int) -> jax.Array:
+  """A traced index: interpret mode's discharge rules reject static ints in ref.at[...]."""
+  return jnp.int32(n)
+
+
+def _silu(v: jax.Array) -> jax.Array:
+  return v / (1.0 + jnp.exp(-v))
+
+
+def _topk_kernel(p_ref, a_ref, *, splits, d_ff, width, k, round_dtype, radix_bits):
+  t = pl.program_id(0)
+  valid = jnp.arange(width) < d_ff
+  g = plgpu.load(p_ref.at[_i(0), _i(0), t, :], mask=valid, other=0)
+  for s in range(1, splits):
+    g = g + plgpu.load(p_ref.at[_i(s), _i(0), t, :], mask=valid, other=0)
+  g = g.astype(round_dtype)
+  key = jnp.where(valid, sortable_key(g), jnp.iinfo(jnp.int32).min)
+  tau = kth_largest_key(key, k, jnp.dtype(round_dtype).itemsize * 8, radix_bits)
+  above = key > tau
+  tied = key == tau
+  need = k - jnp.sum(above.astype(I32))
+  selected = above | (tied & (jnp.cumsum(tied.astype(I32)) <= need))
+  a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
+  plgpu.store(a_ref.at[t, :], a, mask=valid)
+
+
+def _group_kernel(p_ref, a_ref, *, splits, num_groups, width, round_dtype):
+  t = pl.program_id(0)
+  valid = jnp.arange(width) < num_groups
+
+  def load(*idx):  # G rounded like the reference, for group rows and the given lanes
+    v = plgpu.load(p_ref.at[(_i(0), _i(0), t, slice(None), *idx)], mask=_bcast(valid, idx), other=0)
+    for s in range(1, splits):
+      v = v + plgpu.load(
+        p_ref.at[(_i(s), _i(0), t, slice(None), *idx)], mask=_bcast(valid, idx), other=0
+      )
+    return v.astype(round_dtype)
+
+  g = load(slice(None))  # (width, 8)
+  key = sortable_key(g)
+  lane = jnp.arange(reference.GROUP)[None, :]
+  rank = jnp.zeros(key.shape, I32)
+  for j in range(reference.GROUP):  # how many lanes of the group beat each lane
+    other = sortable_key(load(_i(j)))[:, None]
+    rank += ((other > key) | ((other == key) & (j < lane))).astype(I32)
+  a = jnp.where(rank < reference.PER_GROUP, _silu(g.astype(F32)), 0.0)
+  plgpu.store(a_ref.at[t, :, :], a, mask=valid[:, None])
+
+
+def _bcast(valid: jax.Array, idx: tuple) -> jax.Array:
+  return valid[:, None] if isinstance(idx[0], slice) else valid
+
+
+def select_scale(
+  partials: jax.Array,
+  k: int,
+  variant: str,
+  *,
+  d_ff: int,
+  round_dtype,
+  warps: int = 8,
+  radix_bits: int = 2,
+  interpret: bool = False,
+) -> jax.Array:
+  """From fp32 G partials (splits, 1, T, W ≥ F, W a power of 2) to a_TxW = silu(G) * selected."""
+  splits, _, num_tokens, width = partials.shape
+  params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+  if variant == "moc":
+    kernel = functools.partial(
+      _topk_kernel,
+      splits=splits,
+      d_ff=d_ff,
+      width=width,
+      k=k,
+      round_dtype=round_dtype,
+      radix_bits=radix_bits,
+    )
+    out_shape = jax.ShapeDtypeStruct((num_tokens, width), F32)
+    return pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(num_tokens,),
+      compiler_params=params,
+      interpret=interpret,
+      name="decode_select",
+    )(partials)
+  if variant != "moc_2of8":
+    raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  group = reference.GROUP
+  p8 = partials.reshape(splits, 1, num_tokens, width // group, group)
+  kernel = functools.partial(
+    _group_kernel,
+    splits=splits,
+    num_groups=d_ff // group,
+    width=width // group,
+    round_dtype=round_dtype,
+  )
+  out_shape = jax.ShapeDtypeStruct((num_tokens, width // group, group), F32)
+  a = pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=(num_tokens,),
+    compiler_params=params,
+    interpret=interpret,
+    name="decode_select_2of8",
+  )(p8)
+  return a.reshape(num_tokens, width)

@@ -1,0 +1,413 @@
+"""MoC and dense FFN decode for a few tokens (T = 1…16): read only the weight bytes that matter.
+
+MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
+  1. `_gemv_kernel`: G = x Wg over all of Wg (D × F), grid over F blocks × D splits so that every
+     SM streams; fp32 partial sums per D split go to HBM (deterministic split-K, no atomics).
+  2. `_decode_select.select_kernel`: one program per token sums the partials, rounds G to x's dtype
+     (as the reference does), selects exactly (radix bisection + prefix count for ties; or top-2 of
+     every 8) and writes a = silu(G) on the selected channels, 0 elsewhere.
+  3. `_up_kernel`: per block of channels, loads only the rows of channel-major Wu^T (F × D) that
+     some token selected (masked loads issue no memory traffic), z = a * (x Wu^T) in x's dtype.
+  4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
+     with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
+Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), then `_down_kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _decode_select, reference
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Block sizes (powers of 2), splits and Triton launch parameters for the decode kernels."""
+
+  gemv_block_f: int = 128
+  gemv_block_d: int = 64
+  # D splits of the gate (and dense up) GEMV; 1 lets dense fuse the SwiGLU epilogue
+  gemv_splits: int = 4
+  gemv_warps: int = 4
+  gemv_stages: int = 3
+  select_warps: int = 8
+  select_radix_bits: int = 2
+  up_block_c: int = 16
+  up_block_d: int = 512
+  up_warps: int = 4
+  up_stages: int = 2
+  down_splits: int = 8
+  down_block_c: int = 32
+  down_block_d: int = 128
+  down_warps: int = 4
+  down_stages: int = 3
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _pow2_at_most(n: int) -> int:
+  return 1 << max(0, n.bit_length() - 1)
+
+
+def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """A config that gives every SM (132 on an H200) a few programs at the given shape."""
+  del num_tokens
+  block_f = 128
+  splits = max(1, min(16, _pow2_at_least(_cdiv(264, _cdiv(d_ff, block_f)))))
+  down_block_d = min(128, _pow2_at_least(d_model))
+  down_splits = max(1, min(16, _pow2_at_least(_cdiv(128, _cdiv(d_model, down_block_d)))))
+  return DecodeConfig(gemv_splits=splits, down_splits=down_splits, down_block_d=down_block_d)
+
+
+def _interpret(interpret: bool | None) -> bool:
+  return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def _precision(dtype) -> lax.Precision:
+  """fp32 operands get IEEE fp32 dots (not tf32); narrow types use the tensor cores as they are."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _rows(num_tokens: int) -> int:
+  """Tokens padded for tl.dot (needs ≥ 16 rows); T = 1 uses a plain multiply-reduce instead."""
+  return 1 if num_tokens == 1 else max(16, _pow2_at_least(num_tokens))
+
+
+def _silu(v: jax.Array) -> jax.Array:
+  return v / (1.0 + jnp.exp(-v))
+
+
+def _load_x(x_ref, d0, block_d, num_tokens, rows, d_model):
+  """x[:, d0:d0+block_d] as (block_d,) fp32 for T = 1, else (rows, block_d) zero-padded."""
+  d_mask = d0 + jnp.arange(block_d) < d_model
+  if rows == 1:
+    return plgpu.load(x_ref.at[jnp.int32(0), pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
+  t_mask = jnp.arange(rows) < num_tokens
+  return plgpu.load(
+    x_ref.at[pl.ds(0, rows), pl.ds(d0, block_d)],
+    mask=t_mask[:, None] & d_mask[None, :],
+    other=0,
+  )
+
+
+def _tf_ref(ref, rows, f0, block_f, lead=()):
+  """ref[*lead, 0:rows, f0:f0+block_f] (or ref[*lead, 0, ...] for one token).
+
+  One `.at` with the whole index: interpret mode mishandles chained `.at` in stores.
+  """
+  if rows == 1:
+    return ref.at[(*lead, jnp.int32(0), pl.ds(f0, block_f))]
+  return ref.at[(*lead, pl.ds(0, rows), pl.ds(f0, block_f))]
+
+
+def _tf_mask(rows, num_tokens, f_mask):
+  if rows == 1:
+    return f_mask
+  return (jnp.arange(rows) < num_tokens)[:, None] & f_mask[None, :]
+
+
+# --- 1. GEMV over D × F weights --------------------------------------------------------------
+
+
+def _gemv_kernel(
+  x_ref, *refs, num_w, num_tokens, rows, d_model, d_ff, block_d, block_f, d_split, swiglu, precision
+):
+  w_refs, out_ref = refs[:num_w], refs[num_w]
+  fi, si = pl.program_id(0), pl.program_id(1)
+  f0 = fi * block_f
+  f_mask = f0 + jnp.arange(block_f) < d_ff
+  d_end = jnp.minimum((si + 1) * d_split, d_model)
+
+  def body(i, accs):
+    d0 = si * d_split + i * block_d
+    d_mask = (d0 + jnp.arange(block_d)) < d_end
+    xk = _load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    out = []
+    for w_ref, acc in zip(w_refs, accs, strict=True):
+      w = plgpu.load(
+        w_ref.at[pl.ds(d0, block_d), pl.ds(f0, block_f)],
+        mask=d_mask[:, None] & f_mask[None, :],
+        other=0,
+      )
+      if rows == 1:
+        out.append(acc + jnp.sum(xk[:, None] * w.astype(F32), axis=0))
+      else:
+        out.append(acc + jnp.dot(xk, w, preferred_element_type=F32, precision=precision))
+    return tuple(out)
+
+  shape = (block_f,) if rows == 1 else (rows, block_f)
+  accs = tuple(jnp.zeros(shape, F32) for _ in range(num_w))
+  accs = lax.fori_loop(0, pl.cdiv(d_split, block_d), body, accs)
+  mask = _tf_mask(rows, num_tokens, f_mask)
+  if swiglu:  # one D split: write z = silu(g) * u in x's dtype
+    z = (_silu(accs[0]) * accs[1]).astype(out_ref.dtype)
+    plgpu.store(_tf_ref(out_ref, rows, f0, block_f), z, mask=mask)
+    return
+  for w, acc in enumerate(accs):
+    plgpu.store(_tf_ref(out_ref, rows, f0, block_f, (si, jnp.int32(w))), acc, mask=mask)
+
+
+def _gemv(x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool) -> jax.Array:
+  """swiglu: z_TxF in x's dtype (needs one D split); else fp32 partials (splits, W, T, F_pow2)."""
+  num_tokens, d_model = x_TxD.shape
+  d_ff = ws_DxF[0].shape[1]
+  splits = 1 if swiglu else cfg.gemv_splits
+  block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
+  block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
+  d_split = _cdiv(d_model, splits)
+  rows = _rows(num_tokens)
+  if swiglu:
+    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype)
+  else:
+    out_shape = jax.ShapeDtypeStruct((splits, len(ws_DxF), num_tokens, _pow2_at_least(d_ff)), F32)
+  kernel = functools.partial(
+    _gemv_kernel,
+    num_w=len(ws_DxF),
+    num_tokens=num_tokens,
+    rows=rows,
+    d_model=d_model,
+    d_ff=d_ff,
+    block_d=block_d,
+    block_f=block_f,
+    d_split=d_split,
+    swiglu=swiglu,
+    precision=_precision(x_TxD.dtype),
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=(pl.cdiv(d_ff, block_f), splits),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.gemv_warps, num_stages=cfg.gemv_stages),
+    interpret=interpret,
+    name="decode_gemv",
+  )(x_TxD, *ws_DxF)
+
+
+# --- 3. gathered up-projection rows ------------------------------------------------------------
+
+
+def _up_kernel(
+  x_ref, a_ref, w_ref, z_ref, *, num_tokens, rows, d_model, d_ff, block_c, block_d, precision
+):
+  c0 = pl.program_id(0) * block_c
+  c_mask = c0 + jnp.arange(block_c) < d_ff
+  a = plgpu.load(
+    _tf_ref(a_ref, rows, c0, block_c), mask=_tf_mask(rows, num_tokens, c_mask), other=0
+  )
+  nonzero = (a != 0).astype(jnp.int32)
+  active = (nonzero if rows == 1 else jnp.max(nonzero, axis=0)) > 0  # some token selected c
+
+  def body(i, acc):
+    d0 = i * block_d
+    d_mask = d0 + jnp.arange(block_d) < d_model
+    w = plgpu.load(
+      w_ref.at[pl.ds(c0, block_c), pl.ds(d0, block_d)],
+      mask=active[:, None] & d_mask[None, :],
+      other=0,
+    )
+    xk = _load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    if rows == 1:
+      return acc + jnp.sum(w.astype(F32) * xk[None, :], axis=1)
+    return acc + lax.dot_general(
+      xk, w, (((1,), (1,)), ((), ())), preferred_element_type=F32, precision=precision
+    )
+
+  shape = (block_c,) if rows == 1 else (rows, block_c)
+  u = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
+  plgpu.store(
+    _tf_ref(z_ref, rows, c0, block_c),
+    (a * u).astype(z_ref.dtype),
+    mask=_tf_mask(rows, num_tokens, c_mask),
+  )
+
+
+def _up(x_TxD, a_TxFo, w_up_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array:
+  num_tokens, d_model = x_TxD.shape
+  d_ff = w_up_FxD.shape[0]
+  block_c = min(cfg.up_block_c, _pow2_at_least(d_ff))
+  block_d = min(cfg.up_block_d, _pow2_at_least(d_model))
+  kernel = functools.partial(
+    _up_kernel,
+    num_tokens=num_tokens,
+    rows=_rows(num_tokens),
+    d_model=d_model,
+    d_ff=d_ff,
+    block_c=block_c,
+    block_d=block_d,
+    precision=_precision(x_TxD.dtype),
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype),
+    grid=(pl.cdiv(d_ff, block_c),),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.up_warps, num_stages=cfg.up_stages),
+    interpret=interpret,
+    name="decode_up",
+  )(x_TxD, a_TxFo, w_up_FxD)
+
+
+# --- 4. down-projection rows with a deterministic split over channels ------------------------
+
+
+def _down_kernel(
+  z_ref, w_ref, y_ref, *, num_tokens, rows, d_model, d_ff, chunk, block_c, block_d, final, precision
+):
+  ci, dj = pl.program_id(0), pl.program_id(1)
+  cols = dj * block_d + jnp.arange(block_d)
+  col_mask = cols < d_model
+  c_end = jnp.minimum((ci + 1) * chunk, d_ff)
+
+  def body(i, acc):
+    c0 = ci * chunk + i * block_c
+    c_mask = c0 + jnp.arange(block_c) < c_end
+    z = plgpu.load(
+      _tf_ref(z_ref, rows, c0, block_c), mask=_tf_mask(rows, num_tokens, c_mask), other=0
+    )
+    nonzero = (z != 0).astype(jnp.int32)
+    active = (nonzero if rows == 1 else jnp.max(nonzero, axis=0)) > 0  # zero rows add nothing
+    w = plgpu.load(
+      w_ref.at[pl.ds(c0, block_c), pl.ds(dj * block_d, block_d)],
+      mask=active[:, None] & col_mask[None, :],
+      other=0,
+    )
+    if rows == 1:
+      return acc + jnp.sum(z.astype(F32)[:, None] * w.astype(F32), axis=0)
+    return acc + jnp.dot(z, w, preferred_element_type=F32, precision=precision)
+
+  shape = (block_d,) if rows == 1 else (rows, block_d)
+  y = lax.fori_loop(0, chunk // block_c, body, jnp.zeros(shape, F32))
+  out = _tf_ref(y_ref, rows, dj * block_d, block_d, () if final else (ci,))
+  plgpu.store(out, y.astype(y_ref.dtype), mask=_tf_mask(rows, num_tokens, col_mask))
+
+
+def _down(z_TxF, w_down_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array:
+  num_tokens, d_ff = z_TxF.shape
+  d_model = w_down_FxD.shape[1]
+  block_c = min(cfg.down_block_c, _pow2_at_least(d_ff))
+  block_d = min(cfg.down_block_d, _pow2_at_least(d_model))
+  splits = cfg.down_splits
+  chunk = _cdiv(_cdiv(d_ff, splits), block_c) * block_c  # channels per split, whole blocks
+  splits = _cdiv(d_ff, chunk)
+  final = splits == 1
+  if final:
+    out_shape = jax.ShapeDtypeStruct((num_tokens, d_model), z_TxF.dtype)
+  else:
+    out_shape = jax.ShapeDtypeStruct((splits, num_tokens, d_model), F32)
+  kernel = functools.partial(
+    _down_kernel,
+    num_tokens=num_tokens,
+    rows=_rows(num_tokens),
+    d_model=d_model,
+    d_ff=d_ff,
+    chunk=chunk,
+    block_c=block_c,
+    block_d=block_d,
+    final=final,
+    precision=_precision(z_TxF.dtype),
+  )
+  y = pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=(splits, pl.cdiv(d_model, block_d)),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.down_warps, num_stages=cfg.down_stages),
+    interpret=interpret,
+    name="decode_down",
+  )(z_TxF, w_down_FxD)
+  return y if final else jnp.sum(y, axis=0).astype(z_TxF.dtype)
+
+
+# --- public ops --------------------------------------------------------------------------------
+
+
+def _flatten(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+  return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def decode_ffn(
+  x_TxD: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_FxD: jax.Array,
+  w_down_FxD: jax.Array,
+  k: int,
+  variant: str,
+  *,
+  config: DecodeConfig | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened)."""
+  x_TxD, lead = _flatten(x_TxD)
+  num_tokens, d_model = x_TxD.shape
+  d_ff = w_gate_DxF.shape[1]
+  if variant == "moc_2of8" and d_ff % reference.GROUP:
+    raise ValueError(f"moc_2of8 needs F divisible by {reference.GROUP}, got F={d_ff}")
+  if variant == "moc" and not 0 < k <= d_ff:
+    raise ValueError(f"k must be in [1, {d_ff}], got {k}")
+  cfg = config or default_config(num_tokens, d_model, d_ff)
+  interpret = _interpret(interpret)
+  partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
+  a_TxFo = _decode_select.select_scale(
+    partials,
+    k,
+    variant,
+    d_ff=d_ff,
+    round_dtype=x_TxD.dtype,
+    warps=cfg.select_warps,
+    radix_bits=cfg.select_radix_bits,
+    interpret=interpret,
+  )
+  z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
+  y = _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
+  return y.reshape(*lead, d_model)
+
+
+def dense_decode_ffn(
+  x_TxD: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_DxF: jax.Array,
+  w_down_FxD: jax.Array,
+  *,
+  config: DecodeConfig | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """Dense SwiGLU for a few tokens, as GEMV kernels (XLA's batch-1 dots stream at ~1 TB/s).
+
+  Semantics of `dense_decode_ffn_xla`: fp32 G and U, z = silu(G) U rounded to x's dtype.
+  """
+  x_TxD, lead = _flatten(x_TxD)
+  num_tokens, d_model = x_TxD.shape
+  cfg = config or default_config(num_tokens, d_model, w_gate_DxF.shape[1])
+  interpret = _interpret(interpret)
+  ws = (w_gate_DxF, w_up_DxF)
+  if cfg.gemv_splits == 1:
+    z_TxF = _gemv(x_TxD, ws, cfg, swiglu=True, interpret=interpret)
+  else:
+    p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
+    g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
+    z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
+  y = _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
+  return y.reshape(*lead, d_model)
+
+
+def dense_decode_ffn_xla(
+  x_TxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array, w_down_FxD: jax.Array
+) -> jax.Array:
+  """The dense reference: plain XLA dots with fp32 accumulation."""
+  g = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=F32)
+  u = jnp.dot(x_TxD, w_up_DxF, preferred_element_type=F32)
+  z = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
+  return jnp.dot(z, w_down_FxD, preferred_element_type=F32).astype(x_TxD.dtype)
