@@ -1,0 +1,197 @@
+"""Grain pipelines: the infinite, resumable training iterator and the fixed eval batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from grain import experimental as gex
+
+from moc_jax.data import packing as packing_lib
+from moc_jax.data import shuffle as shuffle_lib
+from moc_jax.data import sources
+from moc_jax.data.config import check_config
+from moc_jax.data.errors import DataError
+from moc_jax.data.tokenizers import Tokenizer
+
+STATE_FORMAT = 1
+EVAL_SEED = 0  # eval order must not depend on the training seed, so runs are comparable
+# Documents are already in memory (or memory-mapped ArrayRecord): a couple of reader threads
+# overlap tokenization with packing without fighting over the GIL.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+def _documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
+  """Random-access documents of one split (str or (name, text) elements)."""
+  if data_config.source == "tfds":
+    from moc_jax.data import tfds_source
+
+    return tfds_source.load_split(data_config, split)
+  return sources.load_documents(data_config, split)
+
+
+def _mix_seed(seed: int, shuffle_seed: int) -> int:
+  """One 32-bit seed from the run seed and config.data.shuffle_seed."""
+  h = hashlib.blake2b(f"{int(seed)}:{int(shuffle_seed)}".encode(), digest_size=4).digest()
+  return int.from_bytes(h, "little")
+
+
+def _fingerprint(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, **kw: Any) -> dict:
+  """Everything that decides which rows come out, to refuse resuming into another stream."""
+  keys = (
+    "source", "path", "val_path", "val_fraction", "tokenizer", "packing", "packing_bins",
+    "shuffle_window", "num_workers", "shuffle_seed", "tfds_name", "tfds_train_split",
+    "text_field",
+  )  # fmt: skip
+  fp = {k: data_config.get(k) for k in keys}
+  fp["vocab_size"] = int(tokenizer.vocab_size)
+  fp.update(kw)
+  return json.loads(json.dumps(fp))
+
+
+class TrainIterator:
+  """Infinite iterator of training batches with a small, JSON-serialisable position."""
+
+  def __init__(self, dataset: grain.IterDataset, fingerprint: dict):
+    self._dataset = dataset
+    self._fingerprint = fingerprint
+    # Close (and drop) the Grain iterator at exit, while modules still exist: Grain's own
+    # __del__ fails noisily if it first runs during interpreter teardown.
+    self._box = [iter(dataset)]
+    self._finalizer = weakref.finalize(self, _close_iterators, self._box)
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  @property
+  def _it(self) -> grain.DatasetIterator:
+    if not self._box:
+      raise RuntimeError("this TrainIterator was closed")
+    return self._box[0]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    """Position to store in the checkpoint; set_state(it) continues exactly from here."""
+    return {"format": STATE_FORMAT, "fingerprint": self._fingerprint, "grain": self._it.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    """Moves to a position from get_state of an iterator built with the same settings."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "grain" not in state:
+      raise DataError("data iterator state is not one written by TrainIterator.get_state")
+    old, new = state.get("fingerprint", {}), self._fingerprint
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+      changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+      raise DataError(f"cannot resume the data stream, its settings changed ({changes})")
+    self._it.set_state(state["grain"])
+
+  def close(self) -> None:
+    """Stops prefetch threads and worker processes (also done at exit); no batches after."""
+    self._finalizer()
+
+
+def _close_iterators(box: list) -> None:
+  while box:
+    close = getattr(box.pop(), "close", None)
+    if close is not None:
+      close()
+
+
+def make_train_iterator(
+  data_config: ml_collections.ConfigDict,
+  *,
+  tokenizer: Tokenizer,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> TrainIterator:
+  """Batches of (batch_size, seq_len) rows: inputs, targets, weights, segment_ids, positions.
+
+  Documents of this process's shard are shuffled globally (a new order each epoch), wrapped
+  BOS .. EOS, tokenized, packed and shuffled again in windows of rows; all deterministic from
+  (seed, config.data.shuffle_seed, process_index, process_count, num_workers).
+  """
+  c = data_config
+  check_config(c)
+  if seq_len < 1 or batch_size < 1:
+    raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} not in [0, process_count={process_count})")
+  docs = _documents(c, "train")
+  if len(docs) < process_count:
+    raise DataError(
+      f"the train split has {len(docs)} documents, fewer than process_count={process_count}"
+    )
+  mixed = _mix_seed(seed, c.shuffle_seed)
+  ds = grain.MapDataset.source(docs)[process_index::process_count]
+  ds = shuffle_lib.shuffle(ds, mixed).repeat(None).map(packing_lib.Tokenize(tokenizer))
+  rows = packing_lib.pack(
+    ds.to_iter_dataset(_READ_OPTIONS),
+    packing=c.packing,
+    seq_len=seq_len,
+    pad_id=tokenizer.pad_id,
+    seed=mixed,
+    num_bins=int(c.packing_bins),
+  )
+  if int(c.shuffle_window) > 0:
+    rows = gex.WindowShuffleIterDataset(rows, window_size=int(c.shuffle_window), seed=mixed)
+  batches = rows.batch(batch_size, drop_remainder=True)
+  if int(c.num_workers) > 0:
+    opts = grain.MultiprocessingOptions(
+      num_workers=int(c.num_workers), per_worker_buffer_size=int(c.prefetch)
+    )
+    batches = batches.mp_prefetch(opts)
+  elif int(c.prefetch) > 0:
+    batches = gex.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=int(c.prefetch))
+  fp = _fingerprint(
+    c, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=int(seed),
+    process_index=process_index, process_count=process_count,
+  )  # fmt: skip
+  return TrainIterator(batches, fp)
+
+
+def make_eval_batches(
+  data_config: ml_collections.ConfigDict,
+  *,
+  tokenizer: Tokenizer,
+  seq_len: int,
+  batch_size: int,
+  max_batches: int | None,
+) -> list[dict[str, np.ndarray]]:
+  """The validation split as a fixed list of at most max_batches batches (None = all).
+
+  Same row format as training; the order is fixed (independent of the training seed) and a
+  short last batch is filled with weight-0 rows instead of being dropped.
+  """
+  c = data_config
+  check_config(c)
+  if seq_len < 1 or batch_size < 1:
+    raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+  docs = _documents(c, "val")
+  ds = shuffle_lib.shuffle(grain.MapDataset.source(docs), EVAL_SEED)
+  ds = ds.map(packing_lib.Tokenize(tokenizer))
+  rows = packing_lib.pack(
+    ds.to_iter_dataset(_READ_OPTIONS),
+    packing=c.packing,
+    seq_len=seq_len,
+    pad_id=tokenizer.pad_id,
+    seed=EVAL_SEED,
+    num_bins=int(c.packing_bins),
+    shuffle_bins=False,
+  )
+  out = []
+  for batch in rows.batch(batch_size, drop_remainder=False):
+    if max_batches is not None and len(out) >= max_batches:
+      break
+    out.append(packing_lib.pad_batch(batch, batch_size, tokenizer.pad_id))
+  return out
