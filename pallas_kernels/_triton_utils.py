@@ -1,0 +1,93 @@
+"""Small helpers shared by the Pallas-Triton kernels: compiler params, keys, row chunks.
+
+Kept apart so `topk.py` and `moc_train.py` share one definition of the order-preserving
+key, which is what makes their selections identical.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+KEY_BITS = {jnp.dtype(jnp.bfloat16): 16, jnp.dtype(jnp.float16): 16, jnp.dtype(jnp.float32): 32}
+
+
+def compiler_params(num_warps: int, num_stages: int = 1):
+  """Triton compiler params under either name (jax 0.10/0.11: `CompilerParams`)."""
+  from jax.experimental.pallas import triton as pltriton
+
+  cls = getattr(pltriton, "CompilerParams", None)
+  if cls is None:  # older jax spelled it plgpu.TritonCompilerParams
+    from jax.experimental.pallas import gpu as plgpu  # type: ignore[attr-defined]
+
+    cls = plgpu.TritonCompilerParams
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def default_interpret() -> bool:
+  """Compile for the GPU when there is one, else run the kernel body in interpret mode."""
+  return jax.default_backend() != "gpu"
+
+
+def key_bits(dtype) -> int:
+  """Width of the order-preserving integer key for a float dtype."""
+  try:
+    return KEY_BITS[jnp.dtype(dtype)]
+  except KeyError:
+    raise TypeError(f"top-K supports bf16, f16 and f32, got {dtype}") from None
+
+
+def order_keys(x: jax.Array) -> jax.Array:
+  """int32 keys whose signed order is the floats' order (-0 < +0; NaNs at the ends).
+
+  16-bit floats give keys in [-32768, 32767], so they are exact in fp32 as well.
+  """
+  bits = key_bits(x.dtype)
+  if bits == 32:
+    b = lax.bitcast_convert_type(x, jnp.int32)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+  b = lax.bitcast_convert_type(x, jnp.int16).astype(jnp.int32)
+  return b ^ ((b >> 15) & 0x7FFF)
+
+
+def key_range(dtype) -> tuple[int, int]:
+  """(smallest, largest) key a real element can have."""
+  bits = key_bits(dtype)
+  return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def pow2_chunks(num: int, granule: int) -> list[tuple[int, int]]:
+  """Cover [0, num) with power-of-two (offset, width) pieces, none narrower than `granule`.
+
+  Triton blocks must be powers of two; one block of next_pow2(F) wastes up to half its
+  lanes (5632 -> 8192), while 4096 + 1024 + 512 wastes none.
+  """
+  total = -(-num // granule) * granule
+  chunks, offset = [], 0
+  width = 1 << (total.bit_length() - 1)
+  while offset < total:
+    while width > total - offset:
+      width //= 2
+    chunks.append((offset, width))
+    offset += width
+  return chunks
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def scatter_store(ref, rows, cols, val, mask, interpret: bool) -> None:
+  """Masked store at (rows, cols) index arrays.
+
+  Interpret mode discharges a masked store as `ref.at[idx].set(where(mask, val, old))`,
+  so a masked-off lane that shares a slot with a real one can clobber it; sending
+  masked-off lanes past the end (dropped by the scatter) keeps it exact. On the GPU the
+  mask alone suffices.
+  """
+  from jax.experimental.pallas import triton as pltriton
+
+  if interpret:
+    cols = jnp.where(mask, cols, ref.shape[-1])
+  pltriton.store(ref.at[rows, cols], val, mask=mask)
