@@ -195,3 +195,23 @@ def test_embedded_default_batches(tmp_path):
     assert b["weights"].all()  # concat packing of an infinite stream has no padding
   ev = data.make_eval_batches(c, tokenizer=tok, seq_len=128, batch_size=8, max_batches=3)
   assert len(ev) == 3 and all(e["inputs"].shape == (8, 128) for e in ev)
+
+
+@pytest.mark.slow  # ~15 s: four spawned worker processes each import grain (and so jax)
+def test_resume_with_two_worker_processes(corpus):
+  path, _ = corpus
+  c = text_config(path, val_fraction=0.0, shuffle_window=8, num_workers=2, prefetch=2)
+  tok = data.make_tokenizer(c)
+  make = lambda: data.make_train_iterator(c, tokenizer=tok, seq_len=SEQ, batch_size=4, seed=3)
+  first = make()
+  head = _take(first, 7)
+  state = json.loads(json.dumps(first.get_state()))
+  tail = _take(first, 9)
+  first.close()
+  resumed = make()
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 9), tail)
+  resumed.close()
+  for b in head + tail:
+    check_rows(b, 4, SEQ, tok.eos_id)
+  assert len({b["inputs"].tobytes() for b in head + tail}) == 16  # workers' rows interleave

@@ -36,6 +36,14 @@ def _documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[A
   return sources.load_documents(data_config, split)
 
 
+def _ensure_absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; outside absl.app (tests, notebooks) use defaults."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _mix_seed(seed: int, shuffle_seed: int) -> int:
   """One 32-bit seed from the run seed and config.data.shuffle_seed."""
   h = hashlib.blake2b(f"{int(seed)}:{int(shuffle_seed)}".encode(), digest_size=4).digest()
@@ -76,7 +84,9 @@ class TrainIterator:
     return self._box[0]
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    # Plain copies: worker batches arrive in shared memory, which is released (unlinked) as
+    # soon as the SharedMemoryArray is dropped, rather than whenever the trainer drops it.
+    return {k: np.array(v) for k, v in next(self._it).items()}
 
   def get_state(self) -> dict:
     """Position to store in the checkpoint; set_state(it) continues exactly from here."""
@@ -147,6 +157,7 @@ def make_train_iterator(
     rows = gex.WindowShuffleIterDataset(rows, window_size=int(c.shuffle_window), seed=mixed)
   batches = rows.batch(batch_size, drop_remainder=True)
   if int(c.num_workers) > 0:
+    _ensure_absl_flags_parsed()
     opts = grain.MultiprocessingOptions(
       num_workers=int(c.num_workers), per_worker_buffer_size=int(c.prefetch)
     )
