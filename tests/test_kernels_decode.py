@@ -1,0 +1,129 @@
+"""Decode FFN kernels against the jnp references (interpret mode on CPU, compiled on GPU).
+
+Fresh random inputs every run (seeded by the clock, printed on failure). Ties are made on
+purpose with small-integer gates, whose sums are exact in any order and any float type.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _decode_select, moc_decode, reference
+
+# Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
+SMALL = moc_decode.DecodeConfig(
+  gemv_block_f=32,
+  gemv_block_d=16,
+  gemv_splits=2,
+  select_radix_bits=4,
+  up_block_c=16,
+  up_block_d=32,
+  down_splits=3,
+  down_block_c=16,
+  down_block_d=16,
+)
+
+
+def _seed() -> int:
+  return time.time_ns() % (2**31)
+
+
+def _rel_err(a: jax.Array, b: jax.Array) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.isfinite(a).all()
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _weights(seed: int, num_tokens: int, d_model: int, d_ff: int, dtype, integer_gate: bool):
+  """x, Wg (D×F), Wu^T (F×D), Wd (F×D). integer_gate: G exact, with many ties."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  if integer_gate:
+    x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(dtype)
+    wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(dtype)
+  else:
+    x = jax.random.normal(ks[0], (num_tokens, d_model), dtype)
+    wg = (jax.random.normal(ks[1], (d_model, d_ff)) * d_model**-0.5).astype(dtype)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(dtype)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(dtype)
+  return x, wg, wu, wd
+
+
+def _selected(a_TxF: jax.Array, d_ff: int) -> np.ndarray:
+  return np.asarray(a_TxF[:, :d_ff] != 0)
+
+
+@pytest.mark.parametrize("variant", ["moc", "moc_2of8"])
+def test_select_is_exact_with_ties(variant):
+  """The selection kernel picks exactly the reference's channels, ties to the lower index."""
+  seed, num_tokens, d_ff, k = _seed(), 5, 200, 37
+  g_TxF = jax.random.randint(jax.random.key(seed), (num_tokens, d_ff), -6, 7).astype(jnp.float32)
+  g_TxF = g_TxF.at[:, 5].set(-0.0).at[:, 9].set(0.0)  # +0 ranks above -0, as in lax.top_k
+  width = 256
+  partials = jnp.zeros((2, 1, num_tokens, width), jnp.float32)
+  partials = partials.at[0, 0, :, :d_ff].set(g_TxF * 0.5).at[1, 0, :, :d_ff].set(g_TxF * 0.5)
+  a = _decode_select.select_scale(
+    partials, k, variant, d_ff=d_ff, round_dtype=jnp.bfloat16, radix_bits=2, interpret=True
+  )
+  idx, val = reference.select(g_TxF.astype(jnp.bfloat16), k, variant)
+  want = np.zeros((num_tokens, d_ff), bool)
+  np.put_along_axis(want, np.asarray(idx), True, axis=1)
+  # silu(0) = 0 leaves a zero scale: compare the selection where the gate is nonzero.
+  nonzero = np.asarray(g_TxF != 0)
+  np.testing.assert_array_equal(_selected(a, d_ff) & nonzero, want & nonzero, err_msg=f"{seed=}")
+  got_val = np.take_along_axis(np.asarray(a[:, :d_ff]), np.asarray(idx), axis=1)
+  np.testing.assert_allclose(got_val, jax.nn.silu(val.astype(jnp.float32)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "variant", "dtype", "integer_gate"),
+  [
+    (1, 203, 40, "moc", jnp.float32, False),  # odd F, one token (multiply-reduce path)
+    (3, 136, 34, "moc_2of8", jnp.float32, True),  # ties inside groups of 8
+    (16, 100, 23, "moc", jnp.bfloat16, True),  # ties at the threshold, bf16, tl.dot path
+  ],
+)
+def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integer_gate):
+  seed, d_model = _seed(), 48
+  x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant, config=SMALL, interpret=True)
+  want = reference.decode_ffn(x, wg, wu, wd, k, variant)
+  assert y.shape == want.shape and y.dtype == want.dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert _rel_err(y, want) < tol, f"{seed=}"
+
+
+@pytest.mark.parametrize(("num_tokens", "splits"), [(1, 2), (3, 1)])
+def test_dense_decode_ffn_matches_xla(num_tokens, splits):
+  """Split-K partials (then XLA's SwiGLU) and the fused SwiGLU epilogue give the same FFN."""
+  seed, d_model, d_ff = _seed(), 48, 136
+  x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
+  cfg = moc_decode.DecodeConfig(**{**SMALL.__dict__, "gemv_splits": splits})
+  y = moc_decode.dense_decode_ffn(x, wg, wu_t.T, wd, config=cfg, interpret=True)
+  want = moc_decode.dense_decode_ffn_xla(x, wg, wu_t.T, wd)
+  assert _rel_err(y, want) < 1e-5, f"{seed=}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 4, 16])
+@pytest.mark.parametrize("variant", ["moc", "moc_2of8"])
+def test_decode_ffn_gpu_real_size(num_tokens, variant):
+  """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
+  d_model, d_ff, k = 2048, 5464, 1024
+  for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
+    seed = _seed()
+    x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
+    if integer_gate:
+      x, wg = x * 0.125, wg * 0.125  # still exact: powers of 2
+    y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant)
+    with jax.default_matmul_precision("highest"):
+      want = reference.decode_ffn(x, wg, wu, wd, k, variant)
+    assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
+    yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd)
+    with jax.default_matmul_precision("highest"):
+      want_d = moc_decode.dense_decode_ffn_xla(x, wg, wu.T, wd)
+    assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=}"
