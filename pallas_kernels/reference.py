@@ -34,6 +34,60 @@ def topk_select(g_TxF: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return idx_TxK, jnp.take_along_axis(g_TxF, idx_TxK, axis=-1)
 
 
+def order_keys(g: jax.Array) -> jax.Array:
+  """Unsigned integer image of a float that preserves order (-0.0 sorts just below +0.0)."""
+  nbits = jnp.dtype(g.dtype).itemsize * 8
+  utype = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[nbits]
+  bits = jax.lax.bitcast_convert_type(g, utype)
+  sign_bit = jnp.array(1 << (nbits - 1), utype)
+  return jnp.where(bits & sign_bit, ~bits, bits | sign_bit)
+
+
+def kth_largest_key(keys_TxF: jax.Array, k: int) -> jax.Array:
+  """Per row, the k-th largest key, by bisection over its bits (one counting pass per bit)."""
+  nbits = jnp.dtype(keys_TxF.dtype).itemsize * 8
+  utype = keys_TxF.dtype
+
+  def body(i, tau_T):
+    bit = jnp.array(1, utype) << (nbits - 1 - i).astype(utype)
+    cand_T = tau_T | bit
+    count_T = jnp.sum(keys_TxF >= cand_T[:, None], axis=-1, dtype=jnp.int32)
+    return jnp.where(count_T >= k, cand_T, tau_T)
+
+  return jax.lax.fori_loop(0, nbits, body, jnp.zeros(keys_TxF.shape[:-1], utype))
+
+
+def topk_mask(g_TxF: jax.Array, k: int) -> jax.Array:
+  """Boolean mask of the exact top-k per row (ties to the lower index), without sorting."""
+  keys = order_keys(g_TxF)
+  tau_T1 = kth_largest_key(keys, k)[:, None]
+  above = keys > tau_T1
+  at = keys == tau_T1
+  room_T1 = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+  return above | (at & (jnp.cumsum(at, axis=-1, dtype=jnp.int32) <= room_T1))
+
+
+def mask_to_indices(mask_TxF: jax.Array, k: int) -> jax.Array:
+  """Ascending channel indices of the k set entries of each row (no sort, no scatter)."""
+  rank_TxF = jnp.cumsum(mask_TxF, axis=-1, dtype=jnp.int32)
+  slots_K = jnp.arange(1, k + 1, dtype=jnp.int32)
+  find = lambda rank_F: jnp.searchsorted(rank_F, slots_K, side="left")
+  return jax.vmap(find)(rank_TxF).astype(jnp.int32)
+
+
+def group_mask(g_TxF: jax.Array) -> jax.Array:
+  """moc_2of8 mask: a channel is kept if fewer than 2 in its group beat it (ties: lower index)."""
+  *lead, num_channels = g_TxF.shape
+  if num_channels % GROUP:
+    raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={num_channels}")
+  k_Gx8 = order_keys(g_TxF).reshape(*lead, num_channels // GROUP, GROUP)
+  mine, other = k_Gx8[..., :, None], k_Gx8[..., None, :]
+  lower_8x8 = jnp.arange(GROUP)[None, :] < jnp.arange(GROUP)[:, None]  # other index < mine
+  beats = (other > mine) | ((other == mine) & lower_8x8)
+  rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
+  return (rank < PER_GROUP).reshape(*lead, num_channels)
+
+
 def group_select(g_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
   """moc_2of8: the top 2 of every 8 consecutive channels (ties to the lower index).
 
@@ -50,13 +104,24 @@ def group_select(g_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
   return idx_TxK, jnp.take_along_axis(g_TxF, idx_TxK, axis=-1)
 
 
-def select(g_TxF: jax.Array, k: int, variant: str) -> tuple[jax.Array, jax.Array]:
-  """Dispatch on the MoC variant ('moc' or 'moc_2of8')."""
+def select_mask(g_TxF: jax.Array, k: int, variant: str) -> jax.Array:
+  """The selection as a (T, F) boolean mask ('moc' or 'moc_2of8')."""
   if variant == "moc":
-    return topk_select(g_TxF, k)
+    return topk_mask(g_TxF, k)
   if variant == "moc_2of8":
-    return group_select(g_TxF)
+    return group_mask(g_TxF)
   raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+
+
+def select(g_TxF: jax.Array, k: int, variant: str) -> tuple[jax.Array, jax.Array]:
+  """(idx_TxK ascending, val_TxK) for the MoC variant; sort-free (the `xla` backend)."""
+  num_channels = g_TxF.shape[-1]
+  if variant == "moc" and not 0 < k <= num_channels:
+    raise ValueError(f"k must be in [1, {num_channels}], got {k}")
+  if variant == "moc_2of8":
+    k = num_channels // GROUP * PER_GROUP
+  idx = mask_to_indices(select_mask(g_TxF, k, variant), k)
+  return idx, jnp.take_along_axis(g_TxF, idx, axis=-1)
 
 
 def scatter_rows(val_TxK: jax.Array, idx_TxK: jax.Array, num_channels: int) -> jax.Array:
@@ -85,10 +150,14 @@ def train_forward_epilogue(
   Returns (idx_TxK int32, g_sel_TxK, u_sel_TxK, z_TxF) where z is the zero-filled
   silu(G)*U on the selected channels, ready for the down GEMM.
   """
-  idx_TxK, g_sel = select(g_TxF, k, variant)
+  if variant == "moc_2of8":
+    k = g_TxF.shape[-1] // GROUP * PER_GROUP
+  mask_TxF = select_mask(g_TxF, k, variant)
+  idx_TxK = mask_to_indices(mask_TxF, k)
+  g_sel = jnp.take_along_axis(g_TxF, idx_TxK, axis=-1)
   u_sel = jnp.take_along_axis(u_TxF, idx_TxK, axis=-1)
-  z_sel = silu_and_mul(g_sel, u_sel)
-  return idx_TxK, g_sel, u_sel, scatter_rows(z_sel, idx_TxK, g_TxF.shape[-1])
+  z_TxF = jnp.where(mask_TxF, silu_and_mul(g_TxF, u_TxF), jnp.zeros((), u_TxF.dtype))
+  return idx_TxK, g_sel, u_sel, z_TxF
 
 
 def silu_and_mul(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:

@@ -1,0 +1,41 @@
+"""Train a dense or MoC LLaMA-style model.
+
+  python train.py --config=configs/default.py --workdir=runs/tiny
+  python train.py --config=configs/llama_60m.py --config.model.ffn=dense --workdir=runs/60m
+
+Re-running with the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from moc_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
+
+
+def main(argv: list[str]) -> int:
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if len(argv) > 1:
+    return cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value:
+    return cli.fail("--workdir is required (checkpoints, metrics and plots go there)")
+  from moc_jax import trainer
+
+  with cli.user_errors():
+    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+    if "perplexity" in result:
+      print(
+        f"final validation perplexity: {result['perplexity']:.3f} "
+        f"(loss {result['loss']:.4f} nats/token, step {result['step']})"
+      )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
