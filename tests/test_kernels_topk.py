@@ -1,0 +1,99 @@
+"""Pallas top-K selection against `reference.select` (interpret mode on CPU).
+
+Outputs are fresh pallas_call buffers: in interpret mode an unwritten float is NaN and an
+unwritten int32 is INT32_MIN, so exact equality with the reference also proves every
+element was written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import reference, topk
+from pallas_kernels.topk import TopKConfig
+
+_SEED = np.random.SeedSequence().entropy  # fresh inputs every run; printed on failure
+
+
+def _key(tag: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(_SEED % (2**31)), tag)
+
+
+def _assert_same(g, k, variant, **kw):
+  idx, val = topk.select(g, k, variant, **kw)
+  assert idx.shape[:-1] == g.shape[:-1]
+  idx, val = idx.reshape(-1, idx.shape[-1]), val.reshape(-1, val.shape[-1])
+  ref_idx, ref_val = reference.select(g.reshape(-1, g.shape[-1]), k, variant)
+  assert idx.dtype == jnp.int32 and val.dtype == g.dtype, f"seed={_SEED}"
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx), err_msg=f"seed={_SEED}")
+  np.testing.assert_array_equal(
+    np.asarray(val.astype(jnp.float32)), np.asarray(ref_val.astype(jnp.float32))
+  )
+
+
+@pytest.mark.parametrize(
+  ("dtype", "t", "f", "k", "config"),
+  [
+    (jnp.bfloat16, 8, 1376, 256, TopKConfig()),  # odd F, sampled bracket, chunks 1024+512
+    (jnp.float32, 4, 2736, 512, TopKConfig(rows=2)),  # 32-bit keys, integer counting
+    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(rows=2, sample=0, count="int", granule=0)),
+  ],
+)
+def test_random_rows(dtype, t, f, k, config):
+  g = jax.random.normal(_key(f), (t, f), jnp.float32).astype(dtype)
+  _assert_same(g, k, "moc", config=config)
+
+
+@pytest.mark.parametrize(("dtype", "k"), [(jnp.bfloat16, 1), (jnp.float32, 150)])
+def test_ties_and_equal_rows(dtype, k):
+  """Small-integer values and all-equal rows (ties to the lower channel); K = 1 and F / 2.
+
+  Also leading dimensions: (2, 3, F) is flattened to rows and back.
+  """
+  f = 300
+  g = jax.random.randint(_key(k), (6, f), -2, 3).astype(dtype)
+  g = g.at[4].set(1.5).at[5].set(-0.75).reshape(2, 3, f)
+  _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64))
+
+
+def test_group_2of8():
+  g = jax.random.normal(_key(7), (5, 96), jnp.float32).astype(jnp.bfloat16)
+  g = g.at[0].set(jax.random.randint(_key(8), (96,), -1, 2).astype(jnp.bfloat16))
+  g = g.at[1].set(0.5)
+  _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2))
+
+
+def test_errors():
+  g = jnp.ones((2, 64), jnp.float32)
+  for k, variant in ((0, "moc"), (65, "moc"), (8, "moc_3of8")):
+    with pytest.raises(ValueError):
+      topk.select(g, k, variant)
+  with pytest.raises(ValueError):
+    topk.select(jnp.ones((2, 60)), 15, "moc_2of8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  ("dtype", "f", "k"),
+  [
+    (jnp.bfloat16, 5632, 1024),
+    (jnp.bfloat16, 5461, 1024),
+    (jnp.bfloat16, 1376, 256),
+    (jnp.bfloat16, 16384, 4096),
+    (jnp.float32, 2736, 512),
+  ],
+)
+def test_gpu_real_sizes(dtype, f, k):
+  g = jax.random.normal(_key(f + k), (16384, f), jnp.float32).astype(dtype)
+  _assert_same(g, k, "moc")
+  gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
+  _assert_same(gi, k, "moc")
+
+
+@pytest.mark.gpu
+def test_gpu_group_2of8():
+  g = jax.random.normal(_key(11), (4096, 5632), jnp.float32).astype(jnp.bfloat16)
+  _assert_same(g, 5632 // 4, "moc_2of8")
