@@ -1,0 +1,116 @@
+"""The TFDS source on a tiny ArrayRecord dataset built locally (no network, no TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_data_helpers import check_rows
+
+from moc_jax import data
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+N_TRAIN, N_VAL = 40, 6
+
+
+class MocTinyText(tfds.core.GeneratorBasedBuilder):
+  """Documents 'doc <i>: ...' of varied length, with a non-text feature."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    features = tfds.features.FeaturesDict(
+      {"text": tfds.features.Text(), "url": tfds.features.Text()}
+    )
+    return tfds.core.DatasetInfo(builder=self, features=features)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {
+      "train": self._generate_examples(0, N_TRAIN),
+      "validation": self._generate_examples(1000, N_VAL),
+    }
+
+  def _generate_examples(self, start, n):
+    for i in range(start, start + n):
+      yield str(i), {"text": f"doc {i}: " + "lorem ipsum " * (i % 13 + 1) + "é", "url": f"u{i}"}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tfds")
+  MocTinyText(data_dir=str(d), file_format="array_record").download_and_prepare()
+  return str(d)
+
+
+def _config(tfds_dir, **kw):
+  c = data.default_config()
+  c.source, c.tfds_name, c.tfds_data_dir = "tfds", "moc_tiny_text", tfds_dir
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_train_and_eval_from_tfds(tfds_dir):
+  c = _config(tfds_dir, shuffle_window=8)
+  tok = data.make_tokenizer(c)
+  make = lambda: data.make_train_iterator(c, tokenizer=tok, seq_len=48, batch_size=4, seed=0)
+  it = make()
+  batches = [next(it) for _ in range(12)]  # > 1 epoch of 40 short documents
+  for b in batches:
+    check_rows(b, 4, 48, tok.eos_id)
+  text = "".join(tok.decode(b["inputs"].ravel().tolist()) for b in batches)
+  seen = {int(w.split(":")[0]) for w in text.split("doc ")[1:] if w.split(":")[0].isdigit()}
+  assert seen <= set(range(N_TRAIN)) and len(seen) > 20
+  state = json.loads(json.dumps(it.get_state()))
+  more = [next(it) for _ in range(3)]
+  resumed = make()
+  resumed.set_state(state)
+  for x in more:
+    y = next(resumed)
+    assert all((x[k] == y[k]).all() for k in x)
+  ev = data.make_eval_batches(c, tokenizer=tok, seq_len=48, batch_size=4, max_batches=None)
+  ev_text = "".join(tok.decode(b["inputs"].ravel().tolist()) for b in ev)
+  assert sorted(
+    set(ev_text.split("doc ")[1:]) and {int(w[:4]) for w in ev_text.split("doc ")[1:]}
+  ) == list(range(1000, 1000 + N_VAL))
+  # TFDS split slicing also works for carving a validation split out of train.
+  c2 = _config(tfds_dir, tfds_val_split="train[:10%]")
+  assert (
+    len(data.make_eval_batches(c2, tokenizer=tok, seq_len=48, batch_size=4, max_batches=None)) >= 1
+  )
+
+
+def test_tfds_read_in_a_fresh_process_without_the_builder_code(tfds_dir):
+  code = (
+    "from moc_jax import data; c = data.default_config(); c.source = 'tfds'; "
+    f"c.tfds_name = 'moc_tiny_text'; c.tfds_data_dir = {tfds_dir!r}; c.packing = 'pad'; "
+    "ev = data.make_eval_batches(c, tokenizer=data.make_tokenizer(c), seq_len=64, "
+    "batch_size=2, max_batches=None); print(sum(int(b['weights'].any(1).sum()) for b in ev))"
+  )
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip().splitlines()[-1] == str(N_VAL)
+
+
+def test_tfds_bad_inputs(tfds_dir, tmp_path):
+  tok = data.make_tokenizer("bytes")
+
+  def expect(c, match, split="train"):
+    with pytest.raises(data.DataError, match=match):
+      if split == "train":
+        data.make_train_iterator(c, tokenizer=tok, seq_len=8, batch_size=2, seed=0)
+      else:
+        data.make_eval_batches(c, tokenizer=tok, seq_len=8, batch_size=2, max_batches=1)
+
+  expect(_config(tfds_dir, tfds_name="no_such_dataset_xyz"), "'no_such_dataset_xyz' not found")
+  expect(
+    _config(tfds_dir, tfds_train_split="test"), r"no split 'test' \(splits: train, validation\)"
+  )
+  expect(_config(tfds_dir, tfds_val_split="valid"), "no split 'valid'", "val")
+  expect(_config(tfds_dir, text_field="body"), r"no 'body' feature \(has: text, url\)")
+  expect(_config(tfds_dir, tfds_val_split=""), "tfds_val_split is empty", "val")
+  expect(_config(str(tmp_path), tfds_name="moc_tiny_text"), "is not prepared in")
