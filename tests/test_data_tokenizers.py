@@ -120,3 +120,18 @@ def test_train_tokenizer_errors(tmp_path, capsys):
   cmd += ["--kind=sentencepiece", f"--output={tmp_path}/a.txt"]
   r = subprocess.run(cmd, capture_output=True, text=True, check=False)
   assert r.returncode == 2 and "error: --output=" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_pad_mode_prefix_tokenization_matches_full_tokenization(trained, kind):
+  from moc_jax.data import packing
+
+  tok = data.make_tokenizer(trained[kind])
+  docs = [t for _, t in sources.embedded_corpus()[1::25]]
+  assert max(len(d) for d in docs) > 8 * (64 + 32)  # the prefix path is exercised
+  full, prefix = packing.Tokenize(tok), packing.Tokenize(tok, max_tokens=64)
+  pad = packing.PadExample(64, tok.pad_id)
+  for doc in docs:
+    a, b = pad.map(full.map(doc)), pad.map(prefix.map(doc))
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -36,6 +36,13 @@ def _documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[A
   return sources.load_documents(data_config, split)
 
 
+def _tokenize(
+  data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, seq_len: int
+) -> packing_lib.Tokenize:
+  """Pad mode keeps at most seq_len tokens of a document, so only those are tokenized."""
+  return packing_lib.Tokenize(tokenizer, seq_len if data_config.packing == "pad" else None)
+
+
 def _ensure_absl_flags_parsed() -> None:
   """Grain's worker processes read absl flags; outside absl.app (tests, notebooks) use defaults."""
   from absl import flags
@@ -144,7 +151,7 @@ def make_train_iterator(
     )
   mixed = _mix_seed(seed, c.shuffle_seed)
   ds = grain.MapDataset.source(docs)[process_index::process_count]
-  ds = shuffle_lib.shuffle(ds, mixed).repeat(None).map(packing_lib.Tokenize(tokenizer))
+  ds = shuffle_lib.shuffle(ds, mixed).repeat(None).map(_tokenize(c, tokenizer, seq_len))
   rows = packing_lib.pack(
     ds.to_iter_dataset(_READ_OPTIONS),
     packing=c.packing,
@@ -190,7 +197,7 @@ def make_eval_batches(
     raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
   docs = _documents(c, "val")
   ds = shuffle_lib.shuffle(grain.MapDataset.source(docs), EVAL_SEED)
-  ds = ds.map(packing_lib.Tokenize(tokenizer))
+  ds = ds.map(_tokenize(c, tokenizer, seq_len))
   rows = packing_lib.pack(
     ds.to_iter_dataset(_READ_OPTIONS),
     packing=c.packing,
