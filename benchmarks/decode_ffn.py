@@ -25,11 +25,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels import moc_decode, reference  # noqa: E402
+from pallas_kernels import moc_decode, reference
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 TOKENS = (1, 4, 16)
@@ -146,20 +146,22 @@ def bench_shape(d, f, k, variant, tokens, moc_cfgs, dense_cfgs, args) -> list[di
       idx, _ = reference.select(g, k, variant)
       union.append(len(np.unique(np.asarray(idx))))
     moc_bytes = d * f * 2 + 2 * float(np.mean(union)) * d * 2
-    kw = {"interpret": True} if args.quick else {}
+    interp = True if args.quick else None
     methods = {
       "xla_dense": (lambda x, wg, wu, wut, wd: moc_decode.dense_decode_ffn_xla(x, wg, wu, wd), {}),
       "moc_xla": (lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant), {}),
     }
     for name, c in dense_cfgs.items():
       methods[f"dense_kernel[{name}]"] = (
-        lambda x, wg, wu, wut, wd, c=c: moc_decode.dense_decode_ffn(x, wg, wu, wd, config=c, **kw),
+        lambda x, wg, wu, wut, wd, c=c, i=interp: moc_decode.dense_decode_ffn(
+          x, wg, wu, wd, config=c, interpret=i
+        ),
         c,
       )
     for name, c in moc_cfgs.items():
       methods[f"moc_kernel[{name}]"] = (
-        lambda x, wg, wu, wut, wd, c=c: moc_decode.decode_ffn(
-          x, wg, wut, wd, k, variant, config=c, **kw
+        lambda x, wg, wu, wut, wd, c=c, i=interp: moc_decode.decode_ffn(
+          x, wg, wut, wd, k, variant, config=c, interpret=i
         ),
         c,
       )
@@ -172,7 +174,8 @@ def bench_shape(d, f, k, variant, tokens, moc_cfgs, dense_cfgs, args) -> list[di
       if c:
         row["config"] = c.__dict__
       try:
-        y = jax.jit(fn)(x, *sets[0])
+        jfn = jax.jit(fn)
+        y = jfn(x, *sets[0])
         row["rel_err_vs_reference"] = rel_err(y, ref_moc if "moc" in name else ref_dense)
         unroll = max(1, args.calls // num_sets)
         timing = time_chain(
@@ -180,9 +183,9 @@ def bench_shape(d, f, k, variant, tokens, moc_cfgs, dense_cfgs, args) -> list[di
         )
         row["time_s"] = timing["median_s"]
         row["trials_s"] = timing["trials_s"]
-        row["single_call_s"] = time_single(jax.jit(fn), (x, *sets[0]), args.trials)
+        row["single_call_s"] = time_single(jfn, (x, *sets[0]), args.trials)
         row["bandwidth_Bps"] = row["bytes_must_read"] / row["time_s"]
-      except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported
+      except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(
         json.dumps({k2: v for k2, v in row.items() if k2 not in ("trials_s", "config")}), flush=True
@@ -215,10 +218,10 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
   p.add_argument("--out", default="benchmarks/results/decode_ffn.json")
   p.add_argument("--calls", type=int, default=16, help="dependent calls per jitted chain")
-  p.add_argument("--reps", type=int, default=10)
-  p.add_argument("--trials", type=int, default=7)
+  p.add_argument("--reps", type=int, default=8)
+  p.add_argument("--trials", type=int, default=5)
   p.add_argument("--variant", default="moc")
-  p.add_argument("--no-sweep", action="store_true", help="default configs only")
+  p.add_argument("--sweep", default="t1", choices=("none", "t1", "all"), help="config sweep")
   args = p.parse_args()
   shapes = ((64, 200, 40),) if args.quick else SHAPES
   tokens = (1, 4) if args.quick else TOKENS
@@ -228,12 +231,12 @@ def main() -> None:
   for d, f, k in shapes:
     for t in tokens:
       moc, dense = sweep_configs(d, f, t)
-      if args.no_sweep or args.quick:
+      if args.quick or args.sweep == "none" or (args.sweep == "t1" and t != 1):
         moc, dense = {"default": moc["default"]}, {"splits": dense["splits"]}
       result["rows"] += bench_shape(d, f, k, args.variant, (t,), moc, dense, args)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=1)
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as fh:  # after every case: a timeout keeps what was measured
+        json.dump(result, fh, indent=1)
   print_table(result)
 
 

@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _decode_select, reference
 
 F32 = jnp.float32
+MAX_KERNEL_TOKENS = 16  # more tokens (prefill) take dense GEMMs with a mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,8 +358,17 @@ def decode_ffn(
     raise ValueError(f"moc_2of8 needs F divisible by {reference.GROUP}, got F={d_ff}")
   if variant == "moc" and not 0 < k <= d_ff:
     raise ValueError(f"k must be in [1, {d_ff}], got {k}")
+  if num_tokens > MAX_KERNEL_TOKENS:  # prefill: dense GEMMs beat row gathers
+    return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
   cfg = config or default_config(num_tokens, d_model, d_ff)
-  interpret = _interpret(interpret)
+  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, _interpret(interpret))
+  return y.reshape(*lead, d_model)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
+  """Jitted so that every layer's call reuses one trace of the kernels."""
+  d_ff = w_gate_DxF.shape[1]
   partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
   a_TxFo = _decode_select.select_scale(
     partials,
@@ -371,8 +381,17 @@ def decode_ffn(
     interpret=interpret,
   )
   z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
-  y = _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
-  return y.reshape(*lead, d_model)
+  return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
+
+
+def _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> jax.Array:
+  """The reference's semantics through dense GEMMs and a mask, for many tokens."""
+  g_TxF = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=F32).astype(x_TxD.dtype)
+  idx_TxK, g_sel = reference.select(g_TxF, k, variant)
+  a_TxF = reference.scatter_rows(jax.nn.silu(g_sel.astype(F32)), idx_TxK, g_TxF.shape[-1])
+  u_TxF = lax.dot_general(x_TxD, w_up_FxD, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+  z_TxF = (a_TxF * u_TxF).astype(x_TxD.dtype)
+  return jnp.dot(z_TxF, w_down_FxD, preferred_element_type=F32).astype(x_TxD.dtype)
 
 
 def dense_decode_ffn(
@@ -390,8 +409,15 @@ def dense_decode_ffn(
   """
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
+  if num_tokens > MAX_KERNEL_TOKENS:
+    return dense_decode_ffn_xla(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
   cfg = config or default_config(num_tokens, d_model, w_gate_DxF.shape[1])
-  interpret = _interpret(interpret)
+  y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, _interpret(interpret))
+  return y.reshape(*lead, d_model)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
   ws = (w_gate_DxF, w_up_DxF)
   if cfg.gemv_splits == 1:
     z_TxF = _gemv(x_TxD, ws, cfg, swiglu=True, interpret=interpret)
@@ -399,8 +425,7 @@ def dense_decode_ffn(
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
-  y = _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
-  return y.reshape(*lead, d_model)
+  return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
 
 
 def dense_decode_ffn_xla(
