@@ -39,6 +39,14 @@ def _git(*args: str) -> str:
     return ""
 
 
+def _commit() -> str:
+  """HEAD's sha; GIT_COMMIT from the environment where the copy has no usable .git."""
+  sha = _git("rev-parse", "HEAD")
+  if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
+    return sha
+  return os.environ.get("GIT_COMMIT", "unknown")
+
+
 def run_info() -> dict[str, Any]:
   """Date (UTC), git commit (+ dirty flag), device, jax/jaxlib/python versions."""
   dev = jax.devices()[0]
