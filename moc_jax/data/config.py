@@ -8,6 +8,7 @@ from moc_jax.data.errors import DataError
 
 SOURCES = ("embedded", "text", "tfds")
 PACKINGS = ("concat", "first_fit", "pad")
+STREAMING = ("auto", "on", "off")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -22,6 +23,10 @@ def default_config() -> ml_collections.ConfigDict:
   # source=text: optional glob(s) of validation files. '' = carve the validation split out of
   # `path` by a deterministic hash of each document's name.
   c.val_path = ""
+  # source=text: 'auto' streams files line by line (shuffled by file, interleaved, no global
+  # document shuffle) when they total more than 1 GiB on disk, else reads them into memory;
+  # 'on' / 'off' force either.
+  c.text_streaming = "auto"
   # Fraction of documents (embedded: files; text: files or jsonl lines) hashed into the
   # validation split when there is no separate validation data.
   c.val_fraction = 0.02
@@ -63,6 +68,10 @@ def check_config(data_config: ml_collections.ConfigDict) -> None:
     raise DataError(f"config.data.source={c.source!r} is unknown; valid: {', '.join(SOURCES)}")
   if c.packing not in PACKINGS:
     raise DataError(f"config.data.packing={c.packing!r} is unknown; valid: {', '.join(PACKINGS)}")
+  if c.text_streaming not in STREAMING:
+    raise DataError(
+      f"config.data.text_streaming={c.text_streaming!r} is unknown; valid: {', '.join(STREAMING)}"
+    )
   if not 0.0 <= float(c.val_fraction) < 1.0:
     raise DataError(f"config.data.val_fraction={c.val_fraction} must be in [0, 1)")
   if int(c.num_workers) < 0:

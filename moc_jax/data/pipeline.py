@@ -15,16 +15,17 @@ from grain import experimental as gex
 
 from moc_jax.data import packing as packing_lib
 from moc_jax.data import shuffle as shuffle_lib
-from moc_jax.data import sources
+from moc_jax.data import sources, streaming
 from moc_jax.data.config import check_config
 from moc_jax.data.errors import DataError
 from moc_jax.data.tokenizers import Tokenizer
 
 STATE_FORMAT = 1
 EVAL_SEED = 0  # eval order must not depend on the training seed, so runs are comparable
-# Documents are already in memory (or memory-mapped ArrayRecord): a couple of reader threads
-# overlap tokenization with packing without fighting over the GIL.
+# Documents are in memory or memory-mapped ArrayRecord: reader threads would only contend for
+# the GIL (and Grain's thread handoff costs ~5 ms per element); workers are the way to scale.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+STREAM_CYCLE = 16  # streamed files read at once per worker
 
 
 def _documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
@@ -34,6 +35,37 @@ def _documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[A
 
     return tfds_source.load_split(data_config, split)
   return sources.load_documents(data_config, split)
+
+
+def _document_stream(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  seed: int | None,
+  shard: tuple[int, int] = (0, 1),
+  repeat: bool,
+) -> grain.IterDataset:
+  """Documents of one split and shard: globally shuffled (a new order per epoch) when they
+  are random-access, shuffled by file and interleaved when streamed from big text files."""
+  c = data_config
+  if c.source == "text":
+    files, want_val = sources.text_split_files(c, split)
+    if sources.use_streaming(c, files):
+      return streaming.stream_documents(
+        files, text_field=str(c.text_field), want_val=want_val, val_fraction=float(c.val_fraction),
+        seed=seed, shard=shard, repeat=repeat, cycle_length=STREAM_CYCLE if repeat else 1,
+        num_workers=int(c.num_workers),
+      )  # fmt: skip
+  docs = _documents(c, split)
+  index, count = shard
+  if len(docs) < count:
+    raise DataError(f"the {split} split has {len(docs)} documents, fewer than {count} processes")
+  ds = grain.MapDataset.source(docs)[index::count]
+  if seed is not None:
+    ds = shuffle_lib.shuffle(ds, seed)
+  if repeat:
+    ds = ds.repeat(None)
+  return ds.to_iter_dataset(_READ_OPTIONS)
 
 
 def _tokenize(
@@ -62,7 +94,7 @@ def _fingerprint(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
   keys = (
     "source", "path", "val_path", "val_fraction", "tokenizer", "packing", "packing_bins",
     "shuffle_window", "num_workers", "shuffle_seed", "tfds_name", "tfds_train_split",
-    "text_field",
+    "text_field", "text_streaming",
   )  # fmt: skip
   fp = {k: data_config.get(k) for k in keys}
   fp["vocab_size"] = int(tokenizer.vocab_size)
@@ -144,16 +176,10 @@ def make_train_iterator(
     raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} not in [0, process_count={process_count})")
-  docs = _documents(c, "train")
-  if len(docs) < process_count:
-    raise DataError(
-      f"the train split has {len(docs)} documents, fewer than process_count={process_count}"
-    )
   mixed = _mix_seed(seed, c.shuffle_seed)
-  ds = grain.MapDataset.source(docs)[process_index::process_count]
-  ds = shuffle_lib.shuffle(ds, mixed).repeat(None).map(_tokenize(c, tokenizer, seq_len))
+  docs = _document_stream(c, "train", seed=mixed, shard=(process_index, process_count), repeat=True)
   rows = packing_lib.pack(
-    ds.to_iter_dataset(_READ_OPTIONS),
+    docs.map(_tokenize(c, tokenizer, seq_len)),
     packing=c.packing,
     seq_len=seq_len,
     pad_id=tokenizer.pad_id,
@@ -195,11 +221,9 @@ def make_eval_batches(
   check_config(c)
   if seq_len < 1 or batch_size < 1:
     raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
-  docs = _documents(c, "val")
-  ds = shuffle_lib.shuffle(grain.MapDataset.source(docs), EVAL_SEED)
-  ds = ds.map(_tokenize(c, tokenizer, seq_len))
+  docs = _document_stream(c, "val", seed=EVAL_SEED, repeat=False)
   rows = packing_lib.pack(
-    ds.to_iter_dataset(_READ_OPTIONS),
+    docs.map(_tokenize(c, tokenizer, seq_len)),
     packing=c.packing,
     seq_len=seq_len,
     pad_id=tokenizer.pad_id,
@@ -212,4 +236,6 @@ def make_eval_batches(
     if max_batches is not None and len(out) >= max_batches:
       break
     out.append(packing_lib.pad_batch(batch, batch_size, tokenizer.pad_id))
+  if not out:
+    raise DataError(f"the val split of config.data.source={c.source!r} holds no documents")
   return out

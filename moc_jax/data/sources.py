@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Sequence
 
 import ml_collections
 
@@ -35,7 +34,7 @@ def is_validation(name: str, val_fraction: float) -> bool:
   return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
   """Replaces lone surrogates (possible in JSON escapes) so every tokenizer can encode."""
   try:
     text.encode("utf-8")
@@ -92,6 +91,26 @@ def _read_text(path: str) -> str:
   return data.decode("utf-8", errors="replace")
 
 
+def parse_record(line: str, path: str, lineno: int, text_field: str) -> str | None:
+  """The text of one jsonl line (None for a blank line); DataError names file:line."""
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{lineno}: not a JSON record ({e.msg})") from e
+  if not isinstance(record, dict) or text_field not in record:
+    keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+    raise DataError(
+      f"{path}:{lineno}: record has no {text_field!r} field (has: {keys}); "
+      "set config.data.text_field"
+    )
+  value = record[text_field]
+  if not isinstance(value, str):
+    raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text")
+  return clean_text(value)
+
+
 def read_documents(path: str, text_field: str) -> list[tuple[str, str]]:
   """(name, text) for each document of one file; raises DataError for an empty shard."""
   base = os.path.basename(path)
@@ -102,40 +121,51 @@ def read_documents(path: str, text_field: str) -> list[tuple[str, str]]:
     return [(base, text)]
   docs = []
   for lineno, line in enumerate(text.split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno}: not a JSON record ({e.msg})") from e
-    if not isinstance(record, dict) or text_field not in record:
-      keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-      raise DataError(
-        f"{path}:{lineno}: record has no {text_field!r} field (has: {keys}); "
-        "set config.data.text_field"
-      )
-    value = record[text_field]
-    if not isinstance(value, str):
-      raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text")
-    docs.append((f"{base}:{lineno}", _clean(value)))
+    value = parse_record(line, path, lineno, text_field)
+    if value is not None:
+      docs.append((f"{base}:{lineno}", value))
   if not docs:
     raise DataError(f"data file {path!r} holds no records")
   return docs
 
 
+STREAM_AUTO_BYTES = 1 << 30  # text_streaming='auto' streams corpora bigger than this on disk
+
+
+def text_split_files(
+  data_config: ml_collections.ConfigDict, split: str
+) -> tuple[list[str], bool | None]:
+  """Files holding a split of the text source, and which hash side to keep (None = all)."""
+  c = data_config
+  if str(c.val_path).strip():
+    if split == "val":
+      return expand_globs(str(c.val_path), "config.data.val_path"), None
+    return expand_globs(str(c.path), "config.data.path"), None
+  files = expand_globs(str(c.path), "config.data.path")
+  if float(c.val_fraction) <= 0.0:
+    if split == "val":
+      raise DataError(
+        f"the val split of config.data.path={c.path!r} is empty "
+        "(raise config.data.val_fraction or set config.data.val_path)"
+      )
+    return files, None
+  return files, split == "val"
+
+
+def use_streaming(data_config: ml_collections.ConfigDict, files: list[str]) -> bool:
+  """text_streaming: 'on', 'off', or 'auto' (stream above STREAM_AUTO_BYTES on disk)."""
+  mode = str(data_config.text_streaming)
+  if mode == "auto":
+    return sum(os.path.getsize(f) for f in files) > STREAM_AUTO_BYTES
+  return mode == "on"
+
+
 @functools.lru_cache(maxsize=4)
-def _text_files(pattern: str, what: str, text_field: str) -> tuple[tuple[str, str], ...]:
+def _read_files(files: tuple[str, ...], text_field: str) -> tuple[tuple[str, str], ...]:
   docs: list[tuple[str, str]] = []
-  for path in expand_globs(pattern, what):
+  for path in files:
     docs.extend(read_documents(path, text_field))
   return tuple(docs)
-
-
-def _split(
-  docs: Sequence[tuple[str, str]], split: str, val_fraction: float
-) -> list[tuple[str, str]]:
-  want_val = split == "val"
-  return [d for d in docs if is_validation(d[0], val_fraction) == want_val]
 
 
 def load_documents(data_config: ml_collections.ConfigDict, split: str) -> list[tuple[str, str]]:
@@ -144,19 +174,16 @@ def load_documents(data_config: ml_collections.ConfigDict, split: str) -> list[t
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
   if c.source == "embedded":
-    docs = _split(embedded_corpus(), split, float(c.val_fraction))
+    want_val = split == "val"
+    fraction = float(c.val_fraction)
+    docs = [d for d in embedded_corpus() if is_validation(d[0], fraction) == want_val]
     where = "embedded stdlib corpus"
   elif c.source == "text":
-    if split == "val" and str(c.val_path).strip():
-      docs = list(_text_files(str(c.val_path), "config.data.val_path", str(c.text_field)))
-      where = f"config.data.val_path={c.val_path!r}"
-    else:
-      all_docs = _text_files(str(c.path), "config.data.path", str(c.text_field))
-      if str(c.val_path).strip():
-        docs = list(all_docs)  # a separate validation glob: all of `path` is training data
-      else:
-        docs = _split(all_docs, split, float(c.val_fraction))
-      where = f"config.data.path={c.path!r}"
+    files, want_val = text_split_files(c, split)
+    docs = list(_read_files(tuple(files), str(c.text_field)))
+    if want_val is not None:
+      docs = [d for d in docs if is_validation(d[0], float(c.val_fraction)) == want_val]
+    where = f"config.data.{'val_path' if split == 'val' and c.val_path else 'path'}"
   else:
     raise DataError(f"load_documents does not handle source {c.source!r}")
   if not docs:
