@@ -55,6 +55,7 @@ def _git_commit() -> str:
 
 def time_pipeline(cfg, tok, seq_len: int, batch_size: int, seconds: float) -> dict:
   """Tokens/s of next(iterator) after the first batch (worker start-up timed separately)."""
+  load_before = os.getloadavg()[0]
   t0 = time.perf_counter()
   it = data.make_train_iterator(cfg, tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=0)
   next(it)
@@ -77,6 +78,8 @@ def time_pipeline(cfg, tok, seq_len: int, batch_size: int, seconds: float) -> di
     "startup_s": round(startup_s, 2),
     "tokens_per_s": round(n * batch_size * seq_len / dt),
     "nonpad_tokens_per_s": round(real / dt),
+    # Other work on the machine skews these figures: the 1-minute load average around the run.
+    "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
   }
 
 
@@ -86,7 +89,14 @@ def time_stages(tok, seq_len: int) -> dict:
 
   from moc_jax.data import packing
 
+  sources.embedded_corpus.cache_clear()
+  t0 = time.perf_counter()
   docs = [t for _, t in sources.load_documents(data.default_config(), "train")]
+  read_s = time.perf_counter() - t0
+  byte_tok = data.make_tokenizer("bytes")
+  t0 = time.perf_counter()
+  n_bytes = sum(len(byte_tok.encode_np(d)) for d in docs)
+  bytes_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   ids = [tok.encode_np(d) for d in docs]
   tok_s = time.perf_counter() - t0
@@ -96,7 +106,13 @@ def time_stages(tok, seq_len: int) -> dict:
      "targets": np.concatenate([x, [tok.eos_id]]).astype(np.int32)}
     for x in ids
   ]  # fmt: skip
-  out = {"corpus_chars": sum(len(d) for d in docs), "corpus_tokens": n_tokens}
+  out = {
+    "embedded_read_s": round(read_s, 3),
+    "embedded_bytes_tokenize_s": round(bytes_s, 3),
+    "corpus_chars": sum(len(d) for d in docs),
+    "corpus_byte_tokens": n_bytes,
+    "corpus_tokens": n_tokens,
+  }
   out["tokenize_tokens_per_s"] = round(n_tokens / tok_s)
   for mode in ("concat", "first_fit", "pad"):
     rows = packing.pack(
