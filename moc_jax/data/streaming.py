@@ -45,6 +45,7 @@ class _FileIterator(grain.DatasetIterator):
         self._file.readline()
     if not spec.is_records:
       if self._line > 0:
+        self.close()
         raise StopIteration
       self._line = 1
       text = self._file.read()
@@ -55,6 +56,7 @@ class _FileIterator(grain.DatasetIterator):
     while True:
       line = self._file.readline()
       if not line:
+        self.close()
         if self._found == 0:
           raise DataError(f"data file {spec.path!r} holds no records")
         raise StopIteration
