@@ -125,12 +125,17 @@ def select(g_TxF: jax.Array, k: int, variant: str) -> tuple[jax.Array, jax.Array
 
 
 def scatter_rows(val_TxK: jax.Array, idx_TxK: jax.Array, num_channels: int) -> jax.Array:
-  """Zero-filled (T, F) array holding val at idx: the inverse of take_along_axis."""
+  """Zero-filled (T, F) array holding val at idx: the inverse of take_along_axis.
+
+  The zero fill is derived from `val` (0 * its first column) rather than a constant: a constant
+  fill depends on nothing, and XLA then schedules it (and its copy) at program start, keeping a
+  (T, F) buffer alive across every layer of the forward.
+  """
   *lead, k = val_TxK.shape
   flat_val = val_TxK.reshape(-1, k)
   flat_idx = idx_TxK.reshape(-1, k).astype(jnp.int32)
   rows = jnp.arange(flat_val.shape[0], dtype=jnp.int32)[:, None]
-  out = jnp.zeros((flat_val.shape[0], num_channels), val_TxK.dtype)
+  out = jnp.broadcast_to(flat_val[:, :1] * 0, (flat_val.shape[0], num_channels))
   out = out.at[rows, flat_idx].set(flat_val, unique_indices=True, indices_are_sorted=True)
   return out.reshape(*lead, num_channels)
 
