@@ -77,6 +77,7 @@ def main() -> None:
   p.add_argument("--d_ff", type=int, default=None, help="override the preset's F (e.g. 5464)")
   p.add_argument("--trials", type=int, default=5)
   p.add_argument("--out", default="benchmarks/results/decode_e2e.json")
+  p.add_argument("--skip", default="", help="comma-separated variants to leave out")
   a = p.parse_args()
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
@@ -97,6 +98,8 @@ def main() -> None:
   }
   original = model.FeedForward.decode
   for name, kw in variants.items():
+    if name in a.skip.split(","):
+      continue
     cfg = model_config.from_preset(preset, **base, **kw)
     m = model.Transformer(cfg, nnx.Rngs(0))
     m.prepare_for_decode()
@@ -117,7 +120,8 @@ def main() -> None:
 def _summarise(result: dict, out: str) -> None:
   rows = result["rows"]
   best = lambda names: max(
-    (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows[n]), default=0
+    (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows.get(n, {})),
+    default=0,
   )
   dense, moc = best(("dense_xla", "dense_kernel")), best(("moc_xla", "moc_kernel"))
   result["moc_over_dense"] = moc / dense if dense else None

@@ -1,8 +1,9 @@
 """FFN decode latency for T in {1, 4, 16}: XLA dense, our dense kernels, MoC xla path, MoC kernels.
 
 Each figure is the median over trials of (wall time of R back-to-back dispatches of one jitted
-chain of C calls) / (R·C): the calls inside a chain depend on each other through an
-optimization barrier, the GPU queue never drains between dispatches, and the chain rotates over
+chain of C calls) / (R·C): every call's output is summed into the chain's result (so XLA can
+neither drop nor merge calls; a first version returned only the last output and XLA dropped the
+rest), the GPU queue never drains between dispatches, and the chain rotates over
 enough weight sets that the bytes touched per round are several times the 60 MB L2. Single-call
 latency (one blocking dispatch each) is reported beside it: it is launch-bound.
 Bandwidth = bytes the method must read / time: dense 3·D·F·2; MoC D·F·2 + 2·U·D·2 where U is
@@ -95,12 +96,13 @@ def chain(ffn, num_sets: int, unroll: int):
   inner = jax.jit(ffn)
 
   def run(x, sets):
-    y = x
+    y, ys = x, []
     for _ in range(unroll):
       for s in range(num_sets):
-        xx, _ = jax.lax.optimization_barrier((x, y))
+        xx, _ = jax.lax.optimization_barrier((x, y))  # distinct inputs: no CSE across calls
         y = inner(xx, *sets[s])
-    return y
+        ys.append(y)
+    return jnp.sum(jnp.stack(ys).astype(jnp.float32), axis=0)  # every call's output is live
 
   return jax.jit(run)
 
