@@ -67,6 +67,7 @@ def time_generate(m, prompt_len: int, new: int, trials: int) -> dict:
     "total_s": t_total,
     "prefill_s": t_pre,
     "decode_tokens_per_s": new / max(t_total - t_pre, 1e-9),
+    "tokens_per_s_incl_prefill": new / t_total,
     "tokens": out[0][:16],
   }
 
