@@ -132,30 +132,18 @@ def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   return y_TxD
 
 
-def _masked_gate(g_TxF: jax.Array, d_ff: int) -> jax.Array:
-  """Padded channels get the lowest finite value: never selected, silu of it is exactly 0."""
-  if g_TxF.shape[-1] == d_ff:
-    return g_TxF
-  valid_F = jnp.arange(g_TxF.shape[-1]) < d_ff
-  return jnp.where(valid_F, g_TxF, jnp.finfo(g_TxF.dtype).min)
-
-
 def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   d_ff = w_gate.shape[1]
   wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
-  g_TxF = _masked_gate(x_TxD @ wg, d_ff)
-  u_TxF = x_TxD @ wu
   epilogue = backends.train_forward_epilogue(backend)
-  idx_TxK, g_sel, u_sel, z_TxF = epilogue(g_TxF, u_TxF, k, variant)
+  idx_TxK, g_sel, u_sel, z_TxF = epilogue(x_TxD @ wg, x_TxD @ wu, k, variant, num_valid=d_ff)
   y_TxD = z_TxF @ wd
-  idx_TxK = idx_TxK.astype(reference.index_dtype(g_TxF.shape[-1]))
-  compact = (idx_TxK, g_sel, u_sel) if gcp else (idx_TxK, g_sel, u_sel, _z_sel(g_sel, u_sel))
+  idx_TxK = idx_TxK.astype(reference.index_dtype(wg.shape[1]))
+  if gcp:  # Z_sel is recomputed in the backward, bit-identically
+    compact = (idx_TxK, g_sel, u_sel)
+  else:
+    compact = (idx_TxK, g_sel, u_sel, reference.silu_and_mul(g_sel, u_sel))
   return y_TxD, (x_TxD, w_gate, w_up, w_down, compact)
-
-
-def _z_sel(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:
-  """Z at the selected channels; bit-identical whether kept (MoC) or recomputed (GCP)."""
-  return reference.silu_and_mul(g_sel, u_sel)
 
 
 def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
@@ -163,17 +151,15 @@ def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
   # Keep XLA from hoisting backward work (which depends only on residuals) into the forward,
   # where it would stay alive across layers (DESIGN.md §2).
   residuals, dy_TxD = jax.lax.optimization_barrier((residuals, dy_TxD))
+  del gcp  # the residual tuple says whether Z_sel was kept
   x_TxD, w_gate, w_up, w_down, compact = residuals
-  idx_TxK, g_sel, u_sel = compact[:3]
-  z_sel = _z_sel(g_sel, u_sel) if gcp else compact[3]
   d_ff = w_gate.shape[1]
   wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T
   epilogue = backends.train_backward_epilogue(backend)
-  dg_TxF, du_TxF = epilogue(dz_TxF, idx_TxK.astype(jnp.int32), g_sel, u_sel)
-  z_TxF = reference.scatter_rows(z_sel, idx_TxK, wg.shape[1])
+  dg_TxF, du_TxF, z_TxF = epilogue(dz_TxF, *compact)
 
   f32 = jnp.float32
   dw_down = jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff]

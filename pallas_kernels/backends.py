@@ -34,7 +34,7 @@ def select(backend: str) -> Callable:
 
 
 def train_forward_epilogue(backend: str) -> Callable:
-  """(g_TxF, u_TxF, k, variant) -> (idx_TxK, g_sel, u_sel, z_TxF)."""
+  """(g_TxF, u_TxF, k, variant, *, num_valid=None) -> (idx_TxK, g_sel, u_sel, z_TxF)."""
   if resolve(backend) == "xla":
     return reference.train_forward_epilogue
   from pallas_kernels import moc_train
@@ -43,7 +43,7 @@ def train_forward_epilogue(backend: str) -> Callable:
 
 
 def train_backward_epilogue(backend: str) -> Callable:
-  """(dz_TxF, idx_TxK, g_sel, u_sel) -> (dg_TxF, du_TxF)."""
+  """(dz_TxF, idx_TxK, g_sel, u_sel, z_sel=None) -> (dg_TxF, du_TxF, z_TxF)."""
   if resolve(backend) == "xla":
     return reference.train_backward_epilogue
   from pallas_kernels import moc_train

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import topk
+from pallas_kernels import reference, topk
 from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 
 
@@ -67,10 +67,13 @@ def train_forward_epilogue(
   k: int,
   variant: str = "moc",
   *,
+  num_valid: int | None = None,
   config: TopKConfig | None = None,
   interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(idx_TxK int32 ascending, g_sel_TxK, u_sel_TxK, z_TxF): see the reference."""
+  # TODO(kernels): skip channels >= num_valid inside the kernel instead of this extra pass.
+  g_TxF = reference.mask_padding(g_TxF, num_valid)
   cfg = config or topk.DEFAULT
   interpret = tu.default_interpret() if interpret is None else interpret
   *lead, f = g_TxF.shape
@@ -147,12 +150,17 @@ def train_backward_epilogue(
   idx_TxK: jax.Array,
   g_sel_TxK: jax.Array,
   u_sel_TxK: jax.Array,
+  z_sel_TxK: jax.Array | None = None,
   *,
   rows: int = 1,
   num_warps: int = 4,
   interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """(dg_TxF, du_TxF) zero-filled, in dz's dtype: see the reference."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dg_TxF, du_TxF, z_TxF) zero-filled, in dz's dtype: see the reference."""
+  # TODO(kernels): write Z in the same pass instead of this XLA scatter.
+  if z_sel_TxK is None:
+    z_sel_TxK = reference.silu_and_mul(g_sel_TxK, u_sel_TxK)
+  z_TxF = reference.scatter_rows(z_sel_TxK, idx_TxK, dz_TxF.shape[-1])
   interpret = tu.default_interpret() if interpret is None else interpret
   *lead, f = dz_TxF.shape
   k = idx_TxK.shape[-1]
@@ -174,4 +182,4 @@ def train_backward_epilogue(
     g_sel_TxK.reshape(-1, k),
     u_sel_TxK.reshape(-1, k),
   )
-  return dg.reshape(*lead, f), du.reshape(*lead, f)
+  return dg.reshape(*lead, f), du.reshape(*lead, f), z_TxF

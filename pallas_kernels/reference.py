@@ -147,14 +147,25 @@ def silu_grad(g: jax.Array) -> jax.Array:
   return s * (1.0 + g32 * (1.0 - s))
 
 
+def mask_padding(g_TxF: jax.Array, num_valid: int | None) -> jax.Array:
+  """Channels at or past `num_valid` (F padding) get the lowest finite value: never selected
+  (while K <= num_valid), and silu of it is exactly 0."""
+  if num_valid is None or num_valid >= g_TxF.shape[-1]:
+    return g_TxF
+  valid_F = jnp.arange(g_TxF.shape[-1]) < num_valid
+  return jnp.where(valid_F, g_TxF, jnp.finfo(g_TxF.dtype).min)
+
+
 def train_forward_epilogue(
-  g_TxF: jax.Array, u_TxF: jax.Array, k: int, variant: str
+  g_TxF: jax.Array, u_TxF: jax.Array, k: int, variant: str, *, num_valid: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """From the gate and up projections to what the forward needs and keeps.
 
-  Returns (idx_TxK int32, g_sel_TxK, u_sel_TxK, z_TxF) where z is the zero-filled
-  silu(G)*U on the selected channels, ready for the down GEMM.
+  Channels at or past `num_valid` are F padding and never selected ('moc'; for 'moc_2of8'
+  whole padded groups select zeros). Returns (idx_TxK int32, g_sel_TxK, u_sel_TxK, z_TxF)
+  where z is the zero-filled silu(G)*U on the selected channels, ready for the down GEMM.
   """
+  g_TxF = mask_padding(g_TxF, num_valid)
   if variant == "moc_2of8":
     k = g_TxF.shape[-1] // GROUP * PER_GROUP
   mask_TxF = select_mask(g_TxF, k, variant)
@@ -171,12 +182,26 @@ def silu_and_mul(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:
 
 
 def train_backward_epilogue(
-  dz_TxF: jax.Array, idx_TxK: jax.Array, g_sel_TxK: jax.Array, u_sel_TxK: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """From dZ = dy @ Wd^T to the zero-filled dG and dU (DESIGN.md §1).
+  dz_TxF: jax.Array,
+  idx_TxK: jax.Array,
+  g_sel_TxK: jax.Array,
+  u_sel_TxK: jax.Array,
+  z_sel_TxK: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """From dZ = dy @ Wd^T to the zero-filled dG, dU and Z (DESIGN.md §1).
 
+  idx may be any integer dtype (uint16 as stored). Z (for dWd = Z^T dy) is scattered from
+  z_sel when kept, else recomputed from G_sel, U_sel (GCP): bit-identical either way.
   Unselected channels get exactly zero. Math in fp32, outputs in dz's dtype.
   """
+  if z_sel_TxK is None:
+    z_sel_TxK = silu_and_mul(g_sel_TxK, u_sel_TxK)
+  z_TxF = scatter_rows(z_sel_TxK, idx_TxK, dz_TxF.shape[-1])
+  dg_TxF, du_TxF = _backward_gradients(dz_TxF, idx_TxK, g_sel_TxK, u_sel_TxK)
+  return dg_TxF, du_TxF, z_TxF
+
+
+def _backward_gradients(dz_TxF, idx_TxK, g_sel_TxK, u_sel_TxK):
   num_channels = dz_TxF.shape[-1]
   dz_sel = jnp.take_along_axis(dz_TxF, idx_TxK.astype(jnp.int32), axis=-1).astype(jnp.float32)
   g32 = g_sel_TxK.astype(jnp.float32)
