@@ -19,23 +19,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from pallas_kernels import reference, topk
+from pallas_kernels import moc_train, reference, topk
+from pallas_kernels.moc_train import BackwardConfig
 from pallas_kernels.topk import TopKConfig
 
 T = 16384
 SHAPES = ((1376, 256), (2048, 384), (2736, 512), (5461, 1024), (5632, 1024), (11008, 2048))
 SWEEP_SHAPE = (5632, 1024)
 SWEEP = {
-  "bisect16_block": TopKConfig(sample=0, count="int", granule=0),  # the plain baseline
-  "bisect16_chunks": TopKConfig(sample=0, count="int"),
-  "sample_int": TopKConfig(count="int"),
-  "sample_fclip": TopKConfig(count="fclip"),
-  "sample_fsat": TopKConfig(count="fsat"),
-  "fsat_w4": TopKConfig(count="fsat", num_warps=4),
-  "fsat_r2": TopKConfig(count="fsat", rows=2),
-  "fsat_r4_w4": TopKConfig(count="fsat", rows=4, num_warps=4),
-  "fsat_s1024": TopKConfig(count="fsat", sample=1024),
+  "default": TopKConfig(),
+  "fan3": TopKConfig(fan=3),
+  "w2": TopKConfig(num_warps=2),
+  "w8": TopKConfig(num_warps=8),
+  "fan3_w8": TopKConfig(fan=3, num_warps=8),
+  "r2": TopKConfig(rows=2),
+  "r2_w8": TopKConfig(rows=2, num_warps=8),
+  "s128": TopKConfig(sample=128),
+  "s512": TopKConfig(sample=512),
+  "s0": TopKConfig(sample=0),
+  "block": TopKConfig(granule=0),
+  "int": TopKConfig(count="int"),
+  "abl_no_scan": TopKConfig(ablate="no_scan"),  # timing only: wrong slots
+  "abl_no_search": TopKConfig(ablate="no_search"),  # timing only: v from the sample
+  "abl_no_select": TopKConfig(ablate="no_select"),  # timing only: loads, scan, stores
 }
+EPILOGUE_T, EPILOGUE_F, EPILOGUE_K, EPILOGUE_NV = 16384, 5504, 1024, 5461
 
 
 def _inputs(f: int, dtype, sets: int) -> list[tuple[jax.Array]]:
@@ -61,16 +69,95 @@ def _time(fn, sets, quick) -> float | None:
     return None
 
 
+def epilogue_sweep(quick: bool) -> list[dict]:
+  """Train epilogues at the 1B shape (F padded 5461 -> 5504), vs XLA references and a copy."""
+  t, f, k, nv = EPILOGUE_T, EPILOGUE_F, EPILOGUE_K, EPILOGUE_NV
+  out = []
+  sets = []
+  for s_ in range(2):
+    ks = jax.random.split(jax.random.PRNGKey(100 + s_), 3)
+    g, u, dz = (jax.random.normal(k_, (t, f), jnp.float32).astype(jnp.bfloat16) for k_ in ks)
+    sets.append((g, u, dz))
+  ref_f = jax.jit(lambda g, u: reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv))
+  fwd_sets = [(g, u) for g, u, _ in sets]
+  r_idx, r_g, r_u, r_z = ref_f(*fwd_sets[0])
+  copy_f = jax.jit(lambda g, u: (g + u, g - u))  # read 2 x TxF, write 2 x TxF
+  out.append({"name": "fwd_floor_copy2", "us": _time(copy_f, fwd_sets, quick)})
+  out.append({"name": "fwd_xla_ref", "us": _time(ref_f, fwd_sets, quick)})
+  for name, cfg in (
+    ("fwd_default", TopKConfig()),
+    ("fwd_fan3", TopKConfig(fan=3)),
+    ("fwd_w8", TopKConfig(num_warps=8)),
+  ):
+    fn = jax.jit(
+      lambda g, u, cfg=cfg: moc_train.train_forward_epilogue(
+        g, u, k, "moc", num_valid=nv, config=cfg, idx_dtype=jnp.uint16
+      )
+    )
+    idx, gs, us, z = fn(*fwd_sets[0])
+    ok = bool(
+      np.array_equal(np.asarray(idx).astype(np.int32), np.asarray(r_idx))
+      and np.array_equal(np.asarray(gs.astype(jnp.float32)), np.asarray(r_g.astype(jnp.float32)))
+      and np.array_equal(np.asarray(us.astype(jnp.float32)), np.asarray(r_u.astype(jnp.float32)))
+      and float(jnp.max(jnp.abs(z.astype(jnp.float32) - r_z.astype(jnp.float32)))) < 0.05
+    )
+    out.append({"name": name, "exact": ok, "us": _time(fn, fwd_sets, quick)})
+    print("epilogue", out[-1], flush=True)
+  idx16 = r_idx.astype(jnp.uint16)
+  zs = reference.silu_and_mul(r_g, r_u)
+  bwd_sets = [(dz, idx16, r_g, r_u, zs) for _, _, dz in sets]
+  ref_b = jax.jit(lambda dz, i, g, u, z: reference.train_backward_epilogue(dz, i, g, u, z))
+  rdg, rdu, rz = ref_b(*bwd_sets[0])
+  out.append({"name": "bwd_xla_ref", "us": _time(ref_b, bwd_sets, quick)})
+  out.append(
+    {
+      "name": "bwd_floor_zeros3",
+      "us": _time(jax.jit(lambda dz, *_: (dz * 0, dz * 0, dz * 0)), bwd_sets, quick),
+    }
+  )
+  for name, cfg, gcp in (
+    ("bwd_r1_w4", BackwardConfig(), False),
+    ("bwd_r1_w4_gcp", BackwardConfig(), True),
+    ("bwd_r2_w4", BackwardConfig(rows=2), False),
+    ("bwd_r4_w8", BackwardConfig(rows=4, num_warps=8), False),
+    ("bwd_r1_w8", BackwardConfig(num_warps=8), False),
+    ("bwd_r1_w2", BackwardConfig(num_warps=2), False),
+  ):
+    fn = jax.jit(
+      lambda dz, i, g, u, z, cfg=cfg, gcp=gcp: moc_train.train_backward_epilogue(
+        dz, i, g, u, None if gcp else z, config=cfg
+      )
+    )
+    dg, du, z = fn(*bwd_sets[0])
+    err = max(
+      float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+      for a, b in ((dg, rdg), (du, rdu), (z, rz))
+    )
+    same_zero = bool(
+      np.array_equal(np.asarray(dg == 0), np.asarray(rdg == 0))
+      and np.array_equal(np.asarray(z == 0), np.asarray(rz == 0))
+    )
+    out.append(
+      {"name": name, "max_abs_err": err, "zeros_match": same_zero, "us": _time(fn, bwd_sets, quick)}
+    )
+    print("epilogue", out[-1], flush=True)
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--no-sweep", action="store_true")
+  ap.add_argument("--epilogues", action="store_true")
+  ap.add_argument("--no-shapes", action="store_true")
   ap.add_argument("--out", default="benchmarks/results/topk.json")
   args = ap.parse_args()
   dtype = jnp.bfloat16
   info = common.run_info()
   print(info, flush=True)
-  rows, sweep = [], []
+  rows, sweep, epi = [], [], []
+  if args.epilogues:
+    epi = epilogue_sweep(args.quick)
   if not args.no_sweep:
     f, k = SWEEP_SHAPE
     sets = _inputs(f, dtype, 2)
@@ -84,7 +171,7 @@ def main() -> None:
       us = _time(fn, sets, args.quick) if ok is not None else None
       sweep.append({"name": name, "config": str(cfg), "exact": ok, "us": us})
       print("sweep", name, ok, common.fmt(us), flush=True)
-  for f, k in SHAPES:
+  for f, k in () if args.no_shapes else SHAPES:
     sets = _inputs(f, dtype, 2)
     g = sets[0][0]
     ours = jax.jit(lambda g, k=k: topk.select(g, k, "moc"))
@@ -117,7 +204,9 @@ def main() -> None:
     "ours_us": _time(fn28, [(g28,)], args.quick),
     "reference_us": _time(ref28, [(g28,)], args.quick),
   }
-  common.write_json(args.out, {"info": info, "T": T, "rows": rows, "sweep": sweep, "2of8": group})
+  common.write_json(
+    args.out, {"info": info, "T": T, "rows": rows, "sweep": sweep, "2of8": group, "epilogues": epi}
+  )
   print(f"\nsweep at F={SWEEP_SHAPE[0]} K={SWEEP_SHAPE[1]} (us):")
   common.print_table([{**s, "us": common.fmt(s["us"])} for s in sweep], ["name", "exact", "us"])
   print("\ntop-K (16384 x F, bf16), medians in us:")
@@ -152,6 +241,9 @@ def main() -> None:
     ],
   )
   print("2of8:", group)
+  if epi:
+    print("\nepilogues at 16384 x 5504 (nv 5461), K=1024 (us):")
+    common.print_table([{**e, "us": common.fmt(e["us"])} for e in epi], ["name", "exact", "us"])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def order_keys(x: jax.Array) -> jax.Array:
   return b ^ ((b >> 15) & 0x7FFF)
 
 
+def key_to_value(key: jax.Array, dtype) -> jax.Array:
+  """The inverse of `order_keys`: int32 keys back to floats of `dtype`, bit-exact."""
+  bits = key_bits(dtype)
+  if bits == 32:
+    return lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), dtype)
+  b = (key ^ ((key >> 15) & 0x7FFF)).astype(jnp.int16)
+  return lax.bitcast_convert_type(b, dtype)
+
+
 def key_range(dtype) -> tuple[int, int]:
   """(smallest, largest) key a real element can have."""
   bits = key_bits(dtype)

@@ -1,12 +1,15 @@
 """MoC training epilogues in Pallas-Triton: one pass each way around the dense GEMMs.
 
 Forward: (G, U) -> (idx, G_sel, U_sel, dense zero-filled Z) in one kernel, reusing the
-selection of `topk.select_rows` / `topk.group_rows`, so G and U are each read once and Z is
-written once (XLA's version reads G in top_k, gathers, then scatters Z in a second pass).
+selection of `topk.select_rows` / `topk.group_rows`, so G and U are each read once from HBM
+and Z is written once; channels >= num_valid (F padding) are handled in the kernel exactly as
+`reference.mask_padding` would, with no extra pass over G.
 
-Backward: (dZ, idx, G_sel, U_sel) -> zero-filled dG and dU in one kernel: the program
-zero-fills its rows, waits at a block barrier, then gathers dZ at idx and scatters the
-selected gradients (math in fp32; silu'(g) = s (1 + g (1 - s))).
+Backward: (dZ, idx, G_sel, U_sel[, Z_sel]) -> zero-filled dG, dU and Z in one kernel: the
+program zero-fills its rows of all three (contiguous stores), waits at a block barrier, then
+gathers dZ at idx and scatters the selected gradients and Z (math in fp32;
+silu'(g) = s (1 + g (1 - s))). Indices are read in their stored dtype (uint16 or int32); Z is
+scattered from Z_sel, or recomputed from G_sel, U_sel (GCP).
 
 Same signatures and semantics as the references in `reference.py`; not differentiable
 themselves (the `custom_vjp` in `moc_jax.moc` pairs them).
@@ -14,6 +17,7 @@ themselves (the `custom_vjp` in `moc_jax.moc` pairs them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,8 +26,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import reference, topk
+from pallas_kernels import topk
 from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+  rows: int = 1  # rows per program
+  num_warps: int = 4
+  granule: int = 256
 
 
 def _silu_mul(g, u, out_dtype):
@@ -31,36 +42,52 @@ def _silu_mul(g, u, out_dtype):
   return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
 
 
-def _forward_kernel(g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, k, cfg, interpret):
+def _forward_kernel(
+  g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, k, num_valid, cfg, interpret
+):
   def emit(rows_b, cols_b, valid, g, sel, pos):
     u = pltriton.load(u_ref.at[rows_b, cols_b], mask=valid, other=0)
-    z = jnp.where(sel, _silu_mul(g, u, u.dtype), jnp.zeros_like(u))
+    z = jnp.where(sel, _silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
     tu.scatter_store(z_ref, rows_b, cols_b, z, valid, interpret)
-    tu.scatter_store(idx_ref, rows_b, pos, cols_b, sel, interpret)
+    tu.scatter_store(idx_ref, rows_b, pos, cols_b.astype(idx_ref.dtype), sel, interpret)
     tu.scatter_store(gs_ref, rows_b, pos, g, sel, interpret)
     tu.scatter_store(us_ref, rows_b, pos, u, sel, interpret)
 
-  topk.select_rows(g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=emit)
+  topk.select_rows(
+    g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=emit, num_valid=num_valid
+  )
 
 
-def _forward_group_kernel(g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, rows, interpret):
-  def emit(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b):
+def _pick_lane(x, lane, which):
+  """x at lane `which` per group: (R, BG, 8) -> (R, BG, 1), bit-exact (signed zeros too)."""
+  bits = tu.key_bits(x.dtype)
+  itype = jnp.int16 if bits == 16 else jnp.int32
+  xb = jax.lax.bitcast_convert_type(x, itype).astype(jnp.int32)
+  picked = jnp.max(jnp.where(lane == which, xb, jnp.iinfo(jnp.int32).min), axis=2, keepdims=True)
+  return jax.lax.bitcast_convert_type(picked.astype(itype), x.dtype)
+
+
+def _forward_group_kernel(
+  g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, rows, num_valid, interpret
+):
+  def emit(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b, val_a, val_b):
     u = pltriton.load(u_ref.at[rows_b, cols_b], mask=valid, other=0)
     sel = (lane == a) | (lane == b)
-    z = jnp.where(sel, _silu_mul(g, u, u.dtype), jnp.zeros_like(u))
+    z = jnp.where(sel, _silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
     tu.scatter_store(z_ref, rows_b, cols_b, z, valid, interpret)
-    for j, lane_j in enumerate((a, b)):
-      col = base_g + lane_j
+    for j, (lane_j, val) in enumerate(((a, val_a), (b, val_b))):
       slot = (base_g // GROUP) * PER_GROUP + j
+      col = (base_g + lane_j).astype(idx_ref.dtype)
       tu.scatter_store(idx_ref, row_g, slot, col, ok_g, interpret)
-      for src, dst in ((g_ref, gs_ref), (u_ref, us_ref)):
-        val = pltriton.load(src.at[row_g, col], mask=ok_g, other=0)
-        tu.scatter_store(dst, row_g, slot, val, ok_g, interpret)
+      tu.scatter_store(gs_ref, row_g, slot, val, ok_g, interpret)
+      tu.scatter_store(us_ref, row_g, slot, _pick_lane(u, lane, lane_j), ok_g, interpret)
 
-  topk.group_rows(g_ref, t=t, f=f, rows=rows, on_group=emit)
+  topk.group_rows(g_ref, t=t, f=f, rows=rows, on_group=emit, num_valid=num_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "variant", "config", "interpret"))
+@functools.partial(
+  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "idx_dtype")
+)
 def train_forward_epilogue(
   g_TxF: jax.Array,
   u_TxF: jax.Array,
@@ -70,32 +97,39 @@ def train_forward_epilogue(
   num_valid: int | None = None,
   config: TopKConfig | None = None,
   interpret: bool | None = None,
+  idx_dtype=jnp.int32,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(idx_TxK int32 ascending, g_sel_TxK, u_sel_TxK, z_TxF): see the reference."""
-  # TODO(kernels): skip channels >= num_valid inside the kernel instead of this extra pass.
-  g_TxF = reference.mask_padding(g_TxF, num_valid)
+  """(idx_TxK ascending, g_sel_TxK, u_sel_TxK, z_TxF): see the reference.
+
+  idx is int32 like the reference unless `idx_dtype` (e.g. uint16, as stored) says otherwise.
+  """
   cfg = config or topk.DEFAULT
   interpret = tu.default_interpret() if interpret is None else interpret
   *lead, f = g_TxF.shape
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
   t = g2.shape[0]
+  nv = None if num_valid is None or num_valid >= f else int(num_valid)
   if variant == "moc_2of8":
     if f % GROUP:
       raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
     k = f // GROUP * PER_GROUP
-    rows = max(1, min(cfg.rows, 4096 // tu.next_pow2(f)))
-    kernel = functools.partial(_forward_group_kernel, t=t, f=f, rows=rows, interpret=interpret)
+    rows = topk.group_program_rows(cfg, f)
+    kernel = functools.partial(
+      _forward_group_kernel, t=t, f=f, rows=rows, num_valid=nv, interpret=interpret
+    )
   elif variant == "moc":
-    if not 0 < k <= f or f >= 32768:
-      raise ValueError(f"need 0 < k <= F < 32768, got k={k}, F={f}")
+    if not 0 < k <= (f if nv is None else nv) or f >= 32768:
+      raise ValueError(f"need 0 < k <= num_valid <= F < 32768, got k={k}, F={f}, nv={nv}")
     rows = cfg.rows
-    kernel = functools.partial(_forward_kernel, t=t, f=f, k=k, cfg=cfg, interpret=interpret)
+    kernel = functools.partial(
+      _forward_kernel, t=t, f=f, k=k, num_valid=nv, cfg=cfg, interpret=interpret
+    )
   else:
     raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
   idx, gs, us, z = pl.pallas_call(
     kernel,
     out_shape=(
-      jax.ShapeDtypeStruct((t, k), jnp.int32),
+      jax.ShapeDtypeStruct((t, k), idx_dtype),
       jax.ShapeDtypeStruct((t, k), g2.dtype),
       jax.ShapeDtypeStruct((t, k), u2.dtype),
       jax.ShapeDtypeStruct((t, f), u2.dtype),
@@ -114,8 +148,12 @@ def train_forward_epilogue(
 
 
 def _backward_kernel(
-  dz_ref, idx_ref, gs_ref, us_ref, dg_ref, du_ref, *, t, f, k, rows, granule, interpret
+  dz_ref, idx_ref, gs_ref, us_ref, *rest, t, f, k, rows, granule, has_z, interpret
 ):
+  if has_z:
+    zs_ref, dg_ref, du_ref, z_ref = rest
+  else:
+    zs_ref, (dg_ref, du_ref, z_ref) = None, rest
   row_r1 = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)[:, None]
   row_ok = row_r1 < t
   out_dtype = dg_ref.dtype
@@ -123,9 +161,8 @@ def _backward_kernel(
     rows_b = jnp.broadcast_to(row_r1, (rows, w))
     cols_b = jnp.broadcast_to(off + jnp.arange(w, dtype=jnp.int32)[None, :], (rows, w))
     valid = row_ok & (cols_b < f)
-    zeros = jnp.zeros((rows, w), out_dtype)
-    tu.scatter_store(dg_ref, rows_b, cols_b, zeros, valid, interpret)
-    tu.scatter_store(du_ref, rows_b, cols_b, zeros, valid, interpret)
+    for ref in (dg_ref, du_ref, z_ref):
+      tu.scatter_store(ref, rows_b, cols_b, jnp.zeros((rows, w), ref.dtype), valid, interpret)
   # Zero-fill and scatter touch the same addresses from different threads.
   if not interpret:  # interpret mode runs the program sequentially
     pltriton.debug_barrier()
@@ -133,18 +170,24 @@ def _backward_kernel(
     rows_b = jnp.broadcast_to(row_r1, (rows, w))
     slot_b = jnp.broadcast_to(off + jnp.arange(w, dtype=jnp.int32)[None, :], (rows, w))
     valid = row_ok & (slot_b < k)
-    idx = pltriton.load(idx_ref.at[rows_b, slot_b], mask=valid, other=0)
-    g = pltriton.load(gs_ref.at[rows_b, slot_b], mask=valid, other=0).astype(jnp.float32)
-    u = pltriton.load(us_ref.at[rows_b, slot_b], mask=valid, other=0).astype(jnp.float32)
+    idx = pltriton.load(idx_ref.at[rows_b, slot_b], mask=valid, other=0).astype(jnp.int32)
+    g_raw = pltriton.load(gs_ref.at[rows_b, slot_b], mask=valid, other=0)
+    u_raw = pltriton.load(us_ref.at[rows_b, slot_b], mask=valid, other=0)
+    if has_z:
+      z = pltriton.load(zs_ref.at[rows_b, slot_b], mask=valid, other=0)
+    else:
+      z = _silu_mul(g_raw, u_raw, z_ref.dtype)
+    g, u = g_raw.astype(jnp.float32), u_raw.astype(jnp.float32)
     dz = pltriton.load(dz_ref.at[rows_b, idx], mask=valid, other=0).astype(jnp.float32)
     s = jax.nn.sigmoid(g)
     du = dz * (g * s)
     dg = dz * u * (s * (1.0 + g * (1.0 - s)))
     tu.scatter_store(dg_ref, rows_b, idx, dg.astype(out_dtype), valid, interpret)
     tu.scatter_store(du_ref, rows_b, idx, du.astype(out_dtype), valid, interpret)
+    tu.scatter_store(z_ref, rows_b, idx, z.astype(z_ref.dtype), valid, interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def train_backward_epilogue(
   dz_TxF: jax.Array,
   idx_TxK: jax.Array,
@@ -152,34 +195,41 @@ def train_backward_epilogue(
   u_sel_TxK: jax.Array,
   z_sel_TxK: jax.Array | None = None,
   *,
-  rows: int = 1,
-  num_warps: int = 4,
+  config: BackwardConfig | None = None,
   interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(dg_TxF, du_TxF, z_TxF) zero-filled, in dz's dtype: see the reference."""
-  # TODO(kernels): write Z in the same pass instead of this XLA scatter.
-  if z_sel_TxK is None:
-    z_sel_TxK = reference.silu_and_mul(g_sel_TxK, u_sel_TxK)
-  z_TxF = reference.scatter_rows(z_sel_TxK, idx_TxK, dz_TxF.shape[-1])
+  """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero-filled."""
+  cfg = config or BackwardConfig()
   interpret = tu.default_interpret() if interpret is None else interpret
   *lead, f = dz_TxF.shape
   k = idx_TxK.shape[-1]
   dz2 = dz_TxF.reshape(-1, f)
   t = dz2.shape[0]
+  has_z = z_sel_TxK is not None
+  z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
   kernel = functools.partial(
-    _backward_kernel, t=t, f=f, k=k, rows=rows, granule=256, interpret=interpret
-  )
-  dg, du = pl.pallas_call(
-    kernel,
-    out_shape=(jax.ShapeDtypeStruct((t, f), dz2.dtype),) * 2,
-    grid=(pl.cdiv(t, rows),),
+    _backward_kernel,
+    t=t,
+    f=f,
+    k=k,
+    rows=cfg.rows,
+    granule=cfg.granule,
+    has_z=has_z,
     interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(num_warps),
-    name="moc_train_bwd",
-  )(
-    dz2,
-    idx_TxK.reshape(-1, k).astype(jnp.int32),
-    g_sel_TxK.reshape(-1, k),
-    u_sel_TxK.reshape(-1, k),
   )
-  return dg.reshape(*lead, f), du.reshape(*lead, f), z_TxF
+  compact = [x.reshape(-1, k) for x in (idx_TxK, g_sel_TxK, u_sel_TxK)]
+  if has_z:
+    compact.append(z_sel_TxK.reshape(-1, k))
+  dg, du, z = pl.pallas_call(
+    kernel,
+    out_shape=(
+      jax.ShapeDtypeStruct((t, f), dz2.dtype),
+      jax.ShapeDtypeStruct((t, f), dz2.dtype),
+      jax.ShapeDtypeStruct((t, f), z_dtype),
+    ),
+    grid=(pl.cdiv(t, cfg.rows),),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
+    name="moc_train_bwd",
+  )(dz2, *compact)
+  return dg.reshape(*lead, f), du.reshape(*lead, f), z.reshape(*lead, f)

@@ -1,20 +1,23 @@
 """Exact per-row top-K selection in Pallas-Triton, the semantics of `reference.select`.
 
 Why not `lax.top_k`: it sorts every whole row (4.3 ms at 16384 x 5632 bf16 on an H200) when
-only the K-th largest value per row is needed. Here each program holds R rows on chip, as
-power-of-two chunks that cover F with no more than `granule` lanes of padding, and:
+only the K-th largest value per row is needed. Each program holds R rows on chip as
+order-preserving keys (the only per-element state kept across the search), in power-of-two
+chunks that cover F with at most `granule` padded lanes, and:
 
-1. maps values to order-preserving int32 keys (16-bit floats: 16-bit keys, exact in fp32);
-2. brackets the K-th largest key from a strided sample of the row (bisection on S keys),
-   then verifies the bracket with one counting pass over the row (a failed side still
-   narrows the range, so the result is exact whatever the sample says);
-3. bisects inside the bracket, one counting pass per step (typically 5-7 steps, not 16);
-4. one packed prefix sum (count of `> v` in the low 16 bits, of `== v` in the high) gives
-   each selected element its output slot: ties at v go to the lowest channels.
+1. brackets the K-th largest key from a strided sample of S keys: a radix search that fixes
+   4 bits per step (15 candidate thresholds counted at once), 4 serial steps for 16-bit keys
+   instead of 16 bisection steps;
+2. verifies the bracket with one counting pass over the row (a failed side still narrows the
+   range, so the result is exact whatever the sample says);
+3. searches inside the bracket, `fan` thresholds per counting pass (1: bisection; 3: radix 4);
+4. one packed prefix sum per chunk (count of `> v` in the low 16 bits, of `== v` in the high)
+   gives each selected element its output slot: ties at v go to the lowest channels. G is
+   re-read (from L1/L2) for the values rather than kept in registers.
 
-The counting pass is the hot loop. `count='fsat'` counts with `sub.sat.f32` + add on the
-fp32 pipe (keys as exact fp32 integers), `'fclip'` the same with min/max, `'int'` with
-integer compares (needed for fp32 inputs, whose 32-bit keys are not exact in fp32).
+Counting runs on the fp32 pipe for 16-bit keys (`sub.sat.f32` + add; keys are exact small
+integers in fp32), on integer compares for fp32 inputs. Channels >= num_valid are treated as
+holding the dtype's lowest finite value, exactly as `reference.mask_padding` does.
 
 NaN inputs are not supported (they order by their bit pattern). F must be < 32768.
 """
@@ -36,17 +39,20 @@ from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
+RADIX_BITS = 4  # bits fixed per sample step
 
 
 @dataclasses.dataclass(frozen=True)
 class TopKConfig:
-  """Tuning knobs; every setting gives the same (exact) result."""
+  """Tuning knobs; every setting gives the same (exact) result unless `ablate` is set."""
 
   rows: int = 1  # rows per program
-  num_warps: int = 4  # 758 vs 870 us for 8 at 16384x5632 (H200, NOTES_kernels.md)
-  sample: int = 256  # sample size for the bracket; 0: bisect over the whole key range
+  num_warps: int = 4
+  sample: int = 256  # sample size for the bracket; 0: search the whole key range
   count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
+  fan: int = 1  # thresholds per counting pass in the search (1 or 3; 3 only for 16-bit keys)
+  ablate: str = ""  # timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'
 
 
 DEFAULT = TopKConfig()
@@ -73,121 +79,183 @@ def _sample_ranks(f: int, k: int, s: int) -> tuple[int, int]:
   return r_hi, r_lo
 
 
-def _kth_by_bits(keys, ranks: tuple[int, ...], nbits: int) -> tuple[jax.Array, ...]:
-  """Per row, the rank-th largest key (rank >= 1) for each rank, by building its bits."""
+def _kth_by_radix(keys, ranks: tuple[int, int], nbits: int) -> tuple[jax.Array, jax.Array]:
+  """Per row of keys (R, S), the rank-th largest key for both ranks, RADIX_BITS per step.
+
+  Each step counts 2 x 16 candidate thresholds in one (R, 32, S) compare and one reduction.
+  """
+  nd = 1 << RADIX_BITS
   off = jnp.int32(-(1 << (nbits - 1)))
-  shape = (keys.shape[0], 1)
+  r = keys.shape[0]
+  jj = jnp.arange(2 * nd, dtype=jnp.int32)[None, :, None]  # (1, 32, 1)
+  digit = jj & (nd - 1)
+  second = jj >= nd
+  rank = jnp.where(second, ranks[1], ranks[0])
+  ks = keys[:, None, :]
+  t0 = jnp.zeros((r, 1, 1), jnp.int32)
+  t1 = jnp.zeros((r, 1, 1), jnp.int32)
+  for step in range(nbits // RADIX_BITS):
+    shift = nbits - RADIX_BITS * (step + 1)
+    base = jnp.where(second, t1, t0)
+    cand = (base | jnp.left_shift(digit, shift)) + off
+    c = jnp.sum((ks >= cand).astype(jnp.int32), axis=2, keepdims=True)  # (R, 32, 1)
+    ok = (c >= rank).astype(jnp.int32)  # non-increasing in digit; digit 0 always holds
+    d0 = jnp.sum(jnp.where(second, 0, ok), axis=1, keepdims=True) - 1
+    d1 = jnp.sum(jnp.where(second, ok, 0), axis=1, keepdims=True) - 1
+    t0 = t0 | jnp.left_shift(d0, shift)
+    t1 = t1 | jnp.left_shift(d1, shift)
+  return t0[:, :, 0] + off, t1[:, :, 0] + off
 
-  def body(i, ts):
-    bit = jnp.left_shift(jnp.int32(1), nbits - 1 - i)
-    out = []
-    for t_u, rank in zip(ts, ranks, strict=True):
-      cand = t_u | bit
-      c = jnp.sum((keys >= cand + off).astype(jnp.int32), axis=1, keepdims=True)
-      out.append(jnp.where(c >= rank, cand, t_u))
-    return tuple(out)
 
-  ts = lax.fori_loop(0, nbits, body, tuple(jnp.zeros(shape, jnp.int32) for _ in ranks))
-  return tuple(t + off for t in ts)
+def _lowest_key(dtype) -> int:
+  """The key of the dtype's lowest finite value (what `reference.mask_padding` writes)."""
+  import numpy as np
+
+  lo = np.array(jnp.finfo(dtype).min, dtype)
+  if tu.key_bits(dtype) == 32:
+    b = int(lo.view(np.int32))
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+  b = int(lo.view(np.int16))
+  return b ^ ((b >> 15) & 0x7FFF)
 
 
 def select_rows(
-  g_ref, *, t: int, f: int, k: int, cfg: TopKConfig, interpret: bool, on_chunk: Callable
+  g_ref,
+  *,
+  t: int,
+  f: int,
+  k: int,
+  cfg: TopKConfig,
+  interpret: bool,
+  on_chunk: Callable,
+  num_valid: int | None = None,
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
 
   on_chunk(rows_b, cols_b, valid, g, sel, pos): broadcast (R, W) row/column indices, the
-  in-bounds mask, the loaded values, the selection mask and each selected element's
-  output slot in [0, k).
+  in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
+  mask and each selected element's output slot in [0, k).
   """
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
   mode = _count_mode(cfg, dtype, interpret)
   use_float = mode != "int"
+  fan = cfg.fan if nbits == 16 else 1
+  nv = f if num_valid is None else min(num_valid, f)
   r = cfg.rows
   row_r1 = pl.program_id(0) * r + jnp.arange(r, dtype=jnp.int32)[:, None]
   row_ok = row_r1 < t
   chunks = tu.pow2_chunks(f, cfg.granule) if cfg.granule else [(0, tu.next_pow2(f))]
   pad = kmin - 1 if nbits == 16 else kmin  # below every real 16-bit key
+  low = _lowest_key(dtype)
 
-  tiles = []
-  for off, w in chunks:
+  def load_chunk(off, w):
     rows_b = jnp.broadcast_to(row_r1, (r, w))
     cols_b = jnp.broadcast_to(off + jnp.arange(w, dtype=jnp.int32)[None, :], (r, w))
     valid = row_ok & (cols_b < f)
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
-    key = jnp.where(valid, tu.order_keys(g), pad)
-    ckey = key.astype(jnp.float32) if use_float else key
-    tiles.append((rows_b, cols_b, valid, g, ckey))
+    if nv < f:
+      g = jnp.where(cols_b < nv, g, jnp.array(jnp.finfo(dtype).min, dtype))
+    return rows_b, cols_b, valid, g
 
-  def to_domain(x):
-    return x.astype(jnp.float32) if use_float else x
+  ckeys = []
+  for off, w in chunks:
+    _, cols_b, valid, g = load_chunk(off, w)
+    key = tu.order_keys(g)
+    if off + w > f:
+      key = jnp.where(valid, key, pad)
+    elif t % r:
+      key = jnp.where(row_ok, key, pad)
+    ckeys.append(key.astype(jnp.float32) if use_float else key)
 
-  def count_ge(thr):
-    """Per row, the number of keys >= thr (thr: (R, 1) int32)."""
-    total = jnp.zeros((r, 1), jnp.int32)
-    for *_, ckey in tiles:
-      if mode == "int":
-        part = jnp.sum((ckey >= thr).astype(jnp.int32), axis=1, keepdims=True)
-      else:
-        c = jnp.broadcast_to((thr - 1).astype(jnp.float32), ckey.shape)
-        if mode == "fsat":
-          ones = pltriton.elementwise_inline_asm(
-            "sub.sat.f32 $0, $1, $2;",
-            args=[ckey, c],
-            constraints="=f,f,f",
-            pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(ckey.shape, jnp.float32)],
-          )[0]
+  def counts_ge(thrs):
+    """Per row, the number of keys >= thr for each thr ((R, 1) int32)."""
+    totals = [jnp.zeros((r, 1), jnp.int32) for _ in thrs]
+    for ckey in ckeys:
+      for i, thr in enumerate(thrs):
+        if mode == "int":
+          part = jnp.sum((ckey >= thr).astype(jnp.int32), axis=1, keepdims=True)
         else:
-          ones = jnp.clip(ckey - c, 0.0, 1.0)
-        part = jnp.sum(ones, axis=1, keepdims=True).astype(jnp.int32)
-      total = total + part
-    return total
+          c = jnp.broadcast_to((thr - 1).astype(jnp.float32), ckey.shape)
+          if mode == "fsat":
+            ones = pltriton.elementwise_inline_asm(
+              "sub.sat.f32 $0, $1, $2;",
+              args=[ckey, c],
+              constraints="=f,f,f",
+              pack=1,
+              result_shape_dtypes=[jax.ShapeDtypeStruct(ckey.shape, jnp.float32)],
+            )[0]
+          else:
+            ones = jnp.clip(ckey - c, 0.0, 1.0)
+          part = jnp.sum(ones, axis=1, keepdims=True).astype(jnp.int32)
+        totals[i] = totals[i] + part
+    return totals
 
   lo = jnp.full((r, 1), kmin, jnp.int32)
   hi = jnp.full((r, 1), kmax, jnp.int32)
   chi = jnp.zeros((r, 1), jnp.int32)  # count(key > hi)
   s = min(cfg.sample, 1 << (f.bit_length() - 1))
   if cfg.sample and s >= 16:
-    stride = f // s
+    stride = nv // s if nv >= s else 1
     rows_s = jnp.broadcast_to(row_r1, (r, s))
     cols_s = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :] * stride, (r, s))
-    gs = pltriton.load(g_ref.at[rows_s, cols_s], mask=rows_s < t, other=0)
-    s_hi, s_lo = _kth_by_bits(tu.order_keys(gs), _sample_ranks(f, k, s), nbits)
-    c1 = count_ge(s_lo)
-    c2 = count_ge(s_hi + 1)  # NaN payloads aside, s_hi < kmax here
-    ok1, ok2 = c1 >= k, c2 < k
-    lo = jnp.where(ok1, jnp.where(ok2, s_lo, s_hi + 1), lo)
-    hi = jnp.where(ok1, jnp.where(ok2, s_hi, hi), s_lo - 1)
-    chi = jnp.where(ok1, jnp.where(ok2, c2, chi), c1)
+    ok_s = (rows_s < t) & (cols_s < nv)
+    gs = pltriton.load(g_ref.at[rows_s, jnp.minimum(cols_s, f - 1)], mask=ok_s, other=0)
+    keys_s = jnp.where(ok_s, tu.order_keys(gs), low)
+    s_hi, s_lo = _kth_by_radix(keys_s, _sample_ranks(nv, k, s), nbits)
+    if cfg.ablate == "no_search":
+      lo = hi = s_lo
+    else:
+      c1, c2 = counts_ge((s_lo, s_hi + 1))  # NaN payloads aside, s_hi < kmax here
+      ok1, ok2 = c1 >= k, c2 < k
+      lo = jnp.where(ok1, jnp.where(ok2, s_lo, s_hi + 1), lo)
+      hi = jnp.where(ok1, jnp.where(ok2, s_hi, hi), s_lo - 1)
+      chi = jnp.where(ok1, jnp.where(ok2, c2, chi), c1)
+  if cfg.ablate == "no_select":
+    lo = hi = jnp.zeros((r, 1), jnp.int32)
 
   def cond(state):
     lo, hi, _ = state
     return jnp.max((lo != hi).astype(jnp.int32)) > 0
 
-  def body(state):
+  def body_bisect(state):
     lo, hi, chi = state
     d = hi - lo
     mid = lo + lax.shift_right_logical(d, 1) + (d & 1)  # in (lo, hi]; no overflow
-    c = count_ge(mid)
+    (c,) = counts_ge((mid,))
     ge = c >= k
     return jnp.where(ge, mid, lo), jnp.where(ge, hi, mid - 1), jnp.where(ge, chi, c)
 
+  def body_radix4(state):  # 16-bit keys only: no overflow in int32
+    lo, hi, chi = state
+    step = lax.shift_right_logical(hi - lo, 2) + 1
+    m = [jnp.minimum(lo + j * step, hi + 1) for j in (1, 2, 3)]
+    c = counts_ge(tuple(m))
+    ok = [cj >= k for cj in c]
+    new_lo = jnp.where(ok[2], m[2], jnp.where(ok[1], m[1], jnp.where(ok[0], m[0], lo)))
+    new_hi = jnp.where(ok[2], hi, jnp.where(ok[1], m[2] - 1, jnp.where(ok[0], m[1] - 1, m[0] - 1)))
+    new_chi = jnp.where(ok[2], chi, jnp.where(ok[1], c[2], jnp.where(ok[0], c[1], c[0])))
+    return new_lo, new_hi, new_chi
+
+  body = body_radix4 if fan == 3 else body_bisect
   v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
-  v_c = to_domain(v)
+  v_c = v.astype(jnp.float32) if use_float else v
   carry = jnp.zeros((r, 1), jnp.int32)
-  for rows_b, cols_b, valid, g, ckey in tiles:
+  for (off, w), ckey in zip(chunks, ckeys, strict=True):
+    rows_b, cols_b, valid, g = load_chunk(off, w)
     gt = ckey > v_c
     eq = ckey == v_c
     packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
-    cum = jnp.cumsum(packed, axis=1) + carry
+    scan = packed * cols_b if cfg.ablate == "no_scan" else jnp.cumsum(packed, axis=1)
+    cum = scan + carry
     carry = carry + jnp.sum(packed, axis=1, keepdims=True)
     cnt_eq = lax.shift_right_logical(cum, 16)
     sel = valid & (gt | (eq & (cnt_eq <= need)))
     pos = (cum & 0xFFFF) + jnp.minimum(cnt_eq, need) - 1
+    if cfg.ablate:
+      pos = jnp.clip(pos, 0, k - 1)
     on_chunk(rows_b, cols_b, valid, g, sel, pos)
 
 
@@ -200,12 +268,15 @@ def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):
   select_rows(g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=store)
 
 
-def group_rows(g_ref, *, t: int, f: int, rows: int, on_group: Callable) -> None:
+def group_rows(
+  g_ref, *, t: int, f: int, rows: int, on_group: Callable, num_valid: int | None = None
+) -> None:
   """In-kernel 2:8: per group of 8 channels, the two largest (ties to the lower lane).
 
-  on_group(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b): the (R, BG, 8)
-  indices, mask, values and lane iota; then per group (R, BG, 1) its row, first channel,
-  in-bounds mask and its two chosen lanes a < b.
+  on_group(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b, val_a, val_b): the
+  (R, BG, 8) indices, mask, values (lowest finite value past num_valid) and lane iota; then
+  per group (R, BG, 1) its row, first channel, in-bounds mask, its two chosen lanes a < b
+  and their values.
   """
   ng = f // GROUP
   bg = tu.next_pow2(ng)
@@ -218,29 +289,33 @@ def group_rows(g_ref, *, t: int, f: int, rows: int, on_group: Callable) -> None:
   lane_b = jnp.broadcast_to(lane, shape)
   valid = (rows_b < t) & (cols_b < f)
   g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
+  if num_valid is not None and num_valid < f:
+    g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
   key = tu.order_keys(g)
+  kmin = tu.key_range(g.dtype)[0]
   m1 = jnp.max(key, axis=2, keepdims=True)
   i1 = jnp.min(jnp.where(key == m1, lane_b, GROUP), axis=2, keepdims=True)
   # Lane i1 drops out; among the rest the lowest lane holding the maximum wins.
-  key2 = jnp.where(lane_b == i1, tu.key_range(g.dtype)[0], key)
+  key2 = jnp.where(lane_b == i1, kmin, key)
   m2 = jnp.max(key2, axis=2, keepdims=True)
   i2 = jnp.min(jnp.where((key2 == m2) & (lane_b != i1), lane_b, GROUP), axis=2, keepdims=True)
   gshape = (rows, bg, 1)
   row_g = jnp.broadcast_to(row, gshape)
   base_g = jnp.broadcast_to(base, gshape)
   ok_g = (row_g < t) & (base_g < f)
-  a, b = jnp.minimum(i1, i2), jnp.maximum(i1, i2)
-  on_group(rows_b, cols_b, valid, g, lane_b, row_g, base_g, ok_g, a, b)
+  first = i1 < i2
+  a, b = jnp.where(first, i1, i2), jnp.where(first, i2, i1)
+  ka, kb = jnp.where(first, m1, m2), jnp.where(first, m2, m1)
+  val_a, val_b = tu.key_to_value(ka, g.dtype), tu.key_to_value(kb, g.dtype)
+  on_group(rows_b, cols_b, valid, g, lane_b, row_g, base_g, ok_g, a, b, val_a, val_b)
 
 
 def _group_kernel(g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
-  def store(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b):
+  def store(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b, val_a, val_b):
     del rows_b, cols_b, valid, g, lane
-    for j, lane_j in enumerate((a, b)):
-      col = base_g + lane_j
+    for j, (lane_j, val) in enumerate(((a, val_a), (b, val_b))):
       slot = (base_g // GROUP) * PER_GROUP + j
-      val = pltriton.load(g_ref.at[row_g, col], mask=ok_g, other=0)
-      tu.scatter_store(idx_ref, row_g, slot, col, ok_g, interpret)
+      tu.scatter_store(idx_ref, row_g, slot, base_g + lane_j, ok_g, interpret)
       tu.scatter_store(val_ref, row_g, slot, val, ok_g, interpret)
 
   group_rows(g_ref, t=t, f=f, rows=rows, on_group=store)
@@ -249,6 +324,10 @@ def _group_kernel(g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
 def _flatten(g_TxF: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
   *lead, f = g_TxF.shape
   return g_TxF.reshape(-1, f), tuple(lead)
+
+
+def group_program_rows(cfg: TopKConfig, f: int) -> int:
+  return max(1, min(cfg.rows, 4096 // tu.next_pow2(f)))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "variant", "config", "interpret"))
@@ -272,7 +351,7 @@ def select(
     if f % GROUP:
       raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
     k = f // GROUP * PER_GROUP
-    rows = max(1, min(cfg.rows, 4096 // tu.next_pow2(f)))
+    rows = group_program_rows(cfg, f)
     kernel = functools.partial(_group_kernel, t=t, f=f, rows=rows, interpret=interpret)
   elif variant == "moc":
     if not 0 < k <= f:

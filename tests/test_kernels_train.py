@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import moc_train, reference
+from pallas_kernels.moc_train import BackwardConfig
 from pallas_kernels.topk import TopKConfig
 
 _SEED = np.random.SeedSequence().entropy
@@ -30,6 +31,12 @@ def _close(a, b, dtype):
   np.testing.assert_array_equal(a32 == 0, b32 == 0)  # same zero pattern
 
 
+def _equal(a, b):
+  np.testing.assert_array_equal(
+    np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)), err_msg=f"seed={_SEED}"
+  )
+
+
 def _inputs(t, f, dtype, tag, ties=False):
   ks = jax.random.split(_key(tag), 3)
   if ties:
@@ -42,38 +49,68 @@ def _inputs(t, f, dtype, tag, ties=False):
 
 
 @pytest.mark.parametrize(
-  ("variant", "dtype", "t", "f", "k", "ties"),
+  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "fan"),
   [
-    ("moc", jnp.bfloat16, 6, 1376, 256, False),
-    ("moc", jnp.float32, 5, 200, 100, True),
-    ("moc_2of8", jnp.bfloat16, 5, 96, 24, True),
+    ("moc", jnp.bfloat16, 6, 1376, 256, False, None, 1),
+    ("moc", jnp.bfloat16, 5, 1408, 256, False, 1376, 3),  # F padding, radix-4 search
+    ("moc", jnp.float32, 5, 200, 100, True, None, 1),  # ties, K = F/2
+    ("moc", jnp.bfloat16, 3, 72, 1, True, 61, 3),  # K = 1, ties, padding
+    ("moc_2of8", jnp.bfloat16, 5, 96, 24, True, None, 1),
+    ("moc_2of8", jnp.bfloat16, 4, 128, 32, False, 93, 1),  # padding: a partial, a whole group
   ],
 )
-def test_forward_and_backward(variant, dtype, t, f, k, ties):
+def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
   g, u, dz = _inputs(t, f, dtype, f, ties)
-  out = moc_train.train_forward_epilogue(g, u, k, variant, config=TopKConfig(rows=2))
-  ref = reference.train_forward_epilogue(g, u, k, variant)
+  if num_valid is not None:  # padded weight columns give zero G and U there
+    pad_F = jnp.arange(f) >= num_valid
+    g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
+  cfg = TopKConfig(rows=2, fan=fan)
+  out = moc_train.train_forward_epilogue(g, u, k, variant, num_valid=num_valid, config=cfg)
+  ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]), err_msg=f"seed={_SEED}")
   for a, b in zip(out[1:3], ref[1:3], strict=True):
-    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), b.astype(jnp.float32))
+    _equal(a, b)
   _close(out[3], ref[3], dtype)
   idx, g_sel, u_sel = ref[:3]
-  dg, du, _ = moc_train.train_backward_epilogue(dz, idx, g_sel, u_sel, rows=2)
-  ref_dg, ref_du, _ = reference.train_backward_epilogue(dz, idx, g_sel, u_sel)
-  assert dg.dtype == du.dtype == dz.dtype
-  _close(dg, ref_dg, dtype)
-  _close(du, ref_du, dtype)
+  idx16 = idx.astype(jnp.uint16)  # as moc_ffn stores them
+  z_sel = reference.silu_and_mul(g_sel, u_sel)
+  bcfg = BackwardConfig(rows=2)
+  for z_arg in (z_sel, None):
+    dg, du, z = moc_train.train_backward_epilogue(dz, idx16, g_sel, u_sel, z_arg, config=bcfg)
+    ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, idx, g_sel, u_sel, z_arg)
+    assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
+    _close(dg, ref_dg, dtype)
+    _close(du, ref_du, dtype)
+    if z_arg is None:
+      _close(z, ref_z, dtype)
+    else:
+      _equal(z, ref_z)
+
+
+def test_forward_uint16_indices():
+  g, u, _ = _inputs(3, 256, jnp.bfloat16, 5)
+  out = moc_train.train_forward_epilogue(g, u, 32, "moc", idx_dtype=jnp.uint16)
+  ref = reference.train_forward_epilogue(g, u, 32, "moc")
+  assert out[0].dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(out[0]).astype(np.int32), np.asarray(ref[0]))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("f", "k"), [(5632, 1024), (5461, 1024), (2736, 512)])
-def test_gpu_real_sizes(f, k):
+@pytest.mark.parametrize(
+  ("f", "k", "nv"), [(5632, 1024, None), (5504, 1024, 5461), (2816, 512, 2736)]
+)
+def test_gpu_real_sizes(f, k, nv):
   g, u, dz = _inputs(16384, f, jnp.bfloat16, f)
-  out = moc_train.train_forward_epilogue(g, u, k, "moc")
-  ref = reference.train_forward_epilogue(g, u, k, "moc")
+  out = moc_train.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
+  ref = reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
+  _equal(out[1], ref[1])
+  _equal(out[2], ref[2])
   _close(out[3], ref[3], jnp.bfloat16)
-  dg, du, _ = moc_train.train_backward_epilogue(dz, *ref[:3])
-  ref_dg, ref_du, _ = reference.train_backward_epilogue(dz, *ref[:3])
-  _close(dg, ref_dg, jnp.bfloat16)
-  _close(du, ref_du, jnp.bfloat16)
+  idx16 = ref[0].astype(jnp.uint16)
+  for z_arg in (reference.silu_and_mul(ref[1], ref[2]), None):
+    dg, du, z = moc_train.train_backward_epilogue(dz, idx16, ref[1], ref[2], z_arg)
+    ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, *ref[:3], z_arg)
+    _close(dg, ref_dg, jnp.bfloat16)
+    _close(du, ref_du, jnp.bfloat16)
+    _close(z, ref_z, jnp.bfloat16)
