@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -65,9 +66,13 @@ def restore_latest(
           data=ocp.args.JsonRestore(),
         ),
       )
-    except Exception as e:  # any unreadable step is skipped, and reported
+    except Exception as e:  # any unreadable step is set aside, and reported
       errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-      print(f"warning: checkpoint at step {step} is unreadable, trying an older one ({e!r:.200})")
+      moved = _set_aside(manager, step)
+      print(
+        f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}); "
+        f"moved it to {moved} and trying an older one"
+      )
       continue
     return step, restored["state"], restored["data"]
   if errors:
@@ -75,6 +80,17 @@ def restore_latest(
       "no checkpoint in this workdir could be restored:\n  " + "\n  ".join(errors)
     )
   return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Move an unreadable step out of the manager's way (kept, never deleted)."""
+  src = os.path.join(str(manager.directory), str(step))
+  dst_dir = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_unreadable")
+  os.makedirs(dst_dir, exist_ok=True)
+  dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
+  os.replace(src, dst)
+  manager.reload()
+  return dst
 
 
 def abstract_like(tree: Any) -> Any:

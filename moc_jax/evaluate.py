@@ -20,21 +20,27 @@ from moc_jax import checkpoint, cli, data, train_lib
 from moc_jax.model import Transformer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config overriding the "
-                                          "workdir's config.json.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Optional config overriding the workdir's config.json."
+)
 _BATCHES = flags.DEFINE_integer("batches", None, "Validation batches (default: eval.batches).")
 
 
-def load_config(workdir: str, override: ml_collections.ConfigDict | None
-                ) -> ml_collections.ConfigDict:
+def load_config(
+  workdir: str, override: ml_collections.ConfigDict | None
+) -> ml_collections.ConfigDict:
   if override is not None:
     return override
   saved = checkpoint.read_config(workdir)
   if saved is None:
     raise checkpoint.CheckpointError(
-        f"{workdir} has no {checkpoint.CONFIG_FILE}; is it a moc-jax training workdir?")
-  saved["model"] = {k: v for k, v in saved["model"].items()
-                    if k not in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads")}
+      f"{workdir} has no {checkpoint.CONFIG_FILE}; is it a moc-jax training workdir?"
+    )
+  saved["model"] = {
+    k: v
+    for k, v in saved["model"].items()
+    if k not in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads")
+  }
   return ml_collections.ConfigDict(saved)
 
 
@@ -56,14 +62,18 @@ def restore_model(cfg: ml_collections.ConfigDict, workdir: str):
   return nnx.merge(graphdef, state["params"]), tokenizer, step
 
 
-def evaluate_workdir(workdir: str, cfg: ml_collections.ConfigDict,
-                     batches: int | None = None) -> dict:
+def evaluate_workdir(
+  workdir: str, cfg: ml_collections.ConfigDict, batches: int | None = None
+) -> dict:
   model, tokenizer, step = restore_model(cfg, workdir)
   graphdef, params = nnx.split(model)
   eval_batches = data.make_eval_batches(
-      cfg.data, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
-      batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
-      max_batches=batches or cfg.eval.batches)
+    cfg.data,
+    tokenizer=tokenizer,
+    seq_len=cfg.train.seq_len,
+    batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
+    max_batches=batches or cfg.eval.batches,
+  )
   eval_step = train_lib.make_eval_step(graphdef, document_mask=cfg.model.document_mask)
   return {**train_lib.evaluate(eval_step, params, eval_batches), "step": step}
 
@@ -77,8 +87,10 @@ def main(argv: list[str]) -> int:
   with cli.user_errors():
     cfg = load_config(_WORKDIR.value, _CONFIG.value)
     result = evaluate_workdir(_WORKDIR.value, cfg, _BATCHES.value)
-    print(f"checkpoint step {result['step']}: validation loss {result['loss']:.4f} nats/token, "
-          f"perplexity {result['perplexity']:.3f} over {result['tokens']:,.0f} tokens")
+    print(
+      f"checkpoint step {result['step']}: validation loss {result['loss']:.4f} nats/token, "
+      f"perplexity {result['perplexity']:.3f} over {result['tokens']:,.0f} tokens"
+    )
   return 0
 
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moc_jax import checkpoint, data, metrics, train_lib
+from moc_jax import checkpoint, data, distributed, metrics, sharding, train_lib
 from moc_jax.model import Transformer, count_params
 
 
@@ -73,11 +73,18 @@ def _fetch(metrics_dev: dict) -> dict:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns the final validation metrics."""
+  distributed.maybe_initialize(cfg.distributed)  # before anything touches a device
   tokenizer, model_cfg, config_record = prepare(cfg, workdir)
   t = cfg.train
   micro_batch = t.batch_size // t.grad_accum
-  model = Transformer(model_cfg, nnx.Rngs(cfg.seed))
-  n_params = count_params(model)
+  mesh = sharding.mesh_from_config(cfg.mesh)
+  if mesh.size == 1:  # one device: the plain path, no mesh anywhere
+    mesh = None
+  else:
+    sharding.check_batch(t.batch_size, mesh)
+  model = Transformer(model_cfg, nnx.Rngs(cfg.seed)) if mesh is None else None
+  abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+  n_params = count_params(abstract_model if model is None else model)
   print(
     f"model: preset {cfg.model.preset}, ffn {model_cfg.ffn}"
     f"{f', k={model_cfg.k}' if model_cfg.ffn == 'moc' else ''}"
@@ -89,13 +96,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   tx = train_lib.make_optimizer(t)
   schedule = train_lib.make_schedule(t)
-  graphdef, state = train_lib.init_state(model, tx, cfg.seed)
+  state_shardings = None
+  if mesh is None:
+    graphdef, state = train_lib.init_state(model, tx, cfg.seed)
+  else:
+    graphdef = nnx.graphdef(abstract_model)
+    init = lambda: train_lib.init_state(Transformer(model_cfg, nnx.Rngs(cfg.seed)), tx, cfg.seed)[1]
+    state, state_shardings, notes = sharding.init_sharded(init, mesh)
+    if distributed.is_main_process():
+      print(sharding.describe(mesh, state, notes), flush=True)
   del model
   train_it = data.make_train_iterator(
     cfg.data,
     tokenizer=tokenizer,
     seq_len=t.seq_len,
-    batch_size=t.batch_size,
+    batch_size=t.batch_size // jax.process_count(),  # this process's rows
     seed=cfg.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -107,6 +122,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     batch_size=cfg.eval.batch_size or micro_batch,
     max_batches=cfg.eval.batches,
   )
+  if mesh is not None:
+    train_it = sharding.PlacedIterator(train_it, mesh)
+    sharding.check_batch(len(eval_batches[0]["inputs"]) if eval_batches else 0, mesh, "eval batch")
+    eval_batches = [sharding.put_global_batch(b, mesh) for b in eval_batches]
 
   manager = checkpoint.make_manager(
     workdir,
@@ -119,15 +138,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     step, state, data_state = restored
     train_it.set_state(data_state)
     print(f"resumed from the checkpoint at step {step} in {checkpoint.checkpoint_dir(workdir)}")
-  checkpoint.write_config(workdir, config_record)
+  if distributed.is_main_process():
+    checkpoint.write_config(workdir, config_record)
 
   train_step = train_lib.make_train_step(
-    graphdef, tx, schedule, grad_accum=t.grad_accum, document_mask=cfg.model.document_mask
+    graphdef,
+    tx,
+    schedule,
+    grad_accum=t.grad_accum,
+    document_mask=cfg.model.document_mask,
+    state_shardings=state_shardings,
   )
   eval_step = train_lib.make_eval_step(graphdef, document_mask=cfg.model.document_mask)
   reporter = metrics.Reporter(workdir, t.steps, enabled=jax.process_index() == 0)
+  mesh_context = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   try:
-    with _catch_stop_signals() as stop:
+    with _catch_stop_signals() as stop, mesh_context:
       result = _loop(
         cfg,
         workdir,

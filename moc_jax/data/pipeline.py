@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import weakref
@@ -129,7 +130,10 @@ class TrainIterator:
 
   def get_state(self) -> dict:
     """Position to store in the checkpoint; set_state(it) continues exactly from here."""
-    return {"format": STATE_FORMAT, "fingerprint": self._fingerprint, "grain": self._it.get_state()}
+    # Grain's state holds tuples that a JSON round trip would turn into lists (and Grain then
+    # resumes elsewhere), so it travels as a Python literal string.
+    grain_state = repr(self._it.get_state())
+    return {"format": STATE_FORMAT, "fingerprint": self._fingerprint, "grain": grain_state}
 
   def set_state(self, state: dict) -> None:
     """Moves to a position from get_state of an iterator built with the same settings."""
@@ -140,7 +144,10 @@ class TrainIterator:
     if diff:
       changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
       raise DataError(f"cannot resume the data stream, its settings changed ({changes})")
-    self._it.set_state(state["grain"])
+    grain_state = state["grain"]
+    if isinstance(grain_state, str):
+      grain_state = ast.literal_eval(grain_state)
+    self._it.set_state(grain_state)
 
   def close(self) -> None:
     """Stops prefetch threads and worker processes (also done at exit); no batches after."""
