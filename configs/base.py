@@ -50,5 +50,24 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # newest checkpoints kept
   c.checkpoint.async_save = True
 
+  # Device mesh (docs/multi_gpu.md): sizes of (data, fsdp, tensor); -1 takes the remaining
+  # devices. Parameters/optimizer state split over fsdp, batch over data×fsdp, heads and the
+  # FFN's F over tensor (MoC keeps the exact global top-K).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  # Multi-host (moc_jax/distributed.py): auto = initialize when SLURM / Open MPI / a
+  # coordinator address says there are several processes; yes / no force it.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"  # auto | yes | no
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # host:port of process 0
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+  c.distributed.initialization_timeout = 300  # s to wait for all processes to join
+  c.distributed.heartbeat_timeout = 100  # s without a heartbeat before a process is dead
+  c.distributed.shutdown_timeout = 300  # s to wait for the others at exit
+
   c.data = data.default_config()
   return c

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moc_jax import moc
 from pallas_kernels import backends, reference
 
 TENSOR = "tensor"
@@ -153,8 +154,6 @@ def moc_ffn_tp(
 
   x: (B, L, D) with B divisible by data × fsdp. Weights in storage dtype, cast inside.
   """
-  from moc_jax import moc
-
   d_ff = w_gate.shape[1]
   moc.validate(d_ff, k, variant)
   if variant == "dense":

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moc_jax import moc
+from moc_jax import moc, moc_tp
 from moc_jax.model_config import ModelConfig
 
 init_normal = nnx.initializers.normal(stddev=0.02)
@@ -118,7 +118,10 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     c = self.cfg
-    ffn = lambda x, wg, wu, wd: moc.moc_ffn(
+    # F split over the mesh's `tensor` axis: the exact global top-K needs the sharded op.
+    tp = c.ffn != "dense" and moc_tp.tensor_parallel_size() > 1
+    op = moc_tp.moc_ffn_tp if tp else moc.moc_ffn
+    ffn = lambda x, wg, wu, wd: op(
       x, wg, wu, wd, k=c.k, variant=c.ffn, gcp=c.gcp, backend=c.kernel_backend, pad_to=c.pad_to
     )
     if c.remat == "ffn":

@@ -192,3 +192,25 @@ def describe(mesh: jax.sharding.Mesh, state: Any, notes: list[str]) -> str:
   ]
   lines += [f"  note: {n}" for n in notes]
   return "\n".join(lines)
+
+
+class PlacedIterator:
+  """Wraps the data iterator: each process's rows become one global batch on the mesh."""
+
+  def __init__(self, it, mesh: jax.sharding.Mesh):
+    self._it, self._mesh = it, mesh
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return put_local_batch(next(self._it), self._mesh)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state) -> None:
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    self._it.close()

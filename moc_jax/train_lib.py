@@ -110,8 +110,12 @@ def make_train_step(
   *,
   grad_accum: int,
   document_mask: bool,
+  state_shardings: Any = None,
 ):
   """A jitted (state, batch) → (state, metrics); the state buffers are donated.
+
+  With `state_shardings` (a mesh run), the new state keeps exactly the input's shardings, so
+  every step runs the same compiled program with no resharding between steps.
 
   With grad_accum > 1 the batch is split into micro-batches scanned in one program, and the
   gradient is the mean over all non-pad tokens of the whole batch. A non-finite loss or
@@ -159,7 +163,9 @@ def make_train_step(
     }
     return new_state, metrics
 
-  return jax.jit(step_fn, donate_argnums=0)
+  if state_shardings is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
 def make_eval_step(graphdef, *, document_mask: bool):
