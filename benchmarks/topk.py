@@ -28,20 +28,13 @@ SHAPES = ((1376, 256), (2048, 384), (2736, 512), (5461, 1024), (5632, 1024), (11
 SWEEP_SHAPE = (5632, 1024)
 SWEEP = {
   "default": TopKConfig(),
-  "fan3": TopKConfig(fan=3),
+  "contig": TopKConfig(strided=False),  # the vectorized layout (lanes 8 columns apart)
   "w2": TopKConfig(num_warps=2),
   "w8": TopKConfig(num_warps=8),
-  "fan3_w8": TopKConfig(fan=3, num_warps=8),
+  "fan3": TopKConfig(fan=3),
   "r2": TopKConfig(rows=2),
-  "r2_w8": TopKConfig(rows=2, num_warps=8),
-  "s128": TopKConfig(sample=128),
-  "s512": TopKConfig(sample=512),
   "s0": TopKConfig(sample=0),
-  "block": TopKConfig(granule=0),
-  "int": TopKConfig(count="int"),
-  "abl_no_scan": TopKConfig(ablate="no_scan"),  # timing only: wrong slots
   "abl_no_search": TopKConfig(ablate="no_search"),  # timing only: v from the sample
-  "abl_no_select": TopKConfig(ablate="no_select"),  # timing only: loads, scan, stores
 }
 EPILOGUE_T, EPILOGUE_F, EPILOGUE_K, EPILOGUE_NV = 16384, 5504, 1024, 5461
 
@@ -86,7 +79,8 @@ def epilogue_sweep(quick: bool) -> list[dict]:
   out.append({"name": "fwd_xla_ref", "us": _time(ref_f, fwd_sets, quick)})
   for name, cfg in (
     ("fwd_default", TopKConfig()),
-    ("fwd_fan3", TopKConfig(fan=3)),
+    ("fwd_contig", TopKConfig(strided=False)),
+    ("fwd_w2", TopKConfig(num_warps=2)),
     ("fwd_w8", TopKConfig(num_warps=8)),
   ):
     fn = jax.jit(
@@ -116,12 +110,11 @@ def epilogue_sweep(quick: bool) -> list[dict]:
     }
   )
   for name, cfg, gcp in (
-    ("bwd_r1_w4", BackwardConfig(), False),
-    ("bwd_r1_w4_gcp", BackwardConfig(), True),
-    ("bwd_r2_w4", BackwardConfig(rows=2), False),
-    ("bwd_r4_w8", BackwardConfig(rows=4, num_warps=8), False),
-    ("bwd_r1_w8", BackwardConfig(num_warps=8), False),
-    ("bwd_r1_w2", BackwardConfig(num_warps=2), False),
+    ("bwd_default", BackwardConfig(), False),
+    ("bwd_default_gcp", BackwardConfig(), True),
+    ("bwd_contig", BackwardConfig(strided=False), False),
+    ("bwd_w8", BackwardConfig(num_warps=8), False),
+    ("bwd_r2_w8", BackwardConfig(rows=2, num_warps=8), False),
   ):
     fn = jax.jit(
       lambda dz, i, g, u, z, cfg=cfg, gcp=gcp: moc_train.train_backward_epilogue(
@@ -210,6 +203,17 @@ def main() -> None:
   print(f"\nsweep at F={SWEEP_SHAPE[0]} K={SWEEP_SHAPE[1]} (us):")
   common.print_table([{**s, "us": common.fmt(s["us"])} for s in sweep], ["name", "exact", "us"])
   print("\ntop-K (16384 x F, bf16), medians in us:")
+  _shape_table(rows)
+  print("2of8:", group)
+  if epi:
+    print("\nepilogues at 16384 x 5504 (nv 5461), K=1024 (us):")
+    cols = ["name", "exact", "max_abs_err", "us"]
+    common.print_table([{**e, "us": common.fmt(e["us"])} for e in epi], cols)
+
+
+def _shape_table(rows: list[dict]) -> None:
+  if not rows:
+    return
   common.print_table(
     [
       {
@@ -240,10 +244,6 @@ def main() -> None:
       "ours_over_floor",
     ],
   )
-  print("2of8:", group)
-  if epi:
-    print("\nepilogues at 16384 x 5504 (nv 5461), K=1024 (us):")
-    common.print_table([{**e, "us": common.fmt(e["us"])} for e in epi], ["name", "exact", "us"])
 
 
 if __name__ == "__main__":

@@ -83,6 +83,30 @@ def pow2_chunks(num: int, granule: int) -> list[tuple[int, int]]:
   return chunks
 
 
+def lane_iota(off: int, w: int, interpret: bool, hide: bool = True) -> jax.Array:
+  """off + arange(w), hidden from Triton's contiguity analysis (an inline-PTX identity).
+
+  A load through provably contiguous indices gets a vectorized layout: each thread owns 8
+  neighbouring bf16 columns, so the 32 lanes of a warp sit 8 columns apart. Scattered
+  stores at per-column slots (top-K) or gathers at selected channels (backward) then touch
+  a different 32-byte sector from almost every lane. With the contiguity hidden, Triton uses
+  one element per thread per repetition: lane i owns column i (+ 32 j), loads stay
+  coalesced (64 B per warp instruction) and neighbouring lanes write neighbouring slots.
+  """
+  x = off + jnp.arange(w, dtype=jnp.int32)
+  if interpret or not hide:
+    return x
+  from jax.experimental.pallas import triton as pltriton
+
+  return pltriton.elementwise_inline_asm(
+    "mov.b32 $0, $1;",
+    args=[x],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)],
+  )[0]
+
+
 def next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 

@@ -35,6 +35,7 @@ class BackwardConfig:
   rows: int = 1  # rows per program
   num_warps: int = 4
   granule: int = 256
+  strided: bool = True  # lane i owns slot i (+32j): gathers/scatters hit fewer sectors
 
 
 def _silu_mul(g, u, out_dtype):
@@ -148,7 +149,7 @@ def train_forward_epilogue(
 
 
 def _backward_kernel(
-  dz_ref, idx_ref, gs_ref, us_ref, *rest, t, f, k, rows, granule, has_z, interpret
+  dz_ref, idx_ref, gs_ref, us_ref, *rest, t, f, k, rows, granule, strided, has_z, interpret
 ):
   if has_z:
     zs_ref, dg_ref, du_ref, z_ref = rest
@@ -168,7 +169,8 @@ def _backward_kernel(
     pltriton.debug_barrier()
   for off, w in tu.pow2_chunks(k, min(granule, tu.next_pow2(k))):
     rows_b = jnp.broadcast_to(row_r1, (rows, w))
-    slot_b = jnp.broadcast_to(off + jnp.arange(w, dtype=jnp.int32)[None, :], (rows, w))
+    slot_1 = tu.lane_iota(off, w, interpret, hide=strided)
+    slot_b = jnp.broadcast_to(slot_1[None, :], (rows, w))
     valid = row_ok & (slot_b < k)
     idx = pltriton.load(idx_ref.at[rows_b, slot_b], mask=valid, other=0).astype(jnp.int32)
     g_raw = pltriton.load(gs_ref.at[rows_b, slot_b], mask=valid, other=0)
@@ -214,6 +216,7 @@ def train_backward_epilogue(
     k=k,
     rows=cfg.rows,
     granule=cfg.granule,
+    strided=cfg.strided,
     has_z=has_z,
     interpret=interpret,
   )

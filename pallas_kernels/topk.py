@@ -52,6 +52,7 @@ class TopKConfig:
   count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
   fan: int = 1  # thresholds per counting pass in the search (1 or 3; 3 only for 16-bit keys)
+  strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   ablate: str = ""  # timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'
 
 
@@ -152,7 +153,8 @@ def select_rows(
 
   def load_chunk(off, w):
     rows_b = jnp.broadcast_to(row_r1, (r, w))
-    cols_b = jnp.broadcast_to(off + jnp.arange(w, dtype=jnp.int32)[None, :], (r, w))
+    cols_1 = tu.lane_iota(off, w, interpret, hide=cfg.strided)
+    cols_b = jnp.broadcast_to(cols_1[None, :], (r, w))
     valid = row_ok & (cols_b < f)
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
     if nv < f:
