@@ -1,0 +1,29 @@
+# The two commands of the README. Both create .venv and install moc-jax into it first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/tiny
+
+.PHONY: install train test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# Train the tiny MoC model on the embedded corpus (this Python's standard library) and
+# print its validation perplexity. Re-running resumes; `make train WORKDIR=runs/other`.
+train: install
+	$(BIN)/python train.py --config=configs/default.py --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,168 @@
+"""Whole-model training step on one GPU: dense vs MoC vs MoC+GCP (and dense with its FFN
+rematerialised), the framework's own train step, random tokens.
+
+  python benchmarks/model_step.py --preset=1b --batch=64 --seq=256
+
+Each variant runs in its own process so `peak_bytes_in_use` is that variant's alone. Reports
+tokens/s, step time (median), MFU (PaLM-style FLOPs: 6 × non-embedding params + 12 × layers ×
+d_model × seq per token, over a 989 TFLOP/s dense-bf16 peak for H100/H200), peak device memory
+and XLA's compiled memory analysis; the largest batch without rematerialisation is estimated
+linearly from the compiled memory at two batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+  "dense": dict(ffn="dense"),
+  "dense_remat_ffn": dict(ffn="dense", remat="ffn"),
+  "moc": dict(ffn="moc"),
+  "moc_gcp": dict(ffn="moc", gcp=True),
+}
+
+
+def _compiled_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return int(
+    m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  )
+
+
+def child(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from flax import nnx
+
+  from moc_jax import model_config, train_lib
+  from moc_jax.model import Transformer, count_params
+
+  overrides = dict(VARIANTS[args.variant], kernel_backend=args.backend, vocab_size=32000)
+  cfg = model_config.from_preset(args.preset, **overrides)
+  t = ml_collections.ConfigDict(
+    dict(steps=1000, lr=1e-4, warmup_frac=0.1, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
+  )
+  tx = train_lib.make_optimizer(t)
+  graphdef, state = train_lib.init_state(Transformer(cfg, nnx.Rngs(0)), tx, 0)
+  n_params = count_params(nnx.merge(graphdef, state["params"]))
+  step = train_lib.make_train_step(
+    graphdef, tx, train_lib.make_schedule(t), grad_accum=1, document_mask=False
+  )
+
+  def batch_of(b):
+    tokens = jax.random.randint(jax.random.key(b), (b, args.seq + 1), 0, cfg.vocab_size)
+    return {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "weights": jnp.ones((b, args.seq), jnp.float32),
+      "positions": jnp.broadcast_to(jnp.arange(args.seq), (b, args.seq)),
+      "segment_ids": jnp.ones((b, args.seq), jnp.int32),
+    }
+
+  compiled_bytes = {}
+  for b in (args.batch // 2, args.batch):
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_of(b))
+    compiled_bytes[b] = _compiled_bytes(step.lower(state, abstract).compile())
+  batch = batch_of(args.batch)
+  for _ in range(args.warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  tokens_per_s = args.batch * args.seq / step_s
+  peak_tflops = train_lib.device_peak_tflops(None)
+  flops = train_lib.train_flops_per_token(cfg, args.seq)
+  hbm = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  lo, hi = args.batch // 2, args.batch
+  per_seq = (compiled_bytes[hi] - compiled_bytes[lo]) / (hi - lo)
+  fixed = compiled_bytes[hi] - per_seq * hi
+  return {
+    "variant": args.variant,
+    "params": n_params,
+    "batch": args.batch,
+    "seq": args.seq,
+    "step_ms_median": step_s * 1e3,
+    "step_ms_all": [x * 1e3 for x in times],
+    "tokens_per_s": tokens_per_s,
+    "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+    "peak_gb": train_lib.peak_memory_gb(),
+    "compiled_gb": {str(b): v / 1e9 for b, v in compiled_bytes.items()},
+    "est_max_batch": int((hbm - fixed) // per_seq) if hbm and per_seq > 0 else None,
+    "hbm_limit_gb": hbm / 1e9 if hbm else None,
+    "loss": float(m["loss"]),
+  }
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="1b")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/model_step.json"))
+  p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+  args = p.parse_args()
+  if args.variant:
+    print("RESULT " + json.dumps(child(args)), flush=True)
+    return
+
+  from benchmarks import common
+
+  rows = []
+  for name in args.variants.split(","):
+    cmd = [sys.executable, __file__, f"--variant={name}", *sys.argv[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not lines:
+      print(f"{name}: failed\n{out.stderr[-3000:]}", flush=True)
+      rows.append({"variant": name, "error": out.stderr[-1500:]})
+      continue
+    rows.append(json.loads(lines[-1][len("RESULT ") :]))
+    r = rows[-1]
+    print(
+      f"{name:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
+      f"MFU {r['mfu'] or 0:.1%}, peak {r['peak_gb'] or 0:.1f} GB, "
+      f"est. max batch {r['est_max_batch']}",
+      flush=True,
+    )
+  dense = next((r for r in rows if r.get("variant") == "dense" and "error" not in r), None)
+  if dense:
+    for r in rows:
+      if "error" not in r:
+        r["tokens_per_s_vs_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]
+        r["peak_vs_dense"] = r["peak_gb"] / dense["peak_gb"] if dense["peak_gb"] else None
+  common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
+  print(
+    json.dumps(
+      [
+        {
+          k: r.get(k)
+          for k in ("variant", "tokens_per_s_vs_dense", "peak_vs_dense", "est_max_batch")
+        }
+        for r in rows
+      ],
+      indent=1,
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()
