@@ -70,7 +70,7 @@ def child(args) -> dict:
     }
 
   compiled_bytes = {}
-  for b in (args.batch // 2, args.batch):
+  for b in (args.batch // 2, args.batch) if args.estimate_max_batch else (args.batch,):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_of(b))
     compiled_bytes[b] = _compiled_bytes(step.lower(state, abstract).compile())
   batch = batch_of(args.batch)
@@ -89,7 +89,7 @@ def child(args) -> dict:
   flops = train_lib.train_flops_per_token(cfg, args.seq)
   hbm = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
   lo, hi = args.batch // 2, args.batch
-  per_seq = (compiled_bytes[hi] - compiled_bytes[lo]) / (hi - lo)
+  per_seq = (compiled_bytes[hi] - compiled_bytes[lo]) / (hi - lo) if lo in compiled_bytes else 0
   fixed = compiled_bytes[hi] - per_seq * hi
   return {
     "variant": args.variant,
@@ -117,6 +117,11 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
   p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument(
+    "--estimate_max_batch",
+    action="store_true",
+    help="also compile at batch/2 to extrapolate the largest batch that fits",
+  )
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/model_step.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args()
@@ -129,6 +134,7 @@ def main() -> None:
   rows = []
   for name in args.variants.split(","):
     cmd = [sys.executable, __file__, f"--variant={name}", *sys.argv[1:]]
+    t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if not lines:
@@ -137,6 +143,7 @@ def main() -> None:
       continue
     rows.append(json.loads(lines[-1][len("RESULT ") :]))
     r = rows[-1]
+    r["wall_s"] = time.perf_counter() - t0
     print(
       f"{name:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
       f"MFU {r['mfu'] or 0:.1%}, peak {r['peak_gb'] or 0:.1f} GB, "
