@@ -65,6 +65,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = config_dict.placeholder(str)  # host:port of process 0
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
+  # "0,1,2,3": this process's GPUs; None: all of the node's under SLURM with one task per node,
+  # else JAX's default (one GPU per process when SLURM/MPI give a local rank).
+  c.distributed.local_device_ids = config_dict.placeholder(str)
   c.distributed.initialization_timeout = 300  # s to wait for all processes to join
   c.distributed.heartbeat_timeout = 100  # s without a heartbeat before a process is dead
   c.distributed.shutdown_timeout = 300  # s to wait for the others at exit

@@ -51,12 +51,28 @@ def wanted(dist_cfg: ml_collections.ConfigDict) -> bool:
   return _env_process_count() > 1
 
 
+def _slurm_gpus_for_one_task_per_node() -> list[int] | None:
+  """All of the node's GPUs when SLURM runs one task per node.
+
+  JAX's SLURM detection otherwise gives each process only GPU SLURM_LOCALID (one process per
+  GPU), which would leave 7 of 8 GPUs idle in a one-process-per-node job.
+  """
+  tasks = os.environ.get("SLURM_TASKS_PER_NODE", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
+  gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+  if "SLURM_JOB_ID" in os.environ and tasks.split("(")[0] == "1" and gpus.isdigit():
+    return list(range(int(gpus)))
+  return None
+
+
 def initialize_kwargs(dist_cfg: ml_collections.ConfigDict) -> dict:
   """Arguments for jax.distributed.initialize: explicit values plus the timeouts it accepts."""
+  ids = dist_cfg.get("local_device_ids")
+  local_ids = [int(i) for i in ids.split(",")] if ids else _slurm_gpus_for_one_task_per_node()
   kwargs = {
     "coordinator_address": dist_cfg.coordinator_address,
     "num_processes": dist_cfg.num_processes,
     "process_id": dist_cfg.process_id,
+    "local_device_ids": local_ids,
     "initialization_timeout": int(dist_cfg.initialization_timeout),
     "heartbeat_timeout_seconds": int(dist_cfg.heartbeat_timeout),
     "shutdown_timeout_seconds": int(dist_cfg.shutdown_timeout),

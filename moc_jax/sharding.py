@@ -160,9 +160,13 @@ def put_global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
   return {k: put(v) for k, v in batch.items()}
 
 
-def check_batch(batch_size: int, mesh: jax.sharding.Mesh, what: str = "train.batch_size") -> None:
+def check_batch(
+  batch_size: int, mesh: jax.sharding.Mesh, what: str = "train.batch_size", per_process=True
+) -> None:
+  """Rows must split evenly over data × fsdp (and, for the global batch, over processes)."""
   rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if batch_size % rows or batch_size % jax.process_count():
+  procs = jax.process_count() if per_process else 1
+  if batch_size % rows or batch_size % procs:
     raise ConfigError(
       f"{what}={batch_size} must be divisible by mesh data×fsdp={rows} "
       f"and by the number of processes={jax.process_count()}"

@@ -102,6 +102,7 @@ def _dist(**kw) -> ml_collections.ConfigDict:
       coordinator_address=None,
       num_processes=None,
       process_id=None,
+      local_device_ids=None,
       initialization_timeout=300,
       heartbeat_timeout=100,
       shutdown_timeout=300,
@@ -137,3 +138,14 @@ def test_bad_mode_and_kwargs():
   kw = distributed.initialize_kwargs(_dist(num_processes=2, process_id=1, heartbeat_timeout=7))
   assert kw["num_processes"] == 2 and kw["process_id"] == 1 and "coordinator_address" not in kw
   assert kw.get("heartbeat_timeout_seconds", 7) == 7
+
+
+def test_slurm_one_task_per_node_gets_all_gpus(monkeypatch):
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x4)")
+  monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+  assert distributed.initialize_kwargs(_dist())["local_device_ids"] == list(range(8))
+  monkeypatch.setenv("SLURM_TASKS_PER_NODE", "8(x4)")
+  assert "local_device_ids" not in distributed.initialize_kwargs(_dist())
+  kw = distributed.initialize_kwargs(_dist(local_device_ids="2,3"))
+  assert kw["local_device_ids"] == [2, 3]
