@@ -58,7 +58,7 @@ def run_info() -> dict[str, Any]:
     jaxlib_version = ""
   return {
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "commit": _git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT", "unknown"),
+    "commit": _commit(),
     "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     "device": getattr(dev, "device_kind", str(dev)),
     "platform": dev.platform,
