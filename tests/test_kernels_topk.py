@@ -37,10 +37,9 @@ def _assert_same(g, k, variant, **kw):
 @pytest.mark.parametrize(
   ("dtype", "t", "f", "k", "config"),
   [
-    (jnp.bfloat16, 8, 1376, 256, TopKConfig()),  # sampled bracket, chunks 1024+256+64
-    (jnp.bfloat16, 5, 1376, 256, TopKConfig(fan=3, rows=2)),  # radix-4 search, ragged rows
-    (jnp.float32, 4, 2736, 512, TopKConfig(rows=2)),  # 32-bit keys, integer counting
-    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(rows=2, sample=0, count="int", granule=0)),
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(sample=256, fan=3, rows=2)),  # sampled, ragged
+    (jnp.float32, 4, 700, 128, TopKConfig(rows=2, sample=128)),  # 32-bit keys, integer counts
+    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(count="int", granule=0)),  # odd F, one block
   ],
 )
 def test_random_rows(dtype, t, f, k, config):
@@ -57,8 +56,7 @@ def test_ties_and_equal_rows(dtype, k):
   f = 300
   g = jax.random.randint(_key(k), (6, f), -2, 3).astype(dtype)
   g = g.at[4].set(1.5).at[5].set(-0.75).reshape(2, 3, f)
-  _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64))
-  _assert_same(g, k, "moc", config=TopKConfig(sample=64, fan=3))
+  _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64, fan=3 if k == 1 else 1))
 
 
 def test_group_2of8():

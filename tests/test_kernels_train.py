@@ -51,12 +51,10 @@ def _inputs(t, f, dtype, tag, ties=False):
 @pytest.mark.parametrize(
   ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "fan"),
   [
-    ("moc", jnp.bfloat16, 6, 1376, 256, False, None, 1),
-    ("moc", jnp.bfloat16, 5, 1408, 256, False, 1376, 3),  # F padding, radix-4 search
-    ("moc", jnp.float32, 5, 200, 100, True, None, 1),  # ties, K = F/2
-    ("moc", jnp.bfloat16, 3, 72, 1, True, 61, 3),  # K = 1, ties, padding
-    ("moc_2of8", jnp.bfloat16, 5, 96, 24, True, None, 1),
-    ("moc_2of8", jnp.bfloat16, 4, 128, 32, False, 93, 1),  # padding: a partial, a whole group
+    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, 3),  # F padding, radix-4 search
+    ("moc", jnp.float32, 3, 200, 100, True, None, 1),  # ties, K = F/2
+    ("moc", jnp.bfloat16, 3, 72, 1, True, 61, 1),  # K = 1, ties, padding
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, 1),  # ties; padding: partial + whole group
   ],
 )
 def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
@@ -75,7 +73,7 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
   idx16 = idx.astype(jnp.uint16)  # as moc_ffn stores them
   z_sel = reference.silu_and_mul(g_sel, u_sel)
   bcfg = BackwardConfig(rows=2)
-  for z_arg in (z_sel, None):
+  for z_arg in (z_sel, None) if variant == "moc_2of8" or k == 1 else (z_sel,):
     dg, du, z = moc_train.train_backward_epilogue(dz, idx16, g_sel, u_sel, z_arg, config=bcfg)
     ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, idx, g_sel, u_sel, z_arg)
     assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
