@@ -191,10 +191,17 @@ def moc_decode_ffn(
   variant: str = "moc",
   backend: str = "xla",
 ) -> jax.Array:
-  """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows."""
+  """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
+
+  variant='dense' runs the dense FFN on the same path (Wu then given as (D, F)).
+  """
   *lead, d_model = x.shape
   d_ff = w_gate_DxF.shape[1]
   validate(d_ff, k, variant)
+  if variant == "dense":
+    x_TxD = x.reshape(-1, d_model)
+    y = backends.dense_decode_ffn(backend, x_TxD.shape[0])(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD)
+    return y.reshape(*lead, d_model)
   kernel = backends.decode_ffn(backend)
   y = kernel(
     x.reshape(-1, d_model), w_gate_DxF, w_up_FxD, w_down_FxD, effective_k(k, d_ff, variant), variant

@@ -114,7 +114,7 @@ class FeedForward(nnx.Module):
     self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd)
     self.w_down = _param(rngs, (f, d), ("mlp", "embed"), pd)
     self.cfg = cfg
-    self.w_up_t: DecodeWeight | None = nnx.data(None)
+    self.decode_weights: nnx.List | None = nnx.data(None)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     c = self.cfg
@@ -129,22 +129,21 @@ class FeedForward(nnx.Module):
     return ffn(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...])
 
   def prepare_for_decode(self) -> None:
-    """Store Wu^T channel-major (F, D) once, so decoding reads only the selected rows."""
-    self.w_up_t = DecodeWeight(self.w_up[...].T)
+    """Compute-dtype weight copies in the decode layout, made once: MoC reads only the
+    selected rows of Wu^T (stored channel-major, F x D) and Wd; no per-step casts."""
+    dt = self.cfg.compute_dtype
+    w_up = self.w_up[...] if self.cfg.ffn == "dense" else self.w_up[...].T
+    self.decode_weights = nnx.List(
+      [DecodeWeight(w.astype(dt)) for w in (self.w_gate[...], w_up, self.w_down[...])]
+    )
 
   def decode(self, x_BxLxD: jax.Array) -> jax.Array:
     c = self.cfg
-    if self.w_up_t is None or c.ffn == "dense":
+    if self.decode_weights is None:
       return self(x_BxLxD)
-    dt = x_BxLxD.dtype
+    w_gate, w_up, w_down = (w[...] for w in self.decode_weights)
     return moc.moc_decode_ffn(
-      x_BxLxD,
-      self.w_gate[...].astype(dt),
-      self.w_up_t[...].astype(dt),
-      self.w_down[...].astype(dt),
-      k=c.k,
-      variant=c.ffn,
-      backend=c.kernel_backend,
+      x_BxLxD, w_gate, w_up, w_down, k=c.k, variant=c.ffn, backend=c.kernel_backend
     )
 
 

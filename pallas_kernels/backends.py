@@ -58,3 +58,12 @@ def decode_ffn(backend: str) -> Callable:
   from pallas_kernels import moc_decode
 
   return moc_decode.decode_ffn
+
+
+def dense_decode_ffn(backend: str, num_tokens: int) -> Callable:
+  """(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD) -> y_TxD; GEMV kernels only for T <= 16."""
+  from pallas_kernels import moc_decode
+
+  if resolve(backend) == "xla" or num_tokens > moc_decode.MAX_KERNEL_TOKENS:
+    return reference.dense_decode_ffn
+  return moc_decode.dense_decode_ffn

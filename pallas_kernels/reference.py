@@ -236,3 +236,13 @@ def decode_ffn(
     "tk,tkd->td", z_sel.astype(x_TxD.dtype), wd_TxKxD, preferred_element_type=jnp.float32
   )
   return y.astype(x_TxD.dtype)
+
+
+def dense_decode_ffn(
+  x_TxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array, w_down_FxD: jax.Array
+) -> jax.Array:
+  """Dense SwiGLU for a few tokens: fp32 G and U, z = silu(G) U rounded to x's dtype."""
+  g = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=jnp.float32)
+  u = jnp.dot(x_TxD, w_up_DxF, preferred_element_type=jnp.float32)
+  z = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
+  return jnp.dot(z, w_down_FxD, preferred_element_type=jnp.float32).astype(x_TxD.dtype)
