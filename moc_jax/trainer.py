@@ -82,9 +82,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = None
   else:
     sharding.check_batch(t.batch_size, mesh)
-  model = Transformer(model_cfg, nnx.Rngs(cfg.seed)) if mesh is None else None
-  abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-  n_params = count_params(abstract_model if model is None else model)
+    sharding.check_batch(micro_batch, mesh, "train.batch_size / grad_accum", per_process=False)
+  if mesh is None:
+    model = Transformer(model_cfg, nnx.Rngs(cfg.seed))
+  else:  # built sharded under jit below; only shapes here
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+  n_params = count_params(model)
   print(
     f"model: preset {cfg.model.preset}, ffn {model_cfg.ffn}"
     f"{f', k={model_cfg.k}' if model_cfg.ffn == 'moc' else ''}"
@@ -100,7 +103,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if mesh is None:
     graphdef, state = train_lib.init_state(model, tx, cfg.seed)
   else:
-    graphdef = nnx.graphdef(abstract_model)
+    graphdef = nnx.graphdef(model)
     init = lambda: train_lib.init_state(Transformer(model_cfg, nnx.Rngs(cfg.seed)), tx, cfg.seed)[1]
     state, state_shardings, notes = sharding.init_sharded(init, mesh)
     if distributed.is_main_process():
@@ -124,7 +127,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   if mesh is not None:
     train_it = sharding.PlacedIterator(train_it, mesh)
-    sharding.check_batch(len(eval_batches[0]["inputs"]) if eval_batches else 0, mesh, "eval batch")
+    eval_rows = len(eval_batches[0]["inputs"]) if eval_batches else 0
+    sharding.check_batch(eval_rows, mesh, "eval.batch_size", per_process=False)
     eval_batches = [sharding.put_global_batch(b, mesh) for b in eval_batches]
 
   manager = checkpoint.make_manager(
