@@ -136,9 +136,10 @@ def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   d_ff = w_gate.shape[1]
   wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
   epilogue = backends.train_forward_epilogue(backend)
-  idx_TxK, g_sel, u_sel, z_TxF = epilogue(x_TxD @ wg, x_TxD @ wu, k, variant, num_valid=d_ff)
+  idx_TxK, g_sel, u_sel, z_TxF = epilogue(
+    x_TxD @ wg, x_TxD @ wu, k, variant, num_valid=d_ff, idx_dtype=reference.index_dtype(wg.shape[1])
+  )
   y_TxD = z_TxF @ wd
-  idx_TxK = idx_TxK.astype(reference.index_dtype(wg.shape[1]))
   if gcp:  # Z_sel is recomputed in the backward, bit-identically
     compact = (idx_TxK, g_sel, u_sel)
   else:

@@ -34,7 +34,7 @@ def select(backend: str) -> Callable:
 
 
 def train_forward_epilogue(backend: str) -> Callable:
-  """(g_TxF, u_TxF, k, variant, *, num_valid=None) -> (idx_TxK, g_sel, u_sel, z_TxF)."""
+  """(g_TxF, u_TxF, k, variant, *, num_valid=None, idx_dtype=int32) -> (idx, g_sel, u_sel, z)."""
   if resolve(backend) == "xla":
     return reference.train_forward_epilogue
   from pallas_kernels import moc_train

@@ -157,7 +157,13 @@ def mask_padding(g_TxF: jax.Array, num_valid: int | None) -> jax.Array:
 
 
 def train_forward_epilogue(
-  g_TxF: jax.Array, u_TxF: jax.Array, k: int, variant: str, *, num_valid: int | None = None
+  g_TxF: jax.Array,
+  u_TxF: jax.Array,
+  k: int,
+  variant: str,
+  *,
+  num_valid: int | None = None,
+  idx_dtype=jnp.int32,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """From the gate and up projections to what the forward needs and keeps.
 
@@ -173,7 +179,7 @@ def train_forward_epilogue(
   g_sel = jnp.take_along_axis(g_TxF, idx_TxK, axis=-1)
   u_sel = jnp.take_along_axis(u_TxF, idx_TxK, axis=-1)
   z_TxF = jnp.where(mask_TxF, silu_and_mul(g_TxF, u_TxF), jnp.zeros((), u_TxF.dtype))
-  return idx_TxK, g_sel, u_sel, z_TxF
+  return idx_TxK.astype(idx_dtype), g_sel, u_sel, z_TxF
 
 
 def silu_and_mul(g_sel: jax.Array, u_sel: jax.Array) -> jax.Array:
