@@ -8,6 +8,7 @@ Re-running with the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -15,7 +16,12 @@ from ml_collections import config_flags
 
 from moc_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+DEFAULT_CONFIG = "configs/default.py"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs import configs.base
+if __name__ == "__main__":  # before the flags parse: a typo in a key is one clear error line
+  cli.check_config_overrides(sys.argv, DEFAULT_CONFIG)
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 
 

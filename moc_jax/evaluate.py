@@ -95,4 +95,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  cli.check_config_overrides(sys.argv, None)
   sys.exit(app.run(main))

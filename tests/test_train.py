@@ -195,6 +195,15 @@ def test_cli_bad_input_prints_one_error_line_and_exits_2(tmp_path):
   assert "Traceback" not in out
 
 
+def test_cli_unknown_config_key_lists_the_valid_ones(tmp_path):
+  proc = _cli("--config.model.fnn=moc", f"--workdir={tmp_path}")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2
+  assert "unknown config key --config.model.fnn: config.model has no 'fnn'" in out
+  assert "ffn, gcp, k" in out and "Traceback" not in out
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
 @pytest.mark.slow
 def test_cli_sigterm_mid_run_then_resume(tmp_path):
   args = [
