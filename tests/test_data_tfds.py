@@ -113,3 +113,22 @@ def test_tfds_bad_inputs(tfds_dir, tmp_path):
   expect(_config(tfds_dir, text_field="body"), r"no 'body' feature \(has: text, url\)")
   expect(_config(tfds_dir, tfds_val_split=""), "tfds_val_split is empty", "val")
   expect(_config(str(tmp_path), tfds_name="moc_tiny_text"), "is not prepared in")
+
+
+def test_the_trainer_trains_a_few_steps_on_a_tfds_dataset(tfds_dir, tmp_path):
+  from configs.default import get_config
+  from moc_jax import metrics, trainer
+
+  cfg = get_config()
+  cfg.data = _config(tfds_dir)
+  cfg.train.update({"steps": 4, "batch_size": 4, "seq_len": 32, "log_every": 1})
+  cfg.eval.update({"every": 4, "batches": 2, "batch_size": 4})
+  cfg.checkpoint.async_save = False
+  result = trainer.train(cfg, str(tmp_path))
+  assert result["step"] == 4 and result["tokens"] > 0
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path)) if r["kind"] == "train"] == [
+    1,
+    2,
+    3,
+    4,
+  ]
