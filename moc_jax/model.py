@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moc_jax import moc, moc_tp
+from moc_jax import moc, moc_tp, sharding
 from moc_jax.model_config import ModelConfig
 
 init_normal = nnx.initializers.normal(stddev=0.02)
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _param(
@@ -193,12 +194,13 @@ class Transformer(nnx.Module):
     """Logits (B, L, V) in fp32 for a batch of (possibly packed) token rows."""
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    x = self._embed(tokens_BxL)
+    x = sharding.constrain(self._embed(tokens_BxL), ACTIVATION_AXES)
     for block in self.blocks:
       if self.cfg.remat == "full":
         x = nnx.remat(lambda b, *a: b(*a))(block, x, positions_BxL, segment_ids_BxL)
       else:
         x = block(x, positions_BxL, segment_ids_BxL)
+      x = sharding.constrain(x, ACTIVATION_AXES)
     return self._logits(x)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[dict]:

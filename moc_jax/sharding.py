@@ -136,6 +136,19 @@ def init_sharded(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh):
   return state, shardings, notes
 
 
+def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+  """Pin an activation's layout by logical names under the ambient mesh (no-op without one).
+
+  Without it XLA may carry, e.g., the embedding table's `embed`-over-fsdp split into the
+  residual stream, and every layer would reshuffle activations.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return x
+  spec = _mesh_axes_for(logical, x.shape, mesh, [], "activation")
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Rows over (data, fsdp); the sequence stays whole."""
   return NamedSharding(mesh, P(BATCH_AXES))
