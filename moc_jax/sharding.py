@@ -12,6 +12,7 @@ start), so any preset runs on any mesh; only the batch must divide by data × fs
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -212,7 +213,12 @@ def describe(mesh: jax.sharding.Mesh, state: Any, notes: list[str]) -> str:
 
 
 class PlacedIterator:
-  """Wraps the data iterator: each process's rows become one global batch on the mesh."""
+  """Wraps the data iterator: each process's rows become one global batch on the mesh.
+
+  With several processes, get_state gathers every process's data position (Orbax writes the
+  JSON once, from process 0) and set_state picks this process's own, so resume stays exact.
+  Both are collectives: every process must call them at the same step (checkpoint saves are).
+  """
 
   def __init__(self, it, mesh: jax.sharding.Mesh):
     self._it, self._mesh = it, mesh
@@ -224,9 +230,35 @@ class PlacedIterator:
     return put_local_batch(next(self._it), self._mesh)
 
   def get_state(self):
-    return self._it.get_state()
+    state = self._it.get_state()
+    if jax.process_count() == 1:
+      return state
+    from jax.experimental import multihost_utils
+
+    blob_N = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes_Px1 = multihost_utils.process_allgather(np.array([blob_N.size], np.int32))
+    padded_N = np.zeros(int(sizes_Px1.max()), np.uint8)
+    padded_N[: blob_N.size] = blob_N
+    blobs_PxN = np.asarray(multihost_utils.process_allgather(padded_N))
+    return {
+      "per_process": [
+        json.loads(bytes(blobs_PxN[p, : int(sizes_Px1[p, 0])]).decode())
+        for p in range(blobs_PxN.shape[0])
+      ]
+    }
 
   def set_state(self, state) -> None:
+    if isinstance(state, dict) and "per_process" in state:
+      states = state["per_process"]
+      if len(states) != jax.process_count():
+        from moc_jax.data import DataError
+
+        raise DataError(
+          f"the checkpoint's data position is for {len(states)} processes, this run has "
+          f"{jax.process_count()}: each process reads its own shard, so the stream cannot "
+          "resume exactly; resume with the same number of processes"
+        )
+      state = states[jax.process_index()]
     self._it.set_state(state)
 
   def close(self) -> None:

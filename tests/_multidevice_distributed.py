@@ -29,6 +29,31 @@ from configs.base import base_config
 from moc_jax import checkpoint, distributed, sharding
 
 
+class _FakeData:
+  """Stands in for the data iterator: a position that differs per process."""
+
+  def __init__(self, pid: int):
+    self.state, self.restored = {"pos": 10 * pid + 1, "process": pid}, None
+
+  def get_state(self):
+    return self.state
+
+  def set_state(self, state):
+    self.restored = state
+
+
+def _check_data_state(mesh, pid: int) -> bool:
+  """Every process's data position is saved, and each gets its own back."""
+  fake = _FakeData(pid)
+  placed = sharding.PlacedIterator(fake, mesh)
+  saved = placed.get_state()
+  placed.set_state(json.loads(json.dumps(saved)))  # as through Orbax's JsonSave
+  want = [{"pos": 10 * p + 1, "process": p} for p in range(jax.process_count())]
+  if jax.process_count() == 1:
+    return saved == want[0] and fake.restored == fake.state
+  return saved == {"per_process": want} and fake.restored == fake.state
+
+
 def main() -> int:
   mode, pid, nproc, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
   dist = base_config("tiny").distributed
@@ -68,13 +93,14 @@ def main() -> int:
       same = jax.tree.map(lambda a, b: bool((a == b).all()), restored, state)
       ok = all(jax.tree.leaves(same)) and step == 2 and data_state == {"rows": rows}
       losses.append(ok)
+  result_extra = {"data_state_ok": _check_data_state(mesh, pid)}
   ref = []  # the same steps on one local device, no mesh
   if mode == "train":
     ref_state = setup.host_state
     for i in range(2):
       ref_state, ref_metrics = steps.single_step(setup, ref_state, steps.make_batch(1 + i))
       ref.append(float(ref_metrics["loss"]))
-  result = {"process": jax.process_index(), "losses": losses, "single_device": ref}
+  result = {"process": jax.process_index(), "losses": losses, "single_device": ref, **result_extra}
   print("RESULT " + json.dumps(result), flush=True)
   return 0
 

@@ -69,6 +69,7 @@ def test_two_process_training_matches_one_device(tmp_path):
   losses0, losses1 = results[0]["losses"], results[1]["losses"]
   assert losses0 == losses1  # one global program: both processes see the same metrics
   assert losses0[2] is True  # Orbax save + restore across both processes, bit-exact
+  assert all(r["data_state_ok"] for r in results)  # per-process data positions round-trip
   for got, want in zip(losses0[:2], results[0]["single_device"], strict=True):
     assert abs(got - want) < 1e-5
 
