@@ -204,7 +204,7 @@ def _loop(
   window_start, window_steps = time.perf_counter(), 0
   pending = None  # (step, metrics) of the step in flight: checked one step late
   while step < t.steps:
-    if stop.signal_name:
+    if _stop_agreed(stop, step, t.log_every):
       _check_finite(pending)
       checkpoint.save(manager, step, state, train_it.get_state(), force=True)
       manager.wait_until_finished()
@@ -254,6 +254,21 @@ def _loop(
       checkpoint.save(manager, step, state, train_it.get_state(), force=True)
   _check_finite(pending)
   return {**last_eval, "step": step}
+
+
+def _stop_agreed(stop: _StopFlag, step: int, every: int) -> bool:
+  """Whether to stop now. With several processes, all must stop at the same step (the save is
+  a collective), so they agree every `every` steps through one tiny all-gather."""
+  if jax.process_count() == 1:
+    return stop.signal_name is not None
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.array([stop.signal_name is not None]))
+  if np.any(flags) and stop.signal_name is None:
+    stop.signal_name = "SIGTERM (on another process)"
+  return bool(np.any(flags))
 
 
 def _check_finite(pending) -> None:
