@@ -148,11 +148,10 @@ def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
 
 
 def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
-  del k, variant
+  del k, variant, gcp  # the residual tuple itself says whether Z_sel was kept
   # Keep XLA from hoisting backward work (which depends only on residuals) into the forward,
   # where it would stay alive across layers (DESIGN.md §2).
   residuals, dy_TxD = jax.lax.optimization_barrier((residuals, dy_TxD))
-  del gcp  # the residual tuple says whether Z_sel was kept
   x_TxD, w_gate, w_up, w_down, compact = residuals
   d_ff = w_gate.shape[1]
   wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
