@@ -49,7 +49,14 @@ class Reporter:
         if isinstance(value, int | float) and math.isfinite(value):
           self._tb.add_scalar(f"{kind}/{name}", value, step)
 
+  def say(self, line: str) -> None:
+    """Print on the process that reports (process 0), not once per host."""
+    if self.enabled:
+      print(line, flush=True)
+
   def progress(self, step: int, m: dict[str, Any], steps_per_sec: float) -> None:
+    if not self.enabled:
+      return
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
     parts = [
       f"step {step:>6d}/{self.total_steps}",

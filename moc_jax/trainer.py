@@ -206,7 +206,8 @@ def _loop(
   while step < t.steps:
     if _stop_agreed(stop, step, t.log_every):
       _check_finite(pending)
-      checkpoint.save(manager, step, state, train_it.get_state(), force=True)
+      if manager.latest_step() != step:  # a periodic save may have just written this step
+        checkpoint.save(manager, step, state, train_it.get_state(), force=True)
       manager.wait_until_finished()
       print(
         f"{stop.signal_name}: saved a checkpoint at step {step}; "
@@ -240,11 +241,10 @@ def _loop(
 
     if step % cfg.eval.every == 0 or step == t.steps:
       last_eval = train_lib.evaluate(eval_step, state["params"], eval_batches)
-      print(
+      reporter.say(
         f"step {step}: validation loss {last_eval['loss']:.4f}, "
         f"perplexity {last_eval['perplexity']:.3f} "
-        f"({last_eval['tokens']:,.0f} tokens)",
-        flush=True,
+        f"({last_eval['tokens']:,.0f} tokens)"
       )
       reporter.write("eval", step, last_eval)
       window_start, window_steps = time.perf_counter(), 0

@@ -82,6 +82,13 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, mon
   assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # bitwise
 
 
+def test_sigterm_on_a_checkpoint_step_does_not_save_twice(tmp_path, monkeypatch):
+  monkeypatch.setattr(trainer.data, "make_train_iterator", _SignalAfter(5))
+  result = trainer.train(small_config(), str(tmp_path))  # checkpoint.every = 6
+  assert result["stopped_by"] == "SIGTERM" and result["step"] == 6
+  assert checkpoint.make_manager(str(tmp_path), every=1, keep=3).all_steps() == [6]
+
+
 def test_a_half_written_newest_checkpoint_is_skipped(tmp_path):
   workdir = str(tmp_path)
   trainer.train(small_config(), workdir)
