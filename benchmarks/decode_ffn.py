@@ -150,7 +150,7 @@ def bench_shape(d, f, k, variant, tokens, moc_cfgs, dense_cfgs, args) -> list[di
     moc_bytes = d * f * 2 + 2 * float(np.mean(union)) * d * 2
     interp = True if args.quick else None
     methods = {
-      "xla_dense": (lambda x, wg, wu, wut, wd: moc_decode.dense_decode_ffn_xla(x, wg, wu, wd), {}),
+      "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), {}),
       "moc_xla": (lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant), {}),
     }
     for name, c in dense_cfgs.items():
@@ -167,7 +167,7 @@ def bench_shape(d, f, k, variant, tokens, moc_cfgs, dense_cfgs, args) -> list[di
         ),
         c,
       )
-    ref_dense = moc_decode.dense_decode_ffn_xla(x, *[sets[0][i] for i in (0, 1, 3)])
+    ref_dense = reference.dense_decode_ffn(x, *[sets[0][i] for i in (0, 1, 3)])
     ref_moc = reference.decode_ffn(x, sets[0][0], sets[0][2], sets[0][3], k, variant)
     for name, (fn, c) in methods.items():
       row = {"d": d, "F": f, "K": k, "T": t, "variant": variant, "method": name}

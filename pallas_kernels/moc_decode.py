@@ -405,12 +405,12 @@ def dense_decode_ffn(
 ) -> jax.Array:
   """Dense SwiGLU for a few tokens, as GEMV kernels (XLA's batch-1 dots stream at ~1 TB/s).
 
-  Semantics of `dense_decode_ffn_xla`: fp32 G and U, z = silu(G) U rounded to x's dtype.
+  Semantics of `reference.dense_decode_ffn`: fp32 G and U, z = silu(G) U rounded to x's dtype.
   """
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
   if num_tokens > MAX_KERNEL_TOKENS:
-    return dense_decode_ffn_xla(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
+    return reference.dense_decode_ffn(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
   cfg = config or default_config(num_tokens, d_model, w_gate_DxF.shape[1])
   y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, _interpret(interpret))
   return y.reshape(*lead, d_model)
@@ -426,13 +426,3 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
-
-
-def dense_decode_ffn_xla(
-  x_TxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array, w_down_FxD: jax.Array
-) -> jax.Array:
-  """The dense reference: plain XLA dots with fp32 accumulation."""
-  g = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=F32)
-  u = jnp.dot(x_TxD, w_up_DxF, preferred_element_type=F32)
-  z = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
-  return jnp.dot(z, w_down_FxD, preferred_element_type=F32).astype(x_TxD.dtype)

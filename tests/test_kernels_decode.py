@@ -104,7 +104,7 @@ def test_dense_decode_ffn_matches_xla(num_tokens, splits):
   x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
   cfg = moc_decode.DecodeConfig(**{**SMALL.__dict__, "gemv_splits": splits})
   y = moc_decode.dense_decode_ffn(x, wg, wu_t.T, wd, config=cfg, interpret=True)
-  want = moc_decode.dense_decode_ffn_xla(x, wg, wu_t.T, wd)
+  want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
   assert _rel_err(y, want) < 1e-5, f"{seed=}"
 
 
@@ -125,5 +125,5 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant):
     assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
     yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd)
     with jax.default_matmul_precision("highest"):
-      want_d = moc_decode.dense_decode_ffn_xla(x, wg, wu.T, wd)
+      want_d = reference.dense_decode_ffn(x, wg, wu.T, wd)
     assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=}"
