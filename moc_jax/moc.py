@@ -55,14 +55,17 @@ def _pad_multiple(pad_to: int | None) -> int:
   return PAD_MULTIPLE_GPU if jax.default_backend() == "gpu" else 1
 
 
-def _cast_and_pad(w_gate, w_up, w_down, dtype, multiple: int):
-  """Compute-dtype weights with F padded by zero channels (fused into the cast by XLA)."""
-  d_ff = w_gate.shape[1]
-  extra = -d_ff % multiple
+def cast_and_pad(w_gate, w_up, w_down, dtype, f_pad: int):
+  """Compute-dtype weights with F padded to f_pad by zero channels (fused into the cast)."""
+  extra = f_pad - w_gate.shape[1]
   wg = jnp.pad(w_gate.astype(dtype), ((0, 0), (0, extra)))
   wu = jnp.pad(w_up.astype(dtype), ((0, 0), (0, extra)))
   wd = jnp.pad(w_down.astype(dtype), ((0, extra), (0, 0)))
   return wg, wu, wd
+
+
+def _padded(d_ff: int, multiple: int) -> int:
+  return d_ff + (-d_ff % multiple)
 
 
 def select_channels(
@@ -117,7 +120,7 @@ def moc_ffn(
 
 def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:
   """Plain SwiGLU under autodiff (the baseline), padded like MoC so comparisons are fair."""
-  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
+  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
   h_TxF = jax.nn.silu(x_TxD @ wg) * (x_TxD @ wu)
   return h_TxF @ wd
 
@@ -134,7 +137,7 @@ def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
 
 def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   d_ff = w_gate.shape[1]
-  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
+  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
   epilogue = backends.train_forward_epilogue(backend)
   idx_TxK, g_sel, u_sel, z_TxF = epilogue(
     x_TxD @ wg, x_TxD @ wu, k, variant, num_valid=d_ff, idx_dtype=reference.index_dtype(wg.shape[1])
@@ -154,7 +157,7 @@ def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
   residuals, dy_TxD = jax.lax.optimization_barrier((residuals, dy_TxD))
   x_TxD, w_gate, w_up, w_down, compact = residuals
   d_ff = w_gate.shape[1]
-  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, multiple)
+  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T

@@ -58,14 +58,6 @@ def _padded_f(d_ff: int, tp: int, variant: str, pad_to: int | None) -> int:
   return -(-d_ff // step) * step
 
 
-def _cast_and_pad(w_gate, w_up, w_down, dtype, f_pad: int):
-  extra = f_pad - w_gate.shape[1]
-  wg = jnp.pad(w_gate.astype(dtype), ((0, 0), (0, extra)))
-  wu = jnp.pad(w_up.astype(dtype), ((0, 0), (0, extra)))
-  wd = jnp.pad(w_down.astype(dtype), ((0, extra), (0, 0)))
-  return wg, wu, wd
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-shard selection (runs inside shard_map; collectives over `tensor`).
 
@@ -177,7 +169,7 @@ def _tp_fwd(x, w_gate, w_up, w_down, k, variant, gcp, backend, f_pad):
   del backend  # selection needs the global threshold: per-shard jnp code, not the fused kernel
   d_ff, tp = w_gate.shape[1], tensor_parallel_size()
   capacity = min(k, f_pad // tp) if variant == "moc" else f_pad // tp // 4
-  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x.dtype, f_pad)
+  wg, wu, wd = moc.cast_and_pad(w_gate, w_up, w_down, x.dtype, f_pad)
   x_spec, col, row, comp = _specs(x.ndim)
 
   def local(x_l, wg_l, wu_l, wd_l):
@@ -204,7 +196,7 @@ def _tp_bwd(k, variant, gcp, backend, f_pad, residuals, dy):
   residuals, dy = jax.lax.optimization_barrier((residuals, dy))
   x, w_gate, w_up, w_down, compact = residuals
   d_ff = w_gate.shape[1]
-  wg, wu, wd = _cast_and_pad(w_gate, w_up, w_down, x.dtype, f_pad)
+  wg, wu, wd = moc.cast_and_pad(w_gate, w_up, w_down, x.dtype, f_pad)
   x_spec, col, row, comp = _specs(x.ndim)
   epilogue = backends.train_backward_epilogue(backend)
   f32 = jnp.float32
