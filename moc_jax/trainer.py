@@ -4,9 +4,12 @@ and clean stops on NaN, SIGTERM and Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -158,19 +161,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh_context = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   try:
     with _catch_stop_signals() as stop, mesh_context:
-      result = _loop(
-        cfg,
-        workdir,
-        state,
-        train_it,
-        eval_batches,
-        train_step,
-        eval_step,
-        manager,
-        reporter,
-        model_cfg,
-        stop,
+      run = _Run(
+        cfg, train_it, eval_batches, train_step, eval_step, manager, reporter, model_cfg, stop
       )
+      result = _loop(run, state)
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -182,23 +176,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def _loop(
-  cfg,
-  workdir,
-  state,
-  train_it,
-  eval_batches,
-  train_step,
-  eval_step,
-  manager,
-  reporter,
-  model_cfg,
-  stop,
-) -> dict:
-  t = cfg.train
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """Everything the loop uses besides the state it advances."""
+
+  cfg: ml_collections.ConfigDict
+  train_it: Any
+  eval_batches: list
+  train_step: Callable
+  eval_step: Callable
+  manager: Any
+  reporter: metrics.Reporter
+  model_cfg: Any
+  stop: _StopFlag
+
+
+def _loop(run: _Run, state) -> dict:
+  train_it, manager, reporter, stop = run.train_it, run.manager, run.reporter, run.stop
+  t = run.cfg.train
   step = int(state["step"])
   tokens_per_step = t.batch_size * t.seq_len
-  flops_per_token = train_lib.train_flops_per_token(model_cfg, t.seq_len)
+  flops_per_token = train_lib.train_flops_per_token(run.model_cfg, t.seq_len)
   peak_tflops = train_lib.device_peak_tflops(t.peak_tflops)
   last_eval: dict = {}
   window_start, window_steps = time.perf_counter(), 0
@@ -216,7 +214,7 @@ def _loop(
       )
       return {**last_eval, "stopped_by": stop.signal_name, "step": step}
     batch = next(train_it)
-    state, step_metrics = train_step(state, batch)
+    state, step_metrics = run.train_step(state, batch)
     _check_finite(pending)
     step += 1
     window_steps += 1
@@ -239,8 +237,8 @@ def _loop(
       reporter.write("train", step, {k: v for k, v in m.items() if v is not None})
       window_start, window_steps = time.perf_counter(), 0
 
-    if step % cfg.eval.every == 0 or step == t.steps:
-      last_eval = train_lib.evaluate(eval_step, state["params"], eval_batches)
+    if step % run.cfg.eval.every == 0 or step == t.steps:
+      last_eval = train_lib.evaluate(run.eval_step, state["params"], run.eval_batches)
       reporter.say(
         f"step {step}: validation loss {last_eval['loss']:.4f}, "
         f"perplexity {last_eval['perplexity']:.3f} "
@@ -249,7 +247,7 @@ def _loop(
       reporter.write("eval", step, last_eval)
       window_start, window_steps = time.perf_counter(), 0
 
-    if step % cfg.checkpoint.every == 0 or step == t.steps:
+    if step % run.cfg.checkpoint.every == 0 or step == t.steps:
       _check_finite(pending)
       checkpoint.save(manager, step, state, train_it.get_state(), force=True)
   _check_finite(pending)
