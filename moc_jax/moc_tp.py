@@ -62,25 +62,10 @@ def _padded_f(d_ff: int, tp: int, variant: str, pad_to: int | None) -> int:
 # Per-shard selection (runs inside shard_map; collectives over `tensor`).
 
 
-def global_kth_key(keys_TxF: jax.Array, k: int) -> jax.Array:
-  """The K-th largest key over all tensor shards, per token: one psum of (T,) per bit."""
-  nbits = jnp.dtype(keys_TxF.dtype).itemsize * 8
-  utype = keys_TxF.dtype
-
-  def body(i, tau_T):
-    bit = jnp.array(1, utype) << (nbits - 1 - i).astype(utype)
-    cand_T = tau_T | bit
-    local_T = jnp.sum(keys_TxF >= cand_T[:, None], axis=-1, dtype=jnp.int32)
-    count_T = jax.lax.psum(local_T, TENSOR)
-    return jnp.where(count_T >= k, cand_T, tau_T)
-
-  return jax.lax.fori_loop(0, nbits, body, jnp.zeros(keys_TxF.shape[:-1], utype))
-
-
 def local_topk_mask(g_TxF: jax.Array, k: int) -> jax.Array:
   """This shard's part of the exact global top-K mask (ties to the lower global index)."""
   keys = reference.order_keys(g_TxF)
-  tau_T1 = global_kth_key(keys, k)[:, None]
+  tau_T1 = reference.kth_largest_key(keys, k, axis_name=TENSOR)[:, None]
   above = keys > tau_T1
   at = keys == tau_T1
   counts_2xT = jnp.stack([jnp.sum(above, -1, dtype=jnp.int32), jnp.sum(at, -1, dtype=jnp.int32)])

@@ -43,8 +43,12 @@ def order_keys(g: jax.Array) -> jax.Array:
   return jnp.where(bits & sign_bit, ~bits, bits | sign_bit)
 
 
-def kth_largest_key(keys_TxF: jax.Array, k: int) -> jax.Array:
-  """Per row, the k-th largest key, by bisection over its bits (one counting pass per bit)."""
+def kth_largest_key(keys_TxF: jax.Array, k: int, axis_name: str | None = None) -> jax.Array:
+  """Per row, the k-th largest key, by bisection over its bits (one counting pass per bit).
+
+  With `axis_name` (inside shard_map) the row is split over that mesh axis: each pass's (T,)
+  counts are summed across it, so every shard finds the same global threshold.
+  """
   nbits = jnp.dtype(keys_TxF.dtype).itemsize * 8
   utype = keys_TxF.dtype
 
@@ -52,6 +56,8 @@ def kth_largest_key(keys_TxF: jax.Array, k: int) -> jax.Array:
     bit = jnp.array(1, utype) << (nbits - 1 - i).astype(utype)
     cand_T = tau_T | bit
     count_T = jnp.sum(keys_TxF >= cand_T[:, None], axis=-1, dtype=jnp.int32)
+    if axis_name is not None:
+      count_T = jax.lax.psum(count_T, axis_name)
     return jnp.where(count_T >= k, cand_T, tau_T)
 
   return jax.lax.fori_loop(0, nbits, body, jnp.zeros(keys_TxF.shape[:-1], utype))
