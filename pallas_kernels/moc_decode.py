@@ -15,7 +15,6 @@ Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -25,54 +24,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _decode_select, reference
+from pallas_kernels._decode_config import DecodeConfig, default_config
+from pallas_kernels._decode_config import cdiv as _cdiv
+from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
 
 F32 = jnp.float32
 MAX_KERNEL_TOKENS = 16  # more tokens (prefill) take dense GEMMs with a mask
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-  """Block sizes (powers of 2), splits and Triton launch parameters for the decode kernels."""
-
-  gemv_block_f: int = 128
-  gemv_block_d: int = 64
-  # D splits of the gate (and dense up) GEMV; 1 lets dense fuse the SwiGLU epilogue
-  gemv_splits: int = 4
-  gemv_warps: int = 4
-  gemv_stages: int = 3
-  select_warps: int = 8
-  select_radix_bits: int = 2
-  up_block_c: int = 16
-  up_block_d: int = 512
-  up_warps: int = 4
-  up_stages: int = 2
-  down_splits: int = 8
-  down_block_c: int = 32
-  down_block_d: int = 128
-  down_warps: int = 4
-  down_stages: int = 3
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _pow2_at_most(n: int) -> int:
-  return 1 << max(0, n.bit_length() - 1)
-
-
-def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
-  """A config that gives every SM (132 on an H200) a few programs at the given shape."""
-  del num_tokens
-  block_f = 128
-  splits = max(1, min(16, _pow2_at_least(_cdiv(264, _cdiv(d_ff, block_f)))))
-  down_block_d = min(128, _pow2_at_least(d_model))
-  down_splits = max(1, min(16, _pow2_at_least(_cdiv(128, _cdiv(d_model, down_block_d)))))
-  return DecodeConfig(gemv_splits=splits, down_splits=down_splits, down_block_d=down_block_d)
 
 
 def _interpret(interpret: bool | None) -> bool:
