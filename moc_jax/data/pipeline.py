@@ -76,6 +76,26 @@ def _tokenize(
   return packing_lib.Tokenize(tokenizer, seq_len if data_config.packing == "pad" else None)
 
 
+def _check_request(c: ml_collections.ConfigDict, seq_len: int, batch_size: int) -> None:
+  check_config(c)
+  if seq_len < 1 or batch_size < 1:
+    raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+
+
+def _packed_rows(
+  c: ml_collections.ConfigDict, tokenizer: Tokenizer, docs, seq_len: int, **pack_kw: Any
+):
+  """Documents → tokens → fixed-length rows, as config.data.packing says."""
+  return packing_lib.pack(
+    docs.map(_tokenize(c, tokenizer, seq_len)),
+    packing=c.packing,
+    seq_len=seq_len,
+    pad_id=tokenizer.pad_id,
+    num_bins=int(c.packing_bins),
+    **pack_kw,
+  )
+
+
 def _ensure_absl_flags_parsed() -> None:
   """Grain's worker processes read absl flags; outside absl.app (tests, notebooks) use defaults."""
   from absl import flags
@@ -178,21 +198,12 @@ def make_train_iterator(
   (seed, config.data.shuffle_seed, process_index, process_count, num_workers).
   """
   c = data_config
-  check_config(c)
-  if seq_len < 1 or batch_size < 1:
-    raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+  _check_request(c, seq_len, batch_size)
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} not in [0, process_count={process_count})")
   mixed = _mix_seed(seed, c.shuffle_seed)
   docs = _document_stream(c, "train", seed=mixed, shard=(process_index, process_count), repeat=True)
-  rows = packing_lib.pack(
-    docs.map(_tokenize(c, tokenizer, seq_len)),
-    packing=c.packing,
-    seq_len=seq_len,
-    pad_id=tokenizer.pad_id,
-    seed=mixed,
-    num_bins=int(c.packing_bins),
-  )
+  rows = _packed_rows(c, tokenizer, docs, seq_len, seed=mixed)
   if int(c.shuffle_window) > 0:
     rows = gex.WindowShuffleIterDataset(rows, window_size=int(c.shuffle_window), seed=mixed)
   batches = rows.batch(batch_size, drop_remainder=True)
@@ -225,19 +236,9 @@ def make_eval_batches(
   short last batch is filled with weight-0 rows instead of being dropped.
   """
   c = data_config
-  check_config(c)
-  if seq_len < 1 or batch_size < 1:
-    raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+  _check_request(c, seq_len, batch_size)
   docs = _document_stream(c, "val", seed=EVAL_SEED, repeat=False)
-  rows = packing_lib.pack(
-    docs.map(_tokenize(c, tokenizer, seq_len)),
-    packing=c.packing,
-    seq_len=seq_len,
-    pad_id=tokenizer.pad_id,
-    seed=EVAL_SEED,
-    num_bins=int(c.packing_bins),
-    shuffle_bins=False,
-  )
+  rows = _packed_rows(c, tokenizer, docs, seq_len, seed=EVAL_SEED, shuffle_bins=False)
   out = []
   for batch in rows.batch(batch_size, drop_remainder=False):
     if max_batches is not None and len(out) >= max_batches:
