@@ -62,18 +62,25 @@ def restore_model(cfg: ml_collections.ConfigDict, workdir: str):
   return nnx.merge(graphdef, state["params"]), tokenizer, step
 
 
-def evaluate_workdir(
-  workdir: str, cfg: ml_collections.ConfigDict, batches: int | None = None
-) -> dict:
-  model, tokenizer, step = restore_model(cfg, workdir)
-  graphdef, params = nnx.split(model)
-  eval_batches = data.make_eval_batches(
+def validation_batches(
+  cfg: ml_collections.ConfigDict, tokenizer, batches: int | None = None
+) -> list[dict]:
+  """The run's own fixed validation batches (the trainer's eval set when batches is None)."""
+  return data.make_eval_batches(
     cfg.data,
     tokenizer=tokenizer,
     seq_len=cfg.train.seq_len,
     batch_size=cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum,
     max_batches=batches or cfg.eval.batches,
   )
+
+
+def evaluate_workdir(
+  workdir: str, cfg: ml_collections.ConfigDict, batches: int | None = None
+) -> dict:
+  model, tokenizer, step = restore_model(cfg, workdir)
+  graphdef, params = nnx.split(model)
+  eval_batches = validation_batches(cfg, tokenizer, batches)
   eval_step = train_lib.make_eval_step(graphdef, document_mask=cfg.model.document_mask)
   return {**train_lib.evaluate(eval_step, params, eval_batches), "step": step}
 

@@ -116,9 +116,13 @@ class FeedForward(nnx.Module):
     self.w_down = _param(rngs, (f, d), ("mlp", "embed"), pd)
     self.cfg = cfg
     self.decode_weights: nnx.List | None = nnx.data(None)
+    # Static, off in training: channel_usage sets it to sow this FFN's input under nnx.capture.
+    self.capture_input = False
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     c = self.cfg
+    if self.capture_input:
+      self.sow(nnx.Intermediate, "ffn_input", x_BxLxD)
     # F split over the mesh's `tensor` axis: the exact global top-K needs the sharded op.
     tp = c.ffn != "dense" and moc_tp.tensor_parallel_size() > 1
     op = moc_tp.moc_ffn_tp if tp else moc.moc_ffn
