@@ -26,9 +26,13 @@ sys.path.insert(0, ROOT)
 VARIANTS = {
   "dense": dict(ffn="dense"),
   "dense_remat_ffn": dict(ffn="dense", remat="ffn"),
+  "dense_remat_full": dict(ffn="dense", remat="full"),
   "moc": dict(ffn="moc"),
   "moc_gcp": dict(ffn="moc", gcp=True),
+  "moc_remat_ffn": dict(ffn="moc", remat="ffn"),
+  "moc_remat_full": dict(ffn="moc", remat="full"),
 }
+DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
 
 
 def _compiled_bytes(compiled) -> int:
@@ -116,7 +120,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
-  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"any of {', '.join(VARIANTS)}")
+  p.add_argument("--reference", default="dense", help="variant the ratios are taken against")
   p.add_argument(
     "--estimate_max_batch",
     action="store_true",
@@ -150,7 +155,7 @@ def main() -> None:
       f"est. max batch {r['est_max_batch']}",
       flush=True,
     )
-  dense = next((r for r in rows if r.get("variant") == "dense" and "error" not in r), None)
+  dense = next((r for r in rows if r.get("variant") == args.reference and "error" not in r), None)
   if dense:
     for r in rows:
       if "error" not in r:

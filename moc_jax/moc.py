@@ -18,11 +18,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backends, reference
 
 VARIANTS = ("dense", "moc", "moc_2of8")
 PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIGN.md §3)
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (moc_jax/sharding.py)
 
 
 def default_k(d_model: int) -> int:
@@ -66,6 +68,22 @@ def cast_and_pad(w_gate, w_up, w_down, dtype, f_pad: int):
 
 def _padded(d_ff: int, multiple: int) -> int:
   return d_ff + (-d_ff % multiple)
+
+
+def per_batch_shard(row_fn):
+  """Runs a row-wise epilogue on each batch shard of the ambient mesh.
+
+  A `pallas_call` has no SPMD partitioning rule: under `jit` with token rows split over
+  (data, fsdp), XLA would gather every shard's rows onto every device and run the whole
+  kernel there. Every argument of `row_fn` is a (T, ...) array; so is every output.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return row_fn
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes:
+    return row_fn
+  return jax.shard_map(row_fn, in_specs=P(axes), out_specs=P(axes), check_vma=False)
 
 
 def select_channels(
@@ -138,10 +156,14 @@ def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
 def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   d_ff = w_gate.shape[1]
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
-  epilogue = backends.train_forward_epilogue(backend)
-  idx_TxK, g_sel, u_sel, z_TxF = epilogue(
-    x_TxD @ wg, x_TxD @ wu, k, variant, num_valid=d_ff, idx_dtype=reference.index_dtype(wg.shape[1])
+  epilogue = functools.partial(
+    backends.train_forward_epilogue(backend),
+    k=k,
+    variant=variant,
+    num_valid=d_ff,
+    idx_dtype=reference.index_dtype(wg.shape[1]),
   )
+  idx_TxK, g_sel, u_sel, z_TxF = per_batch_shard(epilogue)(x_TxD @ wg, x_TxD @ wu)
   y_TxD = z_TxF @ wd
   if gcp:  # Z_sel is recomputed in the backward, bit-identically
     compact = (idx_TxK, g_sel, u_sel)
@@ -161,7 +183,7 @@ def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T
-  epilogue = backends.train_backward_epilogue(backend)
+  epilogue = per_batch_shard(backends.train_backward_epilogue(backend))
   dg_TxF, du_TxF, z_TxF = epilogue(dz_TxF, *compact)
 
   f32 = jnp.float32

@@ -31,7 +31,7 @@ from flax import nnx
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from moc_jax import checkpoint, moc_tp, sharding, train_lib
+from moc_jax import checkpoint, moc, moc_tp, sharding, train_lib
 from moc_jax.model import Transformer
 from moc_jax.model_config import ModelConfig
 from pallas_kernels import reference
@@ -164,6 +164,43 @@ def check_selection(out: dict) -> None:
   out["selection_exact"] = results
 
 
+def check_pallas_rows(out: dict) -> None:
+  """MoC's Pallas epilogues (interpret mode here) run per batch shard under a data×fsdp mesh."""
+  from pallas_kernels import moc_train
+
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(B, L, 32)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=s) / 6, jnp.float32) for s in ((32, 96), (32, 96), (96, 32))]
+
+  def loss(x, wg, wu, wd, backend):
+    return jnp.sum(moc.moc_ffn(x, wg, wu, wd, k=16, backend=backend) ** 2)
+
+  want = jax.grad(lambda *a: loss(*a, "xla"), argnums=(0, 1, 2, 3))(x, *ws)
+  rows, originals = [], (moc_train.train_forward_epilogue, moc_train.train_backward_epilogue)
+
+  def recording(fn):
+    def wrapped(first, *a, **kw):
+      rows.append(first.shape[0])
+      return fn(first, *a, **kw)
+
+    return wrapped
+
+  moc_train.train_forward_epilogue, moc_train.train_backward_epilogue = map(recording, originals)
+  try:
+    mesh = sharding.make_mesh((4, 2, 1))
+    with sharding.use_mesh(mesh):
+      x_s = jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+      )
+      got = jax.jit(jax.grad(lambda *a: loss(*a, "pallas"), argnums=(0, 1, 2, 3)))(x_s, *ws)
+  finally:
+    moc_train.train_forward_epilogue, moc_train.train_backward_epilogue = originals
+  out["pallas_rows"] = {
+    "max_diff": max_diff(jax.device_get(got), want),
+    "rows_seen": sorted(set(rows)),
+  }
+
+
 def check_checkpoint(out: dict) -> None:
   setup = setup_for("moc")
   batch2 = make_batch(2)
@@ -200,11 +237,17 @@ def check_checkpoint(out: dict) -> None:
 
 
 def main() -> int:
-  which = sys.argv[1:] or ["steps", "selection", "checkpoint"]
+  which = sys.argv[1:] or ["steps", "selection", "pallas_rows", "checkpoint"]
   out: dict = {"devices": jax.device_count()}
   for name in which:
     start = time.perf_counter()
-    {"steps": check_steps, "selection": check_selection, "checkpoint": check_checkpoint}[name](out)
+    checks = {
+      "steps": check_steps,
+      "selection": check_selection,
+      "pallas_rows": check_pallas_rows,
+      "checkpoint": check_checkpoint,
+    }
+    checks[name](out)
     out[f"seconds/{name}"] = round(time.perf_counter() - start, 1)
   print("RESULT " + json.dumps(out), flush=True)
   return 0

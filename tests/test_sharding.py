@@ -21,6 +21,7 @@ from moc_jax.model_config import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "_multidevice_steps.py")
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
+B, L = 8, 16  # the helper's batch
 
 
 def run_helper(args: list[str], timeout: float) -> dict:
@@ -55,6 +56,12 @@ def test_one_step_matches_single_device(measured, ffn, shape):
 
 def test_tensor_parallel_selection_is_exact(measured):
   assert measured["selection_exact"] == [True] * 4
+
+
+def test_pallas_epilogues_run_per_batch_shard(measured):
+  r = measured["pallas_rows"]
+  assert r["rows_seen"] == [B * L // 8], "each kernel call must see one shard's rows only"
+  assert r["max_diff"] < 1e-4
 
 
 def test_checkpoint_restores_onto_another_mesh(measured):
