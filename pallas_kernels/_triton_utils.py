@@ -94,7 +94,12 @@ def lane_iota(off: int, w: int, interpret: bool, hide: bool = True) -> jax.Array
   coalesced (64 B per warp instruction) and neighbouring lanes write neighbouring slots.
   """
   x = off + jnp.arange(w, dtype=jnp.int32)
-  if interpret or not hide:
+  return hide_contiguity(x, interpret) if hide else x
+
+
+def hide_contiguity(x: jax.Array, interpret: bool) -> jax.Array:
+  """int32 identity (inline PTX) that Triton's contiguity analysis cannot see through."""
+  if interpret:
     return x
   from jax.experimental.pallas import triton as pltriton
 

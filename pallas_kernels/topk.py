@@ -55,7 +55,14 @@ class TopKConfig:
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
   fan: int = 1  # thresholds per counting pass in the search (1 or 3; 3 only for 16-bit keys)
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
-  ablate: str = ""  # timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'
+  # 'row': one row over all warps (this module); 'warp': (C, rows, lanes) blocks, a warp per
+  # row when num_warps <= rows, all reductions in-warp (topk_warp.py).
+  layout: str = "row"
+  lanes: int = 32  # 'warp' only: columns per chunk row (32: one per lane; 256: 8-wide loads)
+  keep: bool = True  # 'warp' only: hold the keys in registers (else re-read G every pass)
+  # Timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'; 'warp' also
+  # 'no_final' (search, one store per row) and 'read_only' (load + one count per row).
+  ablate: str = ""
 
 
 DEFAULT = TopKConfig()
@@ -122,6 +129,32 @@ def _lowest_key(dtype) -> int:
   return b ^ ((b >> 15) & 0x7FFF)
 
 
+def ge_ones(ckey, thr, mode: str):
+  """Per element, 1 where key >= thr: int32 for 'int', else fp32 on the fp32 pipe."""
+  if mode == "int":
+    return (ckey >= thr).astype(jnp.int32)
+  c = jnp.broadcast_to((thr - 1).astype(jnp.float32), ckey.shape)
+  if mode == "fsat":
+    return pltriton.elementwise_inline_asm(
+      "sub.sat.f32 $0, $1, $2;",
+      args=[ckey, c],
+      constraints="=f,f,f",
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(ckey.shape, jnp.float32)],
+    )[0]
+  return jnp.clip(ckey - c, 0.0, 1.0)
+
+
+def bisect_step(state, count_ge: Callable, k: int):
+  """One bisection step on (lo, hi, count(key > hi)); a converged row stays unchanged."""
+  lo, hi, chi = state
+  d = hi - lo
+  mid = lo + lax.shift_right_logical(d, 1) + (d & 1)  # in (lo, hi]; no overflow
+  c = count_ge(mid)
+  ge = c >= k
+  return jnp.where(ge, mid, lo), jnp.where(ge, hi, mid - 1), jnp.where(ge, chi, c)
+
+
 def select_rows(
   g_ref,
   *,
@@ -139,6 +172,12 @@ def select_rows(
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
   mask and each selected element's output slot in [0, k).
   """
+  if cfg.layout == "warp":
+    from pallas_kernels import topk_warp
+
+    return topk_warp.select_rows_warp(
+      g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=on_chunk, num_valid=num_valid
+    )
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
@@ -178,22 +217,8 @@ def select_rows(
     totals = [jnp.zeros((r, 1), jnp.int32) for _ in thrs]
     for ckey in ckeys:
       for i, thr in enumerate(thrs):
-        if mode == "int":
-          part = jnp.sum((ckey >= thr).astype(jnp.int32), axis=1, keepdims=True)
-        else:
-          c = jnp.broadcast_to((thr - 1).astype(jnp.float32), ckey.shape)
-          if mode == "fsat":
-            ones = pltriton.elementwise_inline_asm(
-              "sub.sat.f32 $0, $1, $2;",
-              args=[ckey, c],
-              constraints="=f,f,f",
-              pack=1,
-              result_shape_dtypes=[jax.ShapeDtypeStruct(ckey.shape, jnp.float32)],
-            )[0]
-          else:
-            ones = jnp.clip(ckey - c, 0.0, 1.0)
-          part = jnp.sum(ones, axis=1, keepdims=True).astype(jnp.int32)
-        totals[i] = totals[i] + part
+        part = jnp.sum(ge_ones(ckey, thr, mode), axis=1, keepdims=True)
+        totals[i] = totals[i] + part.astype(jnp.int32)
     return totals
 
   lo = jnp.full((r, 1), kmin, jnp.int32)
@@ -224,12 +249,7 @@ def select_rows(
     return jnp.max((lo != hi).astype(jnp.int32)) > 0
 
   def body_bisect(state):
-    lo, hi, chi = state
-    d = hi - lo
-    mid = lo + lax.shift_right_logical(d, 1) + (d & 1)  # in (lo, hi]; no overflow
-    (c,) = counts_ge((mid,))
-    ge = c >= k
-    return jnp.where(ge, mid, lo), jnp.where(ge, hi, mid - 1), jnp.where(ge, chi, c)
+    return bisect_step(state, lambda mid: counts_ge((mid,))[0], k)
 
   def body_radix4(state):  # 16-bit keys only: no overflow in int32
     lo, hi, chi = state

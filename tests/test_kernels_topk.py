@@ -40,6 +40,9 @@ def _assert_same(g, k, variant, **kw):
     (jnp.bfloat16, 5, 1376, 256, TopKConfig(sample=256, fan=3, rows=2)),  # sampled, ragged
     (jnp.float32, 4, 700, 128, TopKConfig(rows=2, sample=128)),  # 32-bit keys, integer counts
     (jnp.bfloat16, 3, 5461, 1024, TopKConfig(count="int", granule=0)),  # odd F, one block
+    # warp layout: a warp per row, keys re-read, sampled bracket, 8-wide lanes, ragged rows
+    (jnp.bfloat16, 3, 2736, 512, TopKConfig(layout="warp", rows=2, keep=False, sample=256)),
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(layout="warp", rows=4, lanes=256)),
   ],
 )
 def test_random_rows(dtype, t, f, k, config):
@@ -57,6 +60,8 @@ def test_ties_and_equal_rows(dtype, k):
   g = jax.random.randint(_key(k), (6, f), -2, 3).astype(dtype)
   g = g.at[4].set(1.5).at[5].set(-0.75).reshape(2, 3, f)
   _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64, fan=3 if k == 1 else 1))
+  warp = TopKConfig(layout="warp", rows=4, keep=k == 1, sample=64 if k == 1 else 0)
+  _assert_same(g, k, "moc", config=warp)
 
 
 def test_group_2of8():

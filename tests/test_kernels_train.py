@@ -55,6 +55,7 @@ def _inputs(t, f, dtype, tag, ties=False):
     ("moc", jnp.float32, 3, 200, 100, True, None, 1),  # ties, K = F/2
     ("moc", jnp.bfloat16, 3, 72, 1, True, 61, 1),  # K = 1, ties, padding
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, 1),  # ties; padding: partial + whole group
+    ("moc", jnp.bfloat16, 3, 136, 16, True, 130, 0),  # fan 0: warp layout (topk_warp.py)
   ],
 )
 def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
@@ -62,7 +63,7 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
   if num_valid is not None:  # padded weight columns give zero G and U there
     pad_F = jnp.arange(f) >= num_valid
     g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
-  cfg = TopKConfig(rows=2, fan=fan)
+  cfg = TopKConfig(rows=2, fan=fan) if fan else TopKConfig(layout="warp", rows=2, keep=False)
   out = moc_train.train_forward_epilogue(g, u, k, variant, num_valid=num_valid, config=cfg)
   ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]), err_msg=f"seed={_SEED}")

@@ -1,0 +1,48 @@
+"""The top-K configs the GPU session compares, most informative first (it may stop early).
+
+Each names the hypothesis it tests about the ~600 us the row kernel spends outside its
+search and scan (NOTES_kernels.md). 'w' = layout='warp' (topk_warp.py): rRwW = R rows and
+W warps per program; with W <= R each warp owns whole rows and never synchronises.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.topk import TopKConfig
+
+W = "warp"
+
+SWEEP: dict[str, TopKConfig] = {
+  "row_default": TopKConfig(),  # today's kernel: one row over 4 warps
+  # Warp per row, keys re-read from L1/L2 each pass (no register pressure, no barriers).
+  "w_r4w4_reload": TopKConfig(layout=W, rows=4, num_warps=4, keep=False),
+  # Same with the 16-pass bisection cut to ~9 passes by a sampled bracket.
+  "w_r4w4_reload_s256": TopKConfig(layout=W, rows=4, num_warps=4, keep=False, sample=256),
+  # Keys in registers: F/32 = 176 per thread, spills expected; ptxas says how many.
+  "w_r4w4_keep": TopKConfig(layout=W, rows=4, num_warps=4),
+  # Ablations first for the two shapes: search only (one store per row), load + count only.
+  "abl_w_r1w4_no_final": TopKConfig(layout=W, rows=1, num_warps=4, ablate="no_final"),
+  "abl_w_r4w4_read_only": TopKConfig(layout=W, rows=4, num_warps=4, ablate="read_only"),
+  "w_r1w1_reload": TopKConfig(layout=W, rows=1, num_warps=1, keep=False),
+  "w_r2w2_reload": TopKConfig(layout=W, rows=2, num_warps=2, keep=False),
+  "w_r8w8_reload": TopKConfig(layout=W, rows=8, num_warps=8, keep=False),
+  # Two warps per row (warps also on the chunk axis): 88 keys per thread, one barrier per count.
+  "w_r2w4_keep": TopKConfig(layout=W, rows=2, num_warps=4),
+  # The row kernel's shape in the 3D code (warps on the chunk axis): isolates layout vs code.
+  "w_r1w4_keep": TopKConfig(layout=W, rows=1, num_warps=4),
+  # 8-wide vectorized loads (columns contiguous per thread) instead of one column per lane.
+  "w_r4w4_reload_l256": TopKConfig(layout=W, rows=4, num_warps=4, keep=False, lanes=256),
+  "w_r4w4_keep_s256": TopKConfig(layout=W, rows=4, num_warps=4, sample=256),
+  # Ablations (timing only): where the time of the warp layout and of the row shape goes.
+  "abl_w_r4w4_read_only_l256": TopKConfig(
+    layout=W, rows=4, num_warps=4, lanes=256, ablate="read_only"
+  ),
+  "abl_w_r4w4_reload_no_final": TopKConfig(
+    layout=W, rows=4, num_warps=4, keep=False, ablate="no_final"
+  ),
+  "abl_w_r4w4_reload_no_scan": TopKConfig(
+    layout=W, rows=4, num_warps=4, keep=False, ablate="no_scan"
+  ),
+  "abl_w_r1w4_read_only": TopKConfig(layout=W, rows=1, num_warps=4, ablate="read_only"),
+  "abl_w_r1w4_no_search": TopKConfig(layout=W, rows=1, num_warps=4, ablate="no_search"),
+  "row_w2": TopKConfig(num_warps=2),
+}
