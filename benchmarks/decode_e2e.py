@@ -4,7 +4,8 @@ Batch 1, a 128-token prompt, 128 new tokens (no EOS), bf16 weights and compute, 
 generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of the whole call
 - time of the prefill alone); medians over trials. Dense runs on its fastest path: the model's
 dense FFN calls XLA (`moc.moc_ffn`), so the script also times dense with the FFN's decode
-swapped for `moc_decode.dense_decode_ffn` (model.py routes dense decode to XLA).
+swapped for `moc_decode.dense_decode_ffn` (model.py routes dense decode to XLA). MoC runs with
+the default decode config and, as `moc_kernel_mask`, with the mask pipeline forced.
 
   python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
 """
@@ -17,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +88,7 @@ def main() -> None:
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
+    "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
   }
   result = {
@@ -98,6 +101,7 @@ def main() -> None:
     "rows": {},
   }
   original = model.FeedForward.decode
+  original_cfg = moc_decode.default_config
   for name, kw in variants.items():
     if name in a.skip.split(","):
       continue
@@ -105,12 +109,15 @@ def main() -> None:
     m = model.Transformer(cfg, nnx.Rngs(0))
     m.prepare_for_decode()
     model.FeedForward.decode = _dense_kernel_decode if name == "dense_kernel" else original
+    if name == "moc_kernel_mask":
+      moc_decode.default_config = lambda *a: replace(original_cfg(*a), pipeline="mask")
     try:
       row = time_generate(m, prompt_len, new, a.trials)
     except Exception as e:
       row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
       model.FeedForward.decode = original
+      moc_decode.default_config = original_cfg
     row.update(d_model=cfg.d_model, d_ff=cfg.d_ff, k=cfg.k, layers=cfg.num_layers)
     result["rows"][name] = row
     print(name, json.dumps(row), flush=True)
@@ -124,7 +131,8 @@ def _summarise(result: dict, out: str) -> None:
     (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows.get(n, {})),
     default=0,
   )
-  dense, moc = best(("dense_xla", "dense_kernel")), best(("moc_xla", "moc_kernel"))
+  dense = best(("dense_xla", "dense_kernel"))
+  moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask"))
   result["moc_over_dense"] = moc / dense if dense else None
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as fh:

@@ -1,11 +1,13 @@
 """FFN decode latency for T in {1, 4, 16}: XLA dense, our dense kernels, MoC xla path, MoC kernels.
 
 Each figure is the median over trials of (wall time of R back-to-back dispatches of one jitted
-chain of C calls) / (R·C): every call's output is summed into the chain's result (so XLA can
-neither drop nor merge calls; a first version returned only the last output and XLA dropped the
-rest), the GPU queue never drains between dispatches, and the chain rotates over
-enough weight sets that the bytes touched per round are several times the 60 MB L2. Single-call
-latency (one blocking dispatch each) is reported beside it: it is launch-bound.
+chain of C calls) / (R·C). Every call reads its own input and weight set (C distinct sets, together
+many times the 60 MB L2) and every call's output is summed into the chain's result: XLA can neither
+drop calls nor merge two dots on shared weights into one (it did so on an earlier version that
+reused weight sets within a chain, timing XLA dense at 270 MB in 14 µs). The GPU queue never
+drains between dispatches. `stage:` rows time prefixes of the MoC pipeline (gate GEMV; GEMV +
+select) to place the time. Single-call latency (one blocking dispatch each) is reported beside
+it: it is launch-bound.
 Bandwidth = bytes the method must read / time: dense 3·D·F·2; MoC D·F·2 + 2·U·D·2 where U is
 the number of channels some token selected (the union), measured on the run's own inputs.
 
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,11 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import moc_decode, reference
+from pallas_kernels._decode_config import legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 TOKENS = (1, 4, 16)
-L2_BYTES = 60e6
-Cfg = moc_decode.DecodeConfig
 
 
 def run_info() -> dict:
@@ -91,18 +93,13 @@ def time_single(fn, args, trials: int) -> float:
   return statistics.median(ts)
 
 
-def chain(ffn, num_sets: int, unroll: int):
-  """jit(x, sets) -> y after unroll·num_sets dependent calls, one weight set after another."""
+def chain(ffn):
+  """jit(xs, sets) -> the sum of one call per (x, weight set): no two calls share an operand."""
   inner = jax.jit(ffn)
 
-  def run(x, sets):
-    y, ys = x, []
-    for _ in range(unroll):
-      for s in range(num_sets):
-        xx, _ = jax.lax.optimization_barrier((x, y))  # distinct inputs: no CSE across calls
-        y = inner(xx, *sets[s])
-        ys.append(y)
-    return jnp.sum(jnp.stack(ys).astype(jnp.float32), axis=0)  # every call's output is live
+  def run(xs, sets):
+    ys = [inner(x, *ws) for x, ws in zip(xs, sets, strict=True)]
+    return jnp.sum(jnp.stack(ys).astype(jnp.float32), axis=0)  # all live; one fusion at the end
 
   return jax.jit(run)
 
@@ -134,133 +131,172 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def bench_shape(d, f, k, variant, tokens, moc_cfgs, dense_cfgs, args) -> list[dict]:
+def methods_for(d, f, k, t, variant, interp, stages: bool, sweep: bool) -> dict:
+  """name -> (fn(x, wg, wu, wu_t, wd), config or None), most important first."""
+  new = moc_decode.default_config(t, d, f)
+  old = legacy_config(t, d, f)
+  moc = lambda c: (
+    lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
+      x, wg, wut, wd, k, variant, config=c, interpret=interp
+    )
+  )
+  dense = lambda c: (
+    lambda x, wg, wu, wut, wd: moc_decode.dense_decode_ffn(
+      x, wg, wu, wd, config=c, interpret=interp
+    )
+  )
+  out = {
+    "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
+    "dense_kernel[new]": (dense(new), new),
+    "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
+    "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
+    "dense_kernel[old]": (dense(old), old),
+    "moc_kernel[old]": (moc(old), old),
+  }
+  if t == 1:  # at T > 1 it ran 600-800 µs last time: nothing to learn
+    out["moc_xla"] = (
+      lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant),
+      None,
+    )
+  if sweep:  # a few guesses around the new defaults, each a single knob
+    lst = replace(new, pipeline="list")
+    for tag, c in (
+      ("list,sel32w", replace(lst, select_warps=32)),
+      ("list,sel32w,radix4", replace(lst, select_warps=32, select_radix_bits=4)),
+      ("list,rows16", replace(lst, list_rows=16, list_warps=2 * lst.list_warps)),
+      ("list,prog256", replace(lst, list_programs=256)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+    fused = replace(new, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
+    big = replace(new, gemv_block_f=256, gemv_block_d=64, gemv_warps=8, down_block_c=64)
+    for tag, c in (("fused_swiglu", fused), ("bf256", big)):
+      out[f"dense_kernel[{tag}]"] = (dense(c), c)
+  if stages:
+    i = moc_decode._interpret(interp)
+    gemv = lambda c, x, wg: moc_decode._gemv(x, (wg,), c, swiglu=False, interpret=i)
+    sel = lambda c, x, wg, lists: moc_decode._decode_select.select_scale(
+      gemv(c, x, wg),
+      k,
+      variant,
+      d_ff=f,
+      round_dtype=x.dtype,
+      warps=c.select_warps,
+      radix_bits=c.select_radix_bits,
+      lists=lists,
+      interpret=i,
+    )
+    out["stage:gemv[new]"] = (lambda x, wg, wu, wut, wd: gemv(new, x, wg), new)
+    out["stage:gemv+select_list[new]"] = (lambda x, wg, wu, wut, wd: sel(new, x, wg, True)[1], new)
+    out["stage:gemv+select_mask[new]"] = (lambda x, wg, wu, wut, wd: sel(new, x, wg, False), new)
+    out["stage:gemv[old]"] = (lambda x, wg, wu, wut, wd: gemv(old, x, wg), old)
+    out["stage:gemv+select_mask[old]"] = (lambda x, wg, wu, wut, wd: sel(old, x, wg, False), old)
+  return out
+
+
+def bench_case(d, f, k, variant, t, sets, args, deadline) -> list[dict]:
   dtype = jnp.bfloat16
   dense_bytes = 3 * d * f * 2
-  num_sets = max(2, int(np.ceil(4 * L2_BYTES / dense_bytes))) if not args.quick else 2
-  sets = make_sets(d, f, num_sets, dtype)
+  xs = [jax.random.normal(jax.random.key(100 * t + i), (t, d), dtype) for i in range(len(sets))]
+  x = xs[0]
+  union = []
+  for xi, (wg, *_) in zip(xs, sets, strict=True):
+    g = jnp.dot(xi, wg, preferred_element_type=jnp.float32).astype(dtype)
+    idx, _ = reference.select(g, k, variant)
+    union.append(len(np.unique(np.asarray(idx))))
+  moc_bytes = d * f * 2 + 2 * float(np.mean(union)) * d * 2
+  interp = True if args.quick else None
+  first = d == SHAPES[0][0] or args.quick  # the 1B shape: stage times at T = 1, a sweep
+  stages = first and t == 1 and args.stages
+  methods = methods_for(d, f, k, t, variant, interp, stages, first and t == 1 and args.sweep)
+  ref_dense = reference.dense_decode_ffn(x, *[sets[0][i] for i in (0, 1, 3)])
+  ref_moc = reference.decode_ffn(x, sets[0][0], sets[0][2], sets[0][3], k, variant)
   rows = []
-  for t in tokens:
-    x = jax.random.normal(jax.random.key(100 + t), (t, d), dtype)
-    union = []
-    for wg, *_ in sets:
-      g = jnp.dot(x, wg, preferred_element_type=jnp.float32).astype(dtype)
-      idx, _ = reference.select(g, k, variant)
-      union.append(len(np.unique(np.asarray(idx))))
-    moc_bytes = d * f * 2 + 2 * float(np.mean(union)) * d * 2
-    interp = True if args.quick else None
-    methods = {
-      "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), {}),
-      "moc_xla": (lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant), {}),
-    }
-    for name, c in dense_cfgs.items():
-      methods[f"dense_kernel[{name}]"] = (
-        lambda x, wg, wu, wut, wd, c=c, i=interp: moc_decode.dense_decode_ffn(
-          x, wg, wu, wd, config=c, interpret=i
-        ),
-        c,
-      )
-    for name, c in moc_cfgs.items():
-      methods[f"moc_kernel[{name}]"] = (
-        lambda x, wg, wu, wut, wd, c=c, i=interp: moc_decode.decode_ffn(
-          x, wg, wut, wd, k, variant, config=c, interpret=i
-        ),
-        c,
-      )
-    ref_dense = reference.dense_decode_ffn(x, *[sets[0][i] for i in (0, 1, 3)])
-    ref_moc = reference.decode_ffn(x, sets[0][0], sets[0][2], sets[0][3], k, variant)
-    for name, (fn, c) in methods.items():
-      row = {"d": d, "F": f, "K": k, "T": t, "variant": variant, "method": name}
-      row["bytes_must_read"] = moc_bytes if "moc" in name else dense_bytes
-      row["union_channels"] = float(np.mean(union))
-      if c:
-        row["config"] = c.__dict__
-      try:
-        jfn = jax.jit(fn)
-        y = jfn(x, *sets[0])
-        row["rel_err_vs_reference"] = rel_err(y, ref_moc if "moc" in name else ref_dense)
-        unroll = max(1, args.calls // num_sets)
-        timing = time_chain(
-          chain(fn, num_sets, unroll), (x, sets), unroll * num_sets, args.reps, args.trials
-        )
-        row["time_s"] = timing["median_s"]
-        row["trials_s"] = timing["trials_s"]
-        row["single_call_s"] = time_single(jfn, (x, *sets[0]), args.trials)
-        row["bandwidth_Bps"] = row["bytes_must_read"] / row["time_s"]
-      except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      print(
-        json.dumps({k2: v for k2, v in row.items() if k2 not in ("trials_s", "config")}), flush=True
-      )
+  for name, (fn, c) in methods.items():
+    row = {"d": d, "F": f, "K": k, "T": t, "variant": variant, "method": name}
+    row["bytes_must_read"] = dense_bytes if "dense" in name else moc_bytes
+    row["union_channels"] = float(np.mean(union))
+    if c:
+      row["config"] = c.__dict__
+    if time.perf_counter() > deadline:
+      row["error"] = "skipped: time budget spent"
       rows.append(row)
+      continue
+    try:
+      jfn = jax.jit(fn)
+      y = jfn(x, *sets[0])
+      if not name.startswith("stage:"):
+        row["rel_err_vs_reference"] = rel_err(y, ref_dense if "dense" in name else ref_moc)
+      timing = time_chain(chain(fn), (xs, sets), len(sets), args.reps, args.trials)
+      row["time_s"] = timing["median_s"]
+      row["trials_s"] = timing["trials_s"]
+      row["single_call_s"] = time_single(jfn, (x, *sets[0]), args.trials)
+      row["bandwidth_Bps"] = row["bytes_must_read"] / row["time_s"]
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    brief = {k2: v for k2, v in row.items() if k2 not in ("trials_s", "config", "variant")}
+    print(json.dumps(brief), flush=True)
+    rows.append(row)
   return rows
-
-
-def sweep_configs(d: int, f: int, t: int) -> tuple[dict, dict]:
-  base = moc_decode.default_config(t, d, f)
-  rep = lambda **kw: Cfg(**{**base.__dict__, **kw})
-  moc = {
-    "default": base,
-    "gemv_bf64": rep(gemv_block_f=64, gemv_block_d=128, gemv_splits=max(1, base.gemv_splits // 2)),
-    "w8": rep(gemv_warps=8, up_warps=8, down_warps=8, select_warps=16),
-    "up8_down16": rep(
-      up_block_c=8, up_block_d=1024, down_splits=2 * base.down_splits, down_block_c=16
-    ),
-  }
-  dense = {
-    "splits": base,
-    "swiglu_bf32": rep(gemv_splits=1, gemv_block_f=32, gemv_block_d=128),
-    "splits_bf64": rep(gemv_block_f=64, gemv_block_d=128),
-  }
-  return moc, dense
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
   p.add_argument("--out", default="benchmarks/results/decode_ffn.json")
-  p.add_argument("--calls", type=int, default=16, help="dependent calls per jitted chain")
-  p.add_argument("--reps", type=int, default=8)
-  p.add_argument("--trials", type=int, default=5)
+  p.add_argument("--calls", type=int, default=8, help="calls (= distinct weight sets) per chain")
+  p.add_argument("--reps", type=int, default=4)
+  p.add_argument("--trials", type=int, default=3)
   p.add_argument("--variant", default="moc")
-  p.add_argument("--sweep", default="t1", choices=("none", "t1", "all"), help="config sweep")
+  p.add_argument("--stages", type=int, default=1, help="time pipeline prefixes at T=1")
+  p.add_argument("--sweep", type=int, default=1, help="a few configs at the 1B shape")
+  p.add_argument("--budget_s", type=float, default=1e9, help="skip what is left after this")
   args = p.parse_args()
+  deadline = time.perf_counter() + args.budget_s
   shapes = ((64, 200, 40),) if args.quick else SHAPES
   tokens = (1, 4) if args.quick else TOKENS
   result = {**run_info(), "method": __doc__.split("\n\n")[0], "rows": []}
   result["bandwidth"] = copy_bandwidth(2**20 if args.quick else 2**31, args.trials)
   print(json.dumps(result["bandwidth"]), flush=True)
-  for d, f, k in shapes:
-    for t in tokens:
-      moc, dense = sweep_configs(d, f, t)
-      if args.quick or args.sweep == "none" or (args.sweep == "t1" and t != 1):
-        moc, dense = {"default": moc["default"]}, {"splits": dense["splits"]}
-      result["rows"] += bench_shape(d, f, k, args.variant, (t,), moc, dense, args)
+  calls = 2 if args.quick else args.calls
+  # T = 1 everywhere first, then 16, then 4: a budget cut keeps the most telling cases
+  order = sorted(tokens, key=lambda t: (t != 1, -t))
+  for t in order:
+    for d, f, k in shapes:
+      sets = make_sets(d, f, calls, jnp.bfloat16)
+      result["rows"] += bench_case(d, f, k, args.variant, t, sets, args, deadline)
+      del sets
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       with open(args.out, "w") as fh:  # after every case: a timeout keeps what was measured
         json.dump(result, fh, indent=1)
   print_table(result)
 
 
-def best(rows, prefix):
-  ok = [r for r in rows if r["method"].startswith(prefix) and "time_s" in r]
-  return min(ok, key=lambda r: r["time_s"]) if ok else None
+def _fastest(rows: list[dict], prefix: str) -> dict | None:
+  mine = [r for r in rows if r["method"].startswith(prefix)]
+  return min(mine, key=lambda r: r["time_s"], default=None)
 
 
 def print_table(result: dict) -> None:
+  """One line per (shape, T): every method's µs; then best dense kernel vs best MoC kernel."""
   copy = result["bandwidth"]["copy_Bps"]
   print(f"\ncopy {copy / 1e12:.2f} TB/s, read {result['bandwidth']['read_Bps'] / 1e12:.2f} TB/s")
-  print("d     F      T  | xla_dense  dense_k (%copy) | moc_xla  moc_k (%copy) | moc_k/dense_k")
   keys = sorted({(r["d"], r["F"], r["T"]) for r in result["rows"]})
   for d, f, t in keys:
     rows = [r for r in result["rows"] if (r["d"], r["F"], r["T"]) == (d, f, t)]
-    xd, dk, mx, mk = (best(rows, p) for p in ("xla_dense", "dense_kernel", "moc_xla", "moc_kernel"))
-    us = lambda r: f"{r['time_s'] * 1e6:7.1f}" if r else "    n/a"
-    pct = lambda r: f"({100 * r['bandwidth_Bps'] / copy:3.0f}%)" if r else "(n/a)"
-    ratio = f"{dk['time_s'] / mk['time_s']:.2f}x" if dk and mk else "n/a"
-    print(
-      f"{d:<5} {f:<6} {t:<2} | {us(xd)}  {us(dk)} {pct(dk)} | {us(mx)} {us(mk)} {pct(mk)} | {ratio}"
-    )
+    ok = [r for r in rows if "time_s" in r]
+    cells = [f"{r['method']}={r['time_s'] * 1e6:.1f}" for r in ok]
+    cells += [f"{r['method']}=ERR" for r in rows if "error" in r]
+    print(f"d={d} F={f} T={t}: " + " ".join(cells))
+    dk, mk, xd = (_fastest(ok, pre) for pre in ("dense_kernel", "moc_kernel", "xla_dense"))
+    if dk and mk:
+      dense = min((r for r in (dk, xd) if r), key=lambda r: r["time_s"])
+      print(
+        f"   best dense {dense['method']} {dense['time_s'] * 1e6:.1f}us "
+        f"({100 * dense['bandwidth_Bps'] / copy:.0f}% copy) | best moc {mk['method']} "
+        f"{mk['time_s'] * 1e6:.1f}us ({100 * mk['bandwidth_Bps'] / copy:.0f}% copy) | "
+        f"moc speedup vs our dense {dk['time_s'] / mk['time_s']:.2f}x, vs best dense "
+        f"{dense['time_s'] / mk['time_s']:.2f}x"
+      )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+PIPELINES = ("mask", "list")
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
@@ -26,6 +28,17 @@ class DecodeConfig:
   down_block_d: int = 128
   down_warps: int = 4
   down_stages: int = 3
+  # T = 1 through tl.dot with the token padded to 16 rows (the multiply-reduce path does a
+  # cross-warp reduction every loop step; at T = 4 the dot path ran 1.4-1.6x faster, NOTES)
+  t1_dot: bool = False
+  # MoC after the select: 'mask' (up and down kernels over all channels, masked loads of the
+  # selected rows) or 'list' (select writes per-token sorted channel lists; one kernel streams
+  # whole selected rows of Wu^T and Wd per list chunk, fp32 partial y per program)
+  pipeline: str = "mask"
+  list_rows: int = 8  # list entries per loop step (rows of Wu^T and of Wd loaded at once)
+  list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
+  list_block_d: int = 1024  # columns per load (static loop over D)
+  list_warps: int = 8
 
 
 def cdiv(a: int, b: int) -> int:
@@ -36,11 +49,27 @@ def pow2_at_least(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
-  """A config that gives every SM (132 on an H200) a few programs at the given shape."""
+def legacy_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """Last session's default (mask pipeline, multiply-reduce at T = 1): kept to compare."""
   del num_tokens
   block_f = 128
   splits = max(1, min(16, pow2_at_least(cdiv(264, cdiv(d_ff, block_f)))))
   down_block_d = min(128, pow2_at_least(d_model))
   down_splits = max(1, min(16, pow2_at_least(cdiv(128, cdiv(d_model, down_block_d)))))
   return DecodeConfig(gemv_splits=splits, down_splits=down_splits, down_block_d=down_block_d)
+
+
+def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """A config that gives every SM (132 on an H200) a few programs at the given shape.
+
+  Untested on the GPU when written: the list pipeline at T <= 4 and the dot path at T = 1 are
+  guesses from the last run's figures; benchmarks/decode_ffn.py times them against legacy.
+  """
+  base = legacy_config(num_tokens, d_model, d_ff)
+  return dataclasses.replace(
+    base,
+    t1_dot=True,
+    select_warps=16,
+    pipeline="list" if num_tokens <= 4 else "mask",
+    list_warps=8 if d_model <= 2048 else 16,
+  )

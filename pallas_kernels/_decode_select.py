@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 
 F32 = jnp.float32
@@ -57,7 +58,7 @@ def _silu(v: jax.Array) -> jax.Array:
   return v / (1.0 + jnp.exp(-v))
 
 
-def _topk_kernel(p_ref, a_ref, *, splits, d_ff, width, k, round_dtype, radix_bits):
+def _topk_kernel(p_ref, *out_refs, splits, d_ff, width, k, round_dtype, radix_bits, interpret):
   t = pl.program_id(0)
   valid = jnp.arange(width) < d_ff
   g = plgpu.load(p_ref.at[_i(0), _i(0), t, :], mask=valid, other=0)
@@ -70,11 +71,25 @@ def _topk_kernel(p_ref, a_ref, *, splits, d_ff, width, k, round_dtype, radix_bit
   tied = key == tau
   need = k - jnp.sum(above.astype(I32))
   selected = above | (tied & (jnp.cumsum(tied.astype(I32)) <= need))
-  a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
-  plgpu.store(a_ref.at[t, :], a, mask=valid)
+  if len(out_refs) == 1:
+    a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
+    plgpu.store(out_refs[0].at[t, :], a, mask=valid)
+    return
+  pos = jnp.cumsum(selected.astype(I32)) - 1  # list slot: selected channels stay ascending
+  _store_list(
+    out_refs, t, pos, jnp.arange(width, dtype=I32), _silu(g.astype(F32)), selected, interpret
+  )
 
 
-def _group_kernel(p_ref, a_ref, *, splits, num_groups, width, round_dtype):
+def _store_list(out_refs, t, pos, channel, a, selected, interpret):
+  """idx_ref[t, pos] = channel and a_ref[t, pos] = a where selected (a scatter)."""
+  idx_ref, a_ref = out_refs
+  rows = jnp.broadcast_to(t, pos.shape).astype(I32)
+  tu.scatter_store(idx_ref, rows, pos, channel, selected, interpret)
+  tu.scatter_store(a_ref, rows, pos, a, selected, interpret)
+
+
+def _group_kernel(p_ref, *out_refs, splits, num_groups, width, round_dtype, interpret):
   t = pl.program_id(0)
   valid = jnp.arange(width) < num_groups
 
@@ -93,8 +108,17 @@ def _group_kernel(p_ref, a_ref, *, splits, num_groups, width, round_dtype):
   for j in range(reference.GROUP):  # how many lanes of the group beat each lane
     other = sortable_key(load(_i(j)))[:, None]
     rank += ((other > key) | ((other == key) & (j < lane))).astype(I32)
-  a = jnp.where(rank < reference.PER_GROUP, _silu(g.astype(F32)), 0.0)
-  plgpu.store(a_ref.at[t, :, :], a, mask=valid[:, None])
+  selected = rank < reference.PER_GROUP
+  if len(out_refs) == 1:
+    a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
+    plgpu.store(out_refs[0].at[t, :, :], a, mask=valid[:, None])
+    return
+  group = jnp.arange(width, dtype=I32)[:, None]
+  sel = selected.astype(I32)
+  pos = reference.PER_GROUP * group + jnp.cumsum(sel, axis=1) - sel  # selected lanes before
+  channel = jnp.broadcast_to(group * reference.GROUP + lane, pos.shape)
+  ok = selected & valid[:, None]
+  _store_list(out_refs, t, pos, channel, _silu(g.astype(F32)), ok, interpret)
 
 
 def _bcast(valid: jax.Array, idx: tuple) -> jax.Array:
@@ -110,11 +134,25 @@ def select_scale(
   round_dtype,
   warps: int = 8,
   radix_bits: int = 2,
+  lists: bool = False,
   interpret: bool = False,
-) -> jax.Array:
-  """From fp32 G partials (splits, 1, T, W ≥ F, W a power of 2) to a_TxW = silu(G) * selected."""
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """From fp32 G partials (splits, 1, T, W ≥ F, W a power of 2) to the selection.
+
+  lists=False: a_TxW = silu(G) on the selected channels, 0 elsewhere.
+  lists=True: (idx_TxK int32 ascending, a_TxK = silu(G) at idx), K = F // 4 for moc_2of8.
+  """
   splits, _, num_tokens, width = partials.shape
   params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+  if variant == "moc_2of8":
+    k = d_ff // reference.GROUP * reference.PER_GROUP
+  elif variant != "moc":
+    raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  if lists:
+    out_shape = (
+      jax.ShapeDtypeStruct((num_tokens, k), I32),
+      jax.ShapeDtypeStruct((num_tokens, k), F32),
+    )
   if variant == "moc":
     kernel = functools.partial(
       _topk_kernel,
@@ -124,8 +162,10 @@ def select_scale(
       k=k,
       round_dtype=round_dtype,
       radix_bits=radix_bits,
+      interpret=interpret,
     )
-    out_shape = jax.ShapeDtypeStruct((num_tokens, width), F32)
+    if not lists:
+      out_shape = jax.ShapeDtypeStruct((num_tokens, width), F32)
     return pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -134,8 +174,6 @@ def select_scale(
       interpret=interpret,
       name="decode_select",
     )(partials)
-  if variant != "moc_2of8":
-    raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
   group = reference.GROUP
   p8 = partials.reshape(splits, 1, num_tokens, width // group, group)
   kernel = functools.partial(
@@ -144,9 +182,11 @@ def select_scale(
     num_groups=d_ff // group,
     width=width // group,
     round_dtype=round_dtype,
+    interpret=interpret,
   )
-  out_shape = jax.ShapeDtypeStruct((num_tokens, width // group, group), F32)
-  a = pl.pallas_call(
+  if not lists:
+    out_shape = jax.ShapeDtypeStruct((num_tokens, width // group, group), F32)
+  out = pl.pallas_call(
     kernel,
     out_shape=out_shape,
     grid=(num_tokens,),
@@ -154,4 +194,4 @@ def select_scale(
     interpret=interpret,
     name="decode_select_2of8",
   )(p8)
-  return a.reshape(num_tokens, width)
+  return out if lists else out.reshape(num_tokens, width)

@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _decode_select, reference
-from pallas_kernels._decode_config import DecodeConfig, default_config
+from pallas_kernels import _decode_list, _decode_select, reference
+from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
 
@@ -41,9 +41,9 @@ def _precision(dtype) -> lax.Precision:
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _rows(num_tokens: int) -> int:
-  """Tokens padded for tl.dot (needs ≥ 16 rows); T = 1 uses a plain multiply-reduce instead."""
-  return 1 if num_tokens == 1 else max(16, _pow2_at_least(num_tokens))
+def _rows(num_tokens: int, cfg: DecodeConfig) -> int:
+  """Tokens padded for tl.dot (needs ≥ 16 rows); T = 1 may take a plain multiply-reduce."""
+  return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, _pow2_at_least(num_tokens))
 
 
 def _silu(v: jax.Array) -> jax.Array:
@@ -128,7 +128,7 @@ def _gemv(x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool) ->
   block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
   block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
   d_split = _cdiv(d_model, splits)
-  rows = _rows(num_tokens)
+  rows = _rows(num_tokens, cfg)
   if swiglu:
     out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype)
   else:
@@ -202,7 +202,7 @@ def _up(x_TxD, a_TxFo, w_up_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.A
   kernel = functools.partial(
     _up_kernel,
     num_tokens=num_tokens,
-    rows=_rows(num_tokens),
+    rows=_rows(num_tokens, cfg),
     d_model=d_model,
     d_ff=d_ff,
     block_c=block_c,
@@ -269,7 +269,7 @@ def _down(z_TxF, w_down_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array
   kernel = functools.partial(
     _down_kernel,
     num_tokens=num_tokens,
-    rows=_rows(num_tokens),
+    rows=_rows(num_tokens, cfg),
     d_model=d_model,
     d_ff=d_ff,
     chunk=chunk,
@@ -325,18 +325,26 @@ def decode_ffn(
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
   """Jitted so that every layer's call reuses one trace of the kernels."""
-  d_ff = w_gate_DxF.shape[1]
+  if cfg.pipeline not in PIPELINES:
+    raise ValueError(f"unknown decode pipeline {cfg.pipeline!r}; expected one of {PIPELINES}")
   partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
-  a_TxFo = _decode_select.select_scale(
+  select = functools.partial(
+    _decode_select.select_scale,
     partials,
     k,
     variant,
-    d_ff=d_ff,
+    d_ff=w_gate_DxF.shape[1],
     round_dtype=x_TxD.dtype,
     warps=cfg.select_warps,
     radix_bits=cfg.select_radix_bits,
     interpret=interpret,
   )
+  if cfg.pipeline == "list":
+    idx_TxK, a_TxK = select(lists=True)
+    return _decode_list.rows_ffn(
+      x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret
+    )
+  a_TxFo = select()
   z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
 

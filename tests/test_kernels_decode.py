@@ -6,6 +6,7 @@ purpose with small-integer gates, whose sums are exact in any order and any floa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -26,6 +27,10 @@ SMALL = moc_decode.DecodeConfig(
   down_splits=3,
   down_block_c=16,
   down_block_d=16,
+)
+# The list pipeline with small blocks: several programs per token, a partial last step.
+LIST = dataclasses.replace(
+  SMALL, pipeline="list", list_rows=4, list_programs=8, list_block_d=32, t1_dot=True
 )
 
 
@@ -80,46 +85,73 @@ def test_select_is_exact_with_ties(variant):
 
 
 @pytest.mark.parametrize(
-  ("num_tokens", "d_ff", "k", "variant", "dtype", "integer_gate"),
+  ("num_tokens", "d_ff", "k", "variant", "dtype", "integer_gate", "cfg"),
   [
-    (1, 203, 40, "moc", jnp.float32, False),  # odd F, one token (multiply-reduce path)
-    (3, 136, 34, "moc_2of8", jnp.float32, True),  # ties inside groups of 8
-    (16, 100, 23, "moc", jnp.bfloat16, True),  # ties at the threshold, bf16, tl.dot path
+    (1, 203, 40, "moc", jnp.float32, False, SMALL),  # odd F, one token (multiply-reduce path)
+    (3, 136, 34, "moc_2of8", jnp.float32, True, SMALL),  # ties inside groups of 8
+    (16, 100, 23, "moc", jnp.bfloat16, True, SMALL),  # ties at the threshold, bf16, tl.dot path
+    (1, 171, 37, "moc", jnp.float32, True, LIST),  # odd F, ties, lists; T = 1 via tl.dot
+    (3, 136, 34, "moc_2of8", jnp.bfloat16, True, LIST),  # group lists, several tokens
   ],
 )
-def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integer_gate):
+def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integer_gate, cfg):
   seed, d_model = _seed(), 48
   x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
-  y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant, config=SMALL, interpret=True)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant, config=cfg, interpret=True)
   want = reference.decode_ffn(x, wg, wu, wd, k, variant)
   assert y.shape == want.shape and y.dtype == want.dtype
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   assert _rel_err(y, want) < tol, f"{seed=}"
 
 
-@pytest.mark.parametrize(("num_tokens", "splits"), [(1, 2), (3, 1)])
-def test_dense_decode_ffn_matches_xla(num_tokens, splits):
+@pytest.mark.parametrize(
+  ("num_tokens", "splits", "t1_dot"), [(1, 2, False), (3, 1, False), (1, 1, True)]
+)
+def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot):
   """Split-K partials (then XLA's SwiGLU) and the fused SwiGLU epilogue give the same FFN."""
   seed, d_model, d_ff = _seed(), 48, 136
   x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
-  cfg = moc_decode.DecodeConfig(**{**SMALL.__dict__, "gemv_splits": splits})
+  cfg = dataclasses.replace(SMALL, gemv_splits=splits, t1_dot=t1_dot)
   y = moc_decode.dense_decode_ffn(x, wg, wu_t.T, wd, config=cfg, interpret=True)
   want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
   assert _rel_err(y, want) < 1e-5, f"{seed=}"
 
 
+def test_select_lists_match_reference():
+  """List outputs: the reference's ascending indices and silu(G) there, ties included."""
+  seed, num_tokens, d_ff, k = _seed(), 3, 203, 41
+  g_TxF = jax.random.randint(jax.random.key(seed), (num_tokens, d_ff), -4, 5).astype(jnp.float32)
+  partials = jnp.zeros((1, 1, num_tokens, 256), jnp.float32).at[0, 0, :, :d_ff].set(g_TxF)
+  idx, a = _decode_select.select_scale(
+    partials, k, "moc", d_ff=d_ff, round_dtype=jnp.float32, lists=True, interpret=True
+  )
+  want_idx, want_val = reference.select(g_TxF, k, "moc")
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx), err_msg=f"{seed=}")
+  np.testing.assert_allclose(np.asarray(a), jax.nn.silu(want_val), rtol=1e-6)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 4, 16])
-@pytest.mark.parametrize("variant", ["moc", "moc_2of8"])
-def test_decode_ffn_gpu_real_size(num_tokens, variant):
+@pytest.mark.parametrize(
+  ("num_tokens", "variant", "pipeline"),
+  [
+    (1, "moc", "list"),
+    (1, "moc_2of8", "list"),
+    (1, "moc", "mask"),
+    (16, "moc", "mask"),
+    (16, "moc_2of8", "list"),
+    (4, "moc", "list"),
+  ],
+)
+def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
   """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
   d_model, d_ff, k = 2048, 5464, 1024
+  cfg = dataclasses.replace(moc_decode.default_config(num_tokens, d_model, d_ff), pipeline=pipeline)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
     seed = _seed()
     x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
     if integer_gate:
       x, wg = x * 0.125, wg * 0.125  # still exact: powers of 2
-    y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant)
+    y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant, config=cfg)
     with jax.default_matmul_precision("highest"):
       want = reference.decode_ffn(x, wg, wu, wd, k, variant)
     assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
