@@ -37,7 +37,6 @@ from pallas_kernels import moc_decode, reference
 from pallas_kernels._decode_config import legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
-TOKENS = (1, 4, 16)
 
 
 def run_info() -> dict:
@@ -131,8 +130,8 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def methods_for(d, f, k, t, variant, interp, stages: bool, sweep: bool) -> dict:
-  """name -> (fn(x, wg, wu, wu_t, wd), config or None), most important first."""
+def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
+  """name -> (fn(x, wg, wu, wu_t, wd), config or None) of kinds main | stages | sweep."""
   new = moc_decode.default_config(t, d, f)
   old = legacy_config(t, d, f)
   moc = lambda c: (
@@ -145,7 +144,7 @@ def methods_for(d, f, k, t, variant, interp, stages: bool, sweep: bool) -> dict:
       x, wg, wu, wd, config=c, interpret=interp
     )
   )
-  out = {
+  main = {
     "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
     "dense_kernel[new]": (dense(new), new),
     "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
@@ -153,25 +152,27 @@ def methods_for(d, f, k, t, variant, interp, stages: bool, sweep: bool) -> dict:
     "dense_kernel[old]": (dense(old), old),
     "moc_kernel[old]": (moc(old), old),
   }
-  if t == 1:  # at T > 1 it ran 600-800 µs last time: nothing to learn
+  out = main if "main" in kinds else {}
+  if "main" in kinds and t == 1:  # at T > 1 it ran 600-800 µs last time: nothing to learn
     out["moc_xla"] = (
       lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant),
       None,
     )
-  if sweep:  # a few guesses around the new defaults, each a single knob
+  if "sweep" in kinds:  # a few guesses around the new defaults, each a single knob
     lst = replace(new, pipeline="list")
     for tag, c in (
       ("list,sel32w", replace(lst, select_warps=32)),
       ("list,sel32w,radix4", replace(lst, select_warps=32, select_radix_bits=4)),
       ("list,rows16", replace(lst, list_rows=16, list_warps=2 * lst.list_warps)),
       ("list,prog256", replace(lst, list_programs=256)),
+      ("list,prog64", replace(lst, list_programs=64)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
     fused = replace(new, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
     big = replace(new, gemv_block_f=256, gemv_block_d=64, gemv_warps=8, down_block_c=64)
     for tag, c in (("fused_swiglu", fused), ("bf256", big)):
       out[f"dense_kernel[{tag}]"] = (dense(c), c)
-  if stages:
+  if "stages" in kinds:
     i = moc_decode._interpret(interp)
     gemv = lambda c, x, wg: moc_decode._gemv(x, (wg,), c, swiglu=False, interpret=i)
     sel = lambda c, x, wg, lists: moc_decode._decode_select.select_scale(
@@ -193,7 +194,7 @@ def methods_for(d, f, k, t, variant, interp, stages: bool, sweep: bool) -> dict:
   return out
 
 
-def bench_case(d, f, k, variant, t, sets, args, deadline) -> list[dict]:
+def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
   dtype = jnp.bfloat16
   dense_bytes = 3 * d * f * 2
   xs = [jax.random.normal(jax.random.key(100 * t + i), (t, d), dtype) for i in range(len(sets))]
@@ -205,9 +206,7 @@ def bench_case(d, f, k, variant, t, sets, args, deadline) -> list[dict]:
     union.append(len(np.unique(np.asarray(idx))))
   moc_bytes = d * f * 2 + 2 * float(np.mean(union)) * d * 2
   interp = True if args.quick else None
-  first = d == SHAPES[0][0] or args.quick  # the 1B shape: stage times at T = 1, a sweep
-  stages = first and t == 1 and args.stages
-  methods = methods_for(d, f, k, t, variant, interp, stages, first and t == 1 and args.sweep)
+  methods = methods_for(d, f, k, t, variant, interp, kinds)
   ref_dense = reference.dense_decode_ffn(x, *[sets[0][i] for i in (0, 1, 3)])
   ref_moc = reference.decode_ffn(x, sets[0][0], sets[0][2], sets[0][3], k, variant)
   rows = []
@@ -247,23 +246,24 @@ def main() -> None:
   p.add_argument("--reps", type=int, default=4)
   p.add_argument("--trials", type=int, default=3)
   p.add_argument("--variant", default="moc")
-  p.add_argument("--stages", type=int, default=1, help="time pipeline prefixes at T=1")
-  p.add_argument("--sweep", type=int, default=1, help="a few configs at the 1B shape")
+  p.add_argument("--extras", type=int, default=1, help="T=1 stage times and a sweep, 1B shape")
   p.add_argument("--budget_s", type=float, default=1e9, help="skip what is left after this")
   args = p.parse_args()
   deadline = time.perf_counter() + args.budget_s
   shapes = ((64, 200, 40),) if args.quick else SHAPES
-  tokens = (1, 4) if args.quick else TOKENS
   result = {**run_info(), "method": __doc__.split("\n\n")[0], "rows": []}
   result["bandwidth"] = copy_bandwidth(2**20 if args.quick else 2**31, args.trials)
   print(json.dumps(result["bandwidth"]), flush=True)
   calls = 2 if args.quick else args.calls
-  # T = 1 everywhere first, then 16, then 4: a budget cut keeps the most telling cases
-  order = sorted(tokens, key=lambda t: (t != 1, -t))
-  for t in order:
-    for d, f, k in shapes:
+  # Most telling first, so that a budget cut keeps it: T = 1, T = 16, the extras, T = 4.
+  main, extras = frozenset({"main"}), frozenset({"stages", "sweep"} if args.extras else ())
+  phases = [(1, shapes, main), (16, shapes, main), (1, shapes[:1], extras), (4, shapes, main)]
+  if args.quick:
+    phases = [(1, shapes, main | extras), (4, shapes, main)]
+  for t, phase_shapes, kinds in phases:
+    for d, f, k in phase_shapes if kinds else ():
       sets = make_sets(d, f, calls, jnp.bfloat16)
-      result["rows"] += bench_case(d, f, k, args.variant, t, sets, args, deadline)
+      result["rows"] += bench_case(d, f, k, args.variant, t, kinds, sets, args, deadline)
       del sets
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       with open(args.out, "w") as fh:  # after every case: a timeout keeps what was measured
