@@ -166,6 +166,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("list,rows16", replace(lst, list_rows=16, list_warps=2 * lst.list_warps)),
       ("list,prog256", replace(lst, list_programs=256)),
       ("list,prog64", replace(lst, list_programs=64)),
+      ("list,gemv_bf256", replace(lst, gemv_block_f=256, gemv_warps=8)),
+      ("list,gemv_bd128_st4", replace(lst, gemv_block_d=128, gemv_stages=4)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
     fused = replace(new, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
