@@ -168,6 +168,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("list,prog64", replace(lst, list_programs=64)),
       ("list,gemv_bf256", replace(lst, gemv_block_f=256, gemv_warps=8)),
       ("list,gemv_bd128_st4", replace(lst, gemv_block_d=128, gemv_stages=4)),
+      # one D split: the select loads one fp32 row of G, not 4-8 partial rows, on one SM
+      ("list,gemv_nosplit", replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
     fused = replace(new, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
