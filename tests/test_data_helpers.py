@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable
 
 import numpy as np
 
@@ -58,3 +59,29 @@ def check_rows(batch: dict[str, np.ndarray], batch_size: int, seq_len: int, eos_
       # The BOS..EOS wrapping: an EOS target ends its piece (nothing follows within it).
       eos_at = np.flatnonzero(batch["targets"][r, s:e] == eos_id)
       assert eos_at.size == 0 or eos_at.tolist() == [e - s - 1]
+
+
+def tiny_tfds_builder(class_name: str, n_train: int, n_val: int, **fields: Callable[[int], str]):
+  """A TFDS builder class, registered under class_name in snake_case, whose example i holds
+  fields[k](i) in text feature k: train i in [0, n_train), validation i in [1000, 1000+n_val)."""
+  import tensorflow_datasets as tfds
+
+  class _Tiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({k: tfds.features.Text() for k in fields})
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {
+        "train": self._generate_examples(0, n_train),
+        "validation": self._generate_examples(1000, n_val),
+      }
+
+    def _generate_examples(self, start, n):
+      for i in range(start, start + n):
+        yield str(i), {k: f(i) for k, f in fields.items()}
+
+  return type(class_name, (_Tiny,), {"__module__": __name__})

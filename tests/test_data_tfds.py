@@ -7,36 +7,24 @@ import subprocess
 import sys
 
 import pytest
-from test_data_helpers import check_rows
+from test_data_helpers import check_rows, tiny_tfds_builder
 
 from moc_jax import data
+from moc_jax.data import tfds_source
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 N_TRAIN, N_VAL = 40, 6
 
 
-class MocTinyText(tfds.core.GeneratorBasedBuilder):
-  """Documents 'doc <i>: ...' of varied length, with a non-text feature."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    features = tfds.features.FeaturesDict(
-      {"text": tfds.features.Text(), "url": tfds.features.Text()}
-    )
-    return tfds.core.DatasetInfo(builder=self, features=features)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {
-      "train": self._generate_examples(0, N_TRAIN),
-      "validation": self._generate_examples(1000, N_VAL),
-    }
-
-  def _generate_examples(self, start, n):
-    for i in range(start, start + n):
-      yield str(i), {"text": f"doc {i}: " + "lorem ipsum " * (i % 13 + 1) + "é", "url": f"u{i}"}
+# Documents 'doc <i>: ...' of varied length, with a non-text feature.
+MocTinyText = tiny_tfds_builder(
+  "MocTinyText",
+  N_TRAIN,
+  N_VAL,
+  text=lambda i: f"doc {i}: " + "lorem ipsum " * (i % 13 + 1) + "é",
+  url=lambda i: f"u{i}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +101,23 @@ def test_tfds_bad_inputs(tfds_dir, tmp_path):
   expect(_config(tfds_dir, text_field="body"), r"no 'body' feature \(has: text, url\)")
   expect(_config(tfds_dir, tfds_val_split=""), "tfds_val_split is empty", "val")
   expect(_config(str(tmp_path), tfds_name="moc_tiny_text"), "is not prepared in")
+
+
+def test_tfds_streaming_choices_on_an_array_record_build(tfds_dir, monkeypatch):
+  tok = data.make_tokenizer("bytes")
+
+  def make(**kw):
+    c = _config(tfds_dir, **kw)
+    return data.make_train_iterator(c, tokenizer=tok, seq_len=8, batch_size=2, seed=0)
+
+  assert "tfds_reader" not in make().get_state()["fingerprint"]  # auto: tfds.data_source
+  make(tfds_streaming="off").close()
+  monkeypatch.setattr(tfds_source, "has_tensorflow", lambda: True)
+  with pytest.raises(data.DataError, match=r"array_record, which TFDS does not read with tf\.data"):
+    make(tfds_streaming="on")
+  monkeypatch.setattr(tfds_source, "has_tensorflow", lambda: False)
+  with pytest.raises(data.DataError, match=r"needs TensorFlow: `pip install tensorflow-cpu`"):
+    make(tfds_streaming="on")
 
 
 def test_the_trainer_trains_a_few_steps_on_a_tfds_dataset(tfds_dir, tmp_path):

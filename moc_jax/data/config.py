@@ -15,8 +15,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Returns the `config.data` section with its defaults."""
   c = ml_collections.ConfigDict()
   # Where documents come from: 'embedded' (this Python's standard library .py files, no
-  # download), 'text' (local .txt / .jsonl / .json.gz files) or 'tfds' (a TFDS dataset
-  # prepared in ArrayRecord format).
+  # download), 'text' (local .txt / .jsonl / .json.gz files) or 'tfds' (a prepared TFDS
+  # dataset: ArrayRecord, or TFRecord streamed with tf.data).
   c.source = "embedded"
   # source=text: glob of training files; several globs may be joined with commas.
   c.path = ""
@@ -56,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.tfds_data_dir = ""
   c.tfds_train_split = "train"
   c.tfds_val_split = "validation"
+  # source=tfds: 'auto' reads ArrayRecord builds with tfds.data_source (random access, no
+  # TensorFlow) and streams other builds (TFRecord) with tf.data when TensorFlow is installed;
+  # 'on' always streams with tf.data (needs TensorFlow); 'off' never does.
+  c.tfds_streaming = "auto"
   # The field holding the document text in jsonl / json.gz records and TFDS examples.
   c.text_field = "text"
   return c
@@ -68,10 +72,9 @@ def check_config(data_config: ml_collections.ConfigDict) -> None:
     raise DataError(f"config.data.source={c.source!r} is unknown; valid: {', '.join(SOURCES)}")
   if c.packing not in PACKINGS:
     raise DataError(f"config.data.packing={c.packing!r} is unknown; valid: {', '.join(PACKINGS)}")
-  if c.text_streaming not in STREAMING:
-    raise DataError(
-      f"config.data.text_streaming={c.text_streaming!r} is unknown; valid: {', '.join(STREAMING)}"
-    )
+  for key in ("text_streaming", "tfds_streaming"):
+    if c[key] not in STREAMING:
+      raise DataError(f"config.data.{key}={c[key]!r} is unknown; valid: {', '.join(STREAMING)}")
   if not 0.0 <= float(c.val_fraction) < 1.0:
     raise DataError(f"config.data.val_fraction={c.val_fraction} must be in [0, 1)")
   if int(c.num_workers) < 0:

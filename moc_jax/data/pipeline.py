@@ -16,7 +16,7 @@ from grain import experimental as gex
 
 from moc_jax.data import packing as packing_lib
 from moc_jax.data import shuffle as shuffle_lib
-from moc_jax.data import sources, streaming
+from moc_jax.data import sources, streaming, tfds_source, tfds_stream
 from moc_jax.data.config import check_config
 from moc_jax.data.errors import DataError
 from moc_jax.data.tokenizers import Tokenizer
@@ -32,8 +32,6 @@ STREAM_CYCLE = 16  # streamed files read at once per worker
 def _documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
   """Random-access documents of one split (str or (name, text) elements)."""
   if data_config.source == "tfds":
-    from moc_jax.data import tfds_source
-
     return tfds_source.load_split(data_config, split)
   return sources.load_documents(data_config, split)
 
@@ -47,8 +45,13 @@ def _document_stream(
   repeat: bool,
 ) -> grain.IterDataset:
   """Documents of one split and shard: globally shuffled (a new order per epoch) when they
-  are random-access, shuffled by file and interleaved when streamed from big text files."""
+  are random-access, shuffled by file and interleaved when streamed (big text files, TFDS
+  through tf.data)."""
   c = data_config
+  if c.source == "tfds" and tfds_source.uses_tf_data(c):
+    return tfds_stream.stream_documents(
+      c, split, seed=seed, shard=shard, repeat=repeat, num_workers=int(c.num_workers) * repeat
+    )
   if c.source == "text":
     files, want_val = sources.text_split_files(c, split)
     if sources.use_streaming(c, files):
@@ -215,9 +218,11 @@ def make_train_iterator(
     batches = batches.mp_prefetch(opts)
   elif int(c.prefetch) > 0:
     batches = gex.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=int(c.prefetch))
+  # Only tf.data runs record their reader, so checkpoints from before it existed still resume.
+  reader = {"tfds_reader": "tf.data"} if isinstance(docs, tfds_stream.TfdsStream) else {}
   fp = _fingerprint(
     c, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=int(seed),
-    process_index=process_index, process_count=process_count,
+    process_index=process_index, process_count=process_count, **reader,
   )  # fmt: skip
   return TrainIterator(batches, fp)
 
