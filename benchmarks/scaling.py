@@ -273,6 +273,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--out", help="JSON (default benchmarks/results/scaling_<device>_<date>.json)")
   p.add_argument("--log_dir", help="child logs and records (default: next to --out)")
   p.add_argument("--dry_run", action="store_true", help="CPU: tiny preset, virtual devices")
+  p.add_argument(
+    "--previous",
+    default="",
+    help="comma-separated JSONs of earlier runs (same settings) whose ok records join the tables",
+  )
   args = p.parse_args(argv)
   defaults = DRY_RUN if args.dry_run else GPU_RUN
   for key, value in defaults.items():
@@ -310,11 +315,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out or any(r.get("status") == "ok" for r in records):
       _write(*payload(records))
 
-  records = run_waves(configs, args, on_record)
+  earlier = previous_records(args.previous)
+  records = earlier + run_waves(configs, args, lambda rs: on_record(earlier + rs))
   out, result = payload(records)
   _write(out, result)
   say("\n" + markdown(records, result["efficiency"]) + f"\n\nwritten: {out}")
   return result
+
+
+def previous_records(paths: str) -> list[dict]:
+  """The ok records of earlier runs, e.g. the 1-GPU baseline when only 2 and 4 GPUs run now."""
+  records = []
+  for path in filter(None, paths.split(",")):
+    with open(path) as fh:
+      records += [
+        dict(r, previous=path) for r in json.load(fh)["records"] if r.get("status") == "ok"
+      ]
+  return records
 
 
 def _write(path: str, payload: dict) -> None:
