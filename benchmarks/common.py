@@ -40,7 +40,9 @@ def _git(*args: str) -> str:
 
 
 def _commit() -> str:
-  """HEAD's sha; GIT_COMMIT from the environment where the copy has no usable .git."""
+  """GIT_COMMIT from the environment when set (a snapshot run away from its repo), else HEAD."""
+  if os.environ.get("GIT_COMMIT"):
+    return os.environ["GIT_COMMIT"]
   sha = _git("rev-parse", "HEAD")
   if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
     return sha
