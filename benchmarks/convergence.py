@@ -147,8 +147,31 @@ def channel_usage(workdirs_gpus: list[tuple[str, str]], batches: int) -> None:
     print(f"[{_now()}] channel usage of {os.path.basename(workdir)}: exit {rc}", flush=True)
 
 
+def write_run_info(workroot: str) -> None:
+  """Date, commit, GPUs and command line (no jax here: it would take memory on every GPU)."""
+  commit = (
+    os.environ.get("GIT_COMMIT")
+    or subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+  )
+  try:
+    gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+  except FileNotFoundError:  # no NVIDIA driver here
+    gpus = subprocess.CompletedProcess([], 1, "", "")
+  info = dict(
+    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    commit=commit or "unknown",
+    gpus=gpus.stdout.strip().splitlines() if gpus.returncode == 0 else [],
+    command=" ".join(sys.argv),
+  )
+  with open(os.path.join(workroot, "run_info.json"), "w") as f:
+    json.dump(info, f, indent=1)
+
+
 def bundle(workroot: str, names: list[str], path: str) -> None:
   with tarfile.open(path, "w:gz") as tar:
+    tar.add(os.path.join(workroot, "run_info.json"), arcname="run_info.json")
     for name in names:
       for f in SMALL_FILES:
         p = os.path.join(workroot, name, f)
@@ -171,6 +194,8 @@ def main(argv=None) -> int:
   unknown = [v for v in args.variants if v not in VARIANTS]
   if unknown:
     sys.exit(f"error: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+  os.makedirs(args.workroot, exist_ok=True)
+  write_run_info(args.workroot)
   results = schedule(args)
   moc_runs = [
     (os.path.join(args.workroot, name), r["gpu"])
