@@ -165,11 +165,19 @@ def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   )
   idx_TxK, g_sel, u_sel, z_TxF = per_batch_shard(epilogue)(x_TxD @ wg, x_TxD @ wu)
   y_TxD = z_TxF @ wd
-  if gcp:  # Z_sel is recomputed in the backward, bit-identically
-    compact = (idx_TxK, g_sel, u_sel)
-  else:
-    compact = (idx_TxK, g_sel, u_sel, reference.silu_and_mul(g_sel, u_sel))
+  compact = (idx_TxK, g_sel, u_sel)
+  if not gcp:  # GCP recomputes Z_sel in the backward epilogue instead of keeping it
+    compact += (_z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel),)
   return y_TxD, (x_TxD, w_gate, w_up, w_down, compact)
+
+
+def _z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel) -> jax.Array:
+  """Z_sel computed exactly as the GCP backward would recompute it, so MoC and MoC+GCP train
+  bit-identically: the Pallas kernels share one silu*u routine (Triton rounds it differently
+  from XLA), so take the forward kernel's Z; the jnp path recomputes from (G_sel, U_sel)."""
+  if backends.resolve(backend) == "pallas":
+    return jnp.take_along_axis(z_TxF, idx_TxK.astype(jnp.int32), axis=-1)
+  return reference.silu_and_mul(g_sel, u_sel)
 
 
 def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):

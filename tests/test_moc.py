@@ -147,10 +147,12 @@ def test_dense_variant_is_plain_swiglu_and_padding_changes_nothing():
   assert _rel_err(y_pad, y_nopad) < 1e-6
 
 
-def test_gcp_gives_bitwise_identical_output_and_gradients():
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_gcp_gives_bitwise_identical_output_and_gradients(backend):
   with jax.enable_x64(False):
     x, wg, wu, wd, ct = _inputs(6, (4, 8), 32, 344, jnp.bfloat16)
-    loss = lambda gcp: lambda *a: jnp.sum(moc.moc_ffn(*a, k=64, gcp=gcp).astype(jnp.float32) * ct)
+    ffn = lambda gcp, *a: moc.moc_ffn(*a, k=64, gcp=gcp, backend=backend)
+    loss = lambda gcp: lambda *a: jnp.sum(ffn(gcp, *a).astype(jnp.float32) * ct)
     a = jax.jit(jax.value_and_grad(loss(False), ALL_GRADS))(x, wg, wu, wd)
     b = jax.jit(jax.value_and_grad(loss(True), ALL_GRADS))(x, wg, wu, wd)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
