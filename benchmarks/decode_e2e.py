@@ -5,7 +5,8 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 - time of the prefill alone); medians over trials. Dense runs on its fastest path: the model's
 dense FFN calls XLA (`moc.moc_ffn`), so the script also times dense with the FFN's decode
 swapped for `moc_decode.dense_decode_ffn` (model.py routes dense decode to XLA). MoC runs with
-the default decode config and, as `moc_kernel_mask`, with the mask pipeline forced.
+the default decode config and, as `moc_kernel_mask`, with the mask pipeline forced. `no_ffn`
+returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN speedup.
 
   python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
 """
@@ -38,6 +39,11 @@ def _dense_kernel_decode(self, x):
   dt = x.dtype
   w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
   return moc_decode.dense_decode_ffn(x, *w)
+
+
+def _no_ffn_decode(self, x):
+  """FeedForward.decode as zeros: the time of everything but the FFN (a floor, not a model)."""
+  return jnp.zeros_like(x)
 
 
 def time_generate(m, prompt_len: int, new: int, trials: int) -> dict:
@@ -90,7 +96,9 @@ def main() -> None:
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
+    "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
   }
+  swaps = {"dense_kernel": _dense_kernel_decode, "no_ffn": _no_ffn_decode}
   result = {
     **run_info(),
     "preset": preset,
@@ -108,7 +116,10 @@ def main() -> None:
     cfg = model_config.from_preset(preset, **base, **kw)
     m = model.Transformer(cfg, nnx.Rngs(0))
     m.prepare_for_decode()
-    model.FeedForward.decode = _dense_kernel_decode if name == "dense_kernel" else original
+    # generate's jit is keyed by the graphdef, the same for dense_kernel / no_ffn and for
+    # moc_kernel / moc_kernel_mask: without this a variant could rerun the previous executable
+    jax.clear_caches()
+    model.FeedForward.decode = swaps.get(name, original)
     if name == "moc_kernel_mask":
       moc_decode.default_config = lambda *a: replace(original_cfg(*a), pipeline="mask")
     try:
@@ -133,7 +144,7 @@ def _summarise(result: dict, out: str) -> None:
   )
   dense = best(("dense_xla", "dense_kernel"))
   moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask"))
-  result["moc_over_dense"] = moc / dense if dense else None
+  result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as fh:
     json.dump(result, fh, indent=1)

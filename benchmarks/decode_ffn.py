@@ -6,12 +6,13 @@ many times the 60 MB L2) and every call's output is summed into the chain's resu
 drop calls nor merge two dots on shared weights into one (it did so on an earlier version that
 reused weight sets within a chain, timing XLA dense at 270 MB in 14 µs). The GPU queue never
 drains between dispatches. `stage:` rows time prefixes of the MoC pipeline (gate GEMV; GEMV +
-select) to place the time. Single-call latency (one blocking dispatch each) is reported beside
-it: it is launch-bound.
+select) and the list rows kernel alone, to place the time. `--phases` picks and orders the work
+(see PHASES); with `--budget_s`, what is left when it is spent is listed as skipped, unbuilt.
+Single-call latency (one blocking dispatch each) is reported beside it: it is launch-bound.
 Bandwidth = bytes the method must read / time: dense 3·D·F·2; MoC D·F·2 + 2·U·D·2 where U is
 the number of channels some token selected (the union), measured on the run's own inputs.
 
-  python benchmarks/decode_ffn.py [--quick] [--out=benchmarks/results/decode_ffn.json]
+  python benchmarks/decode_ffn.py [--quick] [--phases=stages,t1] [--out=benchmarks/results/x.json]
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ from pallas_kernels import moc_decode, reference
 from pallas_kernels._decode_config import legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
+SKIPPED = "skipped: time budget spent"
+# name -> (T, which shapes, kinds). `stages` also times the main methods at the 1B shape, so
+# that stage times and totals come from one run; `t1` then does the other shapes.
+FIRST, REST, ALL = slice(0, 1), slice(1, None), slice(None)
+PHASES = {
+  "stages": (1, FIRST, frozenset({"stages", "main"})),
+  "t1": (1, REST, frozenset({"main"})),
+  "t4": (4, ALL, frozenset({"main"})),
+  "t16": (16, ALL, frozenset({"main"})),
+  "sweep": (1, FIRST, frozenset({"sweep"})),
+  "settled": (1, ALL, frozenset({"settled"})),  # old configs and moc_xla: beaten on 2026-11-28b
+}
 
 
 def run_info() -> dict:
@@ -144,16 +157,17 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       x, wg, wu, wd, config=c, interpret=interp
     )
   )
-  main = {
-    "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
-    "dense_kernel[new]": (dense(new), new),
-    "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
-    "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
-    "dense_kernel[old]": (dense(old), old),
-    "moc_kernel[old]": (moc(old), old),
-  }
-  out = main if "main" in kinds else {}
-  if "main" in kinds and t == 1:  # at T > 1 it ran 600-800 µs last time: nothing to learn
+  out = {}
+  if "main" in kinds:
+    out = {
+      "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
+      "dense_kernel[new]": (dense(new), new),
+      "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
+      "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
+    }
+  if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
+    out["dense_kernel[old]"] = (dense(old), old)
+    out["moc_kernel[old]"] = (moc(old), old)
     out["moc_xla"] = (
       lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant),
       None,
@@ -190,6 +204,13 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       lists=lists,
       interpret=i,
     )
+    lst = replace(new, pipeline="list")
+    # rows kernel (+ the XLA sum of its partials) alone, on K channels spread evenly over F
+    idx = jnp.broadcast_to((jnp.arange(k, dtype=jnp.int32) * f) // k, (t, k))
+    rows = lambda x, wut, wd: moc_decode._decode_list.rows_ffn(
+      x, idx, jnp.full((t, k), 0.5, jnp.float32), wut, wd, lst, interpret=i
+    )
+    out["stage:rows[list]"] = (lambda x, wg, wu, wut, wd: rows(x, wut, wd), lst)
     out["stage:gemv[new]"] = (lambda x, wg, wu, wut, wd: gemv(new, x, wg), new)
     out["stage:gemv+select_list[new]"] = (lambda x, wg, wu, wut, wd: sel(new, x, wg, True)[1], new)
     out["stage:gemv+select_mask[new]"] = (lambda x, wg, wu, wut, wd: sel(new, x, wg, False), new)
@@ -217,11 +238,13 @@ def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
   for name, (fn, c) in methods.items():
     row = {"d": d, "F": f, "K": k, "T": t, "variant": variant, "method": name}
     row["bytes_must_read"] = dense_bytes if "dense" in name else moc_bytes
+    if name.startswith("stage:"):  # what the stage itself must read
+      row["bytes_must_read"] = 2 * t * k * d * 2 if "rows" in name else d * f * 2
     row["union_channels"] = float(np.mean(union))
     if c:
       row["config"] = c.__dict__
     if time.perf_counter() > deadline:
-      row["error"] = "skipped: time budget spent"
+      row["error"] = SKIPPED
       rows.append(row)
       continue
     try:
@@ -250,7 +273,11 @@ def main() -> None:
   p.add_argument("--reps", type=int, default=4)
   p.add_argument("--trials", type=int, default=3)
   p.add_argument("--variant", default="moc")
-  p.add_argument("--extras", type=int, default=1, help="T=1 stage times and a sweep, 1B shape")
+  p.add_argument(
+    "--phases",
+    default="stages,t4,sweep,t1,t16",
+    help=f"comma-separated, run in this order; of {','.join(PHASES)}",
+  )
   p.add_argument("--budget_s", type=float, default=1e9, help="skip what is left after this")
   args = p.parse_args()
   deadline = time.perf_counter() + args.budget_s
@@ -259,16 +286,18 @@ def main() -> None:
   result["bandwidth"] = copy_bandwidth(2**20 if args.quick else 2**31, args.trials)
   print(json.dumps(result["bandwidth"]), flush=True)
   calls = 2 if args.quick else args.calls
-  # Most telling first, so that a budget cut keeps it: T = 1, T = 16, the extras, T = 4.
-  main, extras = frozenset({"main"}), frozenset({"stages", "sweep"} if args.extras else ())
-  phases = [(1, shapes, main), (16, shapes, main), (1, shapes[:1], extras), (4, shapes, main)]
-  if args.quick:
-    phases = [(1, shapes, main | extras), (4, shapes, main)]
-  for t, phase_shapes, kinds in phases:
-    for d, f, k in phase_shapes if kinds else ():
-      sets = make_sets(d, f, calls, jnp.bfloat16)
-      result["rows"] += bench_case(d, f, k, args.variant, t, kinds, sets, args, deadline)
-      del sets
+  for phase in args.phases.split(","):
+    t, which, kinds = PHASES[phase]
+    for d, f, k in shapes[which]:
+      if time.perf_counter() > deadline:  # no weight sets, no references: just the row names
+        names = methods_for(d, f, k, t, args.variant, True, kinds)
+        result["rows"] += [
+          {"d": d, "F": f, "K": k, "T": t, "method": n, "error": SKIPPED} for n in names
+        ]
+      else:
+        sets = make_sets(d, f, calls, jnp.bfloat16)
+        result["rows"] += bench_case(d, f, k, args.variant, t, kinds, sets, args, deadline)
+        del sets
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       with open(args.out, "w") as fh:  # after every case: a timeout keeps what was measured
         json.dump(result, fh, indent=1)
@@ -289,7 +318,9 @@ def print_table(result: dict) -> None:
     rows = [r for r in result["rows"] if (r["d"], r["F"], r["T"]) == (d, f, t)]
     ok = [r for r in rows if "time_s" in r]
     cells = [f"{r['method']}={r['time_s'] * 1e6:.1f}" for r in ok]
-    cells += [f"{r['method']}=ERR" for r in rows if "error" in r]
+    cells += [
+      f"{r['method']}={'skip' if r['error'] == SKIPPED else 'ERR'}" for r in rows if "error" in r
+    ]
     print(f"d={d} F={f} T={t}: " + " ".join(cells))
     dk, mk, xd = (_fastest(ok, pre) for pre in ("dense_kernel", "moc_kernel", "xla_dense"))
     if dk and mk:

@@ -133,13 +133,13 @@ def test_select_lists_match_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
   ("num_tokens", "variant", "pipeline"),
-  [
-    (1, "moc", "list"),
-    (1, "moc_2of8", "list"),
-    (1, "moc", "mask"),
-    (16, "moc", "mask"),
-    (16, "moc_2of8", "list"),
+  [  # most wanted first: T = 4 was cut by the 70 s session limit on 2026-11-28b, untested
     (4, "moc", "list"),
+    (1, "moc", "list"),
+    (16, "moc", "mask"),
+    (1, "moc_2of8", "list"),
+    (16, "moc_2of8", "list"),
+    (1, "moc", "mask"),
   ],
 )
 def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
