@@ -1,30 +1,54 @@
-"""One short GPU session (<= 5 min on one H200) for the top-K layout variants.
+"""One short GPU session (<= 4.5 min on one H200) for the top-K layout variants.
 
 Why one script: device time comes in single short slots. In order of value, each section
-skipped when the time budget is spent (results are written after every section):
+skipped when the time budget is spent (results are written after every section, a
+watchdog writes them and exits at budget + grace, and a failing section or diagnostic is
+recorded in the JSON, never fatal):
 
 1. sweep at 16384 x 5632, K=1024: every `topk_variants.SWEEP` config, exact vs the
    reference (random rows, and 512 heavy-tie rows), median time; baselines: an XLA copy
-   (read + write G), an XLA one-read row max, Pallas read-only kernels, lax.top_k;
-2. the compiler's view of every kernel compiled in (1): PTX captured from jax's Triton
-   compile hook, `ptxas -v` registers / spills / stack, bar.sync and shfl counts;
+   (read + write G), an XLA one-read row max, lax.top_k (Pallas read-only kernels: the
+   `abl_*read_only` configs of the sweep);
+2. the compiler's view of every kernel compiled in (1): its PTX (see below), `ptxas -v`
+   registers / spills / stack (run in the background during (1)), bar.sync, shfl and
+   shared-memory load/store counts of the kernel's `.entry`;
 3. the default and the fastest exact variant at 16384 x {1376, 2048, 2736, 5461, 5632,
    11008} (exactness incl. ties and all-equal rows) with lax.top_k and the read floor;
 4. the 2:8 kernel and the train forward epilogue (1B shape) with the fastest variant;
 5. FFN layer fwd and fwd+bwd, dense vs MoC pallas (fastest variant as topk.DEFAULT).
 
-  python3 benchmarks/topk_gpu_session.py OUT_DIR [--budget=270]
+Where the PTX comes from: since jaxlib 0.5 a Pallas-Triton call lowers to the
+`__gpu$xla.gpu.triton` custom call with the Triton IR serialized in it, and XLA compiles it
+at jit-compile time, so jax 0.11 has no Python-level compile to hook
+(`jax._src.lib.triton.compile` is gone). Each sweep kernel is therefore jitted with
+`compiler_options={'xla_dump_to': DIR}`: XLA writes `module_*.ptx` per compiled module and
+the kernel is the largest `.entry` in it. Where a jaxlib still compiles Triton in Python
+(`jax._src.lib.triton.compile` exists), that call is wrapped too. Either may yield nothing;
+the JSON then says why and the timings are unaffected.
+
+  python3 benchmarks/topk_gpu_session.py OUT_DIR [--budget=230] [--no_ptx]
+  python3 benchmarks/topk_gpu_session.py OUT_DIR --dry_run   # CPU: tiny sizes, interpret
+
+OUT_DIR gets topk_gpu_session.json, ptx.tar.gz (every sweep kernel's PTX) and best.ptx.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import concurrent.futures
+import glob
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
+import threading
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,78 +60,287 @@ from benchmarks import common, topk_variants
 from pallas_kernels import reference, topk
 
 T = 16384
+SWEEP_FK = (5632, 1024)
 SHAPES = ((1376, 256), (2048, 384), (2736, 512), (5461, 1024), (5632, 1024), (11008, 2048))
+GROUP_F = 5632  # 2:8 rows
+EPILOGUE = (5504, 1024, 5461)  # F (padded), K, num_valid: the 1B shape
+FFN_SHAPES = ((2048, 5461, 1024), (512, 1376, 256))  # (d, F, K)
+TIMING = {"inner": 5, "trials": 5}
+# --dry_run: every code path on CPU (interpret mode) in a few minutes.
+DRY = {
+  "T": 16,
+  "SWEEP_FK": (304, 40),
+  "SHAPES": ((304, 40), (520, 96)),
+  "GROUP_F": 304,
+  "EPILOGUE": (320, 40, 300),
+  "FFN_SHAPES": ((64, 304, 40),),
+  "TIMING": {"inner": 1, "trials": 1, "warmup": 1},
+}
+# Seconds that must be left to start a section (the sweep stops at SWEEP_RESERVE).
+SWEEP_RESERVE, SHAPES_NEED, EPI_NEED, FFN_NEED, FFN_STOP = 110, 70, 50, 45, 20
+
 T0 = time.time()
-PTX: list[dict] = []  # every Triton compile, in order
+RES: dict = {"errors": [], "sections": []}
+OUT_JSON = ""
+TMP = ""  # dumps and PTX files; only ptx.tar.gz and best.ptx go to OUT_DIR
+DUMP_ON = False
+HOOKED: list[str] = []  # PTX from jax's Python-level Triton compile, where it exists
+PTXAS: dict[str, concurrent.futures.Future] = {}
+POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+SAVE_LOCK = threading.Lock()
 
 
-def _capture_ptx() -> None:
-  """Wrap jax's Triton compile hook so each kernel's PTX can be fed to ptxas -v."""
-  try:
-    from jax._src.lib import triton as jtriton
-  except ImportError:
-    return
-  orig = jtriton.compile
-
-  def compile_and_keep(*args, **kw):
-    res = orig(*args, **kw)
-    PTX.append({"asm": getattr(res, "asm", ""), "smem": getattr(res, "smem_bytes", None)})
-    return res
-
-  jtriton.compile = compile_and_keep
-
-
-def _ptxas() -> str | None:
-  for cand in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"):
-    if cand and os.path.exists(cand):
-      return cand
-  import glob
-
-  found = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "nvidia", "*", "bin", "ptxas"))
-  return found[0] if found else None
-
-
-def ptx_report(asm: str, smem, workdir: str) -> dict:
-  """Registers, spills and stack from ptxas -v; barrier and shuffle counts from the PTX."""
-  out: dict = {
-    "smem": smem,
-    "bar_sync": len(re.findall(r"\bbar\.sync|\bbarrier\.sync", asm)),
-    "shfl": asm.count("shfl.sync"),
-    "st_global": asm.count("st.global"),
-    "ld_global": asm.count("ld.global"),
-  }
-  exe = _ptxas()
-  m = re.search(r"\.target\s+(sm_\w+)", asm)
-  if not exe or not m or not asm:
-    return {**out, "ptxas": "unavailable"}
-  path = os.path.join(workdir, "k.ptx")
-  with open(path, "w") as fh:
-    fh.write(asm)
-  try:
-    p = subprocess.run(
-      [exe, "-v", f"-arch={m.group(1)}", path, "-o", os.devnull],
-      capture_output=True,
-      text=True,
-      timeout=60,
-    )
-  except (OSError, subprocess.SubprocessError) as e:
-    return {**out, "ptxas": f"failed: {e}"}
-  log = p.stderr + p.stdout
-  for key, pat in (
-    ("regs", r"Used (\d+) registers"),
-    ("spill_st", r"(\d+) bytes spill stores"),
-    ("spill_ld", r"(\d+) bytes spill loads"),
-    ("stack", r"(\d+) bytes stack frame"),
-  ):
-    hit = re.search(pat, log)
-    out[key] = int(hit.group(1)) if hit else None
-  if out.get("regs") is None:
-    out["ptxas"] = log[-400:]
-  return out
+def elapsed() -> float:
+  return round(time.time() - T0, 1)
 
 
 def left() -> float:
   return ARGS.budget - (time.time() - T0)
+
+
+def save() -> None:
+  """Write RES; never raises (the watchdog thread also calls it)."""
+  with SAVE_LOCK:
+    for _ in range(3):  # the main thread may be changing RES meanwhile
+      try:
+        common.write_json(OUT_JSON, {**RES, "elapsed_s": elapsed()})
+        return
+      except Exception as e:  # a failed write must not end the run
+        err = e
+    print(f"  [save] failed: {type(err).__name__}: {err}", flush=True)
+
+
+def error(step: str, e: BaseException) -> str:
+  msg = f"{type(e).__name__}: {str(e)[:400]}"
+  RES["errors"].append({"step": step, "error": msg, "at_s": elapsed()})
+  print(f"  [{step}] failed: {msg}", flush=True)
+  return msg
+
+
+def guarded(step: str, fn, *args, default=None, **kw):
+  """An optional step: a failure is recorded in RES['errors'] and gives `default`."""
+  try:
+    return fn(*args, **kw)
+  except Exception as e:  # diagnostics must never block the timings
+    error(step, e)
+    return default
+
+
+def section(name: str, need: float, fn, *args):
+  """Run one section if `need` seconds are left; record its status and time; save."""
+  rec: dict = {"name": name, "start_s": elapsed()}
+  RES["sections"].append(rec)
+  if left() < need:
+    rec["status"] = f"skipped: {left():.0f} s left < {need} s"
+    print(f"== {name}: {rec['status']}", flush=True)
+    save()
+    return None
+  print(f"== {name} (at {rec['start_s']} s, {left():.0f} s left)", flush=True)
+  out = None
+  try:
+    out = fn(*args)
+    rec["status"] = "done"
+  except Exception as e:  # a later section may still run
+    rec["status"] = "failed: " + error(name, e)
+    traceback.print_exc(limit=6)
+  rec["s"] = round(elapsed() - rec["start_s"], 1)
+  save()
+  return out
+
+
+def _watchdog() -> None:
+  RES["watchdog"] = f"hard stop at {elapsed()} s (budget {ARGS.budget} + grace {ARGS.grace})"
+  print(f"\n!! {RES['watchdog']}: results so far are in {OUT_JSON}", flush=True)
+  save()
+  guarded("summary", summary, RES)
+  os._exit(0)
+
+
+# ---------------------------------------------------------------- PTX diagnostics
+
+
+def _hook_triton_compile() -> str:
+  """Wrap `jax._src.lib.triton.compile` where a jaxlib still compiles Triton in Python."""
+  from jax._src.lib import triton as jtriton
+
+  orig = getattr(jtriton, "compile", None)
+  if not callable(orig):
+    return "absent (Triton IR compiled by XLA)"
+
+  def compile_and_keep(*args, **kw):
+    res = orig(*args, **kw)
+    HOOKED.append(str(getattr(res, "asm", "") or ""))
+    return res
+
+  jtriton.compile = compile_and_keep
+  return "wrapped (no call seen yet)"
+
+
+def _probe_dump() -> dict:
+  """Does jit(compiler_options={'xla_dump_to': ...}) work here, and does it write PTX?"""
+  global DUMP_ON
+  d = os.path.join(TMP, "dump", "_probe")
+  fn = jax.jit(lambda x: x * 2 + 1, compiler_options={"xla_dump_to": d})
+  jax.block_until_ready(fn(jnp.ones((1024,), jnp.float32)))
+  names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+  DUMP_ON = True
+  return {"files": len(names), "ptx_files": [n for n in names if n.endswith(".ptx")][:4]}
+
+
+def _jit(f, dump_dir: str | None):
+  if dump_dir:
+    return jax.jit(f, compiler_options={"xla_dump_to": dump_dir})
+  return jax.jit(f)
+
+
+ENTRY = re.compile(r"^[ \t]*(?:\.visible[ \t]+|\.weak[ \t]+)?\.entry[ \t]+([\w$]+)", re.M)
+COUNTS = {
+  "bar_sync": r"\b(?:bar|barrier)(?:\.cta)?\.(?:sync|red)\b",
+  "shfl": r"\bshfl\.sync\b",
+  "ld_shared": r"\bld\.shared\b",
+  "st_shared": r"\bst\.shared\b",
+  "ld_global": r"\bld\.global\b",
+  "st_global": r"\bst\.global\b",
+}
+PTXAS_FIELDS = (
+  ("regs", r"Used (\d+) registers"),
+  ("spill_st", r"(\d+) bytes spill stores"),
+  ("spill_ld", r"(\d+) bytes spill loads"),
+  ("stack", r"(\d+) bytes stack frame"),
+  ("smem_static", r"(\d+) bytes smem"),
+)
+
+
+def ptx_entries(text: str) -> list[tuple[str, str]]:
+  """(name, text up to the next .entry) for every kernel entry in a PTX module."""
+  ms = list(ENTRY.finditer(text))
+  ends = [m.start() for m in ms[1:]] + [len(text)]
+  return [(m.group(1), text[m.start() : ends[i]]) for i, m in enumerate(ms)]
+
+
+def ptx_counts(body: str) -> dict:
+  out = {k: len(re.findall(p, body)) for k, p in COUNTS.items()}
+  out["ptx_lines"] = body.count("\n")
+  return out
+
+
+def kernel_ptx(sources: list[tuple[str, str]]) -> dict | None:
+  """The largest .entry over the PTX modules given (the top-K kernel, not XLA's fusions)."""
+  best = None
+  for src, text in sources:
+    entries = ptx_entries(text)
+    for name, body in entries:
+      if best is None or len(body) > len(best["body"]):
+        best = {"src": src, "text": text, "entry": name, "body": body, "entries": len(entries)}
+  return best
+
+
+def ptxas_candidates() -> list[str]:
+  found = [os.environ.get("TRITON_PTXAS_PATH", ""), shutil.which("ptxas") or ""]
+  found.append("/usr/local/cuda/bin/ptxas")
+  site = os.path.dirname(os.path.dirname(np.__file__))
+  found += glob.glob(os.path.join(site, "nvidia", "*", "bin", "ptxas"))
+  found += glob.glob(os.path.join(site, "nvidia", "*", "*", "bin", "ptxas"))
+  spec = importlib.util.find_spec("triton")
+  if spec and spec.origin:
+    found += glob.glob(os.path.join(os.path.dirname(spec.origin), "backends", "*", "bin", "ptxas"))
+  seen: list[str] = []
+  for c in found:
+    if c and os.path.exists(c) and os.path.realpath(c) not in map(os.path.realpath, seen):
+      seen.append(c)
+  return seen
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+  """Per entry function: registers, spills, stack, static smem from `ptxas -v`."""
+  funcs = {}
+  for chunk in log.split("Compiling entry function '")[1:]:
+    name = chunk.split("'", 1)[0]
+    hits = {k: re.search(p, chunk) for k, p in PTXAS_FIELDS}
+    funcs[name] = {k: int(h.group(1)) if h else None for k, h in hits.items()}
+  return funcs
+
+
+def run_ptxas(path: str, entry: str, arch: str | None) -> dict:
+  """`ptxas -v` on one PTX module (background thread); the first ptxas that reads it."""
+  if not arch:
+    return {"ptxas": "no .target in the PTX"}
+  exes = ptxas_candidates()
+  if not exes:
+    return {"ptxas": "unavailable"}
+  tried = []
+  for exe in exes:
+    try:
+      cmd = [exe, "-v", f"-arch={arch}", path, "-o", os.devnull]
+      p = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    except (OSError, subprocess.SubprocessError) as e:
+      tried.append(f"{exe}: {type(e).__name__}: {e}"[:300])
+      continue
+    log = p.stderr + p.stdout
+    funcs = parse_ptxas(log)
+    if entry in funcs or (p.returncode == 0 and funcs):
+      got = funcs.get(entry) or max(funcs.values(), key=lambda d: d["regs"] or 0)
+      return {**got, "ptxas": exe}
+    tried.append(f"{exe}: rc={p.returncode} {log[-300:]}")
+  return {"ptxas": " | ".join(tried)[-900:]}
+
+
+def collect_ptx(name: str, dump_dir: str | None, n_hooked: int) -> dict:
+  """PTX of the kernel just compiled: counts now, ptxas in the background."""
+  sources = [("jax_triton_compile", a) for a in HOOKED[n_hooked : n_hooked + 1] if a]
+  files = sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))) if dump_dir else []
+  for p in files:
+    with open(p) as fh:
+      sources.append((os.path.basename(p), fh.read()))
+  k = kernel_ptx(sources)
+  if k is None:
+    names = sorted(os.listdir(dump_dir)) if dump_dir and os.path.isdir(dump_dir) else []
+    some = [n for n in names if re.search(r"ptx|triton|\.ll$", n)][:6]
+    msg = f"none: {len(files)} .ptx of {len(names)} dumped files, {len(HOOKED)} hooked"
+    return {"ptx": msg, "dumped": some}
+  path = os.path.join(TMP, "ptx", f"{name}.ptx")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as fh:
+    fh.write(k["text"])
+  arch = re.search(r"\.target\s+(sm_\w+)", k["text"])
+  arch_s = arch and arch.group(1)
+  PTXAS[name] = POOL.submit(run_ptxas, path, k["entry"], arch_s)
+  info = {"src": k["src"], "entry": k["entry"], "entries": k["entries"], "arch": arch_s}
+  return {**info, **ptx_counts(k["body"])}
+
+
+def merge_ptxas(deadline: float) -> None:
+  """ptxas results into the sweep rows, waiting for them until `deadline` at the most."""
+  for r in RES.get("sweep", []):
+    fut = PTXAS.get(r["name"])
+    if fut is None or not isinstance(r.get("ptx"), dict):
+      continue
+    try:
+      r["ptx"].update(fut.result(timeout=max(0.01, deadline - time.time())))
+    except concurrent.futures.TimeoutError:
+      r["ptx"]["ptxas"] = "pending"
+      continue
+    except Exception as e:  # ptxas crash: recorded, go on
+      r["ptx"]["ptxas"] = error(f"ptxas:{r['name']}", e)
+    del PTXAS[r["name"]]
+
+
+def ptx_section() -> None:
+  """ptxas results (bounded wait), then ptx.tar.gz (every kernel's PTX) and best.ptx."""
+  merge_ptxas(time.time() + max(5.0, min(60.0, left() - SHAPES_NEED - 30)))
+  ptx_dir = os.path.join(TMP, "ptx")
+  names = sorted(os.listdir(ptx_dir)) if os.path.isdir(ptx_dir) else []
+  if names:
+    with tarfile.open(os.path.join(ARGS.out_dir, "ptx.tar.gz"), "w:gz") as tar:
+      for n in names:
+        tar.add(os.path.join(ptx_dir, n), arcname=n)
+  best = RES.get("best")
+  if best and f"{best}.ptx" in names:
+    shutil.copy(os.path.join(ptx_dir, f"{best}.ptx"), os.path.join(ARGS.out_dir, "best.ptx"))
+  RES["ptx_files"] = names
+
+
+# ---------------------------------------------------------------- measurements
 
 
 def _same(a, b) -> bool:
@@ -130,7 +363,7 @@ def exact(fn, k: int, f: int) -> bool:
 
 def timed(fn, sets) -> float | None:
   try:
-    return common.time_fn(fn, arg_sets=sets, inner=5, trials=5)["median_us"]
+    return common.time_fn(fn, arg_sets=sets, **TIMING)["median_us"]
   except Exception as e:  # a variant that fails is reported, not fatal
     print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     return None
@@ -141,75 +374,73 @@ def inputs(f: int) -> list[tuple[jax.Array]]:
   return [(jax.random.normal(k_, (T, f), jnp.float32).astype(jnp.bfloat16),) for k_ in keys]
 
 
-def run_variant(name, cfg, f, k, sets, check=True) -> dict:
-  fn = jax.jit(lambda g: topk.select(g, k, "moc", config=cfg))
-  n0 = len(PTX)
+def run_variant(name, cfg, f, k, sets, check=True, ptx=False) -> dict:
   row: dict = {"name": name, "F": f, "config": str(cfg)}
+  dump_dir = os.path.join(TMP, "dump", name) if ptx and DUMP_ON else None
+  n_hooked = len(HOOKED)
   try:
+    fn = _jit(lambda g: topk.select(g, k, "moc", config=cfg), dump_dir)
     t_c = time.time()
-    jax.block_until_ready(fn(sets[0][0]))
+    try:
+      jax.block_until_ready(fn(sets[0][0]))
+    except Exception as e:
+      if not dump_dir:
+        raise
+      # Once without the dump, so that the dump option cannot cost a variant its timing.
+      row["ptx"] = {"ptx": "compile with xla_dump_to failed: " + error(f"dump:{name}", e)}
+      dump_dir, ptx = None, False
+      fn = _jit(lambda g: topk.select(g, k, "moc", config=cfg), None)
+      jax.block_until_ready(fn(sets[0][0]))
     row["compile_s"] = round(time.time() - t_c, 1)
+    if ptx:  # before exact() compiles the 512-row shape into the same dump folder
+      row["ptx"] = guarded(f"ptx:{name}", collect_ptx, name, dump_dir, n_hooked)
     row["exact"] = exact(fn, k, f) if check and not cfg.ablate else None
-  except Exception as e:
-    print(f"  {name} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+  except Exception as e:  # the next variant still runs
+    row["error"] = error(name, e)
     return row
+  finally:
+    if dump_dir:
+      shutil.rmtree(dump_dir, ignore_errors=True)
   row["us"] = timed(fn, sets)
-  if len(PTX) > n0:
-    row["ptx_index"] = n0  # the first compile: the timed (16384-row) kernel
   print(f"{name:28s} exact={row['exact']} us={common.fmt(row['us'])}", flush=True)
   return row
 
 
-def main() -> None:
-  _capture_ptx()
-  os.makedirs(ARGS.out_dir, exist_ok=True)
-  res: dict = {"info": common.run_info(), "T": T, "budget_s": ARGS.budget}
-  out_json = os.path.join(ARGS.out_dir, "topk_gpu_session.json")
-  save = lambda: common.write_json(out_json, res)
-  print(res["info"], flush=True)
-
-  f, k = 5632, 1024
+def sweep() -> None:
+  f, k = SWEEP_FK
   sets = inputs(f)
   base = {
     "xla_copy": jax.jit(lambda g: g + jnp.bfloat16(1)),
     "xla_read_max": jax.jit(lambda g: jnp.max(g, axis=-1)),
     "lax_top_k": jax.jit(lambda g: jax.lax.top_k(g, k)),
   }
-  res["baselines"] = {n: timed(fn, sets) for n, fn in base.items()}
-  print("baselines", {n: common.fmt(v) for n, v in res["baselines"].items()}, flush=True)
-  res["sweep"] = []
+  RES["baselines"] = {n: timed(fn, sets) for n, fn in base.items()}
+  print("baselines", {n: common.fmt(v) for n, v in RES["baselines"].items()}, flush=True)
+  save()
+  RES["sweep"] = []
   for name, cfg in topk_variants.SWEEP.items():
     if not re.search(ARGS.only, name):
       continue
-    if left() < 150:
+    if left() < SWEEP_RESERVE:
+      RES["sweep_stopped_before"] = name
       print(f"budget: sweep stopped before {name}", flush=True)
       break
-    res["sweep"].append(run_variant(name, cfg, f, k, sets))
+    RES["sweep"].append(run_variant(name, cfg, f, k, sets, ptx=not ARGS.no_ptx))
     save()
-  ok = [r for r in res["sweep"] if r.get("exact") and r.get("us")]
+
+
+def pick_best() -> topk.TopKConfig:
+  ok = [r for r in RES.get("sweep", []) if r.get("exact") and r.get("us")]
   best = min(ok, key=lambda r: r["us"]) if ok else None
-  res["best"] = best and best["name"]
-  best_cfg = topk_variants.SWEEP[best["name"]] if best else topk.DEFAULT
-  print("best:", res["best"], best and common.fmt(best["us"]), flush=True)
+  RES["best"] = best and best["name"]
+  print("best:", RES["best"], best and common.fmt(best["us"]), flush=True)
+  return topk_variants.SWEEP[best["name"]] if best else topk.DEFAULT
 
-  with_ptx = [r for r in res["sweep"] if "ptx_index" in r]
-  for r in with_ptx:
-    if left() < 100:
-      break
-    p = PTX[r["ptx_index"]]
-    r["ptx"] = ptx_report(p["asm"], p["smem"], ARGS.out_dir)
-  for fname in ("k.ptx",):
-    if os.path.exists(os.path.join(ARGS.out_dir, fname)):
-      os.remove(os.path.join(ARGS.out_dir, fname))
-  if best:  # keep the fastest variant's PTX (one file)
-    with open(os.path.join(ARGS.out_dir, "best.ptx"), "w") as fh:
-      fh.write(PTX[best["ptx_index"]]["asm"] if "ptx_index" in best else "")
-  save()
 
-  res["shapes"] = []
+def shapes(best_cfg) -> None:
+  RES["shapes"] = []
   for f_, k_ in SHAPES[: ARGS.shapes]:
-    if left() < 70:
+    if left() < SHAPES_NEED:
       break
     sets_ = inputs(f_)
     row = {"F": f_, "K": k_}
@@ -219,32 +450,24 @@ def main() -> None:
       r = run_variant(f"{label}@{f_}", cfg, f_, k_, sets_)
       row[f"{label}_us"], row[f"{label}_exact"] = r.get("us"), r.get("exact")
     row["lax_top_k_us"] = timed(jax.jit(lambda g, k_=k_: jax.lax.top_k(g, k_)), sets_)
-    row["read_max_us"] = timed(base["xla_read_max"], sets_)
-    res["shapes"].append(row)
+    row["read_max_us"] = timed(jax.jit(lambda g: jnp.max(g, axis=-1)), sets_)
+    RES["shapes"].append(row)
     print(row, flush=True)
     save()
 
-  if left() > 50:
-    res["2of8"] = grouped()
-    res["fwd_epilogue"] = forward_epilogue(best_cfg)
-    save()
-  if left() > 45:
-    res["ffn_layer"] = ffn_layer(best_cfg)
-    save()
-  res["elapsed_s"] = round(time.time() - T0, 1)
-  save()
-  summary(res)
-
 
 def grouped() -> dict:
-  sets = inputs(5632)
-  out = {}
+  sets = inputs(GROUP_F)
+  out = RES["2of8"] = {}
   for rows in (1, 2, 4):
     cfg = topk.TopKConfig(rows=rows)
     fn = jax.jit(lambda g, cfg=cfg: topk.select(g, 0, "moc_2of8", config=cfg))
-    i1, v1 = fn(sets[0][0])
-    i2, v2 = reference.select(sets[0][0], 0, "moc_2of8")
-    out[f"rows{rows}"] = {"exact": _same(i1, i2) and _same(v1, v2), "us": timed(fn, sets)}
+    try:
+      i1, v1 = fn(sets[0][0])
+      i2, v2 = reference.select(sets[0][0], 0, "moc_2of8")
+      out[f"rows{rows}"] = {"exact": _same(i1, i2) and _same(v1, v2), "us": timed(fn, sets)}
+    except Exception as e:
+      out[f"rows{rows}"] = {"error": error(f"2of8 rows{rows}", e)}
   print("2of8", out, flush=True)
   return out
 
@@ -252,24 +475,27 @@ def grouped() -> dict:
 def forward_epilogue(best_cfg) -> dict:
   from pallas_kernels import moc_train
 
-  t, f, k, nv = T, 5504, 1024, 5461
+  f, k, nv = EPILOGUE
   sets = []
   for s in range(2):
     ka, kb = jax.random.split(jax.random.PRNGKey(77 + s))
-    g = jax.random.normal(ka, (t, f), jnp.float32).astype(jnp.bfloat16)
-    sets.append((g, jax.random.normal(kb, (t, f), jnp.float32).astype(jnp.bfloat16)))
+    g = jax.random.normal(ka, (T, f), jnp.float32).astype(jnp.bfloat16)
+    sets.append((g, jax.random.normal(kb, (T, f), jnp.float32).astype(jnp.bfloat16)))
   ref = reference.train_forward_epilogue(*sets[0], k, "moc", num_valid=nv)
-  out = {}
+  out = RES["fwd_epilogue"] = {}
   for label, cfg in (("default", topk.DEFAULT), ("best", best_cfg)):
     fn = jax.jit(
       lambda g, u, cfg=cfg: moc_train.train_forward_epilogue(
         g, u, k, "moc", num_valid=nv, config=cfg
       )
     )
-    o = fn(*sets[0])
-    ok = all(_same(a, b) for a, b in zip(o[:3], ref[:3], strict=True))
-    err = float(jnp.max(jnp.abs(o[3].astype(jnp.float32) - ref[3].astype(jnp.float32))))
-    out[label] = {"exact_sel": ok, "z_max_err": err, "us": timed(fn, sets)}
+    try:
+      o = fn(*sets[0])
+      ok = all(_same(a, b) for a, b in zip(o[:3], ref[:3], strict=True))
+      err = float(jnp.max(jnp.abs(o[3].astype(jnp.float32) - ref[3].astype(jnp.float32))))
+      out[label] = {"exact_sel": ok, "z_max_err": err, "us": timed(fn, sets)}
+    except Exception as e:
+      out[label] = {"error": error(f"fwd_epilogue {label}", e)}
   print("fwd epilogue", out, flush=True)
   return out
 
@@ -277,47 +503,99 @@ def forward_epilogue(best_cfg) -> dict:
 def ffn_layer(best_cfg) -> list[dict]:
   from benchmarks import ffn_layer as fl
 
-  topk.DEFAULT = best_cfg  # moc_train reads it when config is None
-  rows = []
-  for d, f, k in ((2048, 5461, 1024), (512, 1376, 256)):
+  fl.TOKENS = T  # 64 x 256 = 16384 on the GPU; tiny in --dry_run
+  topk.DEFAULT = best_cfg  # moc_train / topk read it when config is None
+  guarded("clear_caches", jax.clear_caches)  # no trace with the old DEFAULT reused
+  rows = RES["ffn_layer"] = []
+  for d, f, k in FFN_SHAPES:
     sets = [fl._params(d, f, s) for s in range(2)]
     for name in ("dense", "moc_pallas"):
-      if left() < 20:
+      if left() < FFN_STOP:
         return rows
       fwd, fwd_bwd = fl._fns(k, fl.METHODS[name])
       row = {"d": d, "F": f, "K": k, "method": name}
       row["fwd_us"], row["fwd_bwd_us"] = timed(fwd, sets), timed(fwd_bwd, sets)
       rows.append(row)
       print(row, flush=True)
+      save()
   return rows
 
 
 def summary(res: dict) -> None:
-  print(f"\n== top-K 16384 x 5632 K=1024 bf16 (us); baselines {res['baselines']}")
-  cols = ["name", "exact", "us", "regs", "spill_st", "stack", "bar_sync", "shfl"]
-  common.print_table(
-    [
-      {**r, **r.get("ptx", {}), "us": common.fmt(r.get("us")), "exact": r.get("exact")}
-      for r in res["sweep"]
-    ],
-    cols,
-  )
+  f, k = SWEEP_FK
+  print(f"\n== top-K {T} x {f} K={k} bf16 (us); baselines {res.get('baselines')}")
+  cols = ["name", "exact", "us", "regs", "spill_st", "stack", "bar_sync", "shfl", "ld_shared"]
+  rows = []
+  for r in res.get("sweep", []):
+    ptx = r.get("ptx") if isinstance(r.get("ptx"), dict) else {}
+    rows.append({**r, **ptx, "us": common.fmt(r.get("us")), "exact": r.get("exact")})
+  if rows:  # print_table needs at least one row
+    common.print_table(rows, cols)
   print("\n== shapes (us)")
   cols = ["F", "K", "default_us", "default_exact", "best_us", "best_exact"]
   fmt = lambda r: {c: common.fmt(v) if isinstance(v, float) else v for c, v in r.items()}
-  common.print_table([fmt(r) for r in res["shapes"]], [*cols, "lax_top_k_us", "read_max_us"])
-  for key in ("2of8", "fwd_epilogue", "ffn_layer"):
+  if res.get("shapes"):
+    common.print_table([fmt(r) for r in res["shapes"]], [*cols, "lax_top_k_us", "read_max_us"])
+  for key in ("2of8", "fwd_epilogue", "ffn_layer", "diagnostics"):
     print(f"\n== {key}: {res.get(key)}")
-  print(f"\nbest: {res.get('best')}  elapsed {res.get('elapsed_s')} s")
+  print("\n== sections:", [(s["name"], s.get("status"), s.get("s")) for s in res["sections"]])
+  print(f"errors: {len(res['errors'])}  best: {res.get('best')}  elapsed {elapsed()} s")
+
+
+def main() -> None:
+  global OUT_JSON, TMP
+  os.makedirs(ARGS.out_dir, exist_ok=True)
+  OUT_JSON = os.path.join(ARGS.out_dir, "topk_gpu_session.json")
+  TMP = tempfile.mkdtemp(prefix="topk_session_")
+  atexit.register(shutil.rmtree, TMP, ignore_errors=True)
+  timer = threading.Timer(max(1.0, left() + ARGS.grace), _watchdog)
+  timer.daemon = True
+  timer.start()
+  RES.update(T=T, budget_s=ARGS.budget, dry_run=ARGS.dry_run, sweep_fk=SWEEP_FK)
+  RES["info"] = guarded("run_info", common.run_info, default={})
+  print(RES["info"], flush=True)
+  diag = RES["diagnostics"] = {}
+  if not ARGS.no_ptx:
+    diag["triton_compile_hook"] = guarded("hook", _hook_triton_compile, default="failed")
+    diag["xla_dump"] = guarded("xla_dump probe", _probe_dump, default="failed (off)")
+    diag["ptxas"] = guarded("ptxas lookup", ptxas_candidates, default=[])
+  save()
+
+  section("sweep", 0, sweep)
+  best_cfg = guarded("best", pick_best, default=topk.DEFAULT)
+  if isinstance(diag.get("triton_compile_hook"), str) and HOOKED:
+    diag["triton_compile_hook"] = f"wrapped, {len(HOOKED)} compiles seen"
+  if not ARGS.no_ptx:
+    section("ptx", 0, ptx_section)
+  section("shapes", SHAPES_NEED, shapes, best_cfg)
+  section("2of8", EPI_NEED, grouped)
+  section("fwd_epilogue", EPI_NEED, forward_epilogue, best_cfg)
+  section("ffn_layer", FFN_NEED, ffn_layer, best_cfg)
+  timer.cancel()
+  merge_ptxas(time.time())  # whatever finished meanwhile
+  RES["done"] = True
+  save()
+  guarded("summary", summary, RES)
+  POOL.shutdown(wait=False, cancel_futures=True)
+  if PTXAS:  # a ptxas still running must not hold the exit (the pool joins its threads)
+    sys.stdout.flush()
+    shutil.rmtree(TMP, ignore_errors=True)
+    os._exit(0)
 
 
 if __name__ == "__main__":
   ap = argparse.ArgumentParser()
   ap.add_argument("out_dir")
-  ap.add_argument("--budget", type=float, default=270.0)
+  ap.add_argument("--budget", type=float, default=None, help="seconds (230; dry run 900)")
+  ap.add_argument("--grace", type=float, default=15.0, help="watchdog: exit at budget+grace")
   ap.add_argument("--only", default="", help="regex on sweep names (smoke tests)")
   ap.add_argument("--shapes", type=int, default=len(SHAPES), help="how many of SHAPES")
-  ap.add_argument("--t", type=int, default=T, help="rows (smoke tests on CPU)")
+  ap.add_argument("--t", type=int, default=None, help="rows (default 16384; 16 dry)")
+  ap.add_argument("--no_ptx", action="store_true", help="skip the PTX / ptxas diagnostics")
+  ap.add_argument("--dry_run", action="store_true", help="tiny sizes (CPU: interpret mode)")
   ARGS = ap.parse_args()
-  T = ARGS.t
+  if ARGS.dry_run:
+    globals().update(DRY)
+  T = ARGS.t or T
+  ARGS.budget = ARGS.budget or (900.0 if ARGS.dry_run else 230.0)
   main()
