@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
     return cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
     return cli.fail("--workdir is required (checkpoints, metrics and plots go there)")
+  if _CONFIG.value.train.deterministic:
+    cli.request_deterministic_kernels()
   from moc_jax import trainer
 
   with cli.user_errors():

@@ -63,3 +63,13 @@ def check_config_overrides(argv: list[str], default_config: str | None) -> None:
           )
         )
       node, walked = node[key], [*walked, key]
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def request_deterministic_kernels() -> None:
+  """Ask XLA for deterministic GPU kernels; must run before JAX starts its backends."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_gpu_deterministic_ops" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()

@@ -239,3 +239,14 @@ def test_cli_sigterm_mid_run_then_resume(tmp_path):
   assert proc.returncode == 0, out
   assert f"resumed from the checkpoint at step {step}" in out
   assert "final validation perplexity" in out
+
+
+def test_deterministic_request_adds_the_xla_flag_once(monkeypatch):
+  from moc_jax import cli
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  cli.request_deterministic_kernels()
+  cli.request_deterministic_kernels()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert flags == ["--xla_force_host_platform_device_count=2", cli.DETERMINISTIC_FLAG]
+  assert get_config().train.deterministic is False  # opt-in: it costs speed on GPU
