@@ -91,14 +91,14 @@ def _store_list(out_refs, t, pos, channel, a, selected, interpret):
 
 def _group_kernel(p_ref, *out_refs, splits, num_groups, width, round_dtype, interpret):
   t = pl.program_id(0)
-  valid = jnp.arange(width) < num_groups
+  g0 = pl.program_id(1) * width  # this program's first group
+  valid = g0 + jnp.arange(width) < num_groups
+  rows = pl.ds(g0, width)
 
   def load(*idx):  # G rounded like the reference, for group rows and the given lanes
-    v = plgpu.load(p_ref.at[(_i(0), _i(0), t, slice(None), *idx)], mask=_bcast(valid, idx), other=0)
+    v = plgpu.load(p_ref.at[(_i(0), _i(0), t, rows, *idx)], mask=_bcast(valid, idx), other=0)
     for s in range(1, splits):
-      v = v + plgpu.load(
-        p_ref.at[(_i(s), _i(0), t, slice(None), *idx)], mask=_bcast(valid, idx), other=0
-      )
+      v = v + plgpu.load(p_ref.at[(_i(s), _i(0), t, rows, *idx)], mask=_bcast(valid, idx), other=0)
     return v.astype(round_dtype)
 
   g = load(slice(None))  # (width, 8)
@@ -111,9 +111,9 @@ def _group_kernel(p_ref, *out_refs, splits, num_groups, width, round_dtype, inte
   selected = rank < reference.PER_GROUP
   if len(out_refs) == 1:
     a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
-    plgpu.store(out_refs[0].at[t, :, :], a, mask=valid[:, None])
+    plgpu.store(out_refs[0].at[t, rows, :], a, mask=valid[:, None])
     return
-  group = jnp.arange(width, dtype=I32)[:, None]
+  group = g0 + jnp.arange(width, dtype=I32)[:, None]
   sel = selected.astype(I32)
   pos = reference.PER_GROUP * group + jnp.cumsum(sel, axis=1) - sel  # selected lanes before
   channel = jnp.broadcast_to(group * reference.GROUP + lane, pos.shape)
@@ -136,11 +136,13 @@ def select_scale(
   radix_bits: int = 2,
   lists: bool = False,
   interpret: bool = False,
+  group_block: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """From fp32 G partials (splits, 1, T, W ≥ F, W a power of 2) to the selection.
 
   lists=False: a_TxW = silu(G) on the selected channels, 0 elsewhere.
   lists=True: (idx_TxK int32 ascending, a_TxK = silu(G) at idx), K = F // 4 for moc_2of8.
+  group_block: moc_2of8 groups per program (a power of 2; default: the whole row, one program).
   """
   splits, _, num_tokens, width = partials.shape
   params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
@@ -176,11 +178,12 @@ def select_scale(
     )(partials)
   group = reference.GROUP
   p8 = partials.reshape(splits, 1, num_tokens, width // group, group)
+  per = min(group_block or width // group, width // group)
   kernel = functools.partial(
     _group_kernel,
     splits=splits,
     num_groups=d_ff // group,
-    width=width // group,
+    width=per,
     round_dtype=round_dtype,
     interpret=interpret,
   )
@@ -189,7 +192,7 @@ def select_scale(
   out = pl.pallas_call(
     kernel,
     out_shape=out_shape,
-    grid=(num_tokens,),
+    grid=(num_tokens, width // group // per),
     compiler_params=params,
     interpret=interpret,
     name="decode_select_2of8",

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _decode_list, _decode_select, reference
+from pallas_kernels import _decode_hist, _decode_list, _decode_select, reference
 from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
@@ -327,6 +327,9 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
   """Jitted so that every layer's call reuses one trace of the kernels."""
   if cfg.pipeline not in PIPELINES:
     raise ValueError(f"unknown decode pipeline {cfg.pipeline!r}; expected one of {PIPELINES}")
+  if cfg.pipeline == "list" and cfg.select_mode == "hist":  # selection over many programs
+    lists = _decode_hist.hist_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret=interpret)
+    return _decode_list.rows_ffn(x_TxD, *lists, w_up_FxD, w_down_FxD, cfg, interpret=interpret)
   partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
   select = functools.partial(
     _decode_select.select_scale,

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _decode_select, moc_decode, reference
+from pallas_kernels import _decode_hist, _decode_select, moc_decode, reference
+from pallas_kernels._decode_config import spread_config
 
 # Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
 SMALL = moc_decode.DecodeConfig(
@@ -31,6 +32,11 @@ SMALL = moc_decode.DecodeConfig(
 # The list pipeline with small blocks: several programs per token, a partial last step.
 LIST = dataclasses.replace(
   SMALL, pipeline="list", list_rows=4, list_programs=8, list_block_d=32, t1_dot=True
+)
+
+# Selection over many programs (histograms of key bits) and the in-kernel two-level sum.
+HIST = dataclasses.replace(
+  LIST, gemv_splits=1, select_mode="hist", hist_block=64, list_reduce="last", list_group=3
 )
 
 
@@ -92,6 +98,10 @@ def test_select_is_exact_with_ties(variant):
     (16, 100, 23, "moc", jnp.bfloat16, True, SMALL),  # ties at the threshold, bf16, tl.dot path
     (1, 171, 37, "moc", jnp.float32, True, LIST),  # odd F, ties, lists; T = 1 via tl.dot
     (3, 136, 34, "moc_2of8", jnp.bfloat16, True, LIST),  # group lists, several tokens
+    (1, 1376, 250, "moc", jnp.bfloat16, True, HIST),  # 43 blocks, ties at the threshold
+    (3, 171, 37, "moc", jnp.float32, True, HIST),  # 32-bit keys: 4 histogram levels
+    (4, 136, 34, "moc_2of8", jnp.bfloat16, True, HIST),  # groups of 8 per block, no threshold
+    (4, 203, 41, "moc", jnp.bfloat16, False, dataclasses.replace(LIST, list_reduce="last")),
   ],
 )
 def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integer_gate, cfg):
@@ -130,6 +140,18 @@ def test_select_lists_match_reference():
   np.testing.assert_allclose(np.asarray(a), jax.nn.silu(want_val), rtol=1e-6)
 
 
+def test_hist_select_lists_match_reference():
+  """Histogram select: the reference's indices and silu(G), ties across block edges."""
+  seed, num_tokens, d_model, d_ff, k = _seed(), 3, 16, 2736, 700
+  x, wg, *_ = _weights(seed, num_tokens, d_model, d_ff, jnp.bfloat16, True)
+  cfg = dataclasses.replace(HIST, gemv_block_f=64, hist_block=256)
+  idx, a = _decode_hist.hist_select(x, wg, k, "moc", cfg, interpret=True)
+  g = jnp.dot(x, wg, preferred_element_type=jnp.float32).astype(x.dtype)
+  want_idx, want_val = reference.select(g, k, "moc")
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx), err_msg=f"{seed=}")
+  np.testing.assert_allclose(np.asarray(a), jax.nn.silu(want_val.astype(jnp.float32)), rtol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
   ("num_tokens", "variant", "pipeline"),
@@ -140,12 +162,15 @@ def test_select_lists_match_reference():
     (1, "moc_2of8", "list"),
     (16, "moc_2of8", "list"),
     (1, "moc", "mask"),
+    (1, "moc", "hist"),  # select_mode="hist" + list_reduce="last" (2026-11-28c, untimed)
+    (4, "moc_2of8", "hist"),
   ],
 )
 def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
   """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
   d_model, d_ff, k = 2048, 5464, 1024
-  cfg = dataclasses.replace(moc_decode.default_config(num_tokens, d_model, d_ff), pipeline=pipeline)
+  cfg = moc_decode.default_config(num_tokens, d_model, d_ff)
+  cfg = spread_config(cfg) if pipeline == "hist" else dataclasses.replace(cfg, pipeline=pipeline)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
     seed = _seed()
     x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
