@@ -19,6 +19,16 @@ SWEEP: dict[str, TopKConfig] = {
   "w_r4w4_reload_s256": TopKConfig(layout=W, rows=4, num_warps=4, keep=False, sample=256),
   # Keys in registers: F/32 = 176 per thread, spills expected; ptxas says how many.
   "w_r4w4_keep": TopKConfig(layout=W, rows=4, num_warps=4),
+  # Radix select (topk_radix.py): 2 passes of 256-bin histograms as one-hot MMAs instead of
+  # 16 bisection passes; bf16 vs int8 operands.
+  "row_radix": TopKConfig(search="radix"),
+  "row_radix_i8": TopKConfig(search="radix_i8"),
+  # Two kernels (topk_compact.py): search + bitmask, then popcount compaction; mask_only
+  # times the first alone (+ ~23 us XLA write), so the difference is the compaction.
+  "cmp_row_default": TopKConfig(compact=True),
+  "abl_cmp_row_mask_only": TopKConfig(compact=True, ablate="mask_only"),
+  "cmp_radix": TopKConfig(search="radix", compact=True),
+  "cmp_w_r4w4_reload": TopKConfig(layout=W, rows=4, num_warps=4, keep=False, compact=True),
   # Ablations first for the two shapes: search only (one store per row), load + count only.
   "abl_w_r1w4_no_final": TopKConfig(layout=W, rows=1, num_warps=4, ablate="no_final"),
   "abl_w_r4w4_read_only": TopKConfig(layout=W, rows=4, num_warps=4, ablate="read_only"),

@@ -63,6 +63,16 @@ class TopKConfig:
   # Timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'; 'warp' also
   # 'no_final' (search, one store per row) and 'read_only' (load + one count per row).
   ablate: str = ""
+  # K-th key search: 'bisect' (above) or 'radix' / 'radix_i8': two 256-bin digit histograms
+  # as one-hot matrix products in bf16 / int8 (topk_radix.py; row layout, no sample).
+  search: str = "bisect"
+  # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction;
+  # ablate='mask_only' times the first alone.
+  compact: bool = False
+
+  def __post_init__(self):
+    if self.search != "bisect" and (self.layout != "row" or self.sample):
+      raise ValueError(f"search={self.search!r} needs layout='row' and sample=0")
 
 
 DEFAULT = TopKConfig()
@@ -70,6 +80,8 @@ DEFAULT = TopKConfig()
 
 def _count_mode(cfg: TopKConfig, dtype, interpret: bool) -> str:
   mode = cfg.count
+  if cfg.search != "bisect":
+    return "int"  # the digit histograms take integer keys
   if tu.key_bits(dtype) == 32:
     return "int"  # 32-bit keys are not exact as fp32
   if mode == "auto":
@@ -263,7 +275,13 @@ def select_rows(
     return new_lo, new_hi, new_chi
 
   body = body_radix4 if fan == 3 else body_bisect
-  v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
+  if cfg.search != "bisect":
+    from pallas_kernels import topk_radix
+
+    op = topk_radix.OPERAND[cfg.search]
+    v, n_gt = topk_radix.kth_key(ckeys, k, nbits=nbits, rows=r, operand=op)
+  else:
+    v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
   carry = jnp.zeros((r, 1), jnp.int32)
@@ -386,6 +404,11 @@ def select(
     kernel = functools.partial(_topk_kernel, t=t, f=f, k=k, cfg=cfg, interpret=interpret)
   else:
     raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  if cfg.compact:  # two kernels: bitmask, then compaction
+    from pallas_kernels import topk_compact
+
+    idx, val = topk_compact.select_flat(g2, k, variant, cfg=cfg, interpret=interpret)
+    return idx.reshape(*lead, k), val.reshape(*lead, k)
   idx, val = pl.pallas_call(
     kernel,
     out_shape=(

@@ -62,6 +62,9 @@ def test_ties_and_equal_rows(dtype, k):
   _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64, fan=3 if k == 1 else 1))
   warp = TopKConfig(layout="warp", rows=4, keep=k == 1, sample=64 if k == 1 else 0)
   _assert_same(g, k, "moc", config=warp)
+  # K=1: bitmask + compaction after a warp search; fp32: radix (4 passes, 2 rows stacked)
+  other = TopKConfig(layout="warp", rows=4, compact=True) if k == 1 else None
+  _assert_same(g, k, "moc", config=other or TopKConfig(search="radix_i8", rows=2))
 
 
 def test_group_2of8():
@@ -69,6 +72,23 @@ def test_group_2of8():
   g = g.at[0].set(jax.random.randint(_key(8), (96,), -1, 2).astype(jnp.bfloat16))
   g = g.at[1].set(0.5)
   _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2))
+  _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2, compact=True))  # bitmask path
+
+
+@pytest.mark.parametrize(
+  ("f", "k", "config"),
+  [
+    (5461, 1024, TopKConfig(search="radix")),  # two 8-bit histogram passes, odd F
+    # int8 operands, 2 rows stacked in one product; then bitmask + compaction kernels
+    (2736, 512, TopKConfig(search="radix_i8", rows=2, compact=True)),
+  ],
+)
+def test_radix_and_compact(f, k, config):
+  """Shapes as in test_random_rows (reference compiles shared); rows with ties at v."""
+  g = jax.random.normal(_key(f + 1), (3, f), jnp.float32).astype(jnp.bfloat16)
+  g = g.at[1].set(jnp.where(jnp.arange(f) % 3 == 0, -0.0, 0.0).astype(g.dtype))  # +-0 ties
+  g = g.at[2, : f // 2].set(g[2, f // 2 : 2 * (f // 2)])  # duplicated half: ties at v
+  _assert_same(g, k, "moc", config=config)
 
 
 def test_errors():
