@@ -23,7 +23,7 @@ train: install
 # run there once; without it they skip.
 test: install
 	@if [ -n "$$CI" ]; then $(BIN)/pip install -q "tensorflow-cpu>=2.18"; fi
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
