@@ -14,7 +14,7 @@ total=${TOTAL_S:-260}
 mkdir -p "$out"
 t0=$SECONDS
 left() { echo $((total - (SECONDS - t0))); }
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -z "${MOC_WHEELS_INSTALLED:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1 || echo "wheel install failed (decode_e2e may not import)"
 fi
