@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_session_x4.sh OUT_DIR
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .corpus
 # (benchmarks/make_code_corpus.py + the tokenizer, see configs/study_60m_code.py) and .whl
-# (/work/shared/tools/device-wheels) beside it. Everything lands in OUT_DIR/session.tgz plus
+# (/work/shared/tools/device-wheels) beside it; from a snapshot in .snap/, link
+# .snap/.corpus -> ../.corpus (the wheels are found in ../.whl). Everything lands in OUT_DIR/session.tgz plus
 # OUT_DIR/summary.txt, since the device tool returns at most 8 files.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_session_x4.sh OUT_DIR}
