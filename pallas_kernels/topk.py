@@ -24,9 +24,7 @@ NaN inputs are not supported (they order by their bit pattern). F must be < 3276
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from collections.abc import Callable
 
 import jax
@@ -37,42 +35,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
+from pallas_kernels._topk_config import TopKConfig
+from pallas_kernels._topk_sample import kth_by_radix, sample_ranks
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
-RADIX_BITS = 4  # bits fixed per sample step
-
-
-@dataclasses.dataclass(frozen=True)
-class TopKConfig:
-  """Tuning knobs; every setting gives the same (exact) result unless `ablate` is set."""
-
-  rows: int = 1  # rows per program
-  num_warps: int = 4
-  # Sample size for the bracket; 0: bisect the whole key range. On the H200 the sampled
-  # bracket was slower (783 vs 722 us and 793 vs 756 us in two runs, NOTES_kernels.md).
-  sample: int = 0
-  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
-  granule: int = 256  # chunk granule; 0: one power-of-two block per row
-  fan: int = 1  # thresholds per counting pass in the search (1 or 3; 3 only for 16-bit keys)
-  strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
-  # 'row': one row over all warps (this module); 'warp': (C, rows, lanes) blocks, a warp per
-  # row when num_warps <= rows, all reductions in-warp (topk_warp.py).
-  layout: str = "row"
-  lanes: int = 32  # 'warp' only: columns per chunk row (32: one per lane; 256: 8-wide loads)
-  keep: bool = True  # 'warp' only: hold the keys in registers (else re-read G every pass)
-  # Timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'; 'warp' also
-  # 'no_final' (search, one store per row) and 'read_only' (load + one count per row).
-  ablate: str = ""
-  # K-th key search: 'bisect' (above) or 'radix' / 'radix_i8': two 256-bin digit histograms
-  # as one-hot matrix products in bf16 / int8 (topk_radix.py; row layout, no sample).
-  search: str = "bisect"
-  # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction;
-  # ablate='mask_only' times the first alone.
-  compact: bool = False
-
-  def __post_init__(self):
-    if self.search != "bisect" and (self.layout != "row" or self.sample):
-      raise ValueError(f"search={self.search!r} needs layout='row' and sample=0")
 
 
 DEFAULT = TopKConfig()
@@ -89,44 +55,6 @@ def _count_mode(cfg: TopKConfig, dtype, interpret: bool) -> str:
   if mode == "fsat" and interpret:
     return "fclip"  # inline PTX cannot run in interpret mode; same arithmetic
   return mode
-
-
-def _sample_ranks(f: int, k: int, s: int) -> tuple[int, int]:
-  """Descending ranks (r_hi <= r_lo) in the sample that bracket the K-th largest w.h.p."""
-  p = k / f
-  center = k * s / f
-  margin = 3.0 * math.sqrt(max(s * p * (1 - p), 1.0)) + 1.0
-  r_hi = max(1, min(s, math.floor(center - margin)))
-  r_lo = max(1, min(s, math.ceil(center + margin)))
-  return r_hi, r_lo
-
-
-def _kth_by_radix(keys, ranks: tuple[int, int], nbits: int) -> tuple[jax.Array, jax.Array]:
-  """Per row of keys (R, S), the rank-th largest key for both ranks, RADIX_BITS per step.
-
-  Each step counts 2 x 16 candidate thresholds in one (R, 32, S) compare and one reduction.
-  """
-  nd = 1 << RADIX_BITS
-  off = jnp.int32(-(1 << (nbits - 1)))
-  r = keys.shape[0]
-  jj = jnp.arange(2 * nd, dtype=jnp.int32)[None, :, None]  # (1, 32, 1)
-  digit = jj & (nd - 1)
-  second = jj >= nd
-  rank = jnp.where(second, ranks[1], ranks[0])
-  ks = keys[:, None, :]
-  t0 = jnp.zeros((r, 1, 1), jnp.int32)
-  t1 = jnp.zeros((r, 1, 1), jnp.int32)
-  for step in range(nbits // RADIX_BITS):
-    shift = nbits - RADIX_BITS * (step + 1)
-    base = jnp.where(second, t1, t0)
-    cand = (base | jnp.left_shift(digit, shift)) + off
-    c = jnp.sum((ks >= cand).astype(jnp.int32), axis=2, keepdims=True)  # (R, 32, 1)
-    ok = (c >= rank).astype(jnp.int32)  # non-increasing in digit; digit 0 always holds
-    d0 = jnp.sum(jnp.where(second, 0, ok), axis=1, keepdims=True) - 1
-    d1 = jnp.sum(jnp.where(second, ok, 0), axis=1, keepdims=True) - 1
-    t0 = t0 | jnp.left_shift(d0, shift)
-    t1 = t1 | jnp.left_shift(d1, shift)
-  return t0[:, :, 0] + off, t1[:, :, 0] + off
 
 
 def _lowest_key(dtype) -> int:
@@ -165,6 +93,28 @@ def bisect_step(state, count_ge: Callable, k: int):
   c = count_ge(mid)
   ge = c >= k
   return jnp.where(ge, mid, lo), jnp.where(ge, hi, mid - 1), jnp.where(ge, chi, c)
+
+
+def selected_slots(cum, gt, eq, valid, need, k: int, clip: bool):
+  """Which keys are kept and their output slots, from the running packed count `cum`
+  (keys above the threshold in the low 16 bits, keys equal to it in the high 16): all keys
+  above, and the first `need` equal ones (lowest channels). `clip` keeps ablations in range."""
+  cnt_eq = lax.shift_right_logical(cum, 16)
+  sel = valid & (gt | (eq & (cnt_eq <= need)))
+  pos = (cum & 0xFFFF) + jnp.minimum(cnt_eq, need) - 1
+  return sel, (jnp.clip(pos, 0, k - 1) if clip else pos)
+
+
+def select_call(kernel, t: int, k: int, dtype, rows: int, cfg, interpret: bool, name: str):
+  """pallas_call over row blocks producing (int32 indices, values), each (t, k)."""
+  return pl.pallas_call(
+    kernel,
+    out_shape=(jax.ShapeDtypeStruct((t, k), jnp.int32), jax.ShapeDtypeStruct((t, k), dtype)),
+    grid=(pl.cdiv(t, rows),),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
+    name=name,
+  )
 
 
 def select_rows(
@@ -244,7 +194,7 @@ def select_rows(
     ok_s = (rows_s < t) & (cols_s < nv)
     gs = pltriton.load(g_ref.at[rows_s, jnp.minimum(cols_s, f - 1)], mask=ok_s, other=0)
     keys_s = jnp.where(ok_s, tu.order_keys(gs), low)
-    s_hi, s_lo = _kth_by_radix(keys_s, _sample_ranks(nv, k, s), nbits)
+    s_hi, s_lo = kth_by_radix(keys_s, sample_ranks(nv, k, s), nbits)
     if cfg.ablate == "no_search":
       lo = hi = s_lo
     else:
@@ -293,11 +243,7 @@ def select_rows(
     scan = packed * cols_b if cfg.ablate == "no_scan" else jnp.cumsum(packed, axis=1)
     cum = scan + carry
     carry = carry + jnp.sum(packed, axis=1, keepdims=True)
-    cnt_eq = lax.shift_right_logical(cum, 16)
-    sel = valid & (gt | (eq & (cnt_eq <= need)))
-    pos = (cum & 0xFFFF) + jnp.minimum(cnt_eq, need) - 1
-    if cfg.ablate:
-      pos = jnp.clip(pos, 0, k - 1)
+    sel, pos = selected_slots(cum, gt, eq, valid, need, k, clip=bool(cfg.ablate))
     on_chunk(rows_b, cols_b, valid, g, sel, pos)
 
 
@@ -409,15 +355,5 @@ def select(
 
     idx, val = topk_compact.select_flat(g2, k, variant, cfg=cfg, interpret=interpret)
     return idx.reshape(*lead, k), val.reshape(*lead, k)
-  idx, val = pl.pallas_call(
-    kernel,
-    out_shape=(
-      jax.ShapeDtypeStruct((t, k), jnp.int32),
-      jax.ShapeDtypeStruct((t, k), g2.dtype),
-    ),
-    grid=(pl.cdiv(t, rows),),
-    interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
-    name=f"moc_select_{variant}",
-  )(g2)
+  idx, val = select_call(kernel, t, k, g2.dtype, rows, cfg, interpret, f"moc_select_{variant}")(g2)
   return idx.reshape(*lead, k), val.reshape(*lead, k)

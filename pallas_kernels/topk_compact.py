@@ -124,14 +124,7 @@ def select_flat(g2: jax.Array, k: int, variant: str, *, cfg, interpret: bool):
     idx = jnp.broadcast_to(mask[:, :1], (t, k))
     return idx, idx.astype(g2.dtype)
   rows = cfg.rows
-  return pl.pallas_call(
-    functools.partial(_compact_kernel, t=t, f=f, rows=rows, interpret=interpret),
-    out_shape=(
-      jax.ShapeDtypeStruct((t, k), jnp.int32),
-      jax.ShapeDtypeStruct((t, k), g2.dtype),
-    ),
-    grid=(pl.cdiv(t, rows),),
-    interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
-    name=f"moc_compact_{variant}",
-  )(mask, g2)
+  kernel = functools.partial(_compact_kernel, t=t, f=f, rows=rows, interpret=interpret)
+  return topk.select_call(kernel, t, k, g2.dtype, rows, cfg, interpret, f"moc_compact_{variant}")(
+    mask, g2
+  )

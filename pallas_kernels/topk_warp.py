@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import _topk_sample, topk
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import topk
 
 
 def _row_sum(x: jax.Array) -> jax.Array:
@@ -36,8 +36,8 @@ def _row_sum(x: jax.Array) -> jax.Array:
 
 
 def _kth_by_radix3(keys, ranks: tuple[int, int], nbits: int):
-  """`topk._kth_by_radix` on (1, R, S) sample keys; candidates on axis 0: (1, R, 1) each."""
-  nd = 1 << topk.RADIX_BITS
+  """`topk.kth_by_radix` on (1, R, S) sample keys; candidates on axis 0: (1, R, 1) each."""
+  nd = 1 << _topk_sample.RADIX_BITS
   off = jnp.int32(-(1 << (nbits - 1)))
   jj = jnp.arange(2 * nd, dtype=jnp.int32)[:, None, None]  # (32, 1, 1)
   digit = jj & (nd - 1)
@@ -46,8 +46,8 @@ def _kth_by_radix3(keys, ranks: tuple[int, int], nbits: int):
   r = keys.shape[1]
   t0 = jnp.zeros((1, r, 1), jnp.int32)
   t1 = jnp.zeros((1, r, 1), jnp.int32)
-  for step in range(nbits // topk.RADIX_BITS):
-    shift = nbits - topk.RADIX_BITS * (step + 1)
+  for step in range(nbits // _topk_sample.RADIX_BITS):
+    shift = nbits - _topk_sample.RADIX_BITS * (step + 1)
     base = jnp.where(second, t1, t0)
     cand = (base | jnp.left_shift(digit, shift)) + off  # (32, R, 1)
     c = jnp.sum((keys >= cand).astype(jnp.int32), axis=2, keepdims=True)
@@ -136,7 +136,7 @@ def select_rows_warp(
     ok_s = (rows_s < t) & (cols_s < nv)
     gs = pltriton.load(g_ref.at[rows_s, jnp.minimum(cols_s, f - 1)], mask=ok_s, other=0)
     keys_s = jnp.where(ok_s, tu.order_keys(gs), topk._lowest_key(dtype))
-    s_hi, s_lo = _kth_by_radix3(keys_s, topk._sample_ranks(nv, k, s), nbits)
+    s_hi, s_lo = _kth_by_radix3(keys_s, topk.sample_ranks(nv, k, s), nbits)
     c1, c2 = counts_ge((s_lo, s_hi + 1))
     ok1, ok2 = c1 >= k, c2 < k
     lo = jnp.where(ok1, jnp.where(ok2, s_lo, s_hi + 1), lo)
@@ -173,11 +173,7 @@ def select_rows_warp(
       lane_cum, c_excl = jnp.cumsum(packed, axis=2), jnp.cumsum(tot, axis=0) - tot
     cum = lane_cum + c_excl + carry
     carry = carry + jnp.sum(tot, axis=0, keepdims=True)
-    cnt_eq = lax.shift_right_logical(cum, 16)
-    sel = valid & (gt | (eq & (cnt_eq <= need)))
-    pos = (cum & 0xFFFF) + jnp.minimum(cnt_eq, need) - 1
-    if cfg.ablate:
-      pos = jnp.clip(pos, 0, k - 1)
+    sel, pos = topk.selected_slots(cum, gt, eq, valid, need, k, clip=bool(cfg.ablate))
     on_chunk(rows_b, cols_b, valid, g, sel, pos)
 
 

@@ -1,0 +1,39 @@
+"""`TopKConfig`: the top-K kernels' tuning knobs (pallas_kernels/topk.py, topk_warp.py,
+topk_radix.py, topk_compact.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKConfig:
+  """Tuning knobs; every setting gives the same (exact) result unless `ablate` is set."""
+
+  rows: int = 1  # rows per program
+  num_warps: int = 4
+  # Sample size for the bracket; 0: bisect the whole key range. On the H200 the sampled
+  # bracket was slower (783 vs 722 us and 793 vs 756 us in two runs, NOTES_kernels.md).
+  sample: int = 0
+  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
+  granule: int = 256  # chunk granule; 0: one power-of-two block per row
+  fan: int = 1  # thresholds per counting pass in the search (1 or 3; 3 only for 16-bit keys)
+  strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
+  # 'row': one row over all warps (this module); 'warp': (C, rows, lanes) blocks, a warp per
+  # row when num_warps <= rows, all reductions in-warp (topk_warp.py).
+  layout: str = "row"
+  lanes: int = 32  # 'warp' only: columns per chunk row (32: one per lane; 256: 8-wide loads)
+  keep: bool = True  # 'warp' only: hold the keys in registers (else re-read G every pass)
+  # Timing only, wrong results: 'no_scan' | 'no_search' | 'no_select'; 'warp' also
+  # 'no_final' (search, one store per row) and 'read_only' (load + one count per row).
+  ablate: str = ""
+  # K-th key search: 'bisect' (above) or 'radix' / 'radix_i8': two 256-bin digit histograms
+  # as one-hot matrix products in bf16 / int8 (topk_radix.py; row layout, no sample).
+  search: str = "bisect"
+  # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction;
+  # ablate='mask_only' times the first alone.
+  compact: bool = False
+
+  def __post_init__(self):
+    if self.search != "bisect" and (self.layout != "row" or self.sample):
+      raise ValueError(f"search={self.search!r} needs layout='row' and sample=0")
