@@ -24,7 +24,7 @@ from pallas_kernels import backends, reference
 
 VARIANTS = ("dense", "moc", "moc_2of8")
 PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIGN.md §3)
-BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (moc_jax/sharding.py)
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (sharding.py uses these)
 
 
 def default_k(d_model: int) -> int:
@@ -70,6 +70,14 @@ def _padded(d_ff: int, multiple: int) -> int:
   return d_ff + (-d_ff % multiple)
 
 
+def mesh_axis_size(name: str) -> int:
+  """Size of the ambient mesh's axis `name` (1 without a mesh or without that axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or name not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[name])
+
+
 def per_batch_shard(row_fn):
   """Runs a row-wise epilogue on each batch shard of the ambient mesh.
 
@@ -77,10 +85,7 @@ def per_batch_shard(row_fn):
   (data, fsdp), XLA would gather every shard's rows onto every device and run the whole
   kernel there. Every argument of `row_fn` is a (T, ...) array; so is every output.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return row_fn
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  axes = tuple(a for a in BATCH_AXES if mesh_axis_size(a) > 1)
   if not axes:
     return row_fn
   return jax.shard_map(row_fn, in_specs=P(axes), out_specs=P(axes), check_vma=False)

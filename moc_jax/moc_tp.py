@@ -39,15 +39,12 @@ from moc_jax import moc
 from pallas_kernels import backends, reference
 
 TENSOR = "tensor"
-BATCH = ("data", "fsdp")
+BATCH = moc.BATCH_AXES
 
 
 def tensor_parallel_size() -> int:
   """Size of the ambient mesh's `tensor` axis (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or TENSOR not in mesh.axis_names:
-    return 1
-  return int(mesh.shape[TENSOR])
+  return moc.mesh_axis_size(TENSOR)
 
 
 def _padded_f(d_ff: int, tp: int, variant: str, pad_to: int | None) -> int:

@@ -24,10 +24,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moc_jax import moc
 from moc_jax.model_config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = moc.BATCH_AXES  # ("data", "fsdp"); the MoC op shards its kernels over them
 
 # logical axis name -> mesh axes (None: replicated).
 RULES: dict[str, tuple[str, ...] | None] = {
