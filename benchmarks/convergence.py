@@ -16,17 +16,18 @@ channel usage of every finished run, `run_summary.json` records throughput and m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import convergence_report  # noqa: E402
+
 CONFIG = "configs/study_60m_code.py"
 VARIANTS = {
   "dense": {"model.ffn": "dense"},
@@ -105,31 +106,20 @@ def schedule(args) -> dict[str, dict]:
 
 
 def summarize(workdir: str, result: dict) -> dict:
-  """Throughput, memory, tokens and the last validation figures from metrics.jsonl."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  records = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by SIGTERM
-          records.append(json.loads(line))
-  train = [r for r in records if r["kind"] == "train"]
-  evals = [r for r in records if r["kind"] == "eval"]
-  tok_s = [r["tokens_per_sec"] for r in train[2:] if "tokens_per_sec" in r]  # skip warm-up
-  peaks = [r["peak_memory_gb"] for r in train if r.get("peak_memory_gb")]
-  out = dict(result)
-  cfg_path = os.path.join(workdir, "config.json")
-  if train and os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      t = json.load(f)["train"]
-    out.update(steps=train[-1]["step"], tokens=train[-1]["step"] * t["batch_size"] * t["seq_len"])
-  if tok_s:
-    out["tokens_per_sec"] = statistics.median(tok_s)
-  if peaks:
-    out["peak_memory_gb"] = max(peaks)
-  if evals:
-    out.update(final_eval_step=evals[-1]["step"], final_val_perplexity=evals[-1]["perplexity"])
-  return out
+  """The process facts plus what the report reads from the run's files (one reader for both)."""
+  stale = os.path.join(workdir, "run_summary.json")  # from an earlier start of the driver
+  if os.path.exists(stale):
+    os.remove(stale)
+  run = convergence_report.load_run(workdir)
+  figures = dict(
+    steps="steps",
+    tokens="tokens",
+    tokens_per_sec="tokens_per_sec",
+    peak_memory_gb="peak_gb",
+    final_eval_step="final_step",
+    final_val_perplexity="final_ppl",
+  )
+  return dict(result, **{k: run[v] for k, v in figures.items() if run[v] is not None})
 
 
 def channel_usage(workdirs_gpus: list[tuple[str, str]], batches: int) -> None:

@@ -29,6 +29,9 @@ import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from moc_jax import metrics  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
@@ -39,23 +42,6 @@ def _read_json(path: str) -> dict:
     return out if isinstance(out, dict) else {}
   except (OSError, ValueError):
     return {}
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  """Records of a JSONL file; a half-written or corrupt line (a run still writing) is skipped."""
-  out = []
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(rec, dict):
-          out.append(rec)
-  except OSError:
-    pass
-  return out
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -71,7 +57,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
   config = _read_json(os.path.join(run_dir, "config.json"))
   summary = _read_json(os.path.join(run_dir, "run_summary.json"))
   usage = _read_json(os.path.join(run_dir, "channel_usage.json"))
-  records = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+  records = metrics.read_metrics(run_dir)
   # After a resume some steps are logged twice: the later record of a step wins.
   evals = {r["step"]: r for r in records if r.get("kind") == "eval" and "step" in r}
   trains = {r["step"]: r for r in records if r.get("kind") == "train" and "step" in r}

@@ -80,11 +80,20 @@ class Reporter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl; a line cut short (a run killed mid-write) is skipped."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
 
 
 def plot_losses(workdir: str) -> str | None:
