@@ -135,3 +135,23 @@ def print_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> None:
   print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
   for row in cells:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def bench_train_config():
+  """The optimizer/schedule section the training-step benchmarks share (AdamW, no clipping)."""
+  import ml_collections
+
+  return ml_collections.ConfigDict(
+    dict(steps=1000, lr=1e-4, warmup_frac=0.1, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
+  )
+
+
+def compiled_bytes(compiled) -> int | None:
+  """XLA's per-device memory estimate: arguments + temporaries + outputs - aliased."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend/version reports it
+    return None
+  return int(
+    m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  )

@@ -35,27 +35,18 @@ VARIANTS = {
 DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
 
 
-def _compiled_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  return int(
-    m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-  )
-
-
 def child(args) -> dict:
   import jax
   import jax.numpy as jnp
-  import ml_collections
   from flax import nnx
 
+  from benchmarks import common
   from moc_jax import model_config, train_lib
   from moc_jax.model import Transformer, count_params
 
   overrides = dict(VARIANTS[args.variant], kernel_backend=args.backend, vocab_size=32000)
   cfg = model_config.from_preset(args.preset, **overrides)
-  t = ml_collections.ConfigDict(
-    dict(steps=1000, lr=1e-4, warmup_frac=0.1, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
-  )
+  t = common.bench_train_config()
   tx = train_lib.make_optimizer(t)
   graphdef, state = train_lib.init_state(Transformer(cfg, nnx.Rngs(0)), tx, 0)
   n_params = count_params(nnx.merge(graphdef, state["params"]))
@@ -76,7 +67,7 @@ def child(args) -> dict:
   compiled_bytes = {}
   for b in (args.batch // 2, args.batch) if args.estimate_max_batch else (args.batch,):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_of(b))
-    compiled_bytes[b] = _compiled_bytes(step.lower(state, abstract).compile())
+    compiled_bytes[b] = common.compiled_bytes(step.lower(state, abstract).compile())
   batch = batch_of(args.batch)
   for _ in range(args.warmup):
     state, m = step(state, batch)

@@ -42,16 +42,6 @@ def _peak_bytes(devices) -> tuple[int | None, list[int]]:
   return (max(peaks) if peaks else None), peaks
 
 
-def _compiled_gb(compiled) -> float | None:
-  """XLA's per-device estimate (arguments + temporaries + outputs - aliased)."""
-  try:
-    m = compiled.memory_analysis()
-    total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-    return (total - m.alias_size_in_bytes) / 1e9
-  except Exception:  # not every backend/version reports it
-    return None
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
   """Build, compile, warm up and time one configuration; returns its record."""
   t_start = time.perf_counter()
@@ -76,9 +66,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     kernel_backend=spec["backend"],
     attention=spec["attention"],
   )
-  t = ml_collections.ConfigDict(
-    dict(steps=1000, lr=1e-4, warmup_frac=0.1, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
-  )
+  t = common.bench_train_config()
   tx, schedule = train_lib.make_optimizer(t), train_lib.make_schedule(t)
   mesh = sharding.mesh_from_config(
     ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, spec["mesh"], strict=True)))
@@ -124,6 +112,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
       jax.block_until_ready(m["loss"])
       times.append(time.perf_counter() - t0)
       say(f"[{tag}] step {i + 1}/{spec['steps']}: {times[-1] * 1e3:.1f} ms")
+  compiled_b = common.compiled_bytes(compiled)
   loss = float(m["loss"])
   if not math.isfinite(loss):
     raise FloatingPointError(f"loss is {loss}")
@@ -152,7 +141,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     "peak_gb_per_gpu": peak / 1e9 if peak is not None else None,
     "peak_gb_all": [p / 1e9 for p in peaks],
     "hbm_limit_gb": limit / 1e9 if limit else None,
-    "compiled_gb_per_gpu": _compiled_gb(compiled),
+    "compiled_gb_per_gpu": None if compiled_b is None else compiled_b / 1e9,
     "state_gb_per_gpu": state_gb,
     "loss": loss,
     "child_s": time.perf_counter() - t_start,
