@@ -27,10 +27,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  if len(argv) > 1:
-    return cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    return cli.fail("--workdir is required (checkpoints, metrics and plots go there)")
+  why = "checkpoints, metrics and plots go there"
+  if (code := cli.bad_invocation(argv, _WORKDIR.value, why)) is not None:
+    return code
   if _CONFIG.value.train.deterministic:
     cli.request_deterministic_kernels()
   from moc_jax import trainer

@@ -143,10 +143,8 @@ def write(result: dict, path: str) -> None:
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    return cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.workdir:
-    return cli.fail("--workdir is required")
+  if (code := cli.bad_invocation(argv, FLAGS.workdir)) is not None:
+    return code
   with cli.user_errors():
     cfg = evaluate.load_config(FLAGS.workdir, FLAGS.config)
     result = channel_usage_workdir(FLAGS.workdir, cfg, FLAGS.batches)

@@ -14,6 +14,15 @@ def fail(message: str) -> int:
   return EXIT_USER_ERROR
 
 
+def bad_invocation(argv: list[str], workdir: str | None, why: str = "") -> int | None:
+  """The exit code for stray positional arguments or a missing --workdir, else None."""
+  if len(argv) > 1:
+    return fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not workdir:
+    return fail("--workdir is required" + (f" ({why})" if why else ""))
+  return None
+
+
 @contextlib.contextmanager
 def user_errors():
   """Turn the project's own error types into `error: ...` + exit 2, not a traceback."""

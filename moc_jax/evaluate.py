@@ -87,10 +87,8 @@ def evaluate_workdir(
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    return cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    return cli.fail("--workdir is required")
+  if (code := cli.bad_invocation(argv, _WORKDIR.value)) is not None:
+    return code
   with cli.user_errors():
     cfg = load_config(_WORKDIR.value, _CONFIG.value)
     result = evaluate_workdir(_WORKDIR.value, cfg, _BATCHES.value)
