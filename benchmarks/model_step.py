@@ -103,6 +103,19 @@ def child(args) -> dict:
   }
 
 
+def write_results(args, rows: list[dict]) -> None:
+  """The JSON with ratios against `--reference` (when it ran)."""
+  from benchmarks import common
+
+  ref = next((r for r in rows if r.get("variant") == args.reference and "error" not in r), None)
+  if ref:
+    for r in rows:
+      if "error" not in r:
+        r["tokens_per_s_vs_dense"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["peak_vs_dense"] = r["peak_gb"] / ref["peak_gb"] if ref["peak_gb"] else None
+  common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="1b")
@@ -125,8 +138,6 @@ def main() -> None:
     print("RESULT " + json.dumps(child(args)), flush=True)
     return
 
-  from benchmarks import common
-
   rows = []
   for name in args.variants.split(","):
     cmd = [sys.executable, __file__, f"--variant={name}", *sys.argv[1:]]
@@ -146,13 +157,7 @@ def main() -> None:
       f"est. max batch {r['est_max_batch']}",
       flush=True,
     )
-  dense = next((r for r in rows if r.get("variant") == args.reference and "error" not in r), None)
-  if dense:
-    for r in rows:
-      if "error" not in r:
-        r["tokens_per_s_vs_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]
-        r["peak_vs_dense"] = r["peak_gb"] / dense["peak_gb"] if dense["peak_gb"] else None
-  common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
+    write_results(args, rows)  # after every variant: a cut session keeps what finished
   print(
     json.dumps(
       [

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One device call, several independent questions, run one after another on GPU 0 so it works on
+# any lent kind (one H200 is enough). Each section has a hard time limit and its own log:
+#   gcp     MoC vs MoC+GCP, 300 steps of the study config with deterministic kernels, both runs
+#           at once on the one GPU: do the loss traces agree bit for bit (issue 5)?
+#   topk    the top-K kernel session (benchmarks/topk_gpu_session.py, issue 6)
+#   decode  the decode session (benchmarks/decode_gpu_session.sh, issue 3)
+#   remat   1b model step at batch 256: dense / MoC with and without rematerialisation (issue 6)
+#   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
+# Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
+# (/work/shared/tools/device-wheels) and, for gcp, .corpus (benchmarks/make_code_corpus.py + the
+# tokenizer, see configs/study_60m_code.py) beside it; from a snapshot in .snap/, link
+# .snap/.corpus -> ../.corpus (the wheels are also found in ../.whl). Everything lands in
+# OUT_DIR/session.tgz plus OUT_DIR/summary.txt, since the device tool returns at most 8 files.
+# DRY=1: the same wiring on a CPU (tiny model, top-K --dry_run, no decode or remat).
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...}
+shift
+work=$(mktemp -d)
+wheels=$(ls .whl/*.whl ../.whl/*.whl 2>/dev/null)
+if [ -n "$wheels" ] && [ -z "${DRY:-}" ] && [ -z "${MOC_WHEELS_INSTALLED:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site $wheels || exit 1
+  export PYTHONPATH=/tmp/site:$PWD MOC_WHEELS_INSTALLED=1
+fi
+export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+nvidia-smi -L >"$work/gpus.txt" 2>&1
+t0=$SECONDS
+
+gcp() {  # two processes on one GPU: each gets under half of its memory
+  local steps=300 small=()
+  if [ -n "${DRY:-}" ]; then
+    steps=4 small=(--override=model.preset=tiny --override=train.batch_size=4
+      --override=train.seq_len=64 --override=data.num_workers=0 --override=eval.batches=1
+      --override=train.log_every=2)
+  fi
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python3 benchmarks/convergence.py --gpus=0,0 \
+    --variants=moc,moc_gcp --workroot="$work/gcp" --usage_batches=1 \
+    --override=train.deterministic=True --override=train.steps=$steps --override=eval.every=100 \
+    "${small[@]}" --deadline_s=$(($1 - 20))
+  python3 - "$work/gcp" <<'PY'
+import json, sys
+def losses(v):
+  with open(f"{sys.argv[1]}/{v}/metrics.jsonl") as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["kind"] == "train"]
+a, b = losses("moc"), losses("moc_gcp")
+diff = [(s, x, y) for (s, x), (_, y) in zip(a, b) if x != y]
+print(f"{len(a)} / {len(b)} logged steps; identical: {not diff and len(a) == len(b) > 0}")
+print("first differences:", diff[:3])
+PY
+  rm -rf "$work"/gcp/*/checkpoints*  # hundreds of MB; the traces are what matter
+}
+
+topk() {
+  local extra=()
+  [ -n "${DRY:-}" ] && extra=(--dry_run)
+  python3 benchmarks/topk_gpu_session.py "$work/topk" --budget=$(($1 - 40)) "${extra[@]}"
+}
+
+decode() {
+  [ -n "${DRY:-}" ] && { echo "decode session skipped (DRY)"; return 0; }
+  TOTAL_S=$(($1 - 10)) bash benchmarks/decode_gpu_session.sh "$work/decode"
+}
+
+remat() {
+  [ -n "${DRY:-}" ] && { echo "remat comparison skipped (DRY)"; return 0; }
+  python3 benchmarks/model_step.py --preset=1b --batch=256 --steps=6 --warmup=2 \
+    --variants=moc,moc_gcp,dense_remat_ffn,dense,dense_remat_full,moc_remat_ffn \
+    --reference=dense_remat_ffn --out="$work/model_step_1b_b256.json"
+}
+
+export work
+export -f gcp topk decode remat
+for spec in "$@"; do
+  name=${spec%%:*} limit=${spec#*:}
+  [ "$limit" = "$spec" ] && limit=300
+  case $name in gcp | topk | decode | remat) ;; *) echo "unknown section $name"; continue ;; esac
+  echo "== $name (limit $limit s, at $((SECONDS - t0)) s)" | tee -a "$out/summary.txt"
+  timeout "$limit" bash -c "$name $limit" >"$work/$name.log" 2>&1
+  echo "rc=$? after $((SECONDS - t0)) s" >>"$work/$name.log"
+  tail -n 25 "$work/$name.log" >>"$out/summary.txt"
+done
+tar czf "$out/session.tgz" -C "$work" .
+ls -la "$out"
