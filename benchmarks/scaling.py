@@ -8,14 +8,15 @@ Each configuration runs in its own process, so its peak memory is its own, on it
 subset (CUDA_VISIBLE_DEVICES), through train.py's path: the plain single-device step on one
 GPU; sharding.mesh_from_config, init_sharded, put_global_batch, use_mesh and
 train_lib.make_train_step on a mesh (random tokens, no document mask, like model_step.py).
-Meshes: data=n on n GPUs, and from 4 GPUs also fsdp=n (the memory figure); the faster is the
+Meshes (--meshes): data=n and fsdp=n on n GPUs (fsdp gives the memory figure); the faster is the
 "best mesh". Scaling efficiency = tokens/s per GPU at n GPUs / tokens/s at 1 GPU.
 
 The parent keeps the GPUs busy in waves: 1-GPU configurations side by side on GPUs 0..3,
 2-GPU ones on (0,1) and (2,3), then 4-GPU ones one at a time. It stops launching after
 --max_seconds (recording what did not run), kills a child after --child_timeout, and rewrites
 --out after every child, so a cut-short run still leaves its JSON. The parent never touches a
-device itself: jax would preallocate memory on every GPU.
+device itself: jax would preallocate memory on every GPU. --xla_flags goes to every child, so
+two runs in one call compare XLA settings side by side (the latency-hiding scheduler, say).
 
 --dry_run runs the same schedule on CPU with the tiny preset and a small batch; a "GPU
 subset" of n becomes n virtual CPU devices (XLA_FLAGS) in the child, so the child takes the
@@ -50,11 +51,14 @@ SPEC_ARGS = ("batch_per_gpu", "seq", "vocab", "steps", "warmup", "backend", "att
 FAST_CPU_FLAGS = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 
 
-def meshes_for(n: int) -> list[tuple[str, tuple[int, int, int]]]:
-  """1 GPU: the plain path; n GPUs: data=n; from 4 GPUs also fsdp=n (for the memory figure)."""
+MESHES = {"data": lambda n: (n, 1, 1), "fsdp": lambda n: (1, n, 1)}
+
+
+def meshes_for(n: int, names: list[str]) -> list[tuple[str, tuple[int, int, int]]]:
+  """1 GPU: the plain path; n GPUs: each named mesh (data=n, fsdp=n) in that order."""
   if n == 1:
     return [("single", (1, 1, 1))]
-  return [("data", (n, 1, 1))] + ([("fsdp", (1, n, 1))] if n >= 4 else [])
+  return [(name, MESHES[name](n)) for name in names]
 
 
 def make_configs(args) -> list[dict[str, Any]]:
@@ -63,7 +67,7 @@ def make_configs(args) -> list[dict[str, Any]]:
   shared = {k: getattr(args, k) for k in SPEC_ARGS}
   out = []
   for n in args.gpu_counts:
-    for order, (mesh_name, mesh) in enumerate(meshes_for(n)):
+    for order, (mesh_name, mesh) in enumerate(meshes_for(n, args.meshes)):
       for preset in args.presets:
         for variant in args.variants:
           tag = f"{preset}_{variant}_{n}gpu_{mesh_name}"
@@ -77,11 +81,13 @@ def slots_for(n: int, num_gpus: int) -> list[tuple[int, ...]]:
   return [tuple(range(i, i + n)) for i in range(0, num_gpus - n + 1, n)]
 
 
-def child_env(slot: tuple[int, ...], dry_run: bool) -> dict[str, str]:
+def child_env(slot: tuple[int, ...], dry_run: bool, extra_flags: str = "") -> dict[str, str]:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
   ids = [visible[i] if i < len(visible) else str(i) for i in slot]  # respect an outer mask
   env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+  if extra_flags:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra_flags}".strip()
   if dry_run:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     flags += [f"--xla_force_host_platform_device_count={len(slot)}", FAST_CPU_FLAGS]
@@ -128,7 +134,7 @@ def run_waves(configs: list[dict], args, on_record) -> list[dict]:
               cmd,
               stdout=log,
               stderr=subprocess.STDOUT,
-              env=child_env(tuple(c["gpus"]), args.dry_run),
+              env=child_env(tuple(c["gpus"]), args.dry_run, args.xla_flags),
               cwd=ROOT,
               start_new_session=True,  # its own process group: a timeout kills it whole
             )
@@ -246,6 +252,7 @@ def run_info(records: list[dict], args, started: str) -> dict:
   if info is None:
     info = {"device": "unknown", "jax": metadata.version("jax"), "python": sys.version.split()[0]}
   info.update(date=started, num_devices=args.num_gpus, dry_run=args.dry_run)
+  info.update(xla_flags=f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip())
   return info
 
 
@@ -260,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--presets", help=f"in priority order (default {GPU_RUN['presets']})")
   p.add_argument("--variants", default="dense,moc", help=f"of {', '.join(VARIANTS)}")
   p.add_argument("--gpu_counts", default="1,2,4")
+  p.add_argument("--meshes", default="data,fsdp", help=f"for n > 1 GPUs, of {', '.join(MESHES)}")
+  p.add_argument("--xla_flags", default="", help="appended to the children's XLA_FLAGS")
   p.add_argument("--num_gpus", type=int, default=4, help="GPUs on the machine (0..n-1)")
   p.add_argument("--batch_per_gpu", type=int, help="sequences per GPU (default 64)")
   p.add_argument("--seq", type=int, help="tokens per sequence (default 256)")
@@ -291,6 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if unknown:
     p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
   args.gpu_counts = [int(x) for x in args.gpu_counts.split(",")]
+  args.meshes = args.meshes.split(",")
+  if set(args.meshes) - set(MESHES):
+    p.error(f"unknown meshes {args.meshes}; choose from {', '.join(MESHES)}")
   return args
 
 
