@@ -85,7 +85,8 @@ def _reduce_last(
   groups = cdiv(splits, group)
   grp = s // group
   size = jnp.minimum(group, splits - grp * group)
-  cache = None if interpret else ".cg"  # other SMs wrote these: read them from L2
+  # Plain loads: the acq_rel, gpu-scope counter atomic orders them after the other SMs' stores
+  # (jax's Triton lowering rejects the ".cg" modifier: its table is keyed "cg").
 
   def bump(slot):  # all of this program's stores precede the count (CTA barrier, acq_rel atomic)
     if not interpret:
@@ -102,7 +103,6 @@ def _reduce_last(
           src_ref.at[first + j, t, pl.ds(jnp.int32(b), w)],
           mask=(c < d_model) & (j < count),
           other=0,
-          cache_modifier=cache,
         )
         for acc, (b, w), c in zip(accs, blocks, cols, strict=True)
       )
