@@ -38,16 +38,8 @@ gcp() {  # two processes on one GPU: each gets under half of its memory
     --variants=moc,moc_gcp --workroot="$work/gcp" --usage_batches=1 \
     --override=train.deterministic=True --override=train.steps=$steps --override=eval.every=100 \
     "${small[@]}" --deadline_s=$(($1 - 20))
-  python3 - "$work/gcp" <<'PY'
-import json, sys
-def losses(v):
-  with open(f"{sys.argv[1]}/{v}/metrics.jsonl") as f:
-    return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["kind"] == "train"]
-a, b = losses("moc"), losses("moc_gcp")
-diff = [(s, x, y) for (s, x), (_, y) in zip(a, b) if x != y]
-print(f"{len(a)} / {len(b)} logged steps; identical: {not diff and len(a) == len(b) > 0}")
-print("first differences:", diff[:3])
-PY
+  python3 benchmarks/compare_traces.py "$work/gcp/moc" "$work/gcp/moc_gcp" \
+    --out="$work/gcp/verdict.json"
   rm -rf "$work"/gcp/*/checkpoints*  # hundreds of MB; the traces are what matter
 }
 

@@ -89,3 +89,31 @@ def test_reference_by_flag_and_missing_reference(tmp_path):
   assert no_ref["reference"] is None and no_ref["rows"][0]["gap_vs_ref_pct"] is None
   with pytest.raises(SystemExit, match="not a run"):
     cr.report(str(tmp_path), "z", str(tmp_path), "nope")
+
+
+def _trace(root, name, losses, eval_loss=2.0):
+  d = root / name
+  d.mkdir()
+  rows = [{"kind": "train", "step": s, "loss": x, "grad_norm": 0.5} for s, x in losses]
+  rows.append({"kind": "eval", "step": losses[-1][0], "loss": eval_loss})
+  (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+  return str(d)
+
+
+def test_compare_traces_is_bitwise(tmp_path):
+  from benchmarks import compare_traces
+
+  a = _trace(tmp_path, "a", [(10, 3.0), (20, 2.5)])
+  same = _trace(tmp_path, "same", [(10, 3.0), (20, 2.5)])
+  off = _trace(tmp_path, "off", [(10, 3.0), (20, 2.5 + 1e-7)])
+  verdict = compare_traces.compare(a, same)
+  assert verdict["identical"] and verdict["values_compared"] == 5 and verdict["last_step"] == 20
+  verdict = compare_traces.compare(a, off)
+  assert not verdict["identical"]
+  assert verdict["first_differences"] == [
+    {"kind": "train", "step": 20, "field": "loss", "a": 2.5, "b": 2.5 + 1e-7}
+  ]
+  short = _trace(tmp_path, "short", [(10, 3.0)], eval_loss=9.0)
+  assert not compare_traces.compare(a, short)["identical"]  # a step only one run logged
+  out = tmp_path / "v.json"
+  assert compare_traces.main([a, off, f"--out={out}"]) == 1 and json.loads(out.read_text())
