@@ -13,6 +13,18 @@ W = "warp"
 
 SWEEP: dict[str, TopKConfig] = {
   "row_default": TopKConfig(),  # today's kernel: one row over 4 warps
+  # 2026-12-01: the search side is the cost (mask_only 649 of 718 us), and each counting pass
+  # ends in one block reduction per power-of-two piece (3 for 5632). Equal chunks summed
+  # lane-wise make it one per pass; packing two thresholds per int32 keeps it one for a
+  # ternary search (~11 passes instead of 16).
+  "row_c512": TopKConfig(chunk=512),
+  "row_c512_t": TopKConfig(chunk=512, fan=2),
+  "row_c1024_t": TopKConfig(chunk=1024, fan=2),
+  "row_c512_r4": TopKConfig(chunk=512, fan=3),
+  "row_c512_t_r2": TopKConfig(chunk=512, fan=2, rows=2),
+  "row_c512_t_w8": TopKConfig(chunk=512, fan=2, num_warps=8),
+  "row_r2": TopKConfig(rows=2),
+  "row_fan3": TopKConfig(fan=3),
   # Warp per row, keys re-read from L1/L2 each pass (no register pressure, no barriers).
   "w_r4w4_reload": TopKConfig(layout=W, rows=4, num_warps=4, keep=False),
   # Same with the 16-pass bisection cut to ~9 passes by a sampled bracket.

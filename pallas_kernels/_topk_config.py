@@ -17,7 +17,13 @@ class TopKConfig:
   sample: int = 0
   count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
-  fan: int = 1  # thresholds per counting pass in the search (1 or 3; 3 only for 16-bit keys)
+  # Thresholds per counting pass in the search: 1 (bisection), 2 (ternary) or 3 (radix 4);
+  # 2 and 3 only for 16-bit keys.
+  fan: int = 1
+  # Equal chunks of this width (a power of two) instead of power-of-two pieces: a count then
+  # sums the chunks lane-wise and pairs of thresholds share one int32, so a counting pass
+  # costs one block reduction (pieces: one per piece and threshold). 0: pieces.
+  chunk: int = 0
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # 'row': one row over all warps (this module); 'warp': (C, rows, lanes) blocks, a warp per
   # row when num_warps <= rows, all reductions in-warp (topk_warp.py).
@@ -35,5 +41,9 @@ class TopKConfig:
   compact: bool = False
 
   def __post_init__(self):
+    if self.fan not in (1, 2, 3):
+      raise ValueError(f"fan must be 1, 2 or 3, got {self.fan}")
+    if self.chunk and (self.chunk & (self.chunk - 1) or self.layout != "row"):
+      raise ValueError(f"chunk={self.chunk} needs a power of two and layout='row'")
     if self.search != "bisect" and (self.layout != "row" or self.sample):
       raise ValueError(f"search={self.search!r} needs layout='row' and sample=0")

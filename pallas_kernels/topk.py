@@ -85,6 +85,26 @@ def ge_ones(ckey, thr, mode: str):
   return jnp.clip(ckey - c, 0.0, 1.0)
 
 
+def packed_counts(ckeys: list, thrs: tuple, mode: str) -> list:
+  """Per row, the number of keys >= each thr ((R, 1) int32), from equal-width chunks: the
+  chunks are summed lane-wise, then two thresholds share an int32 (16 bits each: counts are
+  < 32768), so each pair costs one block reduction."""
+  lanes = []
+  for thr in thrs:
+    acc = ge_ones(ckeys[0], thr, mode)
+    for ckey in ckeys[1:]:
+      acc = acc + ge_ones(ckey, thr, mode)
+    lanes.append(acc.astype(jnp.int32))
+  out = []
+  for i in range(0, len(lanes), 2):
+    if i + 1 == len(lanes):
+      out.append(jnp.sum(lanes[i], axis=1, keepdims=True))
+      continue
+    total = jnp.sum(lanes[i] + jnp.left_shift(lanes[i + 1], 16), axis=1, keepdims=True)
+    out += [total & 0xFFFF, lax.shift_right_logical(total, 16)]
+  return out
+
+
 def bisect_step(state, count_ge: Callable, k: int):
   """One bisection step on (lo, hi, count(key > hi)); a converged row stays unchanged."""
   lo, hi, chi = state
@@ -150,7 +170,11 @@ def select_rows(
   r = cfg.rows
   row_r1 = pl.program_id(0) * r + jnp.arange(r, dtype=jnp.int32)[:, None]
   row_ok = row_r1 < t
-  chunks = tu.pow2_chunks(f, cfg.granule) if cfg.granule else [(0, tu.next_pow2(f))]
+  if cfg.chunk:
+    w = min(cfg.chunk, tu.next_pow2(f))
+    chunks = [(off, w) for off in range(0, f, w)]
+  else:
+    chunks = tu.pow2_chunks(f, cfg.granule) if cfg.granule else [(0, tu.next_pow2(f))]
   pad = kmin - 1 if nbits == 16 else kmin  # below every real 16-bit key
   low = _lowest_key(dtype)
 
@@ -176,6 +200,8 @@ def select_rows(
 
   def counts_ge(thrs):
     """Per row, the number of keys >= thr for each thr ((R, 1) int32)."""
+    if cfg.chunk:
+      return packed_counts(ckeys, thrs, mode)
     totals = [jnp.zeros((r, 1), jnp.int32) for _ in thrs]
     for ckey in ckeys:
       for i, thr in enumerate(thrs):
@@ -224,7 +250,17 @@ def select_rows(
     new_chi = jnp.where(ok[2], chi, jnp.where(ok[1], c[2], jnp.where(ok[0], c[1], c[0])))
     return new_lo, new_hi, new_chi
 
-  body = body_radix4 if fan == 3 else body_bisect
+  def body_ternary(state):  # 16-bit keys only; with `chunk`, one reduction per pass
+    lo, hi, chi = state
+    step = (hi - lo) // 3 + 1
+    m1, m2 = jnp.minimum(lo + step, hi + 1), jnp.minimum(lo + 2 * step, hi + 1)
+    c1, c2 = counts_ge((m1, m2))
+    ok1, ok2 = c1 >= k, c2 >= k
+    new_lo = jnp.where(ok2, m2, jnp.where(ok1, m1, lo))
+    new_hi = jnp.where(ok2, hi, jnp.where(ok1, m2 - 1, m1 - 1))
+    return new_lo, new_hi, jnp.where(ok2, chi, jnp.where(ok1, c2, c1))
+
+  body = {1: body_bisect, 2: body_ternary, 3: body_radix4}[fan]
   if cfg.search != "bisect":
     from pallas_kernels import topk_radix
 
