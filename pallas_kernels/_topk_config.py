@@ -24,6 +24,9 @@ class TopKConfig:
   # sums the chunks lane-wise and pairs of thresholds share one int32, so a counting pass
   # costs one block reduction (pieces: one per piece and threshold). 0: pieces.
   chunk: int = 0
+  # With `chunk`: the final pass (prefix sum, slot stores) runs on power-of-two pieces, keys
+  # re-derived from G, instead of on the many narrow chunks.
+  final_pieces: bool = False
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # 'row': one row over all warps (this module); 'warp': (C, rows, lanes) blocks, a warp per
   # row when num_warps <= rows, all reductions in-warp (topk_warp.py).
@@ -43,6 +46,8 @@ class TopKConfig:
   def __post_init__(self):
     if self.fan not in (1, 2, 3):
       raise ValueError(f"fan must be 1, 2 or 3, got {self.fan}")
+    if self.final_pieces and not self.chunk:
+      raise ValueError("final_pieces needs chunk > 0")
     if self.chunk and (self.chunk & (self.chunk - 1) or self.layout != "row"):
       raise ValueError(f"chunk={self.chunk} needs a power of two and layout='row'")
     if self.search != "bisect" and (self.layout != "row" or self.sample):

@@ -188,15 +188,15 @@ def select_rows(
       g = jnp.where(cols_b < nv, g, jnp.array(jnp.finfo(dtype).min, dtype))
     return rows_b, cols_b, valid, g
 
-  ckeys = []
-  for off, w in chunks:
-    _, cols_b, valid, g = load_chunk(off, w)
+  def keys_of(off, w, valid, g):
     key = tu.order_keys(g)
     if off + w > f:
       key = jnp.where(valid, key, pad)
     elif t % r:
       key = jnp.where(row_ok, key, pad)
-    ckeys.append(key.astype(jnp.float32) if use_float else key)
+    return key.astype(jnp.float32) if use_float else key
+
+  ckeys = [keys_of(off, w, *load_chunk(off, w)[2:]) for off, w in chunks]
 
   def counts_ge(thrs):
     """Per row, the number of keys >= thr for each thr ((R, 1) int32)."""
@@ -271,8 +271,12 @@ def select_rows(
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
   carry = jnp.zeros((r, 1), jnp.int32)
-  for (off, w), ckey in zip(chunks, ckeys, strict=True):
+  pieces = chunks
+  if cfg.final_pieces:  # few wide scans: keys re-derived from G (re-read from L1/L2)
+    pieces = tu.pow2_chunks(f, cfg.granule or 256)
+  for i, (off, w) in enumerate(pieces):
     rows_b, cols_b, valid, g = load_chunk(off, w)
+    ckey = keys_of(off, w, valid, g) if cfg.final_pieces else ckeys[i]
     gt = ckey > v_c
     eq = ckey == v_c
     packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)

@@ -41,7 +41,7 @@ def _assert_same(g, k, variant, **kw):
     (jnp.float32, 4, 700, 128, TopKConfig(rows=2, sample=128)),  # 32-bit keys, integer counts
     (jnp.bfloat16, 3, 5461, 1024, TopKConfig(count="int", granule=0)),  # odd F, one block
     # equal chunks (the last one ragged), packed counts: ternary; radix 4 (a pair + one)
-    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2)),
+    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2, final_pieces=True)),
     (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int")),
     # warp layout: a warp per row, keys re-read, sampled bracket, 8-wide lanes, ragged rows
     (jnp.bfloat16, 3, 2736, 512, TopKConfig(layout="warp", rows=2, keep=False, sample=256)),
@@ -65,6 +65,7 @@ def test_ties_and_equal_rows(dtype, k):
   _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64, fan=3 if k == 1 else 1))
   if dtype == jnp.bfloat16:  # ternary search over packed counts (16-bit keys)
     _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=128, fan=2))
+    _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=64, fan=2, final_pieces=True))
   warp = TopKConfig(layout="warp", rows=4, keep=k == 1, sample=64 if k == 1 else 0)
   _assert_same(g, k, "moc", config=warp)
   # K=1: bitmask + compaction after a warp search; fp32: radix (4 passes, 2 rows stacked)
@@ -97,7 +98,7 @@ def test_radix_and_compact(f, k, config):
 
 
 def test_errors():
-  for bad in (dict(fan=4), dict(chunk=384), dict(chunk=256, layout="warp")):
+  for bad in (dict(fan=4), dict(chunk=384), dict(chunk=256, layout="warp"), dict(final_pieces=1)):
     with pytest.raises(ValueError):
       TopKConfig(**bad)
   g = jnp.ones((2, 64), jnp.float32)

@@ -56,6 +56,7 @@ def _inputs(t, f, dtype, tag, ties=False):
     ("moc", jnp.bfloat16, 3, 72, 1, True, 61, 1),  # K = 1, ties, padding
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, 1),  # ties; padding: partial + whole group
     ("moc", jnp.bfloat16, 3, 136, 16, True, 130, 0),  # fan 0: warp layout (topk_warp.py)
+    ("moc", jnp.bfloat16, 3, 200, 37, True, 190, 2),  # ternary on ragged equal chunks
   ],
 )
 def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
@@ -64,6 +65,8 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
     pad_F = jnp.arange(f) >= num_valid
     g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
   cfg = TopKConfig(rows=2, fan=fan) if fan else TopKConfig(layout="warp", rows=2, keep=False)
+  if fan == 2:
+    cfg = TopKConfig(rows=2, fan=2, chunk=64, final_pieces=True)
   out = moc_train.train_forward_epilogue(g, u, k, variant, num_valid=num_valid, config=cfg)
   ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]), err_msg=f"seed={_SEED}")
