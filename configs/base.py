@@ -55,10 +55,11 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
   # Device mesh (docs/multi_gpu.md): sizes of (data, fsdp, tensor); -1 takes the remaining
   # devices. Parameters/optimizer state split over fsdp, batch over data×fsdp, heads and the
-  # FFN's F over tensor (MoC keeps the exact global top-K).
+  # FFN's F over tensor (MoC keeps the exact global top-K). FSDP by default: on 2×H200 it beat
+  # data parallelism for every preset measured, with less memory per GPU.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
   c.mesh.tensor = 1
 
   # Multi-host (moc_jax/distributed.py): auto = initialize when SLURM / Open MPI / a

@@ -1,0 +1,51 @@
+"""Run one Pallas kernel twice (warm-up, then the call to profile), for Nsight Compute.
+
+  python benchmarks/kernel_profile.py --kernel=select --config=row_c512_t
+  bash benchmarks/kernel_profile.sh OUT_DIR row_default row_c512_t   # ncu on the GPU
+
+The kernels are the training path's: `select` (topk.select) and `fwd` (the train forward
+epilogue), on fresh random bf16 rows of (T, F), K channels, configs by their
+`benchmarks/topk_variants.SWEEP` name. ncu's --launch-skip 1 --launch-count 1 then reads the
+second launch: registers, occupancy, issue-stall reasons, memory throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import topk_variants
+from pallas_kernels import moc_train, topk
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--kernel", choices=("select", "fwd"), default="select")
+  p.add_argument("--config", default="row_default", help="a topk_variants.SWEEP name")
+  p.add_argument("--t", type=int, default=16384)
+  p.add_argument("--f", type=int, default=5632)
+  p.add_argument("--k", type=int, default=1024)
+  args = p.parse_args(argv)
+  if args.config not in topk_variants.SWEEP:
+    p.error(f"unknown config {args.config!r}; see benchmarks/topk_variants.py")
+  cfg = topk_variants.SWEEP[args.config]
+  kg, ku = jax.random.split(jax.random.key(0))
+  g = jax.random.normal(kg, (args.t, args.f), jnp.float32).astype(jnp.bfloat16)
+  if args.kernel == "select":
+    run = lambda: topk.select(g, args.k, config=cfg)
+  else:
+    u = jax.random.normal(ku, (args.t, args.f), jnp.float32).astype(jnp.bfloat16)
+    run = lambda: moc_train.train_forward_epilogue(g, u, args.k, "moc", config=cfg)
+  for _ in range(2):
+    jax.block_until_ready(run())
+  print(f"ran {args.kernel} {args.config} twice on {jax.devices()[0].device_kind}")
+
+
+if __name__ == "__main__":
+  main()

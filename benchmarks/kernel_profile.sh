@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Nsight Compute on the top-K and forward-epilogue kernels, one report per config (GPU only;
+# ncu reads hardware counters on the Firecracker H200 machines, see the device notes):
+#   bash benchmarks/kernel_profile.sh OUT_DIR CONFIG...      (topk_variants.SWEEP names)
+# OUT_DIR/ncu_<kernel>_<config>.txt: the details page (launch stats, occupancy, speed of light,
+# warp-state stall reasons). Each profile has a hard time limit; one failure does not stop the rest.
+set -uo pipefail
+out=${1:?usage: benchmarks/kernel_profile.sh OUT_DIR CONFIG...}
+shift
+mkdir -p "$out"
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+[ -z "$ncu" ] && { echo "no ncu here"; exit 1; }
+for config in "$@"; do
+  for kernel in select fwd; do
+    name=moc_select_moc
+    [ "$kernel" = fwd ] && name=moc_train_fwd_moc
+    timeout 120 "$ncu" --clock-control none --kernel-name "regex:$name" --launch-skip 1 \
+      --launch-count 1 --section LaunchStats --section Occupancy --section SpeedOfLight \
+      --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      python3 benchmarks/kernel_profile.py --kernel=$kernel --config="$config" \
+      >"$out/ncu_${kernel}_${config}.txt" 2>&1
+    echo "$kernel $config: rc=$? $(grep -c . "$out/ncu_${kernel}_${config}.txt") lines"
+  done
+done
