@@ -6,6 +6,9 @@
 #   topk    the top-K kernel session (benchmarks/topk_gpu_session.py, issue 6)
 #   decode  the decode session (benchmarks/decode_gpu_session.sh, issue 3)
 #   remat   1b model step at batch 256: dense / MoC with and without rematerialisation (issue 6)
+#   profile Nsight Compute reports of the top-K and forward-epilogue kernels
+#           (benchmarks/kernel_profile.sh; configs in $PROFILE_CONFIGS)
+# TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep.
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
 # (/work/shared/tools/device-wheels) and, for gcp, .corpus (benchmarks/make_code_corpus.py + the
@@ -46,7 +49,13 @@ gcp() {  # two processes on one GPU: each gets under half of its memory
 topk() {
   local extra=()
   [ -n "${DRY:-}" ] && extra=(--dry_run)
+  [ -n "${TOPK_ONLY:-}" ] && extra+=(--only="$TOPK_ONLY" --no_ptx)
   python3 benchmarks/topk_gpu_session.py "$work/topk" --budget=$(($1 - 40)) "${extra[@]}"
+}
+
+profile() {
+  [ -n "${DRY:-}" ] && { echo "profile skipped (DRY)"; return 0; }
+  bash benchmarks/kernel_profile.sh "$work/profile" ${PROFILE_CONFIGS:-row_default row_c512_tp}
 }
 
 decode() {
@@ -62,11 +71,11 @@ remat() {
 }
 
 export work
-export -f gcp topk decode remat
+export -f gcp topk decode remat profile
 for spec in "$@"; do
   name=${spec%%:*} limit=${spec#*:}
   [ "$limit" = "$spec" ] && limit=300
-  case $name in gcp | topk | decode | remat) ;; *) echo "unknown section $name"; continue ;; esac
+  case $name in gcp | topk | decode | remat | profile) ;; *) echo "unknown section $name"; continue ;; esac
   echo "== $name (limit $limit s, at $((SECONDS - t0)) s)" | tee -a "$out/summary.txt"
   timeout "$limit" bash -c "$name $limit" >"$work/$name.log" 2>&1
   echo "rc=$? after $((SECONDS - t0)) s" >>"$work/$name.log"
