@@ -35,35 +35,49 @@ VARIANTS = {
 DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
 
 
-def child(args) -> dict:
+def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000):
+  """(cfg, graphdef, state, step, batch_of): the framework's jitted train step for a variant
+  on random tokens; batch_of(b) gives a (b, seq) batch."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from benchmarks import common
   from moc_jax import model_config, train_lib
-  from moc_jax.model import Transformer, count_params
+  from moc_jax.model import Transformer
 
-  overrides = dict(VARIANTS[args.variant], kernel_backend=args.backend, vocab_size=32000)
-  cfg = model_config.from_preset(args.preset, **overrides)
+  overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
+  cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()
   tx = train_lib.make_optimizer(t)
   graphdef, state = train_lib.init_state(Transformer(cfg, nnx.Rngs(0)), tx, 0)
-  n_params = count_params(nnx.merge(graphdef, state["params"]))
   step = train_lib.make_train_step(
     graphdef, tx, train_lib.make_schedule(t), grad_accum=1, document_mask=False
   )
 
   def batch_of(b):
-    tokens = jax.random.randint(jax.random.key(b), (b, args.seq + 1), 0, cfg.vocab_size)
+    tokens = jax.random.randint(jax.random.key(b), (b, seq + 1), 0, cfg.vocab_size)
     return {
       "inputs": tokens[:, :-1],
       "targets": tokens[:, 1:],
-      "weights": jnp.ones((b, args.seq), jnp.float32),
-      "positions": jnp.broadcast_to(jnp.arange(args.seq), (b, args.seq)),
-      "segment_ids": jnp.ones((b, args.seq), jnp.int32),
+      "weights": jnp.ones((b, seq), jnp.float32),
+      "positions": jnp.broadcast_to(jnp.arange(seq), (b, seq)),
+      "segment_ids": jnp.ones((b, seq), jnp.int32),
     }
 
+  return cfg, graphdef, state, step, batch_of
+
+
+def child(args) -> dict:
+  import jax
+  from flax import nnx
+
+  from benchmarks import common
+  from moc_jax import train_lib
+  from moc_jax.model import count_params
+
+  cfg, graphdef, state, step, batch_of = build(args.preset, args.variant, args.backend, args.seq)
+  n_params = count_params(nnx.merge(graphdef, state["params"]))
   compiled_bytes = {}
   for b in (args.batch // 2, args.batch) if args.estimate_max_batch else (args.batch,):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_of(b))
