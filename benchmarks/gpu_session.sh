@@ -8,6 +8,7 @@
 #   remat   1b model step at batch 256: dense / MoC with and without rematerialisation (issue 6)
 #   profile Nsight Compute reports of the top-K and forward-epilogue kernels
 #           (benchmarks/kernel_profile.sh; configs in $PROFILE_CONFIGS)
+#   stepprof where the 1b train step's device time goes, dense vs MoC vs GCP (step_profile.py)
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep.
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
@@ -72,10 +73,17 @@ remat() {
 
 export work
 export -f gcp topk decode remat profile
+stepprof() {
+  [ -n "${DRY:-}" ] && { echo "step profile skipped (DRY)"; return 0; }
+  python3 benchmarks/step_profile.py --preset=1b --variants=dense,moc,moc_gcp \
+    --out="$work/step_profile_1b.json"
+}
+
+export -f stepprof
 for spec in "$@"; do
   name=${spec%%:*} limit=${spec#*:}
   [ "$limit" = "$spec" ] && limit=300
-  case $name in gcp | topk | decode | remat | profile) ;; *) echo "unknown section $name"; continue ;; esac
+  case $name in gcp | topk | decode | remat | profile | stepprof) ;; *) echo "unknown section $name"; continue ;; esac
   echo "== $name (limit $limit s, at $((SECONDS - t0)) s)" | tee -a "$out/summary.txt"
   timeout "$limit" bash -c "$name $limit" >"$work/$name.log" 2>&1
   echo "rc=$? after $((SECONDS - t0)) s" >>"$work/$name.log"
