@@ -50,7 +50,7 @@ gcp() {  # two processes on one GPU: each gets under half of its memory
 topk() {
   local extra=()
   [ -n "${DRY:-}" ] && extra=(--dry_run)
-  [ -n "${TOPK_ONLY:-}" ] && extra+=(--only="$TOPK_ONLY" --no_ptx)
+  [ -n "${TOPK_ONLY:-}" ] && extra+=(--only="$TOPK_ONLY")
   python3 benchmarks/topk_gpu_session.py "$work/topk" --budget=$(($1 - 40)) "${extra[@]}"
 }
 

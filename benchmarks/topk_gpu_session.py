@@ -9,41 +9,27 @@ recorded in the JSON, never fatal):
    reference (random rows, and 512 heavy-tie rows), median time; baselines: an XLA copy
    (read + write G), an XLA one-read row max, lax.top_k (Pallas read-only kernels: the
    `abl_*read_only` configs of the sweep);
-2. the compiler's view of every kernel compiled in (1): its PTX (see below), `ptxas -v`
-   registers / spills / stack (run in the background during (1)), bar.sync, shfl and
-   shared-memory load/store counts of the kernel's `.entry`;
-3. the default and the fastest exact variant at 16384 x {1376, 2048, 2736, 5461, 5632,
+2. the default and the fastest exact variant at 16384 x {1376, 2048, 2736, 5461, 5632,
    11008} (exactness incl. ties and all-equal rows) with lax.top_k and the read floor;
-4. the 2:8 kernel and the train forward epilogue (1B shape) with the fastest variant;
-5. FFN layer fwd and fwd+bwd, dense vs MoC pallas (fastest variant as topk.DEFAULT).
+3. the 2:8 kernel and the train forward epilogue (1B shape) with the fastest variant;
+4. FFN layer fwd and fwd+bwd, dense vs MoC pallas (fastest variant as topk.DEFAULT).
 
-Where the PTX comes from: since jaxlib 0.5 a Pallas-Triton call lowers to the
-`__gpu$xla.gpu.triton` custom call with the Triton IR serialized in it, and XLA compiles it
-at jit-compile time, so jax 0.11 has no Python-level compile to hook
-(`jax._src.lib.triton.compile` is gone). Each sweep kernel is therefore jitted with
-`compiler_options={'xla_dump_to': DIR}`: XLA writes `module_*.ptx` per compiled module and
-the kernel is the largest `.entry` in it. Where a jaxlib still compiles Triton in Python
-(`jax._src.lib.triton.compile` exists), that call is wrapped too. Either may yield nothing;
-the JSON then says why and the timings are unaffected.
+Registers, occupancy and stall reasons come from Nsight Compute instead
+(benchmarks/kernel_profile.sh): on jax 0.11 XLA compiles the Triton IR itself and its dumps
+held no PTX for these kernels (2026-12-01).
 
-  python3 benchmarks/topk_gpu_session.py OUT_DIR [--budget=230] [--no_ptx]
+  python3 benchmarks/topk_gpu_session.py OUT_DIR [--budget=230] [--only=REGEX]
   python3 benchmarks/topk_gpu_session.py OUT_DIR --dry_run   # CPU: tiny sizes, interpret
 
-OUT_DIR gets topk_gpu_session.json, ptx.tar.gz (every sweep kernel's PTX) and best.ptx.
+OUT_DIR gets topk_gpu_session.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import concurrent.futures
-import glob
 import os
 import re
-import shutil
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 import traceback
@@ -54,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import _ptx, common, topk_variants
+from benchmarks import common, topk_variants
 from pallas_kernels import reference, topk
 
 T = 16384
@@ -80,11 +66,6 @@ SWEEP_RESERVE, SHAPES_NEED, EPI_NEED, FFN_NEED, FFN_STOP = 110, 70, 50, 45, 20
 T0 = time.time()
 RES: dict = {"errors": [], "sections": []}
 OUT_JSON = ""
-TMP = ""  # dumps and PTX files; only ptx.tar.gz and best.ptx go to OUT_DIR
-DUMP_ON = False
-HOOKED: list[str] = []  # PTX from jax's Python-level Triton compile, where it exists
-PTXAS: dict[str, concurrent.futures.Future] = {}
-POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4)
 SAVE_LOCK = threading.Lock()
 
 
@@ -154,98 +135,6 @@ def _watchdog() -> None:
   os._exit(0)
 
 
-# ---------------------------------------------------------------- PTX diagnostics
-
-
-def _hook_triton_compile() -> str:
-  """Wrap `jax._src.lib.triton.compile` where a jaxlib still compiles Triton in Python."""
-  from jax._src.lib import triton as jtriton
-
-  orig = getattr(jtriton, "compile", None)
-  if not callable(orig):
-    return "absent (Triton IR compiled by XLA)"
-
-  def compile_and_keep(*args, **kw):
-    res = orig(*args, **kw)
-    HOOKED.append(str(getattr(res, "asm", "") or ""))
-    return res
-
-  jtriton.compile = compile_and_keep
-  return "wrapped (no call seen yet)"
-
-
-def _probe_dump() -> dict:
-  """Does jit(compiler_options={'xla_dump_to': ...}) work here, and does it write PTX?"""
-  global DUMP_ON
-  d = os.path.join(TMP, "dump", "_probe")
-  fn = jax.jit(lambda x: x * 2 + 1, compiler_options={"xla_dump_to": d})
-  jax.block_until_ready(fn(jnp.ones((1024,), jnp.float32)))
-  names = sorted(os.listdir(d)) if os.path.isdir(d) else []
-  DUMP_ON = True
-  return {"files": len(names), "ptx_files": [n for n in names if n.endswith(".ptx")][:4]}
-
-
-def _jit(f, dump_dir: str | None):
-  if dump_dir:
-    return jax.jit(f, compiler_options={"xla_dump_to": dump_dir})
-  return jax.jit(f)
-
-
-def collect_ptx(name: str, dump_dir: str | None, n_hooked: int) -> dict:
-  """PTX of the kernel just compiled: counts now, ptxas in the background."""
-  sources = [("jax_triton_compile", a) for a in HOOKED[n_hooked : n_hooked + 1] if a]
-  files = sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))) if dump_dir else []
-  for p in files:
-    with open(p) as fh:
-      sources.append((os.path.basename(p), fh.read()))
-  k = _ptx.kernel_ptx(sources)
-  if k is None:
-    names = sorted(os.listdir(dump_dir)) if dump_dir and os.path.isdir(dump_dir) else []
-    some = [n for n in names if re.search(r"ptx|triton|\.ll$", n)][:6]
-    msg = f"none: {len(files)} .ptx of {len(names)} dumped files, {len(HOOKED)} hooked"
-    return {"ptx": msg, "dumped": some}
-  path = os.path.join(TMP, "ptx", f"{name}.ptx")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as fh:
-    fh.write(k["text"])
-  arch = re.search(r"\.target\s+(sm_\w+)", k["text"])
-  arch_s = arch and arch.group(1)
-  PTXAS[name] = POOL.submit(_ptx.run_ptxas, path, k["entry"], arch_s)
-  info = {"src": k["src"], "entry": k["entry"], "entries": k["entries"], "arch": arch_s}
-  return {**info, **_ptx.ptx_counts(k["body"])}
-
-
-def merge_ptxas(deadline: float) -> None:
-  """ptxas results into the sweep rows, waiting for them until `deadline` at the most."""
-  for r in RES.get("sweep", []):
-    fut = PTXAS.get(r["name"])
-    if fut is None or not isinstance(r.get("ptx"), dict):
-      continue
-    try:
-      r["ptx"].update(fut.result(timeout=max(0.01, deadline - time.time())))
-    except concurrent.futures.TimeoutError:
-      r["ptx"]["ptxas"] = "pending"
-      continue
-    except Exception as e:  # ptxas crash: recorded, go on
-      r["ptx"]["ptxas"] = error(f"ptxas:{r['name']}", e)
-    del PTXAS[r["name"]]
-
-
-def ptx_section() -> None:
-  """ptxas results (bounded wait), then ptx.tar.gz (every kernel's PTX) and best.ptx."""
-  merge_ptxas(time.time() + max(5.0, min(60.0, left() - SHAPES_NEED - 30)))
-  ptx_dir = os.path.join(TMP, "ptx")
-  names = sorted(os.listdir(ptx_dir)) if os.path.isdir(ptx_dir) else []
-  if names:
-    with tarfile.open(os.path.join(ARGS.out_dir, "ptx.tar.gz"), "w:gz") as tar:
-      for n in names:
-        tar.add(os.path.join(ptx_dir, n), arcname=n)
-  best = RES.get("best")
-  if best and f"{best}.ptx" in names:
-    shutil.copy(os.path.join(ptx_dir, f"{best}.ptx"), os.path.join(ARGS.out_dir, "best.ptx"))
-  RES["ptx_files"] = names
-
-
 # ---------------------------------------------------------------- measurements
 
 
@@ -280,33 +169,17 @@ def inputs(f: int) -> list[tuple[jax.Array]]:
   return [(jax.random.normal(k_, (T, f), jnp.float32).astype(jnp.bfloat16),) for k_ in keys]
 
 
-def run_variant(name, cfg, f, k, sets, check=True, ptx=False) -> dict:
+def run_variant(name, cfg, f, k, sets, check=True) -> dict:
   row: dict = {"name": name, "F": f, "config": str(cfg)}
-  dump_dir = os.path.join(TMP, "dump", name) if ptx and DUMP_ON else None
-  n_hooked = len(HOOKED)
   try:
-    fn = _jit(lambda g: topk.select(g, k, "moc", config=cfg), dump_dir)
+    fn = jax.jit(lambda g: topk.select(g, k, "moc", config=cfg))
     t_c = time.time()
-    try:
-      jax.block_until_ready(fn(sets[0][0]))
-    except Exception as e:
-      if not dump_dir:
-        raise
-      # Once without the dump, so that the dump option cannot cost a variant its timing.
-      row["ptx"] = {"ptx": "compile with xla_dump_to failed: " + error(f"dump:{name}", e)}
-      dump_dir, ptx = None, False
-      fn = _jit(lambda g: topk.select(g, k, "moc", config=cfg), None)
-      jax.block_until_ready(fn(sets[0][0]))
+    jax.block_until_ready(fn(sets[0][0]))
     row["compile_s"] = round(time.time() - t_c, 1)
-    if ptx:  # before exact() compiles the 512-row shape into the same dump folder
-      row["ptx"] = guarded(f"ptx:{name}", collect_ptx, name, dump_dir, n_hooked)
     row["exact"] = exact(fn, k, f) if check and not cfg.ablate else None
   except Exception as e:  # the next variant still runs
     row["error"] = error(name, e)
     return row
-  finally:
-    if dump_dir:
-      shutil.rmtree(dump_dir, ignore_errors=True)
   row["us"] = timed(fn, sets)
   print(f"{name:28s} exact={row['exact']} us={common.fmt(row['us'])}", flush=True)
   return row
@@ -331,7 +204,7 @@ def sweep() -> None:
       RES["sweep_stopped_before"] = name
       print(f"budget: sweep stopped before {name}", flush=True)
       break
-    RES["sweep"].append(run_variant(name, cfg, f, k, sets, ptx=not ARGS.no_ptx))
+    RES["sweep"].append(run_variant(name, cfg, f, k, sets))
     save()
 
 
@@ -430,11 +303,8 @@ def ffn_layer(best_cfg) -> list[dict]:
 def summary(res: dict) -> None:
   f, k = SWEEP_FK
   print(f"\n== top-K {T} x {f} K={k} bf16 (us); baselines {res.get('baselines')}")
-  cols = ["name", "exact", "us", "regs", "spill_st", "stack", "bar_sync", "shfl", "ld_shared"]
-  rows = []
-  for r in res.get("sweep", []):
-    ptx = r.get("ptx") if isinstance(r.get("ptx"), dict) else {}
-    rows.append({**r, **ptx, "us": common.fmt(r.get("us")), "exact": r.get("exact")})
+  cols = ["name", "exact", "us", "compile_s"]
+  rows = [{**r, "us": common.fmt(r.get("us")), "exact": r.get("exact")} for r in res["sweep"]]
   if rows:  # print_table needs at least one row
     common.print_table(rows, cols)
   print("\n== shapes (us)")
@@ -442,51 +312,34 @@ def summary(res: dict) -> None:
   fmt = lambda r: {c: common.fmt(v) if isinstance(v, float) else v for c, v in r.items()}
   if res.get("shapes"):
     common.print_table([fmt(r) for r in res["shapes"]], [*cols, "lax_top_k_us", "read_max_us"])
-  for key in ("2of8", "fwd_epilogue", "ffn_layer", "diagnostics"):
+  for key in ("2of8", "fwd_epilogue", "ffn_layer"):
     print(f"\n== {key}: {res.get(key)}")
   print("\n== sections:", [(s["name"], s.get("status"), s.get("s")) for s in res["sections"]])
   print(f"errors: {len(res['errors'])}  best: {res.get('best')}  elapsed {elapsed()} s")
 
 
 def main() -> None:
-  global OUT_JSON, TMP
+  global OUT_JSON
   os.makedirs(ARGS.out_dir, exist_ok=True)
   OUT_JSON = os.path.join(ARGS.out_dir, "topk_gpu_session.json")
-  TMP = tempfile.mkdtemp(prefix="topk_session_")
-  atexit.register(shutil.rmtree, TMP, ignore_errors=True)
   timer = threading.Timer(max(1.0, left() + ARGS.grace), _watchdog)
   timer.daemon = True
   timer.start()
   RES.update(T=T, budget_s=ARGS.budget, dry_run=ARGS.dry_run, sweep_fk=SWEEP_FK)
   RES["info"] = guarded("run_info", common.run_info, default={})
   print(RES["info"], flush=True)
-  diag = RES["diagnostics"] = {}
-  if not ARGS.no_ptx:
-    diag["triton_compile_hook"] = guarded("hook", _hook_triton_compile, default="failed")
-    diag["xla_dump"] = guarded("xla_dump probe", _probe_dump, default="failed (off)")
-    diag["ptxas"] = guarded("ptxas lookup", _ptx.ptxas_candidates, default=[])
   save()
 
   section("sweep", 0, sweep)
   best_cfg = guarded("best", pick_best, default=topk.DEFAULT)
-  if isinstance(diag.get("triton_compile_hook"), str) and HOOKED:
-    diag["triton_compile_hook"] = f"wrapped, {len(HOOKED)} compiles seen"
-  if not ARGS.no_ptx:
-    section("ptx", 0, ptx_section)
   section("shapes", SHAPES_NEED, shapes, best_cfg)
   section("2of8", EPI_NEED, grouped)
   section("fwd_epilogue", EPI_NEED, forward_epilogue, best_cfg)
   section("ffn_layer", FFN_NEED, ffn_layer, best_cfg)
   timer.cancel()
-  merge_ptxas(time.time())  # whatever finished meanwhile
   RES["done"] = True
   save()
   guarded("summary", summary, RES)
-  POOL.shutdown(wait=False, cancel_futures=True)
-  if PTXAS:  # a ptxas still running must not hold the exit (the pool joins its threads)
-    sys.stdout.flush()
-    shutil.rmtree(TMP, ignore_errors=True)
-    os._exit(0)
 
 
 if __name__ == "__main__":
@@ -497,7 +350,6 @@ if __name__ == "__main__":
   ap.add_argument("--only", default="", help="regex on sweep names (smoke tests)")
   ap.add_argument("--shapes", type=int, default=len(SHAPES), help="how many of SHAPES")
   ap.add_argument("--t", type=int, default=None, help="rows (default 16384; 16 dry)")
-  ap.add_argument("--no_ptx", action="store_true", help="skip the PTX / ptxas diagnostics")
   ap.add_argument("--dry_run", action="store_true", help="tiny sizes (CPU: interpret mode)")
   ARGS = ap.parse_args()
   if ARGS.dry_run:
