@@ -27,6 +27,9 @@ class TopKConfig:
   # With `chunk`: the final pass (prefix sum, slot stores) runs on power-of-two pieces, keys
   # re-derived from G, instead of on the many narrow chunks.
   final_pieces: bool = False
+  # Start the search from the row's lowest and highest key (two reductions) instead of the
+  # dtype's whole key range: bf16 activations use a few thousand of the 65536 keys.
+  span: bool = False
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # 'row': one row over all warps (this module); 'warp': (C, rows, lanes) blocks, a warp per
   # row when num_warps <= rows, all reductions in-warp (topk_warp.py).

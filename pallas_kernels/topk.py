@@ -105,6 +105,23 @@ def packed_counts(ckeys: list, thrs: tuple, mode: str) -> list:
   return out
 
 
+def row_span(ckeys: list, pad: int, kmax: int, lane_wise: bool):
+  """Per row, the (lowest, highest) key other than padding, as int32 (R, 1): count(>= lo) is
+  every real key (>= k) and count(> hi) = 0, so the search may start there. A row of padding
+  only gives lo = hi = pad (converged, never stored)."""
+  real = [jnp.where(c > pad, c, jnp.asarray(kmax, c.dtype)) for c in ckeys]
+  if lane_wise:  # equal chunks: combine lane-wise, then one reduction each
+    hi_l, lo_l = ckeys[0], real[0]
+    for c, m in zip(ckeys[1:], real[1:], strict=True):
+      hi_l, lo_l = jnp.maximum(hi_l, c), jnp.minimum(lo_l, m)
+    hi, lo = jnp.max(hi_l, axis=1, keepdims=True), jnp.min(lo_l, axis=1, keepdims=True)
+  else:
+    hi = functools.reduce(jnp.maximum, [jnp.max(c, axis=1, keepdims=True) for c in ckeys])
+    lo = functools.reduce(jnp.minimum, [jnp.min(m, axis=1, keepdims=True) for m in real])
+  hi = hi.astype(jnp.int32)
+  return jnp.minimum(lo.astype(jnp.int32), hi), hi
+
+
 def bisect_step(state, count_ge: Callable, k: int):
   """One bisection step on (lo, hi, count(key > hi)); a converged row stays unchanged."""
   lo, hi, chi = state
@@ -212,6 +229,8 @@ def select_rows(
   lo = jnp.full((r, 1), kmin, jnp.int32)
   hi = jnp.full((r, 1), kmax, jnp.int32)
   chi = jnp.zeros((r, 1), jnp.int32)  # count(key > hi)
+  if cfg.span:  # the row's own key range: a few passes fewer than the dtype's whole range
+    lo, hi = row_span(ckeys, pad, kmax, lane_wise=bool(cfg.chunk))
   s = min(cfg.sample, 1 << (f.bit_length() - 1))
   if cfg.sample and s >= 16:
     stride = nv // s if nv >= s else 1

@@ -39,10 +39,11 @@ def _assert_same(g, k, variant, **kw):
   [
     (jnp.bfloat16, 5, 1376, 256, TopKConfig(sample=256, fan=3, rows=2)),  # sampled, ragged
     (jnp.float32, 4, 700, 128, TopKConfig(rows=2, sample=128)),  # 32-bit keys, integer counts
+    (jnp.float32, 3, 700, 128, TopKConfig(rows=2, span=True)),  # row span, a padding-only row
     (jnp.bfloat16, 3, 5461, 1024, TopKConfig(count="int", granule=0)),  # odd F, one block
     # equal chunks (the last one ragged), packed counts: ternary; radix 4 (a pair + one)
     (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2, final_pieces=True)),
-    (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int")),
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int", span=True)),
     # warp layout: a warp per row, keys re-read, sampled bracket, 8-wide lanes, ragged rows
     (jnp.bfloat16, 3, 2736, 512, TopKConfig(layout="warp", rows=2, keep=False, sample=256)),
     (jnp.bfloat16, 5, 1376, 256, TopKConfig(layout="warp", rows=4, lanes=256)),
@@ -65,7 +66,8 @@ def test_ties_and_equal_rows(dtype, k):
   _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64, fan=3 if k == 1 else 1))
   if dtype == jnp.bfloat16:  # ternary search over packed counts (16-bit keys)
     _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=128, fan=2))
-    _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=64, fan=2, final_pieces=True))
+    cfg = TopKConfig(rows=4, chunk=64, fan=2, final_pieces=True, span=True)  # all-equal rows
+    _assert_same(g, k, "moc", config=cfg)
   warp = TopKConfig(layout="warp", rows=4, keep=k == 1, sample=64 if k == 1 else 0)
   _assert_same(g, k, "moc", config=warp)
   # K=1: bitmask + compaction after a warp search; fp32: radix (4 passes, 2 rows stacked)
