@@ -250,3 +250,17 @@ def test_deterministic_request_adds_the_xla_flag_once(monkeypatch):
   flags = os.environ["XLA_FLAGS"].split()
   assert flags == ["--xla_force_host_platform_device_count=2", cli.DETERMINISTIC_FLAG]
   assert get_config().train.deterministic is False  # opt-in: it costs speed on GPU
+
+
+def test_gcp_trains_exactly_like_moc(tmp_path):
+  """GCP only changes what the backward recomputes: every logged loss, gradient norm and
+  validation loss equals plain MoC's, bit for bit (benchmarks/compare_traces.py's check)."""
+  from benchmarks import compare_traces
+
+  cfg = small_config(steps=4)
+  cfg.eval.every = 4
+  trainer.train(cfg, str(tmp_path / "moc"))
+  cfg.model.gcp = True
+  trainer.train(cfg, str(tmp_path / "gcp"))
+  verdict = compare_traces.compare(str(tmp_path / "moc"), str(tmp_path / "gcp"))
+  assert verdict["identical"] and verdict["values_compared"] == 9, verdict  # 4 × 2 + 1 eval
