@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import _topk_sample, topk
+from pallas_kernels import _topk_count, _topk_sample, topk
 from pallas_kernels import _triton_utils as tu
 
 
@@ -74,7 +74,7 @@ def select_rows_warp(
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
-  mode = topk._count_mode(cfg, dtype, interpret)
+  mode = _topk_count.count_mode(cfg, dtype, interpret)
   use_float = mode != "int"
   nv = f if num_valid is None else min(num_valid, f)
   r, lanes = cfg.rows, cfg.lanes
@@ -117,7 +117,7 @@ def select_rows_warp(
     for i in range(len(chunks)):
       ckey = chunk_keys(i)
       for j, thr in enumerate(thrs):
-        totals[j] = totals[j] + _row_sum(topk.ge_ones(ckey, thr, mode)).astype(jnp.int32)
+        totals[j] = totals[j] + _row_sum(_topk_count.ge_ones(ckey, thr, mode)).astype(jnp.int32)
     return totals
 
   if cfg.ablate == "read_only":  # floor: load, keys, one count per row
@@ -135,7 +135,7 @@ def select_rows_warp(
     rows_s, cols_s = jnp.broadcast_to(row_3, (1, r, s)), jnp.broadcast_to(cols_s, (1, r, s))
     ok_s = (rows_s < t) & (cols_s < nv)
     gs = pltriton.load(g_ref.at[rows_s, jnp.minimum(cols_s, f - 1)], mask=ok_s, other=0)
-    keys_s = jnp.where(ok_s, tu.order_keys(gs), topk._lowest_key(dtype))
+    keys_s = jnp.where(ok_s, tu.order_keys(gs), _topk_count.lowest_key(dtype))
     s_hi, s_lo = _kth_by_radix3(keys_s, topk.sample_ranks(nv, k, s), nbits)
     c1, c2 = counts_ge((s_lo, s_hi + 1))
     ok1, ok2 = c1 >= k, c2 < k
@@ -144,7 +144,7 @@ def select_rows_warp(
     chi = jnp.where(ok1, jnp.where(ok2, c2, chi), c1)
 
   def body(state):
-    return topk.bisect_step(state, lambda mid: counts_ge((mid,))[0], k)
+    return _topk_count.bisect_step(state, lambda mid: counts_ge((mid,))[0], k)
 
   state = (lo, hi, chi)
   if cfg.ablate == "no_search":
