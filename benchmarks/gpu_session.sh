@@ -9,6 +9,8 @@
 #   profile Nsight Compute reports of the top-K and forward-epilogue kernels
 #           (benchmarks/kernel_profile.sh; configs in $PROFILE_CONFIGS)
 #   stepprof where the 1b train step's device time goes, dense vs MoC vs GCP (step_profile.py)
+#   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
+#           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep.
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
@@ -79,11 +81,21 @@ stepprof() {
     --out="$work/step_profile_1b.json"
 }
 
-export -f stepprof
+graphs() {
+  local args=(--d_ff=5464 --trials 3 --skip moc_xla,moc_kernel_mask) graph_flags
+  [ -n "${DRY:-}" ] && args=(--quick --trials 1)
+  graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+  graph_flags+=",DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+  python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/decode_e2e_default.json"
+  XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" python3 benchmarks/decode_e2e.py "${args[@]}" \
+    --out "$work/decode_e2e_graphs.json"
+}
+
+export -f stepprof graphs
 for spec in "$@"; do
   name=${spec%%:*} limit=${spec#*:}
   [ "$limit" = "$spec" ] && limit=300
-  case $name in gcp | topk | decode | remat | profile | stepprof) ;; *) echo "unknown section $name"; continue ;; esac
+  case $name in gcp | topk | decode | remat | profile | stepprof | graphs) ;; *) echo "unknown section $name"; continue ;; esac
   echo "== $name (limit $limit s, at $((SECONDS - t0)) s)" | tee -a "$out/summary.txt"
   timeout "$limit" bash -c "$name $limit" >"$work/$name.log" 2>&1
   echo "rc=$? after $((SECONDS - t0)) s" >>"$work/$name.log"
