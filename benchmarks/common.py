@@ -155,3 +155,20 @@ def compiled_bytes(compiled) -> int | None:
   return int(
     m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
   )
+
+
+RESULT = "RESULT "  # the line a variant's child process prints its JSON record on
+
+
+def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, Any]:
+  """Run `script --variant=NAME ARGV` in a fresh process (its own device memory and peak) and
+  return the record it printed after RESULT, or {"variant", "error": stderr tail}."""
+  import subprocess
+  import sys
+
+  cmd = [sys.executable, script, f"--variant={variant}", *argv]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [x for x in out.stdout.splitlines() if x.startswith(RESULT)]
+  if not lines:
+    return {"variant": variant, "error": out.stderr[-1500:]}
+  return json.loads(lines[-1][len(RESULT) :])

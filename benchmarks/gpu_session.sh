@@ -73,8 +73,6 @@ remat() {
     --reference=dense_remat_ffn --out="$work/model_step_1b_b256.json"
 }
 
-export work
-export -f gcp topk decode remat profile
 stepprof() {
   [ -n "${DRY:-}" ] && { echo "step profile skipped (DRY)"; return 0; }
   python3 benchmarks/step_profile.py --preset=1b --variants=dense,moc,moc_gcp \
@@ -91,11 +89,13 @@ graphs() {
     --out "$work/decode_e2e_graphs.json"
 }
 
-export -f stepprof graphs
+sections="gcp topk decode remat profile stepprof graphs"
+export work
+export -f $sections
 for spec in "$@"; do
   name=${spec%%:*} limit=${spec#*:}
   [ "$limit" = "$spec" ] && limit=300
-  case $name in gcp | topk | decode | remat | profile | stepprof | graphs) ;; *) echo "unknown section $name"; continue ;; esac
+  [[ " $sections " == *" $name "* ]] || { echo "unknown section $name"; continue; }
   echo "== $name (limit $limit s, at $((SECONDS - t0)) s)" | tee -a "$out/summary.txt"
   timeout "$limit" bash -c "$name $limit" >"$work/$name.log" 2>&1
   echo "rc=$? after $((SECONDS - t0)) s" >>"$work/$name.log"

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -148,29 +147,27 @@ def main() -> None:
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/model_step.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args()
+  from benchmarks import common
+
   if args.variant:
-    print("RESULT " + json.dumps(child(args)), flush=True)
+    print(common.RESULT + json.dumps(child(args)), flush=True)
     return
 
   rows = []
   for name in args.variants.split(","):
-    cmd = [sys.executable, __file__, f"--variant={name}", *sys.argv[1:]]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if not lines:
-      print(f"{name}: failed\n{out.stderr[-3000:]}", flush=True)
-      rows.append({"variant": name, "error": out.stderr[-1500:]})
-      continue
-    rows.append(json.loads(lines[-1][len("RESULT ") :]))
-    r = rows[-1]
-    r["wall_s"] = time.perf_counter() - t0
-    print(
-      f"{name:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
-      f"MFU {r['mfu'] or 0:.1%}, peak {r['peak_gb'] or 0:.1f} GB, "
-      f"est. max batch {r['est_max_batch']}",
-      flush=True,
-    )
+    r = common.run_variant_child(__file__, name, sys.argv[1:])
+    rows.append(r)
+    if "error" in r:
+      print(f"{name}: failed\n{r['error']}", flush=True)
+    else:
+      r["wall_s"] = time.perf_counter() - t0
+      print(
+        f"{name:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
+        f"MFU {r['mfu'] or 0:.1%}, peak {r['peak_gb'] or 0:.1f} GB, "
+        f"est. max batch {r['est_max_batch']}",
+        flush=True,
+      )
     write_results(args, rows)  # after every variant: a cut session keeps what finished
   print(
     json.dumps(

@@ -20,7 +20,6 @@ import glob
 import gzip
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -137,23 +136,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/step_profile.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
+  from benchmarks import common
+
   if args.variant:
-    print("RESULT " + json.dumps(child(args)), flush=True)
+    print(common.RESULT + json.dumps(child(args)), flush=True)
     return 0
   unknown = set(args.variants.split(",")) - set(model_step.VARIANTS)
   if unknown:
     p.error(f"unknown variants {sorted(unknown)}")
-  from benchmarks import common
-
   rows = []
   for name in args.variants.split(","):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--variant={name}", *(argv or sys.argv[1:])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    rows.append(
-      json.loads(lines[-1][7:]) if lines else {"variant": name, "error": out.stderr[-1500:]}
-    )
-    r = rows[-1]
+    r = common.run_variant_child(os.path.abspath(__file__), name, argv or sys.argv[1:])
+    rows.append(r)
     print(f"{name}: " + (json.dumps(r.get("by_kind_ms")) if "error" not in r else "failed"))
     common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
   return 0 if all("error" not in r for r in rows) else 1
