@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from importlib import metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -138,7 +139,8 @@ def channel_usage(workdirs_gpus: list[tuple[str, str]], batches: int) -> None:
 
 
 def write_run_info(workroot: str) -> None:
-  """Date, commit, GPUs and command line (no jax here: it would take memory on every GPU)."""
+  """Date, commit, GPUs, jax version and command line (jax is not imported here: it would take
+  memory on every GPU)."""
   commit = (
     os.environ.get("GIT_COMMIT")
     or subprocess.run(
@@ -154,6 +156,7 @@ def write_run_info(workroot: str) -> None:
     commit=commit or "unknown",
     gpus=gpus.stdout.strip().splitlines() if gpus.returncode == 0 else [],
     command=" ".join(sys.argv),
+    jax=metadata.version("jax"),  # the installed version, read without importing jax
   )
   with open(os.path.join(workroot, "run_info.json"), "w") as f:
     json.dump(info, f, indent=1)
