@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import jax.numpy as jnp
 import numpy as np
+import step_profile
 from decode_ffn import run_info
 from flax import nnx
 
@@ -46,7 +48,7 @@ def _no_ffn_decode(self, x):
   return jnp.zeros_like(x)
 
 
-def time_generate(m, prompt_len: int, new: int, trials: int) -> dict:
+def time_generate(m, prompt_len: int, new: int, trials: int, profile_tokens: bool) -> dict:
   tokens = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (1, prompt_len)).tolist()
   graphdef, state = nnx.split(m)
 
@@ -71,13 +73,27 @@ def time_generate(m, prompt_len: int, new: int, trials: int) -> dict:
     jax.block_until_ready(prefill(state, toks))
     pre.append(time.perf_counter() - t0)
   t_total, t_pre = statistics.median(total), statistics.median(pre)
+  profile = _profile(run, new) if profile_tokens else None
   return {
+    **({"profile_per_token": profile} if profile else {}),
     "total_s": t_total,
     "prefill_s": t_pre,
     "decode_tokens_per_s": new / max(t_total - t_pre, 1e-9),
     "tokens_per_s_incl_prefill": new / t_total,
     "tokens": out[0][:16],
   }
+
+
+def _profile(run, new: int) -> dict:
+  """Device time of one whole generation per new token, from a jax.profiler trace: kernel time
+  (`device_ms`), the union of kernel intervals (`busy_ms`), and wall time while tracing."""
+  with tempfile.TemporaryDirectory() as log_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      run()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / new
+    summary = step_profile.summarize(step_profile.read_trace(log_dir), new, top=12)
+  return {"wall_ms_traced": round(wall_ms, 4), **summary}
 
 
 def main() -> None:
@@ -87,6 +103,9 @@ def main() -> None:
   p.add_argument("--trials", type=int, default=5)
   p.add_argument("--out", default="benchmarks/results/decode_e2e.json")
   p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+  p.add_argument(
+    "--profile", action="store_true", help="also trace one generation: device vs wall time"
+  )
   a = p.parse_args()
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
@@ -123,7 +142,7 @@ def main() -> None:
     if name == "moc_kernel_mask":
       moc_decode.default_config = lambda *a: replace(original_cfg(*a), pipeline="mask")
     try:
-      row = time_generate(m, prompt_len, new, a.trials)
+      row = time_generate(m, prompt_len, new, a.trials, a.profile)
     except Exception as e:
       row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:

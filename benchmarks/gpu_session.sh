@@ -80,8 +80,8 @@ stepprof() {
 }
 
 graphs() {
-  local args=(--d_ff=5464 --trials 3 --skip moc_xla,moc_kernel_mask) graph_flags
-  [ -n "${DRY:-}" ] && args=(--quick --trials 1)
+  local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask) graph_flags
+  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile)
   graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
   graph_flags+=",DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/decode_e2e_default.json"
