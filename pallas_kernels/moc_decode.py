@@ -27,6 +27,8 @@ from pallas_kernels import _decode_hist, _decode_list, _decode_select, reference
 from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
+from pallas_kernels._decode_gemv import gemv as _gemv
+from pallas_kernels._decode_gemv import load_x, padded_rows, precision_for, tf_mask, tf_ref
 
 F32 = jnp.float32
 MAX_KERNEL_TOKENS = 16  # more tokens (prefill) take dense GEMMs with a mask
@@ -34,126 +36,6 @@ MAX_KERNEL_TOKENS = 16  # more tokens (prefill) take dense GEMMs with a mask
 
 def _interpret(interpret: bool | None) -> bool:
   return jax.default_backend() != "gpu" if interpret is None else interpret
-
-
-def _precision(dtype) -> lax.Precision:
-  """fp32 operands get IEEE fp32 dots (not tf32); narrow types use the tensor cores as they are."""
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
-
-
-def _rows(num_tokens: int, cfg: DecodeConfig) -> int:
-  """Tokens padded for tl.dot (needs ≥ 16 rows); T = 1 may take a plain multiply-reduce."""
-  return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, _pow2_at_least(num_tokens))
-
-
-def _silu(v: jax.Array) -> jax.Array:
-  return v / (1.0 + jnp.exp(-v))
-
-
-def _load_x(x_ref, d0, block_d, num_tokens, rows, d_model):
-  """x[:, d0:d0+block_d] as (block_d,) fp32 for T = 1, else (rows, block_d) zero-padded."""
-  d_mask = d0 + jnp.arange(block_d) < d_model
-  if rows == 1:
-    return plgpu.load(x_ref.at[jnp.int32(0), pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
-  t_mask = jnp.arange(rows) < num_tokens
-  return plgpu.load(
-    x_ref.at[pl.ds(0, rows), pl.ds(d0, block_d)],
-    mask=t_mask[:, None] & d_mask[None, :],
-    other=0,
-  )
-
-
-def _tf_ref(ref, rows, f0, block_f, lead=()):
-  """ref[*lead, 0:rows, f0:f0+block_f] (or ref[*lead, 0, ...] for one token).
-
-  One `.at` with the whole index: interpret mode mishandles chained `.at` in stores.
-  """
-  if rows == 1:
-    return ref.at[(*lead, jnp.int32(0), pl.ds(f0, block_f))]
-  return ref.at[(*lead, pl.ds(0, rows), pl.ds(f0, block_f))]
-
-
-def _tf_mask(rows, num_tokens, f_mask):
-  if rows == 1:
-    return f_mask
-  return (jnp.arange(rows) < num_tokens)[:, None] & f_mask[None, :]
-
-
-# --- 1. GEMV over D × F weights --------------------------------------------------------------
-
-
-def _gemv_kernel(
-  x_ref, *refs, num_w, num_tokens, rows, d_model, d_ff, block_d, block_f, d_split, swiglu, precision
-):
-  w_refs, out_ref = refs[:num_w], refs[num_w]
-  fi, si = pl.program_id(0), pl.program_id(1)
-  f0 = fi * block_f
-  f_mask = f0 + jnp.arange(block_f) < d_ff
-  d_end = jnp.minimum((si + 1) * d_split, d_model)
-
-  def body(i, accs):
-    d0 = si * d_split + i * block_d
-    d_mask = (d0 + jnp.arange(block_d)) < d_end
-    xk = _load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
-    out = []
-    for w_ref, acc in zip(w_refs, accs, strict=True):
-      w = plgpu.load(
-        w_ref.at[pl.ds(d0, block_d), pl.ds(f0, block_f)],
-        mask=d_mask[:, None] & f_mask[None, :],
-        other=0,
-      )
-      if rows == 1:
-        out.append(acc + jnp.sum(xk[:, None] * w.astype(F32), axis=0))
-      else:
-        out.append(acc + jnp.dot(xk, w, preferred_element_type=F32, precision=precision))
-    return tuple(out)
-
-  shape = (block_f,) if rows == 1 else (rows, block_f)
-  accs = tuple(jnp.zeros(shape, F32) for _ in range(num_w))
-  accs = lax.fori_loop(0, pl.cdiv(d_split, block_d), body, accs)
-  mask = _tf_mask(rows, num_tokens, f_mask)
-  if swiglu:  # one D split: write z = silu(g) * u in x's dtype
-    z = (_silu(accs[0]) * accs[1]).astype(out_ref.dtype)
-    plgpu.store(_tf_ref(out_ref, rows, f0, block_f), z, mask=mask)
-    return
-  for w, acc in enumerate(accs):
-    plgpu.store(_tf_ref(out_ref, rows, f0, block_f, (si, jnp.int32(w))), acc, mask=mask)
-
-
-def _gemv(x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool) -> jax.Array:
-  """swiglu: z_TxF in x's dtype (needs one D split); else fp32 partials (splits, W, T, F_pow2)."""
-  num_tokens, d_model = x_TxD.shape
-  d_ff = ws_DxF[0].shape[1]
-  splits = 1 if swiglu else cfg.gemv_splits
-  block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
-  block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
-  d_split = _cdiv(d_model, splits)
-  rows = _rows(num_tokens, cfg)
-  if swiglu:
-    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype)
-  else:
-    out_shape = jax.ShapeDtypeStruct((splits, len(ws_DxF), num_tokens, _pow2_at_least(d_ff)), F32)
-  kernel = functools.partial(
-    _gemv_kernel,
-    num_w=len(ws_DxF),
-    num_tokens=num_tokens,
-    rows=rows,
-    d_model=d_model,
-    d_ff=d_ff,
-    block_d=block_d,
-    block_f=block_f,
-    d_split=d_split,
-    swiglu=swiglu,
-    precision=_precision(x_TxD.dtype),
-  )
-  return pl.pallas_call(
-    kernel,
-    out_shape=out_shape,
-    grid=(pl.cdiv(d_ff, block_f), splits),
-    compiler_params=plgpu.CompilerParams(num_warps=cfg.gemv_warps, num_stages=cfg.gemv_stages),
-    interpret=interpret,
-    name="decode_gemv",
-  )(x_TxD, *ws_DxF)
 
 
 # --- 3. gathered up-projection rows ------------------------------------------------------------
@@ -164,9 +46,7 @@ def _up_kernel(
 ):
   c0 = pl.program_id(0) * block_c
   c_mask = c0 + jnp.arange(block_c) < d_ff
-  a = plgpu.load(
-    _tf_ref(a_ref, rows, c0, block_c), mask=_tf_mask(rows, num_tokens, c_mask), other=0
-  )
+  a = plgpu.load(tf_ref(a_ref, rows, c0, block_c), mask=tf_mask(rows, num_tokens, c_mask), other=0)
   nonzero = (a != 0).astype(jnp.int32)
   active = (nonzero if rows == 1 else jnp.max(nonzero, axis=0)) > 0  # some token selected c
 
@@ -178,7 +58,7 @@ def _up_kernel(
       mask=active[:, None] & d_mask[None, :],
       other=0,
     )
-    xk = _load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
     if rows == 1:
       return acc + jnp.sum(w.astype(F32) * xk[None, :], axis=1)
     return acc + lax.dot_general(
@@ -188,9 +68,9 @@ def _up_kernel(
   shape = (block_c,) if rows == 1 else (rows, block_c)
   u = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
   plgpu.store(
-    _tf_ref(z_ref, rows, c0, block_c),
+    tf_ref(z_ref, rows, c0, block_c),
     (a * u).astype(z_ref.dtype),
-    mask=_tf_mask(rows, num_tokens, c_mask),
+    mask=tf_mask(rows, num_tokens, c_mask),
   )
 
 
@@ -202,12 +82,12 @@ def _up(x_TxD, a_TxFo, w_up_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.A
   kernel = functools.partial(
     _up_kernel,
     num_tokens=num_tokens,
-    rows=_rows(num_tokens, cfg),
+    rows=padded_rows(num_tokens, cfg),
     d_model=d_model,
     d_ff=d_ff,
     block_c=block_c,
     block_d=block_d,
-    precision=_precision(x_TxD.dtype),
+    precision=precision_for(x_TxD.dtype),
   )
   return pl.pallas_call(
     kernel,
@@ -234,7 +114,7 @@ def _down_kernel(
     c0 = ci * chunk + i * block_c
     c_mask = c0 + jnp.arange(block_c) < c_end
     z = plgpu.load(
-      _tf_ref(z_ref, rows, c0, block_c), mask=_tf_mask(rows, num_tokens, c_mask), other=0
+      tf_ref(z_ref, rows, c0, block_c), mask=tf_mask(rows, num_tokens, c_mask), other=0
     )
     nonzero = (z != 0).astype(jnp.int32)
     active = (nonzero if rows == 1 else jnp.max(nonzero, axis=0)) > 0  # zero rows add nothing
@@ -249,8 +129,8 @@ def _down_kernel(
 
   shape = (block_d,) if rows == 1 else (rows, block_d)
   y = lax.fori_loop(0, chunk // block_c, body, jnp.zeros(shape, F32))
-  out = _tf_ref(y_ref, rows, dj * block_d, block_d, () if final else (ci,))
-  plgpu.store(out, y.astype(y_ref.dtype), mask=_tf_mask(rows, num_tokens, col_mask))
+  out = tf_ref(y_ref, rows, dj * block_d, block_d, () if final else (ci,))
+  plgpu.store(out, y.astype(y_ref.dtype), mask=tf_mask(rows, num_tokens, col_mask))
 
 
 def _down(z_TxF, w_down_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array:
@@ -269,14 +149,14 @@ def _down(z_TxF, w_down_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array
   kernel = functools.partial(
     _down_kernel,
     num_tokens=num_tokens,
-    rows=_rows(num_tokens, cfg),
+    rows=padded_rows(num_tokens, cfg),
     d_model=d_model,
     d_ff=d_ff,
     chunk=chunk,
     block_c=block_c,
     block_d=block_d,
     final=final,
-    precision=_precision(z_TxF.dtype),
+    precision=precision_for(z_TxF.dtype),
   )
   y = pl.pallas_call(
     kernel,
