@@ -72,6 +72,8 @@ def summarize(trace: dict, steps: int, top: int = 25) -> dict:
   kernel: dict[str, str] = {}  # op -> a kernel name it ran (Pallas calls are custom-call.N)
   for e in events:
     op = (e.get("args") or {}).get("hlo_op") or e["name"]
+    if op.startswith("command_buffer"):  # a CUDA graph's kernels all carry its op: use theirs
+      op = e["name"]
     by_op[op] += e["dur"]
     kernel.setdefault(op, e["name"])
   kinds = {op: kind_of(f"{op} {kernel[op]}") for op in by_op}

@@ -39,3 +39,18 @@ def test_kinds():
   assert sp.kind_of("cudnn$fmha_fwd") == "attention"
   assert sp.kind_of("moc_train_fwd_moc") == "pallas"
   assert sp.kind_of("copy.4") == "copy" and sp.kind_of("multiply_fusion") == "fusion/other"
+
+
+def test_command_buffer_kernels_are_grouped_by_kernel_name():
+  """In a CUDA graph every kernel carries the graph's op name; the kernel names tell them apart."""
+  ev = lambda ts, name: {
+    "ph": "X", "pid": 7, "tid": 1, "ts": ts, "dur": 100, "name": name,
+    "args": {"hlo_op": "command_buffer_3"},
+  }  # fmt: skip
+  meta = [{"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  trace = {
+    "traceEvents": [*meta, ev(0, "nvjet_gemm"), ev(200, "decode_rows"), ev(400, "nvjet_gemm")]
+  }
+  ops = {o["op"]: o for o in sp.summarize(trace, steps=1)["top_ops_ms"]}
+  assert set(ops) == {"nvjet_gemm", "decode_rows"}
+  assert ops["nvjet_gemm"]["ms"] == 0.2 and ops["nvjet_gemm"]["kind"] == "gemm"
