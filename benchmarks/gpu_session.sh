@@ -9,6 +9,8 @@
 #   profile Nsight Compute reports of the top-K and forward-epilogue kernels
 #           (benchmarks/kernel_profile.sh; configs in $PROFILE_CONFIGS)
 #   stepprof where the 1b train step's device time goes, dense vs MoC vs GCP (step_profile.py)
+#   rank    decode FFN: GPU tests of the rank pipeline, then T = 1 at all shapes beside the main
+#           methods, its one-knob sweep at the 1B shape, then T = 4 (decode_ffn.py phases)
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep.
@@ -79,6 +81,19 @@ stepprof() {
     --out="$work/step_profile_1b.json"
 }
 
+rank() {
+  local args=(--phases rank1,ranksweep,rank4) lim=$(($1 - 60))
+  [ -n "${DRY:-}" ] && args=(--quick --phases rank1 --trials 1)
+  if [ -z "${DRY:-}" ]; then
+    timeout 55 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
+      tests/test_kernels_decode.py -k rank
+  fi
+  python3 benchmarks/decode_ffn.py "${args[@]}" --budget_s $((lim - 20)) \
+    --out "$work/decode_ffn_rank.json"
+  python3 -c "import json, sys; sys.path.insert(0, 'benchmarks'); import decode_ffn as d; \
+d.print_table(json.load(open('$work/decode_ffn_rank.json')))"
+}
+
 graphs() {
   local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask) graph_flags
   [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile)
@@ -89,7 +104,7 @@ graphs() {
     --out "$work/decode_e2e_graphs.json"
 }
 
-sections="gcp topk decode remat profile stepprof graphs"
+sections="gcp topk decode remat profile stepprof rank graphs"
 export work
 export -f $sections
 for spec in "$@"; do
