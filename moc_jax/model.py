@@ -16,6 +16,7 @@ from flax import nnx
 
 from moc_jax import moc, moc_tp, sharding
 from moc_jax.model_config import ModelConfig
+from pallas_kernels import backends
 
 init_normal = nnx.initializers.normal(stddev=0.02)
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -52,6 +53,13 @@ def apply_rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> 
   return out.astype(x_BxLxHxE.dtype)
 
 
+def decode_linear(backend: str, x_BxLxK: jax.Array, w_KxN: jax.Array, out_dtype=None):
+  """x W for decode: the Pallas GEMV for ≤ 16 tokens (B·L), else XLA (prefill)."""
+  x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
+  y_TxN = backends.decode_linear(backend, x_TxK.shape[0])(x_TxK, w_KxN, out_dtype)
+  return y_TxN.reshape(*x_BxLxK.shape[:-1], -1)
+
+
 class Attention(nnx.Module):
   """Multi-head causal self-attention with RoPE and an optional KV cache."""
 
@@ -62,6 +70,7 @@ class Attention(nnx.Module):
     self.w_v = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
     self.w_o = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"), pd)
     self.cfg = cfg
+    self.decode_weights: nnx.List | None = nnx.data(None)  # [w_qkv (D, 3HE), w_o (HE, D)]
 
   def _qkv(self, x_BxLxD, positions_BxL):
     dt = x_BxLxD.dtype
@@ -87,9 +96,31 @@ class Attention(nnx.Module):
       o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     return self._out(o)
 
+  def prepare_for_decode(self) -> None:
+    """Compute-dtype copies as 2-D weights, made once: q, k, v in one (D, 3HE) GEMV and the
+    output projection as (HE, D), so that decode reads each weight byte once per step."""
+    dt, d = self.cfg.compute_dtype, self.cfg.d_model
+    w_qkv = jnp.concatenate([w[...].reshape(d, -1) for w in (self.w_q, self.w_k, self.w_v)], 1)
+    w_o = self.w_o[...].reshape(-1, d)
+    self.decode_weights = nnx.List([DecodeWeight(w_qkv.astype(dt)), DecodeWeight(w_o.astype(dt))])
+
+  def _decode_qkv(self, x_BxLxD, positions_BxL):
+    """`_qkv` through one decode GEMV over the fused weight."""
+    c = self.cfg
+    qkv = decode_linear(c.kernel_backend, x_BxLxD, self.decode_weights[0][...])
+    qkv_BxLx3xHxE = qkv.reshape(*qkv.shape[:2], 3, c.num_heads, c.head_dim)
+    q, k, v = (qkv_BxLx3xHxE[:, :, i] for i in range(3))
+    rope = lambda t: apply_rope(t, positions_BxL, c.rope_theta)
+    return rope(q), rope(k), v
+
+  def _decode_out(self, o_BxLxHxE):
+    o_BxLxHE = o_BxLxHxE.reshape(*o_BxLxHxE.shape[:2], -1)
+    return decode_linear(self.cfg.kernel_backend, o_BxLxHE, self.decode_weights[1][...])
+
   def decode(self, x_BxLxD, positions_BxL, cache: dict):
     """Write k/v at `positions` into the cache and attend to every slot at or before them."""
-    q, k, v = self._qkv(x_BxLxD, positions_BxL)
+    prepared = self.decode_weights is not None
+    q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
     write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
     start_B = positions_BxL[:, 0]
     k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
@@ -99,7 +130,8 @@ class Attention(nnx.Module):
     o = jax.nn.dot_product_attention(
       q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, implementation="xla"
     )
-    return self._out(o), {"k": k_cache, "v": v_cache}
+    out = self._decode_out(o) if prepared else self._out(o)
+    return out, {"k": k_cache, "v": v_cache}
 
 
 class DecodeWeight(nnx.Variable):
@@ -181,6 +213,9 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
     self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+    # Set by prepare_for_decode; the unembedding copy only when param and compute dtypes differ.
+    self.decode_prepared = False
+    self.decode_unembed: DecodeWeight | None = nnx.data(None)
 
   def _embed(self, tokens_BxL):
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.compute_dtype)
@@ -223,12 +258,25 @@ class Transformer(nnx.Module):
     for block, layer_cache in zip(self.blocks, cache, strict=True):
       x, layer_cache = block.decode(x, positions_BxL, layer_cache)
       new_cache.append(layer_cache)
-    return self._logits(x), new_cache
+    return self._decode_logits(x), new_cache
+
+  def _decode_logits(self, x_BxLxD):
+    """`_logits` through the decode GEMV once prepared (XLA for more than 16 tokens)."""
+    if not self.decode_prepared:
+      return self._logits(x_BxLxD)
+    w = self.unembed if self.decode_unembed is None else self.decode_unembed
+    return decode_linear(self.cfg.kernel_backend, self.final_norm(x_BxLxD), w[...], jnp.float32)
 
   def prepare_for_decode(self) -> None:
-    """Convert FFN weights to the decode layout once (channel-major Wu^T)."""
+    """Decode layouts, made once: channel-major Wu^T for the FFNs, fused 2-D attention
+    weights, and the unembedding in compute dtype (a copy only if the param's dtype differs)."""
     for block in self.blocks:
       block.ffn.prepare_for_decode()
+      block.attn.prepare_for_decode()
+    dt = self.cfg.compute_dtype
+    if self.unembed[...].dtype != dt:
+      self.decode_unembed = DecodeWeight(self.unembed[...].astype(dt))
+    self.decode_prepared = True
 
 
 def count_params(model: nnx.Module) -> int:

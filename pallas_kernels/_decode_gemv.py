@@ -72,7 +72,19 @@ def tf_mask(rows, num_tokens, f_mask):
 
 
 def _gemv_kernel(
-  x_ref, *refs, num_w, num_tokens, rows, d_model, d_ff, block_d, block_f, d_split, swiglu, precision
+  x_ref,
+  *refs,
+  num_w,
+  num_tokens,
+  rows,
+  d_model,
+  d_ff,
+  block_d,
+  block_f,
+  d_split,
+  swiglu,
+  final,
+  precision,
 ):
   w_refs, out_ref = refs[:num_w], refs[num_w]
   fi, si = pl.program_id(0), pl.program_id(1)
@@ -105,21 +117,32 @@ def _gemv_kernel(
     z = (_silu(accs[0]) * accs[1]).astype(out_ref.dtype)
     plgpu.store(tf_ref(out_ref, rows, f0, block_f), z, mask=mask)
     return
+  if final:  # one D split, one weight: the result itself, in the output's dtype
+    plgpu.store(tf_ref(out_ref, rows, f0, block_f), accs[0].astype(out_ref.dtype), mask=mask)
+    return
   for w, acc in enumerate(accs):
     plgpu.store(tf_ref(out_ref, rows, f0, block_f, (si, jnp.int32(w))), acc, mask=mask)
 
 
-def gemv(x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool) -> jax.Array:
-  """swiglu: z_TxF in x's dtype (needs one D split); else fp32 partials (splits, W, T, F_pow2)."""
+def gemv(
+  x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool, out_dtype=None
+) -> jax.Array:
+  """swiglu: z_TxF in x's dtype (needs one D split); else fp32 partials (splits, W, T, F_pow2).
+
+  out_dtype (one weight, one D split): y_TxF = x W written by the kernel in that dtype.
+  """
   num_tokens, d_model = x_TxD.shape
   d_ff = ws_DxF[0].shape[1]
   splits = 1 if swiglu else cfg.gemv_splits
+  final = out_dtype is not None
+  if final and (swiglu or splits != 1 or len(ws_DxF) != 1):
+    raise ValueError("gemv: out_dtype needs one weight, one D split and no swiglu")
   block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
   block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
   d_split = _cdiv(d_model, splits)
   rows = padded_rows(num_tokens, cfg)
-  if swiglu:
-    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype)
+  if swiglu or final:
+    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype if swiglu else out_dtype)
   else:
     out_shape = jax.ShapeDtypeStruct((splits, len(ws_DxF), num_tokens, _pow2_at_least(d_ff)), F32)
   kernel = functools.partial(
@@ -133,6 +156,7 @@ def gemv(x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool) -> 
     block_f=block_f,
     d_split=d_split,
     swiglu=swiglu,
+    final=final,
     precision=precision_for(x_TxD.dtype),
   )
   return pl.pallas_call(
@@ -143,3 +167,73 @@ def gemv(x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool) -> 
     interpret=interpret,
     name="decode_gemv",
   )(x_TxD, *ws_DxF)
+
+
+# --- 2. y = x W for attention and output projections at decode time ---------------------------
+
+MAX_TOKENS = 16  # as moc_decode.MAX_KERNEL_TOKENS: more tokens (prefill) take XLA's GEMMs
+H200_SMS = 132
+TARGET_PROGRAMS = 2 * H200_SMS  # ≥ 2 programs per SM, as legacy_config's gate GEMV rule
+
+
+def linear_config(num_tokens: int, d_model: int, n: int) -> DecodeConfig:
+  """Placeholder heuristic until `benchmarks/gemv_sweep.py` has run on an H200: 128-wide N
+  blocks, the fewest power-of-2 D splits (≤ 16) that give ≥ 2 programs per SM, each split
+  still ≥ 2 steps of 64 rows; tl.dot at T = 1 (`default_config`'s t1_dot, 1.4-1.6x at T = 4).
+
+  At d = 2048: qkv N = 6144 → 8 splits, o-proj N = 2048 → 16, unembed N = 32000 → 2.
+  """
+  del num_tokens  # the sweep times T = 1 and 4; no measured reason yet to split on it
+  block_f, block_d = 128, 64
+  want = _cdiv(TARGET_PROGRAMS, _cdiv(n, block_f))
+  most = max(1, min(16, d_model // (2 * block_d)))
+  splits = min(_pow2_at_least(want), 1 << (most.bit_length() - 1))
+  return DecodeConfig(
+    gemv_block_f=block_f,
+    gemv_block_d=block_d,
+    gemv_splits=splits,
+    gemv_warps=4,
+    gemv_stages=3,
+    t1_dot=True,
+  )
+
+
+def _interpret(interpret: bool | None) -> bool:
+  return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def linear(
+  x_TxD: jax.Array,
+  w_DxN: jax.Array,
+  *,
+  config: DecodeConfig | None = None,
+  out_dtype=None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """y_TxN = x W for T ≤ 16 tokens (leading dims of x flattened): XLA's batch-1 dots stream
+  at ~0.9 TB/s, this split-K GEMV at ~1.6-1.9. fp32 accumulation, the fp32 sum over D splits
+  cast once to out_dtype (default x's dtype); with one split the kernel writes y itself.
+  """
+  if w_DxN.ndim != 2 or x_TxD.shape[-1] != w_DxN.shape[0]:
+    raise ValueError(f"linear: x {x_TxD.shape} and w {w_DxN.shape} need x[..., D] and w[D, N]")
+  if x_TxD.dtype != w_DxN.dtype:
+    raise ValueError(f"linear: x is {x_TxD.dtype} but w is {w_DxN.dtype}; cast the weight once")
+  lead, (d_model, n) = x_TxD.shape[:-1], w_DxN.shape
+  x_TxD = x_TxD.reshape(-1, d_model)
+  num_tokens = x_TxD.shape[0]
+  if num_tokens > MAX_TOKENS:
+    raise ValueError(f"linear: T={num_tokens} tokens; the GEMV takes at most {MAX_TOKENS}")
+  out_dtype = jnp.dtype(x_TxD.dtype if out_dtype is None else out_dtype)
+  if num_tokens == 0:
+    return jnp.zeros((*lead, n), out_dtype)
+  cfg = config or linear_config(num_tokens, d_model, n)
+  return _linear(x_TxD, w_DxN, cfg, out_dtype, _interpret(interpret)).reshape(*lead, n)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _linear(x_TxD, w_DxN, cfg: DecodeConfig, out_dtype, interpret: bool) -> jax.Array:
+  """Jitted so that every layer's call at one shape reuses one trace of the kernel."""
+  if cfg.gemv_splits == 1:
+    return gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret, out_dtype=out_dtype)
+  partials = gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret)
+  return jnp.sum(partials[:, 0, :, : w_DxN.shape[1]], axis=0).astype(out_dtype)

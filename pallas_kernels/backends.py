@@ -67,3 +67,12 @@ def dense_decode_ffn(backend: str, num_tokens: int) -> Callable:
   if resolve(backend) == "xla" or num_tokens > moc_decode.MAX_KERNEL_TOKENS:
     return reference.dense_decode_ffn
   return moc_decode.dense_decode_ffn
+
+
+def decode_linear(backend: str, num_tokens: int) -> Callable:
+  """(x_TxD, w_DxN, out_dtype=None) -> y_TxN; the split-K GEMV only for T <= 16."""
+  from pallas_kernels import _decode_gemv
+
+  if resolve(backend) == "xla" or num_tokens > _decode_gemv.MAX_TOKENS:
+    return reference.linear
+  return lambda x_TxD, w_DxN, out_dtype=None: _decode_gemv.linear(x_TxD, w_DxN, out_dtype=out_dtype)

@@ -258,3 +258,11 @@ def dense_decode_ffn(
   u = jnp.dot(x_TxD, w_up_DxF, preferred_element_type=jnp.float32)
   z = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
   return jnp.dot(z, w_down_FxD, preferred_element_type=jnp.float32).astype(x_TxD.dtype)
+
+
+def linear(x_TxD: jax.Array, w_DxN: jax.Array, out_dtype=None) -> jax.Array:
+  """y = x W with fp32 accumulation, cast to out_dtype (default x's); fp32 inputs as IEEE fp32."""
+  f32 = x_TxD.dtype == jnp.float32 and w_DxN.dtype == jnp.float32
+  precision = jax.lax.Precision.HIGHEST if f32 else None
+  y = jnp.dot(x_TxD, w_DxN, preferred_element_type=jnp.float32, precision=precision)
+  return y.astype(x_TxD.dtype if out_dtype is None else out_dtype)
