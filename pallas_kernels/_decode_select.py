@@ -70,12 +70,16 @@ def _topk_kernel(p_ref, *out_refs, splits, d_ff, width, k, round_dtype, radix_bi
   above = key > tau
   tied = key == tau
   need = k - jnp.sum(above.astype(I32))
-  selected = above | (tied & (jnp.cumsum(tied.astype(I32)) <= need))
+  # One scan for both prefix counts (each < 2^16): ties kept up to `need`, list slots.
+  both = jnp.cumsum(above.astype(I32) | (tied.astype(I32) << 16))
+  ties_before = both >> 16
+  selected = above | (tied & (ties_before <= need))
   if len(out_refs) == 1:
     a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
     plgpu.store(out_refs[0].at[t, :], a, mask=valid)
     return
-  pos = jnp.cumsum(selected.astype(I32)) - 1  # list slot: selected channels stay ascending
+  # list slot (selected channels stay ascending): the aboves so far plus the ties kept so far
+  pos = (both & 0xFFFF) + jnp.minimum(ties_before, need) - 1
   _store_list(
     out_refs, t, pos, jnp.arange(width, dtype=I32), _silu(g.astype(F32)), selected, interpret
   )
