@@ -203,6 +203,30 @@ class Block(nnx.Module):
     return x_BxLxD + self.ffn.decode(self.ffn_norm(x_BxLxD)), cache
 
 
+@jax.custom_vjp
+def unembed(x_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+  """fp32 logits x W. Plain autodiff would run both backward GEMMs in fp32 (the fp32 cotangent
+  promotes W): 16 of the 246 ms of a 1b training step on the H200. Here they take the cotangent
+  in x's dtype, at the tensor cores' bf16 rate, with fp32 accumulation."""
+  return jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+
+
+def _unembed_fwd(x_BxLxD, w_DxV):
+  return unembed(x_BxLxD, w_DxV), (x_BxLxD, w_DxV)
+
+
+def _unembed_bwd(residuals, dlogits_BxLxV):
+  x_BxLxD, w_DxV = residuals
+  ct = dlogits_BxLxV.astype(x_BxLxD.dtype)
+  f32 = jnp.float32
+  dx = jnp.einsum("blv,dv->bld", ct, w_DxV, preferred_element_type=f32).astype(x_BxLxD.dtype)
+  dw = jnp.einsum("bld,blv->dv", x_BxLxD, ct, preferred_element_type=f32).astype(w_DxV.dtype)
+  return dx, dw
+
+
+unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
 class Transformer(nnx.Module):
   """Token embedding, a stack of blocks, final norm, untied output projection."""
 
@@ -222,12 +246,7 @@ class Transformer(nnx.Module):
 
   def _logits(self, x_BxLxD):
     x_BxLxD = self.final_norm(x_BxLxD)
-    return jnp.einsum(
-      "bld,dv->blv",
-      x_BxLxD,
-      self.unembed[...].astype(x_BxLxD.dtype),
-      preferred_element_type=jnp.float32,
-    )
+    return unembed(x_BxLxD, self.unembed[...].astype(x_BxLxD.dtype))
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
     """Logits (B, L, V) in fp32 for a batch of (possibly packed) token rows."""

@@ -1,13 +1,17 @@
 """Model shapes, parameter annotations, KV-cache decoding and document masking."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from moc_jax import model_config
+from moc_jax import model, model_config
 from moc_jax.model import Transformer, count_params
+
+F32 = jnp.float32
 
 
 def _tiny(**kw):
@@ -118,3 +122,27 @@ def test_presets_match_the_paper():
   }.items():
     c = model_config.from_preset(name)
     assert (c.d_model, c.d_ff, c.num_layers, c.num_heads, c.k) == (d, f, layers, heads, k)
+
+
+def test_unembed_backward_runs_in_the_compute_dtype():
+  """fp32: exactly autodiff's gradients. bf16: the backward GEMMs take a bf16 cotangent (no
+  fp32 GEMMs in the step), within one bf16 rounding of autodiff's fp32-promoted gradients."""
+  ks = jax.random.split(jax.random.key(time.time_ns() % 2**31), 3)
+  x, w = jax.random.normal(ks[0], (2, 5, 16)), jax.random.normal(ks[1], (16, 40))
+  ct = jax.random.normal(ks[2], (2, 5, 40))
+  ours = lambda x, w: jnp.sum(model.unembed(x, w) * ct)
+  plain = lambda x, w: jnp.sum(jnp.einsum("bld,dv->blv", x, w, preferred_element_type=F32) * ct)
+  for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  text = jax.jit(jax.grad(ours, (0, 1))).lower(xb, wb).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) == 2  # the two backward GEMMs (the forward value is unused here)
+  for line in dots:  # operand types: (tensor<...xbf16>, tensor<...xbf16>) -> fp32 result
+    operands = line.rsplit(":", 1)[1].split("->")[0]
+    assert "f32>" not in operands.replace("bf16>", ""), line
+  grads = jax.grad(ours, (0, 1))(xb, wb)
+  for got, want in zip(grads, jax.grad(plain, (0, 1))(xb, wb), strict=True):
+    assert got.dtype == jnp.bfloat16
+    err = np.max(np.abs(np.float32(got) - np.float32(want))) / np.max(np.abs(np.float32(want)))
+    assert err < 2e-2
