@@ -11,6 +11,10 @@
 #   stepprof where the 1b train step's device time goes, dense vs MoC vs GCP (step_profile.py)
 #   rank    decode FFN: GPU tests of the rank pipeline, then T = 1 at all shapes beside the main
 #           methods, its one-knob sweep at the 1B shape, then T = 4 (decode_ffn.py phases)
+#   linear  GPU tests of the decode GEMV (`linear`) and the list select, then the GEMV config
+#           sweep at the 1b decode shapes (T = 1; GEMV_SHAPES overrides)
+#   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile
+#   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep.
@@ -94,6 +98,30 @@ rank() {
 d.print_table(json.load(open('$work/decode_ffn_rank.json')))"
 }
 
+linear() {
+  local shapes=${GEMV_SHAPES:-2048x6144,2048x2048,2048x32000,2048x5464}
+  if [ -n "${DRY:-}" ]; then
+    python3 benchmarks/gemv_sweep.py --quick --out "$work/gemv_sweep.json"
+    return
+  fi
+  timeout 80 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
+    tests/test_decode_linear.py tests/test_kernels_decode.py -k "linear or 1-moc-list"
+  python3 benchmarks/gemv_sweep.py --tokens 1 --shapes "$shapes" --budget_s $(($1 - 110)) \
+    --out "$work/gemv_sweep.json"
+}
+
+e2e() {
+  local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask)
+  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --skip moc_xla,moc_kernel_mask)
+  python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/decode_e2e.json"
+}
+
+step64() {
+  [ -n "${DRY:-}" ] && { echo "model step skipped (DRY)"; return 0; }
+  python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 \
+    --variants=dense,moc,moc_gcp --out="$work/model_step_1b.json"
+}
+
 graphs() {
   local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask) graph_flags
   [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile)
@@ -104,7 +132,7 @@ graphs() {
     --out "$work/decode_e2e_graphs.json"
 }
 
-sections="gcp topk decode remat profile stepprof rank graphs"
+sections="gcp topk decode remat profile stepprof rank linear e2e step64 graphs"
 export work
 export -f $sections
 for spec in "$@"; do
