@@ -128,7 +128,7 @@ def main() -> None:
     "rows": {},
   }
   original = model.FeedForward.decode
-  original_cfg = moc_decode.default_config
+  original_cfg = moc_decode.moc_config
   for name, kw in variants.items():
     if name in a.skip.split(","):
       continue
@@ -140,14 +140,14 @@ def main() -> None:
     jax.clear_caches()
     model.FeedForward.decode = swaps.get(name, original)
     if name == "moc_kernel_mask":
-      moc_decode.default_config = lambda *a: replace(original_cfg(*a), pipeline="mask")
+      moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask")
     try:
       row = time_generate(m, prompt_len, new, a.trials, a.profile)
     except Exception as e:
       row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
       model.FeedForward.decode = original
-      moc_decode.default_config = original_cfg
+      moc_decode.moc_config = original_cfg
     row.update(d_model=cfg.d_model, d_ff=cfg.d_ff, k=cfg.k, layers=cfg.num_layers)
     result["rows"][name] = row
     print(name, json.dumps(row), flush=True)

@@ -53,6 +53,9 @@ PHASES = {
   "rank1": (1, ALL, frozenset({"main", "rank"})),
   "rank4": (4, ALL, frozenset({"main", "rank"})),
   "ranksweep": (1, FIRST, frozenset({"ranksweep"})),
+  # after the GEMV sweep: the main rows at every shape, the select's knobs on the new default
+  "main1": (1, ALL, frozenset({"main"})),
+  "selsweep": (1, FIRST, frozenset({"selsweep"})),
 }
 
 
@@ -150,6 +153,7 @@ def rel_err(a, b) -> float:
 def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   """name -> (fn(x, wg, wu, wu_t, wd), config or None) of kinds main | stages | sweep."""
   new = moc_decode.default_config(t, d, f)
+  moc_cfg = moc_decode.moc_config(t, d, f)
   old = legacy_config(t, d, f)
   moc = lambda c: (
     lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
@@ -166,6 +170,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out = {
       "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
       "dense_kernel[new]": (dense(new), new),
+      "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
@@ -180,6 +185,14 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   rank = replace(new, pipeline="rank")
   if "rank" in kinds:
     out["moc_kernel[rank]"] = (moc(rank), rank)
+  if "selsweep" in kinds:
+    for tag, c in (
+      ("default,sel8w", replace(moc_cfg, select_warps=8)),
+      ("default,sel32w", replace(moc_cfg, select_warps=32)),
+      ("default,radix4", replace(moc_cfg, select_radix_bits=4)),
+      ("default,gemv_s1", replace(moc_cfg, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "ranksweep" in kinds:  # one knob at a time around the rank defaults
     for tag, c in (
       ("rank,c32", replace(rank, rank_channels=32)),

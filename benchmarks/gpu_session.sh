@@ -13,6 +13,8 @@
 #           methods, its one-knob sweep at the 1B shape, then T = 4 (decode_ffn.py phases)
 #   linear  GPU tests of the decode GEMV (`linear`) and the list select, then the GEMV config
 #           sweep at the 1b decode shapes (T = 1; GEMV_SHAPES overrides)
+#   ffn     GPU tests of the decode kernels (list, linear), then decode_ffn: the main rows at T = 1
+#           at all shapes, the select's knobs on the MoC default, then T = 4
 #   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
@@ -110,6 +112,19 @@ linear() {
     --out "$work/gemv_sweep.json"
 }
 
+ffn() {
+  local args=(--phases main1,selsweep,t4)
+  [ -n "${DRY:-}" ] && args=(--quick --phases main1 --trials 1)
+  if [ -z "${DRY:-}" ]; then
+    timeout 70 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
+      tests/test_decode_linear.py tests/test_kernels_decode.py -k "linear or list"
+  fi
+  python3 benchmarks/decode_ffn.py "${args[@]}" --budget_s $(($1 - 100)) \
+    --out "$work/decode_ffn.json"
+  python3 -c "import json, sys; sys.path.insert(0, 'benchmarks'); import decode_ffn as d; \
+d.print_table(json.load(open('$work/decode_ffn.json')))"
+}
+
 e2e() {
   local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask)
   [ -n "${DRY:-}" ] && args=(--quick --trials 1 --skip moc_xla,moc_kernel_mask)
@@ -132,7 +147,7 @@ graphs() {
     --out "$work/decode_e2e_graphs.json"
 }
 
-sections="gcp topk decode remat profile stepprof rank linear e2e step64 graphs"
+sections="gcp topk decode remat profile stepprof rank linear ffn e2e step64 graphs"
 export work
 export -f $sections
 for spec in "$@"; do

@@ -95,6 +95,17 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   )
 
 
+def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """`default_config` with the MoC gate GEMV of the 2026-12-01 sweep (gemv_sweep_h200_20261201:
+  d = 2048, F = 5464, T = 1): 64-wide F blocks, 128-row D steps, 2 splits, 4 stages took 11.9 µs
+  where the default 8 splits × 3 stages took 16.0; the select then sums 2 partial rows, not 8.
+  """
+  cfg = default_config(num_tokens, d_model, d_ff)
+  if cfg.pipeline != "list":
+    return cfg
+  return dataclasses.replace(cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)
+
+
 def spread_config(cfg: DecodeConfig, *, select: bool = True, reduce: bool = True) -> DecodeConfig:
   """The 2026-11-28c options on top of cfg (list pipeline): histogram select over many programs
   (gate GEMV without D split, 32-wide F blocks so that ~170 programs stream Wg at d = 2048) and

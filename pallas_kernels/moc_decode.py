@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _decode_hist, _decode_list, _decode_rank, _decode_select, reference
-from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config
+from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
 from pallas_kernels._decode_gemv import gemv as _gemv
@@ -197,7 +197,7 @@ def decode_ffn(
     raise ValueError(f"k must be in [1, {d_ff}], got {k}")
   if num_tokens > MAX_KERNEL_TOKENS:  # prefill: dense GEMMs beat row gathers
     return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
-  cfg = config or default_config(num_tokens, d_model, d_ff)
+  cfg = config or moc_config(num_tokens, d_model, d_ff)
   y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, _interpret(interpret))
   return y.reshape(*lead, d_model)
 

@@ -80,15 +80,14 @@ def test_linear_rejects_bad_inputs():
     _decode_gemv.linear(x[:4], w.astype(jnp.bfloat16), interpret=True)
 
 
-def test_linear_config_fills_the_h200():
+def test_linear_config_is_valid_at_every_shape():
   for d, n in [(2048, 6144), (2048, 2048), (2048, 32000), (4096, 11008), (64, 100)]:
     c = _decode_gemv.linear_config(1, d, n)
     splits, bf, bd = c.gemv_splits, c.gemv_block_f, c.gemv_block_d
     assert all(v & (v - 1) == 0 for v in (splits, bf, bd)) and c.t1_dot
-    assert splits <= 16 and (splits == 1 or d // splits >= 2 * bd)
-    if d >= 2048:
-      assert math.ceil(n / bf) * splits >= 2 * 132 or splits == 16
+    assert splits <= 8 and (splits == 1 or d // splits >= 2 * bd)
   assert _decode_gemv.linear_config(1, 2048, 6144).gemv_splits == 8
+  assert _decode_gemv.linear_config(1, 64, 100).gemv_splits == 1
 
 
 def test_backend_switch_and_reference():

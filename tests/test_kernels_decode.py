@@ -113,6 +113,7 @@ def test_select_is_exact_with_ties(variant):
     (3, 171, 37, "moc", jnp.float32, True, HIST),  # 32-bit keys: 4 histogram levels
     (4, 136, 34, "moc_2of8", jnp.bfloat16, True, HIST),  # groups of 8 per block, no threshold
     (4, 203, 41, "moc", jnp.bfloat16, False, dataclasses.replace(LIST, list_reduce="last")),
+    (1, 1376, 250, "moc", jnp.bfloat16, True, None),  # decode_ffn's own config (moc_config)
     (1, 1376, 250, "moc", jnp.bfloat16, True, RANK),  # packed 16-bit keys, ties at the threshold
     (3, 171, 37, "moc", jnp.float32, True, RANK),  # 32-bit keys: ties by an index compare
     (4, 136, 34, "moc_2of8", jnp.bfloat16, True, RANK),  # ranks within groups of 8
@@ -188,7 +189,7 @@ def test_hist_select_lists_match_reference():
 def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
   """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
   d_model, d_ff, k = 2048, 5464, 1024
-  cfg = moc_decode.default_config(num_tokens, d_model, d_ff)
+  cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
   cfg = spread_config(cfg) if pipeline == "hist" else dataclasses.replace(cfg, pipeline=pipeline)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
     seed = _seed()
