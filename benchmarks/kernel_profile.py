@@ -3,7 +3,8 @@
   python benchmarks/kernel_profile.py --kernel=select --config=row_c512_t
   bash benchmarks/kernel_profile.sh OUT_DIR row_default row_c512_t   # ncu on the GPU
 
-The kernels are the training path's: `select` (topk.select) and `fwd` (the train forward
+`--kernel=decode`: the MoC and dense FFN decode kernels (1b shape, T = 1, default configs).
+The training kernels: `select` (topk.select) and `fwd` (the train forward
 epilogue), on fresh random bf16 rows of (T, F), K channels, configs by their
 `benchmarks/topk_variants.SWEEP` name. ncu's --launch-skip 1 --launch-count 1 then reads the
 second launch: registers, occupancy, issue-stall reasons, memory throughput.
@@ -26,12 +27,14 @@ from pallas_kernels import moc_train, topk
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kernel", choices=("select", "fwd"), default="select")
+  p.add_argument("--kernel", choices=("select", "fwd", "decode"), default="select")
   p.add_argument("--config", default="row_default", help="a topk_variants.SWEEP name")
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632)
   p.add_argument("--k", type=int, default=1024)
   args = p.parse_args(argv)
+  if args.kernel == "decode":  # MoC and dense FFN decode at the 1b shape, T = 1: all kernels
+    return _decode_twice()
   if args.config not in topk_variants.SWEEP:
     p.error(f"unknown config {args.config!r}; see benchmarks/topk_variants.py")
   cfg = topk_variants.SWEEP[args.config]
@@ -45,6 +48,20 @@ def main(argv: list[str] | None = None) -> None:
   for _ in range(2):
     jax.block_until_ready(run())
   print(f"ran {args.kernel} {args.config} twice on {jax.devices()[0].device_kind}")
+
+
+def _decode_twice() -> None:
+  from pallas_kernels import moc_decode
+
+  d, f, k = 2048, 5464, 1024
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(ks[0], (1, d), jnp.bfloat16)
+  wg, wu = ((jax.random.normal(q, (d, f)) * d**-0.5).astype(jnp.bfloat16) for q in ks[1:3])
+  wd = (jax.random.normal(ks[3], (f, d)) * f**-0.5).astype(jnp.bfloat16)
+  for _ in range(2):
+    jax.block_until_ready(moc_decode.decode_ffn(x, wg, wu.T, wd, k, "moc"))
+    jax.block_until_ready(moc_decode.dense_decode_ffn(x, wg, wu, wd))
+  print(f"ran MoC and dense decode twice on {jax.devices()[0].device_kind}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # Nsight Compute on the top-K and forward-epilogue kernels, one report per config (GPU only;
 # ncu reads hardware counters on the Firecracker H200 machines, see the device notes):
 #   bash benchmarks/kernel_profile.sh OUT_DIR CONFIG...      (topk_variants.SWEEP names)
+#   bash benchmarks/kernel_profile.sh OUT_DIR decode         (the FFN decode kernels, T = 1)
 # OUT_DIR/ncu_<kernel>_<config>.txt: the details page (launch stats, occupancy, speed of light,
 # warp-state stall reasons). Each profile has a hard time limit; one failure does not stop the rest.
 set -uo pipefail
@@ -10,6 +11,14 @@ shift
 mkdir -p "$out"
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 [ -z "$ncu" ] && { echo "no ncu here"; exit 1; }
+if [ "${1:-}" = decode ]; then  # every decode_* kernel of the second MoC and dense calls
+  timeout 150 "$ncu" --clock-control none --kernel-name "regex:decode_" --launch-skip 5 \
+    --launch-count 5 --section LaunchStats --section Occupancy --section SpeedOfLight \
+    --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python3 benchmarks/kernel_profile.py --kernel=decode >"$out/ncu_decode.txt" 2>&1
+  echo "decode: rc=$? $(grep -c . "$out/ncu_decode.txt") lines"
+  exit 0
+fi
 for config in "$@"; do
   for kernel in select fwd; do
     name=moc_select_moc
