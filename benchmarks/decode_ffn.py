@@ -49,10 +49,6 @@ PHASES = {
   "t16": (16, ALL, frozenset({"main"})),
   "sweep": (1, FIRST, frozenset({"sweep"})),
   "settled": (1, ALL, frozenset({"settled"})),  # old configs and moc_xla: beaten on 2026-11-28b
-  # 2026-12-01: the rank pipeline (select + rows in one launch) beside the main rows
-  "rank1": (1, ALL, frozenset({"main", "rank"})),
-  "rank4": (4, ALL, frozenset({"main", "rank"})),
-  "ranksweep": (1, FIRST, frozenset({"ranksweep"})),
   # after the GEMV sweep: the main rows at every shape, the select's knobs on the new default
   "main1": (1, ALL, frozenset({"main"})),
   "selsweep": (1, FIRST, frozenset({"selsweep"})),
@@ -180,30 +176,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("hist", spread_config(new, reduce=False)),
       ("list,last", spread_config(new, select=False)),
       ("hist+last,rows16,prog64", replace(spread_config(new), list_rows=16, list_programs=64)),
-    ):
-      out[f"moc_kernel[{tag}]"] = (moc(c), c)
-  rank = replace(new, pipeline="rank")
-  if "rank" in kinds:
-    out["moc_kernel[rank]"] = (moc(rank), rank)
-  if "selsweep" in kinds:
-    for tag, c in (
-      ("default,sel8w", replace(moc_cfg, select_warps=8)),
-      ("default,sel32w", replace(moc_cfg, select_warps=32)),
-      ("default,radix4", replace(moc_cfg, select_radix_bits=4)),
-      ("default,gemv_s1", replace(moc_cfg, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
-    ):
-      out[f"moc_kernel[{tag}]"] = (moc(c), c)
-  if "ranksweep" in kinds:  # one knob at a time around the rank defaults
-    for tag, c in (
-      ("rank,c32", replace(rank, rank_channels=32)),
-      ("rank,c8", replace(rank, rank_channels=8)),
-      ("rank,w4", replace(rank, rank_warps=4)),
-      ("rank,j512", replace(rank, rank_block_j=512)),
-      ("rank,p132", replace(rank, rank_programs=132)),
-      ("rank,p528", replace(rank, rank_programs=528)),
-      ("rank,bd512", replace(rank, rank_block_d=512)),
-      ("rank,gemv8", replace(rank, gemv_splits=8)),
-      ("rank,nosplit", replace(rank, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs

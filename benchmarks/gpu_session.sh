@@ -9,8 +9,6 @@
 #   profile Nsight Compute reports of the top-K and forward-epilogue kernels
 #           (benchmarks/kernel_profile.sh; configs in $PROFILE_CONFIGS)
 #   stepprof where the 1b train step's device time goes, dense vs MoC vs GCP (step_profile.py)
-#   rank    decode FFN: GPU tests of the rank pipeline, then T = 1 at all shapes beside the main
-#           methods, its one-knob sweep at the 1B shape, then T = 4 (decode_ffn.py phases)
 #   linear  GPU tests of the decode GEMV (`linear`) and the list select, then the GEMV config
 #           sweep at the 1b decode shapes (T = 1; GEMV_SHAPES overrides)
 #   ffn     GPU tests of the decode kernels (list, linear), then decode_ffn: the main rows at T = 1
@@ -87,19 +85,6 @@ stepprof() {
     --out="$work/step_profile_1b.json"
 }
 
-rank() {
-  local args=(--phases rank1,ranksweep,rank4) lim=$(($1 - 60))
-  [ -n "${DRY:-}" ] && args=(--quick --phases rank1 --trials 1)
-  if [ -z "${DRY:-}" ]; then
-    timeout 55 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
-      tests/test_kernels_decode.py -k rank
-  fi
-  python3 benchmarks/decode_ffn.py "${args[@]}" --budget_s $((lim - 20)) \
-    --out "$work/decode_ffn_rank.json"
-  python3 -c "import json, sys; sys.path.insert(0, 'benchmarks'); import decode_ffn as d; \
-d.print_table(json.load(open('$work/decode_ffn_rank.json')))"
-}
-
 linear() {
   local shapes=${GEMV_SHAPES:-2048x6144,2048x2048,2048x32000,2048x5464}
   if [ -n "${DRY:-}" ]; then
@@ -147,7 +132,7 @@ graphs() {
     --out "$work/decode_e2e_graphs.json"
 }
 
-sections="gcp topk decode remat profile stepprof rank linear ffn e2e step64 graphs"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs"
 export work
 export -f $sections
 for spec in "$@"; do

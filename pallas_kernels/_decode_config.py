@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PIPELINES = ("mask", "list", "rank")
+PIPELINES = ("mask", "list")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +49,6 @@ class DecodeConfig:
   # of each group of `list_group` sums its group in a fixed order, the last group the groups
   list_reduce: str = "xla"
   list_group: int = 16
-  # pipeline 'rank' (2026-12-01): after the gate GEMV one kernel ranks `rank_channels` channels
-  # per step against the whole row (block_j keys at a time) and reads the selected rows itself;
-  # at most `rank_programs` programs over all tokens, each looping over its chunks of channels
-  rank_channels: int = 16
-  rank_block_j: int = 256
-  rank_block_d: int = 1024
-  rank_programs: int = 264
-  rank_warps: int = 8
 
 
 def cdiv(a: int, b: int) -> int:

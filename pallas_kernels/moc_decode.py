@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _decode_hist, _decode_list, _decode_rank, _decode_select, reference
+from pallas_kernels import _decode_hist, _decode_list, _decode_select, reference
 from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
@@ -211,10 +211,6 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
     lists = _decode_hist.hist_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret=interpret)
     return _decode_list.rows_ffn(x_TxD, *lists, w_up_FxD, w_down_FxD, cfg, interpret=interpret)
   partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
-  if cfg.pipeline == "rank":  # select and rows in one launch
-    return _decode_rank.rank_ffn(
-      x_TxD, partials[:, 0], w_up_FxD, w_down_FxD, k, variant, cfg, interpret=interpret
-    )
   select = functools.partial(
     _decode_select.select_scale,
     partials,
