@@ -11,12 +11,17 @@ shift
 mkdir -p "$out"
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 [ -z "$ncu" ] && { echo "no ncu here"; exit 1; }
-if [ "${1:-}" = decode ]; then  # every decode_* kernel of the second MoC and dense calls
-  timeout 150 "$ncu" --clock-control none --kernel-name "regex:decode_" --launch-skip 5 \
-    --launch-count 5 --section LaunchStats --section Occupancy --section SpeedOfLight \
-    --section WarpStateStats --section MemoryWorkloadAnalysis \
-    python3 benchmarks/kernel_profile.py --kernel=decode >"$out/ncu_decode.txt" 2>&1
-  echo "decode: rc=$? $(grep -c . "$out/ncu_decode.txt") lines"
+if [ "${1:-}" = decode ]; then  # one report per decode kernel (second call), gemv last: on
+  # 2026-12-01 one ncu run over all five hung replaying decode_gemv
+  for name in decode_select decode_rows decode_down decode_gemv; do
+    skip=1  # the second call's; MoC and dense each launch a decode_gemv: skip 2 to MoC's second
+    [ "$name" = decode_gemv ] && skip=2
+    timeout 60 "$ncu" --clock-control none --kernel-name "regex:^$name" --launch-skip $skip \
+      --launch-count 1 --section LaunchStats --section Occupancy --section SpeedOfLight \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 benchmarks/kernel_profile.py --kernel=decode >"$out/ncu_$name.txt" 2>&1
+    echo "$name: rc=$? $(grep -c . "$out/ncu_$name.txt") lines"
+  done
   exit 0
 fi
 for config in "$@"; do
