@@ -178,6 +178,15 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("hist+last,rows16,prog64", replace(spread_config(new), list_rows=16, list_programs=64)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  if "selsweep" in kinds:
+    for tag, c in (
+      ("default,sel8w", replace(moc_cfg, select_warps=8)),
+      ("default,sel32w", replace(moc_cfg, select_warps=32)),
+      ("default,radix4", replace(moc_cfg, select_radix_bits=4)),
+      ("default,gemv_s1", replace(moc_cfg, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
+      ("default,pieces256", replace(moc_cfg, select_granule=256)),  # 5632 lanes, not 8192
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
     out["dense_kernel[old]"] = (dense(old), old)
     out["moc_kernel[old]"] = (moc(old), old)

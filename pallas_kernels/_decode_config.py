@@ -19,6 +19,9 @@ class DecodeConfig:
   gemv_stages: int = 3
   select_warps: int = 8
   select_radix_bits: int = 2
+  # 0: the select works on one next_pow2(F)-wide block; else on power-of-two pieces covering F
+  # rounded up to this granule (2026-12-01, CPU-verified and untimed: the next GPU run decides)
+  select_granule: int = 0
   up_block_c: int = 16
   up_block_d: int = 512
   up_warps: int = 4

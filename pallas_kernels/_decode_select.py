@@ -32,19 +32,29 @@ def sortable_key(v: jax.Array) -> jax.Array:
   return jnp.where(b < 0, b ^ ((1 << (bits - 1)) - 1), b)
 
 
-def kth_largest_key(key: jax.Array, k: int, num_bits: int, radix_bits: int) -> jax.Array:
-  """The largest tau with #(key >= tau) >= k, built from the most significant bit down."""
+def kth_largest_key(
+  keys: jax.Array | list[jax.Array], k: int, num_bits: int, radix_bits: int
+) -> jax.Array:
+  """The largest tau with #(key >= tau) >= k over all the key vectors, built from the most
+  significant bit down (a row may come as several power-of-two pieces)."""
+  keys = keys if isinstance(keys, list) else [keys]
+
+  def count(pred) -> jax.Array:  # per candidate row of pred(key_piece), summed over the pieces
+    return sum(jnp.sum(pred(key).astype(I32), axis=-1) for key in keys)
+
   lo = -(1 << (num_bits - 1))  # tau = 0 if k keys are >= 0, else lo (arithmetic, not a select:
-  tau = lo - lo * (jnp.sum((key >= 0).astype(I32)) >= k).astype(I32)  # scalar selects mis-lower)
+  tau = lo - lo * (count(lambda key: key >= 0) >= k).astype(I32)  # scalar selects mis-lower)
   bit = num_bits - 1
   while bit > 0:
     r = min(radix_bits, bit)
     bit -= r
     cands = tau | (jnp.arange(1 << r, dtype=I32) << bit)  # cands[0] = tau always qualifies
-    shape = (cands.shape[0], key.shape[0])  # explicit broadcasts: Triton lowering needs them
-    ge = jnp.broadcast_to(key[None, :], shape) >= jnp.broadcast_to(cands[:, None], shape)
-    counts = jnp.sum(ge.astype(I32), axis=1)
-    digit = jnp.sum((counts >= k).astype(I32)) - 1
+
+    def ge(key, cands=cands):  # explicit broadcasts: the Triton lowering needs them
+      shape = (cands.shape[0], key.shape[0])
+      return jnp.broadcast_to(key[None, :], shape) >= jnp.broadcast_to(cands[:, None], shape)
+
+    digit = jnp.sum((count(ge) >= k).astype(I32)) - 1
     tau = tau | (digit << bit)
   return tau
 
@@ -58,31 +68,39 @@ def _silu(v: jax.Array) -> jax.Array:
   return v / (1.0 + jnp.exp(-v))
 
 
-def _topk_kernel(p_ref, *out_refs, splits, d_ff, width, k, round_dtype, radix_bits, interpret):
+def _topk_kernel(p_ref, *out_refs, splits, d_ff, pieces, k, round_dtype, radix_bits, interpret):
+  """pieces: (offset, width) power-of-two spans covering the row (one of next_pow2(F), or
+  `tu.pow2_chunks` with no padded lanes beyond a granule)."""
   t = pl.program_id(0)
-  valid = jnp.arange(width) < d_ff
-  g = plgpu.load(p_ref.at[_i(0), _i(0), t, :], mask=valid, other=0)
-  for s in range(1, splits):
-    g = g + plgpu.load(p_ref.at[_i(s), _i(0), t, :], mask=valid, other=0)
-  g = g.astype(round_dtype)
-  key = jnp.where(valid, sortable_key(g), jnp.iinfo(jnp.int32).min)
-  tau = kth_largest_key(key, k, jnp.dtype(round_dtype).itemsize * 8, radix_bits)
-  above = key > tau
-  tied = key == tau
-  need = k - jnp.sum(above.astype(I32))
-  # One scan for both prefix counts (each < 2^16): ties kept up to `need`, list slots.
-  both = jnp.cumsum(above.astype(I32) | (tied.astype(I32) << 16))
-  ties_before = both >> 16
-  selected = above | (tied & (ties_before <= need))
-  if len(out_refs) == 1:
-    a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
-    plgpu.store(out_refs[0].at[t, :], a, mask=valid)
-    return
-  # list slot (selected channels stay ascending): the aboves so far plus the ties kept so far
-  pos = (both & 0xFFFF) + jnp.minimum(ties_before, need) - 1
-  _store_list(
-    out_refs, t, pos, jnp.arange(width, dtype=I32), _silu(g.astype(F32)), selected, interpret
-  )
+  lanes, gs, keys = [], [], []
+  for off, w in pieces:
+    lane = off + jnp.arange(w, dtype=I32)
+    valid = lane < d_ff
+    g = plgpu.load(p_ref.at[_i(0), _i(0), t, pl.ds(_i(off), w)], mask=valid, other=0)
+    for s in range(1, splits):
+      g = g + plgpu.load(p_ref.at[_i(s), _i(0), t, pl.ds(_i(off), w)], mask=valid, other=0)
+    g = g.astype(round_dtype)
+    lanes.append(lane)
+    gs.append(g)
+    keys.append(jnp.where(valid, sortable_key(g), jnp.iinfo(jnp.int32).min))
+  tau = kth_largest_key(keys, k, jnp.dtype(round_dtype).itemsize * 8, radix_bits)
+  need = k - sum(jnp.sum((key > tau).astype(I32)) for key in keys)
+  carry = jnp.int32(0)  # both prefix counts of the pieces before, packed like `both`
+  for (off, w), lane, g, key in zip(pieces, lanes, gs, keys, strict=True):
+    above, tied = key > tau, key == tau
+    # One scan for both prefix counts (each < 2^16): ties kept up to `need`, list slots.
+    packed = above.astype(I32) | (tied.astype(I32) << 16)
+    both = jnp.cumsum(packed) + carry
+    carry = carry + jnp.sum(packed)
+    ties_before = both >> 16
+    selected = above | (tied & (ties_before <= need))
+    if len(out_refs) == 1:
+      a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
+      plgpu.store(out_refs[0].at[t, pl.ds(_i(off), w)], a)
+      continue
+    # list slot (selected channels stay ascending): the aboves so far plus the ties kept so far
+    pos = (both & 0xFFFF) + jnp.minimum(ties_before, need) - 1
+    _store_list(out_refs, t, pos, lane, _silu(g.astype(F32)), selected, interpret)
 
 
 def _store_list(out_refs, t, pos, channel, a, selected, interpret):
@@ -141,12 +159,15 @@ def select_scale(
   lists: bool = False,
   interpret: bool = False,
   group_block: int | None = None,
+  granule: int = 0,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """From fp32 G partials (splits, 1, T, W ≥ F, W a power of 2) to the selection.
 
   lists=False: a_TxW = silu(G) on the selected channels, 0 elsewhere.
   lists=True: (idx_TxK int32 ascending, a_TxK = silu(G) at idx), K = F // 4 for moc_2of8.
   group_block: moc_2of8 groups per program (a power of 2; default: the whole row, one program).
+  granule: 0 = the `moc` select works on one W-wide block; else on power-of-two pieces covering F
+  rounded up to the granule (5464 -> 4096 + 1024 + 512 lanes instead of 8192).
   """
   splits, _, num_tokens, width = partials.shape
   params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
@@ -164,7 +185,7 @@ def select_scale(
       _topk_kernel,
       splits=splits,
       d_ff=d_ff,
-      width=width,
+      pieces=tuple(tu.pow2_chunks(d_ff, granule)) if granule else ((0, width),),
       k=k,
       round_dtype=round_dtype,
       radix_bits=radix_bits,

@@ -103,6 +103,8 @@ def test_select_is_exact_with_ties(variant):
     (4, 136, 34, "moc_2of8", jnp.bfloat16, True, HIST),  # groups of 8 per block, no threshold
     (4, 203, 41, "moc", jnp.bfloat16, False, dataclasses.replace(LIST, list_reduce="last")),
     (1, 1376, 250, "moc", jnp.bfloat16, True, None),  # decode_ffn's own config (moc_config)
+    (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(LIST, select_granule=32)),
+    (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_granule=16)),
     (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
     (1, 200, 100, "moc", jnp.float32, False, LIST),  # K = F/2
   ],
@@ -130,13 +132,22 @@ def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot):
   assert _rel_err(y, want) < 1e-5, f"{seed=}"
 
 
-def test_select_lists_match_reference():
-  """List outputs: the reference's ascending indices and silu(G) there, ties included."""
+@pytest.mark.parametrize("granule", [0, 8])  # 8: pieces of 128 + 64 + 16 lanes, not 256
+def test_select_lists_match_reference(granule):
+  """List outputs: the reference's ascending indices and silu(G) there, ties included (also
+  across the pieces of a row split into powers of two)."""
   seed, num_tokens, d_ff, k = _seed(), 3, 203, 41
   g_TxF = jax.random.randint(jax.random.key(seed), (num_tokens, d_ff), -4, 5).astype(jnp.float32)
   partials = jnp.zeros((1, 1, num_tokens, 256), jnp.float32).at[0, 0, :, :d_ff].set(g_TxF)
   idx, a = _decode_select.select_scale(
-    partials, k, "moc", d_ff=d_ff, round_dtype=jnp.float32, lists=True, interpret=True
+    partials,
+    k,
+    "moc",
+    d_ff=d_ff,
+    round_dtype=jnp.float32,
+    lists=True,
+    interpret=True,
+    granule=granule,
   )
   want_idx, want_val = reference.select(g_TxF, k, "moc")
   np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx), err_msg=f"{seed=}")
@@ -167,13 +178,19 @@ def test_hist_select_lists_match_reference():
     (1, "moc", "mask"),
     (1, "moc", "hist"),  # select_mode="hist" + list_reduce="last" (2026-11-28c, untimed)
     (4, "moc_2of8", "hist"),
+    (1, "moc", "pieces"),
   ],
 )
 def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
   """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
   d_model, d_ff, k = 2048, 5464, 1024
   cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
-  cfg = spread_config(cfg) if pipeline == "hist" else dataclasses.replace(cfg, pipeline=pipeline)
+  if pipeline == "hist":
+    cfg = spread_config(cfg)
+  elif pipeline == "pieces":  # the list select over power-of-two pieces (untimed option)
+    cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256)
+  else:
+    cfg = dataclasses.replace(cfg, pipeline=pipeline)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
     seed = _seed()
     x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
