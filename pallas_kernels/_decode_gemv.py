@@ -207,9 +207,10 @@ def linear(
   out_dtype=None,
   interpret: bool | None = None,
 ) -> jax.Array:
-  """y_TxN = x W for T ≤ 16 tokens (leading dims of x flattened): XLA's batch-1 dots stream
-  at ~0.9 TB/s, this split-K GEMV at ~1.6-1.9. fp32 accumulation, the fp32 sum over D splits
-  cast once to out_dtype (default x's dtype); with one split the kernel writes y itself.
+  """y_TxN = x W for T ≤ 16 tokens (leading dims of x flattened): at d = 2048 XLA's batch-1
+  dots streamed at ~0.6-3.2 TB/s, this split-K GEMV at 1.4-3.5 (2.1× faster at the qkv shape;
+  gemv_sweep_h200_20261201). fp32 accumulation, the fp32 sum over D splits cast once to
+  out_dtype (default x's dtype); with one split the kernel writes y itself.
   """
   if w_DxN.ndim != 2 or x_TxD.shape[-1] != w_DxN.shape[0]:
     raise ValueError(f"linear: x {x_TxD.shape} and w {w_DxN.shape} need x[..., D] and w[D, N]")
