@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
 from pallas_kernels._decode_config import legacy_config, spread_config
 
@@ -213,7 +214,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     for tag, c in (("fused_swiglu", fused), ("bf256", big)):
       out[f"dense_kernel[{tag}]"] = (dense(c), c)
   if "stages" in kinds:
-    i = moc_decode._interpret(interp)
+    i = tu.default_interpret(interp)
     gemv = lambda c, x, wg: moc_decode._gemv(x, (wg,), c, swiglu=False, interpret=i)
     sel = lambda c, x, wg, lists: moc_decode._decode_select.select_scale(
       gemv(c, x, wg),

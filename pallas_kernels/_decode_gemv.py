@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
@@ -33,10 +34,6 @@ def precision_for(dtype) -> lax.Precision:
 def padded_rows(num_tokens: int, cfg: DecodeConfig) -> int:
   """Tokens padded for tl.dot (needs ≥ 16 rows); T = 1 may take a plain multiply-reduce."""
   return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, _pow2_at_least(num_tokens))
-
-
-def _silu(v: jax.Array) -> jax.Array:
-  return v / (1.0 + jnp.exp(-v))
 
 
 def load_x(x_ref, d0, block_d, num_tokens, rows, d_model):
@@ -114,7 +111,7 @@ def _gemv_kernel(
   accs = lax.fori_loop(0, pl.cdiv(d_split, block_d), body, accs)
   mask = tf_mask(rows, num_tokens, f_mask)
   if swiglu:  # one D split: write z = silu(g) * u in x's dtype
-    z = (_silu(accs[0]) * accs[1]).astype(out_ref.dtype)
+    z = (tu.silu(accs[0]) * accs[1]).astype(out_ref.dtype)
     plgpu.store(tf_ref(out_ref, rows, f0, block_f), z, mask=mask)
     return
   if final:  # one D split, one weight: the result itself, in the output's dtype
@@ -171,7 +168,7 @@ def gemv(
 
 # --- 2. y = x W for attention and output projections at decode time ---------------------------
 
-MAX_TOKENS = 16  # as moc_decode.MAX_KERNEL_TOKENS: more tokens (prefill) take XLA's GEMMs
+MAX_TOKENS = 16  # decode kernels take at most this many tokens; more (prefill) go to XLA
 
 
 def linear_config(num_tokens: int, d_model: int, n: int) -> DecodeConfig:
@@ -193,10 +190,6 @@ def linear_config(num_tokens: int, d_model: int, n: int) -> DecodeConfig:
     gemv_stages=4,
     t1_dot=True,
   )
-
-
-def _interpret(interpret: bool | None) -> bool:
-  return jax.default_backend() != "gpu" if interpret is None else interpret
 
 
 def linear(
@@ -225,7 +218,7 @@ def linear(
   if num_tokens == 0:
     return jnp.zeros((*lead, n), out_dtype)
   cfg = config or linear_config(num_tokens, d_model, n)
-  return _linear(x_TxD, w_DxN, cfg, out_dtype, _interpret(interpret)).reshape(*lead, n)
+  return _linear(x_TxD, w_DxN, cfg, out_dtype, tu.default_interpret(interpret)).reshape(*lead, n)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

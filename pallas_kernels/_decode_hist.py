@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _decode_select as sel
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 from pallas_kernels._decode_config import DecodeConfig, cdiv, pow2_at_least
 
@@ -147,7 +148,7 @@ def _write_kernel(g_ref, *refs, k, d_ff, width, block0, bits, round_dtype, inter
   first = gt_before + jnp.minimum(eq_before, need)  # list slots taken by earlier blocks
   pos = first + jnp.cumsum(selected.astype(I32)) - 1
   channel = c0 + jnp.arange(width, dtype=I32)
-  sel._store_list((idx_ref, a_ref), t, pos, channel, sel._silu(g.astype(F32)), selected, interpret)
+  sel._store_list((idx_ref, a_ref), t, pos, channel, tu.silu(g.astype(F32)), selected, interpret)
 
 
 def hist_select(x_TxD, w_gate_DxF, k, variant, cfg: DecodeConfig, *, interpret: bool):

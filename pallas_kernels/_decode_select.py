@@ -64,10 +64,6 @@ def _i(n: int) -> jax.Array:
   return jnp.int32(n)
 
 
-def _silu(v: jax.Array) -> jax.Array:
-  return v / (1.0 + jnp.exp(-v))
-
-
 def _topk_kernel(p_ref, *out_refs, splits, d_ff, pieces, k, round_dtype, radix_bits, interpret):
   """pieces: (offset, width) power-of-two spans covering the row (one of next_pow2(F), or
   `tu.pow2_chunks` with no padded lanes beyond a granule)."""
@@ -95,12 +91,12 @@ def _topk_kernel(p_ref, *out_refs, splits, d_ff, pieces, k, round_dtype, radix_b
     ties_before = both >> 16
     selected = above | (tied & (ties_before <= need))
     if len(out_refs) == 1:
-      a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
+      a = jnp.where(selected, tu.silu(g.astype(F32)), 0.0)
       plgpu.store(out_refs[0].at[t, pl.ds(_i(off), w)], a)
       continue
     # list slot (selected channels stay ascending): the aboves so far plus the ties kept so far
     pos = (both & 0xFFFF) + jnp.minimum(ties_before, need) - 1
-    _store_list(out_refs, t, pos, lane, _silu(g.astype(F32)), selected, interpret)
+    _store_list(out_refs, t, pos, lane, tu.silu(g.astype(F32)), selected, interpret)
 
 
 def _store_list(out_refs, t, pos, channel, a, selected, interpret):
@@ -132,7 +128,7 @@ def _group_kernel(p_ref, *out_refs, splits, num_groups, width, round_dtype, inte
     rank += ((other > key) | ((other == key) & (j < lane))).astype(I32)
   selected = rank < reference.PER_GROUP
   if len(out_refs) == 1:
-    a = jnp.where(selected, _silu(g.astype(F32)), 0.0)
+    a = jnp.where(selected, tu.silu(g.astype(F32)), 0.0)
     plgpu.store(out_refs[0].at[t, rows, :], a, mask=valid[:, None])
     return
   group = g0 + jnp.arange(width, dtype=I32)[:, None]
@@ -140,7 +136,7 @@ def _group_kernel(p_ref, *out_refs, splits, num_groups, width, round_dtype, inte
   pos = reference.PER_GROUP * group + jnp.cumsum(sel, axis=1) - sel  # selected lanes before
   channel = jnp.broadcast_to(group * reference.GROUP + lane, pos.shape)
   ok = selected & valid[:, None]
-  _store_list(out_refs, t, pos, channel, _silu(g.astype(F32)), ok, interpret)
+  _store_list(out_refs, t, pos, channel, tu.silu(g.astype(F32)), ok, interpret)
 
 
 def _bcast(valid: jax.Array, idx: tuple) -> jax.Array:

@@ -25,9 +25,15 @@ def compiler_params(num_warps: int, num_stages: int = 1):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def default_interpret() -> bool:
-  """Compile for the GPU when there is one, else run the kernel body in interpret mode."""
-  return jax.default_backend() != "gpu"
+def default_interpret(interpret: bool | None = None) -> bool:
+  """`interpret` if given; else compile for the GPU when there is one, or run the kernel body
+  in interpret mode."""
+  return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def silu(v: jax.Array) -> jax.Array:
+  """v · sigmoid(v), spelled so that the Triton lowering takes it as is."""
+  return v / (1.0 + jnp.exp(-v))
 
 
 def key_bits(dtype) -> int:

@@ -23,7 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _decode_hist, _decode_list, _decode_select, reference
+from pallas_kernels import _decode_gemv, _decode_hist, _decode_list, _decode_select, reference
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
@@ -31,11 +32,7 @@ from pallas_kernels._decode_gemv import gemv as _gemv
 from pallas_kernels._decode_gemv import load_x, padded_rows, precision_for, tf_mask, tf_ref
 
 F32 = jnp.float32
-MAX_KERNEL_TOKENS = 16  # more tokens (prefill) take dense GEMMs with a mask
-
-
-def _interpret(interpret: bool | None) -> bool:
-  return jax.default_backend() != "gpu" if interpret is None else interpret
+MAX_KERNEL_TOKENS = _decode_gemv.MAX_TOKENS  # more tokens (prefill) take dense GEMMs with a mask
 
 
 # --- 3. gathered up-projection rows ------------------------------------------------------------
@@ -198,7 +195,8 @@ def decode_ffn(
   if num_tokens > MAX_KERNEL_TOKENS:  # prefill: dense GEMMs beat row gathers
     return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
   cfg = config or moc_config(num_tokens, d_model, d_ff)
-  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, _interpret(interpret))
+  interpret = tu.default_interpret(interpret)
+  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret)
   return y.reshape(*lead, d_model)
 
 
@@ -261,7 +259,7 @@ def dense_decode_ffn(
   if num_tokens > MAX_KERNEL_TOKENS:
     return reference.dense_decode_ffn(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
   cfg = config or default_config(num_tokens, d_model, w_gate_DxF.shape[1])
-  y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, _interpret(interpret))
+  y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, tu.default_interpret(interpret))
   return y.reshape(*lead, d_model)
 
 

@@ -105,7 +105,7 @@ def train_forward_epilogue(
   idx is int32 like the reference unless `idx_dtype` (e.g. uint16, as stored) says otherwise.
   """
   cfg = config or topk.DEFAULT
-  interpret = tu.default_interpret() if interpret is None else interpret
+  interpret = tu.default_interpret(interpret)
   *lead, f = g_TxF.shape
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
   t = g2.shape[0]
@@ -202,7 +202,7 @@ def train_backward_epilogue(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero-filled."""
   cfg = config or BackwardConfig()
-  interpret = tu.default_interpret() if interpret is None else interpret
+  interpret = tu.default_interpret(interpret)
   *lead, f = dz_TxF.shape
   k = idx_TxK.shape[-1]
   dz2 = dz_TxF.reshape(-1, f)

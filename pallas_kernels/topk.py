@@ -313,7 +313,7 @@ def select(
   Not differentiable (a pallas_call); `moc_ffn` owns the gradient.
   """
   cfg = config or DEFAULT
-  interpret = tu.default_interpret() if interpret is None else interpret
+  interpret = tu.default_interpret(interpret)
   g2, lead = _flatten(g_TxF)
   t, f = g2.shape
   if variant == "moc_2of8":
