@@ -237,8 +237,8 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
     self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
-    # Set by prepare_for_decode; the unembedding copy only when param and compute dtypes differ.
-    self.decode_prepared = False
+    # Set by prepare_for_decode: the unembedding in compute dtype (the param's own array when
+    # the dtypes already match: astype does not copy then).
     self.decode_unembed: DecodeWeight | None = nnx.data(None)
 
   def _embed(self, tokens_BxL):
@@ -281,10 +281,10 @@ class Transformer(nnx.Module):
 
   def _decode_logits(self, x_BxLxD):
     """`_logits` through the decode GEMV once prepared (XLA for more than 16 tokens)."""
-    if not self.decode_prepared:
+    if self.decode_unembed is None:
       return self._logits(x_BxLxD)
-    w = self.unembed if self.decode_unembed is None else self.decode_unembed
-    return decode_linear(self.cfg.kernel_backend, self.final_norm(x_BxLxD), w[...], jnp.float32)
+    w = self.decode_unembed[...]
+    return decode_linear(self.cfg.kernel_backend, self.final_norm(x_BxLxD), w, jnp.float32)
 
   def prepare_for_decode(self) -> None:
     """Decode layouts, made once: channel-major Wu^T for the FFNs, fused 2-D attention
@@ -292,10 +292,7 @@ class Transformer(nnx.Module):
     for block in self.blocks:
       block.ffn.prepare_for_decode()
       block.attn.prepare_for_decode()
-    dt = self.cfg.compute_dtype
-    if self.unembed[...].dtype != dt:
-      self.decode_unembed = DecodeWeight(self.unembed[...].astype(dt))
-    self.decode_prepared = True
+    self.decode_unembed = DecodeWeight(self.unembed[...].astype(self.cfg.compute_dtype))
 
 
 def count_params(model: nnx.Module) -> int:
