@@ -48,7 +48,7 @@ def _no_ffn_decode(self, x):
   return jnp.zeros_like(x)
 
 
-def time_generate(m, prompt_len: int, new: int, trials: int, profile_tokens: bool) -> dict:
+def time_generate(m, prompt_len: int, new: int, trials: int, profile: bool) -> dict:
   tokens = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (1, prompt_len)).tolist()
   graphdef, state = nnx.split(m)
 
@@ -73,9 +73,8 @@ def time_generate(m, prompt_len: int, new: int, trials: int, profile_tokens: boo
     jax.block_until_ready(prefill(state, toks))
     pre.append(time.perf_counter() - t0)
   t_total, t_pre = statistics.median(total), statistics.median(pre)
-  profile = _profile(run, new) if profile_tokens else None
   return {
-    **({"profile_per_token": profile} if profile else {}),
+    **({"profile_per_token": _profile(run, new)} if profile else {}),
     "total_s": t_total,
     "prefill_s": t_pre,
     "decode_tokens_per_s": new / max(t_total - t_pre, 1e-9),
@@ -86,7 +85,8 @@ def time_generate(m, prompt_len: int, new: int, trials: int, profile_tokens: boo
 
 def _profile(run, new: int) -> dict:
   """Device time of one whole generation per new token, from a jax.profiler trace: kernel time
-  (`device_ms`), the union of kernel intervals (`busy_ms`), and wall time while tracing."""
+  (`device_ms_per_step`), the union of kernel intervals (`busy_ms_per_step`), and the wall time
+  while tracing (tracing slows the host, so it is not the untraced speed)."""
   with tempfile.TemporaryDirectory() as log_dir:
     t0 = time.perf_counter()
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):

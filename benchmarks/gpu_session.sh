@@ -110,10 +110,10 @@ ffn() {
 d.print_table(json.load(open('$work/decode_ffn.json')))"
 }
 
-e2e() {
+e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used by graphs)
   local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask)
-  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --skip moc_xla,moc_kernel_mask)
-  python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/decode_e2e.json"
+  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile --skip moc_xla,moc_kernel_mask)
+  python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/${2:-decode_e2e}.json"
 }
 
 step64() {
@@ -123,13 +123,10 @@ step64() {
 }
 
 graphs() {
-  local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask) graph_flags
-  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile)
-  graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+  local graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
   graph_flags+=",DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
-  python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/decode_e2e_default.json"
-  XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" python3 benchmarks/decode_e2e.py "${args[@]}" \
-    --out "$work/decode_e2e_graphs.json"
+  e2e "$1" decode_e2e_default
+  XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
 sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs"
