@@ -17,7 +17,9 @@
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
-# TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep.
+#   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests)
+# TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
+# (a count) its shapes section; STEP_VARIANTS overrides step64's variants.
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
 # (/work/shared/tools/device-wheels) and, for gcp, .corpus (benchmarks/make_code_corpus.py + the
@@ -59,6 +61,7 @@ topk() {
   local extra=()
   [ -n "${DRY:-}" ] && extra=(--dry_run)
   [ -n "${TOPK_ONLY:-}" ] && extra+=(--only="$TOPK_ONLY")
+  [ -n "${TOPK_SHAPES:-}" ] && extra+=(--shapes="$TOPK_SHAPES")
   python3 benchmarks/topk_gpu_session.py "$work/topk" --budget=$(($1 - 40)) "${extra[@]}"
 }
 
@@ -119,7 +122,13 @@ e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used
 step64() {
   [ -n "${DRY:-}" ] && { echo "model step skipped (DRY)"; return 0; }
   python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 \
-    --variants=dense,moc,moc_gcp --out="$work/model_step_1b.json"
+    --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} --out="$work/model_step_1b.json"
+}
+
+tests() {
+  [ -n "${DRY:-}" ] && { echo "GPU tests skipped (DRY)"; return 0; }
+  python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
+    ${GPU_TESTS:-tests/test_kernels_train.py tests/test_kernels_topk.py}
 }
 
 graphs() {
@@ -129,7 +138,7 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests"
 export work
 export -f $sections
 for spec in "$@"; do

@@ -32,6 +32,13 @@ VARIANTS = {
   "moc_remat_full": dict(ffn="moc", remat="full"),
 }
 DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
+# Variants with another forward-epilogue config (a `topk_variants.EPILOGUE` name; the env
+# MOC_SPLIT_CONFIG overrides which one the `_split` variants take).
+FORWARD = {
+  "moc_split": dict(ffn="moc"),
+  "moc_gcp_split": dict(ffn="moc", gcp=True),
+}
+VARIANTS.update(FORWARD)
 
 
 def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000):
@@ -45,6 +52,12 @@ def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000)
   from moc_jax import model_config, train_lib
   from moc_jax.model import Transformer
 
+  if variant in FORWARD:
+    from benchmarks import topk_variants
+    from pallas_kernels import moc_train
+
+    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512_t")
+    moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()

@@ -27,6 +27,7 @@ OUT_DIR gets topk_gpu_session.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -251,8 +252,11 @@ def grouped() -> dict:
   return out
 
 
-def forward_epilogue(best_cfg) -> dict:
-  from pallas_kernels import moc_train
+def forward_epilogue(best_cfg) -> topk.TopKConfig:
+  """Every `topk_variants.EPILOGUE` config (+ the sweep's best); returns the fastest exact one.
+
+  Split configs also time their first kernel (the selection bitmask) alone."""
+  from pallas_kernels import moc_train, topk_compact
 
   f, k, nv = EPILOGUE
   sets = []
@@ -262,7 +266,10 @@ def forward_epilogue(best_cfg) -> dict:
     sets.append((g, jax.random.normal(kb, (T, f), jnp.float32).astype(jnp.bfloat16)))
   ref = reference.train_forward_epilogue(*sets[0], k, "moc", num_valid=nv)
   out = RES["fwd_epilogue"] = {}
-  for label, cfg in (("default", topk.DEFAULT), ("best", best_cfg)):
+  configs = {**topk_variants.EPILOGUE, "sweep_best": best_cfg}
+  for label, cfg in configs.items():
+    if left() < FFN_NEED:
+      break
     fn = jax.jit(
       lambda g, u, cfg=cfg: moc_train.train_forward_epilogue(
         g, u, k, "moc", num_valid=nv, config=cfg
@@ -273,17 +280,29 @@ def forward_epilogue(best_cfg) -> dict:
       ok = all(_same(a, b) for a, b in zip(o[:3], ref[:3], strict=True))
       err = float(jnp.max(jnp.abs(o[3].astype(jnp.float32) - ref[3].astype(jnp.float32))))
       out[label] = {"exact_sel": ok, "z_max_err": err, "us": timed(fn, sets)}
+      if cfg.compact:
+        inner = dataclasses.replace(cfg, compact=False)
+        mask = jax.jit(
+          lambda g, u, c=inner: topk_compact.mask_call(g, k, "moc", c, ARGS.dry_run, nv)
+        )
+        out[label]["mask_us"] = timed(mask, sets)
     except Exception as e:
       out[label] = {"error": error(f"fwd_epilogue {label}", e)}
-  print("fwd epilogue", out, flush=True)
-  return out
+    print("fwd epilogue", label, out[label], flush=True)
+    save()
+  ok = {n: r for n, r in out.items() if r.get("exact_sel") and r.get("us")}
+  best = min(ok, key=lambda n: ok[n]["us"]) if ok else "default"
+  RES["fwd_epilogue_best"] = best
+  return configs[best]
 
 
-def ffn_layer(best_cfg) -> list[dict]:
+def ffn_layer(best_cfg, epilogue_cfg) -> list[dict]:
   from benchmarks import ffn_layer as fl
+  from pallas_kernels import moc_train
 
   fl.TOKENS = T  # 64 x 256 = 16384 on the GPU; tiny in --dry_run
-  topk.DEFAULT = best_cfg  # moc_train / topk read it when config is None
+  topk.DEFAULT = best_cfg  # topk reads it when config is None
+  moc_train.FORWARD_DEFAULT = epilogue_cfg  # and the forward epilogue this one
   guarded("clear_caches", jax.clear_caches)  # no trace with the old DEFAULT reused
   rows = RES["ffn_layer"] = []
   for d, f, k in FFN_SHAPES:
@@ -334,8 +353,8 @@ def main() -> None:
   best_cfg = guarded("best", pick_best, default=topk.DEFAULT)
   section("shapes", SHAPES_NEED, shapes, best_cfg)
   section("2of8", EPI_NEED, grouped)
-  section("fwd_epilogue", EPI_NEED, forward_epilogue, best_cfg)
-  section("ffn_layer", FFN_NEED, ffn_layer, best_cfg)
+  epilogue_cfg = section("fwd_epilogue", EPI_NEED, forward_epilogue, best_cfg)
+  section("ffn_layer", FFN_NEED, ffn_layer, best_cfg, epilogue_cfg or topk.DEFAULT)
   timer.cancel()
   RES["done"] = True
   save()

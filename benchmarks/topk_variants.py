@@ -73,3 +73,16 @@ SWEEP: dict[str, TopKConfig] = {
   "abl_w_r1w4_no_search": TopKConfig(layout=W, rows=1, num_warps=4, ablate="no_search"),
   "row_w2": TopKConfig(num_warps=2),
 }
+
+
+# Train forward epilogue (G, U -> idx, G_sel, U_sel, Z) at the 1B shape. One kernel (selection,
+# then U loads and Z stores in its final pass) vs two (selection to a bitmask, then a streaming
+# pass): the one-kernel c512_t lost its standalone gain inside the epilogue (1214 vs 1067 us).
+EPILOGUE: dict[str, TopKConfig] = {
+  "default": TopKConfig(),
+  "c512_t": TopKConfig(chunk=512, fan=2),
+  "split_default": TopKConfig(compact=True),
+  "split_c512_t": TopKConfig(chunk=512, fan=2, compact=True),
+  "split_c512": TopKConfig(chunk=512, compact=True),
+  "split_c512_t_w8": TopKConfig(chunk=512, fan=2, num_warps=8, compact=True),
+}

@@ -5,6 +5,12 @@ selection of `topk.select_rows` / `topk.group_rows`, so G and U are each read on
 and Z is written once; channels >= num_valid (F padding) are handled in the kernel exactly as
 `reference.mask_padding` would, with no extra pass over G.
 
+With `TopKConfig(compact=True)` the forward is two kernels instead: the selection alone writes
+a bitmask (`topk_compact.mask_call`), then a streaming pass reads the bitmask, G and U and writes
+Z and the compact residuals. The selection keeps its keys on chip across many counting passes
+with few programs per SM; the streaming pass has none of that register pressure, so G, U and Z
+move at close to copy speed there, for one extra read of G and 1/16 of its bytes in bitmask.
+
 Backward: (dZ, idx, G_sel, U_sel[, Z_sel]) -> zero-filled dG, dU and Z in one kernel: the
 program zero-fills its rows of all three (contiguous stores), waits at a block barrier, then
 gathers dZ at idx and scatters the selected gradients and Z (math in fp32;
@@ -28,6 +34,10 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import topk
 from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
+
+# The forward epilogue's selection config (its own: the fastest standalone top-K is not the
+# fastest inside the epilogue, NOTES_kernels.md).
+FORWARD_DEFAULT = TopKConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,23 @@ def _forward_kernel(
   topk.select_rows(
     g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=emit, num_valid=num_valid
   )
+
+
+def _forward_apply_kernel(
+  m_ref, g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, num_valid, interpret
+):
+  from pallas_kernels import topk_compact
+
+  for rows_b, cols_b, ok, sel, slot in topk_compact.word_blocks(m_ref, t=t, f=f, rows=1):
+    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
+    if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
+      g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
+    u = pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
+    z = jnp.where(sel, _silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
+    pltriton.store(z_ref.at[rows_b, cols_b], z, mask=ok)
+    tu.scatter_store(idx_ref, rows_b, slot, cols_b.astype(idx_ref.dtype), sel, interpret)
+    tu.scatter_store(gs_ref, rows_b, slot, g, sel, interpret)
+    tu.scatter_store(us_ref, rows_b, slot, u, sel, interpret)
 
 
 def _pick_lane(x, lane, which):
@@ -104,7 +131,7 @@ def train_forward_epilogue(
 
   idx is int32 like the reference unless `idx_dtype` (e.g. uint16, as stored) says otherwise.
   """
-  cfg = config or topk.DEFAULT
+  cfg = config or FORWARD_DEFAULT
   interpret = tu.default_interpret(interpret)
   *lead, f = g_TxF.shape
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
@@ -127,19 +154,29 @@ def train_forward_epilogue(
     )
   else:
     raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  out_shape = (
+    jax.ShapeDtypeStruct((t, k), idx_dtype),
+    jax.ShapeDtypeStruct((t, k), g2.dtype),
+    jax.ShapeDtypeStruct((t, k), u2.dtype),
+    jax.ShapeDtypeStruct((t, f), u2.dtype),
+  )
+  if cfg.compact and f >= 32:  # two kernels: selection bitmask, then a streaming pass
+    from pallas_kernels import topk_compact
+
+    inner = dataclasses.replace(cfg, compact=False)
+    mask = topk_compact.mask_call(g2, k, variant, inner, interpret, num_valid=nv)
+    kernel = functools.partial(_forward_apply_kernel, t=t, f=f, num_valid=nv, interpret=interpret)
+    operands, rows, name = (mask, g2, u2), 1, f"moc_train_fwd_apply_{variant}"
+  else:
+    operands, name = (g2, u2), f"moc_train_fwd_{variant}"
   idx, gs, us, z = pl.pallas_call(
     kernel,
-    out_shape=(
-      jax.ShapeDtypeStruct((t, k), idx_dtype),
-      jax.ShapeDtypeStruct((t, k), g2.dtype),
-      jax.ShapeDtypeStruct((t, k), u2.dtype),
-      jax.ShapeDtypeStruct((t, f), u2.dtype),
-    ),
+    out_shape=out_shape,
     grid=(pl.cdiv(t, rows),),
     interpret=interpret,
     compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
-    name=f"moc_train_fwd_{variant}",
-  )(g2, u2)
+    name=name,
+  )(*operands)
   return (
     idx.reshape(*lead, k),
     gs.reshape(*lead, k),

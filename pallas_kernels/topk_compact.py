@@ -51,7 +51,7 @@ def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
   pltriton.store(m_ref.at[row, col0 // WORD], words, mask=ok)
 
 
-def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret):
+def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
   if variant == "moc_2of8":
 
     def on_group(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b, val_a, val_b):
@@ -61,23 +61,31 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret):
       _store_words(m_ref, flat(rows_b), flat(cols_b), flat(sel), t=t, f=f)
 
     rows = topk.group_program_rows(cfg, f)
-    topk.group_rows(g_ref, t=t, f=f, rows=rows, on_group=on_group)
+    topk.group_rows(g_ref, t=t, f=f, rows=rows, on_group=on_group, num_valid=num_valid)
     return
 
   def on_chunk(rows_b, cols_b, valid, g, sel, pos):
     del valid, g, pos
     _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f)
 
-  topk.select_rows(g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=on_chunk)
+  topk.select_rows(
+    g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=on_chunk, num_valid=num_valid
+  )
 
 
-def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
+def word_blocks(m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE):
+  """In-kernel: this program's rows of the bitmask as (R, CW, 32) channel blocks.
+
+  Yields (rows_b, cols_b, ok, sel, slot) per chunk of CW words: broadcast row and channel
+  indices, the in-bounds mask, the selected bits and each selected channel's output slot
+  (the popcount of every set bit before it in the row).
+  """
   nw = -(-f // WORD)
   row = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)[:, None]  # (R, 1)
   bit = jnp.arange(WORD, dtype=jnp.int32)[None, None, :]  # (1, 1, 32)
   lower = jnp.left_shift(1, bit) - 1  # bits below each lane (lane 31: 0x7fffffff)
   carry = jnp.zeros((rows, 1), jnp.int32)
-  for off, cw in tu.pow2_chunks(nw, min(WORD_GRANULE, tu.next_pow2(nw))):
+  for off, cw in tu.pow2_chunks(nw, min(granule, tu.next_pow2(nw))):
     widx = jnp.broadcast_to(off + jnp.arange(cw, dtype=jnp.int32)[None, :], (rows, cw))
     rows_w = jnp.broadcast_to(row, (rows, cw))
     ok_w = (rows_w < t) & (widx < nw)
@@ -89,19 +97,33 @@ def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
     shape = (rows, cw, WORD)
     rows_b = jnp.broadcast_to(row.reshape(rows, 1, 1), shape)
     cols_b = jnp.broadcast_to(widx.reshape(rows, cw, 1) * WORD + bit, shape)
-    sel = ((lax.shift_right_logical(word3, bit) & 1) == 1) & (rows_b < t) & (cols_b < f)
-    slot = base3 + lax.population_count(word3 & lower)
+    ok = (rows_b < t) & (cols_b < f)
+    sel = ((lax.shift_right_logical(word3, bit) & 1) == 1) & ok
+    yield rows_b, cols_b, ok, sel, base3 + lax.population_count(word3 & lower)
+
+
+def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
+  for rows_b, cols_b, _, sel, slot in word_blocks(m_ref, t=t, f=f, rows=rows):
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=sel, other=0)
     tu.scatter_store(idx_ref, rows_b, slot, cols_b, sel, interpret)
     tu.scatter_store(val_ref, rows_b, slot, g, sel, interpret)
 
 
-def _mask_call(g2: jax.Array, k: int, variant: str, cfg, interpret: bool) -> jax.Array:
-  """Kernel 1: (T, ceil(F/32)) int32 selection words."""
+def mask_call(
+  g2: jax.Array, k: int, variant: str, cfg, interpret: bool, num_valid: int | None = None
+) -> jax.Array:
+  """Kernel 1: (T, ceil(F/32)) int32 selection words; channels >= num_valid never set."""
   t, f = g2.shape
   rows = topk.group_program_rows(cfg, f) if variant == "moc_2of8" else cfg.rows
   kernel = functools.partial(
-    _mask_kernel, t=t, f=f, k=k, variant=variant, cfg=cfg, interpret=interpret
+    _mask_kernel,
+    t=t,
+    f=f,
+    k=k,
+    variant=variant,
+    cfg=cfg,
+    interpret=interpret,
+    num_valid=num_valid,
   )
   return pl.pallas_call(
     kernel,
@@ -119,7 +141,7 @@ def select_flat(g2: jax.Array, k: int, variant: str, *, cfg, interpret: bool):
   inner = dataclasses.replace(cfg, compact=False, ablate=cfg.ablate.replace("mask_only", ""))
   if f < WORD:  # chunks narrower than a word: the one-kernel path
     return topk.select(g2, k, variant, config=inner, interpret=interpret)
-  mask = _mask_call(g2, k, variant, inner, interpret)
+  mask = mask_call(g2, k, variant, inner, interpret)
   if cfg.ablate == "mask_only":  # timing: kernel 1 + an XLA write of the output bytes
     idx = jnp.broadcast_to(mask[:, :1], (t, k))
     return idx, idx.astype(g2.dtype)

@@ -89,6 +89,33 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
       _equal(z, ref_z)
 
 
+@pytest.mark.parametrize(
+  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "cfg"),
+  [
+    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, TopKConfig(compact=True)),
+    ("moc", jnp.bfloat16, 2, 2752, 512, True, 2736, TopKConfig(compact=True, chunk=512, fan=2)),
+    ("moc", jnp.float32, 3, 200, 100, True, None, TopKConfig(compact=True, rows=2)),
+    ("moc", jnp.bfloat16, 3, 72, 1, True, 61, TopKConfig(compact=True)),  # K = 1
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, TopKConfig(compact=True)),
+  ],
+)
+def test_forward_two_kernels(variant, dtype, t, f, k, ties, num_valid, cfg):
+  """Selection bitmask, then the streaming pass: the same outputs as the one-kernel forward."""
+  g, u, _ = _inputs(t, f, dtype, f + 1, ties)
+  if num_valid is not None:
+    pad_F = jnp.arange(f) >= num_valid
+    g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
+  out = moc_train.train_forward_epilogue(
+    g, u, k, variant, num_valid=num_valid, config=cfg, idx_dtype=jnp.uint16
+  )
+  ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
+  assert out[0].dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(out[0]).astype(np.int32), np.asarray(ref[0]))
+  for a, b in zip(out[1:3], ref[1:3], strict=True):
+    _equal(a, b)
+  _close(out[3], ref[3], dtype)
+
+
 def test_forward_uint16_indices():
   g, u, _ = _inputs(3, 256, jnp.bfloat16, 5)
   out = moc_train.train_forward_epilogue(g, u, 32, "moc", idx_dtype=jnp.uint16)
@@ -99,11 +126,18 @@ def test_forward_uint16_indices():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-  ("f", "k", "nv"), [(5632, 1024, None), (5504, 1024, 5461), (2816, 512, 2736)]
+  ("f", "k", "nv", "cfg"),
+  [
+    (5632, 1024, None, None),
+    (5504, 1024, 5461, None),
+    (2816, 512, 2736, None),
+    (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, fan=2)),
+    (1408, 256, 1376, TopKConfig(compact=True)),
+  ],
 )
-def test_gpu_real_sizes(f, k, nv):
+def test_gpu_real_sizes(f, k, nv, cfg):
   g, u, dz = _inputs(16384, f, jnp.bfloat16, f)
-  out = moc_train.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
+  out = moc_train.train_forward_epilogue(g, u, k, "moc", num_valid=nv, config=cfg)
   ref = reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
   _equal(out[1], ref[1])
