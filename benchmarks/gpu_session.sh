@@ -19,7 +19,8 @@
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests)
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
-# (a count) its shapes section; STEP_VARIANTS overrides step64's variants.
+# (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
+# the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py).
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
 # (/work/shared/tools/device-wheels) and, for gcp, .corpus (benchmarks/make_code_corpus.py + the
@@ -121,6 +122,8 @@ e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used
 
 step64() {
   [ -n "${DRY:-}" ] && { echo "model step skipped (DRY)"; return 0; }
+  local best="$work/topk/topk_gpu_session.json"  # the _split variants take its best epilogue
+  [ -z "${MOC_SPLIT_CONFIG:-}" ] && [ -f "$best" ] && export MOC_SPLIT_CONFIG="$best"
   python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 \
     --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} --out="$work/model_step_1b.json"
 }

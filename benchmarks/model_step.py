@@ -32,8 +32,9 @@ VARIANTS = {
   "moc_remat_full": dict(ffn="moc", remat="full"),
 }
 DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
-# Variants with another forward-epilogue config (a `topk_variants.EPILOGUE` name; the env
-# MOC_SPLIT_CONFIG overrides which one the `_split` variants take).
+# Variants with another forward-epilogue config: the env MOC_SPLIT_CONFIG names one of
+# `topk_variants.EPILOGUE`, or is the path of a topk_gpu_session.json whose fastest exact
+# epilogue config (`fwd_epilogue_best`) to take.
 FORWARD = {
   "moc_split": dict(ffn="moc"),
   "moc_gcp_split": dict(ffn="moc", gcp=True),
@@ -56,7 +57,11 @@ def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000)
     from benchmarks import topk_variants
     from pallas_kernels import moc_train
 
-    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512_t")
+    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512")
+    if name.endswith(".json"):
+      with open(name) as f:
+        name = json.load(f).get("fwd_epilogue_best") or "split_c512"
+    print(f"forward epilogue config: {name}", flush=True)
     moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)

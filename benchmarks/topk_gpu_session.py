@@ -252,8 +252,8 @@ def grouped() -> dict:
   return out
 
 
-def forward_epilogue(best_cfg) -> topk.TopKConfig:
-  """Every `topk_variants.EPILOGUE` config (+ the sweep's best); returns the fastest exact one.
+def forward_epilogue() -> topk.TopKConfig:
+  """Every `topk_variants.EPILOGUE` config; returns the fastest exact one.
 
   Split configs also time their first kernel (the selection bitmask) alone."""
   from pallas_kernels import moc_train, topk_compact
@@ -266,7 +266,7 @@ def forward_epilogue(best_cfg) -> topk.TopKConfig:
     sets.append((g, jax.random.normal(kb, (T, f), jnp.float32).astype(jnp.bfloat16)))
   ref = reference.train_forward_epilogue(*sets[0], k, "moc", num_valid=nv)
   out = RES["fwd_epilogue"] = {}
-  configs = {**topk_variants.EPILOGUE, "sweep_best": best_cfg}
+  configs = topk_variants.EPILOGUE
   for label, cfg in configs.items():
     if left() < FFN_NEED:
       break
@@ -353,7 +353,7 @@ def main() -> None:
   best_cfg = guarded("best", pick_best, default=topk.DEFAULT)
   section("shapes", SHAPES_NEED, shapes, best_cfg)
   section("2of8", EPI_NEED, grouped)
-  epilogue_cfg = section("fwd_epilogue", EPI_NEED, forward_epilogue, best_cfg)
+  epilogue_cfg = section("fwd_epilogue", EPI_NEED, forward_epilogue)
   section("ffn_layer", FFN_NEED, ffn_layer, best_cfg, epilogue_cfg or topk.DEFAULT)
   timer.cancel()
   RES["done"] = True

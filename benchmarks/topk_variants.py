@@ -80,9 +80,17 @@ SWEEP: dict[str, TopKConfig] = {
 # pass): the one-kernel c512_t lost its standalone gain inside the epilogue (1214 vs 1067 us).
 EPILOGUE: dict[str, TopKConfig] = {
   "default": TopKConfig(),
-  "c512_t": TopKConfig(chunk=512, fan=2),
-  "split_default": TopKConfig(compact=True),
-  "split_c512_t": TopKConfig(chunk=512, fan=2, compact=True),
-  "split_c512": TopKConfig(chunk=512, compact=True),
-  "split_c512_t_w8": TopKConfig(chunk=512, fan=2, num_warps=8, compact=True),
+  "split_c512_t": TopKConfig(chunk=512, fan=2, compact=True),  # 810 us (mask 500), 2026-12-01d
+  "split_c512": TopKConfig(chunk=512, compact=True),  # 773 us (mask 429)
+  # The streaming pass took ~345 us where its bytes (G, U, Z, residuals: ~650 MB) need ~170:
+  # fewer values live per thread (smaller word blocks) and more warps.
+  "split_c512_a8": TopKConfig(chunk=512, compact=True, apply_warps=8),
+  "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
+  "split_c512_w32_a8": TopKConfig(chunk=512, compact=True, apply_words=32, apply_warps=8),
+  "split_c512_w16_a2": TopKConfig(chunk=512, compact=True, apply_words=16, apply_warps=2),
+  "split_c512_w64_a8": TopKConfig(chunk=512, compact=True, apply_words=64, apply_warps=8),
+  # The selection side: chunk width and warps.
+  "split_c256": TopKConfig(chunk=256, compact=True),
+  "split_c1024": TopKConfig(chunk=1024, compact=True),
+  "split_c512_r2": TopKConfig(chunk=512, rows=2, compact=True),
 }

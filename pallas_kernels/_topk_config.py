@@ -45,6 +45,10 @@ class TopKConfig:
   # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction;
   # ablate='mask_only' times the first alone.
   compact: bool = False
+  # The train forward's streaming pass after the bitmask (`compact` only): warps, and the most
+  # bitmask words (32 channels each) per block.
+  apply_warps: int = 4
+  apply_words: int = 0
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):

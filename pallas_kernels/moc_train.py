@@ -70,11 +70,12 @@ def _forward_kernel(
 
 
 def _forward_apply_kernel(
-  m_ref, g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, num_valid, interpret
+  m_ref, g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, num_valid, max_words, interpret
 ):
   from pallas_kernels import topk_compact
 
-  for rows_b, cols_b, ok, sel, slot in topk_compact.word_blocks(m_ref, t=t, f=f, rows=1):
+  blocks = topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=max_words)
+  for rows_b, cols_b, ok, sel, slot in blocks:
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
     if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
       g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
@@ -165,16 +166,24 @@ def train_forward_epilogue(
 
     inner = dataclasses.replace(cfg, compact=False)
     mask = topk_compact.mask_call(g2, k, variant, inner, interpret, num_valid=nv)
-    kernel = functools.partial(_forward_apply_kernel, t=t, f=f, num_valid=nv, interpret=interpret)
+    kernel = functools.partial(
+      _forward_apply_kernel,
+      t=t,
+      f=f,
+      num_valid=nv,
+      max_words=cfg.apply_words,
+      interpret=interpret,
+    )
     operands, rows, name = (mask, g2, u2), 1, f"moc_train_fwd_apply_{variant}"
+    warps = cfg.apply_warps
   else:
-    operands, name = (g2, u2), f"moc_train_fwd_{variant}"
+    operands, name, warps = (g2, u2), f"moc_train_fwd_{variant}", cfg.num_warps
   idx, gs, us, z = pl.pallas_call(
     kernel,
     out_shape=out_shape,
     grid=(pl.cdiv(t, rows),),
     interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
+    compiler_params=None if interpret else tu.compiler_params(warps),
     name=name,
   )(*operands)
   return (

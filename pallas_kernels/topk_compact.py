@@ -73,8 +73,11 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
   )
 
 
-def word_blocks(m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE):
-  """In-kernel: this program's rows of the bitmask as (R, CW, 32) channel blocks.
+def word_blocks(
+  m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE, max_words: int = 0
+):
+  """In-kernel: this program's rows of the bitmask as (R, CW, 32) channel blocks, CW a power
+  of two <= max_words (0: no cap; small blocks keep fewer values per thread live).
 
   Yields (rows_b, cols_b, ok, sel, slot) per chunk of CW words: broadcast row and channel
   indices, the in-bounds mask, the selected bits and each selected channel's output slot
@@ -85,7 +88,10 @@ def word_blocks(m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE
   bit = jnp.arange(WORD, dtype=jnp.int32)[None, None, :]  # (1, 1, 32)
   lower = jnp.left_shift(1, bit) - 1  # bits below each lane (lane 31: 0x7fffffff)
   carry = jnp.zeros((rows, 1), jnp.int32)
-  for off, cw in tu.pow2_chunks(nw, min(granule, tu.next_pow2(nw))):
+  pieces = tu.pow2_chunks(nw, min(granule, tu.next_pow2(nw)))
+  if max_words:
+    pieces = [(o + i, min(w, max_words)) for o, w in pieces for i in range(0, w, max_words)]
+  for off, cw in pieces:
     widx = jnp.broadcast_to(off + jnp.arange(cw, dtype=jnp.int32)[None, :], (rows, cw))
     rows_w = jnp.broadcast_to(row, (rows, cw))
     ok_w = (rows_w < t) & (widx < nw)
