@@ -186,6 +186,11 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("default,radix4", replace(moc_cfg, select_radix_bits=4)),
       ("default,gemv_s1", replace(moc_cfg, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
       ("default,pieces256", replace(moc_cfg, select_granule=256)),  # 5632 lanes, not 8192
+      # equal chunks summed lane-wise (one reduction per radix step), final pass on pieces
+      ("default,chunk512", replace(moc_cfg, select_chunk=512)),
+      ("default,chunk256", replace(moc_cfg, select_chunk=256)),
+      ("default,chunk512,radix4", replace(moc_cfg, select_chunk=512, select_radix_bits=4)),
+      ("default,chunk512,sel8w", replace(moc_cfg, select_chunk=512, select_warps=8)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs

@@ -22,6 +22,11 @@ class DecodeConfig:
   # 0: the select works on one next_pow2(F)-wide block; else on power-of-two pieces covering F
   # rounded up to this granule (2026-12-01, CPU-verified and untimed: the next GPU run decides)
   select_granule: int = 0
+  # 0: the K-th key search runs on those pieces; else on equal chunks of this many lanes (a power
+  # of 2), compare results summed lane-wise so each radix step ends in one block reduction (not
+  # one per piece); the final pass re-loads the row as pieces of select_granule or 256 lanes
+  # (2026-12-01, CPU-verified and untimed, like TopKConfig.chunk + final_pieces in training)
+  select_chunk: int = 0
   up_block_c: int = 16
   up_block_d: int = 512
   up_warps: int = 4

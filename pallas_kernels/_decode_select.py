@@ -5,12 +5,15 @@ ties to the lower channel index (`moc`), or the top 2 of every 8 consecutive cha
 (`moc_2of8`). Values are compared through an order-preserving integer image of their bits (as
 `lax.top_k` does: +0 ranks above -0). The K-th largest key is found by radix bisection, a few
 bits per step (each step counts the row against 2^r candidates at once); ties at the threshold
-are resolved with a prefix count, so no sort is needed.
+are resolved with a prefix count, so no sort is needed. With `chunk`, the search holds the row as
+equal chunks whose compare results are summed lane-wise (one block reduction per step), and the
+final prefix count re-loads the row as a few wide power-of-two pieces.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +35,24 @@ def sortable_key(v: jax.Array) -> jax.Array:
   return jnp.where(b < 0, b ^ ((1 << (bits - 1)) - 1), b)
 
 
+def count_where(keys: list[jax.Array], pred) -> jax.Array:
+  """#pred(key) over all the key vectors, per leading row of pred's result. Equal-width chunks
+  are summed lane-wise first (adds in registers), then reduced once; pieces of different widths
+  take one block reduction each."""
+  ones = [pred(key).astype(I32) for key in keys]
+  if len({o.shape for o in ones}) == 1:
+    return jnp.sum(functools.reduce(operator.add, ones), axis=-1)
+  return sum(jnp.sum(o, axis=-1) for o in ones)
+
+
 def kth_largest_key(
   keys: jax.Array | list[jax.Array], k: int, num_bits: int, radix_bits: int
 ) -> jax.Array:
   """The largest tau with #(key >= tau) >= k over all the key vectors, built from the most
-  significant bit down (a row may come as several power-of-two pieces)."""
+  significant bit down (a row may come as power-of-two pieces or as equal chunks)."""
   keys = keys if isinstance(keys, list) else [keys]
-
-  def count(pred) -> jax.Array:  # per candidate row of pred(key_piece), summed over the pieces
-    return sum(jnp.sum(pred(key).astype(I32), axis=-1) for key in keys)
-
   lo = -(1 << (num_bits - 1))  # tau = 0 if k keys are >= 0, else lo (arithmetic, not a select:
-  tau = lo - lo * (count(lambda key: key >= 0) >= k).astype(I32)  # scalar selects mis-lower)
+  tau = lo - lo * (count_where(keys, lambda key: key >= 0) >= k).astype(I32)  # mis-lowers)
   bit = num_bits - 1
   while bit > 0:
     r = min(radix_bits, bit)
@@ -54,7 +63,7 @@ def kth_largest_key(
       shape = (cands.shape[0], key.shape[0])
       return jnp.broadcast_to(key[None, :], shape) >= jnp.broadcast_to(cands[:, None], shape)
 
-    digit = jnp.sum((count(ge) >= k).astype(I32)) - 1
+    digit = jnp.sum((count_where(keys, ge) >= k).astype(I32)) - 1
     tau = tau | (digit << bit)
   return tau
 
@@ -64,25 +73,31 @@ def _i(n: int) -> jax.Array:
   return jnp.int32(n)
 
 
-def _topk_kernel(p_ref, *out_refs, splits, d_ff, pieces, k, round_dtype, radix_bits, interpret):
-  """pieces: (offset, width) power-of-two spans covering the row (one of next_pow2(F), or
-  `tu.pow2_chunks` with no padded lanes beyond a granule)."""
+def _topk_kernel(
+  p_ref, *out_refs, splits, d_ff, chunks, pieces, k, round_dtype, radix_bits, interpret
+):
+  """chunks: the (offset, width) spans the K-th key is searched on; pieces: the power-of-two
+  spans covering the row for the final pass (one of next_pow2(F), or `tu.pow2_chunks` with no
+  padded lanes beyond a granule). A piece that is not a chunk is re-loaded (from L1/L2) and
+  rounded again: the same keys."""
   t = pl.program_id(0)
-  lanes, gs, keys = [], [], []
-  for off, w in pieces:
+
+  def load(off, w):  # lanes, G rounded like the reference, keys (padding below every real key)
     lane = off + jnp.arange(w, dtype=I32)
     valid = lane < d_ff
     g = plgpu.load(p_ref.at[_i(0), _i(0), t, pl.ds(_i(off), w)], mask=valid, other=0)
     for s in range(1, splits):
       g = g + plgpu.load(p_ref.at[_i(s), _i(0), t, pl.ds(_i(off), w)], mask=valid, other=0)
     g = g.astype(round_dtype)
-    lanes.append(lane)
-    gs.append(g)
-    keys.append(jnp.where(valid, sortable_key(g), jnp.iinfo(jnp.int32).min))
+    return lane, g, jnp.where(valid, sortable_key(g), jnp.iinfo(jnp.int32).min)
+
+  loaded = {span: load(*span) for span in chunks}
+  keys = [key for _, _, key in loaded.values()]
   tau = kth_largest_key(keys, k, jnp.dtype(round_dtype).itemsize * 8, radix_bits)
-  need = k - sum(jnp.sum((key > tau).astype(I32)) for key in keys)
+  need = k - count_where(keys, lambda key: key > tau)
   carry = jnp.int32(0)  # both prefix counts of the pieces before, packed like `both`
-  for (off, w), lane, g, key in zip(pieces, lanes, gs, keys, strict=True):
+  for off, w in pieces:
+    lane, g, key = loaded.get((off, w)) or load(off, w)
     above, tied = key > tau, key == tau
     # One scan for both prefix counts (each < 2^16): ties kept up to `need`, list slots.
     packed = above.astype(I32) | (tied.astype(I32) << 16)
@@ -156,6 +171,7 @@ def select_scale(
   interpret: bool = False,
   group_block: int | None = None,
   granule: int = 0,
+  chunk: int = 0,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """From fp32 G partials (splits, 1, T, W ≥ F, W a power of 2) to the selection.
 
@@ -164,6 +180,9 @@ def select_scale(
   group_block: moc_2of8 groups per program (a power of 2; default: the whole row, one program).
   granule: 0 = the `moc` select works on one W-wide block; else on power-of-two pieces covering F
   rounded up to the granule (5464 -> 4096 + 1024 + 512 lanes instead of 8192).
+  chunk: 0 = the search works on the pieces above; else on ceil(F / chunk) chunks of `chunk` lanes
+  (compare results summed lane-wise: one block reduction per radix step), and the final pass on
+  pieces of `granule or 256`.
   """
   splits, _, num_tokens, width = partials.shape
   params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
@@ -177,11 +196,17 @@ def select_scale(
       jax.ShapeDtypeStruct((num_tokens, k), F32),
     )
   if variant == "moc":
+    pieces = ((0, width),)
+    if granule or chunk:
+      pieces = tuple(tu.pow2_chunks(d_ff, min(granule or 256, width)))
+    c = min(chunk, tu.next_pow2(d_ff))
+    chunks = tuple((off, c) for off in range(0, d_ff, c)) if chunk else pieces
     kernel = functools.partial(
       _topk_kernel,
       splits=splits,
       d_ff=d_ff,
-      pieces=tuple(tu.pow2_chunks(d_ff, granule)) if granule else ((0, width),),
+      chunks=chunks,
+      pieces=pieces,
       k=k,
       round_dtype=round_dtype,
       radix_bits=radix_bits,

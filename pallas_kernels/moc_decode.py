@@ -220,6 +220,7 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
     radix_bits=cfg.select_radix_bits,
     interpret=interpret,
     granule=cfg.select_granule,
+    chunk=cfg.select_chunk,
   )
   if cfg.pipeline == "list":
     idx_TxK, a_TxK = select(lists=True)

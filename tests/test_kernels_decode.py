@@ -7,6 +7,7 @@ purpose with small-integer gates, whose sums are exact in any order and any floa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -105,6 +106,7 @@ def test_select_is_exact_with_ties(variant):
     (1, 1376, 250, "moc", jnp.bfloat16, True, None),  # decode_ffn's own config (moc_config)
     (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(LIST, select_granule=32)),
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_granule=16)),
+    (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_chunk=32)),
     (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
     (1, 200, 100, "moc", jnp.float32, False, LIST),  # K = F/2
   ],
@@ -154,6 +156,72 @@ def test_select_lists_match_reference(granule):
   np.testing.assert_allclose(np.asarray(a), jax.nn.silu(want_val), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "dtype", "integer_gate", "radix_bits", "chunk", "lists"),
+  [
+    (1, 1376, 250, jnp.bfloat16, True, 2, 256, True),  # ties, 6 chunks, last one masked
+    (3, 2736, 700, jnp.bfloat16, True, 4, 512, False),  # (16, 512) counts, mask output
+    (3, 1376, 300, jnp.float32, False, 4, 512, True),  # 32-bit keys
+    (1, 2736, 600, jnp.float32, True, 2, 256, False),  # 32-bit ties, 11 chunks
+    (3, 203, 41, jnp.float32, True, 2, 32, True),  # 7 chunks of 32 lanes, final pieces of 256
+    (1, 203, 41, jnp.bfloat16, False, 4, 512, False),  # one chunk (the row, 256 lanes)
+  ],
+)
+def test_select_chunks_match_reference(
+  num_tokens, d_ff, k, dtype, integer_gate, radix_bits, chunk, lists
+):
+  """select_chunk: the search on equal chunks (counts summed lane-wise), the final pass on
+  re-loaded power-of-two pieces; exactly the reference's channels, ties to the lower index."""
+  seed = _seed()
+  key = jax.random.key(seed)
+  if integer_gate:
+    g_TxF = jax.random.randint(key, (num_tokens, d_ff), -6, 7).astype(jnp.float32)
+    g_TxF = g_TxF.at[:, 5].set(-0.0).at[:, 9].set(0.0)  # +0 ranks above -0, as in lax.top_k
+  else:
+    g_TxF = jax.random.normal(key, (num_tokens, d_ff), jnp.float32)
+  width = 1 << (d_ff - 1).bit_length()
+  partials = jnp.zeros((2, 1, num_tokens, width), jnp.float32)  # halves: exact sums
+  partials = partials.at[:, 0, :, :d_ff].set(jnp.stack([g_TxF * 0.5, g_TxF * 0.5]))
+  out = _decode_select.select_scale(
+    partials,
+    k,
+    "moc",
+    d_ff=d_ff,
+    round_dtype=dtype,
+    radix_bits=radix_bits,
+    lists=lists,
+    interpret=True,
+    chunk=chunk,
+  )
+  want_idx, want_val = reference.select(g_TxF.astype(dtype), k, "moc")
+  want_a = jax.nn.silu(want_val.astype(jnp.float32))
+  if lists:
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(want_idx), err_msg=f"{seed=}")
+    np.testing.assert_allclose(np.asarray(out[1]), want_a, rtol=1e-6, err_msg=f"{seed=}")
+    return
+  want = np.zeros((num_tokens, d_ff), np.float32)
+  np.put_along_axis(want, np.asarray(want_idx), np.asarray(want_a), axis=1)
+  np.testing.assert_allclose(np.asarray(out[:, :d_ff]), want, rtol=1e-6, err_msg=f"{seed=}")
+
+
+def test_select_chunks_lower_for_cuda():
+  """The chunked select lowers to a Triton custom call for CUDA (no GPU needed to lower)."""
+  partials = jax.ShapeDtypeStruct((2, 1, 1, 8192), jnp.float32)
+  for lists, radix_bits in ((True, 2), (False, 4)):
+    fn = functools.partial(
+      _decode_select.select_scale,
+      k=1024,
+      variant="moc",
+      d_ff=5464,
+      round_dtype=jnp.bfloat16,
+      radix_bits=radix_bits,
+      lists=lists,
+      chunk=512,
+    )
+    text = jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+
+
 def test_hist_select_lists_match_reference():
   """Histogram select: the reference's indices and silu(G), ties across block edges."""
   seed, num_tokens, d_model, d_ff, k = _seed(), 3, 16, 2736, 700
@@ -179,6 +247,7 @@ def test_hist_select_lists_match_reference():
     (1, "moc", "hist"),  # select_mode="hist" + list_reduce="last" (2026-11-28c, untimed)
     (4, "moc_2of8", "hist"),
     (1, "moc", "pieces"),
+    (1, "moc", "chunk512"),
   ],
 )
 def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
@@ -189,6 +258,8 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
     cfg = spread_config(cfg)
   elif pipeline == "pieces":  # the list select over power-of-two pieces (untimed option)
     cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256)
+  elif pipeline == "chunk512":  # the list select on 512-lane chunks (untimed option)
+    cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512)
   else:
     cfg = dataclasses.replace(cfg, pipeline=pipeline)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
