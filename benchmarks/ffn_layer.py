@@ -77,7 +77,7 @@ def main() -> None:
           print(f"  {name} {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
           row[label] = None
       row["residual_bytes_per_token"] = moc.residual_bytes_per_token(
-        f, k, method["variant"], method["gcp"]
+        f, k, method["variant"], method["gcp"], backend=method["backend"]
       )
       rows.append(row)
       print(row, flush=True)

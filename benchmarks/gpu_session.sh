@@ -17,6 +17,7 @@
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
+#   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests)
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
@@ -128,6 +129,12 @@ step64() {
     --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} --out="$work/model_step_1b.json"
 }
 
+layer() {
+  local args=(--quick --methods=${LAYER_METHODS:-dense,moc_pallas,moc_pallas_gcp})
+  [ -n "${DRY:-}" ] && { echo "FFN layer skipped (DRY)"; return 0; }
+  python3 benchmarks/ffn_layer.py "${args[@]}" --out "$work/ffn_layer.json"
+}
+
 tests() {
   [ -n "${DRY:-}" ] && { echo "GPU tests skipped (DRY)"; return 0; }
   python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
@@ -141,7 +148,7 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests layer"
 export work
 export -f $sections
 for spec in "$@"; do

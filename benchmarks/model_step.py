@@ -40,6 +40,9 @@ FORWARD = {
   "moc_gcp_split": dict(ffn="moc", gcp=True),
 }
 VARIANTS.update(FORWARD)
+# The Pallas epilogues with the selection kept as indices instead of a bitmask (moc.py).
+INDICES = {"moc_idx": dict(ffn="moc"), "moc_gcp_idx": dict(ffn="moc", gcp=True)}
+VARIANTS.update(INDICES)
 
 
 def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000):
@@ -63,6 +66,10 @@ def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000)
         name = json.load(f).get("fwd_epilogue_best") or "split_c512"
     print(f"forward epilogue config: {name}", flush=True)
     moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
+  if variant in INDICES:
+    from moc_jax import moc
+
+    moc.BITMASK_RESIDUALS = False
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()

@@ -4,10 +4,12 @@
 
 Per token, only the K channels with the largest signed gate value `x @ w_gate` pass through
 silu(G) * U and the down projection (DESIGN.md §1). What survives from the forward to the
-backward is only per-token K-sized: channel indices (uint16 when F allows), G_sel, U_sel and,
-without GCP, Z_sel. silu(G_sel) and silu'(G_sel) are recomputed in the backward epilogue, where
-they cost nothing, so they are not kept. Weights enter the op in their storage dtype (fp32
-masters) and are cast inside both passes, so no bf16 weight copy is held across layers either.
+backward is only per-token K-sized: the selection, G_sel, U_sel and, without GCP, Z_sel. The
+selection is kept as channel indices (uint16 when F allows) on the xla backend, and as a bitmask
+(F/8 bytes, smaller than 2K) on the Pallas one, whose epilogues then stream over dense rows.
+silu(G_sel) and silu'(G_sel) are recomputed in the backward epilogue, where they cost nothing,
+so they are not kept. Weights enter the op in their storage dtype (fp32 masters) and are cast
+inside both passes, so no bf16 weight copy is held across layers either.
 
 This module imports only jax and `pallas_kernels`: the GPU benchmark machine needs nothing else.
 """
@@ -25,6 +27,8 @@ from pallas_kernels import backends, reference
 VARIANTS = ("dense", "moc", "moc_2of8")
 PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIGN.md §3)
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (sharding.py uses these)
+# The Pallas backend keeps the selection as a bitmask (False: as indices, like the xla backend).
+BITMASK_RESIDUALS = True
 
 
 def default_k(d_model: int) -> int:
@@ -161,6 +165,13 @@ def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
 def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   d_ff = w_gate.shape[1]
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
+  g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu
+  bitmask = _bitmask_epilogues(backend, wg.shape[1])
+  if bitmask:
+    epilogue = functools.partial(bitmask[0], k=k, variant=variant, num_valid=d_ff, z_sel=not gcp)
+    words, g_sel, u_sel, z_TxF, *z_sel = per_batch_shard(epilogue)(g_TxF, u_TxF)
+    compact = (words, g_sel, u_sel, *z_sel)
+    return z_TxF @ wd, (x_TxD, w_gate, w_up, w_down, compact)
   epilogue = functools.partial(
     backends.train_forward_epilogue(backend),
     k=k,
@@ -168,12 +179,18 @@ def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
     num_valid=d_ff,
     idx_dtype=reference.index_dtype(wg.shape[1]),
   )
-  idx_TxK, g_sel, u_sel, z_TxF = per_batch_shard(epilogue)(x_TxD @ wg, x_TxD @ wu)
+  idx_TxK, g_sel, u_sel, z_TxF = per_batch_shard(epilogue)(g_TxF, u_TxF)
   y_TxD = z_TxF @ wd
   compact = (idx_TxK, g_sel, u_sel)
   if not gcp:  # GCP recomputes Z_sel in the backward epilogue instead of keeping it
     compact += (_z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel),)
   return y_TxD, (x_TxD, w_gate, w_up, w_down, compact)
+
+
+def _bitmask_epilogues(backend: str, padded_d_ff: int):
+  """The bitmask epilogues if the backend has them and a row fills at least one 32-bit word."""
+  use = BITMASK_RESIDUALS and padded_d_ff >= 32
+  return backends.bitmask_epilogues(backend) if use else None
 
 
 def _z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel) -> jax.Array:
@@ -196,7 +213,9 @@ def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T
-  epilogue = per_batch_shard(backends.train_backward_epilogue(backend))
+  bitmask = _bitmask_epilogues(backend, wg.shape[1])
+  epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
+  epilogue = per_batch_shard(epilogue)
   dg_TxF, du_TxF, z_TxF = epilogue(dz_TxF, *compact)
 
   f32 = jnp.float32
@@ -248,12 +267,18 @@ def moc_decode_ffn(
 
 
 def residual_bytes_per_token(
-  d_ff: int, k: int | None, variant: str, gcp: bool, itemsize: int = 2
+  d_ff: int, k: int | None, variant: str, gcp: bool, itemsize: int = 2, backend: str = "xla"
 ) -> int:
-  """FFN activation bytes kept per token between forward and backward (x excluded)."""
+  """FFN activation bytes kept per token between forward and backward (x excluded).
+
+  The selection costs 2 or 4 bytes per index (xla backend), or F/8 bytes of bitmask with F
+  padded as on the GPU (Pallas backend)."""
   validate(d_ff, k, variant)
   if variant == "dense":
     return 4 * d_ff * itemsize  # autodiff keeps G, U, silu(G), Z
   k_eff = effective_k(k, d_ff, variant)
-  index_bytes = jnp.dtype(reference.index_dtype(d_ff)).itemsize
-  return k_eff * (index_bytes + (2 if gcp else 3) * itemsize)
+  values = k_eff * (2 if gcp else 3) * itemsize
+  padded = _padded(d_ff, PAD_MULTIPLE_GPU)
+  if backends.resolve(backend) == "pallas" and _bitmask_epilogues(backend, padded):
+    return values + -(-padded // 32) * 4
+  return values + k_eff * jnp.dtype(reference.index_dtype(d_ff)).itemsize

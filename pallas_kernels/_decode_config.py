@@ -99,12 +99,15 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   """`default_config` with the MoC gate GEMV of the 2026-12-01 sweep (gemv_sweep_h200_20261201:
   d = 2048, F = 5464, T = 1): 64-wide F blocks, 128-row D steps, 2 splits, 4 stages took 11.9 µs
   where the default 8 splits × 3 stages took 16.0; the select then sums 2 partial rows, not 8.
-  Whole MoC decode (decode_ffn_h200_20261201_final): 34.4 vs 37.0 µs at d = 2048.
+  Whole MoC decode (decode_ffn_h200_20261201_final): 34.4 vs 37.0 µs at d = 2048. The select
+  searches 256-wide chunks (decode_ffn_h200_20261201_g, T = 1, d = 2048): 34.0 vs 37.3 µs.
   """
   cfg = default_config(num_tokens, d_model, d_ff)
   if cfg.pipeline != "list" or d_model > 2048:  # at d = 4096, F = 14336 it lost (101.8 vs 91.6)
     return cfg
-  return dataclasses.replace(cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)
+  return dataclasses.replace(
+    cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4, select_chunk=256
+  )
 
 
 def spread_config(cfg: DecodeConfig, *, select: bool = True, reduce: bool = True) -> DecodeConfig:

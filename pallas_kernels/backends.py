@@ -51,6 +51,17 @@ def train_backward_epilogue(backend: str) -> Callable:
   return moc_train.train_backward_epilogue
 
 
+def bitmask_epilogues(backend: str) -> tuple[Callable, Callable] | None:
+  """The Pallas train epilogues that keep the selection as bits (moc_train_mask.py):
+  (forward (g, u, k, variant, *, num_valid, z_sel) -> (words, g_sel, u_sel, z[, z_sel]),
+  backward (dz, words, g_sel, u_sel, z_sel=None) -> (dg, du, z)); None on the xla backend."""
+  if resolve(backend) == "xla":
+    return None
+  from pallas_kernels import moc_train_mask
+
+  return moc_train_mask.train_forward_bitmask, moc_train_mask.train_backward_bitmask
+
+
 def decode_ffn(backend: str) -> Callable:
   """(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> y_TxD."""
   if resolve(backend) == "xla":

@@ -32,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import topk
+from pallas_kernels import topk, topk_compact
+from pallas_kernels.moc_train_mask import apply_call, selected_count, silu_mul
 from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 
 # The forward epilogue's config, its own: the fastest standalone top-K is not the fastest inside
@@ -49,17 +50,12 @@ class BackwardConfig:
   strided: bool = True  # lane i owns slot i (+32j): gathers/scatters hit fewer sectors
 
 
-def _silu_mul(g, u, out_dtype):
-  g32 = g.astype(jnp.float32)
-  return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
-
-
 def _forward_kernel(
   g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, k, num_valid, cfg, interpret
 ):
   def emit(rows_b, cols_b, valid, g, sel, pos):
     u = pltriton.load(u_ref.at[rows_b, cols_b], mask=valid, other=0)
-    z = jnp.where(sel, _silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
+    z = jnp.where(sel, silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
     tu.scatter_store(z_ref, rows_b, cols_b, z, valid, interpret)
     tu.scatter_store(idx_ref, rows_b, pos, cols_b.astype(idx_ref.dtype), sel, interpret)
     tu.scatter_store(gs_ref, rows_b, pos, g, sel, interpret)
@@ -68,24 +64,6 @@ def _forward_kernel(
   topk.select_rows(
     g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=emit, num_valid=num_valid
   )
-
-
-def _forward_apply_kernel(
-  m_ref, g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, num_valid, max_words, interpret
-):
-  from pallas_kernels import topk_compact
-
-  blocks = topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=max_words)
-  for rows_b, cols_b, ok, sel, slot in blocks:
-    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
-    if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
-      g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
-    u = pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
-    z = jnp.where(sel, _silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
-    pltriton.store(z_ref.at[rows_b, cols_b], z, mask=ok)
-    tu.scatter_store(idx_ref, rows_b, slot, cols_b.astype(idx_ref.dtype), sel, interpret)
-    tu.scatter_store(gs_ref, rows_b, slot, g, sel, interpret)
-    tu.scatter_store(us_ref, rows_b, slot, u, sel, interpret)
 
 
 def _pick_lane(x, lane, which):
@@ -103,7 +81,7 @@ def _forward_group_kernel(
   def emit(rows_b, cols_b, valid, g, lane, row_g, base_g, ok_g, a, b, val_a, val_b):
     u = pltriton.load(u_ref.at[rows_b, cols_b], mask=valid, other=0)
     sel = (lane == a) | (lane == b)
-    z = jnp.where(sel, _silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
+    z = jnp.where(sel, silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
     tu.scatter_store(z_ref, rows_b, cols_b, z, valid, interpret)
     for j, (lane_j, val) in enumerate(((a, val_a), (b, val_b))):
       slot = (base_g // GROUP) * PER_GROUP + j
@@ -139,54 +117,40 @@ def train_forward_epilogue(
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
   t = g2.shape[0]
   nv = None if num_valid is None or num_valid >= f else int(num_valid)
+  k = selected_count(f, k, variant)
   if variant == "moc_2of8":
-    if f % GROUP:
-      raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
-    k = f // GROUP * PER_GROUP
     rows = topk.group_program_rows(cfg, f)
     kernel = functools.partial(
       _forward_group_kernel, t=t, f=f, rows=rows, num_valid=nv, interpret=interpret
     )
-  elif variant == "moc":
+  else:
     if not 0 < k <= (f if nv is None else nv) or f >= 32768:
       raise ValueError(f"need 0 < k <= num_valid <= F < 32768, got k={k}, F={f}, nv={nv}")
     rows = cfg.rows
     kernel = functools.partial(
       _forward_kernel, t=t, f=f, k=k, num_valid=nv, cfg=cfg, interpret=interpret
     )
-  else:
-    raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
   out_shape = (
     jax.ShapeDtypeStruct((t, k), idx_dtype),
     jax.ShapeDtypeStruct((t, k), g2.dtype),
     jax.ShapeDtypeStruct((t, k), u2.dtype),
     jax.ShapeDtypeStruct((t, f), u2.dtype),
   )
-  if cfg.compact and f >= 32:  # two kernels: selection bitmask, then a streaming pass
-    from pallas_kernels import topk_compact
-
+  if cfg.compact and f >= topk_compact.WORD:  # two kernels: selection bitmask, streaming pass
     inner = dataclasses.replace(cfg, compact=False)
     mask = topk_compact.mask_call(g2, k, variant, inner, interpret, num_valid=nv)
-    kernel = functools.partial(
-      _forward_apply_kernel,
-      t=t,
-      f=f,
-      num_valid=nv,
-      max_words=cfg.apply_words,
-      interpret=interpret,
+    idx, gs, us, z = apply_call(
+      mask, g2, u2, k, num_valid=nv, cfg=cfg, interpret=interpret, idx_dtype=idx_dtype
     )
-    operands, rows, name = (mask, g2, u2), 1, f"moc_train_fwd_apply_{variant}"
-    warps = cfg.apply_warps
-  else:
-    operands, name, warps = (g2, u2), f"moc_train_fwd_{variant}", cfg.num_warps
+    return idx.reshape(*lead, k), gs.reshape(*lead, k), us.reshape(*lead, k), z.reshape(*lead, f)
   idx, gs, us, z = pl.pallas_call(
     kernel,
     out_shape=out_shape,
     grid=(pl.cdiv(t, rows),),
     interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(warps),
-    name=name,
-  )(*operands)
+    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
+    name=f"moc_train_fwd_{variant}",
+  )(g2, u2)
   return (
     idx.reshape(*lead, k),
     gs.reshape(*lead, k),
@@ -225,7 +189,7 @@ def _backward_kernel(
     if has_z:
       z = pltriton.load(zs_ref.at[rows_b, slot_b], mask=valid, other=0)
     else:
-      z = _silu_mul(g_raw, u_raw, z_ref.dtype)
+      z = silu_mul(g_raw, u_raw, z_ref.dtype)
     g, u = g_raw.astype(jnp.float32), u_raw.astype(jnp.float32)
     dz = pltriton.load(dz_ref.at[rows_b, idx], mask=valid, other=0).astype(jnp.float32)
     s = jax.nn.sigmoid(g)

@@ -166,7 +166,7 @@ def check_selection(out: dict) -> None:
 
 def check_pallas_rows(out: dict) -> None:
   """MoC's Pallas epilogues (interpret mode here) run per batch shard under a data×fsdp mesh."""
-  from pallas_kernels import moc_train
+  from pallas_kernels import moc_train, moc_train_mask
 
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(B, L, 32)), jnp.float32)
@@ -176,7 +176,14 @@ def check_pallas_rows(out: dict) -> None:
     return jnp.sum(moc.moc_ffn(x, wg, wu, wd, k=16, backend=backend) ** 2)
 
   want = jax.grad(lambda *a: loss(*a, "xla"), argnums=(0, 1, 2, 3))(x, *ws)
-  rows, originals = [], (moc_train.train_forward_epilogue, moc_train.train_backward_epilogue)
+  rows = []
+  patched = [
+    (moc_train, "train_forward_epilogue"),
+    (moc_train, "train_backward_epilogue"),
+    (moc_train_mask, "train_forward_bitmask"),
+    (moc_train_mask, "train_backward_bitmask"),
+  ]
+  originals = [getattr(module, name) for module, name in patched]
 
   def recording(fn):
     def wrapped(first, *a, **kw):
@@ -185,7 +192,8 @@ def check_pallas_rows(out: dict) -> None:
 
     return wrapped
 
-  moc_train.train_forward_epilogue, moc_train.train_backward_epilogue = map(recording, originals)
+  for (module, name), fn in zip(patched, originals, strict=True):
+    setattr(module, name, recording(fn))
   try:
     mesh = sharding.make_mesh((4, 2, 1))
     with sharding.use_mesh(mesh):
@@ -194,7 +202,8 @@ def check_pallas_rows(out: dict) -> None:
       )
       got = jax.jit(jax.grad(lambda *a: loss(*a, "pallas"), argnums=(0, 1, 2, 3)))(x_s, *ws)
   finally:
-    moc_train.train_forward_epilogue, moc_train.train_backward_epilogue = originals
+    for (module, name), fn in zip(patched, originals, strict=True):
+      setattr(module, name, fn)
   out["pallas_rows"] = {
     "max_diff": max_diff(jax.device_get(got), want),
     "rows_seen": sorted(set(rows)),

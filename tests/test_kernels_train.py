@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import moc_train, reference
+from pallas_kernels import moc_train, moc_train_mask, reference
 from pallas_kernels.moc_train import BackwardConfig
 from pallas_kernels.topk import TopKConfig
 
@@ -37,6 +37,15 @@ def _equal(a, b):
   )
 
 
+def _padded_inputs(t, f, dtype, tag, ties=False, num_valid=None):
+  """As `_inputs`, with G and U zero past num_valid, as padded weight columns give them."""
+  g, u, dz = _inputs(t, f, dtype, tag, ties)
+  if num_valid is not None:
+    pad_F = jnp.arange(f) >= num_valid
+    g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
+  return g, u, dz
+
+
 def _inputs(t, f, dtype, tag, ties=False):
   ks = jax.random.split(_key(tag), 3)
   if ties:
@@ -60,10 +69,7 @@ def _inputs(t, f, dtype, tag, ties=False):
   ],
 )
 def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
-  g, u, dz = _inputs(t, f, dtype, f, ties)
-  if num_valid is not None:  # padded weight columns give zero G and U there
-    pad_F = jnp.arange(f) >= num_valid
-    g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
+  g, u, dz = _padded_inputs(t, f, dtype, f, ties, num_valid=num_valid)
   cfg = TopKConfig(rows=2, fan=fan) if fan else TopKConfig(layout="warp", rows=2, keep=False)
   if fan == 2:
     cfg = TopKConfig(rows=2, fan=2, chunk=64, final_pieces=True)
@@ -102,10 +108,7 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
 )
 def test_forward_two_kernels(variant, dtype, t, f, k, ties, num_valid, cfg):
   """Selection bitmask, then the streaming pass: the same outputs as the one-kernel forward."""
-  g, u, _ = _inputs(t, f, dtype, f + 1, ties)
-  if num_valid is not None:
-    pad_F = jnp.arange(f) >= num_valid
-    g, u = jnp.where(pad_F, 0, g).astype(dtype), jnp.where(pad_F, 0, u).astype(dtype)
+  g, u, _ = _padded_inputs(t, f, dtype, f + 1, ties, num_valid=num_valid)
   out = moc_train.train_forward_epilogue(
     g, u, k, variant, num_valid=num_valid, config=cfg, idx_dtype=jnp.uint16
   )
@@ -115,6 +118,50 @@ def test_forward_two_kernels(variant, dtype, t, f, k, ties, num_valid, cfg):
   for a, b in zip(out[1:3], ref[1:3], strict=True):
     _equal(a, b)
   _close(out[3], ref[3], dtype)
+
+
+def _words_of(idx_TxK, f: int) -> np.ndarray:
+  """The bitmask the reference's indices describe: bit j of word w is channel 32 w + j."""
+  idx = np.asarray(idx_TxK).astype(np.int64)
+  words = np.zeros((idx.shape[0], -(-f // 32)), np.uint64)
+  for row, chans in enumerate(idx):
+    np.bitwise_or.at(words[row], chans // 32, np.uint64(1) << (chans % 32).astype(np.uint64))
+  return words.astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize(
+  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "keep_z"),
+  [
+    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, True),
+    ("moc", jnp.float32, 3, 200, 100, True, None, False),  # ties, K = F/2, GCP
+    ("moc", jnp.bfloat16, 2, 72, 1, True, 61, True),  # K = 1
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, False),
+  ],
+)
+def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z):
+  """Selection kept as bits: the same G_sel, U_sel, Z, Z_sel, dG, dU as the index epilogues."""
+  g, u, dz = _padded_inputs(t, f, dtype, f + 2, ties, num_valid=num_valid)
+  out = moc_train_mask.train_forward_bitmask(
+    g, u, k, variant, num_valid=num_valid, config=TopKConfig(chunk=64, apply_words=4), z_sel=keep_z
+  )
+  ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
+  np.testing.assert_array_equal(np.asarray(out[0]), _words_of(ref[0], f), err_msg=f"seed={_SEED}")
+  for a, b in zip(out[1:3], ref[1:3], strict=True):
+    _equal(a, b)
+  _close(out[3], ref[3], dtype)
+  z_sel = out[4] if keep_z else None
+  if keep_z:  # Z_sel is Z at the selected channels, bit for bit
+    _equal(z_sel, jnp.take_along_axis(out[3], ref[0], axis=-1))
+  dg, du, z = moc_train_mask.train_backward_bitmask(dz, out[0], out[1], out[2], z_sel)
+  ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, ref[0], ref[1], ref[2], z_sel)
+  assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
+  _close(dg, ref_dg, dtype)
+  _close(du, ref_du, dtype)
+  if keep_z:
+    _equal(z, ref_z)
+  else:
+    _close(z, ref_z, dtype)
+  _equal(z, out[3])  # the backward's Z is the forward's, kept or recomputed
 
 
 def test_forward_uint16_indices():
@@ -151,3 +198,22 @@ def test_gpu_real_sizes(f, k, nv, cfg):
     _close(dg, ref_dg, jnp.bfloat16)
     _close(du, ref_du, jnp.bfloat16)
     _close(z, ref_z, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep_z", [True, False])
+def test_gpu_bitmask_real_size(keep_z):
+  f, k, nv = 5504, 1024, 5461
+  g, u, dz = _padded_inputs(16384, f, jnp.bfloat16, f + 3, num_valid=nv)
+  out = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=keep_z)
+  ref = reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
+  np.testing.assert_array_equal(np.asarray(out[0]), _words_of(ref[0], f))
+  _equal(out[1], ref[1])
+  _equal(out[2], ref[2])
+  _close(out[3], ref[3], jnp.bfloat16)
+  z_sel = out[4] if keep_z else None
+  dg, du, z = moc_train_mask.train_backward_bitmask(dz, *out[:3], z_sel)
+  ref_dg, ref_du, _ = reference.train_backward_epilogue(dz, *ref[:3], z_sel)
+  _close(dg, ref_dg, jnp.bfloat16)
+  _close(du, ref_du, jnp.bfloat16)
+  _equal(z, out[3])

@@ -175,10 +175,23 @@ def test_residuals_are_compact(gcp, expected_leaves):
   assert moc.residual_bytes_per_token(f, k, "moc", gcp) == k * (2 + 2 * (2 if gcp else 3))
 
 
+@pytest.mark.parametrize("gcp", [False, True])
+def test_pallas_residuals_keep_a_bitmask(gcp):
+  t, d, f, k = 16, 32, 344, 48
+  with jax.enable_x64(False):
+    x, wg, wu, wd, _ = _inputs(8, (t,), d, f, jnp.bfloat16)
+    _, (*_, compact) = moc._moc_fwd(x, wg, wu, wd, k, "moc", gcp, "pallas", 128)
+  assert compact[0].dtype == jnp.int32 and compact[0].shape == (t, 384 // 32)
+  assert [leaf.shape for leaf in compact[1:]] == [(t, k)] * (2 if gcp else 3)
+  per_token = sum(leaf.size * leaf.dtype.itemsize for leaf in compact) // t
+  assert moc.residual_bytes_per_token(f, k, "moc", gcp, backend="pallas") == per_token
+
+
 def test_residual_bytes_meet_the_1b_targets():
   d_ff, k = 5461, 1024
-  assert moc.residual_bytes_per_token(d_ff, k, "moc", gcp=False) <= 10.3e3
-  assert moc.residual_bytes_per_token(d_ff, k, "moc", gcp=True) <= 6.2e3
+  for backend in ("xla", "pallas"):
+    assert moc.residual_bytes_per_token(d_ff, k, "moc", False, backend=backend) <= 10.3e3
+    assert moc.residual_bytes_per_token(d_ff, k, "moc", True, backend=backend) <= 6.2e3
   assert moc.residual_bytes_per_token(d_ff, None, "dense", gcp=False) == 4 * d_ff * 2
 
 

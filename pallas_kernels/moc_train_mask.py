@@ -1,0 +1,200 @@
+"""MoC train epilogues that keep the selection as a bitmask: one bit per channel, not an index.
+
+Why: with the selection as (T, ceil(F/32)) int32 words (`topk_compact.mask_call`), both epilogues
+become streaming passes over contiguous row blocks. A channel's slot in the compact residuals
+is the popcount of the set bits before it (`topk_compact.word_blocks`), so the backward reads
+dZ and writes dG, dU and Z densely, instead of zero-filling them and then scattering at the
+indices. The words are also smaller than the indices they replace (F/8 bytes per token vs 2K:
+688 vs 2048 at the 1B shape).
+
+Forward: (G, U) -> (words, G_sel, U_sel, zero-filled Z[, Z_sel]); the streaming pass is shared
+with `moc_train.train_forward_epilogue`'s two-kernel form, which writes indices instead of words.
+Backward: (dZ, words, G_sel, U_sel[, Z_sel]) -> zero-filled dG, dU and Z, the same values as
+`reference.train_backward_epilogue` at the indices the words hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels import topk_compact
+from pallas_kernels._topk_config import TopKConfig
+from pallas_kernels.reference import GROUP, PER_GROUP
+
+WORDS_PER_BLOCK = 32  # bitmask words per block of the backward (1024 channels)
+
+
+def silu_mul(g, u, out_dtype):
+  """silu(g) * u in fp32, rounded once: the one routine every Pallas epilogue uses for Z, so
+  Z kept in the forward and Z recomputed in the backward (GCP) are bit-identical."""
+  g32 = g.astype(jnp.float32)
+  return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
+
+
+def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, max_words, has_idx, interpret):
+  """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot."""
+  idx_ref = out_refs[0] if has_idx else None
+  gs_ref, us_ref, z_ref, *zs_ref = out_refs[1:] if has_idx else out_refs
+  for rows_b, cols_b, ok, sel, slot in topk_compact.word_blocks(
+    m_ref, t=t, f=f, rows=1, max_words=max_words
+  ):
+    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
+    if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
+      g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
+    u = pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
+    z = silu_mul(g, u, z_ref.dtype)
+    pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
+    if has_idx:
+      tu.scatter_store(idx_ref, rows_b, slot, cols_b.astype(idx_ref.dtype), sel, interpret)
+    tu.scatter_store(gs_ref, rows_b, slot, g, sel, interpret)
+    tu.scatter_store(us_ref, rows_b, slot, u, sel, interpret)
+    if zs_ref:
+      tu.scatter_store(zs_ref[0], rows_b, slot, z, sel, interpret)
+
+
+def apply_call(
+  mask,
+  g2,
+  u2,
+  k: int,
+  *,
+  num_valid,
+  cfg: TopKConfig,
+  interpret: bool,
+  idx_dtype=None,
+  z_sel: bool = False,
+  name: str = "moc_train_fwd_apply",
+) -> tuple[jax.Array, ...]:
+  """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given."""
+  t, f = g2.shape
+  compact = lambda dtype: jax.ShapeDtypeStruct((t, k), dtype)
+  out_shape = [compact(g2.dtype), compact(u2.dtype), jax.ShapeDtypeStruct((t, f), u2.dtype)]
+  if idx_dtype is not None:
+    out_shape.insert(0, compact(idx_dtype))
+  if z_sel:
+    out_shape.append(compact(u2.dtype))
+  kernel = functools.partial(
+    _apply_kernel,
+    t=t,
+    f=f,
+    num_valid=num_valid,
+    max_words=cfg.apply_words,
+    has_idx=idx_dtype is not None,
+    interpret=interpret,
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=tuple(out_shape),
+    grid=(t,),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(cfg.apply_warps),
+    name=name,
+  )(mask, g2, u2)
+
+
+def selected_count(f: int, k: int, variant: str) -> int:
+  """K as the kernels use it (2:8 fixes it), after checking the shape."""
+  if variant == "moc_2of8":
+    if f % GROUP:
+      raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
+    return f // GROUP * PER_GROUP
+  if variant != "moc":
+    raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  return k
+
+
+@functools.partial(
+  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "z_sel")
+)
+def train_forward_bitmask(
+  g_TxF: jax.Array,
+  u_TxF: jax.Array,
+  k: int,
+  variant: str = "moc",
+  *,
+  num_valid: int | None = None,
+  config: TopKConfig | None = None,
+  interpret: bool | None = None,
+  z_sel: bool = False,
+) -> tuple[jax.Array, ...]:
+  """(words_TxW int32, g_sel_TxK, u_sel_TxK, z_TxF[, z_sel_TxK]) for (T, F) inputs, F >= 32.
+
+  Bit j of word w is channel 32 w + j; G_sel, U_sel, Z_sel are in channel order, as the
+  reference's indices would give them. `config` is any `TopKConfig` (always run as two kernels;
+  default `moc_train.FORWARD_DEFAULT`).
+  """
+  from pallas_kernels import moc_train
+
+  f = g_TxF.shape[-1]
+  if f < topk_compact.WORD:
+    raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
+  k = selected_count(f, k, variant)
+  nv = None if num_valid is None or num_valid >= f else int(num_valid)
+  if variant == "moc" and not 0 < k <= (nv or f):
+    raise ValueError(f"need 0 < k <= num_valid <= F, got k={k}, F={f}, num_valid={nv}")
+  cfg = dataclasses.replace(config or moc_train.FORWARD_DEFAULT, compact=False)
+  interpret = tu.default_interpret(interpret)
+  words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv)
+  outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
+  return (words, *outs)
+
+
+def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, has_z, interpret):
+  zs_ref, (dg_ref, du_ref, z_ref) = (rest[0], rest[1:]) if has_z else (None, rest)
+  del interpret  # every store is dense: no masked-off lane can clobber another's element
+  for rows_b, cols_b, ok, sel, slot in topk_compact.word_blocks(
+    m_ref, t=t, f=f, rows=1, max_words=WORDS_PER_BLOCK
+  ):
+    g_raw = pltriton.load(gs_ref.at[rows_b, slot], mask=sel, other=0)
+    u_raw = pltriton.load(us_ref.at[rows_b, slot], mask=sel, other=0)
+    if has_z:
+      z = pltriton.load(zs_ref.at[rows_b, slot], mask=sel, other=0)
+    else:
+      z = silu_mul(g_raw, u_raw, z_ref.dtype)
+    dz = pltriton.load(dz_ref.at[rows_b, cols_b], mask=ok, other=0).astype(jnp.float32)
+    g, u = g_raw.astype(jnp.float32), u_raw.astype(jnp.float32)
+    s = jax.nn.sigmoid(g)
+    du = dz * (g * s)
+    dg = dz * u * (s * (1.0 + g * (1.0 - s)))
+    for ref, val in ((dg_ref, dg), (du_ref, du), (z_ref, z)):
+      val = jnp.where(sel, val.astype(ref.dtype), jnp.zeros((), ref.dtype))
+      pltriton.store(ref.at[rows_b, cols_b], val, mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("num_warps", "interpret"))
+def train_backward_bitmask(
+  dz_TxF: jax.Array,
+  words_TxW: jax.Array,
+  g_sel_TxK: jax.Array,
+  u_sel_TxK: jax.Array,
+  z_sel_TxK: jax.Array | None = None,
+  *,
+  num_warps: int = 4,
+  interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection."""
+  interpret = tu.default_interpret(interpret)
+  t, f = dz_TxF.shape
+  has_z = z_sel_TxK is not None
+  z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
+  kernel = functools.partial(_backward_kernel, t=t, f=f, has_z=has_z, interpret=interpret)
+  operands = (dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK) + ((z_sel_TxK,) if has_z else ())
+  return pl.pallas_call(
+    kernel,
+    out_shape=(
+      jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
+      jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
+      jax.ShapeDtypeStruct((t, f), z_dtype),
+    ),
+    grid=(t,),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(num_warps),
+    name="moc_train_bwd_bitmask",
+  )(*operands)
