@@ -21,7 +21,8 @@
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests)
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
-# the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py).
+# the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py);
+# STEPPROF_VARIANTS overrides stepprof's.
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
 # (/work/shared/tools/device-wheels) and, for gcp, .corpus (benchmarks/make_code_corpus.py + the
@@ -86,7 +87,7 @@ remat() {
 
 stepprof() {
   [ -n "${DRY:-}" ] && { echo "step profile skipped (DRY)"; return 0; }
-  python3 benchmarks/step_profile.py --preset=1b --variants=dense,moc,moc_gcp \
+  python3 benchmarks/step_profile.py --preset=1b --variants=${STEPPROF_VARIANTS:-dense,moc,moc_gcp} \
     --out="$work/step_profile_1b.json"
 }
 
