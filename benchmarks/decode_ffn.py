@@ -36,7 +36,7 @@ import numpy as np
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
-from pallas_kernels._decode_config import legacy_config, spread_config
+from pallas_kernels._decode_config import legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -44,9 +44,9 @@ SKIPPED = "skipped: time budget spent"
 # that stage times and totals come from one run; `t1` then does the other shapes.
 FIRST, REST, ALL = slice(0, 1), slice(1, None), slice(None)
 PHASES = {
-  "stages": (1, FIRST, frozenset({"stages", "main", "spread"})),
+  "stages": (1, FIRST, frozenset({"stages", "main"})),
   "t1": (1, REST, frozenset({"main"})),
-  "t4": (4, ALL, frozenset({"main", "spread"})),
+  "t4": (4, ALL, frozenset({"main"})),
   "t16": (16, ALL, frozenset({"main"})),
   "sweep": (1, FIRST, frozenset({"sweep"})),
   "settled": (1, ALL, frozenset({"settled"})),  # old configs and moc_xla: beaten on 2026-11-28b
@@ -171,14 +171,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
-  if "spread" in kinds:  # 2026-11-28c options vs moc_kernel[list]: select over many programs
-    for tag, c in (  # (histograms), in-kernel two-level sum, fewer/longer 16-row programs
-      ("hist+last", spread_config(new)),
-      ("hist", spread_config(new, reduce=False)),
-      ("list,last", spread_config(new, select=False)),
-      ("hist+last,rows16,prog64", replace(spread_config(new), list_rows=16, list_programs=64)),
-    ):
-      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
+  # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:
     for tag, c in (
       ("default,sel8w", replace(moc_cfg, select_warps=8)),

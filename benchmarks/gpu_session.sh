@@ -70,7 +70,7 @@ topk() {
 
 profile() {
   [ -n "${DRY:-}" ] && { echo "profile skipped (DRY)"; return 0; }
-  bash benchmarks/kernel_profile.sh "$work/profile" ${PROFILE_CONFIGS:-row_default row_c512_tp}
+  bash benchmarks/kernel_profile.sh "$work/profile" ${PROFILE_CONFIGS:-row_default row_c512_t}
 }
 
 decode() {

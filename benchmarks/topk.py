@@ -33,8 +33,6 @@ SWEEP = {
   "w8": TopKConfig(num_warps=8),
   "fan3": TopKConfig(fan=3),
   "r2": TopKConfig(rows=2),
-  "s0": TopKConfig(sample=0),
-  "abl_no_search": TopKConfig(ablate="no_search"),  # timing only: v from the sample
 }
 EPILOGUE_T, EPILOGUE_F, EPILOGUE_K, EPILOGUE_NV = 16384, 5504, 1024, 5461
 

@@ -1,4 +1,4 @@
-"""One short GPU session (<= 4.5 min on one H200) for the top-K layout variants.
+"""One short GPU session (<= 4.5 min on one H200) for the top-K kernel variants.
 
 Why one script: device time comes in single short slots. In order of value, each section
 skipped when the time budget is spent (results are written after every section, a
@@ -7,8 +7,7 @@ recorded in the JSON, never fatal):
 
 1. sweep at 16384 x 5632, K=1024: every `topk_variants.SWEEP` config, exact vs the
    reference (random rows, and 512 heavy-tie rows), median time; baselines: an XLA copy
-   (read + write G), an XLA one-read row max, lax.top_k (Pallas read-only kernels: the
-   `abl_*read_only` configs of the sweep);
+   (read + write G), an XLA one-read row max, lax.top_k;
 2. the default and the fastest exact variant at 16384 x {1376, 2048, 2736, 5461, 5632,
    11008} (exactness incl. ties and all-equal rows) with lax.top_k and the read floor;
 3. the 2:8 kernel and the train forward epilogue (1B shape) with the fastest variant;

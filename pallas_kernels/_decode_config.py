@@ -1,4 +1,9 @@
-"""Tuning parameters of the decode kernels and the defaults that fill an H200 at a shape."""
+"""Tuning parameters of the decode kernels and the defaults that fill an H200 at a shape.
+
+The histogram select over many programs (`select_mode="hist"`) and the in-kernel sum of the
+list partials (`list_reduce="last"`) lost on the H200 and were removed after commit e334f23;
+NOTES_decode.md has their figures.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ class DecodeConfig:
   # 0: the K-th key search runs on those pieces; else on equal chunks of this many lanes (a power
   # of 2), compare results summed lane-wise so each radix step ends in one block reduction (not
   # one per piece); the final pass re-loads the row as pieces of select_granule or 256 lanes
-  # (2026-12-01, CPU-verified and untimed, like TopKConfig.chunk + final_pieces in training)
+  # (2026-12-01, like TopKConfig.chunk in training)
   select_chunk: int = 0
   up_block_c: int = 16
   up_block_d: int = 512
@@ -47,16 +52,6 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
-  # Options of 2026-11-28c (CPU-verified, untimed; defaults keep the measured pipeline):
-  # select 'radix' (one program per token scans the row) or 'hist' (list pipeline only: a gate
-  # GEMV without D split also writes G and 256-bin histograms of the top key bits per F block;
-  # the threshold is refined 8 bits per launch over blocks of `hist_block` channels)
-  select_mode: str = "radix"
-  hist_block: int = 256
-  # rows kernel partials summed by 'xla' (one fusion) or 'last': in the kernel, the last program
-  # of each group of `list_group` sums its group in a fixed order, the last group the groups
-  list_reduce: str = "xla"
-  list_group: int = 16
 
 
 def cdiv(a: int, b: int) -> int:
@@ -108,16 +103,3 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   return dataclasses.replace(
     cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4, select_chunk=256
   )
-
-
-def spread_config(cfg: DecodeConfig, *, select: bool = True, reduce: bool = True) -> DecodeConfig:
-  """The 2026-11-28c options on top of cfg (list pipeline): histogram select over many programs
-  (gate GEMV without D split, 32-wide F blocks so that ~170 programs stream Wg at d = 2048) and
-  the in-kernel two-level sum of the rows kernel's partials. Untimed: the next GPU run decides.
-  """
-  cfg = dataclasses.replace(cfg, pipeline="list")
-  if select:
-    cfg = dataclasses.replace(
-      cfg, select_mode="hist", gemv_splits=1, gemv_block_f=32, gemv_block_d=256, hist_block=256
-    )
-  return dataclasses.replace(cfg, list_reduce="last") if reduce else cfg

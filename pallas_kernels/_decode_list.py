@@ -8,12 +8,6 @@ z = a · (x Wu^T[idx]) rounded to x's dtype (as the reference does) and accumula
 y += z Wd[idx] in fp32. Each program writes its fp32 partial y; XLA sums the partials (one small
 fusion), so the result is deterministic. At T > 1 a channel picked by several tokens is read
 once per token (the repeats mostly hit L2).
-
-`list_reduce="last"` sums in the kernel instead, still deterministically: after storing its
-partial, a program bumps its group's integer counter (order-free); the program that sees the
-count complete sums the group's partials in index order (level 1), bumps the token's counter,
-and the last group sums the group partials in index order (level 2) and writes y in x's dtype.
-Which program finishes last changes who adds, never the order of the additions.
 """
 
 from __future__ import annotations
@@ -32,11 +26,7 @@ F32 = jnp.float32
 I32 = jnp.int32
 
 
-COUNTERS = 32  # int32 counters per token for list_reduce="last" (groups + 1 at most)
-
-
-def _rows_kernel(x_ref, idx_ref, a_ref, wu_ref, wd_ref, *refs, k, per, rows, d_model, block_d, red):
-  y_ref = refs[1] if red else refs[0]  # refs: ([counters in,] partials[, y, groups, counters])
+def _rows_kernel(x_ref, idx_ref, a_ref, wu_ref, wd_ref, y_ref, *, k, per, rows, d_model, block_d):
   t, s = pl.program_id(0), pl.program_id(1)
   blocks = [(b, min(block_d, pow2_at_least(d_model - b))) for b in range(0, d_model, block_d)]
   cols = [b + jnp.arange(w, dtype=I32) for b, w in blocks]
@@ -73,58 +63,6 @@ def _rows_kernel(x_ref, idx_ref, a_ref, wu_ref, wd_ref, *refs, k, per, rows, d_m
   ys = lax.fori_loop(0, per // rows, body, ys)
   for (b, w), c, y in zip(blocks, cols, ys, strict=True):
     plgpu.store(y_ref.at[s, t, pl.ds(jnp.int32(b), w)], y, mask=c < d_model)
-  if red is not None:
-    _reduce_last(t, s, blocks, cols, *refs, d_model=d_model, **red)
-
-
-def _reduce_last(
-  t, s, blocks, cols, cnt_in, p_ref, o_ref, g_ref, cnt_ref, *, d_model, splits, group, interpret
-):
-  """Two-level deterministic sum of the (splits, T, D) partials by the last programs."""
-  del cnt_in  # aliased to cnt_ref
-  groups = cdiv(splits, group)
-  grp = s // group
-  size = jnp.minimum(group, splits - grp * group)
-  # Plain loads: the acq_rel, gpu-scope counter atomic orders them after the other SMs' stores
-  # (jax's Triton lowering rejects the ".cg" modifier: its table is keyed "cg").
-
-  def bump(slot):  # all of this program's stores precede the count (CTA barrier, acq_rel atomic)
-    if not interpret:
-      plgpu.debug_barrier()
-    return plgpu.atomic_add(
-      cnt_ref, (t, jnp.int32(slot) if isinstance(slot, int) else slot), jnp.int32(1)
-    )
-
-  def summed(src_ref, first, count, bound):  # partials first..first+count-1, in order
-    def add(j, accs):
-      return tuple(
-        acc
-        + plgpu.load(
-          src_ref.at[first + j, t, pl.ds(jnp.int32(b), w)],
-          mask=(c < d_model) & (j < count),
-          other=0,
-        )
-        for acc, (b, w), c in zip(accs, blocks, cols, strict=True)
-      )
-
-    return lax.fori_loop(0, bound, add, tuple(jnp.zeros((w,), F32) for _, w in blocks))
-
-  def store(dst_ref, lead, vals):
-    for (b, w), c, v in zip(blocks, cols, vals, strict=True):
-      idx = (*lead, t, pl.ds(jnp.int32(b), w))
-      plgpu.store(dst_ref.at[idx], v.astype(dst_ref.dtype), mask=c < d_model)
-
-  @pl.when(bump(grp) == size - 1)
-  def _():
-    part = summed(p_ref, grp * group, size, group)
-    if groups == 1:
-      store(o_ref, (), part)
-      return
-    store(g_ref, (grp,), part)
-
-    @pl.when(bump(groups) == groups - 1)
-    def _():
-      store(o_ref, (), summed(g_ref, 0, groups, groups))
 
 
 def rows_ffn(
@@ -136,12 +74,8 @@ def rows_ffn(
   cfg: DecodeConfig,
   *,
   interpret: bool,
-  counters: jax.Array | None = None,
 ) -> jax.Array:
-  """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype.
-
-  counters: zero int32 (T, COUNTERS) for list_reduce="last" (made here when None).
-  """
+  """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype."""
   num_tokens, d_model = x_TxD.shape
   k = idx_TxK.shape[1]
   rows = cfg.list_rows
@@ -149,36 +83,15 @@ def rows_ffn(
   per = cdiv(cdiv(k, splits), rows) * rows  # list entries per program, whole steps
   splits = cdiv(k, per)
   block_d = min(cfg.list_block_d, pow2_at_least(d_model))
-  if cfg.list_reduce not in ("xla", "last"):
-    raise ValueError(f"unknown list_reduce {cfg.list_reduce!r}; expected 'xla' or 'last'")
-  last = cfg.list_reduce == "last"
-  group = max(1, min(cfg.list_group, splits))
-  if last and cdiv(splits, group) + 1 > COUNTERS:
-    group = cdiv(splits, COUNTERS - 1)
-  red = dict(splits=splits, group=group, interpret=interpret) if last else None
   kernel = functools.partial(
-    _rows_kernel, k=k, per=per, rows=rows, d_model=d_model, block_d=block_d, red=red
+    _rows_kernel, k=k, per=per, rows=rows, d_model=d_model, block_d=block_d
   )
-  out_shape = [jax.ShapeDtypeStruct((splits, num_tokens, d_model), F32)]
-  args = [x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD]
-  aliases = {}
-  if last:
-    if counters is None:
-      counters = jnp.zeros((num_tokens, COUNTERS), I32)
-    args.append(counters)
-    aliases = {len(args) - 1: 3}
-    out_shape += [
-      jax.ShapeDtypeStruct((num_tokens, d_model), x_TxD.dtype),
-      jax.ShapeDtypeStruct((cdiv(splits, group), num_tokens, d_model), F32),
-      jax.ShapeDtypeStruct(counters.shape, I32),
-    ]
-  out = pl.pallas_call(
+  partials = pl.pallas_call(
     kernel,
-    out_shape=tuple(out_shape),
+    out_shape=jax.ShapeDtypeStruct((splits, num_tokens, d_model), F32),
     grid=(num_tokens, splits),
     compiler_params=plgpu.CompilerParams(num_warps=cfg.list_warps, num_stages=1),
-    input_output_aliases=aliases,
     interpret=interpret,
     name="decode_rows",
-  )(*args)
-  return out[1] if last else jnp.sum(out[0], axis=0).astype(x_TxD.dtype)
+  )(x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD)
+  return jnp.sum(partials, axis=0).astype(x_TxD.dtype)

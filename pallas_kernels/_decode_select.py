@@ -169,7 +169,6 @@ def select_scale(
   radix_bits: int = 2,
   lists: bool = False,
   interpret: bool = False,
-  group_block: int | None = None,
   granule: int = 0,
   chunk: int = 0,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -177,7 +176,6 @@ def select_scale(
 
   lists=False: a_TxW = silu(G) on the selected channels, 0 elsewhere.
   lists=True: (idx_TxK int32 ascending, a_TxK = silu(G) at idx), K = F // 4 for moc_2of8.
-  group_block: moc_2of8 groups per program (a power of 2; default: the whole row, one program).
   granule: 0 = the `moc` select works on one W-wide block; else on power-of-two pieces covering F
   rounded up to the granule (5464 -> 4096 + 1024 + 512 lanes instead of 8192).
   chunk: 0 = the search works on the pieces above; else on ceil(F / chunk) chunks of `chunk` lanes
@@ -224,12 +222,11 @@ def select_scale(
     )(partials)
   group = reference.GROUP
   p8 = partials.reshape(splits, 1, num_tokens, width // group, group)
-  per = min(group_block or width // group, width // group)
   kernel = functools.partial(
     _group_kernel,
     splits=splits,
     num_groups=d_ff // group,
-    width=per,
+    width=width // group,
     round_dtype=round_dtype,
     interpret=interpret,
   )
@@ -238,7 +235,7 @@ def select_scale(
   out = pl.pallas_call(
     kernel,
     out_shape=out_shape,
-    grid=(num_tokens, width // group // per),
+    grid=(num_tokens, 1),  # one program per token holds all width // 8 groups
     compiler_params=params,
     interpret=interpret,
     name="decode_select_2of8",

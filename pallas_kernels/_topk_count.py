@@ -1,9 +1,8 @@
-"""Counting passes of the top-K search: keys >= a threshold per element and per row, the
-row's key span and one bisection step (shared by the row and warp layouts)."""
+"""Counting passes of the top-K search: keys >= a threshold per element and per row, and one
+bisection step."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -17,8 +16,6 @@ from pallas_kernels._topk_config import TopKConfig
 
 def count_mode(cfg: TopKConfig, dtype, interpret: bool) -> str:
   mode = cfg.count
-  if cfg.search != "bisect":
-    return "int"  # the digit histograms take integer keys
   if tu.key_bits(dtype) == 32:
     return "int"  # 32-bit keys are not exact as fp32
   if mode == "auto":
@@ -26,18 +23,6 @@ def count_mode(cfg: TopKConfig, dtype, interpret: bool) -> str:
   if mode == "fsat" and interpret:
     return "fclip"  # inline PTX cannot run in interpret mode; same arithmetic
   return mode
-
-
-def lowest_key(dtype) -> int:
-  """The key of the dtype's lowest finite value (what `reference.mask_padding` writes)."""
-  import numpy as np
-
-  lo = np.array(jnp.finfo(dtype).min, dtype)
-  if tu.key_bits(dtype) == 32:
-    b = int(lo.view(np.int32))
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-  b = int(lo.view(np.int16))
-  return b ^ ((b >> 15) & 0x7FFF)
 
 
 def ge_ones(ckey, thr, mode: str):
@@ -74,23 +59,6 @@ def packed_counts(ckeys: list, thrs: tuple, mode: str) -> list:
     total = jnp.sum(lanes[i] + jnp.left_shift(lanes[i + 1], 16), axis=1, keepdims=True)
     out += [total & 0xFFFF, lax.shift_right_logical(total, 16)]
   return out
-
-
-def row_span(ckeys: list, pad: int, kmax: int, lane_wise: bool):
-  """Per row, the (lowest, highest) key other than padding, as int32 (R, 1): count(>= lo) is
-  every real key (>= k) and count(> hi) = 0, so the search may start there. A row of padding
-  only gives lo = hi = pad (converged, never stored)."""
-  real = [jnp.where(c > pad, c, jnp.asarray(kmax, c.dtype)) for c in ckeys]
-  if lane_wise:  # equal chunks: combine lane-wise, then one reduction each
-    hi_l, lo_l = ckeys[0], real[0]
-    for c, m in zip(ckeys[1:], real[1:], strict=True):
-      hi_l, lo_l = jnp.maximum(hi_l, c), jnp.minimum(lo_l, m)
-    hi, lo = jnp.max(hi_l, axis=1, keepdims=True), jnp.min(lo_l, axis=1, keepdims=True)
-  else:
-    hi = functools.reduce(jnp.maximum, [jnp.max(c, axis=1, keepdims=True) for c in ckeys])
-    lo = functools.reduce(jnp.minimum, [jnp.min(m, axis=1, keepdims=True) for m in real])
-  hi = hi.astype(jnp.int32)
-  return jnp.minimum(lo.astype(jnp.int32), hi), hi
 
 
 def bisect_step(state, count_ge: Callable, k: int):

@@ -3,13 +3,15 @@
 MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
   1. `_gemv_kernel`: G = x Wg over all of Wg (D × F), grid over F blocks × D splits so that every
      SM streams; fp32 partial sums per D split go to HBM (deterministic split-K, no atomics).
-  2. `_decode_select.select_kernel`: one program per token sums the partials, rounds G to x's dtype
+  2. `_decode_select.select_scale`: one program per token sums the partials, rounds G to x's dtype
      (as the reference does), selects exactly (radix bisection + prefix count for ties; or top-2 of
      every 8) and writes a = silu(G) on the selected channels, 0 elsewhere.
   3. `_up_kernel`: per block of channels, loads only the rows of channel-major Wu^T (F × D) that
      some token selected (masked loads issue no memory traffic), z = a * (x Wu^T) in x's dtype.
   4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
      with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
+With `pipeline="list"` (the default at T <= 4) the select writes per-token channel lists and
+one kernel (`_decode_list.rows_ffn`) does 3 and 4 over the listed rows.
 Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), then `_down_kernel`.
 """
 
@@ -23,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _decode_gemv, _decode_hist, _decode_list, _decode_select, reference
+from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
@@ -205,9 +207,6 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
   """Jitted so that every layer's call reuses one trace of the kernels."""
   if cfg.pipeline not in PIPELINES:
     raise ValueError(f"unknown decode pipeline {cfg.pipeline!r}; expected one of {PIPELINES}")
-  if cfg.pipeline == "list" and cfg.select_mode == "hist":  # selection over many programs
-    lists = _decode_hist.hist_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret=interpret)
-    return _decode_list.rows_ffn(x_TxD, *lists, w_up_FxD, w_down_FxD, cfg, interpret=interpret)
   partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
   select = functools.partial(
     _decode_select.select_scale,

@@ -5,15 +5,11 @@ only the K-th largest value per row is needed. Each program holds R rows on chip
 order-preserving keys (the only per-element state kept across the search), in power-of-two
 chunks that cover F with at most `granule` padded lanes, and:
 
-1. brackets the K-th largest key from a strided sample of S keys: a radix search that fixes
-   4 bits per step (15 candidate thresholds counted at once), 4 serial steps for 16-bit keys
-   instead of 16 bisection steps;
-2. verifies the bracket with one counting pass over the row (a failed side still narrows the
-   range, so the result is exact whatever the sample says);
-3. searches inside the bracket, `fan` thresholds per counting pass (1: bisection; 2: ternary;
-   3: radix 4); with `chunk`, equal chunks are summed lane-wise and two thresholds share one
-   int32, so a pass ends in one block reduction (`_topk_count.packed_counts`);
-4. one packed prefix sum per chunk (count of `> v` in the low 16 bits, of `== v` in the high)
+1. searches the dtype's whole key range for the K-th largest key, `fan` thresholds per
+   counting pass (1: bisection; 2: ternary; 3: radix 4); with `chunk`, equal chunks are
+   summed lane-wise and two thresholds share one int32, so a pass ends in one block
+   reduction (`_topk_count.packed_counts`);
+2. one packed prefix sum per chunk (count of `> v` in the low 16 bits, of `== v` in the high)
    gives each selected element its output slot: ties at v go to the lowest channels. G is
    re-read (from L1/L2) for the values rather than kept in registers.
 
@@ -38,15 +34,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 from pallas_kernels._topk_config import TopKConfig
-from pallas_kernels._topk_count import (
-  bisect_step,
-  count_mode,
-  ge_ones,
-  lowest_key,
-  packed_counts,
-  row_span,
-)
-from pallas_kernels._topk_sample import kth_by_radix, sample_ranks
+from pallas_kernels._topk_count import bisect_step, count_mode, ge_ones, packed_counts
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
@@ -54,14 +42,13 @@ GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 DEFAULT = TopKConfig()
 
 
-def selected_slots(cum, gt, eq, valid, need, k: int, clip: bool):
+def selected_slots(cum, gt, eq, valid, need):
   """Which keys are kept and their output slots, from the running packed count `cum`
   (keys above the threshold in the low 16 bits, keys equal to it in the high 16): all keys
-  above, and the first `need` equal ones (lowest channels). `clip` keeps ablations in range."""
+  above, and the first `need` equal ones (lowest channels)."""
   cnt_eq = lax.shift_right_logical(cum, 16)
   sel = valid & (gt | (eq & (cnt_eq <= need)))
-  pos = (cum & 0xFFFF) + jnp.minimum(cnt_eq, need) - 1
-  return sel, (jnp.clip(pos, 0, k - 1) if clip else pos)
+  return sel, (cum & 0xFFFF) + jnp.minimum(cnt_eq, need) - 1
 
 
 def select_call(kernel, t: int, k: int, dtype, rows: int, cfg, interpret: bool, name: str):
@@ -93,12 +80,6 @@ def select_rows(
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
   mask and each selected element's output slot in [0, k).
   """
-  if cfg.layout == "warp":
-    from pallas_kernels import topk_warp
-
-    return topk_warp.select_rows_warp(
-      g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=on_chunk, num_valid=num_valid
-    )
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
@@ -115,7 +96,6 @@ def select_rows(
   else:
     chunks = tu.pow2_chunks(f, cfg.granule) if cfg.granule else [(0, tu.next_pow2(f))]
   pad = kmin - 1 if nbits == 16 else kmin  # below every real 16-bit key
-  low = lowest_key(dtype)
 
   def load_chunk(off, w):
     rows_b = jnp.broadcast_to(row_r1, (r, w))
@@ -151,27 +131,6 @@ def select_rows(
   lo = jnp.full((r, 1), kmin, jnp.int32)
   hi = jnp.full((r, 1), kmax, jnp.int32)
   chi = jnp.zeros((r, 1), jnp.int32)  # count(key > hi)
-  if cfg.span:  # the row's own key range: a few passes fewer than the dtype's whole range
-    lo, hi = row_span(ckeys, pad, kmax, lane_wise=bool(cfg.chunk))
-  s = min(cfg.sample, 1 << (f.bit_length() - 1))
-  if cfg.sample and s >= 16:
-    stride = nv // s if nv >= s else 1
-    rows_s = jnp.broadcast_to(row_r1, (r, s))
-    cols_s = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :] * stride, (r, s))
-    ok_s = (rows_s < t) & (cols_s < nv)
-    gs = pltriton.load(g_ref.at[rows_s, jnp.minimum(cols_s, f - 1)], mask=ok_s, other=0)
-    keys_s = jnp.where(ok_s, tu.order_keys(gs), low)
-    s_hi, s_lo = kth_by_radix(keys_s, sample_ranks(nv, k, s), nbits)
-    if cfg.ablate == "no_search":
-      lo = hi = s_lo
-    else:
-      c1, c2 = counts_ge((s_lo, s_hi + 1))  # NaN payloads aside, s_hi < kmax here
-      ok1, ok2 = c1 >= k, c2 < k
-      lo = jnp.where(ok1, jnp.where(ok2, s_lo, s_hi + 1), lo)
-      hi = jnp.where(ok1, jnp.where(ok2, s_hi, hi), s_lo - 1)
-      chi = jnp.where(ok1, jnp.where(ok2, c2, chi), c1)
-  if cfg.ablate == "no_select":
-    lo = hi = jnp.zeros((r, 1), jnp.int32)
 
   def cond(state):
     lo, hi, _ = state
@@ -202,29 +161,18 @@ def select_rows(
     return new_lo, new_hi, jnp.where(ok2, chi, jnp.where(ok1, c2, c1))
 
   body = {1: body_bisect, 2: body_ternary, 3: body_radix4}[fan]
-  if cfg.search != "bisect":
-    from pallas_kernels import topk_radix
-
-    op = topk_radix.OPERAND[cfg.search]
-    v, n_gt = topk_radix.kth_key(ckeys, k, nbits=nbits, rows=r, operand=op)
-  else:
-    v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
+  v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
   carry = jnp.zeros((r, 1), jnp.int32)
-  pieces = chunks
-  if cfg.final_pieces:  # few wide scans: keys re-derived from G (re-read from L1/L2)
-    pieces = tu.pow2_chunks(f, cfg.granule or 256)
-  for i, (off, w) in enumerate(pieces):
+  for ckey, (off, w) in zip(ckeys, chunks, strict=True):
     rows_b, cols_b, valid, g = load_chunk(off, w)
-    ckey = keys_of(off, w, valid, g) if cfg.final_pieces else ckeys[i]
     gt = ckey > v_c
     eq = ckey == v_c
     packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
-    scan = packed * cols_b if cfg.ablate == "no_scan" else jnp.cumsum(packed, axis=1)
-    cum = scan + carry
+    cum = jnp.cumsum(packed, axis=1) + carry
     carry = carry + jnp.sum(packed, axis=1, keepdims=True)
-    sel, pos = selected_slots(cum, gt, eq, valid, need, k, clip=bool(cfg.ablate))
+    sel, pos = selected_slots(cum, gt, eq, valid, need)
     on_chunk(rows_b, cols_b, valid, g, sel, pos)
 
 

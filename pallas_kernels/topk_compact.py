@@ -5,8 +5,8 @@ Why: the one-kernel top-K spends ~600 us at 16384 x 5632 outside its search and 
 counting, reductions) or the write side (prefix sum, per-element slot stores, the
 re-read of G) is the cost. Splitting them times each alone:
 
-1. `_mask_kernel`: any `select_rows` search (bisection, sampled, warp layout, radix) or the
-   2:8 group selection, then one (T, ceil(F/32)) int32 word per 32 channels: bit j of
+1. `_mask_kernel`: the `select_rows` search (any `fan`, `chunk`) or the 2:8 group
+   selection, then one (T, ceil(F/32)) int32 word per 32 channels: bit j of
    word w is channel 32w + j (ties already resolved to the lower channels). Writes
    16384 x 176 x 4 B = 11.5 MB instead of 101 MB of indices and values.
 2. `_compact_kernel`: per row, popcount of each word, an exclusive prefix sum over the
@@ -144,7 +144,7 @@ def mask_call(
 def select_flat(g2: jax.Array, k: int, variant: str, *, cfg, interpret: bool):
   """(T, F) -> (idx (T, K) int32 ascending, val (T, K)); k already checked by topk.select."""
   t, f = g2.shape
-  inner = dataclasses.replace(cfg, compact=False, ablate=cfg.ablate.replace("mask_only", ""))
+  inner = dataclasses.replace(cfg, compact=False, ablate="")
   if f < WORD:  # chunks narrower than a word: the one-kernel path
     return topk.select(g2, k, variant, config=inner, interpret=interpret)
   mask = mask_call(g2, k, variant, inner, interpret)

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _decode_hist, _decode_select, moc_decode, reference
-from pallas_kernels._decode_config import spread_config
+from pallas_kernels import _decode_select, moc_decode, reference
 
 # Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
 SMALL = moc_decode.DecodeConfig(
@@ -33,11 +32,6 @@ SMALL = moc_decode.DecodeConfig(
 # The list pipeline with small blocks: several programs per token, a partial last step.
 LIST = dataclasses.replace(
   SMALL, pipeline="list", list_rows=4, list_programs=8, list_block_d=32, t1_dot=True
-)
-
-# Selection over many programs (histograms of key bits) and the in-kernel two-level sum.
-HIST = dataclasses.replace(
-  LIST, gemv_splits=1, select_mode="hist", hist_block=64, list_reduce="last", list_group=3
 )
 
 
@@ -99,10 +93,7 @@ def test_select_is_exact_with_ties(variant):
     (16, 100, 23, "moc", jnp.bfloat16, True, SMALL),  # ties at the threshold, bf16, tl.dot path
     (1, 171, 37, "moc", jnp.float32, True, LIST),  # odd F, ties, lists; T = 1 via tl.dot
     (3, 136, 34, "moc_2of8", jnp.bfloat16, True, LIST),  # group lists, several tokens
-    (1, 1376, 250, "moc", jnp.bfloat16, True, HIST),  # 43 blocks, ties at the threshold
-    (3, 171, 37, "moc", jnp.float32, True, HIST),  # 32-bit keys: 4 histogram levels
-    (4, 136, 34, "moc_2of8", jnp.bfloat16, True, HIST),  # groups of 8 per block, no threshold
-    (4, 203, 41, "moc", jnp.bfloat16, False, dataclasses.replace(LIST, list_reduce="last")),
+    (4, 203, 41, "moc", jnp.bfloat16, False, LIST),  # T = 4, the list pipeline's largest
     (1, 1376, 250, "moc", jnp.bfloat16, True, None),  # decode_ffn's own config (moc_config)
     (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(LIST, select_granule=32)),
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_granule=16)),
@@ -222,18 +213,6 @@ def test_select_chunks_lower_for_cuda():
     assert "__gpu$xla.gpu.triton" in text
 
 
-def test_hist_select_lists_match_reference():
-  """Histogram select: the reference's indices and silu(G), ties across block edges."""
-  seed, num_tokens, d_model, d_ff, k = _seed(), 3, 16, 2736, 700
-  x, wg, *_ = _weights(seed, num_tokens, d_model, d_ff, jnp.bfloat16, True)
-  cfg = dataclasses.replace(HIST, gemv_block_f=64, hist_block=256)
-  idx, a = _decode_hist.hist_select(x, wg, k, "moc", cfg, interpret=True)
-  g = jnp.dot(x, wg, preferred_element_type=jnp.float32).astype(x.dtype)
-  want_idx, want_val = reference.select(g, k, "moc")
-  np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx), err_msg=f"{seed=}")
-  np.testing.assert_allclose(np.asarray(a), jax.nn.silu(want_val.astype(jnp.float32)), rtol=1e-6)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(
   ("num_tokens", "variant", "pipeline"),
@@ -244,8 +223,6 @@ def test_hist_select_lists_match_reference():
     (1, "moc_2of8", "list"),
     (16, "moc_2of8", "list"),
     (1, "moc", "mask"),
-    (1, "moc", "hist"),  # select_mode="hist" + list_reduce="last" (2026-11-28c, untimed)
-    (4, "moc_2of8", "hist"),
     (1, "moc", "pieces"),
     (1, "moc", "chunk512"),
   ],
@@ -254,9 +231,7 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
   """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
   d_model, d_ff, k = 2048, 5464, 1024
   cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
-  if pipeline == "hist":
-    cfg = spread_config(cfg)
-  elif pipeline == "pieces":  # the list select over power-of-two pieces (untimed option)
+  if pipeline == "pieces":  # the list select over power-of-two pieces (untimed option)
     cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256)
   elif pipeline == "chunk512":  # the list select on 512-lane chunks (untimed option)
     cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512)

@@ -37,16 +37,14 @@ def _assert_same(g, k, variant, **kw):
 @pytest.mark.parametrize(
   ("dtype", "t", "f", "k", "config"),
   [
-    (jnp.bfloat16, 5, 1376, 256, TopKConfig(sample=256, fan=3, rows=2)),  # sampled, ragged
-    (jnp.float32, 4, 700, 128, TopKConfig(rows=2, sample=128)),  # 32-bit keys, integer counts
-    (jnp.float32, 3, 700, 128, TopKConfig(rows=2, span=True)),  # row span, a padding-only row
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(fan=3, rows=2)),  # radix-4 search, ragged rows
+    (jnp.float32, 4, 700, 128, TopKConfig(rows=2)),  # 32-bit keys, integer counts
+    (jnp.float32, 3, 700, 128, TopKConfig(rows=2, chunk=256)),  # chunks, a padding-only row
     (jnp.bfloat16, 3, 5461, 1024, TopKConfig(count="int", granule=0)),  # odd F, one block
     # equal chunks (the last one ragged), packed counts: ternary; radix 4 (a pair + one)
-    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2, final_pieces=True)),
-    (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int", span=True)),
-    # warp layout: a warp per row, keys re-read, sampled bracket, 8-wide lanes, ragged rows
-    (jnp.bfloat16, 3, 2736, 512, TopKConfig(layout="warp", rows=2, keep=False, sample=256)),
-    (jnp.bfloat16, 5, 1376, 256, TopKConfig(layout="warp", rows=4, lanes=256)),
+    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2)),
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int")),
+    (jnp.bfloat16, 3, 2736, 512, TopKConfig(rows=2, strided=False)),  # contiguous lanes
   ],
 )
 def test_random_rows(dtype, t, f, k, config):
@@ -63,16 +61,11 @@ def test_ties_and_equal_rows(dtype, k):
   f = 300
   g = jax.random.randint(_key(k), (6, f), -2, 3).astype(dtype)
   g = g.at[4].set(1.5).at[5].set(-0.75).reshape(2, 3, f)
-  _assert_same(g, k, "moc", config=TopKConfig(rows=2, sample=64, fan=3 if k == 1 else 1))
+  _assert_same(g, k, "moc", config=TopKConfig(rows=2, fan=3 if k == 1 else 1))
   if dtype == jnp.bfloat16:  # ternary search over packed counts (16-bit keys)
     _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=128, fan=2))
-    cfg = TopKConfig(rows=4, chunk=64, fan=2, final_pieces=True, span=True)  # all-equal rows
-    _assert_same(g, k, "moc", config=cfg)
-  warp = TopKConfig(layout="warp", rows=4, keep=k == 1, sample=64 if k == 1 else 0)
-  _assert_same(g, k, "moc", config=warp)
-  # K=1: bitmask + compaction after a warp search; fp32: radix (4 passes, 2 rows stacked)
-  other = TopKConfig(layout="warp", rows=4, compact=True) if k == 1 else None
-  _assert_same(g, k, "moc", config=other or TopKConfig(search="radix_i8", rows=2))
+    _assert_same(g, k, "moc", config=TopKConfig(rows=4, chunk=64, fan=2))  # all-equal rows
+  _assert_same(g, k, "moc", config=TopKConfig(rows=4, compact=True))  # bitmask + compaction
 
 
 def test_group_2of8():
@@ -86,12 +79,11 @@ def test_group_2of8():
 @pytest.mark.parametrize(
   ("f", "k", "config"),
   [
-    (5461, 1024, TopKConfig(search="radix")),  # two 8-bit histogram passes, odd F
-    # int8 operands, 2 rows stacked in one product; then bitmask + compaction kernels
-    (2736, 512, TopKConfig(search="radix_i8", rows=2, compact=True)),
+    (5461, 1024, TopKConfig(compact=True)),  # odd F: a ragged last word
+    (2736, 512, TopKConfig(rows=2, chunk=512, fan=2, compact=True)),
   ],
 )
-def test_radix_and_compact(f, k, config):
+def test_compact(f, k, config):
   """Shapes as in test_random_rows (reference compiles shared); rows with ties at v."""
   g = jax.random.normal(_key(f + 1), (3, f), jnp.float32).astype(jnp.bfloat16)
   g = g.at[1].set(jnp.where(jnp.arange(f) % 3 == 0, -0.0, 0.0).astype(g.dtype))  # +-0 ties
@@ -100,7 +92,7 @@ def test_radix_and_compact(f, k, config):
 
 
 def test_errors():
-  for bad in (dict(fan=4), dict(chunk=384), dict(chunk=256, layout="warp"), dict(final_pieces=1)):
+  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan")):
     with pytest.raises(ValueError):
       TopKConfig(**bad)
   g = jnp.ones((2, 64), jnp.float32)

@@ -58,21 +58,20 @@ def _inputs(t, f, dtype, tag, ties=False):
 
 
 @pytest.mark.parametrize(
-  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "fan"),
+  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "cfg"),
   [
-    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, 3),  # F padding, radix-4 search
-    ("moc", jnp.float32, 3, 200, 100, True, None, 1),  # ties, K = F/2
-    ("moc", jnp.bfloat16, 3, 72, 1, True, 61, 1),  # K = 1, ties, padding
-    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, 1),  # ties; padding: partial + whole group
-    ("moc", jnp.bfloat16, 3, 136, 16, True, 130, 0),  # fan 0: warp layout (topk_warp.py)
-    ("moc", jnp.bfloat16, 3, 200, 37, True, 190, 2),  # ternary on ragged equal chunks
+    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, TopKConfig(rows=2, fan=3)),  # padding, radix 4
+    ("moc", jnp.float32, 3, 200, 100, True, None, TopKConfig(rows=2)),  # ties, K = F/2
+    ("moc", jnp.bfloat16, 3, 72, 1, True, 61, TopKConfig(rows=2)),  # K = 1, ties, padding
+    # ties; padding: a partial and a whole group
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, TopKConfig(rows=2)),
+    ("moc", jnp.bfloat16, 3, 136, 16, True, 130, TopKConfig(rows=4, chunk=32)),  # narrow chunks
+    # ternary on ragged equal chunks
+    ("moc", jnp.bfloat16, 3, 200, 37, True, 190, TopKConfig(rows=2, fan=2, chunk=64)),
   ],
 )
-def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, fan):
+def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, cfg):
   g, u, dz = _padded_inputs(t, f, dtype, f, ties, num_valid=num_valid)
-  cfg = TopKConfig(rows=2, fan=fan) if fan else TopKConfig(layout="warp", rows=2, keep=False)
-  if fan == 2:
-    cfg = TopKConfig(rows=2, fan=2, chunk=64, final_pieces=True)
   out = moc_train.train_forward_epilogue(g, u, k, variant, num_valid=num_valid, config=cfg)
   ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]), err_msg=f"seed={_SEED}")
