@@ -279,6 +279,6 @@ def residual_bytes_per_token(
   k_eff = effective_k(k, d_ff, variant)
   values = k_eff * (2 if gcp else 3) * itemsize
   padded = _padded(d_ff, PAD_MULTIPLE_GPU)
-  if backends.resolve(backend) == "pallas" and _bitmask_epilogues(backend, padded):
+  if _bitmask_epilogues(backend, padded):
     return values + -(-padded // 32) * 4
   return values + k_eff * jnp.dtype(reference.index_dtype(d_ff)).itemsize

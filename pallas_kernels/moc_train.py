@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import topk, topk_compact
-from pallas_kernels.moc_train_mask import apply_call, selected_count, silu_mul
+from pallas_kernels.moc_train_mask import apply_call, checked_selection, silu_mul
 from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 
 # The forward epilogue's config, its own: the fastest standalone top-K is not the fastest inside
@@ -115,48 +115,45 @@ def train_forward_epilogue(
   interpret = tu.default_interpret(interpret)
   *lead, f = g_TxF.shape
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
-  t = g2.shape[0]
-  nv = None if num_valid is None or num_valid >= f else int(num_valid)
-  k = selected_count(f, k, variant)
+  k, nv = checked_selection(f, k, variant, num_valid)
+  if cfg.compact and f >= topk_compact.WORD:  # two kernels: selection bitmask, streaming pass
+    inner = dataclasses.replace(cfg, compact=False)
+    mask = topk_compact.mask_call(g2, k, variant, inner, interpret, num_valid=nv)
+    outs = apply_call(
+      mask, g2, u2, k, num_valid=nv, cfg=cfg, interpret=interpret, idx_dtype=idx_dtype
+    )
+  else:
+    outs = _forward_call(g2, u2, k, variant, nv, cfg, interpret, idx_dtype)
+  idx, gs, us, z = outs
+  return idx.reshape(*lead, k), gs.reshape(*lead, k), us.reshape(*lead, k), z.reshape(*lead, f)
+
+
+def _forward_call(g2, u2, k, variant, nv, cfg, interpret, idx_dtype):
+  """The one-kernel forward: selection, U loads and Z / residual stores in one pass."""
+  t, f = g2.shape
   if variant == "moc_2of8":
     rows = topk.group_program_rows(cfg, f)
     kernel = functools.partial(
       _forward_group_kernel, t=t, f=f, rows=rows, num_valid=nv, interpret=interpret
     )
   else:
-    if not 0 < k <= (f if nv is None else nv) or f >= 32768:
-      raise ValueError(f"need 0 < k <= num_valid <= F < 32768, got k={k}, F={f}, nv={nv}")
     rows = cfg.rows
     kernel = functools.partial(
       _forward_kernel, t=t, f=f, k=k, num_valid=nv, cfg=cfg, interpret=interpret
     )
-  out_shape = (
-    jax.ShapeDtypeStruct((t, k), idx_dtype),
-    jax.ShapeDtypeStruct((t, k), g2.dtype),
-    jax.ShapeDtypeStruct((t, k), u2.dtype),
-    jax.ShapeDtypeStruct((t, f), u2.dtype),
-  )
-  if cfg.compact and f >= topk_compact.WORD:  # two kernels: selection bitmask, streaming pass
-    inner = dataclasses.replace(cfg, compact=False)
-    mask = topk_compact.mask_call(g2, k, variant, inner, interpret, num_valid=nv)
-    idx, gs, us, z = apply_call(
-      mask, g2, u2, k, num_valid=nv, cfg=cfg, interpret=interpret, idx_dtype=idx_dtype
-    )
-    return idx.reshape(*lead, k), gs.reshape(*lead, k), us.reshape(*lead, k), z.reshape(*lead, f)
-  idx, gs, us, z = pl.pallas_call(
+  return pl.pallas_call(
     kernel,
-    out_shape=out_shape,
+    out_shape=(
+      jax.ShapeDtypeStruct((t, k), idx_dtype),
+      jax.ShapeDtypeStruct((t, k), g2.dtype),
+      jax.ShapeDtypeStruct((t, k), u2.dtype),
+      jax.ShapeDtypeStruct((t, f), u2.dtype),
+    ),
     grid=(pl.cdiv(t, rows),),
     interpret=interpret,
     compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
     name=f"moc_train_fwd_{variant}",
   )(g2, u2)
-  return (
-    idx.reshape(*lead, k),
-    gs.reshape(*lead, k),
-    us.reshape(*lead, k),
-    z.reshape(*lead, f),
-  )
 
 
 def _backward_kernel(

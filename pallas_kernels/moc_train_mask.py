@@ -70,7 +70,6 @@ def apply_call(
   interpret: bool,
   idx_dtype=None,
   z_sel: bool = False,
-  name: str = "moc_train_fwd_apply",
 ) -> tuple[jax.Array, ...]:
   """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given."""
   t, f = g2.shape
@@ -95,19 +94,25 @@ def apply_call(
     grid=(t,),
     interpret=interpret,
     compiler_params=None if interpret else tu.compiler_params(cfg.apply_warps),
-    name=name,
+    name="moc_train_fwd_apply",
   )(mask, g2, u2)
 
 
-def selected_count(f: int, k: int, variant: str) -> int:
-  """K as the kernels use it (2:8 fixes it), after checking the shape."""
+def checked_selection(
+  f: int, k: int, variant: str, num_valid: int | None
+) -> tuple[int, int | None]:
+  """(K as the kernels use it, num_valid or None when no channel is padding) for a row of F
+  channels; raises on a variant, K or F the forward epilogues cannot take."""
+  nv = None if num_valid is None or num_valid >= f else int(num_valid)
   if variant == "moc_2of8":
     if f % GROUP:
       raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
-    return f // GROUP * PER_GROUP
+    return f // GROUP * PER_GROUP, nv
   if variant != "moc":
     raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
-  return k
+  if not 0 < k <= (f if nv is None else nv) or f >= 32768:  # 16-bit packed prefix counts
+    raise ValueError(f"need 0 < k <= num_valid <= F < 32768, got k={k}, F={f}, nv={nv}")
+  return k, nv
 
 
 @functools.partial(
@@ -135,10 +140,7 @@ def train_forward_bitmask(
   f = g_TxF.shape[-1]
   if f < topk_compact.WORD:
     raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
-  k = selected_count(f, k, variant)
-  nv = None if num_valid is None or num_valid >= f else int(num_valid)
-  if variant == "moc" and not 0 < k <= (nv or f):
-    raise ValueError(f"need 0 < k <= num_valid <= F, got k={k}, F={f}, num_valid={nv}")
+  k, nv = checked_selection(f, k, variant, num_valid)
   cfg = dataclasses.replace(config or moc_train.FORWARD_DEFAULT, compact=False)
   interpret = tu.default_interpret(interpret)
   words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv)
