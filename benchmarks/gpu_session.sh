@@ -19,6 +19,8 @@
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests)
+#   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
+#           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
 # the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py);
@@ -142,6 +144,14 @@ tests() {
     ${GPU_TESTS:-tests/test_kernels_train.py tests/test_kernels_topk.py}
 }
 
+stream() {
+  local extra=()
+  [ -n "${DRY:-}" ] && extra=(--dry_run)
+  [ -n "${STREAM_ONLY:-}" ] && extra+=(--only="$STREAM_ONLY")
+  python3 benchmarks/stream_sweep.py --shapes="${STREAM_SHAPES:-1b,60m}" "${extra[@]}" \
+    --out="$work/stream_sweep.json"
+}
+
 graphs() {
   local graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
   graph_flags+=",DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
@@ -149,7 +159,7 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests layer"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests layer stream"
 export work
 export -f $sections
 for spec in "$@"; do

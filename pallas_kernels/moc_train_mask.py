@@ -28,7 +28,49 @@ from pallas_kernels import topk_compact
 from pallas_kernels._topk_config import TopKConfig
 from pallas_kernels.reference import GROUP, PER_GROUP
 
-WORDS_PER_BLOCK = 32  # bitmask words per block of the backward (1024 channels)
+STREAM_MODES = ("row", "prefetch", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+  """How a streaming pass walks the bitmask: `words` per block (32 channels each; 0: the
+  row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
+  'row' (one program per row, each block loaded, computed and stored in turn), 'prefetch'
+  (one per row, every block's loads issued before the first store) or 'block' (one program
+  per block: grid (T, blocks))."""
+
+  words: int = 32
+  warps: int = 4
+  mode: str = "row"
+
+  def __post_init__(self):
+    if self.mode not in STREAM_MODES:
+      raise ValueError(f"stream mode must be one of {STREAM_MODES}, got {self.mode!r}")
+    if self.words < 0 or self.words & (self.words - 1) or (self.mode == "block" and not self.words):
+      raise ValueError(f"words={self.words}: a power of two (or 0 in the row modes)")
+
+  def grid(self, t: int, f: int) -> tuple[int, ...]:
+    return (t, topk_compact.num_word_blocks(f, self.words)) if self.mode == "block" else (t,)
+
+  def blocks(self, m_ref, *, t: int, f: int):
+    """This program's (rows_b, cols_b, ok, sel, slot) blocks, in order."""
+    if self.mode == "block":
+      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words)]
+    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
+
+  def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
+    """finish(block, load(block)) for each block; 'prefetch' issues every load first."""
+    blocks = self.blocks(m_ref, t=t, f=f)
+    if self.mode == "prefetch":
+      blocks = list(blocks)
+      for block, loaded in zip(blocks, [load(b) for b in blocks], strict=True):
+        finish(block, loaded)
+      return
+    for block in blocks:
+      finish(block, load(block))
+
+
+BACKWARD_DEFAULT = StreamConfig()
 
 
 def silu_mul(g, u, out_dtype):
@@ -38,17 +80,21 @@ def silu_mul(g, u, out_dtype):
   return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
 
 
-def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, max_words, has_idx, interpret):
+def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, sc, has_idx, interpret):
   """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot."""
   idx_ref = out_refs[0] if has_idx else None
   gs_ref, us_ref, z_ref, *zs_ref = out_refs[1:] if has_idx else out_refs
-  for rows_b, cols_b, ok, sel, slot in topk_compact.word_blocks(
-    m_ref, t=t, f=f, rows=1, max_words=max_words
-  ):
+
+  def load(block):
+    rows_b, cols_b, ok, _, _ = block
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
     if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
       g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
-    u = pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
+    return g, pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
+
+  def finish(block, loaded):
+    rows_b, cols_b, ok, sel, slot = block
+    g, u = loaded
     z = silu_mul(g, u, z_ref.dtype)
     pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
     if has_idx:
@@ -57,6 +103,13 @@ def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, max_words, ha
     tu.scatter_store(us_ref, rows_b, slot, u, sel, interpret)
     if zs_ref:
       tu.scatter_store(zs_ref[0], rows_b, slot, z, sel, interpret)
+
+  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
+
+
+def stream_config(cfg: TopKConfig) -> StreamConfig:
+  """The forward streaming pass's walk, from a `TopKConfig`'s apply_* fields."""
+  return StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode=cfg.apply_mode)
 
 
 def apply_call(
@@ -79,21 +132,22 @@ def apply_call(
     out_shape.insert(0, compact(idx_dtype))
   if z_sel:
     out_shape.append(compact(u2.dtype))
+  sc = stream_config(cfg)
   kernel = functools.partial(
     _apply_kernel,
     t=t,
     f=f,
     num_valid=num_valid,
-    max_words=cfg.apply_words,
+    sc=sc,
     has_idx=idx_dtype is not None,
     interpret=interpret,
   )
   return pl.pallas_call(
     kernel,
     out_shape=tuple(out_shape),
-    grid=(t,),
+    grid=sc.grid(t, f),
     interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(cfg.apply_warps),
+    compiler_params=None if interpret else tu.compiler_params(sc.warps),
     name="moc_train_fwd_apply",
   )(mask, g2, u2)
 
@@ -148,20 +202,22 @@ def train_forward_bitmask(
   return (words, *outs)
 
 
-def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, has_z, interpret):
+def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, interpret):
   zs_ref, (dg_ref, du_ref, z_ref) = (rest[0], rest[1:]) if has_z else (None, rest)
   del interpret  # every store is dense: no masked-off lane can clobber another's element
-  for rows_b, cols_b, ok, sel, slot in topk_compact.word_blocks(
-    m_ref, t=t, f=f, rows=1, max_words=WORDS_PER_BLOCK
-  ):
-    g_raw = pltriton.load(gs_ref.at[rows_b, slot], mask=sel, other=0)
-    u_raw = pltriton.load(us_ref.at[rows_b, slot], mask=sel, other=0)
+
+  def load(block):
+    rows_b, cols_b, ok, sel, slot = block
+    gathered = [pltriton.load(r.at[rows_b, slot], mask=sel, other=0) for r in (gs_ref, us_ref)]
     if has_z:
-      z = pltriton.load(zs_ref.at[rows_b, slot], mask=sel, other=0)
-    else:
-      z = silu_mul(g_raw, u_raw, z_ref.dtype)
-    dz = pltriton.load(dz_ref.at[rows_b, cols_b], mask=ok, other=0).astype(jnp.float32)
-    g, u = g_raw.astype(jnp.float32), u_raw.astype(jnp.float32)
+      gathered.append(pltriton.load(zs_ref.at[rows_b, slot], mask=sel, other=0))
+    return pltriton.load(dz_ref.at[rows_b, cols_b], mask=ok, other=0), *gathered
+
+  def finish(block, loaded):
+    rows_b, cols_b, ok, sel, _ = block
+    dz, g_raw, u_raw, *z = loaded
+    z = z[0] if has_z else silu_mul(g_raw, u_raw, z_ref.dtype)
+    dz, g, u = (v.astype(jnp.float32) for v in (dz, g_raw, u_raw))
     s = jax.nn.sigmoid(g)
     du = dz * (g * s)
     dg = dz * u * (s * (1.0 + g * (1.0 - s)))
@@ -169,8 +225,10 @@ def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, has_z, interpre
       val = jnp.where(sel, val.astype(ref.dtype), jnp.zeros((), ref.dtype))
       pltriton.store(ref.at[rows_b, cols_b], val, mask=ok)
 
+  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
 
-@functools.partial(jax.jit, static_argnames=("num_warps", "interpret"))
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def train_backward_bitmask(
   dz_TxF: jax.Array,
   words_TxW: jax.Array,
@@ -178,15 +236,16 @@ def train_backward_bitmask(
   u_sel_TxK: jax.Array,
   z_sel_TxK: jax.Array | None = None,
   *,
-  num_warps: int = 4,
+  config: StreamConfig | None = None,
   interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection."""
   interpret = tu.default_interpret(interpret)
+  sc = config or BACKWARD_DEFAULT
   t, f = dz_TxF.shape
   has_z = z_sel_TxK is not None
   z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
-  kernel = functools.partial(_backward_kernel, t=t, f=f, has_z=has_z, interpret=interpret)
+  kernel = functools.partial(_backward_kernel, t=t, f=f, sc=sc, has_z=has_z, interpret=interpret)
   operands = (dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK) + ((z_sel_TxK,) if has_z else ())
   return pl.pallas_call(
     kernel,
@@ -195,8 +254,8 @@ def train_backward_bitmask(
       jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
       jax.ShapeDtypeStruct((t, f), z_dtype),
     ),
-    grid=(t,),
+    grid=sc.grid(t, f),
     interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(num_warps),
+    compiler_params=None if interpret else tu.compiler_params(sc.warps),
     name="moc_train_bwd_bitmask",
   )(*operands)

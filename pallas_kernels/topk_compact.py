@@ -73,6 +73,29 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
   )
 
 
+def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int):
+  """Load the words at widx and expand them to channels: (rows_b, cols_b, ok, sel, slot) as
+  (R, CW, 32) blocks, and the carry (set bits so far) after them."""
+  rows, cw = widx_RxW.shape
+  nw = -(-f // WORD)
+  bit = jnp.arange(WORD, dtype=jnp.int32)[None, None, :]  # (1, 1, 32)
+  lower = jnp.left_shift(1, bit) - 1  # bits below each lane (lane 31: 0x7fffffff)
+  rows_w = jnp.broadcast_to(row_R1, (rows, cw))
+  ok_w = (rows_w < t) & (widx_RxW < nw)
+  words = pltriton.load(m_ref.at[rows_w, widx_RxW], mask=ok_w, other=0)  # (R, CW)
+  cnt = lax.population_count(words)
+  base = jnp.cumsum(cnt, axis=1) - cnt + carry_R1  # exclusive: slot of the word's first bit
+  carry = carry_R1 + jnp.sum(cnt, axis=1, keepdims=True)
+  word3, base3 = words.reshape(rows, cw, 1), base.reshape(rows, cw, 1)
+  shape = (rows, cw, WORD)
+  rows_b = jnp.broadcast_to(row_R1.reshape(rows, 1, 1), shape)
+  cols_b = jnp.broadcast_to(widx_RxW.reshape(rows, cw, 1) * WORD + bit, shape)
+  ok = (rows_b < t) & (cols_b < f)
+  sel = ((lax.shift_right_logical(word3, bit) & 1) == 1) & ok
+  slot = base3 + lax.population_count(word3 & lower)
+  return (rows_b, cols_b, ok, sel, slot), carry
+
+
 def word_blocks(
   m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE, max_words: int = 0
 ):
@@ -85,27 +108,38 @@ def word_blocks(
   """
   nw = -(-f // WORD)
   row = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)[:, None]  # (R, 1)
-  bit = jnp.arange(WORD, dtype=jnp.int32)[None, None, :]  # (1, 1, 32)
-  lower = jnp.left_shift(1, bit) - 1  # bits below each lane (lane 31: 0x7fffffff)
   carry = jnp.zeros((rows, 1), jnp.int32)
   pieces = tu.pow2_chunks(nw, min(granule, tu.next_pow2(nw)))
   if max_words:
     pieces = [(o + i, min(w, max_words)) for o, w in pieces for i in range(0, w, max_words)]
   for off, cw in pieces:
     widx = jnp.broadcast_to(off + jnp.arange(cw, dtype=jnp.int32)[None, :], (rows, cw))
-    rows_w = jnp.broadcast_to(row, (rows, cw))
-    ok_w = (rows_w < t) & (widx < nw)
-    words = pltriton.load(m_ref.at[rows_w, widx], mask=ok_w, other=0)  # (R, CW)
-    cnt = lax.population_count(words)
-    base = jnp.cumsum(cnt, axis=1) - cnt + carry  # exclusive: slot of the word's first bit
-    carry = carry + jnp.sum(cnt, axis=1, keepdims=True)
-    word3, base3 = words.reshape(rows, cw, 1), base.reshape(rows, cw, 1)
-    shape = (rows, cw, WORD)
-    rows_b = jnp.broadcast_to(row.reshape(rows, 1, 1), shape)
-    cols_b = jnp.broadcast_to(widx.reshape(rows, cw, 1) * WORD + bit, shape)
-    ok = (rows_b < t) & (cols_b < f)
-    sel = ((lax.shift_right_logical(word3, bit) & 1) == 1) & ok
-    yield rows_b, cols_b, ok, sel, base3 + lax.population_count(word3 & lower)
+    block, carry = _expand_words(m_ref, row, widx, carry, t=t, f=f)
+    yield block
+
+
+def num_word_blocks(f: int, words: int) -> int:
+  """Blocks of `words` words per row of F channels (`row_block`'s second grid axis)."""
+  num_words = -(-f // WORD)
+  return -(-num_words // words)
+
+
+def row_block(m_ref, *, t: int, f: int, words: int):
+  """In-kernel, grid (T, num_word_blocks): program (i, j)'s block, row i's words
+  [j * words, (j + 1) * words), as `word_blocks` yields it. Its slots count the set bits of
+  the row's earlier words too, which each program re-reads (F/8 bytes, from L2): one small
+  block per program keeps many programs, and their loads, in flight."""
+  nw = -(-f // WORD)
+  row = jnp.full((1, 1), pl.program_id(0), jnp.int32)
+  start = pl.program_id(1) * words
+  widx_all = jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :]
+  earlier = pltriton.load(
+    m_ref.at[jnp.broadcast_to(row, widx_all.shape), widx_all], mask=widx_all < start, other=0
+  )
+  carry = jnp.sum(lax.population_count(earlier), axis=1, keepdims=True)
+  widx = start + jnp.arange(words, dtype=jnp.int32)[None, :]
+  block, _ = _expand_words(m_ref, row, widx, carry, t=t, f=f)
+  return block
 
 
 def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, *, t, f, rows, interpret):

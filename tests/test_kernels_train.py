@@ -129,19 +129,27 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "keep_z"),
+  ("variant", "dtype", "t", "f", "k", "ties", "num_valid", "keep_z", "stream"),
   [
-    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, True),
-    ("moc", jnp.float32, 3, 200, 100, True, None, False),  # ties, K = F/2, GCP
-    ("moc", jnp.bfloat16, 2, 72, 1, True, 61, True),  # K = 1
-    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, False),
+    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, True, ("row", 4)),
+    ("moc", jnp.float32, 3, 200, 100, True, None, False, ("row", 4)),  # ties, K = F/2, GCP
+    ("moc", jnp.bfloat16, 2, 72, 1, True, 61, True, ("row", 4)),  # K = 1
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, False, ("row", 4)),
+    # The other walks: every block's loads first, or one program per block of words.
+    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("prefetch", 8)),
+    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
+    ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
+    ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
   ],
 )
-def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z):
-  """Selection kept as bits: the same G_sel, U_sel, Z, Z_sel, dG, dU as the index epilogues."""
+def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, stream):
+  """Selection kept as bits: the same G_sel, U_sel, Z, Z_sel, dG, dU as the index epilogues,
+  whichever way the streaming passes walk the bitmask."""
+  mode, words = stream
   g, u, dz = _padded_inputs(t, f, dtype, f + 2, ties, num_valid=num_valid)
+  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode)
   out = moc_train_mask.train_forward_bitmask(
-    g, u, k, variant, num_valid=num_valid, config=TopKConfig(chunk=64, apply_words=4), z_sel=keep_z
+    g, u, k, variant, num_valid=num_valid, config=cfg, z_sel=keep_z
   )
   ref = reference.train_forward_epilogue(g, u, k, variant, num_valid=num_valid)
   np.testing.assert_array_equal(np.asarray(out[0]), _words_of(ref[0], f), err_msg=f"seed={_SEED}")
@@ -151,7 +159,9 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z):
   z_sel = out[4] if keep_z else None
   if keep_z:  # Z_sel is Z at the selected channels, bit for bit
     _equal(z_sel, jnp.take_along_axis(out[3], ref[0], axis=-1))
-  dg, du, z = moc_train_mask.train_backward_bitmask(dz, out[0], out[1], out[2], z_sel)
+  dg, du, z = moc_train_mask.train_backward_bitmask(
+    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, mode=mode)
+  )
   ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, ref[0], ref[1], ref[2], z_sel)
   assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
   _close(dg, ref_dg, dtype)
@@ -161,6 +171,15 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z):
   else:
     _close(z, ref_z, dtype)
   _equal(z, out[3])  # the backward's Z is the forward's, kept or recomputed
+
+
+def test_stream_config_rejects_bad_walks():
+  with pytest.raises(ValueError, match="stream mode"):
+    moc_train_mask.StreamConfig(mode="column")
+  with pytest.raises(ValueError, match="power of two"):
+    moc_train_mask.StreamConfig(words=24)
+  with pytest.raises(ValueError, match="power of two"):
+    moc_train_mask.StreamConfig(words=0, mode="block")
 
 
 def test_forward_uint16_indices():
