@@ -60,10 +60,10 @@ def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000)
     from benchmarks import topk_variants
     from pallas_kernels import moc_train
 
-    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512")
+    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512_w32")
     if name.endswith(".json"):
       with open(name) as f:
-        name = json.load(f).get("fwd_epilogue_best") or "split_c512"
+        name = json.load(f).get("fwd_epilogue_best") or "split_c512_w32"
     print(f"forward epilogue config: {name}", flush=True)
     moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
   if variant in INDICES:

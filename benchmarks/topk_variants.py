@@ -27,6 +27,12 @@ SWEEP: dict[str, TopKConfig] = {
   "cmp_row_default": TopKConfig(compact=True),
   "abl_cmp_row_mask_only": TopKConfig(compact=True, ablate="mask_only"),
   "row_w2": TopKConfig(num_warps=2),
+  # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
+  # registers, 37.5% occupancy). count='pair' keeps the row as bf16 values and counts two per
+  # `set.ge.bf16x2` + `fma.rn.bf16x2`: half the counting instructions and registers.
+  "row_c512_pair": TopKConfig(chunk=512, count="pair"),
+  "row_c512_t_pair": TopKConfig(chunk=512, fan=2, count="pair"),
+  "row_c1024_t_pair": TopKConfig(chunk=1024, fan=2, count="pair"),
   # Removed after commit e334f23, slower on the H200 (figures in NOTES_kernels.md): warp per
   # row (layout='warp', the w_* and abl_w_* rows), radix-histogram search (row_radix*,
   # cmp_radix), sampled bracket (*_s256), final_pieces and span (row_c*_tp, row_c512_tps).
@@ -38,17 +44,15 @@ SWEEP: dict[str, TopKConfig] = {
 # pass): the one-kernel c512_t lost its standalone gain inside the epilogue (1214 vs 1067 us).
 EPILOGUE: dict[str, TopKConfig] = {
   "default": TopKConfig(),
-  "split_c512_t": TopKConfig(chunk=512, fan=2, compact=True),  # 810 us (mask 500), 2026-12-01d
-  "split_c512": TopKConfig(chunk=512, compact=True),  # 773 us (mask 429)
-  # The streaming pass took ~345 us where its bytes (G, U, Z, residuals: ~650 MB) need ~170:
-  # fewer values live per thread (smaller word blocks) and more warps.
-  "split_c512_a8": TopKConfig(chunk=512, compact=True, apply_warps=8),
+  # The two-kernel default since 2026-12-01e (748 us; the other split configs of that sweep,
+  # chunk 256/1024, rows=2, 8 warps, ternary, are in NOTES_kernels.md and lost to it).
   "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
-  "split_c512_w32_a8": TopKConfig(chunk=512, compact=True, apply_words=32, apply_warps=8),
-  "split_c512_w16_a2": TopKConfig(chunk=512, compact=True, apply_words=16, apply_warps=2),
-  "split_c512_w64_a8": TopKConfig(chunk=512, compact=True, apply_words=64, apply_warps=8),
-  # The selection side: chunk width and warps.
-  "split_c256": TopKConfig(chunk=256, compact=True),
-  "split_c1024": TopKConfig(chunk=1024, compact=True),
-  "split_c512_r2": TopKConfig(chunk=512, rows=2, compact=True),
+  # Its selection counted two values per instruction (count='pair', see SWEEP).
+  "split_c512_w32_pair": TopKConfig(chunk=512, compact=True, apply_words=32, count="pair"),
+  "split_c512_t_w32_pair": TopKConfig(chunk=512, fan=2, compact=True, apply_words=32, count="pair"),
+  "split_c1024_w32_pair": TopKConfig(chunk=1024, compact=True, apply_words=32, count="pair"),
+  "split_c256_w32_pair": TopKConfig(chunk=256, compact=True, apply_words=32, count="pair"),
+  "split_c512_w32_pair_w8": TopKConfig(
+    chunk=512, compact=True, apply_words=32, count="pair", num_warps=8
+  ),
 }

@@ -17,7 +17,7 @@ class TopKConfig:
 
   rows: int = 1  # rows per program
   num_warps: int = 4
-  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
+  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'pair' (16-bit floats, chunks) | 'auto'
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
   # Thresholds per counting pass in the search: 1 (bisection), 2 (ternary) or 3 (radix 4);
   # 2 and 3 only for 16-bit keys.

@@ -34,7 +34,15 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 from pallas_kernels._topk_config import TopKConfig
-from pallas_kernels._topk_count import bisect_step, count_mode, ge_ones, packed_counts
+from pallas_kernels._topk_count import (
+  bisect_step,
+  count_mode,
+  ge_ones,
+  negative_zeros,
+  packed_counts,
+  pair_counts,
+  pair_values,
+)
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
@@ -84,7 +92,8 @@ def select_rows(
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
   mode = count_mode(cfg, dtype, interpret)
-  use_float = mode != "int"
+  pairs = mode == "pair"  # the row kept as values, counted two per instruction
+  use_float = mode not in ("int", "pair")
   fan = cfg.fan if nbits == 16 else 1
   nv = f if num_valid is None else min(num_valid, f)
   r = cfg.rows
@@ -115,10 +124,17 @@ def select_rows(
       key = jnp.where(row_ok, key, pad)
     return key.astype(jnp.float32) if use_float else key
 
-  ckeys = [keys_of(off, w, *load_chunk(off, w)[2:]) for off, w in chunks]
+  if pairs:
+    loaded = [load_chunk(off, w)[2:] for off, w in chunks]
+    ckeys = [pair_values(g, valid) for valid, g in loaded]
+    neg0 = sum(negative_zeros(g, valid) for valid, g in loaded)
+  else:
+    ckeys = [keys_of(off, w, *load_chunk(off, w)[2:]) for off, w in chunks]
 
   def counts_ge(thrs):
     """Per row, the number of keys >= thr for each thr ((R, 1) int32)."""
+    if pairs:
+      return pair_counts(ckeys, thrs, neg0, interpret)
     if cfg.chunk:
       return packed_counts(ckeys, thrs, mode)
     totals = [jnp.zeros((r, 1), jnp.int32) for _ in thrs]
@@ -167,6 +183,8 @@ def select_rows(
   carry = jnp.zeros((r, 1), jnp.int32)
   for ckey, (off, w) in zip(ckeys, chunks, strict=True):
     rows_b, cols_b, valid, g = load_chunk(off, w)
+    if pairs:  # the final pass compares keys again
+      ckey = keys_of(off, w, valid, g)
     gt = ckey > v_c
     eq = ckey == v_c
     packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
