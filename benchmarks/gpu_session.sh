@@ -24,7 +24,8 @@
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
 # the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py);
-# STEPPROF_VARIANTS overrides stepprof's.
+# STEPPROF_VARIANTS overrides stepprof's, REMAT_VARIANTS remat's (its _split ones likewise);
+# STEP_ARGS adds model_step.py flags to step64 (e.g. --estimate_max_batch).
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl
 # (/work/shared/tools/device-wheels) and, for gcp, .corpus (benchmarks/make_code_corpus.py + the
@@ -80,11 +81,19 @@ decode() {
   TOTAL_S=$(($1 - 10)) bash benchmarks/decode_gpu_session.sh "$work/decode"
 }
 
+split_config() {  # the _split variants take the topk section's fastest forward epilogue
+  local best="$work/topk/topk_gpu_session.json"
+  [ -z "${MOC_SPLIT_CONFIG:-}" ] && [ -f "$best" ] && export MOC_SPLIT_CONFIG="$best"
+  return 0
+}
+
 remat() {
   [ -n "${DRY:-}" ] && { echo "remat comparison skipped (DRY)"; return 0; }
+  split_config
+  local variants=moc,moc_gcp,dense_remat_ffn,dense,dense_remat_full,moc_remat_ffn
   python3 benchmarks/model_step.py --preset=1b --batch=256 --steps=6 --warmup=2 \
-    --variants=moc,moc_gcp,dense_remat_ffn,dense,dense_remat_full,moc_remat_ffn \
-    --reference=dense_remat_ffn --out="$work/model_step_1b_b256.json"
+    --variants=${REMAT_VARIANTS:-$variants} --reference=dense_remat_ffn \
+    --out="$work/model_step_1b_b256.json"
 }
 
 stepprof() {
@@ -126,9 +135,8 @@ e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used
 
 step64() {
   [ -n "${DRY:-}" ] && { echo "model step skipped (DRY)"; return 0; }
-  local best="$work/topk/topk_gpu_session.json"  # the _split variants take its best epilogue
-  [ -z "${MOC_SPLIT_CONFIG:-}" ] && [ -f "$best" ] && export MOC_SPLIT_CONFIG="$best"
-  python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 \
+  split_config
+  python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 ${STEP_ARGS:-} \
     --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} --out="$work/model_step_1b.json"
 }
 
@@ -161,7 +169,7 @@ graphs() {
 
 sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests layer stream"
 export work
-export -f $sections
+export -f $sections split_config
 for spec in "$@"; do
   name=${spec%%:*} limit=${spec#*:}
   [ "$limit" = "$spec" ] && limit=300

@@ -28,14 +28,11 @@ SWEEP: dict[str, TopKConfig] = {
   "abl_cmp_row_mask_only": TopKConfig(compact=True, ablate="mask_only"),
   "row_w2": TopKConfig(num_warps=2),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
-  # registers, 37.5% occupancy). count='pair' keeps the row as bf16 values and counts two per
-  # `set.ge.bf16x2` + `fma.rn.bf16x2`: half the counting instructions and registers.
-  "row_c512_pair": TopKConfig(chunk=512, count="pair"),
-  "row_c512_t_pair": TopKConfig(chunk=512, fan=2, count="pair"),
-  "row_c1024_t_pair": TopKConfig(chunk=1024, fan=2, count="pair"),
-  # Removed after commit e334f23, slower on the H200 (figures in NOTES_kernels.md): warp per
-  # row (layout='warp', the w_* and abl_w_* rows), radix-histogram search (row_radix*,
-  # cmp_radix), sampled bracket (*_s256), final_pieces and span (row_c*_tp, row_c512_tps).
+  # registers, 37.5% occupancy). The bitmask needs no slots, so its final pass can skip the
+  # 11 prefix sums unless a row has surplus ties at v. (count='pair', two bf16 counts per
+  # instruction, was exact but slower: 688 vs 429 us in the epilogue; code at 2a11ea1.)
+  "cmp_c512_lazy": TopKConfig(chunk=512, compact=True, lazy_ties=True),
+  "cmp_c512_t_lazy": TopKConfig(chunk=512, fan=2, compact=True, lazy_ties=True),
 }
 
 
@@ -47,12 +44,10 @@ EPILOGUE: dict[str, TopKConfig] = {
   # The two-kernel default since 2026-12-01e (748 us; the other split configs of that sweep,
   # chunk 256/1024, rows=2, 8 warps, ternary, are in NOTES_kernels.md and lost to it).
   "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
-  # Its selection counted two values per instruction (count='pair', see SWEEP).
-  "split_c512_w32_pair": TopKConfig(chunk=512, compact=True, apply_words=32, count="pair"),
-  "split_c512_t_w32_pair": TopKConfig(chunk=512, fan=2, compact=True, apply_words=32, count="pair"),
-  "split_c1024_w32_pair": TopKConfig(chunk=1024, compact=True, apply_words=32, count="pair"),
-  "split_c256_w32_pair": TopKConfig(chunk=256, compact=True, apply_words=32, count="pair"),
-  "split_c512_w32_pair_w8": TopKConfig(
-    chunk=512, compact=True, apply_words=32, count="pair", num_warps=8
+  # Its selection without the prefix sums where no row has surplus ties at v.
+  "split_c512_w32_lazy": TopKConfig(chunk=512, compact=True, apply_words=32, lazy_ties=True),
+  "split_c512_t_w32_lazy": TopKConfig(
+    chunk=512, fan=2, compact=True, apply_words=32, lazy_ties=True
   ),
+  "split_c1024_w32_lazy": TopKConfig(chunk=1024, compact=True, apply_words=32, lazy_ties=True),
 }

@@ -17,7 +17,7 @@ class TopKConfig:
 
   rows: int = 1  # rows per program
   num_warps: int = 4
-  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'pair' (16-bit floats, chunks) | 'auto'
+  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
   # Thresholds per counting pass in the search: 1 (bisection), 2 (ternary) or 3 (radix 4);
   # 2 and 3 only for 16-bit keys.
@@ -29,6 +29,9 @@ class TopKConfig:
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # Timing only, wrong results: 'mask_only' (with `compact`) runs the bitmask kernel alone.
   ablate: str = ""
+  # Selection to a bitmask only (no slots): skip the final prefix sum unless a row has more
+  # keys equal to the K-th than it keeps (then the lowest channels win, as always).
+  lazy_ties: bool = False
   # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction.
   compact: bool = False
   # The train forward's streaming pass after the bitmask (`compact` only): warps, and the most

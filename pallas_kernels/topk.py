@@ -34,15 +34,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 from pallas_kernels._topk_config import TopKConfig
-from pallas_kernels._topk_count import (
-  bisect_step,
-  count_mode,
-  ge_ones,
-  negative_zeros,
-  packed_counts,
-  pair_counts,
-  pair_values,
-)
+from pallas_kernels._topk_count import bisect_step, count_mode, ge_ones, packed_counts
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
@@ -81,19 +73,20 @@ def select_rows(
   interpret: bool,
   on_chunk: Callable,
   num_valid: int | None = None,
+  slots: bool = True,
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
 
   on_chunk(rows_b, cols_b, valid, g, sel, pos): broadcast (R, W) row/column indices, the
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
-  mask and each selected element's output slot in [0, k).
+  mask and each selected element's output slot in [0, k). With slots=False the caller needs
+  no slots: pos may be None (`cfg.lazy_ties`).
   """
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
   mode = count_mode(cfg, dtype, interpret)
-  pairs = mode == "pair"  # the row kept as values, counted two per instruction
-  use_float = mode not in ("int", "pair")
+  use_float = mode != "int"
   fan = cfg.fan if nbits == 16 else 1
   nv = f if num_valid is None else min(num_valid, f)
   r = cfg.rows
@@ -124,17 +117,10 @@ def select_rows(
       key = jnp.where(row_ok, key, pad)
     return key.astype(jnp.float32) if use_float else key
 
-  if pairs:
-    loaded = [load_chunk(off, w)[2:] for off, w in chunks]
-    ckeys = [pair_values(g, valid) for valid, g in loaded]
-    neg0 = sum(negative_zeros(g, valid) for valid, g in loaded)
-  else:
-    ckeys = [keys_of(off, w, *load_chunk(off, w)[2:]) for off, w in chunks]
+  ckeys = [keys_of(off, w, *load_chunk(off, w)[2:]) for off, w in chunks]
 
   def counts_ge(thrs):
     """Per row, the number of keys >= thr for each thr ((R, 1) int32)."""
-    if pairs:
-      return pair_counts(ckeys, thrs, neg0, interpret)
     if cfg.chunk:
       return packed_counts(ckeys, thrs, mode)
     totals = [jnp.zeros((r, 1), jnp.int32) for _ in thrs]
@@ -180,18 +166,32 @@ def select_rows(
   v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
-  carry = jnp.zeros((r, 1), jnp.int32)
-  for ckey, (off, w) in zip(ckeys, chunks, strict=True):
-    rows_b, cols_b, valid, g = load_chunk(off, w)
-    if pairs:  # the final pass compares keys again
-      ckey = keys_of(off, w, valid, g)
-    gt = ckey > v_c
-    eq = ckey == v_c
-    packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
-    cum = jnp.cumsum(packed, axis=1) + carry
-    carry = carry + jnp.sum(packed, axis=1, keepdims=True)
-    sel, pos = selected_slots(cum, gt, eq, valid, need)
-    on_chunk(rows_b, cols_b, valid, g, sel, pos)
+
+  def final_pass(ties: bool) -> None:
+    carry = jnp.zeros((r, 1), jnp.int32)
+    for ckey, (off, w) in zip(ckeys, chunks, strict=True):
+      rows_b, cols_b, valid, g = load_chunk(off, w)
+      if not ties:  # every key equal to v is kept: no prefix sum
+        on_chunk(rows_b, cols_b, valid, g, valid & (ckey >= v_c), None)
+        continue
+      gt = ckey > v_c
+      eq = ckey == v_c
+      packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
+      cum = jnp.cumsum(packed, axis=1) + carry
+      carry = carry + jnp.sum(packed, axis=1, keepdims=True)
+      sel, pos = selected_slots(cum, gt, eq, valid, need)
+      on_chunk(rows_b, cols_b, valid, g, sel, pos)
+
+  if slots or not cfg.lazy_ties:
+    final_pass(True)
+    return
+  # Without slots, the prefix sum only breaks ties at v: skip it unless some row has more keys
+  # equal to v than it keeps (padding keys sit below every real key, so never equal v).
+  eqs = [(ckey == v_c).astype(jnp.int32) for ckey in ckeys]
+  if len({w for _, w in chunks}) == 1:  # equal chunks: sum lane-wise, one reduction
+    eqs = [sum(eqs[1:], eqs[0])]
+  n_eq = sum(jnp.sum(e, axis=1, keepdims=True) for e in eqs)
+  lax.cond(jnp.max(n_eq - need) > 0, lambda: final_pass(True), lambda: final_pass(False))
 
 
 def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):
