@@ -4,10 +4,12 @@ rematerialised), the framework's own train step, random tokens.
   python benchmarks/model_step.py --preset=1b --batch=64 --seq=256
 
 Each variant runs in its own process so `peak_bytes_in_use` is that variant's alone. Reports
-tokens/s, step time (median), MFU (PaLM-style FLOPs: 6 × non-embedding params + 12 × layers ×
-d_model × seq per token, over a 989 TFLOP/s dense-bf16 peak for H100/H200), peak device memory
-and XLA's compiled memory analysis; the largest batch without rematerialisation is estimated
-linearly from the compiled memory at two batch sizes.
+tokens/s and step time over `--steps` steps run back to back (one sync at the end, as training
+runs them; the median of as many steps, each synced alone, is kept beside it), MFU (PaLM-style
+FLOPs: 6 × non-embedding params + 12 × layers × d_model × seq per token, over a 989 TFLOP/s
+dense-bf16 peak for H100/H200), peak device memory and XLA's compiled memory analysis; the
+largest batch without rematerialisation is estimated linearly from the compiled memory at two
+batch sizes.
 """
 
 from __future__ import annotations
@@ -111,12 +113,16 @@ def child(args) -> dict:
     state, m = step(state, batch)
   jax.block_until_ready(m)
   times = []
-  for _ in range(args.steps):
+  for _ in range(args.steps):  # each step alone: its wall time, launch gap included
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
-  step_s = statistics.median(times)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):  # back to back, as a training loop runs them
+    state, m = step(state, batch)
+  jax.block_until_ready(m["loss"])
+  step_s = (time.perf_counter() - t0) / args.steps
   tokens_per_s = args.batch * args.seq / step_s
   peak_tflops = train_lib.device_peak_tflops(None)
   flops = train_lib.train_flops_per_token(cfg, args.seq)
@@ -129,9 +135,11 @@ def child(args) -> dict:
     "params": n_params,
     "batch": args.batch,
     "seq": args.seq,
-    "step_ms_median": step_s * 1e3,
-    "step_ms_all": [x * 1e3 for x in times],
+    "step_ms": step_s * 1e3,
+    "step_ms_synced_median": statistics.median(times) * 1e3,
+    "step_ms_synced_all": [x * 1e3 for x in times],
     "tokens_per_s": tokens_per_s,
+    "tokens_per_s_synced": args.batch * args.seq / statistics.median(times),
     "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
     "peak_gb": train_lib.peak_memory_gb(),
     "compiled_gb": {str(b): v / 1e9 for b, v in compiled_bytes.items()},
@@ -150,6 +158,7 @@ def write_results(args, rows: list[dict]) -> None:
     for r in rows:
       if "error" not in r:
         r["tokens_per_s_vs_dense"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["synced_vs_dense"] = r["tokens_per_s_synced"] / ref["tokens_per_s_synced"]
         r["peak_vs_dense"] = r["peak_gb"] / ref["peak_gb"] if ref["peak_gb"] else None
   common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
 
@@ -188,7 +197,8 @@ def main() -> None:
     else:
       r["wall_s"] = time.perf_counter() - t0
       print(
-        f"{name:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
+        f"{name:>16}: {r['step_ms']:.1f} ms/step ({r['step_ms_synced_median']:.1f} synced), "
+        f"{r['tokens_per_s']:,.0f} tok/s, "
         f"MFU {r['mfu'] or 0:.1%}, peak {r['peak_gb'] or 0:.1f} GB, "
         f"est. max batch {r['est_max_batch']}",
         flush=True,
@@ -199,7 +209,13 @@ def main() -> None:
       [
         {
           k: r.get(k)
-          for k in ("variant", "tokens_per_s_vs_dense", "peak_vs_dense", "est_max_batch")
+          for k in (
+            "variant",
+            "tokens_per_s_vs_dense",
+            "synced_vs_dense",
+            "peak_vs_dense",
+            "est_max_batch",
+          )
         }
         for r in rows
       ],

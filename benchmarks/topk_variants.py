@@ -28,11 +28,9 @@ SWEEP: dict[str, TopKConfig] = {
   "abl_cmp_row_mask_only": TopKConfig(compact=True, ablate="mask_only"),
   "row_w2": TopKConfig(num_warps=2),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
-  # registers, 37.5% occupancy). The bitmask needs no slots, so its final pass can skip the
-  # 11 prefix sums unless a row has surplus ties at v. (count='pair', two bf16 counts per
-  # instruction, was exact but slower: 688 vs 429 us in the epilogue; code at 2a11ea1.)
-  "cmp_c512_lazy": TopKConfig(chunk=512, compact=True, lazy_ties=True),
-  "cmp_c512_t_lazy": TopKConfig(chunk=512, fan=2, compact=True, lazy_ties=True),
+  # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
+  # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final
+  # pass without prefix sums unless a row has surplus ties at v, 472 vs 426 us; code at 87c8a63).
 }
 
 
@@ -44,10 +42,4 @@ EPILOGUE: dict[str, TopKConfig] = {
   # The two-kernel default since 2026-12-01e (748 us; the other split configs of that sweep,
   # chunk 256/1024, rows=2, 8 warps, ternary, are in NOTES_kernels.md and lost to it).
   "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
-  # Its selection without the prefix sums where no row has surplus ties at v.
-  "split_c512_w32_lazy": TopKConfig(chunk=512, compact=True, apply_words=32, lazy_ties=True),
-  "split_c512_t_w32_lazy": TopKConfig(
-    chunk=512, fan=2, compact=True, apply_words=32, lazy_ties=True
-  ),
-  "split_c1024_w32_lazy": TopKConfig(chunk=1024, compact=True, apply_words=32, lazy_ties=True),
 }

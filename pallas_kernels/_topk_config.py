@@ -29,9 +29,6 @@ class TopKConfig:
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # Timing only, wrong results: 'mask_only' (with `compact`) runs the bitmask kernel alone.
   ablate: str = ""
-  # Selection to a bitmask only (no slots): skip the final prefix sum unless a row has more
-  # keys equal to the K-th than it keeps (then the lowest channels win, as always).
-  lazy_ties: bool = False
   # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction.
   compact: bool = False
   # The train forward's streaming pass after the bitmask (`compact` only): warps, and the most

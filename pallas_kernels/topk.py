@@ -73,14 +73,12 @@ def select_rows(
   interpret: bool,
   on_chunk: Callable,
   num_valid: int | None = None,
-  slots: bool = True,
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
 
   on_chunk(rows_b, cols_b, valid, g, sel, pos): broadcast (R, W) row/column indices, the
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
-  mask and each selected element's output slot in [0, k). With slots=False the caller needs
-  no slots: pos may be None (`cfg.lazy_ties`).
+  mask and each selected element's output slot in [0, k).
   """
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
@@ -167,31 +165,16 @@ def select_rows(
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
 
-  def final_pass(ties: bool) -> None:
-    carry = jnp.zeros((r, 1), jnp.int32)
-    for ckey, (off, w) in zip(ckeys, chunks, strict=True):
-      rows_b, cols_b, valid, g = load_chunk(off, w)
-      if not ties:  # every key equal to v is kept: no prefix sum
-        on_chunk(rows_b, cols_b, valid, g, valid & (ckey >= v_c), None)
-        continue
-      gt = ckey > v_c
-      eq = ckey == v_c
-      packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
-      cum = jnp.cumsum(packed, axis=1) + carry
-      carry = carry + jnp.sum(packed, axis=1, keepdims=True)
-      sel, pos = selected_slots(cum, gt, eq, valid, need)
-      on_chunk(rows_b, cols_b, valid, g, sel, pos)
-
-  if slots or not cfg.lazy_ties:
-    final_pass(True)
-    return
-  # Without slots, the prefix sum only breaks ties at v: skip it unless some row has more keys
-  # equal to v than it keeps (padding keys sit below every real key, so never equal v).
-  eqs = [(ckey == v_c).astype(jnp.int32) for ckey in ckeys]
-  if len({w for _, w in chunks}) == 1:  # equal chunks: sum lane-wise, one reduction
-    eqs = [sum(eqs[1:], eqs[0])]
-  n_eq = sum(jnp.sum(e, axis=1, keepdims=True) for e in eqs)
-  lax.cond(jnp.max(n_eq - need) > 0, lambda: final_pass(True), lambda: final_pass(False))
+  carry = jnp.zeros((r, 1), jnp.int32)
+  for ckey, (off, w) in zip(ckeys, chunks, strict=True):
+    rows_b, cols_b, valid, g = load_chunk(off, w)
+    gt = ckey > v_c
+    eq = ckey == v_c
+    packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
+    cum = jnp.cumsum(packed, axis=1) + carry
+    carry = carry + jnp.sum(packed, axis=1, keepdims=True)
+    sel, pos = selected_slots(cum, gt, eq, valid, need)
+    on_chunk(rows_b, cols_b, valid, g, sel, pos)
 
 
 def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):

@@ -69,15 +69,7 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
     _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f)
 
   topk.select_rows(
-    g_ref,
-    t=t,
-    f=f,
-    k=k,
-    cfg=cfg,
-    interpret=interpret,
-    on_chunk=on_chunk,
-    num_valid=num_valid,
-    slots=False,
+    g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=on_chunk, num_valid=num_valid
   )
 
 

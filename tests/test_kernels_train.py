@@ -100,7 +100,6 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, cfg):
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, TopKConfig(compact=True)),
     ("moc", jnp.bfloat16, 2, 2752, 512, True, 2736, TopKConfig(compact=True, chunk=512, fan=2)),
     ("moc", jnp.bfloat16, 2, 2752, 512, False, 2736, TopKConfig(compact=True, apply_words=16)),
-    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, TopKConfig(compact=True, lazy_ties=True)),
     ("moc", jnp.float32, 3, 200, 100, True, None, TopKConfig(compact=True, rows=2)),
     ("moc", jnp.bfloat16, 3, 72, 1, True, 61, TopKConfig(compact=True)),  # K = 1
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, TopKConfig(compact=True)),
