@@ -61,7 +61,9 @@ def run_info() -> dict[str, Any]:
   return {
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "commit": _commit(),
-    "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    # a GIT_COMMIT run is a `git archive` snapshot of that commit: clean by construction
+    "dirty": not os.environ.get("GIT_COMMIT")
+    and bool(_git("status", "--porcelain", "--untracked-files=no")),
     "device": getattr(dev, "device_kind", str(dev)),
     "platform": dev.platform,
     "num_devices": jax.device_count(),
