@@ -70,8 +70,9 @@ class StreamConfig:
       finish(block, load(block))
 
 
-# 2026-12-01 (stream_sweep_h200_20261201.json, 1B layer): one program per 512 channels, 345 us
-# vs 392 for one program per row (GCP: 333 vs 360); the forward pass is fastest per row.
+# The H200 at the 1B layer shape (stream_sweep_h200_20261202.json): one program per 512 channels,
+# 342 us vs 383 for one program per row (GCP: 334 vs 386); the forward pass is fastest per row
+# (321 us vs 361-433 for the block walks).
 BACKWARD_DEFAULT = StreamConfig(words=16, mode="block")
 
 
