@@ -8,10 +8,10 @@ recorded in the JSON, never fatal):
 1. sweep at 16384 x 5632, K=1024: every `topk_variants.SWEEP` config, exact vs the
    reference (random rows, and 512 heavy-tie rows), median time; baselines: an XLA copy
    (read + write G), an XLA one-read row max, lax.top_k;
-2. the default and the fastest exact variant at 16384 x {1376, 2048, 2736, 5461, 5632,
+2. `topk.default_config(F)` and the fastest exact variant at 16384 x {1376, 2048, 2736, 5461, 5632,
    11008} (exactness incl. ties and all-equal rows) with lax.top_k and the read floor;
 3. the 2:8 kernel and the train forward epilogue (1B shape) with the fastest variant;
-4. FFN layer fwd and fwd+bwd, dense vs MoC pallas (fastest variant as topk.DEFAULT).
+4. FFN layer fwd and fwd+bwd, dense vs MoC pallas (with the fastest forward epilogue of 3).
 
 Registers, occupancy and stall reasons come from Nsight Compute instead
 (benchmarks/kernel_profile.sh): on jax 0.11 XLA compiles the Triton IR itself and its dumps
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, topk_variants
-from pallas_kernels import reference, topk
+from pallas_kernels import moc_train, reference, topk
 
 T = 16384
 SWEEP_FK = (5632, 1024)
@@ -223,8 +223,9 @@ def shapes(best_cfg) -> None:
       break
     sets_ = inputs(f_)
     row = {"F": f_, "K": k_}
-    for label, cfg in (("default", topk.DEFAULT), ("best", best_cfg)):
-      if label == "best" and best_cfg == topk.DEFAULT:
+    default = topk.default_config(f_)
+    for label, cfg in (("default", default), ("best", best_cfg)):
+      if label == "best" and best_cfg == default:
         continue
       r = run_variant(f"{label}@{f_}", cfg, f_, k_, sets_)
       row[f"{label}_us"], row[f"{label}_exact"] = r.get("us"), r.get("exact")
@@ -255,7 +256,7 @@ def forward_epilogue() -> topk.TopKConfig:
   """Every `topk_variants.EPILOGUE` config; returns the fastest exact one.
 
   Split configs also time their first kernel (the selection bitmask) alone."""
-  from pallas_kernels import moc_train, topk_compact
+  from pallas_kernels import topk_compact
 
   f, k, nv = EPILOGUE
   sets = []
@@ -295,14 +296,12 @@ def forward_epilogue() -> topk.TopKConfig:
   return configs[best]
 
 
-def ffn_layer(best_cfg, epilogue_cfg) -> list[dict]:
+def ffn_layer(epilogue_cfg) -> list[dict]:
   from benchmarks import ffn_layer as fl
-  from pallas_kernels import moc_train
 
   fl.TOKENS = T  # 64 x 256 = 16384 on the GPU; tiny in --dry_run
-  topk.DEFAULT = best_cfg  # topk reads it when config is None
-  moc_train.FORWARD_DEFAULT = epilogue_cfg  # and the forward epilogue this one
-  guarded("clear_caches", jax.clear_caches)  # no trace with the old DEFAULT reused
+  moc_train.FORWARD_DEFAULT = epilogue_cfg  # the forward epilogue reads it
+  guarded("clear_caches", jax.clear_caches)  # no trace with the old default reused
   rows = RES["ffn_layer"] = []
   for d, f, k in FFN_SHAPES:
     sets = [fl._params(d, f, s) for s in range(2)]
@@ -353,7 +352,7 @@ def main() -> None:
   section("shapes", SHAPES_NEED, shapes, best_cfg)
   section("2of8", EPI_NEED, grouped)
   epilogue_cfg = section("fwd_epilogue", EPI_NEED, forward_epilogue)
-  section("ffn_layer", FFN_NEED, ffn_layer, best_cfg, epilogue_cfg or topk.DEFAULT)
+  section("ffn_layer", FFN_NEED, ffn_layer, epilogue_cfg or moc_train.FORWARD_DEFAULT)
   timer.cancel()
   RES["done"] = True
   save()

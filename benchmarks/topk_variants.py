@@ -9,13 +9,13 @@ from __future__ import annotations
 from pallas_kernels.topk import TopKConfig
 
 SWEEP: dict[str, TopKConfig] = {
-  "row_default": TopKConfig(),  # today's kernel: one row over 4 warps
+  "row_default": TopKConfig(),  # one row over 4 warps; `select`'s default at powers of two
   # 2026-12-01: the search side is the cost (mask_only 649 of 718 us), and each counting pass
   # ends in one block reduction per power-of-two piece (3 for 5632). Equal chunks summed
   # lane-wise make it one per pass; packing two thresholds per int32 keeps it one for a
   # ternary search (~11 passes instead of 16).
   "row_c512": TopKConfig(chunk=512),
-  "row_c512_t": TopKConfig(chunk=512, fan=2),  # 566 vs 708 us; train fwd epilogue slower
+  "row_c512_t": TopKConfig(chunk=512, fan=2),  # 566 vs 708 us: `select`'s default elsewhere
   "row_c1024_t": TopKConfig(chunk=1024, fan=2),
   "row_c512_r4": TopKConfig(chunk=512, fan=3),
   "row_c512_t_r2": TopKConfig(chunk=512, fan=2, rows=2),
