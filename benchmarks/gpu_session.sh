@@ -18,7 +18,8 @@
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
-#   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests)
+#   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests, ~4 min;
+#           GPU_TESTS=tests, all 23, ~6 min)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES

@@ -31,17 +31,19 @@ from pallas_kernels._topk_config import TopKConfig
 
 SC = moc_train_mask.StreamConfig
 VARIANTS: dict[str, SC] = {
-  "row_w32": SC(32, 4, "row"),  # the default before this sweep
-  "prefetch_w32": SC(32, 4, "prefetch"),
-  "prefetch_w32_a8": SC(32, 8, "prefetch"),
-  "prefetch_w16": SC(16, 4, "prefetch"),
-  "prefetch_pieces": SC(0, 4, "prefetch"),
+  "row_w32": SC(32, 4, "row"),  # the forward's default
+  "block_w16": SC(16, 4, "block"),  # the backward's default
+  # Not yet timed: one block's loads in flight ahead (the row walk waits on its loads: L1TEX
+  # scoreboard stalls were 43% of the forward pass's in Nsight Compute, 2026-12-01).
+  "pipeline_w32": SC(32, 4, "pipeline"),
+  "pipeline_w16": SC(16, 4, "pipeline"),
+  "pipeline_w16_a8": SC(16, 8, "pipeline"),
+  "row_w16": SC(16, 4, "row"),
   "block_w32": SC(32, 4, "block"),
-  "block_w32_a8": SC(32, 8, "block"),
-  "block_w16": SC(16, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
-  "block_w64_a8": SC(64, 8, "block"),
+  # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
+  # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
 }
 SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
 TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}

@@ -35,7 +35,7 @@ class TopKConfig:
   # bitmask words (32 channels each) per block.
   apply_warps: int = 4
   apply_words: int = 0
-  apply_mode: str = "row"  # 'row' | 'prefetch' | 'block' (moc_train_mask.StreamConfig)
+  apply_mode: str = "row"  # 'row' | 'pipeline' | 'block' (moc_train_mask.StreamConfig)
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):

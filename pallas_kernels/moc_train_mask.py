@@ -28,16 +28,17 @@ from pallas_kernels import topk_compact
 from pallas_kernels._topk_config import TopKConfig
 from pallas_kernels.reference import GROUP, PER_GROUP
 
-STREAM_MODES = ("row", "prefetch", "block")
+STREAM_MODES = ("row", "pipeline", "block")
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
   """How a streaming pass walks the bitmask: `words` per block (32 channels each; 0: the
   row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
-  'row' (one program per row, each block loaded, computed and stored in turn), 'prefetch'
-  (one per row, every block's loads issued before the first store) or 'block' (one program
-  per block: grid (T, blocks))."""
+  'row' (one program per row, each block loaded, computed and stored in turn), 'pipeline'
+  (one per row, the next block's loads issued before this block's stores) or 'block' (one
+  program per block: grid (T, blocks)). A 'prefetch' walk, every block's loads first, lost
+  everywhere on the H200 (stream_sweep_h200_20261202.json; code at 3b714b8)."""
 
   words: int = 32
   warps: int = 4
@@ -59,15 +60,18 @@ class StreamConfig:
     return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
 
   def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
-    """finish(block, load(block)) for each block; 'prefetch' issues every load first."""
-    blocks = self.blocks(m_ref, t=t, f=f)
-    if self.mode == "prefetch":
-      blocks = list(blocks)
-      for block, loaded in zip(blocks, [load(b) for b in blocks], strict=True):
-        finish(block, loaded)
+    """finish(block, load(block)) for each block; 'pipeline' loads one block ahead."""
+    blocks = list(self.blocks(m_ref, t=t, f=f))
+    if self.mode != "pipeline":
+      for block in blocks:
+        finish(block, load(block))
       return
-    for block in blocks:
-      finish(block, load(block))
+    ahead = load(blocks[0])
+    for i, block in enumerate(blocks):
+      loaded = ahead
+      if i + 1 < len(blocks):  # the next loads in flight while this block computes and stores
+        ahead = load(blocks[i + 1])
+      finish(block, loaded)
 
 
 # The H200 at the 1B layer shape (stream_sweep_h200_20261202.json): one program per 512 channels,
