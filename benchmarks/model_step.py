@@ -123,6 +123,7 @@ def child(args) -> dict:
     state, m = step(state, batch)
   jax.block_until_ready(m["loss"])
   step_s = (time.perf_counter() - t0) / args.steps
+  synced_s = statistics.median(times)
   tokens_per_s = args.batch * args.seq / step_s
   peak_tflops = train_lib.device_peak_tflops(None)
   flops = train_lib.train_flops_per_token(cfg, args.seq)
@@ -136,10 +137,10 @@ def child(args) -> dict:
     "batch": args.batch,
     "seq": args.seq,
     "step_ms": step_s * 1e3,
-    "step_ms_synced_median": statistics.median(times) * 1e3,
+    "step_ms_synced_median": synced_s * 1e3,
     "step_ms_synced_all": [x * 1e3 for x in times],
     "tokens_per_s": tokens_per_s,
-    "tokens_per_s_synced": args.batch * args.seq / statistics.median(times),
+    "tokens_per_s_synced": args.batch * args.seq / synced_s,
     "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
     "peak_gb": train_lib.peak_memory_gb(),
     "compiled_gb": {str(b): v / 1e9 for b, v in compiled_bytes.items()},

@@ -213,7 +213,7 @@ def pick_best() -> topk.TopKConfig:
   best = min(ok, key=lambda r: r["us"]) if ok else None
   RES["best"] = best and best["name"]
   print("best:", RES["best"], best and common.fmt(best["us"]), flush=True)
-  return topk_variants.SWEEP[best["name"]] if best else topk.DEFAULT
+  return topk_variants.SWEEP[best["name"]] if best else topk.ONE_BLOCK
 
 
 def shapes(best_cfg) -> None:
@@ -348,7 +348,7 @@ def main() -> None:
   save()
 
   section("sweep", 0, sweep)
-  best_cfg = guarded("best", pick_best, default=topk.DEFAULT)
+  best_cfg = guarded("best", pick_best, default=topk.ONE_BLOCK)
   section("shapes", SHAPES_NEED, shapes, best_cfg)
   section("2of8", EPI_NEED, grouped)
   epilogue_cfg = section("fwd_epilogue", EPI_NEED, forward_epilogue)

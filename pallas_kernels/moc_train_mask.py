@@ -60,18 +60,15 @@ class StreamConfig:
     return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
 
   def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
-    """finish(block, load(block)) for each block; 'pipeline' loads one block ahead."""
+    """finish(block, load(block)) for each block, in order; 'pipeline' issues the next
+    block's loads before this block's finish (computes and stores)."""
     blocks = list(self.blocks(m_ref, t=t, f=f))
-    if self.mode != "pipeline":
-      for block in blocks:
-        finish(block, load(block))
-      return
-    ahead = load(blocks[0])
+    ahead = 1 if self.mode == "pipeline" else 0
+    loaded = [load(b) for b in blocks[:ahead]]
     for i, block in enumerate(blocks):
-      loaded = ahead
-      if i + 1 < len(blocks):  # the next loads in flight while this block computes and stores
-        ahead = load(blocks[i + 1])
-      finish(block, loaded)
+      if i + ahead < len(blocks):
+        loaded.append(load(blocks[i + ahead]))
+      finish(block, loaded.pop(0))
 
 
 # The H200 at the 1B layer shape (stream_sweep_h200_20261202.json): one program per 512 channels,

@@ -39,7 +39,7 @@ from pallas_kernels._topk_count import bisect_step, count_mode, ge_ones, packed_
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
 
-DEFAULT = TopKConfig()  # one power-of-two block per row
+ONE_BLOCK = TopKConfig()  # one power-of-two block per row
 CHUNKED = TopKConfig(chunk=512, fan=2)  # 512-wide chunks, ternary search (16-bit keys)
 
 
@@ -48,7 +48,7 @@ def default_config(f: int) -> TopKConfig:
   topk_h200_20261201b, 20261201c, 20261202) CHUNKED was 1.05-1.3x faster at F = 1376, 2736,
   5461 and 5632 and within 2% at 11008; at F = 2048, a power of two, one block per row already
   ends each counting pass in one reduction, and was 1.15-1.2x faster."""
-  return DEFAULT if f & (f - 1) == 0 else CHUNKED
+  return ONE_BLOCK if f & (f - 1) == 0 else CHUNKED
 
 
 def selected_slots(cum, gt, eq, valid, need):

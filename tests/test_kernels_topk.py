@@ -95,7 +95,7 @@ def test_compact(f, k, config):
 def test_default_config_by_width():
   """`select` without a config: one block per row at powers of two, 512-wide chunks elsewhere
   (the H200 figures in `topk.default_config`); both exact (test_random_rows, test_compact)."""
-  assert topk.default_config(2048) is topk.DEFAULT
+  assert topk.default_config(2048) is topk.ONE_BLOCK
   assert topk.default_config(5461) is topk.CHUNKED
   g = jax.random.normal(_key(3), (4, 1100), jnp.float32).astype(jnp.bfloat16)
   _assert_same(g, 200, "moc")  # config=None: CHUNKED, three chunks, the last ragged
