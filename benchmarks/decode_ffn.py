@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import moc_decode, reference
+from pallas_kernels import moc_decode, reference, topk
 from pallas_kernels._decode_config import legacy_config
+from pallas_kernels._topk_config import TopKConfig
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -53,6 +54,9 @@ PHASES = {
   # after the GEMV sweep: the main rows at every shape, the select's knobs on the new default
   "main1": (1, ALL, frozenset({"main"})),
   "selsweep": (1, FIRST, frozenset({"selsweep"})),
+  # the list pipeline selecting with the training top-K kernel (DecodeConfig.topk)
+  "topk": (1, ALL, frozenset({"topk"})),
+  "topk4": (4, FIRST, frozenset({"topk"})),
 }
 
 
@@ -152,6 +156,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   new = moc_decode.default_config(t, d, f)
   moc_cfg = moc_decode.moc_config(t, d, f)
   old = legacy_config(t, d, f)
+  gemv_down = replace(new, dense_down="gemv")
   moc = lambda c: (
     lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
       x, wg, wut, wd, k, variant, config=c, interpret=interp
@@ -167,6 +172,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out = {
       "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
       "dense_kernel[new]": (dense(new), new),
+      "dense_kernel[gemv_down]": (dense(gemv_down), gemv_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
@@ -185,6 +191,19 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("default,chunk256", replace(moc_cfg, select_chunk=256)),
       ("default,chunk512,radix4", replace(moc_cfg, select_chunk=512, select_radix_bits=4)),
       ("default,chunk512,sel8w", replace(moc_cfg, select_chunk=512, select_warps=8)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  if "topk" in kinds:
+    lst = replace(moc_cfg, pipeline="list")
+    nosplit = replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
+    for tag, c in (
+      ("topk,chunked", replace(lst, topk=topk.CHUNKED)),
+      ("topk,one_block", replace(lst, topk=topk.ONE_BLOCK)),
+      ("topk,c256f2", replace(lst, topk=TopKConfig(chunk=256, fan=2))),
+      ("topk,c512f3", replace(lst, topk=TopKConfig(chunk=512, fan=3))),
+      ("topk,c512f2w8", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=8))),
+      ("topk,c1024f2w8", replace(lst, topk=TopKConfig(chunk=1024, fan=2, num_warps=8))),
+      ("topk,chunked,nosplit", replace(nosplit, topk=topk.CHUNKED)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
@@ -264,7 +283,7 @@ def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
       row["bytes_must_read"] = 2 * t * k * d * 2 if "rows" in name else d * f * 2
     row["union_channels"] = float(np.mean(union))
     if c:
-      row["config"] = c.__dict__
+      row["config"] = asdict(c)
     if time.perf_counter() > deadline:
       row["error"] = SKIPPED
       rows.append(row)

@@ -115,12 +115,12 @@ linear() {
     --out "$work/gemv_sweep.json"
 }
 
-ffn() {
-  local args=(--phases main1,selsweep,t4)
+ffn() {  # FFN_PHASES, FFN_TESTS (a pytest -k expression) override the defaults
+  local args=(--phases "${FFN_PHASES:-main1,selsweep,t4}")
   [ -n "${DRY:-}" ] && args=(--quick --phases main1 --trials 1)
   if [ -z "${DRY:-}" ]; then
-    timeout 70 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
-      tests/test_decode_linear.py tests/test_kernels_decode.py -k "linear or list"
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
+      tests/test_decode_linear.py tests/test_kernels_decode.py -k "${FFN_TESTS:-linear or list}"
   fi
   python3 benchmarks/decode_ffn.py "${args[@]}" --budget_s $(($1 - 100)) \
     --out "$work/decode_ffn.json"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels._topk_config import TopKConfig
+
 PIPELINES = ("mask", "list")
 
 
@@ -32,6 +34,11 @@ class DecodeConfig:
   # one per piece); the final pass re-loads the row as pieces of select_granule or 256 lanes
   # (2026-12-01, like TopKConfig.chunk in training)
   select_chunk: int = 0
+  # None: the select above (`_decode_select`, static radix steps, integer compares); else the
+  # list pipeline selects with the training top-K kernel (`topk.select`, this config: counting
+  # on the fp32 pipe, packed pair counts, a search that stops when converged) on G rounded to
+  # x's dtype (2026-12-03, CPU-exact, untimed)
+  topk: TopKConfig | None = None
   up_block_c: int = 16
   up_block_d: int = 512
   up_warps: int = 4
@@ -41,6 +48,9 @@ class DecodeConfig:
   down_block_d: int = 128
   down_warps: int = 4
   down_stages: int = 3
+  # dense FFN's down projection: 'rows' (`_down_kernel`, 32-channel steps) or 'gemv' (the
+  # split-K GEMV of `_decode_gemv.linear_config`: 64-row steps, 4 stages, more bytes in flight)
+  dense_down: str = "rows"
   # T = 1 through tl.dot with the token padded to 16 rows (the multiply-reduce path does a
   # cross-warp reduction every loop step; at T = 4 the dot path ran 1.4-1.6x faster, NOTES)
   t1_dot: bool = False

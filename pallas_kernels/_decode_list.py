@@ -20,13 +20,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, cdiv, pow2_at_least
 
 F32 = jnp.float32
 I32 = jnp.int32
 
 
-def _rows_kernel(x_ref, idx_ref, a_ref, wu_ref, wd_ref, y_ref, *, k, per, rows, d_model, block_d):
+def _rows_kernel(
+  x_ref, idx_ref, a_ref, wu_ref, wd_ref, y_ref, *, k, per, rows, d_model, block_d, gate_values
+):
   t, s = pl.program_id(0), pl.program_id(1)
   blocks = [(b, min(block_d, pow2_at_least(d_model - b))) for b in range(0, d_model, block_d)]
   cols = [b + jnp.arange(w, dtype=I32) for b, w in blocks]
@@ -39,7 +42,9 @@ def _rows_kernel(x_ref, idx_ref, a_ref, wu_ref, wd_ref, y_ref, *, k, per, rows, 
     j0 = s * per + i * rows
     ok = j0 + jnp.arange(rows, dtype=I32) < k
     idx = plgpu.load(idx_ref.at[t, pl.ds(j0, rows)], mask=ok, other=0)
-    a = plgpu.load(a_ref.at[t, pl.ds(j0, rows)], mask=ok, other=0)
+    a = plgpu.load(a_ref.at[t, pl.ds(j0, rows)], mask=ok, other=0).astype(F32)
+    if gate_values:
+      a = tu.silu(a)
 
     def gather(w_ref):  # rows idx of w, every column block; all loads issued up front
       out = []
@@ -74,8 +79,11 @@ def rows_ffn(
   cfg: DecodeConfig,
   *,
   interpret: bool,
+  gate_values: bool = False,
 ) -> jax.Array:
-  """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype."""
+  """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype.
+
+  gate_values: a_TxK holds the selected G (any float dtype) and the kernel takes silu(G)."""
   num_tokens, d_model = x_TxD.shape
   k = idx_TxK.shape[1]
   rows = cfg.list_rows
@@ -84,7 +92,13 @@ def rows_ffn(
   splits = cdiv(k, per)
   block_d = min(cfg.list_block_d, pow2_at_least(d_model))
   kernel = functools.partial(
-    _rows_kernel, k=k, per=per, rows=rows, d_model=d_model, block_d=block_d
+    _rows_kernel,
+    k=k,
+    per=per,
+    rows=rows,
+    d_model=d_model,
+    block_d=block_d,
+    gate_values=gate_values,
   )
   partials = pl.pallas_call(
     kernel,

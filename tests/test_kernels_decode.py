@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _decode_select, moc_decode, reference
+from pallas_kernels import _decode_select, moc_decode, reference, topk
 
 # Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
 SMALL = moc_decode.DecodeConfig(
@@ -33,6 +33,9 @@ SMALL = moc_decode.DecodeConfig(
 LIST = dataclasses.replace(
   SMALL, pipeline="list", list_rows=4, list_programs=8, list_block_d=32, t1_dot=True
 )
+# The list pipeline selecting with the training top-K kernel (G from one D split or summed).
+TOPK = dataclasses.replace(LIST, topk=topk.CHUNKED)
+TOPK_SPLIT1 = dataclasses.replace(TOPK, gemv_splits=1, topk=topk.ONE_BLOCK)
 
 
 def _seed() -> int:
@@ -98,6 +101,9 @@ def test_select_is_exact_with_ties(variant):
     (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(LIST, select_granule=32)),
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_granule=16)),
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_chunk=32)),
+    (1, 1376, 250, "moc", jnp.bfloat16, True, TOPK),  # ties, odd F, training top-K select
+    (3, 203, 41, "moc", jnp.float32, True, TOPK_SPLIT1),  # fp32 keys, G written by the GEMV
+    (2, 136, 34, "moc_2of8", jnp.bfloat16, False, TOPK),
     (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
     (1, 200, 100, "moc", jnp.float32, False, LIST),  # K = F/2
   ],
@@ -113,13 +119,15 @@ def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integ
 
 
 @pytest.mark.parametrize(
-  ("num_tokens", "splits", "t1_dot"), [(1, 2, False), (3, 1, False), (1, 1, True)]
+  ("num_tokens", "splits", "t1_dot", "down"),
+  [(1, 2, False, "rows"), (3, 1, False, "rows"), (1, 1, True, "rows"), (3, 2, True, "gemv")],
 )
-def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot):
-  """Split-K partials (then XLA's SwiGLU) and the fused SwiGLU epilogue give the same FFN."""
+def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot, down):
+  """Split-K partials (then XLA's SwiGLU) and the fused SwiGLU epilogue give the same FFN, with
+  either down projection."""
   seed, d_model, d_ff = _seed(), 48, 136
   x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
-  cfg = dataclasses.replace(SMALL, gemv_splits=splits, t1_dot=t1_dot)
+  cfg = dataclasses.replace(SMALL, gemv_splits=splits, t1_dot=t1_dot, dense_down=down)
   y = moc_decode.dense_decode_ffn(x, wg, wu_t.T, wd, config=cfg, interpret=True)
   want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
   assert _rel_err(y, want) < 1e-5, f"{seed=}"
@@ -225,6 +233,8 @@ def test_select_chunks_lower_for_cuda():
     (1, "moc", "mask"),
     (1, "moc", "pieces"),
     (1, "moc", "chunk512"),
+    (1, "moc", "topk"),
+    (4, "moc", "topk"),
   ],
 )
 def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
@@ -235,6 +245,8 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
     cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256)
   elif pipeline == "chunk512":  # the list select on 512-lane chunks (untimed option)
     cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512)
+  elif pipeline == "topk":  # the list pipeline selecting with the training top-K kernel
+    cfg = dataclasses.replace(cfg, pipeline="list", topk=topk.CHUNKED)
   else:
     cfg = dataclasses.replace(cfg, pipeline=pipeline)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
@@ -246,7 +258,10 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
     with jax.default_matmul_precision("highest"):
       want = reference.decode_ffn(x, wg, wu, wd, k, variant)
     assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
-    yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd)
     with jax.default_matmul_precision("highest"):
       want_d = reference.dense_decode_ffn(x, wg, wu.T, wd)
-    assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=}"
+    dense_cfg = moc_decode.default_config(num_tokens, d_model, d_ff)
+    for down in ("rows", "gemv"):
+      cfg_d = dataclasses.replace(dense_cfg, dense_down=down)
+      yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd, config=cfg_d)
+      assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=} {down=}"
