@@ -37,8 +37,8 @@ class StreamConfig:
   row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
   'row' (one program per row, each block loaded, computed and stored in turn), 'pipeline'
   (one per row, the next block's loads issued before this block's stores) or 'block' (one
-  program per block: grid (T, blocks)). A 'prefetch' walk, every block's loads first, lost
-  everywhere on the H200 (stream_sweep_h200_20261202.json; code at 3b714b8)."""
+  program per block: grid (T, blocks)). On the H200 'pipeline' won nowhere (forward 319 vs
+  305 us for 'row', backward 370 vs 345 for 'block': stream_sweep_h200_20261203b.json)."""
 
   words: int = 32
   warps: int = 4
@@ -78,9 +78,9 @@ class StreamConfig:
     finish(block, loaded)
 
 
-# The H200 at the 1B layer shape (stream_sweep_h200_20261202.json): one program per 512 channels,
-# 342 us vs 383 for one program per row (GCP: 334 vs 386); the forward pass is fastest per row
-# (321 us vs 361-433 for the block walks).
+# The H200 at the 1B layer shape (stream_sweep_h200_20261203b.json): one program per 512 channels,
+# 345 us vs 369 for one program per row (GCP: 335 vs 371); the forward pass is fastest per row
+# (305 us vs 354-437 for the block walks).
 BACKWARD_DEFAULT = StreamConfig(words=16, mode="block")
 
 

@@ -247,8 +247,8 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
     cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512, topk=None)
   elif pipeline == "topk":  # the list pipeline with another top-K config than the default
     cfg = dataclasses.replace(cfg, pipeline="list", topk=topk.CHUNKED)
-  else:
-    cfg = dataclasses.replace(cfg, pipeline=pipeline)
+  else:  # the mask pipeline selects with the decode select
+    cfg = dataclasses.replace(cfg, pipeline=pipeline, topk=cfg.topk if pipeline == "list" else None)
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
     seed = _seed()
     x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)

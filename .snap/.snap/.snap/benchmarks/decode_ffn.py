@@ -200,7 +200,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     nosplit = replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
     for tag, c in (
       ("topk,c512f2w4", replace(lst, topk=topk.CHUNKED)),
-      ("topk,c1024f2w8", replace(lst, topk=TopKConfig(chunk=1024, fan=2, num_warps=8))),
+      ("topk,c512f2w8", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=8))),
       ("topk,c512f2w16", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=16))),
       ("topk,c1024f3w8", replace(lst, topk=TopKConfig(chunk=1024, fan=3, num_warps=8))),
       ("topk,c512f2w8,nosplit", replace(nosplit, topk=LIST_TOPK)),

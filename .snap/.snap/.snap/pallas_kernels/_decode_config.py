@@ -103,10 +103,11 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   )
 
 
-# The list pipeline's select (2026-12-03, decode_ffn_h200_20261203.json, T = 1): the training
-# top-K kernel with 512-lane chunks, a ternary search and 8 warps took the MoC FFN from 38.8 to
-# 30.8 us at d = 2048 and from 81.3 to 66.7 at d = 4096, F = 11008.
-LIST_TOPK = TopKConfig(chunk=512, fan=2, num_warps=8)
+# The list pipeline's select: the training top-K kernel with 1024-lane chunks, a ternary search
+# and 8 warps. MoC FFN at T = 1 on the H200 (decode_ffn_h200_20261203b.json), vs the decode
+# select of before: 31.1 vs 37.8 us at d = 2048, 64.9 vs 76.1 and 73.4 vs 88.7 at d = 4096
+# (512-lane chunks: 32.3, 65.8, 79.2; 4 or 16 warps slower everywhere).
+LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8)
 
 
 def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:

@@ -36,7 +36,7 @@ import numpy as np
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference, topk
-from pallas_kernels._decode_config import legacy_config
+from pallas_kernels._decode_config import LIST_TOPK, legacy_config
 from pallas_kernels._topk_config import TopKConfig
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
@@ -156,7 +156,9 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   new = moc_decode.default_config(t, d, f)
   moc_cfg = moc_decode.moc_config(t, d, f)
   old = legacy_config(t, d, f)
-  gemv_down = replace(new, dense_down="gemv")
+  rows_down = replace(new, dense_down="rows")
+  # the select before 2026-12-03 (radix steps on one program, 256-lane chunks at d <= 2048)
+  own_select = replace(moc_cfg, topk=None, select_chunk=256 if d <= 2048 else 0)
   moc = lambda c: (
     lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
       x, wg, wut, wd, k, variant, config=c, interpret=interp
@@ -172,9 +174,9 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out = {
       "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
       "dense_kernel[new]": (dense(new), new),
-      "dense_kernel[gemv_down]": (dense(gemv_down), gemv_down),
+      "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
-      "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
+      "moc_kernel[own_select]": (moc(own_select), own_select),
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
@@ -197,13 +199,11 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     lst = replace(moc_cfg, pipeline="list")
     nosplit = replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
     for tag, c in (
-      ("topk,chunked", replace(lst, topk=topk.CHUNKED)),
-      ("topk,one_block", replace(lst, topk=topk.ONE_BLOCK)),
-      ("topk,c256f2", replace(lst, topk=TopKConfig(chunk=256, fan=2))),
-      ("topk,c512f3", replace(lst, topk=TopKConfig(chunk=512, fan=3))),
-      ("topk,c512f2w8", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=8))),
+      ("topk,c512f2w4", replace(lst, topk=topk.CHUNKED)),
       ("topk,c1024f2w8", replace(lst, topk=TopKConfig(chunk=1024, fan=2, num_warps=8))),
-      ("topk,chunked,nosplit", replace(nosplit, topk=topk.CHUNKED)),
+      ("topk,c512f2w16", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=16))),
+      ("topk,c1024f3w8", replace(lst, topk=TopKConfig(chunk=1024, fan=3, num_warps=8))),
+      ("topk,c512f2w8,nosplit", replace(nosplit, topk=LIST_TOPK)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs

@@ -49,7 +49,9 @@ class DecodeConfig:
   down_warps: int = 4
   down_stages: int = 3
   # dense FFN's down projection: 'rows' (`_down_kernel`, 32-channel steps) or 'gemv' (the
-  # split-K GEMV of `_decode_gemv.linear_config`: 64-row steps, 4 stages, more bytes in flight)
+  # split-K GEMV of `_decode_gemv.linear_config`: 64-row steps, 4 stages, more bytes in flight;
+  # `default_config` takes it: 36.3 vs 38.4 us at d = 2048, 78.6 vs 103.7 and 102.8 vs 135.9
+  # at d = 4096, decode_ffn_h200_20261203.json)
   dense_down: str = "rows"
   # T = 1 through tl.dot with the token padded to 16 rows (the multiply-reduce path does a
   # cross-warp reduction every loop step; at T = 4 the dot path ran 1.4-1.6x faster, NOTES)
@@ -93,6 +95,7 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   base = legacy_config(num_tokens, d_model, d_ff)
   return dataclasses.replace(
     base,
+    dense_down="gemv",
     t1_dot=True,
     select_warps=16,
     pipeline="list" if num_tokens <= 4 else "mask",
@@ -100,16 +103,22 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   )
 
 
+# The list pipeline's select (2026-12-03, decode_ffn_h200_20261203.json, T = 1): the training
+# top-K kernel with 512-lane chunks, a ternary search and 8 warps took the MoC FFN from 38.8 to
+# 30.8 us at d = 2048 and from 81.3 to 66.7 at d = 4096, F = 11008.
+LIST_TOPK = TopKConfig(chunk=512, fan=2, num_warps=8)
+
+
 def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   """`default_config` with the MoC gate GEMV of the 2026-12-01 sweep (gemv_sweep_h200_20261201:
   d = 2048, F = 5464, T = 1): 64-wide F blocks, 128-row D steps, 2 splits, 4 stages took 11.9 µs
-  where the default 8 splits × 3 stages took 16.0; the select then sums 2 partial rows, not 8.
-  Whole MoC decode (decode_ffn_h200_20261201_final): 34.4 vs 37.0 µs at d = 2048. The select
-  searches 256-wide chunks (decode_ffn_h200_20261201_g, T = 1, d = 2048): 34.0 vs 37.3 µs.
+  where the default 8 splits × 3 stages took 16.0 (at d = 4096, F = 14336 it lost: 101.8 vs
+  91.6, so d > 2048 keeps the default GEMV); the list pipeline selects with `LIST_TOPK`.
   """
   cfg = default_config(num_tokens, d_model, d_ff)
-  if cfg.pipeline != "list" or d_model > 2048:  # at d = 4096, F = 14336 it lost (101.8 vs 91.6)
+  if cfg.pipeline != "list":
     return cfg
-  return dataclasses.replace(
-    cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4, select_chunk=256
-  )
+  cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
+  if d_model > 2048:
+    return cfg
+  return dataclasses.replace(cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)

@@ -61,14 +61,21 @@ class StreamConfig:
 
   def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
     """finish(block, load(block)) for each block, in order; 'pipeline' issues the next
-    block's loads before this block's finish (computes and stores)."""
-    blocks = list(self.blocks(m_ref, t=t, f=f))
-    ahead = 1 if self.mode == "pipeline" else 0
-    loaded = [load(b) for b in blocks[:ahead]]
-    for i, block in enumerate(blocks):
-      if i + ahead < len(blocks):
-        loaded.append(load(blocks[i + ahead]))
-      finish(block, loaded.pop(0))
+    block's loads before this block's finish (computes and stores). Blocks are made as they
+    are needed: making them all first (a list) kept every block's indices live, and the row
+    walk ran 489 us instead of 321 (stream_sweep_h200_20261203.json)."""
+    blocks = iter(self.blocks(m_ref, t=t, f=f))
+    if self.mode != "pipeline":
+      for block in blocks:
+        finish(block, load(block))
+      return
+    block = next(blocks)
+    loaded = load(block)
+    for upcoming in blocks:
+      loaded_next = load(upcoming)
+      finish(block, loaded)
+      block, loaded = upcoming, loaded_next
+    finish(block, loaded)
 
 
 # The H200 at the 1B layer shape (stream_sweep_h200_20261202.json): one program per 512 channels,

@@ -241,11 +241,11 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
   """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
   d_model, d_ff, k = 2048, 5464, 1024
   cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
-  if pipeline == "pieces":  # the list select over power-of-two pieces (untimed option)
-    cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256)
-  elif pipeline == "chunk512":  # the list select on 512-lane chunks (untimed option)
-    cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512)
-  elif pipeline == "topk":  # the list pipeline selecting with the training top-K kernel
+  if pipeline == "pieces":  # the decode select over power-of-two pieces
+    cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256, topk=None)
+  elif pipeline == "chunk512":  # the decode select on 512-lane chunks
+    cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512, topk=None)
+  elif pipeline == "topk":  # the list pipeline with another top-K config than the default
     cfg = dataclasses.replace(cfg, pipeline="list", topk=topk.CHUNKED)
   else:
     cfg = dataclasses.replace(cfg, pipeline=pipeline)

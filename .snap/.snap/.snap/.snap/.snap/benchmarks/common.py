@@ -1,0 +1,176 @@
+"""Shared helpers for benchmark scripts: run metadata, timing medians, JSON results.
+
+Every result file carries when, where and on what code it was measured, so a number in
+NOTES or the README can be traced to a run:
+
+  from benchmarks import common
+  info = common.run_info()
+  stats = common.time_fn(jax.jit(f), x)        # {'median_us': ..., ...}
+  common.write_json("benchmarks/results/x.json", {"info": info, "rows": rows})
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def _git(*args: str) -> str:
+  try:
+    out = subprocess.run(
+      ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+    )
+    return out.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
+def _commit() -> str:
+  """GIT_COMMIT from the environment when set (a snapshot run away from its repo), else HEAD."""
+  if os.environ.get("GIT_COMMIT"):
+    return os.environ["GIT_COMMIT"]
+  sha = _git("rev-parse", "HEAD")
+  if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
+    return sha
+  return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def run_info() -> dict[str, Any]:
+  """Date (UTC), git commit (+ dirty flag), device, jax/jaxlib/python versions."""
+  dev = jax.devices()[0]
+  try:
+    import jaxlib
+
+    jaxlib_version = jaxlib.__version__
+  except (ImportError, AttributeError):
+    jaxlib_version = ""
+  return {
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "commit": _commit(),
+    # a GIT_COMMIT run is a `git archive` snapshot of that commit: clean by construction
+    "dirty": not os.environ.get("GIT_COMMIT")
+    and bool(_git("status", "--porcelain", "--untracked-files=no")),
+    "device": getattr(dev, "device_kind", str(dev)),
+    "platform": dev.platform,
+    "num_devices": jax.device_count(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib_version,
+    "python": platform.python_version(),
+    "host": platform.node(),
+  }
+
+
+def block(tree: Any) -> Any:
+  return jax.block_until_ready(tree)
+
+
+def time_fn(
+  fn: Callable,
+  *args: Any,
+  inner: int = 10,
+  trials: int = 7,
+  warmup: int = 2,
+  arg_sets: Sequence[tuple] | None = None,
+) -> dict[str, float]:
+  """Median over `trials` of (wall time of `inner` back-to-back calls) / inner, in µs.
+
+  Calls are dispatched without waiting, so the GPU queue stays full and the figure is
+  device time plus at most the per-call dispatch gap. `arg_sets` rotates inputs between
+  calls (use it when inputs would otherwise stay in L2).
+  """
+  sets = list(arg_sets) if arg_sets else [args]
+  for i in range(warmup):
+    block(fn(*sets[i % len(sets)]))
+  samples = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    out = None
+    for i in range(inner):
+      out = fn(*sets[i % len(sets)])
+    block(out)
+    samples.append((time.perf_counter() - t0) / inner * 1e6)
+  return {
+    "median_us": statistics.median(samples),
+    "min_us": min(samples),
+    "max_us": max(samples),
+    "trials": trials,
+    "inner": inner,
+  }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  """a / b, or None when either is missing."""
+  if a is None or b is None or b == 0:
+    return None
+  return a / b
+
+
+def write_json(path: str, payload: dict[str, Any]) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as fh:
+    json.dump(payload, fh, indent=1, default=str)
+  return path
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+  return "-" if x is None else f"{x:.{digits}f}"
+
+
+def print_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> None:
+  """A plain fixed-width table (the device tool returns only the end of the output)."""
+  cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+  print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+  for row in cells:
+    print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def bench_train_config():
+  """The optimizer/schedule section the training-step benchmarks share (AdamW, no clipping)."""
+  import ml_collections
+
+  return ml_collections.ConfigDict(
+    dict(steps=1000, lr=1e-4, warmup_frac=0.1, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
+  )
+
+
+def compiled_bytes(compiled) -> int | None:
+  """XLA's per-device memory estimate: arguments + temporaries + outputs - aliased."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend/version reports it
+    return None
+  return int(
+    m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  )
+
+
+RESULT = "RESULT "  # the line a variant's child process prints its JSON record on
+
+
+def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, Any]:
+  """Run `script --variant=NAME ARGV` in a fresh process (its own device memory and peak) and
+  return the record it printed after RESULT, or {"variant", "error": stderr tail}."""
+  import subprocess
+  import sys
+
+  cmd = [sys.executable, script, f"--variant={variant}", *argv]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [x for x in out.stdout.splitlines() if x.startswith(RESULT)]
+  if not lines:
+    return {"variant": variant, "error": out.stderr[-1500:]}
+  return json.loads(lines[-1][len(RESULT) :])

@@ -1,0 +1,177 @@
+"""End-to-end decode, 1b preset with random weights: tokens/s of dense vs MoC in one run.
+
+Batch 1, a 128-token prompt, 128 new tokens (no EOS), bf16 weights and compute, one compiled
+generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of the whole call
+- time of the prefill alone); medians over trials. Dense runs on its fastest path: the model's
+dense FFN calls XLA (`moc.moc_ffn`), so the script also times dense with the FFN's decode
+swapped for `moc_decode.dense_decode_ffn` (model.py routes dense decode to XLA). MoC runs with
+the default decode config and, as `moc_kernel_mask`, with the mask pipeline forced. `no_ffn`
+returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN speedup.
+
+  python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import step_profile
+from decode_ffn import run_info
+from flax import nnx
+
+from moc_jax import generate, model, model_config
+from pallas_kernels import moc_decode
+
+
+def _dense_kernel_decode(self, x):
+  """FeedForward.decode for dense through our GEMV kernels (T ≤ 16; XLA above)."""
+  dt = x.dtype
+  w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+  return moc_decode.dense_decode_ffn(x, *w)
+
+
+def _no_ffn_decode(self, x):
+  """FeedForward.decode as zeros: the time of everything but the FFN (a floor, not a model)."""
+  return jnp.zeros_like(x)
+
+
+def time_generate(m, prompt_len: int, new: int, trials: int, profile: bool) -> dict:
+  tokens = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (1, prompt_len)).tolist()
+  graphdef, state = nnx.split(m)
+
+  @jax.jit
+  def prefill(state, toks):
+    mm = nnx.merge(graphdef, state)
+    cache = mm.init_cache(1, prompt_len + new)
+    pos = jnp.arange(prompt_len)[None]
+    return mm.decode(toks, pos, cache)[0][:, -1]
+
+  toks = jnp.asarray(tokens, jnp.int32)
+  run = lambda: generate.generate(m, tokens, new, eos_id=-1)
+  out = run()  # compile
+  assert len(out[0]) == new
+  jax.block_until_ready(prefill(state, toks))
+  total, pre = [], []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    run()
+    total.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(prefill(state, toks))
+    pre.append(time.perf_counter() - t0)
+  t_total, t_pre = statistics.median(total), statistics.median(pre)
+  return {
+    **({"profile_per_token": _profile(run, new)} if profile else {}),
+    "total_s": t_total,
+    "prefill_s": t_pre,
+    "decode_tokens_per_s": new / max(t_total - t_pre, 1e-9),
+    "tokens_per_s_incl_prefill": new / t_total,
+    "tokens": out[0][:16],
+  }
+
+
+def _profile(run, new: int) -> dict:
+  """Device time of one whole generation per new token, from a jax.profiler trace: kernel time
+  (`device_ms_per_step`), the union of kernel intervals (`busy_ms_per_step`), and the wall time
+  while tracing (tracing slows the host, so it is not the untraced speed)."""
+  with tempfile.TemporaryDirectory() as log_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      run()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / new
+    summary = step_profile.summarize(step_profile.read_trace(log_dir), new, top=12)
+  return {"wall_ms_traced": round(wall_ms, 4), **summary}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="tiny preset on CPU")
+  p.add_argument("--d_ff", type=int, default=None, help="override the preset's F (e.g. 5464)")
+  p.add_argument("--trials", type=int, default=5)
+  p.add_argument("--out", default="benchmarks/results/decode_e2e.json")
+  p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+  p.add_argument(
+    "--profile", action="store_true", help="also trace one generation: device vs wall time"
+  )
+  a = p.parse_args()
+  preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
+  base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
+  variants = {  # fastest paths first: a timeout keeps them
+    "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
+    "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
+    "dense_xla": dict(ffn="dense", kernel_backend="xla"),
+    "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_xla": dict(ffn="moc", kernel_backend="xla"),
+    "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
+  }
+  swaps = {"dense_kernel": _dense_kernel_decode, "no_ffn": _no_ffn_decode}
+  result = {
+    **run_info(),
+    "preset": preset,
+    "prompt_len": prompt_len,
+    "new_tokens": new,
+    "batch": 1,
+    "method": __doc__.split("\n\n")[1],
+    "rows": {},
+  }
+  original = model.FeedForward.decode
+  original_cfg = moc_decode.moc_config
+  for name, kw in variants.items():
+    if name in a.skip.split(","):
+      continue
+    cfg = model_config.from_preset(preset, **base, **kw)
+    m = model.Transformer(cfg, nnx.Rngs(0))
+    m.prepare_for_decode()
+    # generate's jit is keyed by the graphdef, the same for dense_kernel / no_ffn and for
+    # moc_kernel / moc_kernel_mask: without this a variant could rerun the previous executable
+    jax.clear_caches()
+    model.FeedForward.decode = swaps.get(name, original)
+    if name == "moc_kernel_mask":
+      moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask")
+    try:
+      row = time_generate(m, prompt_len, new, a.trials, a.profile)
+    except Exception as e:
+      row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+      model.FeedForward.decode = original
+      moc_decode.moc_config = original_cfg
+    row.update(d_model=cfg.d_model, d_ff=cfg.d_ff, k=cfg.k, layers=cfg.num_layers)
+    result["rows"][name] = row
+    print(name, json.dumps(row), flush=True)
+    del m
+    _summarise(result, a.out)
+
+
+def _summarise(result: dict, out: str) -> None:
+  rows = result["rows"]
+  best = lambda names: max(
+    (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows.get(n, {})),
+    default=0,
+  )
+  dense = best(("dense_xla", "dense_kernel"))
+  moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask"))
+  result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as fh:
+    json.dump(result, fh, indent=1)
+  print(
+    f"\ndecode tokens/s: dense best {dense:.1f}, MoC best {moc:.1f}, "
+    f"ratio {result['moc_over_dense']}"
+  )
+
+
+if __name__ == "__main__":
+  main()

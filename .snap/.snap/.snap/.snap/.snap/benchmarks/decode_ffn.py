@@ -1,0 +1,379 @@
+"""FFN decode latency for T in {1, 4, 16}: XLA dense, our dense kernels, MoC xla path, MoC kernels.
+
+Each figure is the median over trials of (wall time of R back-to-back dispatches of one jitted
+chain of C calls) / (R·C). Every call reads its own input and weight set (C distinct sets, together
+many times the 60 MB L2) and every call's output is summed into the chain's result: XLA can neither
+drop calls nor merge two dots on shared weights into one (it did so on an earlier version that
+reused weight sets within a chain, timing XLA dense at 270 MB in 14 µs). The GPU queue never
+drains between dispatches. `stage:` rows time prefixes of the MoC pipeline (gate GEMV; GEMV +
+select) and the list rows kernel alone, to place the time. `--phases` picks and orders the work
+(see PHASES); with `--budget_s`, what is left when it is spent is listed as skipped, unbuilt.
+Single-call latency (one blocking dispatch each) is reported beside it: it is launch-bound.
+Bandwidth = bytes the method must read / time: dense 3·D·F·2; MoC D·F·2 + 2·U·D·2 where U is
+the number of channels some token selected (the union), measured on the run's own inputs.
+
+  python benchmarks/decode_ffn.py [--quick] [--phases=stages,t1] [--out=benchmarks/results/x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels import moc_decode, reference, topk
+from pallas_kernels._decode_config import legacy_config
+from pallas_kernels._topk_config import TopKConfig
+
+SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
+SKIPPED = "skipped: time budget spent"
+# name -> (T, which shapes, kinds). `stages` also times the main methods at the 1B shape, so
+# that stage times and totals come from one run; `t1` then does the other shapes.
+FIRST, REST, ALL = slice(0, 1), slice(1, None), slice(None)
+PHASES = {
+  "stages": (1, FIRST, frozenset({"stages", "main"})),
+  "t1": (1, REST, frozenset({"main"})),
+  "t4": (4, ALL, frozenset({"main"})),
+  "t16": (16, ALL, frozenset({"main"})),
+  "sweep": (1, FIRST, frozenset({"sweep"})),
+  "settled": (1, ALL, frozenset({"settled"})),  # old configs and moc_xla: beaten on 2026-11-28b
+  # after the GEMV sweep: the main rows at every shape, the select's knobs on the new default
+  "main1": (1, ALL, frozenset({"main"})),
+  "selsweep": (1, FIRST, frozenset({"selsweep"})),
+  # the list pipeline selecting with the training top-K kernel (DecodeConfig.topk)
+  "topk": (1, ALL, frozenset({"topk"})),
+  "topk4": (4, FIRST, frozenset({"topk"})),
+}
+
+
+def run_info() -> dict:
+  """Date, commit, device and versions (benchmarks.common's if it exists)."""
+  try:
+    from benchmarks import common  # type: ignore[attr-defined]
+
+    return dict(common.run_info())
+  except (ImportError, AttributeError):
+    pass
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = os.environ.get("GIT_COMMIT", "unknown")
+  dev = jax.devices()[0]
+  return {
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "commit": commit,
+    "device": getattr(dev, "device_kind", str(dev)),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+  }
+
+
+def time_chain(fn, args, calls: int, reps: int, trials: int) -> dict:
+  """Per-call seconds: median over trials of R async dispatches of a C-call chain."""
+  jax.block_until_ready(fn(*args))
+  for _ in range(2):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  per_call = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - t0) / (reps * calls))
+  return {"median_s": statistics.median(per_call), "trials_s": per_call}
+
+
+def time_single(fn, args, trials: int) -> float:
+  """Median of blocking single calls: what one launch-bound dispatch costs."""
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def chain(ffn):
+  """jit(xs, sets) -> the sum of one call per (x, weight set): no two calls share an operand."""
+  inner = jax.jit(ffn)
+
+  def run(xs, sets):
+    ys = [inner(x, *ws) for x, ws in zip(xs, sets, strict=True)]
+    return jnp.sum(jnp.stack(ys).astype(jnp.float32), axis=0)  # all live; one fusion at the end
+
+  return jax.jit(run)
+
+
+def copy_bandwidth(num_bytes: int, trials: int) -> dict:
+  """Device-to-device copy (read + write counted) and a pure read (sum), bytes/s."""
+  a = jax.random.normal(jax.random.key(0), (num_bytes // 4,), jnp.float32)
+  copy = jax.jit(lambda v: v * 1.0001)
+  read = jax.jit(lambda v: jnp.sum(v))
+  t_copy = time_chain(copy, (a,), 1, reps=5, trials=trials)["median_s"]
+  t_read = time_chain(read, (a,), 1, reps=5, trials=trials)["median_s"]
+  return {"bytes": num_bytes, "copy_Bps": 2 * num_bytes / t_copy, "read_Bps": num_bytes / t_read}
+
+
+def make_sets(d, f, num_sets, dtype, seed=0):
+  """Weight sets: (wg DxF, wu DxF, wu_t FxD, wd FxD), N(0, 1/fan_in)."""
+  sets = []
+  for s in range(num_sets):
+    ks = jax.random.split(jax.random.key(seed + s), 3)
+    wg = (jax.random.normal(ks[0], (d, f)) * d**-0.5).astype(dtype)
+    wu = (jax.random.normal(ks[1], (d, f)) * d**-0.5).astype(dtype)
+    wd = (jax.random.normal(ks[2], (f, d)) * f**-0.5).astype(dtype)
+    sets.append((wg, wu, wu.T.copy(), wd))
+  return sets
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
+  """name -> (fn(x, wg, wu, wu_t, wd), config or None) of kinds main | stages | sweep."""
+  new = moc_decode.default_config(t, d, f)
+  moc_cfg = moc_decode.moc_config(t, d, f)
+  old = legacy_config(t, d, f)
+  gemv_down = replace(new, dense_down="gemv")
+  moc = lambda c: (
+    lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
+      x, wg, wut, wd, k, variant, config=c, interpret=interp
+    )
+  )
+  dense = lambda c: (
+    lambda x, wg, wu, wut, wd: moc_decode.dense_decode_ffn(
+      x, wg, wu, wd, config=c, interpret=interp
+    )
+  )
+  out = {}
+  if "main" in kinds:
+    out = {
+      "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
+      "dense_kernel[new]": (dense(new), new),
+      "dense_kernel[gemv_down]": (dense(gemv_down), gemv_down),
+      "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
+      "moc_kernel[list]": (moc(replace(new, pipeline="list")), replace(new, pipeline="list")),
+      "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
+    }
+  # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
+  # those options (slower on the H200; NOTES_decode.md has the figures).
+  if "selsweep" in kinds:
+    for tag, c in (
+      ("default,sel8w", replace(moc_cfg, select_warps=8)),
+      ("default,sel32w", replace(moc_cfg, select_warps=32)),
+      ("default,radix4", replace(moc_cfg, select_radix_bits=4)),
+      ("default,gemv_s1", replace(moc_cfg, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
+      ("default,pieces256", replace(moc_cfg, select_granule=256)),  # 5632 lanes, not 8192
+      # equal chunks summed lane-wise (one reduction per radix step), final pass on pieces
+      ("default,chunk512", replace(moc_cfg, select_chunk=512)),
+      ("default,chunk256", replace(moc_cfg, select_chunk=256)),
+      ("default,chunk512,radix4", replace(moc_cfg, select_chunk=512, select_radix_bits=4)),
+      ("default,chunk512,sel8w", replace(moc_cfg, select_chunk=512, select_warps=8)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  if "topk" in kinds:
+    lst = replace(moc_cfg, pipeline="list")
+    nosplit = replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
+    for tag, c in (
+      ("topk,chunked", replace(lst, topk=topk.CHUNKED)),
+      ("topk,one_block", replace(lst, topk=topk.ONE_BLOCK)),
+      ("topk,c256f2", replace(lst, topk=TopKConfig(chunk=256, fan=2))),
+      ("topk,c512f3", replace(lst, topk=TopKConfig(chunk=512, fan=3))),
+      ("topk,c512f2w8", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=8))),
+      ("topk,c1024f2w8", replace(lst, topk=TopKConfig(chunk=1024, fan=2, num_warps=8))),
+      ("topk,chunked,nosplit", replace(nosplit, topk=topk.CHUNKED)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
+    out["dense_kernel[old]"] = (dense(old), old)
+    out["moc_kernel[old]"] = (moc(old), old)
+    out["moc_xla"] = (
+      lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant),
+      None,
+    )
+  if "sweep" in kinds:  # a few guesses around the new defaults, each a single knob
+    lst = replace(new, pipeline="list")
+    for tag, c in (
+      ("list,sel32w", replace(lst, select_warps=32)),
+      ("list,sel32w,radix4", replace(lst, select_warps=32, select_radix_bits=4)),
+      ("list,rows16", replace(lst, list_rows=16, list_warps=2 * lst.list_warps)),
+      ("list,prog256", replace(lst, list_programs=256)),
+      ("list,prog64", replace(lst, list_programs=64)),
+      ("list,gemv_bf256", replace(lst, gemv_block_f=256, gemv_warps=8)),
+      ("list,gemv_bd128_st4", replace(lst, gemv_block_d=128, gemv_stages=4)),
+      # one D split: the select loads one fp32 row of G, not 4-8 partial rows, on one SM
+      ("list,gemv_nosplit", replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+    fused = replace(new, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
+    big = replace(new, gemv_block_f=256, gemv_block_d=64, gemv_warps=8, down_block_c=64)
+    for tag, c in (("fused_swiglu", fused), ("bf256", big)):
+      out[f"dense_kernel[{tag}]"] = (dense(c), c)
+  if "stages" in kinds:
+    i = tu.default_interpret(interp)
+    gemv = lambda c, x, wg: moc_decode._gemv(x, (wg,), c, swiglu=False, interpret=i)
+    sel = lambda c, x, wg, lists: moc_decode._decode_select.select_scale(
+      gemv(c, x, wg),
+      k,
+      variant,
+      d_ff=f,
+      round_dtype=x.dtype,
+      warps=c.select_warps,
+      radix_bits=c.select_radix_bits,
+      lists=lists,
+      interpret=i,
+    )
+    lst = replace(new, pipeline="list")
+    # rows kernel (+ the XLA sum of its partials) alone, on K channels spread evenly over F
+    idx = jnp.broadcast_to((jnp.arange(k, dtype=jnp.int32) * f) // k, (t, k))
+    rows = lambda x, wut, wd: moc_decode._decode_list.rows_ffn(
+      x, idx, jnp.full((t, k), 0.5, jnp.float32), wut, wd, lst, interpret=i
+    )
+    out["stage:rows[list]"] = (lambda x, wg, wu, wut, wd: rows(x, wut, wd), lst)
+    out["stage:gemv[new]"] = (lambda x, wg, wu, wut, wd: gemv(new, x, wg), new)
+    out["stage:gemv+select_list[new]"] = (lambda x, wg, wu, wut, wd: sel(new, x, wg, True)[1], new)
+    out["stage:gemv+select_mask[new]"] = (lambda x, wg, wu, wut, wd: sel(new, x, wg, False), new)
+    out["stage:gemv[old]"] = (lambda x, wg, wu, wut, wd: gemv(old, x, wg), old)
+    out["stage:gemv+select_mask[old]"] = (lambda x, wg, wu, wut, wd: sel(old, x, wg, False), old)
+  return out
+
+
+def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
+  dtype = jnp.bfloat16
+  dense_bytes = 3 * d * f * 2
+  xs = [jax.random.normal(jax.random.key(100 * t + i), (t, d), dtype) for i in range(len(sets))]
+  x = xs[0]
+  union = []
+  for xi, (wg, *_) in zip(xs, sets, strict=True):
+    g = jnp.dot(xi, wg, preferred_element_type=jnp.float32).astype(dtype)
+    idx, _ = reference.select(g, k, variant)
+    union.append(len(np.unique(np.asarray(idx))))
+  moc_bytes = d * f * 2 + 2 * float(np.mean(union)) * d * 2
+  interp = True if args.quick else None
+  methods = methods_for(d, f, k, t, variant, interp, kinds)
+  ref_dense = reference.dense_decode_ffn(x, *[sets[0][i] for i in (0, 1, 3)])
+  ref_moc = reference.decode_ffn(x, sets[0][0], sets[0][2], sets[0][3], k, variant)
+  rows = []
+  for name, (fn, c) in methods.items():
+    row = {"d": d, "F": f, "K": k, "T": t, "variant": variant, "method": name}
+    row["bytes_must_read"] = dense_bytes if "dense" in name else moc_bytes
+    if name.startswith("stage:"):  # what the stage itself must read
+      row["bytes_must_read"] = 2 * t * k * d * 2 if "rows" in name else d * f * 2
+    row["union_channels"] = float(np.mean(union))
+    if c:
+      row["config"] = asdict(c)
+    if time.perf_counter() > deadline:
+      row["error"] = SKIPPED
+      rows.append(row)
+      continue
+    try:
+      jfn = jax.jit(fn)
+      y = jfn(x, *sets[0])
+      if not name.startswith("stage:"):
+        row["rel_err_vs_reference"] = rel_err(y, ref_dense if "dense" in name else ref_moc)
+      timing = time_chain(chain(fn), (xs, sets), len(sets), args.reps, args.trials)
+      row["time_s"] = timing["median_s"]
+      row["trials_s"] = timing["trials_s"]
+      row["single_call_s"] = time_single(jfn, (x, *sets[0]), args.trials)
+      row["bandwidth_Bps"] = row["bytes_must_read"] / row["time_s"]
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    brief = {k2: v for k2, v in row.items() if k2 not in ("trials_s", "config", "variant")}
+    print(json.dumps(brief), flush=True)
+    rows.append(row)
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
+  p.add_argument("--out", default="benchmarks/results/decode_ffn.json")
+  p.add_argument("--calls", type=int, default=8, help="calls (= distinct weight sets) per chain")
+  p.add_argument("--reps", type=int, default=4)
+  p.add_argument("--trials", type=int, default=3)
+  p.add_argument("--variant", default="moc")
+  p.add_argument(
+    "--phases",
+    default="stages,t4,sweep,t1,t16",
+    help=f"comma-separated, run in this order; of {','.join(PHASES)}",
+  )
+  p.add_argument("--budget_s", type=float, default=1e9, help="skip what is left after this")
+  args = p.parse_args()
+  deadline = time.perf_counter() + args.budget_s
+  shapes = ((64, 200, 40),) if args.quick else SHAPES
+  result = {**run_info(), "method": __doc__.split("\n\n")[0], "rows": []}
+  result["bandwidth"] = copy_bandwidth(2**20 if args.quick else 2**31, args.trials)
+  print(json.dumps(result["bandwidth"]), flush=True)
+  calls = 2 if args.quick else args.calls
+  for phase in args.phases.split(","):
+    t, which, kinds = PHASES[phase]
+    for d, f, k in shapes[which]:
+      if time.perf_counter() > deadline:  # no weight sets, no references: just the row names
+        names = methods_for(d, f, k, t, args.variant, True, kinds)
+        result["rows"] += [
+          {"d": d, "F": f, "K": k, "T": t, "method": n, "error": SKIPPED} for n in names
+        ]
+      else:
+        sets = make_sets(d, f, calls, jnp.bfloat16)
+        result["rows"] += bench_case(d, f, k, args.variant, t, kinds, sets, args, deadline)
+        del sets
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as fh:  # after every case: a timeout keeps what was measured
+        json.dump(result, fh, indent=1)
+  print_table(result)
+
+
+def _fastest(rows: list[dict], prefix: str) -> dict | None:
+  mine = [r for r in rows if r["method"].startswith(prefix)]
+  return min(mine, key=lambda r: r["time_s"], default=None)
+
+
+def print_table(result: dict) -> None:
+  """One line per (shape, T): every method's µs; then best dense kernel vs best MoC kernel."""
+  copy = result["bandwidth"]["copy_Bps"]
+  print(f"\ncopy {copy / 1e12:.2f} TB/s, read {result['bandwidth']['read_Bps'] / 1e12:.2f} TB/s")
+  keys = sorted({(r["d"], r["F"], r["T"]) for r in result["rows"]})
+  for d, f, t in keys:
+    rows = [r for r in result["rows"] if (r["d"], r["F"], r["T"]) == (d, f, t)]
+    ok = [r for r in rows if "time_s" in r]
+    cells = [f"{r['method']}={r['time_s'] * 1e6:.1f}" for r in ok]
+    cells += [
+      f"{r['method']}={'skip' if r['error'] == SKIPPED else 'ERR'}" for r in rows if "error" in r
+    ]
+    print(f"d={d} F={f} T={t}: " + " ".join(cells))
+    dk, mk, xd = (_fastest(ok, pre) for pre in ("dense_kernel", "moc_kernel", "xla_dense"))
+    if dk and mk:
+      dense = min((r for r in (dk, xd) if r), key=lambda r: r["time_s"])
+      print(
+        f"   best dense {dense['method']} {dense['time_s'] * 1e6:.1f}us "
+        f"({100 * dense['bandwidth_Bps'] / copy:.0f}% copy) | best moc {mk['method']} "
+        f"{mk['time_s'] * 1e6:.1f}us ({100 * mk['bandwidth_Bps'] / copy:.0f}% copy) | "
+        f"moc speedup vs our dense {dk['time_s'] / mk['time_s']:.2f}x, vs best dense "
+        f"{dense['time_s'] / mk['time_s']:.2f}x"
+      )
+
+
+if __name__ == "__main__":
+  main()

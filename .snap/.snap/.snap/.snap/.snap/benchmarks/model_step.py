@@ -1,0 +1,229 @@
+"""Whole-model training step on one GPU: dense vs MoC vs MoC+GCP (and dense with its FFN
+rematerialised), the framework's own train step, random tokens.
+
+  python benchmarks/model_step.py --preset=1b --batch=64 --seq=256
+
+Each variant runs in its own process so `peak_bytes_in_use` is that variant's alone. Reports
+tokens/s and step time over `--steps` steps run back to back (one sync at the end, as training
+runs them; the median of as many steps, each synced alone, is kept beside it), MFU (PaLM-style
+FLOPs: 6 × non-embedding params + 12 × layers × d_model × seq per token, over a 989 TFLOP/s
+dense-bf16 peak for H100/H200), peak device memory and XLA's compiled memory analysis; the
+largest batch without rematerialisation is estimated linearly from the compiled memory at two
+batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+  "dense": dict(ffn="dense"),
+  "dense_remat_ffn": dict(ffn="dense", remat="ffn"),
+  "dense_remat_full": dict(ffn="dense", remat="full"),
+  "moc": dict(ffn="moc"),
+  "moc_gcp": dict(ffn="moc", gcp=True),
+  "moc_remat_ffn": dict(ffn="moc", remat="ffn"),
+  "moc_remat_full": dict(ffn="moc", remat="full"),
+}
+DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
+# Variants with another forward-epilogue config: the env MOC_SPLIT_CONFIG names one of
+# `topk_variants.EPILOGUE`, or is the path of a topk_gpu_session.json whose fastest exact
+# epilogue config (`fwd_epilogue_best`) to take.
+FORWARD = {
+  "moc_split": dict(ffn="moc"),
+  "moc_gcp_split": dict(ffn="moc", gcp=True),
+}
+VARIANTS.update(FORWARD)
+# The Pallas epilogues with the selection kept as indices instead of a bitmask (moc.py).
+INDICES = {"moc_idx": dict(ffn="moc"), "moc_gcp_idx": dict(ffn="moc", gcp=True)}
+VARIANTS.update(INDICES)
+
+
+def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000):
+  """(cfg, graphdef, state, step, batch_of): the framework's jitted train step for a variant
+  on random tokens; batch_of(b) gives a (b, seq) batch."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from benchmarks import common
+  from moc_jax import model_config, train_lib
+  from moc_jax.model import Transformer
+
+  if variant in FORWARD:
+    from benchmarks import topk_variants
+    from pallas_kernels import moc_train
+
+    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512_w32")
+    if name.endswith(".json"):
+      with open(name) as f:
+        name = json.load(f).get("fwd_epilogue_best") or "split_c512_w32"
+    print(f"forward epilogue config: {name}", flush=True)
+    moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
+  if variant in INDICES:
+    from moc_jax import moc
+
+    moc.BITMASK_RESIDUALS = False
+  overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
+  cfg = model_config.from_preset(preset, **overrides)
+  t = common.bench_train_config()
+  tx = train_lib.make_optimizer(t)
+  graphdef, state = train_lib.init_state(Transformer(cfg, nnx.Rngs(0)), tx, 0)
+  step = train_lib.make_train_step(
+    graphdef, tx, train_lib.make_schedule(t), grad_accum=1, document_mask=False
+  )
+
+  def batch_of(b):
+    tokens = jax.random.randint(jax.random.key(b), (b, seq + 1), 0, cfg.vocab_size)
+    return {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "weights": jnp.ones((b, seq), jnp.float32),
+      "positions": jnp.broadcast_to(jnp.arange(seq), (b, seq)),
+      "segment_ids": jnp.ones((b, seq), jnp.int32),
+    }
+
+  return cfg, graphdef, state, step, batch_of
+
+
+def child(args) -> dict:
+  import jax
+  from flax import nnx
+
+  from benchmarks import common
+  from moc_jax import train_lib
+  from moc_jax.model import count_params
+
+  cfg, graphdef, state, step, batch_of = build(args.preset, args.variant, args.backend, args.seq)
+  n_params = count_params(nnx.merge(graphdef, state["params"]))
+  compiled_bytes = {}
+  for b in (args.batch // 2, args.batch) if args.estimate_max_batch else (args.batch,):
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_of(b))
+    compiled_bytes[b] = common.compiled_bytes(step.lower(state, abstract).compile())
+  batch = batch_of(args.batch)
+  for _ in range(args.warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args.steps):  # each step alone: its wall time, launch gap included
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):  # back to back, as a training loop runs them
+    state, m = step(state, batch)
+  jax.block_until_ready(m["loss"])
+  step_s = (time.perf_counter() - t0) / args.steps
+  synced_s = statistics.median(times)
+  tokens_per_s = args.batch * args.seq / step_s
+  peak_tflops = train_lib.device_peak_tflops(None)
+  flops = train_lib.train_flops_per_token(cfg, args.seq)
+  hbm = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  lo, hi = args.batch // 2, args.batch
+  per_seq = (compiled_bytes[hi] - compiled_bytes[lo]) / (hi - lo) if lo in compiled_bytes else 0
+  fixed = compiled_bytes[hi] - per_seq * hi
+  return {
+    "variant": args.variant,
+    "params": n_params,
+    "batch": args.batch,
+    "seq": args.seq,
+    "step_ms": step_s * 1e3,
+    "step_ms_synced_median": synced_s * 1e3,
+    "step_ms_synced_all": [x * 1e3 for x in times],
+    "tokens_per_s": tokens_per_s,
+    "tokens_per_s_synced": args.batch * args.seq / synced_s,
+    "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+    "peak_gb": train_lib.peak_memory_gb(),
+    "compiled_gb": {str(b): v / 1e9 for b, v in compiled_bytes.items()},
+    "est_max_batch": int((hbm - fixed) // per_seq) if hbm and per_seq > 0 else None,
+    "hbm_limit_gb": hbm / 1e9 if hbm else None,
+    "loss": float(m["loss"]),
+  }
+
+
+def write_results(args, rows: list[dict]) -> None:
+  """The JSON with ratios against `--reference` (when it ran)."""
+  from benchmarks import common
+
+  ref = next((r for r in rows if r.get("variant") == args.reference and "error" not in r), None)
+  if ref:
+    for r in rows:
+      if "error" not in r:
+        r["tokens_per_s_vs_dense"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["synced_vs_dense"] = r["tokens_per_s_synced"] / ref["tokens_per_s_synced"]
+        r["peak_vs_dense"] = r["peak_gb"] / ref["peak_gb"] if ref["peak_gb"] else None
+  common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="1b")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
+  p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"any of {', '.join(VARIANTS)}")
+  p.add_argument("--reference", default="dense", help="variant the ratios are taken against")
+  p.add_argument(
+    "--estimate_max_batch",
+    action="store_true",
+    help="also compile at batch/2 to extrapolate the largest batch that fits",
+  )
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/model_step.json"))
+  p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+  args = p.parse_args()
+  from benchmarks import common
+
+  if args.variant:
+    print(common.RESULT + json.dumps(child(args)), flush=True)
+    return
+
+  rows = []
+  for name in args.variants.split(","):
+    t0 = time.perf_counter()
+    r = common.run_variant_child(__file__, name, sys.argv[1:])
+    rows.append(r)
+    if "error" in r:
+      print(f"{name}: failed\n{r['error']}", flush=True)
+    else:
+      r["wall_s"] = time.perf_counter() - t0
+      print(
+        f"{name:>16}: {r['step_ms']:.1f} ms/step ({r['step_ms_synced_median']:.1f} synced), "
+        f"{r['tokens_per_s']:,.0f} tok/s, "
+        f"MFU {r['mfu'] or 0:.1%}, peak {r['peak_gb'] or 0:.1f} GB, "
+        f"est. max batch {r['est_max_batch']}",
+        flush=True,
+      )
+    write_results(args, rows)  # after every variant: a cut session keeps what finished
+  print(
+    json.dumps(
+      [
+        {
+          k: r.get(k)
+          for k in (
+            "variant",
+            "tokens_per_s_vs_dense",
+            "synced_vs_dense",
+            "peak_vs_dense",
+            "est_max_batch",
+          )
+        }
+        for r in rows
+      ],
+      indent=1,
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()

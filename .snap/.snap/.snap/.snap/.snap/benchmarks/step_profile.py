@@ -1,0 +1,159 @@
+"""Where a training step's time goes: the device time of one train step per variant, summed
+by XLA op and by kind (GEMM, attention, Pallas kernel, collective, other fusion), from a
+`jax.profiler` trace.
+
+  python benchmarks/step_profile.py --preset=1b --batch=64 --variants=dense,moc \\
+      --out=benchmarks/results/step_profile_1b.json
+
+Each variant runs in its own process: build the step (`model_step.build`), run warm-up steps,
+then trace `--steps` steps and read the trace's Perfetto JSON. Device events are those of
+processes named /device:GPU:* (on CPU, where there is no device timeline, the XLA client
+threads' events stand in, which is enough to test the tool). Totals are per step; `busy_ms`
+is the union of the device intervals, so `1 - busy / step` is the share of idle device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+KINDS = (  # first match wins, on the lower-cased op or kernel name
+  ("collective", ("all-reduce", "all-gather", "reduce-scatter", "nccl", "collective")),
+  ("attention", ("cudnn", "flash", "attention", "fmha")),
+  ("pallas", ("moc_", "triton", "pallas")),
+  ("gemm", ("gemm", "cublas", "dot", "matmul", "sm90_xmma", "nvjet")),
+  ("copy", ("copy", "memcpy", "memset", "transpose")),
+)
+
+
+def kind_of(name: str) -> str:
+  low = name.lower()
+  return next((k for k, keys in KINDS if any(x in low for x in keys)), "fusion/other")
+
+
+def device_events(trace: dict) -> list[dict]:
+  """Complete events ('X') on GPU device timelines, else on the XLA CPU client threads."""
+  events = trace.get("traceEvents", [])
+  procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+  threads = {
+    (e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("name") == "thread_name"
+  }
+  gpu = {pid for pid, name in procs.items() if "/device:GPU" in name}
+  xs = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  if gpu:
+    return [e for e in xs if e["pid"] in gpu]
+  on_cpu = [e for e in xs if threads.get((e["pid"], e.get("tid")), "").startswith("tf_XLA")]
+  return [e for e in on_cpu if not e["name"].startswith("ThunkExecutor")]  # wrappers
+
+
+def busy_time(events: list[dict]) -> float:
+  """Length of the union of the events' [ts, ts + dur) intervals (µs)."""
+  total, end = 0.0, float("-inf")
+  for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+    if start > end:
+      total, end = total + stop - start, stop
+    elif stop > end:
+      total, end = total + stop - end, stop
+  return total
+
+
+def summarize(trace: dict, steps: int, top: int = 25) -> dict:
+  events = device_events(trace)
+  by_op: dict[str, float] = collections.defaultdict(float)
+  kernel: dict[str, str] = {}  # op -> a kernel name it ran (Pallas calls are custom-call.N)
+  for e in events:
+    op = (e.get("args") or {}).get("hlo_op") or e["name"]
+    if op.startswith("command_buffer"):  # a CUDA graph's kernels all carry its op: use theirs
+      op = e["name"]
+    by_op[op] += e["dur"]
+    kernel.setdefault(op, e["name"])
+  kinds = {op: kind_of(f"{op} {kernel[op]}") for op in by_op}
+  by_kind: dict[str, float] = collections.defaultdict(float)
+  for op, us in by_op.items():
+    by_kind[kinds[op]] += us
+  ms = lambda us: round(us / steps / 1e3, 4)
+  ranked = sorted(by_op.items(), key=lambda kv: -kv[1])
+  return {
+    "events": len(events),
+    "device_ms_per_step": ms(sum(by_op.values())),
+    "busy_ms_per_step": ms(busy_time(events)),
+    "by_kind_ms": {k: ms(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+    "top_ops_ms": [
+      {"op": op, "kernel": kernel[op], "kind": kinds[op], "ms": ms(us)} for op, us in ranked[:top]
+    ],
+  }
+
+
+def read_trace(log_dir: str) -> dict:
+  paths = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+  if not paths:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {log_dir}")
+  with gzip.open(paths[-1]) as f:
+    return json.load(f)
+
+
+def child(args) -> dict:
+  import time
+
+  import jax
+
+  from benchmarks import model_step
+
+  _, _, state, step, batch_of = model_step.build(args.preset, args.variant, args.backend, args.seq)
+  batch = batch_of(args.batch)
+  for _ in range(args.warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  with tempfile.TemporaryDirectory() as log_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for _ in range(args.steps):
+        state, m = step(state, batch)
+      jax.block_until_ready(m)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    summary = summarize(read_trace(log_dir), args.steps)
+  return {"variant": args.variant, "wall_ms_per_step_traced": round(wall_ms, 3), **summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+  from benchmarks import model_step
+
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="1b")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
+  p.add_argument("--variants", default="dense,moc", help=f"of {', '.join(model_step.VARIANTS)}")
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/step_profile.json"))
+  p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+  args = p.parse_args(argv)
+  from benchmarks import common
+
+  if args.variant:
+    print(common.RESULT + json.dumps(child(args)), flush=True)
+    return 0
+  unknown = set(args.variants.split(",")) - set(model_step.VARIANTS)
+  if unknown:
+    p.error(f"unknown variants {sorted(unknown)}")
+  rows = []
+  for name in args.variants.split(","):
+    r = common.run_variant_child(os.path.abspath(__file__), name, argv or sys.argv[1:])
+    rows.append(r)
+    print(f"{name}: " + (json.dumps(r.get("by_kind_ms")) if "error" not in r else "failed"))
+    common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": rows})
+  return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,159 @@
+"""The MoC train epilogues' streaming passes, side by side: how each way of walking the bitmask
+compares with XLA's own elementwise passes over the same bytes.
+
+  python benchmarks/stream_sweep.py --out benchmarks/results/stream_sweep_h200_DATE.json
+
+Per shape (the 1B layer, 16384 x 5504 with 5461 real channels and K=1024, and the 60M one), on
+fresh random bf16 inputs: the selection bitmask (`topk_compact.mask_call`, the forward default),
+then every `StreamConfig` below for the forward pass (`apply_call`: G, U -> G_sel, U_sel, Z,
+Z_sel) and the backward (`train_backward_bitmask`, with Z_sel (MoC) and without (GCP)). Each
+variant's outputs must equal the default walk's bit for bit. Floors in the same run: an XLA
+copy, dense SwiGLU's forward fusion silu(G)*U and its backward (dZ, G, U -> dG, dU). Bytes are
+what each pass must move; GB/s is bytes / median time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels import moc_train, moc_train_mask, topk_compact
+from pallas_kernels._topk_config import TopKConfig
+
+SC = moc_train_mask.StreamConfig
+VARIANTS: dict[str, SC] = {
+  "row_w32": SC(32, 4, "row"),  # the forward's default
+  "block_w16": SC(16, 4, "block"),  # the backward's default
+  # Not yet timed: one block's loads in flight ahead (the row walk waits on its loads: L1TEX
+  # scoreboard stalls were 43% of the forward pass's in Nsight Compute, 2026-12-01).
+  "pipeline_w32": SC(32, 4, "pipeline"),
+  "pipeline_w16": SC(16, 4, "pipeline"),
+  "pipeline_w16_a8": SC(16, 8, "pipeline"),
+  "row_w16": SC(16, 4, "row"),
+  "block_w32": SC(32, 4, "block"),
+  "block_w16_a2": SC(16, 2, "block"),
+  "block_w8_a2": SC(8, 2, "block"),
+  # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
+  # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
+}
+SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
+TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}
+
+
+def _inputs(t: int, f: int, seed: int):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (t, f), jnp.float32).astype(jnp.bfloat16) for k in ks]
+
+
+def _swiglu(g, u):
+  return jax.nn.silu(g) * u
+
+
+def _same(a, b) -> bool:
+  return all(
+    np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def _row(name, fn, sets, nbytes, ref=None, **timing) -> dict:
+  try:
+    out = jax.block_until_ready(fn(*sets[0]))
+    row = {"name": name, "exact": None if ref is None else _same(out, ref)}
+    row["us"] = common.time_fn(fn, arg_sets=sets, **timing)["median_us"]
+  except Exception as e:  # one failing variant is reported; the rest still run
+    print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    return {"name": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+  row["gb_s"] = nbytes / row["us"] / 1e3
+  print(f"{name:28s} {row['us']:9.1f} us {row['gb_s']:7.0f} GB/s exact={row['exact']}", flush=True)
+  return row, out
+
+
+def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, timing) -> dict:
+  e = 2  # bf16 bytes
+  dense, compact, words = t * f * e, t * k * e, t * -(-f // 32) * 4
+  sets = [tuple(_inputs(t, f, s)) for s in (0, 1)]
+  cfg = moc_train.FORWARD_DEFAULT
+  mask = jax.jit(lambda g: topk_compact.mask_call(g, k, "moc", cfg, interpret, num_valid=nv))
+  res: dict = {"shape": dict(T=t, F=f, num_valid=nv, K=k), "floors": [], "forward": [], "bwd": []}
+
+  def keep(bucket, got):
+    res[bucket].append(got[0] if isinstance(got, tuple) else got)
+    return got[1] if isinstance(got, tuple) else None
+
+  floors = {
+    "xla_copy": (lambda g, u, dz: g + jnp.bfloat16(1), 2 * dense),
+    "xla_silu_mul": (lambda g, u, dz: moc_train_mask.silu_mul(g, u, g.dtype), 3 * dense),
+    "xla_dense_bwd": (lambda g, u, dz: jax.vjp(_swiglu, g, u)[1](dz), 5 * dense),
+  }
+  for name, (fn, nbytes) in floors.items():
+    keep("floors", _row(name, jax.jit(fn), sets, nbytes, **timing))
+  keep("floors", _row("mask_default", lambda g, u, dz: mask(g), sets, dense + words, **timing))
+  msets = [(mask(g), g, u, dz) for g, u, dz in sets]
+  fwd_bytes = 3 * dense + words + 3 * compact
+  bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
+  ref_f, ref_b = None, {}
+  for name, sc in VARIANTS.items():
+    tcfg = TopKConfig(apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode)
+    fwd = jax.jit(
+      lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
+        m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True
+      )
+    )
+    out = keep("forward", _row(f"fwd_{name}", fwd, msets, fwd_bytes, ref_f, **timing))
+    ref_f = out if ref_f is None else ref_f
+    if out is None:
+      continue
+    for keep_z in (True, False):
+      bsets = []
+      for m, g, u, dz in msets:
+        gs, us, _, zs = fwd(m, g, u, dz)
+        bsets.append((dz, m, gs, us, zs if keep_z else None))
+      bwd = jax.jit(
+        lambda dz, m, gs, us, zs, c=sc: moc_train_mask.train_backward_bitmask(
+          dz, m, gs, us, zs, config=c, interpret=interpret
+        )
+      )
+      tag = "moc" if keep_z else "gcp"
+      got = _row(f"bwd_{tag}_{name}", bwd, bsets, bwd_bytes[keep_z], ref_b.get(keep_z), **timing)
+      out_b = keep("bwd", got)
+      ref_b.setdefault(keep_z, out_b)
+  res["copy_gb_s"] = res["floors"][0].get("gb_s")
+  return res
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default="")
+  p.add_argument("--shapes", default="1b,60m")
+  p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
+  p.add_argument("--dry_run", action="store_true", help="tiny shapes in interpret mode (CPU)")
+  args = p.parse_args(argv)
+  if args.only:
+    keep = args.only.split(",")
+    for name in list(VARIANTS):
+      if name not in keep:
+        del VARIANTS[name]
+  interpret = tu.default_interpret(None) or args.dry_run
+  timing = dict(inner=1, trials=1, warmup=1) if args.dry_run else dict(inner=10, trials=7)
+  payload = {"info": common.run_info(), "variants": {n: str(v) for n, v in VARIANTS.items()}}
+  payload["shapes"] = {}
+  for label in args.shapes.split(","):
+    t, f, nv, k = (TINY if args.dry_run else SHAPES)[label]
+    print(f"== {label}: T={t} F={f} num_valid={nv} K={k}", flush=True)
+    payload["shapes"][label] = shape_rows(label, t, f, nv, k, interpret, timing)
+    if args.out:
+      common.write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,45 @@
+"""The top-K configs the GPU session compares, most informative first (it may stop early).
+
+Each names the hypothesis it tests about the ~600 us the row kernel spends outside its
+search and scan (NOTES_kernels.md).
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.topk import TopKConfig
+
+SWEEP: dict[str, TopKConfig] = {
+  "row_default": TopKConfig(),  # one row over 4 warps; `select`'s default at powers of two
+  # 2026-12-01: the search side is the cost (mask_only 649 of 718 us), and each counting pass
+  # ends in one block reduction per power-of-two piece (3 for 5632). Equal chunks summed
+  # lane-wise make it one per pass; packing two thresholds per int32 keeps it one for a
+  # ternary search (~11 passes instead of 16).
+  "row_c512": TopKConfig(chunk=512),
+  "row_c512_t": TopKConfig(chunk=512, fan=2),  # 566 vs 708 us: `select`'s default elsewhere
+  "row_c1024_t": TopKConfig(chunk=1024, fan=2),
+  "row_c512_r4": TopKConfig(chunk=512, fan=3),
+  "row_c512_t_r2": TopKConfig(chunk=512, fan=2, rows=2),
+  "row_c512_t_w8": TopKConfig(chunk=512, fan=2, num_warps=8),
+  "row_r2": TopKConfig(rows=2),
+  "row_fan3": TopKConfig(fan=3),
+  # Two kernels (topk_compact.py): search + bitmask, then popcount compaction; mask_only
+  # times the first alone (+ ~23 us XLA write), so the difference is the compaction.
+  "cmp_row_default": TopKConfig(compact=True),
+  "abl_cmp_row_mask_only": TopKConfig(compact=True, ablate="mask_only"),
+  "row_w2": TopKConfig(num_warps=2),
+  # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
+  # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
+  # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final
+  # pass without prefix sums unless a row has surplus ties at v, 472 vs 426 us; code at 87c8a63).
+}
+
+
+# Train forward epilogue (G, U -> idx, G_sel, U_sel, Z) at the 1B shape. One kernel (selection,
+# then U loads and Z stores in its final pass) vs two (selection to a bitmask, then a streaming
+# pass): the one-kernel c512_t lost its standalone gain inside the epilogue (1214 vs 1067 us).
+EPILOGUE: dict[str, TopKConfig] = {
+  "default": TopKConfig(),
+  # The two-kernel default since 2026-12-01e (748 us; the other split configs of that sweep,
+  # chunk 256/1024, rows=2, 8 warps, ternary, are in NOTES_kernels.md and lost to it).
+  "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
+}

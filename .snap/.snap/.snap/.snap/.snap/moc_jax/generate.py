@@ -1,0 +1,196 @@
+"""KV-cache generation: prefill + one compiled decode loop, greedy / temperature / top-p, EOS stop.
+
+  python -m moc_jax.generate --workdir=DIR --prompt="def main(" --max_new_tokens=64 \
+      [--temperature=0.8 --top_p=0.95 --seed=0 --backend=auto]
+
+Prompts of different lengths share one batch, right-padded: row b's prompt fills cache slots
+[0, len_b); its first new token is written at slot len_b, over the padding's k/v, and every
+query attends only to slots at or before its own position, so padding is never seen. The
+whole generation (prefill and the `lax.while_loop` over new tokens) is one jitted call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moc_jax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; top_p < 1 keeps the smallest set of tokens with mass ≥ top_p."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+
+def sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+  """Next token ids (B,) from fp32 logits."""
+  if s.temperature <= 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV.astype(jnp.float32) / s.temperature
+  if s.top_p < 1.0:
+    sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    keep = mass_before < s.top_p  # always keeps the best token
+    cutoff = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def with_backend(model: Transformer, backend: str) -> Transformer:
+  """The same parameters under another kernel backend, prepared for decoding (Wu^T stored)."""
+  cfg = dataclasses.replace(model.cfg, kernel_backend=backend)
+  out = Transformer(cfg, nnx.Rngs(0))
+  nnx.update(out, nnx.state(model, nnx.Param))
+  out.prepare_for_decode()
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(
+  graphdef,
+  state,
+  prompts_BxP,
+  lengths_B,
+  max_new: int,
+  sampling: Sampling,
+  eos_id: int,
+  pad_id: int,
+  key,
+):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = prompts_BxP.shape
+  cache = model.init_cache(batch, prompt_len + max_new)
+  positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompts_BxP.shape)
+  logits_BxPxV, cache = model.decode(prompts_BxP, positions_BxP, cache)
+  last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  key, sub = jax.random.split(key)
+  first_B = sample(last_BxV, sub, sampling)
+  out_BxN = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first_B)
+  done_B = first_B == eos_id
+
+  def cond(carry):
+    i, _, _, done_B, _, _ = carry
+    return (i < max_new) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, tok_B, cache, done_B, out_BxN, key = carry
+    pos_B = lengths_B + i - 1  # the slot of token i-1 of the answer
+    logits_Bx1xV, cache = model.decode(tok_B[:, None], pos_B[:, None], cache)
+    key, sub = jax.random.split(key)
+    nxt_B = jnp.where(done_B, pad_id, sample(logits_Bx1xV[:, 0], sub, sampling))
+    out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, nxt_B[:, None], i, axis=1)
+    return i + 1, nxt_B, cache, done_B | (nxt_B == eos_id), out_BxN, key
+
+  carry = (jnp.int32(1), first_B, cache, done_B, out_BxN, key)
+  i, _, _, _, out_BxN, _ = jax.lax.while_loop(cond, body, carry)
+  return out_BxN, i
+
+
+def generate(
+  model: Transformer,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  *,
+  sampling: Sampling = Sampling(),
+  eos_id: int = -1,
+  pad_id: int = 0,
+  seed: int = 0,
+) -> list[list[int]]:
+  """New tokens per prompt (EOS excluded, stops at EOS), from one compiled call."""
+  if not prompts or min(len(p) for p in prompts) == 0:
+    raise ValueError("every prompt needs at least one token (start it with BOS)")
+  if max_new_tokens <= 0:
+    return [[] for _ in prompts]
+  prompt_len = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, : len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  graphdef, state = nnx.split(model)
+  out, _ = _generate(
+    graphdef,
+    state,
+    jnp.asarray(tokens),
+    jnp.asarray(lengths),
+    max_new_tokens,
+    sampling,
+    eos_id,
+    pad_id,
+    jax.random.key(seed),
+  )
+  result = []
+  for row in np.asarray(out).tolist():
+    result.append(row[: row.index(eos_id)] if eos_id in row else row)
+  return result
+
+
+def load(workdir: str, backend: str = "auto") -> tuple[Transformer, object]:
+  """(model prepared for decoding, tokenizer) from the newest checkpoint in `workdir`."""
+  import ml_collections
+
+  from moc_jax import checkpoint, data, train_lib
+  from moc_jax.checkpoint import CheckpointError
+
+  saved = checkpoint.read_config(workdir)
+  if saved is None:
+    raise CheckpointError(f"no {checkpoint.CONFIG_FILE} in {workdir!r}: is it a training workdir?")
+  cfg = ml_collections.ConfigDict(saved)
+  tokenizer = data.make_tokenizer(cfg.data)
+  model_cfg = train_lib.build_model_config(cfg.model, tokenizer.vocab_size)
+  model = Transformer(model_cfg, nnx.Rngs(0))
+  _, state = train_lib.init_state(model, train_lib.make_optimizer(cfg.train), cfg.seed)
+  manager = checkpoint.make_manager(workdir, every=1, keep=1, async_save=False, read_only=True)
+  restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state))
+  manager.close()
+  if restored is None:
+    raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
+  nnx.update(model, restored[1]["params"])
+  return with_backend(model, backend), tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description="Generate text from the newest checkpoint in a workdir.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--backend", default="auto", help="MoC decode kernels: auto | xla | pallas")
+  a = p.parse_args(argv)
+  if a.temperature < 0 or not 0 < a.top_p <= 1 or a.max_new_tokens < 0:
+    print("error: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0", file=sys.stderr)
+    return 2
+  from moc_jax.cli import user_errors
+
+  with user_errors():
+    model, tok = load(a.workdir, a.backend)
+    prompts = [[tok.bos_id, *tok.encode(text)] for text in a.prompt]
+    outs = generate(
+      model,
+      prompts,
+      a.max_new_tokens,
+      sampling=Sampling(a.temperature, a.top_p),
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
+      seed=a.seed,
+    )
+    for text, out in zip(a.prompt, outs, strict=True):
+      print(text + tok.decode(out), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,284 @@
+"""The Mixture-of-Channels FFN: one public op with a `jax.custom_vjp` that keeps compact residuals.
+
+    y = moc_ffn(x, w_gate, w_up, w_down, k=K, variant="moc", gcp=False, backend="xla")
+
+Per token, only the K channels with the largest signed gate value `x @ w_gate` pass through
+silu(G) * U and the down projection (DESIGN.md §1). What survives from the forward to the
+backward is only per-token K-sized: the selection, G_sel, U_sel and, without GCP, Z_sel. The
+selection is kept as channel indices (uint16 when F allows) on the xla backend, and as a bitmask
+(F/8 bytes, smaller than 2K) on the Pallas one, whose epilogues then stream over dense rows.
+silu(G_sel) and silu'(G_sel) are recomputed in the backward epilogue, where they cost nothing,
+so they are not kept. Weights enter the op in their storage dtype (fp32 masters) and are cast
+inside both passes, so no bf16 weight copy is held across layers either.
+
+This module imports only jax and `pallas_kernels`: the GPU benchmark machine needs nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels import backends, reference
+
+VARIANTS = ("dense", "moc", "moc_2of8")
+PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIGN.md §3)
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (sharding.py uses these)
+# The Pallas backend keeps the selection as a bitmask (False: as indices, like the xla backend).
+BITMASK_RESIDUALS = True
+
+
+def default_k(d_model: int) -> int:
+  """The paper's default: K = d_model // 2."""
+  return d_model // 2
+
+
+def effective_k(k: int | None, d_ff: int, variant: str) -> int:
+  """K as the op will use it; 2:8 fixes K = F / 4."""
+  if variant == "moc_2of8":
+    return d_ff // reference.GROUP * reference.PER_GROUP
+  if k is None:
+    raise ValueError(f"variant {variant!r} needs k")
+  return k
+
+
+def validate(d_ff: int, k: int | None, variant: str) -> None:
+  """Reject a bad (F, K, variant) with one message naming the problem."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown FFN variant {variant!r}; valid: {', '.join(VARIANTS)}")
+  if variant == "moc" and (k is None or not 0 < k <= d_ff):
+    raise ValueError(f"MoC needs 0 < k <= d_ff={d_ff}, got k={k}")
+  if variant == "moc_2of8" and d_ff % reference.GROUP:
+    raise ValueError(f"moc_2of8 needs d_ff divisible by {reference.GROUP}, got d_ff={d_ff}")
+
+
+def _pad_multiple(pad_to: int | None) -> int:
+  if pad_to is not None:
+    return max(int(pad_to), 1)
+  return PAD_MULTIPLE_GPU if jax.default_backend() == "gpu" else 1
+
+
+def cast_and_pad(w_gate, w_up, w_down, dtype, f_pad: int):
+  """Compute-dtype weights with F padded to f_pad by zero channels (fused into the cast)."""
+  extra = f_pad - w_gate.shape[1]
+  wg = jnp.pad(w_gate.astype(dtype), ((0, 0), (0, extra)))
+  wu = jnp.pad(w_up.astype(dtype), ((0, 0), (0, extra)))
+  wd = jnp.pad(w_down.astype(dtype), ((0, extra), (0, 0)))
+  return wg, wu, wd
+
+
+def _padded(d_ff: int, multiple: int) -> int:
+  return d_ff + (-d_ff % multiple)
+
+
+def mesh_axis_size(name: str) -> int:
+  """Size of the ambient mesh's axis `name` (1 without a mesh or without that axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or name not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[name])
+
+
+def per_batch_shard(row_fn):
+  """Runs a row-wise epilogue on each batch shard of the ambient mesh.
+
+  A `pallas_call` has no SPMD partitioning rule: under `jit` with token rows split over
+  (data, fsdp), XLA would gather every shard's rows onto every device and run the whole
+  kernel there. Every argument of `row_fn` is a (T, ...) array; so is every output.
+  """
+  axes = tuple(a for a in BATCH_AXES if mesh_axis_size(a) > 1)
+  if not axes:
+    return row_fn
+  return jax.shard_map(row_fn, in_specs=P(axes), out_specs=P(axes), check_vma=False)
+
+
+def select_channels(
+  g_TxF: jax.Array, k: int | None, variant: str = "moc", backend: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
+  """The selection alone: (indices int32 ascending per token, selected values)."""
+  validate(g_TxF.shape[-1], k, variant)
+  return backends.select(backend)(g_TxF, effective_k(k, g_TxF.shape[-1], variant), variant)
+
+
+def moc_ffn(
+  x: jax.Array,
+  w_gate: jax.Array,
+  w_up: jax.Array,
+  w_down: jax.Array,
+  *,
+  k: int | None,
+  variant: str = "moc",
+  gcp: bool = False,
+  backend: str = "xla",
+  pad_to: int | None = None,
+) -> jax.Array:
+  """SwiGLU FFN restricted per token to its top-K gate channels.
+
+  Args:
+    x: (..., D) activations in the compute dtype.
+    w_gate, w_up: (D, F); w_down: (F, D); any float dtype (cast to x.dtype inside).
+    k: channels kept per token (ignored for 'dense'; 'moc_2of8' uses F/4).
+    variant: 'dense' | 'moc' | 'moc_2of8'.
+    gcp: keep only idx, G_sel, U_sel and recompute Z_sel in the backward.
+    backend: kernel backend for selection and epilogues ('xla', 'pallas', 'auto').
+    pad_to: pad F to a multiple of this inside the op (None: 128 on GPU, 1 elsewhere).
+  Returns:
+    (..., D) in x.dtype; differentiable in x and all three weights.
+  """
+  *lead, d_model = x.shape
+  d_ff = w_gate.shape[1]
+  validate(d_ff, k, variant)
+  if w_gate.shape != (d_model, d_ff) or w_up.shape != (d_model, d_ff):
+    raise ValueError(f"w_gate/w_up must be ({d_model}, {d_ff}); got {w_gate.shape}, {w_up.shape}")
+  if w_down.shape != (d_ff, d_model):
+    raise ValueError(f"w_down must be ({d_ff}, {d_model}); got {w_down.shape}")
+  multiple = _pad_multiple(pad_to)
+  x_TxD = x.reshape(-1, d_model)
+  if variant == "dense":
+    y_TxD = _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple)
+  else:
+    k_eff = effective_k(k, d_ff, variant)
+    y_TxD = _moc_core(x_TxD, w_gate, w_up, w_down, k_eff, variant, gcp, backend, multiple)
+  return y_TxD.reshape(*lead, d_model)
+
+
+def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:
+  """Plain SwiGLU under autodiff (the baseline), padded like MoC so comparisons are fair."""
+  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
+  h_TxF = jax.nn.silu(x_TxD @ wg) * (x_TxD @ wu)
+  return h_TxF @ wd
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom_vjp. Arguments after the four arrays are static.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
+  y_TxD, _ = _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple)
+  return y_TxD
+
+
+def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
+  d_ff = w_gate.shape[1]
+  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
+  g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu
+  bitmask = _bitmask_epilogues(backend, wg.shape[1])
+  if bitmask:
+    epilogue = functools.partial(bitmask[0], k=k, variant=variant, num_valid=d_ff, z_sel=not gcp)
+    words, g_sel, u_sel, z_TxF, *z_sel = per_batch_shard(epilogue)(g_TxF, u_TxF)
+    compact = (words, g_sel, u_sel, *z_sel)
+    return z_TxF @ wd, (x_TxD, w_gate, w_up, w_down, compact)
+  epilogue = functools.partial(
+    backends.train_forward_epilogue(backend),
+    k=k,
+    variant=variant,
+    num_valid=d_ff,
+    idx_dtype=reference.index_dtype(wg.shape[1]),
+  )
+  idx_TxK, g_sel, u_sel, z_TxF = per_batch_shard(epilogue)(g_TxF, u_TxF)
+  y_TxD = z_TxF @ wd
+  compact = (idx_TxK, g_sel, u_sel)
+  if not gcp:  # GCP recomputes Z_sel in the backward epilogue instead of keeping it
+    compact += (_z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel),)
+  return y_TxD, (x_TxD, w_gate, w_up, w_down, compact)
+
+
+def _bitmask_epilogues(backend: str, padded_d_ff: int):
+  """The bitmask epilogues if the backend has them and a row fills at least one 32-bit word."""
+  use = BITMASK_RESIDUALS and padded_d_ff >= 32
+  return backends.bitmask_epilogues(backend) if use else None
+
+
+def _z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel) -> jax.Array:
+  """Z_sel computed exactly as the GCP backward would recompute it, so MoC and MoC+GCP train
+  bit-identically: the Pallas kernels share one silu*u routine (Triton rounds it differently
+  from XLA), so take the forward kernel's Z; the jnp path recomputes from (G_sel, U_sel)."""
+  if backends.resolve(backend) == "pallas":
+    return jnp.take_along_axis(z_TxF, idx_TxK.astype(jnp.int32), axis=-1)
+  return reference.silu_and_mul(g_sel, u_sel)
+
+
+def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
+  del k, variant, gcp  # the residual tuple itself says whether Z_sel was kept
+  # Keep XLA from hoisting backward work (which depends only on residuals) into the forward,
+  # where it would stay alive across layers (DESIGN.md §2).
+  residuals, dy_TxD = jax.lax.optimization_barrier((residuals, dy_TxD))
+  x_TxD, w_gate, w_up, w_down, compact = residuals
+  d_ff = w_gate.shape[1]
+  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
+  dy_TxD = dy_TxD.astype(x_TxD.dtype)
+
+  dz_TxF = dy_TxD @ wd.T
+  bitmask = _bitmask_epilogues(backend, wg.shape[1])
+  epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
+  epilogue = per_batch_shard(epilogue)
+  dg_TxF, du_TxF, z_TxF = epilogue(dz_TxF, *compact)
+
+  f32 = jnp.float32
+  dw_down = jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff]
+  dw_gate = jnp.dot(x_TxD.T, dg_TxF, preferred_element_type=f32)[:, :d_ff]
+  dw_up = jnp.dot(x_TxD.T, du_TxF, preferred_element_type=f32)[:, :d_ff]
+  dx_TxD = dg_TxF @ wg.T + du_TxF @ wu.T
+  return (
+    dx_TxD.astype(x_TxD.dtype),
+    dw_gate.astype(w_gate.dtype),
+    dw_up.astype(w_up.dtype),
+    dw_down.astype(w_down.dtype),
+  )
+
+
+_moc_core.defvjp(_moc_fwd, _moc_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference.
+
+
+def moc_decode_ffn(
+  x: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_FxD: jax.Array,
+  w_down_FxD: jax.Array,
+  *,
+  k: int | None,
+  variant: str = "moc",
+  backend: str = "xla",
+) -> jax.Array:
+  """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
+
+  variant='dense' runs the dense FFN on the same path (Wu then given as (D, F)).
+  """
+  *lead, d_model = x.shape
+  d_ff = w_gate_DxF.shape[1]
+  validate(d_ff, k, variant)
+  if variant == "dense":
+    x_TxD = x.reshape(-1, d_model)
+    y = backends.dense_decode_ffn(backend, x_TxD.shape[0])(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD)
+    return y.reshape(*lead, d_model)
+  kernel = backends.decode_ffn(backend)
+  y = kernel(
+    x.reshape(-1, d_model), w_gate_DxF, w_up_FxD, w_down_FxD, effective_k(k, d_ff, variant), variant
+  )
+  return y.reshape(*lead, d_model)
+
+
+def residual_bytes_per_token(
+  d_ff: int, k: int | None, variant: str, gcp: bool, itemsize: int = 2, backend: str = "xla"
+) -> int:
+  """FFN activation bytes kept per token between forward and backward (x excluded).
+
+  The selection costs 2 or 4 bytes per index (xla backend), or F/8 bytes of bitmask with F
+  padded as on the GPU (Pallas backend)."""
+  validate(d_ff, k, variant)
+  if variant == "dense":
+    return 4 * d_ff * itemsize  # autodiff keeps G, U, silu(G), Z
+  k_eff = effective_k(k, d_ff, variant)
+  values = k_eff * (2 if gcp else 3) * itemsize
+  padded = _padded(d_ff, PAD_MULTIPLE_GPU)
+  if _bitmask_epilogues(backend, padded):
+    return values + -(-padded // 32) * 4
+  return values + k_eff * jnp.dtype(reference.index_dtype(d_ff)).itemsize

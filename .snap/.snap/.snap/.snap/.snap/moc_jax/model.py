@@ -1,0 +1,299 @@
+"""A LLaMA-style decoder in Flax NNX whose FFN is dense SwiGLU or Mixture-of-Channels.
+
+Pre-norm RMSNorm, RoPE, causal attention through `jax.nn.dot_product_attention`, untied
+embeddings, no biases, N(0, 0.02) init. Parameters carry logical axis names (`embed`, `mlp`,
+`heads`, `head_dim`, `vocab`) so a sharding rule table can place them without model changes.
+
+Shape suffixes: B batch, L length, S cache length, D d_model, F d_ff, H heads, E head dim,
+V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moc_jax import moc, moc_tp, sharding
+from moc_jax.model_config import ModelConfig
+from pallas_kernels import backends
+
+init_normal = nnx.initializers.normal(stddev=0.02)
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=init_normal
+) -> nnx.Param:
+  """A parameter annotated with logical axis names; the mesh rules place it later."""
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale, computed in fp32."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.scale = _param(rngs, (dim,), ("embed",), param_dtype, nnx.initializers.ones)
+    self.eps = eps
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x32 = x_BxLxD.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def apply_rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding on pairs (i, i + E/2), in fp32."""
+  half = x_BxLxHxE.shape[-1] // 2
+  freq_E2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * freq_E2
+  sin, cos = jnp.sin(angle_BxLxE2)[..., None, :], jnp.cos(angle_BxLxE2)[..., None, :]
+  x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxE.dtype)
+
+
+def decode_linear(backend: str, x_BxLxK: jax.Array, w_KxN: jax.Array, out_dtype=None):
+  """x W for decode: the Pallas GEMV for ≤ 16 tokens (B·L), else XLA (prefill)."""
+  x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
+  y_TxN = backends.decode_linear(backend, x_TxK.shape[0])(x_TxK, w_KxN, out_dtype)
+  return y_TxN.reshape(*x_BxLxK.shape[:-1], -1)
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with RoPE and an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, e, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
+    self.w_q = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.w_k = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.w_v = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.w_o = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"), pd)
+    self.cfg = cfg
+    self.decode_weights: nnx.List | None = nnx.data(None)  # [w_qkv (D, 3HE), w_o (HE, D)]
+
+  def _qkv(self, x_BxLxD, positions_BxL):
+    dt = x_BxLxD.dtype
+    proj = lambda w: jnp.einsum("bld,dhe->blhe", x_BxLxD, w[...].astype(dt))
+    q = apply_rope(proj(self.w_q), positions_BxL, self.cfg.rope_theta)
+    k = apply_rope(proj(self.w_k), positions_BxL, self.cfg.rope_theta)
+    return q, k, proj(self.w_v)
+
+  def _out(self, o_BxLxHxE):
+    return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.w_o[...].astype(o_BxLxHxE.dtype))
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    q, k, v = self._qkv(x_BxLxD, positions_BxL)
+    if segment_ids_BxL is None:
+      o = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=self.cfg.attention_impl()
+      )
+    else:
+      # Packed rows: attend only within a document (and never to padding, segment 0).
+      same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+      causal_LxL = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))
+      mask = (same_BxLxL & causal_LxL)[:, None]
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return self._out(o)
+
+  def prepare_for_decode(self) -> None:
+    """Compute-dtype copies as 2-D weights, made once: q, k, v in one (D, 3HE) GEMV and the
+    output projection as (HE, D), so that decode reads each weight byte once per step."""
+    dt, d = self.cfg.compute_dtype, self.cfg.d_model
+    w_qkv = jnp.concatenate([w[...].reshape(d, -1) for w in (self.w_q, self.w_k, self.w_v)], 1)
+    w_o = self.w_o[...].reshape(-1, d)
+    self.decode_weights = nnx.List([DecodeWeight(w_qkv.astype(dt)), DecodeWeight(w_o.astype(dt))])
+
+  def _decode_qkv(self, x_BxLxD, positions_BxL):
+    """`_qkv` through one decode GEMV over the fused weight."""
+    c = self.cfg
+    qkv = decode_linear(c.kernel_backend, x_BxLxD, self.decode_weights[0][...])
+    qkv_BxLx3xHxE = qkv.reshape(*qkv.shape[:2], 3, c.num_heads, c.head_dim)
+    q, k, v = (qkv_BxLx3xHxE[:, :, i] for i in range(3))
+    rope = lambda t: apply_rope(t, positions_BxL, c.rope_theta)
+    return rope(q), rope(k), v
+
+  def _decode_out(self, o_BxLxHxE):
+    o_BxLxHE = o_BxLxHxE.reshape(*o_BxLxHxE.shape[:2], -1)
+    return decode_linear(self.cfg.kernel_backend, o_BxLxHE, self.decode_weights[1][...])
+
+  def decode(self, x_BxLxD, positions_BxL, cache: dict):
+    """Write k/v at `positions` into the cache and attend to every slot at or before them."""
+    prepared = self.decode_weights is not None
+    q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
+    write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
+    start_B = positions_BxL[:, 0]
+    k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
+    v_cache = write(cache["v"], v.astype(cache["v"].dtype), start_B)
+    slots_S = jnp.arange(k_cache.shape[1])
+    mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
+    o = jax.nn.dot_product_attention(
+      q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, implementation="xla"
+    )
+    out = self._decode_out(o) if prepared else self._out(o)
+    return out, {"k": k_cache, "v": v_cache}
+
+
+class DecodeWeight(nnx.Variable):
+  """A derived inference-only weight layout; not a trained parameter."""
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU FFN: dense or MoC, all through `moc.moc_ffn`."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.w_down = _param(rngs, (f, d), ("mlp", "embed"), pd)
+    self.cfg = cfg
+    self.decode_weights: nnx.List | None = nnx.data(None)
+    # Static, off in training: channel_usage sets it to sow this FFN's input under nnx.capture.
+    self.capture_input = False
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    c = self.cfg
+    if self.capture_input:
+      self.sow(nnx.Intermediate, "ffn_input", x_BxLxD)
+    # F split over the mesh's `tensor` axis: the exact global top-K needs the sharded op.
+    tp = c.ffn != "dense" and moc_tp.tensor_parallel_size() > 1
+    op = moc_tp.moc_ffn_tp if tp else moc.moc_ffn
+    ffn = lambda x, wg, wu, wd: op(
+      x, wg, wu, wd, k=c.k, variant=c.ffn, gcp=c.gcp, backend=c.kernel_backend, pad_to=c.pad_to
+    )
+    if c.remat == "ffn":
+      ffn = jax.checkpoint(ffn)
+    return ffn(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+  def prepare_for_decode(self) -> None:
+    """Compute-dtype weight copies in the decode layout, made once: MoC reads only the
+    selected rows of Wu^T (stored channel-major, F x D) and Wd; no per-step casts."""
+    dt = self.cfg.compute_dtype
+    w_up = self.w_up[...] if self.cfg.ffn == "dense" else self.w_up[...].T
+    self.decode_weights = nnx.List(
+      [DecodeWeight(w.astype(dt)) for w in (self.w_gate[...], w_up, self.w_down[...])]
+    )
+
+  def decode(self, x_BxLxD: jax.Array) -> jax.Array:
+    c = self.cfg
+    if self.decode_weights is None:
+      return self(x_BxLxD)
+    w_gate, w_up, w_down = (w[...] for w in self.decode_weights)
+    return moc.moc_decode_ffn(
+      x_BxLxD, w_gate, w_up, w_down, k=c.k, variant=c.ffn, backend=c.kernel_backend
+    )
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.ffn = FeedForward(cfg, rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
+
+  def decode(self, x_BxLxD, positions_BxL, cache):
+    attn_out, cache = self.attn.decode(self.attn_norm(x_BxLxD), positions_BxL, cache)
+    x_BxLxD = x_BxLxD + attn_out
+    return x_BxLxD + self.ffn.decode(self.ffn_norm(x_BxLxD)), cache
+
+
+@jax.custom_vjp
+def unembed(x_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+  """fp32 logits x W. Plain autodiff would run both backward GEMMs in fp32 (the fp32 cotangent
+  promotes W): 16 of the 246 ms of a 1b training step on the H200. Here they take the cotangent
+  in x's dtype, at the tensor cores' bf16 rate, with fp32 accumulation."""
+  return jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+
+
+def _unembed_fwd(x_BxLxD, w_DxV):
+  return unembed(x_BxLxD, w_DxV), (x_BxLxD, w_DxV)
+
+
+def _unembed_bwd(residuals, dlogits_BxLxV):
+  x_BxLxD, w_DxV = residuals
+  ct = dlogits_BxLxV.astype(x_BxLxD.dtype)
+  f32 = jnp.float32
+  dx = jnp.einsum("blv,dv->bld", ct, w_DxV, preferred_element_type=f32).astype(x_BxLxD.dtype)
+  dw = jnp.einsum("bld,blv->dv", x_BxLxD, ct, preferred_element_type=f32).astype(w_DxV.dtype)
+  return dx, dw
+
+
+unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
+class Transformer(nnx.Module):
+  """Token embedding, a stack of blocks, final norm, untied output projection."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+    # Set by prepare_for_decode: the unembedding in compute dtype (the param's own array when
+    # the dtypes already match: astype does not copy then).
+    self.decode_unembed: DecodeWeight | None = nnx.data(None)
+
+  def _embed(self, tokens_BxL):
+    return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.compute_dtype)
+
+  def _logits(self, x_BxLxD):
+    x_BxLxD = self.final_norm(x_BxLxD)
+    return unembed(x_BxLxD, self.unembed[...].astype(x_BxLxD.dtype))
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
+    """Logits (B, L, V) in fp32 for a batch of (possibly packed) token rows."""
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    x = sharding.constrain(self._embed(tokens_BxL), ACTIVATION_AXES)
+    for block in self.blocks:
+      if self.cfg.remat == "full":
+        x = nnx.remat(lambda b, *a: b(*a))(block, x, positions_BxL, segment_ids_BxL)
+      else:
+        x = block(x, positions_BxL, segment_ids_BxL)
+      x = sharding.constrain(x, ACTIVATION_AXES)
+    return self._logits(x)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[dict]:
+    """Per-layer zero k/v buffers of shape (B, S, H, E)."""
+    c = self.cfg
+    dtype = dtype or c.compute_dtype
+    shape = (batch_size, max_len, c.num_heads, c.head_dim)
+    return [
+      {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(c.num_layers)
+    ]
+
+  def decode(self, tokens_BxL, positions_BxL, cache: list[dict]):
+    """Run L new tokens per row at `positions` (contiguous per row) against the cache."""
+    x = self._embed(tokens_BxL)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.decode(x, positions_BxL, layer_cache)
+      new_cache.append(layer_cache)
+    return self._decode_logits(x), new_cache
+
+  def _decode_logits(self, x_BxLxD):
+    """`_logits` through the decode GEMV once prepared (XLA for more than 16 tokens)."""
+    if self.decode_unembed is None:
+      return self._logits(x_BxLxD)
+    w = self.decode_unembed[...]
+    return decode_linear(self.cfg.kernel_backend, self.final_norm(x_BxLxD), w, jnp.float32)
+
+  def prepare_for_decode(self) -> None:
+    """Decode layouts, made once: channel-major Wu^T for the FFNs, fused 2-D attention
+    weights, and the unembedding in compute dtype (a copy only if the param's dtype differs)."""
+    for block in self.blocks:
+      block.ffn.prepare_for_decode()
+      block.attn.prepare_for_decode()
+    self.decode_unembed = DecodeWeight(self.unembed[...].astype(self.cfg.compute_dtype))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,107 @@
+"""Model hyper-parameters, the paper's presets (DESIGN.md §4) and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moc_jax import moc
+
+# name: (d_model, d_ff, num_layers, num_heads, k). vocab 32000 is the paper's T5 tokenizer;
+# the trainer overrides vocab_size with the tokenizer's own.
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+  "tiny": (128, 344, 4, 4, 64),
+  "60m": (512, 1376, 8, 8, 256),
+  "130m": (768, 2048, 12, 12, 384),
+  "350m": (1024, 2736, 24, 16, 512),
+  "1b": (2048, 5461, 24, 32, 1024),
+}
+REMAT_POLICIES = ("none", "ffn", "full")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+KERNEL_BACKENDS = ("auto", "xla", "pallas")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the key and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that shapes the network; hashable so it can be static under jit."""
+
+  vocab_size: int = 32000
+  d_model: int = 128
+  d_ff: int = 344
+  num_layers: int = 4
+  num_heads: int = 4
+  ffn: str = "moc"  # dense | moc | moc_2of8
+  k: int | None = 64  # channels kept per token (moc); None means d_model // 2
+  gcp: bool = False  # keep only idx, G_sel, U_sel; recompute Z_sel in the backward
+  dtype: str = "bfloat16"  # compute dtype
+  param_dtype: str = "float32"
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  attention: str = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+  kernel_backend: str = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
+  remat: str = "none"  # none | ffn | full
+  pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  def attention_impl(self) -> str:
+    if self.attention == "auto":
+      return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return self.attention
+
+  def validate(self) -> ModelConfig:
+    """Raise ConfigError naming the first bad value."""
+    _choice("model.ffn", self.ffn, moc.VARIANTS)
+    _choice("model.remat", self.remat, REMAT_POLICIES)
+    _choice("model.attention", self.attention, ATTENTION_IMPLS)
+    _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+    _choice("model.dtype", self.dtype, DTYPES)
+    _choice("model.param_dtype", self.param_dtype, DTYPES)
+    for name in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.d_model % self.num_heads or self.head_dim % 2:
+      raise ConfigError(
+        f"model.d_model={self.d_model} must split into num_heads="
+        f"{self.num_heads} heads of even size"
+      )
+    if self.ffn == "moc" and not 0 < self.k <= self.d_ff:
+      raise ConfigError(f"model.k must satisfy 0 < k <= d_ff={self.d_ff}, got k={self.k}")
+    if self.ffn == "moc_2of8" and self.d_ff % 8:
+      raise ConfigError(f"model.ffn=moc_2of8 needs d_ff divisible by 8, got d_ff={self.d_ff}")
+    return self
+
+
+def _choice(key: str, value: Any, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def from_preset(preset: str, **overrides: Any) -> ModelConfig:
+  """A ModelConfig from a preset name; None-valued overrides keep the preset's value."""
+  if preset not in PRESETS:
+    raise ConfigError(f"model.preset={preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
+  d, f, layers, heads, k = PRESETS[preset]
+  base = dict(d_model=d, d_ff=f, num_layers=layers, num_heads=heads, k=k)
+  valid = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(overrides) - valid
+  if unknown:
+    raise ConfigError(f"unknown model keys {sorted(unknown)}; valid: {sorted(valid)}")
+  base.update({key: v for key, v in overrides.items() if v is not None})
+  if base.get("k") is None:
+    base["k"] = moc.default_k(base["d_model"])
+  return ModelConfig(**base).validate()

@@ -1,0 +1,115 @@
+"""Tuning parameters of the decode kernels and the defaults that fill an H200 at a shape.
+
+The histogram select over many programs (`select_mode="hist"`) and the in-kernel sum of the
+list partials (`list_reduce="last"`) lost on the H200 and were removed after commit e334f23;
+NOTES_decode.md has their figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_kernels._topk_config import TopKConfig
+
+PIPELINES = ("mask", "list")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Block sizes (powers of 2), splits and Triton launch parameters for the decode kernels."""
+
+  gemv_block_f: int = 128
+  gemv_block_d: int = 64
+  # D splits of the gate (and dense up) GEMV; 1 lets dense fuse the SwiGLU epilogue
+  gemv_splits: int = 4
+  gemv_warps: int = 4
+  gemv_stages: int = 3
+  select_warps: int = 8
+  select_radix_bits: int = 2
+  # 0: the select works on one next_pow2(F)-wide block; else on power-of-two pieces covering F
+  # rounded up to this granule (2026-12-01, CPU-verified and untimed: the next GPU run decides)
+  select_granule: int = 0
+  # 0: the K-th key search runs on those pieces; else on equal chunks of this many lanes (a power
+  # of 2), compare results summed lane-wise so each radix step ends in one block reduction (not
+  # one per piece); the final pass re-loads the row as pieces of select_granule or 256 lanes
+  # (2026-12-01, like TopKConfig.chunk in training)
+  select_chunk: int = 0
+  # None: the select above (`_decode_select`, static radix steps, integer compares); else the
+  # list pipeline selects with the training top-K kernel (`topk.select`, this config: counting
+  # on the fp32 pipe, packed pair counts, a search that stops when converged) on G rounded to
+  # x's dtype (2026-12-03, CPU-exact, untimed)
+  topk: TopKConfig | None = None
+  up_block_c: int = 16
+  up_block_d: int = 512
+  up_warps: int = 4
+  up_stages: int = 2
+  down_splits: int = 8
+  down_block_c: int = 32
+  down_block_d: int = 128
+  down_warps: int = 4
+  down_stages: int = 3
+  # dense FFN's down projection: 'rows' (`_down_kernel`, 32-channel steps) or 'gemv' (the
+  # split-K GEMV of `_decode_gemv.linear_config`: 64-row steps, 4 stages, more bytes in flight)
+  dense_down: str = "rows"
+  # T = 1 through tl.dot with the token padded to 16 rows (the multiply-reduce path does a
+  # cross-warp reduction every loop step; at T = 4 the dot path ran 1.4-1.6x faster, NOTES)
+  t1_dot: bool = False
+  # MoC after the select: 'mask' (up and down kernels over all channels, masked loads of the
+  # selected rows) or 'list' (select writes per-token sorted channel lists; one kernel streams
+  # whole selected rows of Wu^T and Wd per list chunk, fp32 partial y per program)
+  pipeline: str = "mask"
+  list_rows: int = 8  # list entries per loop step (rows of Wu^T and of Wd loaded at once)
+  list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
+  list_block_d: int = 1024  # columns per load (static loop over D)
+  list_warps: int = 8
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def legacy_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """Last session's default (mask pipeline, multiply-reduce at T = 1): kept to compare."""
+  del num_tokens
+  block_f = 128
+  splits = max(1, min(16, pow2_at_least(cdiv(264, cdiv(d_ff, block_f)))))
+  down_block_d = min(128, pow2_at_least(d_model))
+  down_splits = max(1, min(16, pow2_at_least(cdiv(128, cdiv(d_model, down_block_d)))))
+  return DecodeConfig(gemv_splits=splits, down_splits=down_splits, down_block_d=down_block_d)
+
+
+def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """A config that gives every SM (132 on an H200) a few programs at the given shape.
+
+  Measured on the H200 on 2026-11-28b (NOTES_decode.md): at T = 1 the list pipeline beat the
+  mask one at all three shapes (39.9 vs 51.3 µs at d = 2048) and these settings beat legacy for
+  dense and MoC; at T = 16 mask beat list (56.2 vs 81.5 µs at d = 2048). List at T = 2…4 is
+  still a guess: T = 4 was not reached in that run.
+  """
+  base = legacy_config(num_tokens, d_model, d_ff)
+  return dataclasses.replace(
+    base,
+    t1_dot=True,
+    select_warps=16,
+    pipeline="list" if num_tokens <= 4 else "mask",
+    list_warps=8 if d_model <= 2048 else 16,
+  )
+
+
+def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """`default_config` with the MoC gate GEMV of the 2026-12-01 sweep (gemv_sweep_h200_20261201:
+  d = 2048, F = 5464, T = 1): 64-wide F blocks, 128-row D steps, 2 splits, 4 stages took 11.9 µs
+  where the default 8 splits × 3 stages took 16.0; the select then sums 2 partial rows, not 8.
+  Whole MoC decode (decode_ffn_h200_20261201_final): 34.4 vs 37.0 µs at d = 2048. The select
+  searches 256-wide chunks (decode_ffn_h200_20261201_g, T = 1, d = 2048): 34.0 vs 37.3 µs.
+  """
+  cfg = default_config(num_tokens, d_model, d_ff)
+  if cfg.pipeline != "list" or d_model > 2048:  # at d = 4096, F = 14336 it lost (101.8 vs 91.6)
+    return cfg
+  return dataclasses.replace(
+    cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4, select_chunk=256
+  )

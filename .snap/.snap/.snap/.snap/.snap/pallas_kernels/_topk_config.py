@@ -1,0 +1,46 @@
+"""`TopKConfig`: the top-K kernels' tuning knobs (pallas_kernels/topk.py, topk_compact.py).
+
+Options that lost on the H200 (warp-per-row layout, radix-histogram search, sampled bracket,
+`final_pieces`, `span`) were removed after commit e334f23; NOTES_kernels.md has their figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ABLATIONS = ("", "mask_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKConfig:
+  """Tuning knobs; every setting gives the same (exact) result unless `ablate` is set."""
+
+  rows: int = 1  # rows per program
+  num_warps: int = 4
+  count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
+  granule: int = 256  # chunk granule; 0: one power-of-two block per row
+  # Thresholds per counting pass in the search: 1 (bisection), 2 (ternary) or 3 (radix 4);
+  # 2 and 3 only for 16-bit keys.
+  fan: int = 1
+  # Equal chunks of this width (a power of two) instead of power-of-two pieces: a count then
+  # sums the chunks lane-wise and pairs of thresholds share one int32, so a counting pass
+  # costs one block reduction (pieces: one per piece and threshold). 0: pieces.
+  chunk: int = 0
+  strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
+  # Timing only, wrong results: 'mask_only' (with `compact`) runs the bitmask kernel alone.
+  ablate: str = ""
+  # Two kernels (topk_compact.py): threshold + (T, F/32) bitmask, then popcount compaction.
+  compact: bool = False
+  # The train forward's streaming pass after the bitmask (`compact` only): warps, and the most
+  # bitmask words (32 channels each) per block.
+  apply_warps: int = 4
+  apply_words: int = 0
+  apply_mode: str = "row"  # 'row' | 'pipeline' | 'block' (moc_train_mask.StreamConfig)
+
+  def __post_init__(self):
+    if self.fan not in (1, 2, 3):
+      raise ValueError(f"fan must be 1, 2 or 3, got {self.fan}")
+    if self.chunk & (self.chunk - 1):
+      raise ValueError(f"chunk={self.chunk} needs a power of two")
+    if self.ablate not in ABLATIONS:
+      raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")

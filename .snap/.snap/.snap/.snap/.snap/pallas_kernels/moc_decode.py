@@ -1,0 +1,302 @@
+"""MoC and dense FFN decode for a few tokens (T = 1…16): read only the weight bytes that matter.
+
+MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
+  1. `_gemv_kernel`: G = x Wg over all of Wg (D × F), grid over F blocks × D splits so that every
+     SM streams; fp32 partial sums per D split go to HBM (deterministic split-K, no atomics).
+  2. `_decode_select.select_scale`: one program per token sums the partials, rounds G to x's dtype
+     (as the reference does), selects exactly (radix bisection + prefix count for ties; or top-2 of
+     every 8) and writes a = silu(G) on the selected channels, 0 elsewhere.
+  3. `_up_kernel`: per block of channels, loads only the rows of channel-major Wu^T (F × D) that
+     some token selected (masked loads issue no memory traffic), z = a * (x Wu^T) in x's dtype.
+  4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
+     with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
+With `pipeline="list"` (the default at T <= 4) the select writes per-token channel lists and
+one kernel (`_decode_list.rows_ffn`) does 3 and 4 over the listed rows.
+Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), then `_down_kernel`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference, topk
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config, moc_config
+from pallas_kernels._decode_config import cdiv as _cdiv
+from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
+from pallas_kernels._decode_gemv import gemv as _gemv
+from pallas_kernels._decode_gemv import load_x, padded_rows, precision_for, tf_mask, tf_ref
+
+F32 = jnp.float32
+MAX_KERNEL_TOKENS = _decode_gemv.MAX_TOKENS  # more tokens (prefill) take dense GEMMs with a mask
+
+
+# --- 3. gathered up-projection rows ------------------------------------------------------------
+
+
+def _up_kernel(
+  x_ref, a_ref, w_ref, z_ref, *, num_tokens, rows, d_model, d_ff, block_c, block_d, precision
+):
+  c0 = pl.program_id(0) * block_c
+  c_mask = c0 + jnp.arange(block_c) < d_ff
+  a = plgpu.load(tf_ref(a_ref, rows, c0, block_c), mask=tf_mask(rows, num_tokens, c_mask), other=0)
+  nonzero = (a != 0).astype(jnp.int32)
+  active = (nonzero if rows == 1 else jnp.max(nonzero, axis=0)) > 0  # some token selected c
+
+  def body(i, acc):
+    d0 = i * block_d
+    d_mask = d0 + jnp.arange(block_d) < d_model
+    w = plgpu.load(
+      w_ref.at[pl.ds(c0, block_c), pl.ds(d0, block_d)],
+      mask=active[:, None] & d_mask[None, :],
+      other=0,
+    )
+    xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    if rows == 1:
+      return acc + jnp.sum(w.astype(F32) * xk[None, :], axis=1)
+    return acc + lax.dot_general(
+      xk, w, (((1,), (1,)), ((), ())), preferred_element_type=F32, precision=precision
+    )
+
+  shape = (block_c,) if rows == 1 else (rows, block_c)
+  u = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
+  plgpu.store(
+    tf_ref(z_ref, rows, c0, block_c),
+    (a * u).astype(z_ref.dtype),
+    mask=tf_mask(rows, num_tokens, c_mask),
+  )
+
+
+def _up(x_TxD, a_TxFo, w_up_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array:
+  num_tokens, d_model = x_TxD.shape
+  d_ff = w_up_FxD.shape[0]
+  block_c = min(cfg.up_block_c, _pow2_at_least(d_ff))
+  block_d = min(cfg.up_block_d, _pow2_at_least(d_model))
+  kernel = functools.partial(
+    _up_kernel,
+    num_tokens=num_tokens,
+    rows=padded_rows(num_tokens, cfg),
+    d_model=d_model,
+    d_ff=d_ff,
+    block_c=block_c,
+    block_d=block_d,
+    precision=precision_for(x_TxD.dtype),
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype),
+    grid=(pl.cdiv(d_ff, block_c),),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.up_warps, num_stages=cfg.up_stages),
+    interpret=interpret,
+    name="decode_up",
+  )(x_TxD, a_TxFo, w_up_FxD)
+
+
+# --- 4. down-projection rows with a deterministic split over channels ------------------------
+
+
+def _down_kernel(
+  z_ref, w_ref, y_ref, *, num_tokens, rows, d_model, d_ff, chunk, block_c, block_d, final, precision
+):
+  ci, dj = pl.program_id(0), pl.program_id(1)
+  cols = dj * block_d + jnp.arange(block_d)
+  col_mask = cols < d_model
+  c_end = jnp.minimum((ci + 1) * chunk, d_ff)
+
+  def body(i, acc):
+    c0 = ci * chunk + i * block_c
+    c_mask = c0 + jnp.arange(block_c) < c_end
+    z = plgpu.load(
+      tf_ref(z_ref, rows, c0, block_c), mask=tf_mask(rows, num_tokens, c_mask), other=0
+    )
+    nonzero = (z != 0).astype(jnp.int32)
+    active = (nonzero if rows == 1 else jnp.max(nonzero, axis=0)) > 0  # zero rows add nothing
+    w = plgpu.load(
+      w_ref.at[pl.ds(c0, block_c), pl.ds(dj * block_d, block_d)],
+      mask=active[:, None] & col_mask[None, :],
+      other=0,
+    )
+    if rows == 1:
+      return acc + jnp.sum(z.astype(F32)[:, None] * w.astype(F32), axis=0)
+    return acc + jnp.dot(z, w, preferred_element_type=F32, precision=precision)
+
+  shape = (block_d,) if rows == 1 else (rows, block_d)
+  y = lax.fori_loop(0, chunk // block_c, body, jnp.zeros(shape, F32))
+  out = tf_ref(y_ref, rows, dj * block_d, block_d, () if final else (ci,))
+  plgpu.store(out, y.astype(y_ref.dtype), mask=tf_mask(rows, num_tokens, col_mask))
+
+
+def _down(z_TxF, w_down_FxD, cfg: DecodeConfig, *, interpret: bool) -> jax.Array:
+  num_tokens, d_ff = z_TxF.shape
+  d_model = w_down_FxD.shape[1]
+  block_c = min(cfg.down_block_c, _pow2_at_least(d_ff))
+  block_d = min(cfg.down_block_d, _pow2_at_least(d_model))
+  splits = cfg.down_splits
+  chunk = _cdiv(_cdiv(d_ff, splits), block_c) * block_c  # channels per split, whole blocks
+  splits = _cdiv(d_ff, chunk)
+  final = splits == 1
+  if final:
+    out_shape = jax.ShapeDtypeStruct((num_tokens, d_model), z_TxF.dtype)
+  else:
+    out_shape = jax.ShapeDtypeStruct((splits, num_tokens, d_model), F32)
+  kernel = functools.partial(
+    _down_kernel,
+    num_tokens=num_tokens,
+    rows=padded_rows(num_tokens, cfg),
+    d_model=d_model,
+    d_ff=d_ff,
+    chunk=chunk,
+    block_c=block_c,
+    block_d=block_d,
+    final=final,
+    precision=precision_for(z_TxF.dtype),
+  )
+  y = pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=(splits, pl.cdiv(d_model, block_d)),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.down_warps, num_stages=cfg.down_stages),
+    interpret=interpret,
+    name="decode_down",
+  )(z_TxF, w_down_FxD)
+  return y if final else jnp.sum(y, axis=0).astype(z_TxF.dtype)
+
+
+# --- public ops --------------------------------------------------------------------------------
+
+
+def _flatten(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+  return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def decode_ffn(
+  x_TxD: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_FxD: jax.Array,
+  w_down_FxD: jax.Array,
+  k: int,
+  variant: str,
+  *,
+  config: DecodeConfig | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened)."""
+  x_TxD, lead = _flatten(x_TxD)
+  num_tokens, d_model = x_TxD.shape
+  d_ff = w_gate_DxF.shape[1]
+  if variant == "moc_2of8" and d_ff % reference.GROUP:
+    raise ValueError(f"moc_2of8 needs F divisible by {reference.GROUP}, got F={d_ff}")
+  if variant == "moc" and not 0 < k <= d_ff:
+    raise ValueError(f"k must be in [1, {d_ff}], got {k}")
+  if num_tokens > MAX_KERNEL_TOKENS:  # prefill: dense GEMMs beat row gathers
+    return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
+  cfg = config or moc_config(num_tokens, d_model, d_ff)
+  interpret = tu.default_interpret(interpret)
+  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret)
+  return y.reshape(*lead, d_model)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
+  """Jitted so that every layer's call reuses one trace of the kernels."""
+  if cfg.pipeline not in PIPELINES:
+    raise ValueError(f"unknown decode pipeline {cfg.pipeline!r}; expected one of {PIPELINES}")
+  if cfg.topk is not None:
+    if cfg.pipeline != "list":
+      raise ValueError("DecodeConfig.topk needs pipeline='list'")
+    g_TxK_idx, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret)
+    return _decode_list.rows_ffn(
+      x_TxD, g_TxK_idx, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
+    )
+  partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
+  select = functools.partial(
+    _decode_select.select_scale,
+    partials,
+    k,
+    variant,
+    d_ff=w_gate_DxF.shape[1],
+    round_dtype=x_TxD.dtype,
+    warps=cfg.select_warps,
+    radix_bits=cfg.select_radix_bits,
+    interpret=interpret,
+    granule=cfg.select_granule,
+    chunk=cfg.select_chunk,
+  )
+  if cfg.pipeline == "list":
+    idx_TxK, a_TxK = select(lists=True)
+    return _decode_list.rows_ffn(
+      x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret
+    )
+  a_TxFo = select()
+  z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
+  return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
+
+
+def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret):
+  """(idx_TxK, G at idx in x's dtype) through the training top-K kernel: G rounded to x's dtype
+  by the GEMV itself (one D split) or by XLA's sum of the split partials."""
+  d_ff = w_gate_DxF.shape[1]
+  if cfg.gemv_splits == 1:
+    g_TxF = _gemv(
+      x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret, out_dtype=x_TxD.dtype
+    )
+  else:
+    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
+    g_TxF = jnp.sum(partials[:, 0, :, :d_ff], axis=0).astype(x_TxD.dtype)
+  return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
+
+
+def _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> jax.Array:
+  """The reference's semantics through dense GEMMs and a mask, for many tokens."""
+  g_TxF = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=F32).astype(x_TxD.dtype)
+  idx_TxK, g_sel = reference.select(g_TxF, k, variant)
+  a_TxF = reference.scatter_rows(jax.nn.silu(g_sel.astype(F32)), idx_TxK, g_TxF.shape[-1])
+  u_TxF = lax.dot_general(x_TxD, w_up_FxD, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+  z_TxF = (a_TxF * u_TxF).astype(x_TxD.dtype)
+  return jnp.dot(z_TxF, w_down_FxD, preferred_element_type=F32).astype(x_TxD.dtype)
+
+
+def dense_decode_ffn(
+  x_TxD: jax.Array,
+  w_gate_DxF: jax.Array,
+  w_up_DxF: jax.Array,
+  w_down_FxD: jax.Array,
+  *,
+  config: DecodeConfig | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """Dense SwiGLU for a few tokens, as GEMV kernels (XLA's batch-1 dots stream at ~1 TB/s).
+
+  Semantics of `reference.dense_decode_ffn`: fp32 G and U, z = silu(G) U rounded to x's dtype.
+  """
+  x_TxD, lead = _flatten(x_TxD)
+  num_tokens, d_model = x_TxD.shape
+  if num_tokens > MAX_KERNEL_TOKENS:
+    return reference.dense_decode_ffn(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
+  cfg = config or default_config(num_tokens, d_model, w_gate_DxF.shape[1])
+  y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, tu.default_interpret(interpret))
+  return y.reshape(*lead, d_model)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
+  ws = (w_gate_DxF, w_up_DxF)
+  if cfg.gemv_splits == 1:
+    z_TxF = _gemv(x_TxD, ws, cfg, swiglu=True, interpret=interpret)
+  else:
+    p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
+    g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
+    z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
+  if cfg.dense_down == "gemv":
+    num_tokens, d_ff = z_TxF.shape
+    down_cfg = _decode_gemv.linear_config(num_tokens, d_ff, w_down_FxD.shape[1])
+    return _decode_gemv.linear(z_TxF, w_down_FxD, config=down_cfg, interpret=interpret)
+  if cfg.dense_down != "rows":
+    raise ValueError(f"unknown dense_down {cfg.dense_down!r}; expected 'rows' or 'gemv'")
+  return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)

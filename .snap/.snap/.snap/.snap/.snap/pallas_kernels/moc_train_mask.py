@@ -1,0 +1,265 @@
+"""MoC train epilogues that keep the selection as a bitmask: one bit per channel, not an index.
+
+Why: with the selection as (T, ceil(F/32)) int32 words (`topk_compact.mask_call`), both epilogues
+become streaming passes over contiguous row blocks. A channel's slot in the compact residuals
+is the popcount of the set bits before it (`topk_compact.word_blocks`), so the backward reads
+dZ and writes dG, dU and Z densely, instead of zero-filling them and then scattering at the
+indices. The words are also smaller than the indices they replace (F/8 bytes per token vs 2K:
+688 vs 2048 at the 1B shape).
+
+Forward: (G, U) -> (words, G_sel, U_sel, zero-filled Z[, Z_sel]); the streaming pass is shared
+with `moc_train.train_forward_epilogue`'s two-kernel form, which writes indices instead of words.
+Backward: (dZ, words, G_sel, U_sel[, Z_sel]) -> zero-filled dG, dU and Z, the same values as
+`reference.train_backward_epilogue` at the indices the words hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels import topk_compact
+from pallas_kernels._topk_config import TopKConfig
+from pallas_kernels.reference import GROUP, PER_GROUP
+
+STREAM_MODES = ("row", "pipeline", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+  """How a streaming pass walks the bitmask: `words` per block (32 channels each; 0: the
+  row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
+  'row' (one program per row, each block loaded, computed and stored in turn), 'pipeline'
+  (one per row, the next block's loads issued before this block's stores) or 'block' (one
+  program per block: grid (T, blocks)). A 'prefetch' walk, every block's loads first, lost
+  everywhere on the H200 (stream_sweep_h200_20261202.json; code at 3b714b8)."""
+
+  words: int = 32
+  warps: int = 4
+  mode: str = "row"
+
+  def __post_init__(self):
+    if self.mode not in STREAM_MODES:
+      raise ValueError(f"stream mode must be one of {STREAM_MODES}, got {self.mode!r}")
+    if self.words < 0 or self.words & (self.words - 1) or (self.mode == "block" and not self.words):
+      raise ValueError(f"words={self.words}: a power of two (or 0 in the row modes)")
+
+  def grid(self, t: int, f: int) -> tuple[int, ...]:
+    return (t, topk_compact.num_word_blocks(f, self.words)) if self.mode == "block" else (t,)
+
+  def blocks(self, m_ref, *, t: int, f: int):
+    """This program's (rows_b, cols_b, ok, sel, slot) blocks, in order."""
+    if self.mode == "block":
+      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words)]
+    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
+
+  def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
+    """finish(block, load(block)) for each block, in order; 'pipeline' issues the next
+    block's loads before this block's finish (computes and stores)."""
+    blocks = list(self.blocks(m_ref, t=t, f=f))
+    ahead = 1 if self.mode == "pipeline" else 0
+    loaded = [load(b) for b in blocks[:ahead]]
+    for i, block in enumerate(blocks):
+      if i + ahead < len(blocks):
+        loaded.append(load(blocks[i + ahead]))
+      finish(block, loaded.pop(0))
+
+
+# The H200 at the 1B layer shape (stream_sweep_h200_20261202.json): one program per 512 channels,
+# 342 us vs 383 for one program per row (GCP: 334 vs 386); the forward pass is fastest per row
+# (321 us vs 361-433 for the block walks).
+BACKWARD_DEFAULT = StreamConfig(words=16, mode="block")
+
+
+def silu_mul(g, u, out_dtype):
+  """silu(g) * u in fp32, rounded once: the one routine every Pallas epilogue uses for Z, so
+  Z kept in the forward and Z recomputed in the backward (GCP) are bit-identical."""
+  g32 = g.astype(jnp.float32)
+  return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
+
+
+def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, sc, has_idx, interpret):
+  """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot."""
+  idx_ref = out_refs[0] if has_idx else None
+  gs_ref, us_ref, z_ref, *zs_ref = out_refs[1:] if has_idx else out_refs
+
+  def load(block):
+    rows_b, cols_b, ok, _, _ = block
+    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
+    if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
+      g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
+    return g, pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
+
+  def finish(block, loaded):
+    rows_b, cols_b, ok, sel, slot = block
+    g, u = loaded
+    z = silu_mul(g, u, z_ref.dtype)
+    pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
+    if has_idx:
+      tu.scatter_store(idx_ref, rows_b, slot, cols_b.astype(idx_ref.dtype), sel, interpret)
+    tu.scatter_store(gs_ref, rows_b, slot, g, sel, interpret)
+    tu.scatter_store(us_ref, rows_b, slot, u, sel, interpret)
+    if zs_ref:
+      tu.scatter_store(zs_ref[0], rows_b, slot, z, sel, interpret)
+
+  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
+
+
+def stream_config(cfg: TopKConfig) -> StreamConfig:
+  """The forward streaming pass's walk, from a `TopKConfig`'s apply_* fields."""
+  return StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode=cfg.apply_mode)
+
+
+def apply_call(
+  mask,
+  g2,
+  u2,
+  k: int,
+  *,
+  num_valid,
+  cfg: TopKConfig,
+  interpret: bool,
+  idx_dtype=None,
+  z_sel: bool = False,
+) -> tuple[jax.Array, ...]:
+  """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given."""
+  t, f = g2.shape
+  compact = lambda dtype: jax.ShapeDtypeStruct((t, k), dtype)
+  out_shape = [compact(g2.dtype), compact(u2.dtype), jax.ShapeDtypeStruct((t, f), u2.dtype)]
+  if idx_dtype is not None:
+    out_shape.insert(0, compact(idx_dtype))
+  if z_sel:
+    out_shape.append(compact(u2.dtype))
+  sc = stream_config(cfg)
+  kernel = functools.partial(
+    _apply_kernel,
+    t=t,
+    f=f,
+    num_valid=num_valid,
+    sc=sc,
+    has_idx=idx_dtype is not None,
+    interpret=interpret,
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=tuple(out_shape),
+    grid=sc.grid(t, f),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(sc.warps),
+    name="moc_train_fwd_apply",
+  )(mask, g2, u2)
+
+
+def checked_selection(
+  f: int, k: int, variant: str, num_valid: int | None
+) -> tuple[int, int | None]:
+  """(K as the kernels use it, num_valid or None when no channel is padding) for a row of F
+  channels; raises on a variant, K or F the forward epilogues cannot take."""
+  nv = None if num_valid is None or num_valid >= f else int(num_valid)
+  if variant == "moc_2of8":
+    if f % GROUP:
+      raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
+    return f // GROUP * PER_GROUP, nv
+  if variant != "moc":
+    raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  if not 0 < k <= (f if nv is None else nv) or f >= 32768:  # 16-bit packed prefix counts
+    raise ValueError(f"need 0 < k <= num_valid <= F < 32768, got k={k}, F={f}, nv={nv}")
+  return k, nv
+
+
+@functools.partial(
+  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "z_sel")
+)
+def train_forward_bitmask(
+  g_TxF: jax.Array,
+  u_TxF: jax.Array,
+  k: int,
+  variant: str = "moc",
+  *,
+  num_valid: int | None = None,
+  config: TopKConfig | None = None,
+  interpret: bool | None = None,
+  z_sel: bool = False,
+) -> tuple[jax.Array, ...]:
+  """(words_TxW int32, g_sel_TxK, u_sel_TxK, z_TxF[, z_sel_TxK]) for (T, F) inputs, F >= 32.
+
+  Bit j of word w is channel 32 w + j; G_sel, U_sel, Z_sel are in channel order, as the
+  reference's indices would give them. `config` is any `TopKConfig` (always run as two kernels;
+  default `moc_train.FORWARD_DEFAULT`).
+  """
+  from pallas_kernels import moc_train
+
+  f = g_TxF.shape[-1]
+  if f < topk_compact.WORD:
+    raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
+  k, nv = checked_selection(f, k, variant, num_valid)
+  cfg = dataclasses.replace(config or moc_train.FORWARD_DEFAULT, compact=False)
+  interpret = tu.default_interpret(interpret)
+  words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv)
+  outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
+  return (words, *outs)
+
+
+def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, interpret):
+  zs_ref, (dg_ref, du_ref, z_ref) = (rest[0], rest[1:]) if has_z else (None, rest)
+  del interpret  # every store is dense: no masked-off lane can clobber another's element
+
+  def load(block):
+    rows_b, cols_b, ok, sel, slot = block
+    gathered = [pltriton.load(r.at[rows_b, slot], mask=sel, other=0) for r in (gs_ref, us_ref)]
+    if has_z:
+      gathered.append(pltriton.load(zs_ref.at[rows_b, slot], mask=sel, other=0))
+    return pltriton.load(dz_ref.at[rows_b, cols_b], mask=ok, other=0), *gathered
+
+  def finish(block, loaded):
+    rows_b, cols_b, ok, sel, _ = block
+    dz, g_raw, u_raw, *z = loaded
+    z = z[0] if has_z else silu_mul(g_raw, u_raw, z_ref.dtype)
+    dz, g, u = (v.astype(jnp.float32) for v in (dz, g_raw, u_raw))
+    s = jax.nn.sigmoid(g)
+    du = dz * (g * s)
+    dg = dz * u * (s * (1.0 + g * (1.0 - s)))
+    for ref, val in ((dg_ref, dg), (du_ref, du), (z_ref, z)):
+      val = jnp.where(sel, val.astype(ref.dtype), jnp.zeros((), ref.dtype))
+      pltriton.store(ref.at[rows_b, cols_b], val, mask=ok)
+
+  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def train_backward_bitmask(
+  dz_TxF: jax.Array,
+  words_TxW: jax.Array,
+  g_sel_TxK: jax.Array,
+  u_sel_TxK: jax.Array,
+  z_sel_TxK: jax.Array | None = None,
+  *,
+  config: StreamConfig | None = None,
+  interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection."""
+  interpret = tu.default_interpret(interpret)
+  sc = config or BACKWARD_DEFAULT
+  t, f = dz_TxF.shape
+  has_z = z_sel_TxK is not None
+  z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
+  kernel = functools.partial(_backward_kernel, t=t, f=f, sc=sc, has_z=has_z, interpret=interpret)
+  operands = (dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK) + ((z_sel_TxK,) if has_z else ())
+  return pl.pallas_call(
+    kernel,
+    out_shape=(
+      jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
+      jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
+      jax.ShapeDtypeStruct((t, f), z_dtype),
+    ),
+    grid=sc.grid(t, f),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(sc.warps),
+    name="moc_train_bwd_bitmask",
+  )(*operands)

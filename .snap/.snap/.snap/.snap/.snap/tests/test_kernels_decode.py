@@ -1,0 +1,267 @@
+"""Decode FFN kernels against the jnp references (interpret mode on CPU, compiled on GPU).
+
+Fresh random inputs every run (seeded by the clock, printed on failure). Ties are made on
+purpose with small-integer gates, whose sums are exact in any order and any float type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _decode_select, moc_decode, reference, topk
+
+# Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
+SMALL = moc_decode.DecodeConfig(
+  gemv_block_f=32,
+  gemv_block_d=16,
+  gemv_splits=2,
+  select_radix_bits=4,
+  up_block_c=16,
+  up_block_d=32,
+  down_splits=3,
+  down_block_c=16,
+  down_block_d=16,
+)
+# The list pipeline with small blocks: several programs per token, a partial last step.
+LIST = dataclasses.replace(
+  SMALL, pipeline="list", list_rows=4, list_programs=8, list_block_d=32, t1_dot=True
+)
+# The list pipeline selecting with the training top-K kernel (G from one D split or summed).
+TOPK = dataclasses.replace(LIST, topk=topk.CHUNKED)
+TOPK_SPLIT1 = dataclasses.replace(TOPK, gemv_splits=1, topk=topk.ONE_BLOCK)
+
+
+def _seed() -> int:
+  return time.time_ns() % (2**31)
+
+
+def _rel_err(a: jax.Array, b: jax.Array) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.isfinite(a).all()
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _weights(seed: int, num_tokens: int, d_model: int, d_ff: int, dtype, integer_gate: bool):
+  """x, Wg (D×F), Wu^T (F×D), Wd (F×D). integer_gate: G exact, with many ties."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  if integer_gate:
+    x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(dtype)
+    wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(dtype)
+  else:
+    x = jax.random.normal(ks[0], (num_tokens, d_model), dtype)
+    wg = (jax.random.normal(ks[1], (d_model, d_ff)) * d_model**-0.5).astype(dtype)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(dtype)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(dtype)
+  return x, wg, wu, wd
+
+
+def _selected(a_TxF: jax.Array, d_ff: int) -> np.ndarray:
+  return np.asarray(a_TxF[:, :d_ff] != 0)
+
+
+@pytest.mark.parametrize("variant", ["moc", "moc_2of8"])
+def test_select_is_exact_with_ties(variant):
+  """The selection kernel picks exactly the reference's channels, ties to the lower index."""
+  seed, num_tokens, d_ff, k = _seed(), 5, 200, 37
+  g_TxF = jax.random.randint(jax.random.key(seed), (num_tokens, d_ff), -6, 7).astype(jnp.float32)
+  g_TxF = g_TxF.at[:, 5].set(-0.0).at[:, 9].set(0.0)  # +0 ranks above -0, as in lax.top_k
+  width = 256
+  partials = jnp.zeros((2, 1, num_tokens, width), jnp.float32)
+  partials = partials.at[0, 0, :, :d_ff].set(g_TxF * 0.5).at[1, 0, :, :d_ff].set(g_TxF * 0.5)
+  a = _decode_select.select_scale(
+    partials, k, variant, d_ff=d_ff, round_dtype=jnp.bfloat16, radix_bits=2, interpret=True
+  )
+  idx, val = reference.select(g_TxF.astype(jnp.bfloat16), k, variant)
+  want = np.zeros((num_tokens, d_ff), bool)
+  np.put_along_axis(want, np.asarray(idx), True, axis=1)
+  # silu(0) = 0 leaves a zero scale: compare the selection where the gate is nonzero.
+  nonzero = np.asarray(g_TxF != 0)
+  np.testing.assert_array_equal(_selected(a, d_ff) & nonzero, want & nonzero, err_msg=f"{seed=}")
+  got_val = np.take_along_axis(np.asarray(a[:, :d_ff]), np.asarray(idx), axis=1)
+  np.testing.assert_allclose(got_val, jax.nn.silu(val.astype(jnp.float32)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "variant", "dtype", "integer_gate", "cfg"),
+  [
+    (1, 203, 40, "moc", jnp.float32, False, SMALL),  # odd F, one token (multiply-reduce path)
+    (3, 136, 34, "moc_2of8", jnp.float32, True, SMALL),  # ties inside groups of 8
+    (16, 100, 23, "moc", jnp.bfloat16, True, SMALL),  # ties at the threshold, bf16, tl.dot path
+    (1, 171, 37, "moc", jnp.float32, True, LIST),  # odd F, ties, lists; T = 1 via tl.dot
+    (3, 136, 34, "moc_2of8", jnp.bfloat16, True, LIST),  # group lists, several tokens
+    (4, 203, 41, "moc", jnp.bfloat16, False, LIST),  # T = 4, the list pipeline's largest
+    (1, 1376, 250, "moc", jnp.bfloat16, True, None),  # decode_ffn's own config (moc_config)
+    (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(LIST, select_granule=32)),
+    (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_granule=16)),
+    (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_chunk=32)),
+    (1, 1376, 250, "moc", jnp.bfloat16, True, TOPK),  # ties, odd F, training top-K select
+    (3, 203, 41, "moc", jnp.float32, True, TOPK_SPLIT1),  # fp32 keys, G written by the GEMV
+    (2, 136, 34, "moc_2of8", jnp.bfloat16, False, TOPK),
+    (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
+    (1, 200, 100, "moc", jnp.float32, False, LIST),  # K = F/2
+  ],
+)
+def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integer_gate, cfg):
+  seed, d_model = _seed(), 48
+  x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant, config=cfg, interpret=True)
+  want = reference.decode_ffn(x, wg, wu, wd, k, variant)
+  assert y.shape == want.shape and y.dtype == want.dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert _rel_err(y, want) < tol, f"{seed=}"
+
+
+@pytest.mark.parametrize(
+  ("num_tokens", "splits", "t1_dot", "down"),
+  [(1, 2, False, "rows"), (3, 1, False, "rows"), (1, 1, True, "rows"), (3, 2, True, "gemv")],
+)
+def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot, down):
+  """Split-K partials (then XLA's SwiGLU) and the fused SwiGLU epilogue give the same FFN, with
+  either down projection."""
+  seed, d_model, d_ff = _seed(), 48, 136
+  x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
+  cfg = dataclasses.replace(SMALL, gemv_splits=splits, t1_dot=t1_dot, dense_down=down)
+  y = moc_decode.dense_decode_ffn(x, wg, wu_t.T, wd, config=cfg, interpret=True)
+  want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
+  assert _rel_err(y, want) < 1e-5, f"{seed=}"
+
+
+@pytest.mark.parametrize("granule", [0, 8])  # 8: pieces of 128 + 64 + 16 lanes, not 256
+def test_select_lists_match_reference(granule):
+  """List outputs: the reference's ascending indices and silu(G) there, ties included (also
+  across the pieces of a row split into powers of two)."""
+  seed, num_tokens, d_ff, k = _seed(), 3, 203, 41
+  g_TxF = jax.random.randint(jax.random.key(seed), (num_tokens, d_ff), -4, 5).astype(jnp.float32)
+  partials = jnp.zeros((1, 1, num_tokens, 256), jnp.float32).at[0, 0, :, :d_ff].set(g_TxF)
+  idx, a = _decode_select.select_scale(
+    partials,
+    k,
+    "moc",
+    d_ff=d_ff,
+    round_dtype=jnp.float32,
+    lists=True,
+    interpret=True,
+    granule=granule,
+  )
+  want_idx, want_val = reference.select(g_TxF, k, "moc")
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx), err_msg=f"{seed=}")
+  np.testing.assert_allclose(np.asarray(a), jax.nn.silu(want_val), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "dtype", "integer_gate", "radix_bits", "chunk", "lists"),
+  [
+    (1, 1376, 250, jnp.bfloat16, True, 2, 256, True),  # ties, 6 chunks, last one masked
+    (3, 2736, 700, jnp.bfloat16, True, 4, 512, False),  # (16, 512) counts, mask output
+    (3, 1376, 300, jnp.float32, False, 4, 512, True),  # 32-bit keys
+    (1, 2736, 600, jnp.float32, True, 2, 256, False),  # 32-bit ties, 11 chunks
+    (3, 203, 41, jnp.float32, True, 2, 32, True),  # 7 chunks of 32 lanes, final pieces of 256
+    (1, 203, 41, jnp.bfloat16, False, 4, 512, False),  # one chunk (the row, 256 lanes)
+  ],
+)
+def test_select_chunks_match_reference(
+  num_tokens, d_ff, k, dtype, integer_gate, radix_bits, chunk, lists
+):
+  """select_chunk: the search on equal chunks (counts summed lane-wise), the final pass on
+  re-loaded power-of-two pieces; exactly the reference's channels, ties to the lower index."""
+  seed = _seed()
+  key = jax.random.key(seed)
+  if integer_gate:
+    g_TxF = jax.random.randint(key, (num_tokens, d_ff), -6, 7).astype(jnp.float32)
+    g_TxF = g_TxF.at[:, 5].set(-0.0).at[:, 9].set(0.0)  # +0 ranks above -0, as in lax.top_k
+  else:
+    g_TxF = jax.random.normal(key, (num_tokens, d_ff), jnp.float32)
+  width = 1 << (d_ff - 1).bit_length()
+  partials = jnp.zeros((2, 1, num_tokens, width), jnp.float32)  # halves: exact sums
+  partials = partials.at[:, 0, :, :d_ff].set(jnp.stack([g_TxF * 0.5, g_TxF * 0.5]))
+  out = _decode_select.select_scale(
+    partials,
+    k,
+    "moc",
+    d_ff=d_ff,
+    round_dtype=dtype,
+    radix_bits=radix_bits,
+    lists=lists,
+    interpret=True,
+    chunk=chunk,
+  )
+  want_idx, want_val = reference.select(g_TxF.astype(dtype), k, "moc")
+  want_a = jax.nn.silu(want_val.astype(jnp.float32))
+  if lists:
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(want_idx), err_msg=f"{seed=}")
+    np.testing.assert_allclose(np.asarray(out[1]), want_a, rtol=1e-6, err_msg=f"{seed=}")
+    return
+  want = np.zeros((num_tokens, d_ff), np.float32)
+  np.put_along_axis(want, np.asarray(want_idx), np.asarray(want_a), axis=1)
+  np.testing.assert_allclose(np.asarray(out[:, :d_ff]), want, rtol=1e-6, err_msg=f"{seed=}")
+
+
+def test_select_chunks_lower_for_cuda():
+  """The chunked select lowers to a Triton custom call for CUDA (no GPU needed to lower)."""
+  partials = jax.ShapeDtypeStruct((2, 1, 1, 8192), jnp.float32)
+  for lists, radix_bits in ((True, 2), (False, 4)):
+    fn = functools.partial(
+      _decode_select.select_scale,
+      k=1024,
+      variant="moc",
+      d_ff=5464,
+      round_dtype=jnp.bfloat16,
+      radix_bits=radix_bits,
+      lists=lists,
+      chunk=512,
+    )
+    text = jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  ("num_tokens", "variant", "pipeline"),
+  [  # most wanted first: T = 4 was cut by the 70 s session limit on 2026-11-28b, untested
+    (4, "moc", "list"),
+    (1, "moc", "list"),
+    (16, "moc", "mask"),
+    (1, "moc_2of8", "list"),
+    (16, "moc_2of8", "list"),
+    (1, "moc", "mask"),
+    (1, "moc", "pieces"),
+    (1, "moc", "chunk512"),
+    (1, "moc", "topk"),
+    (4, "moc", "topk"),
+  ],
+)
+def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
+  """Compiled kernels at the 1B decode shape: fp32 (exact selection) and bf16."""
+  d_model, d_ff, k = 2048, 5464, 1024
+  cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
+  if pipeline == "pieces":  # the list select over power-of-two pieces (untimed option)
+    cfg = dataclasses.replace(cfg, pipeline="list", select_granule=256)
+  elif pipeline == "chunk512":  # the list select on 512-lane chunks (untimed option)
+    cfg = dataclasses.replace(cfg, pipeline="list", select_chunk=512)
+  elif pipeline == "topk":  # the list pipeline selecting with the training top-K kernel
+    cfg = dataclasses.replace(cfg, pipeline="list", topk=topk.CHUNKED)
+  else:
+    cfg = dataclasses.replace(cfg, pipeline=pipeline)
+  for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
+    seed = _seed()
+    x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, integer_gate)
+    if integer_gate:
+      x, wg = x * 0.125, wg * 0.125  # still exact: powers of 2
+    y = moc_decode.decode_ffn(x, wg, wu, wd, k, variant, config=cfg)
+    with jax.default_matmul_precision("highest"):
+      want = reference.decode_ffn(x, wg, wu, wd, k, variant)
+    assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
+    with jax.default_matmul_precision("highest"):
+      want_d = reference.dense_decode_ffn(x, wg, wu.T, wd)
+    dense_cfg = moc_decode.default_config(num_tokens, d_model, d_ff)
+    for down in ("rows", "gemv"):
+      cfg_d = dataclasses.replace(dense_cfg, dense_down=down)
+      yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd, config=cfg_d)
+      assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=} {down=}"

@@ -1,0 +1,137 @@
+"""Pallas top-K selection against `reference.select` (interpret mode on CPU).
+
+Outputs are fresh pallas_call buffers: in interpret mode an unwritten float is NaN and an
+unwritten int32 is INT32_MIN, so exact equality with the reference also proves every
+element was written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import reference, topk
+from pallas_kernels.topk import TopKConfig
+
+_SEED = np.random.SeedSequence().entropy  # fresh inputs every run; printed on failure
+
+
+def _key(tag: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(_SEED % (2**31)), tag)
+
+
+def _assert_same(g, k, variant, **kw):
+  idx, val = topk.select(g, k, variant, **kw)
+  assert idx.shape[:-1] == g.shape[:-1]
+  idx, val = idx.reshape(-1, idx.shape[-1]), val.reshape(-1, val.shape[-1])
+  ref_idx, ref_val = reference.select(g.reshape(-1, g.shape[-1]), k, variant)
+  assert idx.dtype == jnp.int32 and val.dtype == g.dtype, f"seed={_SEED}"
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx), err_msg=f"seed={_SEED}")
+  np.testing.assert_array_equal(
+    np.asarray(val.astype(jnp.float32)), np.asarray(ref_val.astype(jnp.float32))
+  )
+
+
+@pytest.mark.parametrize(
+  ("dtype", "t", "f", "k", "config"),
+  [
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(fan=3, rows=2)),  # radix-4 search, ragged rows
+    (jnp.float32, 4, 700, 128, TopKConfig(rows=2)),  # 32-bit keys, integer counts
+    (jnp.float32, 3, 700, 128, TopKConfig(rows=2, chunk=256)),  # chunks, a padding-only row
+    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(count="int", granule=0)),  # odd F, one block
+    # equal chunks (the last one ragged), packed counts: ternary; radix 4 (a pair + one)
+    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2)),
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int")),
+    (jnp.bfloat16, 3, 2736, 512, TopKConfig(rows=2, strided=False)),  # contiguous lanes
+  ],
+)
+def test_random_rows(dtype, t, f, k, config):
+  g = jax.random.normal(_key(f), (t, f), jnp.float32).astype(dtype)
+  _assert_same(g, k, "moc", config=config)
+
+
+@pytest.mark.parametrize(("dtype", "k"), [(jnp.bfloat16, 1), (jnp.float32, 150)])
+def test_ties_and_equal_rows(dtype, k):
+  """Small-integer values and all-equal rows (ties to the lower channel); K = 1 and F / 2.
+
+  Also leading dimensions: (2, 3, F) is flattened to rows and back.
+  """
+  f = 300
+  g = jax.random.randint(_key(k), (6, f), -2, 3).astype(dtype)
+  g = g.at[4].set(1.5).at[5].set(-0.75).reshape(2, 3, f)
+  _assert_same(g, k, "moc", config=TopKConfig(rows=2, fan=3 if k == 1 else 1))
+  if dtype == jnp.bfloat16:  # ternary search over packed counts (16-bit keys)
+    _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=128, fan=2))
+    _assert_same(g, k, "moc", config=TopKConfig(rows=4, chunk=64, fan=2))  # all-equal rows
+  _assert_same(g, k, "moc", config=TopKConfig(rows=4, compact=True))  # bitmask + compaction
+
+
+def test_group_2of8():
+  g = jax.random.normal(_key(7), (5, 96), jnp.float32).astype(jnp.bfloat16)
+  g = g.at[0].set(jax.random.randint(_key(8), (96,), -1, 2).astype(jnp.bfloat16))
+  g = g.at[1].set(0.5)
+  _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2))
+  _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2, compact=True))  # bitmask path
+
+
+@pytest.mark.parametrize(
+  ("f", "k", "config"),
+  [
+    (5461, 1024, TopKConfig(compact=True)),  # odd F: a ragged last word
+    (2736, 512, TopKConfig(rows=2, chunk=512, fan=2, compact=True)),
+    (5461, 1024, TopKConfig(chunk=512, compact=True)),  # the train forward's selection
+  ],
+)
+def test_compact(f, k, config):
+  """Shapes as in test_random_rows (reference compiles shared); rows with ties at v."""
+  g = jax.random.normal(_key(f + 1), (3, f), jnp.float32).astype(jnp.bfloat16)
+  g = g.at[1].set(jnp.where(jnp.arange(f) % 3 == 0, -0.0, 0.0).astype(g.dtype))  # +-0 ties
+  g = g.at[2, : f // 2].set(g[2, f // 2 : 2 * (f // 2)])  # duplicated half: ties at v
+  _assert_same(g, k, "moc", config=config)
+
+
+def test_default_config_by_width():
+  """`select` without a config: one block per row at powers of two, 512-wide chunks elsewhere
+  (the H200 figures in `topk.default_config`); both exact (test_random_rows, test_compact)."""
+  assert topk.default_config(2048) is topk.ONE_BLOCK
+  assert topk.default_config(5461) is topk.CHUNKED
+  g = jax.random.normal(_key(3), (4, 1100), jnp.float32).astype(jnp.bfloat16)
+  _assert_same(g, 200, "moc")  # config=None: CHUNKED, three chunks, the last ragged
+
+
+def test_errors():
+  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan")):
+    with pytest.raises(ValueError):
+      TopKConfig(**bad)
+  g = jnp.ones((2, 64), jnp.float32)
+  for k, variant in ((0, "moc"), (65, "moc"), (8, "moc_3of8")):
+    with pytest.raises(ValueError):
+      topk.select(g, k, variant)
+  with pytest.raises(ValueError):
+    topk.select(jnp.ones((2, 60)), 15, "moc_2of8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  ("dtype", "f", "k"),
+  [
+    (jnp.bfloat16, 5632, 1024),
+    (jnp.bfloat16, 5461, 1024),
+    (jnp.bfloat16, 1376, 256),
+    (jnp.bfloat16, 16384, 4096),
+    (jnp.float32, 2736, 512),
+  ],
+)
+def test_gpu_real_sizes(dtype, f, k):
+  g = jax.random.normal(_key(f + k), (16384, f), jnp.float32).astype(dtype)
+  _assert_same(g, k, "moc")
+  gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
+  _assert_same(gi, k, "moc")
+
+
+@pytest.mark.gpu
+def test_gpu_group_2of8():
+  g = jax.random.normal(_key(11), (4096, 5632), jnp.float32).astype(jnp.bfloat16)
+  _assert_same(g, 5632 // 4, "moc_2of8")
