@@ -181,18 +181,18 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     }
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
-  if "selsweep" in kinds:
+  if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one
     for tag, c in (
-      ("default,sel8w", replace(moc_cfg, select_warps=8)),
-      ("default,sel32w", replace(moc_cfg, select_warps=32)),
-      ("default,radix4", replace(moc_cfg, select_radix_bits=4)),
-      ("default,gemv_s1", replace(moc_cfg, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
-      ("default,pieces256", replace(moc_cfg, select_granule=256)),  # 5632 lanes, not 8192
+      ("own,sel8w", replace(own_select, select_warps=8)),
+      ("own,sel32w", replace(own_select, select_warps=32)),
+      ("own,radix4", replace(own_select, select_radix_bits=4)),
+      ("own,gemv_s1", replace(own_select, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
+      ("own,pieces256", replace(own_select, select_granule=256)),  # 5632 lanes, not 8192
       # equal chunks summed lane-wise (one reduction per radix step), final pass on pieces
-      ("default,chunk512", replace(moc_cfg, select_chunk=512)),
-      ("default,chunk256", replace(moc_cfg, select_chunk=256)),
-      ("default,chunk512,radix4", replace(moc_cfg, select_chunk=512, select_radix_bits=4)),
-      ("default,chunk512,sel8w", replace(moc_cfg, select_chunk=512, select_warps=8)),
+      ("own,chunk512", replace(own_select, select_chunk=512)),
+      ("own,chunk256", replace(own_select, select_chunk=256)),
+      ("own,chunk512,radix4", replace(own_select, select_chunk=512, select_radix_bits=4)),
+      ("own,chunk512,sel8w", replace(own_select, select_chunk=512, select_warps=8)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "topk" in kinds:

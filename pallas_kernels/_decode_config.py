@@ -12,6 +12,7 @@ import dataclasses
 from pallas_kernels._topk_config import TopKConfig
 
 PIPELINES = ("mask", "list")
+DENSE_DOWNS = ("rows", "gemv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class DecodeConfig:
   # None: the select above (`_decode_select`, static radix steps, integer compares); else the
   # list pipeline selects with the training top-K kernel (`topk.select`, this config: counting
   # on the fp32 pipe, packed pair counts, a search that stops when converged) on G rounded to
-  # x's dtype (2026-12-03, CPU-exact, untimed)
+  # x's dtype (`LIST_TOPK` below is what `moc_config` sets)
   topk: TopKConfig | None = None
   up_block_c: int = 16
   up_block_d: int = 512
@@ -64,6 +65,14 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
+
+  def __post_init__(self):
+    if self.pipeline not in PIPELINES:
+      raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
+    if self.dense_down not in DENSE_DOWNS:
+      raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
+    if self.topk is not None and self.pipeline != "list":
+      raise ValueError("DecodeConfig.topk selects for the list pipeline; set pipeline='list'")
 
 
 def cdiv(a: int, b: int) -> int:

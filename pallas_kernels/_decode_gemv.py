@@ -218,12 +218,14 @@ def linear(
   if num_tokens == 0:
     return jnp.zeros((*lead, n), out_dtype)
   cfg = config or linear_config(num_tokens, d_model, n)
-  return _linear(x_TxD, w_DxN, cfg, out_dtype, tu.default_interpret(interpret)).reshape(*lead, n)
+  y_TxN = split_k_linear(x_TxD, w_DxN, cfg, out_dtype, tu.default_interpret(interpret))
+  return y_TxN.reshape(*lead, n)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _linear(x_TxD, w_DxN, cfg: DecodeConfig, out_dtype, interpret: bool) -> jax.Array:
-  """Jitted so that every layer's call at one shape reuses one trace of the kernel."""
+def split_k_linear(x_TxD, w_DxN, cfg: DecodeConfig, out_dtype, interpret: bool) -> jax.Array:
+  """`linear` without its checks, for 2-D operands and a given config (the MoC gate, the dense
+  down projection). Jitted so that every layer's call at one shape reuses one trace."""
   if cfg.gemv_splits == 1:
     return gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret, out_dtype=out_dtype)
   partials = gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret)

@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference, topk
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._decode_config import PIPELINES, DecodeConfig, default_config, moc_config
+from pallas_kernels._decode_config import DecodeConfig, default_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
 from pallas_kernels._decode_gemv import gemv as _gemv
@@ -205,14 +205,11 @@ def decode_ffn(
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
   """Jitted so that every layer's call reuses one trace of the kernels."""
-  if cfg.pipeline not in PIPELINES:
-    raise ValueError(f"unknown decode pipeline {cfg.pipeline!r}; expected one of {PIPELINES}")
-  if cfg.topk is not None:
-    if cfg.pipeline != "list":
-      raise ValueError("DecodeConfig.topk needs pipeline='list'")
-    g_TxK_idx, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret)
+  if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
+    g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
+    idx_TxK, g_TxK = topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
     return _decode_list.rows_ffn(
-      x_TxD, g_TxK_idx, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
+      x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
     )
   partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
   select = functools.partial(
@@ -236,20 +233,6 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
   a_TxFo = select()
   z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
-
-
-def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret):
-  """(idx_TxK, G at idx in x's dtype) through the training top-K kernel: G rounded to x's dtype
-  by the GEMV itself (one D split) or by XLA's sum of the split partials."""
-  d_ff = w_gate_DxF.shape[1]
-  if cfg.gemv_splits == 1:
-    g_TxF = _gemv(
-      x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret, out_dtype=x_TxD.dtype
-    )
-  else:
-    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
-    g_TxF = jnp.sum(partials[:, 0, :, :d_ff], axis=0).astype(x_TxD.dtype)
-  return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
 
 
 def _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> jax.Array:
@@ -293,10 +276,7 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
-  if cfg.dense_down == "gemv":
-    num_tokens, d_ff = z_TxF.shape
-    down_cfg = _decode_gemv.linear_config(num_tokens, d_ff, w_down_FxD.shape[1])
-    return _decode_gemv.linear(z_TxF, w_down_FxD, config=down_cfg, interpret=interpret)
-  if cfg.dense_down != "rows":
-    raise ValueError(f"unknown dense_down {cfg.dense_down!r}; expected 'rows' or 'gemv'")
+  if cfg.dense_down == "gemv":  # the GEMV with its own rule for this shape
+    down_cfg = _decode_gemv.linear_config(*z_TxF.shape, w_down_FxD.shape[1])
+    return _decode_gemv.split_k_linear(z_TxF, w_down_FxD, down_cfg, z_TxF.dtype, interpret)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
