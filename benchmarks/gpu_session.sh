@@ -22,6 +22,7 @@
 #           GPU_TESTS=tests, all 23, ~6 min)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
+# STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
 # the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py);
@@ -157,7 +158,7 @@ stream() {
   local extra=()
   [ -n "${DRY:-}" ] && extra=(--dry_run)
   [ -n "${STREAM_ONLY:-}" ] && extra+=(--only="$STREAM_ONLY")
-  python3 benchmarks/stream_sweep.py --shapes="${STREAM_SHAPES:-1b,60m}" "${extra[@]}" \
+  python3 benchmarks/stream_sweep.py --shapes="${STREAM_SHAPES:-1b,60m}" "${extra[@]}" ${STREAM_ARGS:-} \
     --out="$work/stream_sweep.json"
 }
 

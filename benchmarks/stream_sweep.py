@@ -4,9 +4,10 @@ compares with XLA's own elementwise passes over the same bytes.
   python benchmarks/stream_sweep.py --out benchmarks/results/stream_sweep_h200_DATE.json
 
 Per shape (the 1B layer, 16384 x 5504 with 5461 real channels and K=1024, and the 60M one), on
-fresh random bf16 inputs: the selection bitmask (`topk_compact.mask_call`, the forward default),
-then every `StreamConfig` below for the forward pass (`apply_call`: G, U -> G_sel, U_sel, Z,
-Z_sel) and the backward (`train_backward_bitmask`, with Z_sel (MoC) and without (GCP)). Each
+fresh random bf16 inputs: the selection bitmask (`topk_compact.mask_call`, the forward default,
+then each of SELECTIONS, whose words must equal the first's bit for bit), then every
+`StreamConfig` below for the forward pass (`apply_call`: G, U -> G_sel, U_sel, Z, Z_sel) and
+the backward (`train_backward_bitmask`, with Z_sel (MoC) and without (GCP)). Each
 variant's outputs must equal the default walk's bit for bit. Floors in the same run: an XLA
 copy, dense SwiGLU's forward fusion silu(G)*U and its backward (dZ, G, U -> dG, dU). Bytes are
 what each pass must move; GB/s is bytes / median time.
@@ -15,6 +16,7 @@ what each pass must move; GB/s is bytes / median time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -44,6 +46,18 @@ VARIANTS: dict[str, SC] = {
   "block_w8_a2": SC(8, 2, "block"),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
+}
+_FWD = moc_train.FORWARD_DEFAULT
+# The selection bitmask kernel's final pass and warps; each must give the first one's words.
+SELECTIONS: dict[str, TopKConfig] = {
+  "mask_scan": dataclasses.replace(_FWD, mask_pass="scan"),  # a prefix sum per chunk (old)
+  "mask_cut": dataclasses.replace(_FWD, mask_pass="cut"),
+  "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),
+  "mask_ballot_w8": dataclasses.replace(_FWD, mask_pass="ballot", num_warps=8),
+  "mask_scan_w8": dataclasses.replace(_FWD, mask_pass="scan", num_warps=8),
+  "mask_ballot_c1024_w8": dataclasses.replace(_FWD, mask_pass="ballot", chunk=1024, num_warps=8),
+  "mask_ballot_t": dataclasses.replace(_FWD, mask_pass="ballot", fan=2),
+  "mask_ballot_t_w8": dataclasses.replace(_FWD, mask_pass="ballot", fan=2, num_warps=8),
 }
 SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
 TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}
@@ -85,6 +99,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   cfg = moc_train.FORWARD_DEFAULT
   mask = jax.jit(lambda g: topk_compact.mask_call(g, k, "moc", cfg, interpret, num_valid=nv))
   res: dict = {"shape": dict(T=t, F=f, num_valid=nv, K=k), "floors": [], "forward": [], "bwd": []}
+  res["selection"] = []
 
   def keep(bucket, got):
     res[bucket].append(got[0] if isinstance(got, tuple) else got)
@@ -98,6 +113,14 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   for name, (fn, nbytes) in floors.items():
     keep("floors", _row(name, jax.jit(fn), sets, nbytes, **timing))
   keep("floors", _row("mask_default", lambda g, u, dz: mask(g), sets, dense + words, **timing))
+  ref_m = None
+  for name, scfg in SELECTIONS.items():
+    fn = jax.jit(
+      lambda g, u, dz, c=scfg: topk_compact.mask_call(g, k, "moc", c, interpret, num_valid=nv)
+    )
+    got = _row(name, fn, sets, dense + words, ref_m, **timing)
+    ref_m = got[1] if ref_m is None and isinstance(got, tuple) else ref_m
+    keep("selection", got)
   msets = [(mask(g), g, u, dz) for g, u, dz in sets]
   fwd_bytes = 3 * dense + words + 3 * compact
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
@@ -136,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--out", default="")
   p.add_argument("--shapes", default="1b,60m")
   p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
+  p.add_argument("--no_walks", action="store_true", help="the selection rows only")
   p.add_argument("--dry_run", action="store_true", help="tiny shapes in interpret mode (CPU)")
   args = p.parse_args(argv)
   if args.only:
@@ -143,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in list(VARIANTS):
       if name not in keep:
         del VARIANTS[name]
+  if args.no_walks:
+    VARIANTS.clear()
   interpret = tu.default_interpret(None) or args.dry_run
   timing = dict(inner=1, trials=1, warmup=1) if args.dry_run else dict(inner=10, trials=7)
   payload = {"info": common.run_info(), "variants": {n: str(v) for n, v in VARIANTS.items()}}

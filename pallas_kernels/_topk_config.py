@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 ABLATIONS = ("", "mask_only")
+MASK_PASSES = ("ballot", "cut", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +37,17 @@ class TopKConfig:
   apply_warps: int = 4
   apply_words: int = 0
   apply_mode: str = "row"  # 'row' | 'pipeline' | 'block' (moc_train_mask.StreamConfig)
+  # The bitmask kernel's final pass: 'scan' (a prefix sum per chunk, as for slots), 'cut' (ties
+  # resolved from per-chunk counts; a prefix sum only where the cut falls), 'ballot' ('cut',
+  # words by warp ballot on the GPU; as 'cut' in interpret mode or without `strided`).
+  mask_pass: str = "ballot"
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):
       raise ValueError(f"fan must be 1, 2 or 3, got {self.fan}")
     if self.chunk & (self.chunk - 1):
       raise ValueError(f"chunk={self.chunk} needs a power of two")
+    if self.mask_pass not in MASK_PASSES:
+      raise ValueError(f"mask_pass must be one of {MASK_PASSES}, got {self.mask_pass!r}")
     if self.ablate not in ABLATIONS:
       raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")

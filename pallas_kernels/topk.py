@@ -23,7 +23,7 @@ NaN inputs are not supported (they order by their bit pattern). F must be < 3276
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -82,12 +82,14 @@ def select_rows(
   interpret: bool,
   on_chunk: Callable,
   num_valid: int | None = None,
+  slots: bool = True,
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
 
   on_chunk(rows_b, cols_b, valid, g, sel, pos): broadcast (R, W) row/column indices, the
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
-  mask and each selected element's output slot in [0, k).
+  mask and each selected element's output slot in [0, k). With `slots=False` pos is None and
+  the final pass is much cheaper (`_tie_masks`): for callers that keep only the mask.
   """
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
@@ -174,6 +176,11 @@ def select_rows(
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
 
+  if not slots:
+    for ckey, eq_keep, (off, w) in zip(ckeys, _tie_masks(ckeys, v_c, need), chunks, strict=True):
+      rows_b, cols_b, valid, g = load_chunk(off, w)
+      on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None)
+    return
   carry = jnp.zeros((r, 1), jnp.int32)
   for ckey, (off, w) in zip(ckeys, chunks, strict=True):
     rows_b, cols_b, valid, g = load_chunk(off, w)
@@ -184,6 +191,46 @@ def select_rows(
     carry = carry + jnp.sum(packed, axis=1, keepdims=True)
     sel, pos = selected_slots(cum, gt, eq, valid, need)
     on_chunk(rows_b, cols_b, valid, g, sel, pos)
+
+
+def _chunk_sums(masks: list) -> list:
+  """Per row, the number of True in each (R, W) mask ((R, 1) int32): counts of neighbouring
+  chunks of one width share an int32 in fields of W.bit_length() bits, and so one block
+  reduction."""
+  out = []
+  i = 0
+  while i < len(masks):
+    w = masks[i].shape[1]
+    bits = w.bit_length()
+    group = [masks[i]]
+    while len(group) < 31 // bits and i + len(group) < len(masks):
+      if masks[i + len(group)].shape != masks[i].shape:
+        break
+      group.append(masks[i + len(group)])
+    packed = sum(jnp.left_shift(m.astype(jnp.int32), j * bits) for j, m in enumerate(group))
+    total = jnp.sum(packed, axis=1, keepdims=True)
+    out += [lax.shift_right_logical(total, j * bits) & ((1 << bits) - 1) for j in range(len(group))]
+    i += len(group)
+  return out
+
+
+def _tie_masks(ckeys: list, v, need) -> Iterator:
+  """Which keys equal to the threshold v to keep, chunk by chunk: the first `need` ((R, 1)) by
+  channel. Chunks wholly kept or wholly dropped take a compare; only a chunk the cut falls
+  inside (one per row) pays for a prefix sum, behind a branch. A generator, and the equality
+  masks made twice, so that no chunk's masks stay live past its own stores (registers)."""
+  counts = _chunk_sums([ckey == v for ckey in ckeys])
+  before = jnp.zeros_like(need)
+  for ckey, cnt in zip(ckeys, counts, strict=True):
+    eq = ckey == v
+    rem = need - before  # equal keys of this chunk still to keep
+    cut_inside = jnp.max(((rem > 0) & (rem < cnt)).astype(jnp.int32)) > 0
+
+    def cut(eq=eq, rem=rem):
+      return eq & (jnp.cumsum(eq.astype(jnp.int32), axis=1) <= rem)
+
+    yield lax.cond(cut_inside, cut, lambda eq=eq, rem=rem, cnt=cnt: eq & (rem >= cnt))
+    before = before + cnt
 
 
 def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):

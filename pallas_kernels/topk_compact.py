@@ -39,8 +39,10 @@ WORD = 32
 WORD_GRANULE = 16  # words per compaction chunk at least (512 channels)
 
 
-def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
+def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = False) -> None:
   """Pack sel (..., W) into words along its last axis (32 consecutive channels each)."""
+  if ballot and sel.ndim == 2 and sel.shape[-1] >= WORD:  # else lanes may repeat in a warp
+    return _store_words_ballot(m_ref, rows_b, cols_b, sel, t=t, f=f)
   w = sel.shape[-1]
   shape = (*sel.shape[:-1], w // WORD, WORD)
   bits = jnp.left_shift(sel.astype(jnp.int32), cols_b & (WORD - 1))
@@ -49,6 +51,23 @@ def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
   row = jnp.min(rows_b.reshape(shape), axis=-1)
   ok = (row < t) & (col0 < f)
   pltriton.store(m_ref.at[row, col0 // WORD], words, mask=ok)
+
+
+def _store_words_ballot(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
+  """GPU: each warp's 32 lanes hold 32 consecutive channels of an (R, W) block (one element
+  per thread per repetition, `tu.lane_iota`), so one `vote.ballot` per element gives the
+  word, and the lane holding channel 32w stores it: no reshape, no layout conversion through
+  shared memory. The GPU tests compare the words with the reference bit for bit."""
+  words = pltriton.elementwise_inline_asm(
+    "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.ballot.b32 $0, p, 0xffffffff; }",
+    args=[sel.astype(jnp.int32)],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(sel.shape, jnp.int32)],
+  )[0]
+  first = (cols_b & (WORD - 1)) == 0
+  ok = first & (rows_b < t) & (cols_b < f)
+  pltriton.store(m_ref.at[rows_b, lax.shift_right_logical(cols_b, 5)], words, mask=ok)
 
 
 def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
@@ -66,10 +85,21 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
 
   def on_chunk(rows_b, cols_b, valid, g, sel, pos):
     del valid, g, pos
-    _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f)
+    _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f, ballot=ballot)
+
+  # The ballot needs lane i of a warp on channel 32w + i (`strided`) and a GPU.
+  ballot = cfg.mask_pass == "ballot" and cfg.strided and not interpret
 
   topk.select_rows(
-    g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=on_chunk, num_valid=num_valid
+    g_ref,
+    t=t,
+    f=f,
+    k=k,
+    cfg=cfg,
+    interpret=interpret,
+    on_chunk=on_chunk,
+    num_valid=num_valid,
+    slots=cfg.mask_pass == "scan",
   )
 
 

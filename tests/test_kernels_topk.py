@@ -82,6 +82,7 @@ def test_group_2of8():
     (5461, 1024, TopKConfig(compact=True)),  # odd F: a ragged last word
     (2736, 512, TopKConfig(rows=2, chunk=512, fan=2, compact=True)),
     (5461, 1024, TopKConfig(chunk=512, compact=True)),  # the train forward's selection
+    (2736, 512, TopKConfig(chunk=512, compact=True, mask_pass="scan")),  # a prefix sum per chunk
   ],
 )
 def test_compact(f, k, config):
@@ -90,6 +91,17 @@ def test_compact(f, k, config):
   g = g.at[1].set(jnp.where(jnp.arange(f) % 3 == 0, -0.0, 0.0).astype(g.dtype))  # +-0 ties
   g = g.at[2, : f // 2].set(g[2, f // 2 : 2 * (f // 2)])  # duplicated half: ties at v
   _assert_same(g, k, "moc", config=config)
+
+
+@pytest.mark.parametrize("k", [1, 37, 350, 699, 700])
+def test_mask_ties_across_chunks(k):
+  """The bitmask's tie cut (`mask_pass` 'cut'): values in {-2..2}, so the K-th value's ties
+  span many 64-wide chunks and the cut lands in any of them; an all-equal row and a row of
+  +-0; ragged rows (rows=2, T=5) and a ragged last chunk (F=700)."""
+  g = jax.random.randint(_key(k), (5, 700), -2, 3).astype(jnp.bfloat16)
+  g = g.at[3].set(1.5).at[4].set(jnp.where(jnp.arange(700) % 2 == 0, -0.0, 0.0))
+  cfg = TopKConfig(rows=2, chunk=64, compact=True)
+  _assert_same(g, k, "moc", config=cfg)
 
 
 def test_default_config_by_width():
@@ -102,7 +114,7 @@ def test_default_config_by_width():
 
 
 def test_errors():
-  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan")):
+  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan"), dict(mask_pass="x")):
     with pytest.raises(ValueError):
       TopKConfig(**bad)
   g = jnp.ones((2, 64), jnp.float32)
