@@ -238,7 +238,7 @@ def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret):
   """(indices, G at them) through the training top-K kernel. With several D splits the kernel
   sums the GEMV's fp32 partials itself (`topk.select_summed`: one launch fewer than XLA's sum)."""
   d_ff = w_gate_DxF.shape[1]
-  if cfg.gemv_splits == 1 or variant != "moc":
+  if cfg.gemv_splits == 1 or variant != "moc" or cfg.gate_sum == "xla":
     g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
     return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
   p = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)  # (S, 1, T, F_pow2)
