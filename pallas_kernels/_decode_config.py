@@ -12,7 +12,6 @@ import dataclasses
 from pallas_kernels._topk_config import TopKConfig
 
 PIPELINES = ("mask", "list")
-GATE_SUMS = ("select", "xla")
 DENSE_DOWNS = ("rows", "gemv")
 
 
@@ -41,9 +40,6 @@ class DecodeConfig:
   # on the fp32 pipe, packed pair counts, a search that stops when converged) on G rounded to
   # x's dtype (`LIST_TOPK` below is what `moc_config` sets)
   topk: TopKConfig | None = None
-  # With `topk` and several gate D splits: who sums the GEMV's fp32 partials, the top-K kernel
-  # in its loads ('select', `topk.select_summed`, one launch fewer) or an XLA fusion ('xla')
-  gate_sum: str = "select"
   up_block_c: int = 16
   up_block_d: int = 512
   up_warps: int = 4
@@ -75,8 +71,6 @@ class DecodeConfig:
       raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
     if self.dense_down not in DENSE_DOWNS:
       raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
-    if self.gate_sum not in GATE_SUMS:
-      raise ValueError(f"unknown gate_sum {self.gate_sum!r}; expected one of {GATE_SUMS}")
     if self.topk is not None and self.pipeline != "list":
       raise ValueError("DecodeConfig.topk selects for the list pipeline; set pipeline='list'")
 

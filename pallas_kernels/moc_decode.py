@@ -206,7 +206,8 @@ def decode_ffn(
 def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
   """Jitted so that every layer's call reuses one trace of the kernels."""
   if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
-    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret)
+    g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
+    idx_TxK, g_TxK = topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
     return _decode_list.rows_ffn(
       x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
     )
@@ -232,18 +233,6 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
   a_TxFo = select()
   z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
-
-
-def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret):
-  """(indices, G at them) through the training top-K kernel. With several D splits the kernel
-  sums the GEMV's fp32 partials itself (`topk.select_summed`: one launch fewer than XLA's sum)."""
-  d_ff = w_gate_DxF.shape[1]
-  if cfg.gemv_splits == 1 or variant != "moc" or cfg.gate_sum == "xla":
-    g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
-    return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
-  p = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)  # (S, 1, T, F_pow2)
-  p_SxTxF = p.reshape(p.shape[0], p.shape[2], p.shape[3])
-  return topk.select_summed(p_SxTxF, d_ff, k, x_TxD.dtype, config=cfg.topk, interpret=interpret)
 
 
 def _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> jax.Array:

@@ -83,7 +83,6 @@ def select_rows(
   on_chunk: Callable,
   num_valid: int | None = None,
   slots: bool = True,
-  load: Callable | None = None,
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
 
@@ -91,8 +90,6 @@ def select_rows(
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
   mask and each selected element's output slot in [0, k). With `slots=False` pos is None and
   the final pass is much cheaper (`_tie_masks`): for callers that keep only the mask.
-  load(rows_b, cols_b, valid) -> G in its dtype replaces the load of g_ref (which then only
-  has to have G's dtype and F) where G is made on the fly (`select_summed`).
   """
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
@@ -116,10 +113,7 @@ def select_rows(
     cols_1 = tu.lane_iota(off, w, interpret, hide=cfg.strided)
     cols_b = jnp.broadcast_to(cols_1[None, :], (r, w))
     valid = row_ok & (cols_b < f)
-    if load is None:
-      g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
-    else:
-      g = load(rows_b, cols_b, valid)
+    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
     if nv < f:
       g = jnp.where(cols_b < nv, g, jnp.array(jnp.finfo(dtype).min, dtype))
     return rows_b, cols_b, valid, g
@@ -248,25 +242,6 @@ def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):
   select_rows(g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=store)
 
 
-def _summed_kernel(p_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):
-  """`_topk_kernel` on G = sum over s of p[s] in fp32, rounded to the values' dtype."""
-  dtype = val_ref.dtype
-
-  def load(rows_b, cols_b, valid):
-    acc = pltriton.load(p_ref.at[0, rows_b, cols_b], mask=valid, other=0)
-    for s in range(1, p_ref.shape[0]):
-      acc = acc + pltriton.load(p_ref.at[s, rows_b, cols_b], mask=valid, other=0)
-    return acc.astype(dtype)
-
-  def store(rows_b, cols_b, valid, g, sel, pos):
-    del valid
-    tu.scatter_store(idx_ref, rows_b, pos, cols_b, sel, interpret)
-    tu.scatter_store(val_ref, rows_b, pos, g, sel, interpret)
-
-  g_like = jax.ShapeDtypeStruct((t, f), dtype)
-  select_rows(g_like, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=store, load=load)
-
-
 def group_rows(
   g_ref, *, t: int, f: int, rows: int, on_group: Callable, num_valid: int | None = None
 ) -> None:
@@ -368,19 +343,3 @@ def select(
     return idx.reshape(*lead, k), val.reshape(*lead, k)
   idx, val = select_call(kernel, t, k, g2.dtype, rows, cfg, interpret, f"moc_select_{variant}")(g2)
   return idx.reshape(*lead, k), val.reshape(*lead, k)
-
-
-@functools.partial(jax.jit, static_argnames=("f", "k", "dtype", "config", "interpret"))
-def select_summed(
-  p_SxTxF: jax.Array, f: int, k: int, dtype, *, config: TopKConfig, interpret: bool
-) -> tuple[jax.Array, jax.Array]:
-  """`select(G, k, "moc")` for G = sum over S of fp32 partials p (split-K GEMV outputs, last
-  axis padded to >= f) rounded to dtype, summed in the kernel's loads: at decode time this saves
-  XLA's sum, one launch per layer. Sums in order s = 0, 1, ... in fp32.
-  """
-  _, t, width = p_SxTxF.shape
-  if not 0 < k <= f <= width:
-    raise ValueError(f"select_summed: need 0 < k={k} <= f={f} <= {width}")
-  kernel = functools.partial(_summed_kernel, t=t, f=f, k=k, cfg=config, interpret=interpret)
-  name = "moc_select_summed"
-  return select_call(kernel, t, k, jnp.dtype(dtype), config.rows, config, interpret, name)(p_SxTxF)

@@ -102,7 +102,6 @@ def test_select_is_exact_with_ties(variant):
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_granule=16)),
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_chunk=32)),
     (1, 1376, 250, "moc", jnp.bfloat16, True, TOPK),  # ties, odd F, training top-K select
-    (2, 203, 41, "moc", jnp.bfloat16, True, dataclasses.replace(TOPK, gate_sum="xla")),
     (3, 203, 41, "moc", jnp.float32, True, TOPK_SPLIT1),  # fp32 keys, G written by the GEMV
     (2, 136, 34, "moc_2of8", jnp.bfloat16, False, TOPK),
     (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
@@ -268,9 +267,7 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
       assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=} {down=}"
 
 
-@pytest.mark.parametrize(
-  "bad", [dict(pipeline="x"), dict(dense_down="x"), dict(gate_sum="x"), dict(topk=topk.CHUNKED)]
-)
+@pytest.mark.parametrize("bad", [dict(pipeline="x"), dict(dense_down="x"), dict(topk=topk.CHUNKED)])
 def test_config_errors(bad):
   """A bad DecodeConfig field fails when the config is made (topk needs the list pipeline)."""
   with pytest.raises(ValueError):

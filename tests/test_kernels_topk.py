@@ -104,20 +104,6 @@ def test_mask_ties_across_chunks(k):
   _assert_same(g, k, "moc", config=cfg)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_select_summed(dtype):
-  """G summed from 3 fp32 partials inside the kernel (padded width 256 > F = 203): the
-  reference's selection of G = p0 + p1 + p2 rounded to dtype; integer parts give ties."""
-  p = jax.random.randint(_key(11), (3, 4, 256), -3, 4).astype(jnp.float32)
-  p = p + jax.random.normal(_key(12), (3, 4, 256)) * jnp.array([0.0, 0.0, 1.0, 1.0])[:, None]
-  g = (p[0] + p[1] + p[2])[:, :203].astype(dtype)
-  idx, val = topk.select_summed(p, 203, 41, dtype, config=topk.CHUNKED, interpret=True)
-  ref_idx, ref_val = reference.select(g, 41, "moc")
-  np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx), err_msg=f"seed={_SEED}")
-  assert val.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(val, np.float32), np.asarray(ref_val, np.float32))
-
-
 def test_default_config_by_width():
   """`select` without a config: one block per row at powers of two, 512-wide chunks elsewhere
   (the H200 figures in `topk.default_config`); both exact (test_random_rows, test_compact)."""
