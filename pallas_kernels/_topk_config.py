@@ -27,6 +27,10 @@ class TopKConfig:
   # sums the chunks lane-wise and pairs of thresholds share one int32, so a counting pass
   # costs one block reduction (pieces: one per piece and threshold). 0: pieces.
   chunk: int = 0
+  # > 0: the search starts from the row's K-th value as a Gaussian with the row's mean and
+  # variance would have it, +- this many standard deviations, checked by one counting pass
+  # (`_topk_count.gauss_bracket`); a miss leaves the open side to search. 0: the whole range.
+  gauss_margin: float = 0.0
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # Timing only, wrong results: 'mask_only' (with `compact`) runs the bitmask kernel alone.
   ablate: str = ""
@@ -45,6 +49,8 @@ class TopKConfig:
   def __post_init__(self):
     if self.fan not in (1, 2, 3):
       raise ValueError(f"fan must be 1, 2 or 3, got {self.fan}")
+    if self.gauss_margin < 0:
+      raise ValueError(f"gauss_margin must be >= 0, got {self.gauss_margin}")
     if self.chunk & (self.chunk - 1):
       raise ValueError(f"chunk={self.chunk} needs a power of two")
     if self.mask_pass not in MASK_PASSES:

@@ -3,6 +3,7 @@ bisection step."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import jax
@@ -69,3 +70,43 @@ def bisect_step(state, count_ge: Callable, k: int):
   c = count_ge(mid)
   ge = c >= k
   return jnp.where(ge, mid, lo), jnp.where(ge, hi, mid - 1), jnp.where(ge, chi, c)
+
+
+OUTER = 5.0  # the outer bracket's margin, in inner margins
+
+
+def gauss_bracket(s1, s2, n: int, k: int, margin: float, dtype) -> tuple:
+  """Four ascending keys around the row's K-th largest value as a Gaussian with the row's mean
+  and variance (s1, s2: sums of values and squares over n real channels) would have it:
+  mean + (z + c)·std for c = -5m, -m, +m, +5m (the last two + 1 key), z the (1 - k/n) normal
+  quantile. A guess: `bracket_state` checks it, so a miss costs passes, never exactness. The
+  outer pair catches heavier tails than a Gaussian's (Laplace, Student t with 3 dof)."""
+  z = statistics.NormalDist().inv_cdf(min(max(1.0 - k / n, 1e-6), 1.0 - 1e-6))
+  mean = s1 / n
+  std = jnp.sqrt(jnp.maximum(s2 / n - mean * mean, 0.0))
+  kmax = tu.key_range(dtype)[1]
+  fmax = float(jnp.finfo(dtype).max)
+
+  def key(c):  # finite, in dtype's key range (NaN from inf inputs lands on -max)
+    v = mean + (z + c * margin) * std
+    v = jnp.where(v == v, jnp.clip(v, -fmax, fmax), -fmax)
+    return tu.order_keys(v.astype(dtype))
+
+  out = [key(-OUTER)]
+  for c, plus in ((-1.0, 0), (1.0, 1), (OUTER, 1)):  # ascending, at most kmax
+    out.append(jnp.minimum(jnp.maximum(key(c) + plus, out[-1]), kmax))
+  return tuple(out)
+
+
+def bracket_state(thrs: tuple, counts: list, k: int, dtype):
+  """Search state (lo, hi, count(key > hi)) from ascending thresholds and count(key >= t)
+  for each: the interval between the last threshold whose count reaches k and the next."""
+  kmin, kmax = tu.key_range(dtype)
+  lo, hi, chi = jnp.full_like(thrs[0], kmin), thrs[0] - 1, counts[0]
+  for j, (t, c) in enumerate(zip(thrs, counts, strict=True)):
+    last = j + 1 == len(thrs)
+    nxt_hi = jnp.full_like(t, kmax) if last else thrs[j + 1] - 1
+    nxt_chi = jnp.zeros_like(c) if last else counts[j + 1]
+    ok = c >= k
+    lo, hi, chi = jnp.where(ok, t, lo), jnp.where(ok, nxt_hi, hi), jnp.where(ok, nxt_chi, chi)
+  return lo, jnp.maximum(hi, lo), chi

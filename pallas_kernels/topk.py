@@ -34,7 +34,14 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import reference
 from pallas_kernels._topk_config import TopKConfig
-from pallas_kernels._topk_count import bisect_step, count_mode, ge_ones, packed_counts
+from pallas_kernels._topk_count import (
+  bisect_step,
+  bracket_state,
+  count_mode,
+  gauss_bracket,
+  ge_ones,
+  packed_counts,
+)
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
@@ -126,7 +133,14 @@ def select_rows(
       key = jnp.where(row_ok, key, pad)
     return key.astype(jnp.float32) if use_float else key
 
-  ckeys = [keys_of(off, w, *load_chunk(off, w)[2:]) for off, w in chunks]
+  ckeys, sums = [], {}  # sums: per chunk width, lane-wise sums of values and squares
+  for off, w in chunks:
+    _, cols_b, valid, g = load_chunk(off, w)
+    ckeys.append(keys_of(off, w, valid, g))
+    if cfg.gauss_margin:
+      x = jnp.where(valid & (cols_b < nv), g.astype(jnp.float32), 0.0)
+      s1, s2 = sums.get(w, (0.0, 0.0))
+      sums[w] = (s1 + x, s2 + x * x)
 
   def counts_ge(thrs):
     """Per row, the number of keys >= thr for each thr ((R, 1) int32)."""
@@ -142,6 +156,11 @@ def select_rows(
   lo = jnp.full((r, 1), kmin, jnp.int32)
   hi = jnp.full((r, 1), kmax, jnp.int32)
   chi = jnp.zeros((r, 1), jnp.int32)  # count(key > hi)
+  if cfg.gauss_margin:  # start from a checked guess instead of the whole key range
+    s1 = sum(jnp.sum(a, axis=1, keepdims=True) for a, _ in sums.values())
+    s2 = sum(jnp.sum(b, axis=1, keepdims=True) for _, b in sums.values())
+    thrs = gauss_bracket(s1, s2, nv, k, cfg.gauss_margin, dtype)
+    lo, hi, chi = bracket_state(thrs, counts_ge(thrs), k, dtype)
 
   def cond(state):
     lo, hi, _ = state

@@ -45,11 +45,17 @@ def _assert_same(g, k, variant, **kw):
     (jnp.bfloat16, 3, 5461, 1024, TopKConfig(chunk=512, fan=2)),
     (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=1024, fan=3, rows=2, count="int")),
     (jnp.bfloat16, 3, 2736, 512, TopKConfig(rows=2, strided=False)),  # contiguous lanes
+    # the search from a Gaussian guess (heavy-tailed and shifted rows below: outer or open side)
+    (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=512, gauss_margin=0.1, rows=2)),
+    (jnp.float32, 4, 700, 128, TopKConfig(gauss_margin=0.02)),
   ],
 )
 def test_random_rows(dtype, t, f, k, config):
-  g = jax.random.normal(_key(f), (t, f), jnp.float32).astype(dtype)
-  _assert_same(g, k, "moc", config=config)
+  """Gaussian rows, one shifted Laplace row and one Cauchy row (tails far from Gaussian)."""
+  g = jax.random.normal(_key(f), (t, f), jnp.float32)
+  g = g.at[1].set(jax.random.laplace(_key(f + 1), (f,)) * 3 + 2)
+  g = g.at[2].set(jax.random.cauchy(_key(f + 2), (f,)))
+  _assert_same(g.astype(dtype), k, "moc", config=config)
 
 
 @pytest.mark.parametrize(("dtype", "k"), [(jnp.bfloat16, 1), (jnp.float32, 150)])
@@ -93,14 +99,15 @@ def test_compact(f, k, config):
   _assert_same(g, k, "moc", config=config)
 
 
+@pytest.mark.parametrize("gauss", [0.0, 0.1])
 @pytest.mark.parametrize("k", [1, 37, 350, 699, 700])
-def test_mask_ties_across_chunks(k):
+def test_mask_ties_across_chunks(k, gauss):
   """The bitmask's tie cut (`mask_pass` 'cut'): values in {-2..2}, so the K-th value's ties
   span many 64-wide chunks and the cut lands in any of them; an all-equal row and a row of
   +-0; ragged rows (rows=2, T=5) and a ragged last chunk (F=700)."""
   g = jax.random.randint(_key(k), (5, 700), -2, 3).astype(jnp.bfloat16)
   g = g.at[3].set(1.5).at[4].set(jnp.where(jnp.arange(700) % 2 == 0, -0.0, 0.0))
-  cfg = TopKConfig(rows=2, chunk=64, compact=True)
+  cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss)
   _assert_same(g, k, "moc", config=cfg)
 
 
