@@ -48,16 +48,17 @@ VARIANTS: dict[str, SC] = {
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
 }
 _FWD = moc_train.FORWARD_DEFAULT
-# The selection bitmask kernel's final pass and warps; each must give the first one's words.
+# The selection bitmask kernel's final pass and search; each must give the first one's words.
+# 8 warps, 1024-wide chunks lost everywhere in stream_sweep_h200_20261203c.json (dropped).
 SELECTIONS: dict[str, TopKConfig] = {
   "mask_scan": dataclasses.replace(_FWD, mask_pass="scan"),  # a prefix sum per chunk (old)
   "mask_cut": dataclasses.replace(_FWD, mask_pass="cut"),
   "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),
-  "mask_ballot_w8": dataclasses.replace(_FWD, mask_pass="ballot", num_warps=8),
-  "mask_scan_w8": dataclasses.replace(_FWD, mask_pass="scan", num_warps=8),
-  "mask_ballot_c1024_w8": dataclasses.replace(_FWD, mask_pass="ballot", chunk=1024, num_warps=8),
   "mask_ballot_t": dataclasses.replace(_FWD, mask_pass="ballot", fan=2),
-  "mask_ballot_t_w8": dataclasses.replace(_FWD, mask_pass="ballot", fan=2, num_warps=8),
+  "mask_ballot_g05": dataclasses.replace(_FWD, gauss_margin=0.05),  # a checked Gaussian guess
+  "mask_ballot_g1": dataclasses.replace(_FWD, gauss_margin=0.1),
+  "mask_ballot_g25": dataclasses.replace(_FWD, gauss_margin=0.25),
+  "mask_ballot_t_g1": dataclasses.replace(_FWD, fan=2, gauss_margin=0.1),
 }
 SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
 TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}

@@ -27,6 +27,13 @@ SWEEP: dict[str, TopKConfig] = {
   "cmp_row_default": TopKConfig(compact=True),
   "abl_cmp_row_mask_only": TopKConfig(compact=True, ablate="mask_only"),
   "row_w2": TopKConfig(num_warps=2),
+  # 2026-12-03: the search from a checked Gaussian guess (~5 passes instead of ~11-16), and the
+  # two-kernel path now that the bitmask's final pass is cheap (ties cut, ballot words).
+  "row_c512_t_g1": TopKConfig(chunk=512, fan=2, gauss_margin=0.1),
+  "row_c512_g1": TopKConfig(chunk=512, gauss_margin=0.1),
+  "row_c512_g05": TopKConfig(chunk=512, gauss_margin=0.05),
+  "cmp_c512": TopKConfig(chunk=512, compact=True),
+  "cmp_c512_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final
