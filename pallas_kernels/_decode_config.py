@@ -116,7 +116,9 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
 # and 8 warps. MoC FFN at T = 1 on the H200 (decode_ffn_h200_20261203b.json), vs the decode
 # select of before: 31.1 vs 37.8 us at d = 2048, 64.9 vs 76.1 and 73.4 vs 88.7 at d = 4096
 # (512-lane chunks: 32.3, 65.8, 79.2; 4 or 16 warps slower everywhere).
-LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8)
+# From a checked Gaussian guess (decode_ffn_h200_20261203d.json): 30.4 vs 33.2 us at d = 2048,
+# 60.2 vs 66.3 at d = 4096, F = 11008; 79.9 vs 72.7 at F = 14336 (a noisy shape in that run).
+LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8, gauss_margin=0.1)
 
 
 def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:

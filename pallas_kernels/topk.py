@@ -48,14 +48,18 @@ GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
 ONE_BLOCK = TopKConfig()  # one power-of-two block per row
 CHUNKED = TopKConfig(chunk=512, fan=2)  # 512-wide chunks, ternary search (16-bit keys)
+# 512-wide chunks, bisection from a checked Gaussian guess: `select`'s default
+GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
 
 
 def default_config(f: int) -> TopKConfig:
-  """`select`'s config for rows of F channels when none is given. On the H200 (three runs:
-  topk_h200_20261201b, 20261201c, 20261202) CHUNKED was 1.05-1.3x faster at F = 1376, 2736,
-  5461 and 5632 and within 2% at 11008; at F = 2048, a power of two, one block per row already
-  ends each counting pass in one reduction, and was 1.15-1.2x faster."""
-  return ONE_BLOCK if f & (f - 1) == 0 else CHUNKED
+  """`select`'s config for rows of F channels when none is given: GAUSS at every F. On the H200
+  (topk_h200_20261203.json, 16384 rows) it took 148.7 / 195.1 / 255.0 / 460.1 / 476.1 us at
+  F = 1376 / 2048 / 2736 / 5461 / 5632 where the previous default (CHUNKED, or ONE_BLOCK at a
+  power of two) took 176.3 / 252.0 / 344.1 / 559.3 / 593.8, on Gaussian rows; rows far from
+  Gaussian cost up to ~2 passes more than a plain bisection (the guess is checked)."""
+  del f
+  return GAUSS
 
 
 def selected_slots(cum, gt, eq, valid, need):

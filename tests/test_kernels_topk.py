@@ -111,13 +111,18 @@ def test_mask_ties_across_chunks(k, gauss):
   _assert_same(g, k, "moc", config=cfg)
 
 
-def test_default_config_by_width():
-  """`select` without a config: one block per row at powers of two, 512-wide chunks elsewhere
-  (the H200 figures in `topk.default_config`); both exact (test_random_rows, test_compact)."""
-  assert topk.default_config(2048) is topk.ONE_BLOCK
-  assert topk.default_config(5461) is topk.CHUNKED
-  g = jax.random.normal(_key(3), (4, 1100), jnp.float32).astype(jnp.bfloat16)
-  _assert_same(g, 200, "moc")  # config=None: CHUNKED, three chunks, the last ragged
+def test_default_config():
+  """`select` without a config: 512-wide chunks, the search from a checked Gaussian guess (the
+  H200 figures in `topk.default_config`); exact on shifted Laplace and Cauchy rows too."""
+  assert topk.default_config(2048) is topk.GAUSS and topk.default_config(5461) is topk.GAUSS
+  g = jax.random.normal(_key(3), (4, 1100), jnp.float32)
+  g = (
+    g.at[1]
+    .set(jax.random.laplace(_key(4), (1100,)) - 3)
+    .at[2]
+    .set(jax.random.cauchy(_key(5), (1100,)))
+  )
+  _assert_same(g.astype(jnp.bfloat16), 200, "moc")  # config=None: three chunks, the last ragged
 
 
 def test_errors():
