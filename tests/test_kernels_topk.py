@@ -159,3 +159,24 @@ def test_gpu_real_sizes(dtype, f, k):
 def test_gpu_group_2of8():
   g = jax.random.normal(_key(11), (4096, 5632), jnp.float32).astype(jnp.bfloat16)
   _assert_same(g, 5632 // 4, "moc_2of8")
+
+
+def test_gauss_bracket_holds_the_kth_key():
+  """The guess's search state (plain jnp, as the kernel runs it) always contains the K-th key,
+  whichever interval it lands in: Gaussian, skewed, Cauchy and constant rows, K = 1 ... F."""
+  from pallas_kernels._topk_count import bracket_state, gauss_bracket
+  from pallas_kernels._triton_utils import order_keys
+
+  g = jax.random.normal(_key(21), (6, 300)) * jnp.array([1, 1, 1, 1, 1, 0])[:, None]
+  g = g.at[1].set(jnp.exp(g[1]) - 2).at[2].set(jax.random.cauchy(_key(22), (300,)))
+  g = g.at[3].multiply(1e-30).astype(jnp.bfloat16)
+  keys = order_keys(g)
+  x = g.astype(jnp.float32)
+  s1, s2 = jnp.sum(x, 1, keepdims=True), jnp.sum(x * x, 1, keepdims=True)
+  for k in (1, 56, 150, 300):
+    kth = jnp.sort(keys, axis=1)[:, -k][:, None]
+    thrs = gauss_bracket(s1, s2, 300, k, 0.1, g.dtype)
+    counts = [jnp.sum(keys >= t, axis=1, keepdims=True) for t in thrs]
+    lo, hi, chi = bracket_state(thrs, counts, k, g.dtype)
+    assert bool(jnp.all((lo <= kth) & (kth <= hi))), k
+    np.testing.assert_array_equal(chi, jnp.sum(keys > hi, axis=1, keepdims=True))
