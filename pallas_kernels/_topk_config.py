@@ -28,8 +28,9 @@ class TopKConfig:
   # costs one block reduction (pieces: one per piece and threshold). 0: pieces.
   chunk: int = 0
   # > 0: the search starts from the row's K-th value as a Gaussian with the row's mean and
-  # variance would have it, +- this many standard deviations, checked by one counting pass
-  # (`_topk_count.gauss_bracket`); a miss leaves the open side to search. 0: the whole range.
+  # variance would have it, +- this many (and 5x as many) standard deviations, checked by one
+  # counting pass (`_topk_count.gauss_bracket`); a miss only leaves a wider interval to
+  # search. 0: the whole key range.
   gauss_margin: float = 0.0
   strided: bool = True  # lane i owns column i (+32j): coalesced slot stores (tu.lane_iota)
   # Timing only, wrong results: 'mask_only' (with `compact`) runs the bitmask kernel alone.

@@ -5,13 +5,15 @@ only the K-th largest value per row is needed. Each program holds R rows on chip
 order-preserving keys (the only per-element state kept across the search), in power-of-two
 chunks that cover F with at most `granule` padded lanes, and:
 
-1. searches the dtype's whole key range for the K-th largest key, `fan` thresholds per
-   counting pass (1: bisection; 2: ternary; 3: radix 4); with `chunk`, equal chunks are
-   summed lane-wise and two thresholds share one int32, so a pass ends in one block
-   reduction (`_topk_count.packed_counts`);
+1. searches for the K-th largest key, `fan` thresholds per counting pass (1: bisection;
+   2: ternary; 3: radix 4), over the dtype's whole key range or, with `gauss_margin`, from
+   the interval a checked Gaussian guess puts it in (`_topk_count.gauss_bracket`); with
+   `chunk`, equal chunks are summed lane-wise and two thresholds share one int32, so a pass
+   ends in one block reduction (`_topk_count.packed_counts`);
 2. one packed prefix sum per chunk (count of `> v` in the low 16 bits, of `== v` in the high)
    gives each selected element its output slot: ties at v go to the lowest channels. G is
-   re-read (from L1/L2) for the values rather than kept in registers.
+   re-read (from L1/L2) for the values rather than kept in registers. Callers that keep
+   only the mask (`slots=False`) resolve ties from per-chunk counts instead (`_tie_masks`).
 
 Counting runs on the fp32 pipe for 16-bit keys (`sub.sat.f32` + add; keys are exact small
 integers in fp32), on integer compares for fp32 inputs. Channels >= num_valid are treated as
