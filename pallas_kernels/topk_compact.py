@@ -41,7 +41,10 @@ WORD_GRANULE = 16  # words per compaction chunk at least (512 channels)
 
 def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = False) -> None:
   """Pack sel (..., W) into words along its last axis (32 consecutive channels each)."""
-  if ballot and sel.ndim == 2 and sel.shape[-1] >= WORD:  # else lanes may repeat in a warp
+  # One row of >= 32 channels: Triton's blocked layout puts a warp's 32 lanes on 32 consecutive
+  # channels. With 2+ rows it interleaves rows across lanes (threadsPerWarp [2, 16], order
+  # [0, 1], read from the TTGIR), and narrower blocks repeat lanes: no ballot there.
+  if ballot and sel.ndim == 2 and sel.shape[0] == 1 and sel.shape[-1] >= WORD:
     return _store_words_ballot(m_ref, rows_b, cols_b, sel, t=t, f=f)
   w = sel.shape[-1]
   shape = (*sel.shape[:-1], w // WORD, WORD)
@@ -54,7 +57,7 @@ def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = F
 
 
 def _store_words_ballot(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
-  """GPU: each warp's 32 lanes hold 32 consecutive channels of an (R, W) block (one element
+  """GPU: each warp's 32 lanes hold 32 consecutive channels of a (1, W) block (one element
   per thread per repetition, `tu.lane_iota`), so one `vote.ballot` per element gives the
   word, and the lane holding channel 32w stores it: no reshape, no layout conversion through
   shared memory. The GPU tests compare the words with the reference bit for bit."""

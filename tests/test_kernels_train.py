@@ -200,6 +200,7 @@ def test_forward_uint16_indices():
     (2816, 512, 2736, None),
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, fan=2)),
     (1408, 256, 1376, TopKConfig(compact=True)),
+    (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, rows=2, gauss_margin=0.1)),  # no ballot
   ],
 )
 def test_gpu_real_sizes(f, k, nv, cfg):
