@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 ABLATIONS = ("", "mask_only")
-MASK_PASSES = ("ballot", "cut", "scan")
+MASK_PASSES = ("ballot", "ballot_each", "cut", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,8 @@ class TopKConfig:
   apply_mode: str = "row"  # 'row' | 'pipeline' | 'block' (moc_train_mask.StreamConfig)
   # The bitmask kernel's final pass: 'scan' (a prefix sum per chunk, as for slots), 'cut' (ties
   # resolved from per-chunk counts; a prefix sum only where the cut falls), 'ballot' ('cut',
-  # words by warp ballot on the GPU; as 'cut' in interpret mode or without `strided`).
+  # words by warp ballot on the GPU; as 'cut' in interpret mode or without `strided`),
+  # 'ballot_each' ('ballot' with one count reduction per chunk: fewer registers; untimed).
   mask_pass: str = "ballot"
 
   def __post_init__(self):

@@ -91,7 +91,7 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
     _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f, ballot=ballot)
 
   # The ballot needs lane i of a warp on channel 32w + i (`strided`) and a GPU.
-  ballot = cfg.mask_pass == "ballot" and cfg.strided and not interpret
+  ballot = cfg.mask_pass.startswith("ballot") and cfg.strided and not interpret
 
   topk.select_rows(
     g_ref,

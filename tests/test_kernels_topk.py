@@ -99,15 +99,15 @@ def test_compact(f, k, config):
   _assert_same(g, k, "moc", config=config)
 
 
-@pytest.mark.parametrize("gauss", [0.0, 0.1])
+@pytest.mark.parametrize(("gauss", "mask_pass"), [(0.0, "ballot"), (0.1, "ballot_each")])
 @pytest.mark.parametrize("k", [1, 37, 350, 699, 700])
-def test_mask_ties_across_chunks(k, gauss):
+def test_mask_ties_across_chunks(k, gauss, mask_pass):
   """The bitmask's tie cut (`mask_pass` 'cut'): values in {-2..2}, so the K-th value's ties
   span many 64-wide chunks and the cut lands in any of them; an all-equal row and a row of
   +-0; ragged rows (rows=2, T=5) and a ragged last chunk (F=700)."""
   g = jax.random.randint(_key(k), (5, 700), -2, 3).astype(jnp.bfloat16)
   g = g.at[3].set(1.5).at[4].set(jnp.where(jnp.arange(700) % 2 == 0, -0.0, 0.0))
-  cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss)
+  cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss, mask_pass=mask_pass)
   _assert_same(g, k, "moc", config=cfg)
 
 
