@@ -28,17 +28,18 @@ from pallas_kernels import topk_compact
 from pallas_kernels._topk_config import TopKConfig
 from pallas_kernels.reference import GROUP, PER_GROUP
 
-STREAM_MODES = ("row", "pipeline", "block")
+STREAM_MODES = ("row", "block")
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
   """How a streaming pass walks the bitmask: `words` per block (32 channels each; 0: the
   row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
-  'row' (one program per row, each block loaded, computed and stored in turn), 'pipeline'
-  (one per row, the next block's loads issued before this block's stores) or 'block' (one
-  program per block: grid (T, blocks)). On the H200 'pipeline' won nowhere (forward 319 vs
-  305 us for 'row', backward 370 vs 345 for 'block': stream_sweep_h200_20261203b.json)."""
+  'row' (one program per row, each block loaded, computed and stored in turn) or 'block' (one
+  program per block: grid (T, blocks)). Walks that lost on the H200 and were removed: every
+  block's loads first ('prefetch', code at 3b714b8) and the next block's loads ahead of this
+  block's stores ('pipeline': forward 319 vs 305 us for 'row', backward 370 vs 345 for
+  'block', stream_sweep_h200_20261203b.json; code at 3c9c317)."""
 
   words: int = 32
   warps: int = 4
@@ -60,22 +61,11 @@ class StreamConfig:
     return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
 
   def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
-    """finish(block, load(block)) for each block, in order; 'pipeline' issues the next
-    block's loads before this block's finish (computes and stores). Blocks are made as they
-    are needed: making them all first (a list) kept every block's indices live, and the row
-    walk ran 489 us instead of 321 (stream_sweep_h200_20261203.json)."""
-    blocks = iter(self.blocks(m_ref, t=t, f=f))
-    if self.mode != "pipeline":
-      for block in blocks:
-        finish(block, load(block))
-      return
-    block = next(blocks)
-    loaded = load(block)
-    for upcoming in blocks:
-      loaded_next = load(upcoming)
-      finish(block, loaded)
-      block, loaded = upcoming, loaded_next
-    finish(block, loaded)
+    """finish(block, load(block)) for each block, in order. Blocks are made as they are
+    needed: making them all first (a list) kept every block's indices live, and the row walk
+    ran 489 us instead of 321 (stream_sweep_h200_20261203.json)."""
+    for block in self.blocks(m_ref, t=t, f=f):
+      finish(block, load(block))
 
 
 # The H200 at the 1B layer shape (stream_sweep_h200_20261203b.json): one program per 512 channels,

@@ -136,8 +136,8 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.bfloat16, 2, 72, 1, True, 61, True, ("row", 4)),  # K = 1
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, False, ("row", 4)),
     # The other walks: the next block's loads first, or one program per block of words.
-    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("pipeline", 8)),
-    ("moc", jnp.float32, 2, 200, 100, True, None, False, ("pipeline", 0)),  # row pieces
+    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("row", 8)),
+    ("moc", jnp.float32, 2, 200, 100, True, None, False, ("row", 0)),  # row pieces
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
     ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
