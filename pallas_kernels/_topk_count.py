@@ -42,6 +42,25 @@ def ge_ones(ckey, thr, mode: str):
   return jnp.clip(ckey - c, 0.0, 1.0)
 
 
+def packed_sums(lanes: list, bits: int) -> list:
+  """Per row, the sum of each (R, W) int32 array ((R, 1) int32), each sum < 2**bits: arrays of
+  one shape next to each other share an int32 in bits-wide fields, so 32 // bits of them cost
+  one block reduction."""
+  out, i = [], 0
+  while i < len(lanes):
+    group = [lanes[i]]
+    while len(group) < 32 // bits and i + len(group) < len(lanes):
+      if lanes[i + len(group)].shape != lanes[i].shape:
+        break
+      group.append(lanes[i + len(group)])
+    packed = sum(jnp.left_shift(a, j * bits) for j, a in enumerate(group))
+    total = jnp.sum(packed, axis=1, keepdims=True)
+    mask = (1 << bits) - 1
+    out += [lax.shift_right_logical(total, j * bits) & mask for j in range(len(group))]
+    i += len(group)
+  return out
+
+
 def packed_counts(ckeys: list, thrs: tuple, mode: str) -> list:
   """Per row, the number of keys >= each thr ((R, 1) int32), from equal-width chunks: the
   chunks are summed lane-wise, then two thresholds share an int32 (16 bits each: counts are
@@ -52,14 +71,7 @@ def packed_counts(ckeys: list, thrs: tuple, mode: str) -> list:
     for ckey in ckeys[1:]:
       acc = acc + ge_ones(ckey, thr, mode)
     lanes.append(acc.astype(jnp.int32))
-  out = []
-  for i in range(0, len(lanes), 2):
-    if i + 1 == len(lanes):
-      out.append(jnp.sum(lanes[i], axis=1, keepdims=True))
-      continue
-    total = jnp.sum(lanes[i] + jnp.left_shift(lanes[i + 1], 16), axis=1, keepdims=True)
-    out += [total & 0xFFFF, lax.shift_right_logical(total, 16)]
-  return out
+  return packed_sums(lanes, 16)
 
 
 def bisect_step(state, count_ge: Callable, k: int):
