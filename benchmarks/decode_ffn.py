@@ -159,10 +159,10 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   rows_down = replace(new, dense_down="rows")
   # the select before 2026-12-03 (radix steps on one program, 256-lane chunks at d <= 2048)
   own_select = replace(moc_cfg, topk=None, select_chunk=256 if d <= 2048 else 0)
-  gauss = (
+  no_gauss = (
     moc_cfg
     if moc_cfg.topk is None
-    else replace(moc_cfg, topk=replace(moc_cfg.topk, gauss_margin=0.1))
+    else replace(moc_cfg, topk=replace(moc_cfg.topk, gauss_margin=0.0))
   )
   moc = lambda c: (
     lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
@@ -182,7 +182,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[own_select]": (moc(own_select), own_select),
-      "moc_kernel[gauss]": (moc(gauss), gauss),  # the top-K search from a Gaussian guess
+      "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
   k = moc.effective_k(model.cfg.k, model.cfg.d_ff, model.cfg.ffn)
   layers: list[list] = [[] for _ in model.blocks]
   for batch in evaluate.validation_batches(cfg, tokenizer, args.batches):
-    _, sown = nnx.capture(channel_usage._forward, nnx.Intermediate)(
+    _, sown = nnx.capture(channel_usage.forward, nnx.Intermediate)(
       model, batch, cfg.model.document_mask
     )
     real = np.asarray(batch["weights"]).reshape(-1) > 0

@@ -35,11 +35,6 @@ SC = moc_train_mask.StreamConfig
 VARIANTS: dict[str, SC] = {
   "row_w32": SC(32, 4, "row"),  # the forward's default
   "block_w16": SC(16, 4, "block"),  # the backward's default
-  # Not yet timed: one block's loads in flight ahead (the row walk waits on its loads: L1TEX
-  # scoreboard stalls were 43% of the forward pass's in Nsight Compute, 2026-12-01).
-  "pipeline_w32": SC(32, 4, "pipeline"),
-  "pipeline_w16": SC(16, 4, "pipeline"),
-  "pipeline_w16_a8": SC(16, 8, "pipeline"),
   "row_w16": SC(16, 4, "row"),
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
@@ -48,19 +43,20 @@ VARIANTS: dict[str, SC] = {
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
 }
 _FWD = moc_train.FORWARD_DEFAULT
-# The selection bitmask kernel's final pass and search; each must give the first one's words.
-# 8 warps, 1024-wide chunks lost everywhere in stream_sweep_h200_20261203c.json (dropped).
+# The selection bitmask kernel's final pass and search, each as a change to the forward's
+# default; each must give the first one's words. 8 warps and 1024-wide chunks lost everywhere
+# in stream_sweep_h200_20261203c.json (dropped).
 SELECTIONS: dict[str, TopKConfig] = {
-  "mask_scan": dataclasses.replace(_FWD, mask_pass="scan"),  # a prefix sum per chunk (old)
+  # before 2026-12-03: a prefix sum per chunk, the search over all keys
+  "mask_scan": dataclasses.replace(_FWD, mask_pass="scan", gauss_margin=0.0),
   "mask_cut": dataclasses.replace(_FWD, mask_pass="cut"),
-  "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),
-  "mask_ballot_t": dataclasses.replace(_FWD, mask_pass="ballot", fan=2),
-  "mask_ballot_g05": dataclasses.replace(_FWD, gauss_margin=0.05),  # a checked Gaussian guess
-  "mask_ballot_g1": dataclasses.replace(_FWD, gauss_margin=0.1),
+  "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),  # the default
+  "mask_ballot_all_keys": dataclasses.replace(_FWD, gauss_margin=0.0),
+  "mask_ballot_t": dataclasses.replace(_FWD, fan=2),
+  "mask_ballot_g05": dataclasses.replace(_FWD, gauss_margin=0.05),
   "mask_ballot_g25": dataclasses.replace(_FWD, gauss_margin=0.25),
-  "mask_ballot_t_g1": dataclasses.replace(_FWD, fan=2, gauss_margin=0.1),
   # not yet timed: a count reduction per chunk, 128 instead of 158 registers (4 programs/SM)
-  "mask_ballot_each_g1": dataclasses.replace(_FWD, mask_pass="ballot_each", gauss_margin=0.1),
+  "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
 }
 SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
 TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}

@@ -52,7 +52,8 @@ def channel_counts(
   return jnp.sum(mask_TxF[:, :d_ff] & real_T[:, None], axis=0, dtype=jnp.int32)
 
 
-def _forward(model, batch: dict, document_mask: bool) -> jax.Array:
+def forward(model, batch: dict, document_mask: bool) -> jax.Array:
+  """The model on one batch, as the trainer calls it (with or without document masking)."""
   if document_mask:
     return model(batch["inputs"], batch["positions"], batch["segment_ids"])
   return model(batch["inputs"])
@@ -64,7 +65,7 @@ def make_usage_step(graphdef, cfg: ModelConfig, *, document_mask: bool):
 
   def step(params, batch):
     model = nnx.merge(graphdef, params)
-    _, sown = nnx.capture(_forward, nnx.Intermediate)(model, batch, document_mask)
+    _, sown = nnx.capture(forward, nnx.Intermediate)(model, batch, document_mask)
     counts = [
       channel_counts(
         sown["blocks"][i]["ffn"]["ffn_input"].get_value()[0], block.ffn, batch["weights"], cfg
