@@ -57,6 +57,9 @@ PHASES = {
   # the list pipeline selecting with the training top-K kernel (DecodeConfig.topk)
   "topk": (1, ALL, frozenset({"topk"})),
   "topk4": (4, FIRST, frozenset({"topk"})),
+  # one token in one kernel (pipeline='fused') vs the list pipeline and our dense kernels
+  "fused": (1, ALL, frozenset({"fused"})),
+  "fusedsweep": (1, FIRST, frozenset({"fusedsweep"})),
 }
 
 
@@ -199,6 +202,24 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("own,chunk256", replace(own_select, select_chunk=256)),
       ("own,chunk512,radix4", replace(own_select, select_chunk=512, select_radix_bits=4)),
       ("own,chunk512,sel8w", replace(own_select, select_chunk=512, select_warps=8)),
+    ):
+      out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  fused = replace(moc_cfg, pipeline="fused")
+  if "fused" in kinds:
+    out["dense_kernel[new]"] = (dense(new), new)
+    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+    out["moc_kernel[fused]"] = (moc(fused), fused)
+    split = replace(fused, fused_barrier=False)  # the same phases as two kernels
+    out["moc_kernel[fused,split]"] = (moc(split), split)
+  if "fusedsweep" in kinds:  # one knob each
+    for tag, c in (
+      ("fused,w4", replace(fused, fused_warps=4)),
+      ("fused,w16", replace(fused, fused_warps=16)),
+      ("fused,rows4", replace(fused, list_rows=4)),
+      ("fused,bd128", replace(fused, fused_block_d=128)),
+      ("fused,st3", replace(fused, fused_stages=3)),
+      ("fused,c512", replace(fused, topk=replace(fused.topk, chunk=512))),
+      ("fused,p64", replace(fused, fused_programs=64)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "topk" in kinds:

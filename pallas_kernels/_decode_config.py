@@ -11,7 +11,7 @@ import dataclasses
 
 from pallas_kernels._topk_config import TopKConfig
 
-PIPELINES = ("mask", "list")
+PIPELINES = ("mask", "list", "fused")
 DENSE_DOWNS = ("rows", "gemv")
 
 
@@ -65,14 +65,22 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
+  # pipeline='fused' (one token, variant 'moc'; `_decode_fused`): one kernel with a grid barrier
+  # between the gate GEMV and the select + rows (False: the same phases as two kernels), its
+  # warps and software-pipelining stages; list_rows, list_block_d and topk apply as for 'list'
+  fused_barrier: bool = True
+  fused_warps: int = 8
+  fused_stages: int = 4
+  fused_block_d: int = 64  # gate GEMV rows per step (the column block and splits are planned)
+  fused_programs: int = 0  # the grid's bound; 0: the GPU's SM count (132 in interpret mode)
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
       raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
     if self.dense_down not in DENSE_DOWNS:
       raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
-    if self.topk is not None and self.pipeline != "list":
-      raise ValueError("DecodeConfig.topk selects for the list pipeline; set pipeline='list'")
+    if self.topk is not None and self.pipeline == "mask":
+      raise ValueError("DecodeConfig.topk selects for the list or fused pipelines, not 'mask'")
 
 
 def cdiv(a: int, b: int) -> int:
