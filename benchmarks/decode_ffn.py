@@ -211,6 +211,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out["moc_kernel[fused]"] = (moc(fused), fused)
     split = replace(fused, fused_barrier=False)  # the same phases as two kernels
     out["moc_kernel[fused,split]"] = (moc(split), split)
+    reduce = replace(fused, fused_reduce=True)  # partial y summed in the kernel
+    out["moc_kernel[fused,reduce]"] = (moc(reduce), reduce)
   if "fusedsweep" in kinds:  # one knob each
     for tag, c in (
       ("fused,w4", replace(fused, fused_warps=4)),

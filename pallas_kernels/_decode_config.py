@@ -72,6 +72,8 @@ class DecodeConfig:
   fused_warps: int = 8
   fused_stages: int = 4
   fused_block_d: int = 64  # gate GEMV rows per step (the column block and splits are planned)
+  # fused: the programs sum the partial y themselves after a second barrier (else XLA does)
+  fused_reduce: bool = False
   fused_programs: int = 0  # the grid's bound; 0: the GPU's SM count (132 in interpret mode)
 
   def __post_init__(self):

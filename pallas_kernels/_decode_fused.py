@@ -199,29 +199,61 @@ def _rows_phase(
 # --- the kernels ------------------------------------------------------------------------------
 
 
-def _fused_kernel(x_ref, wg_ref, wu_ref, wd_ref, cnt_in, gp_ref, y_ref, cnt_ref, *, gate, rows):
+def _arrive(cnt_ref, slot: int) -> None:
+  plgpu.debug_barrier()  # every thread's stores of this program precede its count
+  plgpu.atomic_add(cnt_ref, (jnp.int32(slot),), jnp.int32(1))
+
+
+def _wait(cnt_ref, slot: int, count: int) -> None:
+  """Spin until `count` programs arrived at counter `slot` (acq_rel atomics: their stores are
+  visible after it)."""
+
+  def poll(seen):
+    del seen
+    return plgpu.atomic_add(cnt_ref, (jnp.int32(slot),), jnp.int32(0))
+
+  lax.while_loop(lambda seen: seen < count, poll, jnp.int32(0))
+
+
+def _sum_partials(y_parts_ref, y_ref, *, parts: int, width: int, d_model: int) -> None:
+  """y[cols] = the fp32 sum over `parts` partial rows, in index order, for this program's
+  `width` columns; cast to y's dtype."""
+  c0 = pl.program_id(0) * width
+  cols = c0 + jnp.arange(width, dtype=I32)
+  rows = jnp.arange(pow2_at_least(parts), dtype=I32)
+  r_b = jnp.broadcast_to(rows[:, None], (rows.shape[0], width))
+  c_b = jnp.broadcast_to(cols[None, :], r_b.shape)
+  part = plgpu.load(y_parts_ref.at[r_b, c_b], mask=(r_b < parts) & (c_b < d_model), other=0)
+  plgpu.store(
+    y_ref.at[jnp.int32(0), pl.ds(c0, width)],
+    jnp.sum(part, axis=0).astype(y_ref.dtype),
+    mask=cols < d_model,
+  )
+
+
+def _fused_kernel(
+  x_ref, wg_ref, wu_ref, wd_ref, cnt_in, gp_ref, y_parts_ref, cnt_ref, *y_out, gate, rows, reduce
+):
   del cnt_in  # aliased to cnt_ref (zeros)
   pl_ = gate["pl_"]
   p = pl.program_id(0)
   _gate_partials(x_ref, wg_ref, gp_ref, **gate)
   arrivals = min(pl_.items, pl_.programs)  # programs with gate items
-
-  @pl.when(p < arrivals)
-  def _():
-    plgpu.debug_barrier()  # this program's partial stores precede its count
-    plgpu.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(1))
+  pl.when(p < arrivals)(lambda: _arrive(cnt_ref, 0))
 
   @pl.when(p < pl_.row_programs)
   def _():
-    def waiting(seen):
-      return seen < arrivals
+    _wait(cnt_ref, 0, arrivals)
+    _rows_phase(x_ref, gp_ref, wu_ref, wd_ref, y_parts_ref, **rows)
+    if reduce:
+      _arrive(cnt_ref, 1)
 
-    def poll(seen):
-      del seen
-      return plgpu.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(0))
+  if reduce:
 
-    lax.while_loop(waiting, poll, jnp.int32(0))
-    _rows_phase(x_ref, gp_ref, wu_ref, wd_ref, y_ref, **rows)
+    @pl.when(p * reduce["width"] < reduce["d_model"])
+    def _():
+      _wait(cnt_ref, 1, pl_.row_programs)
+      _sum_partials(y_parts_ref, y_out[0], parts=pl_.row_programs, **reduce)
 
 
 def _gate_kernel(x_ref, wg_ref, gp_ref, *, gate):
@@ -273,15 +305,23 @@ def fused_ffn(
   y_shape = jax.ShapeDtypeStruct((pl_.row_programs, d_model), F32)
   params = None if interpret else tu.compiler_params(cfg.fused_warps, cfg.fused_stages)
   if barrier:
-    _, y_parts, _ = pl.pallas_call(
-      functools.partial(_fused_kernel, gate=gate, rows=rows),
-      out_shape=(gp_shape, y_shape, jax.ShapeDtypeStruct((1,), I32)),
-      grid=(pl_.programs,),
+    width = pow2_at_least(cdiv(d_model, pl_.programs))  # columns each program sums
+    reduce = dict(width=width, d_model=d_model) if cfg.fused_reduce else None
+    out_shape = [gp_shape, y_shape, jax.ShapeDtypeStruct((2,), I32)]
+    if reduce:
+      out_shape.append(jax.ShapeDtypeStruct(x_1xD.shape, x_1xD.dtype))
+    out = pl.pallas_call(
+      functools.partial(_fused_kernel, gate=gate, rows=rows, reduce=reduce),
+      out_shape=tuple(out_shape),
+      grid=(max(pl_.programs, cdiv(d_model, width) if reduce else 0),),
       input_output_aliases={4: 2},
       compiler_params=params,
       interpret=interpret,
       name="decode_fused",
-    )(x_1xD, w_gate_DxF, w_up_FxD, w_down_FxD, jnp.zeros((1,), I32))
+    )(x_1xD, w_gate_DxF, w_up_FxD, w_down_FxD, jnp.zeros((2,), I32))
+    if reduce:
+      return out[3]
+    y_parts = out[1]
   else:
     gp = pl.pallas_call(
       functools.partial(_gate_kernel, gate=gate),

@@ -257,19 +257,24 @@ def test_fused_lowers_for_cuda(monkeypatch):
     jax.ShapeDtypeStruct(s, jnp.bfloat16)
     for s in ((1, 2048), (2048, 5464), (5464, 2048), (5464, 2048))
   ]
-  fn = functools.partial(_decode_fused.fused_ffn, k=1024, cfg=cfg, interpret=False)
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 1
+  for reduce in (False, True):  # the partial y summed by XLA or by the kernel itself
+    c = dataclasses.replace(cfg, fused_reduce=reduce)
+    fn = functools.partial(_decode_fused.fused_ffn, k=1024, cfg=c, interpret=False)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("d_model", "d_ff", "k"), [(2048, 5464, 1024), (4096, 14336, 2048)])
-@pytest.mark.parametrize("barrier", [True, False])
-def test_fused_gpu_real_size(d_model, d_ff, k, barrier):
+@pytest.mark.parametrize("mode", ["barrier", "reduce", "split"])
+def test_fused_gpu_real_size(d_model, d_ff, k, mode):
   """The fused decode compiled at real decode shapes: exact selection (fp32, integer gates with
   ties), bf16 within rounding, and the same bits on a second run (no order-dependent sums)."""
   cfg = dataclasses.replace(
-    moc_decode.moc_config(1, d_model, d_ff), pipeline="fused", fused_barrier=barrier
+    moc_decode.moc_config(1, d_model, d_ff),
+    pipeline="fused",
+    fused_barrier=mode != "split",
+    fused_reduce=mode == "reduce",
   )
   for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
     seed = _seed()
