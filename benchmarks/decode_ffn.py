@@ -60,6 +60,8 @@ PHASES = {
   # one token in one kernel (pipeline='fused') vs the list pipeline and our dense kernels
   "fused": (1, ALL, frozenset({"fused"})),
   "fusedsweep": (1, FIRST, frozenset({"fusedsweep"})),
+  # where the fused kernel's time goes (ablations), beside the list pipeline's stages
+  "fusedprobe": (1, slice(0, 2), frozenset({"fusedprobe"})),
 }
 
 
@@ -213,6 +215,17 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out["moc_kernel[fused,split]"] = (moc(split), split)
     reduce = replace(fused, fused_reduce=True)  # partial y summed in the kernel
     out["moc_kernel[fused,reduce]"] = (moc(reduce), reduce)
+  if "fusedprobe" in kinds:
+    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+    i = tu.default_interpret(interp)
+    g = lambda x, wg: moc_decode._decode_gemv.split_k_linear(x, wg, moc_cfg, x.dtype, i)
+    out["stage:gate[default]"] = (lambda x, wg, wu, wut, wd: g(x, wg), moc_cfg)
+    sel = lambda x, wg: topk.select(g(x, wg), k, variant, config=moc_cfg.topk, interpret=i)[1]
+    out["stage:gate+select[default]"] = (lambda x, wg, wu, wut, wd: sel(x, wg), moc_cfg)
+    out["moc_kernel[fused]"] = (moc(fused), fused)
+    for ab in ("gate", "search", "entries"):  # timing only: wrong results
+      c = replace(fused, fused_ablate=ab)
+      out[f"stage:fused_until_{ab}"] = (moc(c), c)
   if "fusedsweep" in kinds:  # one knob each
     for tag, c in (
       ("fused,w4", replace(fused, fused_warps=4)),

@@ -74,13 +74,18 @@ class DecodeConfig:
   fused_block_d: int = 64  # gate GEMV rows per step (the column block and splits are planned)
   # fused: the programs sum the partial y themselves after a second barrier (else XLA does)
   fused_reduce: bool = False
-  fused_programs: int = 0  # the grid's bound; 0: the GPU's SM count (132 in interpret mode)
+  fused_programs: int = 0
+  # timing only, wrong results: stop after the gate GEMV ('gate'), the K-th key ('search') or
+  # the list entries ('entries')
+  fused_ablate: str = ""  # the grid's bound; 0: the GPU's SM count (132 in interpret mode)
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
       raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
     if self.dense_down not in DENSE_DOWNS:
       raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
+    if self.fused_ablate not in ("", "gate", "search", "entries"):
+      raise ValueError(f"unknown fused_ablate {self.fused_ablate!r}")
     if self.topk is not None and self.pipeline == "mask":
       raise ValueError("DecodeConfig.topk selects for the list or fused pipelines, not 'mask'")
 

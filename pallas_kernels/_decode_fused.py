@@ -171,9 +171,15 @@ def _rows_phase(
   rows,
   block_d,
   interpret,
+  ablate,
 ):
   p = pl.program_id(0)
   dtype = x_ref.dtype
+  blocks = _decode_list.column_blocks(d_model, block_d)
+  ys = tuple(jnp.zeros((w,), F32) for _, w in blocks)
+  if ablate == "gate":  # timing only: phases 1-2
+    _decode_list.store_y_blocks(y_ref, (p,), ys, blocks, d_model)
+    return
 
   def load(rows_b, cols_b, valid):  # G = the sum of the split partials, in x's dtype
     g = jnp.zeros(cols_b.shape, F32)
@@ -184,13 +190,19 @@ def _rows_phase(
 
   row_r1 = jnp.zeros((1, 1), I32)
   found = topk.search_rows(load, row_r1, dtype, t=1, f=d_ff, k=k, cfg=topk_cfg, interpret=interpret)
-  blocks = _decode_list.column_blocks(d_model, block_d)
+  if ablate == "search":  # timing only: phases 1-3 up to the K-th key
+    v = jnp.sum(found.v.astype(F32) + found.need.astype(F32))
+    ys = tuple(y + v for y in ys)
+    _decode_list.store_y_blocks(y_ref, (p,), ys, blocks, d_model)
+    return
   xs = _decode_list.load_x_blocks(x_ref, jnp.int32(0), blocks, d_model)
-  ys = tuple(jnp.zeros((w,), F32) for _, w in blocks)
   step = functools.partial(_decode_list.rows_step, blocks=blocks, d_model=d_model, z_dtype=dtype)
   for j in range(pl_.entries // rows):
     w0 = p * pl_.entries + j * rows
     idx, g = _entries(found, w0, rows, dtype)
+    if ablate == "entries":  # timing only: phase 3 without the rows
+      ys = tuple(y + jnp.sum(idx.astype(F32) + g) for y in ys)
+      continue
     ok = w0 + jnp.arange(rows, dtype=I32) < k
     ys = step(idx, tu.silu(g), ok, xs, ys, wu_ref, wd_ref)
   _decode_list.store_y_blocks(y_ref, (p,), ys, blocks, d_model)
@@ -300,6 +312,7 @@ def fused_ffn(
     rows=min(cfg.list_rows, pl_.entries),
     block_d=min(cfg.list_block_d, pow2_at_least(d_model)),
     interpret=interpret,
+    ablate=cfg.fused_ablate,
   )
   gp_shape = jax.ShapeDtypeStruct((pl_.splits, 1, cdiv(d_ff, pl_.block_f) * pl_.block_f), F32)
   y_shape = jax.ShapeDtypeStruct((pl_.row_programs, d_model), F32)
