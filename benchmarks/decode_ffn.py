@@ -60,6 +60,7 @@ PHASES = {
   # one token in one kernel (pipeline='fused') vs the list pipeline and our dense kernels
   "fused": (1, ALL, frozenset({"fused"})),
   "fusedsweep": (1, FIRST, frozenset({"fusedsweep"})),
+  "fused2": (1, slice(0, 2), frozenset({"fused2"})),  # the fused rows that matter, two shapes
   # where the fused kernel's time goes (ablations), beside the list pipeline's stages
   "fusedprobe": (1, slice(0, 2), frozenset({"fusedprobe"})),
 }
@@ -215,6 +216,11 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out["moc_kernel[fused,split]"] = (moc(split), split)
     reduce = replace(fused, fused_reduce=True)  # partial y summed in the kernel
     out["moc_kernel[fused,reduce]"] = (moc(reduce), reduce)
+  if "fused2" in kinds:
+    out["dense_kernel[new]"] = (dense(new), new)
+    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+    out["moc_kernel[fused]"] = (moc(fused), fused)
+    out["moc_kernel[fused,rows4]"] = (moc(replace(fused, list_rows=4)), replace(fused, list_rows=4))
   if "fusedprobe" in kinds:
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
     i = tu.default_interpret(interp)

@@ -32,6 +32,7 @@ from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, cdiv, pow2_at_least
 from pallas_kernels._decode_gemv import load_x, precision_for, tf_ref
 from pallas_kernels._topk_config import TopKConfig
+from pallas_kernels._topk_count import packed_sums
 
 F32 = jnp.float32
 I32 = jnp.int32
@@ -116,44 +117,60 @@ def _gate_partials(x_ref, wg_ref, gp_ref, *, pl_: Plan, d_model, d_ff, block_d, 
 # --- phase 3: the K-th key, this program's list entries, their rows ---------------------------
 
 
-def _entries(found: topk.Found, w0, n: int, dtype):
-  """Channels and G values of entries [w0, w0 + n) of the sorted selection ((n,) each; zeros
-  past the selection). Per-chunk counts place the entries; only chunks holding some of them
-  run a prefix sum (behind a branch)."""
-  packs = [
-    (ck > found.v).astype(I32) + jnp.left_shift((ck == found.v).astype(I32), 16)
-    for ck in found.ckeys
-  ]
-  totals = [jnp.sum(pk, axis=1, keepdims=True) for pk in packs]  # (gt, eq << 16) per chunk
-  slot_n1 = jnp.arange(n, dtype=I32)[:, None]
-  idx, val = jnp.zeros((n,), I32), jnp.zeros((n,), F32)
-  carry = jnp.zeros((1, 1), I32)
-  for ck, pk, tot, (off, w) in zip(found.ckeys, packs, totals, found.chunks, strict=True):
-    eq_before = lax.shift_right_logical(carry, 16)
-    kept_eq = jnp.clip(found.need - eq_before, 0, lax.shift_right_logical(tot, 16))
-    first = (carry & 0xFFFF) + jnp.minimum(eq_before, found.need)  # rank of its first pick
-    count = (tot & 0xFFFF) + kept_eq
-    hit = (first < w0 + n) & (first + count > w0)
+def _scatter_chunk(found, c, above, eq, carry, w0, n: int, p, lst_ref, interpret: bool) -> None:
+  """Chunk c's entries in [w0, w0 + n): slots from a packed prefix sum (above in the low 16
+  bits, equal in the high), stored to program p's rows of lst_ref."""
+  programs = lst_ref.shape[0] // 2
+  cum = jnp.cumsum(above + jnp.left_shift(eq, 16), axis=1) + carry
+  rows_b, cols_b, valid = found.locate(*found.chunks[c])
+  sel, pos = topk.selected_slots(cum, above > 0, eq > 0, valid, found.need)
+  slot = pos - w0
+  keep = sel & (slot >= 0) & (slot < n)
+  for j, val in enumerate((cols_b, found.ckeys[c].astype(I32))):
+    row = jnp.full(rows_b.shape, j * programs + p, I32)
+    tu.scatter_store(lst_ref, row, slot, val, keep, interpret)
 
-    def pick(ck=ck, pk=pk, carry=carry, off=off, w=w):
-      cum = jnp.cumsum(pk, axis=1) + carry
-      _, cols_b, valid = found.locate(off, w)
-      sel, pos = topk.selected_slots(cum, ck > found.v, ck == found.v, valid, found.need)
-      one = sel & (pos - w0 == slot_n1)  # (n, W): entry s is this element
-      key = ck.astype(I32)
-      g = tu.key_to_value(key, dtype).astype(F32)
-      return (
-        jnp.sum(jnp.where(one, cols_b, 0), axis=1),
-        jnp.sum(jnp.where(one, g, 0.0), axis=1),
+
+def _place_entries(found: topk.Found, k: int, w0, n: int, lst_ref, interpret: bool) -> None:
+  """Write the channels and keys of entries [w0, w0 + n) of the sorted selection to rows p and
+  P + p of lst_ref ((2P, n) int32; entries past k are not written). Per-chunk counts (packed, two
+  chunks per block reduction) place the entries; only chunks holding some of them run a prefix
+  sum, behind a branch. Without ties to cut (the common case) a key is selected iff >= v and
+  the counts are of those; else the counts are of keys > v and == v, ties to the lowest."""
+  v, need = found.v, found.need
+  bits = max(w for _, w in found.chunks).bit_length()
+  ge = [(ck >= v).astype(I32) for ck in found.ckeys]
+  ge_counts = packed_sums(ge, bits)
+  n_eq = sum(ge_counts) - (k - need)  # keys equal to v
+  p = pl.program_id(0)  # here: interpret mode has no program_id inside a branch
+
+  def place(above: list, equal: list | None, counts: list) -> None:
+    n_chunks = len(above)
+    eq_counts = counts[n_chunks:] if equal else [jnp.zeros_like(need)] * n_chunks
+    before_a, before_e = jnp.zeros_like(need), jnp.zeros_like(need)
+    for c in range(len(found.chunks)):
+      first = before_a + jnp.minimum(before_e, need)  # rank of the chunk's first pick
+      count = counts[c] + jnp.clip(need - before_e, 0, eq_counts[c])
+      hit = (first < w0 + n) & (first + count > w0)
+      eq = equal[c] if equal else jnp.zeros_like(above[c])
+      carry = before_a + jnp.left_shift(before_e, 16)
+      pick = functools.partial(
+        _scatter_chunk, found, c, above[c], eq, carry, w0, n, p, lst_ref, interpret
       )
+      pl.when(jnp.max(hit.astype(I32)) > 0)(pick)
+      before_a, before_e = before_a + counts[c], before_e + eq_counts[c]
 
-    def skip():
-      return jnp.zeros((n,), I32), jnp.zeros((n,), F32)
+  cut = jnp.max((n_eq > need).astype(I32)) > 0
+  pl.when(jnp.logical_not(cut))(lambda: place(ge, None, ge_counts))
 
-    got_i, got_v = lax.cond(jnp.max(hit.astype(I32)) > 0, pick, skip)
-    idx, val = idx + got_i, val + got_v
-    carry = carry + tot
-  return idx, val
+  @pl.when(cut)
+  def _():
+    gt = [(ck > v).astype(I32) for ck in found.ckeys]
+    eq = [(ck == v).astype(I32) for ck in found.ckeys]
+    place(gt, eq, packed_sums(gt + eq, bits))
+
+  if not interpret:
+    plgpu.debug_barrier()  # the list's stores before this program's threads read it
 
 
 def _rows_phase(
@@ -162,6 +179,7 @@ def _rows_phase(
   wu_ref,
   wd_ref,
   y_ref,
+  lst_ref,
   *,
   pl_: Plan,
   k,
@@ -195,15 +213,17 @@ def _rows_phase(
     ys = tuple(y + v for y in ys)
     _decode_list.store_y_blocks(y_ref, (p,), ys, blocks, d_model)
     return
+  _place_entries(found, k, p * pl_.entries, pl_.entries, lst_ref, interpret)
   xs = _decode_list.load_x_blocks(x_ref, jnp.int32(0), blocks, d_model)
   step = functools.partial(_decode_list.rows_step, blocks=blocks, d_model=d_model, z_dtype=dtype)
   for j in range(pl_.entries // rows):
-    w0 = p * pl_.entries + j * rows
-    idx, g = _entries(found, w0, rows, dtype)
+    ok = p * pl_.entries + j * rows + jnp.arange(rows, dtype=I32) < k
+    idx = plgpu.load(lst_ref.at[p, pl.ds(j * rows, rows)], mask=ok, other=0)
+    key = plgpu.load(lst_ref.at[pl_.row_programs + p, pl.ds(j * rows, rows)], mask=ok, other=0)
+    g = tu.key_to_value(key, dtype).astype(F32)
     if ablate == "entries":  # timing only: phase 3 without the rows
       ys = tuple(y + jnp.sum(idx.astype(F32) + g) for y in ys)
       continue
-    ok = w0 + jnp.arange(rows, dtype=I32) < k
     ys = step(idx, tu.silu(g), ok, xs, ys, wu_ref, wd_ref)
   _decode_list.store_y_blocks(y_ref, (p,), ys, blocks, d_model)
 
@@ -244,7 +264,19 @@ def _sum_partials(y_parts_ref, y_ref, *, parts: int, width: int, d_model: int) -
 
 
 def _fused_kernel(
-  x_ref, wg_ref, wu_ref, wd_ref, cnt_in, gp_ref, y_parts_ref, cnt_ref, *y_out, gate, rows, reduce
+  x_ref,
+  wg_ref,
+  wu_ref,
+  wd_ref,
+  cnt_in,
+  gp_ref,
+  y_parts_ref,
+  lst_ref,
+  cnt_ref,
+  *y_out,
+  gate,
+  rows,
+  reduce,
 ):
   del cnt_in  # aliased to cnt_ref (zeros)
   pl_ = gate["pl_"]
@@ -256,7 +288,7 @@ def _fused_kernel(
   @pl.when(p < pl_.row_programs)
   def _():
     _wait(cnt_ref, 0, arrivals)
-    _rows_phase(x_ref, gp_ref, wu_ref, wd_ref, y_parts_ref, **rows)
+    _rows_phase(x_ref, gp_ref, wu_ref, wd_ref, y_parts_ref, lst_ref, **rows)
     if reduce:
       _arrive(cnt_ref, 1)
 
@@ -272,8 +304,8 @@ def _gate_kernel(x_ref, wg_ref, gp_ref, *, gate):
   _gate_partials(x_ref, wg_ref, gp_ref, **gate)
 
 
-def _rows_kernel(x_ref, gp_ref, wu_ref, wd_ref, y_ref, *, rows):
-  _rows_phase(x_ref, gp_ref, wu_ref, wd_ref, y_ref, **rows)
+def _rows_kernel(x_ref, gp_ref, wu_ref, wd_ref, y_ref, lst_ref, *, rows):
+  _rows_phase(x_ref, gp_ref, wu_ref, wd_ref, y_ref, lst_ref, **rows)
 
 
 def fused_ffn(
@@ -316,24 +348,25 @@ def fused_ffn(
   )
   gp_shape = jax.ShapeDtypeStruct((pl_.splits, 1, cdiv(d_ff, pl_.block_f) * pl_.block_f), F32)
   y_shape = jax.ShapeDtypeStruct((pl_.row_programs, d_model), F32)
+  lst_shape = jax.ShapeDtypeStruct((2 * pl_.row_programs, pl_.entries), I32)  # channels, keys
   params = None if interpret else tu.compiler_params(cfg.fused_warps, cfg.fused_stages)
   if barrier:
     width = pow2_at_least(cdiv(d_model, pl_.programs))  # columns each program sums
     reduce = dict(width=width, d_model=d_model) if cfg.fused_reduce else None
-    out_shape = [gp_shape, y_shape, jax.ShapeDtypeStruct((2,), I32)]
+    out_shape = [gp_shape, y_shape, lst_shape, jax.ShapeDtypeStruct((2,), I32)]
     if reduce:
       out_shape.append(jax.ShapeDtypeStruct(x_1xD.shape, x_1xD.dtype))
     out = pl.pallas_call(
       functools.partial(_fused_kernel, gate=gate, rows=rows, reduce=reduce),
       out_shape=tuple(out_shape),
       grid=(max(pl_.programs, cdiv(d_model, width) if reduce else 0),),
-      input_output_aliases={4: 2},
+      input_output_aliases={4: 3},
       compiler_params=params,
       interpret=interpret,
       name="decode_fused",
     )(x_1xD, w_gate_DxF, w_up_FxD, w_down_FxD, jnp.zeros((2,), I32))
     if reduce:
-      return out[3]
+      return out[4]
     y_parts = out[1]
   else:
     gp = pl.pallas_call(
@@ -344,9 +377,9 @@ def fused_ffn(
       interpret=interpret,
       name="decode_fused_gate",
     )(x_1xD, w_gate_DxF)
-    y_parts = pl.pallas_call(
+    y_parts, _ = pl.pallas_call(
       functools.partial(_rows_kernel, rows=rows),
-      out_shape=y_shape,
+      out_shape=(y_shape, lst_shape),
       grid=(pl_.row_programs,),
       compiler_params=params,
       interpret=interpret,
