@@ -5,8 +5,7 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 - time of the prefill alone); medians over trials. Dense runs on its fastest path: the model's
 dense FFN calls XLA (`moc.moc_ffn`), so the script also times dense with the FFN's decode
 swapped for `moc_decode.dense_decode_ffn` (model.py routes dense decode to XLA). MoC runs with
-the default decode config and, as `moc_kernel_mask` / `moc_kernel_fused`, with the mask or the
-one-kernel fused pipeline forced. `no_ffn`
+the default decode config and, as `moc_kernel_mask`, with the mask pipeline forced. `no_ffn`
 returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN speedup.
 
   python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
@@ -113,7 +112,6 @@ def main() -> None:
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
-    "moc_kernel_fused": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
@@ -141,14 +139,8 @@ def main() -> None:
     # moc_kernel / moc_kernel_mask: without this a variant could rerun the previous executable
     jax.clear_caches()
     model.FeedForward.decode = swaps.get(name, original)
-    if name in ("moc_kernel_mask", "moc_kernel_fused"):
-      pipeline = name.rsplit("_", 1)[1]
-
-      def forced(*a, p=pipeline):  # the mask pipeline selects with its own select
-        c = original_cfg(*a)
-        return replace(c, pipeline=p, topk=None if p == "mask" else c.topk)
-
-      moc_decode.moc_config = forced
+    if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
+      moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
     try:
       row = time_generate(m, prompt_len, new, a.trials, a.profile)
     except Exception as e:
@@ -170,7 +162,7 @@ def _summarise(result: dict, out: str) -> None:
     default=0,
   )
   dense = best(("dense_xla", "dense_kernel"))
-  moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask", "moc_kernel_fused"))
+  moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask"))
   result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as fh:

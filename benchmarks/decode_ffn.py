@@ -57,12 +57,6 @@ PHASES = {
   # the list pipeline selecting with the training top-K kernel (DecodeConfig.topk)
   "topk": (1, ALL, frozenset({"topk"})),
   "topk4": (4, FIRST, frozenset({"topk"})),
-  # one token in one kernel (pipeline='fused') vs the list pipeline and our dense kernels
-  "fused": (1, ALL, frozenset({"fused"})),
-  "fusedsweep": (1, FIRST, frozenset({"fusedsweep"})),
-  "fused2": (1, slice(0, 2), frozenset({"fused2"})),  # the fused rows that matter, two shapes
-  # where the fused kernel's time goes (ablations), beside the list pipeline's stages
-  "fusedprobe": (1, slice(0, 2), frozenset({"fusedprobe"})),
 }
 
 
@@ -205,42 +199,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("own,chunk256", replace(own_select, select_chunk=256)),
       ("own,chunk512,radix4", replace(own_select, select_chunk=512, select_radix_bits=4)),
       ("own,chunk512,sel8w", replace(own_select, select_chunk=512, select_warps=8)),
-    ):
-      out[f"moc_kernel[{tag}]"] = (moc(c), c)
-  fused = replace(moc_cfg, pipeline="fused")
-  if "fused" in kinds:
-    out["dense_kernel[new]"] = (dense(new), new)
-    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    out["moc_kernel[fused]"] = (moc(fused), fused)
-    split = replace(fused, fused_barrier=False)  # the same phases as two kernels
-    out["moc_kernel[fused,split]"] = (moc(split), split)
-    reduce = replace(fused, fused_reduce=True)  # partial y summed in the kernel
-    out["moc_kernel[fused,reduce]"] = (moc(reduce), reduce)
-  if "fused2" in kinds:
-    out["dense_kernel[new]"] = (dense(new), new)
-    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    out["moc_kernel[fused]"] = (moc(fused), fused)
-    out["moc_kernel[fused,rows4]"] = (moc(replace(fused, list_rows=4)), replace(fused, list_rows=4))
-  if "fusedprobe" in kinds:
-    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    i = tu.default_interpret(interp)
-    g = lambda x, wg: moc_decode._decode_gemv.split_k_linear(x, wg, moc_cfg, x.dtype, i)
-    out["stage:gate[default]"] = (lambda x, wg, wu, wut, wd: g(x, wg), moc_cfg)
-    sel = lambda x, wg: topk.select(g(x, wg), k, variant, config=moc_cfg.topk, interpret=i)[1]
-    out["stage:gate+select[default]"] = (lambda x, wg, wu, wut, wd: sel(x, wg), moc_cfg)
-    out["moc_kernel[fused]"] = (moc(fused), fused)
-    for ab in ("gate", "search", "entries"):  # timing only: wrong results
-      c = replace(fused, fused_ablate=ab)
-      out[f"stage:fused_until_{ab}"] = (moc(c), c)
-  if "fusedsweep" in kinds:  # one knob each
-    for tag, c in (
-      ("fused,w4", replace(fused, fused_warps=4)),
-      ("fused,w16", replace(fused, fused_warps=16)),
-      ("fused,rows4", replace(fused, list_rows=4)),
-      ("fused,bd128", replace(fused, fused_block_d=128)),
-      ("fused,st3", replace(fused, fused_stages=3)),
-      ("fused,c512", replace(fused, topk=replace(fused.topk, chunk=512))),
-      ("fused,p64", replace(fused, fused_programs=64)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "topk" in kinds:

@@ -1,7 +1,8 @@
 """Tuning parameters of the decode kernels and the defaults that fill an H200 at a shape.
 
 The histogram select over many programs (`select_mode="hist"`) and the in-kernel sum of the
-list partials (`list_reduce="last"`) lost on the H200 and were removed after commit e334f23;
+list partials (`list_reduce="last"`) lost on the H200 and were removed after commit e334f23, the
+one-kernel `pipeline="fused"` (a grid barrier between gate GEMV and select) after ac1793d;
 NOTES_decode.md has their figures.
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 
 from pallas_kernels._topk_config import TopKConfig
 
-PIPELINES = ("mask", "list", "fused")
+PIPELINES = ("mask", "list")
 DENSE_DOWNS = ("rows", "gemv")
 
 
@@ -65,29 +66,14 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
-  # pipeline='fused' (one token, variant 'moc'; `_decode_fused`): one kernel with a grid barrier
-  # between the gate GEMV and the select + rows (False: the same phases as two kernels), its
-  # warps and software-pipelining stages; list_rows, list_block_d and topk apply as for 'list'
-  fused_barrier: bool = True
-  fused_warps: int = 8
-  fused_stages: int = 4
-  fused_block_d: int = 64  # gate GEMV rows per step (the column block and splits are planned)
-  # fused: the programs sum the partial y themselves after a second barrier (else XLA does)
-  fused_reduce: bool = False
-  fused_programs: int = 0
-  # timing only, wrong results: stop after the gate GEMV ('gate'), the K-th key ('search') or
-  # the list entries ('entries')
-  fused_ablate: str = ""  # the grid's bound; 0: the GPU's SM count (132 in interpret mode)
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
       raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
     if self.dense_down not in DENSE_DOWNS:
       raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
-    if self.fused_ablate not in ("", "gate", "search", "entries"):
-      raise ValueError(f"unknown fused_ablate {self.fused_ablate!r}")
-    if self.topk is not None and self.pipeline == "mask":
-      raise ValueError("DecodeConfig.topk selects for the list or fused pipelines, not 'mask'")
+    if self.topk is not None and self.pipeline != "list":
+      raise ValueError("DecodeConfig.topk selects for the list pipeline; set pipeline='list'")
 
 
 def cdiv(a: int, b: int) -> int:

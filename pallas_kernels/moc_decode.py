@@ -11,9 +11,7 @@ MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
   4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
      with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
 With `pipeline="list"` (the default at T <= 4) the select writes per-token channel lists and
-one kernel (`_decode_list.rows_ffn`) does 3 and 4 over the listed rows. `pipeline="fused"` does
-all of it for one token (variant `moc`) in one kernel with a grid barrier (`_decode_fused`);
-other cases under that setting take the list pipeline.
+one kernel (`_decode_list.rows_ffn`) does 3 and 4 over the listed rows.
 Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), then `_down_kernel`.
 """
 
@@ -28,7 +26,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import (
-  _decode_fused,
   _decode_gemv,
   _decode_list,
   _decode_select,
@@ -214,10 +211,6 @@ def decode_ffn(
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
   """Jitted so that every layer's call reuses one trace of the kernels."""
-  if cfg.pipeline == "fused" and variant == "moc" and x_TxD.shape[0] == 1:
-    return _decode_fused.fused_ffn(
-      x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, cfg, interpret=interpret
-    )
   if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
     g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
     idx_TxK, g_TxK = topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)

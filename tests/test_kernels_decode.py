@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _decode_fused, _decode_select, moc_decode, reference, topk
+from pallas_kernels import _decode_select, moc_decode, reference, topk
 
 # Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
 SMALL = moc_decode.DecodeConfig(
@@ -36,8 +36,6 @@ LIST = dataclasses.replace(
 # The list pipeline selecting with the training top-K kernel (G from one D split or summed).
 TOPK = dataclasses.replace(LIST, topk=topk.CHUNKED)
 TOPK_SPLIT1 = dataclasses.replace(TOPK, gemv_splits=1, topk=topk.ONE_BLOCK)
-# One token in one kernel (two in interpret mode): a grid of 8 programs, 4-row list steps.
-FUSED = dataclasses.replace(LIST, pipeline="fused", fused_programs=8, fused_block_d=16)
 
 
 def _seed() -> int:
@@ -108,15 +106,6 @@ def test_select_is_exact_with_ties(variant):
     (2, 136, 34, "moc_2of8", jnp.bfloat16, False, TOPK),
     (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
     (1, 200, 100, "moc", jnp.float32, False, LIST),  # K = F/2
-    (1, 171, 37, "moc", jnp.float32, True, FUSED),  # ties, odd F; 8 programs, 2 list steps each
-    (1, 203, 41, "moc", jnp.bfloat16, False, FUSED),  # the last program holds one entry
-    (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(FUSED, fused_programs=16)),
-    (1, 203, 41, "moc", jnp.float32, True, dataclasses.replace(FUSED, fused_programs=3)),
-    (1, 203, 1, "moc", jnp.float32, True, FUSED),  # K = 1
-    (1, 200, 100, "moc", jnp.float32, False, FUSED),  # K = F/2
-    (1, 203, 41, "moc", jnp.float32, True, dataclasses.replace(FUSED, topk=topk.ONE_BLOCK)),
-    (3, 203, 41, "moc", jnp.bfloat16, False, FUSED),  # more tokens: the list pipeline
-    (1, 136, 34, "moc_2of8", jnp.float32, True, FUSED),  # 2:8: the list pipeline
   ],
 )
 def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integer_gate, cfg):
@@ -230,63 +219,6 @@ def test_select_chunks_lower_for_cuda():
     )
     text = jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
-
-
-@pytest.mark.parametrize(
-  ("d_model", "d_ff", "k"), [(48, 203, 41), (2048, 5464, 1024), (4096, 14336, 2048), (512, 1376, 1)]
-)
-def test_fused_plan(d_model, d_ff, k):
-  """The fused kernel's plan: at most the SM count of programs, every gate item and every
-  selection entry owned by some program, whole GEMV steps per split."""
-  cfg = moc_decode.moc_config(1, d_model, d_ff)
-  for bound in (3, 8, 132):
-    p = _decode_fused.plan(d_model, d_ff, k, bound, cfg)
-    assert max(min(p.items, p.programs), p.row_programs) == p.programs <= bound
-    assert p.items == -(-d_ff // p.block_f) * p.splits
-    assert p.splits * p.d_split >= d_model > (p.splits - 1) * p.d_split
-    assert p.d_split % min(cfg.fused_block_d, 1 << (d_model - 1).bit_length()) == 0
-    assert p.entries & (p.entries - 1) == 0 and p.row_programs * p.entries >= k
-    assert (p.row_programs - 1) * p.entries < k
-
-
-def test_fused_lowers_for_cuda(monkeypatch):
-  """The one-kernel fused decode (barrier and all) lowers to a Triton custom call for CUDA."""
-  monkeypatch.setattr(_decode_fused, "sm_count", lambda: 132)
-  cfg = dataclasses.replace(moc_decode.moc_config(1, 2048, 5464), pipeline="fused")
-  args = [
-    jax.ShapeDtypeStruct(s, jnp.bfloat16)
-    for s in ((1, 2048), (2048, 5464), (5464, 2048), (5464, 2048))
-  ]
-  for reduce in (False, True):  # the partial y summed by XLA or by the kernel itself
-    c = dataclasses.replace(cfg, fused_reduce=reduce)
-    fn = functools.partial(_decode_fused.fused_ffn, k=1024, cfg=c, interpret=False)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("d_model", "d_ff", "k"), [(2048, 5464, 1024), (4096, 14336, 2048)])
-@pytest.mark.parametrize("mode", ["barrier", "reduce", "split"])
-def test_fused_gpu_real_size(d_model, d_ff, k, mode):
-  """The fused decode compiled at real decode shapes: exact selection (fp32, integer gates with
-  ties), bf16 within rounding, and the same bits on a second run (no order-dependent sums)."""
-  cfg = dataclasses.replace(
-    moc_decode.moc_config(1, d_model, d_ff),
-    pipeline="fused",
-    fused_barrier=mode != "split",
-    fused_reduce=mode == "reduce",
-  )
-  for dtype, integer_gate, tol in ((jnp.float32, True, 1e-5), (jnp.bfloat16, False, 3e-2)):
-    seed = _seed()
-    x, wg, wu, wd = _weights(seed, 1, d_model, d_ff, dtype, integer_gate)
-    if integer_gate:
-      x, wg = x * 0.125, wg * 0.125  # still exact: powers of 2
-    y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
-    with jax.default_matmul_precision("highest"):
-      want = reference.decode_ffn(x, wg, wu, wd, k, "moc")
-    assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
-    y2 = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
-    np.testing.assert_array_equal(np.asarray(y2), np.asarray(y), err_msg=f"{seed=} {dtype=}")
 
 
 @pytest.mark.gpu
