@@ -27,55 +27,16 @@ F32 = jnp.float32
 I32 = jnp.int32
 
 
-def column_blocks(d_model: int, block_d: int) -> list[tuple[int, int]]:
-  """(offset, power-of-two width) blocks covering [0, d_model), at most block_d wide."""
-  return [(b, min(block_d, pow2_at_least(d_model - b))) for b in range(0, d_model, block_d)]
-
-
-def load_x_blocks(x_ref, t, blocks, d_model) -> list:
-  """Token t of x as fp32 column blocks."""
-  out = []
-  for b, w in blocks:
-    c = b + jnp.arange(w, dtype=I32)
-    out.append(plgpu.load(x_ref.at[t, pl.ds(jnp.int32(b), w)], mask=c < d_model, other=0))
-  return [v.astype(F32) for v in out]
-
-
-def rows_step(idx, a, ok, xs, ys, wu_ref, wd_ref, *, blocks, d_model, z_dtype) -> tuple:
-  """ys + sum over the (rows,) entries of (a · x Wu^T[idx]) Wd[idx], z rounded to z_dtype as
-  the reference rounds it; the rows of every column block are loaded before any arithmetic."""
-  rows = idx.shape[0]
-  cols = [b + jnp.arange(w, dtype=I32) for b, w in blocks]
-
-  def gather(w_ref):
-    out = []
-    for (_, w), c in zip(blocks, cols, strict=True):
-      r_b = jnp.broadcast_to(idx[:, None], (rows, w))
-      c_b = jnp.broadcast_to(c[None, :], (rows, w))
-      m = jnp.broadcast_to(ok[:, None], (rows, w)) & (c_b < d_model)
-      out.append(plgpu.load(w_ref.at[r_b, c_b], mask=m, other=0))
-    return out
-
-  wu, wd = gather(wu_ref), gather(wd_ref)
-  u = jnp.zeros((rows,), F32)
-  for w, xb in zip(wu, xs, strict=True):
-    u = u + jnp.sum(w.astype(F32) * xb[None, :], axis=1)
-  z = (a * u).astype(z_dtype).astype(F32)
-  return tuple(y + jnp.sum(z[:, None] * w.astype(F32), axis=0) for y, w in zip(ys, wd, strict=True))
-
-
-def store_y_blocks(y_ref, lead: tuple, ys, blocks, d_model) -> None:
-  for (b, w), y in zip(blocks, ys, strict=True):
-    c = b + jnp.arange(w, dtype=I32)
-    plgpu.store(y_ref.at[(*lead, pl.ds(jnp.int32(b), w))], y, mask=c < d_model)
-
-
 def _rows_kernel(
   x_ref, idx_ref, a_ref, wu_ref, wd_ref, y_ref, *, k, per, rows, d_model, block_d, gate_values
 ):
   t, s = pl.program_id(0), pl.program_id(1)
-  blocks = column_blocks(d_model, block_d)
-  xs = load_x_blocks(x_ref, t, blocks, d_model)
+  blocks = [(b, min(block_d, pow2_at_least(d_model - b))) for b in range(0, d_model, block_d)]
+  cols = [b + jnp.arange(w, dtype=I32) for b, w in blocks]
+  xs = [
+    plgpu.load(x_ref.at[t, pl.ds(jnp.int32(b), w)], mask=c < d_model, other=0).astype(F32)
+    for (b, w), c in zip(blocks, cols, strict=True)
+  ]
 
   def body(i, ys):
     j0 = s * per + i * rows
@@ -84,12 +45,29 @@ def _rows_kernel(
     a = plgpu.load(a_ref.at[t, pl.ds(j0, rows)], mask=ok, other=0).astype(F32)
     if gate_values:
       a = tu.silu(a)
-    step = functools.partial(rows_step, blocks=blocks, d_model=d_model, z_dtype=x_ref.dtype)
-    return step(idx, a, ok, xs, ys, wu_ref, wd_ref)
+
+    def gather(w_ref):  # rows idx of w, every column block; all loads issued up front
+      out = []
+      for (_, w), c in zip(blocks, cols, strict=True):
+        r_b = jnp.broadcast_to(idx[:, None], (rows, w))
+        c_b = jnp.broadcast_to(c[None, :], (rows, w))
+        m = jnp.broadcast_to(ok[:, None], (rows, w)) & (c_b < d_model)
+        out.append(plgpu.load(w_ref.at[r_b, c_b], mask=m, other=0))
+      return out
+
+    wu, wd = gather(wu_ref), gather(wd_ref)
+    u = jnp.zeros((rows,), F32)
+    for w, xb in zip(wu, xs, strict=True):
+      u = u + jnp.sum(w.astype(F32) * xb[None, :], axis=1)
+    z = (a * u).astype(x_ref.dtype).astype(F32)
+    return tuple(
+      y + jnp.sum(z[:, None] * w.astype(F32), axis=0) for y, w in zip(ys, wd, strict=True)
+    )
 
   ys = tuple(jnp.zeros((w,), F32) for _, w in blocks)
   ys = lax.fori_loop(0, per // rows, body, ys)
-  store_y_blocks(y_ref, (s, t), ys, blocks, d_model)
+  for (b, w), c, y in zip(blocks, cols, ys, strict=True):
+    plgpu.store(y_ref.at[s, t, pl.ds(jnp.int32(b), w)], y, mask=c < d_model)
 
 
 def rows_ffn(

@@ -25,13 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import (
-  _decode_gemv,
-  _decode_list,
-  _decode_select,
-  reference,
-  topk,
-)
+from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference, topk
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, default_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv

@@ -40,12 +40,8 @@ from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 # the epilogue. Two kernels, 512-wide chunks, 32-word blocks in the streaming pass: 748 us at
 # 16384 x 5504 (1B shape) vs 1083 for the one-kernel forward (topk_h200_20261201e.json).
 # The search starts from a checked Gaussian guess: selection 326-331 vs 350 us at that shape,
-# 106-111 vs 120 at the 60M one (stream_sweep_h200_20261203d.json). Bitmask words stored as
-# 'cut' (no warp ballot): 296.5 vs 327.6 us (ballot) at the 1B shape, 104.7 vs 114.2 at 60M in
-# stream_sweep_h200_20261203e.json; over its three runs 4% faster at 1B, a tie at 60M.
-FORWARD_DEFAULT = TopKConfig(
-  chunk=512, compact=True, apply_words=32, gauss_margin=0.1, mask_pass="cut"
-)
+# 106-111 vs 120 at the 60M one (stream_sweep_h200_20261203d.json).
+FORWARD_DEFAULT = TopKConfig(chunk=512, compact=True, apply_words=32, gauss_margin=0.1)
 
 
 @dataclasses.dataclass(frozen=True)

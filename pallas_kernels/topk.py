@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,69 +105,15 @@ def select_rows(
   mask and each selected element's output slot in [0, k). With `slots=False` pos is None and
   the final pass is much cheaper (`_tie_masks`): for callers that keep only the mask.
   """
-  r = cfg.rows
-  row_r1 = pl.program_id(0) * r + jnp.arange(r, dtype=jnp.int32)[:, None]
-
-  def load(rows_b, cols_b, valid):
-    return pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
-
-  found = search_rows(
-    load, row_r1, g_ref.dtype, t=t, f=f, k=k, cfg=cfg, interpret=interpret, num_valid=num_valid
-  )
-  if not slots:
-    ties = _tie_masks(found.ckeys, found.v, found.need, packed=not cfg.mask_pass.endswith("_each"))
-    for ckey, eq_keep, (off, w) in zip(found.ckeys, ties, found.chunks, strict=True):
-      rows_b, cols_b, valid, g = found.load_chunk(off, w)
-      on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > found.v) | eq_keep), None)
-    return
-  carry = jnp.zeros((r, 1), jnp.int32)
-  for ckey, (off, w) in zip(found.ckeys, found.chunks, strict=True):
-    rows_b, cols_b, valid, g = found.load_chunk(off, w)
-    gt = ckey > found.v
-    eq = ckey == found.v
-    packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
-    cum = jnp.cumsum(packed, axis=1) + carry
-    carry = carry + jnp.sum(packed, axis=1, keepdims=True)
-    sel, pos = selected_slots(cum, gt, eq, valid, found.need)
-    on_chunk(rows_b, cols_b, valid, g, sel, pos)
-
-
-class Found(NamedTuple):
-  """What `search_rows` leaves for a final pass: the row chunks' (offset, width), their keys
-  ((R, W) each: int32, or fp32 when counting on the fp32 pipe), the K-th key v and how many keys
-  equal to v to keep ((R, 1) each, v in the keys' dtype), `locate(off, w)` -> (rows_b, cols_b,
-  valid) of a chunk and `load_chunk(off, w)` -> (rows_b, cols_b, valid, g) to re-load its values."""
-
-  chunks: list
-  ckeys: list
-  v: jax.Array
-  need: jax.Array
-  locate: Callable
-  load_chunk: Callable
-
-
-def search_rows(
-  load: Callable,
-  row_r1: jax.Array,
-  dtype,
-  *,
-  t: int,
-  f: int,
-  k: int,
-  cfg: TopKConfig,
-  interpret: bool,
-  num_valid: int | None = None,
-) -> Found:
-  """In-kernel: the K-th largest key of each of R rows (row_r1: (R, 1) row indices, those >= t
-  padding) and the row chunks' keys. load(rows_b, cols_b, valid) gives the (R, W) values of
-  `dtype` (0 where not valid)."""
+  dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
   mode = count_mode(cfg, dtype, interpret)
   use_float = mode != "int"
   fan = cfg.fan if nbits == 16 else 1
   nv = f if num_valid is None else min(num_valid, f)
-  r = row_r1.shape[0]
+  r = cfg.rows
+  row_r1 = pl.program_id(0) * r + jnp.arange(r, dtype=jnp.int32)[:, None]
   row_ok = row_r1 < t
   if cfg.chunk:
     w = min(cfg.chunk, tu.next_pow2(f))
@@ -177,23 +122,22 @@ def search_rows(
     chunks = tu.pow2_chunks(f, cfg.granule) if cfg.granule else [(0, tu.next_pow2(f))]
   pad = kmin - 1 if nbits == 16 else kmin  # below every real 16-bit key
 
-  def locate(off, w):
+  def load_chunk(off, w):
     rows_b = jnp.broadcast_to(row_r1, (r, w))
     cols_1 = tu.lane_iota(off, w, interpret, hide=cfg.strided)
     cols_b = jnp.broadcast_to(cols_1[None, :], (r, w))
-    return rows_b, cols_b, row_ok & (cols_b < f)
-
-  def load_chunk(off, w):
-    rows_b, cols_b, valid = locate(off, w)
-    g = load(rows_b, cols_b, valid)
+    valid = row_ok & (cols_b < f)
+    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
     if nv < f:
       g = jnp.where(cols_b < nv, g, jnp.array(jnp.finfo(dtype).min, dtype))
     return rows_b, cols_b, valid, g
 
   def keys_of(off, w, valid, g):
     key = tu.order_keys(g)
-    if off + w > f or t % r:
+    if off + w > f:
       key = jnp.where(valid, key, pad)
+    elif t % r:
+      key = jnp.where(row_ok, key, pad)
     return key.astype(jnp.float32) if use_float else key
 
   ckeys, sums = [], {}  # sums: per chunk width, lane-wise sums of values and squares
@@ -257,7 +201,23 @@ def search_rows(
   v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
-  return Found(chunks, ckeys, v_c, need, locate, load_chunk)
+
+  if not slots:
+    ties = _tie_masks(ckeys, v_c, need, packed=not cfg.mask_pass.endswith("_each"))
+    for ckey, eq_keep, (off, w) in zip(ckeys, ties, chunks, strict=True):
+      rows_b, cols_b, valid, g = load_chunk(off, w)
+      on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None)
+    return
+  carry = jnp.zeros((r, 1), jnp.int32)
+  for ckey, (off, w) in zip(ckeys, chunks, strict=True):
+    rows_b, cols_b, valid, g = load_chunk(off, w)
+    gt = ckey > v_c
+    eq = ckey == v_c
+    packed = gt.astype(jnp.int32) + jnp.left_shift(eq.astype(jnp.int32), 16)
+    cum = jnp.cumsum(packed, axis=1) + carry
+    carry = carry + jnp.sum(packed, axis=1, keepdims=True)
+    sel, pos = selected_slots(cum, gt, eq, valid, need)
+    on_chunk(rows_b, cols_b, valid, g, sel, pos)
 
 
 def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:

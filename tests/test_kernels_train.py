@@ -135,7 +135,7 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.float32, 3, 200, 100, True, None, False, ("row", 4)),  # ties, K = F/2, GCP
     ("moc", jnp.bfloat16, 2, 72, 1, True, 61, True, ("row", 4)),  # K = 1
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, False, ("row", 4)),
-    # The other walks: the next block's loads first, or one program per block of words.
+    # More row walks (8-word blocks, row pieces), and one program per block of words.
     ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("row", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, False, ("row", 0)),  # row pieces
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
@@ -201,6 +201,7 @@ def test_forward_uint16_indices():
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, fan=2)),
     (1408, 256, 1376, TopKConfig(compact=True)),
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, rows=2, gauss_margin=0.1)),  # no ballot
+    (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, gauss_margin=0.1, mask_pass="ballot")),
   ],
 )
 def test_gpu_real_sizes(f, k, nv, cfg):
