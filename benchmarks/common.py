@@ -71,6 +71,7 @@ def run_info() -> dict[str, Any]:
     "jaxlib": jaxlib_version,
     "python": platform.python_version(),
     "host": platform.node(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 

@@ -15,6 +15,8 @@
 #           at all shapes, the select's knobs on the MoC default, then T = 4
 #   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
+#   flags   the same step under each XLA_FLAGS set in $FLAG_SETS ('|'-separated; variants
+#           $FLAG_VARIANTS, default dense): which compiler flags pay at the 1b shape?
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
@@ -142,6 +144,18 @@ step64() {
     --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} --out="$work/model_step_1b.json"
 }
 
+flags() {
+  [ -n "${DRY:-}" ] && { echo "flag sets skipped (DRY)"; return 0; }
+  local i=0 set
+  IFS='|' read -ra sets <<<"${FLAG_SETS:-|--xla_gpu_enable_triton_gemm=false}"
+  for set in "${sets[@]}"; do
+    echo "-- XLA_FLAGS='$set'"
+    XLA_FLAGS="${XLA_FLAGS:-} $set" python3 benchmarks/model_step.py --preset=1b --batch=64 \
+      --steps=8 --warmup=3 --variants=${FLAG_VARIANTS:-dense} --out="$work/model_step_1b_flags$i.json"
+    i=$((i + 1))
+  done
+}
+
 layer() {
   local args=(--quick --methods=${LAYER_METHODS:-dense,moc_pallas,moc_pallas_gcp})
   [ -n "${DRY:-}" ] && { echo "FFN layer skipped (DRY)"; return 0; }
@@ -169,7 +183,7 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-sections="gcp topk decode remat profile stepprof linear ffn e2e step64 graphs tests layer stream"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags graphs tests layer stream"
 export work
 export -f $sections split_config
 for spec in "$@"; do
