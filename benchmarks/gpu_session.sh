@@ -103,7 +103,7 @@ remat() {
 stepprof() {
   [ -n "${DRY:-}" ] && { echo "step profile skipped (DRY)"; return 0; }
   python3 benchmarks/step_profile.py --preset=1b --variants=${STEPPROF_VARIANTS:-dense,moc,moc_gcp} \
-    --out="$work/step_profile_1b.json"
+    --top=60 --out="$work/step_profile_1b.json"
 }
 
 linear() {

@@ -120,7 +120,7 @@ def child(args) -> dict:
         state, m = step(state, batch)
       jax.block_until_ready(m)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    summary = summarize(read_trace(log_dir), args.steps)
+    summary = summarize(read_trace(log_dir), args.steps, top=args.top)
   return {"variant": args.variant, "wall_ms_per_step_traced": round(wall_ms, 3), **summary}
 
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
   p.add_argument("--variants", default="dense,moc", help=f"of {', '.join(model_step.VARIANTS)}")
+  p.add_argument("--top", type=int, default=25, help="how many of the costliest kernels to list")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/step_profile.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
