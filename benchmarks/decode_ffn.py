@@ -164,9 +164,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     if moc_cfg.topk is None
     else replace(moc_cfg, topk=replace(moc_cfg.topk, gauss_margin=0.0))
   )
-  contig = (
-    moc_cfg if moc_cfg.topk is None else replace(moc_cfg, topk=replace(moc_cfg.topk, strided=False))
-  )
   moc = lambda c: (
     lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
       x, wg, wut, wd, k, variant, config=c, interpret=interp
@@ -186,8 +183,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[own_select]": (moc(own_select), own_select),
       "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
-      # Triton's vectorized layout in the select (8 neighbouring columns per thread)
-      "moc_kernel[contig]": (moc(contig), contig),
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with

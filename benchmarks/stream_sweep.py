@@ -58,10 +58,6 @@ SELECTIONS: dict[str, TopKConfig] = {
   # a count reduction per chunk, 128 instead of 158 registers: 321.9 vs 327.6 us (ballot) and
   # 296.5 (cut) at the 1B shape in stream_sweep_h200_20261203e.json
   "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
-  # Triton's own vectorized layout (8 neighbouring columns per thread, 16-byte loads) instead
-  # of lane i on column i: the bitmask needs no coalesced slot stores, and on CPU-compiled
-  # SASS (triton 3.6, sm_90a) the kernel drops from 158 to 118 registers, 3855 to 2899 lines.
-  "mask_cut_contig": dataclasses.replace(_FWD, strided=False),
 }
 SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
 TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}

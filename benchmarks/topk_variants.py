@@ -34,11 +34,6 @@ SWEEP: dict[str, TopKConfig] = {
   "row_c512_g05": TopKConfig(chunk=512, gauss_margin=0.05),
   "cmp_c512": TopKConfig(chunk=512, compact=True),
   "cmp_c512_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1),
-  # 2026-12-03d: Triton's vectorized layout (8 neighbouring columns per thread) instead of lane
-  # i on column i. CPU-compiled SASS (triton 3.6, sm_90a): `select` 230 -> 117 registers
-  # (2 -> 4 programs per SM), the bitmask kernel 160 -> 118.
-  "row_c512_g1_contig": TopKConfig(chunk=512, gauss_margin=0.1, strided=False),
-  "cmp_c512_g1_contig": TopKConfig(chunk=512, compact=True, gauss_margin=0.1, strided=False),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final
@@ -54,8 +49,4 @@ EPILOGUE: dict[str, TopKConfig] = {
   # The two-kernel default since 2026-12-01e (748 us; the other split configs of that sweep,
   # chunk 256/1024, rows=2, 8 warps, ternary, are in NOTES_kernels.md and lost to it).
   "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
-  # moc_train.FORWARD_DEFAULT with the selection in Triton's vectorized layout
-  "split_g1_contig": TopKConfig(
-    chunk=512, compact=True, apply_words=32, gauss_margin=0.1, strided=False
-  ),
 }

@@ -156,17 +156,6 @@ def test_gpu_real_sizes(dtype, f, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compact", [False, True])
-def test_gpu_real_sizes_contiguous_layout(compact):
-  """Triton's vectorized layout (strided=False) gives the same selection on the GPU."""
-  cfg = TopKConfig(chunk=512, gauss_margin=0.1, strided=False, compact=compact)
-  g = jax.random.normal(_key(31), (16384, 5632), jnp.float32).astype(jnp.bfloat16)
-  _assert_same(g, 1024, "moc", config=cfg)
-  gi = jax.random.randint(_key(32), (512, 5461), -3, 4).astype(jnp.bfloat16)  # heavy ties
-  _assert_same(gi, 1024, "moc", config=cfg)
-
-
-@pytest.mark.gpu
 def test_gpu_group_2of8():
   g = jax.random.normal(_key(11), (4096, 5632), jnp.float32).astype(jnp.bfloat16)
   _assert_same(g, 5632 // 4, "moc_2of8")

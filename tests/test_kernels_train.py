@@ -202,13 +202,6 @@ def test_forward_uint16_indices():
     (1408, 256, 1376, TopKConfig(compact=True)),
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, rows=2, gauss_margin=0.1)),  # no ballot
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, gauss_margin=0.1, mask_pass="ballot")),
-    pytest.param(
-      5504,
-      1024,
-      5461,
-      TopKConfig(compact=True, chunk=512, gauss_margin=0.1, strided=False),
-      id="5504-contiguous",
-    ),
   ],
 )
 def test_gpu_real_sizes(f, k, nv, cfg):
