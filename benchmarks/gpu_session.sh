@@ -150,8 +150,12 @@ flags() {
   IFS='|' read -ra sets <<<"${FLAG_SETS:-|--xla_gpu_enable_triton_gemm=false}"
   for set in "${sets[@]}"; do
     echo "-- XLA_FLAGS='$set'"
-    XLA_FLAGS="${XLA_FLAGS:-} $set" python3 benchmarks/model_step.py --preset=1b --batch=64 \
-      --steps=8 --warmup=3 --variants=${FLAG_VARIANTS:-dense} --out="$work/model_step_1b_flags$i.json"
+    (  # XLA reads a blank XLA_FLAGS as a file name: unset it instead
+      flags=$(echo ${XLA_FLAGS:-} $set)
+      if [ -n "$flags" ]; then export XLA_FLAGS=$flags; else unset XLA_FLAGS; fi
+      python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 \
+        --variants=${FLAG_VARIANTS:-dense} --out="$work/model_step_1b_flags$i.json"
+    )
     i=$((i + 1))
   done
 }
