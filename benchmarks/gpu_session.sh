@@ -137,11 +137,15 @@ e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used
   python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/${2:-decode_e2e}.json"
 }
 
+step_1b_64() {  # the 1b model step at batch 64; model_step.py flags follow
+  python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 "$@"
+}
+
 step64() {
   [ -n "${DRY:-}" ] && { echo "model step skipped (DRY)"; return 0; }
   split_config
-  python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 ${STEP_ARGS:-} \
-    --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} --out="$work/model_step_1b.json"
+  step_1b_64 ${STEP_ARGS:-} --variants=${STEP_VARIANTS:-dense,moc,moc_gcp} \
+    --out="$work/model_step_1b.json"
 }
 
 flags() {
@@ -153,8 +157,7 @@ flags() {
     (  # XLA reads a blank XLA_FLAGS as a file name: unset it instead
       flags=$(echo ${XLA_FLAGS:-} $set)
       if [ -n "$flags" ]; then export XLA_FLAGS=$flags; else unset XLA_FLAGS; fi
-      python3 benchmarks/model_step.py --preset=1b --batch=64 --steps=8 --warmup=3 \
-        --variants=${FLAG_VARIANTS:-dense} --out="$work/model_step_1b_flags$i.json"
+      step_1b_64 --variants=${FLAG_VARIANTS:-dense} --out="$work/model_step_1b_flags$i.json"
     )
     i=$((i + 1))
   done
@@ -189,7 +192,7 @@ graphs() {
 
 sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags graphs tests layer stream"
 export work
-export -f $sections split_config
+export -f $sections split_config step_1b_64
 for spec in "$@"; do
   name=${spec%%:*} limit=${spec#*:}
   [ "$limit" = "$spec" ] && limit=300
