@@ -45,6 +45,9 @@ VARIANTS.update(FORWARD)
 # The Pallas epilogues with the selection kept as indices instead of a bitmask (moc.py).
 INDICES = {"moc_idx": dict(ffn="moc"), "moc_gcp_idx": dict(ffn="moc", gcp=True)}
 VARIANTS.update(INDICES)
+# Dense with its gate and up projections as one GEMM (moc.FUSE_GATE_UP).
+FUSED = {"dense_fused": dict(ffn="dense")}
+VARIANTS.update(FUSED)
 
 
 def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000):
@@ -68,10 +71,11 @@ def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000)
         name = json.load(f).get("fwd_epilogue_best") or "split_c512_w32"
     print(f"forward epilogue config: {name}", flush=True)
     moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
-  if variant in INDICES:
+  if variant in INDICES or variant in FUSED:
     from moc_jax import moc
 
-    moc.BITMASK_RESIDUALS = False
+    moc.BITMASK_RESIDUALS = variant not in INDICES
+    moc.FUSE_GATE_UP = variant in FUSED
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()

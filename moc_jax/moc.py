@@ -29,6 +29,9 @@ PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIG
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (sharding.py uses these)
 # The Pallas backend keeps the selection as a bitmask (False: as indices, like the xla backend).
 BITMASK_RESIDUALS = True
+# Dense SwiGLU's gate and up projections as one GEMM over [Wg | Wu] (and one dx GEMM in the
+# backward); an experiment until the H200 says whether it pays (benchmarks/model_step.py).
+FUSE_GATE_UP = False
 
 
 def default_k(d_model: int) -> int:
@@ -148,8 +151,12 @@ def moc_ffn(
 def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:
   """Plain SwiGLU under autodiff (the baseline), padded like MoC so comparisons are fair."""
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
-  h_TxF = jax.nn.silu(x_TxD @ wg) * (x_TxD @ wu)
-  return h_TxF @ wd
+  if FUSE_GATE_UP:
+    gu_Tx2F = x_TxD @ jnp.concatenate([wg, wu], axis=1)
+    g_TxF, u_TxF = jnp.split(gu_Tx2F, 2, axis=1)
+  else:
+    g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu
+  return (jax.nn.silu(g_TxF) * u_TxF) @ wd
 
 
 # ---------------------------------------------------------------------------------------------
