@@ -58,13 +58,17 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--d_models", default="", help="only these shapes' d_model, comma-separated")
   ap.add_argument("--out", default="benchmarks/results/ffn_layer.json")
   args = ap.parse_args()
   info = common.run_info()
   print(info, flush=True)
   inner, trials = (5, 5) if args.quick else (10, 9)
   rows = []
+  only = {int(d) for d in args.d_models.split(",") if d}
   for d, f, k in SHAPES:
+    if only and d not in only:
+      continue
     sets = [_params(d, f, s) for s in range(2)]
     for name in args.methods.split(","):
       method = METHODS[name]

@@ -15,8 +15,9 @@
 #           at all shapes, the select's knobs on the MoC default, then T = 4
 #   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
-#   flags   the same step under each XLA_FLAGS set in $FLAG_SETS ('|'-separated; variants
-#           $FLAG_VARIANTS, default dense): which compiler flags pay at the 1b shape?
+#   flags   the same step under each XLA_FLAGS set in $FLAG_SETS ('|'-separated, default one
+#           blank set) and each train.compiler_options value in $OPTION_SETS (default
+#           'auto|none'); variants $FLAG_VARIANTS, default dense: which compiler options pay?
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
@@ -150,16 +151,20 @@ step64() {
 
 flags() {
   [ -n "${DRY:-}" ] && { echo "flag sets skipped (DRY)"; return 0; }
-  local i=0 set
-  IFS='|' read -ra sets <<<"${FLAG_SETS:-|--xla_gpu_enable_triton_gemm=false}"
-  for set in "${sets[@]}"; do
-    echo "-- XLA_FLAGS='$set'"
-    (  # XLA reads a blank XLA_FLAGS as a file name: unset it instead
-      flags=$(echo ${XLA_FLAGS:-} $set)
-      if [ -n "$flags" ]; then export XLA_FLAGS=$flags; else unset XLA_FLAGS; fi
-      step_1b_64 --variants=${FLAG_VARIANTS:-dense} --out="$work/model_step_1b_flags$i.json"
-    )
-    i=$((i + 1))
+  local i=0 set opts
+  IFS='|' read -ra sets <<<"${FLAG_SETS:-}"
+  IFS='|' read -ra option_sets <<<"${OPTION_SETS:-auto|none}"
+  for set in "${sets[@]:-}"; do
+    for opts in "${option_sets[@]}"; do
+      echo "-- XLA_FLAGS='$set' --compiler_options=$opts"
+      (  # XLA reads a blank XLA_FLAGS as a file name: unset it instead
+        flags=$(echo ${XLA_FLAGS:-} $set)
+        if [ -n "$flags" ]; then export XLA_FLAGS=$flags; else unset XLA_FLAGS; fi
+        step_1b_64 --variants=${FLAG_VARIANTS:-dense} --compiler_options="$opts" \
+          --out="$work/model_step_1b_flags$i.json"
+      )
+      i=$((i + 1))
+    done
   done
 }
 

@@ -45,20 +45,32 @@ VARIANTS.update(FORWARD)
 # The Pallas epilogues with the selection kept as indices instead of a bitmask (moc.py).
 INDICES = {"moc_idx": dict(ffn="moc"), "moc_gcp_idx": dict(ffn="moc", gcp=True)}
 VARIANTS.update(INDICES)
-# Dense with its gate and up projections as one GEMM (moc.FUSE_GATE_UP).
-FUSED = {"dense_fused": dict(ffn="dense")}
+# The gate and up projections as one GEMM (moc.FUSE_GATE_UP).
+FUSED = {
+  "dense_fused": dict(ffn="dense"),
+  "moc_fused": dict(ffn="moc"),
+  "moc_gcp_fused": dict(ffn="moc", gcp=True),
+}
 VARIANTS.update(FUSED)
 
 
-def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000):
+def build(
+  preset: str,
+  variant: str,
+  backend: str,
+  seq: int,
+  vocab: int = 32000,
+  compiler_options: str = "auto",
+):
   """(cfg, graphdef, state, step, batch_of): the framework's jitted train step for a variant
-  on random tokens; batch_of(b) gives a (b, seq) batch."""
+  on random tokens, compiled with `train.compiler_options`-style options; batch_of(b) gives a
+  (b, seq) batch."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from benchmarks import common
-  from moc_jax import model_config, train_lib
+  from moc_jax import compile_options, model_config, train_lib
   from moc_jax.model import Transformer
 
   if variant in FORWARD:
@@ -82,7 +94,12 @@ def build(preset: str, variant: str, backend: str, seq: int, vocab: int = 32000)
   tx = train_lib.make_optimizer(t)
   graphdef, state = train_lib.init_state(Transformer(cfg, nnx.Rngs(0)), tx, 0)
   step = train_lib.make_train_step(
-    graphdef, tx, train_lib.make_schedule(t), grad_accum=1, document_mask=False
+    graphdef,
+    tx,
+    train_lib.make_schedule(t),
+    grad_accum=1,
+    document_mask=False,
+    compiler_options=compile_options.parse(compiler_options),
   )
 
   def batch_of(b):
@@ -103,10 +120,12 @@ def child(args) -> dict:
   from flax import nnx
 
   from benchmarks import common
-  from moc_jax import train_lib
+  from moc_jax import compile_options, train_lib
   from moc_jax.model import count_params
 
-  cfg, graphdef, state, step, batch_of = build(args.preset, args.variant, args.backend, args.seq)
+  cfg, graphdef, state, step, batch_of = build(
+    args.preset, args.variant, args.backend, args.seq, compiler_options=args.compiler_options
+  )
   n_params = count_params(nnx.merge(graphdef, state["params"]))
   compiled_bytes = {}
   for b in (args.batch // 2, args.batch) if args.estimate_max_batch else (args.batch,):
@@ -137,6 +156,7 @@ def child(args) -> dict:
   fixed = compiled_bytes[hi] - per_seq * hi
   return {
     "variant": args.variant,
+    "compiler_options": compile_options.parse(args.compiler_options),
     "params": n_params,
     "batch": args.batch,
     "seq": args.seq,
@@ -176,6 +196,9 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
+  p.add_argument(
+    "--compiler_options", default="auto", help="as train.compiler_options: auto | none | a=b,c=d"
+  )
   p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"any of {', '.join(VARIANTS)}")
   p.add_argument("--reference", default="dense", help="variant the ratios are taken against")
   p.add_argument(

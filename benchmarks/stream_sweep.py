@@ -59,8 +59,22 @@ SELECTIONS: dict[str, TopKConfig] = {
   # 296.5 (cut) at the 1B shape in stream_sweep_h200_20261203e.json
   "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
 }
-SHAPES = {"1b": (16384, 5504, 5461, 1024), "60m": (16384, 1408, 1376, 256)}
-TINY = {"1b": (64, 320, 300, 40), "60m": (32, 128, 125, 16)}
+# (T, F, num_valid, K): the 1B, 60M, 130M (no padding channel) and 350M layers; 130m_pad has
+# one padding channel, to tell a cost of F = 2048 from a cost of a row without padding.
+SHAPES = {
+  "1b": (16384, 5504, 5461, 1024),
+  "60m": (16384, 1408, 1376, 256),
+  "130m": (16384, 2048, 2048, 384),
+  "130m_pad": (16384, 2048, 2047, 384),
+  "350m": (16384, 2816, 2736, 512),
+}
+TINY = {
+  "1b": (64, 320, 300, 40),
+  "60m": (32, 128, 125, 16),
+  "130m": (32, 256, 256, 48),
+  "130m_pad": (32, 256, 255, 48),
+  "350m": (32, 384, 370, 64),
+}
 
 
 def _inputs(t: int, f: int, seed: int):
@@ -160,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--shapes", default="1b,60m")
   p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
   p.add_argument("--no_walks", action="store_true", help="the selection rows only")
+  p.add_argument("--selections", default="", help="SELECTIONS names, comma-separated")
   p.add_argument("--dry_run", action="store_true", help="tiny shapes in interpret mode (CPU)")
   args = p.parse_args(argv)
   if args.only:
@@ -169,6 +184,13 @@ def main(argv: list[str] | None = None) -> None:
         del VARIANTS[name]
   if args.no_walks:
     VARIANTS.clear()
+  if args.selections:
+    unknown = set(args.selections.split(",")) - set(SELECTIONS)
+    if unknown:
+      p.error(f"unknown selections {sorted(unknown)}; choose from {sorted(SELECTIONS)}")
+    for name in list(SELECTIONS):
+      if name not in args.selections.split(","):
+        del SELECTIONS[name]
   interpret = tu.default_interpret(None) or args.dry_run
   timing = dict(inner=1, trials=1, warmup=1) if args.dry_run else dict(inner=10, trials=7)
   payload = {"info": common.run_info(), "variants": {n: str(v) for n, v in VARIANTS.items()}}

@@ -42,6 +42,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # GPU: only deterministic XLA kernels (e.g. sorted scatter-add for the embedding gradient),
   # so two runs of one config give the same loss trace bit for bit; costs some speed.
   c.train.deterministic = False
+  # XLA options for the train step (moc_jax/compile_options.py): auto (measured GPU defaults:
+  # every GEMM on cuBLAS), none, or name=value,name=value.
+  c.train.compiler_options = "auto"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 500  # steps between validation runs (also at the end)

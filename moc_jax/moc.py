@@ -29,8 +29,9 @@ PAD_MULTIPLE_GPU = 128  # cuBLAS falls off its fast path for F % 128 != 0 (DESIG
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (sharding.py uses these)
 # The Pallas backend keeps the selection as a bitmask (False: as indices, like the xla backend).
 BITMASK_RESIDUALS = True
-# Dense SwiGLU's gate and up projections as one GEMM over [Wg | Wu] (and one dx GEMM in the
-# backward); an experiment until the H200 says whether it pays (benchmarks/model_step.py).
+# The gate and up projections as one GEMM over [Wg | Wu] (and one GEMM each for dx and
+# d[Wg | Wu] in the backward): dense SwiGLU, and MoC on the Pallas backend, whose epilogues
+# read [G | U] in place. An experiment until the H200 says whether it pays (model_step.py).
 FUSE_GATE_UP = False
 
 
@@ -172,13 +173,18 @@ def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
 def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   d_ff = w_gate.shape[1]
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
-  g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu
   bitmask = _bitmask_epilogues(backend, wg.shape[1])
   if bitmask:
     epilogue = functools.partial(bitmask[0], k=k, variant=variant, num_valid=d_ff, z_sel=not gcp)
-    words, g_sel, u_sel, z_TxF, *z_sel = per_batch_shard(epilogue)(g_TxF, u_TxF)
+    if FUSE_GATE_UP:  # the epilogue reads G and U in place from the one [G | U] output
+      gu_Tx2F = x_TxD @ jnp.concatenate([wg, wu], axis=1)
+      outs = per_batch_shard(lambda gu: epilogue(gu, None))(gu_Tx2F)
+    else:
+      outs = per_batch_shard(epilogue)(x_TxD @ wg, x_TxD @ wu)
+    words, g_sel, u_sel, z_TxF, *z_sel = outs
     compact = (words, g_sel, u_sel, *z_sel)
     return z_TxF @ wd, (x_TxD, w_gate, w_up, w_down, compact)
+  g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu
   epilogue = functools.partial(
     backends.train_forward_epilogue(backend),
     k=k,
@@ -220,22 +226,35 @@ def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T
-  bitmask = _bitmask_epilogues(backend, wg.shape[1])
-  epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
-  epilogue = per_batch_shard(epilogue)
-  dg_TxF, du_TxF, z_TxF = epilogue(dz_TxF, *compact)
-
   f32 = jnp.float32
+  bitmask = _bitmask_epilogues(backend, wg.shape[1])
+  if bitmask and FUSE_GATE_UP:  # as the forward: one [dG | dU] for one GEMM per gradient
+    epilogue = functools.partial(bitmask[1], fused=True)
+    dgu_Tx2F, z_TxF = per_batch_shard(epilogue)(dz_TxF, *compact)
+    f_pad = wg.shape[1]
+    dw_gu = jnp.dot(x_TxD.T, dgu_Tx2F, preferred_element_type=f32)
+    dx_TxD = dgu_Tx2F @ jnp.concatenate([wg, wu], axis=1).T
+    return _grads(
+      x_TxD,
+      (w_gate, w_up, w_down),
+      dx_TxD,
+      dw_gu[:, :d_ff],
+      dw_gu[:, f_pad : f_pad + d_ff],
+      jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff],
+    )
+  epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
+  dg_TxF, du_TxF, z_TxF = per_batch_shard(epilogue)(dz_TxF, *compact)
+
   dw_down = jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff]
   dw_gate = jnp.dot(x_TxD.T, dg_TxF, preferred_element_type=f32)[:, :d_ff]
   dw_up = jnp.dot(x_TxD.T, du_TxF, preferred_element_type=f32)[:, :d_ff]
   dx_TxD = dg_TxF @ wg.T + du_TxF @ wu.T
-  return (
-    dx_TxD.astype(x_TxD.dtype),
-    dw_gate.astype(w_gate.dtype),
-    dw_up.astype(w_up.dtype),
-    dw_down.astype(w_down.dtype),
-  )
+  return _grads(x_TxD, (w_gate, w_up, w_down), dx_TxD, dw_gate, dw_up, dw_down)
+
+
+def _grads(x_TxD, weights, dx_TxD, *dw):
+  """The cotangents in the primals' dtypes."""
+  return dx_TxD.astype(x_TxD.dtype), *(d.astype(w.dtype) for d, w in zip(dw, weights, strict=True))
 
 
 _moc_core.defvjp(_moc_fwd, _moc_bwd)

@@ -111,8 +111,11 @@ def make_train_step(
   grad_accum: int,
   document_mask: bool,
   state_shardings: Any = None,
+  compiler_options: dict[str, Any] | None = None,
 ):
   """A jitted (state, batch) → (state, metrics); the state buffers are donated.
+
+  `compiler_options` go to XLA for this program alone (`compile_options.parse`).
 
   With `state_shardings` (a mesh run), the new state keeps exactly the input's shardings, so
   every step runs the same compiled program with no resharding between steps.
@@ -163,9 +166,10 @@ def make_train_step(
     }
     return new_state, metrics
 
+  jit_kwargs = dict(donate_argnums=0, compiler_options=compiler_options or None)
   if state_shardings is None:
-    return jax.jit(step_fn, donate_argnums=0)
-  return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+    return jax.jit(step_fn, **jit_kwargs)
+  return jax.jit(step_fn, out_shardings=(state_shardings, None), **jit_kwargs)
 
 
 def make_eval_step(graphdef, *, document_mask: bool):

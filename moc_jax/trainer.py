@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moc_jax import checkpoint, data, distributed, metrics, sharding, train_lib
+from moc_jax import checkpoint, compile_options, data, distributed, metrics, sharding, train_lib
 from moc_jax.model import Transformer, count_params
 
 
@@ -49,6 +49,7 @@ def _catch_stop_signals():
 def prepare(cfg: ml_collections.ConfigDict, workdir: str):
   """Validate everything a run needs before touching the workdir's contents."""
   train_lib.check_train_config(cfg)
+  compile_options.check(compile_options.parse(cfg.train.compiler_options))
   tokenizer = data.make_tokenizer(cfg.data)
   model_cfg = train_lib.build_model_config(cfg.model, tokenizer.vocab_size)
   checkpoint.check_workdir_writable(workdir)
@@ -155,6 +156,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     grad_accum=t.grad_accum,
     document_mask=cfg.model.document_mask,
     state_shardings=state_shardings,
+    compiler_options=compile_options.parse(t.compiler_options),
   )
   eval_step = train_lib.make_eval_step(graphdef, document_mask=cfg.model.document_mask)
   reporter = metrics.Reporter(workdir, t.steps, enabled=jax.process_index() == 0)

@@ -81,8 +81,10 @@ def silu_mul(g, u, out_dtype):
   return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
 
 
-def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, sc, has_idx, interpret):
-  """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot."""
+def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, interpret):
+  """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot.
+  fused: U is g_ref's columns [f, 2f) (one [G | U] buffer), else the next operand."""
+  u_ref, out_refs, u_off = (g_ref, refs, f) if fused else (refs[0], refs[1:], 0)
   idx_ref = out_refs[0] if has_idx else None
   gs_ref, us_ref, z_ref, *zs_ref = out_refs[1:] if has_idx else out_refs
 
@@ -91,7 +93,7 @@ def _apply_kernel(m_ref, g_ref, u_ref, *out_refs, t, f, num_valid, sc, has_idx, 
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
     if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
       g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
-    return g, pltriton.load(u_ref.at[rows_b, cols_b], mask=ok, other=0)
+    return g, pltriton.load(u_ref.at[rows_b, cols_b + u_off], mask=ok, other=0)
 
   def finish(block, loaded):
     rows_b, cols_b, ok, sel, slot = block
@@ -125,14 +127,17 @@ def apply_call(
   idx_dtype=None,
   z_sel: bool = False,
 ) -> tuple[jax.Array, ...]:
-  """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given."""
-  t, f = g2.shape
+  """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given.
+  u2 None: g2 is the (T, 2F) [G | U] buffer of one fused GEMM."""
+  fused = u2 is None
+  t, f = g2.shape[0], g2.shape[1] // 2 if fused else g2.shape[1]
+  u_dtype = g2.dtype if fused else u2.dtype
   compact = lambda dtype: jax.ShapeDtypeStruct((t, k), dtype)
-  out_shape = [compact(g2.dtype), compact(u2.dtype), jax.ShapeDtypeStruct((t, f), u2.dtype)]
+  out_shape = [compact(g2.dtype), compact(u_dtype), jax.ShapeDtypeStruct((t, f), u_dtype)]
   if idx_dtype is not None:
     out_shape.insert(0, compact(idx_dtype))
   if z_sel:
-    out_shape.append(compact(u2.dtype))
+    out_shape.append(compact(u_dtype))
   sc = stream_config(cfg)
   kernel = functools.partial(
     _apply_kernel,
@@ -141,6 +146,7 @@ def apply_call(
     num_valid=num_valid,
     sc=sc,
     has_idx=idx_dtype is not None,
+    fused=fused,
     interpret=interpret,
   )
   return pl.pallas_call(
@@ -150,7 +156,7 @@ def apply_call(
     interpret=interpret,
     compiler_params=None if interpret else tu.compiler_params(sc.warps),
     name="moc_train_fwd_apply",
-  )(mask, g2, u2)
+  )(mask, g2, *(() if fused else (u2,)))
 
 
 def checked_selection(
@@ -175,7 +181,7 @@ def checked_selection(
 )
 def train_forward_bitmask(
   g_TxF: jax.Array,
-  u_TxF: jax.Array,
+  u_TxF: jax.Array | None,
   k: int,
   variant: str = "moc",
   *,
@@ -188,23 +194,26 @@ def train_forward_bitmask(
 
   Bit j of word w is channel 32 w + j; G_sel, U_sel, Z_sel are in channel order, as the
   reference's indices would give them. `config` is any `TopKConfig` (always run as two kernels;
-  default `moc_train.FORWARD_DEFAULT`).
+  default `moc_train.FORWARD_DEFAULT`). With u_TxF None, g_TxF is the (T, 2F) output [G | U]
+  of one fused gate-and-up GEMM, read in place (no XLA slice copies).
   """
   from pallas_kernels import moc_train
 
-  f = g_TxF.shape[-1]
+  f = g_TxF.shape[-1] // 2 if u_TxF is None else g_TxF.shape[-1]
   if f < topk_compact.WORD:
     raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
   k, nv = checked_selection(f, k, variant, num_valid)
   cfg = dataclasses.replace(config or moc_train.FORWARD_DEFAULT, compact=False)
   interpret = tu.default_interpret(interpret)
-  words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv)
+  words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv, width=f)
   outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
   return (words, *outs)
 
 
-def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, interpret):
-  zs_ref, (dg_ref, du_ref, z_ref) = (rest[0], rest[1:]) if has_z else (None, rest)
+def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, fused, interpret):
+  zs_ref, outs = (rest[0], rest[1:]) if has_z else (None, rest)
+  # fused: dG and dU as one (T, 2F) [dG | dU] output, for one GEMM over [Wg | Wu] after it
+  (dg_ref, z_ref), du_ref, du_off = (outs, outs[0], f) if fused else (outs[::2], outs[1], 0)
   del interpret  # every store is dense: no masked-off lane can clobber another's element
 
   def load(block):
@@ -222,14 +231,14 @@ def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, inte
     s = jax.nn.sigmoid(g)
     du = dz * (g * s)
     dg = dz * u * (s * (1.0 + g * (1.0 - s)))
-    for ref, val in ((dg_ref, dg), (du_ref, du), (z_ref, z)):
+    for ref, val, off in ((dg_ref, dg, 0), (du_ref, du, du_off), (z_ref, z, 0)):
       val = jnp.where(sel, val.astype(ref.dtype), jnp.zeros((), ref.dtype))
-      pltriton.store(ref.at[rows_b, cols_b], val, mask=ok)
+      pltriton.store(ref.at[rows_b, cols_b + off], val, mask=ok)
 
   sc.run(m_ref, t=t, f=f, load=load, finish=finish)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "fused"))
 def train_backward_bitmask(
   dz_TxF: jax.Array,
   words_TxW: jax.Array,
@@ -239,22 +248,27 @@ def train_backward_bitmask(
   *,
   config: StreamConfig | None = None,
   interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection."""
+  fused: bool = False,
+) -> tuple[jax.Array, ...]:
+  """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection;
+  fused: (dgu_Tx2F = [dG | dU], z_TxF)."""
   interpret = tu.default_interpret(interpret)
   sc = config or BACKWARD_DEFAULT
   t, f = dz_TxF.shape
   has_z = z_sel_TxK is not None
   z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
-  kernel = functools.partial(_backward_kernel, t=t, f=f, sc=sc, has_z=has_z, interpret=interpret)
+  kernel = functools.partial(
+    _backward_kernel, t=t, f=f, sc=sc, has_z=has_z, fused=fused, interpret=interpret
+  )
   operands = (dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK) + ((z_sel_TxK,) if has_z else ())
+  grads = (
+    [jax.ShapeDtypeStruct((t, 2 * f), dz_TxF.dtype)]
+    if fused
+    else [jax.ShapeDtypeStruct((t, f), dz_TxF.dtype)] * 2
+  )
   return pl.pallas_call(
     kernel,
-    out_shape=(
-      jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
-      jax.ShapeDtypeStruct((t, f), dz_TxF.dtype),
-      jax.ShapeDtypeStruct((t, f), z_dtype),
-    ),
+    out_shape=(*grads, jax.ShapeDtypeStruct((t, f), z_dtype)),
     grid=sc.grid(t, f),
     interpret=interpret,
     compiler_params=None if interpret else tu.compiler_params(sc.warps),

@@ -183,10 +183,17 @@ def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
 
 
 def mask_call(
-  g2: jax.Array, k: int, variant: str, cfg, interpret: bool, num_valid: int | None = None
+  g2: jax.Array,
+  k: int,
+  variant: str,
+  cfg,
+  interpret: bool,
+  num_valid: int | None = None,
+  width: int | None = None,
 ) -> jax.Array:
-  """Kernel 1: (T, ceil(F/32)) int32 selection words; channels >= num_valid never set."""
-  t, f = g2.shape
+  """Kernel 1: (T, ceil(F/32)) int32 selection words; channels >= num_valid never set.
+  `width`: G is the first `width` columns of g2 (the [G | U] buffer of one fused GEMM)."""
+  t, f = g2.shape[0], width or g2.shape[1]
   rows = topk.group_program_rows(cfg, f) if variant == "moc_2of8" else cfg.rows
   kernel = functools.partial(
     _mask_kernel,
