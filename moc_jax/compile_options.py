@@ -4,9 +4,9 @@ Why: XLA's GPU defaults are not the fastest for this model. On the H200 the 1b d
 +1.2% faster with every GEMM on cuBLAS instead of XLA's Triton GEMM fusions (whose prologues
 recompute SwiGLU's elementwise work inside the GEMM), +2.1% with the gate and up projections as
 one GEMM as well, and MoC was unchanged (its FFN GEMMs are already cuBLAS calls)
-(`benchmarks/results/model_step_1b_flags_h200_20261203{b,c}.json`, XLA_FLAGS then). The options go to
-`jax.jit(..., compiler_options=...)` of the train step only, so nothing else a process compiles
-is affected, and no XLA_FLAGS are needed.
+(`benchmarks/results/model_step_1b_flags_h200_20261203{b,c}.json`, set through XLA_FLAGS).
+The options go to `jax.jit(..., compiler_options=...)` of the train step only, so nothing else
+a process compiles is affected, and no XLA_FLAGS are needed.
 
   auto   the measured defaults on GPU (GPU_DEFAULTS), none elsewhere
   none   XLA's own defaults
