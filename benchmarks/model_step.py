@@ -45,13 +45,13 @@ VARIANTS.update(FORWARD)
 # The Pallas epilogues with the selection kept as indices instead of a bitmask (moc.py).
 INDICES = {"moc_idx": dict(ffn="moc"), "moc_gcp_idx": dict(ffn="moc", gcp=True)}
 VARIANTS.update(INDICES)
-# The gate and up projections as one GEMM (moc.FUSE_GATE_UP).
-FUSED = {
-  "dense_fused": dict(ffn="dense"),
-  "moc_fused": dict(ffn="moc"),
-  "moc_gcp_fused": dict(ffn="moc", gcp=True),
+# The gate and up projections as two GEMMs (moc.FUSE_GATE_UP off; the default is one).
+UNFUSED = {
+  "dense_unfused": dict(ffn="dense"),
+  "moc_unfused": dict(ffn="moc"),
+  "moc_gcp_unfused": dict(ffn="moc", gcp=True),
 }
-VARIANTS.update(FUSED)
+VARIANTS.update(UNFUSED)
 
 
 def build(
@@ -83,11 +83,11 @@ def build(
         name = json.load(f).get("fwd_epilogue_best") or "split_c512_w32"
     print(f"forward epilogue config: {name}", flush=True)
     moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
-  if variant in INDICES or variant in FUSED:
+  if variant in INDICES or variant in UNFUSED:
     from moc_jax import moc
 
     moc.BITMASK_RESIDUALS = variant not in INDICES
-    moc.FUSE_GATE_UP = variant in FUSED
+    moc.FUSE_GATE_UP = variant not in UNFUSED
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()

@@ -31,8 +31,10 @@ BATCH_AXES = ("data", "fsdp")  # mesh axes that split tokens (sharding.py uses t
 BITMASK_RESIDUALS = True
 # The gate and up projections as one GEMM over [Wg | Wu] (and one GEMM each for dx and
 # d[Wg | Wu] in the backward): dense SwiGLU, and MoC on the Pallas backend, whose epilogues
-# read [G | U] in place. An experiment until the H200 says whether it pays (model_step.py).
-FUSE_GATE_UP = False
+# read [G | U] in place. H200, 1b step, every GEMM on cuBLAS (train.compiler_options=auto):
+# dense +0.9%, MoC +0.8% (model_step_1b_fused_h200_20261203.json); with XLA's Triton GEMMs
+# (compiler_options=none) dense lost 2.2% (model_step_1b_flags_h200_20261203b.json).
+FUSE_GATE_UP = True
 
 
 def default_k(d_model: int) -> int:

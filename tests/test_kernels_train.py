@@ -222,9 +222,15 @@ def test_gpu_real_sizes(f, k, nv, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("keep_z", "ties"), [(True, False), (False, True)])
-def test_gpu_bitmask_real_size(keep_z, ties):
-  f, k, nv = 5504, 1024, 5461
+@pytest.mark.parametrize(
+  ("keep_z", "ties", "f", "k", "nv"),
+  [
+    (True, False, 5504, 1024, 5461),
+    (False, True, 5504, 1024, 5461),
+    (True, False, 2048, 384, 2048),  # no padding channel (the 130m layer)
+  ],
+)
+def test_gpu_bitmask_real_size(keep_z, ties, f, k, nv):
   g, u, dz = _padded_inputs(16384, f, jnp.bfloat16, f + 3, ties, num_valid=nv)
   out = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=keep_z)
   ref = reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
