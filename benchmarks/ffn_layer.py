@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from moc_jax import moc
+from moc_jax import compile_options, moc
 
 TOKENS = 64 * 256
 SHAPES = ((512, 1376, 256), (768, 2048, 384), (1024, 2736, 512), (2048, 5461, 1024))
@@ -42,7 +42,9 @@ def _params(d: int, f: int, seed: int):
   return x, wg, wu, wd, dy
 
 
-def _fns(k: int, method: dict):
+def _fns(k: int, method: dict, opts: dict):
+  """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
+
   def fwd(x, wg, wu, wd, dy):
     del dy
     return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
@@ -51,7 +53,7 @@ def _fns(k: int, method: dict):
     y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
     return y, vjp(dy)
 
-  return jax.jit(fwd), jax.jit(fwd_bwd)
+  return jax.jit(fwd, compiler_options=opts), jax.jit(fwd_bwd, compiler_options=opts)
 
 
 def main() -> None:
@@ -59,9 +61,11 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--d_models", default="", help="only these shapes' d_model, comma-separated")
+  ap.add_argument("--compiler_options", default="auto", help="as train.compiler_options")
   ap.add_argument("--out", default="benchmarks/results/ffn_layer.json")
   args = ap.parse_args()
-  info = common.run_info()
+  opts = compile_options.parse(args.compiler_options)
+  info = {**common.run_info(), "compiler_options": opts}
   print(info, flush=True)
   inner, trials = (5, 5) if args.quick else (10, 9)
   rows = []
@@ -72,7 +76,7 @@ def main() -> None:
     sets = [_params(d, f, s) for s in range(2)]
     for name in args.methods.split(","):
       method = METHODS[name]
-      fwd, fwd_bwd = _fns(k, method)
+      fwd, fwd_bwd = _fns(k, method, opts)
       row = {"d": d, "F": f, "K": k, "method": name}
       for label, fn in (("fwd_us", fwd), ("fwd_bwd_us", fwd_bwd)):
         try:

@@ -20,6 +20,7 @@
 #           'auto|none'); variants $FLAG_VARIANTS, default dense: which compiler options pay?
 #   graphs  end-to-end decode with XLA's default command buffers, then with the decode loop
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
+#   gemms   each GEMM of the 1b step ($GEMM_VARIANT, default dense): shape, ms, TFLOP/s
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests, ~4 min;
 #           GPU_TESTS=tests, all 23, ~6 min)
@@ -168,6 +169,12 @@ flags() {
   done
 }
 
+gemms() {  # every GEMM of the 1b step with its achieved TFLOP/s (command buffers off)
+  [ -n "${DRY:-}" ] && { echo "GEMM report skipped (DRY)"; return 0; }
+  python3 benchmarks/gemm_report.py --preset=1b --variant=${GEMM_VARIANT:-dense} --profile \
+    --top=30 --out="$work/gemm_report_1b.json"
+}
+
 layer() {
   local args=(--quick --methods=${LAYER_METHODS:-dense,moc_pallas,moc_pallas_gcp})
   [ -n "${DRY:-}" ] && { echo "FFN layer skipped (DRY)"; return 0; }
@@ -195,7 +202,7 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags graphs tests layer stream"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags gemms graphs tests layer stream"
 export work
 export -f $sections split_config step_1b_64
 for spec in "$@"; do

@@ -51,7 +51,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
   from flax import nnx
 
   from benchmarks import common
-  from moc_jax import model_config, sharding, train_lib
+  from moc_jax import compile_options, model_config, sharding, train_lib
   from moc_jax.model import Transformer, count_params
 
   tag, n = spec["tag"], spec["n_gpus"]
@@ -94,7 +94,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
   }
   batch = sharding.put_global_batch(host, mesh) if mesh else jax.device_put(host)
   step = train_lib.make_train_step(
-    graphdef, tx, schedule, grad_accum=1, document_mask=False, state_shardings=state_shardings
+    graphdef,
+    tx,
+    schedule,
+    grad_accum=1,
+    document_mask=False,
+    state_shardings=state_shardings,
+    compiler_options=compile_options.parse("auto"),  # as the trainer's default
   )
   with sharding.use_mesh(mesh) if mesh else contextlib.nullcontext():
     t0 = time.perf_counter()
