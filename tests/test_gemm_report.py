@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import gemm_report as gr  # noqa: E402
+from benchmarks import hlo_gemms  # noqa: E402
 
 # GPU-style HLO: a cuBLAS custom call (tuple result with its s8 workspace, operand shapes
 # inline, contraction dims as JSON strings), a Triton GEMM fusion and its computation, a
@@ -101,7 +102,7 @@ ENTRY %main.10 (a: bf16[2048,4096], b: bf16[4096,1024], c: bf16[512,256], d: bf1
 
 
 def test_gemms_of_handwritten_hlo():
-  g = gr.gemms_of_hlo(HLO)
+  g = hlo_gemms.gemms_of_hlo(HLO)
   assert set(g) == {
     "custom-call.3",
     "custom-call.4",
@@ -176,7 +177,7 @@ rhs_batch_dimensions:[]},batch_size:1}"
 
 
 def test_gemms_of_older_printers_and_dynamic_slice_fusion():
-  g = gr.gemms_of_hlo(HLO_OLD)
+  g = hlo_gemms.gemms_of_hlo(HLO_OLD)
   assert set(g) == {"escaped", "unquoted", "ds_fusion"}
   assert g["escaped"]["k"] == 4 and g["escaped"]["flops"] == 2 * 30 * 4
   assert (g["escaped"]["m"], g["escaped"]["n"]) == (6, 5)
@@ -192,7 +193,7 @@ def test_gemms_of_cpu_compiled_program():
   spec = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
   a, b, c, d = spec(64, 48), spec(48, 32), spec(4, 16, 8), spec(4, 8, 24)
   f = lambda a, b, c, d: (a @ b, jnp.einsum("bmk,bkn->bmn", c, d))
-  g = gr.gemms_of_hlo(jax.jit(f).lower(a, b, c, d).compile().as_text())
+  g = hlo_gemms.gemms_of_hlo(jax.jit(f).lower(a, b, c, d).compile().as_text())
   assert sum(e["flops"] for e in g.values()) == 2 * 64 * 32 * 48 + 2 * 4 * 16 * 24 * 8
   assert sorted(e["k"] for e in g.values()) == [8, 48]
   assert {e["kind"] for e in g.values()} <= {"dot", "fusion_dot"}
