@@ -154,7 +154,8 @@ def moc_ffn(
 def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:
   """Plain SwiGLU under autodiff (the baseline), padded like MoC so comparisons are fair."""
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
-  if FUSE_GATE_UP:
+  # Not with F split over `tensor`: [Wg | Wu] would mix the two weights' shards.
+  if FUSE_GATE_UP and mesh_axis_size("tensor") == 1:
     gu_Tx2F = x_TxD @ jnp.concatenate([wg, wu], axis=1)
     g_TxF, u_TxF = jnp.split(gu_Tx2F, 2, axis=1)
   else:
