@@ -6,6 +6,8 @@ with the reference also shows every element (the zero fill included) was written
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +174,39 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, str
   else:
     _close(z, ref_z, dtype)
   _equal(z, out[3])  # the backward's Z is the forward's, kept or recomputed
+
+
+def _fused_layout_matches(g, u, dz, k, variant, num_valid, keep_z, **forward_kwargs):
+  """One [G | U] input and one [dG | dU] output (a fused gate+up GEMM's layout) give exactly
+  the outputs of separate G, U and dG, dU."""
+  fwd = functools.partial(
+    moc_train_mask.train_forward_bitmask, num_valid=num_valid, z_sel=keep_z, **forward_kwargs
+  )
+  apart = fwd(g, u, k, variant)
+  fused = fwd(jnp.concatenate([g, u], axis=1), None, k, variant)
+  for a, b in zip(apart, fused, strict=True):
+    _equal(b, a)
+  z_sel = apart[4] if keep_z else None
+  dg, du, z = moc_train_mask.train_backward_bitmask(dz, *apart[:3], z_sel)
+  dgu, z_fused = moc_train_mask.train_backward_bitmask(dz, *apart[:3], z_sel, fused=True)
+  _equal(dgu, jnp.concatenate([dg, du], axis=1))
+  _equal(z_fused, z)
+
+
+@pytest.mark.parametrize(
+  ("variant", "f", "k", "num_valid", "keep_z"),
+  [("moc", 344, 64, 330, True), ("moc", 200, 100, None, False), ("moc_2of8", 128, 32, 93, True)],
+)
+def test_bitmask_epilogues_on_a_fused_gate_up_layout(variant, f, k, num_valid, keep_z):
+  g, u, dz = _padded_inputs(3, f, jnp.bfloat16, f + 5, True, num_valid=num_valid)
+  _fused_layout_matches(g, u, dz, k, variant, num_valid, keep_z, config=TopKConfig(chunk=64))
+
+
+@pytest.mark.gpu
+def test_gpu_bitmask_fused_gate_up_layout():
+  f, k, nv = 5504, 1024, 5461
+  g, u, dz = _padded_inputs(16384, f, jnp.bfloat16, f + 7, False, num_valid=nv)
+  _fused_layout_matches(g, u, dz, k, "moc", nv, True)
 
 
 def test_stream_config_rejects_bad_walks():
