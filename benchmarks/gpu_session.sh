@@ -191,7 +191,7 @@ stream() {
   local extra=()
   [ -n "${DRY:-}" ] && extra=(--dry_run)
   [ -n "${STREAM_ONLY:-}" ] && extra+=(--only="$STREAM_ONLY")
-  python3 benchmarks/stream_sweep.py --shapes="${STREAM_SHAPES:-1b,60m}" "${extra[@]}" ${STREAM_ARGS:-} \
+  python3 benchmarks/stream_sweep.py --shapes="${STREAM_SHAPES:-1b,60m,130m,350m}" "${extra[@]}" ${STREAM_ARGS:-} \
     --out="$work/stream_sweep.json"
 }
 

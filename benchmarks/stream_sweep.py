@@ -3,7 +3,8 @@ compares with XLA's own elementwise passes over the same bytes.
 
   python benchmarks/stream_sweep.py --out benchmarks/results/stream_sweep_h200_DATE.json
 
-Per shape (the 1B layer, 16384 x 5504 with 5461 real channels and K=1024, and the 60M one), on
+Per shape (by default every preset's layer: 1B, 16384 x 5504 with 5461 real channels and
+K=1024, 60M, 130M (no padding channel) and 350M), on
 fresh random bf16 inputs: the selection bitmask (`topk_compact.mask_call`, the forward default,
 then each of SELECTIONS, whose words must equal the first's bit for bit), then every
 `StreamConfig` below for the forward pass (`apply_call`: G, U -> G_sel, U_sel, Z, Z_sel) and
@@ -175,7 +176,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="")
-  p.add_argument("--shapes", default="1b,60m")
+  p.add_argument("--shapes", default="1b,60m,130m,350m", help="of SHAPES: every preset by default")
   p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
   p.add_argument("--no_walks", action="store_true", help="the selection rows only")
   p.add_argument("--selections", default="", help="SELECTIONS names, comma-separated")
