@@ -60,25 +60,17 @@ SELECTIONS: dict[str, TopKConfig] = {
   # 296.5 (cut) at the 1B shape in stream_sweep_h200_20261203e.json
   "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
 }
-# (T, F, num_valid, K): the 1B, 60M, 130M (no padding channel) and 350M layers; 130m_pad has
-# one padding channel, to tell a cost of F = 2048 from a cost of a row without padding.
+# label: ((T, F, num_valid, K) on the GPU, the same for --dry_run): the 1B, 60M, 130M (no
+# padding channel) and 350M layers; 130m_pad has one padding channel, to tell a cost of F = 2048
+# from a cost of a row without padding; f5632 and 60m_nopad are more rows without padding.
 SHAPES = {
-  "1b": (16384, 5504, 5461, 1024),
-  "60m": (16384, 1408, 1376, 256),
-  "130m": (16384, 2048, 2048, 384),
-  "130m_pad": (16384, 2048, 2047, 384),
-  "350m": (16384, 2816, 2736, 512),
-  "f5632": (16384, 5632, 5632, 1024),  # more rows without padding channels
-  "60m_nopad": (16384, 1408, 1408, 256),
-}
-TINY = {
-  "1b": (64, 320, 300, 40),
-  "60m": (32, 128, 125, 16),
-  "130m": (32, 256, 256, 48),
-  "130m_pad": (32, 256, 255, 48),
-  "350m": (32, 384, 370, 64),
-  "f5632": (32, 384, 384, 64),
-  "60m_nopad": (32, 128, 128, 16),
+  "1b": ((16384, 5504, 5461, 1024), (64, 320, 300, 40)),
+  "60m": ((16384, 1408, 1376, 256), (32, 128, 125, 16)),
+  "130m": ((16384, 2048, 2048, 384), (32, 256, 256, 48)),
+  "130m_pad": ((16384, 2048, 2047, 384), (32, 256, 255, 48)),
+  "350m": ((16384, 2816, 2736, 512), (32, 384, 370, 64)),
+  "f5632": ((16384, 5632, 5632, 1024), (32, 384, 384, 64)),
+  "60m_nopad": ((16384, 1408, 1408, 256), (32, 128, 128, 16)),
 }
 
 
@@ -201,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
   payload = {"info": common.run_info(), "variants": {n: str(v) for n, v in VARIANTS.items()}}
   payload["shapes"] = {}
   for label in args.shapes.split(","):
-    t, f, nv, k = (TINY if args.dry_run else SHAPES)[label]
+    t, f, nv, k = SHAPES[label][args.dry_run]
     print(f"== {label}: T={t} F={f} num_valid={nv} K={k}", flush=True)
     payload["shapes"][label] = shape_rows(label, t, f, nv, k, interpret, timing)
     if args.out:

@@ -232,32 +232,24 @@ def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
   f32 = jnp.float32
   bitmask = _bitmask_epilogues(backend, wg.shape[1])
   if bitmask and FUSE_GATE_UP:  # as the forward: one [dG | dU] for one GEMM per gradient
-    epilogue = functools.partial(bitmask[1], fused=True)
-    dgu_Tx2F, z_TxF = per_batch_shard(epilogue)(dz_TxF, *compact)
+    dgu_Tx2F, z_TxF = per_batch_shard(functools.partial(bitmask[1], fused=True))(dz_TxF, *compact)
     f_pad = wg.shape[1]
     dw_gu = jnp.dot(x_TxD.T, dgu_Tx2F, preferred_element_type=f32)
+    dw_gate, dw_up = dw_gu[:, :d_ff], dw_gu[:, f_pad : f_pad + d_ff]
     dx_TxD = dgu_Tx2F @ jnp.concatenate([wg, wu], axis=1).T
-    return _grads(
-      x_TxD,
-      (w_gate, w_up, w_down),
-      dx_TxD,
-      dw_gu[:, :d_ff],
-      dw_gu[:, f_pad : f_pad + d_ff],
-      jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff],
-    )
-  epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
-  dg_TxF, du_TxF, z_TxF = per_batch_shard(epilogue)(dz_TxF, *compact)
-
+  else:
+    epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
+    dg_TxF, du_TxF, z_TxF = per_batch_shard(epilogue)(dz_TxF, *compact)
+    dw_gate = jnp.dot(x_TxD.T, dg_TxF, preferred_element_type=f32)[:, :d_ff]
+    dw_up = jnp.dot(x_TxD.T, du_TxF, preferred_element_type=f32)[:, :d_ff]
+    dx_TxD = dg_TxF @ wg.T + du_TxF @ wu.T
   dw_down = jnp.dot(z_TxF.T, dy_TxD, preferred_element_type=f32)[:d_ff]
-  dw_gate = jnp.dot(x_TxD.T, dg_TxF, preferred_element_type=f32)[:, :d_ff]
-  dw_up = jnp.dot(x_TxD.T, du_TxF, preferred_element_type=f32)[:, :d_ff]
-  dx_TxD = dg_TxF @ wg.T + du_TxF @ wu.T
-  return _grads(x_TxD, (w_gate, w_up, w_down), dx_TxD, dw_gate, dw_up, dw_down)
-
-
-def _grads(x_TxD, weights, dx_TxD, *dw):
-  """The cotangents in the primals' dtypes."""
-  return dx_TxD.astype(x_TxD.dtype), *(d.astype(w.dtype) for d, w in zip(dw, weights, strict=True))
+  return (
+    dx_TxD.astype(x_TxD.dtype),
+    dw_gate.astype(w_gate.dtype),
+    dw_up.astype(w_up.dtype),
+    dw_down.astype(w_down.dtype),
+  )
 
 
 _moc_core.defvjp(_moc_fwd, _moc_bwd)
