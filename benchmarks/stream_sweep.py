@@ -40,6 +40,15 @@ VARIANTS: dict[str, SC] = {
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
+  # Several rows per program: at the small presets every pass was launch- and occupancy-bound
+  # (one short row per program).
+  "row_w32_r2": SC(32, 4, "row", 2),
+  "row_w32_r4": SC(32, 4, "row", 4),
+  "row_w16_r4": SC(16, 4, "row", 4),
+  "row_w32_r4_a8": SC(32, 8, "row", 4),
+  "block_w16_r2": SC(16, 4, "block", 2),
+  "block_w16_r4": SC(16, 4, "block", 4),
+  "block_w32_r4_a8": SC(32, 8, "block", 4),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
 }
@@ -59,6 +68,13 @@ SELECTIONS: dict[str, TopKConfig] = {
   # a count reduction per chunk, 128 instead of 158 registers: 321.9 vs 327.6 us (ballot) and
   # 296.5 (cut) at the 1B shape in stream_sweep_h200_20261203e.json
   "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
+  # Several rows per program ('cut' only: the ballot needs one row), and the warps per program.
+  "mask_cut_r2": dataclasses.replace(_FWD, rows=2),
+  "mask_cut_r4": dataclasses.replace(_FWD, rows=4),
+  "mask_cut_r2_w8": dataclasses.replace(_FWD, rows=2, num_warps=8),
+  "mask_cut_r4_w8": dataclasses.replace(_FWD, rows=4, num_warps=8),
+  "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
+  "mask_cut_r2_c256": dataclasses.replace(_FWD, rows=2, chunk=256),
 }
 # label: ((T, F, num_valid, K) on the GPU, the same for --dry_run): the 1B, 60M, 130M (no
 # padding channel) and 350M layers; 130m_pad has one padding channel, to tell a cost of F = 2048
@@ -137,7 +153,9 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
   ref_f, ref_b = None, {}
   for name, sc in VARIANTS.items():
-    tcfg = TopKConfig(apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode)
+    tcfg = TopKConfig(
+      apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode, apply_rows=sc.rows
+    )
     fwd = jax.jit(
       lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
         m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True

@@ -44,21 +44,27 @@ class StreamConfig:
   words: int = 32
   warps: int = 4
   mode: str = "row"
+  rows: int = 1  # rows per program: short rows leave each program too little work alone
 
   def __post_init__(self):
     if self.mode not in STREAM_MODES:
       raise ValueError(f"stream mode must be one of {STREAM_MODES}, got {self.mode!r}")
     if self.words < 0 or self.words & (self.words - 1) or (self.mode == "block" and not self.words):
       raise ValueError(f"words={self.words}: a power of two (or 0 in the row modes)")
+    if self.rows < 1 or self.rows & (self.rows - 1):
+      raise ValueError(f"rows={self.rows}: a power of two")
 
   def grid(self, t: int, f: int) -> tuple[int, ...]:
-    return (t, topk_compact.num_word_blocks(f, self.words)) if self.mode == "block" else (t,)
+    programs = pl.cdiv(t, self.rows)
+    if self.mode == "block":
+      return (programs, topk_compact.num_word_blocks(f, self.words))
+    return (programs,)
 
   def blocks(self, m_ref, *, t: int, f: int):
     """This program's (rows_b, cols_b, ok, sel, slot) blocks, in order."""
     if self.mode == "block":
-      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words)]
-    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
+      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words, rows=self.rows)]
+    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=self.rows, max_words=self.words)
 
   def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
     """finish(block, load(block)) for each block, in order. Blocks are made as they are
@@ -112,7 +118,7 @@ def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, inte
 
 def stream_config(cfg: TopKConfig) -> StreamConfig:
   """The forward streaming pass's walk, from a `TopKConfig`'s apply_* fields."""
-  return StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode=cfg.apply_mode)
+  return StreamConfig(cfg.apply_words, cfg.apply_warps, cfg.apply_mode, cfg.apply_rows)
 
 
 def apply_call(

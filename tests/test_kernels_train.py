@@ -143,14 +143,18 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
     ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
+    # Several rows per program, the last program's rows partly past T.
+    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("row", 8, 2)),
+    ("moc", jnp.float32, 5, 200, 100, True, None, False, ("block", 2, 4)),
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, True, ("row", 0, 4)),
   ],
 )
 def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, stream):
   """Selection kept as bits: the same G_sel, U_sel, Z, Z_sel, dG, dU as the index epilogues,
   whichever way the streaming passes walk the bitmask."""
-  mode, words = stream
+  mode, words, rows = (*stream, 1)[:3]
   g, u, dz = _padded_inputs(t, f, dtype, f + 2, ties, num_valid=num_valid)
-  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode)
+  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode, apply_rows=rows)
   out = moc_train_mask.train_forward_bitmask(
     g, u, k, variant, num_valid=num_valid, config=cfg, z_sel=keep_z
   )
@@ -163,7 +167,7 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, str
   if keep_z:  # Z_sel is Z at the selected channels, bit for bit
     _equal(z_sel, jnp.take_along_axis(out[3], ref[0], axis=-1))
   dg, du, z = moc_train_mask.train_backward_bitmask(
-    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, mode=mode)
+    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, 4, mode, rows)
   )
   ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, ref[0], ref[1], ref[2], z_sel)
   assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
@@ -216,6 +220,8 @@ def test_stream_config_rejects_bad_walks():
     moc_train_mask.StreamConfig(words=24)
   with pytest.raises(ValueError, match="power of two"):
     moc_train_mask.StreamConfig(words=0, mode="block")
+  with pytest.raises(ValueError, match="rows=3"):
+    moc_train_mask.StreamConfig(rows=3)
 
 
 def test_forward_uint16_indices():
