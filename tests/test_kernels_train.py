@@ -213,6 +213,76 @@ def test_gpu_bitmask_fused_gate_up_layout():
   _fused_layout_matches(g, u, dz, k, "moc", nv, True)
 
 
+def _bits(a) -> np.ndarray:
+  a = np.asarray(a)
+  return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+def _packed_pairs_match(g, u, dz, k, variant, num_valid, keep_z, fused_gu, **forward_kwargs):
+  """Packing (G_sel, U_sel) in one int32 changes the residual's layout, nothing else: the same
+  words, Z and Z_sel, pairs that unpack to G_sel and U_sel, and the same gradients."""
+  fwd = functools.partial(
+    moc_train_mask.train_forward_bitmask, num_valid=num_valid, z_sel=keep_z, **forward_kwargs
+  )
+  apart = fwd(g, u, k, variant)
+  packed = (
+    fwd(jnp.concatenate([g, u], axis=1), None, k, variant, pack=True)
+    if fused_gu
+    else (fwd(g, u, k, variant, pack=True))
+  )
+  assert packed[1].dtype == jnp.int32 and packed[2] is None
+  for a, b in zip(moc_train_mask.unpack_pair(packed[1], g.dtype), apart[1:3], strict=True):
+    np.testing.assert_array_equal(_bits(a), _bits(b))
+  for i in (0, 3, 4) if keep_z else (0, 3):
+    np.testing.assert_array_equal(_bits(packed[i]), _bits(apart[i]))
+  z_sel = apart[4] if keep_z else None
+  for fused in (False, True):
+    bwd = functools.partial(moc_train_mask.train_backward_bitmask, fused=fused)
+    want = bwd(dz, *apart[:3], z_sel)
+    got = bwd(dz, packed[0], packed[1], None, z_sel)
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize(
+  ("variant", "f", "k", "num_valid", "keep_z", "fused_gu", "stream"),
+  [
+    ("moc", 344, 64, 330, True, True, ("row", 4, 1)),
+    ("moc", 200, 100, None, False, False, ("row", 0, 2)),  # ties, K = F/2, GCP
+    ("moc_2of8", 128, 32, 93, True, False, ("block", 2, 1)),
+  ],
+)
+def test_bitmask_epilogues_with_packed_pairs(variant, f, k, num_valid, keep_z, fused_gu, stream):
+  mode, words, rows = stream
+  g, u, dz = _padded_inputs(3, f, jnp.bfloat16, f + 9, True, num_valid=num_valid)
+  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode, apply_rows=rows)
+  _packed_pairs_match(g, u, dz, k, variant, num_valid, keep_z, fused_gu, config=cfg)
+
+
+def test_pack_pair_round_trips_every_bit_pattern():
+  bits = jnp.arange(-(2**15), 2**15, dtype=jnp.int32).astype(jnp.int16)  # NaNs, infs, -0 too
+  for dtype in (jnp.bfloat16, jnp.float16):
+    g = jax.lax.bitcast_convert_type(bits, dtype)
+    u = jnp.roll(g, 12345)
+    got_g, got_u = moc_train_mask.unpack_pair(moc_train_mask.pack_pair(g, u), dtype)
+    np.testing.assert_array_equal(_bits(got_g), _bits(g))
+    np.testing.assert_array_equal(_bits(got_u), _bits(u))
+
+
+def test_packed_pairs_need_16_bit_inputs():
+  g, u, _ = _inputs(2, 64, jnp.float32, 3)
+  with pytest.raises(ValueError, match="16-bit"):
+    moc_train_mask.train_forward_bitmask(g, u, 8, pack=True)
+
+
+@pytest.mark.gpu
+def test_gpu_bitmask_packed_pairs():
+  f, k, nv = 5504, 1024, 5461
+  g, u, dz = _padded_inputs(16384, f, jnp.bfloat16, f + 11, False, num_valid=nv)
+  for keep_z in (True, False):
+    _packed_pairs_match(g, u, dz, k, "moc", nv, keep_z, True)
+
+
 def test_stream_config_rejects_bad_walks():
   with pytest.raises(ValueError, match="stream mode"):
     moc_train_mask.StreamConfig(mode="column")
