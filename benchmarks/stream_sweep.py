@@ -76,6 +76,7 @@ SELECTIONS: dict[str, TopKConfig] = {
   "mask_cut_r2_w8": dataclasses.replace(_FWD, rows=2, num_warps=8),
   "mask_cut_r4_w8": dataclasses.replace(_FWD, rows=4, num_warps=8),
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
+  "mask_cut_w1": dataclasses.replace(_FWD, num_warps=1),  # warp reductions only
   "mask_cut_r2_c256": dataclasses.replace(_FWD, rows=2, chunk=256),
 }
 # label: ((T, F, num_valid, K) on the GPU, the same for --dry_run): the 1B, 60M, 130M (no
