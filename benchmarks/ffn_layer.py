@@ -10,7 +10,6 @@ Also residual bytes per token. Ratios are to dense measured in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -29,9 +28,6 @@ METHODS = {
   "moc_xla": {"variant": "moc", "gcp": False, "backend": "xla"},
   "moc_pallas": {"variant": "moc", "gcp": False, "backend": "pallas"},
   "moc_pallas_gcp": {"variant": "moc", "gcp": True, "backend": "pallas"},
-  # (G_sel, U_sel) as two bf16 residuals, not one packed int32 (moc.PACK_PAIRS off)
-  "moc_pallas_unpacked": {"variant": "moc", "gcp": False, "backend": "pallas", "pack": False},
-  "moc_pallas_gcp_unpacked": {"variant": "moc", "gcp": True, "backend": "pallas", "pack": False},
 }
 
 
@@ -46,30 +42,16 @@ def _params(d: int, f: int, seed: int):
   return x, wg, wu, wd, dy
 
 
-@contextlib.contextmanager
-def _packing(on: bool):
-  """moc.PACK_PAIRS while a method is traced."""
-  old, moc.PACK_PAIRS = moc.PACK_PAIRS, on
-  try:
-    yield
-  finally:
-    moc.PACK_PAIRS = old
-
-
 def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
-  method = dict(method)
-  pack = method.pop("pack", moc.PACK_PAIRS)
 
   def fwd(x, wg, wu, wd, dy):
     del dy
-    with _packing(pack):
-      return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
+    return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
 
   def fwd_bwd(x, wg, wu, wd, dy):
-    with _packing(pack):
-      y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
-      return y, vjp(dy)
+    y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
+    return y, vjp(dy)
 
   return jax.jit(fwd, compiler_options=opts), jax.jit(fwd_bwd, compiler_options=opts)
 

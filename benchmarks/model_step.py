@@ -52,9 +52,6 @@ UNFUSED = {
   "moc_gcp_unfused": dict(ffn="moc", gcp=True),
 }
 VARIANTS.update(UNFUSED)
-# (G_sel, U_sel) kept as two bf16 residuals instead of one packed int32 (moc.PACK_PAIRS off).
-UNPACKED = {"moc_unpacked": dict(ffn="moc"), "moc_gcp_unpacked": dict(ffn="moc", gcp=True)}
-VARIANTS.update(UNPACKED)
 
 
 def build(
@@ -86,12 +83,11 @@ def build(
         name = json.load(f).get("fwd_epilogue_best") or "split_c512_w32"
     print(f"forward epilogue config: {name}", flush=True)
     moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
-  if variant in INDICES or variant in UNFUSED or variant in UNPACKED:
+  if variant in INDICES or variant in UNFUSED:
     from moc_jax import moc
 
     moc.BITMASK_RESIDUALS = variant not in INDICES
     moc.FUSE_GATE_UP = variant not in UNFUSED
-    moc.PACK_PAIRS = variant not in UNPACKED
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()

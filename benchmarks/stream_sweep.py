@@ -52,8 +52,6 @@ VARIANTS: dict[str, SC] = {
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
 }
-# Walks also timed with (G_sel, U_sel) packed in one int32 (`pack_pair`), as `<name>_packed`.
-PACKED = ("row_w32", "block_w16")
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
 # default; each must give the first one's words. 8 warps and 1024-wide chunks lost everywhere
@@ -109,10 +107,10 @@ def _same(a, b) -> bool:
   )
 
 
-def _row(name, fn, sets, nbytes, ref=None, canon=lambda out: out, **timing) -> dict:
+def _row(name, fn, sets, nbytes, ref=None, **timing) -> dict:
   try:
     out = jax.block_until_ready(fn(*sets[0]))
-    row = {"name": name, "exact": None if ref is None else _same(canon(out), ref)}
+    row = {"name": name, "exact": None if ref is None else _same(out, ref)}
     row["us"] = common.time_fn(fn, arg_sets=sets, **timing)["median_us"]
   except Exception as e:  # one failing variant is reported; the rest still run
     print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
@@ -155,24 +153,16 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   fwd_bytes = 3 * dense + words + 3 * compact
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
   ref_f, ref_b = None, {}
-  walks = [(name, sc, False) for name, sc in VARIANTS.items()]
-  walks += [(f"{name}_packed", VARIANTS[name], True) for name in PACKED if name in VARIANTS]
-
-  def unpacked(out):  # (pairs, None, z, z_sel) as (g_sel, u_sel, z, z_sel)
-    return (*moc_train_mask.unpack_pair(out[0], jnp.bfloat16), *out[2:])
-
-  for name, sc, pack in walks:
+  for name, sc in VARIANTS.items():
     tcfg = TopKConfig(
       apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode, apply_rows=sc.rows
     )
     fwd = jax.jit(
-      lambda m, g, u, dz, c=tcfg, pack=pack: moc_train_mask.apply_call(
-        m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True, pack=pack
+      lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
+        m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True
       )
     )
-    canon = unpacked if pack else (lambda out: out)
-    got = _row(f"fwd_{name}", fwd, msets, fwd_bytes, ref_f, canon, **timing)
-    out = keep("forward", got)
+    out = keep("forward", _row(f"fwd_{name}", fwd, msets, fwd_bytes, ref_f, **timing))
     ref_f = out if ref_f is None else ref_f
     if out is None:
       continue
@@ -187,8 +177,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
         )
       )
       tag = "moc" if keep_z else "gcp"
-      ref = ref_b.get(keep_z)
-      got = _row(f"bwd_{tag}_{name}", bwd, bsets, bwd_bytes[keep_z], ref, **timing)
+      got = _row(f"bwd_{tag}_{name}", bwd, bsets, bwd_bytes[keep_z], ref_b.get(keep_z), **timing)
       out_b = keep("bwd", got)
       ref_b.setdefault(keep_z, out_b)
   res["copy_gb_s"] = res["floors"][0].get("gb_s")

@@ -35,9 +35,6 @@ BITMASK_RESIDUALS = True
 # dense +0.9%, MoC +0.8% (model_step_1b_fused_h200_20261203.json); with XLA's Triton GEMMs
 # (compiler_options=none) dense lost 2.2% (model_step_1b_flags_h200_20261203b.json).
 FUSE_GATE_UP = True
-# 16-bit activations on the bitmask path keep (G_sel, U_sel) as one int32 per selected channel
-# (`moc_train_mask.pack_pair`): same bytes, one scatter and one gather fewer per element.
-PACK_PAIRS = True
 
 
 def default_k(d_model: int) -> int:
@@ -181,16 +178,13 @@ def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
   bitmask = _bitmask_epilogues(backend, wg.shape[1])
   if bitmask:
-    pack = PACK_PAIRS and jnp.dtype(x_TxD.dtype).itemsize == 2
-    epilogue = functools.partial(
-      bitmask[0], k=k, variant=variant, num_valid=d_ff, z_sel=not gcp, pack=pack
-    )
+    epilogue = functools.partial(bitmask[0], k=k, variant=variant, num_valid=d_ff, z_sel=not gcp)
     if FUSE_GATE_UP:  # the epilogue reads G and U in place from the one [G | U] output
       gu_Tx2F = x_TxD @ jnp.concatenate([wg, wu], axis=1)
       outs = per_batch_shard(lambda gu: epilogue(gu, None))(gu_Tx2F)
     else:
       outs = per_batch_shard(epilogue)(x_TxD @ wg, x_TxD @ wu)
-    words, g_sel, u_sel, z_TxF, *z_sel = outs  # packed: u_sel None, g_sel the pairs
+    words, g_sel, u_sel, z_TxF, *z_sel = outs
     compact = (words, g_sel, u_sel, *z_sel)
     return z_TxF @ wd, (x_TxD, w_gate, w_up, w_down, compact)
   g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu

@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -88,27 +87,12 @@ def silu_mul(g, u, out_dtype):
   return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
 
 
-def pack_pair(g, u):
-  """(G, U) of a 16-bit float dtype as one int32 per channel, G in the low half: one scatter
-  in the forward and one gather in the backward instead of two (inside kernels and out)."""
-  low = lax.bitcast_convert_type(g, jnp.int16).astype(jnp.int32) & 0xFFFF
-  return low | jnp.left_shift(lax.bitcast_convert_type(u, jnp.int16).astype(jnp.int32), 16)
-
-
-def unpack_pair(gu, dtype) -> tuple[jax.Array, jax.Array]:
-  """The inverse of `pack_pair`: (G, U) in `dtype`, bit for bit."""
-  half = lambda bits: lax.bitcast_convert_type(bits.astype(jnp.int16), dtype)
-  return half(gu & 0xFFFF), half(lax.shift_right_logical(gu, 16))
-
-
-def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, pack, interpret):
-  """Z densely; G_sel, U_sel (packed: one int32 per pair; and the indices or Z_sel) at each
-  selected channel's slot. fused: U is g_ref's columns [f, 2f) (one [G | U] buffer), else
-  the next operand."""
-  u_ref, out_refs, u_off = (g_ref, list(refs), f) if fused else (refs[0], list(refs[1:]), 0)
-  idx_ref = out_refs.pop(0) if has_idx else None
-  sel_refs = out_refs[:1] if pack else out_refs[:2]
-  z_ref, *zs_ref = out_refs[len(sel_refs) :]
+def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, interpret):
+  """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot.
+  fused: U is g_ref's columns [f, 2f) (one [G | U] buffer), else the next operand."""
+  u_ref, out_refs, u_off = (g_ref, refs, f) if fused else (refs[0], refs[1:], 0)
+  idx_ref = out_refs[0] if has_idx else None
+  gs_ref, us_ref, z_ref, *zs_ref = out_refs[1:] if has_idx else out_refs
 
   def load(block):
     rows_b, cols_b, ok, _, _ = block
@@ -124,8 +108,8 @@ def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, pack
     pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
     if has_idx:
       tu.scatter_store(idx_ref, rows_b, slot, cols_b.astype(idx_ref.dtype), sel, interpret)
-    for ref, val in zip(sel_refs, [pack_pair(g, u)] if pack else [g, u], strict=True):
-      tu.scatter_store(ref, rows_b, slot, val, sel, interpret)
+    tu.scatter_store(gs_ref, rows_b, slot, g, sel, interpret)
+    tu.scatter_store(us_ref, rows_b, slot, u, sel, interpret)
     if zs_ref:
       tu.scatter_store(zs_ref[0], rows_b, slot, z, sel, interpret)
 
@@ -148,19 +132,14 @@ def apply_call(
   interpret: bool,
   idx_dtype=None,
   z_sel: bool = False,
-  pack: bool = False,
 ) -> tuple[jax.Array, ...]:
-  """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given;
-  pack: (g_sel, u_sel) as one int32 `pack_pair` array and None. u2 None: g2 is the (T, 2F)
-  [G | U] buffer of one fused GEMM."""
+  """The streaming pass: ([idx,] g_sel, u_sel, z[, z_sel]); idx only when idx_dtype is given.
+  u2 None: g2 is the (T, 2F) [G | U] buffer of one fused GEMM."""
   fused = u2 is None
   t, f = g2.shape[0], g2.shape[1] // 2 if fused else g2.shape[1]
   u_dtype = g2.dtype if fused else u2.dtype
-  if pack and not (g2.dtype == u_dtype and jnp.dtype(u_dtype).itemsize == 2):
-    raise ValueError(f"packed pairs need G and U of one 16-bit dtype, got {g2.dtype}, {u_dtype}")
   compact = lambda dtype: jax.ShapeDtypeStruct((t, k), dtype)
-  pairs = [compact(jnp.int32)] if pack else [compact(g2.dtype), compact(u_dtype)]
-  out_shape = [*pairs, jax.ShapeDtypeStruct((t, f), u_dtype)]
+  out_shape = [compact(g2.dtype), compact(u_dtype), jax.ShapeDtypeStruct((t, f), u_dtype)]
   if idx_dtype is not None:
     out_shape.insert(0, compact(idx_dtype))
   if z_sel:
@@ -174,10 +153,9 @@ def apply_call(
     sc=sc,
     has_idx=idx_dtype is not None,
     fused=fused,
-    pack=pack,
     interpret=interpret,
   )
-  outs = pl.pallas_call(
+  return pl.pallas_call(
     kernel,
     out_shape=tuple(out_shape),
     grid=sc.grid(t, f),
@@ -185,10 +163,6 @@ def apply_call(
     compiler_params=None if interpret else tu.compiler_params(sc.warps),
     name="moc_train_fwd_apply",
   )(mask, g2, *(() if fused else (u2,)))
-  if not pack:
-    return outs
-  at = 1 if idx_dtype is not None else 0
-  return (*outs[: at + 1], None, *outs[at + 1 :])
 
 
 def checked_selection(
@@ -209,7 +183,7 @@ def checked_selection(
 
 
 @functools.partial(
-  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "z_sel", "pack")
+  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "z_sel")
 )
 def train_forward_bitmask(
   g_TxF: jax.Array,
@@ -221,15 +195,13 @@ def train_forward_bitmask(
   config: TopKConfig | None = None,
   interpret: bool | None = None,
   z_sel: bool = False,
-  pack: bool = False,
 ) -> tuple[jax.Array, ...]:
   """(words_TxW int32, g_sel_TxK, u_sel_TxK, z_TxF[, z_sel_TxK]) for (T, F) inputs, F >= 32.
 
   Bit j of word w is channel 32 w + j; G_sel, U_sel, Z_sel are in channel order, as the
   reference's indices would give them. `config` is any `TopKConfig` (always run as two kernels;
   default `moc_train.FORWARD_DEFAULT`). With u_TxF None, g_TxF is the (T, 2F) output [G | U]
-  of one fused gate-and-up GEMM, read in place (no XLA slice copies). pack (16-bit inputs):
-  g_sel_TxK is the int32 `pack_pair(G_sel, U_sel)` and u_sel_TxK None.
+  of one fused gate-and-up GEMM, read in place (no XLA slice copies).
   """
   from pallas_kernels import moc_train
 
@@ -240,16 +212,11 @@ def train_forward_bitmask(
   cfg = dataclasses.replace(config or moc_train.FORWARD_DEFAULT, compact=False)
   interpret = tu.default_interpret(interpret)
   words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv, width=f)
-  outs = apply_call(
-    words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel, pack=pack
-  )
+  outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
   return (words, *outs)
 
 
-def _backward_kernel(dz_ref, m_ref, *refs, t, f, sc, has_z, fused, pair_dtype, interpret):
-  """pair_dtype set: the third operand is the packed (G_sel, U_sel) pairs, else two operands."""
-  n_sel = 2 if pair_dtype is None else 1
-  sel_refs, rest = refs[:n_sel], refs[n_sel:]
+def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, fused, interpret):
   zs_ref, outs = (rest[0], rest[1:]) if has_z else (None, rest)
   # fused: dG and dU as one (T, 2F) [dG | dU] output, for one GEMM over [Wg | Wu] after it
   (dg_ref, z_ref), du_ref, du_off = (outs, outs[0], f) if fused else (outs[::2], outs[1], 0)
@@ -257,9 +224,7 @@ def _backward_kernel(dz_ref, m_ref, *refs, t, f, sc, has_z, fused, pair_dtype, i
 
   def load(block):
     rows_b, cols_b, ok, sel, slot = block
-    gathered = [pltriton.load(r.at[rows_b, slot], mask=sel, other=0) for r in sel_refs]
-    if pair_dtype is not None:
-      gathered = list(unpack_pair(gathered[0], pair_dtype))
+    gathered = [pltriton.load(r.at[rows_b, slot], mask=sel, other=0) for r in (gs_ref, us_ref)]
     if has_z:
       gathered.append(pltriton.load(zs_ref.at[rows_b, slot], mask=sel, other=0))
     return pltriton.load(dz_ref.at[rows_b, cols_b], mask=ok, other=0), *gathered
@@ -284,7 +249,7 @@ def train_backward_bitmask(
   dz_TxF: jax.Array,
   words_TxW: jax.Array,
   g_sel_TxK: jax.Array,
-  u_sel_TxK: jax.Array | None,
+  u_sel_TxK: jax.Array,
   z_sel_TxK: jax.Array | None = None,
   *,
   config: StreamConfig | None = None,
@@ -292,26 +257,16 @@ def train_backward_bitmask(
   fused: bool = False,
 ) -> tuple[jax.Array, ...]:
   """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection;
-  fused: (dgu_Tx2F = [dG | dU], z_TxF). u_sel None: g_sel holds `pack_pair` pairs of dz's
-  dtype (the forward's `pack`)."""
+  fused: (dgu_Tx2F = [dG | dU], z_TxF)."""
   interpret = tu.default_interpret(interpret)
   sc = config or BACKWARD_DEFAULT
   t, f = dz_TxF.shape
   has_z = z_sel_TxK is not None
-  pair_dtype = dz_TxF.dtype if u_sel_TxK is None else None
-  z_dtype = z_sel_TxK.dtype if has_z else (u_sel_TxK if pair_dtype is None else dz_TxF).dtype
+  z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
   kernel = functools.partial(
-    _backward_kernel,
-    t=t,
-    f=f,
-    sc=sc,
-    has_z=has_z,
-    fused=fused,
-    pair_dtype=pair_dtype,
-    interpret=interpret,
+    _backward_kernel, t=t, f=f, sc=sc, has_z=has_z, fused=fused, interpret=interpret
   )
-  sel = (g_sel_TxK,) if u_sel_TxK is None else (g_sel_TxK, u_sel_TxK)
-  operands = (dz_TxF, words_TxW, *sel) + ((z_sel_TxK,) if has_z else ())
+  operands = (dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK) + ((z_sel_TxK,) if has_z else ())
   grads = (
     [jax.ShapeDtypeStruct((t, 2 * f), dz_TxF.dtype)]
     if fused
