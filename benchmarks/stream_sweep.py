@@ -40,17 +40,9 @@ VARIANTS: dict[str, SC] = {
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
-  # Several rows per program: at the small presets every pass was launch- and occupancy-bound
-  # (one short row per program).
-  "row_w32_r2": SC(32, 4, "row", 2),
-  "row_w32_r4": SC(32, 4, "row", 4),
-  "row_w16_r4": SC(16, 4, "row", 4),
-  "row_w32_r4_a8": SC(32, 8, "row", 4),
-  "block_w16_r2": SC(16, 4, "block", 2),
-  "block_w16_r4": SC(16, 4, "block", 4),
-  "block_w32_r4_a8": SC(32, 8, "block", 4),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
-  # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block.
+  # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block; 2 or 4 rows per
+  # program, in either walk (stream_sweep_h200_20261203i.json, code at 9dc81ef).
 }
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
@@ -68,14 +60,9 @@ SELECTIONS: dict[str, TopKConfig] = {
   # a count reduction per chunk, 128 instead of 158 registers: 321.9 vs 327.6 us (ballot) and
   # 296.5 (cut) at the 1B shape in stream_sweep_h200_20261203e.json
   "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
-  # Several rows per program ('cut' only: the ballot needs one row), and the warps per program.
-  "mask_cut_r2": dataclasses.replace(_FWD, rows=2),
-  "mask_cut_r4": dataclasses.replace(_FWD, rows=4),
-  "mask_cut_r2_w8": dataclasses.replace(_FWD, rows=2, num_warps=8),
-  "mask_cut_r4_w8": dataclasses.replace(_FWD, rows=4, num_warps=8),
+  # 2 warps: 4-14% faster below 4096 channels, 2% slower at the 1B shape (`forward_config`);
+  # 1 warp, 2-4 rows per program, 8 warps lost (stream_sweep_h200_20261203{i,j}.json).
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
-  "mask_cut_w1": dataclasses.replace(_FWD, num_warps=1),  # warp reductions only
-  "mask_cut_r2_c256": dataclasses.replace(_FWD, rows=2, chunk=256),
 }
 # label: ((T, F, num_valid, K) on the GPU, the same for --dry_run): the 1B, 60M, 130M (no
 # padding channel) and 350M layers; 130m_pad has one padding channel, to tell a cost of F = 2048
@@ -124,7 +111,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   e = 2  # bf16 bytes
   dense, compact, words = t * f * e, t * k * e, t * -(-f // 32) * 4
   sets = [tuple(_inputs(t, f, s)) for s in (0, 1)]
-  cfg = moc_train.FORWARD_DEFAULT
+  cfg = moc_train.forward_config(f)
   mask = jax.jit(lambda g: topk_compact.mask_call(g, k, "moc", cfg, interpret, num_valid=nv))
   res: dict = {"shape": dict(T=t, F=f, num_valid=nv, K=k), "floors": [], "forward": [], "bwd": []}
   res["selection"] = []
@@ -154,9 +141,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
   ref_f, ref_b = None, {}
   for name, sc in VARIANTS.items():
-    tcfg = TopKConfig(
-      apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode, apply_rows=sc.rows
-    )
+    tcfg = TopKConfig(apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode)
     fwd = jax.jit(
       lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
         m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True

@@ -42,6 +42,16 @@ from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 # The search starts from a checked Gaussian guess: selection 326-331 vs 350 us at that shape,
 # 106-111 vs 120 at the 60M one (stream_sweep_h200_20261203d.json).
 FORWARD_DEFAULT = TopKConfig(chunk=512, compact=True, apply_words=32, gauss_margin=0.1)
+NARROW_ROW = 4096  # rows of fewer (padded) channels select with 2 warps
+
+
+def forward_config(f: int) -> TopKConfig:
+  """The forward epilogue's config for rows of F (padded) channels: FORWARD_DEFAULT, with the
+  selection on 2 warps per row below NARROW_ROW channels. H200, two runs each
+  (stream_sweep_h200_20261203{i,j}.json): 60M / 130M / 350M shapes 97.9 / 117.5 / 163.7 and
+  94.6 / 113.0 / 169.9 us vs 102.2 / 135.4 / 173.2 and 110.2 / 129.5 / 176.3 on 4 warps; at
+  the 1B shape 2 warps took 307 vs 300."""
+  return dataclasses.replace(FORWARD_DEFAULT, num_warps=2) if f < NARROW_ROW else FORWARD_DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +123,9 @@ def train_forward_epilogue(
 
   idx is int32 like the reference unless `idx_dtype` (e.g. uint16, as stored) says otherwise.
   """
-  cfg = config or FORWARD_DEFAULT
-  interpret = tu.default_interpret(interpret)
   *lead, f = g_TxF.shape
+  cfg = config or forward_config(f)
+  interpret = tu.default_interpret(interpret)
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
   k, nv = checked_selection(f, k, variant, num_valid)
   if cfg.compact and f >= topk_compact.WORD:  # two kernels: selection bitmask, streaming pass

@@ -44,27 +44,21 @@ class StreamConfig:
   words: int = 32
   warps: int = 4
   mode: str = "row"
-  rows: int = 1  # rows per program: short rows leave each program too little work alone
 
   def __post_init__(self):
     if self.mode not in STREAM_MODES:
       raise ValueError(f"stream mode must be one of {STREAM_MODES}, got {self.mode!r}")
     if self.words < 0 or self.words & (self.words - 1) or (self.mode == "block" and not self.words):
       raise ValueError(f"words={self.words}: a power of two (or 0 in the row modes)")
-    if self.rows < 1 or self.rows & (self.rows - 1):
-      raise ValueError(f"rows={self.rows}: a power of two")
 
   def grid(self, t: int, f: int) -> tuple[int, ...]:
-    programs = pl.cdiv(t, self.rows)
-    if self.mode == "block":
-      return (programs, topk_compact.num_word_blocks(f, self.words))
-    return (programs,)
+    return (t, topk_compact.num_word_blocks(f, self.words)) if self.mode == "block" else (t,)
 
   def blocks(self, m_ref, *, t: int, f: int):
     """This program's (rows_b, cols_b, ok, sel, slot) blocks, in order."""
     if self.mode == "block":
-      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words, rows=self.rows)]
-    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=self.rows, max_words=self.words)
+      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words)]
+    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
 
   def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
     """finish(block, load(block)) for each block, in order. Blocks are made as they are
@@ -78,6 +72,16 @@ class StreamConfig:
 # 345 us vs 369 for one program per row (GCP: 335 vs 371); the forward pass is fastest per row
 # (305 us vs 354-437 for the block walks).
 BACKWARD_DEFAULT = StreamConfig(words=16, mode="block")
+ROW_WALK_BELOW = 2048  # rows of fewer channels: the backward walks one row per program
+
+
+def backward_config(f: int) -> StreamConfig:
+  """The backward pass's walk for rows of F channels: BACKWARD_DEFAULT, or the forward's row
+  walk below ROW_WALK_BELOW channels. At the 60M shape (F = 1408) the row walk took 91 / 97 /
+  99 us where the block walk took 121 / 103 / 101 in three runs (GCP 95 / 101 / 104 vs 100 /
+  102 / 101; stream_sweep_h200_20261203{i,j}.json, _20261202.json); at 130M the block walk
+  wins (134-141 vs 142-153)."""
+  return StreamConfig(words=32, mode="row") if f < ROW_WALK_BELOW else BACKWARD_DEFAULT
 
 
 def silu_mul(g, u, out_dtype):
@@ -118,7 +122,7 @@ def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, inte
 
 def stream_config(cfg: TopKConfig) -> StreamConfig:
   """The forward streaming pass's walk, from a `TopKConfig`'s apply_* fields."""
-  return StreamConfig(cfg.apply_words, cfg.apply_warps, cfg.apply_mode, cfg.apply_rows)
+  return StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode=cfg.apply_mode)
 
 
 def apply_call(
@@ -200,7 +204,7 @@ def train_forward_bitmask(
 
   Bit j of word w is channel 32 w + j; G_sel, U_sel, Z_sel are in channel order, as the
   reference's indices would give them. `config` is any `TopKConfig` (always run as two kernels;
-  default `moc_train.FORWARD_DEFAULT`). With u_TxF None, g_TxF is the (T, 2F) output [G | U]
+  default `moc_train.forward_config(F)`). With u_TxF None, g_TxF is the (T, 2F) output [G | U]
   of one fused gate-and-up GEMM, read in place (no XLA slice copies).
   """
   from pallas_kernels import moc_train
@@ -209,7 +213,7 @@ def train_forward_bitmask(
   if f < topk_compact.WORD:
     raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
   k, nv = checked_selection(f, k, variant, num_valid)
-  cfg = dataclasses.replace(config or moc_train.FORWARD_DEFAULT, compact=False)
+  cfg = dataclasses.replace(config or moc_train.forward_config(f), compact=False)
   interpret = tu.default_interpret(interpret)
   words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv, width=f)
   outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
@@ -259,8 +263,8 @@ def train_backward_bitmask(
   """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection;
   fused: (dgu_Tx2F = [dG | dU], z_TxF)."""
   interpret = tu.default_interpret(interpret)
-  sc = config or BACKWARD_DEFAULT
   t, f = dz_TxF.shape
+  sc = config or backward_config(f)
   has_z = z_sel_TxK is not None
   z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
   kernel = functools.partial(

@@ -157,24 +157,20 @@ def num_word_blocks(f: int, words: int) -> int:
   return -(-num_words // words)
 
 
-def row_block(m_ref, *, t: int, f: int, words: int, rows: int = 1):
-  """In-kernel, grid (T / rows, num_word_blocks): program (i, j)'s block, words
-  [j * words, (j + 1) * words) of rows [i * rows, (i + 1) * rows), as `word_blocks` yields it.
-  Its slots count the set bits of the rows' earlier words too, which each program re-reads
-  (F/8 bytes per row, from L2): one small block per program keeps many programs, and their
-  loads, in flight."""
+def row_block(m_ref, *, t: int, f: int, words: int):
+  """In-kernel, grid (T, num_word_blocks): program (i, j)'s block, row i's words
+  [j * words, (j + 1) * words), as `word_blocks` yields it. Its slots count the set bits of
+  the row's earlier words too, which each program re-reads (F/8 bytes, from L2): one small
+  block per program keeps many programs, and their loads, in flight."""
   nw = -(-f // WORD)
-  row = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)[:, None]  # (R, 1)
+  row = jnp.full((1, 1), pl.program_id(0), jnp.int32)
   start = pl.program_id(1) * words
-  widx_all = jnp.broadcast_to(
-    jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :], (rows, tu.next_pow2(nw))
-  )
-  rows_all = jnp.broadcast_to(row, widx_all.shape)
+  widx_all = jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :]
   earlier = pltriton.load(
-    m_ref.at[rows_all, widx_all], mask=(widx_all < start) & (rows_all < t), other=0
+    m_ref.at[jnp.broadcast_to(row, widx_all.shape), widx_all], mask=widx_all < start, other=0
   )
   carry = jnp.sum(lax.population_count(earlier), axis=1, keepdims=True)
-  widx = jnp.broadcast_to(start + jnp.arange(words, dtype=jnp.int32)[None, :], (rows, words))
+  widx = start + jnp.arange(words, dtype=jnp.int32)[None, :]
   block, _ = _expand_words(m_ref, row, widx, carry, t=t, f=f)
   return block
 

@@ -143,18 +143,14 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
     ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
-    # Several rows per program, the last program's rows partly past T.
-    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("row", 8, 2)),
-    ("moc", jnp.float32, 5, 200, 100, True, None, False, ("block", 2, 4)),
-    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, True, ("row", 0, 4)),
   ],
 )
 def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, stream):
   """Selection kept as bits: the same G_sel, U_sel, Z, Z_sel, dG, dU as the index epilogues,
   whichever way the streaming passes walk the bitmask."""
-  mode, words, rows = (*stream, 1)[:3]
+  mode, words = stream
   g, u, dz = _padded_inputs(t, f, dtype, f + 2, ties, num_valid=num_valid)
-  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode, apply_rows=rows)
+  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode)
   out = moc_train_mask.train_forward_bitmask(
     g, u, k, variant, num_valid=num_valid, config=cfg, z_sel=keep_z
   )
@@ -167,7 +163,7 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, str
   if keep_z:  # Z_sel is Z at the selected channels, bit for bit
     _equal(z_sel, jnp.take_along_axis(out[3], ref[0], axis=-1))
   dg, du, z = moc_train_mask.train_backward_bitmask(
-    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, 4, mode, rows)
+    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, mode=mode)
   )
   ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, ref[0], ref[1], ref[2], z_sel)
   assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
@@ -213,6 +209,14 @@ def test_gpu_bitmask_fused_gate_up_layout():
   _fused_layout_matches(g, u, dz, k, "moc", nv, True)
 
 
+def test_epilogue_configs_by_row_width():
+  assert moc_train.forward_config(1408).num_warps == 2  # the selection's warps
+  assert moc_train.forward_config(2816).num_warps == 2
+  assert moc_train.forward_config(5504) == moc_train.FORWARD_DEFAULT
+  assert moc_train_mask.backward_config(1408).mode == "row"
+  assert moc_train_mask.backward_config(2048) == moc_train_mask.BACKWARD_DEFAULT
+
+
 def test_stream_config_rejects_bad_walks():
   with pytest.raises(ValueError, match="stream mode"):
     moc_train_mask.StreamConfig(mode="column")
@@ -220,8 +224,6 @@ def test_stream_config_rejects_bad_walks():
     moc_train_mask.StreamConfig(words=24)
   with pytest.raises(ValueError, match="power of two"):
     moc_train_mask.StreamConfig(words=0, mode="block")
-  with pytest.raises(ValueError, match="rows=3"):
-    moc_train_mask.StreamConfig(rows=3)
 
 
 def test_forward_uint16_indices():
@@ -269,9 +271,12 @@ def test_gpu_real_sizes(f, k, nv, cfg):
     (True, False, 5504, 1024, 5461),
     (False, True, 5504, 1024, 5461),
     (True, False, 2048, 384, 2048),  # no padding channel (the 130m layer)
+    (False, True, 1408, 256, 1376),  # the 60m layer: 2-warp selection, row-walk backward
+    (True, False, 2816, 512, 2736),  # the 350m layer: 2-warp selection
   ],
 )
 def test_gpu_bitmask_real_size(keep_z, ties, f, k, nv):
+  """Each preset's layer shape with the default configs for its width."""
   g, u, dz = _padded_inputs(16384, f, jnp.bfloat16, f + 3, ties, num_valid=nv)
   out = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=keep_z)
   ref = reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
