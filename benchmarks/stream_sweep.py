@@ -6,7 +6,8 @@ compares with XLA's own elementwise passes over the same bytes.
 Per shape (by default every preset's layer: 1B, 16384 x 5504 with 5461 real channels and
 K=1024, 60M, 130M (no padding channel) and 350M), on
 fresh random bf16 inputs: the selection bitmask (`topk_compact.mask_call`, the forward default,
-then each of SELECTIONS, whose words must equal the first's bit for bit), then every
+then each of SELECTIONS, whose words must equal the first's bit for bit), the whole forward
+epilogue as two kernels and as one (EPILOGUES, indices out, each equal to the first), then every
 `StreamConfig` below for the forward pass (`apply_call`: G, U -> G_sel, U_sel, Z, Z_sel) and
 the backward (`train_backward_bitmask`, with Z_sel (MoC) and without (GCP)). Each
 variant's outputs must equal the default walk's bit for bit. Floors in the same run: an XLA
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,6 +65,20 @@ SELECTIONS: dict[str, TopKConfig] = {
   # 2 warps: 4-14% faster below 4096 channels, 2% slower at the 1B shape (`forward_config`);
   # 1 warp, 2-4 rows per program, 8 warps lost (stream_sweep_h200_20261203{i,j}.json).
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
+}
+# The whole forward epilogue with indices (`moc_train.train_forward_epilogue`): the two-kernel
+# default (selection bitmask, then the streaming pass) vs the one-kernel form (selection,
+# U loads and every store in one pass) that lost at the 1B shape on 12-01 (1083 vs 748 us) and
+# was never timed at the small ones, where a row is short enough to stay in registers.
+EPILOGUES: dict[str, Callable[[int], TopKConfig]] = {
+  "epi_two_kernels": moc_train.forward_config,
+  "epi_one_kernel": lambda f: dataclasses.replace(moc_train.forward_config(f), compact=False),
+  "epi_one_kernel_w4": lambda f: dataclasses.replace(
+    moc_train.forward_config(f), compact=False, num_warps=4
+  ),
+  "epi_one_kernel_all_keys": lambda f: dataclasses.replace(
+    moc_train.forward_config(f), compact=False, gauss_margin=0.0
+  ),
 }
 # label: ((T, F, num_valid, K) on the GPU, the same for --dry_run): the 1B, 60M, 130M (no
 # padding channel) and 350M layers; 130m_pad has one padding channel, to tell a cost of F = 2048
@@ -136,6 +152,18 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
     got = _row(name, fn, sets, dense + words, ref_m, **timing)
     ref_m = got[1] if ref_m is None and isinstance(got, tuple) else ref_m
     keep("selection", got)
+  res["epilogue"] = []
+  ref_e = None
+  for name, cfg_of in EPILOGUES.items():
+    ecfg = cfg_of(f)
+    fn = jax.jit(
+      lambda g, u, dz, c=ecfg: moc_train.train_forward_epilogue(
+        g, u, k, num_valid=nv, config=c, interpret=interpret
+      )
+    )
+    got = _row(name, fn, sets, 3 * dense + 4 * t * k + 2 * compact, ref_e, **timing)
+    ref_e = got[1] if ref_e is None and isinstance(got, tuple) else ref_e
+    keep("epilogue", got)
   msets = [(mask(g), g, u, dz) for g, u, dz in sets]
   fwd_bytes = 3 * dense + words + 3 * compact
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
@@ -176,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
   p.add_argument("--no_walks", action="store_true", help="the selection rows only")
   p.add_argument("--selections", default="", help="SELECTIONS names, comma-separated")
+  p.add_argument("--no_epilogues", action="store_true", help="skip the EPILOGUES rows")
   p.add_argument("--dry_run", action="store_true", help="tiny shapes in interpret mode (CPU)")
   args = p.parse_args(argv)
   if args.only:
@@ -185,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         del VARIANTS[name]
   if args.no_walks:
     VARIANTS.clear()
+  if args.no_epilogues:
+    EPILOGUES.clear()
   if args.selections:
     unknown = set(args.selections.split(",")) - set(SELECTIONS)
     if unknown:
