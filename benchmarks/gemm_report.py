@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import step_profile  # noqa: E402  (no jax at import: XLA_FLAGS come first)
 from benchmarks.hlo_gemms import gemms_of_hlo  # noqa: E402
 
 NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
@@ -44,7 +45,7 @@ def op_times(events: list[dict]) -> tuple[dict[str, float], dict[str, int]]:
   times: dict[str, float] = collections.defaultdict(float)
   per_kernel: collections.Counter[tuple[str, str]] = collections.Counter()
   for e in events:
-    op = (e.get("args") or {}).get("hlo_op") or e["name"]
+    op = step_profile.hlo_op(e)
     times[op] += e["dur"]
     per_kernel[op, e["name"]] += 1
   calls: dict[str, int] = {}
@@ -124,7 +125,8 @@ COLUMNS = ("name", "kind", "types", "batch", "MxNxK", "calls", "ms", "TFLOP/s")
 
 
 def _fmt_rows(rows: list[dict], top: int) -> list[dict]:
-  fmt = lambda x, d: "-" if x is None else f"{x:.{d}f}"
+  from benchmarks.common import fmt  # imports jax: not before main() sets XLA_FLAGS
+
   return [
     {
       "name": r["name"],
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
   import jax
 
-  from benchmarks import common, model_step, step_profile
+  from benchmarks import common, model_step
   from moc_jax import train_lib
 
   cfg, _, state, step, batch_of = model_step.build(

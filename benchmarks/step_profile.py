@@ -66,12 +66,17 @@ def busy_time(events: list[dict]) -> float:
   return total
 
 
+def hlo_op(event: dict) -> str:
+  """The HLO instruction a device event ran for (its kernel name if the trace has none)."""
+  return (event.get("args") or {}).get("hlo_op") or event["name"]
+
+
 def summarize(trace: dict, steps: int, top: int = 25) -> dict:
   events = device_events(trace)
   by_op: dict[str, float] = collections.defaultdict(float)
   kernel: dict[str, str] = {}  # op -> a kernel name it ran (Pallas calls are custom-call.N)
   for e in events:
-    op = (e.get("args") or {}).get("hlo_op") or e["name"]
+    op = hlo_op(e)
     if op.startswith("command_buffer"):  # a CUDA graph's kernels all carry its op: use theirs
       op = e["name"]
     by_op[op] += e["dur"]

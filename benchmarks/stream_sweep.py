@@ -130,7 +130,6 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   cfg = moc_train.forward_config(f)
   mask = jax.jit(lambda g: topk_compact.mask_call(g, k, "moc", cfg, interpret, num_valid=nv))
   res: dict = {"shape": dict(T=t, F=f, num_valid=nv, K=k), "floors": [], "forward": [], "bwd": []}
-  res["selection"] = []
 
   def keep(bucket, got):
     res[bucket].append(got[0] if isinstance(got, tuple) else got)
@@ -144,26 +143,26 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   for name, (fn, nbytes) in floors.items():
     keep("floors", _row(name, jax.jit(fn), sets, nbytes, **timing))
   keep("floors", _row("mask_default", lambda g, u, dz: mask(g), sets, dense + words, **timing))
-  ref_m = None
-  for name, scfg in SELECTIONS.items():
-    fn = jax.jit(
-      lambda g, u, dz, c=scfg: topk_compact.mask_call(g, k, "moc", c, interpret, num_valid=nv)
+
+  def compare(bucket: str, fns: dict, nbytes: int) -> None:
+    """Time each (g, u, dz) function; the first one's outputs are what the others must equal."""
+    res[bucket], ref = [], None
+    for name, fn in fns.items():
+      got = _row(name, jax.jit(fn), sets, nbytes, ref, **timing)
+      ref = got[1] if ref is None and isinstance(got, tuple) else ref
+      keep(bucket, got)
+
+  select = lambda c: (
+    lambda g, u, dz: topk_compact.mask_call(g, k, "moc", c, interpret, num_valid=nv)
+  )
+  compare("selection", {name: select(c) for name, c in SELECTIONS.items()}, dense + words)
+  epilogue = lambda c: (
+    lambda g, u, dz: moc_train.train_forward_epilogue(
+      g, u, k, num_valid=nv, config=c, interpret=interpret
     )
-    got = _row(name, fn, sets, dense + words, ref_m, **timing)
-    ref_m = got[1] if ref_m is None and isinstance(got, tuple) else ref_m
-    keep("selection", got)
-  res["epilogue"] = []
-  ref_e = None
-  for name, cfg_of in EPILOGUES.items():
-    ecfg = cfg_of(f)
-    fn = jax.jit(
-      lambda g, u, dz, c=ecfg: moc_train.train_forward_epilogue(
-        g, u, k, num_valid=nv, config=c, interpret=interpret
-      )
-    )
-    got = _row(name, fn, sets, 3 * dense + 4 * t * k + 2 * compact, ref_e, **timing)
-    ref_e = got[1] if ref_e is None and isinstance(got, tuple) else ref_e
-    keep("epilogue", got)
+  )
+  epilogues = {name: epilogue(cfg_of(f)) for name, cfg_of in EPILOGUES.items()}
+  compare("epilogue", epilogues, 3 * dense + 4 * t * k + 2 * compact)
   msets = [(mask(g), g, u, dz) for g, u, dz in sets]
   fwd_bytes = 3 * dense + words + 3 * compact
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--out", default="")
   p.add_argument("--shapes", default="1b,60m,130m,350m", help="of SHAPES: every preset by default")
   p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
-  p.add_argument("--no_walks", action="store_true", help="the selection rows only")
+  p.add_argument("--no_walks", action="store_true", help="skip the streaming walks")
   p.add_argument("--selections", default="", help="SELECTIONS names, comma-separated")
   p.add_argument("--no_epilogues", action="store_true", help="skip the EPILOGUES rows")
   p.add_argument("--dry_run", action="store_true", help="tiny shapes in interpret mode (CPU)")
