@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -103,6 +104,32 @@ def _swiglu(g, u):
   return jax.nn.silu(g) * u
 
 
+def _pallas_silu_mul(g, u, *, rows: int, warps: int, interpret: bool):
+  """silu(G) * U as the plainest Pallas-Triton kernel: the flat tensors as (N/1024, 1024), one
+  (rows, 1024) block per program. A floor for what Pallas streams at, beside XLA's fusion."""
+  from jax.experimental import pallas as pl
+
+  n = g.size
+  if n % (rows * 1024):
+    raise ValueError(f"{g.shape}: not a multiple of {rows} x 1024 elements")
+  g2, u2 = g.reshape(n // 1024, 1024), u.reshape(n // 1024, 1024)
+
+  def kernel(g_ref, u_ref, z_ref):
+    z_ref[...] = moc_train_mask.silu_mul(g_ref[...], u_ref[...], z_ref.dtype)
+
+  spec = pl.BlockSpec((rows, 1024), lambda i: (i, 0))
+  z = pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct(g2.shape, g.dtype),
+    grid=(n // 1024 // rows,),
+    in_specs=[spec, spec],
+    out_specs=spec,
+    compiler_params=tu.compiler_params(warps),
+    interpret=interpret,
+  )(g2, u2)
+  return z.reshape(g.shape)
+
+
 def _same(a, b) -> bool:
   return all(
     np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
@@ -140,6 +167,9 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
     "xla_silu_mul": (lambda g, u, dz: moc_train_mask.silu_mul(g, u, g.dtype), 3 * dense),
     "xla_dense_bwd": (lambda g, u, dz: jax.vjp(_swiglu, g, u)[1](dz), 5 * dense),
   }
+  for rows, warps in ((4, 4), (8, 4), (16, 8)):
+    fn = functools.partial(_pallas_silu_mul, rows=rows, warps=warps, interpret=interpret)
+    floors[f"pallas_silu_mul_r{rows}w{warps}"] = (lambda g, u, dz, fn=fn: fn(g, u), 3 * dense)
   for name, (fn, nbytes) in floors.items():
     keep("floors", _row(name, jax.jit(fn), sets, nbytes, **timing))
   keep("floors", _row("mask_default", lambda g, u, dz: mask(g), sets, dense + words, **timing))
