@@ -43,6 +43,11 @@ VARIANTS: dict[str, SC] = {
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
+  # slot bases by XLA beforehand: no scan, no carry, no re-count of the row's earlier words
+  "prefix_w8": SC(8, 4, "prefix"),
+  "prefix_w16": SC(16, 4, "prefix"),
+  "prefix_w32": SC(32, 4, "prefix"),
+  "prefix_w64": SC(64, 8, "prefix"),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block; 2 or 4 rows per
   # program, in either walk (stream_sweep_h200_20261203i.json, code at 9dc81ef).
