@@ -23,6 +23,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from benchmarks import common
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import moc_train, moc_train_mask, topk_compact
+from pallas_kernels import moc_train, moc_train_mask, topk, topk_compact
 from pallas_kernels._topk_config import TopKConfig
 
 SC = moc_train_mask.StreamConfig
@@ -43,14 +44,11 @@ VARIANTS: dict[str, SC] = {
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
-  # slot bases by XLA beforehand: no scan, no carry, no re-count of the row's earlier words
-  "prefix_w8": SC(8, 4, "prefix"),
-  "prefix_w16": SC(16, 4, "prefix"),
-  "prefix_w32": SC(32, 4, "prefix"),
-  "prefix_w64": SC(64, 8, "prefix"),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block; 2 or 4 rows per
-  # program, in either walk (stream_sweep_h200_20261203i.json, code at 9dc81ef).
+  # program, in either walk (stream_sweep_h200_20261203i.json, code at 9dc81ef); each word's
+  # slot base by XLA beforehand ('prefix', blocks of 8-64 words: forward 438-511 us vs 313 at
+  # 1B, backward 370 vs 353; stream_sweep_h200_20261203l.json, code at 2f85434).
 }
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
@@ -84,6 +82,38 @@ EPILOGUES: dict[str, Callable[[int], TopKConfig]] = {
   ),
   "epi_one_kernel_all_keys": lambda f: dataclasses.replace(
     moc_train.forward_config(f), compact=False, gauss_margin=0.0
+  ),
+}
+
+
+def _one_of_three_scatters():
+  """A stand-in for `tu.scatter_store` that stores only every third call: the forward walk
+  with Z_sel makes three per block (G_sel, U_sel, Z_sel), so one of them stays."""
+  calls = iter(range(1 << 30))
+  real = tu.scatter_store
+  return lambda *a, **kw: real(*a, **kw) if next(calls) % 3 == 0 else None
+
+
+# Timing-only ablations (outputs not exact): (what is patched while the variant is traced,
+# the pass it changes). Where the selection's and the forward walk's time goes: the search
+# loop skipped (load, stats, guess check, final pass and stores only) or cut to one pass; the
+# forward row walk without its slot scatters (Z and the word expansion only) or with one.
+ABLATIONS: dict[str, tuple[Callable, str]] = {
+  "abl_sel_no_search": (
+    lambda: mock.patch.object(topk.lax, "while_loop", lambda c, b, s: s),
+    "sel",
+  ),
+  "abl_sel_one_pass": (
+    lambda: mock.patch.object(topk.lax, "while_loop", lambda c, b, s: b(s)),
+    "sel",
+  ),
+  "abl_fwd_no_scatter": (
+    lambda: mock.patch.object(tu, "scatter_store", lambda *a, **kw: None),
+    "fwd",
+  ),
+  "abl_fwd_one_scatter": (
+    lambda: mock.patch.object(tu, "scatter_store", _one_of_three_scatters()),
+    "fwd",
   ),
 }
 # label: ((T, F, num_valid, K) on the GPU, the same for --dry_run): the 1B, 60M, 130M (no
@@ -191,6 +221,17 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
     lambda g, u, dz: topk_compact.mask_call(g, k, "moc", c, interpret, num_valid=nv)
   )
   compare("selection", {name: select(c) for name, c in SELECTIONS.items()}, dense + words)
+  res["ablations"] = []
+  for name, (patch, target) in ABLATIONS.items():
+    if target == "sel":
+      fn, args, nbytes = select(cfg), sets, dense + words
+    else:
+      fn = lambda m, g, u, dz: moc_train_mask.apply_call(
+        m, g, u, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=True
+      )
+      args, nbytes = [(mask(g), g, u, dz) for g, u, dz in sets], 3 * dense + words + 3 * compact
+    with patch():
+      keep("ablations", _row(name, jax.jit(fn), args, nbytes, **timing))
   epilogue = lambda c: (
     lambda g, u, dz: moc_train.train_forward_epilogue(
       g, u, k, num_valid=nv, config=c, interpret=interpret
@@ -239,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--no_walks", action="store_true", help="skip the streaming walks")
   p.add_argument("--selections", default="", help="SELECTIONS names, comma-separated")
   p.add_argument("--no_epilogues", action="store_true", help="skip the EPILOGUES rows")
+  p.add_argument("--no_ablations", action="store_true", help="skip the ABLATIONS rows")
   p.add_argument("--dry_run", action="store_true", help="tiny shapes in interpret mode (CPU)")
   args = p.parse_args(argv)
   if args.only:
@@ -248,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         del VARIANTS[name]
   if args.no_walks:
     VARIANTS.clear()
+  if args.no_ablations:
+    ABLATIONS.clear()
   if args.no_epilogues:
     EPILOGUES.clear()
   if args.selections:

@@ -175,30 +175,6 @@ def row_block(m_ref, *, t: int, f: int, words: int):
   return block
 
 
-def word_prefix(words_TxW: jax.Array) -> jax.Array:
-  """Each word's slot base (the set bits of its row's earlier words), int32, by XLA: with it a
-  streaming pass finds any channel's slot without a scan or a carry (`prefixed_block`)."""
-  cnt = lax.population_count(words_TxW)
-  return jnp.cumsum(cnt, axis=1) - cnt
-
-
-def prefixed_block(m_ref, p_ref, *, t: int, f: int, words: int):
-  """In-kernel, grid (T, num_word_blocks): program (i, j)'s block as `row_block` gives it (flat:
-  (1, words * 32) channels), from the words and their bases (`word_prefix`). Each lane loads the
-  word and base of its own channels (repeats hit L1): no scan, no carry."""
-  del t  # one row per program: the grid has T rows
-  nw = -(-f // WORD)
-  cols_b = pl.program_id(1) * (words * WORD) + jnp.arange(words * WORD, dtype=jnp.int32)[None, :]
-  rows_b = jnp.full(cols_b.shape, pl.program_id(0), jnp.int32)
-  widx, bit = lax.shift_right_logical(cols_b, 5), cols_b & (WORD - 1)
-  ok = cols_b < f
-  word = pltriton.load(m_ref.at[rows_b, widx], mask=widx < nw, other=0)
-  base = pltriton.load(p_ref.at[rows_b, widx], mask=widx < nw, other=0)
-  sel = ((lax.shift_right_logical(word, bit) & 1) == 1) & ok
-  slot = base + lax.population_count(word & (jnp.left_shift(1, bit) - 1))
-  return rows_b, cols_b, ok, sel, slot
-
-
 def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, *, t, f, rows, interpret):
   for rows_b, cols_b, _, sel, slot in word_blocks(m_ref, t=t, f=f, rows=rows):
     g = pltriton.load(g_ref.at[rows_b, cols_b], mask=sel, other=0)

@@ -143,10 +143,6 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
     ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
-    # Slot bases from XLA (`word_prefix`): no scan in the kernel.
-    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("prefix", 16)),
-    ("moc", jnp.float32, 2, 200, 100, True, None, False, ("prefix", 2)),
-    ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("prefix", 1)),
   ],
 )
 def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, stream):
@@ -228,8 +224,6 @@ def test_stream_config_rejects_bad_walks():
     moc_train_mask.StreamConfig(words=24)
   with pytest.raises(ValueError, match="power of two"):
     moc_train_mask.StreamConfig(words=0, mode="block")
-  with pytest.raises(ValueError, match="power of two"):
-    moc_train_mask.StreamConfig(words=0, mode="prefix")
 
 
 def test_forward_uint16_indices():
