@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from benchmarks import common
 from pallas_kernels import _triton_utils as tu
@@ -94,6 +95,34 @@ def _one_of_three_scatters():
   return lambda *a, **kw: real(*a, **kw) if next(calls) % 3 == 0 else None
 
 
+def _count_instead_of_words(m_ref, rows_b, cols_b, sel, *, t, f, ballot=False):
+  """A stand-in for `topk_compact._store_words`: each chunk stores its selected count at the
+  row's word 0 instead of packing words (the tie masks stay live, the packing goes)."""
+  del ballot
+  row = jnp.min(rows_b, axis=1)
+  cnt = jnp.sum(sel.astype(jnp.int32), axis=1)
+  topk_compact.pltriton.store(m_ref.at[row, jnp.zeros_like(row)], cnt, mask=row < t)
+
+
+def _ties_all(ckeys, v, need, packed=True):
+  """A stand-in for `topk._tie_masks`: keep every key equal to v (no counts, no cut)."""
+  del need, packed
+  for ckey in ckeys:
+    yield ckey == v
+
+
+def _slots_without_scan():
+  """A stand-in for `topk_compact._expand_words` whose slots are channel // 8 (in [0, K) at
+  every preset, K >= F/8): the scan and carry behind the real slots go dead, the stores stay."""
+  real = topk_compact._expand_words
+
+  def expand(*a, **kw):
+    (rows_b, cols_b, ok, sel, _), carry = real(*a, **kw)
+    return (rows_b, cols_b, ok, sel, lax.shift_right_logical(cols_b, 3)), carry
+
+  return expand
+
+
 # Timing-only ablations (outputs not exact): (what is patched while the variant is traced,
 # the pass it changes). Where the selection's and the forward walk's time goes: the search
 # loop skipped (load, stats, guess check, final pass and stores only) or cut to one pass; the
@@ -107,8 +136,17 @@ ABLATIONS: dict[str, tuple[Callable, str]] = {
     lambda: mock.patch.object(topk.lax, "while_loop", lambda c, b, s: b(s)),
     "sel",
   ),
+  "abl_sel_no_packing": (
+    lambda: mock.patch.object(topk_compact, "_store_words", _count_instead_of_words),
+    "sel",
+  ),
+  "abl_sel_no_ties": (lambda: mock.patch.object(topk, "_tie_masks", _ties_all), "sel"),
   "abl_fwd_no_scatter": (
     lambda: mock.patch.object(tu, "scatter_store", lambda *a, **kw: None),
+    "fwd",
+  ),
+  "abl_fwd_no_scan": (
+    lambda: mock.patch.object(topk_compact, "_expand_words", _slots_without_scan()),
     "fwd",
   ),
   "abl_fwd_one_scatter": (
