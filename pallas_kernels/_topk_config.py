@@ -42,6 +42,8 @@ class TopKConfig:
   apply_warps: int = 4
   apply_words: int = 0
   apply_mode: str = "row"  # 'row' | 'block' (moc_train_mask.StreamConfig)
+  words_by_offset: bool = False  # bitmask words' rows/columns computed, not min-reduced
+  apply_prefix: bool = False  # slot bases by XLA beforehand (moc_train_mask.StreamConfig)
   # The bitmask kernel's final pass: 'scan' (a prefix sum per chunk, as for slots), 'cut' (ties
   # resolved from per-chunk counts; a prefix sum only where the cut falls), 'ballot' ('cut',
   # words by warp ballot on the GPU; as 'cut' in interpret mode or without `strided`),

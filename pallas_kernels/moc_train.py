@@ -65,7 +65,8 @@ class BackwardConfig:
 def _forward_kernel(
   g_ref, u_ref, idx_ref, gs_ref, us_ref, z_ref, *, t, f, k, num_valid, cfg, interpret
 ):
-  def emit(rows_b, cols_b, valid, g, sel, pos):
+  def emit(rows_b, cols_b, valid, g, sel, pos, off):
+    del off
     u = pltriton.load(u_ref.at[rows_b, cols_b], mask=valid, other=0)
     z = jnp.where(sel, silu_mul(g, u, z_ref.dtype), jnp.zeros((), z_ref.dtype))
     tu.scatter_store(z_ref, rows_b, cols_b, z, valid, interpret)

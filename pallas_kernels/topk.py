@@ -100,10 +100,11 @@ def select_rows(
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
 
-  on_chunk(rows_b, cols_b, valid, g, sel, pos): broadcast (R, W) row/column indices, the
+  on_chunk(rows_b, cols_b, valid, g, sel, pos, off): broadcast (R, W) row/column indices, the
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
-  mask and each selected element's output slot in [0, k). With `slots=False` pos is None and
-  the final pass is much cheaper (`_tie_masks`): for callers that keep only the mask.
+  mask, each selected element's output slot in [0, k) and the chunk's first column (an int).
+  With `slots=False` pos is None and the final pass is much cheaper (`_tie_masks`): for
+  callers that keep only the mask.
   """
   dtype = g_ref.dtype
   nbits = tu.key_bits(dtype)
@@ -207,7 +208,7 @@ def select_rows(
     ties = _tie_masks(ckeys, v_c, need, packed=not cfg.mask_pass.endswith("_each"))
     for ckey, eq_keep, (off, w) in zip(ckeys, ties, chunks, strict=True):
       rows_b, cols_b, valid, g = load_chunk(off, w)
-      on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None)
+      on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None, off)
     return
   carry = jnp.zeros((r, 1), jnp.int32)
   for ckey, (off, w) in zip(ckeys, chunks, strict=True):
@@ -218,7 +219,7 @@ def select_rows(
     cum = jnp.cumsum(packed, axis=1) + carry
     carry = carry + jnp.sum(packed, axis=1, keepdims=True)
     sel, pos = selected_slots(cum, gt, eq, valid, need)
-    on_chunk(rows_b, cols_b, valid, g, sel, pos)
+    on_chunk(rows_b, cols_b, valid, g, sel, pos, off)
 
 
 def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:
@@ -248,8 +249,8 @@ def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:
 
 
 def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):
-  def store(rows_b, cols_b, valid, g, sel, pos):
-    del valid
+  def store(rows_b, cols_b, valid, g, sel, pos, off):
+    del valid, off
     tu.scatter_store(idx_ref, rows_b, pos, cols_b, sel, interpret)
     tu.scatter_store(val_ref, rows_b, pos, g, sel, interpret)
 

@@ -39,8 +39,12 @@ WORD = 32
 WORD_GRANULE = 16  # words per compaction chunk at least (512 channels)
 
 
-def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = False) -> None:
-  """Pack sel (..., W) into words along its last axis (32 consecutive channels each)."""
+def _store_words(
+  m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = False, off: int | None = None
+) -> None:
+  """Pack sel (..., W) into words along its last axis (32 consecutive channels each). off:
+  the block's first channel, when its rows are this program's `pl.program_id(0) * R + i`:
+  the words' rows and columns are then computed, not reduced from rows_b and cols_b."""
   # One row of >= 32 channels: Triton's blocked layout puts a warp's 32 lanes on 32 consecutive
   # channels. With 2+ rows it interleaves rows across lanes (threadsPerWarp [2, 16], order
   # [0, 1], read from the TTGIR), and narrower blocks repeat lanes: no ballot there.
@@ -50,10 +54,19 @@ def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = F
   shape = (*sel.shape[:-1], w // WORD, WORD)
   bits = jnp.left_shift(sel.astype(jnp.int32), cols_b & (WORD - 1))
   words = jnp.sum(bits.reshape(shape), axis=-1)  # disjoint bits: the sum is the OR
-  col0 = jnp.min(cols_b.reshape(shape), axis=-1)
-  row = jnp.min(rows_b.reshape(shape), axis=-1)
-  ok = (row < t) & (col0 < f)
-  pltriton.store(m_ref.at[row, col0 // WORD], words, mask=ok)
+  if off is None:
+    widx = jnp.min(cols_b.reshape(shape), axis=-1) // WORD
+    row = jnp.min(rows_b.reshape(shape), axis=-1)
+  else:
+    r = sel.shape[0]
+    row = jnp.broadcast_to(
+      pl.program_id(0) * r + jnp.arange(r, dtype=jnp.int32)[:, None], shape[:-1]
+    )
+    widx = jnp.broadcast_to(
+      off // WORD + jnp.arange(w // WORD, dtype=jnp.int32)[None, :], shape[:-1]
+    )
+  ok = (row < t) & (widx * WORD < f)
+  pltriton.store(m_ref.at[row, widx], words, mask=ok)
 
 
 def _store_words_ballot(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
@@ -86,9 +99,10 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
     topk.group_rows(g_ref, t=t, f=f, rows=rows, on_group=on_group, num_valid=num_valid)
     return
 
-  def on_chunk(rows_b, cols_b, valid, g, sel, pos):
+  def on_chunk(rows_b, cols_b, valid, g, sel, pos, off):
     del valid, g, pos
-    _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f, ballot=ballot)
+    off = off if cfg.words_by_offset else None
+    _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f, ballot=ballot, off=off)
 
   # The ballot needs lane i of a warp on channel 32w + i (`strided`) and a GPU.
   ballot = cfg.mask_pass.startswith("ballot") and cfg.strided and not interpret
@@ -106,9 +120,10 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
   )
 
 
-def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int):
+def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int, p_ref=None):
   """Load the words at widx and expand them to channels: (rows_b, cols_b, ok, sel, slot) as
-  (R, CW, 32) blocks, and the carry (set bits so far) after them."""
+  (R, CW, 32) blocks, and the carry (set bits so far) after them. With p_ref (`word_prefix`)
+  each word's slot base is loaded, not scanned, and the carry is not needed."""
   rows, cw = widx_RxW.shape
   nw = -(-f // WORD)
   bit = jnp.arange(WORD, dtype=jnp.int32)[None, None, :]  # (1, 1, 32)
@@ -116,9 +131,12 @@ def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int):
   rows_w = jnp.broadcast_to(row_R1, (rows, cw))
   ok_w = (rows_w < t) & (widx_RxW < nw)
   words = pltriton.load(m_ref.at[rows_w, widx_RxW], mask=ok_w, other=0)  # (R, CW)
-  cnt = lax.population_count(words)
-  base = jnp.cumsum(cnt, axis=1) - cnt + carry_R1  # exclusive: slot of the word's first bit
-  carry = carry_R1 + jnp.sum(cnt, axis=1, keepdims=True)
+  if p_ref is None:
+    cnt = lax.population_count(words)
+    base = jnp.cumsum(cnt, axis=1) - cnt + carry_R1  # exclusive: slot of the word's first bit
+    carry = carry_R1 + jnp.sum(cnt, axis=1, keepdims=True)
+  else:
+    base, carry = pltriton.load(p_ref.at[rows_w, widx_RxW], mask=ok_w, other=0), carry_R1
   word3, base3 = words.reshape(rows, cw, 1), base.reshape(rows, cw, 1)
   shape = (rows, cw, WORD)
   rows_b = jnp.broadcast_to(row_R1.reshape(rows, 1, 1), shape)
@@ -129,8 +147,22 @@ def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int):
   return (rows_b, cols_b, ok, sel, slot), carry
 
 
+def word_prefix(words_TxW: jax.Array) -> jax.Array:
+  """Each word's slot base (the set bits of its row's earlier words), int32, by XLA: a
+  streaming pass given it loads each block's bases instead of scanning (`_expand_words`)."""
+  cnt = lax.population_count(words_TxW)
+  return jnp.cumsum(cnt, axis=1) - cnt
+
+
 def word_blocks(
-  m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE, max_words: int = 0
+  m_ref,
+  *,
+  t: int,
+  f: int,
+  rows: int,
+  granule: int = WORD_GRANULE,
+  max_words: int = 0,
+  p_ref=None,
 ):
   """In-kernel: this program's rows of the bitmask as (R, CW, 32) channel blocks, CW a power
   of two <= max_words (0: no cap; small blocks keep fewer values per thread live).
@@ -147,7 +179,7 @@ def word_blocks(
     pieces = [(o + i, min(w, max_words)) for o, w in pieces for i in range(0, w, max_words)]
   for off, cw in pieces:
     widx = jnp.broadcast_to(off + jnp.arange(cw, dtype=jnp.int32)[None, :], (rows, cw))
-    block, carry = _expand_words(m_ref, row, widx, carry, t=t, f=f)
+    block, carry = _expand_words(m_ref, row, widx, carry, t=t, f=f, p_ref=p_ref)
     yield block
 
 
@@ -157,7 +189,7 @@ def num_word_blocks(f: int, words: int) -> int:
   return -(-num_words // words)
 
 
-def row_block(m_ref, *, t: int, f: int, words: int):
+def row_block(m_ref, *, t: int, f: int, words: int, p_ref=None):
   """In-kernel, grid (T, num_word_blocks): program (i, j)'s block, row i's words
   [j * words, (j + 1) * words), as `word_blocks` yields it. Its slots count the set bits of
   the row's earlier words too, which each program re-reads (F/8 bytes, from L2): one small
@@ -165,13 +197,15 @@ def row_block(m_ref, *, t: int, f: int, words: int):
   nw = -(-f // WORD)
   row = jnp.full((1, 1), pl.program_id(0), jnp.int32)
   start = pl.program_id(1) * words
-  widx_all = jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :]
-  earlier = pltriton.load(
-    m_ref.at[jnp.broadcast_to(row, widx_all.shape), widx_all], mask=widx_all < start, other=0
-  )
-  carry = jnp.sum(lax.population_count(earlier), axis=1, keepdims=True)
+  carry = jnp.zeros((1, 1), jnp.int32)
+  if p_ref is None:
+    widx_all = jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :]
+    earlier = pltriton.load(
+      m_ref.at[jnp.broadcast_to(row, widx_all.shape), widx_all], mask=widx_all < start, other=0
+    )
+    carry = jnp.sum(lax.population_count(earlier), axis=1, keepdims=True)
   widx = start + jnp.arange(words, dtype=jnp.int32)[None, :]
-  block, _ = _expand_words(m_ref, row, widx, carry, t=t, f=f)
+  block, _ = _expand_words(m_ref, row, widx, carry, t=t, f=f, p_ref=p_ref)
   return block
 
 

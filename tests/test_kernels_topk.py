@@ -7,6 +7,8 @@ element was written.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,9 @@ def test_group_2of8():
     (2736, 512, TopKConfig(rows=2, chunk=512, fan=2, compact=True)),
     (5461, 1024, TopKConfig(chunk=512, compact=True)),  # the train forward's selection
     (2736, 512, TopKConfig(chunk=512, compact=True, mask_pass="scan")),  # a prefix sum per chunk
+    # the words' rows and columns computed from the chunk offset, one and two rows per program
+    (5461, 1024, TopKConfig(chunk=512, compact=True, words_by_offset=True)),
+    (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, words_by_offset=True)),
   ],
 )
 def test_compact(f, k, config):
@@ -99,7 +104,9 @@ def test_compact(f, k, config):
   _assert_same(g, k, "moc", config=config)
 
 
-@pytest.mark.parametrize(("gauss", "mask_pass"), [(0.0, "ballot"), (0.1, "ballot_each")])
+@pytest.mark.parametrize(
+  ("gauss", "mask_pass"), [(0.0, "ballot"), (0.1, "ballot_each"), (0.1, "cut")]
+)
 @pytest.mark.parametrize("k", [1, 37, 350, 699, 700])
 def test_mask_ties_across_chunks(k, gauss, mask_pass):
   """The bitmask's tie cut (`mask_pass` 'cut'): values in {-2..2}, so the K-th value's ties
@@ -108,6 +115,7 @@ def test_mask_ties_across_chunks(k, gauss, mask_pass):
   g = jax.random.randint(_key(k), (5, 700), -2, 3).astype(jnp.bfloat16)
   g = g.at[3].set(1.5).at[4].set(jnp.where(jnp.arange(700) % 2 == 0, -0.0, 0.0))
   cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss, mask_pass=mask_pass)
+  cfg = dataclasses.replace(cfg, words_by_offset=mask_pass == "cut")
   _assert_same(g, k, "moc", config=cfg)
 
 
