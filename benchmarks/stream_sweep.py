@@ -45,15 +45,13 @@ VARIANTS: dict[str, SC] = {
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
-  # each word's slot base by XLA beforehand, loaded instead of scanned or re-counted
-  "row_w32_prefix": SC(32, 4, "row", prefix=True),
-  "block_w16_prefix": SC(16, 4, "block", prefix=True),
-  "block_w32_prefix": SC(32, 4, "block", prefix=True),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block; 2 or 4 rows per
   # program, in either walk (stream_sweep_h200_20261203i.json, code at 9dc81ef); each word's
-  # slot base by XLA beforehand ('prefix', blocks of 8-64 words: forward 438-511 us vs 313 at
-  # 1B, backward 370 vs 353; stream_sweep_h200_20261203l.json, code at 2f85434).
+  # slot base by XLA beforehand, in a flat layout ('prefix', blocks of 8-64 words: forward
+  # 438-511 us vs 313 at 1B, backward 370 vs 353; stream_sweep_h200_20261203l.json, code at
+  # 2f85434) or in the walks' own (within the spread: forward 319 vs 310 at 1B, 166 vs 179 at
+  # 350M, backward 342 vs 347 at 1B; stream_sweep_h200_20261203o.json, code at 1feb56e).
 }
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
@@ -63,7 +61,8 @@ SELECTIONS: dict[str, TopKConfig] = {
   # before 2026-12-03: a prefix sum per chunk, the search over all keys
   "mask_scan": dataclasses.replace(_FWD, mask_pass="scan", gauss_margin=0.0),
   "mask_cut": dataclasses.replace(_FWD, mask_pass="cut"),  # the default
-  "mask_cut_by_offset": dataclasses.replace(_FWD, words_by_offset=True),
+  # the words' rows and columns min-reduced (the default until 2026-12-03o): 305 vs 273 us
+  "mask_cut_min_reduced": dataclasses.replace(_FWD, words_by_offset=False),
   "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),
   "mask_cut_all_keys": dataclasses.replace(_FWD, gauss_margin=0.0),
   "mask_cut_t": dataclasses.replace(_FWD, fan=2),
@@ -287,9 +286,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
   ref_f, ref_b = None, {}
   for name, sc in VARIANTS.items():
-    tcfg = TopKConfig(
-      apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode, apply_prefix=sc.prefix
-    )
+    tcfg = TopKConfig(apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode)
     fwd = jax.jit(
       lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
         m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True

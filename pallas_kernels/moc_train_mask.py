@@ -39,14 +39,11 @@ class StreamConfig:
   program per block: grid (T, blocks)). Walks that lost on the H200 and were removed: every
   block's loads first ('prefetch', code at 3b714b8) and the next block's loads ahead of this
   block's stores ('pipeline': forward 319 vs 305 us for 'row', backward 370 vs 345 for
-  'block', stream_sweep_h200_20261203b.json; code at 3c9c317). `prefix`: each word's slot
-  base computed by XLA beforehand (`topk_compact.word_prefix`) and loaded, instead of a scan
-  over the row's words (row walk) or a re-count of its earlier words (block walk)."""
+  'block', stream_sweep_h200_20261203b.json; code at 3c9c317)."""
 
   words: int = 32
   warps: int = 4
   mode: str = "row"
-  prefix: bool = False
 
   def __post_init__(self):
     if self.mode not in STREAM_MODES:
@@ -57,26 +54,17 @@ class StreamConfig:
   def grid(self, t: int, f: int) -> tuple[int, ...]:
     return (t, topk_compact.num_word_blocks(f, self.words)) if self.mode == "block" else (t,)
 
-  @property
-  def num_mask_refs(self) -> int:
-    return 2 if self.prefix else 1
-
-  def mask_operands(self, words_TxW: jax.Array) -> tuple[jax.Array, ...]:
-    """The kernel's mask operands: the words, and with `prefix` each word's slot base."""
-    return (words_TxW, topk_compact.word_prefix(words_TxW)) if self.prefix else (words_TxW,)
-
-  def blocks(self, m_refs, *, t: int, f: int):
+  def blocks(self, m_ref, *, t: int, f: int):
     """This program's (rows_b, cols_b, ok, sel, slot) blocks, in order."""
-    m_ref, p_ref = m_refs if self.prefix else (m_refs[0], None)
     if self.mode == "block":
-      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words, p_ref=p_ref)]
-    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words, p_ref=p_ref)
+      return [topk_compact.row_block(m_ref, t=t, f=f, words=self.words)]
+    return topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=self.words)
 
-  def run(self, m_refs, *, t: int, f: int, load, finish) -> None:
+  def run(self, m_ref, *, t: int, f: int, load, finish) -> None:
     """finish(block, load(block)) for each block, in order. Blocks are made as they are
     needed: making them all first (a list) kept every block's indices live, and the row walk
     ran 489 us instead of 321 (stream_sweep_h200_20261203.json)."""
-    for block in self.blocks(m_refs, t=t, f=f):
+    for block in self.blocks(m_ref, t=t, f=f):
       finish(block, load(block))
 
 
@@ -103,10 +91,9 @@ def silu_mul(g, u, out_dtype):
   return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
 
 
-def _apply_kernel(*refs, t, f, num_valid, sc, has_idx, fused, interpret):
+def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, interpret):
   """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot.
   fused: U is g_ref's columns [f, 2f) (one [G | U] buffer), else the next operand."""
-  m_refs, (g_ref, *refs) = refs[: sc.num_mask_refs], refs[sc.num_mask_refs :]
   u_ref, out_refs, u_off = (g_ref, refs, f) if fused else (refs[0], refs[1:], 0)
   idx_ref = out_refs[0] if has_idx else None
   gs_ref, us_ref, z_ref, *zs_ref = out_refs[1:] if has_idx else out_refs
@@ -130,12 +117,12 @@ def _apply_kernel(*refs, t, f, num_valid, sc, has_idx, fused, interpret):
     if zs_ref:
       tu.scatter_store(zs_ref[0], rows_b, slot, z, sel, interpret)
 
-  sc.run(m_refs, t=t, f=f, load=load, finish=finish)
+  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
 
 
 def stream_config(cfg: TopKConfig) -> StreamConfig:
   """The forward streaming pass's walk, from a `TopKConfig`'s apply_* fields."""
-  return StreamConfig(cfg.apply_words, cfg.apply_warps, cfg.apply_mode, cfg.apply_prefix)
+  return StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode=cfg.apply_mode)
 
 
 def apply_call(
@@ -179,7 +166,7 @@ def apply_call(
     interpret=interpret,
     compiler_params=None if interpret else tu.compiler_params(sc.warps),
     name="moc_train_fwd_apply",
-  )(*sc.mask_operands(mask), g2, *(() if fused else (u2,)))
+  )(mask, g2, *(() if fused else (u2,)))
 
 
 def checked_selection(
@@ -233,8 +220,7 @@ def train_forward_bitmask(
   return (words, *outs)
 
 
-def _backward_kernel(dz_ref, *refs, t, f, sc, has_z, fused, interpret):
-  m_refs, (gs_ref, us_ref, *rest) = refs[: sc.num_mask_refs], refs[sc.num_mask_refs :]
+def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, fused, interpret):
   zs_ref, outs = (rest[0], rest[1:]) if has_z else (None, rest)
   # fused: dG and dU as one (T, 2F) [dG | dU] output, for one GEMM over [Wg | Wu] after it
   (dg_ref, z_ref), du_ref, du_off = (outs, outs[0], f) if fused else (outs[::2], outs[1], 0)
@@ -259,7 +245,7 @@ def _backward_kernel(dz_ref, *refs, t, f, sc, has_z, fused, interpret):
       val = jnp.where(sel, val.astype(ref.dtype), jnp.zeros((), ref.dtype))
       pltriton.store(ref.at[rows_b, cols_b + off], val, mask=ok)
 
-  sc.run(m_refs, t=t, f=f, load=load, finish=finish)
+  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "fused"))
@@ -284,8 +270,7 @@ def train_backward_bitmask(
   kernel = functools.partial(
     _backward_kernel, t=t, f=f, sc=sc, has_z=has_z, fused=fused, interpret=interpret
   )
-  operands = (dz_TxF, *sc.mask_operands(words_TxW), g_sel_TxK, u_sel_TxK)
-  operands += (z_sel_TxK,) if has_z else ()
+  operands = (dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK) + ((z_sel_TxK,) if has_z else ())
   grads = (
     [jax.ShapeDtypeStruct((t, 2 * f), dz_TxF.dtype)]
     if fused

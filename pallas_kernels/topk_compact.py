@@ -120,10 +120,9 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
   )
 
 
-def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int, p_ref=None):
+def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int):
   """Load the words at widx and expand them to channels: (rows_b, cols_b, ok, sel, slot) as
-  (R, CW, 32) blocks, and the carry (set bits so far) after them. With p_ref (`word_prefix`)
-  each word's slot base is loaded, not scanned, and the carry is not needed."""
+  (R, CW, 32) blocks, and the carry (set bits so far) after them."""
   rows, cw = widx_RxW.shape
   nw = -(-f // WORD)
   bit = jnp.arange(WORD, dtype=jnp.int32)[None, None, :]  # (1, 1, 32)
@@ -131,12 +130,9 @@ def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int, p_ref=No
   rows_w = jnp.broadcast_to(row_R1, (rows, cw))
   ok_w = (rows_w < t) & (widx_RxW < nw)
   words = pltriton.load(m_ref.at[rows_w, widx_RxW], mask=ok_w, other=0)  # (R, CW)
-  if p_ref is None:
-    cnt = lax.population_count(words)
-    base = jnp.cumsum(cnt, axis=1) - cnt + carry_R1  # exclusive: slot of the word's first bit
-    carry = carry_R1 + jnp.sum(cnt, axis=1, keepdims=True)
-  else:
-    base, carry = pltriton.load(p_ref.at[rows_w, widx_RxW], mask=ok_w, other=0), carry_R1
+  cnt = lax.population_count(words)
+  base = jnp.cumsum(cnt, axis=1) - cnt + carry_R1  # exclusive: slot of the word's first bit
+  carry = carry_R1 + jnp.sum(cnt, axis=1, keepdims=True)
   word3, base3 = words.reshape(rows, cw, 1), base.reshape(rows, cw, 1)
   shape = (rows, cw, WORD)
   rows_b = jnp.broadcast_to(row_R1.reshape(rows, 1, 1), shape)
@@ -147,22 +143,8 @@ def _expand_words(m_ref, row_R1, widx_RxW, carry_R1, *, t: int, f: int, p_ref=No
   return (rows_b, cols_b, ok, sel, slot), carry
 
 
-def word_prefix(words_TxW: jax.Array) -> jax.Array:
-  """Each word's slot base (the set bits of its row's earlier words), int32, by XLA: a
-  streaming pass given it loads each block's bases instead of scanning (`_expand_words`)."""
-  cnt = lax.population_count(words_TxW)
-  return jnp.cumsum(cnt, axis=1) - cnt
-
-
 def word_blocks(
-  m_ref,
-  *,
-  t: int,
-  f: int,
-  rows: int,
-  granule: int = WORD_GRANULE,
-  max_words: int = 0,
-  p_ref=None,
+  m_ref, *, t: int, f: int, rows: int, granule: int = WORD_GRANULE, max_words: int = 0
 ):
   """In-kernel: this program's rows of the bitmask as (R, CW, 32) channel blocks, CW a power
   of two <= max_words (0: no cap; small blocks keep fewer values per thread live).
@@ -179,7 +161,7 @@ def word_blocks(
     pieces = [(o + i, min(w, max_words)) for o, w in pieces for i in range(0, w, max_words)]
   for off, cw in pieces:
     widx = jnp.broadcast_to(off + jnp.arange(cw, dtype=jnp.int32)[None, :], (rows, cw))
-    block, carry = _expand_words(m_ref, row, widx, carry, t=t, f=f, p_ref=p_ref)
+    block, carry = _expand_words(m_ref, row, widx, carry, t=t, f=f)
     yield block
 
 
@@ -189,7 +171,7 @@ def num_word_blocks(f: int, words: int) -> int:
   return -(-num_words // words)
 
 
-def row_block(m_ref, *, t: int, f: int, words: int, p_ref=None):
+def row_block(m_ref, *, t: int, f: int, words: int):
   """In-kernel, grid (T, num_word_blocks): program (i, j)'s block, row i's words
   [j * words, (j + 1) * words), as `word_blocks` yields it. Its slots count the set bits of
   the row's earlier words too, which each program re-reads (F/8 bytes, from L2): one small
@@ -197,15 +179,13 @@ def row_block(m_ref, *, t: int, f: int, words: int, p_ref=None):
   nw = -(-f // WORD)
   row = jnp.full((1, 1), pl.program_id(0), jnp.int32)
   start = pl.program_id(1) * words
-  carry = jnp.zeros((1, 1), jnp.int32)
-  if p_ref is None:
-    widx_all = jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :]
-    earlier = pltriton.load(
-      m_ref.at[jnp.broadcast_to(row, widx_all.shape), widx_all], mask=widx_all < start, other=0
-    )
-    carry = jnp.sum(lax.population_count(earlier), axis=1, keepdims=True)
+  widx_all = jnp.arange(tu.next_pow2(nw), dtype=jnp.int32)[None, :]
+  earlier = pltriton.load(
+    m_ref.at[jnp.broadcast_to(row, widx_all.shape), widx_all], mask=widx_all < start, other=0
+  )
+  carry = jnp.sum(lax.population_count(earlier), axis=1, keepdims=True)
   widx = start + jnp.arange(words, dtype=jnp.int32)[None, :]
-  block, _ = _expand_words(m_ref, row, widx, carry, t=t, f=f, p_ref=p_ref)
+  block, _ = _expand_words(m_ref, row, widx, carry, t=t, f=f)
   return block
 
 

@@ -143,19 +143,14 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
     ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
-    # Slot bases from XLA beforehand (`word_prefix`) instead of a scan or a re-count.
-    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("row", 8, True)),
-    ("moc", jnp.float32, 2, 200, 100, True, None, False, ("row", 0, True)),
-    ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, True, ("block", 16, True)),
-    ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1, True)),
   ],
 )
 def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, stream):
   """Selection kept as bits: the same G_sel, U_sel, Z, Z_sel, dG, dU as the index epilogues,
   whichever way the streaming passes walk the bitmask."""
-  mode, words, prefix = (*stream, False)[:3]
+  mode, words = stream
   g, u, dz = _padded_inputs(t, f, dtype, f + 2, ties, num_valid=num_valid)
-  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode, apply_prefix=prefix)
+  cfg = TopKConfig(chunk=64, apply_words=words, apply_mode=mode)
   out = moc_train_mask.train_forward_bitmask(
     g, u, k, variant, num_valid=num_valid, config=cfg, z_sel=keep_z
   )
@@ -168,7 +163,7 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, str
   if keep_z:  # Z_sel is Z at the selected channels, bit for bit
     _equal(z_sel, jnp.take_along_axis(out[3], ref[0], axis=-1))
   dg, du, z = moc_train_mask.train_backward_bitmask(
-    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, 4, mode, prefix)
+    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, mode=mode)
   )
   ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, ref[0], ref[1], ref[2], z_sel)
   assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
