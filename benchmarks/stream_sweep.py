@@ -63,6 +63,10 @@ SELECTIONS: dict[str, TopKConfig] = {
   "mask_cut": dataclasses.replace(_FWD, mask_pass="cut"),  # the default
   # the words' rows and columns min-reduced (the default until 2026-12-03o): 305 vs 273 us
   "mask_cut_min_reduced": dataclasses.replace(_FWD, words_by_offset=False),
+  # with the words addressed by offset, re-check layouts and chunk widths that lost before it
+  "mask_cut_vectorized": dataclasses.replace(_FWD, strided=False),
+  "mask_cut_c1024": dataclasses.replace(_FWD, chunk=1024),
+  "mask_cut_c256": dataclasses.replace(_FWD, chunk=256),
   "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),
   "mask_cut_all_keys": dataclasses.replace(_FWD, gauss_margin=0.0),
   "mask_cut_t": dataclasses.replace(_FWD, fan=2),
