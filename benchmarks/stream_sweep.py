@@ -81,8 +81,8 @@ SELECTIONS: dict[str, TopKConfig] = {
 }
 # The whole forward epilogue with indices (`moc_train.train_forward_epilogue`): the two-kernel
 # default (selection bitmask, then the streaming pass) vs the one-kernel form (selection,
-# U loads and every store in one pass) that lost at the 1B shape on 12-01 (1083 vs 748 us) and
-# was never timed at the small ones, where a row is short enough to stay in registers.
+# U loads and every store in one pass), which lost at every preset's width: 60M 189-225 vs
+# 174 us, 1B 1041-1131 vs 584 (stream_sweep_h200_20261203k.json).
 EPILOGUES: dict[str, Callable[[int], TopKConfig]] = {
   "epi_two_kernels": moc_train.forward_config,
   "epi_one_kernel": lambda f: dataclasses.replace(moc_train.forward_config(f), compact=False),
@@ -103,10 +103,10 @@ def _one_of_three_scatters():
   return lambda *a, **kw: real(*a, **kw) if next(calls) % 3 == 0 else None
 
 
-def _count_instead_of_words(m_ref, rows_b, cols_b, sel, *, t, f, ballot=False):
+def _count_instead_of_words(m_ref, rows_b, cols_b, sel, *, t, f, ballot=False, off=None):
   """A stand-in for `topk_compact._store_words`: each chunk stores its selected count at the
   row's word 0 instead of packing words (the tie masks stay live, the packing goes)."""
-  del ballot
+  del ballot, off
   row = jnp.min(rows_b, axis=1)
   cnt = jnp.sum(sel.astype(jnp.int32), axis=1)
   topk_compact.pltriton.store(m_ref.at[row, jnp.zeros_like(row)], cnt, mask=row < t)
