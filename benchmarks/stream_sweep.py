@@ -53,6 +53,12 @@ VARIANTS: dict[str, SC] = {
   # 2f85434) or in the walks' own (within the spread: forward 319 vs 310 at 1B, 166 vs 179 at
   # 350M, backward 342 vs 347 at 1B; stream_sweep_h200_20261203o.json, code at 1feb56e).
 }
+# The forward pass with its slots filled in order by a search and gathered (`_apply_gather`)
+# instead of scattered: (words per Z block, warps).
+GATHERS: dict[str, TopKConfig] = {
+  f"gather_w{w}_{a}w": TopKConfig(apply_mode="gather", apply_words=w, apply_warps=a)
+  for w, a in ((32, 4), (16, 4), (32, 8))
+}
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
 # default; each must give the first one's words. 8 warps and 1024-wide chunks lost everywhere
@@ -314,6 +320,14 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
       got = _row(f"bwd_{tag}_{name}", bwd, bsets, bwd_bytes[keep_z], ref_b.get(keep_z), **timing)
       out_b = keep("bwd", got)
       ref_b.setdefault(keep_z, out_b)
+  for name, tcfg in GATHERS.items():  # forward only; must equal the first walk's outputs
+    fwd = jax.jit(
+      lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
+        m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True
+      )
+    )
+    out = keep("forward", _row(f"fwd_{name}", fwd, msets, fwd_bytes, ref_f, **timing))
+    ref_f = out if ref_f is None else ref_f
   res["copy_gb_s"] = res["floors"][0].get("gb_s")
   return res
 
@@ -324,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--shapes", default="1b,60m,130m,350m", help="of SHAPES: every preset by default")
   p.add_argument("--only", default="", help="VARIANTS names, comma-separated (first: reference)")
   p.add_argument("--no_walks", action="store_true", help="skip the streaming walks")
+  p.add_argument("--no_gathers", action="store_true", help="skip the GATHERS forward rows")
   p.add_argument("--selections", default="", help="SELECTIONS names, comma-separated")
   p.add_argument("--no_epilogues", action="store_true", help="skip the EPILOGUES rows")
   p.add_argument("--no_ablations", action="store_true", help="skip the ABLATIONS rows")
@@ -336,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         del VARIANTS[name]
   if args.no_walks:
     VARIANTS.clear()
+    GATHERS.clear()
+  if args.no_gathers:
+    GATHERS.clear()
   if args.no_ablations:
     ABLATIONS.clear()
   if args.no_epilogues:

@@ -148,6 +148,12 @@ def apply_call(
     out_shape.insert(0, compact(idx_dtype))
   if z_sel:
     out_shape.append(compact(u_dtype))
+  if cfg.apply_mode == "gather":  # slots filled in order by a search, not scattered
+    from pallas_kernels._apply_gather import gather_call
+
+    has_idx = idx_dtype is not None
+    kw = dict(has_idx=has_idx, z_sel=z_sel, num_valid=num_valid, cfg=cfg, interpret=interpret)
+    return gather_call(mask, g2, u2, out_shape, **kw)
   sc = stream_config(cfg)
   kernel = functools.partial(
     _apply_kernel,

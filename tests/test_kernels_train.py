@@ -6,6 +6,7 @@ with the reference also shows every element (the zero fill included) was written
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -105,6 +106,9 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, cfg):
     ("moc", jnp.float32, 3, 200, 100, True, None, TopKConfig(compact=True, rows=2)),
     ("moc", jnp.bfloat16, 3, 72, 1, True, 61, TopKConfig(compact=True)),  # K = 1
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, TopKConfig(compact=True)),
+    # slots filled in order by a search (`_apply_gather`): indices out too
+    ("moc", jnp.bfloat16, 2, 2752, 512, True, 2736, TopKConfig(compact=True, apply_mode="gather")),
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, TopKConfig(compact=True, apply_mode="gather")),
   ],
 )
 def test_forward_two_kernels(variant, dtype, t, f, k, ties, num_valid, cfg):
@@ -143,6 +147,11 @@ def _words_of(idx_TxK, f: int) -> np.ndarray:
     ("moc", jnp.bfloat16, 3, 1408, 256, False, 1376, False, ("block", 8)),
     ("moc", jnp.float32, 2, 200, 100, True, None, True, ("block", 2)),
     ("moc_2of8", jnp.bfloat16, 2, 128, 32, True, 93, True, ("block", 1)),
+    # Forward slots filled in order by a search (`_apply_gather`); the backward walks rows.
+    ("moc", jnp.bfloat16, 3, 1408, 256, True, 1376, True, ("gather", 8)),
+    ("moc", jnp.float32, 2, 200, 100, True, None, False, ("gather", 2)),
+    ("moc", jnp.bfloat16, 2, 72, 1, True, 61, True, ("gather", 1)),  # K = 1
+    ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, True, ("gather", 4)),
   ],
 )
 def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, stream):
@@ -163,7 +172,12 @@ def test_bitmask_epilogues(variant, dtype, t, f, k, ties, num_valid, keep_z, str
   if keep_z:  # Z_sel is Z at the selected channels, bit for bit
     _equal(z_sel, jnp.take_along_axis(out[3], ref[0], axis=-1))
   dg, du, z = moc_train_mask.train_backward_bitmask(
-    dz, out[0], out[1], out[2], z_sel, config=moc_train_mask.StreamConfig(words, mode=mode)
+    dz,
+    out[0],
+    out[1],
+    out[2],
+    z_sel,
+    config=moc_train_mask.StreamConfig(words, mode="row" if mode == "gather" else mode),
   )
   ref_dg, ref_du, ref_z = reference.train_backward_epilogue(dz, ref[0], ref[1], ref[2], z_sel)
   assert dg.dtype == du.dtype == dz.dtype and z.dtype == u.dtype
@@ -200,6 +214,12 @@ def _fused_layout_matches(g, u, dz, k, variant, num_valid, keep_z, **forward_kwa
 def test_bitmask_epilogues_on_a_fused_gate_up_layout(variant, f, k, num_valid, keep_z):
   g, u, dz = _padded_inputs(3, f, jnp.bfloat16, f + 5, True, num_valid=num_valid)
   _fused_layout_matches(g, u, dz, k, variant, num_valid, keep_z, config=TopKConfig(chunk=64))
+
+
+def test_gathered_forward_on_a_fused_gate_up_layout():
+  g, u, dz = _padded_inputs(3, 344, jnp.bfloat16, 349, True, num_valid=330)
+  cfg = TopKConfig(chunk=64, apply_mode="gather", apply_words=4)
+  _fused_layout_matches(g, u, dz, 64, "moc", 330, True, config=cfg)
 
 
 @pytest.mark.gpu
@@ -290,3 +310,16 @@ def test_gpu_bitmask_real_size(keep_z, ties, f, k, nv):
   _close(dg, ref_dg, jnp.bfloat16)
   _close(du, ref_du, jnp.bfloat16)
   _equal(z, out[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("f", "k", "nv"), [(5504, 1024, 5461), (1408, 256, 1376)])
+def test_gpu_forward_gather_real_size(f, k, nv):
+  """The forward pass with its slots gathered (`_apply_gather`) gives the scatter walk's
+  outputs bit for bit at the 1B and 60M layer shapes, ties included."""
+  g, u, _ = _padded_inputs(16384, f, jnp.bfloat16, f + 11, True, num_valid=nv)
+  cfg = dataclasses.replace(moc_train.forward_config(f), apply_mode="gather")
+  got = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, config=cfg, z_sel=True)
+  want = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=True)
+  for a, b in zip(got, want, strict=True):
+    _equal(a, b)
