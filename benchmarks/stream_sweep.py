@@ -273,15 +273,18 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
     lambda g, u, dz: topk_compact.mask_call(g, k, "moc", c, interpret, num_valid=nv)
   )
   compare("selection", {name: select(c) for name, c in SELECTIONS.items()}, dense + words)
+  msets = [(mask(g), g, u, dz) for g, u, dz in sets]
+  fwd_bytes = 3 * dense + words + 3 * compact
+  forward = lambda c: (
+    lambda m, g, u, dz: moc_train_mask.apply_call(
+      m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True
+    )
+  )
   res["ablations"] = []
   for name, (patch, target) in ABLATIONS.items():
-    if target == "sel":
-      fn, args, nbytes = select(cfg), sets, dense + words
-    else:
-      fn = lambda m, g, u, dz: moc_train_mask.apply_call(
-        m, g, u, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=True
-      )
-      args, nbytes = [(mask(g), g, u, dz) for g, u, dz in sets], 3 * dense + words + 3 * compact
+    fn, args, nbytes = (
+      (select(cfg), sets, dense + words) if target == "sel" else (forward(cfg), msets, fwd_bytes)
+    )
     with patch():
       keep("ablations", _row(name, jax.jit(fn), args, nbytes, **timing))
   epilogue = lambda c: (
@@ -291,16 +294,11 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
   )
   epilogues = {name: epilogue(cfg_of(f)) for name, cfg_of in EPILOGUES.items()}
   compare("epilogue", epilogues, 3 * dense + 4 * t * k + 2 * compact)
-  msets = [(mask(g), g, u, dz) for g, u, dz in sets]
-  fwd_bytes = 3 * dense + words + 3 * compact
   bwd_bytes = {True: 4 * dense + words + 3 * compact, False: 4 * dense + words + 2 * compact}
   ref_f, ref_b = None, {}
   for name, sc in VARIANTS.items():
-    tcfg = TopKConfig(apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode)
     fwd = jax.jit(
-      lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
-        m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True
-      )
+      forward(TopKConfig(apply_words=sc.words, apply_warps=sc.warps, apply_mode=sc.mode))
     )
     out = keep("forward", _row(f"fwd_{name}", fwd, msets, fwd_bytes, ref_f, **timing))
     ref_f = out if ref_f is None else ref_f
@@ -321,11 +319,7 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
       out_b = keep("bwd", got)
       ref_b.setdefault(keep_z, out_b)
   for name, tcfg in GATHERS.items():  # forward only; must equal the first walk's outputs
-    fwd = jax.jit(
-      lambda m, g, u, dz, c=tcfg: moc_train_mask.apply_call(
-        m, g, u, k, num_valid=nv, cfg=c, interpret=interpret, z_sel=True
-      )
-    )
+    fwd = jax.jit(forward(tcfg))
     out = keep("forward", _row(f"fwd_{name}", fwd, msets, fwd_bytes, ref_f, **timing))
     ref_f = out if ref_f is None else ref_f
   res["copy_gb_s"] = res["floors"][0].get("gb_s")

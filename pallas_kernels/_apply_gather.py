@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _triton_utils as tu
+from pallas_kernels import moc_train_mask as mm
 from pallas_kernels import topk_compact
 
 WORD = topk_compact.WORD
@@ -60,8 +61,6 @@ def _slot_channels(m_ref, incl_ref, row_b, slot_b, *, f: int):
 def _gather_kernel(
   m_ref, g_ref, *refs, t, f, k, num_valid, words, has_idx, has_zsel, fused, interpret
 ):
-  from pallas_kernels.moc_train_mask import silu_mul
-
   u_ref, outs, u_off = (g_ref, refs, f) if fused else (refs[0], refs[1:], 0)
   idx_ref = outs[0] if has_idx else None
   gs_ref, us_ref, z_ref, *rest = outs[1:] if has_idx else outs
@@ -69,12 +68,8 @@ def _gather_kernel(
   _word_counts(m_ref, incl_ref, f=f)
   blocks = topk_compact.word_blocks(m_ref, t=t, f=f, rows=1, max_words=words)
   for rows_b, cols_b, ok, sel, _ in blocks:  # Z densely; the unused slots are dead code
-    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
-    if num_valid is not None:
-      g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
-    u = pltriton.load(u_ref.at[rows_b, cols_b + u_off], mask=ok, other=0)
-    z = silu_mul(g, u, z_ref.dtype)
-    pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
+    g, u = mm.load_gu(g_ref, u_ref, u_off, rows_b, cols_b, ok, num_valid)
+    mm.store_z(z_ref, rows_b, cols_b, ok, sel, g, u)
   if not interpret:  # the counts were stored by other threads of this program
     pltriton.debug_barrier()
   for s0 in range(0, k, SLOTS):
@@ -83,16 +78,13 @@ def _gather_kernel(
     ok = slot_b < k
     slot_c = jnp.where(ok, slot_b, 0)
     col = _slot_channels(m_ref, incl_ref, row_b, slot_c, f=f)
-    g = pltriton.load(g_ref.at[row_b, col])
-    if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
-      g = jnp.where(col < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
-    u = pltriton.load(u_ref.at[row_b, col + u_off])
+    g, u = mm.load_gu(g_ref, u_ref, u_off, row_b, col, None, num_valid)
     if has_idx:
       pltriton.store(idx_ref.at[row_b, slot_b], col.astype(idx_ref.dtype), mask=ok)
     pltriton.store(gs_ref.at[row_b, slot_b], g, mask=ok)
     pltriton.store(us_ref.at[row_b, slot_b], u, mask=ok)
     if has_zsel:
-      pltriton.store(zs_ref.at[row_b, slot_b], silu_mul(g, u, zs_ref.dtype), mask=ok)
+      pltriton.store(zs_ref.at[row_b, slot_b], mm.silu_mul(g, u, zs_ref.dtype), mask=ok)
 
 
 def gather_call(

@@ -91,6 +91,29 @@ def silu_mul(g, u, out_dtype):
   return (g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(out_dtype)
 
 
+def as_selected(g, cols, num_valid):
+  """G as the selection saw it: the lowest finite value past num_valid (2:8 keeps whole
+  padding groups, so a padding channel can be selected and stored)."""
+  if num_valid is None:
+    return g
+  return jnp.where(cols < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
+
+
+def load_gu(g_ref, u_ref, u_off: int, rows_b, cols_b, ok, num_valid):
+  """(G as the selection saw it, U) at a block of channels; U at columns + u_off. ok None:
+  every channel is in bounds (the lowering takes no fill value without a mask)."""
+  kw = {} if ok is None else dict(mask=ok, other=0)
+  g = as_selected(pltriton.load(g_ref.at[rows_b, cols_b], **kw), cols_b, num_valid)
+  return g, pltriton.load(u_ref.at[rows_b, cols_b + u_off], **kw)
+
+
+def store_z(z_ref, rows_b, cols_b, ok, sel, g, u):
+  """Z = silu(G)·U stored densely (zero off the selection); returns Z."""
+  z = silu_mul(g, u, z_ref.dtype)
+  pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
+  return z
+
+
 def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, interpret):
   """Z densely; G_sel, U_sel (and the indices or Z_sel) at each selected channel's slot.
   fused: U is g_ref's columns [f, 2f) (one [G | U] buffer), else the next operand."""
@@ -100,16 +123,12 @@ def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, inte
 
   def load(block):
     rows_b, cols_b, ok, _, _ = block
-    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=ok, other=0)
-    if num_valid is not None:  # as the selection saw them (2:8 keeps whole padding groups)
-      g = jnp.where(cols_b < num_valid, g, jnp.array(jnp.finfo(g.dtype).min, g.dtype))
-    return g, pltriton.load(u_ref.at[rows_b, cols_b + u_off], mask=ok, other=0)
+    return load_gu(g_ref, u_ref, u_off, rows_b, cols_b, ok, num_valid)
 
   def finish(block, loaded):
     rows_b, cols_b, ok, sel, slot = block
     g, u = loaded
-    z = silu_mul(g, u, z_ref.dtype)
-    pltriton.store(z_ref.at[rows_b, cols_b], jnp.where(sel, z, jnp.zeros((), z.dtype)), mask=ok)
+    z = store_z(z_ref, rows_b, cols_b, ok, sel, g, u)
     if has_idx:
       tu.scatter_store(idx_ref, rows_b, slot, cols_b.astype(idx_ref.dtype), sel, interpret)
     tu.scatter_store(gs_ref, rows_b, slot, g, sel, interpret)
