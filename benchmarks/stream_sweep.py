@@ -61,7 +61,10 @@ GATHERS: dict[str, TopKConfig] = {
 }
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
-# default; each must give the first one's words. 8 warps and 1024-wide chunks lost everywhere
+# default; each must give the first one's words. With the words addressed by offset none beat
+# the default (4 warps: mask_cut) at the 1B shape: w2 273, ternary 285, c1024 293, c256 299,
+# vectorized 408 vs 278 us; below 4096 channels only c256 came near the 2-warp default
+# (stream_sweep_h200_20261203p.json). 8 warps and 1024-wide chunks lost everywhere
 # in stream_sweep_h200_20261203c.json (dropped).
 SELECTIONS: dict[str, TopKConfig] = {
   # before 2026-12-03: a prefix sum per chunk, the search over all keys

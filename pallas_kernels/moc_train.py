@@ -37,21 +37,29 @@ from pallas_kernels.moc_train_mask import apply_call, checked_selection, silu_mu
 from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 
 # The forward epilogue's config, its own: the fastest standalone top-K is not the fastest inside
-# the epilogue. Two kernels, 512-wide chunks, 32-word blocks in the streaming pass: 748 us at
-# 16384 x 5504 (1B shape) vs 1083 for the one-kernel forward (topk_h200_20261201e.json).
-# The search starts from a checked Gaussian guess: selection 326-331 vs 350 us at that shape,
-# 106-111 vs 120 at the 60M one (stream_sweep_h200_20261203d.json).
-FORWARD_DEFAULT = TopKConfig(chunk=512, compact=True, apply_words=32, gauss_margin=0.1)
-NARROW_ROW = 4096  # rows of fewer (padded) channels select with 2 warps
+# the epilogue. Two kernels, 512-wide chunks; the search starts from a checked Gaussian guess
+# (selection 326-331 vs 350 us at 16384 x 5504, stream_sweep_h200_20261203d.json). The
+# streaming pass gathers its compact residuals (`_apply_gather`) on 8 warps, 32-word blocks:
+# 292 vs 316 us for the scatter walk at that shape (stream_sweep_h200_20261203p.json).
+FORWARD_DEFAULT = TopKConfig(
+  chunk=512, compact=True, apply_words=32, apply_warps=8, apply_mode="gather", gauss_margin=0.1
+)
+NARROW_ROW = 4096  # rows of fewer (padded) channels: a narrower selection and gather
 
 
 def forward_config(f: int) -> TopKConfig:
-  """The forward epilogue's config for rows of F (padded) channels: FORWARD_DEFAULT, with the
-  selection on 2 warps per row below NARROW_ROW channels. H200, two runs each
+  """The forward epilogue's config for rows of F (padded) channels: FORWARD_DEFAULT, narrowed
+  below NARROW_ROW channels.
+
+  The selection runs on 2 warps per row there. H200, two runs each
   (stream_sweep_h200_20261203{i,j}.json): 60M / 130M / 350M shapes 97.9 / 117.5 / 163.7 and
   94.6 / 113.0 / 169.9 us vs 102.2 / 135.4 / 173.2 and 110.2 / 129.5 / 176.3 on 4 warps; at
-  the 1B shape 2 warps took 307 vs 300."""
-  return dataclasses.replace(FORWARD_DEFAULT, num_warps=2) if f < NARROW_ROW else FORWARD_DEFAULT
+  the 1B shape 2 warps took 307 vs 300. The gather runs on 4 warps, 16-word blocks: 89 / 121 /
+  165 us vs 109 / 140 / 167 on 8 warps and 99 / 130 / 189 for the scatter walk
+  (stream_sweep_h200_20261203p.json)."""
+  if f >= NARROW_ROW:
+    return FORWARD_DEFAULT
+  return dataclasses.replace(FORWARD_DEFAULT, num_warps=2, apply_words=16, apply_warps=4)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,9 +230,11 @@ def test_gpu_bitmask_fused_gate_up_layout():
 
 
 def test_epilogue_configs_by_row_width():
-  assert moc_train.forward_config(1408).num_warps == 2  # the selection's warps
-  assert moc_train.forward_config(2816).num_warps == 2
+  narrow = moc_train.forward_config(2816)
+  assert (narrow.num_warps, narrow.apply_warps, narrow.apply_words) == (2, 4, 16)
+  assert moc_train.forward_config(1408) == narrow
   assert moc_train.forward_config(5504) == moc_train.FORWARD_DEFAULT
+  assert moc_train.FORWARD_DEFAULT.apply_mode == narrow.apply_mode == "gather"
   assert moc_train_mask.backward_config(1408).mode == "row"
   assert moc_train_mask.backward_config(2048) == moc_train_mask.BACKWARD_DEFAULT
 
@@ -315,11 +317,11 @@ def test_gpu_bitmask_real_size(keep_z, ties, f, k, nv):
 @pytest.mark.gpu
 @pytest.mark.parametrize(("f", "k", "nv"), [(5504, 1024, 5461), (1408, 256, 1376)])
 def test_gpu_forward_gather_real_size(f, k, nv):
-  """The forward pass with its slots gathered (`_apply_gather`) gives the scatter walk's
+  """The default forward pass, its slots gathered (`_apply_gather`), gives the scatter walk's
   outputs bit for bit at the 1B and 60M layer shapes, ties included."""
   g, u, _ = _padded_inputs(16384, f, jnp.bfloat16, f + 11, True, num_valid=nv)
-  cfg = dataclasses.replace(moc_train.forward_config(f), apply_mode="gather")
-  got = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, config=cfg, z_sel=True)
-  want = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=True)
+  walk = dataclasses.replace(moc_train.forward_config(f), apply_mode="row", apply_warps=4)
+  got = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=True)
+  want = moc_train_mask.train_forward_bitmask(g, u, k, num_valid=nv, config=walk, z_sel=True)
   for a, b in zip(got, want, strict=True):
     _equal(a, b)
