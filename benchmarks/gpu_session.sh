@@ -23,7 +23,7 @@
 #   gemms   each GEMM of the 1b step ($GEMM_VARIANT, default dense): shape, ms, TFLOP/s
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests, ~4 min;
-#           GPU_TESTS=tests, all 23, ~6 min)
+#           GPU_TESTS=tests, all 23, ~6 min; GPU_TESTS_K: a pytest -k expression)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
@@ -183,7 +183,7 @@ layer() {
 
 tests() {
   [ -n "${DRY:-}" ] && { echo "GPU tests skipped (DRY)"; return 0; }
-  python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 \
+  python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=0 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
     ${GPU_TESTS:-tests/test_kernels_train.py tests/test_kernels_topk.py}
 }
 

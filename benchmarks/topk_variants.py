@@ -34,6 +34,12 @@ SWEEP: dict[str, TopKConfig] = {
   "row_c512_g05": TopKConfig(chunk=512, gauss_margin=0.05),
   "cmp_c512": TopKConfig(chunk=512, compact=True),
   "cmp_c512_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1),
+  # 2026-12-03p: the compaction with its slots gathered in order (`_apply_gather.compact_call`),
+  # as the train forward's gather beat its scatter walk (292 vs 316 us at the 1B shape).
+  "cmp_gather_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather"),
+  "cmp_gather_g1_w8": TopKConfig(
+    chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather", apply_warps=8
+  ),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final

@@ -7,7 +7,8 @@ lane with ~1 in 5 active (stream_sweep_h200_20261203{m,n}.json). Here each progr
 first writes Z densely and each word's inclusive count of set bits, then fills its K slots in
 order: slot j's channel is found by a binary search over those counts (the word) and over the
 word's bits (the bit), and G, U are loaded there (the row was just read: L1/L2) and stored
-contiguously. Same outputs as the scatter walk, bit for bit.
+contiguously. Same outputs as the scatter walk, bit for bit. `compact_call` does the same for the two-kernel
+top-K's (indices, values).
 """
 
 from __future__ import annotations
@@ -70,14 +71,7 @@ def _gather_kernel(
   for rows_b, cols_b, ok, sel, _ in blocks:  # Z densely; the unused slots are dead code
     g, u = mm.load_gu(g_ref, u_ref, u_off, rows_b, cols_b, ok, num_valid)
     mm.store_z(z_ref, rows_b, cols_b, ok, sel, g, u)
-  if not interpret:  # the counts were stored by other threads of this program
-    pltriton.debug_barrier()
-  for s0 in range(0, k, SLOTS):
-    slot_b = s0 + jnp.arange(min(SLOTS, tu.next_pow2(k - s0)), dtype=jnp.int32)[None, :]
-    row_b = jnp.full(slot_b.shape, pl.program_id(0), jnp.int32)
-    ok = slot_b < k
-    slot_c = jnp.where(ok, slot_b, 0)
-    col = _slot_channels(m_ref, incl_ref, row_b, slot_c, f=f)
+  for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, interpret=interpret):
     g, u = mm.load_gu(g_ref, u_ref, u_off, row_b, col, None, num_valid)
     if has_idx:
       pltriton.store(idx_ref.at[row_b, slot_b], col.astype(idx_ref.dtype), mask=ok)
@@ -85,6 +79,45 @@ def _gather_kernel(
     pltriton.store(us_ref.at[row_b, slot_b], u, mask=ok)
     if has_zsel:
       pltriton.store(zs_ref.at[row_b, slot_b], mm.silu_mul(g, u, zs_ref.dtype), mask=ok)
+
+
+def _slots(m_ref, incl_ref, *, f: int, k: int, interpret: bool):
+  """(row, slot, ok, channel) blocks of SLOTS slots covering this program's K, once the
+  row's inclusive word counts are stored in incl_ref. Masked-off slots read channel 0."""
+  if not interpret:  # the counts were stored by other threads of this program
+    pltriton.debug_barrier()
+  for s0 in range(0, k, SLOTS):
+    slot_b = s0 + jnp.arange(min(SLOTS, tu.next_pow2(k - s0)), dtype=jnp.int32)[None, :]
+    row_b = jnp.full(slot_b.shape, pl.program_id(0), jnp.int32)
+    ok = slot_b < k
+    yield row_b, slot_b, ok, _slot_channels(m_ref, incl_ref, row_b, jnp.where(ok, slot_b, 0), f=f)
+
+
+def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, incl_ref, *, f, k, interpret):
+  _word_counts(m_ref, incl_ref, f=f)
+  for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, interpret=interpret):
+    pltriton.store(idx_ref.at[row_b, slot_b], col, mask=ok)
+    pltriton.store(val_ref.at[row_b, slot_b], pltriton.load(g_ref.at[row_b, col]), mask=ok)
+
+
+def compact_call(mask, g2, k: int, *, cfg, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """`topk.select`'s (idx, val) from the selection words, each slot gathered in order: the
+  two-kernel top-K's second kernel with `apply_mode='gather'`."""
+  t = g2.shape[0]
+  kernel = functools.partial(_compact_kernel, f=g2.shape[1], k=k, interpret=interpret)
+  *outs, _ = pl.pallas_call(
+    kernel,
+    out_shape=(
+      jax.ShapeDtypeStruct((t, k), jnp.int32),
+      jax.ShapeDtypeStruct((t, k), g2.dtype),
+      jax.ShapeDtypeStruct(mask.shape, jnp.int32),  # each word's inclusive count
+    ),
+    grid=(t,),
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(cfg.apply_warps),
+    name="moc_compact_gather",
+  )(mask, g2)
+  return tuple(outs)
 
 
 def gather_call(

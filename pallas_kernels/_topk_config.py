@@ -41,7 +41,8 @@ class TopKConfig:
   # bitmask words (32 channels each) per block.
   apply_warps: int = 4
   apply_words: int = 0
-  # 'row' | 'block' (moc_train_mask.StreamConfig) | 'gather' (forward only: _apply_gather)
+  # 'row' | 'block' (moc_train_mask.StreamConfig) | 'gather' (_apply_gather: the forward, and
+  # `topk.select`'s compaction)
   apply_mode: str = "row"
   # Bitmask words' rows and columns computed from the chunk offset, not min-reduced from the
   # channel indices: 273 vs 305 us at the 1B shape, 118 vs 126 at 130M, all exact

@@ -239,6 +239,10 @@ def select_flat(g2: jax.Array, k: int, variant: str, *, cfg, interpret: bool):
   if cfg.ablate == "mask_only":  # timing: kernel 1 + an XLA write of the output bytes
     idx = jnp.broadcast_to(mask[:, :1], (t, k))
     return idx, idx.astype(g2.dtype)
+  if cfg.apply_mode == "gather":  # slots filled in order by a search, not scattered
+    from pallas_kernels._apply_gather import compact_call
+
+    return compact_call(mask, g2, k, cfg=cfg, interpret=interpret)
   rows = cfg.rows
   kernel = functools.partial(_compact_kernel, t=t, f=f, rows=rows, interpret=interpret)
   return topk.select_call(kernel, t, k, g2.dtype, rows, cfg, interpret, f"moc_compact_{variant}")(

@@ -74,6 +74,7 @@ def test_ties_and_equal_rows(dtype, k):
     _assert_same(g, k, "moc", config=TopKConfig(rows=2, chunk=128, fan=2))
     _assert_same(g, k, "moc", config=TopKConfig(rows=4, chunk=64, fan=2))  # all-equal rows
   _assert_same(g, k, "moc", config=TopKConfig(rows=4, compact=True))  # bitmask + compaction
+  _assert_same(g, k, "moc", config=TopKConfig(chunk=64, compact=True, apply_mode="gather"))
 
 
 def test_group_2of8():
@@ -82,6 +83,7 @@ def test_group_2of8():
   g = g.at[1].set(0.5)
   _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2))
   _assert_same(g, 24, "moc_2of8", config=TopKConfig(rows=2, compact=True))  # bitmask path
+  _assert_same(g, 24, "moc_2of8", config=TopKConfig(compact=True, apply_mode="gather"))
 
 
 @pytest.mark.parametrize(
@@ -94,6 +96,9 @@ def test_group_2of8():
     # the words' rows and columns min-reduced from the channels (before 2026-12-03)
     (5461, 1024, TopKConfig(chunk=512, compact=True, words_by_offset=False)),
     (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, words_by_offset=False)),
+    # slots gathered in order by a search over the words (`_apply_gather.compact_call`)
+    (5461, 1024, TopKConfig(chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather")),
+    (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, apply_mode="gather")),
   ],
 )
 def test_compact(f, k, config):
@@ -161,6 +166,20 @@ def test_gpu_real_sizes(dtype, f, k):
   _assert_same(g, k, "moc")
   gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
   _assert_same(gi, k, "moc")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  ("dtype", "f", "k"),
+  [(jnp.bfloat16, 5632, 1024), (jnp.bfloat16, 1376, 256), (jnp.float32, 2736, 512)],
+)
+def test_gpu_compact_gather(dtype, f, k):
+  """The two-kernel top-K with its slots gathered, against the reference, ties included."""
+  cfg = TopKConfig(chunk=512, gauss_margin=0.1, compact=True, apply_mode="gather")
+  g = jax.random.normal(_key(f - k), (16384, f), jnp.float32).astype(dtype)
+  _assert_same(g, k, "moc", config=cfg)
+  gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
+  _assert_same(gi, k, "moc", config=cfg)
 
 
 @pytest.mark.gpu
