@@ -7,8 +7,8 @@ lane with ~1 in 5 active (stream_sweep_h200_20261203{m,n}.json). Here each progr
 first writes Z densely and each word's inclusive count of set bits, then fills its K slots in
 order: slot j's channel is found by a binary search over those counts (the word) and over the
 word's bits (the bit), and G, U are loaded there (the row was just read: L1/L2) and stored
-contiguously. Same outputs as the scatter walk, bit for bit. `compact_call` does the same for the two-kernel
-top-K's (indices, values).
+contiguously. Same outputs as the scatter walk, bit for bit. `compact_call` does the same for
+the two-kernel top-K's (indices, values).
 """
 
 from __future__ import annotations
