@@ -57,7 +57,7 @@ VARIANTS: dict[str, SC] = {
 # instead of scattered: (words per Z block, warps).
 GATHERS: dict[str, TopKConfig] = {
   f"gather_w{w}_{a}w": TopKConfig(apply_mode="gather", apply_words=w, apply_warps=a)
-  for w, a in ((32, 4), (16, 4), (32, 8))
+  for w, a in ((32, 4), (16, 4), (32, 8), (16, 8), (64, 8), (32, 16))
 }
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
