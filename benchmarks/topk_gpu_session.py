@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, topk_variants
+from moc_jax import compile_options
 from pallas_kernels import moc_train, reference, topk
 
 T = 16384
@@ -308,7 +309,7 @@ def ffn_layer(epilogue_cfg) -> list[dict]:
     for name in ("dense", "moc_pallas"):
       if left() < FFN_STOP:
         return rows
-      fwd, fwd_bwd = fl._fns(k, fl.METHODS[name])
+      fwd, fwd_bwd = fl._fns(k, fl.METHODS[name], compile_options.parse("auto"))
       row = {"d": d, "F": f, "K": k, "method": name}
       row["fwd_us"], row["fwd_bwd_us"] = timed(fwd, sets), timed(fwd_bwd, sets)
       rows.append(row)

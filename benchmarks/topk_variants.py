@@ -6,6 +6,7 @@ search and scan (NOTES_kernels.md).
 
 from __future__ import annotations
 
+from pallas_kernels import moc_train
 from pallas_kernels.topk import TopKConfig
 
 SWEEP: dict[str, TopKConfig] = {
@@ -55,4 +56,6 @@ EPILOGUE: dict[str, TopKConfig] = {
   # The two-kernel default since 2026-12-01e (748 us; the other split configs of that sweep,
   # chunk 256/1024, rows=2, 8 warps, ternary, are in NOTES_kernels.md and lost to it).
   "split_c512_w32": TopKConfig(chunk=512, compact=True, apply_words=32),
+  # The default since 2026-12-03p: the Gaussian guess, and the slots gathered (_apply_gather).
+  "split_gather": moc_train.FORWARD_DEFAULT,
 }
