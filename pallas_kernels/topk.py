@@ -24,6 +24,7 @@ NaN inputs are not supported (they order by their bit pattern). F must be < 3276
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 
@@ -51,18 +52,23 @@ GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
 ONE_BLOCK = TopKConfig()  # one power-of-two block per row
 CHUNKED = TopKConfig(chunk=512, fan=2)  # 512-wide chunks, ternary search (16-bit keys)
-# 512-wide chunks, bisection from a checked Gaussian guess: `select`'s default
+# 512-wide chunks, bisection from a checked Gaussian guess (one kernel)
 GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
+# GAUSS as two kernels: the selection bitmask, then each slot gathered in order (`select`'s
+# default for 'moc')
+GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather")
 
 
-def default_config(f: int) -> TopKConfig:
-  """`select`'s config for rows of F channels when none is given: GAUSS at every F. On the H200
-  (topk_h200_20261203.json, 16384 rows) it took 148.7 / 195.1 / 255.0 / 460.1 / 476.1 us at
-  F = 1376 / 2048 / 2736 / 5461 / 5632 where the previous default (CHUNKED, or ONE_BLOCK at a
-  power of two) took 176.3 / 252.0 / 344.1 / 559.3 / 593.8, on Gaussian rows; rows far from
-  Gaussian cost up to ~2 passes more than a plain bisection (the guess is checked)."""
+def default_config(f: int, variant: str = "moc") -> TopKConfig:
+  """`select`'s config for rows of F channels when none is given: GAUSS_GATHER at every F for
+  'moc', GAUSS (its rows per program) for 'moc_2of8'. On the H200 (16384 rows, Gaussian rows,
+  topk_h200_20261203c.json) GAUSS_GATHER took 150.4 / 186.7 / 253.1 / 432.4 / 435.4 us at
+  F = 1376 / 2048 / 2736 / 5461 / 5632 where GAUSS took 149.7 / 192.5 / 311.8 / 479.7 / 486.2
+  (GAUSS itself beat the ternary search's 176 / 252 / 344 / 559 / 594, topk_h200_20261203.json).
+  Rows far from Gaussian cost up to ~2 passes more than a plain bisection (the guess is
+  checked)."""
   del f
-  return GAUSS
+  return GAUSS if variant == "moc_2of8" else GAUSS_GATHER
 
 
 def selected_slots(cum, gt, eq, valid, need):
@@ -335,7 +341,7 @@ def select(
   interpret = tu.default_interpret(interpret)
   g2, lead = _flatten(g_TxF)
   t, f = g2.shape
-  cfg = config or default_config(f)
+  cfg = config or default_config(f, variant)
   if variant == "moc_2of8":
     if f % GROUP:
       raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")

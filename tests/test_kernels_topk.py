@@ -125,9 +125,11 @@ def test_mask_ties_across_chunks(k, gauss, mask_pass):
 
 
 def test_default_config():
-  """`select` without a config: 512-wide chunks, the search from a checked Gaussian guess (the
-  H200 figures in `topk.default_config`); exact on shifted Laplace and Cauchy rows too."""
-  assert topk.default_config(2048) is topk.GAUSS and topk.default_config(5461) is topk.GAUSS
+  """`select` without a config: 512-wide chunks, the search from a checked Gaussian guess, the
+  slots gathered (the H200 figures in `topk.default_config`); exact on shifted Laplace and
+  Cauchy rows too."""
+  assert topk.default_config(2048) is topk.default_config(5461) is topk.GAUSS_GATHER
+  assert topk.default_config(5632, "moc_2of8") is topk.GAUSS
   g = jax.random.normal(_key(3), (4, 1100), jnp.float32)
   g = (
     g.at[1]
