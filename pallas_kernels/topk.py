@@ -59,16 +59,19 @@ GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
 GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather")
 
 
+GATHER_MAX_F = 8192  # the widest rows GAUSS_GATHER was timed and GPU-tested at (5632)
+
+
 def default_config(f: int, variant: str = "moc") -> TopKConfig:
-  """`select`'s config for rows of F channels when none is given: GAUSS_GATHER at every F for
-  'moc', GAUSS (its rows per program) for 'moc_2of8'. On the H200 (16384 rows, Gaussian rows,
-  topk_h200_20261203c.json) GAUSS_GATHER took 150.4 / 186.7 / 253.1 / 432.4 / 435.4 us at
-  F = 1376 / 2048 / 2736 / 5461 / 5632 where GAUSS took 149.7 / 192.5 / 311.8 / 479.7 / 486.2
-  (GAUSS itself beat the ternary search's 176 / 252 / 344 / 559 / 594, topk_h200_20261203.json).
-  Rows far from Gaussian cost up to ~2 passes more than a plain bisection (the guess is
-  checked)."""
-  del f
-  return GAUSS if variant == "moc_2of8" else GAUSS_GATHER
+  """`select`'s config for rows of F channels when none is given: GAUSS_GATHER for 'moc' up to
+  GATHER_MAX_F channels, GAUSS above it and for 'moc_2of8' (its rows per program). On the H200
+  (16384 rows, Gaussian rows, topk_h200_20261203c.json) GAUSS_GATHER took 150.4 / 186.7 / 253.1
+  / 432.4 / 435.4 us at F = 1376 / 2048 / 2736 / 5461 / 5632 where GAUSS took 149.7 / 192.5 /
+  311.8 / 479.7 / 486.2 (GAUSS itself beat the ternary search's 176 / 252 / 344 / 559 / 594,
+  topk_h200_20261203.json). Wider rows were not timed with the gather: its unrolled slot
+  search doubles the kernels' IR at F = 16384. Rows far from Gaussian cost up to ~2 passes more
+  than a plain bisection (the guess is checked)."""
+  return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
 
 
 def selected_slots(cum, gt, eq, valid, need):

@@ -129,7 +129,7 @@ def test_default_config():
   slots gathered (the H200 figures in `topk.default_config`); exact on shifted Laplace and
   Cauchy rows too."""
   assert topk.default_config(2048) is topk.default_config(5461) is topk.GAUSS_GATHER
-  assert topk.default_config(5632, "moc_2of8") is topk.GAUSS
+  assert topk.default_config(5632, "moc_2of8") is topk.default_config(16384) is topk.GAUSS
   g = jax.random.normal(_key(3), (4, 1100), jnp.float32)
   g = (
     g.at[1]
