@@ -1,0 +1,195 @@
+"""What the Pallas-Triton kernels of a jitted function compile to on an H100/H200, without a GPU.
+
+Why: device time is scarce, and our kernels are bound by instruction count and latency, not
+bytes. Registers, barriers, instruction and memory-op counts from the real SASS rank ideas
+before they are timed (they do not replace the timing: a kernel with a third of the barriers
+has lost by 40%, NOTES_kernels.md 2026-12-03g).
+
+Two halves, two Pythons:
+  1. this project's environment lowers the function for CUDA (`lowering_platforms=("cuda",)`,
+     no GPU needed) and writes each `__gpu$xla.gpu.triton` call's Triton module (MLIR bytecode)
+     with its warps and stages;
+  2. a Python with `triton` (3.6, as on the GPU machine: `python3 -m venv /tmp/tvenv &&
+     /tmp/tvenv/bin/pip install triton==3.6.0`) compiles each for sm_90 with Triton's bundled
+     ptxas and reads the SASS with its cuobjdump.
+
+  python benchmarks/sass_report.py --kernel=topk --f=5632 --k=1024 [--triton_python=...]
+  python benchmarks/sass_report.py --kernel=forward --f=5504 --k=1024 --num_valid=5461
+
+The same config fields as `TopKConfig` can be set with --set name=value (e.g.
+--set apply_mode=row --set apply_warps=4); values are parsed as Python literals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TRITON_TARGET = "__gpu$xla.gpu.triton"
+# SASS opcode families worth counting (the part of the mnemonic before the first '.').
+COUNTED = ("BAR", "LDG", "STG", "LDS", "STS", "SHFL", "ATOMG", "BRA", "POPC", "FLO")
+
+
+def _config(base, settings: list[str]):
+  changes = {}
+  for item in settings:
+    name, _, value = item.partition("=")
+    try:
+      changes[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      changes[name] = value
+  return dataclasses.replace(base, **changes)
+
+
+def _function(args):
+  """The jitted function to lower and its input shapes."""
+  import jax
+  import jax.numpy as jnp
+
+  from pallas_kernels import moc_train, topk
+
+  t, f, k = args.t, args.f, args.k
+  bf16 = jax.ShapeDtypeStruct((t, f), jnp.bfloat16)
+  if args.kernel == "topk":
+    cfg = _config(topk.default_config(f), args.set)
+    return (lambda g: topk.select(g, k, config=cfg, interpret=False)), (bf16,)
+  if args.kernel == "forward":
+    cfg = _config(moc_train.forward_config(f), args.set)
+    nv = args.num_valid or f
+    fn = lambda g, u: moc_train.train_forward_epilogue(  # noqa: E731
+      g, u, k, "moc", num_valid=nv, config=cfg, interpret=False
+    )
+    return fn, (bf16, bf16)
+  raise SystemExit(f"unknown --kernel {args.kernel!r}; expected topk or forward")
+
+
+def _as_text(bytecode: bytes) -> str:
+  """A Triton module's MLIR bytecode (as Pallas serialises it) as generic-form text."""
+  from jax._src.interpreters import mlir
+  from jax._src.lib import triton
+  from jax._src.lib.mlir import ir
+
+  with mlir.make_ir_context() as ctx:
+    triton.dialect.register_dialect(ctx)
+    text = ir.Module.parse(bytecode).operation.get_asm(print_generic_op_form=True)
+  # jaxlib's newer MLIR gives gpu.barrier a scope Triton 3.6's does not know (workgroup is
+  # what a plain barrier means there)
+  return re.sub(r'("gpu\.barrier"\(\)) <\{scope = #gpu\.barrier_scope<workgroup>\}>', r"\1", text)
+
+
+def extract(args, out_dir: str) -> list[dict]:
+  """Lower for CUDA; write every Triton call's module as <i>_<name>.ttir."""
+  import jax
+
+  fn, shapes = _function(args)
+  module = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+  calls: list[dict] = []
+
+  def walk(op) -> None:
+    for region in op.regions:
+      for block in region.blocks:
+        for child in block.operations:
+          attrs = child.operation.attributes
+          if child.operation.name == "stablehlo.custom_call" and (
+            str(attrs["call_target_name"]).strip('"') == TRITON_TARGET
+          ):
+            config = {named.name: named.attr for named in attrs["mhlo.backend_config"]}
+            name = str(config["name"]).strip('"')
+            path = os.path.join(out_dir, f"{len(calls)}_{name}.ttir")
+            with open(path, "w") as f:  # generic form: Triton 3.6's parser reads it
+              f.write(_as_text(config["ir"].value_bytes))
+            warps, stages = (int(str(config[n]).split(":")[0]) for n in ("num_warps", "num_stages"))
+            calls.append({"name": name, "path": path, "num_warps": warps, "num_stages": stages})
+          walk(child.operation)
+
+  walk(module.operation)
+  return calls
+
+
+def compile_calls(calls: list[dict]) -> list[dict]:
+  """(Run under the Python with triton.) Compile each module for sm_90; count its SASS."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  target = GPUTarget("cuda", 90, 32)
+  bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+  rows = []
+  for call in calls:
+    options = {"num_warps": call["num_warps"], "num_stages": call["num_stages"]}
+    kernel = triton.compile(call["path"], target=target, options=options)
+    cubin = call["path"] + ".cubin"
+    with open(cubin, "wb") as f:
+      f.write(kernel.asm["cubin"])
+    sass = subprocess.run(
+      [os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True
+    ).stdout
+    usage = subprocess.run(
+      [os.path.join(bin_dir, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True
+    ).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    counts = collections.Counter(op for op in ops)
+    regs = re.search(r"REG:(\d+)", usage)
+    shared = re.search(r"SHARED:(\d+)", usage)
+    row = {
+      "name": call["name"],
+      "warps": call["num_warps"],
+      "registers": int(regs.group(1)) if regs else None,
+      "shared_bytes": int(shared.group(1)) if shared else None,
+      "instructions": len(ops),
+    }
+    row.update({family: counts.get(family, 0) for family in COUNTED})
+    rows.append(row)
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--kernel", default="topk", help="topk | forward")
+  p.add_argument("--t", type=int, default=16384)
+  p.add_argument("--f", type=int, default=5632)
+  p.add_argument("--k", type=int, default=1024)
+  p.add_argument("--num_valid", type=int, default=0)
+  p.add_argument("--set", action="append", default=[], help="TopKConfig field=value")
+  p.add_argument("--triton_python", default="/tmp/tvenv/bin/python")
+  p.add_argument("--compile_json", default="", help=argparse.SUPPRESS)  # the second half
+  args = p.parse_args()
+  if args.compile_json:
+    with open(args.compile_json) as f:
+      print(json.dumps(compile_calls(json.load(f))))
+    return
+  if not os.path.exists(args.triton_python):
+    raise SystemExit(
+      f"no Python with triton at {args.triton_python}: python3 -m venv /tmp/tvenv && "
+      "/tmp/tvenv/bin/pip install triton==3.6.0, or pass --triton_python"
+    )
+  out_dir = tempfile.mkdtemp(prefix="sass_report_")
+  calls = extract(args, out_dir)
+  listing = os.path.join(out_dir, "calls.json")
+  with open(listing, "w") as f:
+    json.dump(calls, f)
+  done = subprocess.run(
+    [args.triton_python, os.path.abspath(__file__), "--compile_json", listing],
+    capture_output=True,
+    text=True,
+  )
+  if done.returncode:
+    raise SystemExit(f"compiling with {args.triton_python} failed:\n{done.stderr[-3000:]}")
+  rows = json.loads(done.stdout.strip().splitlines()[-1])
+  cols = ["name", "warps", "registers", "shared_bytes", "instructions", *COUNTED]
+  print("  ".join(f"{c:>12}" for c in cols))
+  for row in rows:
+    print("  ".join(f"{row[c]!s:>12}" for c in cols))
+
+
+if __name__ == "__main__":
+  main()
