@@ -66,7 +66,7 @@ def _function(args):
   if args.kernel == "forward":
     cfg = _config(moc_train.forward_config(f), args.set)
     nv = args.num_valid or f
-    fn = lambda g, u: moc_train.train_forward_epilogue(  # noqa: E731
+    fn = lambda g, u: moc_train.train_forward_epilogue(
       g, u, k, "moc", num_valid=nv, config=cfg, interpret=False
     )
     return fn, (bf16, bf16)
