@@ -69,7 +69,7 @@ def default_config(f: int, variant: str = "moc") -> TopKConfig:
   / 432.4 / 435.4 us at F = 1376 / 2048 / 2736 / 5461 / 5632 where GAUSS took 149.7 / 192.5 /
   311.8 / 479.7 / 486.2 (GAUSS itself beat the ternary search's 176 / 252 / 344 / 559 / 594,
   topk_h200_20261203.json). Wider rows were neither timed nor GPU-tested with the gather (the
-  one GPU test at F = 16384 was cut off while compiling). Rows far from Gaussian cost up to
+  one GPU test at F = 16384 was cut off before it finished). Rows far from Gaussian cost up to
   ~2 passes more than a plain bisection (the guess is checked)."""
   return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
 
