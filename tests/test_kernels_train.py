@@ -256,6 +256,19 @@ def test_forward_uint16_indices():
   np.testing.assert_array_equal(np.asarray(out[0]).astype(np.int32), np.asarray(ref[0]))
 
 
+def test_forward_default_on_wide_rows():
+  """The forward's default at >= NARROW_ROW channels (the gather on 8 warps, 32-word blocks,
+  indices out) in interpret mode: the path the 1B preset takes on the GPU."""
+  f, k, nv = 4128, 512, 4100
+  assert moc_train.forward_config(f) is moc_train.FORWARD_DEFAULT
+  g, u, _ = _inputs(2, f, jnp.bfloat16, 17)
+  out = moc_train.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
+  ref = reference.train_forward_epilogue(g, u, k, "moc", num_valid=nv)
+  for a, b in zip(out[:3], ref[:3], strict=True):
+    _equal(a, b)
+  _close(out[3], ref[3], jnp.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
   ("f", "k", "nv", "cfg"),
