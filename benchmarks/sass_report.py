@@ -137,7 +137,7 @@ def compile_calls(calls: list[dict]) -> list[dict]:
       [os.path.join(bin_dir, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True
     ).stdout
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
-    counts = collections.Counter(op for op in ops)
+    counts = collections.Counter(ops)
     regs = re.search(r"REG:(\d+)", usage)
     shared = re.search(r"SHARED:(\d+)", usage)
     row = {

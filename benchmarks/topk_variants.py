@@ -6,7 +6,9 @@ search and scan (NOTES_kernels.md).
 
 from __future__ import annotations
 
-from pallas_kernels import moc_train
+import dataclasses
+
+from pallas_kernels import moc_train, topk
 from pallas_kernels.topk import TopKConfig
 
 SWEEP: dict[str, TopKConfig] = {
@@ -37,10 +39,8 @@ SWEEP: dict[str, TopKConfig] = {
   "cmp_c512_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1),
   # 2026-12-03p: the compaction with its slots gathered in order (`_apply_gather.compact_call`),
   # as the train forward's gather beat its scatter walk (292 vs 316 us at the 1B shape).
-  "cmp_gather_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather"),
-  "cmp_gather_g1_w8": TopKConfig(
-    chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather", apply_warps=8
-  ),
+  "cmp_gather_g1": topk.GAUSS_GATHER,  # `select`'s default since then
+  "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final

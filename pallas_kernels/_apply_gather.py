@@ -93,7 +93,7 @@ def _slots(m_ref, incl_ref, *, f: int, k: int, interpret: bool):
     yield row_b, slot_b, ok, _slot_channels(m_ref, incl_ref, row_b, jnp.where(ok, slot_b, 0), f=f)
 
 
-def _compact_kernel(m_ref, g_ref, idx_ref, val_ref, incl_ref, *, f, k, interpret):
+def _gathered_compact_kernel(m_ref, g_ref, idx_ref, val_ref, incl_ref, *, f, k, interpret):
   _word_counts(m_ref, incl_ref, f=f)
   for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, interpret=interpret):
     pltriton.store(idx_ref.at[row_b, slot_b], col, mask=ok)
@@ -104,7 +104,7 @@ def compact_call(mask, g2, k: int, *, cfg, interpret: bool) -> tuple[jax.Array, 
   """`topk.select`'s (idx, val) from the selection words, each slot gathered in order: the
   two-kernel top-K's second kernel with `apply_mode='gather'`."""
   t = g2.shape[0]
-  kernel = functools.partial(_compact_kernel, f=g2.shape[1], k=k, interpret=interpret)
+  kernel = functools.partial(_gathered_compact_kernel, f=g2.shape[1], k=k, interpret=interpret)
   *outs, _ = pl.pallas_call(
     kernel,
     out_shape=(

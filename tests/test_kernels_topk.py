@@ -177,7 +177,7 @@ def test_gpu_real_sizes(dtype, f, k):
 )
 def test_gpu_compact_gather(dtype, f, k):
   """The two-kernel top-K with its slots gathered, against the reference, ties included."""
-  cfg = TopKConfig(chunk=512, gauss_margin=0.1, compact=True, apply_mode="gather")
+  cfg = topk.GAUSS_GATHER
   g = jax.random.normal(_key(f - k), (16384, f), jnp.float32).astype(dtype)
   _assert_same(g, k, "moc", config=cfg)
   gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
