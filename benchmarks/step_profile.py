@@ -9,7 +9,9 @@ Each variant runs in its own process: build the step (`model_step.build`), run w
 then trace `--steps` steps and read the trace's Perfetto JSON. Device events are those of
 processes named /device:GPU:* (on CPU, where there is no device timeline, the XLA client
 threads' events stand in, which is enough to test the tool). Totals are per step; `busy_ms`
-is the union of the device intervals, so `1 - busy / step` is the share of idle device time.
+is the union of the device intervals, so `1 - busy / step` is the share of idle device time,
+and `idle_before_op` says which ops the device waited for. `--lean` (default) traces without the
+Python tracer, so the traced steps keep the pace of the untraced ones timed just before.
 """
 
 from __future__ import annotations
@@ -66,6 +68,35 @@ def busy_time(events: list[dict]) -> float:
   return total
 
 
+def idle_gaps(events: list[dict], steps: int, top: int = 10) -> dict:
+  """Device idle time between kernels, attributed to the op that starts after each gap.
+
+  A gap is time between the end of everything so far and the next kernel's start; the op that
+  follows it is the one the device waited for (its launch, or a host-side dependency).
+  """
+  by_next: dict[str, float] = collections.defaultdict(float)
+  by_kind: dict[str, float] = collections.defaultdict(float)
+  count: dict[str, int] = collections.defaultdict(int)
+  end, total = None, 0.0
+  for e in sorted(events, key=lambda e: e["ts"]):
+    if end is not None and e["ts"] > end:
+      gap = e["ts"] - end
+      total += gap
+      by_next[hlo_op(e)] += gap
+      by_kind[kind_of(f"{hlo_op(e)} {e['name']}")] += gap
+      count[hlo_op(e)] += 1
+    end = max(end or e["ts"], e["ts"] + e["dur"])
+  ranked = sorted(by_next.items(), key=lambda kv: -kv[1])[:top]
+  return {
+    "idle_ms_per_step": round(total / steps / 1e3, 4),
+    "idle_before_kind_ms": {k: round(v / steps / 1e3, 4) for k, v in by_kind.items()},
+    "idle_before_op": [
+      {"op": op, "ms": round(us / steps / 1e3, 4), "gaps": round(count[op] / steps, 2)}
+      for op, us in ranked
+    ],
+  }
+
+
 def hlo_op(event: dict) -> str:
   """The HLO instruction a device event ran for (its kernel name if the trace has none)."""
   return (event.get("args") or {}).get("hlo_op") or event["name"]
@@ -95,6 +126,7 @@ def summarize(trace: dict, steps: int, top: int = 25) -> dict:
     "top_ops_ms": [
       {"op": op, "kernel": kernel[op], "kind": kinds[op], "ms": ms(us)} for op, us in ranked[:top]
     ],
+    **idle_gaps(events, steps),
   }
 
 
@@ -118,15 +150,30 @@ def child(args) -> dict:
   for _ in range(args.warmup):
     state, m = step(state, batch)
   jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  untraced_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+  # The default options trace every Python call and host op, which slows the steps ~2x and
+  # leaves the device waiting; without them the traced steps run at their real pace.
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0 if args.lean else 1
+  options.host_tracer_level = 1 if args.lean else 2
   with tempfile.TemporaryDirectory() as log_dir:
     t0 = time.perf_counter()
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
       for _ in range(args.steps):
         state, m = step(state, batch)
       jax.block_until_ready(m)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     summary = summarize(read_trace(log_dir), args.steps, top=args.top)
-  return {"variant": args.variant, "wall_ms_per_step_traced": round(wall_ms, 3), **summary}
+  return {
+    "variant": args.variant,
+    "wall_ms_per_step_untraced": round(untraced_ms, 3),
+    "wall_ms_per_step_traced": round(wall_ms, 3),
+    **summary,
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--backend", default="auto", help="MoC kernel backend: auto | xla | pallas")
   p.add_argument("--variants", default="dense,moc", help=f"of {', '.join(model_step.VARIANTS)}")
+  p.add_argument(
+    "--lean",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="trace without the Python tracer and with fewer host events (steps at their real pace)",
+  )
   p.add_argument("--top", type=int, default=25, help="how many of the costliest kernels to list")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/step_profile.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode

@@ -54,3 +54,12 @@ def test_command_buffer_kernels_are_grouped_by_kernel_name():
   ops = {o["op"]: o for o in sp.summarize(trace, steps=1)["top_ops_ms"]}
   assert set(ops) == {"nvjet_gemm", "decode_rows"}
   assert ops["nvjet_gemm"]["ms"] == 0.2 and ops["nvjet_gemm"]["kind"] == "gemm"
+
+
+def test_idle_gaps_are_charged_to_the_op_that_follows():
+  s = sp.summarize(_trace(), steps=2)
+  assert s["idle_ms_per_step"] == 1.75  # 1500 + 1000 + 1000 us over 2 steps
+  first = s["idle_before_op"][0]
+  assert first == {"op": "custom-call.5", "ms": 0.75, "gaps": 0.5}  # one gap in 2 steps
+  assert {o["op"] for o in s["idle_before_op"]} == {"custom-call.5", "fusion.9", "dot.3"}
+  assert s["idle_before_kind_ms"] == {"pallas": 0.75, "fusion/other": 0.5, "gemm": 0.5}
