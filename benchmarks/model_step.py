@@ -10,6 +10,12 @@ FLOPs: 6 × non-embedding params + 12 × layers × d_model × seq per token, ove
 dense-bf16 peak for H100/H200), peak device memory and XLA's compiled memory analysis; the
 largest batch without rematerialisation is estimated linearly from the compiled memory at two
 batch sizes.
+
+`--interleave=R` instead builds every variant in one process and times them in R rounds of
+`--steps` steps each, the order rotated every round, so that the GPU's clock and temperature
+drift over the run fall on all variants alike (one process per variant runs them in order: a
+later variant meets a hotter GPU). Ratios are then medians of the per-round ratios; peak memory
+is not reported there (the variants share the process).
 """
 
 from __future__ import annotations
@@ -174,6 +180,59 @@ def child(args) -> dict:
   }
 
 
+INTERLEAVED = "interleaved"  # child mode: every variant in one process, timed in rounds
+
+
+def interleaved(args) -> dict:
+  """Per-variant step times over rounds, and each variant's per-round ratio to the reference."""
+  import jax
+
+  from moc_jax import train_lib
+
+  names = args.variants.split(",")
+  runs = {}
+  for name in names:
+    cfg, _, state, step, batch_of = build(
+      args.preset, name, args.backend, args.seq, compiler_options=args.compiler_options
+    )
+    batch = batch_of(args.batch)
+    for _ in range(args.warmup):
+      state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    runs[name] = [state, step, batch, cfg]
+    print(f"{name}: built and warmed up", flush=True)
+  ms: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(args.interleave):
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      state, step, batch, _ = runs[name]
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        state, m = step(state, batch)
+      jax.block_until_ready(m["loss"])
+      ms[name].append((time.perf_counter() - t0) * 1e3 / args.steps)
+      runs[name][0] = state
+    print(f"round {r}: " + ", ".join(f"{n} {ms[n][-1]:.2f} ms" for n in names), flush=True)
+  peak_tflops = train_lib.device_peak_tflops(None)
+  rows = []
+  for name in names:
+    step_ms = statistics.median(ms[name])
+    tokens_per_s = args.batch * args.seq / (step_ms / 1e3)
+    flops = train_lib.train_flops_per_token(runs[name][3], args.seq)
+    row = {
+      "variant": name,
+      "step_ms": step_ms,
+      "step_ms_rounds": ms[name],
+      "tokens_per_s": tokens_per_s,
+      "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+    }
+    if args.reference in ms:
+      per_round = [a / b for a, b in zip(ms[args.reference], ms[name], strict=True)]
+      row["tokens_per_s_vs_dense"] = statistics.median(per_round)
+      row["vs_dense_rounds"] = per_round
+    rows.append(row)
+  return {"rows": rows}
+
+
 def write_results(args, rows: list[dict]) -> None:
   """The JSON with ratios against `--reference` (when it ran)."""
   from benchmarks import common
@@ -206,13 +265,37 @@ def main() -> None:
     action="store_true",
     help="also compile at batch/2 to extrapolate the largest batch that fits",
   )
+  p.add_argument(
+    "--interleave",
+    type=int,
+    default=0,
+    help="R > 0: all variants in one process, timed in R rounds (rotated order); no peak memory",
+  )
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/model_step.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args()
   from benchmarks import common
 
+  if args.variant == INTERLEAVED:
+    print(common.RESULT + json.dumps(interleaved(args)), flush=True)
+    return
   if args.variant:
     print(common.RESULT + json.dumps(child(args)), flush=True)
+    return
+  if args.interleave:
+    r = common.run_variant_child(__file__, INTERLEAVED, sys.argv[1:])
+    if "error" in r:
+      print(f"interleaved run failed\n{r['error']}", flush=True)
+      sys.exit(1)
+    common.write_json(args.out, {"info": common.run_info(), "args": vars(args), "rows": r["rows"]})
+    for row in r["rows"]:
+      ratio = row.get("tokens_per_s_vs_dense")
+      print(
+        f"{row['variant']:>16}: {row['step_ms']:.1f} ms/step (median of {args.interleave} rounds), "
+        f"{row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu'] or 0:.1%}"
+        + (f", {ratio:.3f}x {args.reference}" if ratio else ""),
+        flush=True,
+      )
     return
 
   rows = []

@@ -1,0 +1,23 @@
+"""The interleaved step benchmark on the tiny preset: every variant timed in every round, the
+order rotated, and ratios taken round by round against the reference."""
+
+import argparse
+
+from benchmarks import model_step
+
+
+def test_interleaved_rounds_and_ratios():
+  args = argparse.Namespace(
+    preset="tiny", variants="dense,moc", backend="xla", seq=16, batch=2, warmup=1, steps=1,
+    interleave=2, reference="dense", compiler_options="none",
+  )  # fmt: skip
+  rows = {r["variant"]: r for r in model_step.interleaved(args)["rows"]}
+  assert set(rows) == {"dense", "moc"}
+  for r in rows.values():
+    assert len(r["step_ms_rounds"]) == 2 and all(t > 0 for t in r["step_ms_rounds"])
+    assert r["step_ms"] == sum(r["step_ms_rounds"]) / 2  # the median of two rounds
+  dense, moc = rows["dense"], rows["moc"]
+  assert dense["vs_dense_rounds"] == [1.0, 1.0]
+  expected = [d / m for d, m in zip(dense["step_ms_rounds"], moc["step_ms_rounds"], strict=True)]
+  assert moc["vs_dense_rounds"] == expected
+  assert abs(moc["tokens_per_s_vs_dense"] - sum(expected) / 2) < 1e-12  # median of two
