@@ -113,6 +113,45 @@ def time_fn(
   }
 
 
+def time_interleaved(
+  fns: dict[str, Callable],
+  arg_sets: Sequence[tuple],
+  inner: int = 10,
+  trials: int = 7,
+  warmup: int = 2,
+) -> dict[str, list[float]]:
+  """Per-call µs of each fn, `trials` samples each, the fns taken in turn within every trial
+  (order rotated by one each trial), so that clock and thermal drift over the run fall on all
+  of them alike: compare them trial by trial (`paired_ratio`). A fn that raises is dropped
+  (its error printed) and the others go on."""
+  live = dict(fns)
+  for name, fn in fns.items():
+    try:
+      for i in range(warmup):
+        block(fn(*arg_sets[i % len(arg_sets)]))
+    except Exception as e:  # reported, not fatal: the others are still compared
+      print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      del live[name]
+  samples: dict[str, list[float]] = {name: [] for name in live}
+  names = list(live)
+  for t in range(trials):
+    for name in names[t % len(names) :] + names[: t % len(names)]:
+      t0 = time.perf_counter()
+      out = None
+      for i in range(inner):
+        out = live[name](*arg_sets[i % len(arg_sets)])
+      block(out)
+      samples[name].append((time.perf_counter() - t0) / inner * 1e6)
+  return samples
+
+
+def paired_ratio(a: Sequence[float] | None, b: Sequence[float] | None) -> float | None:
+  """Median over trials of a[i] / b[i] (samples from `time_interleaved`), or None."""
+  if not a or not b:
+    return None
+  return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
   """a / b, or None when either is missing."""
   if a is None or b is None or b == 0:

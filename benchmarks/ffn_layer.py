@@ -2,7 +2,10 @@
 
 Methods, all through `moc_jax.moc.moc_ffn` (so all get the same F padding on GPU):
 dense (XLA autodiff), MoC xla (lax.top_k references), MoC pallas, MoC pallas + GCP.
-Also residual bytes per token. Ratios are to dense measured in the same run.
+Also residual bytes per token. Ratios are to dense measured in the same run: the methods of
+a shape are timed in turn within every trial (`common.time_interleaved`), and a ratio is the
+median of the per-trial ratios, so drift in the GPU's clock over the run cancels. (Before
+2026-12-04 each method's trials ran back to back, dense first.)
 
   python benchmarks/ffn_layer.py [--quick] [--out=benchmarks/results/ffn_layer.json]
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,26 +78,28 @@ def main() -> None:
     if only and d not in only:
       continue
     sets = [_params(d, f, s) for s in range(2)]
-    for name in args.methods.split(","):
+    names = args.methods.split(",")
+    fns = {name: _fns(k, METHODS[name], opts) for name in names}
+    samples = {
+      label: common.time_interleaved(
+        {name: pair[i] for name, pair in fns.items()}, sets, inner=inner, trials=trials
+      )
+      for i, label in enumerate(("fwd_us", "fwd_bwd_us"))
+    }
+    for name in names:
       method = METHODS[name]
-      fwd, fwd_bwd = _fns(k, method, opts)
       row = {"d": d, "F": f, "K": k, "method": name}
-      for label, fn in (("fwd_us", fwd), ("fwd_bwd_us", fwd_bwd)):
-        try:
-          row[label] = common.time_fn(fn, arg_sets=sets, inner=inner, trials=trials)["median_us"]
-        except Exception as e:  # report and keep going
-          print(f"  {name} {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-          row[label] = None
+      for label, by_name in samples.items():
+        ours, dense = by_name.get(name), by_name.get("dense")
+        row[label] = statistics.median(ours) if ours else None
+        row[label.replace("_us", "_vs_dense")] = common.paired_ratio(ours, dense)
       row["residual_bytes_per_token"] = moc.residual_bytes_per_token(
         f, k, method["variant"], method["gcp"], backend=method["backend"]
       )
       rows.append(row)
       print(row, flush=True)
-  for r in rows:
-    base = next(b for b in rows if b["d"] == r["d"] and b["method"] == "dense")
-    r["fwd_vs_dense"] = common.ratio(r["fwd_us"], base["fwd_us"])
-    r["fwd_bwd_vs_dense"] = common.ratio(r["fwd_bwd_us"], base["fwd_bwd_us"])
-  common.write_json(args.out, {"info": info, "tokens": TOKENS, "dtype": "bf16", "rows": rows})
+  payload = {"info": info, "tokens": TOKENS, "dtype": "bf16", "protocol": "interleaved"}
+  common.write_json(args.out, {**payload, "rows": rows})
   print(f"\nFFN layer, {TOKENS} tokens, bf16, medians (us); ratios vs dense in this run:")
   common.print_table(
     [
