@@ -22,6 +22,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -130,6 +131,33 @@ def summarize(trace: dict, steps: int, top: int = 25) -> dict:
   }
 
 
+def hlo_of(text: str, ops: list[str], lines: int = 30) -> dict[str, str]:
+  """Each op's instruction in optimized HLO `text`, with the body of the computation it calls
+  (a fusion's), cut to `lines` lines. Profile names may spell XLA's '.' as '_'."""
+  norm = lambda name: name.replace(".", "_").lstrip("%")
+  instr, comps, comp, body = {}, {}, None, []
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      comp, body = head.group(1), []
+      comps[norm(comp)] = body
+      continue
+    if comp is not None:
+      body.append(line.strip()[:240])
+    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+    if m:
+      instr[norm(m.group(1))] = line.strip()
+  out = {}
+  for op in ops:
+    line = instr.get(norm(op))
+    if line is None:
+      continue
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    inner = comps.get(norm(called.group(1)), []) if called else []
+    out[op] = "\n".join([line[:600], *inner[:lines]])
+  return out
+
+
 def read_trace(log_dir: str) -> dict:
   paths = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))
   if not paths:
@@ -168,6 +196,10 @@ def child(args) -> dict:
       jax.block_until_ready(m)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     summary = summarize(read_trace(log_dir), args.steps, top=args.top)
+  if args.hlo_top:
+    others = [o["op"] for o in summary["top_ops_ms"] if o["kind"] in ("fusion/other", "copy")]
+    text = step.lower(state, batch).compile().as_text()
+    summary["hlo"] = hlo_of(text, others[: args.hlo_top])
   return {
     "variant": args.variant,
     "wall_ms_per_step_untraced": round(untraced_ms, 3),
@@ -192,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     action=argparse.BooleanOptionalAction,
     default=True,
     help="trace without the Python tracer and with fewer host events (steps at their real pace)",
+  )
+  p.add_argument(
+    "--hlo_top", type=int, default=0, help="the HLO of this many of the costliest non-GEMM ops"
   )
   p.add_argument("--top", type=int, default=25, help="how many of the costliest kernels to list")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/step_profile.json"))

@@ -63,3 +63,23 @@ def test_idle_gaps_are_charged_to_the_op_that_follows():
   assert first == {"op": "custom-call.5", "ms": 0.75, "gaps": 0.5}  # one gap in 2 steps
   assert {o["op"] for o in s["idle_before_op"]} == {"custom-call.5", "fusion.9", "dot.3"}
   assert s["idle_before_kind_ms"] == {"pallas": 0.75, "fusion/other": 0.5, "gemm": 0.5}
+
+
+def test_hlo_of_finds_fusions_and_their_bodies():
+  text = """HloModule m
+
+%fused_computation.7 (param_0: f32[4]) -> f32[8] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %concatenate.1 = f32[8]{0} concatenate(%param_0, %param_0), dimensions={0}
+}
+
+ENTRY %main (p: f32[4]) -> f32[8] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %input_concatenate_fusion.23 = f32[8]{0} fusion(%p), kind=kInput, calls=%fused_computation.7
+}
+"""
+  got = sp.hlo_of(text, ["input_concatenate_fusion_23", "absent_op"])
+  assert list(got) == ["input_concatenate_fusion_23"]
+  lines = got["input_concatenate_fusion_23"].splitlines()
+  assert lines[0].startswith("ROOT %input_concatenate_fusion.23 = f32[8]")
+  assert "concatenate(%param_0, %param_0)" in lines[2] and lines[-1] == "}"
