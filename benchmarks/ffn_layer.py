@@ -4,8 +4,11 @@ Methods, all through `moc_jax.moc.moc_ffn` (so all get the same F padding on GPU
 dense (XLA autodiff), MoC xla (lax.top_k references), MoC pallas, MoC pallas + GCP.
 Also residual bytes per token. Ratios are to dense measured in the same run: the methods of
 a shape are timed in turn within every trial (`common.time_interleaved`), and a ratio is the
-median of the per-trial ratios, so drift in the GPU's clock over the run cancels. (Before
-2026-12-04 each method's trials ran back to back, dense first.)
+median of the per-trial ratios, so drift in the GPU's clock over the run cancels. Before
+2026-12-04 each method's trials ran back to back, dense first: `--protocols=sequential` (ratio of
+medians); `--protocols=interleaved,sequential` times both in one run. `--inner` sets the calls
+per sample, several comma-separated (a longer block lets each method settle into its own clock
+and power state).
 
   python benchmarks/ffn_layer.py [--quick] [--out=benchmarks/results/ffn_layer.json]
 """
@@ -13,6 +16,7 @@ median of the per-trial ratios, so drift in the GPU's clock over the run cancels
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -60,18 +64,44 @@ def _fns(k: int, method: dict, opts: dict):
   return jax.jit(fwd, compiler_options=opts), jax.jit(fwd_bwd, compiler_options=opts)
 
 
+PROTOCOLS = ("interleaved", "sequential")
+
+
+def _samples(fns: dict, sets, protocol: str, inner: int, trials: int) -> dict[str, list[float]]:
+  if protocol == "interleaved":
+    return common.time_interleaved(fns, sets, inner=inner, trials=trials)
+  out = {}
+  for name, fn in fns.items():  # all of one method's samples, then the next method's
+    out.update(common.time_interleaved({name: fn}, sets, inner=inner, trials=trials))
+  return out
+
+
+def _vs_dense(ours: list[float] | None, dense: list[float] | None, protocol: str) -> float | None:
+  if protocol == "interleaved":
+    return common.paired_ratio(ours, dense)
+  return common.ratio(statistics.median(ours), statistics.median(dense)) if ours and dense else None
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--d_models", default="", help="only these shapes' d_model, comma-separated")
   ap.add_argument("--compiler_options", default="auto", help="as train.compiler_options")
+  ap.add_argument("--protocols", default="interleaved", help=f"any of {', '.join(PROTOCOLS)}")
+  ap.add_argument(
+    "--inner", default="", help="calls per sample, comma-separated to try several (10; quick 5)"
+  )
   ap.add_argument("--out", default="benchmarks/results/ffn_layer.json")
   args = ap.parse_args()
   opts = compile_options.parse(args.compiler_options)
   info = {**common.run_info(), "compiler_options": opts}
   print(info, flush=True)
   inner, trials = (5, 5) if args.quick else (10, 9)
+  inners = [int(n) for n in args.inner.split(",") if n] or [inner]
+  protocols = args.protocols.split(",")
+  if set(protocols) - set(PROTOCOLS):
+    ap.error(f"--protocols: unknown {sorted(set(protocols) - set(PROTOCOLS))}")
   rows = []
   only = {int(d) for d in args.d_models.split(",") if d}
   for d, f, k in SHAPES:
@@ -80,25 +110,25 @@ def main() -> None:
     sets = [_params(d, f, s) for s in range(2)]
     names = args.methods.split(",")
     fns = {name: _fns(k, METHODS[name], opts) for name in names}
-    samples = {
-      label: common.time_interleaved(
-        {name: pair[i] for name, pair in fns.items()}, sets, inner=inner, trials=trials
-      )
-      for i, label in enumerate(("fwd_us", "fwd_bwd_us"))
-    }
-    for name in names:
-      method = METHODS[name]
-      row = {"d": d, "F": f, "K": k, "method": name}
-      for label, by_name in samples.items():
-        ours, dense = by_name.get(name), by_name.get("dense")
-        row[label] = statistics.median(ours) if ours else None
-        row[label.replace("_us", "_vs_dense")] = common.paired_ratio(ours, dense)
-      row["residual_bytes_per_token"] = moc.residual_bytes_per_token(
-        f, k, method["variant"], method["gcp"], backend=method["backend"]
-      )
-      rows.append(row)
-      print(row, flush=True)
-  payload = {"info": info, "tokens": TOKENS, "dtype": "bf16", "protocol": "interleaved"}
+    for protocol, inner in itertools.product(protocols, inners):
+      samples = {
+        label: _samples({n: pair[i] for n, pair in fns.items()}, sets, protocol, inner, trials)
+        for i, label in enumerate(("fwd_us", "fwd_bwd_us"))
+      }
+      for name in names:
+        method = METHODS[name]
+        row = {"d": d, "F": f, "K": k, "method": name, "protocol": protocol, "inner": inner}
+        for label, by_name in samples.items():
+          ours, dense = by_name.get(name), by_name.get("dense")
+          row[label] = statistics.median(ours) if ours else None
+          row[label.replace("_us", "_vs_dense")] = _vs_dense(ours, dense, protocol)
+          row[label.replace("_us", "_samples_us")] = ours
+        row["residual_bytes_per_token"] = moc.residual_bytes_per_token(
+          f, k, method["variant"], method["gcp"], backend=method["backend"]
+        )
+        rows.append(row)
+        print({k_: v for k_, v in row.items() if "samples" not in k_}, flush=True)
+  payload = {"info": info, "tokens": TOKENS, "dtype": "bf16", "protocols": protocols}
   common.write_json(args.out, {**payload, "rows": rows})
   print(f"\nFFN layer, {TOKENS} tokens, bf16, medians (us); ratios vs dense in this run:")
   common.print_table(
@@ -118,6 +148,8 @@ def main() -> None:
       "F",
       "K",
       "method",
+      "protocol",
+      "inner",
       "fwd_us",
       "fwd_vs_dense",
       "fwd_bwd_us",

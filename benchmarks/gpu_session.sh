@@ -22,6 +22,7 @@
 #           itself captured too (WHILE, CONDITIONAL): is the non-FFN time launch overhead?
 #   gemms   each GEMM of the 1b step ($GEMM_VARIANT, default dense): shape, ms, TFLOP/s
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
+#           (LAYER_ARGS adds ffn_layer.py flags, e.g. --d_models=2048 --protocols=...)
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests, ~4 min;
 #           GPU_TESTS=tests, all 23, ~6 min; GPU_TESTS_K: a pytest -k expression)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
@@ -178,7 +179,7 @@ gemms() {  # every GEMM of the 1b step with its achieved TFLOP/s (command buffer
 layer() {
   local args=(--quick --methods=${LAYER_METHODS:-dense,moc_pallas,moc_pallas_gcp})
   [ -n "${DRY:-}" ] && { echo "FFN layer skipped (DRY)"; return 0; }
-  python3 benchmarks/ffn_layer.py "${args[@]}" --out "$work/ffn_layer.json"
+  python3 benchmarks/ffn_layer.py "${args[@]}" ${LAYER_ARGS:-} --out "$work/ffn_layer.json"
 }
 
 tests() {
