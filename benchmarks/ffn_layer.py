@@ -8,7 +8,8 @@ median of the per-trial ratios, so drift in the GPU's clock over the run cancels
 2026-12-04 each method's trials ran back to back, dense first: `--protocols=sequential` (ratio of
 medians); `--protocols=interleaved,sequential` times both in one run. `--inner` sets the calls
 per sample, several comma-separated (a longer block lets each method settle into its own clock
-and power state).
+and power state). Each shape is preceded by `--heat_s` seconds of load (15 on GPU), so no method
+is timed on a cold GPU.
 
   python benchmarks/ffn_layer.py [--quick] [--out=benchmarks/results/ffn_layer.json]
 """
@@ -20,6 +21,7 @@ import itertools
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,6 +84,15 @@ def _vs_dense(ours: list[float] | None, dense: list[float] | None, protocol: str
   return common.ratio(statistics.median(ours), statistics.median(dense)) if ours and dense else None
 
 
+def _heat(fn, sets, seconds: float) -> None:
+  """Run fn back to back for `seconds`: a GPU timed from cold runs its first samples at clocks
+  it cannot hold (H200, 2026-12-04: dense at 1B took 4.9 ms in the first trials, 5.3-5.6 after),
+  which flatters whatever is timed first."""
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    common.block([fn(*a) for a in sets])
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
@@ -92,6 +103,9 @@ def main() -> None:
   ap.add_argument(
     "--inner", default="", help="calls per sample, comma-separated to try several (10; quick 5)"
   )
+  ap.add_argument(
+    "--heat_s", type=float, default=None, help="seconds of load before each shape (GPU 15, else 0)"
+  )
   ap.add_argument("--out", default="benchmarks/results/ffn_layer.json")
   args = ap.parse_args()
   opts = compile_options.parse(args.compiler_options)
@@ -99,6 +113,7 @@ def main() -> None:
   print(info, flush=True)
   inner, trials = (5, 5) if args.quick else (10, 9)
   inners = [int(n) for n in args.inner.split(",") if n] or [inner]
+  heat_s = args.heat_s if args.heat_s is not None else 15.0 * (jax.default_backend() == "gpu")
   protocols = args.protocols.split(",")
   if set(protocols) - set(PROTOCOLS):
     ap.error(f"--protocols: unknown {sorted(set(protocols) - set(PROTOCOLS))}")
@@ -110,6 +125,7 @@ def main() -> None:
     sets = [_params(d, f, s) for s in range(2)]
     names = args.methods.split(",")
     fns = {name: _fns(k, METHODS[name], opts) for name in names}
+    _heat(next(iter(fns.values()))[1], sets, heat_s)
     for protocol, inner in itertools.product(protocols, inners):
       samples = {
         label: _samples({n: pair[i] for n, pair in fns.items()}, sets, protocol, inner, trials)
@@ -129,6 +145,7 @@ def main() -> None:
         rows.append(row)
         print({k_: v for k_, v in row.items() if "samples" not in k_}, flush=True)
   payload = {"info": info, "tokens": TOKENS, "dtype": "bf16", "protocols": protocols}
+  payload["heat_s"] = heat_s
   common.write_json(args.out, {**payload, "rows": rows})
   print(f"\nFFN layer, {TOKENS} tokens, bf16, medians (us); ratios vs dense in this run:")
   common.print_table(
