@@ -173,7 +173,12 @@ def test_gpu_real_sizes(dtype, f, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
   ("dtype", "f", "k"),
-  [(jnp.bfloat16, 5632, 1024), (jnp.bfloat16, 1376, 256), (jnp.float32, 2736, 512)],
+  [
+    (jnp.bfloat16, 5632, 1024),
+    (jnp.bfloat16, 1376, 256),
+    (jnp.float32, 2736, 512),
+    (jnp.bfloat16, 16384, 4096),  # past topk.GATHER_MAX_F: forced here, to decide the cap
+  ],
 )
 def test_gpu_compact_gather(dtype, f, k):
   """The two-kernel top-K with its slots gathered, against the reference, ties included."""
