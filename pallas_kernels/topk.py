@@ -59,7 +59,7 @@ GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
 GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather")
 
 
-GATHER_MAX_F = 8192  # the widest rows GAUSS_GATHER was timed and GPU-tested at (5632)
+GATHER_MAX_F = 8192  # GAUSS_GATHER was timed up to 5632 channels (exact at 16384 too, untimed)
 
 
 def default_config(f: int, variant: str = "moc") -> TopKConfig:
@@ -68,9 +68,10 @@ def default_config(f: int, variant: str = "moc") -> TopKConfig:
   (16384 rows, Gaussian rows, topk_h200_20261203c.json) GAUSS_GATHER took 150.4 / 186.7 / 253.1
   / 432.4 / 435.4 us at F = 1376 / 2048 / 2736 / 5461 / 5632 where GAUSS took 149.7 / 192.5 /
   311.8 / 479.7 / 486.2 (GAUSS itself beat the ternary search's 176 / 252 / 344 / 559 / 594,
-  topk_h200_20261203.json). Wider rows were neither timed nor GPU-tested with the gather (the
-  one GPU test at F = 16384 was cut off before it finished). Rows far from Gaussian cost up to
-  ~2 passes more than a plain bisection (the guess is checked)."""
+  topk_h200_20261203.json). At F = 16384 (K = 4096) both GAUSS and GAUSS_GATHER are exact on the
+  H200 (GPU tests of 2026-12-04, 2 min of compile each) but only GAUSS was ever timed there, so
+  the cap stays until the gather is. Rows far from Gaussian cost up to ~2 passes more than a
+  plain bisection (the guess is checked)."""
   return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
 
 
