@@ -23,8 +23,9 @@
 #   gemms   each GEMM of the 1b step ($GEMM_VARIANT, default dense): shape, ms, TFLOP/s
 #   layer   FFN layer fwd and fwd+bwd at the four preset shapes (+ 5461): dense vs MoC Pallas
 #           (LAYER_ARGS adds ffn_layer.py flags, e.g. --d_models=2048 --protocols=...)
-#   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests, ~4 min;
-#           GPU_TESTS=tests, all 23, ~6 min; GPU_TESTS_K: a pytest -k expression)
+#   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests;
+#           GPU_TESTS=tests: all 37, ~6 min plus ~2 min for each of the two F = 16384 top-K
+#           cases, nearly all compile; GPU_TESTS_K: a pytest -k expression, e.g. 'not 16384')
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
