@@ -39,6 +39,13 @@ class Instr:
   operands: list[str]
   inline_shapes: list[Shape | None]  # operand shapes printed inline, when they are
   attrs: str  # everything after the operand list
+  text: str = ""  # the whole line, stripped
+
+  @property
+  def calls(self) -> str | None:
+    """The computation a fusion calls (`calls=`), if any."""
+    m = _CALLS.search(self.attrs)
+    return m.group(1) if m else None
 
 
 @dataclass
@@ -115,7 +122,8 @@ def _parse_instr(line: str) -> Instr | None:
     words = token.split()
     operands.append(words[-1].lstrip("%"))
     inline.append(_array(" ".join(words[:-1])) if len(words) > 1 else None)
-  return Instr(name, op.group(1), shape, operands, inline, rest[close_at + 1 :])
+  attrs = rest[close_at + 1 :]
+  return Instr(name, op.group(1), shape, operands, inline, attrs, line.strip())
 
 
 def parse_hlo(hlo_text: str) -> dict[str, Computation]:
@@ -229,8 +237,8 @@ def _inner_gemms(
   for ins in comps[name].instrs:
     if ins.opcode == "dot" or _custom_call_kind(ins) == "cublas":
       yield ins, comps[name]
-    elif ins.opcode == "fusion" and (m := _CALLS.search(ins.attrs)):
-      yield from _inner_gemms(m.group(1), comps, seen)
+    elif ins.opcode == "fusion" and ins.calls:
+      yield from _inner_gemms(ins.calls, comps, seen)
 
 
 def _fusion_kind(ins: Instr) -> str:
@@ -249,7 +257,7 @@ def _fusion_entry(ins: Instr, comps: dict[str, Computation], every: dict[str, Sh
   """A fusion's GEMM(s): FLOPs summed, the largest one's shape; {} if it holds none."""
   kind = _fusion_kind(ins)
   entries = []
-  for inner, comp in _inner_gemms(_CALLS.search(ins.attrs).group(1), comps):
+  for inner, comp in _inner_gemms(ins.calls, comps):
     if inner.opcode == "dot":
       entries.append(_dot_entry(kind, inner, comp, every))
     else:  # a cuBLAS call wrapped in a (dynamic-slice) fusion: the fusion is the op that runs
@@ -297,12 +305,7 @@ def gemms_of_hlo(hlo_text: str) -> dict[str, dict]:
   comps = parse_hlo(hlo_text)
   runs = _runs_per_step(comps)
   every = {n: s for c in comps.values() for n, s in c.shapes.items()}
-  fused = {
-    m.group(1)
-    for c in comps.values()
-    for ins in c.instrs
-    if ins.opcode == "fusion" and (m := _CALLS.search(ins.attrs))
-  }
+  fused = {ins.calls for c in comps.values() for ins in c.instrs if ins.opcode == "fusion"}
   gemms: dict[str, dict] = {}
   for comp in comps.values():
     if comp.name in fused:
@@ -312,7 +315,7 @@ def gemms_of_hlo(hlo_text: str) -> dict[str, dict]:
         gemms[ins.name] = _dot_entry("dot", ins, comp, every)
       elif kind := _custom_call_kind(ins):
         gemms[ins.name] = _custom_call_entry(kind, ins, comp, every)
-      elif ins.opcode == "fusion" and _CALLS.search(ins.attrs):
+      elif ins.opcode == "fusion" and ins.calls:
         gemms[ins.name] = _fusion_entry(ins, comps, every)
       if gemms.get(ins.name):
         gemms[ins.name]["runs_per_step"] = runs.get(comp.name)

@@ -22,7 +22,6 @@ import glob
 import gzip
 import json
 import os
-import re
 import sys
 import tempfile
 
@@ -133,28 +132,21 @@ def summarize(trace: dict, steps: int, top: int = 25) -> dict:
 
 def hlo_of(text: str, ops: list[str], lines: int = 30) -> dict[str, str]:
   """Each op's instruction in optimized HLO `text`, with the body of the computation it calls
-  (a fusion's), cut to `lines` lines. Profile names may spell XLA's '.' as '_'."""
-  norm = lambda name: name.replace(".", "_").lstrip("%")
-  instr, comps, comp, body = {}, {}, None, []
-  for line in text.splitlines():
-    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if head and not line.startswith(" "):
-      comp, body = head.group(1), []
-      comps[norm(comp)] = body
-      continue
-    if comp is not None:
-      body.append(line.strip()[:240])
-    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
-    if m:
-      instr[norm(m.group(1))] = line.strip()
+  (a fusion's), cut to `lines` lines ('}' closes a body shown whole). Profile names may spell
+  XLA's '.' as '_'."""
+  from benchmarks import hlo_gemms
+
+  norm = lambda name: name.replace(".", "_")
+  comps = {norm(name): c for name, c in hlo_gemms.parse_hlo(text).items()}
+  instrs = {norm(i.name): i for c in comps.values() for i in c.instrs}
   out = {}
   for op in ops:
-    line = instr.get(norm(op))
-    if line is None:
+    ins = instrs.get(norm(op))
+    if ins is None:
       continue
-    called = re.search(r"calls=%?([\w.\-]+)", line)
-    inner = comps.get(norm(called.group(1)), []) if called else []
-    out[op] = "\n".join([line[:600], *inner[:lines]])
+    body = [i.text[:240] for i in comps[norm(ins.calls)].instrs] if ins.calls else []
+    shown = body[:lines] + (["}"] if body and len(body) < lines else [])
+    out[op] = "\n".join([ins.text[:600], *shown])
   return out
 
 
