@@ -79,6 +79,22 @@ def block(tree: Any) -> Any:
   return jax.block_until_ready(tree)
 
 
+def _sample(fn: Callable, arg_sets: Sequence[tuple], inner: int) -> float:
+  """µs per call of `inner` calls dispatched back to back, inputs rotated, one sync at the end."""
+  t0 = time.perf_counter()
+  out = None
+  for i in range(inner):
+    out = fn(*arg_sets[i % len(arg_sets)])
+  block(out)
+  return (time.perf_counter() - t0) / inner * 1e6
+
+
+def rotated(names: Sequence[str], turn: int) -> list[str]:
+  """names starting at position turn (mod len): the order of round `turn`."""
+  i = turn % len(names)
+  return [*names[i:], *names[:i]]
+
+
 def time_fn(
   fn: Callable,
   *args: Any,
@@ -96,14 +112,7 @@ def time_fn(
   sets = list(arg_sets) if arg_sets else [args]
   for i in range(warmup):
     block(fn(*sets[i % len(sets)]))
-  samples = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    out = None
-    for i in range(inner):
-      out = fn(*sets[i % len(sets)])
-    block(out)
-    samples.append((time.perf_counter() - t0) / inner * 1e6)
+  samples = [_sample(fn, sets, inner) for _ in range(trials)]
   return {
     "median_us": statistics.median(samples),
     "min_us": min(samples),
@@ -133,15 +142,9 @@ def time_interleaved(
       print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       del live[name]
   samples: dict[str, list[float]] = {name: [] for name in live}
-  names = list(live)
   for t in range(trials):
-    for name in names[t % len(names) :] + names[: t % len(names)]:
-      t0 = time.perf_counter()
-      out = None
-      for i in range(inner):
-        out = live[name](*arg_sets[i % len(arg_sets)])
-      block(out)
-      samples[name].append((time.perf_counter() - t0) / inner * 1e6)
+    for name in rotated(list(live), t):
+      samples[name].append(_sample(live[name], arg_sets, inner))
   return samples
 
 

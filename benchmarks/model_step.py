@@ -121,6 +121,14 @@ def build(
   return cfg, graphdef, state, step, batch_of
 
 
+def _mfu(cfg, seq: int, tokens_per_s: float) -> float | None:
+  """Model FLOPs utilisation (the docstring's count) on this device, None if its peak is unknown."""
+  from moc_jax import train_lib
+
+  flops = train_lib.train_flops_per_token(cfg, seq)
+  return train_lib.mfu(tokens_per_s, flops, train_lib.device_peak_tflops(None))
+
+
 def child(args) -> dict:
   import jax
   from flax import nnx
@@ -154,8 +162,6 @@ def child(args) -> dict:
   step_s = (time.perf_counter() - t0) / args.steps
   synced_s = statistics.median(times)
   tokens_per_s = args.batch * args.seq / step_s
-  peak_tflops = train_lib.device_peak_tflops(None)
-  flops = train_lib.train_flops_per_token(cfg, args.seq)
   hbm = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
   lo, hi = args.batch // 2, args.batch
   per_seq = (compiled_bytes[hi] - compiled_bytes[lo]) / (hi - lo) if lo in compiled_bytes else 0
@@ -171,7 +177,7 @@ def child(args) -> dict:
     "step_ms_synced_all": [x * 1e3 for x in times],
     "tokens_per_s": tokens_per_s,
     "tokens_per_s_synced": args.batch * args.seq / synced_s,
-    "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+    "mfu": _mfu(cfg, args.seq, tokens_per_s),
     "peak_gb": train_lib.peak_memory_gb(),
     "compiled_gb": {str(b): v / 1e9 for b, v in compiled_bytes.items()},
     "est_max_batch": int((hbm - fixed) // per_seq) if hbm and per_seq > 0 else None,
@@ -187,7 +193,7 @@ def interleaved(args) -> dict:
   """Per-variant step times over rounds, and each variant's per-round ratio to the reference."""
   import jax
 
-  from moc_jax import train_lib
+  from benchmarks import common
 
   names = args.variants.split(",")
   runs = {}
@@ -203,7 +209,7 @@ def interleaved(args) -> dict:
     print(f"{name}: built and warmed up", flush=True)
   ms: dict[str, list[float]] = {name: [] for name in names}
   for r in range(args.interleave):
-    for name in names[r % len(names) :] + names[: r % len(names)]:
+    for name in common.rotated(names, r):
       state, step, batch, _ = runs[name]
       t0 = time.perf_counter()
       for _ in range(args.steps):
@@ -212,23 +218,21 @@ def interleaved(args) -> dict:
       ms[name].append((time.perf_counter() - t0) * 1e3 / args.steps)
       runs[name][0] = state
     print(f"round {r}: " + ", ".join(f"{n} {ms[n][-1]:.2f} ms" for n in names), flush=True)
-  peak_tflops = train_lib.device_peak_tflops(None)
   rows = []
   for name in names:
     step_ms = statistics.median(ms[name])
     tokens_per_s = args.batch * args.seq / (step_ms / 1e3)
-    flops = train_lib.train_flops_per_token(runs[name][3], args.seq)
     row = {
       "variant": name,
       "step_ms": step_ms,
       "step_ms_rounds": ms[name],
       "tokens_per_s": tokens_per_s,
-      "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+      "mfu": _mfu(runs[name][3], args.seq, tokens_per_s),
     }
     if args.reference in ms:
-      per_round = [a / b for a, b in zip(ms[args.reference], ms[name], strict=True)]
-      row["tokens_per_s_vs_dense"] = statistics.median(per_round)
-      row["vs_dense_rounds"] = per_round
+      ref = ms[args.reference]
+      row["tokens_per_s_vs_dense"] = common.paired_ratio(ref, ms[name])
+      row["vs_dense_rounds"] = [a / b for a, b in zip(ref, ms[name], strict=True)]
     rows.append(row)
   return {"rows": rows}
 

@@ -199,6 +199,11 @@ def train_flops_per_token(cfg: model_config.ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * seq_len
 
 
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
+  """Model FLOPs utilisation (`train_flops_per_token`'s count), None where the peak is unknown."""
+  return tokens_per_s * flops_per_token / (peak_tflops * 1e12) if peak_tflops else None
+
+
 def device_peak_tflops(override: float | None) -> float | None:
   if override:
     return override

@@ -231,7 +231,7 @@ def _loop(run: _Run, state) -> dict:
         perplexity=math.exp(min(m["loss"], 700.0)),
         tokens_per_sec=tok_s,
         steps_per_sec=window_steps / elapsed,
-        mfu=(tok_s * flops_per_token / (peak_tflops * 1e12)) if peak_tflops else None,
+        mfu=train_lib.mfu(tok_s, flops_per_token, peak_tflops),
         peak_memory_gb=train_lib.peak_memory_gb(),
       )
       m.pop("finite")
