@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,15 +58,21 @@ def device_events(trace: dict) -> list[dict]:
   return [e for e in on_cpu if not e["name"].startswith("ThunkExecutor")]  # wrappers
 
 
+def _gaps(events: list[dict]) -> Iterator[tuple[float, dict]]:
+  """(idle µs, the event that ends it) for each gap in the union of the events' intervals."""
+  end = None
+  for e in sorted(events, key=lambda e: e["ts"]):
+    if end is not None and e["ts"] > end:
+      yield e["ts"] - end, e
+    end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+
+
 def busy_time(events: list[dict]) -> float:
   """Length of the union of the events' [ts, ts + dur) intervals (µs)."""
-  total, end = 0.0, float("-inf")
-  for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
-    if start > end:
-      total, end = total + stop - start, stop
-    elif stop > end:
-      total, end = total + stop - end, stop
-  return total
+  if not events:
+    return 0.0
+  span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+  return span - sum(gap for gap, _ in _gaps(events))
 
 
 def idle_gaps(events: list[dict], steps: int, top: int = 10) -> dict:
@@ -77,15 +84,12 @@ def idle_gaps(events: list[dict], steps: int, top: int = 10) -> dict:
   by_next: dict[str, float] = collections.defaultdict(float)
   by_kind: dict[str, float] = collections.defaultdict(float)
   count: dict[str, int] = collections.defaultdict(int)
-  end, total = None, 0.0
-  for e in sorted(events, key=lambda e: e["ts"]):
-    if end is not None and e["ts"] > end:
-      gap = e["ts"] - end
-      total += gap
-      by_next[hlo_op(e)] += gap
-      by_kind[kind_of(f"{hlo_op(e)} {e['name']}")] += gap
-      count[hlo_op(e)] += 1
-    end = max(end or e["ts"], e["ts"] + e["dur"])
+  total = 0.0
+  for gap, e in _gaps(events):
+    total += gap
+    by_next[hlo_op(e)] += gap
+    by_kind[kind_of(f"{hlo_op(e)} {e['name']}")] += gap
+    count[hlo_op(e)] += 1
   ranked = sorted(by_next.items(), key=lambda kv: -kv[1])[:top]
   return {
     "idle_ms_per_step": round(total / steps / 1e3, 4),
