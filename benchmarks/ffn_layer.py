@@ -144,9 +144,17 @@ def main() -> None:
         )
         rows.append(row)
         print({k_: v for k_, v in row.items() if "samples" not in k_}, flush=True)
-  payload = {"info": info, "tokens": TOKENS, "dtype": "bf16", "protocols": protocols}
-  payload["heat_s"] = heat_s
-  common.write_json(args.out, {**payload, "rows": rows})
+  common.write_json(
+    args.out,
+    {
+      "info": info,
+      "tokens": TOKENS,
+      "dtype": "bf16",
+      "protocols": protocols,
+      "heat_s": heat_s,
+      "rows": rows,
+    },
+  )
   print(f"\nFFN layer, {TOKENS} tokens, bf16, medians (us); ratios vs dense in this run:")
   common.print_table(
     [

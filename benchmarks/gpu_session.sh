@@ -32,7 +32,8 @@
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
 # the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py);
-# STEPPROF_VARIANTS overrides stepprof's (STEPPROF_ARGS adds step_profile.py flags), REMAT_VARIANTS remat's (its _split ones likewise);
+# STEPPROF_VARIANTS overrides stepprof's (STEPPROF_ARGS adds step_profile.py flags),
+# REMAT_VARIANTS remat's (its _split ones likewise);
 # STEP_ARGS adds model_step.py flags to step64 (e.g. --estimate_max_batch).
 #   bash benchmarks/gpu_session.sh OUT_DIR SECTION[:LIMIT_S] ...   e.g. gcp:170 topk:260
 # Run from the repo root or a `git archive` snapshot of it (GIT_COMMIT set), with .whl

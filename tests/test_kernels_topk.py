@@ -164,10 +164,15 @@ def test_errors():
   ],
 )
 def test_gpu_real_sizes(dtype, f, k):
-  g = jax.random.normal(_key(f + k), (16384, f), jnp.float32).astype(dtype)
-  _assert_same(g, k, "moc")
+  _assert_real_size(dtype, f, k, seed=f + k)
+
+
+def _assert_real_size(dtype, f: int, k: int, seed: int, config=None):
+  """16384 Gaussian rows, then 512 rows of heavy ties, against the reference."""
+  g = jax.random.normal(_key(seed), (16384, f), jnp.float32).astype(dtype)
+  _assert_same(g, k, "moc", config=config)
   gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
-  _assert_same(gi, k, "moc")
+  _assert_same(gi, k, "moc", config=config)
 
 
 @pytest.mark.gpu
@@ -182,11 +187,7 @@ def test_gpu_real_sizes(dtype, f, k):
 )
 def test_gpu_compact_gather(dtype, f, k):
   """The two-kernel top-K with its slots gathered, against the reference, ties included."""
-  cfg = topk.GAUSS_GATHER
-  g = jax.random.normal(_key(f - k), (16384, f), jnp.float32).astype(dtype)
-  _assert_same(g, k, "moc", config=cfg)
-  gi = jax.random.randint(_key(f), (512, f), -3, 4).astype(dtype)  # heavy ties
-  _assert_same(gi, k, "moc", config=cfg)
+  _assert_real_size(dtype, f, k, seed=f - k, config=topk.GAUSS_GATHER)
 
 
 @pytest.mark.gpu
