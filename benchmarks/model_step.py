@@ -218,6 +218,7 @@ def interleaved(args) -> dict:
       ms[name].append((time.perf_counter() - t0) * 1e3 / args.steps)
       runs[name][0] = state
     print(f"round {r}: " + ", ".join(f"{n} {ms[n][-1]:.2f} ms" for n in names), flush=True)
+  fits = _fit_runs(runs, names, args.fit_steps) if args.fit_steps else {}
   rows = []
   for name in names:
     step_ms = statistics.median(ms[name])
@@ -233,8 +234,45 @@ def interleaved(args) -> dict:
       ref = ms[args.reference]
       row["tokens_per_s_vs_dense"] = common.paired_ratio(ref, ms[name])
       row["vs_dense_rounds"] = [a / b for a, b in zip(ref, ms[name], strict=True)]
+    if name in fits:
+      row.update(fits[name])
+      steady_tokens = args.batch * args.seq / (fits[name]["steady_step_ms"] / 1e3)
+      row["tokens_per_s_steady"] = steady_tokens
+      row["mfu_steady"] = _mfu(runs[name][3], args.seq, steady_tokens)
+      if args.reference in fits:
+        row["steady_vs_dense"] = (
+          fits[args.reference]["steady_step_ms"] / fits[name]["steady_step_ms"]
+        )
     rows.append(row)
   return {"rows": rows}
+
+
+def _fit_runs(runs: dict, names: list[str], fit_steps: str, repeats: int = 2) -> dict:
+  """Per variant, runs of N back-to-back steps (N from `fit_steps`, rotated rounds) and the
+  least-squares line total_ms = fixed_ms + N * steady_step_ms: what one sync per run costs,
+  and the step time a long training loop sees."""
+  import jax
+
+  from benchmarks import common
+
+  counts = [int(n) for n in fit_steps.split(",")]
+  samples: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+  for r in range(repeats):
+    for name in common.rotated(names, r):
+      state, step, batch, _ = runs[name]
+      for n in counts:
+        t0 = time.perf_counter()
+        for _ in range(n):
+          state, m = step(state, batch)
+        jax.block_until_ready(m["loss"])
+        samples[name].append((n, (time.perf_counter() - t0) * 1e3))
+      runs[name][0] = state
+  fits = {}
+  for name, pts in samples.items():
+    slope, intercept = statistics.linear_regression([n for n, _ in pts], [t for _, t in pts])
+    fits[name] = {"steady_step_ms": slope, "fixed_ms": intercept, "fit_runs_ms": pts}
+    print(f"{name}: {slope:.2f} ms/step + {intercept:.2f} ms per run (fit)", flush=True)
+  return fits
 
 
 def write_results(args, rows: list[dict]) -> None:
@@ -274,6 +312,11 @@ def main() -> None:
     type=int,
     default=0,
     help="R > 0: all variants in one process, timed in R rounds (rotated order); no peak memory",
+  )
+  p.add_argument(
+    "--fit_steps",
+    default="",
+    help="with --interleave: also time runs of N1,N2,... steps and fit ms = fixed + N * steady",
   )
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/model_step.json"))
   p.add_argument("--variant", help=argparse.SUPPRESS)  # child mode

@@ -9,7 +9,7 @@ from benchmarks import model_step
 def test_interleaved_rounds_and_ratios():
   args = argparse.Namespace(
     preset="tiny", variants="dense,moc", backend="xla", seq=16, batch=2, warmup=1, steps=1,
-    interleave=2, reference="dense", compiler_options="none",
+    interleave=2, reference="dense", compiler_options="none", fit_steps="",
   )  # fmt: skip
   rows = {r["variant"]: r for r in model_step.interleaved(args)["rows"]}
   assert set(rows) == {"dense", "moc"}
@@ -21,3 +21,22 @@ def test_interleaved_rounds_and_ratios():
   expected = [d / m for d, m in zip(dense["step_ms_rounds"], moc["step_ms_rounds"], strict=True)]
   assert moc["vs_dense_rounds"] == expected
   assert abs(moc["tokens_per_s_vs_dense"] - sum(expected) / 2) < 1e-12  # median of two
+
+
+def test_fit_steps_line_through_the_runs():
+  args = argparse.Namespace(
+    preset="tiny", variants="dense,moc", backend="xla", seq=16, batch=2, warmup=1, steps=1,
+    interleave=1, reference="dense", compiler_options="none", fit_steps="1,3",
+  )  # fmt: skip
+  rows = {r["variant"]: r for r in model_step.interleaved(args)["rows"]}
+  for r in rows.values():
+    pts = r["fit_runs_ms"]
+    assert sorted(n for n, _ in pts) == [1, 1, 3, 3]  # two repeats of each run length
+    # The least-squares line through two run lengths passes through each length's mean.
+    for n in (1, 3):
+      mean = sum(t for k, t in pts if k == n) / 2
+      assert abs(r["fixed_ms"] + n * r["steady_step_ms"] - mean) < 1e-6 * max(mean, 1)
+    assert r["tokens_per_s_steady"] == 2 * 16 / (r["steady_step_ms"] / 1e3)
+  assert rows["dense"]["steady_vs_dense"] == 1.0
+  ratio = rows["dense"]["steady_step_ms"] / rows["moc"]["steady_step_ms"]
+  assert rows["moc"]["steady_vs_dense"] == ratio
