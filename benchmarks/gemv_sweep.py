@@ -41,6 +41,8 @@ SHAPES = {  # (D, N) -> what it is
   (2048, 2048): "1b o-proj",
   (2048, 32000): "1b unembed",
   (2048, 5464): "1b MoC gate",
+  (2048, 10928): "1b dense gate+up (as one weight)",
+  (5464, 2048): "1b dense down",
   (4096, 12288): "7b qkv",
   (4096, 4096): "7b o-proj",
   (4096, 11008): "7b FFN gate/up",
@@ -49,7 +51,7 @@ QUICK_SHAPES = {(64, 200): "quick"}
 GRID = {
   "gemv_block_f": (64, 128, 256),
   "gemv_block_d": (64, 128, 256),
-  "gemv_splits": (1, 2, 4, 8, 16),
+  "gemv_splits": (1, 2, 4, 8, 16, 32),
   "gemv_warps": (4, 8),
   # 6 and 8: more bytes in flight per SM (the MoC gate at d = 2048 streams ~1.5 TB/s in a chain)
   "gemv_stages": (2, 3, 4, 6, 8),
