@@ -15,7 +15,9 @@ batch sizes.
 `--steps` steps each, the order rotated every round, so that the GPU's clock and temperature
 drift over the run fall on all variants alike (one process per variant runs them in order: a
 later variant meets a hotter GPU). Ratios are then medians of the per-round ratios; peak memory
-is not reported there (the variants share the process).
+is not reported there (the variants share the process). `--fit_steps=4,16,32` then also times
+runs of that many steps per variant and fits total = fixed + N × steady (what one sync per run
+costs, and the step time of a long training loop).
 """
 
 from __future__ import annotations
