@@ -212,25 +212,19 @@ def interleaved(args) -> dict:
   ms: dict[str, list[float]] = {name: [] for name in names}
   for r in range(args.interleave):
     for name in common.rotated(names, r):
-      state, step, batch, _ = runs[name]
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        state, m = step(state, batch)
-      jax.block_until_ready(m["loss"])
-      ms[name].append((time.perf_counter() - t0) * 1e3 / args.steps)
-      runs[name][0] = state
+      ms[name].append(_timed_run(runs[name], args.steps) / args.steps)
     print(f"round {r}: " + ", ".join(f"{n} {ms[n][-1]:.2f} ms" for n in names), flush=True)
   fits = _fit_runs(runs, names, args.fit_steps) if args.fit_steps else {}
+  tokens_per_s = lambda step_ms: args.batch * args.seq / (step_ms / 1e3)
   rows = []
   for name in names:
     step_ms = statistics.median(ms[name])
-    tokens_per_s = args.batch * args.seq / (step_ms / 1e3)
     row = {
       "variant": name,
       "step_ms": step_ms,
       "step_ms_rounds": ms[name],
-      "tokens_per_s": tokens_per_s,
-      "mfu": _mfu(runs[name][3], args.seq, tokens_per_s),
+      "tokens_per_s": tokens_per_s(step_ms),
+      "mfu": _mfu(runs[name][3], args.seq, tokens_per_s(step_ms)),
     }
     if args.reference in ms:
       ref = ms[args.reference]
@@ -238,9 +232,8 @@ def interleaved(args) -> dict:
       row["vs_dense_rounds"] = [a / b for a, b in zip(ref, ms[name], strict=True)]
     if name in fits:
       row.update(fits[name])
-      steady_tokens = args.batch * args.seq / (fits[name]["steady_step_ms"] / 1e3)
-      row["tokens_per_s_steady"] = steady_tokens
-      row["mfu_steady"] = _mfu(runs[name][3], args.seq, steady_tokens)
+      row["tokens_per_s_steady"] = tokens_per_s(fits[name]["steady_step_ms"])
+      row["mfu_steady"] = _mfu(runs[name][3], args.seq, row["tokens_per_s_steady"])
       if args.reference in fits:
         row["steady_vs_dense"] = (
           fits[args.reference]["steady_step_ms"] / fits[name]["steady_step_ms"]
@@ -249,26 +242,31 @@ def interleaved(args) -> dict:
   return {"rows": rows}
 
 
+def _timed_run(run: list, steps: int) -> float:
+  """ms for `steps` back-to-back steps of run = [state, step, batch, cfg] and one sync at the
+  end, as training runs them; the run keeps the new state."""
+  import jax
+
+  state, step, batch, _ = run
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m["loss"])
+  run[0] = state
+  return (time.perf_counter() - t0) * 1e3
+
+
 def _fit_runs(runs: dict, names: list[str], fit_steps: str, repeats: int = 2) -> dict:
   """Per variant, runs of N back-to-back steps (N from `fit_steps`, rotated rounds) and the
   least-squares line total_ms = fixed_ms + N * steady_step_ms: what one sync per run costs,
   and the step time a long training loop sees."""
-  import jax
-
   from benchmarks import common
 
   counts = [int(n) for n in fit_steps.split(",")]
   samples: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
   for r in range(repeats):
     for name in common.rotated(names, r):
-      state, step, batch, _ = runs[name]
-      for n in counts:
-        t0 = time.perf_counter()
-        for _ in range(n):
-          state, m = step(state, batch)
-        jax.block_until_ready(m["loss"])
-        samples[name].append((n, (time.perf_counter() - t0) * 1e3))
-      runs[name][0] = state
+      samples[name] += [(n, _timed_run(runs[name], n)) for n in counts]
   fits = {}
   for name, pts in samples.items():
     slope, intercept = statistics.linear_regression([n for n, _ in pts], [t for _, t in pts])

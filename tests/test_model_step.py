@@ -6,12 +6,17 @@ import argparse
 from benchmarks import model_step
 
 
-def test_interleaved_rounds_and_ratios():
+def _interleaved(**args) -> dict[str, dict]:
+  """model_step.interleaved on the tiny preset, dense and MoC; rows by variant."""
   args = argparse.Namespace(
     preset="tiny", variants="dense,moc", backend="xla", seq=16, batch=2, warmup=1, steps=1,
-    interleave=2, reference="dense", compiler_options="none", fit_steps="",
+    reference="dense", compiler_options="none", **args,
   )  # fmt: skip
-  rows = {r["variant"]: r for r in model_step.interleaved(args)["rows"]}
+  return {r["variant"]: r for r in model_step.interleaved(args)["rows"]}
+
+
+def test_interleaved_rounds_and_ratios():
+  rows = _interleaved(interleave=2, fit_steps="")
   assert set(rows) == {"dense", "moc"}
   for r in rows.values():
     assert len(r["step_ms_rounds"]) == 2 and all(t > 0 for t in r["step_ms_rounds"])
@@ -24,11 +29,7 @@ def test_interleaved_rounds_and_ratios():
 
 
 def test_fit_steps_line_through_the_runs():
-  args = argparse.Namespace(
-    preset="tiny", variants="dense,moc", backend="xla", seq=16, batch=2, warmup=1, steps=1,
-    interleave=1, reference="dense", compiler_options="none", fit_steps="1,3",
-  )  # fmt: skip
-  rows = {r["variant"]: r for r in model_step.interleaved(args)["rows"]}
+  rows = _interleaved(interleave=1, fit_steps="1,3")
   for r in rows.values():
     pts = r["fit_runs_ms"]
     assert sorted(n for n, _ in pts) == [1, 1, 3, 3]  # two repeats of each run length
