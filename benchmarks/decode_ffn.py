@@ -36,7 +36,7 @@ import numpy as np
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference, topk
-from pallas_kernels._decode_config import LIST_TOPK, legacy_config
+from pallas_kernels._decode_config import LIST_TOPK, default_config, legacy_config
 from pallas_kernels._topk_config import TopKConfig
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
@@ -57,7 +57,31 @@ PHASES = {
   # the list pipeline selecting with the training top-K kernel (DecodeConfig.topk)
   "topk": (1, ALL, frozenset({"topk"})),
   "topk4": (4, FIRST, frozenset({"topk"})),
+  # the dense path's GEMVs: gate+up and down knobs around `dense_config` (2026-12-04 sweep)
+  "dense": (1, ALL, frozenset({"dense"})),
 }
+# gate+up GEMV knobs (F-block, D-step, splits, warps, stages; 1 split fuses the SwiGLU) and down
+# GEMV knobs (column block, row step, splits, warps, stages), each varied with the other default
+DENSE_GATE_UP = ((64, 64, 2, 4, 4), (128, 64, 2, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 4, 4))
+DENSE_GATE_UP += ((64, 128, 2, 4, 4), (64, 64, 4, 4, 4), (64, 64, 2, 4, 6), (128, 64, 8, 4, 3))
+DENSE_DOWN = ((256, 128, 16, 4, 3), (128, 64, 16, 4, 3), (128, 64, 8, 4, 4), (256, 128, 8, 4, 3))
+DENSE_DOWN += ((256, 128, 32, 4, 3), (256, 64, 16, 4, 3))
+
+
+def dense_variants(dense_cfg) -> dict:
+  """tag -> config: `dense_cfg` with one of DENSE_GATE_UP or DENSE_DOWN."""
+  out = {}
+  for f, d, s, w, st in DENSE_GATE_UP:
+    c = replace(
+      dense_cfg, gemv_block_f=f, gemv_block_d=d, gemv_splits=s, gemv_warps=w, gemv_stages=st
+    )
+    out[f"gu:f{f}_d{d}_s{s}_w{w}_st{st}"] = c
+  for f, d, s, w, st in DENSE_DOWN:
+    c = replace(
+      dense_cfg, down_block_d=f, down_block_c=d, down_splits=s, down_warps=w, down_stages=st
+    )
+    out[f"down:f{f}_d{d}_s{s}_w{w}_st{st}"] = c
+  return out
 
 
 def run_info() -> dict:
@@ -153,7 +177,11 @@ def rel_err(a, b) -> float:
 
 def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   """name -> (fn(x, wg, wu, wu_t, wd), config or None) of kinds main | stages | sweep."""
-  new = moc_decode.default_config(t, d, f)
+  new = default_config(t, d, f)
+  dense_cfg = moc_decode.dense_config(t, d, f)
+  # the dense defaults before 2026-12-04: default_config's gate+up, linear_config's down rule
+  before = replace(new, dense_down="gemv", down_block_d=128, down_block_c=64, down_splits=8)
+  before = replace(before, down_warps=4, down_stages=4)
   moc_cfg = moc_decode.moc_config(t, d, f)
   old = legacy_config(t, d, f)
   rows_down = replace(new, dense_down="rows")
@@ -178,7 +206,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   if "main" in kinds:
     out = {
       "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
-      "dense_kernel[new]": (dense(new), new),
+      "dense_kernel[new]": (dense(dense_cfg), dense_cfg),  # what dense_decode_ffn picks
+      "dense_kernel[before]": (dense(before), before),
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[own_select]": (moc(own_select), own_select),
@@ -212,6 +241,13 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("topk,c512f2w8,nosplit", replace(nosplit, topk=LIST_TOPK)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
+  if "dense" in kinds:
+    out["dense_kernel[new]"] = (dense(dense_cfg), dense_cfg)
+    out["dense_kernel[before]"] = (dense(before), before)
+    for tag, c in dense_variants(dense_cfg).items():
+      if c != dense_cfg:
+        out[f"dense_kernel[{tag}]"] = (dense(c), c)
+    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
     out["dense_kernel[old]"] = (dense(old), old)
     out["moc_kernel[old]"] = (moc(old), old)

@@ -50,10 +50,10 @@ class DecodeConfig:
   down_block_d: int = 128
   down_warps: int = 4
   down_stages: int = 3
-  # dense FFN's down projection: 'rows' (`_down_kernel`, 32-channel steps) or 'gemv' (the
-  # split-K GEMV of `_decode_gemv.linear_config`: 64-row steps, 4 stages, more bytes in flight;
-  # `default_config` takes it: 36.3 vs 38.4 us at d = 2048, 78.6 vs 103.7 and 102.8 vs 135.9
-  # at d = 4096, decode_ffn_h200_20261203.json)
+  # dense FFN's down projection: 'rows' (`_down_kernel`) or 'gemv' (the split-K GEMV, with
+  # down_block_d-wide column blocks, down_block_c-row steps and the down_* splits, warps and
+  # stages; more bytes in flight: 36.3 vs 38.4 us at d = 2048, 78.6 vs 103.7 and 102.8 vs
+  # 135.9 at d = 4096, decode_ffn_h200_20261203.json; `dense_config` takes it)
   dense_down: str = "rows"
   # T = 1 through tl.dot with the token padded to 16 rows (the multiply-reduce path does a
   # cross-warp reduction every loop step; at T = 4 the dot path ran 1.4-1.6x faster, NOTES)
@@ -105,11 +105,43 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   base = legacy_config(num_tokens, d_model, d_ff)
   return dataclasses.replace(
     base,
-    dense_down="gemv",
     t1_dot=True,
     select_warps=16,
     pipeline="list" if num_tokens <= 4 else "mask",
     list_warps=8 if d_model <= 2048 else 16,
+  )
+
+
+def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
+  """`default_config` with the dense FFN's own GEMVs: gate+up and down as split-K GEMVs.
+
+  d ≤ 2048 from `gemv_sweep_dense_h200_20261204.json` (T = 1, d = 2048, F = 5464): gate+up
+  (timed as one 2048 × 10928 weight) took 17.5 µs with 2 splits where 8 took 25.5; here the
+  two weights share a program, so 64-wide blocks per weight keep its 128 columns a program.
+  The down GEMV (5464 → 2048) took 12.9 µs with 256-wide blocks, 128-row steps, 16 splits
+  and 3 stages, 17.9 with the 64-row steps, 8 splits, 4 stages of before (still d > 2048's).
+  """
+  cfg = dataclasses.replace(
+    default_config(num_tokens, d_model, d_ff),
+    dense_down="gemv",
+    down_block_d=128,
+    down_block_c=64,
+    down_splits=8,
+    down_warps=4,
+    down_stages=4,
+  )
+  if d_model > 2048:
+    return cfg
+  return dataclasses.replace(
+    cfg,
+    gemv_block_f=64,
+    gemv_block_d=64,
+    gemv_splits=2,
+    gemv_stages=4,
+    down_block_d=256,
+    down_block_c=128,
+    down_splits=16,
+    down_stages=3,
   )
 
 

@@ -17,6 +17,7 @@ Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference, topk
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._decode_config import DecodeConfig, default_config, moc_config
+from pallas_kernels._decode_config import DecodeConfig, dense_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
 from pallas_kernels._decode_config import pow2_at_least as _pow2_at_least
 from pallas_kernels._decode_gemv import gemv as _gemv
@@ -262,9 +263,21 @@ def dense_decode_ffn(
   num_tokens, d_model = x_TxD.shape
   if num_tokens > MAX_KERNEL_TOKENS:
     return reference.dense_decode_ffn(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
-  cfg = config or default_config(num_tokens, d_model, w_gate_DxF.shape[1])
+  cfg = config or dense_config(num_tokens, d_model, w_gate_DxF.shape[1])
   y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, tu.default_interpret(interpret))
   return y.reshape(*lead, d_model)
+
+
+def _down_gemv(cfg: DecodeConfig) -> DecodeConfig:
+  """The down_* knobs as the split-K GEMV's: channels are its D rows, y's columns its F."""
+  return dataclasses.replace(
+    cfg,
+    gemv_block_f=cfg.down_block_d,
+    gemv_block_d=cfg.down_block_c,
+    gemv_splits=cfg.down_splits,
+    gemv_warps=cfg.down_warps,
+    gemv_stages=cfg.down_stages,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
@@ -276,7 +289,6 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
-  if cfg.dense_down == "gemv":  # the GEMV with its own rule for this shape
-    down_cfg = _decode_gemv.linear_config(*z_TxF.shape, w_down_FxD.shape[1])
-    return _decode_gemv.split_k_linear(z_TxF, w_down_FxD, down_cfg, z_TxF.dtype, interpret)
+  if cfg.dense_down == "gemv":
+    return _decode_gemv.split_k_linear(z_TxF, w_down_FxD, _down_gemv(cfg), z_TxF.dtype, interpret)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)

@@ -120,14 +120,23 @@ def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integ
 
 @pytest.mark.parametrize(
   ("num_tokens", "splits", "t1_dot", "down"),
-  [(1, 2, False, "rows"), (3, 1, False, "rows"), (1, 1, True, "rows"), (3, 2, True, "gemv")],
+  [
+    (1, 2, False, "rows"),
+    (3, 1, False, "rows"),
+    (1, 1, True, "rows"),
+    (3, 2, True, "gemv"),
+    (1, 2, True, "gemv"),
+    (2, None, True, "default"),  # dense_config's blocks (wider than this shape), 16 splits
+  ],
 )
 def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot, down):
   """Split-K partials (then XLA's SwiGLU) and the fused SwiGLU epilogue give the same FFN, with
-  either down projection."""
+  either down projection (the split-K GEMV takes the down_* knobs)."""
   seed, d_model, d_ff = _seed(), 48, 136
   x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
-  cfg = dataclasses.replace(SMALL, gemv_splits=splits, t1_dot=t1_dot, dense_down=down)
+  cfg = None  # default: dense_config
+  if down != "default":
+    cfg = dataclasses.replace(SMALL, gemv_splits=splits, t1_dot=t1_dot, dense_down=down)
   y = moc_decode.dense_decode_ffn(x, wg, wu_t.T, wd, config=cfg, interpret=True)
   want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
   assert _rel_err(y, want) < 1e-5, f"{seed=}"
@@ -260,7 +269,7 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
     assert _rel_err(y, want) < tol, f"{seed=} {dtype=}"
     with jax.default_matmul_precision("highest"):
       want_d = reference.dense_decode_ffn(x, wg, wu.T, wd)
-    dense_cfg = moc_decode.default_config(num_tokens, d_model, d_ff)
+    dense_cfg = moc_decode.dense_config(num_tokens, d_model, d_ff)
     for down in ("rows", "gemv"):
       cfg_d = dataclasses.replace(dense_cfg, dense_down=down)
       yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd, config=cfg_d)
