@@ -66,6 +66,8 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
+  # software-pipelining stages of the dense rows kernel's loop (`_decode_dense`)
+  rows_stages: int = 1
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
@@ -113,17 +115,23 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
 
 
 def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
-  """`default_config` with the dense FFN's own GEMVs: gate+up and down as split-K GEMVs.
+  """`default_config` with the dense FFN's own split-K GEMVs (`moc_decode.dense_decode_ffn`).
 
-  d ≤ 2048 from `gemv_sweep_dense_h200_20261204.json` (T = 1, d = 2048, F = 5464): gate+up
-  (timed as one 2048 × 10928 weight) took 17.5 µs with 2 splits where 8 took 25.5; here the
-  two weights share a program, so 64-wide blocks per weight keep its 128 columns a program.
-  The down GEMV (5464 → 2048) took 12.9 µs with 256-wide blocks, 128-row steps, 16 splits
-  and 3 stages, 17.9 with the 64-row steps, 8 splits, 4 stages of before (still d > 2048's).
+  From `decode_ffn_h200_20261204.json` (T = 1, whole FFN, medians; before: 8 or 4 splits of
+  128-wide blocks, 3 stages, and the down GEMV with 64-row steps, 8 splits, 4 stages):
+  at d = 2048 gate+up with 64-wide blocks per weight, 4 splits, 4 stages and the down GEMV
+  with 256-wide blocks, 128-row steps, 16 splits, 3 stages (the best of the 12-04 GEMV sweep,
+  12.9 vs 17.9 µs alone) took 31.5 µs vs 39.3; at d = 4096 one split (the SwiGLU in the
+  GEMV's epilogue) took 74.8 vs 78.0 (F = 11008) and 90.0 vs 97.8 (F = 14336), the down GEMV
+  as before (no variant beat it beyond noise).
   """
   cfg = dataclasses.replace(
     default_config(num_tokens, d_model, d_ff),
     dense_down="gemv",
+    gemv_block_f=64,
+    gemv_block_d=64,
+    gemv_warps=4,
+    gemv_stages=4,
     down_block_d=128,
     down_block_c=64,
     down_splits=8,
@@ -131,17 +139,9 @@ def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
     down_stages=4,
   )
   if d_model > 2048:
-    return cfg
+    return dataclasses.replace(cfg, gemv_splits=1)
   return dataclasses.replace(
-    cfg,
-    gemv_block_f=64,
-    gemv_block_d=64,
-    gemv_splits=2,
-    gemv_stages=4,
-    down_block_d=256,
-    down_block_c=128,
-    down_splits=16,
-    down_stages=3,
+    cfg, gemv_splits=4, down_block_d=256, down_block_c=128, down_splits=16, down_stages=3
   )
 
 
