@@ -2,10 +2,9 @@
 
 Batch 1, a 128-token prompt, 128 new tokens (no EOS), bf16 weights and compute, one compiled
 generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of the whole call
-- time of the prefill alone); medians over trials. Dense runs on each of its paths and the
-fastest counts: `dense_rows` is the model's own (the one-pass kernel over channel-major Wg^T,
-Wu^T, Wd), `dense_kernel` swaps the FFN's decode for the split-K GEMVs over the trained layout
-(`moc_decode.dense_decode_ffn`), `dense_xla` is XLA's dots. MoC runs with the default decode
+- time of the prefill alone); medians over trials. Dense runs on both of its paths and the
+faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
+`moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
 config and, as `moc_kernel_mask`, with the mask pipeline forced. `no_ffn` returns zeros from
 every FFN: the non-FFN time per token, i.e. the ceiling of any FFN speedup.
 
@@ -35,13 +34,6 @@ from flax import nnx
 
 from moc_jax import generate, model, model_config
 from pallas_kernels import moc_decode
-
-
-def _dense_kernel_decode(self, x):
-  """FeedForward.decode for dense through our GEMV kernels (T ≤ 16; XLA above)."""
-  dt = x.dtype
-  w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-  return moc_decode.dense_decode_ffn(x, *w)
 
 
 def _no_ffn_decode(self, x):
@@ -111,7 +103,6 @@ def main() -> None:
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
   variants = {  # fastest paths first: a timeout keeps them
-    "dense_rows": dict(ffn="dense", kernel_backend="pallas"),
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
@@ -119,7 +110,7 @@ def main() -> None:
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
   }
-  swaps = {"dense_kernel": _dense_kernel_decode, "no_ffn": _no_ffn_decode}
+  swaps = {"no_ffn": _no_ffn_decode}
   result = {
     **run_info(),
     "preset": preset,
@@ -163,7 +154,7 @@ def _summarise(result: dict, out: str) -> None:
     (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows.get(n, {})),
     default=0,
   )
-  dense = best(("dense_xla", "dense_kernel", "dense_rows"))
+  dense = best(("dense_xla", "dense_kernel"))
   moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask"))
   result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -85,22 +85,6 @@ def dense_variants(dense_cfg) -> dict:
   return out
 
 
-def dense_rows_variants(cfg) -> dict:
-  """tag -> config: one knob of the one-pass dense kernel (`_decode_dense`) moved."""
-  w = cfg.list_warps
-  return {
-    "rows4": replace(cfg, list_rows=4),
-    "rows16": replace(cfg, list_rows=16, list_warps=2 * w),
-    "prog256": replace(cfg, list_programs=256),
-    "prog512,rows4": replace(cfg, list_programs=512, list_rows=4),
-    "warps4": replace(cfg, list_warps=max(4, w // 2)),
-    "warps16": replace(cfg, list_warps=2 * w),
-    "stages2": replace(cfg, rows_stages=2),
-    "stages2,rows4": replace(cfg, rows_stages=2, list_rows=4),
-    "bd512": replace(cfg, list_block_d=512),
-  }
-
-
 def run_info() -> dict:
   """Date, commit, device and versions (benchmarks.common's if it exists)."""
   try:
@@ -183,7 +167,7 @@ def make_sets(d, f, num_sets, dtype, seed=0):
     wg = (jax.random.normal(ks[0], (d, f)) * d**-0.5).astype(dtype)
     wu = (jax.random.normal(ks[1], (d, f)) * d**-0.5).astype(dtype)
     wd = (jax.random.normal(ks[2], (f, d)) * f**-0.5).astype(dtype)
-    sets.append((wg, wu, wu.T.copy(), wd, wg.T.copy()))  # + the channel-major Wu^T, Wg^T
+    sets.append((wg, wu, wu.T.copy(), wd))
   return sets
 
 
@@ -193,7 +177,7 @@ def rel_err(a, b) -> float:
 
 
 def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
-  """name -> (fn(x, wg, wu, wu_t, wd, wg_t), config or None) of the given kinds."""
+  """name -> (fn(x, wg, wu, wu_t, wd), config or None) of the given kinds."""
   new = default_config(t, d, f)
   dense_cfg = moc_decode.dense_config(t, d, f)
   # the dense defaults before 2026-12-04: default_config's gate+up, linear_config's down rule
@@ -210,28 +194,22 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     else replace(moc_cfg, topk=replace(moc_cfg.topk, gauss_margin=0.0))
   )
   moc = lambda c: (
-    lambda x, wg, wu, wut, wd, *_: moc_decode.decode_ffn(
+    lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
       x, wg, wut, wd, k, variant, config=c, interpret=interp
     )
   )
   dense = lambda c: (
-    lambda x, wg, wu, wut, wd, *_: moc_decode.dense_decode_ffn(
+    lambda x, wg, wu, wut, wd: moc_decode.dense_decode_ffn(
       x, wg, wu, wd, config=c, interpret=interp
-    )
-  )
-  dense_rows = lambda c: (
-    lambda x, wg, wu, wut, wd, wgt: moc_decode.dense_rows_decode_ffn(
-      x, wgt, wut, wd, config=c, interpret=interp
     )
   )
   out = {}
   if "main" in kinds:
     out = {
-      "xla_dense": (lambda x, wg, wu, wut, wd, *_: reference.dense_decode_ffn(x, wg, wu, wd), None),
+      "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
       "dense_kernel[new]": (dense(dense_cfg), dense_cfg),  # what dense_decode_ffn picks
       "dense_kernel[before]": (dense(before), before),
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
-      "dense_rows[default]": (dense_rows(dense_cfg), dense_cfg),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[own_select]": (moc(own_select), own_select),
       "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
@@ -270,15 +248,12 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     for tag, c in dense_variants(dense_cfg).items():
       if c != dense_cfg:
         out[f"dense_kernel[{tag}]"] = (dense(c), c)
-    out["dense_rows[default]"] = (dense_rows(dense_cfg), dense_cfg)
-    for tag, c in dense_rows_variants(dense_cfg).items():
-      out[f"dense_rows[{tag}]"] = (dense_rows(c), c)
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
   if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
     out["dense_kernel[old]"] = (dense(old), old)
     out["moc_kernel[old]"] = (moc(old), old)
     out["moc_xla"] = (
-      lambda x, wg, wu, wut, wd, *_: reference.decode_ffn(x, wg, wut, wd, k, variant),
+      lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant),
       None,
     )
   if "sweep" in kinds:  # a few guesses around the new defaults, each a single knob
@@ -319,19 +294,19 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     rows = lambda x, wut, wd: moc_decode._decode_list.rows_ffn(
       x, idx, jnp.full((t, k), 0.5, jnp.float32), wut, wd, lst, interpret=i
     )
-    out["stage:rows[list]"] = (lambda x, wg, wu, wut, wd, *_: rows(x, wut, wd), lst)
-    out["stage:gemv[new]"] = (lambda x, wg, wu, wut, wd, *_: gemv(new, x, wg), new)
+    out["stage:rows[list]"] = (lambda x, wg, wu, wut, wd: rows(x, wut, wd), lst)
+    out["stage:gemv[new]"] = (lambda x, wg, wu, wut, wd: gemv(new, x, wg), new)
     out["stage:gemv+select_list[new]"] = (
-      lambda x, wg, wu, wut, wd, *_: sel(new, x, wg, True)[1],
+      lambda x, wg, wu, wut, wd: sel(new, x, wg, True)[1],
       new,
     )
     out["stage:gemv+select_mask[new]"] = (
-      lambda x, wg, wu, wut, wd, *_: sel(new, x, wg, False),
+      lambda x, wg, wu, wut, wd: sel(new, x, wg, False),
       new,
     )
-    out["stage:gemv[old]"] = (lambda x, wg, wu, wut, wd, *_: gemv(old, x, wg), old)
+    out["stage:gemv[old]"] = (lambda x, wg, wu, wut, wd: gemv(old, x, wg), old)
     out["stage:gemv+select_mask[old]"] = (
-      lambda x, wg, wu, wut, wd, *_: sel(old, x, wg, False),
+      lambda x, wg, wu, wut, wd: sel(old, x, wg, False),
       old,
     )
   return out

@@ -269,32 +269,21 @@ def moc_decode_ffn(
   variant: str = "moc",
   backend: str = "xla",
 ) -> jax.Array:
-  """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows."""
+  """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
+
+  variant='dense' runs the dense FFN on the same path (Wu then given as (D, F)).
+  """
   *lead, d_model = x.shape
   d_ff = w_gate_DxF.shape[1]
   validate(d_ff, k, variant)
   if variant == "dense":
-    raise ValueError("moc_decode_ffn: variant='dense' decodes through dense_decode_ffn")
+    x_TxD = x.reshape(-1, d_model)
+    y = backends.dense_decode_ffn(backend, x_TxD.shape[0])(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD)
+    return y.reshape(*lead, d_model)
   kernel = backends.decode_ffn(backend)
   y = kernel(
     x.reshape(-1, d_model), w_gate_DxF, w_up_FxD, w_down_FxD, effective_k(k, d_ff, variant), variant
   )
-  return y.reshape(*lead, d_model)
-
-
-def dense_decode_ffn(
-  x: jax.Array,
-  w_gate_FxD: jax.Array,
-  w_up_FxD: jax.Array,
-  w_down_FxD: jax.Array,
-  *,
-  backend: str = "xla",
-) -> jax.Array:
-  """Dense SwiGLU for a few tokens with all three weights channel-major (F × D): the kernel
-  backend streams each channel's three rows in one pass (`_decode_dense`)."""
-  *lead, d_model = x.shape
-  x_TxD = x.reshape(-1, d_model)
-  y = backends.dense_decode_ffn(backend, x_TxD.shape[0])(x_TxD, w_gate_FxD, w_up_FxD, w_down_FxD)
   return y.reshape(*lead, d_model)
 
 

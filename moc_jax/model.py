@@ -167,12 +167,11 @@ class FeedForward(nnx.Module):
 
   def prepare_for_decode(self) -> None:
     """Compute-dtype weight copies in the decode layout, made once: MoC reads only the
-    selected rows of Wu^T (stored channel-major, F x D) and Wd; dense streams each channel's
-    rows of Wg^T, Wu^T and Wd in one pass, so its gate is channel-major too. No per-step casts."""
+    selected rows of Wu^T (stored channel-major, F x D) and Wd; no per-step casts."""
     dt = self.cfg.compute_dtype
-    w_gate = self.w_gate[...].T if self.cfg.ffn == "dense" else self.w_gate[...]
+    w_up = self.w_up[...] if self.cfg.ffn == "dense" else self.w_up[...].T
     self.decode_weights = nnx.List(
-      [DecodeWeight(w.astype(dt)) for w in (w_gate, self.w_up[...].T, self.w_down[...])]
+      [DecodeWeight(w.astype(dt)) for w in (self.w_gate[...], w_up, self.w_down[...])]
     )
 
   def decode(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -180,8 +179,6 @@ class FeedForward(nnx.Module):
     if self.decode_weights is None:
       return self(x_BxLxD)
     w_gate, w_up, w_down = (w[...] for w in self.decode_weights)
-    if c.ffn == "dense":
-      return moc.dense_decode_ffn(x_BxLxD, w_gate, w_up, w_down, backend=c.kernel_backend)
     return moc.moc_decode_ffn(
       x_BxLxD, w_gate, w_up, w_down, k=c.k, variant=c.ffn, backend=c.kernel_backend
     )

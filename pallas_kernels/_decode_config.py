@@ -66,8 +66,6 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
-  # software-pipelining stages of the dense rows kernel's loop (`_decode_dense`)
-  rows_stages: int = 1
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:

@@ -121,6 +121,22 @@ def _gemv_kernel(
     plgpu.store(tf_ref(out_ref, rows, f0, block_f, (si, jnp.int32(w))), acc, mask=mask)
 
 
+# Shared memory the pipelined weight tiles may take: the configs are tuned on bf16, and the
+# same tiles in fp32 asked for 272 KB of the H200's 227 (256-wide x 128-row down GEMV tile).
+SMEM_BUDGET_BYTES = 200 * 1024
+
+
+def fit_block_d(cfg: DecodeConfig, d_model: int, block_f: int, bytes_per_element: int) -> int:
+  """The config's D step (at most D rounded up to a power of 2), halved while `gemv_stages`
+  weight tiles of `bytes_per_element` (summed over the weights) exceed SMEM_BUDGET_BYTES."""
+  block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
+  while (
+    block_d > 16 and cfg.gemv_stages * block_d * block_f * bytes_per_element > SMEM_BUDGET_BYTES
+  ):
+    block_d //= 2
+  return block_d
+
+
 def gemv(
   x_TxD, ws_DxF, cfg: DecodeConfig, *, swiglu: bool, interpret: bool, out_dtype=None
 ) -> jax.Array:
@@ -134,8 +150,8 @@ def gemv(
   final = out_dtype is not None
   if final and (swiglu or splits != 1 or len(ws_DxF) != 1):
     raise ValueError("gemv: out_dtype needs one weight, one D split and no swiglu")
-  block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
   block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
+  block_d = fit_block_d(cfg, d_model, block_f, len(ws_DxF) * ws_DxF[0].dtype.itemsize)
   d_split = _cdiv(d_model, splits)
   rows = padded_rows(num_tokens, cfg)
   if swiglu or final:

@@ -72,13 +72,12 @@ def decode_ffn(backend: str) -> Callable:
 
 
 def dense_decode_ffn(backend: str, num_tokens: int) -> Callable:
-  """(x_TxD, w_gate_FxD, w_up_FxD, w_down_FxD) -> y_TxD, all weights channel-major; the
-  one-pass kernel only for T <= 16, else XLA's dots on the transposed weights."""
+  """(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD) -> y_TxD; GEMV kernels only for T <= 16."""
   from pallas_kernels import moc_decode
 
   if resolve(backend) == "xla" or num_tokens > moc_decode.MAX_KERNEL_TOKENS:
-    return lambda x, wg_t, wu_t, wd: reference.dense_decode_ffn(x, wg_t.T, wu_t.T, wd)
-  return moc_decode.dense_rows_decode_ffn
+    return reference.dense_decode_ffn
+  return moc_decode.dense_decode_ffn
 
 
 def decode_linear(backend: str, num_tokens: int) -> Callable:

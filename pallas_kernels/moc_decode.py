@@ -27,7 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import (
-  _decode_dense,
   _decode_gemv,
   _decode_list,
   _decode_select,
@@ -272,31 +271,6 @@ def dense_decode_ffn(
     return reference.dense_decode_ffn(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
   cfg = config or dense_config(num_tokens, d_model, w_gate_DxF.shape[1])
   y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, tu.default_interpret(interpret))
-  return y.reshape(*lead, d_model)
-
-
-def dense_rows_decode_ffn(
-  x_TxD: jax.Array,
-  w_gate_FxD: jax.Array,
-  w_up_FxD: jax.Array,
-  w_down_FxD: jax.Array,
-  *,
-  config: DecodeConfig | None = None,
-  interpret: bool | None = None,
-) -> jax.Array:
-  """Dense SwiGLU for a few tokens from channel-major Wg^T, Wu^T and Wd (F × D each, made once
-  at load time): one pass and one launch (`_decode_dense`), no wait between gate and down.
-
-  Semantics of `reference.dense_decode_ffn`: fp32 G and U, z = silu(G) U rounded to x's dtype.
-  """
-  x_TxD, lead = _flatten(x_TxD)
-  num_tokens, d_model = x_TxD.shape
-  if num_tokens > MAX_KERNEL_TOKENS:
-    y = reference.dense_decode_ffn(x_TxD, w_gate_FxD.T, w_up_FxD.T, w_down_FxD)
-    return y.reshape(*lead, d_model)
-  cfg = config or dense_config(num_tokens, d_model, w_gate_FxD.shape[0])
-  interpret = tu.default_interpret(interpret)
-  y = _decode_dense.dense_rows_ffn(x_TxD, w_gate_FxD, w_up_FxD, w_down_FxD, cfg, interpret)
   return y.reshape(*lead, d_model)
 
 

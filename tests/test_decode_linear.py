@@ -185,3 +185,15 @@ def test_linear_compiled_on_gpu(num_tokens):
     y = _decode_gemv.linear(x, w, config=cfg)
     assert y.shape == (num_tokens, 6144) and y.dtype == jnp.bfloat16
     assert _rel_err_f64(y, x, w) < 6e-3, f"seed={seed} cfg={cfg}"
+
+
+def test_gemv_tiles_fit_shared_memory_in_fp32():
+  """The dense down GEMV's tile (tuned on bf16) keeps its 128-row step in bf16 and halves it
+  in fp32, where the H200 refused it (272 KB asked of 227)."""
+  from pallas_kernels import moc_decode
+
+  down = moc_decode._down_gemv(moc_decode.dense_config(1, 2048, 5464))
+  assert _decode_gemv.fit_block_d(down, 5464, down.gemv_block_f, 2) == down.gemv_block_d == 128
+  fp32 = _decode_gemv.fit_block_d(down, 5464, down.gemv_block_f, 4)
+  assert fp32 == 64
+  assert down.gemv_stages * fp32 * down.gemv_block_f * 4 <= _decode_gemv.SMEM_BUDGET_BYTES

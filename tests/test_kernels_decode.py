@@ -142,28 +142,6 @@ def test_dense_decode_ffn_matches_xla(num_tokens, splits, t1_dot, down):
   assert _rel_err(y, want) < 1e-5, f"{seed=}"
 
 
-@pytest.mark.parametrize(
-  ("num_tokens", "dtype", "rows", "programs"),
-  [
-    (1, jnp.float32, 4, 8),
-    (3, jnp.float32, 8, 16),
-    (1, jnp.bfloat16, 16, 4),
-    (16, jnp.bfloat16, 4, 64),
-  ],
-)
-def test_dense_rows_decode_ffn_matches_xla(num_tokens, dtype, rows, programs):
-  """The one-pass dense FFN over channel-major weights: odd F (a partial last step and a
-  partial last program), D not a multiple of the column block, one token or many."""
-  seed, d_model, d_ff = _seed(), 48, 203
-  x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, False)
-  cfg = dataclasses.replace(LIST, list_rows=rows, list_programs=programs)
-  y = moc_decode.dense_rows_decode_ffn(x, wg.T, wu_t, wd, config=cfg, interpret=True)
-  with jax.default_matmul_precision("highest"):
-    want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
-  assert y.shape == want.shape and y.dtype == want.dtype
-  assert _rel_err(y, want) < (1e-5 if dtype == jnp.float32 else 2e-2), f"{seed=}"
-
-
 @pytest.mark.parametrize("granule", [0, 8])  # 8: pieces of 128 + 64 + 16 lanes, not 256
 def test_select_lists_match_reference(granule):
   """List outputs: the reference's ascending indices and silu(G) there, ties included (also
@@ -293,8 +271,6 @@ def test_decode_ffn_gpu_real_size(num_tokens, variant, pipeline):
       want_d = reference.dense_decode_ffn(x, wg, wu.T, wd)
     yd = moc_decode.dense_decode_ffn(x, wg, wu.T, wd)  # split-K GEMVs, dense_config
     assert _rel_err(yd, want_d) < tol, f"{seed=} {dtype=}"
-    yr = moc_decode.dense_rows_decode_ffn(x, wg.T, wu, wd)  # one pass, channel-major
-    assert _rel_err(yr, want_d) < tol, f"{seed=} {dtype=}"
 
 
 @pytest.mark.parametrize("bad", [dict(pipeline="x"), dict(dense_down="x"), dict(topk=topk.CHUNKED)])

@@ -54,7 +54,8 @@ def test_init_is_normal_with_std_002_and_no_biases():
   [("dense", "xla"), ("moc", "xla"), ("dense", "pallas")],  # pallas: interpret mode on CPU
 )
 def test_kv_cache_decoding_matches_the_full_forward(ffn, backend):
-  """Prefill then single steps from the decode-layout weights (dense: all channel-major)."""
+  """Prefill then single steps from the decode-layout weights (pallas: the kernels, in
+  interpret mode on CPU)."""
   cfg = _tiny(ffn=ffn, kernel_backend=backend)
   model = Transformer(cfg, nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
