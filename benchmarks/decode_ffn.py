@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import moc_decode, reference, topk
-from pallas_kernels._decode_config import LIST_TOPK, default_config, legacy_config
-from pallas_kernels._topk_config import TopKConfig
+from pallas_kernels import moc_decode, reference
+from pallas_kernels._decode_config import default_config, legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -50,13 +49,9 @@ PHASES = {
   "t4": (4, ALL, frozenset({"main"})),
   "t16": (16, ALL, frozenset({"main"})),
   "sweep": (1, FIRST, frozenset({"sweep"})),
-  "settled": (1, ALL, frozenset({"settled"})),  # old configs and moc_xla: beaten on 2026-11-28b
   # after the GEMV sweep: the main rows at every shape, the select's knobs on the new default
   "main1": (1, ALL, frozenset({"main"})),
   "selsweep": (1, FIRST, frozenset({"selsweep"})),
-  # the list pipeline selecting with the training top-K kernel (DecodeConfig.topk)
-  "topk": (1, ALL, frozenset({"topk"})),
-  "topk4": (4, FIRST, frozenset({"topk"})),
   # the dense path's GEMVs: gate+up and down knobs around `dense_config` (2026-12-04 sweep)
   "dense": (1, ALL, frozenset({"dense"})),
   "dense4": (4, FIRST, frozenset({"dense"})),
@@ -184,6 +179,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   before = replace(new, dense_down="gemv", down_block_d=128, down_block_c=64, down_splits=8)
   before = replace(before, down_warps=4, down_stages=4)
   moc_cfg = moc_decode.moc_config(t, d, f)
+  xla_sum = replace(moc_cfg, fold_gate_sum=False)
   old = legacy_config(t, d, f)
   rows_down = replace(new, dense_down="rows")
   # the select before 2026-12-03 (radix steps on one program, 256-lane chunks at d <= 2048)
@@ -211,6 +207,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       "dense_kernel[before]": (dense(before), before),
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
+      "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),  # XLA sums the gate partials
       "moc_kernel[own_select]": (moc(own_select), own_select),
       "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
@@ -231,17 +228,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("own,chunk512,sel8w", replace(own_select, select_chunk=512, select_warps=8)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
-  if "topk" in kinds:
-    lst = replace(moc_cfg, pipeline="list")
-    nosplit = replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
-    for tag, c in (
-      ("topk,c512f2w4", replace(lst, topk=topk.CHUNKED)),
-      ("topk,c512f2w8", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=8))),
-      ("topk,c512f2w16", replace(lst, topk=TopKConfig(chunk=512, fan=2, num_warps=16))),
-      ("topk,c1024f3w8", replace(lst, topk=TopKConfig(chunk=1024, fan=3, num_warps=8))),
-      ("topk,c512f2w8,nosplit", replace(nosplit, topk=LIST_TOPK)),
-    ):
-      out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "dense" in kinds:
     out["dense_kernel[new]"] = (dense(dense_cfg), dense_cfg)
     out["dense_kernel[before]"] = (dense(before), before)
@@ -249,13 +235,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       if c != dense_cfg:
         out[f"dense_kernel[{tag}]"] = (dense(c), c)
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-  if "settled" in kinds:  # new beat old everywhere on 2026-11-28b; moc_xla ran 740-850 µs
-    out["dense_kernel[old]"] = (dense(old), old)
-    out["moc_kernel[old]"] = (moc(old), old)
-    out["moc_xla"] = (
-      lambda x, wg, wu, wut, wd: reference.decode_ffn(x, wg, wut, wd, k, variant),
-      None,
-    )
   if "sweep" in kinds:  # a few guesses around the new defaults, each a single knob
     lst = replace(new, pipeline="list")
     for tag, c in (
@@ -270,10 +249,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("list,gemv_nosplit", replace(lst, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
-    fused = replace(new, gemv_splits=1, gemv_block_f=32, gemv_block_d=256)
-    big = replace(new, gemv_block_f=256, gemv_block_d=64, gemv_warps=8, down_block_c=64)
-    for tag, c in (("fused_swiglu", fused), ("bf256", big)):
-      out[f"dense_kernel[{tag}]"] = (dense(c), c)
   if "stages" in kinds:
     i = tu.default_interpret(interp)
     gemv = lambda c, x, wg: moc_decode._gemv(x, (wg,), c, swiglu=False, interpret=i)

@@ -41,6 +41,9 @@ class DecodeConfig:
   # on the fp32 pipe, packed pair counts, a search that stops when converged) on G rounded to
   # x's dtype (`LIST_TOPK` below is what `moc_config` sets)
   topk: TopKConfig | None = None
+  # with `topk` ('moc', > 1 gate split): the top-K kernel sums the split partials as it loads
+  # G (one launch less per FFN); False: XLA sums them first
+  fold_gate_sum: bool = True
   up_block_c: int = 16
   up_block_d: int = 512
   up_warps: int = 4

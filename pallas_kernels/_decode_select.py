@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import reference
+from pallas_kernels import reference, topk
+from pallas_kernels._topk_config import TopKConfig
 
 F32 = jnp.float32
 I32 = jnp.int32
@@ -241,3 +242,27 @@ def select_scale(
     name="decode_select_2of8",
   )(p8)
   return out if lists else out.reshape(num_tokens, width)
+
+
+# --- the training top-K kernel on the gate GEMV's split partials ----------------------------
+
+
+def _sum_partials(p_ref, rows_b, cols_b, valid, *, splits: int, t: int, dtype):
+  """G = Σ_s partial_s in fp32 (rows s·t … s·t + t - 1 of p_ref), rounded to dtype."""
+  parts = [plgpu.load(p_ref.at[rows_b + s * t, cols_b], mask=valid, other=0) for s in range(splits)]
+  return functools.reduce(operator.add, parts).astype(dtype)
+
+
+def topk_from_partials(
+  partials_SxTxF: jax.Array, k: int, d_ff: int, dtype, cfg: TopKConfig, interpret: bool
+) -> tuple[jax.Array, jax.Array]:
+  """`topk.select` ('moc') of G = Σ_s partials_SxTxF[s, :, :d_ff] rounded to dtype: the sum of
+  the split partials is done as the select loads them, not by XLA as a launch of its own
+  (idx_TxK ascending, G_TxK in dtype)."""
+  splits, t, _ = partials_SxTxF.shape
+  load = functools.partial(_sum_partials, splits=splits, t=t, dtype=jnp.dtype(dtype))
+  kernel = functools.partial(
+    topk._topk_kernel, t=t, f=d_ff, k=k, cfg=cfg, interpret=interpret, load=load, dtype=dtype
+  )
+  call = topk.select_call(kernel, t, k, dtype, cfg.rows, cfg, interpret, "moc_select_partials")
+  return call(partials_SxTxF.reshape(splits * t, -1))

@@ -212,6 +212,15 @@ def decode_ffn(
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
   """Jitted so that every layer's call reuses one trace of the kernels."""
+  if cfg.topk is not None and cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
+    # the training top-K sums the gate GEMV's split partials as it loads them
+    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
+    idx_TxK, g_TxK = _decode_select.topk_from_partials(
+      partials, k, w_gate_DxF.shape[1], x_TxD.dtype, cfg.topk, interpret
+    )
+    return _decode_list.rows_ffn(
+      x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
+    )
   if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
     g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
     idx_TxK, g_TxK = topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)

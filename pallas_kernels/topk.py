@@ -107,8 +107,13 @@ def select_rows(
   on_chunk: Callable,
   num_valid: int | None = None,
   slots: bool = True,
+  load: Callable | None = None,
+  dtype=None,
 ) -> None:
   """In-kernel: select the top-k of this program's rows; call on_chunk per row chunk.
+
+  load(g_ref, rows_b, cols_b, valid) -> values in `dtype` (default: g_ref's own, loaded as
+  they are), e.g. summing split-K partials on the way in.
 
   on_chunk(rows_b, cols_b, valid, g, sel, pos, off): broadcast (R, W) row/column indices, the
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
@@ -116,7 +121,8 @@ def select_rows(
   With `slots=False` pos is None and the final pass is much cheaper (`_tie_masks`): for
   callers that keep only the mask.
   """
-  dtype = g_ref.dtype
+  dtype = g_ref.dtype if dtype is None else jnp.dtype(dtype)
+  load = load or _load_as_is
   nbits = tu.key_bits(dtype)
   kmin, kmax = tu.key_range(dtype)
   mode = count_mode(cfg, dtype, interpret)
@@ -138,7 +144,7 @@ def select_rows(
     cols_1 = tu.lane_iota(off, w, interpret, hide=cfg.strided)
     cols_b = jnp.broadcast_to(cols_1[None, :], (r, w))
     valid = row_ok & (cols_b < f)
-    g = pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
+    g = load(g_ref, rows_b, cols_b, valid)
     # Also when nv == f: without this select, the bitmask kernel's 'cut' pass took 21.9 ms
     # instead of 0.13 at 16384 x 2048 on the H200 (XLA's Triton; the SASS compiled here on CPU
     # is the same either way), stream_sweep_h200_20261203g.json.
@@ -232,6 +238,10 @@ def select_rows(
     on_chunk(rows_b, cols_b, valid, g, sel, pos, off)
 
 
+def _load_as_is(g_ref, rows_b, cols_b, valid):
+  return pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
+
+
 def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:
   """Which keys equal to the threshold v to keep, chunk by chunk: the first `need` ((R, 1)) by
   channel. Chunks wholly kept or wholly dropped take a compare; only a chunk the cut falls
@@ -258,13 +268,15 @@ def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:
     before = before + cnt
 
 
-def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret):
+def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret, load=None, dtype=None):
   def store(rows_b, cols_b, valid, g, sel, pos, off):
     del valid, off
     tu.scatter_store(idx_ref, rows_b, pos, cols_b, sel, interpret)
     tu.scatter_store(val_ref, rows_b, pos, g, sel, interpret)
 
-  select_rows(g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=store)
+  select_rows(
+    g_ref, t=t, f=f, k=k, cfg=cfg, interpret=interpret, on_chunk=store, load=load, dtype=dtype
+  )
 
 
 def group_rows(

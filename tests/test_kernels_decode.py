@@ -103,6 +103,8 @@ def test_select_is_exact_with_ties(variant):
     (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(SMALL, select_chunk=32)),
     (1, 1376, 250, "moc", jnp.bfloat16, True, TOPK),  # ties, odd F, training top-K select
     (3, 203, 41, "moc", jnp.float32, True, TOPK_SPLIT1),  # fp32 keys, G written by the GEMV
+    (3, 203, 41, "moc", jnp.float32, True, dataclasses.replace(TOPK, gemv_splits=3)),  # folded
+    (1, 1376, 250, "moc", jnp.bfloat16, True, dataclasses.replace(TOPK, fold_gate_sum=False)),
     (2, 136, 34, "moc_2of8", jnp.bfloat16, False, TOPK),
     (2, 203, 1, "moc", jnp.bfloat16, False, LIST),  # K = 1
     (1, 200, 100, "moc", jnp.float32, False, LIST),  # K = F/2
@@ -116,6 +118,20 @@ def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integ
   assert y.shape == want.shape and y.dtype == want.dtype
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   assert _rel_err(y, want) < tol, f"{seed=}"
+
+
+@pytest.mark.parametrize(("splits", "dtype"), [(2, jnp.bfloat16), (3, jnp.float32)])
+def test_topk_from_partials_matches_reference(splits, dtype):
+  """The top-K of G = the split partials summed and rounded as the select loads them: the
+  reference's indices and values, ties (common in bf16) to the lower channel."""
+  seed, t, d_ff, k = _seed(), 5, 203, 57
+  p = jax.random.normal(jax.random.key(seed), (splits, t, 256), jnp.float32)
+  p = p.at[:, :, d_ff:].set(jnp.nan)  # lanes past F must never be read
+  idx, val = _decode_select.topk_from_partials(p, k, d_ff, dtype, topk.CHUNKED, True)
+  g = functools.reduce(jnp.add, list(p[:, :, :d_ff])).astype(dtype)  # the kernel's order
+  want_idx, want_val = reference.select(g, k, "moc")
+  np.testing.assert_array_equal(idx, want_idx, err_msg=f"{seed=}")
+  np.testing.assert_array_equal(val, want_val, err_msg=f"{seed=}")
 
 
 @pytest.mark.parametrize(
