@@ -10,9 +10,12 @@ MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
      some token selected (masked loads issue no memory traffic), z = a * (x Wu^T) in x's dtype.
   4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
      with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
-With `pipeline="list"` (the default at T <= 4) the select writes per-token channel lists and
-one kernel (`_decode_list.rows_ffn`) does 3 and 4 over the listed rows.
-Dense: `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue or partials), then `_down_kernel`.
+With `pipeline="list"` (the default at T <= 4) the selection is the training top-K kernel
+(`DecodeConfig.topk`), which sums the gate GEMV's split partials as it loads G
+(`_decode_select.topk_from_partials`), and one kernel (`_decode_list.rows_ffn`) does 3 and 4
+over the selected rows.
+Dense (`dense_config`): `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue with one split,
+else partials summed by XLA), then the split-K GEMV over Wd with the `down_*` blocks.
 """
 
 from __future__ import annotations
