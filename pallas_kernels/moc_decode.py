@@ -29,13 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import (
-  _decode_gemv,
-  _decode_list,
-  _decode_select,
-  reference,
-  topk,
-)
+from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference, topk
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, dense_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
@@ -212,21 +206,22 @@ def decode_ffn(
   return y.reshape(*lead, d_model)
 
 
+def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret):
+  """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
+  the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first."""
+  if cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
+    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
+    d_ff = w_gate_DxF.shape[1]
+    return _decode_select.topk_from_partials(partials, k, d_ff, x_TxD.dtype, cfg.topk, interpret)
+  g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
+  return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
+
+
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
   """Jitted so that every layer's call reuses one trace of the kernels."""
-  if cfg.topk is not None and cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
-    # the training top-K sums the gate GEMV's split partials as it loads them
-    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
-    idx_TxK, g_TxK = _decode_select.topk_from_partials(
-      partials, k, w_gate_DxF.shape[1], x_TxD.dtype, cfg.topk, interpret
-    )
-    return _decode_list.rows_ffn(
-      x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
-    )
   if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
-    g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
-    idx_TxK, g_TxK = topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
+    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret)
     return _decode_list.rows_ffn(
       x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
     )
