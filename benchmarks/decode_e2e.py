@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import step_profile
-from decode_ffn import run_info
+from decode_timing import run_info
 from flax import nnx
 
 from moc_jax import generate, model, model_config

@@ -18,25 +18,31 @@ the number of channels some token selected (the union), measured on the run's ow
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from decode_timing import (
+  chain,
+  copy_bandwidth,
+  make_sets,
+  rel_err,
+  run_info,
+  time_chain,
+  time_single,
+)
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
-from pallas_kernels._decode_config import default_config, legacy_config
+from pallas_kernels._decode_config import LINEAR_DOWN, default_config, legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -80,104 +86,12 @@ def dense_variants(dense_cfg) -> dict:
   return out
 
 
-def run_info() -> dict:
-  """Date, commit, device and versions (benchmarks.common's if it exists)."""
-  try:
-    from benchmarks import common  # type: ignore[attr-defined]
-
-    return dict(common.run_info())
-  except (ImportError, AttributeError):
-    pass
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = os.environ.get("GIT_COMMIT", "unknown")
-  dev = jax.devices()[0]
-  return {
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "commit": commit,
-    "device": getattr(dev, "device_kind", str(dev)),
-    "backend": jax.default_backend(),
-    "jax": jax.__version__,
-    "python": platform.python_version(),
-  }
-
-
-def time_chain(fn, args, calls: int, reps: int, trials: int) -> dict:
-  """Per-call seconds: median over trials of R async dispatches of a C-call chain."""
-  jax.block_until_ready(fn(*args))
-  for _ in range(2):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  per_call = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - t0) / (reps * calls))
-  return {"median_s": statistics.median(per_call), "trials_s": per_call}
-
-
-def time_single(fn, args, trials: int) -> float:
-  """Median of blocking single calls: what one launch-bound dispatch costs."""
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
-def chain(ffn):
-  """jit(xs, sets) -> the sum of one call per (x, weight set): no two calls share an operand."""
-  inner = jax.jit(ffn)
-
-  def run(xs, sets):
-    ys = [inner(x, *ws) for x, ws in zip(xs, sets, strict=True)]
-    return jnp.sum(jnp.stack(ys).astype(jnp.float32), axis=0)  # all live; one fusion at the end
-
-  return jax.jit(run)
-
-
-def copy_bandwidth(num_bytes: int, trials: int) -> dict:
-  """Device-to-device copy (read + write counted) and a pure read (sum), bytes/s."""
-  a = jax.random.normal(jax.random.key(0), (num_bytes // 4,), jnp.float32)
-  copy = jax.jit(lambda v: v * 1.0001)
-  read = jax.jit(lambda v: jnp.sum(v))
-  t_copy = time_chain(copy, (a,), 1, reps=5, trials=trials)["median_s"]
-  t_read = time_chain(read, (a,), 1, reps=5, trials=trials)["median_s"]
-  return {"bytes": num_bytes, "copy_Bps": 2 * num_bytes / t_copy, "read_Bps": num_bytes / t_read}
-
-
-def make_sets(d, f, num_sets, dtype, seed=0):
-  """Weight sets: (wg DxF, wu DxF, wu_t FxD, wd FxD), N(0, 1/fan_in)."""
-  sets = []
-  for s in range(num_sets):
-    ks = jax.random.split(jax.random.key(seed + s), 3)
-    wg = (jax.random.normal(ks[0], (d, f)) * d**-0.5).astype(dtype)
-    wu = (jax.random.normal(ks[1], (d, f)) * d**-0.5).astype(dtype)
-    wd = (jax.random.normal(ks[2], (f, d)) * f**-0.5).astype(dtype)
-    sets.append((wg, wu, wu.T.copy(), wd))
-  return sets
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   """name -> (fn(x, wg, wu, wu_t, wd), config or None) of the given kinds."""
   new = default_config(t, d, f)
   dense_cfg = moc_decode.dense_config(t, d, f)
   # the dense defaults before 2026-12-04: default_config's gate+up, linear_config's down rule
-  before = replace(new, dense_down="gemv", down_block_d=128, down_block_c=64, down_splits=8)
-  before = replace(before, down_warps=4, down_stages=4)
+  before = replace(new, dense_down="gemv", **LINEAR_DOWN)
   moc_cfg = moc_decode.moc_config(t, d, f)
   xla_sum = replace(moc_cfg, fold_gate_sum=False)
   old = legacy_config(t, d, f)
@@ -199,12 +113,15 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       x, wg, wu, wd, config=c, interpret=interp
     )
   )
+  dense_defaults = {  # what dense_decode_ffn picks, and what it picked before
+    "dense_kernel[new]": (dense(dense_cfg), dense_cfg),
+    "dense_kernel[before]": (dense(before), before),
+  }
   out = {}
   if "main" in kinds:
     out = {
       "xla_dense": (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None),
-      "dense_kernel[new]": (dense(dense_cfg), dense_cfg),  # what dense_decode_ffn picks
-      "dense_kernel[before]": (dense(before), before),
+      **dense_defaults,
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
       "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),  # XLA sums the gate partials
@@ -229,8 +146,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "dense" in kinds:
-    out["dense_kernel[new]"] = (dense(dense_cfg), dense_cfg)
-    out["dense_kernel[before]"] = (dense(before), before)
+    out.update(dense_defaults)
     for tag, c in dense_variants(dense_cfg).items():
       if c != dense_cfg:
         out[f"dense_kernel[{tag}]"] = (dense(c), c)

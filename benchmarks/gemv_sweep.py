@@ -3,7 +3,7 @@
 For T in {1, 4} and each (D, N) in SHAPES: ~30 DecodeConfigs per shape (the current defaults,
 `linear_config`'s pick, every one-knob change of that pick, then a seeded draw from the rest of
 the grid, keeping only configs whose D splits hold at least one whole D block) and
-`reference.linear` (XLA's jnp.dot) as the baseline. Timing is `decode_ffn.time_chain`: one
+`reference.linear` (XLA's jnp.dot) as the baseline. Timing is `decode_timing.time_chain`: one
 jitted chain of C calls, each with its own x and weight (C ≥ 8, and ≥ --min_chain_mb of weights
 so that at least 4× the 50-60 MB L2 streams; XLA can neither merge dots nor keep a weight in L2),
 every output summed into the result, medians over trials of R dispatches. Each config's chain
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
-from decode_ffn import chain, copy_bandwidth, make_sets, rel_err, run_info, time_chain
+from decode_timing import chain, copy_bandwidth, make_sets, rel_err, run_info, time_chain
 
 from pallas_kernels import _decode_gemv, reference
 from pallas_kernels._decode_config import DecodeConfig, cdiv, moc_config, pow2_at_least

@@ -115,6 +115,11 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   )
 
 
+# The dense down GEMV's tile before 2026-12-04 (`_decode_gemv.linear_config`'s rule at these
+# shapes: 128-wide, 64-row steps, 8 splits, 4 stages), still the best found at d > 2048.
+LINEAR_DOWN = dict(down_block_d=128, down_block_c=64, down_splits=8, down_warps=4, down_stages=4)
+
+
 def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   """`default_config` with the dense FFN's own split-K GEMVs (`moc_decode.dense_decode_ffn`).
 
@@ -133,11 +138,7 @@ def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
     gemv_block_d=64,
     gemv_warps=4,
     gemv_stages=4,
-    down_block_d=128,
-    down_block_c=64,
-    down_splits=8,
-    down_warps=4,
-    down_stages=4,
+    **LINEAR_DOWN,
   )
   if d_model > 2048:
     return dataclasses.replace(cfg, gemv_splits=1)
