@@ -38,6 +38,8 @@ METHODS = {
   "moc_xla": {"variant": "moc", "gcp": False, "backend": "xla"},
   "moc_pallas": {"variant": "moc", "gcp": False, "backend": "pallas"},
   "moc_pallas_gcp": {"variant": "moc", "gcp": True, "backend": "pallas"},
+  # the backward padding (and casting) the weights again instead of reusing the forward's
+  "moc_pallas_recast": {"variant": "moc", "gcp": False, "backend": "pallas", "keep_weights": False},
 }
 
 

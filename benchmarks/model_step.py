@@ -60,6 +60,13 @@ UNFUSED = {
   "moc_gcp_unfused": dict(ffn="moc", gcp=True),
 }
 VARIANTS.update(UNFUSED)
+# The backward casting the FFN weights again (`moc_ffn(keep_weights=False)`; MoC's default holds
+# the forward's cast weights, MoC+GCP's casts again) and the opposite choice for GCP.
+RECAST = {
+  "moc_recast": dict(ffn="moc", ffn_keep_weights=False),
+  "moc_gcp_keep": dict(ffn="moc", gcp=True, ffn_keep_weights=True),
+}
+VARIANTS.update(RECAST)
 
 
 def build(

@@ -9,7 +9,10 @@ selection is kept as channel indices (uint16 when F allows) on the xla backend, 
 (F/8 bytes, smaller than 2K) on the Pallas one, whose epilogues then stream over dense rows.
 silu(G_sel) and silu'(G_sel) are recomputed in the backward epilogue, where they cost nothing,
 so they are not kept. Weights enter the op in their storage dtype (fp32 masters) and are cast
-inside both passes, so no bf16 weight copy is held across layers either.
+(and padded) inside the forward; `keep_weights` chooses whether the backward reuses those
+compute-dtype copies (held from each layer's forward to its backward, as XLA's autodiff holds
+dense's: 3·D·F·2 bytes per layer) or casts again (no copy held; one more read of the fp32
+weights per layer and step).
 
 This module imports only jax and `pallas_kernels`: the GPU benchmark machine needs nothing else.
 """
@@ -120,6 +123,7 @@ def moc_ffn(
   gcp: bool = False,
   backend: str = "xla",
   pad_to: int | None = None,
+  keep_weights: bool | None = None,
 ) -> jax.Array:
   """SwiGLU FFN restricted per token to its top-K gate channels.
 
@@ -131,6 +135,8 @@ def moc_ffn(
     gcp: keep only idx, G_sel, U_sel and recompute Z_sel in the backward.
     backend: kernel backend for selection and epilogues ('xla', 'pallas', 'auto').
     pad_to: pad F to a multiple of this inside the op (None: 128 on GPU, 1 elsewhere).
+    keep_weights: hold the forward's cast weights for the backward instead of casting again
+      (faster, 3·D·F compute-dtype elements more memory per layer; None: unless gcp).
   Returns:
     (..., D) in x.dtype; differentiable in x and all three weights.
   """
@@ -147,7 +153,8 @@ def moc_ffn(
     y_TxD = _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple)
   else:
     k_eff = effective_k(k, d_ff, variant)
-    y_TxD = _moc_core(x_TxD, w_gate, w_up, w_down, k_eff, variant, gcp, backend, multiple)
+    keep = not gcp if keep_weights is None else keep_weights
+    y_TxD = _moc_core(x_TxD, w_gate, w_up, w_down, k_eff, variant, gcp, backend, multiple, keep)
   return y_TxD.reshape(*lead, d_model)
 
 
@@ -167,26 +174,29 @@ def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:
 # The custom_vjp. Arguments after the four arrays are static.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
-  y_TxD, _ = _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _moc_core(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple, keep):
+  y_TxD, _ = _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple, keep)
   return y_TxD
 
 
-def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
+def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple, keep):
   d_ff = w_gate.shape[1]
   wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
   bitmask = _bitmask_epilogues(backend, wg.shape[1])
+  weights = (w_gate, w_up, w_down)  # the backward's: fp32 masters (live anyway) + cast copies
   if bitmask:
     epilogue = functools.partial(bitmask[0], k=k, variant=variant, num_valid=d_ff, z_sel=not gcp)
     if FUSE_GATE_UP:  # the epilogue reads G and U in place from the one [G | U] output
-      gu_Tx2F = x_TxD @ jnp.concatenate([wg, wu], axis=1)
-      outs = per_batch_shard(lambda gu: epilogue(gu, None))(gu_Tx2F)
+      w_gu = jnp.concatenate([wg, wu], axis=1)
+      outs = per_batch_shard(lambda gu: epilogue(gu, None))(x_TxD @ w_gu)
+      weights += (w_gu, wd) if keep else ()
     else:
       outs = per_batch_shard(epilogue)(x_TxD @ wg, x_TxD @ wu)
+      weights += (wg, wu, wd) if keep else ()
     words, g_sel, u_sel, z_TxF, *z_sel = outs
     compact = (words, g_sel, u_sel, *z_sel)
-    return z_TxF @ wd, (x_TxD, w_gate, w_up, w_down, compact)
+    return z_TxF @ wd, (x_TxD, weights, compact)
   g_TxF, u_TxF = x_TxD @ wg, x_TxD @ wu
   epilogue = functools.partial(
     backends.train_forward_epilogue(backend),
@@ -200,7 +210,7 @@ def _moc_fwd(x_TxD, w_gate, w_up, w_down, k, variant, gcp, backend, multiple):
   compact = (idx_TxK, g_sel, u_sel)
   if not gcp:  # GCP recomputes Z_sel in the backward epilogue instead of keeping it
     compact += (_z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel),)
-  return y_TxD, (x_TxD, w_gate, w_up, w_down, compact)
+  return y_TxD, (x_TxD, weights + ((wg, wu, wd) if keep else ()), compact)
 
 
 def _bitmask_epilogues(backend: str, padded_d_ff: int):
@@ -218,25 +228,31 @@ def _z_sel(backend, z_TxF, idx_TxK, g_sel, u_sel) -> jax.Array:
   return reference.silu_and_mul(g_sel, u_sel)
 
 
-def _moc_bwd(k, variant, gcp, backend, multiple, residuals, dy_TxD):
-  del k, variant, gcp  # the residual tuple itself says whether Z_sel was kept
+def _moc_bwd(k, variant, gcp, backend, multiple, keep, residuals, dy_TxD):
+  del k, variant, gcp, keep  # the residual tuple itself says what was kept
   # Keep XLA from hoisting backward work (which depends only on residuals) into the forward,
   # where it would stay alive across layers (DESIGN.md §2).
   residuals, dy_TxD = jax.lax.optimization_barrier((residuals, dy_TxD))
-  x_TxD, w_gate, w_up, w_down, compact = residuals
+  x_TxD, (w_gate, w_up, w_down, *kept), compact = residuals
   d_ff = w_gate.shape[1]
-  wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, _padded(w_gate.shape[1], multiple))
+  f_pad = _padded(d_ff, multiple)
+  bitmask = _bitmask_epilogues(backend, f_pad)
+  fused = bitmask and FUSE_GATE_UP
+  if kept:
+    w_gu, wd = kept if fused else (None, kept[2])
+    wg, wu = (None, None) if fused else kept[:2]
+  else:
+    wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, f_pad)
+    w_gu = jnp.concatenate([wg, wu], axis=1) if fused else None
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T
   f32 = jnp.float32
-  bitmask = _bitmask_epilogues(backend, wg.shape[1])
-  if bitmask and FUSE_GATE_UP:  # as the forward: one [dG | dU] for one GEMM per gradient
+  if fused:  # as the forward: one [dG | dU] for one GEMM per gradient
     dgu_Tx2F, z_TxF = per_batch_shard(functools.partial(bitmask[1], fused=True))(dz_TxF, *compact)
-    f_pad = wg.shape[1]
     dw_gu = jnp.dot(x_TxD.T, dgu_Tx2F, preferred_element_type=f32)
     dw_gate, dw_up = dw_gu[:, :d_ff], dw_gu[:, f_pad : f_pad + d_ff]
-    dx_TxD = dgu_Tx2F @ jnp.concatenate([wg, wu], axis=1).T
+    dx_TxD = dgu_Tx2F @ w_gu.T
   else:
     epilogue = bitmask[1] if bitmask else backends.train_backward_epilogue(backend)
     dg_TxF, du_TxF, z_TxF = per_batch_shard(epilogue)(dz_TxF, *compact)

@@ -10,6 +10,8 @@ V vocab.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -158,6 +160,8 @@ class FeedForward(nnx.Module):
     # F split over the mesh's `tensor` axis: the exact global top-K needs the sharded op.
     tp = c.ffn != "dense" and moc_tp.tensor_parallel_size() > 1
     op = moc_tp.moc_ffn_tp if tp else moc.moc_ffn
+    if not tp:
+      op = functools.partial(op, keep_weights=c.ffn_keep_weights)
     ffn = lambda x, wg, wu, wd: op(
       x, wg, wu, wd, k=c.k, variant=c.ffn, gcp=c.gcp, backend=c.kernel_backend, pad_to=c.pad_to
     )

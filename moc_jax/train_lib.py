@@ -34,6 +34,7 @@ def build_model_config(
     ffn=model_cfg.ffn,
     k=model_cfg.k,
     gcp=model_cfg.gcp,
+    ffn_keep_weights=model_cfg.get("ffn_keep_weights"),
     dtype=model_cfg.dtype,
     param_dtype=model_cfg.param_dtype,
     attention=model_cfg.attention,

@@ -182,15 +182,30 @@ def test_gcp_gives_bitwise_identical_output_and_gradients(backend):
       assert np.array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.parametrize(
+  ("backend", "fuse", "gcp"),
+  [("xla", True, False), ("pallas", True, True), ("pallas", False, False)],
+)
+def test_kept_cast_weights_give_bitwise_identical_gradients(monkeypatch, backend, fuse, gcp):
+  """keep_weights (the forward's cast weights held for the backward) against casting again."""
+  monkeypatch.setattr(moc, "FUSE_GATE_UP", fuse)
+  with jax.enable_x64(False):
+    x, wg, wu, wd, ct = _inputs(9, (4, 8), 32, 344, jnp.bfloat16)
+    ffn = lambda keep, *a: moc.moc_ffn(*a, k=64, gcp=gcp, backend=backend, keep_weights=keep)
+    loss = lambda keep: lambda *a: jnp.sum(ffn(keep, *a).astype(jnp.float32) * ct)
+    a = jax.jit(jax.value_and_grad(loss(True), ALL_GRADS))(x, wg, wu, wd)
+    b = jax.jit(jax.value_and_grad(loss(False), ALL_GRADS))(x, wg, wu, wd)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert np.array_equal(np.asarray(u), np.asarray(v))
+
+
 @pytest.mark.parametrize("gcp,expected_leaves", [(False, 4), (True, 3)])
 def test_residuals_are_compact(gcp, expected_leaves):
   """Inspect what the custom_vjp forward keeps: nothing of size tokens × F."""
   t, d, f, k = 64, 32, 344, 48
   x, wg, wu, wd, _ = _inputs(7, (t,), d, f, jnp.bfloat16)
-  _, (x_res, wg_res, wu_res, wd_res, compact) = moc._moc_fwd(
-    x, wg, wu, wd, k, "moc", gcp, "xla", 128
-  )
-  assert x_res is x and wg_res is wg and wu_res is wu and wd_res is wd  # inputs, not copies
+  _, (x_res, weights, compact) = moc._moc_fwd(x, wg, wu, wd, k, "moc", gcp, "xla", 128, False)
+  assert x_res is x and all(a is b for a, b in zip(weights, (wg, wu, wd), strict=True))
   assert len(compact) == expected_leaves
   assert compact[0].dtype == jnp.uint16
   for leaf in compact:
@@ -203,7 +218,9 @@ def test_pallas_residuals_keep_a_bitmask(gcp):
   t, d, f, k = 16, 32, 344, 48
   with jax.enable_x64(False):
     x, wg, wu, wd, _ = _inputs(8, (t,), d, f, jnp.bfloat16)
-    _, (*_, compact) = moc._moc_fwd(x, wg, wu, wd, k, "moc", gcp, "pallas", 128)
+    _, (_, weights, compact) = moc._moc_fwd(x, wg, wu, wd, k, "moc", gcp, "pallas", 128, True)
+  assert weights[:3] == (wg, wu, wd)  # the masters, then the forward's cast [Wg | Wu] and Wd
+  assert [(w.shape, w.dtype) for w in weights[3:]] == [((d, 768), x.dtype), ((384, d), x.dtype)]
   assert compact[0].dtype == jnp.int32 and compact[0].shape == (t, 384 // 32)
   assert [leaf.shape for leaf in compact[1:]] == [(t, k)] * (2 if gcp else 3)
   per_token = sum(leaf.size * leaf.dtype.itemsize for leaf in compact) // t

@@ -209,7 +209,7 @@ def test_cli_unknown_config_key_lists_the_valid_ones(tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 2
   assert "unknown config key --config.model.fnn: config.model has no 'fnn'" in out
-  assert "ffn, gcp, k" in out and "Traceback" not in out
+  assert "ffn, ffn_keep_weights, gcp, k" in out and "Traceback" not in out
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
