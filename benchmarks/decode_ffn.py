@@ -58,8 +58,6 @@ PHASES = {
   # after the GEMV sweep: the main rows at every shape, the select's knobs on the new default
   "main1": (1, ALL, frozenset({"main"})),
   "selsweep": (1, FIRST, frozenset({"selsweep"})),
-  "histsel": (1, ALL, frozenset({"histsel"})),
-  "histsel4": (4, FIRST, frozenset({"histsel"})),
   # the dense path's GEMVs: gate+up and down knobs around `dense_config` (2026-12-04 sweep)
   "dense": (1, ALL, frozenset({"dense"})),
   "dense4": (4, FIRST, frozenset({"dense"})),
@@ -105,9 +103,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     if moc_cfg.topk is None
     else replace(moc_cfg, topk=replace(moc_cfg.topk, gauss_margin=0.0))
   )
-  hist = lambda **kw: replace(  # the select's K-th key by digit histograms (`_triton_hist`)
-    moc_cfg, topk=replace(moc_cfg.topk, search="hist", fan=1, gauss_margin=0.0, **kw)
-  )
   moc = lambda c: (
     lambda x, wg, wu, wut, wd: moc_decode.decode_ffn(
       x, wg, wut, wd, k, variant, config=c, interpret=interp
@@ -132,7 +127,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),  # XLA sums the gate partials
       "moc_kernel[own_select]": (moc(own_select), own_select),
       "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
-      "moc_kernel[hist]": (moc(hist()), hist()),
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
@@ -151,17 +145,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("own,chunk512,sel8w", replace(own_select, select_chunk=512, select_warps=8)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
-  if "histsel" in kinds:  # the radix select's chunks and warps
-    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    for tag, kw in (
-      ("hist", {}),
-      ("hist,c512", dict(chunk=512)),
-      ("hist,c2048", dict(chunk=2048)),
-      ("hist,pieces", dict(chunk=0)),
-      ("hist,w4", dict(num_warps=4)),
-      ("hist,w16", dict(num_warps=16)),
-    ):
-      out[f"moc_kernel[{tag}]"] = (moc(hist(**kw)), hist(**kw))
   if "dense" in kinds:
     out.update(dense_defaults)
     for tag, c in dense_variants(dense_cfg).items():

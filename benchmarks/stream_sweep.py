@@ -88,18 +88,6 @@ SELECTIONS: dict[str, TopKConfig] = {
   # 2 warps: 4-14% faster below 4096 channels, 2% slower at the 1B shape (`forward_config`);
   # 1 warp, 2-4 rows per program, 8 warps lost (stream_sweep_h200_20261203{i,j}.json).
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
-  # 2026-12-04c: the K-th key by digit histograms (`_triton_hist`), no Gaussian guess
-  **{
-    f"mask_hist{tag}": dataclasses.replace(_FWD, search="hist", gauss_margin=0.0, **kw)
-    for tag, kw in (
-      ("", {}),
-      ("_c1024", dict(chunk=1024)),
-      ("_c256", dict(chunk=256)),
-      ("_pieces", dict(chunk=0)),
-      ("_w2", dict(num_warps=2)),
-      ("_w8", dict(num_warps=8)),
-    )
-  },
 }
 # The whole forward epilogue with indices (`moc_train.train_forward_epilogue`): the two-kernel
 # default (selection bitmask, then the streaming pass) vs the one-kernel form (selection,

@@ -41,16 +41,6 @@ SWEEP: dict[str, TopKConfig] = {
   # as the train forward's gather beat its scatter walk (292 vs 316 us at the 1B shape).
   "cmp_gather_g1": topk.GAUSS_GATHER,  # `select`'s default since then
   "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8),
-  # 2026-12-04c: the K-th key by a radix select over 8-bit digits, Triton's `tt.histogram`
-  # (`_triton_hist`): 2 histogram passes instead of the guess's statistics, check and ~5
-  # counting passes.
-  "cmp_hist": topk.HIST_GATHER,
-  "cmp_hist_c1024": dataclasses.replace(topk.HIST_GATHER, chunk=1024),
-  "cmp_hist_c256": dataclasses.replace(topk.HIST_GATHER, chunk=256),
-  "cmp_hist_pieces": dataclasses.replace(topk.HIST_GATHER, chunk=0),
-  "cmp_hist_w2": dataclasses.replace(topk.HIST_GATHER, num_warps=2),
-  "cmp_hist_w8": dataclasses.replace(topk.HIST_GATHER, num_warps=8),
-  "row_hist": TopKConfig(search="hist", chunk=512),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final

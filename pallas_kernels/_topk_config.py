@@ -1,8 +1,8 @@
 """`TopKConfig`: the top-K kernels' tuning knobs (pallas_kernels/topk.py, topk_compact.py).
 
-Options that lost on the H200 (warp-per-row layout, radix search by one-hot MMA histograms,
-sampled bracket, `final_pieces`, `span`) were removed after commit e334f23; NOTES_kernels.md has
-their figures.
+Options that lost on the H200 (warp-per-row layout, radix-histogram search, sampled bracket,
+`final_pieces`, `span`) were removed after commit e334f23, the radix select through Triton's
+`tt.histogram` (`search='hist'`) after ad399d4; NOTES_kernels.md has their figures.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 ABLATIONS = ("", "mask_only")
-SEARCHES = ("count", "hist")
 MASK_PASSES = ("ballot", "ballot_each", "cut", "scan")
 
 
@@ -19,10 +18,6 @@ class TopKConfig:
   """Tuning knobs; every setting gives the same (exact) result unless `ablate` is set."""
 
   rows: int = 1  # rows per program
-  # How the K-th largest key is found: 'count' (counting passes over candidate thresholds, the
-  # knobs below) or 'hist' (radix select: one 256-bin histogram of each 8-bit key digit,
-  # `_triton_hist`; 2 passes for 16-bit keys, 4 for fp32; one row per program).
-  search: str = "count"
   num_warps: int = 4
   count: str = "auto"  # 'int' | 'fclip' | 'fsat' | 'auto'
   granule: int = 256  # chunk granule; 0: one power-of-two block per row
@@ -63,10 +58,6 @@ class TopKConfig:
   mask_pass: str = "cut"
 
   def __post_init__(self):
-    if self.search not in SEARCHES:
-      raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
-    if self.search == "hist" and (self.rows != 1 or self.fan != 1 or self.gauss_margin):
-      raise ValueError("search='hist' takes rows=1, fan=1 and no gauss_margin")
     if self.fan not in (1, 2, 3):
       raise ValueError(f"fan must be 1, 2 or 3, got {self.fan}")
     if self.gauss_margin < 0:

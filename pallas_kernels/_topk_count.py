@@ -17,7 +17,7 @@ from pallas_kernels._topk_config import TopKConfig
 
 def count_mode(cfg: TopKConfig, dtype, interpret: bool) -> str:
   mode = cfg.count
-  if tu.key_bits(dtype) == 32 or cfg.search == "hist":  # the histograms take integer digits
+  if tu.key_bits(dtype) == 32:
     return "int"  # 32-bit keys are not exact as fp32
   if mode == "auto":
     mode = "fsat"

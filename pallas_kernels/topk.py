@@ -34,8 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import _triton_hist, reference
 from pallas_kernels import _triton_utils as tu
+from pallas_kernels import reference
 from pallas_kernels._topk_config import TopKConfig
 from pallas_kernels._topk_count import (
   bisect_step,
@@ -57,8 +57,6 @@ GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
 # GAUSS as two kernels: the selection bitmask, then each slot gathered in order (`select`'s
 # default for 'moc')
 GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather")
-# GAUSS_GATHER with the K-th key from digit histograms (a radix select, `_triton_hist`)
-HIST_GATHER = dataclasses.replace(GAUSS_GATHER, search="hist", gauss_margin=0.0)
 
 
 GATHER_MAX_F = 8192  # GAUSS_GATHER was timed up to 5632 channels (exact at 16384 too, untimed)
@@ -217,12 +215,8 @@ def select_rows(
     new_hi = jnp.where(ok2, hi, jnp.where(ok1, m2 - 1, m1 - 1))
     return new_lo, new_hi, jnp.where(ok2, chi, jnp.where(ok1, c2, c1))
 
-  if cfg.search == "hist":
-    flat = [ckey.reshape(ckey.shape[1]) for ckey in ckeys]
-    v, n_gt = (jnp.reshape(a, (1, 1)) for a in _triton_hist.radix_kth(flat, k, nbits))
-  else:
-    body = {1: body_bisect, 2: body_ternary, 3: body_radix4}[fan]
-    v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
+  body = {1: body_bisect, 2: body_ternary, 3: body_radix4}[fan]
+  v, _, n_gt = lax.while_loop(cond, body, (lo, hi, chi))
   need = k - n_gt  # how many keys equal to v to keep, lowest channels first
   v_c = v.astype(jnp.float32) if use_float else v
 

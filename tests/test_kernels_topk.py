@@ -50,11 +50,6 @@ def _assert_same(g, k, variant, **kw):
     # the search from a Gaussian guess (heavy-tailed and shifted rows below: outer or open side)
     (jnp.bfloat16, 5, 1376, 256, TopKConfig(chunk=512, gauss_margin=0.1, rows=2)),
     (jnp.float32, 4, 700, 128, TopKConfig(gauss_margin=0.02)),
-    # radix select by digit histograms: chunks, pieces, 32-bit keys (4 passes), one block
-    (jnp.bfloat16, 3, 5461, 1024, TopKConfig(search="hist", chunk=512)),
-    (jnp.bfloat16, 5, 1376, 256, TopKConfig(search="hist")),
-    (jnp.float32, 4, 700, 128, TopKConfig(search="hist", chunk=256)),
-    (jnp.bfloat16, 3, 2736, 512, TopKConfig(search="hist", granule=0)),
   ],
 )
 def test_random_rows(dtype, t, f, k, config):
@@ -80,7 +75,6 @@ def test_ties_and_equal_rows(dtype, k):
     _assert_same(g, k, "moc", config=TopKConfig(rows=4, chunk=64, fan=2))  # all-equal rows
   _assert_same(g, k, "moc", config=TopKConfig(rows=4, compact=True))  # bitmask + compaction
   _assert_same(g, k, "moc", config=TopKConfig(chunk=64, compact=True, apply_mode="gather"))
-  _assert_same(g, k, "moc", config=TopKConfig(search="hist", chunk=64))  # radix select
 
 
 def test_group_2of8():
@@ -105,7 +99,6 @@ def test_group_2of8():
     # slots gathered in order by a search over the words (`_apply_gather.compact_call`)
     (5461, 1024, TopKConfig(chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather")),
     (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, apply_mode="gather")),
-    (5461, 1024, TopKConfig(search="hist", chunk=512, compact=True, apply_mode="gather")),
   ],
 )
 def test_compact(f, k, config):
@@ -129,9 +122,6 @@ def test_mask_ties_across_chunks(k, gauss, mask_pass):
   cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss, mask_pass=mask_pass)
   cfg = dataclasses.replace(cfg, words_by_offset=mask_pass != "cut")
   _assert_same(g, k, "moc", config=cfg)
-  if mask_pass == "cut":  # the radix select's threshold behind the same cut
-    cfg = TopKConfig(search="hist", chunk=64, compact=True)
-    _assert_same(g, k, "moc", config=cfg)
 
 
 def test_default_config():
@@ -151,15 +141,7 @@ def test_default_config():
 
 
 def test_errors():
-  for bad in (
-    dict(fan=4),
-    dict(chunk=384),
-    dict(ablate="no_scan"),
-    dict(mask_pass="x"),
-    dict(search="sort"),
-    dict(search="hist", rows=2),
-    dict(search="hist", gauss_margin=0.1),
-  ):
+  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan"), dict(mask_pass="x")):
     with pytest.raises(ValueError):
       TopKConfig(**bad)
   g = jnp.ones((2, 64), jnp.float32)
@@ -206,15 +188,6 @@ def _assert_real_size(dtype, f: int, k: int, seed: int, config=None):
 def test_gpu_compact_gather(dtype, f, k):
   """The two-kernel top-K with its slots gathered, against the reference, ties included."""
   _assert_real_size(dtype, f, k, seed=f - k, config=topk.GAUSS_GATHER)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-  ("dtype", "f", "k"), [(jnp.bfloat16, 5632, 1024), (jnp.float32, 2736, 512)]
-)
-def test_gpu_hist_select(dtype, f, k):
-  """The radix select through Triton's histogram (`topk.HIST_GATHER`), ties included."""
-  _assert_real_size(dtype, f, k, seed=f + 3, config=topk.HIST_GATHER)
 
 
 @pytest.mark.gpu
