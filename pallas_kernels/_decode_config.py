@@ -160,12 +160,15 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   """`default_config` with the MoC gate GEMV of the 2026-12-01 sweep (gemv_sweep_h200_20261201:
   d = 2048, F = 5464, T = 1): 64-wide F blocks, 128-row D steps, 2 splits, 4 stages took 11.9 µs
   where the default 8 splits × 3 stages took 16.0 (at d = 4096, F = 14336 it lost: 101.8 vs
-  91.6, so d > 2048 keeps the default GEMV); the list pipeline selects with `LIST_TOPK`.
+  91.6, so d > 2048 keeps the default GEMV, its partials summed by XLA); the list pipeline
+  selects with `LIST_TOPK`.
   """
   cfg = default_config(num_tokens, d_model, d_ff)
   if cfg.pipeline != "list":
     return cfg
   cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
-  if d_model > 2048:
-    return cfg
+  if d_model > 2048:  # the select summing 4+ gate partials itself loses to XLA's sum: 114.8 vs
+    # 101.7 µs at d = 4096, F = 11008, T = 4 and 130.3 vs 118.4 at F = 14336, same run
+    # (decode_ffn_t4_h200_20261204.json); at T = 1, 67.9 µs (be4cc6d) vs 63.5 before the fold
+    return dataclasses.replace(cfg, fold_gate_sum=False)
   return dataclasses.replace(cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)
