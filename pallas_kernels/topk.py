@@ -221,7 +221,10 @@ def select_rows(
   v_c = v.astype(jnp.float32) if use_float else v
 
   if not slots:
-    ties = _tie_masks(ckeys, v_c, need, packed=not cfg.mask_pass.endswith("_each"))
+    if cfg.mask_pass == "cut1" and len({ckey.shape for ckey in ckeys}) == 1:
+      ties = _tie_masks_one_scan(ckeys, v_c, need)
+    else:
+      ties = _tie_masks(ckeys, v_c, need, packed=not cfg.mask_pass.endswith("_each"))
     for ckey, eq_keep, (off, w) in zip(ckeys, ties, chunks, strict=True):
       rows_b, cols_b, valid, g = load_chunk(off, w)
       on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None, off)
@@ -266,6 +269,28 @@ def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:
 
     yield lax.cond(cut_inside, cut, lambda eq=eq, rem=rem, cnt=cnt: eq & (rem >= cnt))
     before = before + cnt
+
+
+def _tie_masks_one_scan(ckeys: list, v, need) -> Iterator:
+  """`_tie_masks` for equal-width chunks without a branch per chunk: the one chunk per row
+  that the cut falls inside is picked out lane-wise (a select per chunk), and only it gets a
+  prefix sum; every other chunk keeps all or none of its equal keys."""
+  bits = ckeys[0].shape[1].bit_length()
+  counts = packed_sums([(ckey == v).astype(jnp.int32) for ckey in ckeys], bits)
+  before = jnp.zeros_like(need)
+  eq_cut = jnp.zeros(ckeys[0].shape, jnp.int32)  # the equal keys of the chunk the cut is in
+  rem_cut = jnp.zeros_like(need)  # how many of them to keep
+  kinds = []  # per chunk: (keep all, cut inside)
+  for ckey, cnt in zip(ckeys, counts, strict=True):
+    rem = need - before
+    inside = (rem > 0) & (rem < cnt)
+    eq_cut = eq_cut + (inside & (ckey == v)).astype(jnp.int32)
+    rem_cut = rem_cut + jnp.where(inside, rem, 0)
+    kinds.append((rem >= cnt, inside))
+    before = before + cnt
+  keep_cut = (eq_cut > 0) & (jnp.cumsum(eq_cut, axis=1) <= rem_cut)
+  for ckey, (full, inside) in zip(ckeys, kinds, strict=True):  # made as each chunk's stores come
+    yield (ckey == v) & (full | (inside & keep_cut))
 
 
 def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret, load=None, dtype=None):
