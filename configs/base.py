@@ -19,7 +19,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.model.k = config_dict.placeholder(int)  # channels per token; None = the preset's K
   c.model.gcp = False  # MoC+GCP: recompute Z_sel in the backward, keep only idx/G_sel/U_sel
   # MoC: the backward reuses the forward's bf16 FFN weights (faster; 3·D·F·2 bytes per layer
-  # held) or casts again; None = reuse unless gcp
+  # held) or casts again; None = reuse unless gcp or FSDP
   c.model.ffn_keep_weights = config_dict.placeholder(bool)
   c.model.dtype = "bfloat16"  # compute dtype
   c.model.param_dtype = "float32"  # master weights

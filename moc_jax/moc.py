@@ -136,7 +136,8 @@ def moc_ffn(
     backend: kernel backend for selection and epilogues ('xla', 'pallas', 'auto').
     pad_to: pad F to a multiple of this inside the op (None: 128 on GPU, 1 elsewhere).
     keep_weights: hold the forward's cast weights for the backward instead of casting again
-      (faster, 3·D·F compute-dtype elements more memory per layer; None: unless gcp).
+      (faster, 3·D·F compute-dtype elements more memory per layer; None: unless gcp or the
+      weights are split over an `fsdp` mesh axis).
   Returns:
     (..., D) in x.dtype; differentiable in x and all three weights.
   """
@@ -153,9 +154,15 @@ def moc_ffn(
     y_TxD = _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple)
   else:
     k_eff = effective_k(k, d_ff, variant)
-    keep = not gcp if keep_weights is None else keep_weights
+    keep = default_keep_weights(gcp) if keep_weights is None else keep_weights
     y_TxD = _moc_core(x_TxD, w_gate, w_up, w_down, k_eff, variant, gcp, backend, multiple, keep)
   return y_TxD.reshape(*lead, d_model)
+
+
+def default_keep_weights(gcp: bool) -> bool:
+  """Hold the cast weights unless GCP (memory first) or an `fsdp` mesh axis (FSDP gathers
+  weights per use, so a held copy could be a gathered one)."""
+  return not gcp and mesh_axis_size("fsdp") == 1
 
 
 def _dense_swiglu(x_TxD, w_gate, w_up, w_down, multiple: int) -> jax.Array:

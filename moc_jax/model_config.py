@@ -42,8 +42,8 @@ class ModelConfig:
   k: int | None = 64  # channels kept per token (moc); None means d_model // 2
   gcp: bool = False  # keep only idx, G_sel, U_sel; recompute Z_sel in the backward
   # MoC: hold each layer's compute-dtype FFN weights from its forward to its backward (as dense
-  # autodiff does) instead of casting them again; None: unless gcp (`moc.moc_ffn`; F split over
-  # a `tensor` mesh axis always casts again)
+  # autodiff does) instead of casting them again; None: unless gcp or an `fsdp` mesh axis
+  # (`moc.moc_ffn`; F split over a `tensor` mesh axis always casts again)
   ffn_keep_weights: bool | None = None
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"

@@ -199,6 +199,12 @@ def test_kept_cast_weights_give_bitwise_identical_gradients(monkeypatch, backend
     assert np.array_equal(np.asarray(u), np.asarray(v))
 
 
+def test_cast_weights_are_kept_by_default_only_without_gcp_or_fsdp(monkeypatch):
+  assert moc.default_keep_weights(gcp=False) and not moc.default_keep_weights(gcp=True)
+  monkeypatch.setattr(moc, "mesh_axis_size", lambda name: 4 if name == "fsdp" else 1)
+  assert not moc.default_keep_weights(gcp=False)
+
+
 @pytest.mark.parametrize("gcp,expected_leaves", [(False, 4), (True, 3)])
 def test_residuals_are_compact(gcp, expected_leaves):
   """Inspect what the custom_vjp forward keeps: nothing of size tokens × F."""
