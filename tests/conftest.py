@@ -1,4 +1,8 @@
-"""Shared test setup: fp32 matmuls on CPU, a GPU marker that skips cleanly."""
+"""Shared test setup: fp32 matmuls on CPU, a GPU marker that skips cleanly, and each test
+module's compiled programs released after it."""
+
+import gc
+import os
 
 import jax
 import pytest
@@ -14,3 +18,16 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop jax's caches after each test module. The suite compiles thousands of programs; kept
+  in one process, their memory maps grew past the kernel's vm.max_map_count (65530) about 60%
+  of the way through, where XLA's CPU compiler then segfaulted (2026-12-04)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
+  if os.environ.get("MOC_TEST_MAPS"):
+    with open("/proc/self/maps") as f:
+      print(f"\n[maps after module: {sum(1 for _ in f)}]")
