@@ -20,9 +20,9 @@ train: install
 	$(BIN)/python train.py --config=configs/default.py --workdir=$(WORKDIR)
 
 # CI (CI=true) also installs TensorFlow (CPU, ~40 s) so the tf.data tests of the TFDS source
-# run there once; without it they skip. They run in their own process: with TensorFlow
-# imported, XLA's CPU compiler crashed once in a later test (a segfault, 2026-12-04; TensorFlow
-# and jaxlib in one process are a known source of such crashes).
+# run there once; without it they skip. They run in their own process, so that the rest of
+# the suite never shares one with TensorFlow (TensorFlow and jaxlib in one process are a known
+# source of crashes, jax-ml/jax#120).
 TF_TESTS := tests/test_data_tfdata.py
 
 test: install
