@@ -125,9 +125,9 @@ def _count_instead_of_words(m_ref, rows_b, cols_b, sel, *, t, f, ballot=False, o
   topk_compact.pltriton.store(m_ref.at[row, jnp.zeros_like(row)], cnt, mask=row < t)
 
 
-def _ties_all(ckeys, v, need, packed=True):
-  """A stand-in for `topk._tie_masks`: keep every key equal to v (no counts, no cut)."""
-  del need, packed
+def _ties_all(ckeys, v, need, mask_pass):
+  """A stand-in for `topk.tie_masks`: keep every key equal to v (no counts, no cut)."""
+  del need, mask_pass
   for ckey in ckeys:
     yield ckey == v
 
@@ -161,7 +161,7 @@ ABLATIONS: dict[str, tuple[Callable, str]] = {
     lambda: mock.patch.object(topk_compact, "_store_words", _count_instead_of_words),
     "sel",
   ),
-  "abl_sel_no_ties": (lambda: mock.patch.object(topk, "_tie_masks", _ties_all), "sel"),
+  "abl_sel_no_ties": (lambda: mock.patch.object(topk, "tie_masks", _ties_all), "sel"),
   "abl_fwd_no_scatter": (
     lambda: mock.patch.object(tu, "scatter_store", lambda *a, **kw: None),
     "fwd",

@@ -13,7 +13,8 @@ chunks that cover F with at most `granule` padded lanes, and:
 2. one packed prefix sum per chunk (count of `> v` in the low 16 bits, of `== v` in the high)
    gives each selected element its output slot: ties at v go to the lowest channels. G is
    re-read (from L1/L2) for the values rather than kept in registers. Callers that keep
-   only the mask (`slots=False`) resolve ties from per-chunk counts instead (`_tie_masks`).
+   only the mask (`slots=False`) resolve ties from per-chunk counts instead
+   (`_topk_ties.tie_masks`).
 
 Counting runs on the fp32 pipe for 16-bit keys (`sub.sat.f32` + add; keys are exact small
 integers in fp32), on integer compares for fp32 inputs. Channels >= num_valid are treated as
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,8 @@ from pallas_kernels._topk_count import (
   gauss_bracket,
   ge_ones,
   packed_counts,
-  packed_sums,
 )
+from pallas_kernels._topk_ties import tie_masks
 
 GROUP, PER_GROUP = reference.GROUP, reference.PER_GROUP
 
@@ -118,7 +119,7 @@ def select_rows(
   on_chunk(rows_b, cols_b, valid, g, sel, pos, off): broadcast (R, W) row/column indices, the
   in-bounds mask, the values (re-loaded; lowest finite value past num_valid), the selection
   mask, each selected element's output slot in [0, k) and the chunk's first column (an int).
-  With `slots=False` pos is None and the final pass is much cheaper (`_tie_masks`): for
+  With `slots=False` pos is None and the final pass is much cheaper (`_topk_ties.tie_masks`): for
   callers that keep only the mask.
   """
   dtype = g_ref.dtype if dtype is None else jnp.dtype(dtype)
@@ -221,10 +222,7 @@ def select_rows(
   v_c = v.astype(jnp.float32) if use_float else v
 
   if not slots:
-    if cfg.mask_pass == "cut1" and len({ckey.shape for ckey in ckeys}) == 1:
-      ties = _tie_masks_one_scan(ckeys, v_c, need)
-    else:
-      ties = _tie_masks(ckeys, v_c, need, packed=not cfg.mask_pass.endswith("_each"))
+    ties = tie_masks(ckeys, v_c, need, cfg.mask_pass)
     for ckey, eq_keep, (off, w) in zip(ckeys, ties, chunks, strict=True):
       rows_b, cols_b, valid, g = load_chunk(off, w)
       on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None, off)
@@ -243,54 +241,6 @@ def select_rows(
 
 def _load_as_is(g_ref, rows_b, cols_b, valid):
   return pltriton.load(g_ref.at[rows_b, cols_b], mask=valid, other=0)
-
-
-def _tie_masks(ckeys: list, v, need, packed: bool = True) -> Iterator:
-  """Which keys equal to the threshold v to keep, chunk by chunk: the first `need` ((R, 1)) by
-  channel. Chunks wholly kept or wholly dropped take a compare; only a chunk the cut falls
-  inside (one per row) pays for a prefix sum, behind a branch. A generator, and the equality
-  masks made twice, so that no chunk's masks stay live past its own stores (registers).
-  packed: every chunk's count up front, three per reduction; else one reduction per chunk when
-  it comes (158 vs 128 registers per thread at the 1B shape, compiled for sm_90a on CPU)."""
-  counts = [None] * len(ckeys)
-  if packed:  # a chunk's count is at most its width
-    bits = max(ckey.shape[1] for ckey in ckeys).bit_length()
-    counts = packed_sums([(ckey == v).astype(jnp.int32) for ckey in ckeys], bits)
-  before = jnp.zeros_like(need)
-  for ckey, cnt in zip(ckeys, counts, strict=True):
-    eq = ckey == v
-    if cnt is None:
-      cnt = jnp.sum(eq.astype(jnp.int32), axis=1, keepdims=True)
-    rem = need - before  # equal keys of this chunk still to keep
-    cut_inside = jnp.max(((rem > 0) & (rem < cnt)).astype(jnp.int32)) > 0
-
-    def cut(eq=eq, rem=rem):
-      return eq & (jnp.cumsum(eq.astype(jnp.int32), axis=1) <= rem)
-
-    yield lax.cond(cut_inside, cut, lambda eq=eq, rem=rem, cnt=cnt: eq & (rem >= cnt))
-    before = before + cnt
-
-
-def _tie_masks_one_scan(ckeys: list, v, need) -> Iterator:
-  """`_tie_masks` for equal-width chunks without a branch per chunk: the one chunk per row
-  that the cut falls inside is picked out lane-wise (a select per chunk), and only it gets a
-  prefix sum; every other chunk keeps all or none of its equal keys."""
-  bits = ckeys[0].shape[1].bit_length()
-  counts = packed_sums([(ckey == v).astype(jnp.int32) for ckey in ckeys], bits)
-  before = jnp.zeros_like(need)
-  eq_cut = jnp.zeros(ckeys[0].shape, jnp.int32)  # the equal keys of the chunk the cut is in
-  rem_cut = jnp.zeros_like(need)  # how many of them to keep
-  kinds = []  # per chunk: (keep all, cut inside)
-  for ckey, cnt in zip(ckeys, counts, strict=True):
-    rem = need - before
-    inside = (rem > 0) & (rem < cnt)
-    eq_cut = eq_cut + (inside & (ckey == v)).astype(jnp.int32)
-    rem_cut = rem_cut + jnp.where(inside, rem, 0)
-    kinds.append((rem >= cnt, inside))
-    before = before + cnt
-  keep_cut = (eq_cut > 0) & (jnp.cumsum(eq_cut, axis=1) <= rem_cut)
-  for ckey, (full, inside) in zip(ckeys, kinds, strict=True):  # made as each chunk's stores come
-    yield (ckey == v) & (full | (inside & keep_cut))
 
 
 def _topk_kernel(g_ref, idx_ref, val_ref, *, t, f, k, cfg, interpret, load=None, dtype=None):
