@@ -245,12 +245,10 @@ def _moc_bwd(k, variant, gcp, backend, multiple, keep, residuals, dy_TxD):
   f_pad = _padded(d_ff, multiple)
   bitmask = _bitmask_epilogues(backend, f_pad)
   fused = bitmask and FUSE_GATE_UP
-  if kept:
-    w_gu, wd = kept if fused else (None, kept[2])
-    wg, wu = (None, None) if fused else kept[:2]
-  else:
+  if not kept:  # cast again, laid out as the forward would have kept them
     wg, wu, wd = cast_and_pad(w_gate, w_up, w_down, x_TxD.dtype, f_pad)
-    w_gu = jnp.concatenate([wg, wu], axis=1) if fused else None
+    kept = (jnp.concatenate([wg, wu], axis=1), wd) if fused else (wg, wu, wd)
+  wg, wu, w_gu, wd = (None, None, *kept) if fused else (kept[0], kept[1], None, kept[2])
   dy_TxD = dy_TxD.astype(x_TxD.dtype)
 
   dz_TxF = dy_TxD @ wd.T
