@@ -94,6 +94,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   before = replace(new, dense_down="gemv", **LINEAR_DOWN)
   moc_cfg = moc_decode.moc_config(t, d, f)
   xla_sum = replace(moc_cfg, fold_gate_sum=False)
+  fold = replace(moc_cfg, fold_gate_sum=True)
   old = legacy_config(t, d, f)
   rows_down = replace(new, dense_down="rows")
   # the select before 2026-12-03 (radix steps on one program, 256-lane chunks at d <= 2048)
@@ -124,7 +125,10 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       **dense_defaults,
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
-      "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),  # XLA sums the gate partials
+      # the gate partials summed by XLA or by the select: one of the two is the default, so the
+      # pair also shows the spread between two timings of one config
+      "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),
+      "moc_kernel[fold_gate_sum]": (moc(fold), fold),
       "moc_kernel[own_select]": (moc(own_select), own_select),
       "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
       "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),

@@ -42,7 +42,6 @@ SWEEP: dict[str, TopKConfig] = {
   "cmp_gather_g1": topk.GAUSS_GATHER,  # `select`'s default since then
   "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8),
   # 2026-12-04e: the selection's tie cut with one prefix sum per row, no branch per chunk
-  "cmp_gather_g1_cut1": dataclasses.replace(topk.GAUSS_GATHER, mask_pass="cut1"),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 ABLATIONS = ("", "mask_only")
-MASK_PASSES = ("ballot", "ballot_each", "cut", "cut1", "scan")
+MASK_PASSES = ("ballot", "ballot_each", "cut", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +52,10 @@ class TopKConfig:
   # The bitmask kernel's final pass: 'scan' (a prefix sum per chunk, as for slots), 'cut' (ties
   # resolved from per-chunk counts; a prefix sum only where the cut falls), 'ballot' ('cut',
   # words by warp ballot on the GPU; as 'cut' in interpret mode or without `strided`),
-  # 'ballot_each' ('ballot' with one count reduction per chunk: fewer registers), 'cut1' ('cut'
-  # with one prefix sum over the chunk the cut falls in, picked lane-wise: no branch per
-  # chunk; equal chunks only, else 'cut'). At the 1B shape 'cut' 296.5, 'ballot' 327.6,
-  # 'ballot_each' 321.9 us (stream_sweep_h200_20261203e.json; 'cut' 4% faster than 'ballot'
-  # over three runs, a tie at 60M).
+  # 'ballot_each' ('ballot' with one count reduction per chunk: fewer registers). At the 1B
+  # shape 'cut' 296.5, 'ballot' 327.6, 'ballot_each' 321.9 us (stream_sweep_h200_20261203e.json;
+  # 'cut' 4% faster than 'ballot' over three runs, a tie at 60M). A prefix sum per row over the
+  # chunk the cut falls in ('cut1', removed) lost: stream_sweep_h200_20261204.json.
   mask_pass: str = "cut"
 
   def __post_init__(self):

@@ -12,10 +12,9 @@ from pallas_kernels._topk_count import packed_sums
 
 
 def tie_masks(ckeys: list, v, need, mask_pass: str) -> Iterator:
-  """Per chunk of keys, the mask of equal keys to keep ('cut1' on equal chunks: one prefix sum
-  per row; otherwise a branch per chunk, its counts packed unless the pass ends in '_each')."""
-  if mask_pass == "cut1" and len({ckey.shape for ckey in ckeys}) == 1:
-    return _cut_one_scan(ckeys, v, need)
+  """Per chunk of keys, the mask of equal keys to keep: a branch per chunk, its counts packed
+  unless the pass ends in '_each'. (One prefix sum per row over the chunk the cut falls in,
+  picked lane-wise, lost: 273.5 vs 268.3 us at the 1B shape, stream_sweep_h200_20261204.json.)"""
   return _cut_per_chunk(ckeys, v, need, packed=not mask_pass.endswith("_each"))
 
 
@@ -43,25 +42,3 @@ def _cut_per_chunk(ckeys: list, v, need, packed: bool = True) -> Iterator:
 
     yield lax.cond(cut_inside, cut, lambda eq=eq, rem=rem, cnt=cnt: eq & (rem >= cnt))
     before = before + cnt
-
-
-def _cut_one_scan(ckeys: list, v, need) -> Iterator:
-  """`_cut_per_chunk` for equal-width chunks without a branch per chunk: the one chunk per row
-  that the cut falls inside is picked out lane-wise (a select per chunk), and only it gets a
-  prefix sum; every other chunk keeps all or none of its equal keys."""
-  bits = ckeys[0].shape[1].bit_length()
-  counts = packed_sums([(ckey == v).astype(jnp.int32) for ckey in ckeys], bits)
-  before = jnp.zeros_like(need)
-  eq_cut = jnp.zeros(ckeys[0].shape, jnp.int32)  # the equal keys of the chunk the cut is in
-  rem_cut = jnp.zeros_like(need)  # how many of them to keep
-  kinds = []  # per chunk: (keep all, cut inside)
-  for ckey, cnt in zip(ckeys, counts, strict=True):
-    rem = need - before
-    inside = (rem > 0) & (rem < cnt)
-    eq_cut = eq_cut + (inside & (ckey == v)).astype(jnp.int32)
-    rem_cut = rem_cut + jnp.where(inside, rem, 0)
-    kinds.append((rem >= cnt, inside))
-    before = before + cnt
-  keep_cut = (eq_cut > 0) & (jnp.cumsum(eq_cut, axis=1) <= rem_cut)
-  for ckey, (full, inside) in zip(ckeys, kinds, strict=True):  # made as each chunk's stores come
-    yield (ckey == v) & (full | (inside & keep_cut))

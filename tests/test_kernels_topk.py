@@ -93,7 +93,6 @@ def test_group_2of8():
     (2736, 512, TopKConfig(rows=2, chunk=512, fan=2, compact=True)),
     (5461, 1024, TopKConfig(chunk=512, compact=True)),  # the train forward's selection
     (2736, 512, TopKConfig(chunk=512, compact=True, mask_pass="scan")),  # a prefix sum per chunk
-    (5461, 1024, TopKConfig(chunk=512, compact=True, mask_pass="cut1")),  # one prefix sum per row
     # the words' rows and columns min-reduced from the channels (before 2026-12-03)
     (5461, 1024, TopKConfig(chunk=512, compact=True, words_by_offset=False)),
     (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, words_by_offset=False)),
@@ -111,7 +110,7 @@ def test_compact(f, k, config):
 
 
 @pytest.mark.parametrize(
-  ("gauss", "mask_pass"), [(0.0, "ballot"), (0.1, "ballot_each"), (0.1, "cut"), (0.1, "cut1")]
+  ("gauss", "mask_pass"), [(0.0, "ballot"), (0.1, "ballot_each"), (0.1, "cut")]
 )
 @pytest.mark.parametrize("k", [1, 37, 350, 699, 700])
 def test_mask_ties_across_chunks(k, gauss, mask_pass):
