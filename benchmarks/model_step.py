@@ -67,9 +67,6 @@ RECAST = {
   "moc_gcp_keep": dict(ffn="moc", gcp=True, ffn_keep_weights=True),
 }
 VARIANTS.update(RECAST)
-# q, k and v as three GEMMs (model.FUSE_QKV off; the default is one over [Wq | Wk | Wv]).
-QKV3 = {"dense_qkv3": dict(ffn="dense"), "moc_qkv3": dict(ffn="moc")}
-VARIANTS.update(QKV3)
 
 
 def build(
@@ -88,7 +85,7 @@ def build(
   from flax import nnx
 
   from benchmarks import common
-  from moc_jax import compile_options, moc, model, model_config, train_lib
+  from moc_jax import compile_options, moc, model_config, train_lib
   from moc_jax.model import Transformer
 
   if variant in FORWARD:
@@ -104,7 +101,6 @@ def build(
   # set for every variant: one process may build several (--interleave)
   moc.BITMASK_RESIDUALS = variant not in INDICES
   moc.FUSE_GATE_UP = variant not in UNFUSED
-  model.FUSE_QKV = variant not in QKV3
   overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()

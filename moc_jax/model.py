@@ -21,10 +21,6 @@ from moc_jax.model_config import ModelConfig
 from pallas_kernels import backends
 
 init_normal = nnx.initializers.normal(stddev=0.02)
-# q, k and v from one GEMM over the stacked weights [Wq | Wk | Wv] (and one GEMM each for dx and
-# their gradients), as the FFN's gate and up (moc.FUSE_GATE_UP). The parameters stay three, so
-# checkpoints keep their layout; the stack is made by the cast the forward does anyway.
-FUSE_QKV = True
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
@@ -80,14 +76,10 @@ class Attention(nnx.Module):
 
   def _qkv(self, x_BxLxD, positions_BxL):
     dt = x_BxLxD.dtype
-    ws = [w[...].astype(dt) for w in (self.w_q, self.w_k, self.w_v)]
-    if FUSE_QKV:
-      qkv_BxLx3xHxE = jnp.einsum("bld,dthe->blthe", x_BxLxD, jnp.stack(ws, axis=1))
-      q, k, v = (qkv_BxLx3xHxE[:, :, i] for i in range(3))
-    else:
-      q, k, v = (jnp.einsum("bld,dhe->blhe", x_BxLxD, w) for w in ws)
-    rope = functools.partial(apply_rope, positions_BxL=positions_BxL, theta=self.cfg.rope_theta)
-    return rope(q), rope(k), v
+    proj = lambda w: jnp.einsum("bld,dhe->blhe", x_BxLxD, w[...].astype(dt))
+    q = apply_rope(proj(self.w_q), positions_BxL, self.cfg.rope_theta)
+    k = apply_rope(proj(self.w_k), positions_BxL, self.cfg.rope_theta)
+    return q, k, proj(self.w_v)
 
   def _out(self, o_BxLxHxE):
     return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.w_o[...].astype(o_BxLxHxE.dtype))

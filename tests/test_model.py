@@ -98,21 +98,6 @@ def test_remat_policies_give_the_same_gradients():
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_qkv_as_one_gemm_gives_the_same_logits_and_gradients(monkeypatch):
-  """model.FUSE_QKV (one projection over the stacked [Wq | Wk | Wv]) against three."""
-  tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, 320)
-  graphdef, state = nnx.split(Transformer(_tiny(), nnx.Rngs(3)))
-  loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
-  out = []
-  for fuse in (True, False):
-    monkeypatch.setattr(model, "FUSE_QKV", fuse)
-    out.append(jax.jit(jax.value_and_grad(loss))(state))
-  leaves = [jax.tree.leaves(o) for o in out]
-  assert len(leaves[0]) == len(leaves[1]) == 1 + len(jax.tree.leaves(state))
-  for a, b in zip(*leaves, strict=True):
-    np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)
-
-
 @pytest.mark.parametrize(
   "overrides,message",
   [
