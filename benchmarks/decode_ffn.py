@@ -42,7 +42,7 @@ from decode_timing import (
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
-from pallas_kernels._decode_config import LINEAR_DOWN, default_config, legacy_config
+from pallas_kernels._decode_config import LINEAR_DOWN, LIST_TOPK, default_config, legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -95,6 +95,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   moc_cfg = moc_decode.moc_config(t, d, f)
   xla_sum = replace(moc_cfg, fold_gate_sum=False)
   fold = replace(moc_cfg, fold_gate_sum=True)
+  # the list pipeline where the default is the mask one (T > 4)
+  as_list = replace(moc_cfg, pipeline="list", topk=LIST_TOPK, fold_gate_sum=False)
   old = legacy_config(t, d, f)
   rows_down = replace(new, dense_down="rows")
   # the select before 2026-12-03 (radix steps on one program, 256-lane chunks at d <= 2048)
@@ -125,14 +127,19 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       **dense_defaults,
       "dense_kernel[rows_down]": (dense(rows_down), rows_down),
       "moc_kernel[default]": (moc(moc_cfg), moc_cfg),  # what decode_ffn picks by itself
-      # the gate partials summed by XLA or by the select: one of the two is the default, so the
-      # pair also shows the spread between two timings of one config
-      "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),
-      "moc_kernel[fold_gate_sum]": (moc(fold), fold),
-      "moc_kernel[own_select]": (moc(own_select), own_select),
-      "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
-      "moc_kernel[mask]": (moc(replace(new, pipeline="mask")), replace(new, pipeline="mask")),
     }
+    if moc_cfg.pipeline == "list":
+      mask = replace(new, pipeline="mask")
+      out |= {  # the gate partials summed by XLA or by the select: one of the two is the
+        # default, so the pair also shows the spread between two timings of one config
+        "moc_kernel[xla_gate_sum]": (moc(xla_sum), xla_sum),
+        "moc_kernel[fold_gate_sum]": (moc(fold), fold),
+        "moc_kernel[own_select]": (moc(own_select), own_select),
+        "moc_kernel[no_gauss]": (moc(no_gauss), no_gauss),  # the top-K search over all keys
+        "moc_kernel[mask]": (moc(mask), mask),
+      }
+    else:  # the mask pipeline is the default (T > 4)
+      out["moc_kernel[list]"] = (moc(as_list), as_list)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one
