@@ -140,6 +140,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       }
     else:  # the mask pipeline is the default (T > 4)
       out["moc_kernel[list]"] = (moc(as_list), as_list)
+      rows = replace(moc_cfg, dense_down="rows")  # skips rows of Wd no token selected
+      out["moc_kernel[rows_down]"] = (moc(rows), rows)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one

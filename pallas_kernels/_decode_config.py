@@ -53,7 +53,8 @@ class DecodeConfig:
   down_block_d: int = 128
   down_warps: int = 4
   down_stages: int = 3
-  # dense FFN's down projection: 'rows' (`_down_kernel`) or 'gemv' (the split-K GEMV, with
+  # the down projection of the dense FFN and of MoC's mask pipeline: 'rows' (`_down_kernel`,
+  # skips rows of Wd whose z is zero for every token) or 'gemv' (the split-K GEMV, with
   # down_block_d-wide column blocks, down_block_c-row steps and the down_* splits, warps and
   # stages; more bytes in flight: 36.3 vs 38.4 us at d = 2048, 78.6 vs 103.7 and 102.8 vs
   # 135.9 at d = 4096, decode_ffn_h200_20261203.json; `dense_config` takes it)
@@ -118,6 +119,7 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
 # The dense down GEMV's tile before 2026-12-04 (`_decode_gemv.linear_config`'s rule at these
 # shapes: 128-wide, 64-row steps, 8 splits, 4 stages), still the best found at d > 2048.
 LINEAR_DOWN = dict(down_block_d=128, down_block_c=64, down_splits=8, down_warps=4, down_stages=4)
+DOWN_KNOBS = tuple(LINEAR_DOWN)
 
 
 def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
@@ -164,8 +166,10 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   selects with `LIST_TOPK`.
   """
   cfg = default_config(num_tokens, d_model, d_ff)
-  if cfg.pipeline != "list":
-    return cfg
+  if cfg.pipeline != "list":  # T > 4: some token selects nearly every channel (96% at T = 16),
+    # so Wd streams whole through the dense FFN's down GEMV
+    dense = dense_config(num_tokens, d_model, d_ff)
+    return dataclasses.replace(cfg, dense_down="gemv", **{k: getattr(dense, k) for k in DOWN_KNOBS})
   cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
   if d_model > 2048:  # the select summing 4+ gate partials itself loses to XLA's sum: 114.8 vs
     # 101.7 µs at d = 4096, F = 11008, T = 4 and 130.3 vs 118.4 at F = 14336, same run

@@ -10,6 +10,8 @@ MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
      some token selected (masked loads issue no memory traffic), z = a * (x Wu^T) in x's dtype.
   4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
      with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
+     At T > 4 (`moc_config`), where some token selects nearly every channel, the dense FFN's
+     split-K GEMV over all of Wd instead (`dense_down="gemv"`).
 With `pipeline="list"` (the default at T <= 4) the selection is the training top-K kernel
 (`DecodeConfig.topk`), which sums the gate GEMV's split partials as it loads G
 (`_decode_select.topk_from_partials`), and one kernel (`_decode_list.rows_ffn`) does 3 and 4
@@ -246,7 +248,7 @@ def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, inter
     )
   a_TxFo = select()
   z_TxF = _up(x_TxD, a_TxFo, w_up_FxD, cfg, interpret=interpret)
-  return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
+  return _down_projection(z_TxF, w_down_FxD, cfg, interpret)
 
 
 def _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> jax.Array:
@@ -302,6 +304,12 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
+  return _down_projection(z_TxF, w_down_FxD, cfg, interpret)
+
+
+def _down_projection(z_TxF, w_down_FxD, cfg: DecodeConfig, interpret: bool) -> jax.Array:
+  """y = z Wd: every row of Wd through the split-K GEMV ('gemv'), or the rows kernel, which
+  skips rows whose z is zero for every token ('rows')."""
   if cfg.dense_down == "gemv":
     return _decode_gemv.split_k_linear(z_TxF, w_down_FxD, _down_gemv(cfg), z_TxF.dtype, interpret)
   return _down(z_TxF, w_down_FxD, cfg, interpret=interpret)
