@@ -42,7 +42,13 @@ from decode_timing import (
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
-from pallas_kernels._decode_config import LINEAR_DOWN, LIST_TOPK, default_config, legacy_config
+from pallas_kernels._decode_config import (
+  LINEAR_DOWN,
+  LIST_TOPK,
+  default_config,
+  dense_down_knobs,
+  legacy_config,
+)
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -140,8 +146,9 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       }
     else:  # the mask pipeline is the default (T > 4)
       out["moc_kernel[list]"] = (moc(as_list), as_list)
-      rows = replace(moc_cfg, dense_down="rows")  # skips rows of Wd no token selected
-      out["moc_kernel[rows_down]"] = (moc(rows), rows)
+      # all of Wd through the dense FFN's down GEMV (the default skips rows no token selected)
+      gemv = replace(moc_cfg, dense_down="gemv", **dense_down_knobs(t, d, f))
+      out["moc_kernel[gemv_down]"] = (moc(gemv), gemv)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one

@@ -119,7 +119,6 @@ def default_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
 # The dense down GEMV's tile before 2026-12-04 (`_decode_gemv.linear_config`'s rule at these
 # shapes: 128-wide, 64-row steps, 8 splits, 4 stages), still the best found at d > 2048.
 LINEAR_DOWN = dict(down_block_d=128, down_block_c=64, down_splits=8, down_warps=4, down_stages=4)
-DOWN_KNOBS = tuple(LINEAR_DOWN)
 
 
 def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
@@ -149,6 +148,12 @@ def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   )
 
 
+def dense_down_knobs(num_tokens: int, d_model: int, d_ff: int) -> dict:
+  """The down GEMV's knobs of `dense_config`, for another config's dense_down="gemv"."""
+  dense = dense_config(num_tokens, d_model, d_ff)
+  return {k: getattr(dense, k) for k in LINEAR_DOWN}
+
+
 # The list pipeline's select: the training top-K kernel with 1024-lane chunks, a ternary search
 # and 8 warps. MoC FFN at T = 1 on the H200 (decode_ffn_h200_20261203b.json), vs the decode
 # select of before: 31.1 vs 37.8 us at d = 2048, 64.9 vs 76.1 and 73.4 vs 88.7 at d = 4096
@@ -166,10 +171,11 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   selects with `LIST_TOPK`.
   """
   cfg = default_config(num_tokens, d_model, d_ff)
-  if cfg.pipeline != "list":  # T > 4: some token selects nearly every channel (96% at T = 16),
-    # so Wd streams whole through the dense FFN's down GEMV
-    dense = dense_config(num_tokens, d_model, d_ff)
-    return dataclasses.replace(cfg, dense_down="gemv", **{k: getattr(dense, k) for k in DOWN_KNOBS})
+  if cfg.pipeline != "list":  # T > 4: the mask pipeline. Its down projection through the dense
+    # FFN's split-K GEMV instead (dense_down="gemv", `dense_down_knobs`) tied at d = 2048 and
+    # lost at d = 4096, T = 16: 49.4 vs 49.5, 120.8 vs 108.6, 138.8 vs 133.6 µs
+    # (decode_ffn_t16_h200_20261204b.json)
+    return cfg
   cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
   if d_model > 2048:  # the select summing 4+ gate partials itself loses to XLA's sum: 114.8 vs
     # 101.7 µs at d = 4096, F = 11008, T = 4 and 130.3 vs 118.4 at F = 14336, same run

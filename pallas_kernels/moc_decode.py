@@ -10,8 +10,8 @@ MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
      some token selected (masked loads issue no memory traffic), z = a * (x Wu^T) in x's dtype.
   4. `_down_kernel`: grid over channel splits × column blocks; loads only the rows of Wd (F × D)
      with a nonzero z; fp32 partial y per channel split, summed by XLA (skipped for one split).
-     At T > 4 (`moc_config`), where some token selects nearly every channel, the dense FFN's
-     split-K GEMV over all of Wd instead (`dense_down="gemv"`).
+     `dense_down="gemv"`: the dense FFN's split-K GEMV over all of Wd instead (not faster at
+     T = 16, where some token selects ~96% of the channels).
 With `pipeline="list"` (the default at T <= 4) the selection is the training top-K kernel
 (`DecodeConfig.topk`), which sums the gate GEMV's split partials as it loads G
 (`_decode_select.topk_from_partials`), and one kernel (`_decode_list.rows_ffn`) does 3 and 4

@@ -94,7 +94,8 @@ def test_select_is_exact_with_ties(variant):
     (1, 203, 40, "moc", jnp.float32, False, SMALL),  # odd F, one token (multiply-reduce path)
     (3, 136, 34, "moc_2of8", jnp.float32, True, SMALL),  # ties inside groups of 8
     (16, 100, 23, "moc", jnp.bfloat16, True, SMALL),  # ties at the threshold, bf16, tl.dot path
-    (16, 203, 41, "moc", jnp.float32, True, None),  # moc_config at T = 16: all of Wd as a GEMV
+    (16, 203, 41, "moc", jnp.float32, True, None),  # moc_config at T = 16 (mask pipeline)
+    # the mask pipeline with all of Wd through the split-K GEMV
     (5, 136, 34, "moc_2of8", jnp.bfloat16, False, dataclasses.replace(SMALL, dense_down="gemv")),
     (1, 171, 37, "moc", jnp.float32, True, LIST),  # odd F, ties, lists; T = 1 via tl.dot
     (3, 136, 34, "moc_2of8", jnp.bfloat16, True, LIST),  # group lists, several tokens
