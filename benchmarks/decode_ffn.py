@@ -166,24 +166,20 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       ("own,chunk512,sel8w", replace(own_select, select_chunk=512, select_warps=8)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
-  if "masksweep" in kinds:  # the mask pipeline's knobs (the default at T > 4), one at a time
+  # the mask pipeline's knobs (the default at T > 4). Swept one at a time on 12-04
+  # (decode_ffn_mask16_h200_20261204.json): 16 down splits won (now the default); a gate GEMV
+  # of 2 splits or 4 stages, 8 or 1024-wide up blocks, 8 up warps, 256-wide down blocks or 8
+  # select warps did not
+  if "masksweep" in kinds:
     out.update(dense_defaults)
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    t1_gate = dict(gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)
     for tag, c in (
-      ("gate_as_t1", replace(moc_cfg, **t1_gate)),  # moc_config's gate GEMV at T = 1, d = 2048
-      ("gate_s2", replace(moc_cfg, gemv_splits=2)),
-      ("gate_st4", replace(moc_cfg, gemv_stages=4)),
-      ("up_c32", replace(moc_cfg, up_block_c=32)),
-      ("up_c8", replace(moc_cfg, up_block_c=8)),
-      ("up_d1024", replace(moc_cfg, up_block_d=1024)),
-      ("up_d256", replace(moc_cfg, up_block_d=256)),
-      ("up_st3", replace(moc_cfg, up_stages=3)),
-      ("up_w8", replace(moc_cfg, up_warps=8)),
-      ("down_s16", replace(moc_cfg, down_splits=16)),
+      ("before", replace(new, pipeline="mask")),  # default_config's 4 or 8 down splits
       ("down_c64", replace(moc_cfg, down_block_c=64)),
-      ("down_d256", replace(moc_cfg, down_block_d=256)),
-      ("sel8w", replace(moc_cfg, select_warps=8)),
+      ("up_c32", replace(moc_cfg, up_block_c=32)),
+      ("down_c64,up_c32", replace(moc_cfg, down_block_c=64, up_block_c=32)),
+      ("down_s32", replace(moc_cfg, down_splits=32)),
+      ("up_d256", replace(moc_cfg, up_block_d=256)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "dense" in kinds:
