@@ -167,7 +167,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   # the mask pipeline's knobs (the default at T > 4). Swept one at a time on 12-04
-  # (decode_ffn_mask16_h200_20261204.json): 16 down splits won (now the default); a gate GEMV
+  # (decode_ffn_mask16_h200_20261204{,b}.json): 16 down splits of 64-row steps won (now the
+  # default); a gate GEMV
   # of 2 splits or 4 stages, 8 or 1024-wide up blocks, 8 up warps, 256-wide down blocks or 8
   # select warps did not
   if "masksweep" in kinds:
@@ -175,11 +176,9 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
     for tag, c in (
       ("before", replace(new, pipeline="mask")),  # default_config's 4 or 8 down splits
-      ("down_c64", replace(moc_cfg, down_block_c=64)),
+      ("down_c32", replace(moc_cfg, down_block_c=32)),
       ("up_c32", replace(moc_cfg, up_block_c=32)),
-      ("down_c64,up_c32", replace(moc_cfg, down_block_c=64, up_block_c=32)),
-      ("down_s32", replace(moc_cfg, down_splits=32)),
-      ("up_d256", replace(moc_cfg, up_block_d=256)),
+      ("down_s8", replace(moc_cfg, down_splits=8)),
     ):
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   if "dense" in kinds:

@@ -173,11 +173,13 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   cfg = default_config(num_tokens, d_model, d_ff)
   if cfg.pipeline != "list":  # T > 4: the mask pipeline, its down kernel on 16 channel splits
     # (T = 16, same run, decode_ffn_mask16_h200_20261204.json: 54.6 vs 57.1 µs at d = 2048,
-    # 110.2 vs 134.6 at d = 4096, F = 11008, 139.2 vs 168.1 at F = 14336). Its down projection
+    # 110.2 vs 134.6 at d = 4096, F = 11008, 139.2 vs 168.1 at F = 14336) of 64-row steps
+    # (on top, run b: 48.5 vs 74.4 at d = 2048 (a noisy first shape), 109.7 vs 125.6,
+    # 134.0 vs 137.3). Its down projection
     # through the dense FFN's split-K GEMV instead (dense_down="gemv", `dense_down_knobs`) tied
     # at d = 2048 and lost at d = 4096: 49.4 vs 49.5, 120.8 vs 108.6, 138.8 vs 133.6 µs
     # (decode_ffn_t16_h200_20261204b.json)
-    return dataclasses.replace(cfg, down_splits=16)
+    return dataclasses.replace(cfg, down_splits=16, down_block_c=64)
   cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
   if d_model > 2048:  # the select summing 4+ gate partials itself loses to XLA's sum: 114.8 vs
     # 101.7 µs at d = 4096, F = 11008, T = 4 and 130.3 vs 118.4 at F = 14336, same run
