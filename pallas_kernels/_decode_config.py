@@ -164,25 +164,26 @@ LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8, gauss_margin=0.1)
 
 
 def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
-  """`default_config` with the MoC gate GEMV of the 2026-12-01 sweep (gemv_sweep_h200_20261201:
-  d = 2048, F = 5464, T = 1): 64-wide F blocks, 128-row D steps, 2 splits, 4 stages took 11.9 µs
-  where the default 8 splits × 3 stages took 16.0 (at d = 4096, F = 14336 it lost: 101.8 vs
-  91.6, so d > 2048 keeps the default GEMV, its partials summed by XLA); the list pipeline
-  selects with `LIST_TOPK`.
+  """`default_config` with MoC's measured choices (H200, medians, same-run comparisons):
+
+  T > 4, the mask pipeline: its down kernel on 16 channel splits of 64-row steps. T = 16
+  (decode_ffn_mask16_h200_20261204c.json): 48.6 / 115.7 / 139.6 µs against 54.9 / 135.6 / 163.5
+  with default_config's 4 or 8 splits of 32 rows, at d = 2048 and d = 4096 (F = 11008, 14336).
+  All of Wd through the dense FFN's split-K GEMV instead (dense_down="gemv") tied at d = 2048
+  and lost at d = 4096 (decode_ffn_t16_h200_20261204b.json).
+
+  T <= 4, the list pipeline: it selects with `LIST_TOPK`. At d <= 2048 the gate GEMV of the
+  2026-12-01 sweep (gemv_sweep_h200_20261201, T = 1: 64-wide F blocks, 128-row D steps, 2
+  splits, 4 stages: 11.9 µs where 8 splits × 3 stages took 16.0), its two partials summed by the
+  select as it loads G (`fold_gate_sum`). At d > 2048 the default GEMV, its 4 partials summed by
+  XLA: the select summing them lost at T = 4 (114.8 vs 101.7 µs at F = 11008, 130.3 vs 118.4
+  at F = 14336; decode_ffn_t4_h200_20261204.json) and at T = 1 (77.9 vs 63.5, 88.7 vs 78.6;
+  decode_ffn_t16_t1_h200_20261204.json).
   """
   cfg = default_config(num_tokens, d_model, d_ff)
-  if cfg.pipeline != "list":  # T > 4: the mask pipeline, its down kernel on 16 channel splits
-    # (T = 16, same run, decode_ffn_mask16_h200_20261204.json: 54.6 vs 57.1 µs at d = 2048,
-    # 110.2 vs 134.6 at d = 4096, F = 11008, 139.2 vs 168.1 at F = 14336) of 64-row steps
-    # (on top, run b: 48.5 vs 74.4 at d = 2048 (a noisy first shape), 109.7 vs 125.6,
-    # 134.0 vs 137.3). Its down projection
-    # through the dense FFN's split-K GEMV instead (dense_down="gemv", `dense_down_knobs`) tied
-    # at d = 2048 and lost at d = 4096: 49.4 vs 49.5, 120.8 vs 108.6, 138.8 vs 133.6 µs
-    # (decode_ffn_t16_h200_20261204b.json)
+  if cfg.pipeline != "list":
     return dataclasses.replace(cfg, down_splits=16, down_block_c=64)
   cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
-  if d_model > 2048:  # the select summing 4+ gate partials itself loses to XLA's sum: 114.8 vs
-    # 101.7 µs at d = 4096, F = 11008, T = 4 and 130.3 vs 118.4 at F = 14336, same run
-    # (decode_ffn_t4_h200_20261204.json); at T = 1, 67.9 µs (be4cc6d) vs 63.5 before the fold
+  if d_model > 2048:
     return dataclasses.replace(cfg, fold_gate_sum=False)
   return dataclasses.replace(cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)
