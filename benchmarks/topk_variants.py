@@ -41,7 +41,9 @@ SWEEP: dict[str, TopKConfig] = {
   # as the train forward's gather beat its scatter walk (292 vs 316 us at the 1B shape).
   "cmp_gather_g1": topk.GAUSS_GATHER,  # `select`'s default since then
   "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8),
-  # 2026-12-04e: the selection's tie cut with one prefix sum per row, no branch per chunk
+  # 2026-12-04 (untimed): 512 or 1024 slots searched per step instead of 256
+  "cmp_gather_g1_s512": dataclasses.replace(topk.GAUSS_GATHER, gather_slots=512),
+  "cmp_gather_g1_s1024": dataclasses.replace(topk.GAUSS_GATHER, gather_slots=1024),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final

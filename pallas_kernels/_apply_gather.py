@@ -26,7 +26,6 @@ from pallas_kernels import moc_train_mask as mm
 from pallas_kernels import topk_compact
 
 WORD = topk_compact.WORD
-SLOTS = 256  # slots per step of the gather phase
 
 
 def _word_counts(m_ref, incl_ref, *, f: int) -> None:
@@ -60,7 +59,7 @@ def _slot_channels(m_ref, incl_ref, row_b, slot_b, *, f: int):
 
 
 def _gather_kernel(
-  m_ref, g_ref, *refs, t, f, k, num_valid, words, has_idx, has_zsel, fused, interpret
+  m_ref, g_ref, *refs, t, f, k, num_valid, words, slots, has_idx, has_zsel, fused, interpret
 ):
   u_ref, outs, u_off = (g_ref, refs, f) if fused else (refs[0], refs[1:], 0)
   idx_ref = outs[0] if has_idx else None
@@ -71,7 +70,7 @@ def _gather_kernel(
   for rows_b, cols_b, ok, sel, _ in blocks:  # Z densely; the unused slots are dead code
     g, u = mm.load_gu(g_ref, u_ref, u_off, rows_b, cols_b, ok, num_valid)
     mm.store_z(z_ref, rows_b, cols_b, ok, sel, g, u)
-  for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, interpret=interpret):
+  for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, step=slots, interpret=interpret):
     g, u = mm.load_gu(g_ref, u_ref, u_off, row_b, col, None, num_valid)
     if has_idx:
       pltriton.store(idx_ref.at[row_b, slot_b], col.astype(idx_ref.dtype), mask=ok)
@@ -81,21 +80,21 @@ def _gather_kernel(
       pltriton.store(zs_ref.at[row_b, slot_b], mm.silu_mul(g, u, zs_ref.dtype), mask=ok)
 
 
-def _slots(m_ref, incl_ref, *, f: int, k: int, interpret: bool):
-  """(row, slot, ok, channel) blocks of SLOTS slots covering this program's K, once the
+def _slots(m_ref, incl_ref, *, f: int, k: int, step: int, interpret: bool):
+  """(row, slot, ok, channel) blocks of `step` slots covering this program's K, once the
   row's inclusive word counts are stored in incl_ref. Masked-off slots read channel 0."""
   if not interpret:  # the counts were stored by other threads of this program
     pltriton.debug_barrier()
-  for s0 in range(0, k, SLOTS):
-    slot_b = s0 + jnp.arange(min(SLOTS, tu.next_pow2(k - s0)), dtype=jnp.int32)[None, :]
+  for s0 in range(0, k, step):
+    slot_b = s0 + jnp.arange(min(step, tu.next_pow2(k - s0)), dtype=jnp.int32)[None, :]
     row_b = jnp.full(slot_b.shape, pl.program_id(0), jnp.int32)
     ok = slot_b < k
     yield row_b, slot_b, ok, _slot_channels(m_ref, incl_ref, row_b, jnp.where(ok, slot_b, 0), f=f)
 
 
-def _gathered_compact_kernel(m_ref, g_ref, idx_ref, val_ref, incl_ref, *, f, k, interpret):
+def _gathered_compact_kernel(m_ref, g_ref, idx_ref, val_ref, incl_ref, *, f, k, slots, interpret):
   _word_counts(m_ref, incl_ref, f=f)
-  for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, interpret=interpret):
+  for row_b, slot_b, ok, col in _slots(m_ref, incl_ref, f=f, k=k, step=slots, interpret=interpret):
     pltriton.store(idx_ref.at[row_b, slot_b], col, mask=ok)
     pltriton.store(val_ref.at[row_b, slot_b], pltriton.load(g_ref.at[row_b, col]), mask=ok)
 
@@ -104,7 +103,9 @@ def compact_call(mask, g2, k: int, *, cfg, interpret: bool) -> tuple[jax.Array, 
   """`topk.select`'s (idx, val) from the selection words, each slot gathered in order: the
   two-kernel top-K's second kernel with `apply_mode='gather'`."""
   t = g2.shape[0]
-  kernel = functools.partial(_gathered_compact_kernel, f=g2.shape[1], k=k, interpret=interpret)
+  kernel = functools.partial(
+    _gathered_compact_kernel, f=g2.shape[1], k=k, slots=cfg.gather_slots, interpret=interpret
+  )
   *outs, _ = pl.pallas_call(
     kernel,
     out_shape=(
@@ -135,6 +136,7 @@ def gather_call(
     k=k,
     num_valid=num_valid,
     words=cfg.apply_words,
+    slots=cfg.gather_slots,
     has_idx=has_idx,
     has_zsel=z_sel,
     fused=fused,

@@ -45,6 +45,9 @@ class TopKConfig:
   # 'row' | 'block' (moc_train_mask.StreamConfig) | 'gather' (_apply_gather: the forward, and
   # `topk.select`'s compaction)
   apply_mode: str = "row"
+  # 'gather': slots searched per step (a power of two). More slots per step put more of the
+  # searches' dependent loads in flight at once, at more registers. Untimed beyond 256.
+  gather_slots: int = 256
   # Bitmask words' rows and columns computed from the chunk offset, not min-reduced from the
   # channel indices: 273 vs 305 us at the 1B shape, 118 vs 126 at 130M, all exact
   # (stream_sweep_h200_20261203o.json).
@@ -65,6 +68,8 @@ class TopKConfig:
       raise ValueError(f"gauss_margin must be >= 0, got {self.gauss_margin}")
     if self.chunk & (self.chunk - 1):
       raise ValueError(f"chunk={self.chunk} needs a power of two")
+    if self.gather_slots < 1 or self.gather_slots & (self.gather_slots - 1):
+      raise ValueError(f"gather_slots={self.gather_slots} needs a power of two")
     if self.mask_pass not in MASK_PASSES:
       raise ValueError(f"mask_pass must be one of {MASK_PASSES}, got {self.mask_pass!r}")
     if self.ablate not in ABLATIONS:

@@ -99,6 +99,9 @@ def test_group_2of8():
     # slots gathered in order by a search over the words (`_apply_gather.compact_call`)
     (5461, 1024, TopKConfig(chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather")),
     (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, apply_mode="gather")),
+    # fewer or more slots searched per step; K not a multiple of the step
+    (2736, 500, TopKConfig(chunk=512, compact=True, apply_mode="gather", gather_slots=128)),
+    (5461, 1024, TopKConfig(chunk=512, compact=True, apply_mode="gather", gather_slots=1024)),
   ],
 )
 def test_compact(f, k, config):

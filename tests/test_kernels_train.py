@@ -109,6 +109,17 @@ def test_forward_and_backward(variant, dtype, t, f, k, ties, num_valid, cfg):
     # slots filled in order by a search (`_apply_gather`): indices out too
     ("moc", jnp.bfloat16, 2, 2752, 512, True, 2736, TopKConfig(compact=True, apply_mode="gather")),
     ("moc_2of8", jnp.bfloat16, 3, 128, 32, True, 93, TopKConfig(compact=True, apply_mode="gather")),
+    # 64 slots searched per step (8 steps at K = 512)
+    (
+      "moc",
+      jnp.bfloat16,
+      2,
+      2752,
+      512,
+      True,
+      2736,
+      TopKConfig(compact=True, apply_mode="gather", gather_slots=64),
+    ),
   ],
 )
 def test_forward_two_kernels(variant, dtype, t, f, k, ties, num_valid, cfg):
