@@ -42,13 +42,7 @@ from decode_timing import (
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
-from pallas_kernels._decode_config import (
-  LINEAR_DOWN,
-  LIST_TOPK,
-  default_config,
-  dense_down_knobs,
-  legacy_config,
-)
+from pallas_kernels._decode_config import LINEAR_DOWN, LIST_TOPK, default_config, legacy_config
 
 SHAPES = ((2048, 5464, 1024), (4096, 11008, 2048), (4096, 14336, 2048))
 SKIPPED = "skipped: time budget spent"
@@ -102,8 +96,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   moc_cfg = moc_decode.moc_config(t, d, f)
   xla_sum = replace(moc_cfg, fold_gate_sum=False)
   fold = replace(moc_cfg, fold_gate_sum=True)
-  # the list pipeline where the default is the mask one (T > 4)
-  as_list = replace(moc_cfg, pipeline="list", topk=LIST_TOPK, fold_gate_sum=False)
   old = legacy_config(t, d, f)
   rows_down = replace(new, dense_down="rows")
   # the select before 2026-12-03 (radix steps on one program, 256-lane chunks at d <= 2048)
@@ -146,9 +138,11 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
         "moc_kernel[mask]": (moc(mask), mask),
       }
     else:  # the mask pipeline is the default (T > 4)
+      as_list = replace(moc_cfg, pipeline="list", topk=LIST_TOPK, fold_gate_sum=False)
       out["moc_kernel[list]"] = (moc(as_list), as_list)
       # all of Wd through the dense FFN's down GEMV (the default skips rows no token selected)
-      gemv = replace(moc_cfg, dense_down="gemv", **dense_down_knobs(t, d, f))
+      dense_down = {knob: getattr(dense_cfg, knob) for knob in LINEAR_DOWN}
+      gemv = replace(moc_cfg, dense_down="gemv", **dense_down)
       out["moc_kernel[gemv_down]"] = (moc(gemv), gemv)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
@@ -168,9 +162,8 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       out[f"moc_kernel[{tag}]"] = (moc(c), c)
   # the mask pipeline's knobs (the default at T > 4). Swept one at a time on 12-04
   # (decode_ffn_mask16_h200_20261204{,b}.json): 16 down splits of 64-row steps won (now the
-  # default); a gate GEMV
-  # of 2 splits or 4 stages, 8 or 1024-wide up blocks, 8 up warps, 256-wide down blocks or 8
-  # select warps did not
+  # default); a gate GEMV of 2 splits or 4 stages, 8 or 1024-wide up blocks, 8 up warps,
+  # 256-wide down blocks or 8 select warps did not
   if "masksweep" in kinds:
     out.update(dense_defaults)
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)

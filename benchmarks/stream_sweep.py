@@ -95,8 +95,6 @@ SELECTIONS: dict[str, TopKConfig] = {
   # 2 warps: 4-14% faster below 4096 channels, 2% slower at the 1B shape (`forward_config`);
   # 1 warp, 2-4 rows per program, 8 warps lost (stream_sweep_h200_20261203{i,j}.json).
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
-  # 2026-12-04e: the tie cut with one prefix sum per row and no branch per chunk (CPU-compiled
-  # SASS at the 1B shape: 2,472 instructions, 50 barriers, 4 branches vs 3,560, 70, 36)
 }
 # The whole forward epilogue with indices (`moc_train.train_forward_epilogue`): the two-kernel
 # default (selection bitmask, then the streaming pass) vs the one-kernel form (selection,

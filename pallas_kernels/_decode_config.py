@@ -148,12 +148,6 @@ def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   )
 
 
-def dense_down_knobs(num_tokens: int, d_model: int, d_ff: int) -> dict:
-  """The down GEMV's knobs of `dense_config`, for another config's dense_down="gemv"."""
-  dense = dense_config(num_tokens, d_model, d_ff)
-  return {k: getattr(dense, k) for k in LINEAR_DOWN}
-
-
 # The list pipeline's select: the training top-K kernel with 1024-lane chunks, a ternary search
 # and 8 warps. MoC FFN at T = 1 on the H200 (decode_ffn_h200_20261203b.json), vs the decode
 # select of before: 31.1 vs 37.8 us at d = 2048, 64.9 vs 76.1 and 73.4 vs 88.7 at d = 4096

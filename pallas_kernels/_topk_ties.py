@@ -12,21 +12,16 @@ from pallas_kernels._topk_count import packed_sums
 
 
 def tie_masks(ckeys: list, v, need, mask_pass: str) -> Iterator:
-  """Per chunk of keys, the mask of equal keys to keep: a branch per chunk, its counts packed
-  unless the pass ends in '_each'. (One prefix sum per row over the chunk the cut falls in,
-  picked lane-wise, lost: 273.5 vs 268.3 us at the 1B shape, stream_sweep_h200_20261204.json.)"""
-  return _cut_per_chunk(ckeys, v, need, packed=not mask_pass.endswith("_each"))
-
-
-def _cut_per_chunk(ckeys: list, v, need, packed: bool = True) -> Iterator:
   """Which keys equal to the threshold v to keep, chunk by chunk: the first `need` ((R, 1)) by
   channel. Chunks wholly kept or wholly dropped take a compare; only a chunk the cut falls
   inside (one per row) pays for a prefix sum, behind a branch. A generator, and the equality
   masks made twice, so that no chunk's masks stay live past its own stores (registers).
-  packed: every chunk's count up front, three per reduction; else one reduction per chunk when
-  it comes (158 vs 128 registers per thread at the 1B shape, compiled for sm_90a on CPU)."""
+  Every chunk's count is taken up front, three per reduction, unless `mask_pass` ends in
+  '_each': then one reduction per chunk when it comes (158 vs 128 registers per thread at the
+  1B shape, compiled for sm_90a on CPU). One prefix sum per row over the chunk the cut falls
+  in, picked lane-wise, lost: 273.5 vs 268.3 us at the 1B shape (stream_sweep_h200_20261204)."""
   counts = [None] * len(ckeys)
-  if packed:  # a chunk's count is at most its width
+  if not mask_pass.endswith("_each"):  # a chunk's count is at most its width
     bits = max(ckey.shape[1] for ckey in ckeys).bit_length()
     counts = packed_sums([(ckey == v).astype(jnp.int32) for ckey in ckeys], bits)
   before = jnp.zeros_like(need)
