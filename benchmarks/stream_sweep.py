@@ -62,9 +62,10 @@ GATHERS: dict[str, TopKConfig] = {
 }
 # More slots searched per step (2026-12-04, untimed): more of the searches' loads in flight.
 GATHERS |= {
-  f"gather_w32_8w_s{s}": TopKConfig(
-    apply_mode="gather", apply_words=32, apply_warps=8, gather_slots=s
+  f"gather_w{w}_{a}w_s{s}": TopKConfig(
+    apply_mode="gather", apply_words=w, apply_warps=a, gather_slots=s
   )
+  for w, a in ((32, 8), (16, 4))  # the forward's defaults at >= and < NARROW_ROW channels
   for s in (512, 1024)
 }
 _FWD = moc_train.FORWARD_DEFAULT
