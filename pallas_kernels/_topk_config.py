@@ -46,7 +46,10 @@ class TopKConfig:
   # `topk.select`'s compaction)
   apply_mode: str = "row"
   # 'gather': slots searched per step (a power of two). More slots per step put more of the
-  # searches' dependent loads in flight at once, at more registers. Untimed beyond 256.
+  # searches' dependent loads in flight, at more registers; on the H200 it did not pay: top-K at
+  # 16384 x 5632, 15 interleaved trials, 512 slots 0.992x and 1024 1.029x of 256; 1.037 / 0.989 /
+  # 0.993x at F = 2048 / 2736 / 1376; the 1B forward 300.8 / 312.8 vs 288.8 us
+  # (topk_ab_slots_*_h200_20261204.json, stream_sweep_slots_h200_20261204.json).
   gather_slots: int = 256
   # Bitmask words' rows and columns computed from the chunk offset, not min-reduced from the
   # channel indices: 273 vs 305 us at the 1B shape, 118 vs 126 at 130M, all exact
