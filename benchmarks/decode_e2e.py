@@ -5,8 +5,10 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 - time of the prefill alone); medians over trials. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
-config and, as `moc_kernel_mask`, with the mask pipeline forced. `no_ffn` returns zeros from
-every FFN: the non-FFN time per token, i.e. the ceiling of any FFN speedup.
+config and, as `moc_kernel_mask`, with the mask pipeline forced; `moc_kernel_warmN` (one per
+`--warm_mb` value N) has each layer's top-K launch also read N MB of the next layer's q, k, v
+weight into L2 (`DecodeConfig.warm_bytes`). `no_ffn` returns zeros from every FFN: the non-FFN
+time per token, i.e. the ceiling of any FFN speedup.
 
   python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
 """
@@ -36,7 +38,7 @@ from moc_jax import generate, model, model_config
 from pallas_kernels import moc_decode
 
 
-def _no_ffn_decode(self, x):
+def _no_ffn_decode(self, x, warm=None):
   """FeedForward.decode as zeros: the time of everything but the FFN (a floor, not a model)."""
   return jnp.zeros_like(x)
 
@@ -97,15 +99,20 @@ def main() -> None:
   p.add_argument("--out", default="benchmarks/results/decode_e2e.json")
   p.add_argument("--skip", default="", help="comma-separated variants to leave out")
   p.add_argument(
+    "--warm_mb", default="", help="comma-separated MB: a moc_kernel_warmN row for each"
+  )
+  p.add_argument(
     "--profile", action="store_true", help="also trace one generation: device vs wall time"
   )
   a = p.parse_args()
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
+  warm_mb = [int(v) for v in a.warm_mb.split(",") if v]
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
+    **{f"moc_kernel_warm{mb}": dict(ffn="moc", kernel_backend="pallas") for mb in warm_mb},
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
@@ -134,6 +141,9 @@ def main() -> None:
     model.FeedForward.decode = swaps.get(name, original)
     if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
       moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
+    if name.startswith("moc_kernel_warm"):
+      mb = int(name.removeprefix("moc_kernel_warm"))
+      moc_decode.moc_config = lambda *a, mb=mb: replace(original_cfg(*a), warm_bytes=mb << 20)
     try:
       row = time_generate(m, prompt_len, new, a.trials, a.profile)
     except Exception as e:
@@ -155,7 +165,7 @@ def _summarise(result: dict, out: str) -> None:
     default=0,
   )
   dense = best(("dense_xla", "dense_kernel"))
-  moc = best(("moc_xla", "moc_kernel", "moc_kernel_mask"))
+  moc = best([n for n in rows if n.startswith("moc_")])
   result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as fh:

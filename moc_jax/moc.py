@@ -289,10 +289,13 @@ def moc_decode_ffn(
   k: int | None,
   variant: str = "moc",
   backend: str = "xla",
+  warm: jax.Array | None = None,
 ) -> jax.Array:
   """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
 
-  variant='dense' runs the dense FFN on the same path (Wu then given as (D, F)).
+  variant='dense' runs the dense FFN on the same path (Wu then given as (D, F)). warm: the
+  weight the next kernels read; the MoC kernels may read its start into L2 while their top-K
+  runs (`DecodeConfig.warm_bytes`); y does not depend on it.
   """
   *lead, d_model = x.shape
   d_ff = w_gate_DxF.shape[1]
@@ -303,7 +306,13 @@ def moc_decode_ffn(
     return y.reshape(*lead, d_model)
   kernel = backends.decode_ffn(backend)
   y = kernel(
-    x.reshape(-1, d_model), w_gate_DxF, w_up_FxD, w_down_FxD, effective_k(k, d_ff, variant), variant
+    x.reshape(-1, d_model),
+    w_gate_DxF,
+    w_up_FxD,
+    w_down_FxD,
+    effective_k(k, d_ff, variant),
+    variant,
+    warm=warm,
   )
   return y.reshape(*lead, d_model)
 

@@ -178,13 +178,14 @@ class FeedForward(nnx.Module):
       [DecodeWeight(w.astype(dt)) for w in (self.w_gate[...], w_up, self.w_down[...])]
     )
 
-  def decode(self, x_BxLxD: jax.Array) -> jax.Array:
+  def decode(self, x_BxLxD: jax.Array, warm: jax.Array | None = None) -> jax.Array:
+    """warm: the weight the next layer reads first; the MoC kernels may warm L2 with it."""
     c = self.cfg
     if self.decode_weights is None:
       return self(x_BxLxD)
     w_gate, w_up, w_down = (w[...] for w in self.decode_weights)
     return moc.moc_decode_ffn(
-      x_BxLxD, w_gate, w_up, w_down, k=c.k, variant=c.ffn, backend=c.kernel_backend
+      x_BxLxD, w_gate, w_up, w_down, k=c.k, variant=c.ffn, backend=c.kernel_backend, warm=warm
     )
 
 
@@ -201,10 +202,15 @@ class Block(nnx.Module):
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
     return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
 
-  def decode(self, x_BxLxD, positions_BxL, cache):
+  def decode(self, x_BxLxD, positions_BxL, cache, warm=None):
     attn_out, cache = self.attn.decode(self.attn_norm(x_BxLxD), positions_BxL, cache)
     x_BxLxD = x_BxLxD + attn_out
-    return x_BxLxD + self.ffn.decode(self.ffn_norm(x_BxLxD)), cache
+    return x_BxLxD + self.ffn.decode(self.ffn_norm(x_BxLxD), warm), cache
+
+  def first_decode_weight(self) -> jax.Array | None:
+    """The weight this block's decode reads first (q, k, v as one), once prepared."""
+    weights = self.attn.decode_weights
+    return None if weights is None else weights[0][...]
 
 
 @jax.custom_vjp
@@ -278,8 +284,9 @@ class Transformer(nnx.Module):
     """Run L new tokens per row at `positions` (contiguous per row) against the cache."""
     x = self._embed(tokens_BxL)
     new_cache = []
-    for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x, layer_cache = block.decode(x, positions_BxL, layer_cache)
+    nexts = [b.first_decode_weight() for b in list(self.blocks)[1:]] + [None]
+    for block, layer_cache, warm in zip(self.blocks, cache, nexts, strict=True):
+      x, layer_cache = block.decode(x, positions_BxL, layer_cache, warm)
       new_cache.append(layer_cache)
     return self._decode_logits(x), new_cache
 

@@ -70,6 +70,11 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
+  # The list pipeline's top-K launch also warms L2 with up to this many bytes of the weight the
+  # next kernels read (the next layer's q, k, v; `_l2_prefetch`), on `warm_programs` programs
+  # of its own; 0: off.
+  warm_bytes: int = 0
+  warm_programs: int = 264
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
@@ -78,6 +83,10 @@ class DecodeConfig:
       raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
     if self.topk is not None and self.pipeline != "list":
       raise ValueError("DecodeConfig.topk selects for the list pipeline; set pipeline='list'")
+    if self.warm_bytes < 0 or self.warm_programs < 1:
+      raise ValueError(
+        f"need warm_bytes >= 0, warm_programs >= 1, got {self.warm_bytes}, {self.warm_programs}"
+      )
 
 
 def cdiv(a: int, b: int) -> int:

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _l2_prefetch, reference, topk
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import reference, topk
 from pallas_kernels._topk_config import TopKConfig
 
 F32 = jnp.float32
@@ -253,16 +253,52 @@ def _sum_partials(p_ref, rows_b, cols_b, valid, *, splits: int, t: int, dtype):
   return functools.reduce(operator.add, parts).astype(dtype)
 
 
+def topk_call(
+  g2: jax.Array, kernel, t: int, k: int, dtype, cfg: TopKConfig, name: str, warm=None
+) -> tuple[jax.Array, jax.Array]:
+  """The top-K `kernel` over g2's rows; with warm=(weight, DecodeConfig) in the same launch as
+  programs that read the start of that weight into L2 (`_l2_prefetch`)."""
+  interpret = kernel.keywords["interpret"]
+  if warm is None or not warm[1].warm_bytes:
+    return topk.select_call(kernel, t, k, dtype, cfg.rows, cfg, interpret, name)(g2)
+  weight, dcfg = warm
+  return _l2_prefetch.call(
+    kernel,
+    (g2,),
+    out_shape=(jax.ShapeDtypeStruct((t, k), I32), jax.ShapeDtypeStruct((t, k), dtype)),
+    grid=pl.cdiv(t, cfg.rows),
+    warm=weight,
+    max_bytes=dcfg.warm_bytes,
+    programs=dcfg.warm_programs,
+    interpret=interpret,
+    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
+    name=name + "_warm",
+  )
+
+
 def topk_from_partials(
-  partials_SxTxF: jax.Array, k: int, d_ff: int, dtype, cfg: TopKConfig, interpret: bool
+  partials_SxTxF: jax.Array,
+  k: int,
+  d_ff: int,
+  dtype,
+  cfg: TopKConfig,
+  interpret: bool,
+  warm=None,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select` ('moc') of G = Σ_s partials_SxTxF[s, :, :d_ff] rounded to dtype: the sum of
   the split partials is done as the select loads them, not by XLA as a launch of its own
-  (idx_TxK ascending, G_TxK in dtype)."""
+  (idx_TxK ascending, G_TxK in dtype). warm: see `topk_call`."""
   splits, t, _ = partials_SxTxF.shape
   load = functools.partial(_sum_partials, splits=splits, t=t, dtype=jnp.dtype(dtype))
   kernel = functools.partial(
     topk._topk_kernel, t=t, f=d_ff, k=k, cfg=cfg, interpret=interpret, load=load, dtype=dtype
   )
-  call = topk.select_call(kernel, t, k, dtype, cfg.rows, cfg, interpret, "moc_select_partials")
-  return call(partials_SxTxF.reshape(splits * t, -1))
+  g2 = partials_SxTxF.reshape(splits * t, -1)
+  return topk_call(g2, kernel, t, k, dtype, cfg, "moc_select_partials", warm)
+
+
+def topk_rows(g_TxF: jax.Array, k: int, cfg: TopKConfig, interpret: bool, warm=None):
+  """`topk.select` ('moc') of G's rows, G already in its dtype. warm: see `topk_call`."""
+  t, f = g_TxF.shape
+  kernel = functools.partial(topk._topk_kernel, t=t, f=f, k=k, cfg=cfg, interpret=interpret)
+  return topk_call(g_TxF, kernel, t, k, g_TxF.dtype, cfg, "moc_select", warm)

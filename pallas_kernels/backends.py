@@ -63,7 +63,7 @@ def bitmask_epilogues(backend: str) -> tuple[Callable, Callable] | None:
 
 
 def decode_ffn(backend: str) -> Callable:
-  """(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant) -> y_TxD."""
+  """(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, *, warm=None) -> y_TxD."""
   if resolve(backend) == "xla":
     return reference.decode_ffn
   from pallas_kernels import moc_decode

@@ -191,8 +191,12 @@ def decode_ffn(
   *,
   config: DecodeConfig | None = None,
   interpret: bool | None = None,
+  warm: jax.Array | None = None,
 ) -> jax.Array:
-  """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened)."""
+  """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened).
+
+  warm: a weight the next kernels will read (the next layer's q, k, v); the list pipeline's
+  top-K launch reads up to `DecodeConfig.warm_bytes` of it into L2. No effect on y."""
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
   d_ff = w_gate_DxF.shape[1]
@@ -204,26 +208,34 @@ def decode_ffn(
     return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
   cfg = config or moc_config(num_tokens, d_model, d_ff)
   interpret = tu.default_interpret(interpret)
-  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret)
+  warm = warm if cfg.warm_bytes else None
+  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret, warm)
   return y.reshape(*lead, d_model)
 
 
-def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret):
+def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
-  the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first."""
+  the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first.
+  warm: a weight whose start the top-K's launch reads into L2 ('moc' only)."""
+  warm = None if warm is None or variant != "moc" else (warm, cfg)
   if cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
     d_ff = w_gate_DxF.shape[1]
-    return _decode_select.topk_from_partials(partials, k, d_ff, x_TxD.dtype, cfg.topk, interpret)
+    return _decode_select.topk_from_partials(
+      partials, k, d_ff, x_TxD.dtype, cfg.topk, interpret, warm
+    )
   g_TxF = _decode_gemv.split_k_linear(x_TxD, w_gate_DxF, cfg, x_TxD.dtype, interpret)
+  if warm is not None:
+    return _decode_select.topk_rows(g_TxF, k, cfg.topk, interpret, warm)
   return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret):
-  """Jitted so that every layer's call reuses one trace of the kernels."""
+def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret, warm=None):
+  """Jitted so that every layer's call reuses one trace of the kernels. warm: only the list
+  pipeline's training top-K uses it (`_topk_select`)."""
   if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
-    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret)
+    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm)
     return _decode_list.rows_ffn(
       x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
     )

@@ -233,11 +233,15 @@ def decode_ffn(
   w_down_FxD: jax.Array,
   k: int,
   variant: str,
+  *,
+  warm: jax.Array | None = None,
 ) -> jax.Array:
   """MoC FFN for a few tokens with channel-major up/down weights (F, D).
 
-  Reads all of Wg, then only the selected rows of Wu^T and Wd. fp32 accumulation.
+  Reads all of Wg, then only the selected rows of Wu^T and Wd. fp32 accumulation. `warm` (a
+  weight for the kernels to read into L2 on the side) does not change y and is unused here.
   """
+  del warm
   g_TxF = jnp.dot(x_TxD, w_gate_DxF, preferred_element_type=jnp.float32).astype(x_TxD.dtype)
   idx_TxK, g_sel = select(g_TxF, k, variant)
   wu_TxKxD = jnp.take(w_up_FxD, idx_TxK, axis=0)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _decode_select, moc_decode, reference, topk
+from pallas_kernels import _decode_select, _l2_prefetch, moc_decode, reference, topk
 
 # Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
 SMALL = moc_decode.DecodeConfig(
@@ -247,6 +247,55 @@ def test_select_chunks_lower_for_cuda():
     )
     text = jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize(("max_bytes", "programs"), [(10**9, 3), (5000, 3), (20002, 7), (2, 1)])
+def test_warm_programs_read_exactly_the_first_bytes(max_bytes, programs):
+  """The L2-warming programs together read the first max_bytes of the weight, each once."""
+  seed = _seed()
+  w = jax.random.normal(jax.random.key(seed), (64, 300)).astype(jnp.bfloat16)
+  sums = _l2_prefetch.warm_sums(w, max_bytes=max_bytes, programs=programs, interpret=True)
+  n = min(w.size, max_bytes // 2)
+  want = np.asarray(w, np.float64).reshape(-1)[:n].sum()
+  np.testing.assert_allclose(float(np.sum(np.asarray(sums, np.float64))), want, atol=1e-3)
+  assert sums.shape == (programs,)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_decode_ffn_with_warm_lowers_and_matches(fold):
+  """Warming L2 from the top-K launch leaves y as it was (CPU: the kernel runs alone) and the
+  one launch with the warming programs lowers to a Triton call for CUDA."""
+  seed = _seed()
+  x, wg, wu, wd = _weights(seed, 1, 64, 300, jnp.bfloat16, False)
+  warm = jax.random.normal(jax.random.key(seed + 1), (64, 192)).astype(jnp.bfloat16)
+  cfg = dataclasses.replace(TOPK, fold_gate_sum=fold)
+  warm_cfg = dataclasses.replace(cfg, warm_bytes=5000, warm_programs=3)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, 40, "moc", config=cfg)
+  y_warm = moc_decode.decode_ffn(x, wg, wu, wd, 40, "moc", config=warm_cfg, warm=warm)
+  np.testing.assert_array_equal(np.asarray(y_warm, np.float32), np.asarray(y, np.float32))
+  fn = functools.partial(
+    moc_decode.decode_ffn, k=40, variant="moc", config=warm_cfg, interpret=False
+  )
+  text = jax.jit(fn).trace(x, wg, wu, wd, warm=warm).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") >= 2  # gate GEMV, top-K + warming, rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_model", [2048, 4096])  # the top-K sums the gate partials at 2048
+def test_decode_ffn_warm_gpu_exact(d_model):
+  """Compiled: the top-K launch with 264 warming programs gives y bit for bit as without."""
+  d_ff, k = (5464, 1024) if d_model == 2048 else (11008, 2048)
+  cfg = moc_decode.moc_config(1, d_model, d_ff)
+  warm_cfg = dataclasses.replace(cfg, warm_bytes=24 << 20)
+  seed = _seed()
+  x, wg, wu, wd = _weights(seed, 1, d_model, d_ff, jnp.bfloat16, False)
+  warm = jax.random.normal(jax.random.key(seed + 1), (d_model, 3 * d_model), jnp.bfloat16)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
+  y_warm = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=warm_cfg, warm=warm)
+  np.testing.assert_array_equal(np.asarray(y_warm, np.float32), np.asarray(y, np.float32))
+  with jax.default_matmul_precision("highest"):
+    want = reference.decode_ffn(x, wg, wu, wd, k, "moc")
+  assert _rel_err(y_warm, want) < 3e-2, f"{seed=}"
 
 
 @pytest.mark.gpu
