@@ -164,6 +164,7 @@ def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
 # From a checked Gaussian guess (decode_ffn_h200_20261203d.json): 30.4 vs 33.2 us at d = 2048,
 # 60.2 vs 66.3 at d = 4096, F = 11008; 79.9 vs 72.7 at F = 14336 (a noisy shape in that run).
 LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8, gauss_margin=0.1)
+WARM_BYTES = 16 << 20  # `moc_config`'s L2 warming from the list pipeline's top-K launch
 
 
 def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
@@ -182,11 +183,15 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   XLA: the select summing them lost at T = 4 (114.8 vs 101.7 µs at F = 11008, 130.3 vs 118.4
   at F = 14336; decode_ffn_t4_h200_20261204.json) and at T = 1 (77.9 vs 63.5, 88.7 vs 78.6;
   decode_ffn_t16_t1_h200_20261204.json).
+  The top-K's launch also warms L2 with 16 MB of the next layer's q, k, v weight: end to end
+  (1b, T = 1, decode_e2e_warm_h200_20261204.json) that weight's GEMV took 5.9 instead of 8.1 µs
+  per layer and the top-K 8.1 instead of 7.1; 664.1 -> 681.2 tokens/s (8 MB: 674.9; 24 MB:
+  687.1, the GEMV no faster than with 16 and the top-K 9.4 µs).
   """
   cfg = default_config(num_tokens, d_model, d_ff)
   if cfg.pipeline != "list":
     return dataclasses.replace(cfg, down_splits=16, down_block_c=64)
-  cfg = dataclasses.replace(cfg, topk=LIST_TOPK)
+  cfg = dataclasses.replace(cfg, topk=LIST_TOPK, warm_bytes=WARM_BYTES)
   if d_model > 2048:
     return dataclasses.replace(cfg, fold_gate_sum=False)
   return dataclasses.replace(cfg, gemv_block_f=64, gemv_block_d=128, gemv_splits=2, gemv_stages=4)
