@@ -5,10 +5,11 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 - time of the prefill alone); medians over trials. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
-config and, as `moc_kernel_mask`, with the mask pipeline forced; `moc_kernel_warmN` (one per
-`--warm_mb` value N) has each layer's top-K launch also read N MB of the next layer's q, k, v
-weight into L2 (`DecodeConfig.warm_bytes`). `no_ffn` returns zeros from every FFN: the non-FFN
-time per token, i.e. the ceiling of any FFN speedup.
+config and, as `moc_kernel_mask`, with the mask pipeline forced; `moc_kernel_warmN[pP]` (one
+per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB of the next layer's q, k,
+v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs (`warm_programs`).
+`no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
+speedup.
 
   python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
 """
@@ -99,20 +100,20 @@ def main() -> None:
   p.add_argument("--out", default="benchmarks/results/decode_e2e.json")
   p.add_argument("--skip", default="", help="comma-separated variants to leave out")
   p.add_argument(
-    "--warm_mb", default="", help="comma-separated MB: a moc_kernel_warmN row for each"
+    "--warm_mb", default="", help="comma-separated MB[:PROGRAMS]: a moc_kernel_warm row each"
   )
   p.add_argument(
     "--profile", action="store_true", help="also trace one generation: device vs wall time"
   )
   a = p.parse_args()
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
-  warm_mb = [int(v) for v in a.warm_mb.split(",") if v]
+  warm = [v.replace(":", "p") for v in a.warm_mb.split(",") if v]
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
-    **{f"moc_kernel_warm{mb}": dict(ffn="moc", kernel_backend="pallas") for mb in warm_mb},
+    **{f"moc_kernel_warm{w}": dict(ffn="moc", kernel_backend="pallas") for w in warm},
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
@@ -142,8 +143,9 @@ def main() -> None:
     if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
       moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
     if name.startswith("moc_kernel_warm"):
-      mb = int(name.removeprefix("moc_kernel_warm"))
-      moc_decode.moc_config = lambda *a, mb=mb: replace(original_cfg(*a), warm_bytes=mb << 20)
+      mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
+      knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
+      moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
     try:
       row = time_generate(m, prompt_len, new, a.trials, a.profile)
     except Exception as e:
