@@ -183,10 +183,11 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   XLA: the select summing them lost at T = 4 (114.8 vs 101.7 µs at F = 11008, 130.3 vs 118.4
   at F = 14336; decode_ffn_t4_h200_20261204.json) and at T = 1 (77.9 vs 63.5, 88.7 vs 78.6;
   decode_ffn_t16_t1_h200_20261204.json).
-  The top-K's launch also warms L2 with 16 MB of the next layer's q, k, v weight: end to end
-  (1b, T = 1, decode_e2e_warm_h200_20261204.json) that weight's GEMV took 5.9 instead of 8.1 µs
-  per layer and the top-K 8.1 instead of 7.1; 664.1 -> 681.2 tokens/s (8 MB: 674.9; 24 MB:
-  687.1, the GEMV no faster than with 16 and the top-K 9.4 µs).
+  The top-K's launch also warms L2 with 16 MB of the next layer's q, k, v weight. End to end
+  (1b, T = 1, decode_e2e_warm_h200_20261204{,b,d}.json) that weight's GEMV took 5.9 instead of
+  8.1 µs per layer and the top-K 8.1 instead of 7.1: device time per token 1.4307 / 1.4297 /
+  1.4357 ms against 1.4416 / 1.4415 / 1.4452 without. 24 MB: 1.463 (the GEMV no faster, the
+  top-K 9.4 µs); 16 MB on 131 programs instead of 264: 1.4885.
   """
   cfg = default_config(num_tokens, d_model, d_ff)
   if cfg.pipeline != "list":
