@@ -15,7 +15,8 @@ MoC pipeline, one launch each (see NOTES_decode.md for the measured figures):
 With `pipeline="list"` (the default at T <= 4) the selection is the training top-K kernel
 (`DecodeConfig.topk`), which sums the gate GEMV's split partials as it loads G
 (`_decode_select.topk_from_partials`), and one kernel (`_decode_list.rows_ffn`) does 3 and 4
-over the selected rows.
+over the selected rows. The top-K's launch also reads the start of a weight the caller names
+(the next layer's q, k, v) into L2 on programs of its own (`_l2_prefetch`, `warm_bytes`).
 Dense (`dense_config`): `_gemv_kernel` over Wg and Wu together (SwiGLU epilogue with one split,
 else partials summed by XLA), then the split-K GEMV over Wd with the `down_*` blocks.
 """
