@@ -31,3 +31,21 @@ def test_interleaved_order_rotates_and_failures_are_dropped():
 def test_paired_ratio_is_the_median_of_per_trial_ratios():
   assert common.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == pytest.approx(3.0)
   assert common.paired_ratio(None, [1.0]) is None and common.paired_ratio([1.0], []) is None
+
+
+def test_topk_ab_checks_exactness_and_pairs_configs(tmp_path):
+  """benchmarks/topk_ab.py on a tiny shape (interpret mode on CPU): each config checked exact,
+  timed in turn, its ratio to the first written; an unknown config name is refused."""
+  import json
+
+  from benchmarks import topk_ab
+
+  out = tmp_path / "ab.json"
+  names = ["cmp_gather_g1", "cmp_gather_g1_s512"]
+  topk_ab.main([*names, "--t=8", "--f=304", "--k=40", "--trials=2", "--inner=1", f"--out={out}"])
+  rows = json.loads(out.read_text())["rows"]
+  assert [rows[n]["exact"] for n in names] == [True, True]
+  assert rows[names[0]]["ratio_to_base"] == pytest.approx(1.0)
+  assert len(rows[names[1]]["samples_us"]) == 2 and rows[names[1]]["median_us"] > 0
+  with pytest.raises(SystemExit):
+    topk_ab.main(["no_such_config"])
