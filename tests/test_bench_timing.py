@@ -49,13 +49,3 @@ def test_topk_ab_checks_exactness_and_pairs_configs(tmp_path):
   assert len(rows[names[1]]["samples_us"]) == 2 and rows[names[1]]["median_us"] > 0
   with pytest.raises(SystemExit):
     topk_ab.main(["no_such_config"])
-
-
-def test_mgpu_hist_probe_lowers_for_cuda(capsys):
-  """The Mosaic GPU histogram probe (inline atomics into shared memory) lowers for CUDA on a
-  CPU-only machine; it runs only on a GPU."""
-  from benchmarks import mgpu_hist_probe
-
-  mgpu_hist_probe.main(["--lower_only", "--t=16", "--f=512", "--ctas=4"])
-  out = capsys.readouterr().out
-  assert "hist_c1: lowered for CUDA" in out and "hist_c4: lowered for CUDA" in out

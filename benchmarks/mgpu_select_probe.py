@@ -1,0 +1,289 @@
+"""Probe: the whole MoC selection (top-K of each row as a bitmask) as a Mosaic GPU radix select.
+
+The kernel writes the same (T, F/32) int32 words as the Triton selection pass
+(`topk_compact.mask_call`: bit j of word w is channel 32 w + j; the K largest signed values,
+ties to the lower channel), so it could replace that ~270 µs pass at 16384 × 5504 if it is
+exact and fast. Not wired into any default: it has only been lowered on a CPU.
+
+Per row, one warpgroup per CTA, rows taken in turn by the CTAs; keys are the order-preserving
+16-bit images of bf16 values (0…65535):
+  1. histogram of each key's high byte (one `red.shared` add per key, `mgpu_hist_probe`);
+     suffix sums by doubling over shifted views of a zero-padded shared buffer; the bin b1
+     holding the K-th key: the largest b with S1[b] >= K; above = S1[b1 + 1];
+  2. the same over the low byte of the keys whose high byte is b1 (predicated adds): the K-th
+     key v = 256 b1 + b2, `need` = K - #keys above v;
+  3. words of keys above v and of keys equal to v (`red.shared.or`); the equal words keep only
+     their first `need` bits in channel order (a prefix sum of their popcounts by doubling,
+     then per word the lowest bits that fit); the row's words go to HBM.
+
+  python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
+  python3 benchmarks/mgpu_select_probe.py --lower_only   # CPU: lower for CUDA, nothing runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+from benchmarks import common
+
+BINS = 256
+LANES = 128  # threads per warpgroup
+I32 = jnp.int32
+
+
+def _red(layout, op: str):
+  """In-kernel: for every element i of `where`, ref[index[i]] op= value[i] if where[i] != 0
+  (`red.shared::cta.{op}`); three int32 arrays of one layout, and a shared int32 ref."""
+
+  @plgpu.inline_mgpu(arg_types=(layout, layout, layout, plgpu.RefType()))
+  def red(ctx, index, value, where, ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    base = mgpu_utils.memref_ptr(ref)
+    regs = zip(index.registers.flat, value.registers.flat, where.registers.flat, strict=True)
+    for idx_v, val_v, ok_v in regs:
+      for j in range(ir.VectorType(idx_v.type).shape[0]):
+        lane = arith.constant(i32, j)
+        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, lane)], i32)
+        llvm.inline_asm(
+          ir.Type.parse("!llvm.void"),
+          [ptr, llvm.extractelement(val_v, lane), llvm.extractelement(ok_v, lane)],
+          "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
+          f"@p red.shared::cta.{op}.b32 [$0], $1; }}".replace(".add.b32", ".add.u32"),
+          "r,r,r",
+          has_side_effects=True,
+        )
+
+  return red
+
+
+@plgpu.inline_mgpu()
+def _barrier(ctx):
+  del ctx
+  mgpu_utils.warpgroup_barrier()
+
+
+def _popcount(x):
+  """Set bits of each int32 (SWAR; Mosaic GPU lowers no population_count)."""
+  x = x - (lax.shift_right_logical(x, 1) & 0x55555555)
+  x = (x & 0x33333333) + (lax.shift_right_logical(x, 2) & 0x33333333)
+  x = (x + lax.shift_right_logical(x, 4)) & 0x0F0F0F0F
+  return lax.shift_right_logical(x * 0x01010101, 24)
+
+
+def _suffix_sums(buf_ref, layout, n: int) -> None:
+  """buf[b] = Σ_{j >= b} buf[j] for b < n, by doubling; buf[n : 2n] must hold zeros."""
+  s = 1
+  while s < n:
+    a = plgpu.layout_cast(buf_ref[pl.ds(0, n)], layout)
+    b = plgpu.layout_cast(buf_ref[pl.ds(s, n)], layout)
+    _barrier()
+    buf_ref[pl.ds(0, n)] = a + b
+    _barrier()
+    s *= 2
+
+
+def _prefix_sums(buf_ref, layout, n: int) -> None:
+  """buf[n + w] = Σ_{j <= w} buf[n + j], by doubling; buf[0 : n] must hold zeros."""
+  s = 1
+  while s < n:
+    a = plgpu.layout_cast(buf_ref[pl.ds(n, n)], layout)
+    b = plgpu.layout_cast(buf_ref[pl.ds(n - s, n)], layout)
+    _barrier()
+    buf_ref[pl.ds(n, n)] = a + b
+    _barrier()
+    s *= 2
+
+
+def _last_where(ok, iota):
+  """The largest index where ok holds (-1 if none), as a uniform scalar."""
+  return jnp.max(jnp.where(ok, iota, -1))
+
+
+def _keep_lowest(x, m):
+  """The lowest m set bits of each int32 x (0 <= m <= 32): x masked below the smallest bit
+  position p with m set bits under it, p found by a 6-step binary search."""
+  lo, hi = jnp.zeros_like(x), jnp.full_like(x, 32)
+  below = lambda p: jnp.where(p >= 32, -1, lax.shift_left(jnp.ones_like(x), p) - 1)
+  for _ in range(6):
+    mid = lax.shift_right_logical(lo + hi, 1)
+    enough = _popcount(x & below(mid)) >= m
+    lo, hi = jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+  return x & below(hi)
+
+
+def select_kernel(t: int, f: int, k: int, ctas: int):
+  """(T, F) bf16 -> (T, F/32) int32 selection words."""
+  if f % (LANES * 4) or f // 32 > BINS or t % ctas:
+    raise ValueError(f"need F % 512 == 0, F <= {32 * BINS}, T % ctas == 0; got {t, f, ctas}")
+  nw = f // 32
+  row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=4)
+  bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
+  red_add, red_or = _red(row_layout, "add"), _red(row_layout, "or")
+  red_or_w = _red(bin_layout, "or")
+
+  def body(g_ref, out_ref, hist_ref, gt_ref, eq_ref):
+    pid = lax.axis_index("cta")
+    chan = plgpu.broadcasted_iota(I32, (f,), 0, layout=row_layout)
+    bin_iota = plgpu.broadcasted_iota(I32, (BINS,), 0, layout=bin_layout)
+    zeros_b = plgpu.layout_cast(jnp.zeros((BINS,), I32), bin_layout)
+    ones_r = plgpu.layout_cast(jnp.ones((f,), I32), row_layout)
+
+    def kth_bin(base):
+      """(largest b with base + S[b] >= K, base + S[b + 1]) from hist_ref's counts."""
+      _suffix_sums(hist_ref, bin_layout, BINS)
+      s = plgpu.layout_cast(hist_ref[pl.ds(0, BINS)], bin_layout)
+      b = _last_where(base + s >= k, bin_iota)
+      above_b = base + hist_ref[b + 1]
+      _barrier()  # every thread has read the sums before anyone clears them
+      return b, above_b
+
+    def row(i, carry):
+      r = pid + i * ctas
+      hist_ref[pl.ds(0, BINS)] = zeros_b
+      hist_ref[pl.ds(BINS, BINS)] = zeros_b
+      gt_ref[...] = zeros_b
+      eq_ref[pl.ds(0, BINS)] = zeros_b
+      eq_ref[pl.ds(BINS, BINS)] = zeros_b
+      _barrier()
+      bits = lax.bitcast_convert_type(g_ref[r], jnp.int16).astype(I32)
+      key = plgpu.layout_cast(jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768, row_layout)
+      hi = lax.shift_right_logical(key, 8)
+      red_add(hi, ones_r, ones_r, hist_ref)
+      _barrier()
+      b1, above = kth_bin(0)
+      hist_ref[pl.ds(0, BINS)] = zeros_b
+      _barrier()
+      red_add(key & 0xFF, ones_r, (hi == b1).astype(I32), hist_ref)
+      _barrier()
+      b2, gt = kth_bin(above)
+      v, need = b1 * BINS + b2, k - gt
+      word, bit = lax.shift_right_logical(chan, 5), lax.shift_left(ones_r, chan & 31)
+      red_or(word, bit, (key > v).astype(I32), gt_ref)
+      red_or(word, bit, (key == v).astype(I32), eq_ref.at[pl.ds(BINS, BINS)])
+      _barrier()
+      eq = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout)
+      _barrier()
+      eq_ref[pl.ds(BINS, BINS)] = _popcount(eq)
+      _barrier()
+      _prefix_sums(eq_ref, bin_layout, BINS)
+      before = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(eq)
+      keep = _keep_lowest(eq, jnp.clip(need - before, 0, 32))
+      red_or_w(bin_iota, keep, (bin_iota < nw).astype(I32), gt_ref)
+      plgpu.commit_smem()  # the atomics' words, visible to the TMA engine
+      plgpu.copy_smem_to_gmem(gt_ref.at[pl.ds(0, nw)], out_ref.at[r])
+      plgpu.wait_smem_to_gmem(0)
+      _barrier()  # the copy has read gt_ref before any thread clears it for the next row
+      return carry
+
+    lax.fori_loop(0, t // ctas, row, 0)
+
+  return plgpu.kernel(
+    body,
+    out_type=jax.ShapeDtypeStruct((t, nw), I32),
+    grid=(ctas,),
+    grid_names=("cta",),
+    scratch_types=[
+      plgpu.SMEM((2 * BINS,), I32),  # histogram, then zeros for the shifted views
+      plgpu.SMEM((BINS,), I32),  # words of keys above v
+      plgpu.SMEM((2 * BINS,), I32),  # zeros, then the words of keys equal to v
+    ],
+  )
+
+
+def emulate_words(g: jax.Array, k: int) -> jax.Array:
+  """The kernel's algorithm in jnp, row by row, with the kernel's own bit helpers: the CPU
+  check of its digits, thresholds and tie cut (the kernel itself runs only on a GPU)."""
+  t, f = g.shape
+  bits = lax.bitcast_convert_type(g, jnp.int16).astype(I32)
+  key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
+  hi, lo = key >> 8, key & 0xFF
+  suffix = lambda h: jnp.cumsum(h[:, ::-1], axis=1)[:, ::-1]
+  bin_iota = jnp.arange(BINS)
+  pad = lambda s: jnp.concatenate([s, jnp.zeros((t, 1), I32)], axis=1)
+  s1 = pad(suffix(jax.vmap(lambda r: jnp.zeros(BINS, I32).at[r].add(1))(hi)))
+  b1 = jnp.max(jnp.where(s1[:, :BINS] >= k, bin_iota, -1), axis=1)
+  above = jnp.take_along_axis(s1, b1[:, None] + 1, axis=1)
+  hist2 = jax.vmap(lambda r, ok: jnp.zeros(BINS, I32).at[r].add(ok))(lo, (hi == b1[:, None]))
+  s2 = pad(suffix(hist2.astype(I32)))
+  b2 = jnp.max(jnp.where(above + s2[:, :BINS] >= k, bin_iota, -1), axis=1)
+  gt = above[:, 0] + jnp.take_along_axis(s2, b2[:, None] + 1, axis=1)[:, 0]
+  v, need = (b1 * BINS + b2)[:, None], (k - gt)[:, None]
+  weights = lax.shift_left(jnp.ones((32,), I32), jnp.arange(32, dtype=I32))
+  words = lambda m: jnp.sum(m.reshape(t, f // 32, 32).astype(I32) * weights, axis=2, dtype=I32)
+  eq = words(key == v)
+  before = jnp.cumsum(_popcount(eq), axis=1) - _popcount(eq)
+  return words(key > v) | _keep_lowest(eq, jnp.clip(need - before, 0, 32))
+
+
+def reference_words(g: jax.Array, k: int) -> np.ndarray:
+  """The selection as words, from `reference.select`'s indices."""
+  from pallas_kernels import reference
+
+  idx, _ = reference.select(g, k, "moc")
+  t, f = g.shape
+  mask = np.zeros((t, f), bool)
+  np.put_along_axis(mask, np.asarray(idx), True, axis=1)
+  bits = mask.reshape(t, f // 32, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)
+  return bits.sum(axis=2).astype(np.uint32).view(np.int32)
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--t", type=int, default=16384)
+  p.add_argument("--f", type=int, default=5632, help="a multiple of 512, at most 8192")
+  p.add_argument("--k", type=int, default=1024)
+  p.add_argument("--ctas", type=int, default=1024, help="must divide T")
+  p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+  try:
+    kernel = select_kernel(a.t, a.f, a.k, a.ctas)
+  except ValueError as e:
+    p.error(str(e))
+  g_spec = jax.ShapeDtypeStruct((a.t, a.f), jnp.bfloat16)
+  if a.lower_only:
+    text = jax.jit(kernel).trace(g_spec).lower(lowering_platforms=("cuda",)).as_text()
+    print(f"mgpu_select: lowered for CUDA ({len(text)} characters)")
+    return
+  normal = lambda seed: jax.random.normal(jax.random.PRNGKey(seed), (a.t, a.f))
+  sets = [(normal(seed).astype(jnp.bfloat16),) for seed in (0, 1)]
+  ties = jax.random.randint(jax.random.PRNGKey(2), (a.t, a.f), -3, 4).astype(jnp.bfloat16)
+  fn = jax.jit(kernel)
+  rows = {"mgpu_select": {}}
+  for label, g in (("gaussian", sets[0][0]), ("ties", ties)):
+    got = np.asarray(fn(g))
+    rows["mgpu_select"][f"exact_{label}"] = bool(np.array_equal(got, reference_words(g, a.k)))
+  print(rows, flush=True)
+  from pallas_kernels import moc_train, topk_compact
+
+  cfg = moc_train.forward_config(a.f)
+  triton = jax.jit(lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False))
+  fns = {"xla_read_max": jax.jit(lambda g: jnp.max(g, axis=1)), "triton_mask": triton}
+  fns["mgpu_select"] = fn
+  samples = common.time_interleaved(fns, sets, inner=10, trials=9)
+  for name, us in samples.items():
+    row = rows.setdefault(name, {})
+    row |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
+    print(f"{name:14s} {row['median_us']:8.1f} us", flush=True)
+  if a.out:
+    shape = {"t": a.t, "f": a.f, "k": a.k, "ctas": a.ctas}
+    common.write_json(a.out, {"info": common.run_info(), "shape": shape, "rows": rows})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,47 @@
+"""The Mosaic GPU probes (benchmarks/mgpu_*_probe.py): they lower for CUDA on a CPU-only
+machine, and the radix select's algorithm, emulated in jnp with the kernel's own bit helpers,
+selects exactly what the reference selects. The kernels themselves run only on a GPU."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import mgpu_hist_probe, mgpu_select_probe
+
+
+def test_hist_probe_lowers_for_cuda(capsys):
+  mgpu_hist_probe.main(["--lower_only", "--t=16", "--f=512", "--ctas=4"])
+  out = capsys.readouterr().out
+  assert "hist_c1: lowered for CUDA" in out and "hist_c4: lowered for CUDA" in out
+
+
+def test_select_probe_lowers_for_cuda(capsys):
+  mgpu_select_probe.main(["--lower_only", "--t=8", "--f=512", "--k=40", "--ctas=4"])
+  assert "mgpu_select: lowered for CUDA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("f", "k"), [(512, 40), (1024, 1), (1536, 768), (5632, 1024)])
+def test_select_algorithm_is_exact(f, k):
+  """Random rows, small-integer rows (many ties at the K-th value), an all-equal row, a row of
+  -0.0: the emulated radix select's words equal the reference's."""
+  seed = time.time_ns() % (2**31)
+  keys = jax.random.split(jax.random.key(seed), 2)
+  g = jax.random.normal(keys[0], (6, f)).astype(jnp.bfloat16)
+  ties = jax.random.randint(keys[1], (6, f), -3, 4).astype(jnp.bfloat16)
+  ties = ties.at[0].set(0.5).at[1].set(-0.0)
+  for x in (g, ties):
+    got = np.asarray(mgpu_select_probe.emulate_words(x, k))
+    assert np.array_equal(got, mgpu_select_probe.reference_words(x, k)), f"{seed=}"
+
+
+def test_keep_lowest_keeps_the_lowest_set_bits():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-(2**31), 2**31, 64, dtype=np.int64).astype(np.int32)
+  m = rng.integers(0, 33, 64).astype(np.int32)
+  got = np.asarray(mgpu_select_probe._keep_lowest(jnp.asarray(x), jnp.asarray(m)))
+  for xi, mi, gi in zip(x.view(np.uint32), m, got.view(np.uint32), strict=True):
+    bits = [b for b in range(32) if xi >> b & 1][:mi]
+    assert gi == sum(1 << b for b in bits)
