@@ -126,12 +126,18 @@ def _keep_lowest(x, m):
   return x & below(hi)
 
 
-def select_kernel(t: int, f: int, k: int, ctas: int):
-  """(T, F) bf16 -> (T, F/32) int32 selection words."""
-  if f % (LANES * 4) or f // 32 > BINS or t % ctas:
-    raise ValueError(f"need F % 512 == 0, F <= {32 * BINS}, T % ctas == 0; got {t, f, ctas}")
+def select_kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None):
+  """(T, F) bf16 -> (T, F/32) int32 selection words; channels >= num_valid never selected."""
+  nv = f if num_valid is None else num_valid
+  if f % LANES or f // 32 > BINS or t % ctas or not 0 < k <= nv <= f:
+    raise ValueError(
+      f"need F % {LANES} == 0, F <= {32 * BINS}, T % ctas == 0, 0 < K <= num_valid <= F; "
+      f"got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
+    )
   nw = f // 32
-  row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=4)
+  per_lane = f // LANES
+  vec = next(v for v in (4, 2, 1) if per_lane % v == 0)  # widest loads the row allows
+  row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=vec)
   bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
   red_add, red_or = _red(row_layout, "add"), _red(row_layout, "or")
   red_or_w = _red(bin_layout, "or")
@@ -142,6 +148,7 @@ def select_kernel(t: int, f: int, k: int, ctas: int):
     bin_iota = plgpu.broadcasted_iota(I32, (BINS,), 0, layout=bin_layout)
     zeros_b = plgpu.layout_cast(jnp.zeros((BINS,), I32), bin_layout)
     ones_r = plgpu.layout_cast(jnp.ones((f,), I32), row_layout)
+    valid = (chan < nv).astype(I32)
 
     def kth_bin(base):
       """(largest b with base + S[b] >= K, base + S[b + 1]) from hist_ref's counts."""
@@ -163,18 +170,18 @@ def select_kernel(t: int, f: int, k: int, ctas: int):
       bits = lax.bitcast_convert_type(g_ref[r], jnp.int16).astype(I32)
       key = plgpu.layout_cast(jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768, row_layout)
       hi = lax.shift_right_logical(key, 8)
-      red_add(hi, ones_r, ones_r, hist_ref)
+      red_add(hi, ones_r, valid, hist_ref)
       _barrier()
       b1, above = kth_bin(0)
       hist_ref[pl.ds(0, BINS)] = zeros_b
       _barrier()
-      red_add(key & 0xFF, ones_r, (hi == b1).astype(I32), hist_ref)
+      red_add(key & 0xFF, ones_r, valid & (hi == b1).astype(I32), hist_ref)
       _barrier()
       b2, gt = kth_bin(above)
       v, need = b1 * BINS + b2, k - gt
       word, bit = lax.shift_right_logical(chan, 5), lax.shift_left(ones_r, chan & 31)
-      red_or(word, bit, (key > v).astype(I32), gt_ref)
-      red_or(word, bit, (key == v).astype(I32), eq_ref.at[pl.ds(BINS, BINS)])
+      red_or(word, bit, valid & (key > v).astype(I32), gt_ref)
+      red_or(word, bit, valid & (key == v).astype(I32), eq_ref.at[pl.ds(BINS, BINS)])
       _barrier()
       eq = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout)
       _barrier()
@@ -205,37 +212,38 @@ def select_kernel(t: int, f: int, k: int, ctas: int):
   )
 
 
-def emulate_words(g: jax.Array, k: int) -> jax.Array:
+def emulate_words(g: jax.Array, k: int, num_valid: int | None = None) -> jax.Array:
   """The kernel's algorithm in jnp, row by row, with the kernel's own bit helpers: the CPU
   check of its digits, thresholds and tie cut (the kernel itself runs only on a GPU)."""
   t, f = g.shape
   bits = lax.bitcast_convert_type(g, jnp.int16).astype(I32)
   key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
   hi, lo = key >> 8, key & 0xFF
+  valid = jnp.arange(f) < (f if num_valid is None else num_valid)
   suffix = lambda h: jnp.cumsum(h[:, ::-1], axis=1)[:, ::-1]
   bin_iota = jnp.arange(BINS)
   pad = lambda s: jnp.concatenate([s, jnp.zeros((t, 1), I32)], axis=1)
-  s1 = pad(suffix(jax.vmap(lambda r: jnp.zeros(BINS, I32).at[r].add(1))(hi)))
+  count = jax.vmap(lambda r, ok: jnp.zeros(BINS, I32).at[r].add(ok.astype(I32)))
+  s1 = pad(suffix(count(hi, jnp.broadcast_to(valid, hi.shape))))
   b1 = jnp.max(jnp.where(s1[:, :BINS] >= k, bin_iota, -1), axis=1)
   above = jnp.take_along_axis(s1, b1[:, None] + 1, axis=1)
-  hist2 = jax.vmap(lambda r, ok: jnp.zeros(BINS, I32).at[r].add(ok))(lo, (hi == b1[:, None]))
-  s2 = pad(suffix(hist2.astype(I32)))
+  s2 = pad(suffix(count(lo, valid & (hi == b1[:, None]))))
   b2 = jnp.max(jnp.where(above + s2[:, :BINS] >= k, bin_iota, -1), axis=1)
   gt = above[:, 0] + jnp.take_along_axis(s2, b2[:, None] + 1, axis=1)[:, 0]
   v, need = (b1 * BINS + b2)[:, None], (k - gt)[:, None]
   weights = lax.shift_left(jnp.ones((32,), I32), jnp.arange(32, dtype=I32))
   words = lambda m: jnp.sum(m.reshape(t, f // 32, 32).astype(I32) * weights, axis=2, dtype=I32)
-  eq = words(key == v)
+  eq = words(valid & (key == v))
   before = jnp.cumsum(_popcount(eq), axis=1) - _popcount(eq)
-  return words(key > v) | _keep_lowest(eq, jnp.clip(need - before, 0, 32))
+  return words(valid & (key > v)) | _keep_lowest(eq, jnp.clip(need - before, 0, 32))
 
 
-def reference_words(g: jax.Array, k: int) -> np.ndarray:
-  """The selection as words, from `reference.select`'s indices."""
+def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.ndarray:
+  """The selection of the first num_valid channels as words, from `reference.select`."""
   from pallas_kernels import reference
 
-  idx, _ = reference.select(g, k, "moc")
   t, f = g.shape
+  idx, _ = reference.select(g[:, : f if num_valid is None else num_valid], k, "moc")
   mask = np.zeros((t, f), bool)
   np.put_along_axis(mask, np.asarray(idx), True, axis=1)
   bits = mask.reshape(t, f // 32, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)
@@ -245,14 +253,15 @@ def reference_words(g: jax.Array, k: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--t", type=int, default=16384)
-  p.add_argument("--f", type=int, default=5632, help="a multiple of 512, at most 8192")
+  p.add_argument("--f", type=int, default=5632, help="a multiple of 128, at most 8192")
+  p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
   p.add_argument("--k", type=int, default=1024)
   p.add_argument("--ctas", type=int, default=1024, help="must divide T")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   try:
-    kernel = select_kernel(a.t, a.f, a.k, a.ctas)
+    kernel = select_kernel(a.t, a.f, a.k, a.ctas, a.num_valid)
   except ValueError as e:
     p.error(str(e))
   g_spec = jax.ShapeDtypeStruct((a.t, a.f), jnp.bfloat16)
@@ -267,12 +276,15 @@ def main(argv: list[str] | None = None) -> None:
   rows = {"mgpu_select": {}}
   for label, g in (("gaussian", sets[0][0]), ("ties", ties)):
     got = np.asarray(fn(g))
-    rows["mgpu_select"][f"exact_{label}"] = bool(np.array_equal(got, reference_words(g, a.k)))
+    want = reference_words(g, a.k, a.num_valid)
+    rows["mgpu_select"][f"exact_{label}"] = bool(np.array_equal(got, want))
   print(rows, flush=True)
   from pallas_kernels import moc_train, topk_compact
 
   cfg = moc_train.forward_config(a.f)
-  triton = jax.jit(lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False))
+  triton = jax.jit(
+    lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False, num_valid=a.num_valid)
+  )
   fns = {"xla_read_max": jax.jit(lambda g: jnp.max(g, axis=1)), "triton_mask": triton}
   fns["mgpu_select"] = fn
   samples = common.time_interleaved(fns, sets, inner=10, trials=9)

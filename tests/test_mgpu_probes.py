@@ -18,23 +18,31 @@ def test_hist_probe_lowers_for_cuda(capsys):
   assert "hist_c1: lowered for CUDA" in out and "hist_c4: lowered for CUDA" in out
 
 
-def test_select_probe_lowers_for_cuda(capsys):
-  mgpu_select_probe.main(["--lower_only", "--t=8", "--f=512", "--k=40", "--ctas=4"])
+@pytest.mark.parametrize(
+  "shape", [["--f=512", "--k=40"], ["--f=1408", "--k=256", "--num_valid=1376"]]
+)
+def test_select_probe_lowers_for_cuda(capsys, shape):
+  """F = 512 loads 4 channels per lane; 1408 (the 60m layer) 1, with padding channels."""
+  mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4", *shape])
   assert "mgpu_select: lowered for CUDA" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("f", "k"), [(512, 40), (1024, 1), (1536, 768), (5632, 1024)])
-def test_select_algorithm_is_exact(f, k):
+@pytest.mark.parametrize(
+  ("f", "k", "num_valid"),
+  [(512, 40, None), (1024, 1, None), (1536, 768, None), (5632, 1024, None), (5504, 1024, 5461)],
+)
+def test_select_algorithm_is_exact(f, k, num_valid):
   """Random rows, small-integer rows (many ties at the K-th value), an all-equal row, a row of
-  -0.0: the emulated radix select's words equal the reference's."""
+  -0.0, and padding channels that must never be selected: the emulated radix select's words
+  equal the reference's."""
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (6, f)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (6, f), -3, 4).astype(jnp.bfloat16)
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   for x in (g, ties):
-    got = np.asarray(mgpu_select_probe.emulate_words(x, k))
-    assert np.array_equal(got, mgpu_select_probe.reference_words(x, k)), f"{seed=}"
+    got = np.asarray(mgpu_select_probe.emulate_words(x, k, num_valid))
+    assert np.array_equal(got, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
 
 
 def test_keep_lowest_keeps_the_lowest_set_bits():
