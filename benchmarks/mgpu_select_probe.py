@@ -14,7 +14,10 @@ Per row, one warpgroup per CTA, rows taken in turn by the CTAs; keys are the ord
      key v = 256 b1 + b2, `need` = K - #keys above v;
   3. words of keys above v and of keys equal to v (`red.shared.or`); the equal words keep only
      their first `need` bits in channel order (a prefix sum of their popcounts by doubling,
-     then per word the lowest bits that fit); the row's words go to HBM.
+     then per word the lowest bits that fit); the row's words go to HBM;
+  4. (`mgpu_topk`, the whole `topk.select`) each selected channel's slot from the words
+     (prefix of their popcounts + its word's lower bits); its channel and value stored there in
+     shared memory; both K-long rows to HBM by TMA.
 
   python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
   python3 benchmarks/mgpu_select_probe.py --lower_only   # CPU: lower for CUDA, nothing runs
@@ -36,6 +39,7 @@ import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, llvm
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from benchmarks import common
@@ -69,6 +73,59 @@ def _red(layout, op: str):
         )
 
   return red
+
+
+def _lds(layout, n: int):
+  """In-kernel: ref[index[i]] for every element of `index` (int32, from a shared int32 ref)."""
+
+  @plgpu.inline_mgpu(
+    arg_types=(layout, plgpu.RefType()),
+    return_type=plgpu.ShapeDtypeStruct((n,), I32, layout=layout),
+  )
+  def lds(ctx, index, ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    base = mgpu_utils.memref_ptr(ref)
+    out = np.empty_like(index.registers)
+    for pos, idx_v in np.ndenumerate(index.registers):
+      acc = idx_v
+      for j in range(ir.VectorType(idx_v.type).shape[0]):
+        lane = arith.constant(i32, j)
+        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, lane)], i32)
+        acc = llvm.insertelement(acc, llvm.load(i32, ptr), lane)
+      out[pos] = acc
+    return mgpu.FragmentedArray(_registers=out, _layout=index.layout, _is_signed=True)
+
+  return lds
+
+
+def _sts(layout, bits: int):
+  """In-kernel: ref[index[i]] = value[i] (its low `bits` bits) where where[i] != 0, into a
+  shared ref of bits-wide elements; three int32 arrays of one layout."""
+
+  @plgpu.inline_mgpu(arg_types=(layout, layout, layout, plgpu.RefType()))
+  def sts(ctx, index, value, where, ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    elem = ir.IntegerType.get_signless(bits)
+    base = mgpu_utils.memref_ptr(ref)
+    regs = zip(index.registers.flat, value.registers.flat, where.registers.flat, strict=True)
+    for idx_v, val_v, ok_v in regs:
+      for j in range(ir.VectorType(idx_v.type).shape[0]):
+        lane = arith.constant(i32, j)
+        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, lane)], elem)
+        val = llvm.extractelement(val_v, lane)
+        if bits != 32:
+          val = arith.trunci(elem, val)
+        llvm.inline_asm(
+          ir.Type.parse("!llvm.void"),
+          [ptr, val, llvm.extractelement(ok_v, lane)],
+          f"{{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.shared.b{bits} [$0], $1; }}",
+          "r," + ("h" if bits == 16 else "r") + ",r",
+          has_side_effects=True,
+        )
+
+  return sts
 
 
 @plgpu.inline_mgpu()
@@ -126,8 +183,13 @@ def _keep_lowest(x, m):
   return x & below(hi)
 
 
-def select_kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None):
-  """(T, F) bf16 -> (T, F/32) int32 selection words; channels >= num_valid never selected."""
+def select_kernel(
+  t: int, f: int, k: int, ctas: int, num_valid: int | None = None, compact: bool = False
+):
+  """(T, F) bf16 -> (T, F/32) int32 selection words; channels >= num_valid never selected.
+  compact: also (T, K) int32 channels (ascending) and (T, K) int16 bits of their values, i.e.
+  `topk.select`'s outputs: each selected channel's slot is the popcount of the row's set bits
+  before it, both rows are built in shared memory and leave by TMA."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or t % ctas or not 0 < k <= nv <= f:
     raise ValueError(
@@ -141,8 +203,34 @@ def select_kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = Non
   bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
   red_add, red_or = _red(row_layout, "add"), _red(row_layout, "or")
   red_or_w = _red(bin_layout, "or")
+  lds, sts32, sts16 = _lds(row_layout, f), _sts(row_layout, 32), _sts(row_layout, 16)
 
-  def body(g_ref, out_ref, hist_ref, gt_ref, eq_ref):
+  def compact_row(r, chan, word, bits, gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out):
+    """Slots from the final words (exclusive prefix of their popcounts), then the row's
+    channels and values stored at their slots and copied out."""
+    words = plgpu.layout_cast(gt_ref[...], bin_layout)
+    _barrier()
+    eq_ref[pl.ds(BINS, BINS)] = _popcount(words)
+    _barrier()
+    _prefix_sums(eq_ref, bin_layout, BINS)
+    first = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(words)
+    _barrier()
+    eq_ref[pl.ds(BINS, BINS)] = first
+    _barrier()
+    w = lds(word, gt_ref)
+    lower = lax.shift_left(jnp.ones_like(chan), chan & 31) - 1
+    slot = lds(word, eq_ref.at[pl.ds(BINS, BINS)]) + _popcount(w & lower)
+    sel = lax.shift_right_logical(w, chan & 31) & 1
+    sts32(slot, chan, sel, idx_ref)
+    sts16(slot, bits, sel, val_ref)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(idx_ref, idx_out.at[r])
+    plgpu.copy_smem_to_gmem(val_ref, val_out.at[r])
+
+  def body(g_ref, out_ref, *refs):
+    idx_out, val_out, hist_ref, gt_ref, eq_ref, idx_ref, val_ref = (
+      refs if compact else (None, None, *refs, None, None)
+    )
     pid = lax.axis_index("cta")
     chan = plgpu.broadcasted_iota(I32, (f,), 0, layout=row_layout)
     bin_iota = plgpu.broadcasted_iota(I32, (BINS,), 0, layout=bin_layout)
@@ -167,8 +255,10 @@ def select_kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = Non
       eq_ref[pl.ds(0, BINS)] = zeros_b
       eq_ref[pl.ds(BINS, BINS)] = zeros_b
       _barrier()
-      bits = lax.bitcast_convert_type(g_ref[r], jnp.int16).astype(I32)
-      key = plgpu.layout_cast(jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768, row_layout)
+      bits = plgpu.layout_cast(
+        lax.bitcast_convert_type(g_ref[r], jnp.int16).astype(I32), row_layout
+      )
+      key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       hi = lax.shift_right_logical(key, 8)
       red_add(hi, ones_r, valid, hist_ref)
       _barrier()
@@ -191,6 +281,10 @@ def select_kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = Non
       before = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(eq)
       keep = _keep_lowest(eq, jnp.clip(need - before, 0, 32))
       red_or_w(bin_iota, keep, (bin_iota < nw).astype(I32), gt_ref)
+      _barrier()
+      if compact:
+        refs_c = (gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out)
+        compact_row(r, chan, word, bits, *refs_c)
       plgpu.commit_smem()  # the atomics' words, visible to the TMA engine
       plgpu.copy_smem_to_gmem(gt_ref.at[pl.ds(0, nw)], out_ref.at[r])
       plgpu.wait_smem_to_gmem(0)
@@ -199,16 +293,17 @@ def select_kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = Non
 
     lax.fori_loop(0, t // ctas, row, 0)
 
+  out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
+  scratch = [
+    plgpu.SMEM((2 * BINS,), I32),  # histogram, then zeros for the shifted views
+    plgpu.SMEM((BINS,), I32),  # words of keys above v, then the row's words
+    plgpu.SMEM((2 * BINS,), I32),  # zeros, then the words of keys equal to v, then slots
+  ]
+  if compact:
+    out_type += [jax.ShapeDtypeStruct((t, k), I32), jax.ShapeDtypeStruct((t, k), jnp.int16)]
+    scratch += [plgpu.SMEM((k,), I32), plgpu.SMEM((k,), jnp.int16)]
   return plgpu.kernel(
-    body,
-    out_type=jax.ShapeDtypeStruct((t, nw), I32),
-    grid=(ctas,),
-    grid_names=("cta",),
-    scratch_types=[
-      plgpu.SMEM((2 * BINS,), I32),  # histogram, then zeros for the shifted views
-      plgpu.SMEM((BINS,), I32),  # words of keys above v
-      plgpu.SMEM((2 * BINS,), I32),  # zeros, then the words of keys equal to v
-    ],
+    body, out_type=tuple(out_type), grid=(ctas,), grid_names=("cta",), scratch_types=scratch
   )
 
 
@@ -238,6 +333,20 @@ def emulate_words(g: jax.Array, k: int, num_valid: int | None = None) -> jax.Arr
   return words(valid & (key > v)) | _keep_lowest(eq, jnp.clip(need - before, 0, 32))
 
 
+def emulate_slots(words: jax.Array, f: int) -> jax.Array:
+  """Each channel's output slot as the kernel computes it from the final words (-1 where the
+  channel is not selected): the popcounts of the row's earlier words plus its word's lower
+  set bits."""
+  t = words.shape[0]
+  chan = jnp.arange(f, dtype=I32)
+  w = words[:, chan >> 5]
+  first = jnp.cumsum(_popcount(words), axis=1) - _popcount(words)
+  lower = lax.shift_left(jnp.ones_like(chan), chan & 31) - 1
+  slot = first[:, chan >> 5] + _popcount(w & lower)
+  sel = lax.shift_right_logical(w, jnp.broadcast_to(chan & 31, (t, f))) & 1
+  return jnp.where(sel == 1, slot, -1)
+
+
 def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.ndarray:
   """The selection of the first num_valid channels as words, from `reference.select`."""
   from pallas_kernels import reference
@@ -250,50 +359,68 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
+def mgpu_topk(t: int, f: int, k: int, ctas: int):
+  """`topk.select(g, k, 'moc')`'s (idx, val) through the compacting kernel."""
+  kernel = select_kernel(t, f, k, ctas, compact=True)
+
+  def topk(g):
+    _, idx, val_bits = kernel(g)
+    return idx, lax.bitcast_convert_type(val_bits, jnp.bfloat16)
+
+  return topk
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632, help="a multiple of 128, at most 8192")
+  p.add_argument("--k", type=int, default=1024, help="a multiple of 8 for the top-K rows")
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
-  p.add_argument("--k", type=int, default=1024)
   p.add_argument("--ctas", type=int, default=1024, help="must divide T")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   try:
-    kernel = select_kernel(a.t, a.f, a.k, a.ctas, a.num_valid)
+    words_kernel = select_kernel(a.t, a.f, a.k, a.ctas, a.num_valid)
   except ValueError as e:
     p.error(str(e))
+  fns = {"mgpu_select": jax.jit(lambda g: words_kernel(g)[0])}
+  if a.num_valid is None and a.k % 8 == 0:  # the whole top-K: `topk.select` has no num_valid
+    fns["mgpu_topk"] = jax.jit(mgpu_topk(a.t, a.f, a.k, a.ctas))
   g_spec = jax.ShapeDtypeStruct((a.t, a.f), jnp.bfloat16)
   if a.lower_only:
-    text = jax.jit(kernel).trace(g_spec).lower(lowering_platforms=("cuda",)).as_text()
-    print(f"mgpu_select: lowered for CUDA ({len(text)} characters)")
+    for name, fn in fns.items():
+      text = fn.trace(g_spec).lower(lowering_platforms=("cuda",)).as_text()
+      print(f"{name}: lowered for CUDA ({len(text)} characters)")
     return
   normal = lambda seed: jax.random.normal(jax.random.PRNGKey(seed), (a.t, a.f))
   sets = [(normal(seed).astype(jnp.bfloat16),) for seed in (0, 1)]
   ties = jax.random.randint(jax.random.PRNGKey(2), (a.t, a.f), -3, 4).astype(jnp.bfloat16)
-  fn = jax.jit(kernel)
-  rows = {"mgpu_select": {}}
-  for label, g in (("gaussian", sets[0][0]), ("ties", ties)):
-    got = np.asarray(fn(g))
-    want = reference_words(g, a.k, a.num_valid)
-    rows["mgpu_select"][f"exact_{label}"] = bool(np.array_equal(got, want))
-  print(rows, flush=True)
-  from pallas_kernels import moc_train, topk_compact
+  rows: dict = {name: {} for name in fns}
+  from pallas_kernels import moc_train, reference, topk, topk_compact
 
+  for label, g in (("gaussian", sets[0][0]), ("ties", ties)):
+    want = reference_words(g, a.k, a.num_valid)
+    rows["mgpu_select"][f"exact_{label}"] = bool(np.array_equal(fns["mgpu_select"](g), want))
+    if "mgpu_topk" in fns:
+      (idx, val), (ref_idx, ref_val) = fns["mgpu_topk"](g), reference.select(g, a.k, "moc")
+      same = np.array_equal(idx, ref_idx) and np.array_equal(val, ref_val)
+      rows["mgpu_topk"][f"exact_{label}"] = bool(same)
+  print(rows, flush=True)
   cfg = moc_train.forward_config(a.f)
-  triton = jax.jit(
+  fns["triton_mask"] = jax.jit(
     lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False, num_valid=a.num_valid)
   )
-  fns = {"xla_read_max": jax.jit(lambda g: jnp.max(g, axis=1)), "triton_mask": triton}
-  fns["mgpu_select"] = fn
+  fns["xla_read_max"] = jax.jit(lambda g: jnp.max(g, axis=1))
+  if "mgpu_topk" in fns:
+    fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))  # its default config
   samples = common.time_interleaved(fns, sets, inner=10, trials=9)
   for name, us in samples.items():
     row = rows.setdefault(name, {})
     row |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
     print(f"{name:14s} {row['median_us']:8.1f} us", flush=True)
   if a.out:
-    shape = {"t": a.t, "f": a.f, "k": a.k, "ctas": a.ctas}
+    shape = {"t": a.t, "f": a.f, "k": a.k, "num_valid": a.num_valid, "ctas": a.ctas}
     common.write_json(a.out, {"info": common.run_info(), "shape": shape, "rows": rows})
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import mgpu_hist_probe, mgpu_select_probe
+from pallas_kernels import reference
 
 
 def test_hist_probe_lowers_for_cuda(capsys):
@@ -24,7 +25,9 @@ def test_hist_probe_lowers_for_cuda(capsys):
 def test_select_probe_lowers_for_cuda(capsys, shape):
   """F = 512 loads 4 channels per lane; 1408 (the 60m layer) 1, with padding channels."""
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4", *shape])
-  assert "mgpu_select: lowered for CUDA" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "mgpu_select: lowered for CUDA" in out
+  assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
 
 
 @pytest.mark.parametrize(
@@ -41,8 +44,16 @@ def test_select_algorithm_is_exact(f, k, num_valid):
   ties = jax.random.randint(keys[1], (6, f), -3, 4).astype(jnp.bfloat16)
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   for x in (g, ties):
-    got = np.asarray(mgpu_select_probe.emulate_words(x, k, num_valid))
-    assert np.array_equal(got, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
+    got = mgpu_select_probe.emulate_words(x, k, num_valid)
+    want = mgpu_select_probe.reference_words(x, k, num_valid)
+    assert np.array_equal(np.asarray(got), want), f"{seed=}"
+    # the compaction's slots: channel c lands at slot s, so idx[s] = c, in ascending order
+    slots = np.asarray(mgpu_select_probe.emulate_slots(got, f))
+    idx, _ = reference.select(x[:, : num_valid or f], k, "moc")
+    for row in range(x.shape[0]):
+      chans = np.nonzero(slots[row] >= 0)[0]
+      assert np.array_equal(slots[row, chans], np.arange(k)), f"{seed=}"
+      assert np.array_equal(chans, np.asarray(idx[row])), f"{seed=}"
 
 
 def test_keep_lowest_keeps_the_lowest_set_bits():
