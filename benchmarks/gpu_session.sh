@@ -211,6 +211,7 @@ mgpu() {  # the Mosaic GPU probes: one histogram pass, then the whole radix sele
   [ -n "${DRY:-}" ] && { echo "Mosaic GPU probes skipped (DRY)"; return 0; }
   python3 benchmarks/mgpu_hist_probe.py --out "$work/mgpu_hist_probe.json"
   python3 benchmarks/mgpu_select_probe.py --out "$work/mgpu_select_probe.json"
+  python3 benchmarks/mgpu_select_probe.py --ctas=2048 --out "$work/mgpu_select_probe_2048.json"
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --out "$work/mgpu_select_1b.json"
 }
 
