@@ -129,9 +129,57 @@ def _sts(layout, bits: int):
 
 
 @plgpu.inline_mgpu()
-def _barrier(ctx):
+def _barrier_gpu(ctx):
   del ctx
   mgpu_utils.warpgroup_barrier()
+
+
+def _scatter(ref, index, value, where, combine: str) -> None:
+  """Interpret mode's stand-in for the inline shared-memory ops, on the whole ref at once."""
+  cur = ref[...]
+  size = cur.shape[0]
+  if combine == "or":  # OR-reduce every value that lands on each element
+    hits = (index[None, :] == jnp.arange(size)[:, None]) & (where[None, :] != 0)
+    contrib = jnp.where(hits, value[None, :], 0)
+    ref[...] = cur | lax.reduce(contrib, np.int32(0), lax.bitwise_or, (1,))
+    return
+  target = jnp.where(where != 0, index, size)  # out of range: dropped
+  at = cur.at[target]
+  ref[...] = (
+    at.add(value, mode="drop") if combine == "add" else at.set(value.astype(cur.dtype), mode="drop")
+  )
+
+
+def _assign(src_ref, dst_ref) -> None:
+  dst_ref[...] = src_ref[...]
+
+
+class _Ops:
+  """The kernel's lane-level shared-memory ops: inline PTX on the GPU, jnp in interpret mode
+  (which runs each CTA's program as one array program, so barriers are no-ops there)."""
+
+  def __init__(self, row_layout, bin_layout, f: int, interpret: bool):
+    if interpret:
+      self.red_add = lambda i, v, w, ref: _scatter(ref, i, v, w, "add")
+      self.red_or = self.red_or_w = lambda i, v, w, ref: _scatter(ref, i, v, w, "or")
+      self.lds = lambda i, ref: ref[...][i]
+      self.sts32 = self.sts16 = lambda i, v, w, ref: _scatter(ref, i, v, w, "set")
+      self.barrier = self.commit = self.wait = lambda: None
+      self.copy_out = _assign
+      self.cast = lambda x, layout: x
+      return
+    self.cast = plgpu.layout_cast
+    self.red_add, self.red_or = _red(row_layout, "add"), _red(row_layout, "or")
+    self.red_or_w = _red(bin_layout, "or")
+    self.lds, self.sts32, self.sts16 = (
+      _lds(row_layout, f),
+      _sts(row_layout, 32),
+      _sts(row_layout, 16),
+    )
+    self.barrier = _barrier_gpu
+    self.commit = plgpu.commit_smem
+    self.copy_out = plgpu.copy_smem_to_gmem  # TMA: a bulk copy of the contiguous row
+    self.wait = lambda: plgpu.wait_smem_to_gmem(0)
 
 
 def _popcount(x):
@@ -142,27 +190,27 @@ def _popcount(x):
   return lax.shift_right_logical(x * 0x01010101, 24)
 
 
-def _suffix_sums(buf_ref, layout, n: int) -> None:
+def _suffix_sums(buf_ref, layout, n: int, ops) -> None:
   """buf[b] = Σ_{j >= b} buf[j] for b < n, by doubling; buf[n : 2n] must hold zeros."""
   s = 1
   while s < n:
-    a = plgpu.layout_cast(buf_ref[pl.ds(0, n)], layout)
-    b = plgpu.layout_cast(buf_ref[pl.ds(s, n)], layout)
-    _barrier()
+    a = ops.cast(buf_ref[pl.ds(0, n)], layout)
+    b = ops.cast(buf_ref[pl.ds(s, n)], layout)
+    ops.barrier()
     buf_ref[pl.ds(0, n)] = a + b
-    _barrier()
+    ops.barrier()
     s *= 2
 
 
-def _prefix_sums(buf_ref, layout, n: int) -> None:
+def _prefix_sums(buf_ref, layout, n: int, ops) -> None:
   """buf[n + w] = Σ_{j <= w} buf[n + j], by doubling; buf[0 : n] must hold zeros."""
   s = 1
   while s < n:
-    a = plgpu.layout_cast(buf_ref[pl.ds(n, n)], layout)
-    b = plgpu.layout_cast(buf_ref[pl.ds(n - s, n)], layout)
-    _barrier()
+    a = ops.cast(buf_ref[pl.ds(n, n)], layout)
+    b = ops.cast(buf_ref[pl.ds(n - s, n)], layout)
+    ops.barrier()
     buf_ref[pl.ds(n, n)] = a + b
-    _barrier()
+    ops.barrier()
     s *= 2
 
 
@@ -184,7 +232,13 @@ def _keep_lowest(x, m):
 
 
 def select_kernel(
-  t: int, f: int, k: int, ctas: int, num_valid: int | None = None, compact: bool = False
+  t: int,
+  f: int,
+  k: int,
+  ctas: int,
+  num_valid: int | None = None,
+  compact: bool = False,
+  interpret: bool = False,
 ):
   """(T, F) bf16 -> (T, F/32) int32 selection words; channels >= num_valid never selected.
   compact: also (T, K) int32 channels (ascending) and (T, K) int16 bits of their values, i.e.
@@ -196,24 +250,26 @@ def select_kernel(
       f"need F % {LANES} == 0, F <= {32 * BINS}, T % ctas == 0, 0 < K <= num_valid <= F; "
       f"got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
+  if interpret and ctas != 1:
+    raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
   per_lane = f // LANES
   vec = next(v for v in (4, 2, 1) if per_lane % v == 0)  # widest loads the row allows
   row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=vec)
   bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
-  red_add, red_or = _red(row_layout, "add"), _red(row_layout, "or")
-  red_or_w = _red(bin_layout, "or")
-  lds, sts32, sts16 = _lds(row_layout, f), _sts(row_layout, 32), _sts(row_layout, 16)
+  ops = _Ops(row_layout, bin_layout, f, interpret)
+  red_add, red_or, red_or_w = ops.red_add, ops.red_or, ops.red_or_w
+  lds, sts32, sts16, _barrier = ops.lds, ops.sts32, ops.sts16, ops.barrier
 
   def compact_row(r, chan, word, bits, gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out):
     """Slots from the final words (exclusive prefix of their popcounts), then the row's
     channels and values stored at their slots and copied out."""
-    words = plgpu.layout_cast(gt_ref[...], bin_layout)
+    words = ops.cast(gt_ref[...], bin_layout)
     _barrier()
     eq_ref[pl.ds(BINS, BINS)] = _popcount(words)
     _barrier()
-    _prefix_sums(eq_ref, bin_layout, BINS)
-    first = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(words)
+    _prefix_sums(eq_ref, bin_layout, BINS, ops)
+    first = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(words)
     _barrier()
     eq_ref[pl.ds(BINS, BINS)] = first
     _barrier()
@@ -223,25 +279,25 @@ def select_kernel(
     sel = lax.shift_right_logical(w, chan & 31) & 1
     sts32(slot, chan, sel, idx_ref)
     sts16(slot, bits, sel, val_ref)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(idx_ref, idx_out.at[r])
-    plgpu.copy_smem_to_gmem(val_ref, val_out.at[r])
+    ops.commit()
+    ops.copy_out(idx_ref, idx_out.at[r])
+    ops.copy_out(val_ref, val_out.at[r])
 
   def body(g_ref, out_ref, *refs):
     idx_out, val_out, hist_ref, gt_ref, eq_ref, idx_ref, val_ref = (
       refs if compact else (None, None, *refs, None, None)
     )
-    pid = lax.axis_index("cta")
-    chan = plgpu.broadcasted_iota(I32, (f,), 0, layout=row_layout)
-    bin_iota = plgpu.broadcasted_iota(I32, (BINS,), 0, layout=bin_layout)
-    zeros_b = plgpu.layout_cast(jnp.zeros((BINS,), I32), bin_layout)
-    ones_r = plgpu.layout_cast(jnp.ones((f,), I32), row_layout)
+    pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
+    chan = ops.cast(lax.broadcasted_iota(I32, (f,), 0), row_layout)
+    bin_iota = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout)
+    zeros_b = ops.cast(jnp.zeros((BINS,), I32), bin_layout)
+    ones_r = ops.cast(jnp.ones((f,), I32), row_layout)
     valid = (chan < nv).astype(I32)
 
     def kth_bin(base):
       """(largest b with base + S[b] >= K, base + S[b + 1]) from hist_ref's counts."""
-      _suffix_sums(hist_ref, bin_layout, BINS)
-      s = plgpu.layout_cast(hist_ref[pl.ds(0, BINS)], bin_layout)
+      _suffix_sums(hist_ref, bin_layout, BINS, ops)
+      s = ops.cast(hist_ref[pl.ds(0, BINS)], bin_layout)
       b = _last_where(base + s >= k, bin_iota)
       above_b = base + hist_ref[b + 1]
       _barrier()  # every thread has read the sums before anyone clears them
@@ -255,9 +311,7 @@ def select_kernel(
       eq_ref[pl.ds(0, BINS)] = zeros_b
       eq_ref[pl.ds(BINS, BINS)] = zeros_b
       _barrier()
-      bits = plgpu.layout_cast(
-        lax.bitcast_convert_type(g_ref[r], jnp.int16).astype(I32), row_layout
-      )
+      bits = ops.cast(lax.bitcast_convert_type(g_ref[r], jnp.int16).astype(I32), row_layout)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       hi = lax.shift_right_logical(key, 8)
       red_add(hi, ones_r, valid, hist_ref)
@@ -273,21 +327,21 @@ def select_kernel(
       red_or(word, bit, valid & (key > v).astype(I32), gt_ref)
       red_or(word, bit, valid & (key == v).astype(I32), eq_ref.at[pl.ds(BINS, BINS)])
       _barrier()
-      eq = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout)
+      eq = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout)
       _barrier()
       eq_ref[pl.ds(BINS, BINS)] = _popcount(eq)
       _barrier()
-      _prefix_sums(eq_ref, bin_layout, BINS)
-      before = plgpu.layout_cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(eq)
+      _prefix_sums(eq_ref, bin_layout, BINS, ops)
+      before = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - _popcount(eq)
       keep = _keep_lowest(eq, jnp.clip(need - before, 0, 32))
       red_or_w(bin_iota, keep, (bin_iota < nw).astype(I32), gt_ref)
       _barrier()
       if compact:
         refs_c = (gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out)
         compact_row(r, chan, word, bits, *refs_c)
-      plgpu.commit_smem()  # the atomics' words, visible to the TMA engine
-      plgpu.copy_smem_to_gmem(gt_ref.at[pl.ds(0, nw)], out_ref.at[r])
-      plgpu.wait_smem_to_gmem(0)
+      ops.commit()  # the atomics' words, visible to the TMA engine
+      ops.copy_out(gt_ref.at[pl.ds(0, nw)], out_ref.at[r])
+      ops.wait()
       _barrier()  # the copy has read gt_ref before any thread clears it for the next row
       return carry
 
@@ -303,7 +357,12 @@ def select_kernel(
     out_type += [jax.ShapeDtypeStruct((t, k), I32), jax.ShapeDtypeStruct((t, k), jnp.int16)]
     scratch += [plgpu.SMEM((k,), I32), plgpu.SMEM((k,), jnp.int16)]
   return plgpu.kernel(
-    body, out_type=tuple(out_type), grid=(ctas,), grid_names=("cta",), scratch_types=scratch
+    body,
+    out_type=tuple(out_type),
+    grid=(ctas,),
+    grid_names=("cta",),
+    scratch_types=scratch,
+    interpret=interpret,
   )
 
 
@@ -359,9 +418,9 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-def mgpu_topk(t: int, f: int, k: int, ctas: int):
+def mgpu_topk(t: int, f: int, k: int, ctas: int, interpret: bool = False):
   """`topk.select(g, k, 'moc')`'s (idx, val) through the compacting kernel."""
-  kernel = select_kernel(t, f, k, ctas, compact=True)
+  kernel = select_kernel(t, f, k, ctas, compact=True, interpret=interpret)
 
   def topk(g):
     _, idx, val_bits = kernel(g)

@@ -1,6 +1,8 @@
 """The Mosaic GPU probes (benchmarks/mgpu_*_probe.py): they lower for CUDA on a CPU-only
-machine, and the radix select's algorithm, emulated in jnp with the kernel's own bit helpers,
-selects exactly what the reference selects. The kernels themselves run only on a GPU."""
+machine; the radix select's algorithm, emulated in jnp with the kernel's own bit helpers,
+selects exactly what the reference selects; and the select kernel itself, in interpret mode
+(its inline shared-memory ops replaced by jnp scatters and gathers, one CTA), gives the
+reference's words and top-K. Only a GPU runs the inline PTX and the barriers for real."""
 
 import time
 
@@ -64,3 +66,25 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
   for xi, mi, gi in zip(x.view(np.uint32), m, got.view(np.uint32), strict=True):
     bits = [b for b in range(32) if xi >> b & 1][:mi]
     assert gi == sum(1 << b for b in bits)
+
+
+@pytest.mark.parametrize(
+  ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
+)
+def test_select_kernel_in_interpret_mode(f, k, num_valid):
+  """The kernel's own dataflow (histograms, doubling sums, thresholds, tie cut, slots, the
+  row loop) on random rows, tie-heavy rows, an all-equal row and a -0.0 row."""
+  seed = time.time_ns() % (2**31)
+  keys = jax.random.split(jax.random.key(seed), 2)
+  g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
+  ties = jax.random.randint(keys[1], (3, f), -3, 4).astype(jnp.bfloat16)
+  ties = ties.at[0].set(0.5).at[1].set(-0.0)
+  words_kernel = mgpu_select_probe.select_kernel(3, f, k, 1, num_valid, interpret=True)
+  topk = None if num_valid else mgpu_select_probe.mgpu_topk(3, f, k, 1, interpret=True)
+  for x in (g, ties):
+    words = np.asarray(words_kernel(x)[0])
+    assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
+    if topk is not None:
+      (idx, val), (want_idx, want_val) = topk(x), reference.select(x, k, "moc")
+      assert np.array_equal(idx, want_idx), f"{seed=}"
+      assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
