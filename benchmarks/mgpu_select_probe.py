@@ -49,9 +49,32 @@ LANES = 128  # threads per warpgroup
 I32 = jnp.int32
 
 
-def _red(layout, op: str):
+# One key's count, aggregated over its warp: the lanes holding the same bin (`match.any`) add
+# their number once, from the lowest of them, so a bin many lanes hit costs one atomic, not one
+# per lane (Gaussian rows put most keys' high bytes in a few bins). Lanes with where == 0 match
+# on a key no bin has. Operands: $0 the lane's address, $1 its bin, $2 where.
+AGGREGATED_ADD = """{
+.reg .pred p, q;
+.reg .b32 k, m, t, me, cnt, lane;
+setp.ne.s32 p, $2, 0;
+mov.u32 lane, %laneid;
+or.b32 t, lane, 0x80000000;
+selp.b32 k, $1, t, p;
+match.any.sync.b32 m, k, 0xffffffff;
+neg.s32 t, m;
+and.b32 t, t, m;
+mov.u32 me, 1;
+shl.b32 me, me, lane;
+setp.eq.and.u32 q, t, me, p;
+popc.b32 cnt, m;
+@q red.shared::cta.add.u32 [$0], cnt;
+}"""
+
+
+def _red(layout, op: str, aggregate: bool = False):
   """In-kernel: for every element i of `where`, ref[index[i]] op= value[i] if where[i] != 0
-  (`red.shared::cta.{op}`); three int32 arrays of one layout, and a shared int32 ref."""
+  (`red.shared::cta.{op}`); three int32 arrays of one layout, and a shared int32 ref.
+  aggregate (op 'add' with every value 1: counting): one atomic per bin and warp."""
 
   @plgpu.inline_mgpu(arg_types=(layout, layout, layout, plgpu.RefType()))
   def red(ctx, index, value, where, ref):
@@ -62,15 +85,16 @@ def _red(layout, op: str):
     for idx_v, val_v, ok_v in regs:
       for j in range(ir.VectorType(idx_v.type).shape[0]):
         lane = arith.constant(i32, j)
-        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, lane)], i32)
-        llvm.inline_asm(
-          ir.Type.parse("!llvm.void"),
-          [ptr, llvm.extractelement(val_v, lane), llvm.extractelement(ok_v, lane)],
-          "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
-          f"@p red.shared::cta.{op}.b32 [$0], $1; }}".replace(".add.b32", ".add.u32"),
-          "r,r,r",
-          has_side_effects=True,
-        )
+        index_j = llvm.extractelement(idx_v, lane)
+        ptr = mgpu_utils.getelementptr(base, [index_j], i32)
+        ok = llvm.extractelement(ok_v, lane)
+        if aggregate:
+          asm, operands = AGGREGATED_ADD, [ptr, index_j, ok]
+        else:
+          asm = "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
+          asm += f"@p red.shared::cta.{op}.b32 [$0], $1; }}".replace(".add.b32", ".add.u32")
+          operands = [ptr, llvm.extractelement(val_v, lane), ok]
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), operands, asm, "r,r,r", has_side_effects=True)
 
   return red
 
@@ -158,7 +182,7 @@ class _Ops:
   """The kernel's lane-level shared-memory ops: inline PTX on the GPU, jnp in interpret mode
   (which runs each CTA's program as one array program, so barriers are no-ops there)."""
 
-  def __init__(self, row_layout, bin_layout, f: int, interpret: bool):
+  def __init__(self, row_layout, bin_layout, f: int, interpret: bool, aggregate: bool):
     if interpret:
       self.red_add = lambda i, v, w, ref: _scatter(ref, i, v, w, "add")
       self.red_or = self.red_or_w = lambda i, v, w, ref: _scatter(ref, i, v, w, "or")
@@ -169,7 +193,7 @@ class _Ops:
       self.cast = lambda x, layout: x
       return
     self.cast = plgpu.layout_cast
-    self.red_add, self.red_or = _red(row_layout, "add"), _red(row_layout, "or")
+    self.red_add, self.red_or = _red(row_layout, "add", aggregate), _red(row_layout, "or")
     self.red_or_w = _red(bin_layout, "or")
     self.lds, self.sts32, self.sts16 = (
       _lds(row_layout, f),
@@ -239,6 +263,7 @@ def select_kernel(
   num_valid: int | None = None,
   compact: bool = False,
   interpret: bool = False,
+  aggregate: bool = False,
 ):
   """(T, F) bf16 -> (T, F/32) int32 selection words; channels >= num_valid never selected.
   compact: also (T, K) int32 channels (ascending) and (T, K) int16 bits of their values, i.e.
@@ -257,7 +282,7 @@ def select_kernel(
   vec = next(v for v in (4, 2, 1) if per_lane % v == 0)  # widest loads the row allows
   row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=vec)
   bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
-  ops = _Ops(row_layout, bin_layout, f, interpret)
+  ops = _Ops(row_layout, bin_layout, f, interpret, aggregate)
   red_add, red_or, red_or_w = ops.red_add, ops.red_or, ops.red_or_w
   lds, sts32, sts16, _barrier = ops.lds, ops.sts32, ops.sts16, ops.barrier
 
@@ -418,15 +443,37 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-def mgpu_topk(t: int, f: int, k: int, ctas: int, interpret: bool = False):
+def mgpu_topk(t: int, f: int, k: int, ctas: int, interpret: bool = False, aggregate: bool = False):
   """`topk.select(g, k, 'moc')`'s (idx, val) through the compacting kernel."""
-  kernel = select_kernel(t, f, k, ctas, compact=True, interpret=interpret)
+  kernel = select_kernel(t, f, k, ctas, compact=True, interpret=interpret, aggregate=aggregate)
 
   def topk(g):
     _, idx, val_bits = kernel(g)
     return idx, lax.bitcast_convert_type(val_bits, jnp.bfloat16)
 
   return topk
+
+
+def _variants(a) -> dict:
+  """The Mosaic GPU rows: words and (without padding, K % 8 == 0) the whole top-K, each with
+  plain and warp-aggregated histogram atomics."""
+  fns = {}
+  for agg in (False, True):
+    tag = "_agg" if agg else ""
+    words = select_kernel(a.t, a.f, a.k, a.ctas, a.num_valid, aggregate=agg)
+    fns[f"mgpu_select{tag}"] = jax.jit(lambda g, words=words: words(g)[0])
+    if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
+      fns[f"mgpu_topk{tag}"] = jax.jit(mgpu_topk(a.t, a.f, a.k, a.ctas, aggregate=agg))
+  return fns
+
+
+def _exact(fn, name: str, g, a) -> bool:
+  from pallas_kernels import reference
+
+  if name.startswith("mgpu_select"):
+    return bool(np.array_equal(fn(g), reference_words(g, a.k, a.num_valid)))
+  (idx, val), (ref_idx, ref_val) = fn(g), reference.select(g, a.k, "moc")
+  return bool(np.array_equal(idx, ref_idx) and np.array_equal(val, ref_val))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -440,12 +487,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   try:
-    words_kernel = select_kernel(a.t, a.f, a.k, a.ctas, a.num_valid)
+    fns = _variants(a)
   except ValueError as e:
     p.error(str(e))
-  fns = {"mgpu_select": jax.jit(lambda g: words_kernel(g)[0])}
-  if a.num_valid is None and a.k % 8 == 0:  # the whole top-K: `topk.select` has no num_valid
-    fns["mgpu_topk"] = jax.jit(mgpu_topk(a.t, a.f, a.k, a.ctas))
   g_spec = jax.ShapeDtypeStruct((a.t, a.f), jnp.bfloat16)
   if a.lower_only:
     for name, fn in fns.items():
@@ -456,22 +500,23 @@ def main(argv: list[str] | None = None) -> None:
   sets = [(normal(seed).astype(jnp.bfloat16),) for seed in (0, 1)]
   ties = jax.random.randint(jax.random.PRNGKey(2), (a.t, a.f), -3, 4).astype(jnp.bfloat16)
   rows: dict = {name: {} for name in fns}
-  from pallas_kernels import moc_train, reference, topk, topk_compact
+  for name in list(fns):  # a variant that fails or is inexact is reported, never timed
+    try:
+      for label, g in (("gaussian", sets[0][0]), ("ties", ties)):
+        rows[name][f"exact_{label}"] = _exact(fns[name], name, g, a)
+    except Exception as e:
+      rows[name]["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+    if rows[name].get("error") or not all(rows[name].values()):
+      del fns[name]
+    print(name, rows[name], flush=True)
+  from pallas_kernels import moc_train, topk, topk_compact
 
-  for label, g in (("gaussian", sets[0][0]), ("ties", ties)):
-    want = reference_words(g, a.k, a.num_valid)
-    rows["mgpu_select"][f"exact_{label}"] = bool(np.array_equal(fns["mgpu_select"](g), want))
-    if "mgpu_topk" in fns:
-      (idx, val), (ref_idx, ref_val) = fns["mgpu_topk"](g), reference.select(g, a.k, "moc")
-      same = np.array_equal(idx, ref_idx) and np.array_equal(val, ref_val)
-      rows["mgpu_topk"][f"exact_{label}"] = bool(same)
-  print(rows, flush=True)
   cfg = moc_train.forward_config(a.f)
   fns["triton_mask"] = jax.jit(
     lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False, num_valid=a.num_valid)
   )
   fns["xla_read_max"] = jax.jit(lambda g: jnp.max(g, axis=1))
-  if "mgpu_topk" in fns:
+  if a.num_valid is None:
     fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))  # its default config
   samples = common.time_interleaved(fns, sets, inner=10, trials=9)
   for name, us in samples.items():
