@@ -11,6 +11,8 @@ NOTES or the README can be traced to a run:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -217,3 +219,21 @@ def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, A
   if not lines:
     return {"variant": variant, "error": out.stderr[-1500:]}
   return json.loads(lines[-1][len(RESULT) :])
+
+
+@contextlib.contextmanager
+def forward_selection(selection: str | None):
+  """While tracing inside it, MoC's train forward finds its selection with this kernel
+  (`TopKConfig.selection`, e.g. 'mgpu'); None changes nothing. Wrap a jitted call in it: the
+  first call traces and compiles under it, later calls reuse that program."""
+  from pallas_kernels import moc_train
+
+  if not selection:
+    yield
+    return
+  saved = moc_train.FORWARD_DEFAULT
+  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, selection=selection)
+  try:
+    yield
+  finally:
+    moc_train.FORWARD_DEFAULT = saved

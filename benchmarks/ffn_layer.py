@@ -40,7 +40,11 @@ METHODS = {
   "moc_pallas_gcp": {"variant": "moc", "gcp": True, "backend": "pallas"},
   # the backward padding (and casting) the weights again instead of reusing the forward's
   "moc_pallas_recast": {"variant": "moc", "gcp": False, "backend": "pallas", "keep_weights": False},
+  # the selection by the Mosaic GPU radix select (`TopKConfig.selection`; not a default)
+  "moc_pallas_mgpu": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "mgpu"},
+  "moc_pallas_gcp_mgpu": {"variant": "moc", "gcp": True, "backend": "pallas", "selection": "mgpu"},
 }
+DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
 
 
 def _params(d: int, f: int, seed: int):
@@ -56,13 +60,17 @@ def _params(d: int, f: int, seed: int):
 
 def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
+  method = dict(method)
+  selection = method.pop("selection", None)
 
   def fwd(x, wg, wu, wd, dy):
     del dy
-    return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
+    with common.forward_selection(selection):
+      return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
 
   def fwd_bwd(x, wg, wu, wd, dy):
-    y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
+    with common.forward_selection(selection):
+      y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
     return y, vjp(dy)
 
   return jax.jit(fwd, compiler_options=opts), jax.jit(fwd_bwd, compiler_options=opts)
@@ -98,7 +106,7 @@ def _heat(fn, sets, seconds: float) -> None:
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"of {', '.join(METHODS)}")
   ap.add_argument("--d_models", default="", help="only these shapes' d_model, comma-separated")
   ap.add_argument("--compiler_options", default="auto", help="as train.compiler_options")
   ap.add_argument("--protocols", default="interleaved", help=f"any of {', '.join(PROTOCOLS)}")

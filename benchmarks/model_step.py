@@ -67,6 +67,9 @@ RECAST = {
   "moc_gcp_keep": dict(ffn="moc", gcp=True, ffn_keep_weights=True),
 }
 VARIANTS.update(RECAST)
+# The forward's selection by the Mosaic GPU radix select (`TopKConfig.selection`; not a default).
+MGPU = {"moc_mgpu": dict(ffn="moc"), "moc_gcp_mgpu": dict(ffn="moc", gcp=True)}
+VARIANTS.update(MGPU)
 
 
 def build(
@@ -124,6 +127,13 @@ def build(
       "positions": jnp.broadcast_to(jnp.arange(seq), (b, seq)),
       "segment_ids": jnp.ones((b, seq), jnp.int32),
     }
+
+  if variant in MGPU:  # the step traces under the selection switch (its first call compiles)
+    traced = step
+
+    def step(*args, **kwargs):
+      with common.forward_selection("mgpu"):
+        return traced(*args, **kwargs)
 
   return cfg, graphdef, state, step, batch_of
 

@@ -44,6 +44,11 @@ SWEEP: dict[str, TopKConfig] = {
   # 2026-12-04 (untimed): 512 or 1024 slots searched per step instead of 256
   "cmp_gather_g1_s512": dataclasses.replace(topk.GAUSS_GATHER, gather_slots=512),
   "cmp_gather_g1_s1024": dataclasses.replace(topk.GAUSS_GATHER, gather_slots=1024),
+  # 2026-12-04 (session 21, untimed): the Mosaic GPU radix select, whole (`mgpu_select.select`)
+  # and as the bitmask kernel before the gathered compaction
+  "mgpu": TopKConfig(selection="mgpu"),
+  "mgpu_agg": TopKConfig(selection="mgpu_agg"),
+  "cmp_gather_mgpu": dataclasses.replace(topk.GAUSS_GATHER, selection="mgpu"),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16
   # counts per instruction, 688 vs 429 us; code at 2a11ea1) and lazy_ties (the bitmask's final

@@ -11,6 +11,7 @@ import dataclasses
 
 ABLATIONS = ("", "mask_only")
 MASK_PASSES = ("ballot", "ballot_each", "cut", "scan")
+SELECTIONS = ("triton", "mgpu", "mgpu_agg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,12 @@ class TopKConfig:
   # 'cut' 4% faster than 'ballot' over three runs, a tie at 60M). A prefix sum per row over the
   # chunk the cut falls in ('cut1', removed) lost: stream_sweep_h200_20261204.json.
   mask_pass: str = "cut"
+  # Which kernel finds the selection ('moc' only): 'triton' (these knobs), or the Mosaic GPU
+  # radix select with shared-memory histograms (`mgpu_select`; '_agg': its histogram atomics
+  # aggregated per warp), 16-bit values, F % 128 == 0. With `compact` it writes the bitmask
+  # that the gathered compaction or the train epilogues read; else `topk.select` is the whole
+  # Mosaic top-K. Exact in interpret mode, not yet run on a GPU: not a default.
+  selection: str = "triton"
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):
@@ -75,5 +82,7 @@ class TopKConfig:
       raise ValueError(f"gather_slots={self.gather_slots} needs a power of two")
     if self.mask_pass not in MASK_PASSES:
       raise ValueError(f"mask_pass must be one of {MASK_PASSES}, got {self.mask_pass!r}")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
     if self.ablate not in ABLATIONS:
       raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")

@@ -348,6 +348,12 @@ def select(
     kernel = functools.partial(_topk_kernel, t=t, f=f, k=k, cfg=cfg, interpret=interpret)
   else:
     raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
+  if variant == "moc" and cfg.selection != "triton" and not cfg.compact:  # all Mosaic GPU
+    from pallas_kernels import mgpu_select
+
+    agg = cfg.selection == "mgpu_agg"
+    idx, val = mgpu_select.select(g2, k, aggregate=agg, interpret=interpret)
+    return idx.reshape(*lead, k), val.reshape(*lead, k)
   if cfg.compact:  # two kernels: bitmask, then compaction
     from pallas_kernels import topk_compact
 

@@ -4,6 +4,7 @@ selects exactly what the reference selects; and the select kernel itself, in int
 (its inline shared-memory ops replaced by jnp scatters and gathers, one CTA), gives the
 reference's words and top-K. Only a GPU runs the inline PTX and the barriers for real."""
 
+import dataclasses
 import time
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import mgpu_hist_probe, mgpu_select_probe
-from pallas_kernels import reference
+from pallas_kernels import mgpu_select, reference
 
 
 def test_hist_probe_lowers_for_cuda(capsys):
@@ -62,7 +63,7 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
   rng = np.random.default_rng(0)
   x = rng.integers(-(2**31), 2**31, 64, dtype=np.int64).astype(np.int32)
   m = rng.integers(0, 33, 64).astype(np.int32)
-  got = np.asarray(mgpu_select_probe._keep_lowest(jnp.asarray(x), jnp.asarray(m)))
+  got = np.asarray(mgpu_select_probe.keep_lowest(jnp.asarray(x), jnp.asarray(m)))
   for xi, mi, gi in zip(x.view(np.uint32), m, got.view(np.uint32), strict=True):
     bits = [b for b in range(32) if xi >> b & 1][:mi]
     assert gi == sum(1 << b for b in bits)
@@ -79,8 +80,9 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid):
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (3, f), -3, 4).astype(jnp.bfloat16)
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
-  words_kernel = mgpu_select_probe.select_kernel(3, f, k, 1, num_valid, interpret=True)
-  topk = None if num_valid else mgpu_select_probe.mgpu_topk(3, f, k, 1, interpret=True)
+  words_kernel = mgpu_select.kernel(3, f, k, 1, num_valid, interpret=True)
+  with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
+  topk = mgpu_select_probe.mgpu_topk(3, f, k, 1, interpret=True) if with_topk else None
   for x in (g, ties):
     words = np.asarray(words_kernel(x)[0])
     assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
@@ -88,3 +90,67 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid):
       (idx, val), (want_idx, want_val) = topk(x), reference.select(x, k, "moc")
       assert np.array_equal(idx, want_idx), f"{seed=}"
       assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+
+
+def test_select_refuses_what_it_cannot_do():
+  """One clear error each: a 32-bit G, K not a multiple of 8 for the top-K, F not a multiple
+  of 128."""
+  g = jnp.zeros((4, 256), jnp.float32)
+  with pytest.raises(ValueError, match="16-bit"):
+    mgpu_select.select(g, 16)
+  with pytest.raises(ValueError, match="K % 8"):
+    mgpu_select.select(g.astype(jnp.bfloat16), 12)
+  with pytest.raises(ValueError, match="F % 128"):
+    mgpu_select.words(jnp.zeros((4, 200), jnp.bfloat16), 16)
+
+
+@pytest.mark.parametrize("selection", ["mgpu", "mgpu_agg"])
+def test_topk_select_through_mosaic_matches_reference(selection):
+  """`topk.select` with `selection='mgpu*'`: the whole Mosaic top-K, and (compact) its words
+  with the gathered compaction; interpret mode on the CPU."""
+  from pallas_kernels import topk
+
+  seed = time.time_ns() % (2**31)
+  g = jax.random.normal(jax.random.key(seed), (3, 640)).astype(jnp.bfloat16)
+  want_idx, want_val = reference.select(g, 64, "moc")
+  for compact in (False, True):
+    cfg = topk.TopKConfig(selection=selection, compact=compact, apply_mode="gather")
+    idx, val = topk.select(g, 64, "moc", config=cfg)
+    assert np.array_equal(idx, want_idx), f"{seed=} {compact=}"
+    assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+
+
+def test_train_forward_with_mosaic_words_matches_triton():
+  """The train forward epilogue on the fused [G | U] buffer, padding channels included: the
+  Mosaic words and everything computed from them equal the Triton selection's."""
+  from pallas_kernels import moc_train, moc_train_mask
+
+  seed = time.time_ns() % (2**31)
+  gu = jax.random.normal(jax.random.key(seed), (4, 2 * 640)).astype(jnp.bfloat16)
+  base = moc_train.forward_config(640)
+  outs = [
+    moc_train_mask.train_forward_bitmask(
+      gu, None, 64, num_valid=600, config=dataclasses.replace(base, selection=sel)
+    )
+    for sel in ("triton", "mgpu")
+  ]
+  for a, b in zip(*outs, strict=True):
+    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_mgpu_select_gpu_real_size(aggregate):
+  """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
+  the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""
+  seed = time.time_ns() % (2**31)
+  keys = jax.random.split(jax.random.key(seed), 2)
+  g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
+  ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
+  for x in (g, ties):
+    idx, val = mgpu_select.select(x, 1024, aggregate=aggregate)
+    want_idx, want_val = reference.select(x, 1024, "moc")
+    assert np.array_equal(idx, want_idx), f"{seed=}"
+    assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, aggregate=aggregate)
+  assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
