@@ -19,7 +19,7 @@ from pallas_kernels import mgpu_select, reference
 def test_hist_probe_lowers_for_cuda(capsys):
   mgpu_hist_probe.main(["--lower_only", "--t=16", "--f=512", "--ctas=4"])
   out = capsys.readouterr().out
-  assert "hist_c1: lowered for CUDA" in out and "hist_c4: lowered for CUDA" in out
+  assert "hist: lowered for CUDA" in out and "hist_agg: lowered for CUDA" in out
 
 
 @pytest.mark.parametrize(
