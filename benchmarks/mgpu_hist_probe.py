@@ -54,13 +54,12 @@ def hist_kernel(t: int, f: int, ctas: int, aggregate: bool):
 
   def body(g_ref, out_ref, hist_ref):
     pid = lax.axis_index("cta")
-    ones = plgpu.layout_cast(jnp.ones((f,), jnp.int32), layout)
 
     def row(i, carry):
       r = pid + i * ctas
       hist_ref[...] = jnp.zeros((BINS,), jnp.int32)
       ops.barrier()
-      ops.red_add(plgpu.layout_cast(keys_high_byte(g_ref[r]), layout), ones, ones, hist_ref)
+      ops.count(plgpu.layout_cast(keys_high_byte(g_ref[r]), layout), None, hist_ref)
       ops.barrier()
       out_ref[r] = hist_ref[...]
       ops.barrier()

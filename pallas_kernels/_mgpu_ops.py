@@ -41,30 +41,38 @@ popc.b32 cnt, m;
 }"""
 
 
-def _red(layout, op: str, aggregate: bool = False):
-  """In-kernel: for every element i of `where`, ref[index[i]] op= value[i] if where[i] != 0
-  (`red.shared::cta.{op}`); three int32 arrays of one layout, and a shared int32 ref.
-  aggregate (op 'add' with every value 1: counting): one atomic per bin and warp."""
+def _red(layout, op: str, aggregate: bool, with_value: bool, with_where: bool):
+  """In-kernel: ref[index[i]] op= value[i] (1 without `value`) for every element i where
+  where[i] != 0 (everywhere without `where`): `red.shared::cta.{op}` per element; int32 arrays
+  of one layout, then a shared int32 ref. aggregate (counting): one atomic per bin and warp."""
+  arrays = 1 + with_value + with_where
 
-  @plgpu.inline_mgpu(arg_types=(layout, layout, layout, plgpu.RefType()))
-  def red(ctx, index, value, where, ref):
+  @plgpu.inline_mgpu(arg_types=(layout,) * arrays + (plgpu.RefType(),))
+  def red(ctx, index, *rest):
     del ctx
+    value = rest[0] if with_value else None
+    where = rest[with_value] if with_where else None
     i32 = ir.IntegerType.get_signless(32)
-    base = mgpu_utils.memref_ptr(ref)
-    regs = zip(index.registers.flat, value.registers.flat, where.registers.flat, strict=True)
-    for idx_v, val_v, ok_v in regs:
+    base, one = mgpu_utils.memref_ptr(rest[-1]), arith.constant(i32, 1)
+    ptx_op = f"red.shared::cta.{op}." + ("u32" if op == "add" else "b32")
+    for pos, idx_v in np.ndenumerate(index.registers):
       for j in range(ir.VectorType(idx_v.type).shape[0]):
         lane = arith.constant(i32, j)
         index_j = llvm.extractelement(idx_v, lane)
         ptr = mgpu_utils.getelementptr(base, [index_j], i32)
-        ok = llvm.extractelement(ok_v, lane)
+        val = llvm.extractelement(value.registers[pos], lane) if with_value else one
+        ok = llvm.extractelement(where.registers[pos], lane) if with_where else one
         if aggregate:
           asm, operands = AGGREGATED_ADD, [ptr, index_j, ok]
+        elif with_where:
+          asm = f"{{ .reg .pred p; setp.ne.s32 p, $2, 0; @p {ptx_op} [$0], $1; }}"
+          operands = [ptr, val, ok]
         else:
-          asm = "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
-          asm += f"@p red.shared::cta.{op}.b32 [$0], $1; }}".replace(".add.b32", ".add.u32")
-          operands = [ptr, llvm.extractelement(val_v, lane), ok]
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), operands, asm, "r,r,r", has_side_effects=True)
+          asm, operands = f"{ptx_op} [$0], $1;", [ptr, val]
+        constraints = ",".join(["r"] * len(operands))
+        llvm.inline_asm(
+          ir.Type.parse("!llvm.void"), operands, asm, constraints, has_side_effects=True
+        )
 
   return red
 
@@ -129,9 +137,12 @@ def _barrier_gpu(ctx):
 
 
 def _scatter(ref, index, value, where, combine: str) -> None:
-  """Interpret mode's stand-in for the inline shared-memory ops, on the whole ref at once."""
+  """Interpret mode's stand-in for the inline shared-memory ops, on the whole ref at once
+  (value None: 1; where None: everywhere)."""
   cur = ref[...]
   size = cur.shape[0]
+  value = jnp.ones_like(index) if value is None else value
+  where = jnp.ones_like(index) if where is None else where
   if combine == "or":  # OR-reduce every value that lands on each element
     hits = (index[None, :] == jnp.arange(size)[:, None]) & (where[None, :] != 0)
     contrib = jnp.where(hits, value[None, :], 0)
@@ -150,27 +161,58 @@ def _assign(src_ref, dst_ref) -> None:
 
 class LaneOps:
   """The kernel's lane-level shared-memory ops: inline PTX on the GPU, jnp in interpret mode
-  (which runs each CTA's program as one array program, so barriers are no-ops there)."""
+  (which runs each CTA's program as one array program, so barriers are no-ops there).
+
+  count(index, where, ref): ref[index] += 1 where `where` (None: everywhere), aggregated per
+  warp with `aggregate`; bit_or / bit_or_bins(index, value, where, ref): ref[index] |= value,
+  over the row's / the 256 bins' layout; lds(index, ref): ref[index]; sts32 / sts16(index,
+  value, where, ref): ref[index] = value; barrier, commit, copy_out(src, dst), wait; cast."""
 
   def __init__(self, row_layout, bin_layout, f: int, interpret: bool, aggregate: bool):
+    self._interpret = interpret
     if interpret:
-      self.red_add = lambda i, v, w, ref: _scatter(ref, i, v, w, "add")
-      self.red_or = self.red_or_w = lambda i, v, w, ref: _scatter(ref, i, v, w, "or")
       self.lds = lambda i, ref: ref[...][i]
-      self.sts32 = self.sts16 = lambda i, v, w, ref: _scatter(ref, i, v, w, "set")
       self.barrier = self.commit = self.wait = lambda: None
       self.copy_out = _assign
       self.cast = lambda x, layout: x
       return
+    self._layouts = {"row": row_layout, "bins": bin_layout}
+    self._aggregate = aggregate
+    self._built: dict = {}
     self.cast = plgpu.layout_cast
-    self.red_add, self.red_or = _red(row_layout, "add", aggregate), _red(row_layout, "or")
-    self.red_or_w = _red(bin_layout, "or")
-    self.lds, self.sts32, self.sts16 = (
-      _lds(row_layout, f),
-      _sts(row_layout, 32),
-      _sts(row_layout, 16),
-    )
+    self.lds = _lds(row_layout, f)
+    self._sts = {32: _sts(row_layout, 32), 16: _sts(row_layout, 16)}
     self.barrier = _barrier_gpu
     self.commit = plgpu.commit_smem
     self.copy_out = plgpu.copy_smem_to_gmem  # TMA: a bulk copy of the contiguous row
     self.wait = lambda: plgpu.wait_smem_to_gmem(0)
+
+  def _red(self, layout: str, op: str, index, value, where, ref) -> None:
+    if self._interpret:
+      return _scatter(ref, index, value, where, op)
+    key = (layout, op, value is not None, where is not None)
+    if key not in self._built:
+      aggregate = self._aggregate and op == "add"
+      self._built[key] = _red(self._layouts[layout], op, aggregate, *key[2:])
+    args = [a for a in (value, where) if a is not None]
+    self._built[key](index, *args, ref)
+
+  def count(self, index, where, ref) -> None:
+    self._red("row", "add", index, None, where, ref)
+
+  def bit_or(self, index, value, where, ref) -> None:
+    self._red("row", "or", index, value, where, ref)
+
+  def bit_or_bins(self, index, value, where, ref) -> None:
+    self._red("bins", "or", index, value, where, ref)
+
+  def sts32(self, index, value, where, ref) -> None:
+    self._store(32, index, value, where, ref)
+
+  def sts16(self, index, value, where, ref) -> None:
+    self._store(16, index, value, where, ref)
+
+  def _store(self, bits: int, index, value, where, ref) -> None:
+    if self._interpret:
+      return _scatter(ref, index, value, where, "set")
+    self._sts[bits](index, value, where, ref)

@@ -116,10 +116,9 @@ def kernel(
   row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=vec)
   bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
   ops = LaneOps(row_layout, bin_layout, f, interpret, aggregate)
-  red_add, red_or, red_or_w = ops.red_add, ops.red_or, ops.red_or_w
-  lds, sts32, sts16, _barrier = ops.lds, ops.sts32, ops.sts16, ops.barrier
+  _barrier = ops.barrier
 
-  def compact_row(r, chan, word, bits, gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out):
+  def compact_row(r, chan, word, key, gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out):
     """Slots from the final words (exclusive prefix of their popcounts), then the row's
     channels and values stored at their slots and copied out."""
     words = ops.cast(gt_ref[...], bin_layout)
@@ -131,12 +130,13 @@ def kernel(
     _barrier()
     eq_ref[pl.ds(BINS, BINS)] = first
     _barrier()
-    w = lds(word, gt_ref)
+    w = ops.lds(word, gt_ref)
     lower = lax.shift_left(jnp.ones_like(chan), chan & 31) - 1
-    slot = lds(word, eq_ref.at[pl.ds(BINS, BINS)]) + popcount(w & lower)
+    slot = ops.lds(word, eq_ref.at[pl.ds(BINS, BINS)]) + popcount(w & lower)
     sel = lax.shift_right_logical(w, chan & 31) & 1
-    sts32(slot, chan, sel, idx_ref)
-    sts16(slot, bits, sel, val_ref)
+    ops.sts32(slot, chan, sel, idx_ref)
+    k = key - 32768  # the value's bits back from its key (the map is its own inverse)
+    ops.sts16(slot, jnp.where(k < 0, k ^ 0x7FFF, k), sel, val_ref)
     ops.commit()
     ops.copy_out(idx_ref, idx_out.at[r])
     ops.copy_out(val_ref, val_out.at[r])
@@ -146,11 +146,8 @@ def kernel(
       refs if compact else (None, None, *refs, None, None)
     )
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
-    chan = ops.cast(lax.broadcasted_iota(I32, (f,), 0), row_layout)
     bin_iota = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout)
     zeros_b = ops.cast(jnp.zeros((BINS,), I32), bin_layout)
-    ones_r = ops.cast(jnp.ones((f,), I32), row_layout)
-    valid = (chan < nv).astype(I32)
 
     def kth_bin(base):
       """(largest b with base + S[b] >= K, base + S[b + 1]) from hist_ref's counts."""
@@ -170,21 +167,24 @@ def kernel(
       eq_ref[pl.ds(BINS, BINS)] = zeros_b
       _barrier()
       g = g_ref[r, pl.ds(0, f)]
+      # per row, not hoisted: fewer arrays of F / 128 registers live across the row loop
+      chan = ops.cast(lax.broadcasted_iota(I32, (f,), 0), row_layout)
+      both = lambda ok: (ok if nv == f else ok & (chan < nv)).astype(I32)  # and not padding
       bits = ops.cast(lax.bitcast_convert_type(g, jnp.int16).astype(I32), row_layout)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
-      hi = lax.shift_right_logical(key, 8)
-      red_add(hi, ones_r, valid, hist_ref)
+      ops.count(lax.shift_right_logical(key, 8), None if nv == f else both(chan >= 0), hist_ref)
       _barrier()
       b1, above = kth_bin(0)
       hist_ref[pl.ds(0, BINS)] = zeros_b
       _barrier()
-      red_add(key & 0xFF, ones_r, valid & (hi == b1).astype(I32), hist_ref)
+      ops.count(key & 0xFF, both(lax.shift_right_logical(key, 8) == b1), hist_ref)
       _barrier()
       b2, gt = kth_bin(above)
       v, need = b1 * BINS + b2, k - gt
-      word, bit = lax.shift_right_logical(chan, 5), lax.shift_left(ones_r, chan & 31)
-      red_or(word, bit, valid & (key > v).astype(I32), gt_ref)
-      red_or(word, bit, valid & (key == v).astype(I32), eq_ref.at[pl.ds(BINS, BINS)])
+      word = lax.shift_right_logical(chan, 5)
+      bit = lax.shift_left(jnp.ones_like(chan), chan & 31)
+      ops.bit_or(word, bit, both(key > v), gt_ref)
+      ops.bit_or(word, bit, both(key == v), eq_ref.at[pl.ds(BINS, BINS)])
       _barrier()
       eq = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout)
       _barrier()
@@ -193,11 +193,11 @@ def kernel(
       _prefix_sums(eq_ref, bin_layout, BINS, ops)
       before = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - popcount(eq)
       keep = keep_lowest(eq, jnp.clip(need - before, 0, 32))
-      red_or_w(bin_iota, keep, (bin_iota < nw).astype(I32), gt_ref)
+      ops.bit_or_bins(bin_iota, keep, None, gt_ref)  # keep is 0 past the row's words
       _barrier()
       if compact:
         refs_c = (gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out)
-        compact_row(r, chan, word, bits, *refs_c)
+        compact_row(r, chan, word, key, *refs_c)
       ops.commit()  # the atomics' words, visible to the TMA engine
       ops.copy_out(gt_ref.at[pl.ds(0, nw)], out_ref.at[r])
       ops.wait()
