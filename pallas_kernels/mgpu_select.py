@@ -135,8 +135,8 @@ def kernel(
     slot = ops.lds(word, eq_ref.at[pl.ds(BINS, BINS)]) + popcount(w & lower)
     sel = lax.shift_right_logical(w, chan & 31) & 1
     ops.sts32(slot, chan, sel, idx_ref)
-    k = key - 32768  # the value's bits back from its key (the map is its own inverse)
-    ops.sts16(slot, jnp.where(k < 0, k ^ 0x7FFF, k), sel, val_ref)
+    centered = key - 32768  # the value's bits back from its key (the map is its own inverse)
+    ops.sts16(slot, jnp.where(centered < 0, centered ^ 0x7FFF, centered), sel, val_ref)
     ops.commit()
     ops.copy_out(idx_ref, idx_out.at[r])
     ops.copy_out(val_ref, val_out.at[r])
