@@ -82,28 +82,18 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-def mgpu_topk(t: int, f: int, k: int, ctas: int, interpret: bool = False, aggregate: bool = False):
-  """`topk.select(g, k, 'moc')`'s (idx, val) through the compacting kernel on `ctas` CTAs."""
-  kw = dict(compact=True, interpret=interpret, aggregate=aggregate)
-  kernel = mgpu_select.kernel(t, f, k, ctas, **kw)
-
-  def topk(g):
-    _, idx, val_bits = kernel(g)
-    return idx, lax.bitcast_convert_type(val_bits, jnp.bfloat16)
-
-  return topk
-
-
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words and (without padding, K % 8 == 0) the whole top-K, each with
-  plain and warp-aggregated histogram atomics."""
+  plain and warp-aggregated histogram atomics, on `--ctas` CTAs."""
+  mgpu_select.kernel(a.t, a.f, a.k, a.ctas, a.num_valid)  # shape errors before any tracing
   fns = {}
   for agg in (False, True):
-    tag = "_agg" if agg else ""
-    words = mgpu_select.kernel(a.t, a.f, a.k, a.ctas, a.num_valid, aggregate=agg)
-    fns[f"mgpu_select{tag}"] = jax.jit(lambda g, words=words: words(g)[0])
+    tag, kw = "_agg" if agg else "", dict(aggregate=agg, ctas=a.ctas, interpret=False)
+    fns[f"mgpu_select{tag}"] = jax.jit(
+      lambda g, kw=kw: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw)
+    )
     if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-      fns[f"mgpu_topk{tag}"] = jax.jit(mgpu_topk(a.t, a.f, a.k, a.ctas, aggregate=agg))
+      fns[f"mgpu_topk{tag}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   return fns
 
 

@@ -60,14 +60,8 @@ GATHERS: dict[str, TopKConfig] = {
   f"gather_w{w}_{a}w": TopKConfig(apply_mode="gather", apply_words=w, apply_warps=a)
   for w, a in ((32, 4), (16, 4), (32, 8), (16, 8), (64, 8))
 }
-# More slots searched per step (2026-12-04, untimed): more of the searches' loads in flight.
-GATHERS |= {
-  f"gather_w{w}_{a}w_s{s}": TopKConfig(
-    apply_mode="gather", apply_words=w, apply_warps=a, gather_slots=s
-  )
-  for w, a in ((32, 8), (16, 4))  # the forward's defaults at >= and < NARROW_ROW channels
-  for s in (512, 1024)
-}
+# 512 or 1024 slots searched per step (`gather_slots`) lost to 256 at every preset
+# (stream_sweep_slots_h200_20261204.json; rows removed).
 _FWD = moc_train.FORWARD_DEFAULT
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
 # default; each must give the first one's words. With the words addressed by offset none beat

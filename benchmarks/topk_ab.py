@@ -5,7 +5,7 @@ within ~5% of each other cannot be told apart there. This times a few of them in
 (`common.time_interleaved`, order rotated each trial) and reports each one's median and its
 median per-trial ratio to the first, after checking each exact against the reference.
 
-  python3 benchmarks/topk_ab.py cmp_gather_g1 cmp_gather_g1_s512 --f=5632 --k=1024 \
+  python3 benchmarks/topk_ab.py cmp_gather_g1 cmp_gather_g1_w8 --f=5632 --k=1024 \
     --out=benchmarks/results/topk_ab_h200_DATE.json
 """
 

@@ -41,9 +41,8 @@ SWEEP: dict[str, TopKConfig] = {
   # as the train forward's gather beat its scatter walk (292 vs 316 us at the 1B shape).
   "cmp_gather_g1": topk.GAUSS_GATHER,  # `select`'s default since then
   "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8),
-  # 2026-12-04 (untimed): 512 or 1024 slots searched per step instead of 256
-  "cmp_gather_g1_s512": dataclasses.replace(topk.GAUSS_GATHER, gather_slots=512),
-  "cmp_gather_g1_s1024": dataclasses.replace(topk.GAUSS_GATHER, gather_slots=1024),
+  # 512 or 1024 slots searched per step tied and lost (0.992x, 1.029x of 256 over 15
+  # interleaved trials, topk_ab_slots_5632_h200_20261204.json; rows removed)
   # 2026-12-04 (session 21, untimed): the Mosaic GPU radix select, whole (`mgpu_select.select`)
   # and as the bitmask kernel before the gathered compaction
   "mgpu": TopKConfig(selection="mgpu"),

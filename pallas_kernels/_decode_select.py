@@ -256,10 +256,10 @@ def _sum_partials(p_ref, rows_b, cols_b, valid, *, splits: int, t: int, dtype):
 def topk_call(
   g2: jax.Array, kernel, t: int, k: int, dtype, cfg: TopKConfig, name: str, warm=None
 ) -> tuple[jax.Array, jax.Array]:
-  """The top-K `kernel` over g2's rows; with warm=(weight, DecodeConfig) in the same launch as
-  programs that read the start of that weight into L2 (`_l2_prefetch`)."""
+  """The top-K `kernel` over g2's rows; with warm=(weight, DecodeConfig), compiled, in the same
+  launch as programs that read the start of that weight into L2 (`_l2_prefetch`)."""
   interpret = kernel.keywords["interpret"]
-  if warm is None or not warm[1].warm_bytes:
+  if warm is None or interpret:  # the warming changes no value; interpret mode runs without
     return topk.select_call(kernel, t, k, dtype, cfg.rows, cfg, interpret, name)(g2)
   weight, dcfg = warm
   return _l2_prefetch.call(
@@ -270,8 +270,7 @@ def topk_call(
     warm=weight,
     max_bytes=dcfg.warm_bytes,
     programs=dcfg.warm_programs,
-    interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(cfg.num_warps),
+    compiler_params=tu.compiler_params(cfg.num_warps),
     name=name + "_warm",
   )
 

@@ -62,19 +62,14 @@ def call(
   warm: jax.Array,
   max_bytes: int,
   programs: int,
-  interpret: bool,
   compiler_params,
   name: str,
 ) -> tuple[jax.Array, ...]:
   """`kernel(*input_refs, *output_refs)` over a 1-D grid of `grid` programs, in one launch with
   `programs` more that read the first `max_bytes` of `warm` into L2. Returns the kernel's
-  outputs only: the same values as its own pallas_call. Interpret mode cannot branch on the
-  program id, so there the kernel runs alone (`warm_sums` tests the warming programs)."""
-  if interpret:
-    own = pl.pallas_call(
-      kernel, out_shape=tuple(out_shape), grid=(grid,), interpret=True, name=name
-    )
-    return tuple(own(*inputs))
+  outputs only: the same values as its own pallas_call. Compiled only: interpret mode cannot
+  branch on the program id (callers run the kernel alone there; `warm_sums` tests the warming
+  programs)."""
   flat, n, steps = _plan(warm, max_bytes, programs)
   num_inputs = len(inputs)
 

@@ -225,11 +225,12 @@ def kernel(
   )
 
 
-def _ctas(t: int, interpret: bool) -> int:
-  """CTAs for T rows: the largest divisor of T up to MAX_CTAS (1 in interpret mode)."""
+def _ctas(t: int, interpret: bool, ctas: int | None) -> int:
+  """CTAs for T rows: `ctas` if given, else the largest divisor of T up to MAX_CTAS (1 in
+  interpret mode)."""
   if interpret:
     return 1
-  return max(d for d in range(1, min(t, MAX_CTAS) + 1) if t % d == 0)
+  return ctas or max(d for d in range(1, min(t, MAX_CTAS) + 1) if t % d == 0)
 
 
 def _check_dtype(g: jax.Array) -> None:
@@ -245,24 +246,30 @@ def words(
   width: int | None = None,
   aggregate: bool = False,
   interpret: bool | None = None,
+  ctas: int | None = None,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  build = kernel(t, f, k, _ctas(t, interpret), num_valid, interpret=interpret, aggregate=aggregate)
-  return build(g2)[0]
+  kw = dict(interpret=interpret, aggregate=aggregate)
+  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
 def select(
-  g_TxF: jax.Array, k: int, *, aggregate: bool = False, interpret: bool | None = None
+  g_TxF: jax.Array,
+  k: int,
+  *,
+  aggregate: bool = False,
+  interpret: bool | None = None,
+  ctas: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
   kw = dict(compact=True, interpret=interpret, aggregate=aggregate)
-  build = kernel(t, f, k, _ctas(t, interpret), **kw)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)

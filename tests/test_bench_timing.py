@@ -41,7 +41,7 @@ def test_topk_ab_checks_exactness_and_pairs_configs(tmp_path):
   from benchmarks import topk_ab
 
   out = tmp_path / "ab.json"
-  names = ["cmp_gather_g1", "cmp_gather_g1_s512"]
+  names = ["cmp_gather_g1", "cmp_gather_g1_w8"]
   topk_ab.main([*names, "--t=8", "--f=304", "--k=40", "--trials=2", "--inner=1", f"--out={out}"])
   rows = json.loads(out.read_text())["rows"]
   assert [rows[n]["exact"] for n in names] == [True, True]
