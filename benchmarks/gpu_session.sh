@@ -33,7 +33,7 @@
 # STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
 # TOPK_ONLY (a regex on topk_variants.SWEEP names) narrows the topk section's sweep, TOPK_SHAPES
 # (a count) its shapes section; STEP_VARIANTS overrides step64's variants (its `_split` ones take
-# the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see model_step.py);
+# the topk section's fastest forward epilogue, or MOC_SPLIT_CONFIG, see step_variants.py);
 # STEPPROF_VARIANTS overrides stepprof's (STEPPROF_ARGS adds step_profile.py flags),
 # REMAT_VARIANTS remat's (its _split ones likewise);
 # STEP_ARGS adds model_step.py flags to step64 (e.g. --estimate_max_batch).

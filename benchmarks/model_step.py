@@ -32,44 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-VARIANTS = {
-  "dense": dict(ffn="dense"),
-  "dense_remat_ffn": dict(ffn="dense", remat="ffn"),
-  "dense_remat_full": dict(ffn="dense", remat="full"),
-  "moc": dict(ffn="moc"),
-  "moc_gcp": dict(ffn="moc", gcp=True),
-  "moc_remat_ffn": dict(ffn="moc", remat="ffn"),
-  "moc_remat_full": dict(ffn="moc", remat="full"),
-}
-DEFAULT_VARIANTS = "dense,dense_remat_ffn,moc,moc_gcp"
-# Variants with another forward-epilogue config: the env MOC_SPLIT_CONFIG names one of
-# `topk_variants.EPILOGUE`, or is the path of a topk_gpu_session.json whose fastest exact
-# epilogue config (`fwd_epilogue_best`) to take.
-FORWARD = {
-  "moc_split": dict(ffn="moc"),
-  "moc_gcp_split": dict(ffn="moc", gcp=True),
-}
-VARIANTS.update(FORWARD)
-# The Pallas epilogues with the selection kept as indices instead of a bitmask (moc.py).
-INDICES = {"moc_idx": dict(ffn="moc"), "moc_gcp_idx": dict(ffn="moc", gcp=True)}
-VARIANTS.update(INDICES)
-# The gate and up projections as two GEMMs (moc.FUSE_GATE_UP off; the default is one).
-UNFUSED = {
-  "dense_unfused": dict(ffn="dense"),
-  "moc_unfused": dict(ffn="moc"),
-  "moc_gcp_unfused": dict(ffn="moc", gcp=True),
-}
-VARIANTS.update(UNFUSED)
-# The backward casting the FFN weights again (`moc_ffn(keep_weights=False)`; MoC's default holds
-# the forward's cast weights, MoC+GCP's casts again) and the opposite choice for GCP.
-RECAST = {
-  "moc_recast": dict(ffn="moc", ffn_keep_weights=False),
-  "moc_gcp_keep": dict(ffn="moc", gcp=True, ffn_keep_weights=True),
-}
-VARIANTS.update(RECAST)
-# The forward's selection by the Mosaic GPU radix select (`TopKConfig.selection`; not a default).
-MGPU = {"moc_mgpu": dict(ffn="moc"), "moc_gcp_mgpu": dict(ffn="moc", gcp=True)}
-VARIANTS.update(MGPU)
+from benchmarks.step_variants import DEFAULT_VARIANTS, VARIANTS, configure, wrap_step  # noqa: E402
 
 
 def build(
@@ -88,23 +51,10 @@ def build(
   from flax import nnx
 
   from benchmarks import common
-  from moc_jax import compile_options, moc, model_config, train_lib
+  from moc_jax import compile_options, model_config, train_lib
   from moc_jax.model import Transformer
 
-  if variant in FORWARD:
-    from benchmarks import topk_variants
-    from pallas_kernels import moc_train
-
-    name = os.environ.get("MOC_SPLIT_CONFIG", "split_c512_w32")
-    if name.endswith(".json"):
-      with open(name) as f:
-        name = json.load(f).get("fwd_epilogue_best") or "split_c512_w32"
-    print(f"forward epilogue config: {name}", flush=True)
-    moc_train.FORWARD_DEFAULT = topk_variants.EPILOGUE[name]
-  # set for every variant: one process may build several (--interleave)
-  moc.BITMASK_RESIDUALS = variant not in INDICES
-  moc.FUSE_GATE_UP = variant not in UNFUSED
-  overrides = dict(VARIANTS[variant], kernel_backend=backend, vocab_size=vocab)
+  overrides = dict(configure(variant), kernel_backend=backend, vocab_size=vocab)
   cfg = model_config.from_preset(preset, **overrides)
   t = common.bench_train_config()
   tx = train_lib.make_optimizer(t)
@@ -128,14 +78,7 @@ def build(
       "segment_ids": jnp.ones((b, seq), jnp.int32),
     }
 
-  if variant in MGPU:  # the step traces under the selection switch (its first call compiles)
-    traced = step
-
-    def step(*args, **kwargs):
-      with common.forward_selection("mgpu"):
-        return traced(*args, **kwargs)
-
-  return cfg, graphdef, state, step, batch_of
+  return cfg, graphdef, state, wrap_step(variant, step), batch_of
 
 
 def _mfu(cfg, seq: int, tokens_per_s: float) -> float | None:
