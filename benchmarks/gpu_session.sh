@@ -26,8 +26,8 @@
 #   tests   `pytest -m gpu` on $GPU_TESTS (default: the train and top-K kernel tests;
 #           GPU_TESTS=tests: all 37, ~6 min plus ~2 min for each of the two F = 16384 top-K
 #           cases, nearly all compile; GPU_TESTS_K: a pytest -k expression, e.g. 'not 16384')
-#   mgpu    the Mosaic GPU probes: a shared-memory histogram pass and the whole radix select
-#           (benchmarks/mgpu_{hist,select}_probe.py), each exact-checked, then timed
+#   mgpu    the Mosaic GPU radix select (benchmarks/mgpu_select_probe.py), exact-checked, then
+#           timed beside the Triton selection
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
@@ -207,9 +207,8 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-mgpu() {  # the Mosaic GPU probes: one histogram pass, then the whole radix select (5632; 1B)
+mgpu() {  # the Mosaic GPU radix select probe (5632; 2048 CTAs; the 1B layer's words)
   [ -n "${DRY:-}" ] && { echo "Mosaic GPU probes skipped (DRY)"; return 0; }
-  python3 benchmarks/mgpu_hist_probe.py --out "$work/mgpu_hist_probe.json"
   python3 benchmarks/mgpu_select_probe.py --out "$work/mgpu_select_probe.json"
   python3 benchmarks/mgpu_select_probe.py --ctas=2048 --out "$work/mgpu_select_probe_2048.json"
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --out "$work/mgpu_select_1b.json"

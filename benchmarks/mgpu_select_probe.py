@@ -1,10 +1,9 @@
 """Probe: MoC's selection as a Mosaic GPU radix select (`pallas_kernels/mgpu_select.py`).
 
 Checks the kernel's words (the Triton selection pass's format) and its whole top-K against the
-reference on Gaussian and tie-heavy rows, with plain and warp-aggregated histogram atomics,
-then times them beside the Triton selection pass (`triton_mask`), `topk.select`'s default
-(`triton_topk`) and one XLA read of G (the floor of any pass over G). A variant that fails to
-compile or is inexact is recorded and not timed. `emulate_words` / `emulate_slots` are the
+reference on Gaussian and tie-heavy rows, then times them beside the Triton selection pass
+(`triton_mask`), `topk.select`'s default (`triton_topk`) and one XLA read of G (the floor of
+any pass over G). A variant that fails to compile or is inexact is recorded and not timed. `emulate_words` / `emulate_slots` are the
 kernel's algorithm in jnp, for the CPU tests.
 
   python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
@@ -83,17 +82,13 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
 
 
 def _variants(a) -> dict:
-  """The Mosaic GPU rows: words and (without padding, K % 8 == 0) the whole top-K, each with
-  plain and warp-aggregated histogram atomics, on `--ctas` CTAs."""
+  """The Mosaic GPU rows on `--ctas` CTAs: words and (without padding, K % 8 == 0) the whole
+  top-K."""
   mgpu_select.kernel(a.t, a.f, a.k, a.ctas, a.num_valid)  # shape errors before any tracing
-  fns = {}
-  for agg in (False, True):
-    tag, kw = "_agg" if agg else "", dict(aggregate=agg, ctas=a.ctas, interpret=False)
-    fns[f"mgpu_select{tag}"] = jax.jit(
-      lambda g, kw=kw: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw)
-    )
-    if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-      fns[f"mgpu_topk{tag}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
+  kw = dict(ctas=a.ctas, interpret=False)
+  fns = {"mgpu_select": jax.jit(lambda g: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw))}
+  if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
+    fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
   return fns
 
 

@@ -90,9 +90,9 @@ SELECTIONS: dict[str, TopKConfig] = {
   # 2 warps: 4-14% faster below 4096 channels, 2% slower at the 1B shape (`forward_config`);
   # 1 warp, 2-4 rows per program, 8 warps lost (stream_sweep_h200_20261203{i,j}.json).
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
-  # the Mosaic GPU radix select's words (2026-12-04, untimed; 'agg': warp-aggregated atomics)
+  # the Mosaic GPU radix select's words: its first version 428.0 vs 271.2 us (mask_cut) at the
+  # 1B shape, with warp-aggregated atomics 1292.6 (dropped): stream_sweep_h200_20261204b.json
   "mask_mgpu": dataclasses.replace(_FWD, selection="mgpu"),
-  "mask_mgpu_agg": dataclasses.replace(_FWD, selection="mgpu_agg"),
 }
 # The whole forward epilogue with indices (`moc_train.train_forward_epilogue`): the two-kernel
 # default (selection bitmask, then the streaming pass) vs the one-kernel form (selection,

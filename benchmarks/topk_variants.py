@@ -46,7 +46,6 @@ SWEEP: dict[str, TopKConfig] = {
   # 2026-12-04 (session 21, untimed): the Mosaic GPU radix select, whole (`mgpu_select.select`)
   # and as the bitmask kernel before the gathered compaction
   "mgpu": TopKConfig(selection="mgpu"),
-  "mgpu_agg": TopKConfig(selection="mgpu_agg"),
   "cmp_gather_mgpu": dataclasses.replace(topk.GAUSS_GATHER, selection="mgpu"),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80
   # registers, 37.5% occupancy). Tried and slower in the epilogue: count='pair' (two bf16

@@ -1,13 +1,19 @@
-"""Lane-level shared-memory ops for Mosaic GPU kernels, which Pallas does not express.
+"""Warp-level ops for the Mosaic GPU radix select (`mgpu_select`), which Pallas does not express.
 
-Pallas Mosaic GPU works on whole arrays in fixed layouts; a radix select needs each lane to add
-to, OR into, load from or store to a shared-memory address of its own. These helpers emit that
-PTX per register element through `plgpu.inline_mgpu`. In interpret mode (CPU tests) they are
-jnp scatters and gathers on the whole ref, the barriers no-ops and TMA copies assignments.
+Pallas Mosaic GPU works on whole arrays in fixed layouts; a radix select also needs lanes that
+add into shared-memory bins of their own, warp ballots and warp scans. These emit that PTX per
+register through `plgpu.inline_mgpu`. The row is in `WG_STRIDED` order with one element per
+register: element c = 128 i + 32 warp + lane sits in register i, so the 32 lanes of a warp hold
+one 32-bit word of the row's bitmask and a ballot is that word. The 256 bins are two per thread
+(bins 2t, 2t + 1), so a warp holds 64 consecutive bins.
+
+In interpret mode (CPU tests) each op is a jnp equivalent on the whole array, barriers and
+waits are no-ops and TMA copies assignments.
 """
 
 from __future__ import annotations
 
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
@@ -18,67 +24,210 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 I32 = jnp.int32
+BINS = 256
+LANES = 128  # threads per warpgroup
+_VOID = "!llvm.void"
 
-# One key's count, aggregated over its warp: the lanes holding the same bin (`match.any`) add
-# their number once, from the lowest of them, so a bin many lanes hit costs one atomic, not one
-# per lane (Gaussian rows put most keys' high bytes in a few bins). Lanes with where == 0 match
-# on a key no bin has. Operands: $0 the lane's address, $1 its bin, $2 where.
-AGGREGATED_ADD = """{
-.reg .pred p, q;
-.reg .b32 k, m, t, me, cnt, lane;
-setp.ne.s32 p, $2, 0;
-mov.u32 lane, %laneid;
-or.b32 t, lane, 0x80000000;
-selp.b32 k, $1, t, p;
-match.any.sync.b32 m, k, 0xffffffff;
-neg.s32 t, m;
-and.b32 t, t, m;
-mov.u32 me, 1;
-shl.b32 me, me, lane;
-setp.eq.and.u32 q, t, me, p;
-popc.b32 cnt, m;
-@q red.shared::cta.add.u32 [$0], cnt;
+
+def _i32():
+  return ir.IntegerType.get_signless(32)
+
+
+def _c(v: int):
+  return arith.constant(_i32(), v)
+
+
+def _asm(text: str, operands: list, constraints: str, result: bool = False):
+  """One inline PTX block; returns its one 32-bit result if `result`."""
+  ty = _i32() if result else ir.Type.parse(_VOID)
+  return llvm.inline_asm(ty, operands, text, constraints, has_side_effects=True)
+
+
+def _thread():
+  """(thread in the warpgroup, its warp, its lane), int32."""
+  t = arith.remui(mgpu_utils.thread_idx(), _c(LANES))
+  return t, arith.shrui(t, _c(5)), arith.andi(t, _c(31))
+
+
+def _elements(array):
+  """(register i, element j, value) for each element of a WG_STRIDED array."""
+  for (i,), vec in np.ndenumerate(array.registers):
+    for j in range(ir.VectorType(vec.type).shape[0]):
+      yield i, j, llvm.extractelement(vec, _c(j))
+
+
+def _valid(thread, i: int, num_valid: int):
+  """Row element 128 i + thread < num_valid (vec 1): None when the whole register is."""
+  if LANES * (i + 1) <= num_valid:
+    return None
+  return arith.cmpi(arith.CmpIPredicate.slt, thread, _c(num_valid - LANES * i))
+
+
+def _and(a, b):
+  return b if a is None else a if b is None else arith.andi(a, b)
+
+
+def _red_add(ptr, ok) -> None:
+  """ref[ptr] += 1 where ok (an i1 or None: always)."""
+  if ok is None:
+    _asm("red.shared::cta.add.u32 [$0], $1;", [ptr, _c(1)], "r,r")
+    return
+  flag = arith.extui(_i32(), ok)
+  text = "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p red.shared::cta.add.u32 [$0], $1; }"
+  _asm(text, [ptr, _c(1), flag], "r,r,r")
+
+
+def _scalar(array):
+  """The first element of an array that holds one value everywhere."""
+  return llvm.extractelement(array.registers.flat[0], _c(0))
+
+
+def _count(row_layout, bin_layout, num_valid: int, low: bool):
+  """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
+  the keys whose high byte is `high` (a bins-layout array of that one value)."""
+  args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
+
+  @plgpu.inline_mgpu(arg_types=args)
+  def count(ctx, key, *rest):
+    del ctx
+    ref = rest[-1]
+    base, (thread, _, _) = mgpu_utils.memref_ptr(ref), _thread()
+    high = _scalar(rest[0]) if low else None
+    for i, _, k in _elements(key):
+      ok = _valid(thread, i, num_valid)
+      if low:
+        same = arith.cmpi(arith.CmpIPredicate.eq, arith.shrui(k, _c(8)), high)
+        digit, ok = arith.andi(k, _c(0xFF)), _and(ok, same)
+      else:
+        digit = arith.shrui(k, _c(8))
+      _red_add(mgpu_utils.getelementptr(base, [digit], _i32()), ok)
+
+  return count
+
+
+_BALLOT = """{
+.reg .pred p, e, q;
+.reg .b32 g, w, l;
+setp.gt.s32 p, $2, $3;
+setp.eq.s32 e, $2, $3;
+setp.ne.and.s32 p, $4, 0, p;
+setp.ne.and.s32 e, $4, 0, e;
+vote.sync.ballot.b32 g, p, 0xffffffff;
+vote.sync.ballot.b32 w, e, 0xffffffff;
+mov.u32 l, %laneid;
+setp.eq.u32 q, l, 0;
+@q st.shared.b32 [$0], g;
+@q st.shared.b32 [$1], w;
 }"""
 
 
-def _red(layout, op: str, aggregate: bool, with_value: bool, with_where: bool):
-  """In-kernel: ref[index[i]] op= value[i] (1 without `value`) for every element i where
-  where[i] != 0 (everywhere without `where`): `red.shared::cta.{op}` per element; int32 arrays
-  of one layout, then a shared int32 ref. aggregate (counting): one atomic per bin and warp."""
-  arrays = 1 + with_value + with_where
+def _ballot_words(row_layout, bin_layout, num_valid: int):
+  """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
+  per register and warp, stored by lane 0 (every word of the row is written)."""
 
-  @plgpu.inline_mgpu(arg_types=(layout,) * arrays + (plgpu.RefType(),))
-  def red(ctx, index, *rest):
+  @plgpu.inline_mgpu(arg_types=(row_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
+  def ballot(ctx, key, v_array, above_ref, equal_ref):
     del ctx
-    value = rest[0] if with_value else None
-    where = rest[with_value] if with_where else None
-    i32 = ir.IntegerType.get_signless(32)
-    base, one = mgpu_utils.memref_ptr(rest[-1]), arith.constant(i32, 1)
-    ptx_op = f"red.shared::cta.{op}." + ("u32" if op == "add" else "b32")
-    for pos, idx_v in np.ndenumerate(index.registers):
-      for j in range(ir.VectorType(idx_v.type).shape[0]):
-        lane = arith.constant(i32, j)
-        index_j = llvm.extractelement(idx_v, lane)
-        ptr = mgpu_utils.getelementptr(base, [index_j], i32)
-        val = llvm.extractelement(value.registers[pos], lane) if with_value else one
-        ok = llvm.extractelement(where.registers[pos], lane) if with_where else one
-        if aggregate:
-          asm, operands = AGGREGATED_ADD, [ptr, index_j, ok]
-        elif with_where:
-          asm = f"{{ .reg .pred p; setp.ne.s32 p, $2, 0; @p {ptx_op} [$0], $1; }}"
-          operands = [ptr, val, ok]
-        else:
-          asm, operands = f"{ptx_op} [$0], $1;", [ptr, val]
-        constraints = ",".join(["r"] * len(operands))
-        llvm.inline_asm(
-          ir.Type.parse("!llvm.void"), operands, asm, constraints, has_side_effects=True
-        )
+    v, (thread, warp, _) = _scalar(v_array), _thread()
+    bases = mgpu_utils.memref_ptr(above_ref), mgpu_utils.memref_ptr(equal_ref)
+    for i, _, k in _elements(key):
+      word = arith.addi(warp, _c(4 * i))
+      ptrs = [mgpu_utils.getelementptr(b, [word], _i32()) for b in bases]
+      ok = _valid(thread, i, num_valid)
+      flag = _c(1) if ok is None else arith.extui(_i32(), ok)
+      _asm(_BALLOT, [*ptrs, k, v, flag], "r,r,r,r,r")
 
-  return red
+  return ballot
+
+
+def _warp_scan(x, suffix: bool):
+  """Inclusive sum over the lanes at or above (suffix) / at or below each lane."""
+  step = (
+    "shfl.sync.down.b32 y|p, $0, {d}, 0x1f, 0xffffffff;"
+    if suffix
+    else "shfl.sync.up.b32 y|p, $0, {d}, 0x0, 0xffffffff;"
+  )
+  body = " ".join(step.format(d=d) + " @p add.s32 $0, $0, y;" for d in (1, 2, 4, 8, 16))
+  return _asm(f"{{ .reg .pred p; .reg .b32 y; mov.b32 $0, $1; {body} }}", [x], "=r,r", True)
+
+
+def _store_if(ptr, value, ok) -> None:
+  flag = arith.extui(_i32(), ok)
+  _asm(
+    "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.shared.b32 [$0], $1; }",
+    [ptr, value, flag],
+    "r,r,r",
+  )
+
+
+def _block_scan(bins, tmp_ref, slot: int, suffix: bool):
+  """(a0, a1, inclusive sum of the pairs over the threads at or above / at or below this
+  one, thread): warp scans, each warp's total through tmp[slot : slot + 4], one barrier."""
+  vec = bins.registers.flat[0]
+  a0, a1 = (llvm.extractelement(vec, _c(j)) for j in (0, 1))
+  pair = arith.addi(a0, a1)
+  x = _warp_scan(pair, suffix)
+  thread, warp, lane = _thread()
+  base = mgpu_utils.memref_ptr(tmp_ref)
+  last = arith.cmpi(arith.CmpIPredicate.eq, lane, _c(0 if suffix else 31))
+  _store_if(mgpu_utils.getelementptr(base, [arith.addi(warp, _c(slot))], _i32()), x, last)
+  mgpu_utils.warpgroup_barrier()
+  before = arith.CmpIPredicate.ugt if suffix else arith.CmpIPredicate.ult
+  for w in range(4):
+    total = llvm.load(_i32(), mgpu_utils.getelementptr(base, [slot + w], _i32()))
+    counts = arith.cmpi(before, _c(w), warp)
+    x = arith.addi(x, arith.select(counts, total, _c(0)))
+  return a0, a1, x, thread
+
+
+def _select_bin(bin_layout, k: int, slot: int):
+  """With S[b] = base + Σ_{j >= b} h[j]: the one bin b with S[b] >= K > S[b + 1], written
+  to tmp[slot + 4] with S[b + 1] to tmp[slot + 5] by the thread holding it; then a barrier.
+  h and base (one value everywhere) in the bins layout; S[256] = base < K."""
+
+  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, plgpu.RefType()))
+  def select_bin(ctx, h, base_array, tmp_ref):
+    del ctx
+    a0, a1, incl, thread = _block_scan(h, tmp_ref, slot, suffix=True)
+    s0 = arith.addi(incl, _scalar(base_array))  # S[2t]
+    s1, s2 = arith.subi(s0, a0), arith.subi(arith.subi(s0, a0), a1)  # S[2t + 1], S[2t + 2]
+    ge = lambda s: arith.cmpi(arith.CmpIPredicate.sge, s, _c(k))
+    lt = lambda s: arith.cmpi(arith.CmpIPredicate.slt, s, _c(k))
+    odd = arith.andi(ge(s1), lt(s2))  # b = 2t + 1
+    here = arith.ori(odd, arith.andi(ge(s0), lt(s1)))
+    b = arith.addi(arith.muli(thread, _c(2)), arith.extui(_i32(), odd))
+    above = arith.select(odd, s2, s1)
+    base = mgpu_utils.memref_ptr(tmp_ref)
+    _store_if(mgpu_utils.getelementptr(base, [slot + 4], _i32()), b, here)
+    _store_if(mgpu_utils.getelementptr(base, [slot + 5], _i32()), above, here)
+    mgpu_utils.warpgroup_barrier()
+
+  return select_bin
+
+
+def _exclusive_prefix(bin_layout, slot: int):
+  """x[b] -> Σ_{j < b} x[j] over the 256 bins (tmp[slot : slot + 4] for the warp totals)."""
+
+  @plgpu.inline_mgpu(
+    arg_types=(bin_layout, plgpu.RefType()),
+    return_type=plgpu.ShapeDtypeStruct((BINS,), I32, layout=bin_layout),
+  )
+  def prefix(ctx, x, tmp_ref):
+    del ctx
+    a0, a1, incl, _ = _block_scan(x, tmp_ref, slot, suffix=False)
+    first = arith.subi(arith.subi(incl, a1), a0)
+    vec = x.registers.flat[0]
+    vec = llvm.insertelement(vec, first, _c(0))
+    vec = llvm.insertelement(vec, arith.addi(first, a0), _c(1))
+    regs = np.empty_like(x.registers)
+    regs.flat[0] = vec
+    return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=True)
+
+  return prefix
 
 
 def _lds(layout, n: int):
-  """In-kernel: ref[index[i]] for every element of `index` (int32, from a shared int32 ref)."""
+  """ref[index[i]] for every element of `index` (int32, from a shared int32 ref)."""
 
   @plgpu.inline_mgpu(
     arg_types=(layout, plgpu.RefType()),
@@ -86,45 +235,37 @@ def _lds(layout, n: int):
   )
   def lds(ctx, index, ref):
     del ctx
-    i32 = ir.IntegerType.get_signless(32)
     base = mgpu_utils.memref_ptr(ref)
     out = np.empty_like(index.registers)
-    for pos, idx_v in np.ndenumerate(index.registers):
-      acc = idx_v
-      for j in range(ir.VectorType(idx_v.type).shape[0]):
-        lane = arith.constant(i32, j)
-        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, lane)], i32)
-        acc = llvm.insertelement(acc, llvm.load(i32, ptr), lane)
-      out[pos] = acc
+    for (i,), vec in np.ndenumerate(index.registers):
+      for j in range(ir.VectorType(vec.type).shape[0]):
+        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(vec, _c(j))], _i32())
+        vec = llvm.insertelement(vec, llvm.load(_i32(), ptr), _c(j))
+      out[i] = vec
     return mgpu.FragmentedArray(_registers=out, _layout=index.layout, _is_signed=True)
 
   return lds
 
 
 def _sts(layout, bits: int):
-  """In-kernel: ref[index[i]] = value[i] (its low `bits` bits) where where[i] != 0, into a
-  shared ref of bits-wide elements; three int32 arrays of one layout."""
+  """ref[index[i]] = value[i] (its low `bits` bits) where where[i] != 0, into a shared ref of
+  bits-wide elements; three int32 arrays of one layout."""
 
   @plgpu.inline_mgpu(arg_types=(layout, layout, layout, plgpu.RefType()))
   def sts(ctx, index, value, where, ref):
     del ctx
-    i32 = ir.IntegerType.get_signless(32)
     elem = ir.IntegerType.get_signless(bits)
     base = mgpu_utils.memref_ptr(ref)
     regs = zip(index.registers.flat, value.registers.flat, where.registers.flat, strict=True)
     for idx_v, val_v, ok_v in regs:
       for j in range(ir.VectorType(idx_v.type).shape[0]):
-        lane = arith.constant(i32, j)
-        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, lane)], elem)
-        val = llvm.extractelement(val_v, lane)
-        if bits != 32:
-          val = arith.trunci(elem, val)
-        llvm.inline_asm(
-          ir.Type.parse("!llvm.void"),
-          [ptr, val, llvm.extractelement(ok_v, lane)],
+        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, _c(j))], elem)
+        val = llvm.extractelement(val_v, _c(j))
+        val = val if bits == 32 else arith.trunci(elem, val)
+        _asm(
           f"{{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.shared.b{bits} [$0], $1; }}",
+          [ptr, val, llvm.extractelement(ok_v, _c(j))],
           "r," + ("h" if bits == 16 else "r") + ",r",
-          has_side_effects=True,
         )
 
   return sts
@@ -136,75 +277,98 @@ def _barrier_gpu(ctx):
   mgpu_utils.warpgroup_barrier()
 
 
-def _scatter(ref, index, value, where, combine: str) -> None:
-  """Interpret mode's stand-in for the inline shared-memory ops, on the whole ref at once
-  (value None: 1; where None: everywhere)."""
-  cur = ref[...]
-  size = cur.shape[0]
-  value = jnp.ones_like(index) if value is None else value
-  where = jnp.ones_like(index) if where is None else where
-  if combine == "or":  # OR-reduce every value that lands on each element
-    hits = (index[None, :] == jnp.arange(size)[:, None]) & (where[None, :] != 0)
-    contrib = jnp.where(hits, value[None, :], 0)
-    ref[...] = cur | lax.reduce(contrib, np.int32(0), lax.bitwise_or, (1,))
-    return
-  target = jnp.where(where != 0, index, size)  # out of range: dropped
-  at = cur.at[target]
-  ref[...] = (
-    at.add(value, mode="drop") if combine == "add" else at.set(value.astype(cur.dtype), mode="drop")
-  )
+def _pack_words(bits_F):
+  """A row's booleans as (F / 32) int32 words, bit c % 32 of word c // 32."""
+  weights = lax.shift_left(jnp.ones((32,), I32), jnp.arange(32, dtype=I32))
+  return jnp.sum(bits_F.reshape(-1, 32).astype(I32) * weights, axis=1, dtype=I32)
 
 
-def _assign(src_ref, dst_ref) -> None:
-  dst_ref[...] = src_ref[...]
+class SelectOps:
+  """The select kernel's warp-level ops: inline PTX on the GPU, jnp in interpret mode (one
+  CTA's program as one array program; barriers and waits are no-ops there).
 
+  Row arrays (F keys, one per register) and bins arrays (256, two per thread):
+    count_high(key, ref) / count_low(key, high, ref): ref[digit] += 1 per valid key;
+    ballot_words(key, v, above_ref, equal_ref): the words of keys > v / == v;
+    select_bin(h, base, tmp_ref, slot): tmp[slot + 4 : slot + 6] = (b, S[b + 1]);
+    exclusive_prefix(x, tmp_ref, slot); lds / sts32 / sts16 for the compaction;
+    splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
+  Scalars (high, v, base) are bins arrays of one value (`splat`)."""
 
-class LaneOps:
-  """The kernel's lane-level shared-memory ops: inline PTX on the GPU, jnp in interpret mode
-  (which runs each CTA's program as one array program, so barriers are no-ops there).
-
-  count(index, where, ref): ref[index] += 1 where `where` (None: everywhere), aggregated per
-  warp with `aggregate`; bit_or / bit_or_bins(index, value, where, ref): ref[index] |= value,
-  over the row's / the 256 bins' layout; lds(index, ref): ref[index]; sts32 / sts16(index,
-  value, where, ref): ref[index] = value; barrier, commit, copy_out(src, dst), wait; cast."""
-
-  def __init__(self, row_layout, bin_layout, f: int, interpret: bool, aggregate: bool):
-    self._interpret = interpret
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool):
+    self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
+    self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
+    self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
+    self._built: dict = {}
     if interpret:
-      self.lds = lambda i, ref: ref[...][i]
-      self.barrier = self.commit = self.wait = lambda: None
+      self.barrier = self.commit = self.wait_read = self.wait = lambda: None
       self.copy_out = _assign
       self.cast = lambda x, layout: x
       return
-    self._layouts = {"row": row_layout, "bins": bin_layout}
-    self._aggregate = aggregate
-    self._built: dict = {}
     self.cast = plgpu.layout_cast
-    self.lds = _lds(row_layout, f)
-    self._sts = {32: _sts(row_layout, 32), 16: _sts(row_layout, 16)}
     self.barrier = _barrier_gpu
     self.commit = plgpu.commit_smem
     self.copy_out = plgpu.copy_smem_to_gmem  # TMA: a bulk copy of the contiguous row
+    self.wait_read = lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     self.wait = lambda: plgpu.wait_smem_to_gmem(0)
 
-  def _red(self, layout: str, op: str, index, value, where, ref) -> None:
+  def _op(self, name: str, make, *args):
+    if name not in self._built:
+      self._built[name] = make(*args)
+    return self._built[name]
+
+  def load_row(self, ref, r):
+    """ref[r, :F], one element per register."""
     if self._interpret:
-      return _scatter(ref, index, value, where, op)
-    key = (layout, op, value is not None, where is not None)
-    if key not in self._built:
-      aggregate = self._aggregate and op == "add"
-      self._built[key] = _red(self._layouts[layout], op, aggregate, *key[2:])
-    args = [a for a in (value, where) if a is not None]
-    self._built[key](index, *args, ref)
+      return ref[r, pl.ds(0, self._f)]
+    return plgpu.load(ref, (r, pl.ds(0, self._f)), layout=self.row_layout)
 
-  def count(self, index, where, ref) -> None:
-    self._red("row", "add", index, None, where, ref)
+  def splat(self, x):
+    return self.cast(jnp.full((BINS,), x, I32), self.bin_layout)
 
-  def bit_or(self, index, value, where, ref) -> None:
-    self._red("row", "or", index, value, where, ref)
+  def _valid_key(self, key):
+    return jnp.arange(self._f) < self._nv
 
-  def bit_or_bins(self, index, value, where, ref) -> None:
-    self._red("bins", "or", index, value, where, ref)
+  def count_high(self, key, ref) -> None:
+    if self._interpret:
+      return _scatter_add(ref, key >> 8, self._valid_key(key))
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("count_high", _count, rl, bl, nv, False)(key, ref)
+
+  def count_low(self, key, high, ref) -> None:
+    if self._interpret:
+      return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("count_low", _count, rl, bl, nv, True)(key, high, ref)
+
+  def ballot_words(self, key, v, above_ref, equal_ref) -> None:
+    if self._interpret:
+      nw, valid = self._f // 32, self._valid_key(key)
+      zeros = jnp.zeros((BINS,), I32)
+      above_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key > v[0])))
+      equal_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key == v[0])))
+      return
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("ballot", _ballot_words, rl, bl, nv)(key, v, above_ref, equal_ref)
+
+  def select_bin(self, h, base, tmp_ref, slot: int) -> None:
+    if self._interpret:
+      s = jnp.cumsum(h[::-1])[::-1] + base[0]
+      b = jnp.max(jnp.where(s >= self._k, jnp.arange(BINS), -1))
+      tmp_ref[slot + 4] = b
+      tmp_ref[slot + 5] = jnp.concatenate([s, base[:1]])[b + 1]
+      return
+    self._op(f"select_bin{slot}", _select_bin, self.bin_layout, self._k, slot)(h, base, tmp_ref)
+
+  def exclusive_prefix(self, x, tmp_ref, slot: int):
+    if self._interpret:
+      return jnp.cumsum(x) - x
+    return self._op(f"prefix{slot}", _exclusive_prefix, self.bin_layout, slot)(x, tmp_ref)
+
+  def lds(self, index, ref):
+    if self._interpret:
+      return ref[...][index]
+    return self._op("lds", _lds, self.row_layout, self._f)(index, ref)
 
   def sts32(self, index, value, where, ref) -> None:
     self._store(32, index, value, where, ref)
@@ -214,5 +378,17 @@ class LaneOps:
 
   def _store(self, bits: int, index, value, where, ref) -> None:
     if self._interpret:
-      return _scatter(ref, index, value, where, "set")
-    self._sts[bits](index, value, where, ref)
+      cur = ref[...]
+      target = jnp.where(where != 0, index, cur.shape[0])  # out of range: dropped
+      ref[...] = cur.at[target].set(value.astype(cur.dtype), mode="drop")
+      return
+    self._op(f"sts{bits}", _sts, self.row_layout, bits)(index, value, where, ref)
+
+
+def _scatter_add(ref, index, where) -> None:
+  cur = ref[...]
+  ref[...] = cur.at[jnp.where(where, index, cur.shape[0])].add(1, mode="drop")
+
+
+def _assign(src_ref, dst_ref) -> None:
+  dst_ref[...] = src_ref[...]

@@ -11,7 +11,7 @@ import dataclasses
 
 ABLATIONS = ("", "mask_only")
 MASK_PASSES = ("ballot", "ballot_each", "cut", "scan")
-SELECTIONS = ("triton", "mgpu", "mgpu_agg")
+SELECTIONS = ("triton", "mgpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +65,9 @@ class TopKConfig:
   # chunk the cut falls in ('cut1', removed) lost: stream_sweep_h200_20261204.json.
   mask_pass: str = "cut"
   # Which kernel finds the selection ('moc' only): 'triton' (these knobs), or the Mosaic GPU
-  # radix select with shared-memory histograms (`mgpu_select`; '_agg': its histogram atomics
-  # aggregated per warp), 16-bit values, F % 128 == 0. With `compact` it writes the bitmask
-  # that the gathered compaction or the train epilogues read; else `topk.select` is the whole
-  # Mosaic top-K. Exact in interpret mode, not yet run on a GPU: not a default.
+  # radix select with shared-memory histograms (`mgpu_select`), 16-bit values, F % 128 == 0.
+  # With `compact` it writes the bitmask that the gathered compaction or the train epilogues
+  # read; else `topk.select` is the whole Mosaic top-K. Not a default (see mgpu_select).
   selection: str = "triton"
 
   def __post_init__(self):

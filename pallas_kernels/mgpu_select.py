@@ -3,21 +3,22 @@
 Why: the Triton selection is instruction-bound (~270 µs at 16384 × 5504, NOTES_kernels.md);
 counting keys into shared-memory histograms, one atomic per key and 8-bit digit, is how fast
 GPU top-K kernels work, and Pallas-Triton cannot express those atomics. Not a default anywhere
-(`TopKConfig.selection='mgpu'` picks it): exact in interpret mode on the CPU, not yet run on a
-GPU (benchmarks/mgpu_select_probe.py is the first run).
+(`TopKConfig.selection='mgpu'` picks it).
 
 Per row, one warpgroup per CTA, rows taken in turn by the CTAs; keys are the order-preserving
-16-bit images of the values (0…65535):
-  1. histogram of each key's high byte; suffix sums by doubling over shifted views of a
-     zero-padded shared buffer; the bin b1 holding the K-th key: the largest b with
-     S1[b] >= K; above = S1[b1 + 1];
+16-bit images of the values (0…65535), one per register (`_mgpu_ops` has the lane layout):
+  1. histogram of each key's high byte; a warp-scan suffix sum finds the bin b1 holding the
+     K-th key (S1[b1] >= K > S1[b1 + 1]) and above = S1[b1 + 1];
   2. the same over the low byte of the keys whose high byte is b1: the K-th key
      v = 256 b1 + b2, `need` = K - #keys above v;
-  3. words of keys above v and of keys equal to v; the equal words keep only their first
-     `need` bits in channel order (a prefix sum of their popcounts, then per word the lowest
-     bits that fit); the row's (F/32) words go to HBM by TMA;
+  3. words of keys above v and of keys equal to v, one warp ballot each; the equal words keep
+     only their first `need` bits in channel order (an exclusive prefix of their popcounts,
+     then per word the lowest bits that fit); the row's (F/32) words go to HBM by TMA, and
+     the next row waits only for that copy to have read them;
   4. (`select`) each selected channel's slot from the words (prefix of their popcounts + its
      word's lower bits); channels and values stored there in shared memory, out by TMA.
+The first version (2026-12-04: shared-memory atomics for the words, doubling sums, a TMA wait
+per row) needed 255 registers and spilled, at 12.5% occupancy: 1.43x the Triton pass.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import I32, LaneOps
+from pallas_kernels._mgpu_ops import BINS, I32, LANES, SelectOps
 
-BINS = 256
-LANES = 128  # threads per warpgroup
 MAX_CTAS = 1024  # rows are spread over at most this many CTAs (a divisor of T)
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -43,35 +42,6 @@ def popcount(x):
   x = (x & 0x33333333) + (lax.shift_right_logical(x, 2) & 0x33333333)
   x = (x + lax.shift_right_logical(x, 4)) & 0x0F0F0F0F
   return lax.shift_right_logical(x * 0x01010101, 24)
-
-
-def _suffix_sums(buf_ref, layout, n: int, ops) -> None:
-  """buf[b] = Σ_{j >= b} buf[j] for b < n, by doubling; buf[n : 2n] must hold zeros."""
-  s = 1
-  while s < n:
-    a = ops.cast(buf_ref[pl.ds(0, n)], layout)
-    b = ops.cast(buf_ref[pl.ds(s, n)], layout)
-    ops.barrier()
-    buf_ref[pl.ds(0, n)] = a + b
-    ops.barrier()
-    s *= 2
-
-
-def _prefix_sums(buf_ref, layout, n: int, ops) -> None:
-  """buf[n + w] = Σ_{j <= w} buf[n + j], by doubling; buf[0 : n] must hold zeros."""
-  s = 1
-  while s < n:
-    a = ops.cast(buf_ref[pl.ds(n, n)], layout)
-    b = ops.cast(buf_ref[pl.ds(n - s, n)], layout)
-    ops.barrier()
-    buf_ref[pl.ds(n, n)] = a + b
-    ops.barrier()
-    s *= 2
-
-
-def _last_where(ok, iota):
-  """The largest index where ok holds (-1 if none), as a uniform scalar."""
-  return jnp.max(jnp.where(ok, iota, -1))
 
 
 def keep_lowest(x, m):
@@ -94,12 +64,10 @@ def kernel(
   num_valid: int | None = None,
   compact: bool = False,
   interpret: bool = False,
-  aggregate: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
-  channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
-  aggregate: the histograms' atomics aggregated per warp (`_mgpu_ops.AGGREGATED_ADD`)."""
+  channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or t % ctas or not 0 < k <= nv <= f:
     raise ValueError(
@@ -111,28 +79,20 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  per_lane = f // LANES
-  vec = next(v for v in (4, 2, 1) if per_lane % v == 0)  # widest loads the row allows
-  row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=vec)
-  bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
-  ops = LaneOps(row_layout, bin_layout, f, interpret, aggregate)
-  _barrier = ops.barrier
+  ops = SelectOps(f, k, nv, interpret)
+  bin_layout = ops.bin_layout
 
-  def compact_row(r, chan, word, key, gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out):
-    """Slots from the final words (exclusive prefix of their popcounts), then the row's
-    channels and values stored at their slots and copied out."""
-    words = ops.cast(gt_ref[...], bin_layout)
-    _barrier()
-    eq_ref[pl.ds(BINS, BINS)] = popcount(words)
-    _barrier()
-    _prefix_sums(eq_ref, bin_layout, BINS, ops)
-    first = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - popcount(words)
-    _barrier()
-    eq_ref[pl.ds(BINS, BINS)] = first
-    _barrier()
-    w = ops.lds(word, gt_ref)
+  def compact_row(r, key, final, refs) -> None:
+    """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
+    bits); its channel and value stored there, the two rows copied out."""
+    above_ref, equal_ref, tmp_ref, idx_ref, val_ref, idx_out, val_out = refs
+    equal_ref[...] = ops.exclusive_prefix(popcount(final), tmp_ref, 24)
+    ops.barrier()
+    chan = ops.cast(lax.broadcasted_iota(I32, (f,), 0), ops.row_layout)
+    word = lax.shift_right_logical(chan, 5)
+    w = ops.lds(word, above_ref)
     lower = lax.shift_left(jnp.ones_like(chan), chan & 31) - 1
-    slot = ops.lds(word, eq_ref.at[pl.ds(BINS, BINS)]) + popcount(w & lower)
+    slot = ops.lds(word, equal_ref) + popcount(w & lower)
     sel = lax.shift_right_logical(w, chan & 31) & 1
     ops.sts32(slot, chan, sel, idx_ref)
     centered = key - 32768  # the value's bits back from its key (the map is its own inverse)
@@ -142,75 +102,51 @@ def kernel(
     ops.copy_out(val_ref, val_out.at[r])
 
   def body(g_ref, out_ref, *refs):
-    idx_out, val_out, hist_ref, gt_ref, eq_ref, idx_ref, val_ref = (
+    idx_out, val_out, high_ref, low_ref, above_ref, equal_ref, tmp_ref, idx_ref, val_ref = (
       refs if compact else (None, None, *refs, None, None)
     )
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
-    bin_iota = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout)
-    zeros_b = ops.cast(jnp.zeros((BINS,), I32), bin_layout)
-
-    def kth_bin(base):
-      """(largest b with base + S[b] >= K, base + S[b + 1]) from hist_ref's counts."""
-      _suffix_sums(hist_ref, bin_layout, BINS, ops)
-      s = ops.cast(hist_ref[pl.ds(0, BINS)], bin_layout)
-      b = _last_where(base + s >= k, bin_iota)
-      above_b = base + hist_ref[b + 1]
-      _barrier()  # every thread has read the sums before anyone clears them
-      return b, above_b
+    in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
     def row(i, carry):
       r = pid + i * ctas
-      hist_ref[pl.ds(0, BINS)] = zeros_b
-      hist_ref[pl.ds(BINS, BINS)] = zeros_b
-      gt_ref[...] = zeros_b
-      eq_ref[pl.ds(0, BINS)] = zeros_b
-      eq_ref[pl.ds(BINS, BINS)] = zeros_b
-      _barrier()
-      g = g_ref[r, pl.ds(0, f)]
-      # per row, not hoisted: fewer arrays of F / 128 registers live across the row loop
-      chan = ops.cast(lax.broadcasted_iota(I32, (f,), 0), row_layout)
-      both = lambda ok: (ok if nv == f else ok & (chan < nv)).astype(I32)  # and not padding
-      bits = ops.cast(lax.bitcast_convert_type(g, jnp.int16).astype(I32), row_layout)
+      high_ref[...] = ops.splat(0)
+      low_ref[...] = ops.splat(0)
+      ops.barrier()
+      bits = lax.bitcast_convert_type(ops.load_row(g_ref, r), jnp.int16).astype(I32)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
-      ops.count(lax.shift_right_logical(key, 8), None if nv == f else both(chan >= 0), hist_ref)
-      _barrier()
-      b1, above = kth_bin(0)
-      hist_ref[pl.ds(0, BINS)] = zeros_b
-      _barrier()
-      ops.count(key & 0xFF, both(lax.shift_right_logical(key, 8) == b1), hist_ref)
-      _barrier()
-      b2, gt = kth_bin(above)
-      v, need = b1 * BINS + b2, k - gt
-      word = lax.shift_right_logical(chan, 5)
-      bit = lax.shift_left(jnp.ones_like(chan), chan & 31)
-      ops.bit_or(word, bit, both(key > v), gt_ref)
-      ops.bit_or(word, bit, both(key == v), eq_ref.at[pl.ds(BINS, BINS)])
-      _barrier()
-      eq = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout)
-      _barrier()
-      eq_ref[pl.ds(BINS, BINS)] = popcount(eq)
-      _barrier()
-      _prefix_sums(eq_ref, bin_layout, BINS, ops)
-      before = ops.cast(eq_ref[pl.ds(BINS, BINS)], bin_layout) - popcount(eq)
-      keep = keep_lowest(eq, jnp.clip(need - before, 0, 32))
-      ops.bit_or_bins(bin_iota, keep, None, gt_ref)  # keep is 0 past the row's words
-      _barrier()
+      ops.count_high(key, high_ref)
+      ops.barrier()
+      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0)
+      b1, above = tmp_ref[4], tmp_ref[5]
+      ops.count_low(key, ops.splat(b1), low_ref)
+      ops.wait_read()  # the last row's words have left shared memory before new ones land
+      ops.barrier()
+      ops.select_bin(ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8)
+      v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
+      ops.ballot_words(key, ops.splat(v), above_ref, equal_ref)
+      ops.barrier()
+      eq = jnp.where(in_row, ops.cast(equal_ref[...], bin_layout), 0)
+      before = ops.exclusive_prefix(popcount(eq), tmp_ref, 16)
+      final = ops.cast(above_ref[...], bin_layout) | keep_lowest(eq, jnp.clip(need - before, 0, 32))
+      above_ref[...] = final
       if compact:
-        refs_c = (gt_ref, eq_ref, idx_ref, val_ref, idx_out, val_out)
-        compact_row(r, chan, word, key, *refs_c)
-      ops.commit()  # the atomics' words, visible to the TMA engine
-      ops.copy_out(gt_ref.at[pl.ds(0, nw)], out_ref.at[r])
-      ops.wait()
-      _barrier()  # the copy has read gt_ref before any thread clears it for the next row
+        refs_c = (above_ref, equal_ref, tmp_ref, idx_ref, val_ref, idx_out, val_out)
+        compact_row(r, key, final, refs_c)
+      ops.commit()  # the words, visible to the TMA engine
+      ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
       return carry
 
     lax.fori_loop(0, t // ctas, row, 0)
+    ops.wait()
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
   scratch = [
-    plgpu.SMEM((2 * BINS,), I32),  # histogram, then zeros for the shifted views
+    plgpu.SMEM((BINS,), I32),  # the high bytes' histogram
+    plgpu.SMEM((BINS,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
     plgpu.SMEM((BINS,), I32),  # words of keys above v, then the row's words
-    plgpu.SMEM((2 * BINS,), I32),  # zeros, then the words of keys equal to v, then slots
+    plgpu.SMEM((BINS,), I32),  # words of keys equal to v, then (compact) each word's 1st slot
+    plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
   ]
   if compact:
     out_type += [jax.ShapeDtypeStruct((t, k), I32), jax.ShapeDtypeStruct((t, k), jnp.int16)]
@@ -244,7 +180,6 @@ def words(
   *,
   num_valid: int | None = None,
   width: int | None = None,
-  aggregate: bool = False,
   interpret: bool | None = None,
   ctas: int | None = None,
 ) -> jax.Array:
@@ -253,7 +188,7 @@ def words(
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(interpret=interpret, aggregate=aggregate)
+  kw = dict(interpret=interpret)
   return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
@@ -261,7 +196,6 @@ def select(
   g_TxF: jax.Array,
   k: int,
   *,
-  aggregate: bool = False,
   interpret: bool | None = None,
   ctas: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -269,7 +203,7 @@ def select(
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  kw = dict(compact=True, interpret=interpret, aggregate=aggregate)
+  kw = dict(compact=True, interpret=interpret)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)

@@ -12,14 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import mgpu_hist_probe, mgpu_select_probe
+from benchmarks import mgpu_select_probe
 from pallas_kernels import mgpu_select, reference
-
-
-def test_hist_probe_lowers_for_cuda(capsys):
-  mgpu_hist_probe.main(["--lower_only", "--t=16", "--f=512", "--ctas=4"])
-  out = capsys.readouterr().out
-  assert "hist: lowered for CUDA" in out and "hist_agg: lowered for CUDA" in out
 
 
 @pytest.mark.parametrize(
@@ -103,9 +97,8 @@ def test_select_refuses_what_it_cannot_do():
     mgpu_select.words(jnp.zeros((4, 200), jnp.bfloat16), 16)
 
 
-@pytest.mark.parametrize("selection", ["mgpu", "mgpu_agg"])
-def test_topk_select_through_mosaic_matches_reference(selection):
-  """`topk.select` with `selection='mgpu*'`: the whole Mosaic top-K, and (compact) its words
+def test_topk_select_through_mosaic_matches_reference():
+  """`topk.select` with `selection='mgpu'`: the whole Mosaic top-K, and (compact) its words
   with the gathered compaction; interpret mode on the CPU."""
   from pallas_kernels import topk
 
@@ -113,7 +106,7 @@ def test_topk_select_through_mosaic_matches_reference(selection):
   g = jax.random.normal(jax.random.key(seed), (3, 640)).astype(jnp.bfloat16)
   want_idx, want_val = reference.select(g, 64, "moc")
   for compact in (False, True):
-    cfg = topk.TopKConfig(selection=selection, compact=compact, apply_mode="gather")
+    cfg = topk.TopKConfig(selection="mgpu", compact=compact, apply_mode="gather")
     idx, val = topk.select(g, 64, "moc", config=cfg)
     assert np.array_equal(idx, want_idx), f"{seed=} {compact=}"
     assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
@@ -138,8 +131,7 @@ def test_train_forward_with_mosaic_words_matches_triton():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("aggregate", [False, True])
-def test_mgpu_select_gpu_real_size(aggregate):
+def test_mgpu_select_gpu_real_size():
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""
   seed = time.time_ns() % (2**31)
@@ -147,9 +139,9 @@ def test_mgpu_select_gpu_real_size(aggregate):
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
-    idx, val = mgpu_select.select(x, 1024, aggregate=aggregate)
+    idx, val = mgpu_select.select(x, 1024)
     want_idx, want_val = reference.select(x, 1024, "moc")
     assert np.array_equal(idx, want_idx), f"{seed=}"
     assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
-  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, aggregate=aggregate)
+  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
