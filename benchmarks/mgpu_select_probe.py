@@ -3,8 +3,8 @@
 Checks the kernel's words (the Triton selection pass's format) and its whole top-K against the
 reference on Gaussian and tie-heavy rows, then times them beside the Triton selection pass
 (`triton_mask`), `topk.select`'s default (`triton_topk`) and one XLA read of G (the floor of
-any pass over G). A variant that fails to compile or is inexact is recorded and not timed. `emulate_words` / `emulate_slots` are the
-kernel's algorithm in jnp, for the CPU tests.
+any pass over G). A variant that fails to compile or is inexact is recorded and not timed.
+`emulate_words` / `emulate_slots` are the kernel's algorithm in jnp, for the CPU tests.
 
   python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461   # the 1B layer's words
