@@ -207,11 +207,12 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-mgpu() {  # the Mosaic GPU radix select probe (5632; 2048 CTAs; the 1B layer's words)
+mgpu() {  # the Mosaic GPU radix select probe at 5632 and the 1B layer's words, CTA counts
   [ -n "${DRY:-}" ] && { echo "Mosaic GPU probes skipped (DRY)"; return 0; }
-  python3 benchmarks/mgpu_select_probe.py --out "$work/mgpu_select_probe.json"
-  python3 benchmarks/mgpu_select_probe.py --ctas=2048 --out "$work/mgpu_select_probe_2048.json"
-  python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --out "$work/mgpu_select_1b.json"
+  local ctas=${MGPU_CTAS:-1024,528,660,792,924,1056,2048,4096}
+  python3 benchmarks/mgpu_select_probe.py --ctas=$ctas --out "$work/mgpu_select_probe.json"
+  python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --ctas=$ctas \
+    --out "$work/mgpu_select_1b.json"
 }
 
 sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags gemms graphs tests layer stream mgpu"

@@ -82,12 +82,18 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
 
 
 def _variants(a) -> dict:
-  """The Mosaic GPU rows on `--ctas` CTAs: words and (without padding, K % 8 == 0) the whole
-  top-K."""
-  mgpu_select.kernel(a.t, a.f, a.k, a.ctas, a.num_valid)  # shape errors before any tracing
-  kw = dict(ctas=a.ctas, interpret=False)
-  fns = {"mgpu_select": jax.jit(lambda g: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw))}
+  """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
+  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first."""
+  counts = [int(c) for c in a.ctas.split(",")]
+  for c in counts:  # shape errors before any tracing
+    mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
+  fns = {}
+  for n, c in enumerate(counts):
+    kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
+    name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
+    fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
+    kw = dict(ctas=counts[0], interpret=False)
     fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
   return fns
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--f", type=int, default=5632, help="a multiple of 128, at most 8192")
   p.add_argument("--k", type=int, default=1024, help="a multiple of 8 for the top-K rows")
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
-  p.add_argument("--ctas", type=int, default=1024, help="must divide T")
+  p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)

@@ -63,79 +63,93 @@ def _valid(thread, i: int, num_valid: int):
   return arith.cmpi(arith.CmpIPredicate.slt, thread, _c(num_valid - LANES * i))
 
 
-def _and(a, b):
-  return b if a is None else a if b is None else arith.andi(a, b)
-
-
-def _red_add(ptr, ok) -> None:
-  """ref[ptr] += 1 where ok (an i1 or None: always)."""
-  if ok is None:
-    _asm("red.shared::cta.add.u32 [$0], $1;", [ptr, _c(1)], "r,r")
-    return
-  flag = arith.extui(_i32(), ok)
-  text = "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p red.shared::cta.add.u32 [$0], $1; }"
-  _asm(text, [ptr, _c(1), flag], "r,r,r")
-
-
 def _scalar(array):
   """The first element of an array that holds one value everywhere."""
   return llvm.extractelement(array.registers.flat[0], _c(0))
 
 
+def _keys(key, num_valid: int):
+  """[(register i, key, validity flag: an int32, or None where the whole register is valid)]."""
+  thread = _thread()[0]
+  out = []
+  for i, _, k in _elements(key):
+    ok = _valid(thread, i, num_valid)
+    out.append((i, k, None if ok is None else arith.extui(_i32(), ok)))
+  return out
+
+
+def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8) -> None:
+  """One inline PTX block per `chunk` keys: `fixed` operands first ($0…), then each key and
+  its flag; element(key operand, flag operand or None, register i) is that key's PTX."""
+  for start in range(0, len(keys), chunk):
+    operands, lines = list(fixed), []
+    for i, k, flag in keys[start : start + chunk]:
+      operands.append(k)
+      k_op = f"${len(operands) - 1}"
+      f_op = None
+      if flag is not None:
+        operands.append(flag)
+        f_op = f"${len(operands) - 1}"
+      lines.append(element(k_op, f_op, i))
+    text = "{\n" + decls + "\n" + "\n".join(lines) + "\n}"
+    _asm(text, operands, ",".join(["r"] * len(operands)))
+
+
 def _count(row_layout, bin_layout, num_valid: int, low: bool):
   """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
-  the keys whose high byte is `high` (a bins-layout array of that one value)."""
+  the keys whose high byte is `high` (a bins-layout array of that one value). Per key: two
+  or three ALU ops and one shared-memory reduction."""
   args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
+
+  def element(k, flag, i):
+    del i
+    if low:  # d = key - 256 high: a bin iff 0 <= d < 256
+      pred = "sub.s32 d, {k}, $2; setp.lt.u32 p, d, 256;"
+      pred += "" if flag is None else " setp.ne.and.s32 p, {f}, 0, p;"
+      return (pred + " mad.lo.u32 a, d, 4, $0; @p red.shared::cta.add.u32 [a], $1;").format(
+        k=k, f=flag
+      )
+    guard = "" if flag is None else f"setp.ne.s32 p, {flag}, 0; @p "
+    return f"shr.u32 d, {k}, 8; mad.lo.u32 a, d, 4, $0; {guard}red.shared::cta.add.u32 [a], $1;"
 
   @plgpu.inline_mgpu(arg_types=args)
   def count(ctx, key, *rest):
     del ctx
-    ref = rest[-1]
-    base, (thread, _, _) = mgpu_utils.memref_ptr(ref), _thread()
-    high = _scalar(rest[0]) if low else None
-    for i, _, k in _elements(key):
-      ok = _valid(thread, i, num_valid)
-      if low:
-        same = arith.cmpi(arith.CmpIPredicate.eq, arith.shrui(k, _c(8)), high)
-        digit, ok = arith.andi(k, _c(0xFF)), _and(ok, same)
-      else:
-        digit = arith.shrui(k, _c(8))
-      _red_add(mgpu_utils.getelementptr(base, [digit], _i32()), ok)
+    fixed = [mgpu_utils.memref_ptr(rest[-1]), _c(1)]
+    if low:
+      fixed.append(arith.muli(_scalar(rest[0]), _c(BINS)))
+    decls = ".reg .pred p; .reg .b32 a, d;"
+    _blocks(_keys(key, num_valid), fixed, element, decls)
 
   return count
 
 
-_BALLOT = """{
-.reg .pred p, e, q;
-.reg .b32 g, w, l;
-setp.gt.s32 p, $2, $3;
-setp.eq.s32 e, $2, $3;
-setp.ne.and.s32 p, $4, 0, p;
-setp.ne.and.s32 e, $4, 0, e;
-vote.sync.ballot.b32 g, p, 0xffffffff;
-vote.sync.ballot.b32 w, e, 0xffffffff;
-mov.u32 l, %laneid;
-setp.eq.u32 q, l, 0;
-@q st.shared.b32 [$0], g;
-@q st.shared.b32 [$1], w;
-}"""
-
-
 def _ballot_words(row_layout, bin_layout, num_valid: int):
   """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
-  per register and warp, stored by lane 0 (every word of the row is written)."""
+  per register and warp, stored by lane 0 (every word of the row is written). Register i of
+  warp w holds word 4 i + w: an immediate offset from the warp's first word."""
+
+  def element(k, flag, i):
+    both = (
+      "" if flag is None else f" setp.ne.and.s32 p, {flag}, 0, p; setp.ne.and.s32 e, {flag}, 0, e;"
+    )
+    return (
+      f"setp.gt.s32 p, {k}, $2; setp.eq.s32 e, {k}, $2;{both}"
+      " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;"
+      f" @q st.shared.b32 [$0+{16 * i}], g; @q st.shared.b32 [$1+{16 * i}], w;"
+    )
 
   @plgpu.inline_mgpu(arg_types=(row_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
   def ballot(ctx, key, v_array, above_ref, equal_ref):
     del ctx
-    v, (thread, warp, _) = _scalar(v_array), _thread()
-    bases = mgpu_utils.memref_ptr(above_ref), mgpu_utils.memref_ptr(equal_ref)
-    for i, _, k in _elements(key):
-      word = arith.addi(warp, _c(4 * i))
-      ptrs = [mgpu_utils.getelementptr(b, [word], _i32()) for b in bases]
-      ok = _valid(thread, i, num_valid)
-      flag = _c(1) if ok is None else arith.extui(_i32(), ok)
-      _asm(_BALLOT, [*ptrs, k, v, flag], "r,r,r,r,r")
+    _, warp, lane = _thread()
+    ptrs = [
+      mgpu_utils.getelementptr(mgpu_utils.memref_ptr(r), [warp], _i32())
+      for r in (above_ref, equal_ref)
+    ]
+    lane0 = arith.extui(_i32(), arith.cmpi(arith.CmpIPredicate.eq, lane, _c(0)))
+    decls = ".reg .pred p, e, q; .reg .b32 g, w; setp.ne.s32 q, $3, 0;"
+    _blocks(_keys(key, num_valid), [*ptrs, _scalar(v_array), lane0], element, decls)
 
   return ballot
 

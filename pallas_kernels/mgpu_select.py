@@ -69,9 +69,9 @@ def kernel(
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
   channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs."""
   nv = f if num_valid is None else num_valid
-  if f % LANES or f // 32 > BINS or t % ctas or not 0 < k <= nv <= f:
+  if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
-      f"the Mosaic GPU select needs F % {LANES} == 0, F <= {32 * BINS}, T % ctas == 0 and "
+      f"the Mosaic GPU select needs F % {LANES} == 0, F <= {32 * BINS}, 0 < ctas <= T and "
       f"0 < K <= num_valid <= F; got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
   if compact and k % 8:
@@ -108,8 +108,7 @@ def kernel(
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
-    def row(i, carry):
-      r = pid + i * ctas
+    def one_row(r) -> None:
       high_ref[...] = ops.splat(0)
       low_ref[...] = ops.splat(0)
       ops.barrier()
@@ -135,9 +134,16 @@ def kernel(
         compact_row(r, key, final, refs_c)
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
+
+    def row(i, carry):
+      r = pid + i * ctas
+      if t % ctas:  # the last round has rows for only some CTAs
+        pl.when(r < t)(lambda: one_row(r))
+      else:
+        one_row(r)
       return carry
 
-    lax.fori_loop(0, t // ctas, row, 0)
+    lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
     ops.wait()
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]

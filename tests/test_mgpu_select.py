@@ -20,8 +20,9 @@ from pallas_kernels import mgpu_select, reference
   "shape", [["--f=512", "--k=40"], ["--f=1408", "--k=256", "--num_valid=1376"]]
 )
 def test_select_probe_lowers_for_cuda(capsys, shape):
-  """F = 512 loads 4 channels per lane; 1408 (the 60m layer) 1, with padding channels."""
-  mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4", *shape])
+  """F = 512, and 1408 (the 60m layer) with padding channels; 4 CTAs for 8 rows, and 3 (the
+  last round's rows for some CTAs only)."""
+  mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4,3", *shape])
   out = capsys.readouterr().out
   assert "mgpu_select: lowered for CUDA" in out
   assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
