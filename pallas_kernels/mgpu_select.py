@@ -32,7 +32,10 @@ from jax import lax
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._mgpu_ops import BINS, I32, LANES, SelectOps
 
-MAX_CTAS = 1024  # rows are spread over at most this many CTAs (a divisor of T)
+# CTAs per SM by default: 4 are resident (111 registers a thread), and two full rounds timed
+# as fast as one (169.2 / 169.7 us at 8 / 4 per SM, 177.1 at 1024 CTAs; 5-7 per SM leave a
+# ragged round: up to 226.6; mgpu_select_probe_h200_20261204c.json)
+CTAS_PER_SM = 8
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -168,11 +171,12 @@ def kernel(
 
 
 def _ctas(t: int, interpret: bool, ctas: int | None) -> int:
-  """CTAs for T rows: `ctas` if given, else the largest divisor of T up to MAX_CTAS (1 in
-  interpret mode)."""
+  """CTAs for T rows: `ctas` if given, else CTAS_PER_SM per SM of the device (1 in interpret
+  mode), at most T."""
   if interpret:
     return 1
-  return ctas or max(d for d in range(1, min(t, MAX_CTAS) + 1) if t % d == 0)
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  return min(t, ctas or CTAS_PER_SM * sms)
 
 
 def _check_dtype(g: jax.Array) -> None:
