@@ -40,9 +40,15 @@ METHODS = {
   "moc_pallas_gcp": {"variant": "moc", "gcp": True, "backend": "pallas"},
   # the backward padding (and casting) the weights again instead of reusing the forward's
   "moc_pallas_recast": {"variant": "moc", "gcp": False, "backend": "pallas", "keep_weights": False},
-  # the selection by the Mosaic GPU radix select (`TopKConfig.selection`; not a default)
-  "moc_pallas_mgpu": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "mgpu"},
-  "moc_pallas_gcp_mgpu": {"variant": "moc", "gcp": True, "backend": "pallas", "selection": "mgpu"},
+  # the forward's selection by the Triton kernel (the default's 'auto' takes the Mosaic GPU
+  # radix select on Hopper: ffn_layer_h200_20261204e.json)
+  "moc_pallas_triton": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "triton"},
+  "moc_pallas_gcp_triton": {
+    "variant": "moc",
+    "gcp": True,
+    "backend": "pallas",
+    "selection": "triton",
+  },
 }
 DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
 

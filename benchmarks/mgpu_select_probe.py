@@ -2,9 +2,10 @@
 
 Checks the kernel's words (the Triton selection pass's format) and its whole top-K against the
 reference on Gaussian and tie-heavy rows, then times them beside the Triton selection pass
-(`triton_mask`), `topk.select`'s default (`triton_topk`) and one XLA read of G (the floor of
-any pass over G). A variant that fails to compile or is inexact is recorded and not timed.
-`emulate_words` / `emulate_slots` are the kernel's algorithm in jnp, for the CPU tests.
+(`triton_mask`), `topk.select`'s default (`default_topk`), its Triton form (`triton_topk`) and
+one XLA read of G (the floor of any pass over G). A variant that fails to compile or is
+inexact is recorded and not timed. `emulate_words` / `emulate_slots` are the kernel's
+algorithm in jnp, for the CPU tests.
 
   python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461   # the 1B layer's words
@@ -14,6 +15,7 @@ any pass over G). A variant that fails to compile or is inexact is recorded and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -142,13 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     print(name, rows[name], flush=True)
   from pallas_kernels import moc_train, topk, topk_compact
 
-  cfg = moc_train.forward_config(a.f)
+  cfg = dataclasses.replace(moc_train.forward_config(a.f), selection="triton")
   fns["triton_mask"] = jax.jit(
     lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False, num_valid=a.num_valid)
   )
   fns["xla_read_max"] = jax.jit(lambda g: jnp.max(g, axis=1))
-  if a.num_valid is None:
-    fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))  # its default config
+  if a.num_valid is None:  # `select`'s default (Mosaic words + gathered compaction), and Triton's
+    fns["default_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))
+    triton = dataclasses.replace(topk.default_config(a.f), selection="triton")
+    fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc", config=triton))
   samples = common.time_interleaved(fns, sets, inner=10, trials=9)
   for name, us in samples.items():
     row = rows.setdefault(name, {})

@@ -44,9 +44,10 @@ RECAST = {
   "moc_gcp_keep": dict(ffn="moc", gcp=True, ffn_keep_weights=True),
 }
 VARIANTS.update(RECAST)
-# The forward's selection by the Mosaic GPU radix select (`TopKConfig.selection`; not a default).
-MGPU = {"moc_mgpu": dict(ffn="moc"), "moc_gcp_mgpu": dict(ffn="moc", gcp=True)}
-VARIANTS.update(MGPU)
+# The forward's selection by the Triton kernel (the default's 'auto' takes the Mosaic GPU radix
+# select on Hopper; `TopKConfig.selection`).
+TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
+VARIANTS.update(TRITON)
 
 
 def configure(variant: str) -> dict:
@@ -69,15 +70,26 @@ def configure(variant: str) -> dict:
   return dict(VARIANTS[variant])
 
 
+class _UnderSelection:
+  """A jitted step that is called and lowered under one selection kernel: the first call
+  traces and compiles under it, later calls reuse that program."""
+
+  def __init__(self, step, selection: str):
+    self._step, self._selection = step, selection
+
+  def __call__(self, *args, **kwargs):
+    from benchmarks import common
+
+    with common.forward_selection(self._selection):
+      return self._step(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    from benchmarks import common
+
+    with common.forward_selection(self._selection):
+      return self._step.lower(*args, **kwargs)
+
+
 def wrap_step(variant: str, step):
-  """The step, traced under the variant's selection kernel where it has its own (MGPU): the
-  first call compiles under the switch, later calls reuse that program."""
-  if variant not in MGPU:
-    return step
-  from benchmarks import common
-
-  def traced_under_mgpu(*args, **kwargs):
-    with common.forward_selection("mgpu"):
-      return step(*args, **kwargs)
-
-  return traced_under_mgpu
+  """The step under the variant's own selection kernel (TRITON), else as it is."""
+  return _UnderSelection(step, "triton") if variant in TRITON else step

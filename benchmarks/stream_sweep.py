@@ -62,7 +62,7 @@ GATHERS: dict[str, TopKConfig] = {
 }
 # 512 or 1024 slots searched per step (`gather_slots`) lost to 256 at every preset
 # (stream_sweep_slots_h200_20261204.json; rows removed).
-_FWD = moc_train.FORWARD_DEFAULT
+_FWD = dataclasses.replace(moc_train.FORWARD_DEFAULT, selection="triton")  # these rows' kernel
 # The selection bitmask kernel's final pass and search, each as a change to the forward's
 # default; each must give the first one's words. With the words addressed by offset none beat
 # the default (4 warps: mask_cut) at the 1B shape: w2 273, ternary 285, c1024 293, c256 299,

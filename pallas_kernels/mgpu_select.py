@@ -179,6 +179,19 @@ def _ctas(t: int, interpret: bool, ctas: int | None) -> int:
   return min(t, ctas or CTAS_PER_SM * sms)
 
 
+def usable(dtype, f: int, interpret: bool) -> bool:
+  """Whether `selection='auto'` takes this kernel for rows of F 16-bit values: compiled (not
+  interpret mode) on a GPU of compute capability 9.0 or newer (Mosaic GPU's), F % 128 == 0,
+  F <= 8192."""
+  if interpret or dtype not in KEY_DTYPES or f % LANES or f // 32 > BINS:
+    return False
+  device = jax.devices()[0]
+  try:
+    return device.platform == "gpu" and float(device.compute_capability) >= 9.0
+  except (AttributeError, ValueError):
+    return False
+
+
 def _check_dtype(g: jax.Array) -> None:
   if g.dtype not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select takes 16-bit floats (bf16, f16), got {g.dtype}")

@@ -55,9 +55,9 @@ ONE_BLOCK = TopKConfig()  # one power-of-two block per row
 CHUNKED = TopKConfig(chunk=512, fan=2)  # 512-wide chunks, ternary search (16-bit keys)
 # 512-wide chunks, bisection from a checked Gaussian guess (one kernel)
 GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
-# GAUSS as two kernels: the selection bitmask, then each slot gathered in order (`select`'s
-# default for 'moc')
-GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather")
+# GAUSS as two kernels: the selection bitmask (by the Mosaic GPU radix select where it can run),
+# then each slot gathered in order (`select`'s default for 'moc')
+GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather", selection="auto")
 
 
 GATHER_MAX_F = 8192  # GAUSS_GATHER was timed up to 5632 channels (exact at 16384 too, untimed)
@@ -348,7 +348,7 @@ def select(
     kernel = functools.partial(_topk_kernel, t=t, f=f, k=k, cfg=cfg, interpret=interpret)
   else:
     raise ValueError(f"unknown MoC variant {variant!r}; expected 'moc' or 'moc_2of8'")
-  if variant == "moc" and cfg.selection != "triton" and not cfg.compact:  # all Mosaic GPU
+  if variant == "moc" and cfg.selection == "mgpu" and not cfg.compact:  # all Mosaic GPU
     from pallas_kernels import mgpu_select
 
     idx, val = mgpu_select.select(g2, k, interpret=interpret)

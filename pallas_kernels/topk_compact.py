@@ -207,15 +207,18 @@ def mask_call(
 ) -> jax.Array:
   """Kernel 1: (T, ceil(F/32)) int32 selection words; channels >= num_valid never set.
   `width`: G is the first `width` columns of g2 (the [G | U] buffer of one fused GEMM).
-  cfg.selection 'mgpu': the Mosaic GPU radix select writes them instead."""
-  if cfg.selection != "triton":
+  cfg.selection 'mgpu' (or 'auto' where it can run): the Mosaic GPU radix select writes them."""
+  from pallas_kernels import mgpu_select
+
+  t, f = g2.shape[0], width or g2.shape[1]
+  mosaic = cfg.selection == "mgpu" or (
+    cfg.selection == "auto" and variant == "moc" and mgpu_select.usable(g2.dtype, f, interpret)
+  )
+  if mosaic:
     if variant != "moc":
       raise ValueError(f"selection={cfg.selection!r} selects 'moc' only, got {variant!r}")
-    from pallas_kernels import mgpu_select
-
     kw = dict(num_valid=num_valid, width=width, interpret=interpret)
     return mgpu_select.words(g2, k, **kw)
-  t, f = g2.shape[0], width or g2.shape[1]
   rows = topk.group_program_rows(cfg, f) if variant == "moc_2of8" else cfg.rows
   kernel = functools.partial(
     _mask_kernel,

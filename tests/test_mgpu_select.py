@@ -146,3 +146,36 @@ def test_mgpu_select_gpu_real_size():
     assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
   words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
+
+
+def test_auto_selection_takes_mosaic_only_where_it_can_run():
+  """'auto' (the shipped defaults) never picks the Mosaic kernel in interpret mode, on a CPU,
+  for 32-bit values or for F it cannot take; on the CPU the defaults' selection stays exact."""
+  from pallas_kernels import moc_train, topk
+
+  assert moc_train.FORWARD_DEFAULT.selection == "auto" == topk.GAUSS_GATHER.selection
+  assert not mgpu_select.usable(jnp.bfloat16, 5504, interpret=True)
+  assert not mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)  # this CPU
+  assert not mgpu_select.usable(jnp.float32, 5504, interpret=False)
+  assert not mgpu_select.usable(jnp.bfloat16, 5461, interpret=False)
+  seed = time.time_ns() % (2**31)
+  g = jax.random.normal(jax.random.key(seed), (4, 640)).astype(jnp.bfloat16)
+  idx, val = topk.select(g, 64, "moc")
+  want_idx, want_val = reference.select(g, 64, "moc")
+  assert np.array_equal(idx, want_idx), f"{seed=}"
+  assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+
+
+@pytest.mark.gpu
+def test_auto_selection_on_gpu_is_mosaic_and_exact():
+  """On a Hopper GPU the defaults' 'auto' is the Mosaic bitmask, and `topk.select` through it
+  equals the reference at the 1B layer's width."""
+  from pallas_kernels import topk
+
+  assert mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)
+  seed = time.time_ns() % (2**31)
+  g = jax.random.normal(jax.random.key(seed), (4096, 5504)).astype(jnp.bfloat16)
+  idx, val = topk.select(g, 1024, "moc")
+  want_idx, want_val = reference.select(g, 1024, "moc")
+  assert np.array_equal(idx, want_idx), f"{seed=}"
+  assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
