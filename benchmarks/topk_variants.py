@@ -39,12 +39,14 @@ SWEEP: dict[str, TopKConfig] = {
   "cmp_c512_g1": TopKConfig(chunk=512, compact=True, gauss_margin=0.1),
   # 2026-12-03p: the compaction with its slots gathered in order (`_apply_gather.compact_call`),
   # as the train forward's gather beat its scatter walk (292 vs 316 us at the 1B shape).
-  "cmp_gather_g1": topk.GAUSS_GATHER,  # `select`'s default since then
-  "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8),
+  # `select`'s default since then, with the Triton bitmask (the default's 'auto' is
+  # cmp_gather_mgpu on Hopper since 2026-12-04f)
+  "cmp_gather_g1": dataclasses.replace(topk.GAUSS_GATHER, selection="triton"),
+  "cmp_gather_g1_w8": dataclasses.replace(topk.GAUSS_GATHER, apply_warps=8, selection="triton"),
   # 512 or 1024 slots searched per step tied and lost (0.992x, 1.029x of 256 over 15
   # interleaved trials, topk_ab_slots_5632_h200_20261204.json; rows removed)
-  # 2026-12-04 (session 21, untimed): the Mosaic GPU radix select, whole (`mgpu_select.select`)
-  # and as the bitmask kernel before the gathered compaction
+  # the Mosaic GPU radix select, whole (`mgpu_select.select`: 405 us, no better than Triton's)
+  # and as the bitmask kernel before the gathered compaction (283 us; the default on Hopper)
   "mgpu": TopKConfig(selection="mgpu"),
   "cmp_gather_mgpu": dataclasses.replace(topk.GAUSS_GATHER, selection="mgpu"),
   # 2026-12-01, Nsight Compute: the selection is instruction-bound (80% SM throughput, 80

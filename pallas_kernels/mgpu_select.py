@@ -2,8 +2,9 @@
 
 Why: the Triton selection is instruction-bound (~270 µs at 16384 × 5504, NOTES_kernels.md);
 counting keys into shared-memory histograms, one atomic per key and 8-bit digit, is how fast
-GPU top-K kernels work, and Pallas-Triton cannot express those atomics. Not a default anywhere
-(`TopKConfig.selection='mgpu'` picks it).
+GPU top-K kernels work, and Pallas-Triton cannot express those atomics. The selection bitmask
+of the shipped defaults on Hopper (`TopKConfig.selection='auto'`, `usable`): 166-180 µs against
+263-290 for the Triton pass at the 1B shapes (NOTES_kernels.md, 2026-12-04f).
 
 Per row, one warpgroup per CTA, rows taken in turn by the CTAs; keys are the order-preserving
 16-bit images of the values (0…65535), one per register (`_mgpu_ops` has the lane layout):

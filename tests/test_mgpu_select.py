@@ -1,5 +1,5 @@
-"""The Mosaic GPU probes (benchmarks/mgpu_*_probe.py): they lower for CUDA on a CPU-only
-machine; the radix select's algorithm, emulated in jnp with the kernel's own bit helpers,
+"""The Mosaic GPU radix select (benchmarks/mgpu_select_probe.py lowers it for CUDA on a CPU-only
+machine); the radix select's algorithm, emulated in jnp with the kernel's own bit helpers,
 selects exactly what the reference selects; and the select kernel itself, in interpret mode
 (its inline shared-memory ops replaced by jnp scatters and gathers, one CTA), gives the
 reference's words and top-K. Only a GPU runs the inline PTX and the barriers for real."""
