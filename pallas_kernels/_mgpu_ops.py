@@ -240,49 +240,38 @@ def _exclusive_prefix(bin_layout, slot: int):
   return prefix
 
 
-def _lds(layout, n: int):
-  """ref[index[i]] for every element of `index` (int32, from a shared int32 ref)."""
+def _compact(row_layout, num_valid: int):
+  """Each selected key's channel and value bits to its slot: word 4 i + warp of the row's
+  words (one broadcast load per warp) says whether this lane's key is selected; its slot is
+  the word's first slot plus the selected lanes below it (`popc`). Values as int16 bits, back
+  from the keys (the map is its own inverse around 32768)."""
 
-  @plgpu.inline_mgpu(
-    arg_types=(layout, plgpu.RefType()),
-    return_type=plgpu.ShapeDtypeStruct((n,), I32, layout=layout),
-  )
-  def lds(ctx, index, ref):
+  def element(k, flag, i):
+    del flag  # channels past num_valid are never in the words
+    return (
+      f"ld.shared.b32 w, [$0+{16 * i}]; ld.shared.b32 s, [$1+{16 * i}];"
+      " and.b32 t, w, $5; setp.ne.b32 p, t, 0;"
+      " and.b32 t, w, $6; popc.b32 t, t; add.u32 s, s, t;"
+      f" add.u32 t, $4, {LANES * i}; mad.lo.u32 a, s, 4, $2; @p st.shared.b32 [a], t;"
+      f" sub.s32 t, {k}, 32768; setp.lt.s32 n, t, 0; xor.b32 c, t, 0x7FFF; selp.b32 t, c, t, n;"
+      " mad.lo.u32 a, s, 2, $3; @p st.shared.b16 [a], t;"
+    )
+
+  arg_types = (row_layout, plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
+
+  @plgpu.inline_mgpu(arg_types=arg_types)
+  def compact(ctx, key, words_ref, first_ref, idx_ref, val_ref):
     del ctx
-    base = mgpu_utils.memref_ptr(ref)
-    out = np.empty_like(index.registers)
-    for (i,), vec in np.ndenumerate(index.registers):
-      for j in range(ir.VectorType(vec.type).shape[0]):
-        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(vec, _c(j))], _i32())
-        vec = llvm.insertelement(vec, llvm.load(_i32(), ptr), _c(j))
-      out[i] = vec
-    return mgpu.FragmentedArray(_registers=out, _layout=index.layout, _is_signed=True)
+    thread, warp, lane = _thread()
+    at_warp = lambda r: mgpu_utils.getelementptr(mgpu_utils.memref_ptr(r), [warp], _i32())
+    bit = arith.shli(_c(1), lane)
+    fixed = [at_warp(words_ref), at_warp(first_ref)]
+    fixed += [mgpu_utils.memref_ptr(r) for r in (idx_ref, val_ref)]
+    fixed += [thread, bit, arith.subi(bit, _c(1))]
+    decls = ".reg .pred p, n; .reg .b32 w, s, t, a, c;"
+    _blocks(_keys(key, num_valid), fixed, element, decls)
 
-  return lds
-
-
-def _sts(layout, bits: int):
-  """ref[index[i]] = value[i] (its low `bits` bits) where where[i] != 0, into a shared ref of
-  bits-wide elements; three int32 arrays of one layout."""
-
-  @plgpu.inline_mgpu(arg_types=(layout, layout, layout, plgpu.RefType()))
-  def sts(ctx, index, value, where, ref):
-    del ctx
-    elem = ir.IntegerType.get_signless(bits)
-    base = mgpu_utils.memref_ptr(ref)
-    regs = zip(index.registers.flat, value.registers.flat, where.registers.flat, strict=True)
-    for idx_v, val_v, ok_v in regs:
-      for j in range(ir.VectorType(idx_v.type).shape[0]):
-        ptr = mgpu_utils.getelementptr(base, [llvm.extractelement(idx_v, _c(j))], elem)
-        val = llvm.extractelement(val_v, _c(j))
-        val = val if bits == 32 else arith.trunci(elem, val)
-        _asm(
-          f"{{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.shared.b{bits} [$0], $1; }}",
-          [ptr, val, llvm.extractelement(ok_v, _c(j))],
-          "r," + ("h" if bits == 16 else "r") + ",r",
-        )
-
-  return sts
+  return compact
 
 
 @plgpu.inline_mgpu()
@@ -379,24 +368,26 @@ class SelectOps:
       return jnp.cumsum(x) - x
     return self._op(f"prefix{slot}", _exclusive_prefix, self.bin_layout, slot)(x, tmp_ref)
 
-  def lds(self, index, ref):
+  def compact(self, key, words_ref, first_ref, idx_ref, val_ref) -> None:
+    """idx[slot] = channel, val[slot] = its value's int16 bits, for each selected key (the
+    row's final words; first: each word's first slot)."""
     if self._interpret:
-      return ref[...][index]
-    return self._op("lds", _lds, self.row_layout, self._f)(index, ref)
-
-  def sts32(self, index, value, where, ref) -> None:
-    self._store(32, index, value, where, ref)
-
-  def sts16(self, index, value, where, ref) -> None:
-    self._store(16, index, value, where, ref)
-
-  def _store(self, bits: int, index, value, where, ref) -> None:
-    if self._interpret:
-      cur = ref[...]
-      target = jnp.where(where != 0, index, cur.shape[0])  # out of range: dropped
-      ref[...] = cur.at[target].set(value.astype(cur.dtype), mode="drop")
+      words, first = words_ref[...], first_ref[...]
+      chan = jnp.arange(self._f, dtype=I32)
+      w = words[chan >> 5]
+      sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
+      slot = first[chan >> 5] + lax.population_count(
+        w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
+      )
+      slot = jnp.where(sel, slot, idx_ref.shape[0])  # out of range: dropped
+      centered = key - 32768
+      bits = jnp.where(centered < 0, centered ^ 0x7FFF, centered)
+      idx_ref[...] = idx_ref[...].at[slot].set(chan, mode="drop")
+      val_ref[...] = val_ref[...].at[slot].set(bits.astype(val_ref.dtype), mode="drop")
       return
-    self._op(f"sts{bits}", _sts, self.row_layout, bits)(index, value, where, ref)
+    self._op("compact", _compact, self.row_layout, self._nv)(
+      key, words_ref, first_ref, idx_ref, val_ref
+    )
 
 
 def _scatter_add(ref, index, where) -> None:

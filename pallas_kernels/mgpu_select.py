@@ -91,16 +91,8 @@ def kernel(
     bits); its channel and value stored there, the two rows copied out."""
     above_ref, equal_ref, tmp_ref, idx_ref, val_ref, idx_out, val_out = refs
     equal_ref[...] = ops.exclusive_prefix(popcount(final), tmp_ref, 24)
-    ops.barrier()
-    chan = ops.cast(lax.broadcasted_iota(I32, (f,), 0), ops.row_layout)
-    word = lax.shift_right_logical(chan, 5)
-    w = ops.lds(word, above_ref)
-    lower = lax.shift_left(jnp.ones_like(chan), chan & 31) - 1
-    slot = ops.lds(word, equal_ref) + popcount(w & lower)
-    sel = lax.shift_right_logical(w, chan & 31) & 1
-    ops.sts32(slot, chan, sel, idx_ref)
-    centered = key - 32768  # the value's bits back from its key (the map is its own inverse)
-    ops.sts16(slot, jnp.where(centered < 0, centered ^ 0x7FFF, centered), sel, val_ref)
+    ops.barrier()  # the words and their first slots, for every warp
+    ops.compact(key, above_ref, equal_ref, idx_ref, val_ref)
     ops.commit()
     ops.copy_out(idx_ref, idx_out.at[r])
     ops.copy_out(val_ref, val_out.at[r])
