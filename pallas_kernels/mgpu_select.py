@@ -7,7 +7,7 @@ of the shipped defaults on Hopper (`TopKConfig.selection='auto'`, `usable`): 166
 263-290 for the Triton pass at the 1B shapes (NOTES_kernels.md, 2026-12-04f).
 
 Per row, one warpgroup per CTA, rows taken in turn by the CTAs; keys are the order-preserving
-16-bit images of the values (0…65535), one per register (`_mgpu_ops` has the lane layout):
+16-bit images of the values (0…65535), one per register (`_mgpu_ptx` has the lane layout):
   1. histogram of each key's high byte; a warp-scan suffix sum finds the bin b1 holding the
      K-th key (S1[b1] >= K > S1[b1 + 1]) and above = S1[b1 + 1];
   2. the same over the low byte of the keys whose high byte is b1: the K-th key
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import BINS, I32, LANES, SelectOps
+from pallas_kernels._mgpu_ops import SelectOps
+from pallas_kernels._mgpu_ptx import BINS, I32, LANES
 
 # CTAs per SM by default: 4 are resident (111 registers a thread), and two full rounds timed
 # as fast as one (169.2 / 169.7 us at 8 / 4 per SM, 177.1 at 1024 CTAs; 5-7 per SM leave a

@@ -1,0 +1,277 @@
+"""PTX builders for the Mosaic GPU radix select (`mgpu_select`), which Pallas does not express.
+
+Pallas Mosaic GPU works on whole arrays in fixed layouts; a radix select also needs lanes that
+add into shared-memory bins of their own, warp ballots, warp scans and bit instructions
+(`popc`, `fns`). Each builder returns a `plgpu.inline_mgpu` op that emits that PTX per
+register. The row is in `WG_STRIDED` order with one element per register: element
+c = 128 i + 32 warp + lane sits in register i, so the 32 lanes of a warp hold one 32-bit word
+of the row's bitmask and a ballot is that word. The 256 bins are two per thread (bins 2t,
+2t + 1), so a warp holds 64 consecutive bins. `_mgpu_ops.SelectOps` calls these on the GPU and
+jnp equivalents in interpret mode.
+"""
+
+from __future__ import annotations
+
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+I32 = jnp.int32
+BINS = 256
+LANES = 128  # threads per warpgroup
+_VOID = "!llvm.void"
+
+
+def _i32():
+  return ir.IntegerType.get_signless(32)
+
+
+def _c(v: int):
+  return arith.constant(_i32(), v)
+
+
+def _asm(text: str, operands: list, constraints: str, result: bool = False):
+  """One inline PTX block; returns its one 32-bit result if `result`."""
+  ty = _i32() if result else ir.Type.parse(_VOID)
+  return llvm.inline_asm(ty, operands, text, constraints, has_side_effects=True)
+
+
+def _thread():
+  """(thread in the warpgroup, its warp, its lane), int32."""
+  t = arith.remui(mgpu_utils.thread_idx(), _c(LANES))
+  return t, arith.shrui(t, _c(5)), arith.andi(t, _c(31))
+
+
+def _elements(array):
+  """(register i, element j, value) for each element of a WG_STRIDED array."""
+  for (i,), vec in np.ndenumerate(array.registers):
+    for j in range(ir.VectorType(vec.type).shape[0]):
+      yield i, j, llvm.extractelement(vec, _c(j))
+
+
+def _valid(thread, i: int, num_valid: int):
+  """Row element 128 i + thread < num_valid (vec 1): None when the whole register is."""
+  if LANES * (i + 1) <= num_valid:
+    return None
+  return arith.cmpi(arith.CmpIPredicate.slt, thread, _c(num_valid - LANES * i))
+
+
+def _scalar(array):
+  """The first element of an array that holds one value everywhere."""
+  return llvm.extractelement(array.registers.flat[0], _c(0))
+
+
+def _keys(key, num_valid: int):
+  """[(register i, key, validity flag: an int32, or None where the whole register is valid)]."""
+  thread = _thread()[0]
+  out = []
+  for i, _, k in _elements(key):
+    ok = _valid(thread, i, num_valid)
+    out.append((i, k, None if ok is None else arith.extui(_i32(), ok)))
+  return out
+
+
+def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8) -> None:
+  """One inline PTX block per `chunk` keys: `fixed` operands first ($0…), then each key and
+  its flag; element(key operand, flag operand or None, register i) is that key's PTX."""
+  for start in range(0, len(keys), chunk):
+    operands, lines = list(fixed), []
+    for i, k, flag in keys[start : start + chunk]:
+      operands.append(k)
+      k_op = f"${len(operands) - 1}"
+      f_op = None
+      if flag is not None:
+        operands.append(flag)
+        f_op = f"${len(operands) - 1}"
+      lines.append(element(k_op, f_op, i))
+    text = "{\n" + decls + "\n" + "\n".join(lines) + "\n}"
+    _asm(text, operands, ",".join(["r"] * len(operands)))
+
+
+def count(row_layout, bin_layout, num_valid: int, low: bool):
+  """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
+  the keys whose high byte is `high` (a bins-layout array of that one value). Per key: two
+  or three ALU ops and one shared-memory reduction."""
+  args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
+
+  def element(k, flag, i):
+    del i
+    if low:  # d = key - 256 high: a bin iff 0 <= d < 256
+      pred = "sub.s32 d, {k}, $2; setp.lt.u32 p, d, 256;"
+      pred += "" if flag is None else " setp.ne.and.s32 p, {f}, 0, p;"
+      return (pred + " mad.lo.u32 a, d, 4, $0; @p red.shared::cta.add.u32 [a], $1;").format(
+        k=k, f=flag
+      )
+    guard = "" if flag is None else f"setp.ne.s32 p, {flag}, 0; @p "
+    return f"shr.u32 d, {k}, 8; mad.lo.u32 a, d, 4, $0; {guard}red.shared::cta.add.u32 [a], $1;"
+
+  @plgpu.inline_mgpu(arg_types=args)
+  def count(ctx, key, *rest):
+    del ctx
+    fixed = [mgpu_utils.memref_ptr(rest[-1]), _c(1)]
+    if low:
+      fixed.append(arith.muli(_scalar(rest[0]), _c(BINS)))
+    decls = ".reg .pred p; .reg .b32 a, d;"
+    _blocks(_keys(key, num_valid), fixed, element, decls)
+
+  return count
+
+
+def ballot_words(row_layout, bin_layout, num_valid: int):
+  """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
+  per register and warp, stored by lane 0 (every word of the row is written). Register i of
+  warp w holds word 4 i + w: an immediate offset from the warp's first word."""
+
+  def element(k, flag, i):
+    both = (
+      "" if flag is None else f" setp.ne.and.s32 p, {flag}, 0, p; setp.ne.and.s32 e, {flag}, 0, e;"
+    )
+    return (
+      f"setp.gt.s32 p, {k}, $2; setp.eq.s32 e, {k}, $2;{both}"
+      " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;"
+      f" @q st.shared.b32 [$0+{16 * i}], g; @q st.shared.b32 [$1+{16 * i}], w;"
+    )
+
+  @plgpu.inline_mgpu(arg_types=(row_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
+  def ballot(ctx, key, v_array, above_ref, equal_ref):
+    del ctx
+    _, warp, lane = _thread()
+    ptrs = [
+      mgpu_utils.getelementptr(mgpu_utils.memref_ptr(r), [warp], _i32())
+      for r in (above_ref, equal_ref)
+    ]
+    lane0 = arith.extui(_i32(), arith.cmpi(arith.CmpIPredicate.eq, lane, _c(0)))
+    decls = ".reg .pred p, e, q; .reg .b32 g, w; setp.ne.s32 q, $3, 0;"
+    _blocks(_keys(key, num_valid), [*ptrs, _scalar(v_array), lane0], element, decls)
+
+  return ballot
+
+
+def _warp_scan(x, suffix: bool):
+  """Inclusive sum over the lanes at or above (suffix) / at or below each lane."""
+  step = (
+    "shfl.sync.down.b32 y|p, $0, {d}, 0x1f, 0xffffffff;"
+    if suffix
+    else "shfl.sync.up.b32 y|p, $0, {d}, 0x0, 0xffffffff;"
+  )
+  body = " ".join(step.format(d=d) + " @p add.s32 $0, $0, y;" for d in (1, 2, 4, 8, 16))
+  return _asm(f"{{ .reg .pred p; .reg .b32 y; mov.b32 $0, $1; {body} }}", [x], "=r,r", True)
+
+
+def _store_if(ptr, value, ok) -> None:
+  flag = arith.extui(_i32(), ok)
+  _asm(
+    "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.shared.b32 [$0], $1; }",
+    [ptr, value, flag],
+    "r,r,r",
+  )
+
+
+def _block_scan(bins, tmp_ref, slot: int, suffix: bool):
+  """(a0, a1, inclusive sum of the pairs over the threads at or above / at or below this
+  one, thread): warp scans, each warp's total through tmp[slot : slot + 4], one barrier."""
+  vec = bins.registers.flat[0]
+  a0, a1 = (llvm.extractelement(vec, _c(j)) for j in (0, 1))
+  pair = arith.addi(a0, a1)
+  x = _warp_scan(pair, suffix)
+  thread, warp, lane = _thread()
+  base = mgpu_utils.memref_ptr(tmp_ref)
+  last = arith.cmpi(arith.CmpIPredicate.eq, lane, _c(0 if suffix else 31))
+  _store_if(mgpu_utils.getelementptr(base, [arith.addi(warp, _c(slot))], _i32()), x, last)
+  mgpu_utils.warpgroup_barrier()
+  before = arith.CmpIPredicate.ugt if suffix else arith.CmpIPredicate.ult
+  for w in range(4):
+    total = llvm.load(_i32(), mgpu_utils.getelementptr(base, [slot + w], _i32()))
+    counts = arith.cmpi(before, _c(w), warp)
+    x = arith.addi(x, arith.select(counts, total, _c(0)))
+  return a0, a1, x, thread
+
+
+def select_bin(bin_layout, k: int, slot: int):
+  """With S[b] = base + Σ_{j >= b} h[j]: the one bin b with S[b] >= K > S[b + 1], written
+  to tmp[slot + 4] with S[b + 1] to tmp[slot + 5] by the thread holding it; then a barrier.
+  h and base (one value everywhere) in the bins layout; S[256] = base < K."""
+
+  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, plgpu.RefType()))
+  def select_bin(ctx, h, base_array, tmp_ref):
+    del ctx
+    a0, a1, incl, thread = _block_scan(h, tmp_ref, slot, suffix=True)
+    s0 = arith.addi(incl, _scalar(base_array))  # S[2t]
+    s1, s2 = arith.subi(s0, a0), arith.subi(arith.subi(s0, a0), a1)  # S[2t + 1], S[2t + 2]
+    ge = lambda s: arith.cmpi(arith.CmpIPredicate.sge, s, _c(k))
+    lt = lambda s: arith.cmpi(arith.CmpIPredicate.slt, s, _c(k))
+    odd = arith.andi(ge(s1), lt(s2))  # b = 2t + 1
+    here = arith.ori(odd, arith.andi(ge(s0), lt(s1)))
+    b = arith.addi(arith.muli(thread, _c(2)), arith.extui(_i32(), odd))
+    above = arith.select(odd, s2, s1)
+    base = mgpu_utils.memref_ptr(tmp_ref)
+    _store_if(mgpu_utils.getelementptr(base, [slot + 4], _i32()), b, here)
+    _store_if(mgpu_utils.getelementptr(base, [slot + 5], _i32()), above, here)
+    mgpu_utils.warpgroup_barrier()
+
+  return select_bin
+
+
+def exclusive_prefix(bin_layout, slot: int):
+  """x[b] -> Σ_{j < b} x[j] over the 256 bins (tmp[slot : slot + 4] for the warp totals)."""
+
+  @plgpu.inline_mgpu(
+    arg_types=(bin_layout, plgpu.RefType()),
+    return_type=plgpu.ShapeDtypeStruct((BINS,), I32, layout=bin_layout),
+  )
+  def prefix(ctx, x, tmp_ref):
+    del ctx
+    a0, a1, incl, _ = _block_scan(x, tmp_ref, slot, suffix=False)
+    first = arith.subi(arith.subi(incl, a1), a0)
+    vec = x.registers.flat[0]
+    vec = llvm.insertelement(vec, first, _c(0))
+    vec = llvm.insertelement(vec, arith.addi(first, a0), _c(1))
+    regs = np.empty_like(x.registers)
+    regs.flat[0] = vec
+    return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=True)
+
+  return prefix
+
+
+def compact(row_layout, num_valid: int):
+  """Each selected key's channel and value bits to its slot: word 4 i + warp of the row's
+  words (one broadcast load per warp) says whether this lane's key is selected; its slot is
+  the word's first slot plus the selected lanes below it (`popc`). Values as int16 bits, back
+  from the keys (the map is its own inverse around 32768)."""
+
+  def element(k, flag, i):
+    del flag  # channels past num_valid are never in the words
+    return (
+      f"ld.shared.b32 w, [$0+{16 * i}]; ld.shared.b32 s, [$1+{16 * i}];"
+      " and.b32 t, w, $5; setp.ne.b32 p, t, 0;"
+      " and.b32 t, w, $6; popc.b32 t, t; add.u32 s, s, t;"
+      f" add.u32 t, $4, {LANES * i}; mad.lo.u32 a, s, 4, $2; @p st.shared.b32 [a], t;"
+      f" sub.s32 t, {k}, 32768; setp.lt.s32 n, t, 0; xor.b32 c, t, 0x7FFF; selp.b32 t, c, t, n;"
+      " mad.lo.u32 a, s, 2, $3; @p st.shared.b16 [a], t;"
+    )
+
+  arg_types = (row_layout, plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
+
+  @plgpu.inline_mgpu(arg_types=arg_types)
+  def compact(ctx, key, words_ref, first_ref, idx_ref, val_ref):
+    del ctx
+    thread, warp, lane = _thread()
+    at_warp = lambda r: mgpu_utils.getelementptr(mgpu_utils.memref_ptr(r), [warp], _i32())
+    bit = arith.shli(_c(1), lane)
+    fixed = [at_warp(words_ref), at_warp(first_ref)]
+    fixed += [mgpu_utils.memref_ptr(r) for r in (idx_ref, val_ref)]
+    fixed += [thread, bit, arith.subi(bit, _c(1))]
+    decls = ".reg .pred p, n; .reg .b32 w, s, t, a, c;"
+    _blocks(_keys(key, num_valid), fixed, element, decls)
+
+  return compact
+
+
+@plgpu.inline_mgpu()
+def barrier(ctx):
+  del ctx
+  mgpu_utils.warpgroup_barrier()
