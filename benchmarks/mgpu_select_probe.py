@@ -28,7 +28,8 @@ from jax import lax
 
 from benchmarks import common
 from pallas_kernels import mgpu_select
-from pallas_kernels.mgpu_select import BINS, I32, keep_lowest, popcount
+from pallas_kernels._mgpu_ops import keep_lowest, popcount
+from pallas_kernels._mgpu_ptx import BINS, I32
 
 
 def emulate_words(g: jax.Array, k: int, num_valid: int | None = None) -> jax.Array:
@@ -85,7 +86,8 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
 
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
-  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first."""
+  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first;
+  '_lean' rows: the kernel's `lean` form."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -94,9 +96,13 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
+  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, lean=True)
+  fns["mgpu_select_lean"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-    kw = dict(ctas=counts[0], interpret=False)
-    fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
+    for lean in (False, True):
+      kw = dict(ctas=counts[0], interpret=False, lean=lean)
+      name = "mgpu_topk_lean" if lean else "mgpu_topk"
+      fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   return fns
 
 

@@ -191,14 +191,22 @@ def _block_scan(bins, tmp_ref, slot: int, suffix: bool):
   return a0, a1, x, thread
 
 
-def select_bin(bin_layout, k: int, slot: int):
+def select_bin(bin_layout, k: int, slot: int, clear: bool = False):
   """With S[b] = base + Σ_{j >= b} h[j]: the one bin b with S[b] >= K > S[b + 1], written
   to tmp[slot + 4] with S[b + 1] to tmp[slot + 5] by the thread holding it; then a barrier.
-  h and base (one value everywhere) in the bins layout; S[256] = base < K."""
+  h and base (one value everywhere) in the bins layout; S[256] = base < K. clear: a fourth
+  argument, the histogram h was loaded from, whose two bins each thread zeroes (it alone
+  loads them, and the next adds come after this op's barriers)."""
+  refs = (plgpu.RefType(),) * (2 if clear else 1)
 
-  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, plgpu.RefType()))
-  def select_bin(ctx, h, base_array, tmp_ref):
+  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, *refs))
+  def select_bin(ctx, h, base_array, tmp_ref, *hist_ref):
     del ctx
+    if clear:
+      pair = mgpu_utils.getelementptr(
+        mgpu_utils.memref_ptr(hist_ref[0]), [arith.muli(_thread()[0], _c(2))], _i32()
+      )
+      _asm("st.shared.v2.b32 [$0], {$1, $1};", [pair, _c(0)], "r,r")
     a0, a1, incl, thread = _block_scan(h, tmp_ref, slot, suffix=True)
     s0 = arith.addi(incl, _scalar(base_array))  # S[2t]
     s1, s2 = arith.subi(s0, a0), arith.subi(arith.subi(s0, a0), a1)  # S[2t + 1], S[2t + 2]
@@ -269,6 +277,37 @@ def compact(row_layout, num_valid: int):
     _blocks(_keys(key, num_valid), fixed, element, decls)
 
   return compact
+
+
+# Per 32-bit word: its set bits; its lowest m set bits (fns: the position p of the m-th set bit
+# from bit 0, 0xffffffff if there are fewer; 2 << p - 1 keeps bits 0…p, and a shift clamped at
+# 32 keeps them all; m < 1 keeps none).
+POPC = "popc.b32 $0, $1;"
+KEEP_LOWEST = (
+  "{ .reg .pred z; .reg .b32 p, t; setp.lt.s32 z, $2, 1; fns.b32 p, $1, 0, $2; mov.b32 t, 2;"
+  " shl.b32 t, t, p; sub.s32 t, t, 1; and.b32 $0, $1, t; @z mov.b32 $0, 0; }"
+)
+
+
+def map_bins(bin_layout, text: str, arity: int):
+  """An elementwise int32 op over bins arrays: `text` with $0 the result, $1… the inputs."""
+
+  @plgpu.inline_mgpu(
+    arg_types=(bin_layout,) * arity,
+    return_type=plgpu.ShapeDtypeStruct((BINS,), I32, layout=bin_layout),
+  )
+  def op(ctx, *arrays):
+    del ctx
+    out = np.empty_like(arrays[0].registers)
+    constraints = ",".join(["=r"] + ["r"] * arity)
+    for pos, vec in np.ndenumerate(arrays[0].registers):
+      for j in range(ir.VectorType(vec.type).shape[0]):
+        ins = [llvm.extractelement(a.registers[pos], _c(j)) for a in arrays]
+        vec = llvm.insertelement(vec, _asm(text, ins, constraints, True), _c(j))
+      out[pos] = vec
+    return mgpu.FragmentedArray(_registers=out, _layout=arrays[0].layout, _is_signed=True)
+
+  return op
 
 
 @plgpu.inline_mgpu()

@@ -41,26 +41,6 @@ CTAS_PER_SM = 8
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def popcount(x):
-  """Set bits of each int32 (SWAR; Mosaic GPU lowers no population_count)."""
-  x = x - (lax.shift_right_logical(x, 1) & 0x55555555)
-  x = (x & 0x33333333) + (lax.shift_right_logical(x, 2) & 0x33333333)
-  x = (x + lax.shift_right_logical(x, 4)) & 0x0F0F0F0F
-  return lax.shift_right_logical(x * 0x01010101, 24)
-
-
-def keep_lowest(x, m):
-  """The lowest m set bits of each int32 x (0 <= m <= 32): x masked below the smallest bit
-  position p with m set bits under it, p found by a 6-step binary search."""
-  lo, hi = jnp.zeros_like(x), jnp.full_like(x, 32)
-  below = lambda p: jnp.where(p >= 32, -1, lax.shift_left(jnp.ones_like(x), p) - 1)
-  for _ in range(6):
-    mid = lax.shift_right_logical(lo + hi, 1)
-    enough = popcount(x & below(mid)) >= m
-    lo, hi = jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-  return x & below(hi)
-
-
 def kernel(
   t: int,
   f: int,
@@ -69,10 +49,14 @@ def kernel(
   num_valid: int | None = None,
   compact: bool = False,
   interpret: bool = False,
+  lean: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
-  channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs."""
+  channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
+  lean: the tie cut's bit counts by PTX `popc` / `fns`, and each histogram cleared by its
+  readers as they read it instead of at every row's start behind a barrier (opt-in until a
+  GPU run times it: `SelectOps`)."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -84,14 +68,14 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret)
+  ops = SelectOps(f, k, nv, interpret, lean)
   bin_layout = ops.bin_layout
 
   def compact_row(r, key, final, refs) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
     bits); its channel and value stored there, the two rows copied out."""
     above_ref, equal_ref, tmp_ref, idx_ref, val_ref, idx_out, val_out = refs
-    equal_ref[...] = ops.exclusive_prefix(popcount(final), tmp_ref, 24)
+    equal_ref[...] = ops.exclusive_prefix(ops.popcount(final), tmp_ref, 24)
     ops.barrier()  # the words and their first slots, for every warp
     ops.compact(key, above_ref, equal_ref, idx_ref, val_ref)
     ops.commit()
@@ -105,26 +89,33 @@ def kernel(
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
-    def one_row(r) -> None:
+    def clear_histograms() -> None:
       high_ref[...] = ops.splat(0)
       low_ref[...] = ops.splat(0)
       ops.barrier()
+
+    def one_row(r) -> None:
+      if not lean:
+        clear_histograms()
       bits = lax.bitcast_convert_type(ops.load_row(g_ref, r), jnp.int16).astype(I32)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
-      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0)
+      clear = lambda ref: ref if lean else None
+      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0, clear(high_ref))
       b1, above = tmp_ref[4], tmp_ref[5]
       ops.count_low(key, ops.splat(b1), low_ref)
       ops.wait_read()  # the last row's words have left shared memory before new ones land
       ops.barrier()
-      ops.select_bin(ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8)
+      ops.select_bin(
+        ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8, clear(low_ref)
+      )
       v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
       ops.ballot_words(key, ops.splat(v), above_ref, equal_ref)
       ops.barrier()
       eq = jnp.where(in_row, ops.cast(equal_ref[...], bin_layout), 0)
-      before = ops.exclusive_prefix(popcount(eq), tmp_ref, 16)
-      final = ops.cast(above_ref[...], bin_layout) | keep_lowest(eq, jnp.clip(need - before, 0, 32))
+      before = ops.exclusive_prefix(ops.popcount(eq), tmp_ref, 16)
+      final = ops.cast(above_ref[...], bin_layout) | ops.keep_lowest(eq, need - before)
       above_ref[...] = final
       if compact:
         refs_c = (above_ref, equal_ref, tmp_ref, idx_ref, val_ref, idx_out, val_out)
@@ -140,6 +131,8 @@ def kernel(
         one_row(r)
       return carry
 
+    if lean:
+      clear_histograms()
     lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
     ops.wait()
 
@@ -199,13 +192,14 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
+  lean: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(interpret=interpret)
+  kw = dict(interpret=interpret, lean=lean)
   return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
@@ -215,12 +209,13 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
+  lean: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  kw = dict(compact=True, interpret=interpret)
+  kw = dict(compact=True, interpret=interpret, lean=lean)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)

@@ -24,7 +24,7 @@ def test_select_probe_lowers_for_cuda(capsys, shape):
   last round's rows for some CTAs only)."""
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4,3", *shape])
   out = capsys.readouterr().out
-  assert "mgpu_select: lowered for CUDA" in out
+  assert "mgpu_select: lowered for CUDA" in out and "mgpu_select_lean: lowered for CUDA" in out
   assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
 
 
@@ -67,9 +67,11 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-def test_select_kernel_in_interpret_mode(f, k, num_valid):
-  """The kernel's own dataflow (histograms, doubling sums, thresholds, tie cut, slots, the
-  row loop) on random rows, tie-heavy rows, an all-equal row and a -0.0 row."""
+@pytest.mark.parametrize("lean", [False, True])
+def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
+  """The kernel's own dataflow (histograms, scans, thresholds, tie cut, slots, the row loop;
+  `lean`: the histograms cleared as they are read) on random rows, tie-heavy rows, an
+  all-equal row and a -0.0 row."""
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -77,10 +79,10 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid):
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
   for x in (g, ties):
-    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True))
+    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True, lean=lean))
     assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True)
+      idx, val = mgpu_select.select(x, k, interpret=True, lean=lean)
       want_idx, want_val = reference.select(x, k, "moc")
       assert np.array_equal(idx, want_idx), f"{seed=}"
       assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
@@ -132,7 +134,8 @@ def test_train_forward_with_mosaic_words_matches_triton():
 
 
 @pytest.mark.gpu
-def test_mgpu_select_gpu_real_size():
+@pytest.mark.parametrize("lean", [False, True])
+def test_mgpu_select_gpu_real_size(lean):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""
   seed = time.time_ns() % (2**31)
@@ -140,11 +143,11 @@ def test_mgpu_select_gpu_real_size():
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
-    idx, val = mgpu_select.select(x, 1024)
+    idx, val = mgpu_select.select(x, 1024, lean=lean)
     want_idx, want_val = reference.select(x, 1024, "moc")
     assert np.array_equal(idx, want_idx), f"{seed=}"
     assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
-  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461)
+  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, lean=lean)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
 
@@ -179,3 +182,58 @@ def test_auto_selection_on_gpu_is_mosaic_and_exact():
   want_idx, want_val = reference.select(g, 1024, "moc")
   assert np.array_equal(idx, want_idx), f"{seed=}"
   assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+
+
+def _ptxas() -> str | None:
+  import shutil
+
+  found = shutil.which("ptxas")
+  if found:
+    return found
+  try:  # Triton's wheel bundles one
+    import triton
+
+    path = f"{triton.__path__[0]}/backends/nvidia/bin/ptxas"
+    return path if __import__("os").path.exists(path) else None
+  except ImportError:
+    return None
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="no ptxas on this machine")
+def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
+  """Every inline PTX block the kernels emit (captured while lowering each form for CUDA),
+  its operands bound to registers, assembles with ptxas for sm_90a: a syntax check of the
+  PTX on a CPU machine (what it computes only a GPU tests)."""
+  import re
+  import subprocess
+
+  from pallas_kernels import _mgpu_ptx
+
+  snippets: dict[str, int] = {}
+  original = _mgpu_ptx._asm
+
+  def record(text, operands, constraints, result=False):
+    snippets[text] = len(constraints.split(","))
+    return original(text, operands, constraints, result)
+
+  monkeypatch.setattr(_mgpu_ptx, "_asm", record)
+  mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4", "--f=512", "--k=40"])
+  mgpu_select_probe.main(
+    ["--lower_only", "--t=8", "--ctas=3", "--f=1408", "--k=256", "--num_valid=1376"]
+  )
+  capsys.readouterr()
+  body = []
+  for n, (text, count) in enumerate(snippets.items()):
+    regs = [f"%x{n}_{i}" for i in range(count)]
+    bound = re.sub(r"\$(\d+)", lambda m, regs=regs: regs[int(m.group(1))], text)
+    body += [f"{{ .reg .b32 {', '.join(regs)};", *(f"mov.b32 {r}, 0;" for r in regs), bound, "}"]
+  assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops, compaction
+  ptx = tmp_path / "snippets.ptx"
+  head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
+  ptx.write_text(head + "\n".join(body) + "\nret;\n}\n")
+  done = subprocess.run(
+    [_ptxas(), "-arch=sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
+    capture_output=True,
+    text=True,
+  )
+  assert done.returncode == 0, done.stderr
