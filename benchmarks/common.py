@@ -204,6 +204,27 @@ def compiled_bytes(compiled) -> int | None:
   )
 
 
+def hlo_moves(compiled_text: str) -> dict[str, Any]:
+  """What a compiled program moves besides its kernels: each `copy` (shape, MB) and each
+  custom call's target, from the optimized HLO text (`jit(f).lower(...).compile().as_text()`).
+  Why: a copy of a large operand around a kernel costs as much as a pass over it."""
+  import re
+
+  sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
+  copies = []
+  for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\S* copy\(", compiled_text):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    copies.append({"shape": f"{dtype}[{dims}]", "mb": round(n * sizes.get(dtype, 4) / 2**20, 1)})
+  targets = re.findall(r'custom_call_target="([^"]+)"', compiled_text)
+  return {
+    "copies": copies,
+    "copy_mb": round(sum(c["mb"] for c in copies), 1),
+    "custom_calls": targets,
+  }
+
+
 RESULT = "RESULT "  # the line a variant's child process prints its JSON record on
 
 

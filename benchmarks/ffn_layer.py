@@ -9,7 +9,8 @@ median of the per-trial ratios, so drift in the GPU's clock over the run cancels
 medians); `--protocols=interleaved,sequential` times both in one run. `--inner` sets the calls
 per sample, several comma-separated (a longer block lets each method settle into its own clock
 and power state). Each shape is preceded by `--heat_s` seconds of load (15 on GPU), so no method
-is timed on a cold GPU.
+is timed on a cold GPU. `--hlo` also records what each method's compiled fwd moves besides
+its kernels (`common.hlo_moves`: copies and their sizes, custom calls).
 
   python benchmarks/ffn_layer.py [--quick] [--out=benchmarks/results/ffn_layer.json]
 """
@@ -122,6 +123,7 @@ def main() -> None:
   ap.add_argument(
     "--heat_s", type=float, default=None, help="seconds of load before each shape (GPU 15, else 0)"
   )
+  ap.add_argument("--hlo", action="store_true", help="record each compiled fwd's copies")
   ap.add_argument("--out", default="benchmarks/results/ffn_layer.json")
   args = ap.parse_args()
   opts = compile_options.parse(args.compiler_options)
@@ -141,6 +143,10 @@ def main() -> None:
     sets = [_params(d, f, s) for s in range(2)]
     names = args.methods.split(",")
     fns = {name: _fns(k, METHODS[name], opts) for name in names}
+    moves = {}
+    for n, (fn, _) in fns.items() if args.hlo else ():
+      moves[n] = common.hlo_moves(fn.lower(*sets[0]).compile().as_text())
+      print(f"{d} {n} fwd: {moves[n]}", flush=True)
     _heat(next(iter(fns.values()))[1], sets, heat_s)
     for protocol, inner in itertools.product(protocols, inners):
       samples = {
@@ -155,6 +161,8 @@ def main() -> None:
           row[label] = statistics.median(ours) if ours else None
           row[label.replace("_us", "_vs_dense")] = _vs_dense(ours, dense, protocol)
           row[label.replace("_us", "_samples_us")] = ours
+        if args.hlo:
+          row["hlo_fwd"] = moves[name]
         row["residual_bytes_per_token"] = moc.residual_bytes_per_token(
           f, k, method["variant"], method["gcp"], backend=method["backend"]
         )

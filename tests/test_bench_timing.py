@@ -1,6 +1,7 @@
 """The interleaved timer: every fn sampled once per trial, in an order rotated each trial; a fn
 that fails is dropped and the rest still compared; ratios paired trial by trial."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -49,3 +50,18 @@ def test_topk_ab_checks_exactness_and_pairs_configs(tmp_path):
   assert len(rows[names[1]]["samples_us"]) == 2 and rows[names[1]]["median_us"] > 0
   with pytest.raises(SystemExit):
     topk_ab.main(["no_such_config"])
+
+
+def test_hlo_moves_reports_copies_and_custom_calls():
+  """A parsed HLO text: a copy's shape and size, and a custom call's target; a real compiled
+  program's text parses too (whatever XLA chose to emit)."""
+  text = (
+    "%copy.1 = bf16[1024,512]{0,1} copy(bf16[1024,512]{1,0} %p)\n"
+    '%cc = f32[8]{0} custom-call(f32[8]{0} %x), custom_call_target="mosaic_gpu"\n'
+  )
+  moves = common.hlo_moves(text)
+  assert moves["copies"] == [{"shape": "bf16[1024,512]", "mb": 1.0}]
+  assert moves["copy_mb"] == 1.0 and moves["custom_calls"] == ["mosaic_gpu"]
+  x = jnp.ones((64, 32), jnp.float32)
+  compiled = jax.jit(lambda a: a * 2.0).lower(x).compile().as_text()
+  assert common.hlo_moves(compiled)["custom_calls"] == []
