@@ -24,6 +24,8 @@ per row) needed 255 registers and spilled, at 12.5% occupancy: 1.43x the Triton 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -166,11 +168,18 @@ def _ctas(t: int, interpret: bool, ctas: int | None) -> int:
   return min(t, ctas or CTAS_PER_SM * sms)
 
 
+SELECTION_ENV = "MOC_SELECTION"  # 'triton': 'auto' never takes this kernel
+
+
 def usable(dtype, f: int, interpret: bool) -> bool:
   """Whether `selection='auto'` takes this kernel for rows of F 16-bit values: compiled (not
   interpret mode) on a GPU of compute capability 9.0 or newer (Mosaic GPU's), F % 128 == 0,
-  F <= 8192."""
-  if interpret or dtype not in KEY_DTYPES or f % LANES or f // 32 > BINS:
+  F <= 8192, unless MOC_SELECTION=triton (an escape hatch, should a JAX release break Mosaic
+  GPU's lowering of it)."""
+  choice = os.environ.get(SELECTION_ENV, "auto")
+  if choice not in ("auto", "triton"):
+    raise ValueError(f"{SELECTION_ENV} must be 'auto' or 'triton', got {choice!r}")
+  if choice == "triton" or interpret or dtype not in KEY_DTYPES or f % LANES or f // 32 > BINS:
     return False
   device = jax.devices()[0]
   try:

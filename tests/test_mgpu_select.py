@@ -169,6 +169,26 @@ def test_auto_selection_takes_mosaic_only_where_it_can_run():
   assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
 
 
+def test_auto_selection_on_a_hopper_gpu_and_its_escape_hatch(monkeypatch):
+  """On a (stand-in) compute capability 9.0 GPU 'auto' takes the Mosaic kernel, not on 8.0;
+  MOC_SELECTION=triton turns it off; any other value is one clear error."""
+
+  class Gpu:
+    platform = "gpu"
+
+    def __init__(self, cc):
+      self.compute_capability = cc
+
+  for cc, want in (("9.0", True), ("8.0", False)):
+    monkeypatch.setattr(jax, "devices", lambda cc=cc: [Gpu(cc)])
+    assert mgpu_select.usable(jnp.bfloat16, 5504, interpret=False) == want
+  monkeypatch.setenv("MOC_SELECTION", "triton")
+  assert not mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)
+  monkeypatch.setenv("MOC_SELECTION", "mosaic")
+  with pytest.raises(ValueError, match="MOC_SELECTION must be"):
+    mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)
+
+
 @pytest.mark.gpu
 def test_auto_selection_on_gpu_is_mosaic_and_exact():
   """On a Hopper GPU the defaults' 'auto' is the Mosaic bitmask, and `topk.select` through it
