@@ -38,7 +38,7 @@ from pallas_kernels._mgpu_ptx import BINS, I32, LANES
 
 # CTAs per SM by default: 4 are resident (111 registers a thread), and two full rounds timed
 # as fast as one (169.2 / 169.7 us at 8 / 4 per SM, 177.1 at 1024 CTAs; 5-7 per SM leave a
-# ragged round: up to 226.6; mgpu_select_probe_h200_20261204c.json)
+# ragged round: up to 226.6; 16384 x 5504 in mgpu_select_1b_h200_20261204c.json)
 CTAS_PER_SM = 8
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
