@@ -10,6 +10,7 @@ algorithm in jnp, for the CPU tests.
   python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461   # the 1B layer's words
   python3 benchmarks/mgpu_select_probe.py --lower_only   # CPU: lower for CUDA, nothing runs
+  python3 benchmarks/mgpu_select_probe.py --t=1 --f=5504 --ctas=1 --device_time   # decode, T = 1
 """
 
 from __future__ import annotations
@@ -115,6 +116,21 @@ def _exact(fn, name: str, g, a) -> bool:
   return bool(np.array_equal(idx, ref_idx) and np.array_equal(val, ref_val))
 
 
+def device_us(fn, args, calls: int = 50) -> float:
+  """Kernel time per call from a jax.profiler trace of `calls` calls (wall-clock timing of a
+  call this short would be mostly its dispatch)."""
+  import tempfile
+
+  from benchmarks import step_profile
+
+  common.block(fn(*args))
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      common.block([fn(*args) for _ in range(calls)])
+    summary = step_profile.summarize(step_profile.read_trace(log_dir), calls)
+  return round(summary["device_ms_per_step"] * 1e3, 2)
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--t", type=int, default=16384)
@@ -123,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
   p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
+  p.add_argument(
+    "--device_time", action="store_true", help="kernel time per call from a profile (e.g. T = 1)"
+  )
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   try:
@@ -159,11 +178,23 @@ def main(argv: list[str] | None = None) -> None:
     fns["default_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))
     triton = dataclasses.replace(topk.default_config(a.f), selection="triton")
     fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc", config=triton))
-  samples = common.time_interleaved(fns, sets, inner=10, trials=9)
-  for name, us in samples.items():
-    row = rows.setdefault(name, {})
-    row |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
-    print(f"{name:14s} {row['median_us']:8.1f} us", flush=True)
+  if a.t <= 16:  # the decode list pipeline's own selection (T <= 4), on G already in bf16
+    from pallas_kernels import _decode_select, moc_decode
+
+    dcfg = moc_decode.moc_config(a.t, 2048, a.f).topk
+    if dcfg is not None:
+      fns["decode_topk"] = jax.jit(lambda g: _decode_select.topk_rows(g, a.k, dcfg, False))
+  if a.device_time:
+    for name, fn in fns.items():
+      row = rows.setdefault(name, {})
+      row["device_us"] = device_us(fn, sets[0])
+      print(f"{name:14s} {row['device_us']:8.2f} us of kernels per call", flush=True)
+  else:
+    samples = common.time_interleaved(fns, sets, inner=10, trials=9)
+    for name, us in samples.items():
+      row = rows.setdefault(name, {})
+      row |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
+      print(f"{name:14s} {row['median_us']:8.1f} us", flush=True)
   if a.out:
     shape = {"t": a.t, "f": a.f, "k": a.k, "num_valid": a.num_valid, "ctas": a.ctas}
     common.write_json(a.out, {"info": common.run_info(), "shape": shape, "rows": rows})

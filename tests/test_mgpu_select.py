@@ -257,3 +257,11 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     text=True,
   )
   assert done.returncode == 0, done.stderr
+
+
+def test_probe_device_time_counts_the_calls_kernels():
+  """`--device_time`'s measure: kernel time per call from a profile, more for more work."""
+  x = jnp.ones((128, 128), jnp.float32)
+  small = mgpu_select_probe.device_us(jax.jit(lambda a: a @ a), (x,), calls=5)
+  big = mgpu_select_probe.device_us(jax.jit(lambda a: a @ a @ a @ a @ a @ a @ a @ a), (x,), 5)
+  assert 0 < small < big
