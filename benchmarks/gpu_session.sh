@@ -27,7 +27,7 @@
 #           GPU_TESTS=tests: all 37, ~6 min plus ~2 min for each of the two F = 16384 top-K
 #           cases, nearly all compile; GPU_TESTS_K: a pytest -k expression, e.g. 'not 16384')
 #   mgpu    the Mosaic GPU radix select (benchmarks/mgpu_select_probe.py), exact-checked, then
-#           timed beside the Triton selection
+#           timed beside the Triton selection; and at T = 1 by kernel time (decode)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
@@ -207,12 +207,15 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
 }
 
-mgpu() {  # the Mosaic GPU radix select probe at 5632 and the 1B layer's words, CTA counts
+mgpu() {  # the Mosaic GPU radix select probe at 5632 and the 1B layer's words, CTA counts;
+  # then one row (decode, T = 1) by kernel time from a profile
   [ -n "${DRY:-}" ] && { echo "Mosaic GPU probes skipped (DRY)"; return 0; }
   local ctas=${MGPU_CTAS:-1024,528,660,792,924,1056,2048,4096}
   python3 benchmarks/mgpu_select_probe.py --ctas=$ctas --out "$work/mgpu_select_probe.json"
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --ctas=$ctas \
     --out "$work/mgpu_select_1b.json"
+  python3 benchmarks/mgpu_select_probe.py --t=1 --f=5504 --ctas=1 --device_time \
+    --out "$work/mgpu_select_t1.json"
 }
 
 sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags gemms graphs tests layer stream mgpu"
