@@ -5,7 +5,8 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 - time of the prefill alone); medians over trials. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
-config and, as `moc_kernel_mask`, with the mask pipeline forced; `moc_kernel_warmN[pP]` (one
+config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
+list pipeline's top-K as the Mosaic GPU radix select (no L2 warming); `moc_kernel_warmN[pP]` (one
 per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB of the next layer's q, k,
 v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs (`warm_programs`).
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
@@ -115,6 +116,7 @@ def main() -> None:
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     **{f"moc_kernel_warm{w}": dict(ffn="moc", kernel_backend="pallas") for w in warm},
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
   }
@@ -142,6 +144,8 @@ def main() -> None:
     model.FeedForward.decode = swaps.get(name, original)
     if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
       moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
+    if name == "moc_kernel_mgpu":  # the list pipeline's top-K as the Mosaic GPU select
+      moc_decode.moc_config = lambda *a: _with_mosaic_select(original_cfg(*a))
     if name.startswith("moc_kernel_warm"):
       mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
       knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -158,6 +162,14 @@ def main() -> None:
     print(name, json.dumps(row), flush=True)
     del m
     _summarise(result, a.out)
+
+
+def _with_mosaic_select(cfg):
+  """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
+  T <= 4), without the L2 warming that only the Triton top-K's launch carries."""
+  if cfg.topk is None:
+    return cfg
+  return replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_bytes=0)
 
 
 def _summarise(result: dict, out: str) -> None:

@@ -62,6 +62,9 @@ PHASES = {
   # the dense path's GEMVs: gate+up and down knobs around `dense_config` (2026-12-04 sweep)
   "dense": (1, ALL, frozenset({"dense"})),
   "dense4": (4, FIRST, frozenset({"dense"})),
+  # the list pipeline selecting with the Mosaic GPU radix select (opt-in), against its default
+  "mgpu1": (1, FIRST, frozenset({"mgpu"})),
+  "mgpu4": (4, FIRST, frozenset({"mgpu"})),
 }
 # gate+up GEMV knobs (F-block, D-step, splits, warps, stages; 1 split fuses the SwiGLU) and down
 # GEMV knobs (column block, row step, splits, warps, stages), each varied with the other default
@@ -85,6 +88,19 @@ def dense_variants(dense_cfg) -> dict:
     )
     out[f"down:f{f}_d{d}_s{s}_w{w}_st{st}"] = c
   return out
+
+
+def mosaic_rows(moc_cfg, moc, d: int, f: int, k: int, interp) -> dict:
+  """The list pipeline's top-K as the Mosaic GPU radix select (`selection='mgpu'`: one CTA per
+  token, the gate partials summed as it loads them; no L2 warming), where it can run: a
+  compiled Hopper GPU, F <= 8192, K % 8 == 0."""
+  from pallas_kernels import mgpu_select
+
+  width = -(-f // mgpu_select.LANES) * mgpu_select.LANES
+  if k % 8 or not mgpu_select.usable(jnp.bfloat16, width, tu.default_interpret(interp)):
+    return {}
+  cfg = replace(moc_cfg, topk=replace(moc_cfg.topk, selection="mgpu"), warm_bytes=0)
+  return {"moc_kernel[mgpu]": (moc(cfg), cfg)}
 
 
 def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
@@ -144,6 +160,11 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       dense_down = {knob: getattr(dense_cfg, knob) for knob in LINEAR_DOWN}
       gemv = replace(moc_cfg, dense_down="gemv", **dense_down)
       out["moc_kernel[gemv_down]"] = (moc(gemv), gemv)
+  if ("main" in kinds or "mgpu" in kinds) and moc_cfg.topk is not None:
+    out |= mosaic_rows(moc_cfg, moc, d, f, k, interp)
+    if "mgpu" in kinds:
+      out |= {"dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
+      out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one

@@ -131,6 +131,49 @@ def device_us(fn, args, calls: int = 50) -> float:
   return round(summary["device_ms_per_step"] * 1e3, 2)
 
 
+def _decode_partials(a, g: jax.Array) -> dict:
+  """Decode's real input, G as 2 fp32 split partials of a power-of-two width (the gate GEMV's):
+  the Triton top-K summing them as it loads (the list pipeline's default) vs the Mosaic one
+  (`select_partials`), checked equal, then timed like the other rows."""
+  from pallas_kernels import _decode_select, mgpu_select, moc_decode
+
+  dcfg = moc_decode.moc_config(a.t, 2048, a.f).topk
+  if dcfg is None or a.k % 8:
+    return {}
+  width = 1 << (a.f - 1).bit_length()
+  half = jnp.pad(g.astype(jnp.float32) * 0.5, ((0, 0), (0, width - a.f)))
+  partials = jnp.stack([half, half])
+  fns = {
+    "decode_topk_partials": jax.jit(
+      lambda p: _decode_select.topk_from_partials(p, a.k, a.f, jnp.bfloat16, dcfg, False)
+    ),
+    "mgpu_topk_partials": jax.jit(
+      lambda p: mgpu_select.select_partials(p, a.k, a.f, jnp.bfloat16, interpret=False)
+    ),
+  }
+  rows = {name: {} for name in fns}
+  try:
+    want, got = (fn(partials) for fn in fns.values())
+    rows["mgpu_topk_partials"]["exact_vs_triton"] = all(
+      bool(np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32)))
+      for x, y in zip(want, got, strict=True)
+    )
+  except Exception as e:
+    rows["mgpu_topk_partials"]["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+  if not rows["mgpu_topk_partials"].get("exact_vs_triton"):
+    del fns["mgpu_topk_partials"]
+  print("mgpu_topk_partials", rows["mgpu_topk_partials"], flush=True)
+  if a.device_time:
+    for name, fn in fns.items():
+      rows[name]["device_us"] = device_us(fn, (partials,))
+      print(f"{name:14s} {rows[name]['device_us']:8.2f} us of kernels per call", flush=True)
+  else:
+    for name, us in common.time_interleaved(fns, [(partials,)], inner=10, trials=9).items():
+      rows[name] |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
+      print(f"{name:14s} {rows[name]['median_us']:8.1f} us", flush=True)
+  return rows
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--t", type=int, default=16384)
@@ -184,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     dcfg = moc_decode.moc_config(a.t, 2048, a.f).topk
     if dcfg is not None:
       fns["decode_topk"] = jax.jit(lambda g: _decode_select.topk_rows(g, a.k, dcfg, False))
+  if a.t <= 16:
+    rows |= _decode_partials(a, sets[0][0])
   if a.device_time:
     for name, fn in fns.items():
       row = rows.setdefault(name, {})

@@ -24,6 +24,8 @@ per row) needed 255 registers and spilled, at 12.5% occupancy: 1.43x the Triton 
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import jax
@@ -52,19 +54,25 @@ def kernel(
   compact: bool = False,
   interpret: bool = False,
   lean: bool = False,
+  splits: int = 0,
+  round_dtype=jnp.bfloat16,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
   channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   lean: the tie cut's bit counts by PTX `popc` / `fns`, and each histogram cleared by its
   readers as they read it instead of at every row's start behind a barrier (opt-in until a
-  GPU run times it: `SelectOps`)."""
+  GPU run times it: `SelectOps`). splits > 0: the input is (splits · T, W) fp32 split-K
+  partials of G (a decode gate GEMV's), row r's G their sum in split order rounded to
+  round_dtype as the row loads."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
       f"the Mosaic GPU select needs F % {LANES} == 0, F <= {32 * BINS}, 0 < ctas <= T and "
       f"0 < K <= num_valid <= F; got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
+  if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
+    raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
   if compact and k % 8:
     raise ValueError(f"the Mosaic GPU top-K copies K-long rows by TMA: K % 8 == 0, got {k}")
   if interpret and ctas != 1:
@@ -84,6 +92,13 @@ def kernel(
     ops.copy_out(idx_ref, idx_out.at[r])
     ops.copy_out(val_ref, val_out.at[r])
 
+  def load_g(g_ref, r):
+    """Row r of G, 16-bit: as stored, or (splits) the sum of its fp32 partials, rounded."""
+    if not splits:
+      return ops.load_row(g_ref, r)
+    parts = [ops.load_row(g_ref, s * t + r) for s in range(splits)]
+    return functools.reduce(operator.add, parts).astype(round_dtype)
+
   def body(g_ref, out_ref, *refs):
     idx_out, val_out, high_ref, low_ref, above_ref, equal_ref, tmp_ref, idx_ref, val_ref = (
       refs if compact else (None, None, *refs, None, None)
@@ -99,7 +114,7 @@ def kernel(
     def one_row(r) -> None:
       if not lean:
         clear_histograms()
-      bits = lax.bitcast_convert_type(ops.load_row(g_ref, r), jnp.int16).astype(I32)
+      bits = lax.bitcast_convert_type(load_g(g_ref, r), jnp.int16).astype(I32)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
@@ -228,3 +243,32 @@ def select(
   build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
+
+
+def select_partials(
+  partials_SxTxW: jax.Array,
+  k: int,
+  d_ff: int,
+  dtype,
+  *,
+  interpret: bool | None = None,
+  ctas: int | None = None,
+  lean: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """`topk.select(g, k, 'moc')` of G = Σ_s partials[s, :, :d_ff] (fp32, summed in split order)
+  rounded to dtype, the sum done as each row loads: the decode gate GEMV's split-K partials,
+  as `_decode_select.topk_from_partials` takes them. (idx_TxK ascending, G values in dtype).
+  The rows' first d_ff rounded up to a multiple of 128 columns are read; the partials' padding
+  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192."""
+  splits, t, width = partials_SxTxW.shape
+  f = -(-d_ff // LANES) * LANES
+  if partials_SxTxW.dtype != jnp.float32 or f > width:
+    raise ValueError(
+      f"select_partials takes fp32 partials at least {f} wide for d_ff={d_ff}, got "
+      f"{partials_SxTxW.dtype} of width {width}"
+    )
+  interpret = tu.default_interpret(interpret)
+  kw = dict(compact=True, interpret=interpret, lean=lean, splits=splits, round_dtype=dtype)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, **kw)
+  _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width))
+  return idx, lax.bitcast_convert_type(val_bits, dtype)

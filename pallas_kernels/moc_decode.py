@@ -217,7 +217,14 @@ def decode_ffn(
 def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
   the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first.
-  warm: a weight whose start the top-K's launch reads into L2 ('moc' only)."""
+  warm: a weight whose start the top-K's launch reads into L2 ('moc' only; not with the
+  Mosaic GPU select, which `cfg.topk.selection` picks, see `_mosaic_select`)."""
+  if _mosaic_select(x_TxD.dtype, w_gate_DxF.shape[1], k, variant, cfg.topk, interpret):
+    from pallas_kernels import mgpu_select  # Mosaic GPU, imported where it is used
+
+    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
+    d_ff = w_gate_DxF.shape[1]
+    return mgpu_select.select_partials(partials, k, d_ff, x_TxD.dtype, interpret=interpret)
   warm = None if warm is None or variant != "moc" else (warm, cfg)
   if cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
@@ -229,6 +236,21 @@ def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   if warm is not None:
     return _decode_select.topk_rows(g_TxF, k, cfg.topk, interpret, warm)
   return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
+
+
+def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: bool) -> bool:
+  """Whether the list pipeline selects with the Mosaic GPU radix select, its one-CTA-per-token
+  top-K summing the gate partials as it loads them (`mgpu_select.select_partials`):
+  selection 'mgpu', or 'auto' where it can run (`mgpu_select.usable`, K % 8 == 0). Opt-in
+  (`LIST_TOPK` keeps 'triton') until an H200 run times it against the Triton select."""
+  from pallas_kernels import mgpu_select
+
+  if variant != "moc" or topk_cfg.selection == "triton":
+    return False
+  if topk_cfg.selection == "mgpu":
+    return True
+  f = -(-d_ff // mgpu_select.LANES) * mgpu_select.LANES
+  return k % 8 == 0 and mgpu_select.usable(jnp.dtype(dtype), f, interpret)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))

@@ -1,0 +1,137 @@
+"""The Mosaic GPU radix select as decode's selection (`mgpu_select.select_partials`, opt-in
+through `TopKConfig(selection='mgpu')` in a list-pipeline `DecodeConfig`): it sums the gate
+GEMV's split partials as each row loads and selects exactly what the reference selects.
+Interpret mode on the CPU (one CTA, its inline PTX replaced by jnp); lowered for CUDA on the
+CPU; compiled on a Hopper GPU (marked `gpu`), where y must equal the Triton select's bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import mgpu_select, moc_decode, reference, topk
+from pallas_kernels._decode_config import LIST_TOPK
+
+# The list pipeline with small blocks (several programs per token) selecting with Mosaic.
+MOSAIC_LIST = moc_decode.DecodeConfig(
+  gemv_block_f=32,
+  gemv_block_d=16,
+  gemv_splits=2,
+  pipeline="list",
+  list_rows=4,
+  list_programs=8,
+  list_block_d=32,
+  t1_dot=True,
+  topk=dataclasses.replace(topk.CHUNKED, selection="mgpu"),
+)
+
+
+def _seed() -> int:
+  return time.time_ns() % (2**31)
+
+
+@pytest.mark.parametrize(
+  ("splits", "t", "d_ff", "k", "ties"),
+  [(2, 1, 1000, 64, False), (1, 3, 1024, 128, True), (3, 2, 700, 8, True), (2, 4, 203, 56, True)],
+)
+def test_select_partials_matches_reference(splits, t, d_ff, k, ties):
+  """Indices and rounded values equal the reference's top-K of Σ partials (in split order)
+  rounded to bf16; the partials' padding columns hold NaN and are never selected."""
+  seed = _seed()
+  width = 1 << (d_ff - 1).bit_length()  # the gate GEMV pads its partial rows to a power of two
+  key = jax.random.key(seed)
+  if ties:  # sums exact in any order: many equal values at the threshold
+    p = jax.random.randint(key, (splits, t, width), -3, 4).astype(jnp.float32) * 0.25
+  else:
+    p = jax.random.normal(key, (splits, t, width), jnp.float32)
+  p = p.at[:, :, d_ff:].set(jnp.nan)
+  g = functools.reduce(jnp.add, list(p[:, :, :d_ff])).astype(jnp.bfloat16)
+  want_idx, want_val = reference.select(g, k, "moc")
+  idx, val = mgpu_select.select_partials(p, k, d_ff, jnp.bfloat16, interpret=True)
+  np.testing.assert_array_equal(idx, want_idx, err_msg=f"{seed=}")
+  np.testing.assert_array_equal(
+    np.asarray(val, np.float32), np.asarray(want_val, np.float32), err_msg=f"{seed=}"
+  )
+
+
+def test_select_partials_refuses_what_it_cannot_do():
+  p = jnp.ones((2, 1, 256), jnp.float32)
+  with pytest.raises(ValueError, match="fp32 partials"):
+    mgpu_select.select_partials(p.astype(jnp.bfloat16), 16, 200, jnp.bfloat16, interpret=True)
+  with pytest.raises(ValueError, match="at least 384 wide"):
+    mgpu_select.select_partials(p, 16, 300, jnp.bfloat16, interpret=True)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    mgpu_select.select_partials(p, 16, 200, jnp.float32, interpret=True)
+  with pytest.raises(ValueError, match="K % 8 == 0"):
+    mgpu_select.select_partials(p, 12, 200, jnp.bfloat16, interpret=True)
+
+
+@pytest.mark.parametrize(("num_tokens", "d_ff", "k"), [(1, 203, 40), (3, 171, 24), (4, 256, 128)])
+def test_decode_ffn_through_mosaic_select_matches_reference(num_tokens, d_ff, k):
+  """The whole decode FFN (gate GEMV partials -> Mosaic select -> rows kernel), bf16 with
+  integer gates (exact G, many ties): the reference's y."""
+  seed, d_model = _seed(), 48
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(jnp.bfloat16)
+  wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(jnp.bfloat16)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=MOSAIC_LIST, interpret=True)
+  want = reference.decode_ffn(x, wg, wu, wd, k, "moc")
+  a, b = np.asarray(y, np.float64), np.asarray(want, np.float64)
+  assert y.dtype == want.dtype and np.isfinite(a).all()
+  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"{seed=}"
+
+
+def test_mosaic_select_is_opt_in_for_decode():
+  """Decode's shipped top-K config stays Triton; 'mgpu' always takes Mosaic, 'auto' only where
+  it can run (never in interpret mode or for K % 8 != 0)."""
+  pick = functools.partial(moc_decode._mosaic_select, jnp.bfloat16, 5464, 1024, "moc")
+  assert LIST_TOPK.selection == "triton" and not pick(LIST_TOPK, False)
+  assert pick(dataclasses.replace(LIST_TOPK, selection="mgpu"), True)
+  assert not pick(dataclasses.replace(LIST_TOPK, selection="auto"), True)
+  auto = dataclasses.replace(LIST_TOPK, selection="auto")
+  assert not moc_decode._mosaic_select(jnp.bfloat16, 5464, 1020, "moc", auto, False)
+  assert not moc_decode._mosaic_select(jnp.bfloat16, 5464, 1024, "moc_2of8", auto, False)
+
+
+def test_decode_ffn_through_mosaic_lowers_for_cuda():
+  """The 1B decode shape at T = 1: the Mosaic select's custom call beside the Triton GEMV and
+  rows kernels, lowered for CUDA on this machine."""
+  cfg = dataclasses.replace(
+    moc_decode.moc_config(1, 2048, 5464), topk=dataclasses.replace(LIST_TOPK, selection="mgpu")
+  )
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, 2048), (2048, 5464), (5464, 2048))]
+  fn = lambda x, wg, wu: moc_decode.decode_ffn(
+    x, wg, wu, wu, 1024, "moc", config=cfg, interpret=False
+  )
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 4])
+def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens):
+  """Compiled at the 1B decode shape: the Mosaic select picks the channels and values the
+  Triton select picks, so y is the same bit for bit."""
+  d_model, d_ff, k = 2048, 5464, 1024
+  cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
+  mosaic = dataclasses.replace(cfg, topk=dataclasses.replace(cfg.topk, selection="mgpu"))
+  seed = _seed()
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(ks[0], (num_tokens, d_model), jnp.bfloat16)
+  wg = (jax.random.normal(ks[1], (d_model, d_ff)) * d_model**-0.5).astype(jnp.bfloat16)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=mosaic)
+  y_triton = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
+  np.testing.assert_array_equal(
+    np.asarray(y, np.float32), np.asarray(y_triton, np.float32), err_msg=f"{seed=}"
+  )
