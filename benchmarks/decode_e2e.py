@@ -6,9 +6,10 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
 config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
-list pipeline's top-K as the Mosaic GPU radix select (no L2 warming); `moc_kernel_warmN[pP]` (one
-per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB of the next layer's q, k,
-v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs (`warm_programs`).
+list pipeline's top-K as the Mosaic GPU radix select (warming by bulk L2 prefetches);
+`moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
+of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
+(`warm_programs`).
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
 speedup.
 
@@ -166,10 +167,10 @@ def main() -> None:
 
 def _with_mosaic_select(cfg):
   """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
-  T <= 4), without the L2 warming that only the Triton top-K's launch carries."""
+  T <= 4); it warms L2 with the same bytes by bulk prefetches."""
   if cfg.topk is None:
     return cfg
-  return replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_bytes=0)
+  return replace(cfg, topk=replace(cfg.topk, selection="mgpu"))
 
 
 def _summarise(result: dict, out: str) -> None:

@@ -310,6 +310,41 @@ def map_bins(bin_layout, text: str, arity: int):
   return op
 
 
+PREFETCH_CHUNK = 1 << 16  # bytes per bulk L2 prefetch
+
+
+def prefetch_l2(num_bytes: int):
+  """Ask L2 for the first num_bytes (a multiple of 16) of a GMEM buffer, evict-last: thread t
+  of the warpgroup issues `cp.async.bulk.prefetch` for chunks t, t + 128, …; the tail by
+  thread 0. Nothing waits for it: the lines land while this kernel and the next ones run (the
+  next kernels' weights, as `_l2_prefetch` warms them from the Triton top-K's launch)."""
+  full, tail = divmod(num_bytes, PREFETCH_CHUNK)
+  steps = -(-full // LANES)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def prefetch(ctx, ref):
+    del ctx
+    lines = [
+      "{ .reg .pred p; .reg .b64 g, a, pol;",
+      "cvta.to.global.u64 g, $0; createpolicy.fractional.L2::evict_last.b64 pol, 1.0;",
+    ]
+    for j in range(steps):
+      lines.append(
+        f"setp.lt.u32 p, $1, {full - LANES * j}; mad.wide.u32 a, $1, {PREFETCH_CHUNK}, g;"
+        f" add.u64 a, a, {LANES * j * PREFETCH_CHUNK};"
+        f" @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [a], {PREFETCH_CHUNK}, pol;"
+      )
+    if tail:
+      lines.append(
+        f"setp.eq.u32 p, $1, 0; add.u64 a, g, {full * PREFETCH_CHUNK};"
+        f" @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [a], {tail}, pol;"
+      )
+    lines.append("}")
+    _asm("\n".join(lines), [mgpu_utils.memref_ptr(ref), _thread()[0]], "l,r")
+
+  return prefetch
+
+
 @plgpu.inline_mgpu()
 def barrier(ctx):
   del ctx

@@ -34,6 +34,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._mgpu_ops import SelectOps
 from pallas_kernels._mgpu_ptx import BINS, I32, LANES
@@ -56,6 +57,7 @@ def kernel(
   lean: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
+  warm_bytes: int = 0,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
@@ -64,7 +66,9 @@ def kernel(
   readers as they read it instead of at every row's start behind a barrier (opt-in until a
   GPU run times it: `SelectOps`). splits > 0: the input is (splits · T, W) fp32 split-K
   partials of G (a decode gate GEMV's), row r's G their sum in split order rounded to
-  round_dtype as the row loads."""
+  round_dtype as the row loads. warm_bytes > 0: a second input, any GMEM buffer, whose first
+  warm_bytes (a multiple of 16) CTA 0 asks L2 to hold (`_mgpu_ptx.prefetch_l2`) as it starts;
+  nothing waits for it, and interpret mode skips it."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -73,6 +77,8 @@ def kernel(
     )
   if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
+  if warm_bytes % 16 or warm_bytes < 0:
+    raise ValueError(f"warm_bytes must be a multiple of 16, got {warm_bytes}")
   if compact and k % 8:
     raise ValueError(f"the Mosaic GPU top-K copies K-long rows by TMA: K % 8 == 0, got {k}")
   if interpret and ctas != 1:
@@ -99,7 +105,8 @@ def kernel(
     parts = [ops.load_row(g_ref, s * t + r) for s in range(splits)]
     return functools.reduce(operator.add, parts).astype(round_dtype)
 
-  def body(g_ref, out_ref, *refs):
+  def body(g_ref, *refs):
+    warm_ref, out_ref, *refs = refs if warm_bytes else (None, *refs)
     idx_out, val_out, high_ref, low_ref, above_ref, equal_ref, tmp_ref, idx_ref, val_ref = (
       refs if compact else (None, None, *refs, None, None)
     )
@@ -148,6 +155,8 @@ def kernel(
         one_row(r)
       return carry
 
+    if warm_bytes and not interpret:
+      pl.when(pid == 0)(lambda: ptx.prefetch_l2(warm_bytes)(warm_ref))
     if lean:
       clear_histograms()
     lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
@@ -254,12 +263,16 @@ def select_partials(
   interpret: bool | None = None,
   ctas: int | None = None,
   lean: bool = False,
+  warm: jax.Array | None = None,
+  warm_bytes: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` of G = Σ_s partials[s, :, :d_ff] (fp32, summed in split order)
   rounded to dtype, the sum done as each row loads: the decode gate GEMV's split-K partials,
   as `_decode_select.topk_from_partials` takes them. (idx_TxK ascending, G values in dtype).
   The rows' first d_ff rounded up to a multiple of 128 columns are read; the partials' padding
-  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192."""
+  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192. warm: a weight the
+  next kernels read (the next layer's q, k, v), whose first warm_bytes the launch asks L2 to
+  hold (no effect on the results)."""
   splits, t, width = partials_SxTxW.shape
   f = -(-d_ff // LANES) * LANES
   if partials_SxTxW.dtype != jnp.float32 or f > width:
@@ -268,7 +281,12 @@ def select_partials(
       f"{partials_SxTxW.dtype} of width {width}"
     )
   interpret = tu.default_interpret(interpret)
+  inputs = [partials_SxTxW.reshape(splits * t, width)]
+  nbytes = 0
+  if warm is not None and warm_bytes and not interpret:
+    inputs.append(warm.reshape(-1))
+    nbytes = min(warm_bytes, warm.size * warm.dtype.itemsize) // 16 * 16
   kw = dict(compact=True, interpret=interpret, lean=lean, splits=splits, round_dtype=dtype)
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, **kw)
-  _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width))
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, warm_bytes=nbytes, **kw)
+  _, idx, val_bits = build(*inputs[: 2 if nbytes else 1])
   return idx, lax.bitcast_convert_type(val_bits, dtype)

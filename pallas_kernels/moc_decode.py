@@ -217,14 +217,16 @@ def decode_ffn(
 def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
   the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first.
-  warm: a weight whose start the top-K's launch reads into L2 ('moc' only; not with the
-  Mosaic GPU select, which `cfg.topk.selection` picks, see `_mosaic_select`)."""
+  warm: a weight whose start the top-K's launch reads into L2 ('moc' only; the Mosaic GPU
+  select, which `cfg.topk.selection` picks (`_mosaic_select`), asks L2 for it by bulk
+  prefetches instead of loading it on programs of its own)."""
   if _mosaic_select(x_TxD.dtype, w_gate_DxF.shape[1], k, variant, cfg.topk, interpret):
     from pallas_kernels import mgpu_select  # Mosaic GPU, imported where it is used
 
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
     d_ff = w_gate_DxF.shape[1]
-    return mgpu_select.select_partials(partials, k, d_ff, x_TxD.dtype, interpret=interpret)
+    kw = dict(interpret=interpret, warm=warm, warm_bytes=cfg.warm_bytes)
+    return mgpu_select.select_partials(partials, k, d_ff, x_TxD.dtype, **kw)
   warm = None if warm is None or variant != "moc" else (warm, cfg)
   if cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]

@@ -103,24 +103,26 @@ def test_mosaic_select_is_opt_in_for_decode():
 
 
 def test_decode_ffn_through_mosaic_lowers_for_cuda():
-  """The 1B decode shape at T = 1: the Mosaic select's custom call beside the Triton GEMV and
-  rows kernels, lowered for CUDA on this machine."""
+  """The 1B decode shape at T = 1: the Mosaic select's custom call (with the bulk L2 prefetch
+  of the next weight) beside the Triton GEMV and rows kernels, lowered for CUDA here."""
   cfg = dataclasses.replace(
     moc_decode.moc_config(1, 2048, 5464), topk=dataclasses.replace(LIST_TOPK, selection="mgpu")
   )
-  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, 2048), (2048, 5464), (5464, 2048))]
-  fn = lambda x, wg, wu: moc_decode.decode_ffn(
-    x, wg, wu, wu, 1024, "moc", config=cfg, interpret=False
+  shapes = ((1, 2048), (2048, 5464), (5464, 2048), (2048, 6144))
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+  fn = lambda x, wg, wu, warm: moc_decode.decode_ffn(
+    x, wg, wu, wu, 1024, "moc", config=cfg, interpret=False, warm=warm
   )
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
+  assert cfg.warm_bytes and "cp.async.bulk.prefetch" in text
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 4])
 def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens):
-  """Compiled at the 1B decode shape: the Mosaic select picks the channels and values the
-  Triton select picks, so y is the same bit for bit."""
+  """Compiled at the 1B decode shape: the Mosaic select (with its L2 prefetch of a next
+  weight) picks the channels and values the Triton select picks: y is the same bit for bit."""
   d_model, d_ff, k = 2048, 5464, 1024
   cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
   mosaic = dataclasses.replace(cfg, topk=dataclasses.replace(cfg.topk, selection="mgpu"))
@@ -130,7 +132,8 @@ def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens):
   wg = (jax.random.normal(ks[1], (d_model, d_ff)) * d_model**-0.5).astype(jnp.bfloat16)
   wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
   wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
-  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=mosaic)
+  warm = jax.random.normal(ks[0], (d_model, 3 * d_model), jnp.bfloat16)  # asked of L2 only
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=mosaic, warm=warm)
   y_triton = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
   np.testing.assert_array_equal(
     np.asarray(y, np.float32), np.asarray(y_triton, np.float32), err_msg=f"{seed=}"

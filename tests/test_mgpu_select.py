@@ -229,11 +229,11 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
 
   from pallas_kernels import _mgpu_ptx
 
-  snippets: dict[str, int] = {}
+  snippets: dict[str, list[str]] = {}
   original = _mgpu_ptx._asm
 
   def record(text, operands, constraints, result=False):
-    snippets[text] = len(constraints.split(","))
+    snippets[text] = constraints.split(",")
     return original(text, operands, constraints, result)
 
   monkeypatch.setattr(_mgpu_ptx, "_asm", record)
@@ -242,12 +242,20 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     ["--lower_only", "--t=8", "--ctas=3", "--f=1408", "--k=256", "--num_valid=1376"]
   )
   capsys.readouterr()
+  warm = jax.ShapeDtypeStruct((64, 4100), jnp.bfloat16)  # 524,800 bytes: 8 chunks and a tail
+  partials = jax.ShapeDtypeStruct((2, 1, 512), jnp.float32)
+  fn = lambda p, w: mgpu_select.select_partials(
+    p, 40, 500, jnp.bfloat16, interpret=False, ctas=1, warm=w, warm_bytes=1 << 30
+  )
+  jax.jit(fn).trace(partials, warm).lower(lowering_platforms=("cuda",))
   body = []
-  for n, (text, count) in enumerate(snippets.items()):
-    regs = [f"%x{n}_{i}" for i in range(count)]
-    bound = re.sub(r"\$(\d+)", lambda m, regs=regs: regs[int(m.group(1))], text)
-    body += [f"{{ .reg .b32 {', '.join(regs)};", *(f"mov.b32 {r}, 0;" for r in regs), bound, "}"]
-  assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops, compaction
+  for n, (text, constraints) in enumerate(snippets.items()):
+    regs = [(f"%x{n}_{i}", "b64" if c.endswith("l") else "b32") for i, c in enumerate(constraints)]
+    bound = re.sub(r"\$(\d+)", lambda m, regs=regs: regs[int(m.group(1))][0], text)
+    body += [f".reg .{kind} {r}; mov.{kind} {r}, 0;" for r, kind in regs]
+    body += ["{", bound, "}"]
+  assert len(snippets) >= 13  # counts, ballots, scans, stores, bit ops, compaction, prefetch
+  assert any("cp.async.bulk.prefetch" in text for text in snippets)
   ptx = tmp_path / "snippets.ptx"
   head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
   ptx.write_text(head + "\n".join(body) + "\nret;\n}\n")
