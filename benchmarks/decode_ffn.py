@@ -62,7 +62,8 @@ PHASES = {
   # the dense path's GEMVs: gate+up and down knobs around `dense_config` (2026-12-04 sweep)
   "dense": (1, ALL, frozenset({"dense"})),
   "dense4": (4, FIRST, frozenset({"dense"})),
-  # the list pipeline selecting with the Mosaic GPU radix select (opt-in), against its default
+  # the list pipeline selecting with the Mosaic GPU radix select (opt-in), against its default;
+  # and the dense FFN with its SwiGLU folded into the down GEMV (opt-in), against its default
   "mgpu1": (1, FIRST, frozenset({"mgpu"})),
   "mgpu4": (4, FIRST, frozenset({"mgpu"})),
 }
@@ -165,6 +166,9 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     if "mgpu" in kinds:
       out |= {"dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
       out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+  if {"main", "mgpu", "dense"} & kinds and dense_cfg.gemv_splits > 1:
+    fold = replace(dense_cfg, fold_swiglu=True)  # the SwiGLU inside the down GEMV's loads
+    out["dense_kernel[fold]"] = (dense(fold), fold)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one

@@ -82,6 +82,7 @@ def _gemv_kernel(
   swiglu,
   final,
   precision,
+  load=load_x,
 ):
   w_refs, out_ref = refs[:num_w], refs[num_w]
   fi, si = pl.program_id(0), pl.program_id(1)
@@ -92,7 +93,7 @@ def _gemv_kernel(
   def body(i, accs):
     d0 = si * d_split + i * block_d
     d_mask = (d0 + jnp.arange(block_d)) < d_end
-    xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    xk = load(x_ref, d0, block_d, num_tokens, rows, d_model)
     out = []
     for w_ref, acc in zip(w_refs, accs, strict=True):
       w = plgpu.load(
@@ -144,7 +145,56 @@ def gemv(
 
   out_dtype (one weight, one D split): y_TxF = x W written by the kernel in that dtype.
   """
-  num_tokens, d_model = x_TxD.shape
+  kw = dict(swiglu=swiglu, interpret=interpret, out_dtype=out_dtype)
+  return _gemv_call(x_TxD, ws_DxF, cfg, x_TxD.shape, x_TxD.dtype, load_x, **kw)
+
+
+def load_swiglu(p_ref, d0, block_d, num_tokens, rows, d_model, *, splits: int, dtype):
+  """`load_x` of z = silu(g) u in dtype, g and u summed (in split order) from the fp32
+  partials (splits, 2, T, F_pow2) of a gate+up GEMV: the SwiGLU between a dense FFN's two
+  GEMVs, done as the down GEMV loads its input instead of by an XLA launch of its own."""
+  d_mask = d0 + jnp.arange(block_d) < d_model
+  if rows == 1:
+    at = lambda s, w: p_ref.at[jnp.int32(s), jnp.int32(w), jnp.int32(0), pl.ds(d0, block_d)]
+    mask = d_mask
+  else:
+    at = lambda s, w: p_ref.at[jnp.int32(s), jnp.int32(w), pl.ds(0, rows), pl.ds(d0, block_d)]
+    mask = (jnp.arange(rows) < num_tokens)[:, None] & d_mask[None, :]
+  g, u = (
+    functools.reduce(jnp.add, [plgpu.load(at(s, w), mask=mask, other=0) for s in range(splits)])
+    for w in (0, 1)
+  )
+  z = (tu.silu(g) * u).astype(dtype)
+  return z.astype(F32) if rows == 1 else z
+
+
+def swiglu_down(
+  partials_SxWxTxF, w_down_FxD, cfg: DecodeConfig, d_ff: int, dtype, interpret: bool
+) -> jax.Array:
+  """y = z Wd with z = silu(G) U from the gate+up GEMV's split partials (`load_swiglu`):
+  fp32 partials (splits, 1, T, D_pow2) of y, or y itself in dtype with one split."""
+  splits, _, num_tokens, _ = partials_SxWxTxF.shape
+  load = functools.partial(load_swiglu, splits=splits, dtype=jnp.dtype(dtype))
+  out_dtype = dtype if cfg.gemv_splits == 1 else None
+  return _gemv_call(
+    partials_SxWxTxF,
+    (w_down_FxD,),
+    cfg,
+    (num_tokens, d_ff),
+    jnp.dtype(dtype),
+    load,
+    swiglu=False,
+    interpret=interpret,
+    out_dtype=out_dtype,
+  )
+
+
+def _gemv_call(
+  x, ws_DxF, cfg: DecodeConfig, x_shape, x_dtype, load, *, swiglu, interpret, out_dtype
+) -> jax.Array:
+  """`gemv`'s kernel over an input of logical shape x_shape (T, D) and dtype x_dtype, which
+  `load` reads from x (x itself, or the partials `load_swiglu` sums)."""
+  num_tokens, d_model = x_shape
   d_ff = ws_DxF[0].shape[1]
   splits = 1 if swiglu else cfg.gemv_splits
   final = out_dtype is not None
@@ -155,7 +205,7 @@ def gemv(
   d_split = _cdiv(d_model, splits)
   rows = padded_rows(num_tokens, cfg)
   if swiglu or final:
-    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype if swiglu else out_dtype)
+    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_dtype if swiglu else out_dtype)
   else:
     out_shape = jax.ShapeDtypeStruct((splits, len(ws_DxF), num_tokens, _pow2_at_least(d_ff)), F32)
   kernel = functools.partial(
@@ -170,7 +220,8 @@ def gemv(
     d_split=d_split,
     swiglu=swiglu,
     final=final,
-    precision=precision_for(x_TxD.dtype),
+    precision=precision_for(x_dtype),
+    load=load,
   )
   return pl.pallas_call(
     kernel,
@@ -178,8 +229,8 @@ def gemv(
     grid=(pl.cdiv(d_ff, block_f), splits),
     compiler_params=plgpu.CompilerParams(num_warps=cfg.gemv_warps, num_stages=cfg.gemv_stages),
     interpret=interpret,
-    name="decode_gemv",
-  )(x_TxD, *ws_DxF)
+    name="decode_gemv" if load is load_x else "decode_swiglu_down",
+  )(x, *ws_DxF)
 
 
 # --- 2. y = x W for attention and output projections at decode time ---------------------------

@@ -339,9 +339,20 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
     z_TxF = _gemv(x_TxD, ws, cfg, swiglu=True, interpret=interpret)
   else:
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
+    if cfg.fold_swiglu and cfg.dense_down == "gemv":  # the SwiGLU inside the down GEMV's loads
+      return _swiglu_down(p, w_down_FxD, cfg, w_gate_DxF.shape[1], x_TxD.dtype, interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
   return _down_projection(z_TxF, w_down_FxD, cfg, interpret)
+
+
+def _swiglu_down(p_SxWxTxF, w_down_FxD, cfg: DecodeConfig, d_ff, dtype, interpret) -> jax.Array:
+  """y from the gate+up partials through `_decode_gemv.swiglu_down` (fold_swiglu)."""
+  down = _down_gemv(cfg)
+  y = _decode_gemv.swiglu_down(p_SxWxTxF, w_down_FxD, down, d_ff, dtype, interpret)
+  if down.gemv_splits == 1:
+    return y
+  return jnp.sum(y[:, 0, :, : w_down_FxD.shape[1]], axis=0).astype(dtype)
 
 
 def _down_projection(z_TxF, w_down_FxD, cfg: DecodeConfig, interpret: bool) -> jax.Array:
