@@ -138,3 +138,30 @@ def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens):
   np.testing.assert_array_equal(
     np.asarray(y, np.float32), np.asarray(y_triton, np.float32), err_msg=f"{seed=}"
   )
+
+
+def test_probe_decode_rows_check_the_mosaic_select_against_triton(monkeypatch):
+  """`mgpu_select_probe`'s decode rows on this CPU (both selects in interpret mode, timing
+  stubbed): each Mosaic form is checked against the Triton select before it is timed."""
+  import types
+
+  from benchmarks import mgpu_select_probe
+  from pallas_kernels import _decode_select
+
+  select, from_partials = mgpu_select.select_partials, _decode_select.topk_from_partials
+  monkeypatch.setattr(
+    mgpu_select, "select_partials", lambda *a, **k: select(*a, **{**k, "interpret": True})
+  )
+  monkeypatch.setattr(
+    _decode_select,
+    "topk_from_partials",
+    lambda p, k, f, dtype, cfg, interpret, *rest: from_partials(p, k, f, dtype, cfg, True, *rest),
+  )
+  monkeypatch.setattr(
+    mgpu_select_probe.common, "time_interleaved", lambda fns, sets, **kw: {n: [1.0] for n in fns}
+  )
+  args = types.SimpleNamespace(t=2, f=640, k=64, device_time=False)
+  g = jax.random.normal(jax.random.key(_seed()), (2, 640)).astype(jnp.bfloat16)
+  rows = mgpu_select_probe._decode_partials(args, g)
+  assert set(rows) == {"decode_topk_partials", "mgpu_topk_partials", "mgpu_topk_partials_lean"}
+  assert all(rows[n]["exact_vs_triton"] and "median_us" in rows[n] for n in rows if "mgpu" in n)
