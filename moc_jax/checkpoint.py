@@ -9,6 +9,7 @@ mid-save never leaves a step that looks finished. A step that is finished but un
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -30,14 +31,23 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(
   workdir: str, *, every: int, keep: int, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-    save_interval_steps=max(every, 1),
-    max_to_keep=keep,
+  options = ocp.CheckpointManagerOptions(  # read-only: what Orbax would set, without its warnings
+    save_interval_steps=0 if read_only else max(every, 1),
+    max_to_keep=None if read_only else keep,
     enable_async_checkpointing=async_save,
     create=not read_only,
     read_only=read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(_not_read_only_notice)  # reading a run is what read_only is for
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  finally:
+    absl_log.removeFilter(_not_read_only_notice)
+
+
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Given directory is read only")
 
 
 def save(

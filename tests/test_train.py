@@ -2,6 +2,7 @@
 half-written checkpoints, evaluation, and every bad input gets one clear error."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -266,3 +267,13 @@ def test_gcp_trains_exactly_like_moc(tmp_path):
   trainer.train(cfg, str(tmp_path / "gcp"))
   verdict = compare_traces.compare(str(tmp_path / "moc"), str(tmp_path / "gcp"))
   assert verdict["identical"] and verdict["values_compared"] == 9, verdict  # 4 × 2 + 1 eval
+
+
+def test_reading_a_run_logs_no_orbax_warnings(tmp_path, caplog):
+  """`evaluate` and `generate` open the checkpoints read-only; Orbax's notices about that
+  (three absl WARNING lines on every call) are not the user's concern."""
+  os.makedirs(checkpoint.checkpoint_dir(str(tmp_path)))
+  with caplog.at_level(logging.WARNING):
+    manager = checkpoint.make_manager(str(tmp_path), every=1, keep=1, read_only=True)
+  assert manager.latest_step() is None
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
