@@ -16,8 +16,9 @@ from ml_collections import config_flags
 
 from moc_jax import cli
 
-DEFAULT_CONFIG = "configs/default.py"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs import configs.base
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")  # found from any directory
+sys.path.insert(0, REPO)  # configs import configs.base
 if __name__ == "__main__":  # before the flags parse: a typo in a key is one clear error line
   cli.check_config_overrides(sys.argv, DEFAULT_CONFIG)
 

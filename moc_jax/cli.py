@@ -38,27 +38,26 @@ def user_errors():
 
 
 def check_config_overrides(argv: list[str], default_config: str | None) -> None:
-  """Reject `--config.a.b=v` naming a key the config lacks, listing that section's keys.
-
-  ml_collections would raise a bare AttributeError (a traceback) from inside flag parsing.
-  """
-  import importlib.util
-
+  """Reject a config file that does not exist, does not load or has no working get_config(),
+  and `--config.a.b=v` naming a key the config lacks (listing that section's keys): one error
+  line and exit 2 each, where ml_collections would raise from inside flag parsing (a
+  traceback). `--config=file.py:arg` passes arg to get_config, as ml_collections does."""
   path = default_config
   overrides = []
-  for arg in argv[1:]:
+  for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
     elif arg.startswith("--config."):
       overrides.append(arg[len("--config.") :].split("=", 1)[0])
-  if not overrides or not path:
+  if not path:
     return
-  if not os.path.exists(path):
-    sys.exit(fail(f"config file {path!r} does not exist"))
-  spec = importlib.util.spec_from_file_location("_user_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  path, *config_arg = path.split(":", 1) if not os.path.isfile(path) else (path,)  # file.py:arg
+  if not os.path.isfile(path):
+    what = "is a directory, not a config file" if os.path.isdir(path) else "does not exist"
+    sys.exit(fail(f"config file {path!r} {what}"))
+  config = _load_config(path, config_arg)
   for dotted in overrides:
     node, walked = config, []
     for key in dotted.split("."):
@@ -72,6 +71,27 @@ def check_config_overrides(argv: list[str], default_config: str | None) -> None:
           )
         )
       node, walked = node[key], [*walked, key]
+
+
+def _load_config(path: str, arg: list[str]):
+  """The file's get_config(*arg), as ml_collections calls it; a file that does not load, has
+  no get_config or fails in it is one error line."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    sys.exit(fail(f"config file {path!r}, line {e.lineno}: {e.msg}"))
+  except Exception as e:
+    sys.exit(fail(f"config file {path!r} failed to load: {type(e).__name__}: {e}"))
+  if not callable(getattr(module, "get_config", None)):
+    sys.exit(fail(f"config file {path!r} defines no get_config()"))
+  try:
+    return module.get_config(*arg)
+  except Exception as e:
+    sys.exit(fail(f"config file {path!r}: get_config() raised {type(e).__name__}: {e}"))
 
 
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
