@@ -218,11 +218,34 @@ def hlo_moves(compiled_text: str) -> dict[str, Any]:
       n *= int(d)
     copies.append({"shape": f"{dtype}[{dims}]", "mb": round(n * sizes.get(dtype, 4) / 2**20, 1)})
   targets = re.findall(r'custom_call_target="([^"]+)"', compiled_text)
+  blocks = _computations(compiled_text)
+  in_buffers = [n for n in blocks if "command_buffer" in n]
   return {
     "copies": copies,
     "copy_mb": round(sum(c["mb"] for c in copies), 1),
     "custom_calls": targets,
+    # XLA records runs of kernels into CUDA graphs (computations named command_buffer*);
+    # a custom call it cannot record runs between two graphs, each launched on its own
+    "command_buffers": len(in_buffers),
+    "custom_calls_in_command_buffers": [
+      t for n in in_buffers for t in re.findall(r'custom_call_target="([^"]+)"', blocks[n])
+    ],
   }
+
+
+def _computations(hlo_text: str) -> dict[str, str]:
+  """name -> body of each computation of an HLO module's text (a header line ending in '{'
+  at column 0, up to the next '}' at column 0)."""
+  out, name, lines = {}, None, []
+  for line in hlo_text.splitlines():
+    if name is None and line and not line[0].isspace() and line.rstrip().endswith("{"):
+      name, lines = line.removeprefix("ENTRY ").split()[0].lstrip("%"), []
+    elif name is not None and line.startswith("}"):
+      out[name] = "\n".join(lines)
+      name = None
+    elif name is not None:
+      lines.append(line)
+  return out
 
 
 RESULT = "RESULT "  # the line a variant's child process prints its JSON record on

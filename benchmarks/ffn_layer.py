@@ -10,7 +10,8 @@ medians); `--protocols=interleaved,sequential` times both in one run. `--inner` 
 per sample, several comma-separated (a longer block lets each method settle into its own clock
 and power state). Each shape is preceded by `--heat_s` seconds of load (15 on GPU), so no method
 is timed on a cold GPU. `--hlo` also records what each method's compiled fwd moves besides
-its kernels (`common.hlo_moves`: copies and their sizes, custom calls).
+its kernels (`common.hlo_moves`: copies and their sizes, custom calls, and which of those XLA
+recorded into its command buffers).
 
   python benchmarks/ffn_layer.py [--quick] [--out=benchmarks/results/ffn_layer.json]
 """

@@ -65,3 +65,25 @@ def test_hlo_moves_reports_copies_and_custom_calls():
   x = jnp.ones((64, 32), jnp.float32)
   compiled = jax.jit(lambda a: a * 2.0).lower(x).compile().as_text()
   assert common.hlo_moves(compiled)["custom_calls"] == []
+
+
+def test_hlo_moves_says_which_custom_calls_sit_in_command_buffers():
+  """A module with one command buffer holding a Triton call while the Mosaic call runs in
+  ENTRY, between graphs."""
+  text = """HloModule m
+
+%command_buffer (p: bf16[8]) -> bf16[8] {
+  %p = bf16[8]{0} parameter(0)
+  ROOT %t = bf16[8]{0} custom-call(bf16[8]{0} %p), custom_call_target="__gpu$xla.gpu.triton"
+}
+
+ENTRY %main (a: bf16[8]) -> bf16[8] {
+  %a = bf16[8]{0} parameter(0)
+  %m = bf16[8]{0} custom-call(bf16[8]{0} %a), custom_call_target="mosaic_gpu_v2"
+  ROOT %c = bf16[8]{0} call(bf16[8]{0} %m), to_apply=%command_buffer
+}
+"""
+  moves = common.hlo_moves(text)
+  assert moves["command_buffers"] == 1
+  assert moves["custom_calls"] == ["__gpu$xla.gpu.triton", "mosaic_gpu_v2"]
+  assert moves["custom_calls_in_command_buffers"] == ["__gpu$xla.gpu.triton"]
