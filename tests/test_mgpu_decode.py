@@ -119,10 +119,11 @@ def test_decode_ffn_through_mosaic_lowers_for_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 4])
-def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens):
-  """Compiled at the 1B decode shape: the Mosaic select (with its L2 prefetch of a next
-  weight) picks the channels and values the Triton select picks: y is the same bit for bit."""
+@pytest.mark.parametrize(("num_tokens", "warm"), [(1, False), (1, True), (4, True)])
+def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens, warm):
+  """Compiled at the 1B decode shape: the Mosaic select (with or without its L2 prefetch of
+  a next weight) picks the channels and values the Triton select picks: y is the same bit for
+  bit."""
   d_model, d_ff, k = 2048, 5464, 1024
   cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
   mosaic = dataclasses.replace(cfg, topk=dataclasses.replace(cfg.topk, selection="mgpu"))
@@ -132,8 +133,8 @@ def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens):
   wg = (jax.random.normal(ks[1], (d_model, d_ff)) * d_model**-0.5).astype(jnp.bfloat16)
   wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
   wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
-  warm = jax.random.normal(ks[0], (d_model, 3 * d_model), jnp.bfloat16)  # asked of L2 only
-  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=mosaic, warm=warm)
+  nxt = jax.random.normal(ks[0], (d_model, 3 * d_model), jnp.bfloat16) if warm else None
+  y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=mosaic, warm=nxt)  # nxt: L2 only
   y_triton = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
   np.testing.assert_array_equal(
     np.asarray(y, np.float32), np.asarray(y_triton, np.float32), err_msg=f"{seed=}"
