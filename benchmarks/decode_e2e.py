@@ -6,7 +6,8 @@ generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of t
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
 config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
-list pipeline's top-K as the Mosaic GPU radix select (warming by bulk L2 prefetches);
+list pipeline's top-K as the Mosaic GPU radix select (warming by bulk L2 prefetches; without
+them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
@@ -115,6 +116,7 @@ def main() -> None:
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     **{f"moc_kernel_warm{w}": dict(ffn="moc", kernel_backend="pallas") for w in warm},
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
@@ -145,8 +147,9 @@ def main() -> None:
     model.FeedForward.decode = swaps.get(name, original)
     if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
       moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
-    if name == "moc_kernel_mgpu":  # the list pipeline's top-K as the Mosaic GPU select
-      moc_decode.moc_config = lambda *a: _with_mosaic_select(original_cfg(*a))
+    if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
+      cold = name.endswith("_cold")  # without its L2 prefetch
+      moc_decode.moc_config = lambda *a, c=cold: _with_mosaic_select(original_cfg(*a), c)
     if name.startswith("moc_kernel_warm"):
       mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
       knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -165,12 +168,13 @@ def main() -> None:
     _summarise(result, a.out)
 
 
-def _with_mosaic_select(cfg):
+def _with_mosaic_select(cfg, cold: bool = False):
   """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
-  T <= 4); it warms L2 with the same bytes by bulk prefetches."""
+  T <= 4); it warms L2 with the same bytes by bulk prefetches, unless cold."""
   if cfg.topk is None:
     return cfg
-  return replace(cfg, topk=replace(cfg.topk, selection="mgpu"))
+  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"))
+  return replace(mosaic, warm_bytes=0) if cold else mosaic
 
 
 def _summarise(result: dict, out: str) -> None:
