@@ -95,10 +95,8 @@ def mosaic_rows(moc_cfg, moc, d: int, f: int, k: int, interp) -> dict:
   """The list pipeline's top-K as the Mosaic GPU radix select (`selection='mgpu'`: one CTA per
   token, the gate partials summed as it loads them; these rows pass no weight to warm), where
   it can run: a compiled Hopper GPU, F <= 8192, K % 8 == 0."""
-  from pallas_kernels import mgpu_select
-
-  width = -(-f // mgpu_select.LANES) * mgpu_select.LANES
-  if k % 8 or not mgpu_select.usable(jnp.bfloat16, width, tu.default_interpret(interp)):
+  auto = replace(moc_cfg.topk, selection="auto")
+  if not moc_decode._mosaic_select(jnp.bfloat16, f, k, "moc", auto, tu.default_interpret(interp)):
     return {}
   cfg = replace(moc_cfg, topk=replace(moc_cfg.topk, selection="mgpu"))
   return {"moc_kernel[mgpu]": (moc(cfg), cfg)}

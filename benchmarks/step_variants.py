@@ -78,16 +78,16 @@ class _UnderSelection:
     self._step, self._selection = step, selection
 
   def __call__(self, *args, **kwargs):
-    from benchmarks import common
-
-    with common.forward_selection(self._selection):
-      return self._step(*args, **kwargs)
+    return self._under(self._step, *args, **kwargs)
 
   def lower(self, *args, **kwargs):
+    return self._under(self._step.lower, *args, **kwargs)
+
+  def _under(self, fn, *args, **kwargs):
     from benchmarks import common
 
     with common.forward_selection(self._selection):
-      return self._step.lower(*args, **kwargs)
+      return fn(*args, **kwargs)
 
 
 def wrap_step(variant: str, step):

@@ -171,22 +171,16 @@ def load_swiglu(p_ref, d0, block_d, num_tokens, rows, d_model, *, splits: int, d
 def swiglu_down(
   partials_SxWxTxF, w_down_FxD, cfg: DecodeConfig, d_ff: int, dtype, interpret: bool
 ) -> jax.Array:
-  """y = z Wd with z = silu(G) U from the gate+up GEMV's split partials (`load_swiglu`):
-  fp32 partials (splits, 1, T, D_pow2) of y, or y itself in dtype with one split."""
+  """y_TxD = z Wd in dtype, z = silu(G) U from the gate+up GEMV's split partials
+  (`load_swiglu`); cfg: the down GEMV's (its splits' partials summed as `split_k_linear`'s)."""
   splits, _, num_tokens, _ = partials_SxWxTxF.shape
   load = functools.partial(load_swiglu, splits=splits, dtype=jnp.dtype(dtype))
-  out_dtype = dtype if cfg.gemv_splits == 1 else None
-  return _gemv_call(
-    partials_SxWxTxF,
-    (w_down_FxD,),
-    cfg,
-    (num_tokens, d_ff),
-    jnp.dtype(dtype),
-    load,
-    swiglu=False,
-    interpret=interpret,
-    out_dtype=out_dtype,
+  call = functools.partial(
+    _gemv_call, partials_SxWxTxF, (w_down_FxD,), cfg, (num_tokens, d_ff), jnp.dtype(dtype), load
   )
+  if cfg.gemv_splits == 1:
+    return call(swiglu=False, interpret=interpret, out_dtype=dtype)
+  return _sum_splits(call(swiglu=False, interpret=interpret, out_dtype=None), w_down_FxD, dtype)
 
 
 def _gemv_call(
@@ -296,4 +290,9 @@ def split_k_linear(x_TxD, w_DxN, cfg: DecodeConfig, out_dtype, interpret: bool) 
   if cfg.gemv_splits == 1:
     return gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret, out_dtype=out_dtype)
   partials = gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret)
-  return jnp.sum(partials[:, 0, :, : w_DxN.shape[1]], axis=0).astype(out_dtype)
+  return _sum_splits(partials, w_DxN, out_dtype)
+
+
+def _sum_splits(partials_SxWxTxN, w_DxN, out_dtype) -> jax.Array:
+  """y_TxN: the fp32 partials of the D splits summed (by XLA), cast once to out_dtype."""
+  return jnp.sum(partials_SxWxTxN[:, 0, :, : w_DxN.shape[1]], axis=0).astype(out_dtype)

@@ -212,6 +212,17 @@ def usable(dtype, f: int, interpret: bool) -> bool:
     return False
 
 
+def chosen(selection: str, dtype, f: int, interpret: bool) -> bool:
+  """Whether a `TopKConfig.selection` takes this kernel for rows of F values: 'mgpu' always
+  (it raises there on what it cannot take), 'auto' where `usable`, 'triton' never."""
+  return selection == "mgpu" or (selection == "auto" and usable(dtype, f, interpret))
+
+
+def row_width(f: int) -> int:
+  """The columns the kernel reads for rows of F channels: F rounded up to whole warpgroups."""
+  return -(-f // LANES) * LANES
+
+
 def _check_dtype(g: jax.Array) -> None:
   if g.dtype not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select takes 16-bit floats (bf16, f16), got {g.dtype}")
@@ -274,7 +285,7 @@ def select_partials(
   next kernels read (the next layer's q, k, v), whose first warm_bytes the launch asks L2 to
   hold (no effect on the results)."""
   splits, t, width = partials_SxTxW.shape
-  f = -(-d_ff // LANES) * LANES
+  f = row_width(d_ff)
   if partials_SxTxW.dtype != jnp.float32 or f > width:
     raise ValueError(
       f"select_partials takes fp32 partials at least {f} wide for d_ff={d_ff}, got "
@@ -283,10 +294,11 @@ def select_partials(
   interpret = tu.default_interpret(interpret)
   inputs = [partials_SxTxW.reshape(splits * t, width)]
   nbytes = 0
-  if warm is not None and warm_bytes and not interpret:
-    inputs.append(warm.reshape(-1))
+  if warm is not None and not interpret:
     nbytes = min(warm_bytes, warm.size * warm.dtype.itemsize) // 16 * 16
+  if nbytes:
+    inputs.append(warm.reshape(-1))
   kw = dict(compact=True, interpret=interpret, lean=lean, splits=splits, round_dtype=dtype)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, warm_bytes=nbytes, **kw)
-  _, idx, val_bits = build(*inputs[: 2 if nbytes else 1])
+  _, idx, val_bits = build(*inputs)
   return idx, lax.bitcast_convert_type(val_bits, dtype)

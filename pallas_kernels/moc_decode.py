@@ -247,12 +247,13 @@ def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: 
   (`LIST_TOPK` keeps 'triton') until an H200 run times it against the Triton select."""
   from pallas_kernels import mgpu_select
 
-  if variant != "moc" or topk_cfg.selection == "triton":
-    return False
-  if topk_cfg.selection == "mgpu":
-    return True
-  f = -(-d_ff // mgpu_select.LANES) * mgpu_select.LANES
-  return k % 8 == 0 and mgpu_select.usable(jnp.dtype(dtype), f, interpret)
+  fits = k % 8 == 0 or topk_cfg.selection == "mgpu"  # 'mgpu' raises on what it cannot take
+  width = mgpu_select.row_width(d_ff)
+  return (
+    variant == "moc"
+    and fits
+    and mgpu_select.chosen(topk_cfg.selection, jnp.dtype(dtype), width, interpret)
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
@@ -340,19 +341,11 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
   else:
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
     if cfg.fold_swiglu and cfg.dense_down == "gemv":  # the SwiGLU inside the down GEMV's loads
-      return _swiglu_down(p, w_down_FxD, cfg, w_gate_DxF.shape[1], x_TxD.dtype, interpret)
+      d_ff = w_gate_DxF.shape[1]
+      return _decode_gemv.swiglu_down(p, w_down_FxD, _down_gemv(cfg), d_ff, x_TxD.dtype, interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
   return _down_projection(z_TxF, w_down_FxD, cfg, interpret)
-
-
-def _swiglu_down(p_SxWxTxF, w_down_FxD, cfg: DecodeConfig, d_ff, dtype, interpret) -> jax.Array:
-  """y from the gate+up partials through `_decode_gemv.swiglu_down` (fold_swiglu)."""
-  down = _down_gemv(cfg)
-  y = _decode_gemv.swiglu_down(p_SxWxTxF, w_down_FxD, down, d_ff, dtype, interpret)
-  if down.gemv_splits == 1:
-    return y
-  return jnp.sum(y[:, 0, :, : w_down_FxD.shape[1]], axis=0).astype(dtype)
 
 
 def _down_projection(z_TxF, w_down_FxD, cfg: DecodeConfig, interpret: bool) -> jax.Array:

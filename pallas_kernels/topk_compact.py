@@ -211,12 +211,9 @@ def mask_call(
   from pallas_kernels import mgpu_select
 
   t, f = g2.shape[0], width or g2.shape[1]
-  mosaic = cfg.selection == "mgpu" or (
-    cfg.selection == "auto" and variant == "moc" and mgpu_select.usable(g2.dtype, f, interpret)
-  )
-  if mosaic:
-    if variant != "moc":
-      raise ValueError(f"selection={cfg.selection!r} selects 'moc' only, got {variant!r}")
+  if cfg.selection == "mgpu" and variant != "moc":
+    raise ValueError(f"selection={cfg.selection!r} selects 'moc' only, got {variant!r}")
+  if variant == "moc" and mgpu_select.chosen(cfg.selection, g2.dtype, f, interpret):
     kw = dict(num_valid=num_valid, width=width, interpret=interpret)
     return mgpu_select.words(g2, k, **kw)
   rows = topk.group_program_rows(cfg, f) if variant == "moc_2of8" else cfg.rows

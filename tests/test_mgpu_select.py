@@ -16,6 +16,13 @@ from benchmarks import mgpu_select_probe
 from pallas_kernels import mgpu_select, reference
 
 
+def _assert_reference_topk(idx, val, g, k: int, seed: int) -> None:
+  """idx and val are `reference.select(g, k, 'moc')`'s, bit for bit."""
+  want_idx, want_val = reference.select(g, k, "moc")
+  assert np.array_equal(idx, want_idx), f"{seed=}"
+  assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32)), f"{seed=}"
+
+
 @pytest.mark.parametrize(
   "shape", [["--f=512", "--k=40"], ["--f=1408", "--k=256", "--num_valid=1376"]]
 )
@@ -83,9 +90,7 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
     assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
     if with_topk:
       idx, val = mgpu_select.select(x, k, interpret=True, lean=lean)
-      want_idx, want_val = reference.select(x, k, "moc")
-      assert np.array_equal(idx, want_idx), f"{seed=}"
-      assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+      _assert_reference_topk(idx, val, x, k, seed)
 
 
 def test_select_refuses_what_it_cannot_do():
@@ -107,12 +112,10 @@ def test_topk_select_through_mosaic_matches_reference():
 
   seed = time.time_ns() % (2**31)
   g = jax.random.normal(jax.random.key(seed), (3, 640)).astype(jnp.bfloat16)
-  want_idx, want_val = reference.select(g, 64, "moc")
   for compact in (False, True):
     cfg = topk.TopKConfig(selection="mgpu", compact=compact, apply_mode="gather")
     idx, val = topk.select(g, 64, "moc", config=cfg)
-    assert np.array_equal(idx, want_idx), f"{seed=} {compact=}"
-    assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+    _assert_reference_topk(idx, val, g, 64, seed)
 
 
 def test_train_forward_with_mosaic_words_matches_triton():
@@ -144,9 +147,7 @@ def test_mgpu_select_gpu_real_size(lean):
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
     idx, val = mgpu_select.select(x, 1024, lean=lean)
-    want_idx, want_val = reference.select(x, 1024, "moc")
-    assert np.array_equal(idx, want_idx), f"{seed=}"
-    assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+    _assert_reference_topk(idx, val, x, 1024, seed)
   words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, lean=lean)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
@@ -164,9 +165,7 @@ def test_auto_selection_takes_mosaic_only_where_it_can_run():
   seed = time.time_ns() % (2**31)
   g = jax.random.normal(jax.random.key(seed), (4, 640)).astype(jnp.bfloat16)
   idx, val = topk.select(g, 64, "moc")
-  want_idx, want_val = reference.select(g, 64, "moc")
-  assert np.array_equal(idx, want_idx), f"{seed=}"
-  assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+  _assert_reference_topk(idx, val, g, 64, seed)
 
 
 def test_auto_selection_on_a_hopper_gpu_and_its_escape_hatch(monkeypatch):
@@ -199,9 +198,7 @@ def test_auto_selection_on_gpu_is_mosaic_and_exact():
   seed = time.time_ns() % (2**31)
   g = jax.random.normal(jax.random.key(seed), (4096, 5504)).astype(jnp.bfloat16)
   idx, val = topk.select(g, 1024, "moc")
-  want_idx, want_val = reference.select(g, 1024, "moc")
-  assert np.array_equal(idx, want_idx), f"{seed=}"
-  assert np.array_equal(np.asarray(val, np.float32), np.asarray(want_val, np.float32))
+  _assert_reference_topk(idx, val, g, 1024, seed)
 
 
 def _ptxas() -> str | None:
