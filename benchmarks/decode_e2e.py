@@ -11,6 +11,8 @@ them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
+`dense_kernel_pdl` / `moc_kernel_pdl` (and `_nopdl`) compile the generation with XLA's
+programmatic dependent launch on (off): a kernel may start before the one it follows has ended.
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
 speedup.
 
@@ -20,6 +22,7 @@ speedup.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -41,17 +44,20 @@ from flax import nnx
 from moc_jax import generate, model, model_config
 from pallas_kernels import moc_decode
 
+PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with xla_gpu_enable_pdl on and off
+
 
 def _no_ffn_decode(self, x, warm=None):
   """FeedForward.decode as zeros: the time of everything but the FFN (a floor, not a model)."""
   return jnp.zeros_like(x)
 
 
-def time_generate(m, prompt_len: int, new: int, trials: int, profile: bool) -> dict:
+def time_generate(m, prompt_len: int, new: int, trials: int, profile: bool, options=None) -> dict:
+  """Decode tokens/s of one compiled generation (XLA `options` for both of its programs)."""
   tokens = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (1, prompt_len)).tolist()
   graphdef, state = nnx.split(m)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=options)
   def prefill(state, toks):
     mm = nnx.merge(graphdef, state)
     cache = mm.init_cache(1, prompt_len + new)
@@ -59,7 +65,7 @@ def time_generate(m, prompt_len: int, new: int, trials: int, profile: bool) -> d
     return mm.decode(toks, pos, cache)[0][:, -1]
 
   toks = jnp.asarray(tokens, jnp.int32)
-  run = lambda: generate.generate(m, tokens, new, eos_id=-1)
+  run = lambda: generate.generate(m, tokens, new, eos_id=-1, compiler_options=options)
   out = run()  # compile
   assert len(out[0]) == new
   jax.block_until_ready(prefill(state, toks))
@@ -118,6 +124,13 @@ def main() -> None:
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
+    # programmatic dependent launch (Hopper): each kernel may launch before the one it follows
+    # ends and waits for it inside; XLA's default for it differs between versions, so both
+    **{
+      f"{v}_{tag}": dict(ffn=v.split("_")[0], kernel_backend="pallas")
+      for v in PDL_ROWS
+      for tag in ("pdl", "nopdl")
+    },
     **{f"moc_kernel_warm{w}": dict(ffn="moc", kernel_backend="pallas") for w in warm},
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
@@ -154,8 +167,9 @@ def main() -> None:
       mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
       knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
       moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
+    options = {"xla_gpu_enable_pdl": name.endswith("_pdl")} if "pdl" in name else None
     try:
-      row = time_generate(m, prompt_len, new, a.trials, a.profile)
+      row = time_generate(m, prompt_len, new, a.trials, a.profile, options)
     except Exception as e:
       row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
@@ -183,7 +197,7 @@ def _summarise(result: dict, out: str) -> None:
     (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows.get(n, {})),
     default=0,
   )
-  dense = best(("dense_xla", "dense_kernel"))
+  dense = best([n for n in rows if n.startswith("dense_")])
   moc = best([n for n in rows if n.startswith("moc_")])
   result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

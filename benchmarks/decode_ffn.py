@@ -66,7 +66,12 @@ PHASES = {
   # and the dense FFN with its SwiGLU folded into the down GEMV (opt-in), against its default
   "mgpu1": (1, FIRST, frozenset({"mgpu"})),
   "mgpu4": (4, FIRST, frozenset({"mgpu"})),
+  # each default path compiled with XLA's programmatic dependent launch on and off
+  "pdl1": (1, ALL, frozenset({"pdl"})),
+  "pdl4": (4, FIRST, frozenset({"pdl"})),
 }
+# row-name suffix -> XLA options of its programs (no suffix: XLA's defaults)
+PDL = {"[pdl]": {"xla_gpu_enable_pdl": True}, "[nopdl]": {"xla_gpu_enable_pdl": False}}
 # gate+up GEMV knobs (F-block, D-step, splits, warps, stages; 1 split fuses the SwiGLU) and down
 # GEMV knobs (column block, row step, splits, warps, stages), each varied with the other default
 DENSE_GATE_UP = ((64, 64, 2, 4, 4), (128, 64, 2, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 4, 4))
@@ -164,6 +169,11 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     if "mgpu" in kinds:
       out |= {"dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
       out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+  if "pdl" in kinds:
+    xla = lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd)
+    paths = {"xla_dense": (xla, None), "dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
+    paths["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+    out |= {name + tag: row for name, row in paths.items() for tag in ("", *PDL)}
   if {"main", "mgpu", "dense"} & kinds and dense_cfg.gemv_splits > 1:
     fold = replace(dense_cfg, fold_swiglu=True)  # the SwiGLU inside the down GEMV's loads
     out["dense_kernel[fold]"] = (dense(fold), fold)
@@ -283,12 +293,13 @@ def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
       row["error"] = SKIPPED
       rows.append(row)
       continue
+    options = next((o for tag, o in PDL.items() if name.endswith(tag)), None)
     try:
-      jfn = jax.jit(fn)
+      jfn = jax.jit(fn, compiler_options=options)
       y = jfn(x, *sets[0])
       if not name.startswith("stage:"):
         row["rel_err_vs_reference"] = rel_err(y, ref_dense if "dense" in name else ref_moc)
-      timing = time_chain(chain(fn), (xs, sets), len(sets), args.reps, args.trials)
+      timing = time_chain(chain(fn, options), (xs, sets), len(sets), args.reps, args.trials)
       row["time_s"] = timing["median_s"]
       row["trials_s"] = timing["trials_s"]
       row["single_call_s"] = time_single(jfn, (x, *sets[0]), args.trials)

@@ -37,25 +37,30 @@ def _value(text: str) -> Any:
   return text.strip()
 
 
-def parse(spec: str, backend: str | None = None) -> dict[str, Any]:
-  """`train.compiler_options` → a dict for `jax.jit(compiler_options=...)`."""
+def parse(
+  spec: str,
+  backend: str | None = None,
+  *,
+  key: str = "train.compiler_options",
+  gpu_defaults: dict[str, Any] = GPU_DEFAULTS,
+) -> dict[str, Any]:
+  """`train.compiler_options` (or the option named `key`, whose `auto` means `gpu_defaults`)
+  → a dict for `jax.jit(compiler_options=...)`."""
   spec = (spec or "").strip()
   if spec == "auto":
-    return dict(GPU_DEFAULTS) if (backend or jax.default_backend()) == "gpu" else {}
+    return dict(gpu_defaults) if (backend or jax.default_backend()) == "gpu" else {}
   if spec in ("", "none"):
     return {}
   options = {}
   for item in spec.split(","):
     name, sep, value = item.partition("=")
     if not sep or not name.strip() or not value.strip():
-      raise ConfigError(
-        f"train.compiler_options: {item!r} is not name=value (use auto, none or a=b,c=d)"
-      )
+      raise ConfigError(f"{key}: {item!r} is not name=value (use auto, none or a=b,c=d)")
     options[name.strip()] = _value(value)
   return options
 
 
-def check(options: dict[str, Any]) -> None:
+def check(options: dict[str, Any], key: str = "train.compiler_options") -> None:
   """Compile a trivial program with the options, so a misspelt name fails before training
   starts, with the config key in the message."""
   if not options:
@@ -63,4 +68,4 @@ def check(options: dict[str, Any]) -> None:
   try:
     jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
   except Exception as e:  # XLA: INVALID_ARGUMENT: No such compile option: 'x'
-    raise ConfigError(f"train.compiler_options={options}: XLA rejected it: {e}") from None
+    raise ConfigError(f"{key}={options}: XLA rejected it: {e}") from None

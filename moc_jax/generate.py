@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,10 @@ import numpy as np
 from flax import nnx
 
 from moc_jax.model import Transformer
+
+# `--compiler_options=auto` on GPU. Empty: no option has yet been measured to speed decoding up
+# (benchmarks/decode_e2e.py's `_pdl` / `_nopdl` rows try programmatic dependent launch).
+DECODE_GPU_DEFAULTS: dict[str, Any] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +62,6 @@ def with_backend(model: Transformer, backend: str) -> Transformer:
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
 def _generate(
   graphdef,
   state,
@@ -98,6 +102,12 @@ def _generate(
   return out_BxN, i
 
 
+@functools.cache
+def _compiled(options: tuple[tuple[str, Any], ...]):
+  """`_generate` jitted with these XLA options: one jit (and executable cache) per option set."""
+  return jax.jit(_generate, static_argnums=(0, 4, 5, 6, 7), compiler_options=dict(options) or None)
+
+
 def generate(
   model: Transformer,
   prompts: Sequence[Sequence[int]],
@@ -107,8 +117,11 @@ def generate(
   eos_id: int = -1,
   pad_id: int = 0,
   seed: int = 0,
+  compiler_options: dict[str, Any] | None = None,
 ) -> list[list[int]]:
-  """New tokens per prompt (EOS excluded, stops at EOS), from one compiled call."""
+  """New tokens per prompt (EOS excluded, stops at EOS), from one compiled call.
+
+  `compiler_options` go to XLA for this call's program alone (as `train.compiler_options`)."""
   if not prompts or min(len(p) for p in prompts) == 0:
     raise ValueError("every prompt needs at least one token (start it with BOS)")
   if max_new_tokens <= 0:
@@ -119,7 +132,7 @@ def generate(
     tokens[b, : len(p)] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
   graphdef, state = nnx.split(model)
-  out, _ = _generate(
+  out, _ = _compiled(tuple(sorted((compiler_options or {}).items())))(
     graphdef,
     state,
     jnp.asarray(tokens),
@@ -169,13 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--backend", default="auto", help="MoC decode kernels: auto | xla | pallas")
+  p.add_argument(
+    "--compiler_options",
+    default="auto",
+    help="XLA options for the generation program: auto | none | a=b,c=d "
+    "(e.g. xla_gpu_enable_pdl=true); auto = XLA's own defaults until a run shows better ones",
+  )
   a = p.parse_args(argv)
   if a.temperature < 0 or not 0 < a.top_p <= 1 or a.max_new_tokens < 0:
     print("error: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0", file=sys.stderr)
     return 2
+  from moc_jax import compile_options
   from moc_jax.cli import user_errors
 
   with user_errors():
+    key = "--compiler_options"
+    options = compile_options.parse(a.compiler_options, key=key, gpu_defaults=DECODE_GPU_DEFAULTS)
+    compile_options.check(options, key)
     model, tok = load(a.workdir, a.backend)
     prompts = [[tok.bos_id, *tok.encode(text)] for text in a.prompt]
     outs = generate(
@@ -186,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       eos_id=tok.eos_id,
       pad_id=tok.pad_id,
       seed=a.seed,
+      compiler_options=options,
     )
     for text, out in zip(a.prompt, outs, strict=True):
       print(text + tok.decode(out), flush=True)

@@ -84,6 +84,27 @@ def test_cli_prints_prompt_and_continuation(trained_workdir, capsys):
   assert out.startswith("def f")
 
 
+def test_cli_rejects_bad_compiler_options(trained_workdir, capsys):
+  argv = ["--workdir", trained_workdir, "--prompt", "x", "--compiler_options=xla_no_such=1"]
+  with pytest.raises(SystemExit) as e:
+    generate.main(argv)
+  assert e.value.code == 2
+  assert "--compiler_options" in capsys.readouterr().err
+
+
+def test_compiler_options_reach_their_own_program():
+  """Options compile a separate program (a real XLA option; a CPU ignores what it means), with
+  the same tokens; an unknown option is refused by XLA, not dropped."""
+  model = generate.with_backend(_model(), "xla")
+  prompts = [[1, 2, 3]]
+  plain = generate.generate(model, prompts, 4)
+  assert (
+    generate.generate(model, prompts, 4, compiler_options={"xla_gpu_enable_pdl": True}) == plain
+  )
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    generate.generate(model, prompts, 4, compiler_options={"xla_no_such_option": 1})
+
+
 def test_eos_stops_and_sampling_is_seeded():
   model = generate.with_backend(_model(), "xla")
   prompts = [[1, 2, 3], [4]]
