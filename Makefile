@@ -25,9 +25,13 @@ train: install
 # source of crashes, jax-ml/jax#120).
 TF_TESTS := tests/test_data_tfdata.py
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist), each test module on one of them so
+# that its module fixtures are built once: 9.5 min instead of 14 on 2 cores.
+TEST_WORKERS ?= 2
+
 test: install
 	@if [ -n "$$CI" ]; then $(BIN)/pip install -q "tensorflow-cpu>=2.18"; fi
-	$(BIN)/python -m pytest -q --durations=15 --ignore=$(TF_TESTS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15 --ignore=$(TF_TESTS)
 	$(BIN)/python -m pytest -q $(TF_TESTS)
 
 lint: install

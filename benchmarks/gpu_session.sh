@@ -14,6 +14,7 @@
 #   ffn     GPU tests of the decode kernels (list, linear), then decode_ffn: the main rows at T = 1
 #           at all shapes, the select's knobs on the MoC default, then T = 4
 #   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile
+#           (E2E_SKIP: the decode_e2e variants to leave out, default moc_xla,moc_kernel_mask)
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   flags   the same step under each XLA_FLAGS set in $FLAG_SETS ('|'-separated, default one
 #           blank set) and each train.compiler_options value in $OPTION_SETS (default
@@ -139,8 +140,9 @@ d.print_table(json.load(open('$work/decode_ffn.json')))"
 }
 
 e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used by graphs)
-  local args=(--d_ff=5464 --trials 3 --profile --skip moc_xla,moc_kernel_mask)
-  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile --skip moc_xla,moc_kernel_mask)
+  local skip=${E2E_SKIP:-moc_xla,moc_kernel_mask}
+  local args=(--d_ff=5464 --trials 3 --profile --skip "$skip")
+  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile --skip "$skip")
   python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/${2:-decode_e2e}.json"
 }
 
