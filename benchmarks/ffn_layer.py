@@ -45,6 +45,13 @@ METHODS = {
   # the forward's selection by the Triton kernel (the default's 'auto' takes the Mosaic GPU
   # radix select on Hopper: ffn_layer_h200_20261204e.json)
   "moc_pallas_triton": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "triton"},
+  # the Mosaic GPU select loading each CTA's next row one row ahead (TopKConfig.mgpu_prefetch)
+  "moc_pallas_prefetch": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "mgpu_prefetch": True,
+  },
   "moc_pallas_gcp_triton": {
     "variant": "moc",
     "gcp": True,
@@ -69,15 +76,15 @@ def _params(d: int, f: int, seed: int):
 def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
   method = dict(method)
-  selection = method.pop("selection", None)
+  knobs = {n: method.pop(n, None) for n in ("selection", "mgpu_prefetch")}
 
   def fwd(x, wg, wu, wd, dy):
     del dy
-    with common.forward_selection(selection):
+    with common.forward_selection(**knobs):
       return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
 
   def fwd_bwd(x, wg, wu, wd, dy):
-    with common.forward_selection(selection):
+    with common.forward_selection(**knobs):
       y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
     return y, vjp(dy)
 

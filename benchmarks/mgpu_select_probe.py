@@ -85,10 +85,13 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
+FORMS = ("lean", "prefetch")  # the kernel's opt-in forms, each timed beside the default
+
+
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
   'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first;
-  '_lean' rows: the kernel's `lean` form."""
+  '_lean' / '_prefetch' rows: the kernel's `lean` / `prefetch` forms."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -97,14 +100,19 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
-  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, lean=True)
-  fns["mgpu_select_lean"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
+  for form in FORMS:
+    kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, **{form: True})
+    fns[f"mgpu_select_{form}"] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-    for lean in (False, True):
-      kw = dict(ctas=counts[0], interpret=False, lean=lean)
-      name = "mgpu_topk_lean" if lean else "mgpu_topk"
+    for form in ("", *FORMS):
+      kw = dict(ctas=counts[0], interpret=False, **({form: True} if form else {}))
+      name = f"mgpu_topk_{form}" if form else "mgpu_topk"
       fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   return fns
+
+
+def _same(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
 
 
 def _exact(fn, name: str, g, a) -> bool:
@@ -225,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
   fns["xla_read_max"] = jax.jit(lambda g: jnp.max(g, axis=1))
   if a.num_valid is None:  # `select`'s default (Mosaic words + gathered compaction), and Triton's
     fns["default_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))
+    ahead = dataclasses.replace(topk.default_config(a.f), mgpu_prefetch=True)
+    fn = jax.jit(lambda g: topk.select(g, a.k, "moc", config=ahead))
+    same = all(_same(fn(g), fns["default_topk"](g)) for g in (sets[0][0], ties))
+    rows["default_topk_prefetch"] = {"exact_vs_default": same}
+    if same:  # timed only if it selects what the default selects, bit for bit
+      fns["default_topk_prefetch"] = fn
     triton = dataclasses.replace(topk.default_config(a.f), selection="triton")
     fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc", config=triton))
   if a.t <= 16:  # the decode list pipeline's own selection (T <= 4), on G already in bf16

@@ -48,6 +48,9 @@ VARIANTS.update(RECAST)
 # select on Hopper; `TopKConfig.selection`).
 TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
 VARIANTS.update(TRITON)
+# The Mosaic GPU select loading each CTA's next row one row ahead (`TopKConfig.mgpu_prefetch`).
+PREFETCH = {"moc_prefetch": dict(ffn="moc"), "moc_gcp_prefetch": dict(ffn="moc", gcp=True)}
+VARIANTS.update(PREFETCH)
 
 
 def configure(variant: str) -> dict:
@@ -71,11 +74,12 @@ def configure(variant: str) -> dict:
 
 
 class _UnderSelection:
-  """A jitted step that is called and lowered under one selection kernel: the first call
-  traces and compiles under it, later calls reuse that program."""
+  """A jitted step that is called and lowered under one selection kernel and its knobs
+  (`common.forward_selection`): the first call traces and compiles under it, later calls
+  reuse that program."""
 
-  def __init__(self, step, selection: str):
-    self._step, self._selection = step, selection
+  def __init__(self, step, **knobs):
+    self._step, self._knobs = step, knobs
 
   def __call__(self, *args, **kwargs):
     return self._under(self._step, *args, **kwargs)
@@ -86,10 +90,15 @@ class _UnderSelection:
   def _under(self, fn, *args, **kwargs):
     from benchmarks import common
 
-    with common.forward_selection(self._selection):
+    with common.forward_selection(**self._knobs):
       return fn(*args, **kwargs)
 
 
 def wrap_step(variant: str, step):
-  """The step under the variant's own selection kernel (TRITON), else as it is."""
-  return _UnderSelection(step, "triton") if variant in TRITON else step
+  """The step under the variant's own selection kernel (TRITON) or knobs (PREFETCH), else as
+  it is."""
+  if variant in TRITON:
+    return _UnderSelection(step, selection="triton")
+  if variant in PREFETCH:
+    return _UnderSelection(step, mgpu_prefetch=True)
+  return step

@@ -31,7 +31,8 @@ def test_select_probe_lowers_for_cuda(capsys, shape):
   last round's rows for some CTAs only)."""
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4,3", *shape])
   out = capsys.readouterr().out
-  assert "mgpu_select: lowered for CUDA" in out and "mgpu_select_lean: lowered for CUDA" in out
+  for name in ("mgpu_select", "mgpu_select_lean", "mgpu_select_prefetch"):
+    assert f"{name}: lowered for CUDA" in out
   assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
 
 
@@ -74,11 +75,11 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-@pytest.mark.parametrize("lean", [False, True])
-def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
+@pytest.mark.parametrize("form", [{}, {"lean": True}, {"prefetch": True}])
+def test_select_kernel_in_interpret_mode(f, k, num_valid, form):
   """The kernel's own dataflow (histograms, scans, thresholds, tie cut, slots, the row loop;
-  `lean`: the histograms cleared as they are read) on random rows, tie-heavy rows, an
-  all-equal row and a -0.0 row."""
+  `lean`: the histograms cleared as they are read; `prefetch`: each row loaded one row
+  ahead) on random rows, tie-heavy rows, an all-equal row and a -0.0 row."""
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -86,10 +87,10 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
   for x in (g, ties):
-    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True, lean=lean))
+    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True, **form))
     assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True, lean=lean)
+      idx, val = mgpu_select.select(x, k, interpret=True, **form)
       _assert_reference_topk(idx, val, x, k, seed)
 
 
@@ -112,15 +113,18 @@ def test_topk_select_through_mosaic_matches_reference():
 
   seed = time.time_ns() % (2**31)
   g = jax.random.normal(jax.random.key(seed), (3, 640)).astype(jnp.bfloat16)
-  for compact in (False, True):
-    cfg = topk.TopKConfig(selection="mgpu", compact=compact, apply_mode="gather")
+  for compact, ahead in ((False, False), (True, False), (False, True), (True, True)):
+    cfg = topk.TopKConfig(
+      selection="mgpu", compact=compact, apply_mode="gather", mgpu_prefetch=ahead
+    )
     idx, val = topk.select(g, 64, "moc", config=cfg)
     _assert_reference_topk(idx, val, g, 64, seed)
 
 
 def test_train_forward_with_mosaic_words_matches_triton():
   """The train forward epilogue on the fused [G | U] buffer, padding channels included: the
-  Mosaic words and everything computed from them equal the Triton selection's."""
+  Mosaic words (each row loaded one row ahead or not) and everything computed from them equal
+  the Triton selection's."""
   from pallas_kernels import moc_train, moc_train_mask
 
   seed = time.time_ns() % (2**31)
@@ -128,17 +132,22 @@ def test_train_forward_with_mosaic_words_matches_triton():
   base = moc_train.forward_config(640)
   outs = [
     moc_train_mask.train_forward_bitmask(
-      gu, None, 64, num_valid=600, config=dataclasses.replace(base, selection=sel)
+      gu, None, 64, num_valid=600, config=dataclasses.replace(base, **knobs)
     )
-    for sel in ("triton", "mgpu")
+    for knobs in (
+      {"selection": "triton"},
+      {"selection": "mgpu"},
+      {"selection": "mgpu", "mgpu_prefetch": True},
+    )
   ]
-  for a, b in zip(*outs, strict=True):
-    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
+  for out in outs[1:]:
+    for a, b in zip(outs[0], out, strict=True):
+      assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lean", [False, True])
-def test_mgpu_select_gpu_real_size(lean):
+@pytest.mark.parametrize("form", [{}, {"lean": True}, {"prefetch": True}])
+def test_mgpu_select_gpu_real_size(form):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""
   seed = time.time_ns() % (2**31)
@@ -146,9 +155,9 @@ def test_mgpu_select_gpu_real_size(lean):
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
-    idx, val = mgpu_select.select(x, 1024, lean=lean)
+    idx, val = mgpu_select.select(x, 1024, **form)
     _assert_reference_topk(idx, val, x, 1024, seed)
-  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, lean=lean)
+  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, **form)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
 
