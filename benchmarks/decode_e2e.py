@@ -11,6 +11,8 @@ them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
+`dense_kernel_attn` / `moc_kernel_attn` take each step's attention as one Pallas kernel
+(`model.decode_attention='pallas'`) instead of XLA's.
 `dense_kernel_pdl` / `moc_kernel_pdl` (and `_nopdl`) compile the generation with XLA's
 programmatic dependent launch on (off): a kernel may start before the one it follows has ended.
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
@@ -123,6 +125,9 @@ def main() -> None:
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
+    # each step's attention as one kernel over the filled cache slots (model.decode_attention)
+    "dense_kernel_attn": dict(ffn="dense", kernel_backend="pallas", decode_attention="pallas"),
+    "moc_kernel_attn": dict(ffn="moc", kernel_backend="pallas", decode_attention="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     # programmatic dependent launch (Hopper): each kernel may launch before the one it follows
     # ends and waits for it inside; XLA's default for it differs between versions, so both

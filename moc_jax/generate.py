@@ -53,9 +53,14 @@ def sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def with_backend(model: Transformer, backend: str) -> Transformer:
-  """The same parameters under another kernel backend, prepared for decoding (Wu^T stored)."""
+def with_backend(
+  model: Transformer, backend: str, decode_attention: str | None = None
+) -> Transformer:
+  """The same parameters under another kernel backend (and decode attention, if given),
+  prepared for decoding (Wu^T stored)."""
   cfg = dataclasses.replace(model.cfg, kernel_backend=backend)
+  if decode_attention is not None:
+    cfg = dataclasses.replace(cfg, decode_attention=decode_attention).validate()
   out = Transformer(cfg, nnx.Rngs(0))
   nnx.update(out, nnx.state(model, nnx.Param))
   out.prepare_for_decode()
@@ -149,7 +154,9 @@ def generate(
   return result
 
 
-def load(workdir: str, backend: str = "auto") -> tuple[Transformer, object]:
+def load(
+  workdir: str, backend: str = "auto", decode_attention: str | None = None
+) -> tuple[Transformer, object]:
   """(model prepared for decoding, tokenizer) from the newest checkpoint in `workdir`."""
   import ml_collections
 
@@ -170,7 +177,7 @@ def load(workdir: str, backend: str = "auto") -> tuple[Transformer, object]:
   if restored is None:
     raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
   nnx.update(model, restored[1]["params"])
-  return with_backend(model, backend), tokenizer
+  return with_backend(model, backend, decode_attention), tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--backend", default="auto", help="MoC decode kernels: auto | xla | pallas")
+  p.add_argument(
+    "--decode_attention",
+    default=None,
+    help="xla | pallas (one kernel over the filled cache slots); default: the run's config",
+  )
   p.add_argument(
     "--compiler_options",
     default="auto",
@@ -199,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = "--compiler_options"
     options = compile_options.parse(a.compiler_options, key=key, gpu_defaults=DECODE_GPU_DEFAULTS)
     compile_options.check(options, key)
-    model, tok = load(a.workdir, a.backend)
+    model, tok = load(a.workdir, a.backend, a.decode_attention)
     prompts = [[tok.bos_id, *tok.encode(text)] for text in a.prompt]
     outs = generate(
       model,

@@ -18,7 +18,7 @@ from flax import nnx
 
 from moc_jax import moc, moc_tp, sharding
 from moc_jax.model_config import ModelConfig
-from pallas_kernels import backends
+from pallas_kernels import backends, decode_attention
 
 init_normal = nnx.initializers.normal(stddev=0.02)
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -127,11 +127,14 @@ class Attention(nnx.Module):
     start_B = positions_BxL[:, 0]
     k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
     v_cache = write(cache["v"], v.astype(cache["v"].dtype), start_B)
-    slots_S = jnp.arange(k_cache.shape[1])
-    mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
-    o = jax.nn.dot_product_attention(
-      q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, implementation="xla"
-    )
+    if self.cfg.decode_attention == "pallas" and q.shape[1] == 1:  # one kernel
+      o = decode_attention.attend(q[:, 0], k_cache, v_cache, start_B)[:, None]
+    else:
+      slots_S = jnp.arange(k_cache.shape[1])
+      mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
+      o = jax.nn.dot_product_attention(
+        q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, implementation="xla"
+      )
     out = self._decode_out(o) if prepared else self._out(o)
     return out, {"k": k_cache, "v": v_cache}
 

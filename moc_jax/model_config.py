@@ -22,6 +22,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 REMAT_POLICIES = ("none", "ffn", "full")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_BACKENDS = ("auto", "xla", "pallas")
+DECODE_ATTENTION = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -51,6 +52,9 @@ class ModelConfig:
   norm_eps: float = 1e-6
   attention: str = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
   kernel_backend: str = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
+  # decode steps of one token per row: xla (dot_product_attention over every cache slot) |
+  # pallas (`pallas_kernels.decode_attention`: one kernel, only the filled slots)
+  decode_attention: str = "xla"
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -73,6 +77,7 @@ class ModelConfig:
     _choice("model.remat", self.remat, REMAT_POLICIES)
     _choice("model.attention", self.attention, ATTENTION_IMPLS)
     _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+    _choice("model.decode_attention", self.decode_attention, DECODE_ATTENTION)
     _choice("model.dtype", self.dtype, DTYPES)
     _choice("model.param_dtype", self.param_dtype, DTYPES)
     for name in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads"):

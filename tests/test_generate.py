@@ -16,9 +16,16 @@ from moc_jax.model import Transformer
 TINY = dict(vocab_size=64, d_model=32, d_ff=88, num_layers=2, num_heads=2, k=16)
 
 
-def _model(ffn: str = "moc", backend: str = "xla", seed: int = 0) -> Transformer:
+def _model(
+  ffn: str = "moc", backend: str = "xla", seed: int = 0, decode_attention: str = "xla"
+) -> Transformer:
   cfg = model_config.ModelConfig(
-    **TINY, ffn=ffn, dtype="float32", attention="xla", kernel_backend=backend
+    **TINY,
+    ffn=ffn,
+    dtype="float32",
+    attention="xla",
+    kernel_backend=backend,
+    decode_attention=decode_attention,
   )
   return Transformer(cfg, nnx.Rngs(seed))
 
@@ -39,10 +46,11 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("ffn", ["moc", "dense"])
-def test_cache_decode_logits_match_forward(ffn):
-  """Prefill of right-padded prompts, then single steps: logits equal the full forward's."""
-  model = _model(ffn, seed=1)
+@pytest.mark.parametrize(("ffn", "attn"), [("moc", "xla"), ("dense", "xla"), ("moc", "pallas")])
+def test_cache_decode_logits_match_forward(ffn, attn):
+  """Prefill of right-padded prompts, then single steps (their attention through XLA or the
+  one-kernel decode attention): logits equal the full forward's."""
+  model = _model(ffn, seed=1, decode_attention=attn)
   seqs = [[1, 5, 9, 13, 2, 7, 30, 31], [3, 4, 60, 8, 11, 12, 40, 41]]
   lengths, steps = [5, 3], 3
   prompt_len = max(lengths)
@@ -74,6 +82,9 @@ def test_greedy_kernel_path_matches_xla_on_trained_model(trained_workdir):
   want = generate.generate(model, prompts, 6, **kw)
   got = generate.generate(generate.with_backend(model, "pallas"), prompts, 6, **kw)
   assert got == want
+  # and with each step's attention as one kernel too
+  both = generate.with_backend(model, "pallas", decode_attention="pallas")
+  assert generate.generate(both, prompts, 6, **kw) == want
   assert all(len(w) > 0 for w in want)
 
 

@@ -1,0 +1,88 @@
+"""Attention of one new token per row against its KV cache, as one Pallas kernel.
+
+Why: XLA's attention for a decode step is several kernels (the q·K dot, the softmax's max and
+sum, the P·V dot, their casts) and reads every cache slot, filled or not. Here program (b, h)
+walks only the slots 0…pos[b] of its head in blocks, with an online softmax in fp32 (running
+max, sum and accumulator), and writes o = acc / l once: one launch per layer, and cache
+bytes read in proportion to the context so far. Same result as
+`jax.nn.dot_product_attention(q, k, v, mask=slots <= pos)` up to rounding (the reference
+rounds the probabilities to the inputs' dtype before P·V; this keeps them in fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels._decode_config import pow2_at_least
+
+F32 = jnp.float32
+I32 = jnp.int32
+
+
+def _attend_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, block_s, num_slots, head_dim, scale):
+  b, h = pl.program_id(0), pl.program_id(1)
+  e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
+  in_head = e < head_dim
+  q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
+  pos = pos_ref[b]
+
+  def block(i, carry):
+    top, total, acc = carry
+    slots = i * block_s + jnp.arange(block_s, dtype=I32)
+    filled = slots <= pos
+    both = filled[:, None] & in_head[None, :]
+    at = (b, jnp.minimum(slots, num_slots - 1)[:, None], h, e[None, :])  # masked past pos
+    keys = plgpu.load(k_ref.at[at], mask=both, other=0).astype(F32)
+    vals = plgpu.load(v_ref.at[at], mask=both, other=0).astype(F32)
+    logits = jnp.where(filled, jnp.sum(keys * q[None, :], axis=1) * scale, -jnp.inf)
+    top_new = jnp.maximum(top, jnp.max(logits))
+    p = jnp.exp(logits - top_new)
+    rescale = jnp.exp(top - top_new)
+    acc = acc * rescale + jnp.sum(p[:, None] * vals, axis=0)
+    return top_new, total * rescale + jnp.sum(p), acc
+
+  init = (jnp.float32(-jnp.inf), jnp.float32(0), jnp.zeros(e.shape, F32))
+  _, total, acc = lax.fori_loop(0, pos // block_s + 1, block, init)
+  plgpu.store(o_ref.at[b, h, e], (acc / total).astype(o_ref.dtype), mask=in_head)
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "interpret"))
+def attend(
+  q_BxHxE: jax.Array,
+  k_BxSxHxE: jax.Array,
+  v_BxSxHxE: jax.Array,
+  pos_B: jax.Array,
+  *,
+  block_s: int = 64,
+  num_warps: int = 4,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """o_BxHxE: each row's query against cache slots 0…pos[b] (pos already written), softmax
+  scaled by 1/sqrt(E), in q's dtype. pos must lie in [0, S)."""
+  batch, heads, head_dim = q_BxHxE.shape
+  num_slots = k_BxSxHxE.shape[1]
+  if k_BxSxHxE.shape != v_BxSxHxE.shape or k_BxSxHxE.shape != (batch, num_slots, heads, head_dim):
+    raise ValueError(
+      f"decode attention needs q (B, H, E) and k, v (B, S, H, E) alike, got "
+      f"{q_BxHxE.shape}, {k_BxSxHxE.shape}, {v_BxSxHxE.shape}"
+    )
+  if block_s & (block_s - 1):
+    raise ValueError(f"block_s={block_s} must be a power of two")
+  kernel = functools.partial(
+    _attend_kernel, block_s=block_s, num_slots=num_slots, head_dim=head_dim, scale=head_dim**-0.5
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct(q_BxHxE.shape, q_BxHxE.dtype),
+    grid=(batch, heads),
+    compiler_params=tu.compiler_params(num_warps, num_stages=2),
+    interpret=tu.default_interpret(interpret),
+    name="decode_attention",
+  )(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))

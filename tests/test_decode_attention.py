@@ -1,0 +1,86 @@
+"""The one-kernel decode attention (`pallas_kernels.decode_attention`) against a float64
+reference and XLA's attention, in interpret mode on the CPU; compiled on a GPU (marked)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention
+
+
+def _inputs(seed: int, batch: int, slots: int, heads: int, head_dim: int, dtype):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(ks[0], (batch, heads, head_dim)).astype(dtype)
+  k = (3 * jax.random.normal(ks[1], (batch, slots, heads, head_dim))).astype(dtype)
+  v = jax.random.normal(ks[2], (batch, slots, heads, head_dim)).astype(dtype)
+  return q, k, v
+
+
+def _reference(q, k, v, pos) -> np.ndarray:
+  """float64 softmax(q·K/sqrt(E)) V over slots 0…pos[b]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  out = np.zeros(q.shape)
+  for b, p in enumerate(np.asarray(pos)):
+    logits = np.einsum("he,she->hs", q[b], k[b, : p + 1]) / np.sqrt(q.shape[-1])
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    out[b] = np.einsum("hs,she->he", w / w.sum(axis=1, keepdims=True), v[b, : p + 1])
+  return out
+
+
+@pytest.mark.parametrize(
+  ("batch", "slots", "heads", "head_dim", "block_s", "pos"),
+  [
+    (1, 1, 2, 16, 16, [0]),  # one slot
+    (3, 77, 2, 16, 16, [0, 31, 76]),  # odd cache length; first, block edge, last slot
+    (2, 130, 3, 24, 32, [64, 129]),  # head_dim not a power of two; pos on a block start
+    (2, 256, 4, 32, 64, [127, 200]),
+  ],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_matches_float64_reference(batch, slots, heads, head_dim, block_s, pos, dtype):
+  """Slots past pos hold large values (poison): they must not change the result."""
+  seed = time.time_ns() % (2**31)
+  q, k, v = _inputs(seed, batch, slots, heads, head_dim, dtype)
+  pos = jnp.asarray(pos, jnp.int32)
+  past = jnp.arange(slots)[None, :, None, None] > pos[:, None, None, None]
+  k, v = jnp.where(past, 1e4, k).astype(dtype), jnp.where(past, -1e4, v).astype(dtype)
+  got = decode_attention.attend(q, k, v, pos, block_s=block_s, interpret=True)
+  assert got.shape == q.shape and got.dtype == q.dtype
+  want = _reference(q, k, v, pos)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=tol)
+
+
+def test_attend_equals_xla_attention_in_fp32():
+  """What the model's xla decode path computes, to fp32 rounding."""
+  q, k, v = _inputs(1, 2, 40, 2, 16, jnp.float32)
+  pos = jnp.asarray([5, 39], jnp.int32)
+  mask = (jnp.arange(40)[None, None, :] <= pos[:, None, None])[:, None]
+  want = jax.nn.dot_product_attention(q[:, None], k, v, mask=mask, implementation="xla")[:, 0]
+  got = decode_attention.attend(q, k, v, pos, block_s=16, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_attend_refuses_mismatched_shapes():
+  q, k, v = _inputs(0, 2, 8, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match="k, v"):
+    decode_attention.attend(q, k[:, :, :1], v[:, :, :1], jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match="power of two"):
+    decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), block_s=24)
+
+
+@pytest.mark.gpu
+def test_attend_gpu_1b_shape():
+  """Compiled: the 1b preset's heads (16 × 128), a 256-slot bf16 cache, batch 4."""
+  seed = time.time_ns() % (2**31)
+  q, k, v = _inputs(seed, 4, 256, 16, 128, jnp.bfloat16)
+  pos = jnp.asarray([0, 63, 128, 255], jnp.int32)
+  got = decode_attention.attend(q, k, v, pos)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float64), _reference(q, k, v, pos), atol=2e-2, rtol=2e-2
+  )
