@@ -123,13 +123,16 @@ class Attention(nnx.Module):
     """Write k/v at `positions` into the cache and attend to every slot at or before them."""
     prepared = self.decode_weights is not None
     q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
-    write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
     start_B = positions_BxL[:, 0]
-    k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
-    v_cache = write(cache["v"], v.astype(cache["v"].dtype), start_B)
-    if self.cfg.decode_attention == "pallas" and q.shape[1] == 1:  # one kernel
-      o = decode_attention.attend(q[:, 0], k_cache, v_cache, start_B)[:, None]
+    if self.cfg.decode_attention == "pallas" and q.shape[1] == 1:  # write + attend: one kernel
+      o, k_cache, v_cache = decode_attention.write_and_attend(
+        q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], start_B
+      )
+      o = o[:, None]
     else:
+      write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
+      k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
+      v_cache = write(cache["v"], v.astype(cache["v"].dtype), start_B)
       slots_S = jnp.arange(k_cache.shape[1])
       mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
       o = jax.nn.dot_product_attention(

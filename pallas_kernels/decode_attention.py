@@ -3,10 +3,12 @@
 Why: XLA's attention for a decode step is several kernels (the q·K dot, the softmax's max and
 sum, the P·V dot, their casts) and reads every cache slot, filled or not. Here program (b, h)
 walks only the slots 0…pos[b] of its head in blocks, with an online softmax in fp32 (running
-max, sum and accumulator), and writes o = acc / l once: one launch per layer, and cache
-bytes read in proportion to the context so far. Same result as
-`jax.nn.dot_product_attention(q, k, v, mask=slots <= pos)` up to rounding (the reference
-rounds the probabilities to the inputs' dtype before P·V; this keeps them in fp32).
+max, sum and accumulator), and writes o = acc / sum once: one launch per layer, and cache
+bytes read in proportion to the context so far. `write_and_attend` also writes the new
+token's k, v into the cache (in place), so the cache update is no launch of its own either.
+Same result as `jax.nn.dot_product_attention(q, k, v, mask=slots <= pos)` up to rounding
+(the reference rounds the probabilities to the inputs' dtype before P·V; this keeps them in
+fp32).
 """
 
 from __future__ import annotations
@@ -26,17 +28,25 @@ F32 = jnp.float32
 I32 = jnp.int32
 
 
-def _attend_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, block_s, num_slots, head_dim, scale):
+def _attend_kernel(q_ref, *refs, block_s, num_slots, head_dim, scale, write):
+  """write: refs are (k_new, v_new, k, v, pos, o, k_out, v_out), k_out / v_out aliasing k / v;
+  the new token's k, v go to slot pos and enter the softmax from registers, the cache gives
+  slots 0…pos-1. Else (k, v, pos, o): slots 0…pos all from the cache."""
+  if write:
+    k_new_ref, v_new_ref, k_ref, v_ref, pos_ref, o_ref, k_out_ref, v_out_ref = refs
+  else:
+    k_ref, v_ref, pos_ref, o_ref = refs
   b, h = pl.program_id(0), pl.program_id(1)
   e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
   in_head = e < head_dim
   q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
   pos = pos_ref[b]
+  cached = pos if write else pos + 1  # slots read from the cache: 0 … cached - 1
 
   def block(i, carry):
     top, total, acc = carry
     slots = i * block_s + jnp.arange(block_s, dtype=I32)
-    filled = slots <= pos
+    filled = slots < cached
     both = filled[:, None] & in_head[None, :]
     at = (b, jnp.minimum(slots, num_slots - 1)[:, None], h, e[None, :])  # masked past pos
     keys = plgpu.load(k_ref.at[at], mask=both, other=0).astype(F32)
@@ -49,8 +59,50 @@ def _attend_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, block_s, num_slots, h
     return top_new, total * rescale + jnp.sum(p), acc
 
   init = (jnp.float32(-jnp.inf), jnp.float32(0), jnp.zeros(e.shape, F32))
-  _, total, acc = lax.fori_loop(0, pos // block_s + 1, block, init)
+  if write:  # the new token first, as the cache would hold it (its dtype's rounding)
+    at = (b, pos, h, e)
+    k_new = plgpu.load(k_new_ref.at[b, h, e], mask=in_head, other=0).astype(k_out_ref.dtype)
+    v_new = plgpu.load(v_new_ref.at[b, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
+    plgpu.store(k_out_ref.at[at], k_new, mask=in_head)
+    plgpu.store(v_out_ref.at[at], v_new, mask=in_head)
+    init = (jnp.sum(k_new.astype(F32) * q) * scale, jnp.float32(1), v_new.astype(F32))
+  _, total, acc = lax.fori_loop(0, pl.cdiv(cached, block_s), block, init)
   plgpu.store(o_ref.at[b, h, e], (acc / total).astype(o_ref.dtype), mask=in_head)
+
+
+def _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s: int) -> None:
+  batch, heads, head_dim = q_BxHxE.shape
+  num_slots = k_BxSxHxE.shape[1]
+  if k_BxSxHxE.shape != v_BxSxHxE.shape or k_BxSxHxE.shape != (batch, num_slots, heads, head_dim):
+    raise ValueError(
+      f"decode attention needs q (B, H, E) and k, v (B, S, H, E) alike, got "
+      f"{q_BxHxE.shape}, {k_BxSxHxE.shape}, {v_BxSxHxE.shape}"
+    )
+  if block_s & (block_s - 1):
+    raise ValueError(f"block_s={block_s} must be a power of two")
+
+
+def _call(q_BxHxE, k_BxSxHxE, write: bool, block_s: int, num_warps: int, interpret, **kw):
+  batch, heads, head_dim = q_BxHxE.shape
+  kernel = functools.partial(
+    _attend_kernel,
+    block_s=block_s,
+    num_slots=k_BxSxHxE.shape[1],
+    head_dim=head_dim,
+    scale=head_dim**-0.5,
+    write=write,
+  )
+  o = jax.ShapeDtypeStruct(q_BxHxE.shape, q_BxHxE.dtype)
+  cache = jax.ShapeDtypeStruct(k_BxSxHxE.shape, k_BxSxHxE.dtype)
+  return pl.pallas_call(
+    kernel,
+    out_shape=(o, cache, cache) if write else o,
+    grid=(batch, heads),
+    compiler_params=tu.compiler_params(num_warps, num_stages=2),
+    interpret=tu.default_interpret(interpret),
+    name="decode_attention",
+    **kw,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "interpret"))
@@ -66,23 +118,36 @@ def attend(
 ) -> jax.Array:
   """o_BxHxE: each row's query against cache slots 0…pos[b] (pos already written), softmax
   scaled by 1/sqrt(E), in q's dtype. pos must lie in [0, S)."""
-  batch, heads, head_dim = q_BxHxE.shape
-  num_slots = k_BxSxHxE.shape[1]
-  if k_BxSxHxE.shape != v_BxSxHxE.shape or k_BxSxHxE.shape != (batch, num_slots, heads, head_dim):
+  _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s)
+  call = _call(q_BxHxE, k_BxSxHxE, False, block_s, num_warps, interpret)
+  return call(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "interpret"))
+def write_and_attend(
+  q_BxHxE: jax.Array,
+  k_new_BxHxE: jax.Array,
+  v_new_BxHxE: jax.Array,
+  k_BxSxHxE: jax.Array,
+  v_BxSxHxE: jax.Array,
+  pos_B: jax.Array,
+  *,
+  block_s: int = 64,
+  num_warps: int = 4,
+  interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(o_BxHxE, k, v): the new token's k, v written at slot pos[b] of each row's cache (the
+  kernel's outputs alias the caches: in place wherever XLA can update them, as in the decode
+  loop) and its query attending to slots 0…pos[b], as `attend` after a cache update, in one
+  kernel."""
+  _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s)
+  if k_new_BxHxE.shape != q_BxHxE.shape or v_new_BxHxE.shape != q_BxHxE.shape:
     raise ValueError(
-      f"decode attention needs q (B, H, E) and k, v (B, S, H, E) alike, got "
-      f"{q_BxHxE.shape}, {k_BxSxHxE.shape}, {v_BxSxHxE.shape}"
+      f"the new k, v must be shaped as q {q_BxHxE.shape}, got "
+      f"{k_new_BxHxE.shape}, {v_new_BxHxE.shape}"
     )
-  if block_s & (block_s - 1):
-    raise ValueError(f"block_s={block_s} must be a power of two")
-  kernel = functools.partial(
-    _attend_kernel, block_s=block_s, num_slots=num_slots, head_dim=head_dim, scale=head_dim**-0.5
+  aliases = {3: 1, 4: 2}  # the caches are updated in place
+  call = _call(
+    q_BxHxE, k_BxSxHxE, True, block_s, num_warps, interpret, input_output_aliases=aliases
   )
-  return pl.pallas_call(
-    kernel,
-    out_shape=jax.ShapeDtypeStruct(q_BxHxE.shape, q_BxHxE.dtype),
-    grid=(batch, heads),
-    compiler_params=tu.compiler_params(num_warps, num_stages=2),
-    interpret=tu.default_interpret(interpret),
-    name="decode_attention",
-  )(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
+  return call(q_BxHxE, k_new_BxHxE, v_new_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))

@@ -56,6 +56,41 @@ def test_attend_matches_float64_reference(batch, slots, heads, head_dim, block_s
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(
+  ("batch", "slots", "block_s", "pos"),
+  [(1, 1, 16, [0]), (3, 77, 16, [0, 16, 76]), (2, 130, 32, [64, 129])],
+)
+@pytest.mark.parametrize(
+  ("dtype", "cache_dtype"),
+  [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16)],
+)
+def test_write_and_attend_equals_an_update_then_attend(
+  batch, slots, block_s, pos, dtype, cache_dtype
+):
+  """The new k, v land at slot pos (rounded to the cache's dtype), every other slot is kept,
+  and o is the attention over the updated cache; slot pos holds poison before the write."""
+  seed = time.time_ns() % (2**31)
+  heads, head_dim = 2, 24
+  q, k, v = _inputs(seed, batch, slots, heads, head_dim, cache_dtype)
+  new_q, k_new, v_new = _inputs(seed + 1, batch, 1, heads, head_dim, dtype)
+  new_q, k_new, v_new = q.astype(dtype), k_new[:, 0], v_new[:, 0]
+  pos = jnp.asarray(pos, jnp.int32)
+  at = jnp.arange(slots)[None, :, None, None] == pos[:, None, None, None]
+  k, v = jnp.where(at, 1e4, k).astype(cache_dtype), jnp.where(at, -1e4, v).astype(cache_dtype)
+  rows = jnp.arange(batch)
+  want_k = k.at[rows, pos].set(k_new.astype(cache_dtype))
+  want_v = v.at[rows, pos].set(v_new.astype(cache_dtype))
+  o, got_k, got_v = decode_attention.write_and_attend(
+    new_q, k_new, v_new, k, v, pos, block_s=block_s, interpret=True
+  )
+  assert np.array_equal(np.asarray(got_k), np.asarray(want_k))
+  assert np.array_equal(np.asarray(got_v), np.asarray(want_v))
+  assert o.shape == new_q.shape and o.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  want = _reference(new_q, want_k, want_v, pos)
+  np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=tol, rtol=tol)
+
+
 def test_attend_equals_xla_attention_in_fp32():
   """What the model's xla decode path computes, to fp32 rounding."""
   q, k, v = _inputs(1, 2, 40, 2, 16, jnp.float32)
@@ -72,15 +107,25 @@ def test_attend_refuses_mismatched_shapes():
     decode_attention.attend(q, k[:, :, :1], v[:, :, :1], jnp.zeros(2, jnp.int32))
   with pytest.raises(ValueError, match="power of two"):
     decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), block_s=24)
+  with pytest.raises(ValueError, match="new k, v"):
+    decode_attention.write_and_attend(q, q[:1], q, k, v, jnp.zeros(2, jnp.int32))
 
 
 @pytest.mark.gpu
 def test_attend_gpu_1b_shape():
-  """Compiled: the 1b preset's heads (16 × 128), a 256-slot bf16 cache, batch 4."""
+  """Compiled: the 1b preset's heads (16 × 128), a 256-slot bf16 cache, batch 4; reading
+  only, and writing the new token first (inside a jit that updates the cache in place)."""
   seed = time.time_ns() % (2**31)
   q, k, v = _inputs(seed, 4, 256, 16, 128, jnp.bfloat16)
   pos = jnp.asarray([0, 63, 128, 255], jnp.int32)
   got = decode_attention.attend(q, k, v, pos)
-  np.testing.assert_allclose(
-    np.asarray(got, np.float64), _reference(q, k, v, pos), atol=2e-2, rtol=2e-2
+  want = _reference(q, k, v, pos)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2, rtol=2e-2)
+  rows = jnp.arange(4)
+  k_new, v_new = k[rows, pos], v[rows, pos]
+  poisoned = [c.at[rows, pos].set(7.0) for c in (k, v)]
+  o, k2, v2 = jax.jit(decode_attention.write_and_attend, donate_argnums=(3, 4))(
+    q, k_new, v_new, *poisoned, pos
   )
+  assert np.array_equal(np.asarray(k2), np.asarray(k)) and np.array_equal(v2, v)
+  np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=2e-2, rtol=2e-2)
