@@ -125,8 +125,8 @@ class Attention(nnx.Module):
     q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
     start_B = positions_BxL[:, 0]
     if self.cfg.decode_attention == "pallas" and q.shape[1] == 1:  # write + attend: one kernel
-      o, k_cache, v_cache = decode_attention.write_and_attend(
-        q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], start_B
+      o, k_cache, v_cache = decode_attention.attend(
+        q[:, 0], cache["k"], cache["v"], start_B, (k[:, 0], v[:, 0])
       )
       o = o[:, None]
     else:

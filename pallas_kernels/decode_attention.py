@@ -4,8 +4,8 @@ Why: XLA's attention for a decode step is several kernels (the q·K dot, the sof
 sum, the P·V dot, their casts) and reads every cache slot, filled or not. Here program (b, h)
 walks only the slots 0…pos[b] of its head in blocks, with an online softmax in fp32 (running
 max, sum and accumulator), and writes o = acc / sum once: one launch per layer, and cache
-bytes read in proportion to the context so far. `write_and_attend` also writes the new
-token's k, v into the cache (in place), so the cache update is no launch of its own either.
+bytes read in proportion to the context so far. Given the new token's k, v, it also writes
+them into the cache (in place), so the cache update is no launch of its own either.
 Same result as `jax.nn.dot_product_attention(q, k, v, mask=slots <= pos)` up to rounding
 (the reference rounds the probabilities to the inputs' dtype before P·V; this keeps them in
 fp32).
@@ -111,43 +111,31 @@ def attend(
   k_BxSxHxE: jax.Array,
   v_BxSxHxE: jax.Array,
   pos_B: jax.Array,
+  new_kv: tuple[jax.Array, jax.Array] | None = None,
   *,
   block_s: int = 64,
   num_warps: int = 4,
   interpret: bool | None = None,
-) -> jax.Array:
-  """o_BxHxE: each row's query against cache slots 0…pos[b] (pos already written), softmax
-  scaled by 1/sqrt(E), in q's dtype. pos must lie in [0, S)."""
-  _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s)
-  call = _call(q_BxHxE, k_BxSxHxE, False, block_s, num_warps, interpret)
-  return call(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
+):
+  """Each row's query against its cache slots 0…pos[b] (pos in [0, S)), softmax scaled by
+  1/sqrt(E), o_BxHxE in q's dtype.
 
-
-@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "interpret"))
-def write_and_attend(
-  q_BxHxE: jax.Array,
-  k_new_BxHxE: jax.Array,
-  v_new_BxHxE: jax.Array,
-  k_BxSxHxE: jax.Array,
-  v_BxSxHxE: jax.Array,
-  pos_B: jax.Array,
-  *,
-  block_s: int = 64,
-  num_warps: int = 4,
-  interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(o_BxHxE, k, v): the new token's k, v written at slot pos[b] of each row's cache (the
-  kernel's outputs alias the caches: in place wherever XLA can update them, as in the decode
-  loop) and its query attending to slots 0…pos[b], as `attend` after a cache update, in one
-  kernel."""
+  new_kv None: slot pos already holds the new token; returns o. new_kv = (k_BxHxE, v_BxHxE):
+  they are written at slot pos first, in the same kernel; returns (o, k cache, v cache), the
+  kernel's outputs aliasing the caches (in place wherever XLA can update them, as in the
+  decode loop)."""
   _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s)
-  if k_new_BxHxE.shape != q_BxHxE.shape or v_new_BxHxE.shape != q_BxHxE.shape:
+  pos_B = pos_B.astype(I32)
+  if new_kv is None:
+    call = _call(q_BxHxE, k_BxSxHxE, False, block_s, num_warps, interpret)
+    return call(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B)
+  k_new, v_new = new_kv
+  if k_new.shape != q_BxHxE.shape or v_new.shape != q_BxHxE.shape:
     raise ValueError(
-      f"the new k, v must be shaped as q {q_BxHxE.shape}, got "
-      f"{k_new_BxHxE.shape}, {v_new_BxHxE.shape}"
+      f"the new k, v must be shaped as q {q_BxHxE.shape}, got {k_new.shape}, {v_new.shape}"
     )
   aliases = {3: 1, 4: 2}  # the caches are updated in place
   call = _call(
     q_BxHxE, k_BxSxHxE, True, block_s, num_warps, interpret, input_output_aliases=aliases
   )
-  return call(q_BxHxE, k_new_BxHxE, v_new_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
+  return call(q_BxHxE, k_new, v_new, k_BxSxHxE, v_BxSxHxE, pos_B)

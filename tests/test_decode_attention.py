@@ -64,7 +64,7 @@ def test_attend_matches_float64_reference(batch, slots, heads, head_dim, block_s
   ("dtype", "cache_dtype"),
   [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16)],
 )
-def test_write_and_attend_equals_an_update_then_attend(
+def test_attend_with_new_kv_equals_an_update_then_attend(
   batch, slots, block_s, pos, dtype, cache_dtype
 ):
   """The new k, v land at slot pos (rounded to the cache's dtype), every other slot is kept,
@@ -80,8 +80,8 @@ def test_write_and_attend_equals_an_update_then_attend(
   rows = jnp.arange(batch)
   want_k = k.at[rows, pos].set(k_new.astype(cache_dtype))
   want_v = v.at[rows, pos].set(v_new.astype(cache_dtype))
-  o, got_k, got_v = decode_attention.write_and_attend(
-    new_q, k_new, v_new, k, v, pos, block_s=block_s, interpret=True
+  o, got_k, got_v = decode_attention.attend(
+    new_q, k, v, pos, (k_new, v_new), block_s=block_s, interpret=True
   )
   assert np.array_equal(np.asarray(got_k), np.asarray(want_k))
   assert np.array_equal(np.asarray(got_v), np.asarray(want_v))
@@ -108,7 +108,7 @@ def test_attend_refuses_mismatched_shapes():
   with pytest.raises(ValueError, match="power of two"):
     decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), block_s=24)
   with pytest.raises(ValueError, match="new k, v"):
-    decode_attention.write_and_attend(q, q[:1], q, k, v, jnp.zeros(2, jnp.int32))
+    decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), (q[:1], q))
 
 
 @pytest.mark.gpu
@@ -124,8 +124,8 @@ def test_attend_gpu_1b_shape():
   rows = jnp.arange(4)
   k_new, v_new = k[rows, pos], v[rows, pos]
   poisoned = [c.at[rows, pos].set(7.0) for c in (k, v)]
-  o, k2, v2 = jax.jit(decode_attention.write_and_attend, donate_argnums=(3, 4))(
-    q, k_new, v_new, *poisoned, pos
+  o, k2, v2 = jax.jit(decode_attention.attend, donate_argnums=(1, 2))(
+    q, *poisoned, pos, (k_new, v_new)
   )
   assert np.array_equal(np.asarray(k2), np.asarray(k)) and np.array_equal(v2, v)
   np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=2e-2, rtol=2e-2)
