@@ -15,6 +15,8 @@ Two halves, two Pythons:
 
   python benchmarks/sass_report.py --kernel=topk --f=5632 --k=1024 [--triton_python=...]
   python benchmarks/sass_report.py --kernel=forward --f=5504 --k=1024 --num_valid=5461
+  python benchmarks/sass_report.py --kernel=decode_attention --t=1 --f=256   (batch, slots)
+  python benchmarks/sass_report.py --kernel=decode_ffn --t=1 --f=5464 --k=1024
 
 The same config fields as `TopKConfig` can be set with --set name=value (e.g.
 --set apply_mode=row --set apply_warps=4); values are parsed as Python literals.
@@ -70,7 +72,30 @@ def _function(args):
       g, u, k, "moc", num_valid=nv, config=cfg, interpret=False
     )
     return fn, (bf16, bf16)
-  raise SystemExit(f"unknown --kernel {args.kernel!r}; expected topk or forward")
+  if args.kernel == "decode_attention":  # batch --t, --f cache slots, the 1b preset's heads
+    from pallas_kernels import decode_attention
+
+    q = jax.ShapeDtypeStruct((t, 16, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((t, f, 16, 128), jnp.bfloat16)
+    pos = jax.ShapeDtypeStruct((t,), jnp.int32)
+    fn = lambda q, kc, vc, p, kn, vn: (
+      decode_attention.attend(q, kc, vc, p, interpret=False),
+      decode_attention.attend(q, kc, vc, p, (kn, vn), interpret=False),
+    )
+    return fn, (q, cache, cache, pos, q, q)
+  if args.kernel == "decode_ffn":  # --t tokens, d = 2048, --f channels, --k kept: MoC, dense
+    from pallas_kernels import moc_decode
+
+    x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
+    w_df, w_fd = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2048, f), (f, 2048)))
+    fn = lambda x, wg, wu, wut, wd: (
+      moc_decode.decode_ffn(x, wg, wut, wd, k, "moc", interpret=False),
+      moc_decode.dense_decode_ffn(x, wg, wu, wd, interpret=False),
+    )
+    return fn, (x, w_df, w_df, w_fd, w_fd)
+  raise SystemExit(
+    f"unknown --kernel {args.kernel!r}; expected topk, forward, decode_attention or decode_ffn"
+  )
 
 
 def _as_text(bytecode: bytes) -> str:
@@ -154,7 +179,7 @@ def compile_calls(calls: list[dict]) -> list[dict]:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kernel", default="topk", help="topk | forward")
+  p.add_argument("--kernel", default="topk", help="topk | forward | decode_attention | decode_ffn")
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632)
   p.add_argument("--k", type=int, default=1024)
