@@ -85,13 +85,18 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-FORMS = ("lean", "prefetch")  # the kernel's opt-in forms, each timed beside the default
+# the kernel's opt-in forms, each timed beside the default
+FORMS = {
+  "lean": {"lean": True},
+  "prefetch": {"prefetch": True},
+  "lean_prefetch": {"lean": True, "prefetch": True},
+}
 
 
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
   'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first;
-  '_lean' / '_prefetch' rows: the kernel's `lean` / `prefetch` forms."""
+  '_lean' / '_prefetch' / '_lean_prefetch' rows: the kernel's opt-in forms (FORMS)."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -100,12 +105,12 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
-  for form in FORMS:
-    kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, **{form: True})
+  for form, knobs in FORMS.items():
+    kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, **knobs)
     fns[f"mgpu_select_{form}"] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-    for form in ("", *FORMS):
-      kw = dict(ctas=counts[0], interpret=False, **({form: True} if form else {}))
+    for form, knobs in {"": {}, **FORMS}.items():
+      kw = dict(ctas=counts[0], interpret=False, **knobs)
       name = f"mgpu_topk_{form}" if form else "mgpu_topk"
       fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   return fns

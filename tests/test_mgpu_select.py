@@ -31,7 +31,7 @@ def test_select_probe_lowers_for_cuda(capsys, shape):
   last round's rows for some CTAs only)."""
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4,3", *shape])
   out = capsys.readouterr().out
-  for name in ("mgpu_select", "mgpu_select_lean", "mgpu_select_prefetch"):
+  for name in ("mgpu_select", *(f"mgpu_select_{form}" for form in mgpu_select_probe.FORMS)):
     assert f"{name}: lowered for CUDA" in out
   assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
 
