@@ -87,3 +87,16 @@ ENTRY %main (a: bf16[8]) -> bf16[8] {
   assert moves["command_buffers"] == 1
   assert moves["custom_calls"] == ["__gpu$xla.gpu.triton", "mosaic_gpu_v2"]
   assert moves["custom_calls_in_command_buffers"] == ["__gpu$xla.gpu.triton"]
+
+
+def test_decode_chain_compiles_with_its_options():
+  """`decode_timing.chain(fn, options)`: the options reach XLA (an unknown one is refused),
+  and the chain sums one call per (input, weight set)."""
+  from benchmarks import decode_timing
+
+  xs = [jnp.ones((1, 4)), 2 * jnp.ones((1, 4))]
+  sets = [(jnp.eye(4),), (3 * jnp.eye(4),)]
+  run = decode_timing.chain(lambda x, w: x @ w, {"xla_gpu_enable_pdl": True})
+  assert jnp.allclose(run(xs, sets), 7 * jnp.ones((1, 4)))
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    decode_timing.chain(lambda x, w: x @ w, {"xla_no_such_option": 1})(xs, sets)
