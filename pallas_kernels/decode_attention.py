@@ -8,9 +8,9 @@ bytes read in proportion to the context so far. Given the new token's k, v, it a
 them into the cache (in place), so the cache update is no launch of its own either.
 Same result as `jax.nn.dot_product_attention(q, k, v, mask=slots <= pos)` up to rounding
 (the reference rounds the probabilities to the inputs' dtype before P·V; this keeps them in
-fp32). The grid is rows × heads (16 programs for the 1b preset at batch 1): enough for the
-short contexts timed here; long contexts would want each row's slots split over programs
-too (flash-decoding).
+fp32). Caches longer than 1024 slots are split into chunks of 512 over more programs, whose
+partial softmaxes XLA merges (one more small fusion): rows × heads programs alone (16 for the
+1b preset at batch 1) would read a long cache on 16 SMs.
 """
 
 from __future__ import annotations
@@ -30,27 +30,34 @@ F32 = jnp.float32
 I32 = jnp.int32
 
 
-def _attend_kernel(q_ref, *refs, block_s, num_slots, head_dim, scale, write):
-  """write: refs are (k_new, v_new, k, v, pos, o, k_out, v_out), k_out / v_out aliasing k / v;
-  the new token's k, v go to slot pos and enter the softmax from registers, the cache gives
-  slots 0…pos-1. Else (k, v, pos, o): slots 0…pos all from the cache."""
+def _attend_kernel(q_ref, *refs, block_s, chunk, num_slots, head_dim, scale, write):
+  """Program (b, h, c): query (b, h) against the cached slots [c·chunk, (c+1)·chunk).
+
+  write: refs are (k_new, v_new, k, v, pos, outputs…, k_out, v_out), k_out / v_out aliasing
+  k / v; the new token's k, v go to slot pos (by chunk 0) and enter chunk 0's softmax from
+  registers, the cache gives slots 0…pos-1. Else (k, v, pos, outputs…): slots 0…pos all from
+  the cache. Outputs: o (one chunk), or each chunk's running max, sum and fp32 accumulator
+  for `_combine`."""
   if write:
-    k_new_ref, v_new_ref, k_ref, v_ref, pos_ref, o_ref, k_out_ref, v_out_ref = refs
+    k_new_ref, v_new_ref, k_ref, v_ref, pos_ref, *outs = refs
+    outs, (k_out_ref, v_out_ref) = outs[:-2], outs[-2:]
   else:
-    k_ref, v_ref, pos_ref, o_ref = refs
-  b, h = pl.program_id(0), pl.program_id(1)
+    k_ref, v_ref, pos_ref, *outs = refs
+  b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
   in_head = e < head_dim
   q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
   pos = pos_ref[b]
-  cached = pos if write else pos + 1  # slots read from the cache: 0 … cached - 1
+  first = c * chunk
+  # cached slots this program reads: first … end - 1
+  end = jnp.minimum(pos if write else pos + 1, first + chunk)
 
   def block(i, carry):
     top, total, acc = carry
-    slots = i * block_s + jnp.arange(block_s, dtype=I32)
-    filled = slots < cached
+    slots = first + i * block_s + jnp.arange(block_s, dtype=I32)
+    filled = slots < end
     both = filled[:, None] & in_head[None, :]
-    at = (b, jnp.minimum(slots, num_slots - 1)[:, None], h, e[None, :])  # masked past pos
+    at = (b, jnp.minimum(slots, num_slots - 1)[:, None], h, e[None, :])  # masked past end
     keys = plgpu.load(k_ref.at[at], mask=both, other=0).astype(F32)
     vals = plgpu.load(v_ref.at[at], mask=both, other=0).astype(F32)
     logits = jnp.where(filled, jnp.sum(keys * q[None, :], axis=1) * scale, -jnp.inf)
@@ -61,15 +68,35 @@ def _attend_kernel(q_ref, *refs, block_s, num_slots, head_dim, scale, write):
     return top_new, total * rescale + jnp.sum(p), acc
 
   init = (jnp.float32(-jnp.inf), jnp.float32(0), jnp.zeros(e.shape, F32))
-  if write:  # the new token first, as the cache would hold it (its dtype's rounding)
+  if write:  # the new token, as the cache would hold it (its dtype's rounding), in chunk 0
+    mine = in_head & (c == 0)
     at = (b, pos, h, e)
     k_new = plgpu.load(k_new_ref.at[b, h, e], mask=in_head, other=0).astype(k_out_ref.dtype)
     v_new = plgpu.load(v_new_ref.at[b, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
-    plgpu.store(k_out_ref.at[at], k_new, mask=in_head)
-    plgpu.store(v_out_ref.at[at], v_new, mask=in_head)
-    init = (jnp.sum(k_new.astype(F32) * q) * scale, jnp.float32(1), v_new.astype(F32))
-  _, total, acc = lax.fori_loop(0, pl.cdiv(cached, block_s), block, init)
-  plgpu.store(o_ref.at[b, h, e], (acc / total).astype(o_ref.dtype), mask=in_head)
+    plgpu.store(k_out_ref.at[at], k_new, mask=mine)
+    plgpu.store(v_out_ref.at[at], v_new, mask=mine)
+    logit = jnp.sum(k_new.astype(F32) * q) * scale
+    init = (
+      jnp.where(c == 0, logit, init[0]),
+      jnp.where(c == 0, 1.0, init[1]).astype(F32),
+      jnp.where(c == 0, v_new.astype(F32), init[2]),
+    )
+  count = jnp.maximum(end - first, 0)
+  top, total, acc = lax.fori_loop(0, pl.cdiv(count, block_s), block, init)
+  if len(outs) == 1:  # one chunk: the output itself
+    plgpu.store(outs[0].at[b, h, e], (acc / total).astype(outs[0].dtype), mask=in_head)
+    return
+  top_ref, total_ref, acc_ref = outs
+  top_ref[b, h, c] = top
+  total_ref[b, h, c] = total
+  plgpu.store(acc_ref.at[b, h, c, e], acc, mask=in_head)
+
+
+def _combine(top_BxHxC, total_BxHxC, acc_BxHxCxE, dtype) -> jax.Array:
+  """The chunks' softmaxes merged: each weighted by exp(its max - the overall max)."""
+  weight = jnp.exp(top_BxHxC - jnp.max(top_BxHxC, axis=-1, keepdims=True))  # 0 for empty
+  total = jnp.sum(weight * total_BxHxC, axis=-1)
+  return (jnp.einsum("bhc,bhce->bhe", weight, acc_BxHxCxE) / total[..., None]).astype(dtype)
 
 
 def _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s: int) -> None:
@@ -84,30 +111,48 @@ def _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s: int) -> None:
     raise ValueError(f"block_s={block_s} must be a power of two")
 
 
-def _call(q_BxHxE, k_BxSxHxE, write: bool, block_s: int, num_warps: int, interpret, **kw):
+def _call(q_BxHxE, k_BxSxHxE, write: bool, block_s, chunk, num_warps, interpret):
+  """The pallas_call: its outputs are o (one chunk) or the chunks' (max, sum, accumulator),
+  then (write) the two caches, aliasing inputs 3 and 4."""
   batch, heads, head_dim = q_BxHxE.shape
+  chunks = -(-k_BxSxHxE.shape[1] // chunk)
   kernel = functools.partial(
     _attend_kernel,
     block_s=block_s,
+    chunk=chunk,
     num_slots=k_BxSxHxE.shape[1],
     head_dim=head_dim,
     scale=head_dim**-0.5,
     write=write,
   )
-  o = jax.ShapeDtypeStruct(q_BxHxE.shape, q_BxHxE.dtype)
-  cache = jax.ShapeDtypeStruct(k_BxSxHxE.shape, k_BxSxHxE.dtype)
+  if chunks == 1:
+    outs = [jax.ShapeDtypeStruct(q_BxHxE.shape, q_BxHxE.dtype)]
+  else:
+    per_chunk = jax.ShapeDtypeStruct((batch, heads, chunks), F32)
+    outs = [per_chunk, per_chunk, jax.ShapeDtypeStruct((batch, heads, chunks, head_dim), F32)]
+  aliases = {}
+  if write:
+    aliases = {3: len(outs), 4: len(outs) + 1}  # the caches are updated in place
+    outs += [jax.ShapeDtypeStruct(k_BxSxHxE.shape, k_BxSxHxE.dtype)] * 2
   return pl.pallas_call(
     kernel,
-    out_shape=(o, cache, cache) if write else o,
-    grid=(batch, heads),
+    out_shape=tuple(outs),
+    grid=(batch, heads, chunks),
     compiler_params=tu.compiler_params(num_warps, num_stages=2),
     interpret=tu.default_interpret(interpret),
     name="decode_attention",
-    **kw,
+    input_output_aliases=aliases,
   )
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "interpret"))
+def default_chunk(num_slots: int, block_s: int) -> int:
+  """Slots per program: all of them up to 1024 (one launch, no merge), else 512, so that a
+  long cache is read by rows × heads × S/512 programs instead of rows × heads."""
+  chunk = num_slots if num_slots <= 1024 else 512
+  return -(-chunk // block_s) * block_s
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "chunk", "num_warps", "interpret"))
 def attend(
   q_BxHxE: jax.Array,
   k_BxSxHxE: jax.Array,
@@ -116,6 +161,7 @@ def attend(
   new_kv: tuple[jax.Array, jax.Array] | None = None,
   *,
   block_s: int = 64,
+  chunk: int | None = None,
   num_warps: int = 4,
   interpret: bool | None = None,
 ):
@@ -125,19 +171,23 @@ def attend(
   new_kv None: slot pos already holds the new token; returns o. new_kv = (k_BxHxE, v_BxHxE):
   they are written at slot pos first, in the same kernel; returns (o, k cache, v cache), the
   kernel's outputs aliasing the caches (in place wherever XLA can update them, as in the
-  decode loop)."""
+  decode loop). chunk: slots per program (a multiple of block_s; default `default_chunk`);
+  with more than one chunk per row, XLA merges the chunks' softmaxes (`_combine`)."""
   _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s)
-  pos_B = pos_B.astype(I32)
-  if new_kv is None:
-    call = _call(q_BxHxE, k_BxSxHxE, False, block_s, num_warps, interpret)
-    return call(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B)
-  k_new, v_new = new_kv
-  if k_new.shape != q_BxHxE.shape or v_new.shape != q_BxHxE.shape:
-    raise ValueError(
-      f"the new k, v must be shaped as q {q_BxHxE.shape}, got {k_new.shape}, {v_new.shape}"
-    )
-  aliases = {3: 1, 4: 2}  # the caches are updated in place
-  call = _call(
-    q_BxHxE, k_BxSxHxE, True, block_s, num_warps, interpret, input_output_aliases=aliases
-  )
-  return call(q_BxHxE, k_new, v_new, k_BxSxHxE, v_BxSxHxE, pos_B)
+  chunk = chunk or default_chunk(k_BxSxHxE.shape[1], block_s)
+  if chunk % block_s:
+    raise ValueError(f"chunk={chunk} must be a multiple of block_s={block_s}")
+  write = new_kv is not None
+  call = _call(q_BxHxE, k_BxSxHxE, write, block_s, chunk, num_warps, interpret)
+  if write:
+    k_new, v_new = new_kv
+    if k_new.shape != q_BxHxE.shape or v_new.shape != q_BxHxE.shape:
+      raise ValueError(
+        f"the new k, v must be shaped as q {q_BxHxE.shape}, got {k_new.shape}, {v_new.shape}"
+      )
+    outs = call(q_BxHxE, k_new, v_new, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
+    outs, caches = outs[:-2], tuple(outs[-2:])
+  else:
+    outs, caches = call(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32)), ()
+  o = outs[0] if len(outs) == 1 else _combine(*outs, q_BxHxE.dtype)
+  return (o, *caches) if write else o

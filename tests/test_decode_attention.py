@@ -91,6 +91,33 @@ def test_attend_with_new_kv_equals_an_update_then_attend(
   np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize(
+  ("slots", "block_s", "chunk", "pos"), [(130, 16, 32, [0, 33, 129]), (77, 16, 16, [76, 15, 40])]
+)
+def test_chunks_merge_to_one_softmax(write, slots, block_s, chunk, pos):
+  """The cache split into chunks (programs), their softmaxes merged by XLA: empty chunks
+  (past pos), a chunk holding only the new token, a pos on a chunk edge."""
+  seed = time.time_ns() % (2**31)
+  q, k, v = _inputs(seed, 3, slots, 2, 24, jnp.float32)
+  pos = jnp.asarray(pos, jnp.int32)
+  rows = jnp.arange(3)
+  if write:
+    k_new, v_new = k[rows, pos], v[rows, pos]
+    poisoned = [c.at[rows, pos].set(1e4) for c in (k, v)]
+    o, k2, v2 = decode_attention.attend(
+      q, *poisoned, pos, (k_new, v_new), block_s=block_s, chunk=chunk, interpret=True
+    )
+    assert np.array_equal(np.asarray(k2), np.asarray(k))
+    assert np.array_equal(np.asarray(v2), np.asarray(v))
+  else:
+    o = decode_attention.attend(q, k, v, pos, block_s=block_s, chunk=chunk, interpret=True)
+  want = _reference(q, k, v, pos)
+  np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=1e-5, rtol=1e-5)
+  assert decode_attention.default_chunk(4096, 64) == 512
+  assert decode_attention.default_chunk(1000, 64) == 1024
+
+
 def test_attend_equals_xla_attention_in_fp32():
   """What the model's xla decode path computes, to fp32 rounding."""
   q, k, v = _inputs(1, 2, 40, 2, 16, jnp.float32)
@@ -107,6 +134,8 @@ def test_attend_refuses_mismatched_shapes():
     decode_attention.attend(q, k[:, :, :1], v[:, :, :1], jnp.zeros(2, jnp.int32))
   with pytest.raises(ValueError, match="power of two"):
     decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), block_s=24)
+  with pytest.raises(ValueError, match="multiple of block_s"):
+    decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), block_s=16, chunk=24)
   with pytest.raises(ValueError, match="new k, v"):
     decode_attention.attend(q, k, v, jnp.zeros(2, jnp.int32), (q[:1], q))
 
@@ -114,7 +143,8 @@ def test_attend_refuses_mismatched_shapes():
 @pytest.mark.gpu
 def test_attend_gpu_1b_shape():
   """Compiled: the 1b preset's heads (16 × 128), a 256-slot bf16 cache, batch 4; reading
-  only, and writing the new token first (inside a jit that updates the cache in place)."""
+  only, and writing the new token first (inside a jit that updates the cache in place); and a
+  4096-slot cache read in chunks."""
   seed = time.time_ns() % (2**31)
   q, k, v = _inputs(seed, 4, 256, 16, 128, jnp.bfloat16)
   pos = jnp.asarray([0, 63, 128, 255], jnp.int32)
@@ -129,3 +159,9 @@ def test_attend_gpu_1b_shape():
   )
   assert np.array_equal(np.asarray(k2), np.asarray(k)) and np.array_equal(v2, v)
   np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=2e-2, rtol=2e-2)
+  # a long cache: 4096 slots in chunks of 512 over more programs, merged by XLA
+  q, k, v = _inputs(seed + 1, 2, 4096, 16, 128, jnp.bfloat16)
+  pos = jnp.asarray([700, 4095], jnp.int32)
+  got = decode_attention.attend(q, k, v, pos)
+  want = _reference(q, k, v, pos)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2, rtol=2e-2)
