@@ -96,7 +96,8 @@ def _combine(top_BxHxC, total_BxHxC, acc_BxHxCxE, dtype) -> jax.Array:
   """The chunks' softmaxes merged: each weighted by exp(its max - the overall max)."""
   weight = jnp.exp(top_BxHxC - jnp.max(top_BxHxC, axis=-1, keepdims=True))  # 0 for empty
   total = jnp.sum(weight * total_BxHxC, axis=-1)
-  return (jnp.einsum("bhc,bhce->bhe", weight, acc_BxHxCxE) / total[..., None]).astype(dtype)
+  acc = jnp.sum(weight[..., None] * acc_BxHxCxE, axis=2)  # fp32, not a (TF32) dot
+  return (acc / total[..., None]).astype(dtype)
 
 
 def _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s: int) -> None:
