@@ -99,7 +99,7 @@ def _profile(run, new: int) -> dict:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       run()
     wall_ms = (time.perf_counter() - t0) * 1e3 / new
-    summary = step_profile.summarize(step_profile.read_trace(log_dir), new, top=12)
+    summary = step_profile.summarize(step_profile.read_trace(log_dir), new, top=40)
   return {"wall_ms_traced": round(wall_ms, 4), **summary}
 
 
