@@ -29,6 +29,8 @@
 #           cases, nearly all compile; GPU_TESTS_K: a pytest -k expression, e.g. 'not 16384')
 #   mgpu    the Mosaic GPU radix select (benchmarks/mgpu_select_probe.py), exact-checked, then
 #           timed beside the Triton selection; and at T = 1 by kernel time (decode)
+#   attn    one decode step's attention + cache update, XLA vs the Pallas kernel, at 256 /
+#           1024 / 4096 slots (benchmarks/decode_attention_bench.py)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
 #           passes (benchmarks/stream_sweep.py; STREAM_ONLY, STREAM_SHAPES narrow it)
 # STREAM_ARGS adds stream_sweep.py flags (e.g. --no_walks: the selection rows only).
@@ -202,6 +204,12 @@ stream() {
     --out="$work/stream_sweep.json"
 }
 
+attn() {
+  local args=()
+  [ -n "${DRY:-}" ] && args=(--quick --trials 1)
+  python3 benchmarks/decode_attention_bench.py "${args[@]}" --out "$work/decode_attention.json"
+}
+
 graphs() {
   local graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
   graph_flags+=",DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
@@ -220,7 +228,7 @@ mgpu() {  # the Mosaic GPU radix select probe at 5632 and the 1B layer's words, 
     --out "$work/mgpu_select_t1.json"
 }
 
-sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags gemms graphs tests layer stream mgpu"
+sections="gcp topk decode remat profile stepprof linear ffn e2e step64 flags gemms graphs tests layer stream mgpu attn"
 export work
 export -f $sections split_config step_1b_64
 for spec in "$@"; do

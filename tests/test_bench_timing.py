@@ -100,3 +100,18 @@ def test_decode_chain_compiles_with_its_options():
   assert jnp.allclose(run(xs, sets), 7 * jnp.ones((1, 4)))
   with pytest.raises(Exception, match="xla_no_such_option"):
     decode_timing.chain(lambda x, w: x @ w, {"xla_no_such_option": 1})(xs, sets)
+
+
+def test_decode_attention_bench_runs_both_paths(tmp_path, monkeypatch):
+  """--quick (interpret mode): every row timed, none failed, the kernel's o close to XLA's."""
+  import json
+  import sys
+
+  from benchmarks import decode_attention_bench
+
+  out = tmp_path / "attn.json"
+  monkeypatch.setattr(sys, "argv", ["x", "--quick", "--trials=1", "--reps=1", f"--out={out}"])
+  decode_attention_bench.main()
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["method"] for r in rows} == {"xla", "kernel"} and len(rows) == 8
+  assert all("error" not in r and r["time_s"] > 0 and r["rel_err_vs_xla"] < 2e-2 for r in rows)
