@@ -95,12 +95,17 @@ def test_cli_prints_prompt_and_continuation(trained_workdir, capsys):
   assert out.startswith("def f")
 
 
-def test_cli_rejects_bad_compiler_options(trained_workdir, capsys):
+def test_cli_rejects_bad_options(trained_workdir, capsys):
   argv = ["--workdir", trained_workdir, "--prompt", "x", "--compiler_options=xla_no_such=1"]
   with pytest.raises(SystemExit) as e:
     generate.main(argv)
   assert e.value.code == 2
   assert "--compiler_options" in capsys.readouterr().err
+  argv = ["--workdir", trained_workdir, "--prompt", "x", "--decode_attention=flash"]
+  with pytest.raises(SystemExit) as e:
+    generate.main(argv)
+  assert e.value.code == 2
+  assert "model.decode_attention='flash'" in capsys.readouterr().err
 
 
 def test_compiler_options_reach_their_own_program():
