@@ -266,7 +266,7 @@ def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, A
 
 
 @contextlib.contextmanager
-def forward_selection(selection: str | None, **knobs):
+def forward_selection(selection: str | None = None, **knobs):
   """While tracing inside it, MoC's train forward finds its selection with this kernel
   (`TopKConfig.selection`, e.g. 'mgpu') and these other TopKConfig knobs (e.g.
   mgpu_prefetch=True); None changes nothing. Wrap a jitted call in it: the first call traces

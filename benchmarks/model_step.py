@@ -32,7 +32,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.step_variants import DEFAULT_VARIANTS, VARIANTS, configure, wrap_step  # noqa: E402
+from benchmarks.step_variants import (  # noqa: E402
+  DEFAULT_VARIANTS,
+  VARIANTS,
+  configure,
+  wrap_step,
+)
+from benchmarks.step_variants import compiler_options as variant_options  # noqa: E402
 
 
 def build(
@@ -65,7 +71,7 @@ def build(
     train_lib.make_schedule(t),
     grad_accum=1,
     document_mask=False,
-    compiler_options=compile_options.parse(compiler_options),
+    compiler_options=compile_options.parse(compiler_options) | variant_options(variant),
   )
 
   def batch_of(b):
@@ -128,7 +134,8 @@ def child(args) -> dict:
   fixed = compiled_bytes[hi] - per_seq * hi
   return {
     "variant": args.variant,
-    "compiler_options": compile_options.parse(args.compiler_options),
+    "compiler_options": compile_options.parse(args.compiler_options)
+    | variant_options(args.variant),
     "params": n_params,
     "batch": args.batch,
     "seq": args.seq,

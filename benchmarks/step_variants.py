@@ -51,6 +51,19 @@ VARIANTS.update(TRITON)
 # The Mosaic GPU select loading each CTA's next row one row ahead (`TopKConfig.mgpu_prefetch`).
 PREFETCH = {"moc_prefetch": dict(ffn="moc"), "moc_gcp_prefetch": dict(ffn="moc", gcp=True)}
 VARIANTS.update(PREFETCH)
+# The step compiled with XLA's programmatic dependent launch on / off, whatever the run's other
+# options: variant -> the XLA options it adds (`compiler_options`).
+PDL = {
+  f"{base}_{tag}": {"xla_gpu_enable_pdl": tag == "pdl"}
+  for base in ("dense", "moc")
+  for tag in ("pdl", "nopdl")
+}
+VARIANTS.update({name: dict(ffn=name.split("_")[0]) for name in PDL})
+
+
+def compiler_options(variant: str) -> dict:
+  """The XLA options `variant` adds to the run's (PDL), else none."""
+  return dict(PDL.get(variant, {}))
 
 
 def configure(variant: str) -> dict:
