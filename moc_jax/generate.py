@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -213,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     compile_options.check(options, key)
     model, tok = load(a.workdir, a.backend, a.decode_attention)
     prompts = [[tok.bos_id, *tok.encode(text)] for text in a.prompt]
+    start = time.perf_counter()
     outs = generate(
       model,
       prompts,
@@ -223,8 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       seed=a.seed,
       compiler_options=options,
     )
+    seconds = time.perf_counter() - start
     for text, out in zip(a.prompt, outs, strict=True):
       print(text + tok.decode(out), flush=True)
+    new = sum(len(out) for out in outs)
+    print(f"[{new} new tokens in {seconds:.2f} s, compilation included]", file=sys.stderr)
   return 0
 
 

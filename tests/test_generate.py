@@ -91,8 +91,9 @@ def test_greedy_kernel_path_matches_xla_on_trained_model(trained_workdir):
 def test_cli_prints_prompt_and_continuation(trained_workdir, capsys):
   rc = generate.main(["--workdir", trained_workdir, "--prompt", "def f", "--max_new_tokens=3"])
   assert rc == 0
-  out = capsys.readouterr().out
-  assert out.startswith("def f")
+  captured = capsys.readouterr()
+  assert captured.out.startswith("def f")
+  assert "new tokens in" in captured.err  # the count and time go to stderr, not the text
 
 
 def test_cli_rejects_bad_options(trained_workdir, capsys):
