@@ -25,18 +25,17 @@ import jax
 import jax.numpy as jnp
 from decode_timing import chain, rel_err, run_info, time_chain
 
+from moc_jax import model
 from pallas_kernels import decode_attention
 
 HEADS, HEAD_DIM = 16, 128
 
 
 def xla_step(q, k_new, v_new, k, v, pos):
-  """The model's xla decode path for one token: dynamic_update_slice, then masked attention."""
-  write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
-  k, v = write(k, k_new[:, None], pos), write(v, v_new[:, None], pos)
-  mask = (jnp.arange(k.shape[1])[None, None, :] <= pos[:, None, None])[:, None]
-  o = jax.nn.dot_product_attention(q[:, None], k, v, mask=mask, implementation="xla")[:, 0]
-  return o, k, v
+  """The model's xla decode path for one token (`model.xla_cache_attention`)."""
+  one = lambda a: a[:, None]
+  o, k, v = model.xla_cache_attention(one(q), one(k_new), one(v_new), k, v, one(pos))
+  return o[:, 0], k, v
 
 
 def kernel_step(q, k_new, v_new, k, v, pos):

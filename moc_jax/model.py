@@ -62,6 +62,22 @@ def decode_linear(backend: str, x_BxLxK: jax.Array, w_KxN: jax.Array, out_dtype=
   return y_TxN.reshape(*x_BxLxK.shape[:-1], -1)
 
 
+def xla_cache_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, k_BxSxHxE, v_BxSxHxE, positions_BxL):
+  """(o, k cache, v cache) by XLA: the L new k, v written at each row's positions (contiguous),
+  then every query attending to the slots at or before its own position."""
+  write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
+  start_B = positions_BxL[:, 0]
+  k_cache = write(k_BxSxHxE, k_BxLxHxE.astype(k_BxSxHxE.dtype), start_B)
+  v_cache = write(v_BxSxHxE, v_BxLxHxE.astype(v_BxSxHxE.dtype), start_B)
+  slots_S = jnp.arange(k_cache.shape[1])
+  mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
+  dt = q_BxLxHxE.dtype
+  o = jax.nn.dot_product_attention(
+    q_BxLxHxE, k_cache.astype(dt), v_cache.astype(dt), mask=mask, implementation="xla"
+  )
+  return o, k_cache, v_cache
+
+
 class Attention(nnx.Module):
   """Multi-head causal self-attention with RoPE and an optional KV cache."""
 
@@ -123,21 +139,13 @@ class Attention(nnx.Module):
     """Write k/v at `positions` into the cache and attend to every slot at or before them."""
     prepared = self.decode_weights is not None
     q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
-    start_B = positions_BxL[:, 0]
     if self.cfg.decode_attention == "pallas" and q.shape[1] == 1:  # write + attend: one kernel
       o, k_cache, v_cache = decode_attention.attend(
-        q[:, 0], cache["k"], cache["v"], start_B, (k[:, 0], v[:, 0])
+        q[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], (k[:, 0], v[:, 0])
       )
       o = o[:, None]
     else:
-      write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
-      k_cache = write(cache["k"], k.astype(cache["k"].dtype), start_B)
-      v_cache = write(cache["v"], v.astype(cache["v"].dtype), start_B)
-      slots_S = jnp.arange(k_cache.shape[1])
-      mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None]
-      o = jax.nn.dot_product_attention(
-        q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, implementation="xla"
-      )
+      o, k_cache, v_cache = xla_cache_attention(q, k, v, cache["k"], cache["v"], positions_BxL)
     out = self._decode_out(o) if prepared else self._out(o)
     return out, {"k": k_cache, "v": v_cache}
 
