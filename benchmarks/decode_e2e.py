@@ -43,10 +43,10 @@ import step_profile
 from decode_timing import run_info
 from flax import nnx
 
-from moc_jax import generate, model, model_config
+from moc_jax import compile_options, generate, model, model_config
 from pallas_kernels import moc_decode
 
-PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with xla_gpu_enable_pdl on and off
+PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with compile_options.pdl on and off
 
 
 def _no_ffn_decode(self, x, warm=None):
@@ -172,7 +172,7 @@ def main() -> None:
       mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
       knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
       moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
-    options = {"xla_gpu_enable_pdl": name.endswith("_pdl")} if "pdl" in name else None
+    options = compile_options.pdl(name.endswith("_pdl")) if "pdl" in name else None
     try:
       row = time_generate(m, prompt_len, new, a.trials, a.profile, options)
     except Exception as e:

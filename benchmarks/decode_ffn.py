@@ -40,6 +40,7 @@ from decode_timing import (
   time_single,
 )
 
+from moc_jax import compile_options
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
 from pallas_kernels._decode_config import LINEAR_DOWN, LIST_TOPK, default_config, legacy_config
@@ -71,7 +72,7 @@ PHASES = {
   "pdl4": (4, FIRST, frozenset({"pdl"})),
 }
 # row-name suffix -> XLA options of its programs (no suffix: XLA's defaults)
-PDL = {"[pdl]": {"xla_gpu_enable_pdl": True}, "[nopdl]": {"xla_gpu_enable_pdl": False}}
+PDL = {"[pdl]": compile_options.pdl(True), "[nopdl]": compile_options.pdl(False)}
 # gate+up GEMV knobs (F-block, D-step, splits, warps, stages; 1 split fuses the SwiGLU) and down
 # GEMV knobs (column block, row step, splits, warps, stages), each varied with the other default
 DENSE_GATE_UP = ((64, 64, 2, 4, 4), (128, 64, 2, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 4, 4))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from moc_jax import compile_options
+
 VARIANTS = {
   "dense": dict(ffn="dense"),
   "dense_remat_ffn": dict(ffn="dense", remat="ffn"),
@@ -54,7 +56,7 @@ VARIANTS.update(PREFETCH)
 # The step compiled with XLA's programmatic dependent launch on / off, whatever the run's other
 # options: variant -> the XLA options it adds (`compiler_options`).
 PDL = {
-  f"{base}_{tag}": {"xla_gpu_enable_pdl": tag == "pdl"}
+  f"{base}_{tag}": compile_options.pdl(tag == "pdl")
   for base in ("dense", "moc")
   for tag in ("pdl", "nopdl")
 }

@@ -25,6 +25,14 @@ from moc_jax.model_config import ConfigError
 GPU_DEFAULTS: dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
 
 
+def pdl(on: bool) -> dict[str, Any]:
+  """XLA's programmatic dependent launch on or off (Hopper+): with it, each kernel may launch
+  before the one it follows has ended and waits for that one inside, so launch latency hides
+  behind the previous kernel's tail. Not yet measured here; the benchmarks' `pdl` rows try
+  both settings, since XLA's default differs between versions."""
+  return {"xla_gpu_enable_pdl": on}
+
+
 def _value(text: str) -> Any:
   low = text.strip().lower()
   if low in ("true", "false"):
