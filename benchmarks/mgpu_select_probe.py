@@ -120,6 +120,32 @@ def _same(a, b) -> bool:
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
 
 
+def _admit(fns: dict, rows: dict, name: str, fn, want: list, inputs: list, label: str) -> None:
+  """fns[name] = fn if fn's outputs on each input equal `want`'s, bit for bit: a row that
+  fails or differs is reported under rows[name] and never timed."""
+  row = rows.setdefault(name, {})
+  try:
+    row[label] = all(_same(fn(x), w) for x, w in zip(inputs, want, strict=True))
+  except Exception as e:
+    row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+  if row.get(label):
+    fns[name] = fn
+  print(name, row, flush=True)
+
+
+def _time_rows(fns: dict, rows: dict, sets: list, device_time: bool) -> None:
+  """Each fn's time on `sets` into its row: kernel time from a profile, or interleaved
+  wall-clock samples and their median."""
+  if device_time:
+    for name, fn in fns.items():
+      rows.setdefault(name, {})["device_us"] = device_us(fn, sets[0])
+      print(f"{name:14s} {rows[name]['device_us']:8.2f} us of kernels per call", flush=True)
+    return
+  for name, us in common.time_interleaved(fns, sets, inner=10, trials=9).items():
+    rows.setdefault(name, {}).update(median_us=sorted(us)[len(us) // 2], samples_us=us)
+    print(f"{name:14s} {rows[name]['median_us']:8.1f} us", flush=True)
+
+
 def _exact(fn, name: str, g, a) -> bool:
   from pallas_kernels import reference
 
@@ -156,40 +182,23 @@ def _decode_partials(a, g: jax.Array) -> dict:
   width = 1 << (a.f - 1).bit_length()
   half = jnp.pad(g.astype(jnp.float32) * 0.5, ((0, 0), (0, width - a.f)))
   partials = jnp.stack([half, half])
-  fns = {
-    "decode_topk_partials": jax.jit(
-      lambda p: _decode_select.topk_from_partials(p, a.k, a.f, jnp.bfloat16, dcfg, False)
-    ),
-    **{
-      f"mgpu_topk_partials{'_lean' if lean else ''}": jax.jit(
-        lambda p, lean=lean: mgpu_select.select_partials(
-          p, a.k, a.f, jnp.bfloat16, interpret=False, lean=lean
-        )
+  triton = jax.jit(
+    lambda p: _decode_select.topk_from_partials(p, a.k, a.f, jnp.bfloat16, dcfg, False)
+  )
+  try:
+    want = [triton(partials)]
+  except Exception as e:  # the reference itself failed: nothing to check the others against
+    return {"decode_topk_partials": {"error": f"{type(e).__name__}: {str(e)[:2000]}"}}
+  fns, rows = {"decode_topk_partials": triton}, {"decode_topk_partials": {}}
+  for lean in (False, True):  # reported; timed only if exact
+    fn = jax.jit(
+      lambda p, lean=lean: mgpu_select.select_partials(
+        p, a.k, a.f, jnp.bfloat16, interpret=False, lean=lean
       )
-      for lean in (False, True)
-    },
-  }
-  rows = {name: {} for name in fns}
-  want = fns["decode_topk_partials"](partials)
-  for name in [n for n in fns if n.startswith("mgpu")]:  # reported; timed only if exact
-    try:
-      rows[name]["exact_vs_triton"] = all(
-        bool(np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32)))
-        for x, y in zip(want, fns[name](partials), strict=True)
-      )
-    except Exception as e:
-      rows[name]["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-    if not rows[name].get("exact_vs_triton"):
-      del fns[name]
-    print(name, rows[name], flush=True)
-  if a.device_time:
-    for name, fn in fns.items():
-      rows[name]["device_us"] = device_us(fn, (partials,))
-      print(f"{name:14s} {rows[name]['device_us']:8.2f} us of kernels per call", flush=True)
-  else:
-    for name, us in common.time_interleaved(fns, [(partials,)], inner=10, trials=9).items():
-      rows[name] |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
-      print(f"{name:14s} {rows[name]['median_us']:8.1f} us", flush=True)
+    )
+    name = f"mgpu_topk_partials{'_lean' if lean else ''}"
+    _admit(fns, rows, name, fn, want, [partials], "exact_vs_triton")
+  _time_rows(fns, rows, [(partials,)], a.device_time)
   return rows
 
 
@@ -240,10 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     fns["default_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))
     ahead = dataclasses.replace(topk.default_config(a.f), mgpu_prefetch=True)
     fn = jax.jit(lambda g: topk.select(g, a.k, "moc", config=ahead))
-    same = all(_same(fn(g), fns["default_topk"](g)) for g in (sets[0][0], ties))
-    rows["default_topk_prefetch"] = {"exact_vs_default": same}
-    if same:  # timed only if it selects what the default selects, bit for bit
-      fns["default_topk_prefetch"] = fn
+    inputs = [sets[0][0], ties]
+    want = [fns["default_topk"](g) for g in inputs]
+    _admit(fns, rows, "default_topk_prefetch", fn, want, inputs, "exact_vs_default")
     triton = dataclasses.replace(topk.default_config(a.f), selection="triton")
     fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc", config=triton))
   if a.t <= 16:  # the decode list pipeline's own selection (T <= 4), on G already in bf16
@@ -254,17 +262,7 @@ def main(argv: list[str] | None = None) -> None:
       fns["decode_topk"] = jax.jit(lambda g: _decode_select.topk_rows(g, a.k, dcfg, False))
   if a.t <= 16:
     rows |= _decode_partials(a, sets[0][0])
-  if a.device_time:
-    for name, fn in fns.items():
-      row = rows.setdefault(name, {})
-      row["device_us"] = device_us(fn, sets[0])
-      print(f"{name:14s} {row['device_us']:8.2f} us of kernels per call", flush=True)
-  else:
-    samples = common.time_interleaved(fns, sets, inner=10, trials=9)
-    for name, us in samples.items():
-      row = rows.setdefault(name, {})
-      row |= {"median_us": sorted(us)[len(us) // 2], "samples_us": us}
-      print(f"{name:14s} {row['median_us']:8.1f} us", flush=True)
+  _time_rows(fns, rows, sets, a.device_time)
   if a.out:
     shape = {"t": a.t, "f": a.f, "k": a.k, "num_valid": a.num_valid, "ctas": a.ctas}
     common.write_json(a.out, {"info": common.run_info(), "shape": shape, "rows": rows})
