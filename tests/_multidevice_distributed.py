@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import sys
 
-FLAGS = " --xla_force_host_platform_device_count=2"
-FLAGS += " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + FLAGS
+from _fast_compile import with_flags  # this script's folder, tests/, is on sys.path
+
+os.environ["XLA_FLAGS"] = with_flags(
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2", cpu_only=True
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the steps helper and the repo's configs/

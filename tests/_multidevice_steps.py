@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
-# Cheap XLA:CPU compiles (these tests compile ~15 tiny programs and run each once).
-FAST_COMPILE = " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
+from _fast_compile import with_flags  # this script's folder, tests/, is on sys.path
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + FAST_COMPILE
-  )
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = with_flags(flags, cpu_only=True)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json

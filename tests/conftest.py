@@ -1,8 +1,14 @@
-"""Shared test setup: fp32 matmuls on CPU, a GPU marker that skips cleanly, and each test
-module's compiled programs released after it."""
+"""Shared test setup: cheap XLA:CPU compiles (`_fast_compile`), fp32 matmuls on CPU, a GPU
+marker that skips cleanly, and each test module's compiled programs released after it."""
 
 import gc
 import os
+
+from _fast_compile import with_flags
+
+os.environ["XLA_FLAGS"] = with_flags(
+  os.environ.get("XLA_FLAGS"), cpu_only=os.environ.get("JAX_PLATFORMS") == "cpu"
+)  # read when jax starts XLA
 
 import jax
 import pytest
