@@ -51,6 +51,9 @@ def test_cache_decode_logits_match_forward(ffn, attn):
   """Prefill of right-padded prompts, then single steps (their attention through XLA or the
   one-kernel decode attention): logits equal the full forward's."""
   model = _model(ffn, seed=1, decode_attention=attn)
+  graphdef, state = nnx.split(model)  # jitted: one compile per shape, not one per op
+  decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode(t, p, c))
+  forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
   seqs = [[1, 5, 9, 13, 2, 7, 30, 31], [3, 4, 60, 8, 11, 12, 40, 41]]
   lengths, steps = [5, 3], 3
   prompt_len = max(lengths)
@@ -59,16 +62,16 @@ def test_cache_decode_logits_match_forward(ffn, attn):
     tokens[b, :n] = seqs[b][:n]
   cache = model.init_cache(2, prompt_len + steps)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
-  logits, cache = model.decode(jnp.asarray(tokens), positions, cache)
+  logits, cache = decode(state, jnp.asarray(tokens), positions, cache)
   got = [[logits[b, n - 1]] for b, n in enumerate(lengths)]
   for i in range(steps):
     pos = jnp.asarray([[n + i] for n in lengths])
     tok = jnp.asarray([[seqs[b][n + i]] for b, n in enumerate(lengths)])
-    step_logits, cache = model.decode(tok, pos, cache)
+    step_logits, cache = decode(state, tok, pos, cache)
     for b in range(2):
       got[b].append(step_logits[b, 0])
   for b, n in enumerate(lengths):
-    full = model(jnp.asarray([seqs[b][: n + steps]]))[0]
+    full = forward(state, jnp.asarray([seqs[b][: n + steps]]))[0]
     np.testing.assert_allclose(np.stack(got[b]), full[n - 1 : n + steps], atol=2e-5, rtol=2e-5)
 
 
