@@ -2,7 +2,11 @@
 
 Batch 1, a 128-token prompt, 128 new tokens (no EOS), bf16 weights and compute, one compiled
 generation call (prefill + `lax.while_loop`). Decode tokens/s = 128 / (time of the whole call
-- time of the prefill alone); medians over trials. Dense runs on both of its paths and the
+- time of the prefill alone); medians over trials. With `--interleave=R` every variant is
+compiled first (an executable of its own), then each is timed once per round for R rounds, and
+`over_<reference>_rounds` / `moc_over_dense_rounds` are medians of per-round ratios: drift of
+the machine's speed over the run (±5% between rows run one after another) cancels within a
+round. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
 config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
@@ -18,13 +22,14 @@ programmatic dependent launch on (off): a kernel may start before the one it fol
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
 speedup.
 
-  python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--out=benchmarks/results/decode_e2e.json]
+  python benchmarks/decode_e2e.py [--quick] [--d_ff=5464] [--interleave=R] [--only=a,b]
+      [--out=benchmarks/results/decode_e2e.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import json
 import os
 import statistics
@@ -36,6 +41,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,40 +60,51 @@ def _no_ffn_decode(self, x, warm=None):
   return jnp.zeros_like(x)
 
 
-def time_generate(m, prompt_len: int, new: int, trials: int, profile: bool, options=None) -> dict:
-  """Decode tokens/s of one compiled generation (XLA `options` for both of its programs)."""
-  tokens = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (1, prompt_len)).tolist()
-  graphdef, state = nnx.split(m)
+class Runner:
+  """One variant's generation and its prefill alone, each compiled once into an executable of
+  its own (so kernel configs patched in while compiling stay in it), timed call by call."""
 
-  @functools.partial(jax.jit, compiler_options=options)
-  def prefill(state, toks):
-    mm = nnx.merge(graphdef, state)
-    cache = mm.init_cache(1, prompt_len + new)
-    pos = jnp.arange(prompt_len)[None]
-    return mm.decode(toks, pos, cache)[0][:, -1]
+  def __init__(self, m, prompt_len: int, new: int, options=None):
+    tokens = np.random.default_rng(0).integers(3, m.cfg.vocab_size, (1, prompt_len)).tolist()
+    self.new = new
+    self.run = generate.compile_generation(m, tokens, new, eos_id=-1, compiler_options=options)
+    graphdef, state = nnx.split(m)
 
-  toks = jnp.asarray(tokens, jnp.int32)
-  run = lambda: generate.generate(m, tokens, new, eos_id=-1, compiler_options=options)
-  out = run()  # compile
-  assert len(out[0]) == new
-  jax.block_until_ready(prefill(state, toks))
-  total, pre = [], []
-  for _ in range(trials):
+    def prefill(state, toks):
+      mm = nnx.merge(graphdef, state)
+      cache = mm.init_cache(1, prompt_len + new)
+      pos = jnp.arange(prompt_len)[None]
+      return mm.decode(toks, pos, cache)[0][:, -1]
+
+    toks = jnp.asarray(tokens, jnp.int32)
+    compiled = jax.jit(prefill, compiler_options=options).lower(state, toks).compile()
+    self.prefill = lambda: compiled(state, toks)
+    self.tokens = self.run()[0]
+    assert len(self.tokens) == new
+    jax.block_until_ready(self.prefill())
+    self.total: list[float] = []
+    self.pre: list[float] = []
+
+  def time_once(self) -> float:
+    """One generation and one prefill; returns this trial's decode tokens/s."""
     t0 = time.perf_counter()
-    run()
-    total.append(time.perf_counter() - t0)
+    self.run()
+    self.total.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    jax.block_until_ready(prefill(state, toks))
-    pre.append(time.perf_counter() - t0)
-  t_total, t_pre = statistics.median(total), statistics.median(pre)
-  return {
-    **({"profile_per_token": _profile(run, new)} if profile else {}),
-    "total_s": t_total,
-    "prefill_s": t_pre,
-    "decode_tokens_per_s": new / max(t_total - t_pre, 1e-9),
-    "tokens_per_s_incl_prefill": new / t_total,
-    "tokens": out[0][:16],
-  }
+    jax.block_until_ready(self.prefill())
+    self.pre.append(time.perf_counter() - t0)
+    return self.new / max(self.total[-1] - self.pre[-1], 1e-9)
+
+  def row(self, profile: bool) -> dict:
+    t_total, t_pre = statistics.median(self.total), statistics.median(self.pre)
+    return {
+      **({"profile_per_token": _profile(self.run, self.new)} if profile else {}),
+      "total_s": t_total,
+      "prefill_s": t_pre,
+      "decode_tokens_per_s": self.new / max(t_total - t_pre, 1e-9),
+      "tokens_per_s_incl_prefill": self.new / t_total,
+      "tokens": self.tokens[:16],
+    }
 
 
 def _profile(run, new: int) -> dict:
@@ -110,6 +127,21 @@ def main() -> None:
   p.add_argument("--trials", type=int, default=5)
   p.add_argument("--out", default="benchmarks/results/decode_e2e.json")
   p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+  p.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
+  p.add_argument(
+    "--interleave",
+    type=int,
+    default=0,
+    help="R > 0: build every variant first, then time them in R rounds, one call each per "
+    "round (ratios within a round); 0: one variant after another, --trials calls each",
+  )
+  p.add_argument(
+    "--build_budget_s",
+    type=float,
+    default=float("inf"),
+    help="--interleave: build no more variants (in the order listed) after this many seconds",
+  )
+  p.add_argument("--reference", default="dense_kernel", help="the row per-round ratios divide by")
   p.add_argument(
     "--warm_mb", default="", help="comma-separated MB[:PROGRAMS]: a moc_kernel_warm row each"
   )
@@ -119,7 +151,8 @@ def main() -> None:
   a = p.parse_args()
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   warm = [v.replace(":", "p") for v in a.warm_mb.split(",") if v]
-  base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=32000)
+  vocab = 512 if a.quick else 32000  # quick: CPU wiring checks, kernels in interpret mode
+  base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=vocab)
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
@@ -141,7 +174,11 @@ def main() -> None:
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
   }
-  swaps = {"no_ffn": _no_ffn_decode}
+  skip = set(a.skip.split(","))
+  only = set(a.only.split(",")) if a.only else set(variants)
+  if only - set(variants):
+    p.error(f"unknown variants {sorted(only - set(variants))}; known: {', '.join(variants)}")
+  variants = {n: kw for n, kw in variants.items() if n in only and n not in skip}
   result = {
     **run_info(),
     "preset": preset,
@@ -149,42 +186,75 @@ def main() -> None:
     "new_tokens": new,
     "batch": 1,
     "method": __doc__.split("\n\n")[1],
+    "interleave": a.interleave,
     "rows": {},
   }
-  original = model.FeedForward.decode
-  original_cfg = moc_decode.moc_config
-  for name, kw in variants.items():
-    if name in a.skip.split(","):
-      continue
-    cfg = model_config.from_preset(preset, **base, **kw)
-    m = model.Transformer(cfg, nnx.Rngs(0))
-    m.prepare_for_decode()
-    # generate's jit is keyed by the graphdef, the same for dense_kernel / no_ffn and for
-    # moc_kernel / moc_kernel_mask: without this a variant could rerun the previous executable
-    jax.clear_caches()
-    model.FeedForward.decode = swaps.get(name, original)
-    if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
-      moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
-    if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
-      cold = name.endswith("_cold")  # without its L2 prefetch
-      moc_decode.moc_config = lambda *a, c=cold: _with_mosaic_select(original_cfg(*a), c)
-    if name.startswith("moc_kernel_warm"):
-      mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
-      knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
-      moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
+  models: dict[tuple, model.Transformer] = {}  # variants of one model config share it
+
+  def build(name: str, kw: dict) -> Runner:
+    key = tuple(sorted(kw.items()))
+    if key not in models:
+      models[key] = model.Transformer(model_config.from_preset(preset, **base, **kw), nnx.Rngs(0))
+      models[key].prepare_for_decode()
     options = compile_options.pdl(name.endswith("_pdl")) if "pdl" in name else None
-    try:
-      row = time_generate(m, prompt_len, new, a.trials, a.profile, options)
-    except Exception as e:
-      row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    finally:
-      model.FeedForward.decode = original
-      moc_decode.moc_config = original_cfg
+    with _patched(name):
+      return Runner(models[key], prompt_len, new, options)
+
+  def record(name: str, row: dict) -> None:
+    cfg = models[tuple(sorted(variants[name].items()))].cfg
     row.update(d_model=cfg.d_model, d_ff=cfg.d_ff, k=cfg.k, layers=cfg.num_layers)
     result["rows"][name] = row
     print(name, json.dumps(row), flush=True)
-    del m
-    _summarise(result, a.out)
+    _summarise(result, a.out, a.reference)
+
+  if not a.interleave:  # one variant at a time: build, time, drop
+    for name, kw in variants.items():
+      try:
+        runner = build(name, kw)
+        for _ in range(a.trials):
+          runner.time_once()
+        row = runner.row(a.profile)
+      except Exception as e:
+        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      record(name, row)
+      models.clear()
+    return
+  runners, rounds = {}, []  # every variant built first, then timed in turns
+  t0 = time.perf_counter()
+  for name, kw in variants.items():
+    if runners and time.perf_counter() - t0 > a.build_budget_s:  # keep time for the timing
+      result["not_built"] = list(variants)[list(variants).index(name) :]
+      print(f"build budget spent, not built: {', '.join(result['not_built'])}", flush=True)
+      break
+    try:
+      runners[name] = build(name, kw)
+    except Exception as e:
+      record(name, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+  for _ in range(a.interleave):
+    rounds.append({name: r.time_once() for name, r in runners.items()})
+  for name, runner in runners.items():
+    record(name, {**runner.row(a.profile), "rounds_tokens_per_s": [x[name] for x in rounds]})
+
+
+@contextlib.contextmanager
+def _patched(name: str):
+  """The model and kernel configs variant `name` compiles with (see the module docstring)."""
+  original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
+  if name == "no_ffn":
+    model.FeedForward.decode = _no_ffn_decode
+  if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
+    moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
+  if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
+    cold = name.endswith("_cold")  # without its L2 prefetch
+    moc_decode.moc_config = lambda *a, c=cold: _with_mosaic_select(original_cfg(*a), c)
+  if name.startswith("moc_kernel_warm"):
+    mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
+    knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
+    moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
+  try:
+    yield
+  finally:
+    model.FeedForward.decode, moc_decode.moc_config = original, original_cfg
 
 
 def _with_mosaic_select(cfg, cold: bool = False):
@@ -196,22 +266,35 @@ def _with_mosaic_select(cfg, cold: bool = False):
   return replace(mosaic, warm_bytes=0) if cold else mosaic
 
 
-def _summarise(result: dict, out: str) -> None:
+def _summarise(result: dict, out: str, reference: str) -> None:
+  """The best MoC row over the best dense row by median tokens/s; with interleaved rounds also
+  each row's median per-round ratio to `reference` and the median of the rounds' best-over-best
+  (each round times every variant once, so slow drift of the machine cancels in a round)."""
   rows = result["rows"]
-  best = lambda names: max(
-    (rows[n]["decode_tokens_per_s"] for n in names if "decode_tokens_per_s" in rows.get(n, {})),
-    default=0,
-  )
-  dense = best([n for n in rows if n.startswith("dense_")])
-  moc = best([n for n in rows if n.startswith("moc_")])
+  ok = [n for n in rows if "decode_tokens_per_s" in rows[n]]
+  best = lambda names: max((rows[n]["decode_tokens_per_s"] for n in names), default=0)
+  dense = best([n for n in ok if n.startswith("dense_")])
+  moc = best([n for n in ok if n.startswith("moc_")])
   result["moc_over_dense"] = moc / dense if dense and moc else None  # None until both ran
+  rounds = {n: rows[n]["rounds_tokens_per_s"] for n in ok if "rounds_tokens_per_s" in rows[n]}
+  for n, tps in rounds.items():
+    rows[n][f"over_{reference}_rounds"] = common.paired_ratio(tps, rounds.get(reference))
+  result["moc_over_dense_rounds"] = common.paired_ratio(
+    _best_per_round(rounds, "moc_"), _best_per_round(rounds, "dense_")
+  )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as fh:
     json.dump(result, fh, indent=1)
   print(
     f"\ndecode tokens/s: dense best {dense:.1f}, MoC best {moc:.1f}, "
-    f"ratio {result['moc_over_dense']}"
+    f"ratio {result['moc_over_dense']} (median of rounds: {result['moc_over_dense_rounds']})"
   )
+
+
+def _best_per_round(rounds: dict[str, list[float]], prefix: str) -> list[float]:
+  """Per round, the highest tokens/s among the rows named prefix*; [] if there are none."""
+  mine = [tps for name, tps in rounds.items() if name.startswith(prefix)]
+  return [max(r) for r in zip(*mine, strict=True)]
 
 
 if __name__ == "__main__":

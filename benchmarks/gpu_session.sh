@@ -13,8 +13,9 @@
 #           sweep at the 1b decode shapes (T = 1; GEMV_SHAPES overrides)
 #   ffn     GPU tests of the decode kernels (list, linear), then decode_ffn: the main rows at T = 1
 #           at all shapes, the select's knobs on the MoC default, then T = 4
-#   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile
-#           (E2E_SKIP: the decode_e2e variants to leave out, default moc_xla,moc_kernel_mask)
+#   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile,
+#           the variants timed in interleaved rounds (E2E_ROUNDS, default 5; E2E_SKIP: the
+#           decode_e2e variants to leave out, default moc_xla,moc_kernel_mask)
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   flags   the same step under each XLA_FLAGS set in $FLAG_SETS ('|'-separated, default one
 #           blank set) and each train.compiler_options value in $OPTION_SETS (default
@@ -141,10 +142,12 @@ ffn() {  # FFN_PHASES, FFN_TESTS (a pytest -k expression) override the defaults
 d.print_table(json.load(open('$work/decode_ffn.json')))"
 }
 
-e2e() {  # e2e [OUT_NAME]: the decode_e2e rows, with a device profile (also used by graphs)
-  local skip=${E2E_SKIP:-moc_xla,moc_kernel_mask}
-  local args=(--d_ff=5464 --trials 3 --profile --skip "$skip")
-  [ -n "${DRY:-}" ] && args=(--quick --trials 1 --profile --skip "$skip")
+e2e() {  # e2e LIMIT [OUT_NAME]: the decode_e2e rows, each with a device profile (graphs too)
+  # every variant compiled first (for at most 60% of the limit), then timed in E2E_ROUNDS rounds
+  local skip=${E2E_SKIP:-moc_xla,moc_kernel_mask} budget=$(( ${1:-300} * 6 / 10 ))
+  local args=(--d_ff=5464 --interleave "${E2E_ROUNDS:-5}" --build_budget_s "$budget")
+  args+=(--profile --skip "$skip")
+  [ -n "${DRY:-}" ] && args=(--quick --interleave 2 --profile --skip "$skip")
   python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/${2:-decode_e2e}.json"
 }
 
@@ -213,8 +216,8 @@ attn() {
 graphs() {
   local graph_flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
   graph_flags+=",DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
-  e2e "$1" decode_e2e_default
-  XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$1" decode_e2e_graphs
+  e2e "$(( $1 / 2 ))" decode_e2e_default
+  XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$(( $1 / 2 ))" decode_e2e_graphs
 }
 
 mgpu() {  # the Mosaic GPU radix select probe at 5632 and the 1B layer's words, CTA counts;

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -108,10 +108,13 @@ def _generate(
   return out_BxN, i
 
 
+_STATIC = (0, 4, 5, 6, 7)  # `_generate`'s static arguments
+
+
 @functools.cache
 def _compiled(options: tuple[tuple[str, Any], ...]):
   """`_generate` jitted with these XLA options: one jit (and executable cache) per option set."""
-  return jax.jit(_generate, static_argnums=(0, 4, 5, 6, 7), compiler_options=dict(options) or None)
+  return jax.jit(_generate, static_argnums=_STATIC, compiler_options=dict(options) or None)
 
 
 def generate(
@@ -128,17 +131,55 @@ def generate(
   """New tokens per prompt (EOS excluded, stops at EOS), from one compiled call.
 
   `compiler_options` go to XLA for this call's program alone (as `train.compiler_options`)."""
+  if max_new_tokens <= 0:
+    _check_prompts(prompts)
+    return [[] for _ in prompts]
+  args = _call_args(model, prompts, max_new_tokens, sampling, eos_id, pad_id, seed)
+  out, _ = _compiled(_options_key(compiler_options))(*args)
+  return _answers(out, eos_id)
+
+
+def compile_generation(
+  model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs
+) -> Callable[[], list[list[int]]]:
+  """`generate(model, prompts, max_new_tokens, **kwargs)` traced and compiled now into an
+  executable of its own: calling the result runs it again. Benchmarks hold several (models of one
+  structure under different kernel configs, which `generate`'s cache would not tell apart) and
+  time them in turns."""
+  if max_new_tokens <= 0:
+    raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  options = _options_key(kwargs.pop("compiler_options", None))
+  args = _call_args(model, prompts, max_new_tokens, **kwargs)
+  fresh = lambda *a: _generate(*a)  # a new function: traced anew, never from jit's cache
+  jitted = jax.jit(fresh, static_argnums=_STATIC, compiler_options=dict(options) or None)
+  compiled = jitted.lower(*args).compile()
+  dynamic = [a for i, a in enumerate(args) if i not in _STATIC]  # what `compiled` takes
+  eos_id = args[6]  # `_generate`'s eos_id
+  return lambda: _answers(compiled(*dynamic)[0], eos_id)
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
   if not prompts or min(len(p) for p in prompts) == 0:
     raise ValueError("every prompt needs at least one token (start it with BOS)")
-  if max_new_tokens <= 0:
-    return [[] for _ in prompts]
+
+
+def _options_key(compiler_options: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+  return tuple(sorted((compiler_options or {}).items()))
+
+
+def _call_args(
+  model, prompts, max_new_tokens, sampling=Sampling(), eos_id=-1, pad_id=0, seed=0
+) -> tuple:
+  """`_generate`'s arguments: the prompts right-padded into one batch."""
+  _check_prompts(prompts)
   prompt_len = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
   for b, p in enumerate(prompts):
     tokens[b, : len(p)] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
   graphdef, state = nnx.split(model)
-  out, _ = _compiled(tuple(sorted((compiler_options or {}).items())))(
+  key = jax.random.key(seed)
+  return (
     graphdef,
     state,
     jnp.asarray(tokens),
@@ -147,10 +188,14 @@ def generate(
     sampling,
     eos_id,
     pad_id,
-    jax.random.key(seed),
+    key,
   )
+
+
+def _answers(out_BxN: jax.Array, eos_id: int) -> list[list[int]]:
+  """Each row's new tokens up to (not including) its first EOS."""
   result = []
-  for row in np.asarray(out).tolist():
+  for row in np.asarray(out_BxN).tolist():
     result.append(row[: row.index(eos_id)] if eos_id in row else row)
   return result
 

@@ -115,3 +115,29 @@ def test_decode_attention_bench_runs_both_paths(tmp_path, monkeypatch):
   rows = json.loads(out.read_text())["rows"]
   assert {r["method"] for r in rows} == {"xla", "kernel"} and len(rows) == 8
   assert all("error" not in r and r["time_s"] > 0 and r["rel_err_vs_xla"] < 2e-2 for r in rows)
+
+
+def test_decode_e2e_interleaved_rounds_give_paired_ratios(tmp_path, monkeypatch):
+  """decode_e2e --quick --interleave: every variant compiled first, then one call each per
+  round; per-row ratios to the reference and best MoC over best dense, paired round by round."""
+  import json
+  import sys
+
+  from benchmarks import common, decode_e2e
+
+  out = tmp_path / "e2e.json"
+  argv = ["x", "--quick", "--only=dense_kernel,moc_kernel", "--interleave=2", f"--out={out}"]
+  monkeypatch.setattr(sys, "argv", argv)
+  decode_e2e.main()
+  result = json.loads(out.read_text())
+  rows = result["rows"]
+  assert set(rows) == {"dense_kernel", "moc_kernel"} and result["interleave"] == 2
+  dense, moc = (rows[n]["rounds_tokens_per_s"] for n in ("dense_kernel", "moc_kernel"))
+  assert len(dense) == len(moc) == 2 and min(dense + moc) > 0
+  assert rows["dense_kernel"]["over_dense_kernel_rounds"] == 1.0
+  assert rows["moc_kernel"]["over_dense_kernel_rounds"] == common.paired_ratio(moc, dense)
+  assert result["moc_over_dense_rounds"] == common.paired_ratio(moc, dense)
+  assert all(len(r["tokens"]) == result["new_tokens"] for r in rows.values())
+  monkeypatch.setattr(sys, "argv", ["x", "--quick", "--only=dense_kernel,nope"])
+  with pytest.raises(SystemExit):
+    decode_e2e.main()

@@ -141,6 +141,26 @@ def test_eos_stops_and_sampling_is_seeded():
   assert generate.generate(model, prompts, 5, sampling=narrow, seed=4) == greedy
 
 
+def test_compiled_generation_repeats_generate_on_an_executable_of_its_own(monkeypatch):
+  """compile_generation = generate (the EOS cut too); it traces anew, and what it traced stays:
+  a model patched while it compiled keeps the patch after it is undone (benchmarks rely on it)."""
+  from moc_jax.model import FeedForward
+
+  model = generate.with_backend(_model(), "xla")
+  prompts = [[1, 2, 3], [4]]
+  greedy = generate.generate(model, prompts, 5)
+  eos = greedy[1][2]
+  run = generate.compile_generation(model, prompts, 5, eos_id=eos)
+  assert run() == run() == generate.generate(model, prompts, 5, eos_id=eos)
+  monkeypatch.setattr(FeedForward, "decode", lambda self, x, warm=None: 50 * x)  # loud FFNs
+  loud = generate.compile_generation(model, prompts, 5)
+  monkeypatch.undo()
+  assert loud() != greedy and loud() == loud()
+  assert generate.compile_generation(model, prompts, 5)() == greedy
+  with pytest.raises(ValueError, match="positive"):
+    generate.compile_generation(model, prompts, 0)
+
+
 def test_top_p_keeps_the_smallest_set_with_enough_mass():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   s = generate.Sampling(temperature=1.0, top_p=0.7)
