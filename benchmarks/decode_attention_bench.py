@@ -14,6 +14,7 @@ them at 4096 slots), divided by R·C·STEPS (`decode_timing`). `full` rows end a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,11 +39,18 @@ def xla_step(q, k_new, v_new, k, v, pos):
   return o[:, 0], k, v
 
 
-def kernel_step(q, k_new, v_new, k, v, pos):
-  return decode_attention.attend(q, k, v, pos, (k_new, v_new))
+def kernel_step(q, k_new, v_new, k, v, pos, chunk=None):
+  return decode_attention.attend(q, k, v, pos, (k_new, v_new), chunk=chunk)
+
+
+def methods(slots: int) -> dict:
+  """xla, the kernel at its default chunk, and the kernel at each fixed chunk below slots."""
+  fixed = {f"kernel_c{c}": functools.partial(kernel_step, chunk=c) for c in CHUNKS if c < slots}
+  return {"xla": xla_step, "kernel": kernel_step, **fixed}
 
 
 STEPS = 16
+CHUNKS = (128, 256, 512)  # slots per program, also timed as rows of their own
 
 
 def steps_of(step):
@@ -88,7 +96,7 @@ def main() -> None:
         xs.append(q)
         sets.append((k_new, v_new, k, v, pos))
       want = jax.jit(steps_of(xla_step))(xs[0], *sets[0])
-      for name, step in (("xla", xla_step), ("kernel", kernel_step)):
+      for name, step in methods(slots).items():
         row = {"slots": slots, "first_pos": int(pos[0]), "steps": STEPS, "method": name}
         try:
           run = steps_of(step)

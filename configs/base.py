@@ -25,8 +25,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights
   c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
   c.model.kernel_backend = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
-  # generation's one-token steps: xla | pallas (one kernel over the filled cache slots only)
-  c.model.decode_attention = "xla"
+  # generation's one-token steps: auto (pallas with the Pallas kernel backend, i.e. on GPU) |
+  # xla | pallas (one kernel over the filled cache slots only)
+  c.model.decode_attention = "auto"
   c.model.remat = "none"  # none | ffn | full: rematerialisation policy
   c.model.pad_to = config_dict.placeholder(int)  # pad F inside the op (None: 128 on GPU)
   c.model.document_mask = True  # packed rows attend only within their own document

@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument(
     "--decode_attention",
     default=None,
-    help="xla | pallas (one kernel over the filled cache slots); default: the run's config",
+    help="auto | xla | pallas (one kernel over the filled cache slots; auto: pallas where the "
+    "kernel backend is, i.e. on GPU); default: the run's config",
   )
   p.add_argument(
     "--compiler_options",

@@ -139,7 +139,8 @@ class Attention(nnx.Module):
     """Write k/v at `positions` into the cache and attend to every slot at or before them."""
     prepared = self.decode_weights is not None
     q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
-    if self.cfg.decode_attention == "pallas" and q.shape[1] == 1:  # write + attend: one kernel
+    one_kernel = self.cfg.decode_attention_impl() == "pallas"  # write + attend in one kernel
+    if one_kernel and q.shape[1] == 1:
       o, k_cache, v_cache = decode_attention.attend(
         q[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], (k[:, 0], v[:, 0])
       )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moc_jax import moc
+from pallas_kernels import backends
 
 # name: (d_model, d_ff, num_layers, num_heads, k). vocab 32000 is the paper's T5 tokenizer;
 # the trainer overrides vocab_size with the tokenizer's own.
@@ -22,7 +23,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 REMAT_POLICIES = ("none", "ffn", "full")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_BACKENDS = ("auto", "xla", "pallas")
-DECODE_ATTENTION = ("xla", "pallas")
+DECODE_ATTENTION = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,9 +53,10 @@ class ModelConfig:
   norm_eps: float = 1e-6
   attention: str = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
   kernel_backend: str = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
-  # decode steps of one token per row: xla (dot_product_attention over every cache slot) |
-  # pallas (`pallas_kernels.decode_attention`: one kernel, only the filled slots)
-  decode_attention: str = "xla"
+  # decode steps of one token per row: auto (pallas where the kernel backend resolves to
+  # pallas, i.e. on GPU) | xla (dot_product_attention over every cache slot) | pallas
+  # (`pallas_kernels.decode_attention`: one kernel, only the filled slots)
+  decode_attention: str = "auto"
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -70,6 +72,14 @@ class ModelConfig:
     if self.attention == "auto":
       return "cudnn" if jax.default_backend() == "gpu" else "xla"
     return self.attention
+
+  def decode_attention_impl(self) -> str:
+    """'auto': the one-kernel attention wherever the MoC kernels run as Pallas. On the H200
+    (1b, batch 1, 128 + 128 tokens, decode_e2e_h200_20261205.json, 5 interleaved rounds) it
+    decoded 4.5% faster than XLA's attention for dense and 3.1% for MoC."""
+    if self.decode_attention == "auto":
+      return backends.resolve(self.kernel_backend)
+    return self.decode_attention
 
   def validate(self) -> ModelConfig:
     """Raise ConfigError naming the first bad value."""

@@ -39,7 +39,7 @@ def build_model_config(
     param_dtype=model_cfg.param_dtype,
     attention=model_cfg.attention,
     kernel_backend=model_cfg.kernel_backend,
-    decode_attention=model_cfg.get("decode_attention", "xla"),  # absent from older runs
+    decode_attention=model_cfg.get("decode_attention", "auto"),  # absent from older runs
     remat=model_cfg.remat,
     pad_to=model_cfg.pad_to,
   )

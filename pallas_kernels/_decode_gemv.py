@@ -127,13 +127,15 @@ def _gemv_kernel(
 SMEM_BUDGET_BYTES = 200 * 1024
 
 
-def fit_block_d(cfg: DecodeConfig, d_model: int, block_f: int, bytes_per_element: int) -> int:
+def fit_block_d(
+  cfg: DecodeConfig, d_model: int, block_f: int, bytes_per_element: int, x_row_bytes: int = 0
+) -> int:
   """The config's D step (at most D rounded up to a power of 2), halved while `gemv_stages`
-  weight tiles of `bytes_per_element` (summed over the weights) exceed SMEM_BUDGET_BYTES."""
+  weight tiles of `bytes_per_element` (summed over the weights), plus `x_row_bytes` of input per
+  D row, exceed SMEM_BUDGET_BYTES."""
   block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
-  while (
-    block_d > 16 and cfg.gemv_stages * block_d * block_f * bytes_per_element > SMEM_BUDGET_BYTES
-  ):
+  row_bytes = block_f * bytes_per_element + x_row_bytes
+  while block_d > 16 and cfg.gemv_stages * block_d * row_bytes > SMEM_BUDGET_BYTES:
     block_d //= 2
   return block_d
 
@@ -175,8 +177,18 @@ def swiglu_down(
   (`load_swiglu`); cfg: the down GEMV's (its splits' partials summed as `split_k_linear`'s)."""
   splits, _, num_tokens, _ = partials_SxWxTxF.shape
   load = functools.partial(load_swiglu, splits=splits, dtype=jnp.dtype(dtype))
+  # per channel row, the gate and up partials of every split and token row, fp32: staged in
+  # shared memory beside the Wd tile (the H200 refused 256 KB for 4 splits at T = 1 otherwise)
+  x_row_bytes = splits * 2 * padded_rows(num_tokens, cfg) * 4
   call = functools.partial(
-    _gemv_call, partials_SxWxTxF, (w_down_FxD,), cfg, (num_tokens, d_ff), jnp.dtype(dtype), load
+    _gemv_call,
+    partials_SxWxTxF,
+    (w_down_FxD,),
+    cfg,
+    (num_tokens, d_ff),
+    jnp.dtype(dtype),
+    load,
+    x_row_bytes=x_row_bytes,
   )
   if cfg.gemv_splits == 1:
     return call(swiglu=False, interpret=interpret, out_dtype=dtype)
@@ -184,10 +196,20 @@ def swiglu_down(
 
 
 def _gemv_call(
-  x, ws_DxF, cfg: DecodeConfig, x_shape, x_dtype, load, *, swiglu, interpret, out_dtype
+  x,
+  ws_DxF,
+  cfg: DecodeConfig,
+  x_shape,
+  x_dtype,
+  load,
+  *,
+  swiglu,
+  interpret,
+  out_dtype,
+  x_row_bytes: int = 0,
 ) -> jax.Array:
   """`gemv`'s kernel over an input of logical shape x_shape (T, D) and dtype x_dtype, which
-  `load` reads from x (x itself, or the partials `load_swiglu` sums)."""
+  `load` reads from x (x itself, or the partials `load_swiglu` sums: x_row_bytes per D row)."""
   num_tokens, d_model = x_shape
   d_ff = ws_DxF[0].shape[1]
   splits = 1 if swiglu else cfg.gemv_splits
@@ -195,7 +217,8 @@ def _gemv_call(
   if final and (swiglu or splits != 1 or len(ws_DxF) != 1):
     raise ValueError("gemv: out_dtype needs one weight, one D split and no swiglu")
   block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
-  block_d = fit_block_d(cfg, d_model, block_f, len(ws_DxF) * ws_DxF[0].dtype.itemsize)
+  weight_bytes = len(ws_DxF) * ws_DxF[0].dtype.itemsize
+  block_d = fit_block_d(cfg, d_model, block_f, weight_bytes, x_row_bytes)
   d_split = _cdiv(d_model, splits)
   rows = padded_rows(num_tokens, cfg)
   if swiglu or final:
