@@ -268,8 +268,8 @@ def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, A
 @contextlib.contextmanager
 def forward_selection(selection: str | None = None, **knobs):
   """While tracing inside it, MoC's train forward finds its selection with this kernel
-  (`TopKConfig.selection`, e.g. 'mgpu') and these other TopKConfig knobs (e.g.
-  mgpu_prefetch=True); None changes nothing. Wrap a jitted call in it: the first call traces
+  (`TopKConfig.selection`, e.g. 'mgpu') and these other TopKConfig knobs (e.g. chunk=1024);
+  None changes nothing. Wrap a jitted call in it: the first call traces
   and compiles under it, later calls reuse that program."""
   from pallas_kernels import moc_train
 

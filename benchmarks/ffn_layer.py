@@ -45,13 +45,6 @@ METHODS = {
   # the forward's selection by the Triton kernel (the default's 'auto' takes the Mosaic GPU
   # radix select on Hopper: ffn_layer_h200_20261204e.json)
   "moc_pallas_triton": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "triton"},
-  # the Mosaic GPU select loading each CTA's next row one row ahead (TopKConfig.mgpu_prefetch)
-  "moc_pallas_prefetch": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "mgpu_prefetch": True,
-  },
   "moc_pallas_gcp_triton": {
     "variant": "moc",
     "gcp": True,
@@ -76,7 +69,7 @@ def _params(d: int, f: int, seed: int):
 def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
   method = dict(method)
-  knobs = {n: method.pop(n, None) for n in ("selection", "mgpu_prefetch")}
+  knobs = {"selection": method.pop("selection", None)}
 
   def fwd(x, wg, wu, wd, dy):
     del dy

@@ -85,18 +85,15 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-# the kernel's opt-in forms, each timed beside the default
-FORMS = {
-  "lean": {"lean": True},
-  "prefetch": {"prefetch": True},
-  "lean_prefetch": {"lean": True, "prefetch": True},
-}
+# the kernel's opt-in forms, each timed beside the default (a row prefetch form lost by
+# 17-22% on the H200 and was removed after 9f0621c)
+FORMS = {"lean": {"lean": True}}
 
 
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
   'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first;
-  '_lean' / '_prefetch' / '_lean_prefetch' rows: the kernel's opt-in forms (FORMS)."""
+  '_lean' rows: the kernel's opt-in form (FORMS)."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -247,11 +244,6 @@ def main(argv: list[str] | None = None) -> None:
   fns["xla_read_max"] = jax.jit(lambda g: jnp.max(g, axis=1))
   if a.num_valid is None:  # `select`'s default (Mosaic words + gathered compaction), and Triton's
     fns["default_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))
-    ahead = dataclasses.replace(topk.default_config(a.f), mgpu_prefetch=True)
-    fn = jax.jit(lambda g: topk.select(g, a.k, "moc", config=ahead))
-    inputs = [sets[0][0], ties]
-    want = [fns["default_topk"](g) for g in inputs]
-    _admit(fns, rows, "default_topk_prefetch", fn, want, inputs, "exact_vs_default")
     triton = dataclasses.replace(topk.default_config(a.f), selection="triton")
     fns["triton_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc", config=triton))
   if a.t <= 16:  # the decode list pipeline's own selection (T <= 4), on G already in bf16

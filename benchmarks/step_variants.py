@@ -50,9 +50,6 @@ VARIANTS.update(RECAST)
 # select on Hopper; `TopKConfig.selection`).
 TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
 VARIANTS.update(TRITON)
-# The Mosaic GPU select loading each CTA's next row one row ahead (`TopKConfig.mgpu_prefetch`).
-PREFETCH = {"moc_prefetch": dict(ffn="moc"), "moc_gcp_prefetch": dict(ffn="moc", gcp=True)}
-VARIANTS.update(PREFETCH)
 # The step compiled with XLA's programmatic dependent launch on / off, whatever the run's other
 # options: variant -> the XLA options it adds (`compiler_options`).
 PDL = {
@@ -110,10 +107,7 @@ class _UnderSelection:
 
 
 def wrap_step(variant: str, step):
-  """The step under the variant's own selection kernel (TRITON) or knobs (PREFETCH), else as
-  it is."""
+  """The step under the variant's own selection kernel (TRITON), else as it is."""
   if variant in TRITON:
     return _UnderSelection(step, selection="triton")
-  if variant in PREFETCH:
-    return _UnderSelection(step, mgpu_prefetch=True)
   return step

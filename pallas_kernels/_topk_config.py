@@ -71,9 +71,6 @@ class TopKConfig:
   # 405 vs 390 us). 'auto' (the shipped defaults' choice): the Mosaic bitmask where it can run
   # (`mgpu_select.usable`: a compiled Hopper-or-newer GPU), else 'triton'.
   selection: str = "triton"
-  # The Mosaic GPU select loads each CTA's next row before it selects in the current one
-  # (`mgpu_select.kernel`'s `prefetch`): off until a GPU run times it.
-  mgpu_prefetch: bool = False
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):

@@ -58,7 +58,6 @@ def kernel(
   splits: int = 0,
   round_dtype=jnp.bfloat16,
   warm_bytes: int = 0,
-  prefetch: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
@@ -69,9 +68,8 @@ def kernel(
   partials of G (a decode gate GEMV's), row r's G their sum in split order rounded to
   round_dtype as the row loads. warm_bytes > 0: a second input, any GMEM buffer, whose first
   warm_bytes (a multiple of 16) CTA 0 asks L2 to hold (`_mgpu_ptx.prefetch_l2`) as it starts;
-  nothing waits for it, and interpret mode skips it. prefetch: each CTA loads its next row
-  before it selects in the current one, so the load's latency hides behind that work (twice
-  the registers for keys; opt-in until a GPU run times it)."""
+  nothing waits for it, and interpret mode skips it. (Loading each CTA's next row before
+  selecting in the current one, removed after 9f0621c, cost 17-22% on the H200.)"""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -150,23 +148,20 @@ def kernel(
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
-    def row(i, g_row):
+    def row(i, carry):
       r = pid + i * ctas
-      g_next = g_row
-      if prefetch:  # this CTA's next row (past the last: the last row again, unused)
-        g_next = load_g(g_ref, jnp.minimum(r + ctas, t - 1))
-      this_row = lambda: one_row(r, g_row if prefetch else load_g(g_ref, r))
+      this_row = lambda: one_row(r, load_g(g_ref, r))
       if t % ctas:  # the last round has rows for only some CTAs
         pl.when(r < t)(this_row)
       else:
         this_row()
-      return g_next
+      return carry
 
     if warm_bytes and not interpret:
       pl.when(pid == 0)(lambda: ptx.prefetch_l2(warm_bytes)(warm_ref))
     if lean:
       clear_histograms()
-    lax.fori_loop(0, pl.cdiv(t, ctas), row, load_g(g_ref, pid) if prefetch else 0)
+    lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
     ops.wait()
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
@@ -244,14 +239,13 @@ def words(
   interpret: bool | None = None,
   ctas: int | None = None,
   lean: bool = False,
-  prefetch: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(interpret=interpret, lean=lean, prefetch=prefetch)
+  kw = dict(interpret=interpret, lean=lean)
   return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
@@ -262,13 +256,12 @@ def select(
   interpret: bool | None = None,
   ctas: int | None = None,
   lean: bool = False,
-  prefetch: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  kw = dict(compact=True, interpret=interpret, lean=lean, prefetch=prefetch)
+  kw = dict(compact=True, interpret=interpret, lean=lean)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)

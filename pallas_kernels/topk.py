@@ -351,7 +351,7 @@ def select(
   if variant == "moc" and cfg.selection == "mgpu" and not cfg.compact:  # all Mosaic GPU
     from pallas_kernels import mgpu_select
 
-    idx, val = mgpu_select.select(g2, k, interpret=interpret, prefetch=cfg.mgpu_prefetch)
+    idx, val = mgpu_select.select(g2, k, interpret=interpret)
     return idx.reshape(*lead, k), val.reshape(*lead, k)
   if cfg.compact:  # two kernels: bitmask, then compaction
     from pallas_kernels import topk_compact

@@ -75,11 +75,11 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-@pytest.mark.parametrize("form", [{}, {"lean": True}, {"prefetch": True}])
+@pytest.mark.parametrize("form", [{}, {"lean": True}])
 def test_select_kernel_in_interpret_mode(f, k, num_valid, form):
   """The kernel's own dataflow (histograms, scans, thresholds, tie cut, slots, the row loop;
-  `lean`: the histograms cleared as they are read; `prefetch`: each row loaded one row
-  ahead) on random rows, tie-heavy rows, an all-equal row and a -0.0 row."""
+  `lean`: the histograms cleared as they are read) on random rows, tie-heavy rows, an
+  all-equal row and a -0.0 row."""
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -113,40 +113,32 @@ def test_topk_select_through_mosaic_matches_reference():
 
   seed = time.time_ns() % (2**31)
   g = jax.random.normal(jax.random.key(seed), (3, 640)).astype(jnp.bfloat16)
-  for compact, ahead in ((False, False), (True, False), (False, True), (True, True)):
-    cfg = topk.TopKConfig(
-      selection="mgpu", compact=compact, apply_mode="gather", mgpu_prefetch=ahead
-    )
+  for compact in (False, True):
+    cfg = topk.TopKConfig(selection="mgpu", compact=compact, apply_mode="gather")
     idx, val = topk.select(g, 64, "moc", config=cfg)
     _assert_reference_topk(idx, val, g, 64, seed)
 
 
 def test_train_forward_with_mosaic_words_matches_triton():
   """The train forward epilogue on the fused [G | U] buffer, padding channels included: the
-  Mosaic words (each row loaded one row ahead or not) and everything computed from them equal
-  the Triton selection's."""
+  Mosaic words and everything computed from them equal the Triton selection's."""
   from pallas_kernels import moc_train, moc_train_mask
 
   seed = time.time_ns() % (2**31)
   gu = jax.random.normal(jax.random.key(seed), (4, 2 * 640)).astype(jnp.bfloat16)
   base = moc_train.forward_config(640)
-  outs = [
+  triton, mosaic = (
     moc_train_mask.train_forward_bitmask(
-      gu, None, 64, num_valid=600, config=dataclasses.replace(base, **knobs)
+      gu, None, 64, num_valid=600, config=dataclasses.replace(base, selection=selection)
     )
-    for knobs in (
-      {"selection": "triton"},
-      {"selection": "mgpu"},
-      {"selection": "mgpu", "mgpu_prefetch": True},
-    )
-  ]
-  for out in outs[1:]:
-    for a, b in zip(outs[0], out, strict=True):
-      assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
+    for selection in ("triton", "mgpu")
+  )
+  for a, b in zip(triton, mosaic, strict=True):
+    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", [{}, {"lean": True}, {"prefetch": True}])
+@pytest.mark.parametrize("form", [{}, {"lean": True}])
 def test_mgpu_select_gpu_real_size(form):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""

@@ -58,11 +58,3 @@ def test_pdl_variants_carry_their_xla_option():
   assert cfg.ffn == "dense"
   _, metrics = step(state, batch_of(2))  # compiled with the added option, and it trains
   assert bool(jax.numpy.isfinite(metrics["loss"]))
-
-
-def test_prefetch_variant_builds_and_trains():
-  """`moc_prefetch`: the step traced under TopKConfig.mgpu_prefetch=True (`wrap_step`)."""
-  cfg, _, state, step, batch_of = model_step.build("tiny", "moc_prefetch", "xla", 16)
-  assert cfg.ffn == "moc"
-  _, metrics = step(state, batch_of(2))
-  assert bool(jax.numpy.isfinite(metrics["loss"]))
