@@ -17,7 +17,6 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 (`warm_programs`).
 `dense_kernel_attn` / `moc_kernel_attn` take each step's attention as one Pallas kernel
 (`model.decode_attention='pallas'`, what 'auto' picks on GPU), `_xattn` XLA's attention.
-`dense_kernel_fold` has the dense FFN's down GEMV apply the SwiGLU to the gate+up partials.
 `dense_kernel_pdl` / `moc_kernel_pdl` (and `_nopdl`) compile the generation with XLA's
 programmatic dependent launch on (off): a kernel may start before the one it follows has ended.
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
@@ -165,8 +164,6 @@ def main() -> None:
     # XLA's attention for the decode steps (the default before 2026-12-05)
     "dense_kernel_xattn": dict(ffn="dense", kernel_backend="pallas", decode_attention="xla"),
     "moc_kernel_xattn": dict(ffn="moc", kernel_backend="pallas", decode_attention="xla"),
-    # the dense FFN's SwiGLU applied by its down GEMV as it loads the gate+up partials
-    "dense_kernel_fold": dict(ffn="dense", kernel_backend="pallas"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     # programmatic dependent launch (Hopper): each kernel may launch before the one it follows
     # ends and waits for it inside; XLA's default for it differs between versions, so both
@@ -246,11 +243,8 @@ def main() -> None:
 def _patched(name: str):
   """The model and kernel configs variant `name` compiles with (see the module docstring)."""
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
-  original_dense = moc_decode.dense_config
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
-  if name == "dense_kernel_fold":
-    moc_decode.dense_config = lambda *a: replace(original_dense(*a), fold_swiglu=True)
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
     moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
   if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
@@ -264,7 +258,6 @@ def _patched(name: str):
     yield
   finally:
     model.FeedForward.decode, moc_decode.moc_config = original, original_cfg
-    moc_decode.dense_config = original_dense
 
 
 def _with_mosaic_select(cfg, cold: bool = False):

@@ -175,9 +175,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     paths = {"xla_dense": (xla, None), "dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
     paths["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
     out |= {name + tag: row for name, row in paths.items() for tag in ("", *PDL)}
-  if {"main", "mgpu", "dense"} & kinds and dense_cfg.gemv_splits > 1:
-    fold = replace(dense_cfg, fold_swiglu=True)  # the SwiGLU inside the down GEMV's loads
-    out["dense_kernel[fold]"] = (dense(fold), fold)
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one

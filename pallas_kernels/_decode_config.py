@@ -2,7 +2,8 @@
 
 The histogram select over many programs (`select_mode="hist"`) and the in-kernel sum of the
 list partials (`list_reduce="last"`) lost on the H200 and were removed after commit e334f23, the
-one-kernel `pipeline="fused"` (a grid barrier between gate GEMV and select) after ac1793d;
+one-kernel `pipeline="fused"` (a grid barrier between gate GEMV and select) after ac1793d,
+the dense FFN's SwiGLU folded into its down GEMV's loads (`fold_swiglu`) after 9f0621c;
 NOTES_decode.md has their figures.
 """
 
@@ -59,10 +60,6 @@ class DecodeConfig:
   # stages; more bytes in flight: 36.3 vs 38.4 us at d = 2048, 78.6 vs 103.7 and 102.8 vs
   # 135.9 at d = 4096, decode_ffn_h200_20261203.json; `dense_config` takes it)
   dense_down: str = "rows"
-  # dense FFN with > 1 gate+up split and dense_down='gemv': the down GEMV sums the gate and up
-  # partials and applies the SwiGLU as it loads z (`_decode_gemv.swiglu_down`), one launch less
-  # than XLA's sum + SwiGLU fusion (2026-12-04, CPU-verified, not yet timed on a GPU)
-  fold_swiglu: bool = False
   # T = 1 through tl.dot with the token padded to 16 rows (the multiply-reduce path does a
   # cross-warp reduction every loop step; at T = 4 the dot path ran 1.4-1.6x faster, NOTES)
   t1_dot: bool = False

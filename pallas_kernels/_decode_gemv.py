@@ -82,7 +82,6 @@ def _gemv_kernel(
   swiglu,
   final,
   precision,
-  load=load_x,
 ):
   w_refs, out_ref = refs[:num_w], refs[num_w]
   fi, si = pl.program_id(0), pl.program_id(1)
@@ -93,7 +92,7 @@ def _gemv_kernel(
   def body(i, accs):
     d0 = si * d_split + i * block_d
     d_mask = (d0 + jnp.arange(block_d)) < d_end
-    xk = load(x_ref, d0, block_d, num_tokens, rows, d_model)
+    xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
     out = []
     for w_ref, acc in zip(w_refs, accs, strict=True):
       w = plgpu.load(
@@ -127,15 +126,13 @@ def _gemv_kernel(
 SMEM_BUDGET_BYTES = 200 * 1024
 
 
-def fit_block_d(
-  cfg: DecodeConfig, d_model: int, block_f: int, bytes_per_element: int, x_row_bytes: int = 0
-) -> int:
+def fit_block_d(cfg: DecodeConfig, d_model: int, block_f: int, bytes_per_element: int) -> int:
   """The config's D step (at most D rounded up to a power of 2), halved while `gemv_stages`
-  weight tiles of `bytes_per_element` (summed over the weights), plus `x_row_bytes` of input per
-  D row, exceed SMEM_BUDGET_BYTES."""
+  weight tiles of `bytes_per_element` (summed over the weights) exceed SMEM_BUDGET_BYTES."""
   block_d = min(cfg.gemv_block_d, _pow2_at_least(d_model))
-  row_bytes = block_f * bytes_per_element + x_row_bytes
-  while block_d > 16 and cfg.gemv_stages * block_d * row_bytes > SMEM_BUDGET_BYTES:
+  while (
+    block_d > 16 and cfg.gemv_stages * block_d * block_f * bytes_per_element > SMEM_BUDGET_BYTES
+  ):
     block_d //= 2
   return block_d
 
@@ -147,82 +144,18 @@ def gemv(
 
   out_dtype (one weight, one D split): y_TxF = x W written by the kernel in that dtype.
   """
-  kw = dict(swiglu=swiglu, interpret=interpret, out_dtype=out_dtype)
-  return _gemv_call(x_TxD, ws_DxF, cfg, x_TxD.shape, x_TxD.dtype, load_x, **kw)
-
-
-def load_swiglu(p_ref, d0, block_d, num_tokens, rows, d_model, *, splits: int, dtype):
-  """`load_x` of z = silu(g) u in dtype, g and u summed (in split order) from the fp32
-  partials (splits, 2, T, F_pow2) of a gate+up GEMV: the SwiGLU between a dense FFN's two
-  GEMVs, done as the down GEMV loads its input instead of by an XLA launch of its own."""
-  d_mask = d0 + jnp.arange(block_d) < d_model
-  if rows == 1:
-    at = lambda s, w: p_ref.at[jnp.int32(s), jnp.int32(w), jnp.int32(0), pl.ds(d0, block_d)]
-    mask = d_mask
-  else:
-    at = lambda s, w: p_ref.at[jnp.int32(s), jnp.int32(w), pl.ds(0, rows), pl.ds(d0, block_d)]
-    mask = (jnp.arange(rows) < num_tokens)[:, None] & d_mask[None, :]
-  g, u = (
-    functools.reduce(jnp.add, [plgpu.load(at(s, w), mask=mask, other=0) for s in range(splits)])
-    for w in (0, 1)
-  )
-  z = (tu.silu(g) * u).astype(dtype)
-  return z.astype(F32) if rows == 1 else z
-
-
-def swiglu_down(
-  partials_SxWxTxF, w_down_FxD, cfg: DecodeConfig, d_ff: int, dtype, interpret: bool
-) -> jax.Array:
-  """y_TxD = z Wd in dtype, z = silu(G) U from the gate+up GEMV's split partials
-  (`load_swiglu`); cfg: the down GEMV's (its splits' partials summed as `split_k_linear`'s)."""
-  splits, _, num_tokens, _ = partials_SxWxTxF.shape
-  load = functools.partial(load_swiglu, splits=splits, dtype=jnp.dtype(dtype))
-  # per channel row, the gate and up partials of every split and token row, fp32: staged in
-  # shared memory beside the Wd tile (the H200 refused 256 KB for 4 splits at T = 1 otherwise)
-  x_row_bytes = splits * 2 * padded_rows(num_tokens, cfg) * 4
-  call = functools.partial(
-    _gemv_call,
-    partials_SxWxTxF,
-    (w_down_FxD,),
-    cfg,
-    (num_tokens, d_ff),
-    jnp.dtype(dtype),
-    load,
-    x_row_bytes=x_row_bytes,
-  )
-  if cfg.gemv_splits == 1:
-    return call(swiglu=False, interpret=interpret, out_dtype=dtype)
-  return _sum_splits(call(swiglu=False, interpret=interpret, out_dtype=None), w_down_FxD, dtype)
-
-
-def _gemv_call(
-  x,
-  ws_DxF,
-  cfg: DecodeConfig,
-  x_shape,
-  x_dtype,
-  load,
-  *,
-  swiglu,
-  interpret,
-  out_dtype,
-  x_row_bytes: int = 0,
-) -> jax.Array:
-  """`gemv`'s kernel over an input of logical shape x_shape (T, D) and dtype x_dtype, which
-  `load` reads from x (x itself, or the partials `load_swiglu` sums: x_row_bytes per D row)."""
-  num_tokens, d_model = x_shape
+  num_tokens, d_model = x_TxD.shape
   d_ff = ws_DxF[0].shape[1]
   splits = 1 if swiglu else cfg.gemv_splits
   final = out_dtype is not None
   if final and (swiglu or splits != 1 or len(ws_DxF) != 1):
     raise ValueError("gemv: out_dtype needs one weight, one D split and no swiglu")
   block_f = min(cfg.gemv_block_f, _pow2_at_least(d_ff))
-  weight_bytes = len(ws_DxF) * ws_DxF[0].dtype.itemsize
-  block_d = fit_block_d(cfg, d_model, block_f, weight_bytes, x_row_bytes)
+  block_d = fit_block_d(cfg, d_model, block_f, len(ws_DxF) * ws_DxF[0].dtype.itemsize)
   d_split = _cdiv(d_model, splits)
   rows = padded_rows(num_tokens, cfg)
   if swiglu or final:
-    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_dtype if swiglu else out_dtype)
+    out_shape = jax.ShapeDtypeStruct((num_tokens, d_ff), x_TxD.dtype if swiglu else out_dtype)
   else:
     out_shape = jax.ShapeDtypeStruct((splits, len(ws_DxF), num_tokens, _pow2_at_least(d_ff)), F32)
   kernel = functools.partial(
@@ -237,8 +170,7 @@ def _gemv_call(
     d_split=d_split,
     swiglu=swiglu,
     final=final,
-    precision=precision_for(x_dtype),
-    load=load,
+    precision=precision_for(x_TxD.dtype),
   )
   return pl.pallas_call(
     kernel,
@@ -246,8 +178,8 @@ def _gemv_call(
     grid=(pl.cdiv(d_ff, block_f), splits),
     compiler_params=plgpu.CompilerParams(num_warps=cfg.gemv_warps, num_stages=cfg.gemv_stages),
     interpret=interpret,
-    name="decode_gemv" if load is load_x else "decode_swiglu_down",
-  )(x, *ws_DxF)
+    name="decode_gemv",
+  )(x_TxD, *ws_DxF)
 
 
 # --- 2. y = x W for attention and output projections at decode time ---------------------------
@@ -313,9 +245,4 @@ def split_k_linear(x_TxD, w_DxN, cfg: DecodeConfig, out_dtype, interpret: bool) 
   if cfg.gemv_splits == 1:
     return gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret, out_dtype=out_dtype)
   partials = gemv(x_TxD, (w_DxN,), cfg, swiglu=False, interpret=interpret)
-  return _sum_splits(partials, w_DxN, out_dtype)
-
-
-def _sum_splits(partials_SxWxTxN, w_DxN, out_dtype) -> jax.Array:
-  """y_TxN: the fp32 partials of the D splits summed (by XLA), cast once to out_dtype."""
-  return jnp.sum(partials_SxWxTxN[:, 0, :, : w_DxN.shape[1]], axis=0).astype(out_dtype)
+  return jnp.sum(partials[:, 0, :, : w_DxN.shape[1]], axis=0).astype(out_dtype)

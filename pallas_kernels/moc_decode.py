@@ -340,9 +340,6 @@ def _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, interpret):
     z_TxF = _gemv(x_TxD, ws, cfg, swiglu=True, interpret=interpret)
   else:
     p = _gemv(x_TxD, ws, cfg, swiglu=False, interpret=interpret)
-    if cfg.fold_swiglu and cfg.dense_down == "gemv":  # the SwiGLU inside the down GEMV's loads
-      d_ff = w_gate_DxF.shape[1]
-      return _decode_gemv.swiglu_down(p, w_down_FxD, _down_gemv(cfg), d_ff, x_TxD.dtype, interpret)
     g, u = jnp.sum(p, axis=0)[:, :, : w_gate_DxF.shape[1]]
     z_TxF = (jax.nn.silu(g) * u).astype(x_TxD.dtype)
   return _down_projection(z_TxF, w_down_FxD, cfg, interpret)
