@@ -266,19 +266,17 @@ def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, A
 
 
 @contextlib.contextmanager
-def forward_selection(selection: str | None = None, **knobs):
+def forward_selection(selection: str | None):
   """While tracing inside it, MoC's train forward finds its selection with this kernel
-  (`TopKConfig.selection`, e.g. 'mgpu') and these other TopKConfig knobs (e.g. chunk=1024);
-  None changes nothing. Wrap a jitted call in it: the first call traces
-  and compiles under it, later calls reuse that program."""
+  (`TopKConfig.selection`, e.g. 'mgpu'); None changes nothing. Wrap a jitted call in it: the
+  first call traces and compiles under it, later calls reuse that program."""
   from pallas_kernels import moc_train
 
-  knobs = {n: v for n, v in (("selection", selection), *knobs.items()) if v is not None}
-  if not knobs:
+  if not selection:
     yield
     return
   saved = moc_train.FORWARD_DEFAULT
-  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, **knobs)
+  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, selection=selection)
   try:
     yield
   finally:

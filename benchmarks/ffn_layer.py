@@ -69,15 +69,15 @@ def _params(d: int, f: int, seed: int):
 def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
   method = dict(method)
-  knobs = {"selection": method.pop("selection", None)}
+  selection = method.pop("selection", None)
 
   def fwd(x, wg, wu, wd, dy):
     del dy
-    with common.forward_selection(**knobs):
+    with common.forward_selection(selection):
       return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
 
   def fwd_bwd(x, wg, wu, wd, dy):
-    with common.forward_selection(**knobs):
+    with common.forward_selection(selection):
       y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
     return y, vjp(dy)
 

@@ -85,15 +85,10 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-# the kernel's opt-in forms, each timed beside the default (a row prefetch form lost by
-# 17-22% on the H200 and was removed after 9f0621c)
-FORMS = {"lean": {"lean": True}}
-
-
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
   'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first;
-  '_lean' rows: the kernel's opt-in form (FORMS)."""
+  '_lean' rows: the kernel's `lean` form."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -102,13 +97,12 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
-  for form, knobs in FORMS.items():
-    kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, **knobs)
-    fns[f"mgpu_select_{form}"] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
+  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, lean=True)
+  fns["mgpu_select_lean"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-    for form, knobs in {"": {}, **FORMS}.items():
-      kw = dict(ctas=counts[0], interpret=False, **knobs)
-      name = f"mgpu_topk_{form}" if form else "mgpu_topk"
+    for lean in (False, True):
+      kw = dict(ctas=counts[0], interpret=False, lean=lean)
+      name = "mgpu_topk_lean" if lean else "mgpu_topk"
       fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   return fns
 

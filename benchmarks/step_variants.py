@@ -86,12 +86,11 @@ def configure(variant: str) -> dict:
 
 
 class _UnderSelection:
-  """A jitted step that is called and lowered under one selection kernel and its knobs
-  (`common.forward_selection`): the first call traces and compiles under it, later calls
-  reuse that program."""
+  """A jitted step that is called and lowered under one selection kernel: the first call
+  traces and compiles under it, later calls reuse that program."""
 
-  def __init__(self, step, **knobs):
-    self._step, self._knobs = step, knobs
+  def __init__(self, step, selection: str):
+    self._step, self._selection = step, selection
 
   def __call__(self, *args, **kwargs):
     return self._under(self._step, *args, **kwargs)
@@ -102,12 +101,10 @@ class _UnderSelection:
   def _under(self, fn, *args, **kwargs):
     from benchmarks import common
 
-    with common.forward_selection(**self._knobs):
+    with common.forward_selection(self._selection):
       return fn(*args, **kwargs)
 
 
 def wrap_step(variant: str, step):
   """The step under the variant's own selection kernel (TRITON), else as it is."""
-  if variant in TRITON:
-    return _UnderSelection(step, selection="triton")
-  return step
+  return _UnderSelection(step, "triton") if variant in TRITON else step

@@ -119,10 +119,10 @@ def kernel(
       low_ref[...] = ops.splat(0)
       ops.barrier()
 
-    def one_row(r, g_row) -> None:
+    def one_row(r) -> None:
       if not lean:
         clear_histograms()
-      bits = lax.bitcast_convert_type(g_row, jnp.int16).astype(I32)
+      bits = lax.bitcast_convert_type(load_g(g_ref, r), jnp.int16).astype(I32)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
@@ -150,11 +150,10 @@ def kernel(
 
     def row(i, carry):
       r = pid + i * ctas
-      this_row = lambda: one_row(r, load_g(g_ref, r))
       if t % ctas:  # the last round has rows for only some CTAs
-        pl.when(r < t)(this_row)
+        pl.when(r < t)(lambda: one_row(r))
       else:
-        this_row()
+        one_row(r)
       return carry
 
     if warm_bytes and not interpret:

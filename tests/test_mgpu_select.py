@@ -31,8 +31,7 @@ def test_select_probe_lowers_for_cuda(capsys, shape):
   last round's rows for some CTAs only)."""
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4,3", *shape])
   out = capsys.readouterr().out
-  for name in ("mgpu_select", *(f"mgpu_select_{form}" for form in mgpu_select_probe.FORMS)):
-    assert f"{name}: lowered for CUDA" in out
+  assert "mgpu_select: lowered for CUDA" in out and "mgpu_select_lean: lowered for CUDA" in out
   assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
 
 
@@ -75,8 +74,8 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-@pytest.mark.parametrize("form", [{}, {"lean": True}])
-def test_select_kernel_in_interpret_mode(f, k, num_valid, form):
+@pytest.mark.parametrize("lean", [False, True])
+def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
   """The kernel's own dataflow (histograms, scans, thresholds, tie cut, slots, the row loop;
   `lean`: the histograms cleared as they are read) on random rows, tie-heavy rows, an
   all-equal row and a -0.0 row."""
@@ -87,10 +86,10 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, form):
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
   for x in (g, ties):
-    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True, **form))
+    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True, lean=lean))
     assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True, **form)
+      idx, val = mgpu_select.select(x, k, interpret=True, lean=lean)
       _assert_reference_topk(idx, val, x, k, seed)
 
 
@@ -127,19 +126,19 @@ def test_train_forward_with_mosaic_words_matches_triton():
   seed = time.time_ns() % (2**31)
   gu = jax.random.normal(jax.random.key(seed), (4, 2 * 640)).astype(jnp.bfloat16)
   base = moc_train.forward_config(640)
-  triton, mosaic = (
+  outs = [
     moc_train_mask.train_forward_bitmask(
-      gu, None, 64, num_valid=600, config=dataclasses.replace(base, selection=selection)
+      gu, None, 64, num_valid=600, config=dataclasses.replace(base, selection=sel)
     )
-    for selection in ("triton", "mgpu")
-  )
-  for a, b in zip(triton, mosaic, strict=True):
+    for sel in ("triton", "mgpu")
+  ]
+  for a, b in zip(*outs, strict=True):
     assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", [{}, {"lean": True}])
-def test_mgpu_select_gpu_real_size(form):
+@pytest.mark.parametrize("lean", [False, True])
+def test_mgpu_select_gpu_real_size(lean):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""
   seed = time.time_ns() % (2**31)
@@ -147,9 +146,9 @@ def test_mgpu_select_gpu_real_size(form):
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
-    idx, val = mgpu_select.select(x, 1024, **form)
+    idx, val = mgpu_select.select(x, 1024, lean=lean)
     _assert_reference_topk(idx, val, x, 1024, seed)
-  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, **form)
+  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, lean=lean)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
 
