@@ -153,6 +153,10 @@ def main() -> None:
   warm = [v.replace(":", "p") for v in a.warm_mb.split(",") if v]
   vocab = 512 if a.quick else 32000  # quick: CPU wiring checks, kernels in interpret mode
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=vocab)
+  try:  # a bad --d_ff is one error line, before any variant is built
+    model_config.from_preset(preset, **base)
+  except model_config.ConfigError as e:
+    p.error(str(e))
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
@@ -204,7 +208,7 @@ def main() -> None:
       return Runner(models[key], prompt_len, new, options)
 
   def record(name: str, row: dict) -> None:
-    cfg = models[tuple(sorted(variants[name].items()))].cfg
+    cfg = model_config.from_preset(preset, **base, **variants[name])  # also if build failed
     row.update(d_model=cfg.d_model, d_ff=cfg.d_ff, k=cfg.k, layers=cfg.num_layers)
     result["rows"][name] = row
     print(name, json.dumps(row), flush=True)
@@ -218,7 +222,7 @@ def main() -> None:
           runner.time_once()
         row = runner.row(a.profile)
       except Exception as e:
-        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row = _error(e)
       record(name, row)
       models.clear()
     return
@@ -232,11 +236,16 @@ def main() -> None:
     try:
       runners[name] = build(name, kw)
     except Exception as e:
-      record(name, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+      record(name, _error(e))
   for _ in range(a.interleave):
     rounds.append({name: r.time_once() for name, r in runners.items()})
   for name, runner in runners.items():
     record(name, {**runner.row(a.profile), "rounds_tokens_per_s": [x[name] for x in rounds]})
+
+
+def _error(e: Exception) -> dict:
+  """The row of a variant that failed to build or run: the rest still run."""
+  return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 @contextlib.contextmanager

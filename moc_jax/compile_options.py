@@ -28,8 +28,10 @@ GPU_DEFAULTS: dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
 def pdl(on: bool) -> dict[str, Any]:
   """XLA's programmatic dependent launch on or off (Hopper+): with it, each kernel may launch
   before the one it follows has ended and waits for that one inside, so launch latency hides
-  behind the previous kernel's tail. Not yet measured here; the benchmarks' `pdl` rows try
-  both settings, since XLA's default differs between versions."""
+  behind the previous kernel's tail. Not a default: on the H200 it changed neither the 1b
+  train step (model_step_1b_pdl_h200_20261205.json) nor decoding (decode_e2e_h200_20261205.json);
+  the benchmarks' `pdl` / `nopdl` rows set it explicitly, since XLA's default differs between
+  versions."""
   return {"xla_gpu_enable_pdl": on}
 
 

@@ -142,3 +142,25 @@ def test_decode_e2e_interleaved_rounds_give_paired_ratios(tmp_path, monkeypatch)
   monkeypatch.setattr(sys, "argv", ["x", "--quick", "--only=dense_kernel,nope"])
   with pytest.raises(SystemExit):
     decode_e2e.main()
+
+
+def test_decode_e2e_records_a_variant_that_fails_to_build(tmp_path, monkeypatch):
+  """A variant whose model cannot be built gets an error row (the run goes on); a bad --d_ff
+  is one error line before anything is built."""
+  import json
+  import sys
+
+  from benchmarks import decode_e2e
+
+  def no_memory(*args, **kwargs):
+    raise RuntimeError("no device memory")
+
+  monkeypatch.setattr(decode_e2e.model, "Transformer", no_memory)
+  out = tmp_path / "e2e.json"
+  monkeypatch.setattr(sys, "argv", ["x", "--quick", "--only=moc_kernel", f"--out={out}"])
+  decode_e2e.main()
+  row = json.loads(out.read_text())["rows"]["moc_kernel"]
+  assert row["error"] == "RuntimeError: no device memory" and row["k"] == 64
+  monkeypatch.setattr(sys, "argv", ["x", "--quick", "--d_ff=0", f"--out={out}"])
+  with pytest.raises(SystemExit):
+    decode_e2e.main()
