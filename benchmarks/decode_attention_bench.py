@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common
 import jax
 import jax.numpy as jnp
 from decode_timing import chain, rel_err, run_info, time_chain
@@ -107,9 +108,7 @@ def main() -> None:
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(json.dumps({k: v for k, v in row.items() if k != "trials_s"}), flush=True)
         result["rows"].append(row)
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  with open(a.out, "w") as fh:
-    json.dump(result, fh, indent=1)
+        common.write_json(a.out, result)  # after every row: a run cut off keeps what it timed
 
 
 if __name__ == "__main__":

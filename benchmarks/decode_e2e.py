@@ -294,9 +294,7 @@ def _summarise(result: dict, out: str, reference: str) -> None:
   result["moc_over_dense_rounds"] = common.paired_ratio(
     _best_per_round(rounds, "moc_"), _best_per_round(rounds, "dense_")
   )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as fh:
-    json.dump(result, fh, indent=1)
+  common.write_json(out, result)
   print(
     f"\ndecode tokens/s: dense best {dense:.1f}, MoC best {moc:.1f}, "
     f"ratio {result['moc_over_dense']} (median of rounds: {result['moc_over_dense_rounds']})"
