@@ -11,8 +11,12 @@ result is checked once against the same chain in XLA with fp32 outputs (relative
 Bandwidth = D·N·2 bytes / time per call, also as % of the copy bandwidth measured in the run.
 The JSON is rewritten after every shape; past --budget_s the remaining rows are marked skipped.
 
+With --methods=splitk,rowdot the output-major GEMV (`_decode_rowdot`, the weight transposed to
+N × D once, outside the timed chain) is swept beside the split-K one in the same run.
+
   python benchmarks/gemv_sweep.py [--quick] [--budget_s=500] [--tokens=1,4]
-      [--shapes=2048x6144,2048x32000] [--out=benchmarks/results/gemv_sweep.json]
+      [--shapes=2048x6144,2048x32000] [--methods=splitk,rowdot] [--configs=30]
+      [--rowdot_configs=20] [--out=benchmarks/results/gemv_sweep.json]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from decode_timing import chain, copy_bandwidth, make_sets, rel_err, run_info, time_chain
 
-from pallas_kernels import _decode_gemv, reference
+from pallas_kernels import _decode_gemv, _decode_rowdot, reference
 from pallas_kernels._decode_config import DecodeConfig, cdiv, moc_config, pow2_at_least
 
 SHAPES = {  # (D, N) -> what it is
@@ -55,6 +59,13 @@ GRID = {
   "gemv_warps": (4, 8),
   # 6 and 8: more bytes in flight per SM (the MoC gate at d = 2048 streams ~1.5 TB/s in a chain)
   "gemv_stages": (2, 3, 4, 6, 8),
+}
+ROWDOT_GRID = {  # the output-major GEMV (`_decode_rowdot`, weight stored N x D)
+  "block_n": (4, 8, 16, 32),
+  "block_d": (256, 512, 1024, 2048),
+  "warps": (2, 4, 8),
+  "stages": (1, 2, 3, 4),
+  "t1_dot": (False, True),
 }
 SKIPPED = "skipped: time budget spent"
 XLA = "xla"
@@ -94,6 +105,28 @@ def candidates(t: int, d: int, n: int, most: int) -> dict[str, DecodeConfig]:
   return dict(itertools.islice(out.items(), most))
 
 
+def rowdot_name(c: _decode_rowdot.RowdotConfig) -> str:
+  name = "rowdot_n{block_n}_d{block_d}_w{warps}_st{stages}".format(**dataclasses.asdict(c))
+  return name + ("_dot" if c.t1_dot else "")
+
+
+def rowdot_candidates(t: int, d: int, n: int, most: int) -> dict:
+  """Name -> RowdotConfig: rowdot_config's pick, its one-knob moves, then a seeded draw."""
+  pick = _decode_rowdot.rowdot_config(t, d, n)
+  out = {rowdot_name(pick): pick}
+  moves = [dataclasses.replace(pick, **{k: v}) for k, vs in ROWDOT_GRID.items() for v in vs]
+  rest = [
+    _decode_rowdot.RowdotConfig(**dict(zip(ROWDOT_GRID, vs, strict=True)))
+    for vs in itertools.product(*ROWDOT_GRID.values())
+  ]
+  random.Random(f"rowdot {t},{d},{n}").shuffle(rest)
+  for c in moves + rest:
+    if t > 1 and c.t1_dot:  # only one token has a choice
+      continue
+    out.setdefault(rowdot_name(c), c)
+  return dict(itertools.islice(out.items(), most))
+
+
 def bench_shape(t, d, n, names, args, deadline, copy_bps) -> list[dict]:
   """All rows of one (T, D, N): XLA first, then each config; skipped past the deadline."""
   calls = max(args.calls, cdiv(args.min_chain_mb * 2**20, d * n * 2))
@@ -107,20 +140,31 @@ def bench_shape(t, d, n, names, args, deadline, copy_bps) -> list[dict]:
   interp = True if args.quick else None
   fns = {XLA: (lambda x, w: reference.linear(x, w), None)}
   for name, c in names.items():
-    fns[name] = (lambda x, w, c=c: _decode_gemv.linear(x, w, config=c, interpret=interp), c)
+    if isinstance(c, _decode_rowdot.RowdotConfig):
+      fns[name] = (lambda x, w, c=c: _decode_rowdot.rowdot(x, w, config=c, interpret=interp), c)
+    else:
+      fns[name] = (lambda x, w, c=c: _decode_gemv.linear(x, w, config=c, interpret=interp), c)
+  sets_t = None  # the output-major weights, transposed once when a rowdot row needs them
   rows = []
   for name, (fn, c) in fns.items():
     row = {**base, "name": name, "method": XLA if c is None else "pallas"}
-    if c is not None:
+    if isinstance(c, _decode_rowdot.RowdotConfig):
+      row.update(method="rowdot", config=dataclasses.asdict(c))
+      row["programs"] = cdiv(n, min(c.block_n, pow2_at_least(n)))
+    elif c is not None:
       row["config"] = knobs(c)
       row["programs"] = cdiv(n, min(c.gemv_block_f, pow2_at_least(n))) * c.gemv_splits
     if time.perf_counter() > deadline:
       rows.append({**row, "error": SKIPPED})
       continue
     try:
+      ws = sets
+      if row["method"] == "rowdot":
+        sets_t = sets_t or [(jax.jit(jnp.transpose)(s[0]),) for s in sets]
+        ws = sets_t
       run = chain(fn)
-      row["rel_err"] = rel_err(run(xs, sets), want)  # compiles; time_chain then reuses it
-      timing = time_chain(run, (xs, sets), calls, args.reps, args.trials)
+      row["rel_err"] = rel_err(run(xs, ws), want)  # compiles; time_chain then reuses it
+      timing = time_chain(run, (xs, ws), calls, args.reps, args.trials)
       row["us_per_call"] = timing["median_s"] * 1e6
       row["trials_us"] = [s * 1e6 for s in timing["trials_s"]]
       row["bandwidth_Bps"] = d * n * 2 / timing["median_s"]
@@ -138,6 +182,7 @@ def summarize(rows: list[dict]) -> list[dict]:
   for key in sorted({(r["T"], r["D"], r["N"]) for r in rows}):
     mine = [r for r in rows if (r["T"], r["D"], r["N"]) == key and "us_per_call" in r]
     ours = [r for r in mine if r["method"] == "pallas"]
+    rowdots = [r for r in mine if r["method"] == "rowdot"]
     xla = next((r for r in mine if r["method"] == XLA), None)
     pick = config_name(_decode_gemv.linear_config(*key))
     s = {"T": key[0], "D": key[1], "N": key[2], "timed": len(mine)}
@@ -149,6 +194,10 @@ def summarize(rows: list[dict]) -> list[dict]:
       s.update(best=best["name"], best_us=best["us_per_call"], best_config=best["config"])
       s["best_pct_copy"] = best["pct_copy"]
       s["best_vs_xla"] = s["xla_us"] / best["us_per_call"] if xla else None
+    if rowdots:
+      best = min(rowdots, key=lambda r: r["us_per_call"])
+      s.update(rowdot_best=best["name"], rowdot_us=best["us_per_call"])
+      s["rowdot_pct_copy"] = best["pct_copy"]
     out.append(s)
   return out
 
@@ -160,7 +209,8 @@ def print_table(result: dict) -> None:
     print(
       f"T={s['T']} D={s['D']} N={s['N']}: xla {f(s['xla_us'])} | linear_config "
       f"{s['linear_config']} {f(s['linear_config_us'])} | best {s.get('best', '-')} "
-      f"{f(s.get('best_us'))} ({f(s.get('best_pct_copy'))}% copy)"
+      f"{f(s.get('best_us'))} ({f(s.get('best_pct_copy'))}% copy) | rowdot "
+      f"{s.get('rowdot_best', '-')} {f(s.get('rowdot_us'))} ({f(s.get('rowdot_pct_copy'))}% copy)"
     )
 
 
@@ -171,6 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--tokens", default="1,4")
   p.add_argument("--shapes", default="", help="DxN,DxN (default: all of SHAPES)")
   p.add_argument("--configs", type=int, default=30, help="configs per shape, XLA not counted")
+  p.add_argument(
+    "--methods",
+    default="splitk",
+    help="splitk (the D x N split-K GEMV), rowdot (the N x D output-major one) or both, comma "
+    "separated; with both, --configs split-K configs then --rowdot_configs rowdot ones",
+  )
+  p.add_argument("--rowdot_configs", type=int, default=20, help="rowdot configs per shape")
   p.add_argument("--calls", type=int, default=8, help="at least this many calls per chain")
   p.add_argument("--min_chain_mb", type=int, default=256, help="weight MiB per chain, at least")
   p.add_argument("--reps", type=int, default=4)
@@ -188,7 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
   result["bandwidth"] = copy_bandwidth(2**20 if args.quick else 2**31, 3)
   for t in (int(v) for v in args.tokens.split(",")):
     for d, n in args.shapes_map:
-      names = candidates(t, d, n, args.configs)
+      methods = args.methods.split(",")
+      names = candidates(t, d, n, args.configs) if "splitk" in methods else {}
+      if "rowdot" in methods:
+        names.update(rowdot_candidates(t, d, n, 2 if args.quick else args.rowdot_configs))
       result["rows"] += bench_shape(t, d, n, names, args, deadline, result["bandwidth"]["copy_Bps"])
       result["best"] = summarize(result["rows"])
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

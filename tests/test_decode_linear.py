@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallas_kernels import _decode_gemv, backends, reference
+from pallas_kernels import _decode_gemv, _decode_rowdot, backends, reference
 from pallas_kernels._decode_config import DecodeConfig
 
 # Small D blocks: several loop steps per split, D splits that end inside a block (D = 200).
@@ -68,6 +68,34 @@ def test_linear_leading_dims_out_dtype_and_t1_reduce(splits):
   reduce = DecodeConfig(**{**cfg.__dict__, "t1_dot": False})
   y1 = _decode_gemv.linear(x[0, :1], w, config=reduce, interpret=True)
   assert _rel_err_f64(y1, x[0, :1], w) < TOL[jnp.bfloat16], f"seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("num_tokens", [1, 3, 16])
+@pytest.mark.parametrize(("d", "n", "block_n"), [(64, 1376, 8), (200, 2736, 16), (96, 5461, 4)])
+def test_rowdot_matches_float64(dtype, num_tokens, d, n, block_n):
+  """The output-major GEMV on Wᵀ: odd N (a last block of rows past N), D not a step multiple."""
+  seed = _seed()
+  x, w = _inputs(seed, (num_tokens,), d, n, dtype)
+  cfg = _decode_rowdot.RowdotConfig(block_n=block_n, block_d=32, warps=4, stages=2)
+  y = _decode_rowdot.rowdot(x, w.T, config=cfg, interpret=True)
+  assert y.shape == (num_tokens, n) and y.dtype == dtype
+  assert _rel_err_f64(y, x, w) < TOL[dtype], f"seed={seed}"
+
+
+def test_rowdot_leading_dims_out_dtype_t1_dot_and_errors():
+  seed = _seed()
+  x, w = _inputs(seed, (2, 3), 96, 1000, jnp.bfloat16)
+  cfg = _decode_rowdot.RowdotConfig(block_n=16, block_d=64, t1_dot=True)
+  y = _decode_rowdot.rowdot(x, w.T, config=cfg, out_dtype=jnp.float32, interpret=True)
+  assert y.shape == (2, 3, 1000) and y.dtype == jnp.float32
+  assert _rel_err_f64(y, x, w) < 1e-5, f"seed={seed}"  # no bf16 rounding of the output
+  y1 = _decode_rowdot.rowdot(x[0, :1], w.T, config=cfg, interpret=True)  # T = 1 through tl.dot
+  assert _rel_err_f64(y1, x[0, :1], w) < TOL[jnp.bfloat16], f"seed={seed}"
+  with pytest.raises(ValueError, match="need x"):
+    _decode_rowdot.rowdot(x, w, interpret=True)
+  with pytest.raises(ValueError, match="at most 16"):
+    _decode_rowdot.rowdot(jnp.zeros((17, 96), jnp.bfloat16), w.T, interpret=True)
 
 
 def test_linear_rejects_bad_inputs():
@@ -164,12 +192,13 @@ def test_gemv_sweep_quick(tmp_path):
   from benchmarks import gemv_sweep
 
   out = tmp_path / "sweep.json"
-  gemv_sweep.main(["--quick", f"--out={out}"])
+  gemv_sweep.main(["--quick", "--methods=splitk,rowdot", f"--out={out}"])
   result = json.loads(out.read_text())
   timed = [r for r in result["rows"] if "us_per_call" in r]
-  assert {r["method"] for r in timed} == {"xla", "pallas"} and len(timed) == len(result["rows"])
+  assert {r["method"] for r in timed} == {"xla", "pallas", "rowdot"}
+  assert len(timed) == len(result["rows"])
   assert all(math.isfinite(r["us_per_call"]) and r["rel_err"] < 1e-2 for r in timed)
-  assert result["best"] and all(s["best_us"] > 0 for s in result["best"])
+  assert result["best"] and all(s["best_us"] > 0 and s["rowdot_us"] > 0 for s in result["best"])
 
 
 @pytest.mark.gpu
@@ -185,6 +214,10 @@ def test_linear_compiled_on_gpu(num_tokens):
     y = _decode_gemv.linear(x, w, config=cfg)
     assert y.shape == (num_tokens, 6144) and y.dtype == jnp.bfloat16
     assert _rel_err_f64(y, x, w) < 6e-3, f"seed={seed} cfg={cfg}"
+  for cfg in (None, _decode_rowdot.RowdotConfig(block_n=32, block_d=2048, t1_dot=True)):
+    jnp.full((num_tokens, 6144), jnp.nan, jnp.bfloat16).block_until_ready()
+    y = _decode_rowdot.rowdot(x, w.T.copy(), config=cfg)
+    assert _rel_err_f64(y, x, w) < 6e-3, f"seed={seed} rowdot cfg={cfg}"
 
 
 def test_gemv_tiles_fit_shared_memory_in_fp32():

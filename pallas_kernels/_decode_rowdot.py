@@ -1,0 +1,128 @@
+"""Output-major GEMV for a few tokens (T = 1…16): y = x Wᵀ over an N × D weight, no partials.
+
+Why: the split-K GEMV (`_decode_gemv`) over a D × N weight must split D across programs to
+fill the GPU, and XLA then sums its fp32 partials in a launch of its own (1.5-3 µs per call at
+the 1b decode shapes, NOTES_decode.md 2026-12-04). With the weight stored output-major (N × D,
+converted once when the model is prepared for decoding, as the MoC rows already are), each
+program reads `block_n` whole contiguous rows and writes its outputs itself: one launch, and
+N / block_n programs (384 at the 1b q, k, v shape with 16 rows each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels._decode_config import pow2_at_least
+from pallas_kernels._decode_gemv import MAX_TOKENS, load_x, precision_for, tf_mask, tf_ref
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class RowdotConfig:
+  """Rows per program, the D step (powers of 2), Triton's warps and pipeline stages; t1_dot:
+  one token through tl.dot (padded to 16 rows) instead of a multiply-reduce."""
+
+  block_n: int = 8
+  block_d: int = 512
+  warps: int = 4
+  stages: int = 3
+  t1_dot: bool = False
+
+
+def rowdot_config(num_tokens: int, d_model: int, n: int) -> RowdotConfig:
+  """Until the H200 sweep (`gemv_sweep.py --methods=rowdot`) picks: 8 rows, 512-wide D steps."""
+  del num_tokens, d_model, n
+  return RowdotConfig()
+
+
+def _rows(num_tokens: int, cfg: RowdotConfig) -> int:
+  return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, pow2_at_least(num_tokens))
+
+
+def _kernel(x_ref, w_ref, y_ref, *, num_tokens, rows, d_model, n, block_n, block_d, precision):
+  n0 = pl.program_id(0) * block_n
+  n_mask = n0 + jnp.arange(block_n) < n
+
+  def body(i, acc):
+    d0 = i * block_d
+    d_mask = d0 + jnp.arange(block_d) < d_model
+    w = plgpu.load(
+      w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)],
+      mask=n_mask[:, None] & d_mask[None, :],
+      other=0,
+    )
+    xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    if rows == 1:  # whole-row products summed once after the loop
+      return acc + w.astype(F32) * xk[None, :]
+    return acc + lax.dot_general(
+      xk, w, (((1,), (1,)), ((), ())), preferred_element_type=F32, precision=precision
+    )
+
+  shape = (block_n, block_d) if rows == 1 else (rows, block_n)
+  acc = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
+  y = jnp.sum(acc, axis=1) if rows == 1 else acc
+  plgpu.store(
+    tf_ref(y_ref, rows, n0, block_n), y.astype(y_ref.dtype), mask=tf_mask(rows, num_tokens, n_mask)
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _rowdot(x_TxD, w_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax.Array:
+  num_tokens, d_model = x_TxD.shape
+  n = w_NxD.shape[0]
+  block_n = min(cfg.block_n, pow2_at_least(n))
+  block_d = min(cfg.block_d, pow2_at_least(d_model))
+  kernel = functools.partial(
+    _kernel,
+    num_tokens=num_tokens,
+    rows=_rows(num_tokens, cfg),
+    d_model=d_model,
+    n=n,
+    block_n=block_n,
+    block_d=block_d,
+    precision=precision_for(x_TxD.dtype),
+  )
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_tokens, n), out_dtype),
+    grid=(pl.cdiv(n, block_n),),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
+    interpret=interpret,
+    name="decode_rowdot",
+  )(x_TxD, w_NxD)
+
+
+def rowdot(
+  x_TxD: jax.Array,
+  w_NxD: jax.Array,
+  *,
+  config: RowdotConfig | None = None,
+  out_dtype=None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """y_TxN = x Wᵀ for T ≤ 16 tokens (leading dims of x flattened), W output-major (N × D);
+  fp32 accumulation, one cast to out_dtype (default x's dtype)."""
+  if w_NxD.ndim != 2 or x_TxD.shape[-1] != w_NxD.shape[1]:
+    raise ValueError(f"rowdot: x {x_TxD.shape} and w {w_NxD.shape} need x[..., D] and w[N, D]")
+  if x_TxD.dtype != w_NxD.dtype:
+    raise ValueError(f"rowdot: x is {x_TxD.dtype} but w is {w_NxD.dtype}; cast the weight once")
+  lead, (n, d_model) = x_TxD.shape[:-1], w_NxD.shape
+  x_TxD = x_TxD.reshape(-1, d_model)
+  num_tokens = x_TxD.shape[0]
+  if num_tokens > MAX_TOKENS:
+    raise ValueError(f"rowdot: T={num_tokens} tokens; the GEMV takes at most {MAX_TOKENS}")
+  out_dtype = jnp.dtype(x_TxD.dtype if out_dtype is None else out_dtype)
+  if num_tokens == 0:
+    return jnp.zeros((*lead, n), out_dtype)
+  cfg = config or rowdot_config(num_tokens, d_model, n)
+  y_TxN = _rowdot(x_TxD, w_NxD, cfg, out_dtype, tu.default_interpret(interpret))
+  return y_TxN.reshape(*lead, n)
