@@ -28,6 +28,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # generation's one-token steps: auto (pallas with the Pallas kernel backend, i.e. on GPU) |
   # xla | pallas (one kernel over the filled cache slots only)
   c.model.decode_attention = "auto"
+  # generation's attention and unembedding GEMVs: splitk | rowdot (weights stored output-major)
+  c.model.decode_gemv = "splitk"
   c.model.remat = "none"  # none | ffn | full: rematerialisation policy
   c.model.pad_to = config_dict.placeholder(int)  # pad F inside the op (None: 128 on GPU)
   c.model.document_mask = True  # packed rows attend only within their own document

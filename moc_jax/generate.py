@@ -55,13 +55,16 @@ def sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 
 
 def with_backend(
-  model: Transformer, backend: str, decode_attention: str | None = None
+  model: Transformer,
+  backend: str,
+  decode_attention: str | None = None,
+  decode_gemv: str | None = None,
 ) -> Transformer:
-  """The same parameters under another kernel backend (and decode attention, if given),
-  prepared for decoding (Wu^T stored)."""
+  """The same parameters under another kernel backend (and decode attention and GEMV, if
+  given), prepared for decoding (Wu^T stored)."""
   cfg = dataclasses.replace(model.cfg, kernel_backend=backend)
-  if decode_attention is not None:
-    cfg = dataclasses.replace(cfg, decode_attention=decode_attention).validate()
+  given = dict(decode_attention=decode_attention, decode_gemv=decode_gemv)
+  cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}).validate()
   out = Transformer(cfg, nnx.Rngs(0))
   nnx.update(out, nnx.state(model, nnx.Param))
   out.prepare_for_decode()

@@ -55,11 +55,19 @@ def apply_rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> 
   return out.astype(x_BxLxHxE.dtype)
 
 
-def decode_linear(backend: str, x_BxLxK: jax.Array, w_KxN: jax.Array, out_dtype=None):
-  """x W for decode: the Pallas GEMV for ≤ 16 tokens (B·L), else XLA (prefill)."""
+def decode_linear(cfg: ModelConfig, x_BxLxK: jax.Array, w: jax.Array, out_dtype=None):
+  """x W for decode: a Pallas GEMV for ≤ 16 tokens (B·L), else XLA (prefill). w is K x N, or
+  N x K with `decode_gemv='rowdot'` (see `decode_layout`)."""
   x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
-  y_TxN = backends.decode_linear(backend, x_TxK.shape[0])(x_TxK, w_KxN, out_dtype)
-  return y_TxN.reshape(*x_BxLxK.shape[:-1], -1)
+  gemv = backends.decode_linear(cfg.kernel_backend, x_TxK.shape[0], cfg.decode_gemv == "rowdot")
+  return gemv(x_TxK, w, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
+
+
+def decode_layout(cfg: ModelConfig, w_KxN: jax.Array) -> DecodeWeight:
+  """A K x N weight in compute dtype, stored as `decode_linear` reads it (N x K for rowdot:
+  each output's weights one contiguous row)."""
+  w = w_KxN.astype(cfg.compute_dtype)
+  return DecodeWeight(w.T if cfg.decode_gemv == "rowdot" else w)
 
 
 def xla_cache_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, k_BxSxHxE, v_BxSxHxE, positions_BxL):
@@ -117,15 +125,15 @@ class Attention(nnx.Module):
   def prepare_for_decode(self) -> None:
     """Compute-dtype copies as 2-D weights, made once: q, k, v in one (D, 3HE) GEMV and the
     output projection as (HE, D), so that decode reads each weight byte once per step."""
-    dt, d = self.cfg.compute_dtype, self.cfg.d_model
+    d = self.cfg.d_model
     w_qkv = jnp.concatenate([w[...].reshape(d, -1) for w in (self.w_q, self.w_k, self.w_v)], 1)
     w_o = self.w_o[...].reshape(-1, d)
-    self.decode_weights = nnx.List([DecodeWeight(w_qkv.astype(dt)), DecodeWeight(w_o.astype(dt))])
+    self.decode_weights = nnx.List([decode_layout(self.cfg, w) for w in (w_qkv, w_o)])
 
   def _decode_qkv(self, x_BxLxD, positions_BxL):
     """`_qkv` through one decode GEMV over the fused weight."""
     c = self.cfg
-    qkv = decode_linear(c.kernel_backend, x_BxLxD, self.decode_weights[0][...])
+    qkv = decode_linear(c, x_BxLxD, self.decode_weights[0][...])
     qkv_BxLx3xHxE = qkv.reshape(*qkv.shape[:2], 3, c.num_heads, c.head_dim)
     q, k, v = (qkv_BxLx3xHxE[:, :, i] for i in range(3))
     rope = lambda t: apply_rope(t, positions_BxL, c.rope_theta)
@@ -133,7 +141,7 @@ class Attention(nnx.Module):
 
   def _decode_out(self, o_BxLxHxE):
     o_BxLxHE = o_BxLxHxE.reshape(*o_BxLxHxE.shape[:2], -1)
-    return decode_linear(self.cfg.kernel_backend, o_BxLxHE, self.decode_weights[1][...])
+    return decode_linear(self.cfg, o_BxLxHE, self.decode_weights[1][...])
 
   def decode(self, x_BxLxD, positions_BxL, cache: dict):
     """Write k/v at `positions` into the cache and attend to every slot at or before them."""
@@ -310,7 +318,7 @@ class Transformer(nnx.Module):
     if self.decode_unembed is None:
       return self._logits(x_BxLxD)
     w = self.decode_unembed[...]
-    return decode_linear(self.cfg.kernel_backend, self.final_norm(x_BxLxD), w, jnp.float32)
+    return decode_linear(self.cfg, self.final_norm(x_BxLxD), w, jnp.float32)
 
   def prepare_for_decode(self) -> None:
     """Decode layouts, made once: channel-major Wu^T for the FFNs, fused 2-D attention
@@ -318,7 +326,7 @@ class Transformer(nnx.Module):
     for block in self.blocks:
       block.ffn.prepare_for_decode()
       block.attn.prepare_for_decode()
-    self.decode_unembed = DecodeWeight(self.unembed[...].astype(self.cfg.compute_dtype))
+    self.decode_unembed = decode_layout(self.cfg, self.unembed[...])
 
 
 def count_params(model: nnx.Module) -> int:

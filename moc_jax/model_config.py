@@ -24,6 +24,7 @@ REMAT_POLICIES = ("none", "ffn", "full")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_BACKENDS = ("auto", "xla", "pallas")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
+DECODE_GEMVS = ("splitk", "rowdot")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -57,6 +58,10 @@ class ModelConfig:
   # pallas, i.e. on GPU) | xla (dot_product_attention over every cache slot) | pallas
   # (`pallas_kernels.decode_attention`: one kernel, only the filled slots)
   decode_attention: str = "auto"
+  # the decode GEMVs of attention and unembedding (T <= 16 tokens on the Pallas backend):
+  # splitk (weights D x N, D split over programs, partials summed by XLA) | rowdot (weights
+  # stored N x D once when prepared for decode, whole rows per program, no partials)
+  decode_gemv: str = "splitk"
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -88,6 +93,7 @@ class ModelConfig:
     _choice("model.attention", self.attention, ATTENTION_IMPLS)
     _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
     _choice("model.decode_attention", self.decode_attention, DECODE_ATTENTION)
+    _choice("model.decode_gemv", self.decode_gemv, DECODE_GEMVS)
     _choice("model.dtype", self.dtype, DTYPES)
     _choice("model.param_dtype", self.param_dtype, DTYPES)
     for name in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads"):

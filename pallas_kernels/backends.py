@@ -80,10 +80,17 @@ def dense_decode_ffn(backend: str, num_tokens: int) -> Callable:
   return moc_decode.dense_decode_ffn
 
 
-def decode_linear(backend: str, num_tokens: int) -> Callable:
-  """(x_TxD, w_DxN, out_dtype=None) -> y_TxN; the split-K GEMV only for T <= 16."""
-  from pallas_kernels import _decode_gemv
+def decode_linear(backend: str, num_tokens: int, output_major: bool = False) -> Callable:
+  """(x_TxD, w, out_dtype=None) -> y_TxN with w D x N (the split-K GEMV) or, output_major,
+  N x D (the rowdot GEMV); the kernels only for T <= 16."""
+  from pallas_kernels import _decode_gemv, _decode_rowdot
 
   if resolve(backend) == "xla" or num_tokens > _decode_gemv.MAX_TOKENS:
+    if output_major:
+      return lambda x_TxD, w_NxD, out_dtype=None: reference.linear(x_TxD, w_NxD.T, out_dtype)
     return reference.linear
+  if output_major:
+    return lambda x_TxD, w_NxD, out_dtype=None: _decode_rowdot.rowdot(
+      x_TxD, w_NxD, out_dtype=out_dtype
+    )
   return lambda x_TxD, w_DxN, out_dtype=None: _decode_gemv.linear(x_TxD, w_DxN, out_dtype=out_dtype)

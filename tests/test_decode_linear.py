@@ -151,9 +151,11 @@ def test_prepare_copies_unembed_only_when_dtypes_differ():
       assert m.decode_unembed[...].dtype == jnp.bfloat16
 
 
-def test_model_decode_through_pallas_matches_xla(monkeypatch):
+@pytest.mark.parametrize("gemv", ["splitk", "rowdot"])
+def test_model_decode_through_pallas_matches_xla(monkeypatch, gemv):
   """fp32 tiny model: prepared for Pallas (interpret mode on CPU), the same greedy tokens and
-  logits (a prefill of 2 × 9 tokens takes XLA; a 1-token step the GEMV) as the XLA model."""
+  logits (a prefill of 2 × 9 tokens takes XLA; a 1-token step the GEMV) as the XLA model, with
+  either decode GEMV (rowdot: the weights stored output-major)."""
   from moc_jax import generate, model_config
   from moc_jax.model import Transformer
 
@@ -161,10 +163,11 @@ def test_model_decode_through_pallas_matches_xla(monkeypatch):
     "tiny", vocab_size=1001, num_layers=2, dtype="float32", attention="xla", kernel_backend="xla"
   )
   xla = Transformer(cfg, nnx.Rngs(_seed()))
-  fast = generate.with_backend(xla, "pallas")
+  fast = generate.with_backend(xla, "pallas", decode_gemv=gemv)
   calls = []
-  real = _decode_gemv.linear
-  monkeypatch.setattr(_decode_gemv, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+  module, name = (_decode_gemv, "linear") if gemv == "splitk" else (_decode_rowdot, "rowdot")
+  real = getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
 
   def steps(m):
     graphdef, state = nnx.split(m)
@@ -184,6 +187,8 @@ def test_model_decode_through_pallas_matches_xla(monkeypatch):
   assert len(calls) == 2 * 2 + 1  # qkv and o-proj per layer, the unembedding: 1-token step only
   np.testing.assert_allclose(pre_p, pre_x, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(step_p, step_x, rtol=1e-4, atol=1e-5)
+  _, step_r = steps(generate.with_backend(xla, "xla", decode_gemv=gemv))  # XLA, prepared layout
+  np.testing.assert_allclose(step_r, step_x, rtol=1e-4, atol=1e-5)
   prompts = [[1, 5, 9, 13, 2], [3, 4, 60]]
   assert generate.generate(fast, prompts, 4) == generate.generate(xla, prompts, 4)
 
