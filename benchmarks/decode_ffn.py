@@ -70,6 +70,9 @@ PHASES = {
   # each default path compiled with XLA's programmatic dependent launch on and off
   "pdl1": (1, ALL, frozenset({"pdl"})),
   "pdl4": (4, FIRST, frozenset({"pdl"})),
+  # the FFN GEMVs output-major (`model.decode_gemv='rowdot'`) against the split-K defaults
+  "rowdot1": (1, ALL, frozenset({"rowdot"})),
+  "rowdot4": (4, FIRST, frozenset({"rowdot"})),
 }
 # row-name suffix -> XLA options of its programs (no suffix: XLA's defaults)
 PDL = {"[pdl]": compile_options.pdl(True), "[nopdl]": compile_options.pdl(False)}
@@ -177,6 +180,22 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     out |= {name + tag: row for name, row in paths.items() for tag in ("", *PDL)}
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
+  if "rowdot" in kinds:  # these rows take two more weights: Wgᵀ and Wdᵀ (`bench_case`)
+    out["xla_dense"] = (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None)
+    out.update(dense_defaults)
+    out["dense_kernel[rowdot]"] = (
+      lambda x, wg, wu, wut, wd, wgt, wdt: moc_decode.dense_decode_ffn(
+        x, wgt, wut, wdt, interpret=interp, output_major=True
+      ),
+      None,
+    )
+    out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
+    out["moc_kernel[rowdot]"] = (
+      lambda x, wg, wu, wut, wd, wgt, wdt: moc_decode.decode_ffn(
+        x, wgt, wut, wd, k, variant, config=moc_cfg, interpret=interp, output_major=True
+      ),
+      moc_cfg,
+    )
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one
     for tag, c in (
       ("own,sel8w", replace(own_select, select_warps=8)),
@@ -278,9 +297,15 @@ def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
   methods = methods_for(d, f, k, t, variant, interp, kinds)
   ref_dense = reference.dense_decode_ffn(x, *[sets[0][i] for i in (0, 1, 3)])
   ref_moc = reference.decode_ffn(x, sets[0][0], sets[0][2], sets[0][3], k, variant)
+  sets_t = None  # (..., Wgᵀ, Wdᵀ) for the output-major rows, transposed once
   rows = []
   for name, (fn, c) in methods.items():
     row = {"d": d, "F": f, "K": k, "T": t, "variant": variant, "method": name}
+    row_sets = sets
+    if "rowdot" in name:
+      transpose = jax.jit(jnp.transpose)
+      sets_t = sets_t or [(*s, transpose(s[0]), transpose(s[3])) for s in sets]
+      row_sets = sets_t
     row["bytes_must_read"] = dense_bytes if "dense" in name else moc_bytes
     if name.startswith("stage:"):  # what the stage itself must read
       row["bytes_must_read"] = 2 * t * k * d * 2 if "rows" in name else d * f * 2
@@ -294,13 +319,13 @@ def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
     options = next((o for tag, o in PDL.items() if name.endswith(tag)), None)
     try:
       jfn = jax.jit(fn, compiler_options=options)
-      y = jfn(x, *sets[0])
+      y = jfn(x, *row_sets[0])
       if not name.startswith("stage:"):
         row["rel_err_vs_reference"] = rel_err(y, ref_dense if "dense" in name else ref_moc)
-      timing = time_chain(chain(fn, options), (xs, sets), len(sets), args.reps, args.trials)
+      timing = time_chain(chain(fn, options), (xs, row_sets), len(sets), args.reps, args.trials)
       row["time_s"] = timing["median_s"]
       row["trials_s"] = timing["trials_s"]
-      row["single_call_s"] = time_single(jfn, (x, *sets[0]), args.trials)
+      row["single_call_s"] = time_single(jfn, (x, *row_sets[0]), args.trials)
       row["bandwidth_Bps"] = row["bytes_must_read"] / row["time_s"]
     except Exception as e:
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

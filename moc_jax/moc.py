@@ -290,30 +290,26 @@ def moc_decode_ffn(
   variant: str = "moc",
   backend: str = "xla",
   warm: jax.Array | None = None,
+  output_major: bool = False,
 ) -> jax.Array:
   """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
 
   variant='dense' runs the dense FFN on the same path (Wu then given as (D, F)). warm: the
   weight the next kernels read; the MoC kernels may read its start into L2 while their top-K
-  runs (`DecodeConfig.warm_bytes`); y does not depend on it.
+  runs (`DecodeConfig.warm_bytes`); y does not depend on it. output_major: the weights that
+  the GEMVs read whole come transposed (`model.decode_gemv='rowdot'`): Wgᵀ (F, D), and for
+  dense also Wuᵀ (F, D) and Wdᵀ (D, F).
   """
   *lead, d_model = x.shape
-  d_ff = w_gate_DxF.shape[1]
+  d_ff = w_up_FxD.shape[0] if variant != "dense" or output_major else w_up_FxD.shape[1]
   validate(d_ff, k, variant)
+  x_TxD = x.reshape(-1, d_model)
+  ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
   if variant == "dense":
-    x_TxD = x.reshape(-1, d_model)
-    y = backends.dense_decode_ffn(backend, x_TxD.shape[0])(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD)
+    y = backends.dense_decode_ffn(backend, x_TxD.shape[0], output_major)(x_TxD, *ws)
     return y.reshape(*lead, d_model)
-  kernel = backends.decode_ffn(backend)
-  y = kernel(
-    x.reshape(-1, d_model),
-    w_gate_DxF,
-    w_up_FxD,
-    w_down_FxD,
-    effective_k(k, d_ff, variant),
-    variant,
-    warm=warm,
-  )
+  kernel = backends.decode_ffn(backend, output_major)
+  y = kernel(x_TxD, *ws, effective_k(k, d_ff, variant), variant, warm=warm)
   return y.reshape(*lead, d_model)
 
 

@@ -194,12 +194,18 @@ class FeedForward(nnx.Module):
 
   def prepare_for_decode(self) -> None:
     """Compute-dtype weight copies in the decode layout, made once: MoC reads only the
-    selected rows of Wu^T (stored channel-major, F x D) and Wd; no per-step casts."""
-    dt = self.cfg.compute_dtype
-    w_up = self.w_up[...] if self.cfg.ffn == "dense" else self.w_up[...].T
-    self.decode_weights = nnx.List(
-      [DecodeWeight(w.astype(dt)) for w in (self.w_gate[...], w_up, self.w_down[...])]
-    )
+    selected rows of Wu^T (stored channel-major, F x D) and Wd; no per-step casts. With
+    `decode_gemv='rowdot'` the weights read whole are stored transposed (`decode_layout`)."""
+    c = self.cfg
+    if c.ffn == "dense":
+      ws = [decode_layout(c, w[...]) for w in (self.w_gate, self.w_up, self.w_down)]
+    else:
+      rows = (self.w_up[...].T, self.w_down[...])  # gathered by row: channel-major always
+      ws = [
+        decode_layout(c, self.w_gate[...]),
+        *(DecodeWeight(w.astype(c.compute_dtype)) for w in rows),
+      ]
+    self.decode_weights = nnx.List(ws)
 
   def decode(self, x_BxLxD: jax.Array, warm: jax.Array | None = None) -> jax.Array:
     """warm: the weight the next layer reads first; the MoC kernels may warm L2 with it."""
@@ -208,7 +214,15 @@ class FeedForward(nnx.Module):
       return self(x_BxLxD)
     w_gate, w_up, w_down = (w[...] for w in self.decode_weights)
     return moc.moc_decode_ffn(
-      x_BxLxD, w_gate, w_up, w_down, k=c.k, variant=c.ffn, backend=c.kernel_backend, warm=warm
+      x_BxLxD,
+      w_gate,
+      w_up,
+      w_down,
+      k=c.k,
+      variant=c.ffn,
+      backend=c.kernel_backend,
+      warm=warm,
+      output_major=c.decode_gemv == "rowdot",
     )
 
 

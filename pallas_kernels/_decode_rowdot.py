@@ -48,37 +48,47 @@ def _rows(num_tokens: int, cfg: RowdotConfig) -> int:
   return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, pow2_at_least(num_tokens))
 
 
-def _kernel(x_ref, w_ref, y_ref, *, num_tokens, rows, d_model, n, block_n, block_d, precision):
+def _kernel(x_ref, *refs, num_tokens, rows, d_model, n, block_n, block_d, swiglu, precision):
+  """y = x Wᵀ for this program's block of rows; with two weights (swiglu) silu(x Wgᵀ) x Wuᵀ."""
+  w_refs, y_ref = refs[:-1], refs[-1]
   n0 = pl.program_id(0) * block_n
   n_mask = n0 + jnp.arange(block_n) < n
 
-  def body(i, acc):
+  def body(i, accs):
     d0 = i * block_d
     d_mask = d0 + jnp.arange(block_d) < d_model
-    w = plgpu.load(
-      w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)],
-      mask=n_mask[:, None] & d_mask[None, :],
-      other=0,
-    )
     xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
-    if rows == 1:  # whole-row products summed once after the loop
-      return acc + w.astype(F32) * xk[None, :]
-    return acc + lax.dot_general(
-      xk, w, (((1,), (1,)), ((), ())), preferred_element_type=F32, precision=precision
-    )
+    out = []
+    for w_ref, acc in zip(w_refs, accs, strict=True):
+      w = plgpu.load(
+        w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)],
+        mask=n_mask[:, None] & d_mask[None, :],
+        other=0,
+      )
+      if rows == 1:  # whole-row products summed once after the loop
+        out.append(acc + w.astype(F32) * xk[None, :])
+      else:
+        dims = (((1,), (1,)), ((), ()))
+        out.append(
+          acc + lax.dot_general(xk, w, dims, preferred_element_type=F32, precision=precision)
+        )
+    return tuple(out)
 
   shape = (block_n, block_d) if rows == 1 else (rows, block_n)
-  acc = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
-  y = jnp.sum(acc, axis=1) if rows == 1 else acc
+  accs = tuple(jnp.zeros(shape, F32) for _ in w_refs)
+  accs = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, accs)
+  ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
+  y = tu.silu(ys[0]) * ys[1] if swiglu else ys[0]
   plgpu.store(
     tf_ref(y_ref, rows, n0, block_n), y.astype(y_ref.dtype), mask=tf_mask(rows, num_tokens, n_mask)
   )
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _rowdot(x_TxD, w_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax.Array:
+def _rowdot(x_TxD, ws_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax.Array:
+  """One launch over N / block_n programs; two weights: the SwiGLU of both."""
   num_tokens, d_model = x_TxD.shape
-  n = w_NxD.shape[0]
+  n = ws_NxD[0].shape[0]
   block_n = min(cfg.block_n, pow2_at_least(n))
   block_d = min(cfg.block_d, pow2_at_least(d_model))
   kernel = functools.partial(
@@ -89,6 +99,7 @@ def _rowdot(x_TxD, w_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax.
     n=n,
     block_n=block_n,
     block_d=block_d,
+    swiglu=len(ws_NxD) == 2,
     precision=precision_for(x_TxD.dtype),
   )
   return pl.pallas_call(
@@ -98,7 +109,7 @@ def _rowdot(x_TxD, w_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax.
     compiler_params=plgpu.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
     interpret=interpret,
     name="decode_rowdot",
-  )(x_TxD, w_NxD)
+  )(x_TxD, *ws_NxD)
 
 
 def rowdot(
@@ -124,5 +135,22 @@ def rowdot(
   if num_tokens == 0:
     return jnp.zeros((*lead, n), out_dtype)
   cfg = config or rowdot_config(num_tokens, d_model, n)
-  y_TxN = _rowdot(x_TxD, w_NxD, cfg, out_dtype, tu.default_interpret(interpret))
+  y_TxN = _rowdot(x_TxD, (w_NxD,), cfg, out_dtype, tu.default_interpret(interpret))
   return y_TxN.reshape(*lead, n)
+
+
+def swiglu(
+  x_TxD: jax.Array,
+  w_gate_FxD: jax.Array,
+  w_up_FxD: jax.Array,
+  *,
+  config: RowdotConfig | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """z_TxF = silu(x Wgᵀ) · x Wuᵀ in x's dtype (fp32 G and U, as `reference.dense_decode_ffn`),
+  both weights output-major: the dense FFN's first half in one launch, no partials."""
+  num_tokens, d_model = x_TxD.shape
+  d_ff = w_gate_FxD.shape[0]
+  cfg = config or rowdot_config(num_tokens, d_model, 2 * d_ff)
+  ws = (w_gate_FxD, w_up_FxD)
+  return _rowdot(x_TxD, ws, cfg, x_TxD.dtype, tu.default_interpret(interpret))

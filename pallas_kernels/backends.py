@@ -6,6 +6,7 @@ Each getter returns a callable with exactly the signature of its reference in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -62,22 +63,28 @@ def bitmask_epilogues(backend: str) -> tuple[Callable, Callable] | None:
   return moc_train_mask.train_forward_bitmask, moc_train_mask.train_backward_bitmask
 
 
-def decode_ffn(backend: str) -> Callable:
-  """(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, *, warm=None) -> y_TxD."""
+def decode_ffn(backend: str, output_major: bool = False) -> Callable:
+  """(x_TxD, w_gate, w_up_FxD, w_down_FxD, k, variant, *, warm=None) -> y_TxD, the gate
+  weight D x F, or F x D with output_major."""
   if resolve(backend) == "xla":
+    if output_major:
+      return lambda x, wg, *a, **kw: reference.decode_ffn(x, wg.T, *a, **kw)
     return reference.decode_ffn
   from pallas_kernels import moc_decode
 
-  return moc_decode.decode_ffn
+  return functools.partial(moc_decode.decode_ffn, output_major=output_major)
 
 
-def dense_decode_ffn(backend: str, num_tokens: int) -> Callable:
-  """(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD) -> y_TxD; GEMV kernels only for T <= 16."""
+def dense_decode_ffn(backend: str, num_tokens: int, output_major: bool = False) -> Callable:
+  """(x_TxD, w_gate, w_up, w_down) -> y_TxD with Wg, Wu D x F and Wd F x D, or all three
+  transposed with output_major; GEMV kernels only for T <= 16."""
   from pallas_kernels import moc_decode
 
   if resolve(backend) == "xla" or num_tokens > moc_decode.MAX_KERNEL_TOKENS:
+    if output_major:
+      return lambda x, wg, wu, wd: reference.dense_decode_ffn(x, wg.T, wu.T, wd.T)
     return reference.dense_decode_ffn
-  return moc_decode.dense_decode_ffn
+  return functools.partial(moc_decode.dense_decode_ffn, output_major=output_major)
 
 
 def decode_linear(backend: str, num_tokens: int, output_major: bool = False) -> Callable:

@@ -32,7 +32,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _decode_gemv, _decode_list, _decode_select, reference, topk
+from pallas_kernels import (
+  _decode_gemv,
+  _decode_list,
+  _decode_rowdot,
+  _decode_select,
+  reference,
+  topk,
+)
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, dense_config, moc_config
 from pallas_kernels._decode_config import cdiv as _cdiv
@@ -193,33 +200,43 @@ def decode_ffn(
   config: DecodeConfig | None = None,
   interpret: bool | None = None,
   warm: jax.Array | None = None,
+  output_major: bool = False,
 ) -> jax.Array:
   """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened).
 
   warm: a weight the next kernels will read (the next layer's q, k, v); the list pipeline's
-  top-K launch reads up to `DecodeConfig.warm_bytes` of it into L2. No effect on y."""
+  top-K launch reads up to `DecodeConfig.warm_bytes` of it into L2. No effect on y.
+  output_major: the gate weight comes as Wgᵀ (F × D) and its GEMV is `_decode_rowdot`'s."""
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
-  d_ff = w_gate_DxF.shape[1]
+  d_ff = w_gate_DxF.shape[0 if output_major else 1]
   if variant == "moc_2of8" and d_ff % reference.GROUP:
     raise ValueError(f"moc_2of8 needs F divisible by {reference.GROUP}, got F={d_ff}")
   if variant == "moc" and not 0 < k <= d_ff:
     raise ValueError(f"k must be in [1, {d_ff}], got {k}")
   if num_tokens > MAX_KERNEL_TOKENS:  # prefill: dense GEMMs beat row gathers
+    w_gate_DxF = w_gate_DxF.T if output_major else w_gate_DxF
     return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
   cfg = config or moc_config(num_tokens, d_model, d_ff)
   interpret = tu.default_interpret(interpret)
   warm = warm if cfg.warm_bytes else None
-  y = _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret, warm)
+  ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
+  y = _moc_kernels(x_TxD, *ws, k, variant, cfg, interpret, warm, output_major)
   return y.reshape(*lead, d_model)
 
 
-def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
+def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None, output_major=False):
   """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
   the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first.
   warm: a weight whose start the top-K's launch reads into L2 ('moc' only; the Mosaic GPU
   select, which `cfg.topk.selection` picks (`_mosaic_select`), asks L2 for it by bulk
-  prefetches instead of loading it on programs of its own)."""
+  prefetches instead of loading it on programs of its own). output_major: the gate weight is
+  F × D and G comes from the rowdot GEMV, whole, then the Triton top-K."""
+  if output_major:
+    g_TxF = _decode_rowdot.rowdot(x_TxD, w_gate_DxF, interpret=interpret)
+    if warm is not None and variant == "moc":
+      return _decode_select.topk_rows(g_TxF, k, cfg.topk, interpret, (warm, cfg))
+    return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
   if _mosaic_select(x_TxD.dtype, w_gate_DxF.shape[1], k, variant, cfg.topk, interpret):
     from pallas_kernels import mgpu_select  # Mosaic GPU, imported where it is used
 
@@ -256,22 +273,29 @@ def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: 
   )
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _moc_kernels(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret, warm=None):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 9))
+def _moc_kernels(
+  x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret, warm=None, output_major=False
+):
   """Jitted so that every layer's call reuses one trace of the kernels. warm: only the list
-  pipeline's training top-K uses it (`_topk_select`)."""
-  if cfg.topk is not None:  # G in x's dtype from the split-K GEMV, then the training top-K
-    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm)
+  pipeline's training top-K uses it (`_topk_select`). output_major: the gate weight is F × D."""
+  if cfg.topk is not None:  # G in x's dtype from the gate GEMV, then the training top-K
+    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm, output_major)
     return _decode_list.rows_ffn(
       x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
     )
-  partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
+  d_ff = w_up_FxD.shape[0]
+  if output_major:  # G whole in fp32, as the one split's partial of the select's layout
+    g_TxF = _decode_rowdot.rowdot(x_TxD, w_gate_DxF, out_dtype=F32, interpret=interpret)
+    partials = jnp.pad(g_TxF, ((0, 0), (0, _pow2_at_least(d_ff) - d_ff)))[None, None]
+  else:
+    partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
   select = functools.partial(
     _decode_select.select_scale,
     partials,
     k,
     variant,
-    d_ff=w_gate_DxF.shape[1],
+    d_ff=d_ff,
     round_dtype=x_TxD.dtype,
     warps=cfg.select_warps,
     radix_bits=cfg.select_radix_bits,
@@ -307,15 +331,27 @@ def dense_decode_ffn(
   *,
   config: DecodeConfig | None = None,
   interpret: bool | None = None,
+  output_major: bool = False,
 ) -> jax.Array:
   """Dense SwiGLU for a few tokens, as GEMV kernels (XLA's batch-1 dots stream at ~1 TB/s).
 
   Semantics of `reference.dense_decode_ffn`: fp32 G and U, z = silu(G) U rounded to x's dtype.
+  output_major: the weights come as Wgᵀ, Wuᵀ (F × D) and Wdᵀ (D × F), and two rowdot launches
+  (the SwiGLU in the first one's epilogue) do the whole FFN, no partials to sum.
   """
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
   if num_tokens > MAX_KERNEL_TOKENS:
-    return reference.dense_decode_ffn(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD).reshape(*lead, -1)
+    ws = (
+      (w_gate_DxF.T, w_up_DxF.T, w_down_FxD.T)
+      if output_major
+      else (w_gate_DxF, w_up_DxF, w_down_FxD)
+    )
+    return reference.dense_decode_ffn(x_TxD, *ws).reshape(*lead, -1)
+  if output_major:
+    interpret = tu.default_interpret(interpret)
+    z_TxF = _decode_rowdot.swiglu(x_TxD, w_gate_DxF, w_up_DxF, interpret=interpret)
+    return _decode_rowdot.rowdot(z_TxF, w_down_FxD, interpret=interpret).reshape(*lead, -1)
   cfg = config or dense_config(num_tokens, d_model, w_gate_DxF.shape[1])
   y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, tu.default_interpret(interpret))
   return y.reshape(*lead, d_model)

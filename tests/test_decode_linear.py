@@ -7,6 +7,7 @@ fills each output with NaN before the kernel runs, so a NaN-free result was full
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -151,8 +152,10 @@ def test_prepare_copies_unembed_only_when_dtypes_differ():
       assert m.decode_unembed[...].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("gemv", ["splitk", "rowdot"])
-def test_model_decode_through_pallas_matches_xla(monkeypatch, gemv):
+@pytest.mark.parametrize(
+  ("gemv", "ffn"), [("splitk", "moc"), ("rowdot", "moc"), ("rowdot", "dense")]
+)
+def test_model_decode_through_pallas_matches_xla(monkeypatch, gemv, ffn):
   """fp32 tiny model: prepared for Pallas (interpret mode on CPU), the same greedy tokens and
   logits (a prefill of 2 × 9 tokens takes XLA; a 1-token step the GEMV) as the XLA model, with
   either decode GEMV (rowdot: the weights stored output-major)."""
@@ -162,7 +165,7 @@ def test_model_decode_through_pallas_matches_xla(monkeypatch, gemv):
   cfg = model_config.from_preset(
     "tiny", vocab_size=1001, num_layers=2, dtype="float32", attention="xla", kernel_backend="xla"
   )
-  xla = Transformer(cfg, nnx.Rngs(_seed()))
+  xla = Transformer(dataclasses.replace(cfg, ffn=ffn), nnx.Rngs(_seed()))
   fast = generate.with_backend(xla, "pallas", decode_gemv=gemv)
   calls = []
   module, name = (_decode_gemv, "linear") if gemv == "splitk" else (_decode_rowdot, "rowdot")
@@ -184,7 +187,9 @@ def test_model_decode_through_pallas_matches_xla(monkeypatch, gemv):
     return run(state)
 
   (pre_x, step_x), (pre_p, step_p) = steps(xla), steps(fast)
-  assert len(calls) == 2 * 2 + 1  # qkv and o-proj per layer, the unembedding: 1-token step only
+  # qkv and o-proj per layer, the unembedding (1-token step only); rowdot: the FFNs' GEMVs too
+  ffn_calls = 2 if gemv == "rowdot" else 0  # MoC's gate, or dense's down (gate+up: `swiglu`)
+  assert len(calls) == 2 * 2 + 1 + ffn_calls
   np.testing.assert_allclose(pre_p, pre_x, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(step_p, step_x, rtol=1e-4, atol=1e-5)
   _, step_r = steps(generate.with_backend(xla, "xla", decode_gemv=gemv))  # XLA, prepared layout

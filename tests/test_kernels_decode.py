@@ -123,6 +123,37 @@ def test_decode_ffn_matches_reference(num_tokens, d_ff, k, variant, dtype, integ
   assert _rel_err(y, want) < tol, f"{seed=}"
 
 
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "variant", "dtype", "cfg"),
+  [
+    (1, 1376, 250, "moc", jnp.bfloat16, None),  # moc_config: list pipeline, training top-K
+    (3, 203, 41, "moc", jnp.float32, TOPK),
+    (2, 136, 34, "moc_2of8", jnp.bfloat16, TOPK),
+    (5, 203, 41, "moc", jnp.float32, SMALL),  # mask pipeline: G as the select's one partial
+    (3, 136, 34, "moc_2of8", jnp.bfloat16, LIST),  # list pipeline, decode select
+  ],
+)
+def test_decode_ffn_output_major_gate(num_tokens, d_ff, k, variant, dtype, cfg):
+  """The gate weight given as Wgᵀ (F × D) to the rowdot GEMV: the same FFN, ties included."""
+  seed, d_model = _seed(), 48
+  x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, dtype, True)
+  y = moc_decode.decode_ffn(
+    x, wg.T, wu, wd, k, variant, config=cfg, interpret=True, output_major=True
+  )
+  want = reference.decode_ffn(x, wg, wu, wd, k, variant)
+  assert _rel_err(y, want) < (1e-5 if dtype == jnp.float32 else 2e-2), f"{seed=}"
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 17])  # 17: prefill, XLA on the transposed weights
+def test_dense_decode_ffn_output_major(num_tokens):
+  """Wgᵀ, Wuᵀ and Wdᵀ through two rowdot launches (SwiGLU in the first one's epilogue)."""
+  seed, d_model, d_ff = _seed(), 48, 203
+  x, wg, wu_t, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
+  y = moc_decode.dense_decode_ffn(x, wg.T, wu_t, wd.T, interpret=True, output_major=True)
+  want = reference.dense_decode_ffn(x, wg, wu_t.T, wd)
+  assert _rel_err(y, want) < 1e-5, f"{seed=}"
+
+
 @pytest.mark.parametrize(("splits", "dtype"), [(2, jnp.bfloat16), (3, jnp.float32)])
 def test_topk_from_partials_matches_reference(splits, dtype):
   """The top-K of G = the split partials summed and rounded as the select loads them: the
