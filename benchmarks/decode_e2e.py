@@ -18,7 +18,9 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 `dense_kernel_attn` / `moc_kernel_attn` take each step's attention as one Pallas kernel
 (`model.decode_attention='pallas'`, what 'auto' picks on GPU), `_xattn` XLA's attention.
 `dense_kernel_rowdot` / `moc_kernel_rowdot` run the attention and unembedding GEMVs on
-output-major weights (`model.decode_gemv='rowdot'`: whole rows per program, no partials).
+output-major weights (`model.decode_gemv='rowdot'`: whole rows per program, no partials);
+`_fused` rows apply RoPE and split q, k, v inside the attention kernel
+(`model.decode_attention='fused'`), `_rowdot_fused` both.
 `dense_kernel_pdl` / `moc_kernel_pdl` (and `_nopdl`) compile the generation with XLA's
 programmatic dependent launch on (off): a kernel may start before the one it follows has ended.
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
@@ -174,6 +176,15 @@ def main() -> None:
     # the attention and unembedding GEMVs output-major, no split-K partials (model.decode_gemv)
     "dense_kernel_rowdot": dict(ffn="dense", kernel_backend="pallas", decode_gemv="rowdot"),
     "moc_kernel_rowdot": dict(ffn="moc", kernel_backend="pallas", decode_gemv="rowdot"),
+    # RoPE and the q, k, v split inside the attention kernel (model.decode_attention='fused')
+    "dense_kernel_fused": dict(ffn="dense", kernel_backend="pallas", decode_attention="fused"),
+    "moc_kernel_fused": dict(ffn="moc", kernel_backend="pallas", decode_attention="fused"),
+    **{
+      f"{v}_kernel_rowdot_fused": dict(
+        ffn=v, kernel_backend="pallas", decode_gemv="rowdot", decode_attention="fused"
+      )
+      for v in ("dense", "moc")
+    },
     # programmatic dependent launch (Hopper): each kernel may launch before the one it follows
     # ends and waits for it inside; XLA's default for it differs between versions, so both
     **{

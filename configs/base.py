@@ -26,7 +26,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
   c.model.kernel_backend = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
   # generation's one-token steps: auto (pallas with the Pallas kernel backend, i.e. on GPU) |
-  # xla | pallas (one kernel over the filled cache slots only)
+  # xla | pallas (one kernel over the filled cache slots only) | fused (pallas, with RoPE and
+  # the q, k, v split inside the kernel)
   c.model.decode_attention = "auto"
   # generation's attention and unembedding GEMVs: splitk | rowdot (weights stored output-major)
   c.model.decode_gemv = "splitk"

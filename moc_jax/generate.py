@@ -204,7 +204,10 @@ def _answers(out_BxN: jax.Array, eos_id: int) -> list[list[int]]:
 
 
 def load(
-  workdir: str, backend: str = "auto", decode_attention: str | None = None
+  workdir: str,
+  backend: str = "auto",
+  decode_attention: str | None = None,
+  decode_gemv: str | None = None,
 ) -> tuple[Transformer, object]:
   """(model prepared for decoding, tokenizer) from the newest checkpoint in `workdir`."""
   import ml_collections
@@ -226,7 +229,7 @@ def load(
   if restored is None:
     raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
   nnx.update(model, restored[1]["params"])
-  return with_backend(model, backend, decode_attention), tokenizer
+  return with_backend(model, backend, decode_attention, decode_gemv), tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--decode_attention",
     default=None,
     help="auto | xla | pallas (one kernel over the filled cache slots; auto: pallas where the "
-    "kernel backend is, i.e. on GPU); default: the run's config",
+    "kernel backend is, i.e. on GPU) | fused (pallas with RoPE and the q, k, v split inside); "
+    "default: the run's config",
+  )
+  p.add_argument(
+    "--decode_gemv",
+    default=None,
+    help="splitk | rowdot (the decode GEMVs on output-major weight copies); default: the run's "
+    "config",
   )
   p.add_argument(
     "--compiler_options",
@@ -261,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = "--compiler_options"
     options = compile_options.parse(a.compiler_options, key=key, gpu_defaults=DECODE_GPU_DEFAULTS)
     compile_options.check(options, key)
-    model, tok = load(a.workdir, a.backend, a.decode_attention)
+    model, tok = load(a.workdir, a.backend, a.decode_attention, a.decode_gemv)
     prompts = [[tok.bos_id, *tok.encode(text)] for text in a.prompt]
     start = time.perf_counter()
     outs = generate(

@@ -44,12 +44,18 @@ class RMSNorm(nnx.Module):
     return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
 
 
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+  """(cos, sin) of the rotary angles, fp32, shaped positions.shape + (E/2,)."""
+  half = head_dim // 2
+  freq_E2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq_E2
+  return jnp.cos(angle), jnp.sin(angle)
+
+
 def apply_rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding on pairs (i, i + E/2), in fp32."""
-  half = x_BxLxHxE.shape[-1] // 2
-  freq_E2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * freq_E2
-  sin, cos = jnp.sin(angle_BxLxE2)[..., None, :], jnp.cos(angle_BxLxE2)[..., None, :]
+  cos, sin = rope_cos_sin(positions_BxL, x_BxLxHxE.shape[-1], theta)
+  cos, sin = cos[..., None, :], sin[..., None, :]
   x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxE.dtype)
@@ -146,8 +152,11 @@ class Attention(nnx.Module):
   def decode(self, x_BxLxD, positions_BxL, cache: dict):
     """Write k/v at `positions` into the cache and attend to every slot at or before them."""
     prepared = self.decode_weights is not None
+    impl = self.cfg.decode_attention_impl()
+    one_kernel = impl in ("pallas", "fused")  # write + attend in one kernel
+    if prepared and impl == "fused" and x_BxLxD.shape[1] == 1:
+      return self._decode_step(x_BxLxD, positions_BxL, cache)
     q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
-    one_kernel = self.cfg.decode_attention_impl() == "pallas"  # write + attend in one kernel
     if one_kernel and q.shape[1] == 1:
       o, k_cache, v_cache = decode_attention.attend(
         q[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], (k[:, 0], v[:, 0])
@@ -157,6 +166,18 @@ class Attention(nnx.Module):
       o, k_cache, v_cache = xla_cache_attention(q, k, v, cache["k"], cache["v"], positions_BxL)
     out = self._decode_out(o) if prepared else self._out(o)
     return out, {"k": k_cache, "v": v_cache}
+
+  def _decode_step(self, x_Bx1xD, positions_Bx1, cache: dict):
+    """One token per row through the attention kernel that also applies RoPE to the q, k, v
+    GEMV's output and splits it (`decode_attention.attend_qkv`): no XLA fusion in between."""
+    c = self.cfg
+    qkv = decode_linear(c, x_Bx1xD, self.decode_weights[0][...])
+    qkv_Bx3xHxE = qkv.reshape(qkv.shape[0], 3, c.num_heads, c.head_dim)
+    cos, sin = rope_cos_sin(positions_Bx1[:, 0], c.head_dim, c.rope_theta)
+    o, k_cache, v_cache = decode_attention.attend_qkv(
+      qkv_Bx3xHxE, cache["k"], cache["v"], positions_Bx1[:, 0], cos, sin
+    )
+    return self._decode_out(o[:, None]), {"k": k_cache, "v": v_cache}
 
 
 class DecodeWeight(nnx.Variable):

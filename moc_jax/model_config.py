@@ -23,7 +23,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 REMAT_POLICIES = ("none", "ffn", "full")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_BACKENDS = ("auto", "xla", "pallas")
-DECODE_ATTENTION = ("auto", "xla", "pallas")
+DECODE_ATTENTION = ("auto", "xla", "pallas", "fused")
 DECODE_GEMVS = ("splitk", "rowdot")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -56,7 +56,8 @@ class ModelConfig:
   kernel_backend: str = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
   # decode steps of one token per row: auto (pallas where the kernel backend resolves to
   # pallas, i.e. on GPU) | xla (dot_product_attention over every cache slot) | pallas
-  # (`pallas_kernels.decode_attention`: one kernel, only the filled slots)
+  # (`pallas_kernels.decode_attention`: one kernel, only the filled slots) | fused (that
+  # kernel also applies RoPE to the q, k, v GEMV's output and splits it: `attend_qkv`)
   decode_attention: str = "auto"
   # the decode GEMVs of attention and unembedding (T <= 16 tokens on the Pallas backend):
   # splitk (weights D x N, D split over programs, partials summed by XLA) | rowdot (weights

@@ -30,23 +30,57 @@ F32 = jnp.float32
 I32 = jnp.int32
 
 
-def _attend_kernel(q_ref, *refs, block_s, chunk, num_slots, head_dim, scale, write):
+def _rotated(ref, part, b, h, e, half, in_head, cos_ref, sin_ref, dtype):
+  """RoPE of ref[b, part, h, :] at its row's position, as `model.apply_rope` computes it
+  (pairs (i, i + E/2) in fp32, then rounded to `dtype`), from that row's cos and sin."""
+  partner = jnp.where(e < half, e + half, e - half)
+  x = plgpu.load(ref.at[b, part, h, e], mask=in_head, other=0).astype(F32)
+  x_pair = plgpu.load(ref.at[b, part, h, partner], mask=in_head, other=0).astype(F32)
+  i = jnp.where(e < half, e, e - half)
+  cos = plgpu.load(cos_ref.at[b, i], mask=in_head, other=0)
+  sin = plgpu.load(sin_ref.at[b, i], mask=in_head, other=0)
+  out = jnp.where(e < half, x * cos - x_pair * sin, x * cos + x_pair * sin)
+  return out.astype(dtype)
+
+
+def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fused):
   """Program (b, h, c): query (b, h) against the cached slots [c·chunk, (c+1)·chunk).
 
-  write: refs are (k_new, v_new, k, v, pos, outputs…, k_out, v_out), k_out / v_out aliasing
+  write: refs are (q, k_new, v_new, k, v, pos, outputs…, k_out, v_out), k_out / v_out aliasing
   k / v; the new token's k, v go to slot pos (by chunk 0) and enter chunk 0's softmax from
-  registers, the cache gives slots 0…pos-1. Else (k, v, pos, outputs…): slots 0…pos all from
-  the cache. Outputs: o (one chunk), or each chunk's running max, sum and fp32 accumulator
-  for `_combine`."""
-  if write:
-    k_new_ref, v_new_ref, k_ref, v_ref, pos_ref, *outs = refs
-    outs, (k_out_ref, v_out_ref) = outs[:-2], outs[-2:]
-  else:
-    k_ref, v_ref, pos_ref, *outs = refs
+  registers, the cache gives slots 0…pos-1. fused: the same with (qkv, cos, sin) for
+  (q, k_new, v_new): q, k, v unrotated in one (B, 3, H, E) array, RoPE applied here. Else
+  (q, k, v, pos, outputs…): slots 0…pos all from the cache. Outputs: o (one chunk), or each
+  chunk's running max, sum and fp32 accumulator for `_combine`."""
   b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
   in_head = e < head_dim
-  q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
+  if fused:
+    qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, *outs = refs
+    outs, (k_out_ref, v_out_ref) = outs[:-2], outs[-2:]
+    rope = functools.partial(
+      _rotated,
+      qkv_ref,
+      b=b,
+      h=h,
+      e=e,
+      half=head_dim // 2,
+      in_head=in_head,
+      cos_ref=cos_ref,
+      sin_ref=sin_ref,
+    )
+    q = rope(0, dtype=qkv_ref.dtype).astype(F32)
+    k_new = rope(1, dtype=k_out_ref.dtype)
+    v_new = plgpu.load(qkv_ref.at[b, 2, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
+  elif write:
+    q_ref, k_new_ref, v_new_ref, k_ref, v_ref, pos_ref, *outs = refs
+    outs, (k_out_ref, v_out_ref) = outs[:-2], outs[-2:]
+    q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
+    k_new = plgpu.load(k_new_ref.at[b, h, e], mask=in_head, other=0).astype(k_out_ref.dtype)
+    v_new = plgpu.load(v_new_ref.at[b, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
+  else:
+    q_ref, k_ref, v_ref, pos_ref, *outs = refs
+    q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
   pos = pos_ref[b]
   first = c * chunk
   # cached slots this program reads: first … end - 1
@@ -71,8 +105,6 @@ def _attend_kernel(q_ref, *refs, block_s, chunk, num_slots, head_dim, scale, wri
   if write:  # the new token, as the cache would hold it (its dtype's rounding), in chunk 0
     mine = in_head & (c == 0)
     at = (b, pos, h, e)
-    k_new = plgpu.load(k_new_ref.at[b, h, e], mask=in_head, other=0).astype(k_out_ref.dtype)
-    v_new = plgpu.load(v_new_ref.at[b, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
     plgpu.store(k_out_ref.at[at], k_new, mask=mine)
     plgpu.store(v_out_ref.at[at], v_new, mask=mine)
     logit = jnp.sum(k_new.astype(F32) * q) * scale
@@ -112,10 +144,10 @@ def _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s: int) -> None:
     raise ValueError(f"block_s={block_s} must be a power of two")
 
 
-def _call(q_BxHxE, k_BxSxHxE, write: bool, block_s, chunk, num_warps, interpret):
+def _call(o_shape, dtype, k_BxSxHxE, write, fused, block_s, chunk, num_warps, interpret):
   """The pallas_call: its outputs are o (one chunk) or the chunks' (max, sum, accumulator),
   then (write) the two caches, aliasing inputs 3 and 4."""
-  batch, heads, head_dim = q_BxHxE.shape
+  batch, heads, head_dim = o_shape
   chunks = -(-k_BxSxHxE.shape[1] // chunk)
   kernel = functools.partial(
     _attend_kernel,
@@ -125,9 +157,10 @@ def _call(q_BxHxE, k_BxSxHxE, write: bool, block_s, chunk, num_warps, interpret)
     head_dim=head_dim,
     scale=head_dim**-0.5,
     write=write,
+    fused=fused,
   )
   if chunks == 1:
-    outs = [jax.ShapeDtypeStruct(q_BxHxE.shape, q_BxHxE.dtype)]
+    outs = [jax.ShapeDtypeStruct(o_shape, dtype)]
   else:
     per_chunk = jax.ShapeDtypeStruct((batch, heads, chunks), F32)
     outs = [per_chunk, per_chunk, jax.ShapeDtypeStruct((batch, heads, chunks, head_dim), F32)]
@@ -182,7 +215,8 @@ def attend(
   if chunk % block_s:
     raise ValueError(f"chunk={chunk} must be a multiple of block_s={block_s}")
   write = new_kv is not None
-  call = _call(q_BxHxE, k_BxSxHxE, write, block_s, chunk, num_warps, interpret)
+  args = (k_BxSxHxE, write, False, block_s, chunk, num_warps, interpret)
+  call = _call(q_BxHxE.shape, q_BxHxE.dtype, *args)
   if write:
     k_new, v_new = new_kv
     if k_new.shape != q_BxHxE.shape or v_new.shape != q_BxHxE.shape:
@@ -195,3 +229,40 @@ def attend(
     outs, caches = call(q_BxHxE, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32)), ()
   o = outs[0] if len(outs) == 1 else _combine(*outs, q_BxHxE.dtype)
   return (o, *caches) if write else o
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "chunk", "num_warps", "interpret"))
+def attend_qkv(
+  qkv_Bx3xHxE: jax.Array,
+  k_BxSxHxE: jax.Array,
+  v_BxSxHxE: jax.Array,
+  pos_B: jax.Array,
+  cos_BxE2: jax.Array,
+  sin_BxE2: jax.Array,
+  *,
+  block_s: int = 64,
+  chunk: int | None = None,
+  num_warps: int = 4,
+  interpret: bool | None = None,
+):
+  """`attend` with new_kv, taking q, k, v as the q, k, v GEMV wrote them (unrotated, one
+  array) and each row's RoPE cos and sin (fp32, E/2): the rotation, the split into q, k, v
+  and the cache write all happen in the one kernel, so no XLA fusion runs between the GEMV
+  and the attention. Returns (o_BxHxE, k cache, v cache)."""
+  batch, three, heads, head_dim = qkv_Bx3xHxE.shape
+  o_shape = (batch, heads, head_dim)
+  if three != 3 or head_dim % 2:
+    raise ValueError(f"attend_qkv needs qkv (B, 3, H, E) with E even, got {qkv_Bx3xHxE.shape}")
+  _check(jnp.zeros(o_shape, qkv_Bx3xHxE.dtype), k_BxSxHxE, v_BxSxHxE, block_s)
+  if cos_BxE2.shape != (batch, head_dim // 2) or sin_BxE2.shape != cos_BxE2.shape:
+    raise ValueError(f"cos, sin must be (B, E/2) = {(batch, head_dim // 2)}, got {cos_BxE2.shape}")
+  chunk = chunk or default_chunk(k_BxSxHxE.shape[1], block_s)
+  if chunk % block_s:
+    raise ValueError(f"chunk={chunk} must be a multiple of block_s={block_s}")
+  args = (k_BxSxHxE, True, True, block_s, chunk, num_warps, interpret)
+  call = _call(o_shape, qkv_Bx3xHxE.dtype, *args)
+  rope = (cos_BxE2.astype(F32), sin_BxE2.astype(F32))
+  outs = call(qkv_Bx3xHxE, *rope, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
+  outs, caches = outs[:-2], tuple(outs[-2:])
+  o = outs[0] if len(outs) == 1 else _combine(*outs, qkv_Bx3xHxE.dtype)
+  return (o, *caches)

@@ -128,6 +128,35 @@ def test_attend_equals_xla_attention_in_fp32():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("slots", "pos", "chunk"), [(37, [0, 36], None), (300, [299, 130], 64)])
+def test_attend_qkv_equals_rope_then_attend(slots, pos, chunk):
+  """The q, k, v GEMV's output (B, 3, H, E) with RoPE applied inside the kernel: the same o
+  and caches as `model.apply_rope` on q and k, then `attend` with new_kv (bf16, one chunk or
+  several)."""
+  from moc_jax.model import apply_rope, rope_cos_sin
+
+  seed, batch, heads, head_dim = time.time_ns() % (2**31), 2, 3, 24
+  dtype = jnp.bfloat16
+  _, k, v = _inputs(seed, batch, slots, heads, head_dim, dtype)
+  qkv = jax.random.normal(jax.random.key(seed + 1), (batch, 3, heads, head_dim), dtype)
+  pos = jnp.asarray(pos, jnp.int32)
+  rope = lambda t: apply_rope(t[:, None], pos[:, None], 500.0)[:, 0]
+  new_kv = (rope(qkv[:, 1]), qkv[:, 2])
+  want = decode_attention.attend(
+    rope(qkv[:, 0]), k, v, pos, new_kv, chunk=chunk, block_s=32, interpret=True
+  )
+  cos, sin = rope_cos_sin(pos, head_dim, 500.0)
+  got = decode_attention.attend_qkv(
+    qkv, k, v, pos, cos, sin, chunk=chunk, block_s=32, interpret=True
+  )
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(
+      np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=f"{seed=}"
+    )
+  with pytest.raises(ValueError, match="cos, sin"):
+    decode_attention.attend_qkv(qkv, k, v, pos, cos[:, :3], sin, interpret=True)
+
+
 def test_attend_refuses_mismatched_shapes():
   q, k, v = _inputs(0, 2, 8, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match="k, v"):
@@ -165,3 +194,24 @@ def test_attend_gpu_1b_shape():
   got = decode_attention.attend(q, k, v, pos)
   want = _reference(q, k, v, pos)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_attend_qkv_gpu_1b_shape():
+  """Compiled: RoPE and the split inside the kernel at the 1b heads, batch 2, 256 slots, the
+  caches donated; o within bf16 rounding of RoPE by XLA then `attend`, the caches equal up to
+  one bf16 rounding of the new k (XLA may contract the rotation into FMAs differently)."""
+  from moc_jax.model import apply_rope, rope_cos_sin
+
+  seed = time.time_ns() % (2**31)
+  _, k, v = _inputs(seed, 2, 256, 16, 128, jnp.bfloat16)
+  qkv = jax.random.normal(jax.random.key(seed + 1), (2, 3, 16, 128), jnp.bfloat16)
+  pos = jnp.asarray([5, 255], jnp.int32)
+  rope = lambda t: apply_rope(t[:, None], pos[:, None], 10000.0)[:, 0]
+  want = decode_attention.attend(rope(qkv[:, 0]), k, v, pos, (rope(qkv[:, 1]), qkv[:, 2]))
+  cos, sin = rope_cos_sin(pos, 128, 10000.0)
+  got = jax.jit(decode_attention.attend_qkv, donate_argnums=(1, 2))(qkv, k, v, pos, cos, sin)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(
+      np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2, rtol=2e-2
+    )

@@ -88,6 +88,9 @@ def test_greedy_kernel_path_matches_xla_on_trained_model(trained_workdir):
   # and with each step's attention as one kernel too
   both = generate.with_backend(model, "pallas", decode_attention="pallas")
   assert generate.generate(both, prompts, 6, **kw) == want
+  # RoPE and the q, k, v split inside that kernel; every GEMV on output-major weights
+  fused = generate.with_backend(model, "pallas", decode_attention="fused", decode_gemv="rowdot")
+  assert generate.generate(fused, prompts, 6, **kw) == want
   assert all(len(w) > 0 for w in want)
 
 
@@ -110,6 +113,10 @@ def test_cli_rejects_bad_options(trained_workdir, capsys):
     generate.main(argv)
   assert e.value.code == 2
   assert "model.decode_attention='flash'" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    generate.main(["--workdir", trained_workdir, "--prompt", "x", "--decode_gemv=colmajor"])
+  assert e.value.code == 2
+  assert "model.decode_gemv='colmajor'" in capsys.readouterr().err
 
 
 def test_compiler_options_reach_their_own_program():
