@@ -48,16 +48,63 @@ def _rows(num_tokens: int, cfg: RowdotConfig) -> int:
   return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, pow2_at_least(num_tokens))
 
 
-def _kernel(x_ref, *refs, num_tokens, rows, d_model, n, block_n, block_d, swiglu, precision):
-  """y = x Wᵀ for this program's block of rows; with two weights (swiglu) silu(x Wgᵀ) x Wuᵀ."""
-  w_refs, y_ref = refs[:-1], refs[-1]
-  n0 = pl.program_id(0) * block_n
+def _inv_rms(x_ref, *, num_tokens, rows, d_model, block_d, eps):
+  """Per token 1 / sqrt(mean(x²) + eps) in fp32, as `model.RMSNorm` computes it."""
+
+  def body(i, ss):
+    xk = load_x(x_ref, i * block_d, block_d, num_tokens, rows, d_model).astype(F32)
+    return ss + jnp.sum(xk * xk, axis=-1)
+
+  shape = () if rows == 1 else (rows,)
+  ss = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
+  return lax.rsqrt(ss / d_model + eps)
+
+
+def _kernel(
+  *refs,
+  num_tokens,
+  rows,
+  d_model,
+  n,
+  block_n,
+  block_d,
+  num_w,
+  swiglu,
+  norm_eps,
+  residual,
+  write_normed,
+  precision,
+):
+  """y = x Wᵀ for this program's block of rows; with two weights (swiglu) silu(x Wgᵀ) x Wuᵀ.
+
+  refs: x, [norm scale], weights…, [residual], y, [normed x]. With a norm (norm_eps not None)
+  x is RMS-normalized first (rounded to its dtype, as the model's norm output is); program 0
+  also writes that normalized x if asked. With a residual, y = round(x Wᵀ) + residual."""
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  scale_ref = refs.pop(0) if norm_eps is not None else None
+  w_refs = [refs.pop(0) for _ in range(num_w)]
+  res_ref = refs.pop(0) if residual else None
+  y_ref = refs.pop(0)
+  xn_ref = refs.pop(0) if write_normed else None
+  pid = pl.program_id(0)
+  n0 = pid * block_n
   n_mask = n0 + jnp.arange(block_n) < n
+  dims = dict(num_tokens=num_tokens, rows=rows, d_model=d_model, block_d=block_d)
+  inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
 
   def body(i, accs):
     d0 = i * block_d
     d_mask = d0 + jnp.arange(block_d) < d_model
     xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    if scale_ref is not None:
+      scale = plgpu.load(scale_ref.at[pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
+      per_token = inv if rows == 1 else inv[:, None]
+      xk = (xk.astype(F32) * per_token * scale).astype(x_ref.dtype)
+      if xn_ref is not None:
+        mine = tf_mask(rows, num_tokens, d_mask) & (pid == 0)
+        plgpu.store(tf_ref(xn_ref, rows, d0, block_d), xk, mask=mine)
+      xk = xk.astype(F32) if rows == 1 else xk
     out = []
     for w_ref, acc in zip(w_refs, accs, strict=True):
       w = plgpu.load(
@@ -68,9 +115,9 @@ def _kernel(x_ref, *refs, num_tokens, rows, d_model, n, block_n, block_d, swiglu
       if rows == 1:  # whole-row products summed once after the loop
         out.append(acc + w.astype(F32) * xk[None, :])
       else:
-        dims = (((1,), (1,)), ((), ()))
+        dims_ = (((1,), (1,)), ((), ()))
         out.append(
-          acc + lax.dot_general(xk, w, dims, preferred_element_type=F32, precision=precision)
+          acc + lax.dot_general(xk, w, dims_, preferred_element_type=F32, precision=precision)
         )
     return tuple(out)
 
@@ -78,15 +125,28 @@ def _kernel(x_ref, *refs, num_tokens, rows, d_model, n, block_n, block_d, swiglu
   accs = tuple(jnp.zeros(shape, F32) for _ in w_refs)
   accs = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, accs)
   ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
-  y = tu.silu(ys[0]) * ys[1] if swiglu else ys[0]
-  plgpu.store(
-    tf_ref(y_ref, rows, n0, block_n), y.astype(y_ref.dtype), mask=tf_mask(rows, num_tokens, n_mask)
-  )
+  y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
+  mask = tf_mask(rows, num_tokens, n_mask)
+  if res_ref is not None:  # the residual add as XLA does it: round, add in fp32, round
+    r = plgpu.load(tf_ref(res_ref, rows, n0, block_n), mask=mask, other=0).astype(F32)
+    y = (y.astype(F32) + r).astype(y_ref.dtype)
+  plgpu.store(tf_ref(y_ref, rows, n0, block_n), y, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _rowdot(x_TxD, ws_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax.Array:
-  """One launch over N / block_n programs; two weights: the SwiGLU of both."""
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _rowdot(
+  x_TxD,
+  ws_NxD,
+  cfg: RowdotConfig,
+  out_dtype,
+  interpret: bool,
+  norm_eps=None,
+  normed=False,
+  scale_D=None,
+  residual_TxN=None,
+):
+  """One launch over N / block_n programs; two weights: the SwiGLU of both. Returns y, or
+  (y, normalized x) with `normed`."""
   num_tokens, d_model = x_TxD.shape
   n = ws_NxD[0].shape[0]
   block_n = min(cfg.block_n, pow2_at_least(n))
@@ -99,17 +159,37 @@ def _rowdot(x_TxD, ws_NxD, cfg: RowdotConfig, out_dtype, interpret: bool) -> jax
     n=n,
     block_n=block_n,
     block_d=block_d,
+    num_w=len(ws_NxD),
     swiglu=len(ws_NxD) == 2,
+    norm_eps=norm_eps,
+    residual=residual_TxN is not None,
+    write_normed=normed,
     precision=precision_for(x_TxD.dtype),
   )
-  return pl.pallas_call(
+  out_shape = [jax.ShapeDtypeStruct((num_tokens, n), out_dtype)]
+  if normed:
+    out_shape.append(jax.ShapeDtypeStruct(x_TxD.shape, x_TxD.dtype))
+  inputs = [x_TxD, *([scale_D] if norm_eps is not None else []), *ws_NxD]
+  inputs += [] if residual_TxN is None else [residual_TxN]
+  outs = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct((num_tokens, n), out_dtype),
+    out_shape=tuple(out_shape),
     grid=(pl.cdiv(n, block_n),),
     compiler_params=plgpu.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
     interpret=interpret,
     name="decode_rowdot",
-  )(x_TxD, *ws_NxD)
+  )(*inputs)
+  return tuple(outs) if normed else outs[0]
+
+
+def _norm_args(norm, return_normed: bool) -> tuple:
+  """(norm_eps, normed, scale) for `_rowdot` from norm = (scale_D, eps) or None."""
+  if norm is None:
+    if return_normed:
+      raise ValueError("rowdot: return_normed needs a norm")
+    return None, False, None
+  scale_D, eps = norm
+  return float(eps), return_normed, scale_D
 
 
 def rowdot(
@@ -119,9 +199,16 @@ def rowdot(
   config: RowdotConfig | None = None,
   out_dtype=None,
   interpret: bool | None = None,
-) -> jax.Array:
+  norm: tuple[jax.Array, float] | None = None,
+  residual: jax.Array | None = None,
+  return_normed: bool = False,
+):
   """y_TxN = x Wᵀ for T ≤ 16 tokens (leading dims of x flattened), W output-major (N × D);
-  fp32 accumulation, one cast to out_dtype (default x's dtype)."""
+  fp32 accumulation, one cast to out_dtype (default x's dtype).
+
+  norm = (scale_D, eps): x is RMS-normalized first, as `model.RMSNorm` does (so the norm
+  costs no launch of its own); return_normed: also return that normalized x (T × D).
+  residual (x's leading dims × N): y = residual + x Wᵀ, added as XLA adds two bf16 arrays."""
   if w_NxD.ndim != 2 or x_TxD.shape[-1] != w_NxD.shape[1]:
     raise ValueError(f"rowdot: x {x_TxD.shape} and w {w_NxD.shape} need x[..., D] and w[N, D]")
   if x_TxD.dtype != w_NxD.dtype:
@@ -132,11 +219,18 @@ def rowdot(
   if num_tokens > MAX_TOKENS:
     raise ValueError(f"rowdot: T={num_tokens} tokens; the GEMV takes at most {MAX_TOKENS}")
   out_dtype = jnp.dtype(x_TxD.dtype if out_dtype is None else out_dtype)
+  norm_eps, normed, scale = _norm_args(norm, return_normed)
   if num_tokens == 0:
-    return jnp.zeros((*lead, n), out_dtype)
+    y = jnp.zeros((*lead, n), out_dtype)
+    return (y, jnp.zeros((*lead, d_model), x_TxD.dtype)) if normed else y
   cfg = config or rowdot_config(num_tokens, d_model, n)
-  y_TxN = _rowdot(x_TxD, (w_NxD,), cfg, out_dtype, tu.default_interpret(interpret))
-  return y_TxN.reshape(*lead, n)
+  res = None if residual is None else residual.reshape(num_tokens, n)
+  out = _rowdot(
+    x_TxD, (w_NxD,), cfg, out_dtype, tu.default_interpret(interpret), norm_eps, normed, scale, res
+  )
+  y_TxN, xn_TxD = out if normed else (out, None)
+  y = y_TxN.reshape(*lead, n)
+  return (y, xn_TxD.reshape(*lead, d_model)) if normed else y
 
 
 def swiglu(
@@ -146,11 +240,15 @@ def swiglu(
   *,
   config: RowdotConfig | None = None,
   interpret: bool | None = None,
+  norm: tuple[jax.Array, float] | None = None,
 ) -> jax.Array:
   """z_TxF = silu(x Wgᵀ) · x Wuᵀ in x's dtype (fp32 G and U, as `reference.dense_decode_ffn`),
-  both weights output-major: the dense FFN's first half in one launch, no partials."""
+  both weights output-major: the dense FFN's first half in one launch, no partials. norm: as
+  `rowdot`'s."""
   num_tokens, d_model = x_TxD.shape
   d_ff = w_gate_FxD.shape[0]
   cfg = config or rowdot_config(num_tokens, d_model, 2 * d_ff)
+  norm_eps, _, scale = _norm_args(norm, False)
   ws = (w_gate_FxD, w_up_FxD)
-  return _rowdot(x_TxD, ws, cfg, x_TxD.dtype, tu.default_interpret(interpret))
+  interpret = tu.default_interpret(interpret)
+  return _rowdot(x_TxD, ws, cfg, x_TxD.dtype, interpret, norm_eps, False, scale)

@@ -240,3 +240,48 @@ def test_gemv_tiles_fit_shared_memory_in_fp32():
   fp32 = _decode_gemv.fit_block_d(down, 5464, down.gemv_block_f, 4)
   assert fp32 == 64
   assert down.gemv_stages * fp32 * down.gemv_block_f * 4 <= _decode_gemv.SMEM_BUDGET_BYTES
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_rowdot_norm_prologue_and_residual_epilogue(num_tokens, dtype):
+  """rowdot(norm=…, residual=…) equals the model's RMSNorm, then rowdot, then the residual add
+  (an odd D split into several steps); swiglu's norm likewise; the normalized x it returns is
+  the norm's output."""
+  from moc_jax.model import RMSNorm
+
+  seed = _seed()
+  d, n = 200, 1376
+  x, w = _inputs(seed, (num_tokens,), d, n, dtype)
+  x = x * 3 + 1  # a norm that does something
+  norm = RMSNorm(d, 1e-5, jnp.float32, nnx.Rngs(0))
+  norm.scale[...] = jax.random.uniform(jax.random.key(seed + 1), (d,), jnp.float32, 0.5, 1.5)
+  residual = jax.random.normal(jax.random.key(seed + 2), (num_tokens, n), dtype)
+  cfg = _decode_rowdot.RowdotConfig(block_n=16, block_d=64)
+  xn = norm(x)
+  want = (reference.linear(xn, w) + residual).astype(dtype)
+  got, got_xn = _decode_rowdot.rowdot(
+    x,
+    w.T,
+    config=cfg,
+    norm=(norm.scale[...], 1e-5),
+    residual=residual,
+    return_normed=True,
+    interpret=True,
+  )
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(
+    np.asarray(got_xn, np.float32), np.asarray(xn, np.float32), rtol=tol, atol=tol
+  )
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+  )
+  wu = jax.random.normal(jax.random.key(seed + 3), (d, n), dtype) * d**-0.5
+  z = _decode_rowdot.swiglu(x, w.T, wu.T, config=cfg, norm=(norm.scale[...], 1e-5), interpret=True)
+  g, u = reference.linear(xn, w, jnp.float32), reference.linear(xn, wu, jnp.float32)
+  want_z = (jax.nn.silu(g) * u).astype(dtype)
+  np.testing.assert_allclose(
+    np.asarray(z, np.float32), np.asarray(want_z, np.float32), rtol=tol, atol=tol
+  )
+  with pytest.raises(ValueError, match="needs a norm"):
+    _decode_rowdot.rowdot(x, w.T, return_normed=True, interpret=True)
