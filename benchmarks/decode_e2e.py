@@ -59,9 +59,10 @@ from pallas_kernels import moc_decode
 PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with compile_options.pdl on and off
 
 
-def _no_ffn_decode(self, x, warm=None):
-  """FeedForward.decode as zeros: the time of everything but the FFN (a floor, not a model)."""
-  return jnp.zeros_like(x)
+def _no_ffn_decode(self, h, norm, warm=None):
+  """FeedForward.decode adding zeros to the residual stream: the time of everything but the
+  FFN (a floor, not a model)."""
+  return h
 
 
 class Runner:

@@ -291,6 +291,8 @@ def moc_decode_ffn(
   backend: str = "xla",
   warm: jax.Array | None = None,
   output_major: bool = False,
+  norm: tuple[jax.Array, float] | None = None,
+  residual: bool = False,
 ) -> jax.Array:
   """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
 
@@ -299,17 +301,29 @@ def moc_decode_ffn(
   runs (`DecodeConfig.warm_bytes`); y does not depend on it. output_major: the weights that
   the GEMVs read whole come transposed (`model.decode_gemv='rowdot'`): Wgᵀ (F, D), and for
   dense also Wuᵀ (F, D) and Wdᵀ (D, F).
+  norm = (scale, eps): the FFN of RMSNorm(x); residual: x + that. With output_major weights on
+  the Pallas backend the kernels do both (no launches of their own), else XLA does.
   """
   *lead, d_model = x.shape
   d_ff = w_up_FxD.shape[0] if variant != "dense" or output_major else w_up_FxD.shape[1]
   validate(d_ff, k, variant)
   x_TxD = x.reshape(-1, d_model)
   ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
-  if variant == "dense":
-    y = backends.dense_decode_ffn(backend, x_TxD.shape[0], output_major)(x_TxD, *ws)
+  fused = output_major and backends.resolve(backend) == "pallas"
+  if fused and variant == "dense":  # norm and residual both inside the two GEMVs
+    from pallas_kernels import moc_decode
+
+    res = x_TxD if residual else None
+    y = moc_decode.dense_decode_ffn(x_TxD, *ws, output_major=True, norm=norm, residual=res)
     return y.reshape(*lead, d_model)
-  kernel = backends.decode_ffn(backend, output_major)
-  y = kernel(x_TxD, *ws, effective_k(k, d_ff, variant), variant, warm=warm)
+  xn_TxD = x_TxD if norm is None or fused else backends.rms_norm(x_TxD, *norm)
+  if variant == "dense":
+    y = backends.dense_decode_ffn(backend, x_TxD.shape[0], output_major)(xn_TxD, *ws)
+  else:
+    kernel = backends.decode_ffn(backend, output_major)
+    kw = {"norm": norm} if fused and norm is not None else {}  # inside the gate GEMV
+    y = kernel(xn_TxD, *ws, effective_k(k, d_ff, variant), variant, warm=warm, **kw)
+  y = (x_TxD + y).astype(y.dtype) if residual else y
   return y.reshape(*lead, d_model)
 
 

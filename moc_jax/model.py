@@ -18,7 +18,7 @@ from flax import nnx
 
 from moc_jax import moc, moc_tp, sharding
 from moc_jax.model_config import ModelConfig
-from pallas_kernels import backends, decode_attention
+from pallas_kernels import _decode_rowdot, backends, decode_attention, reference
 
 init_normal = nnx.initializers.normal(stddev=0.02)
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -39,9 +39,12 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x32 = x_BxLxD.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+    return reference.rms_norm(x_BxLxD, self.scale[...], self.eps)
+
+  @property
+  def spec(self) -> tuple[jax.Array, float]:
+    """(scale, eps): what a decode kernel needs to apply this norm in its prologue."""
+    return self.scale[...], self.eps
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
@@ -61,12 +64,21 @@ def apply_rope(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> 
   return out.astype(x_BxLxHxE.dtype)
 
 
-def decode_linear(cfg: ModelConfig, x_BxLxK: jax.Array, w: jax.Array, out_dtype=None):
-  """x W for decode: a Pallas GEMV for ≤ 16 tokens (B·L), else XLA (prefill). w is K x N, or
-  N x K with `decode_gemv='rowdot'` (see `decode_layout`)."""
+def decode_linear(
+  cfg: ModelConfig, x_BxLxK: jax.Array, w: jax.Array, out_dtype=None, norm=None, residual=None
+):
+  """residual + RMSNorm(x) W for decode: a Pallas GEMV for ≤ 16 tokens (B·L), else XLA
+  (prefill). w is K x N, or N x K with `decode_gemv='rowdot'` (see `decode_layout`), whose
+  kernel applies the norm (scale, eps) and adds the residual itself; elsewhere XLA does."""
   x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
-  gemv = backends.decode_linear(cfg.kernel_backend, x_TxK.shape[0], cfg.decode_gemv == "rowdot")
-  return gemv(x_TxK, w, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
+  rowdot = cfg.decode_gemv == "rowdot"
+  if rowdot and backends.resolve(cfg.kernel_backend) == "pallas" and x_TxK.shape[0] <= 16:
+    y = _decode_rowdot.rowdot(x_BxLxK, w, out_dtype=out_dtype, norm=norm, residual=residual)
+    return y
+  x_TxK = x_TxK if norm is None else reference.rms_norm(x_TxK, *norm)
+  gemv = backends.decode_linear(cfg.kernel_backend, x_TxK.shape[0], rowdot)
+  y = gemv(x_TxK, w, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
+  return y if residual is None else (residual + y).astype(y.dtype)
 
 
 def decode_layout(cfg: ModelConfig, w_KxN: jax.Array) -> DecodeWeight:
@@ -136,48 +148,41 @@ class Attention(nnx.Module):
     w_o = self.w_o[...].reshape(-1, d)
     self.decode_weights = nnx.List([decode_layout(self.cfg, w) for w in (w_qkv, w_o)])
 
-  def _decode_qkv(self, x_BxLxD, positions_BxL):
-    """`_qkv` through one decode GEMV over the fused weight."""
+  def decode(self, x_BxLxD, positions_BxL, cache: dict, norm: RMSNorm):
+    """x + attention(norm(x)) for new tokens: their k, v written at `positions` into the
+    cache, every slot at or before them attended. Once prepared, the norm and the residual
+    add go to the q, k, v and output GEMVs (inside the rowdot kernels: `decode_linear`)."""
     c = self.cfg
-    qkv = decode_linear(c, x_BxLxD, self.decode_weights[0][...])
+    if self.decode_weights is None:
+      q, k, v = self._qkv(norm(x_BxLxD), positions_BxL)
+      o, cache = self._attend(q, k, v, positions_BxL, cache)
+      return x_BxLxD + self._out(o), cache
+    qkv = decode_linear(c, x_BxLxD, self.decode_weights[0][...], norm=norm.spec)
     qkv_BxLx3xHxE = qkv.reshape(*qkv.shape[:2], 3, c.num_heads, c.head_dim)
-    q, k, v = (qkv_BxLx3xHxE[:, :, i] for i in range(3))
-    rope = lambda t: apply_rope(t, positions_BxL, c.rope_theta)
-    return rope(q), rope(k), v
+    if c.decode_attention_impl() == "fused" and qkv.shape[1] == 1:
+      # RoPE, the split and the cache write inside the attention kernel (`attend_qkv`)
+      cos, sin = rope_cos_sin(positions_BxL[:, 0], c.head_dim, c.rope_theta)
+      o, k_cache, v_cache = decode_attention.attend_qkv(
+        qkv_BxLx3xHxE[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], cos, sin
+      )
+      o, cache = o[:, None], {"k": k_cache, "v": v_cache}
+    else:
+      q, k, v = (qkv_BxLx3xHxE[:, :, i] for i in range(3))
+      rope = lambda t: apply_rope(t, positions_BxL, c.rope_theta)
+      o, cache = self._attend(rope(q), rope(k), v, positions_BxL, cache)
+    o_BxLxHE = o.reshape(*o.shape[:2], -1)
+    return decode_linear(c, o_BxLxHE, self.decode_weights[1][...], residual=x_BxLxD), cache
 
-  def _decode_out(self, o_BxLxHxE):
-    o_BxLxHE = o_BxLxHxE.reshape(*o_BxLxHxE.shape[:2], -1)
-    return decode_linear(self.cfg, o_BxLxHE, self.decode_weights[1][...])
-
-  def decode(self, x_BxLxD, positions_BxL, cache: dict):
-    """Write k/v at `positions` into the cache and attend to every slot at or before them."""
-    prepared = self.decode_weights is not None
-    impl = self.cfg.decode_attention_impl()
-    one_kernel = impl in ("pallas", "fused")  # write + attend in one kernel
-    if prepared and impl == "fused" and x_BxLxD.shape[1] == 1:
-      return self._decode_step(x_BxLxD, positions_BxL, cache)
-    q, k, v = (self._decode_qkv if prepared else self._qkv)(x_BxLxD, positions_BxL)
-    if one_kernel and q.shape[1] == 1:
+  def _attend(self, q, k, v, positions_BxL, cache: dict):
+    """(o, cache with the new k, v): one kernel for one token per row, else XLA."""
+    if self.cfg.decode_attention_impl() in ("pallas", "fused") and q.shape[1] == 1:
       o, k_cache, v_cache = decode_attention.attend(
         q[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], (k[:, 0], v[:, 0])
       )
       o = o[:, None]
     else:
       o, k_cache, v_cache = xla_cache_attention(q, k, v, cache["k"], cache["v"], positions_BxL)
-    out = self._decode_out(o) if prepared else self._out(o)
-    return out, {"k": k_cache, "v": v_cache}
-
-  def _decode_step(self, x_Bx1xD, positions_Bx1, cache: dict):
-    """One token per row through the attention kernel that also applies RoPE to the q, k, v
-    GEMV's output and splits it (`decode_attention.attend_qkv`): no XLA fusion in between."""
-    c = self.cfg
-    qkv = decode_linear(c, x_Bx1xD, self.decode_weights[0][...])
-    qkv_Bx3xHxE = qkv.reshape(qkv.shape[0], 3, c.num_heads, c.head_dim)
-    cos, sin = rope_cos_sin(positions_Bx1[:, 0], c.head_dim, c.rope_theta)
-    o, k_cache, v_cache = decode_attention.attend_qkv(
-      qkv_Bx3xHxE, cache["k"], cache["v"], positions_Bx1[:, 0], cos, sin
-    )
-    return self._decode_out(o[:, None]), {"k": k_cache, "v": v_cache}
+    return o, {"k": k_cache, "v": v_cache}
 
 
 class DecodeWeight(nnx.Variable):
@@ -228,14 +233,16 @@ class FeedForward(nnx.Module):
       ]
     self.decode_weights = nnx.List(ws)
 
-  def decode(self, x_BxLxD: jax.Array, warm: jax.Array | None = None) -> jax.Array:
-    """warm: the weight the next layer reads first; the MoC kernels may warm L2 with it."""
+  def decode(self, h_BxLxD: jax.Array, norm: RMSNorm, warm: jax.Array | None = None):
+    """h + FFN(norm(h)) for new tokens; once prepared the norm and the residual add may run
+    inside the decode kernels (`moc.moc_decode_ffn`). warm: the weight the next layer reads
+    first; the MoC kernels may warm L2 with it."""
     c = self.cfg
     if self.decode_weights is None:
-      return self(x_BxLxD)
+      return h_BxLxD + self(norm(h_BxLxD))
     w_gate, w_up, w_down = (w[...] for w in self.decode_weights)
     return moc.moc_decode_ffn(
-      x_BxLxD,
+      h_BxLxD,
       w_gate,
       w_up,
       w_down,
@@ -244,6 +251,8 @@ class FeedForward(nnx.Module):
       backend=c.kernel_backend,
       warm=warm,
       output_major=c.decode_gemv == "rowdot",
+      norm=norm.spec,
+      residual=True,
     )
 
 
@@ -261,9 +270,8 @@ class Block(nnx.Module):
     return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
 
   def decode(self, x_BxLxD, positions_BxL, cache, warm=None):
-    attn_out, cache = self.attn.decode(self.attn_norm(x_BxLxD), positions_BxL, cache)
-    x_BxLxD = x_BxLxD + attn_out
-    return x_BxLxD + self.ffn.decode(self.ffn_norm(x_BxLxD), warm), cache
+    h_BxLxD, cache = self.attn.decode(x_BxLxD, positions_BxL, cache, self.attn_norm)
+    return self.ffn.decode(h_BxLxD, self.ffn_norm, warm), cache
 
   def first_decode_weight(self) -> jax.Array | None:
     """The weight this block's decode reads first (q, k, v as one), once prepared."""
@@ -353,7 +361,7 @@ class Transformer(nnx.Module):
     if self.decode_unembed is None:
       return self._logits(x_BxLxD)
     w = self.decode_unembed[...]
-    return decode_linear(self.cfg, self.final_norm(x_BxLxD), w, jnp.float32)
+    return decode_linear(self.cfg, x_BxLxD, w, jnp.float32, norm=self.final_norm.spec)
 
   def prepare_for_decode(self) -> None:
     """Decode layouts, made once: channel-major Wu^T for the FFNs, fused 2-D attention

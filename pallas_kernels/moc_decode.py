@@ -201,12 +201,16 @@ def decode_ffn(
   interpret: bool | None = None,
   warm: jax.Array | None = None,
   output_major: bool = False,
+  norm: tuple[jax.Array, float] | None = None,
 ) -> jax.Array:
   """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened).
 
   warm: a weight the next kernels will read (the next layer's q, k, v); the list pipeline's
   top-K launch reads up to `DecodeConfig.warm_bytes` of it into L2. No effect on y.
-  output_major: the gate weight comes as Wgᵀ (F × D) and its GEMV is `_decode_rowdot`'s."""
+  output_major: the gate weight comes as Wgᵀ (F × D) and its GEMV is `_decode_rowdot`'s;
+  norm = (scale, eps) (output_major only): the FFN of RMSNorm(x), the norm inside that GEMV."""
+  if norm is not None and not output_major:
+    raise ValueError("decode_ffn: a norm prologue needs output_major weights")
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
   d_ff = w_gate_DxF.shape[0 if output_major else 1]
@@ -216,27 +220,30 @@ def decode_ffn(
     raise ValueError(f"k must be in [1, {d_ff}], got {k}")
   if num_tokens > MAX_KERNEL_TOKENS:  # prefill: dense GEMMs beat row gathers
     w_gate_DxF = w_gate_DxF.T if output_major else w_gate_DxF
+    x_TxD = x_TxD if norm is None else reference.rms_norm(x_TxD, *norm)
     return _prefill_ffn(x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant).reshape(*lead, -1)
   cfg = config or moc_config(num_tokens, d_model, d_ff)
   interpret = tu.default_interpret(interpret)
   warm = warm if cfg.warm_bytes else None
   ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
-  y = _moc_kernels(x_TxD, *ws, k, variant, cfg, interpret, warm, output_major)
+  scale, eps = (None, None) if norm is None else (norm[0], float(norm[1]))
+  y = _moc_kernels(x_TxD, *ws, k, variant, cfg, interpret, warm, output_major, scale, eps)
   return y.reshape(*lead, d_model)
 
 
-def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None, output_major=False):
+def _topk_of_g(g_TxF, k, variant, cfg, interpret, warm=None):
+  """(idx_TxK, G_TxK) by the Triton top-K on G already in x's dtype (the rowdot gate's)."""
+  if warm is not None and variant == "moc":
+    return _decode_select.topk_rows(g_TxF, k, cfg.topk, interpret, (warm, cfg))
+  return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
+
+
+def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
   the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first.
   warm: a weight whose start the top-K's launch reads into L2 ('moc' only; the Mosaic GPU
   select, which `cfg.topk.selection` picks (`_mosaic_select`), asks L2 for it by bulk
-  prefetches instead of loading it on programs of its own). output_major: the gate weight is
-  F × D and G comes from the rowdot GEMV, whole, then the Triton top-K."""
-  if output_major:
-    g_TxF = _decode_rowdot.rowdot(x_TxD, w_gate_DxF, interpret=interpret)
-    if warm is not None and variant == "moc":
-      return _decode_select.topk_rows(g_TxF, k, cfg.topk, interpret, (warm, cfg))
-    return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
+  prefetches instead of loading it on programs of its own)."""
   if _mosaic_select(x_TxD.dtype, w_gate_DxF.shape[1], k, variant, cfg.topk, interpret):
     from pallas_kernels import mgpu_select  # Mosaic GPU, imported where it is used
 
@@ -273,20 +280,47 @@ def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: 
   )
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 9))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 9, 11))
 def _moc_kernels(
-  x_TxD, w_gate_DxF, w_up_FxD, w_down_FxD, k, variant, cfg, interpret, warm=None, output_major=False
+  x_TxD,
+  w_gate_DxF,
+  w_up_FxD,
+  w_down_FxD,
+  k,
+  variant,
+  cfg,
+  interpret,
+  warm=None,
+  output_major=False,
+  norm_scale=None,
+  norm_eps=None,
 ):
   """Jitted so that every layer's call reuses one trace of the kernels. warm: only the list
-  pipeline's training top-K uses it (`_topk_select`). output_major: the gate weight is F × D."""
+  pipeline's training top-K uses it (`_topk_select`). output_major: the gate weight is F × D,
+  its GEMV the rowdot one, which also RMS-normalizes x first with a norm (norm_eps not None)
+  and hands the normalized x to the kernels after it."""
+  d_ff = w_up_FxD.shape[0]
+  if output_major:  # G whole: in x's dtype for the top-K, fp32 as the select's one partial
+    g_dtype = x_TxD.dtype if cfg.topk is not None else F32
+    norm = None if norm_eps is None else (norm_scale, norm_eps)
+    out = _decode_rowdot.rowdot(
+      x_TxD,
+      w_gate_DxF,
+      out_dtype=g_dtype,
+      interpret=interpret,
+      norm=norm,
+      return_normed=norm is not None,
+    )
+    g_TxF, x_TxD = out if norm is not None else (out, x_TxD)
   if cfg.topk is not None:  # G in x's dtype from the gate GEMV, then the training top-K
-    idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm, output_major)
+    if output_major:
+      idx_TxK, g_TxK = _topk_of_g(g_TxF, k, variant, cfg, interpret, warm)
+    else:
+      idx_TxK, g_TxK = _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm)
     return _decode_list.rows_ffn(
       x_TxD, idx_TxK, g_TxK, w_up_FxD, w_down_FxD, cfg, interpret=interpret, gate_values=True
     )
-  d_ff = w_up_FxD.shape[0]
-  if output_major:  # G whole in fp32, as the one split's partial of the select's layout
-    g_TxF = _decode_rowdot.rowdot(x_TxD, w_gate_DxF, out_dtype=F32, interpret=interpret)
+  if output_major:
     partials = jnp.pad(g_TxF, ((0, 0), (0, _pow2_at_least(d_ff) - d_ff)))[None, None]
   else:
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)
@@ -332,26 +366,33 @@ def dense_decode_ffn(
   config: DecodeConfig | None = None,
   interpret: bool | None = None,
   output_major: bool = False,
+  norm: tuple[jax.Array, float] | None = None,
+  residual: jax.Array | None = None,
 ) -> jax.Array:
   """Dense SwiGLU for a few tokens, as GEMV kernels (XLA's batch-1 dots stream at ~1 TB/s).
 
   Semantics of `reference.dense_decode_ffn`: fp32 G and U, z = silu(G) U rounded to x's dtype.
   output_major: the weights come as Wgᵀ, Wuᵀ (F × D) and Wdᵀ (D × F), and two rowdot launches
-  (the SwiGLU in the first one's epilogue) do the whole FFN, no partials to sum.
+  (the SwiGLU in the first one's epilogue) do the whole FFN, no partials to sum; there, norm =
+  (scale, eps) RMS-normalizes x inside the first and residual (shaped as x) is added to y
+  inside the second: residual + FFN(RMSNorm(x)), no launch of their own.
   """
+  if (norm is not None or residual is not None) and not output_major:
+    raise ValueError("dense_decode_ffn: norm and residual need output_major weights")
   x_TxD, lead = _flatten(x_TxD)
   num_tokens, d_model = x_TxD.shape
   if num_tokens > MAX_KERNEL_TOKENS:
-    ws = (
-      (w_gate_DxF.T, w_up_DxF.T, w_down_FxD.T)
-      if output_major
-      else (w_gate_DxF, w_up_DxF, w_down_FxD)
-    )
-    return reference.dense_decode_ffn(x_TxD, *ws).reshape(*lead, -1)
+    ws = (w_gate_DxF, w_up_DxF, w_down_FxD)
+    ws = tuple(w.T for w in ws) if output_major else ws
+    xn_TxD = x_TxD if norm is None else reference.rms_norm(x_TxD, *norm)
+    y = reference.dense_decode_ffn(xn_TxD, *ws)
+    y = y if residual is None else (residual.reshape(y.shape) + y).astype(y.dtype)
+    return y.reshape(*lead, -1)
   if output_major:
     interpret = tu.default_interpret(interpret)
-    z_TxF = _decode_rowdot.swiglu(x_TxD, w_gate_DxF, w_up_DxF, interpret=interpret)
-    return _decode_rowdot.rowdot(z_TxF, w_down_FxD, interpret=interpret).reshape(*lead, -1)
+    z_TxF = _decode_rowdot.swiglu(x_TxD, w_gate_DxF, w_up_DxF, interpret=interpret, norm=norm)
+    y = _decode_rowdot.rowdot(z_TxF, w_down_FxD, interpret=interpret, residual=residual)
+    return y.reshape(*lead, -1)
   cfg = config or dense_config(num_tokens, d_model, w_gate_DxF.shape[1])
   y = _dense_kernels(x_TxD, w_gate_DxF, w_up_DxF, w_down_FxD, cfg, tu.default_interpret(interpret))
   return y.reshape(*lead, d_model)

@@ -264,6 +264,13 @@ def dense_decode_ffn(
   return jnp.dot(z, w_down_FxD, preferred_element_type=jnp.float32).astype(x_TxD.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """`model.RMSNorm`'s arithmetic: fp32 x · rsqrt(mean(x²) + eps) · scale, in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * inv_rms * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 def linear(x_TxD: jax.Array, w_DxN: jax.Array, out_dtype=None) -> jax.Array:
   """y = x W with fp32 accumulation, cast to out_dtype (default x's); fp32 inputs as IEEE fp32."""
   f32 = x_TxD.dtype == jnp.float32 and w_DxN.dtype == jnp.float32

@@ -159,7 +159,7 @@ def test_compiled_generation_repeats_generate_on_an_executable_of_its_own(monkey
   eos = greedy[1][2]
   run = generate.compile_generation(model, prompts, 5, eos_id=eos)
   assert run() == run() == generate.generate(model, prompts, 5, eos_id=eos)
-  monkeypatch.setattr(FeedForward, "decode", lambda self, x, warm=None: 50 * x)  # loud FFNs
+  monkeypatch.setattr(FeedForward, "decode", lambda self, h, norm, warm=None: 50 * h)  # loud
   loud = generate.compile_generation(model, prompts, 5)
   monkeypatch.undo()
   assert loud() != greedy and loud() == loud()
