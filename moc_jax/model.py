@@ -72,9 +72,9 @@ def decode_linear(
   kernel applies the norm (scale, eps) and adds the residual itself; elsewhere XLA does."""
   x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
   rowdot = cfg.decode_gemv == "rowdot"
-  if rowdot and backends.resolve(cfg.kernel_backend) == "pallas" and x_TxK.shape[0] <= 16:
-    y = _decode_rowdot.rowdot(x_BxLxK, w, out_dtype=out_dtype, norm=norm, residual=residual)
-    return y
+  kernel = backends.resolve(cfg.kernel_backend) == "pallas"
+  if rowdot and kernel and x_TxK.shape[0] <= _decode_rowdot.MAX_TOKENS:
+    return _decode_rowdot.rowdot(x_BxLxK, w, out_dtype=out_dtype, norm=norm, residual=residual)
   x_TxK = x_TxK if norm is None else reference.rms_norm(x_TxK, *norm)
   gemv = backends.decode_linear(cfg.kernel_backend, x_TxK.shape[0], rowdot)
   y = gemv(x_TxK, w, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)

@@ -48,16 +48,18 @@ def _rows(num_tokens: int, cfg: RowdotConfig) -> int:
   return 1 if num_tokens == 1 and not cfg.t1_dot else max(16, pow2_at_least(num_tokens))
 
 
-def _inv_rms(x_ref, *, num_tokens, rows, d_model, block_d, eps):
-  """Per token 1 / sqrt(mean(x²) + eps) in fp32, as `model.RMSNorm` computes it."""
+def _inv_rms(x_ref, *, num_tokens, rows, d_model, eps):
+  """Per token 1 / sqrt(mean(x²) + eps) in fp32, as `model.RMSNorm` computes it. x is read
+  in wide steps (all of it at once at T = 1 up to D = 8192), squares summed lane-wise and
+  reduced once: this runs before the weight loads start, so its latency is the GEMV's."""
+  step = min(pow2_at_least(d_model), max(128, 8192 // rows))
 
-  def body(i, ss):
-    xk = load_x(x_ref, i * block_d, block_d, num_tokens, rows, d_model).astype(F32)
-    return ss + jnp.sum(xk * xk, axis=-1)
+  def body(i, acc):
+    return acc + jnp.square(load_x(x_ref, i * step, step, num_tokens, rows, d_model).astype(F32))
 
-  shape = () if rows == 1 else (rows,)
-  ss = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, jnp.zeros(shape, F32))
-  return lax.rsqrt(ss / d_model + eps)
+  shape = (step,) if rows == 1 else (rows, step)
+  acc = lax.fori_loop(0, pl.cdiv(d_model, step), body, jnp.zeros(shape, F32))
+  return lax.rsqrt(jnp.sum(acc, axis=-1) / d_model + eps)
 
 
 def _kernel(
@@ -90,7 +92,7 @@ def _kernel(
   pid = pl.program_id(0)
   n0 = pid * block_n
   n_mask = n0 + jnp.arange(block_n) < n
-  dims = dict(num_tokens=num_tokens, rows=rows, d_model=d_model, block_d=block_d)
+  dims = dict(num_tokens=num_tokens, rows=rows, d_model=d_model)
   inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
 
   def body(i, accs):
