@@ -5,7 +5,7 @@ fill the GPU, and XLA then sums its fp32 partials in a launch of its own (1.5-3 
 the 1b decode shapes, NOTES_decode.md 2026-12-04). With the weight stored output-major (N × D,
 converted once when the model is prepared for decoding, as the MoC rows already are), each
 program reads `block_n` whole contiguous rows and writes its outputs itself: one launch, and
-N / block_n programs (384 at the 1b q, k, v shape with 16 rows each).
+N / block_n programs (768 at the 1b q, k, v shape with 8 rows each).
 """
 
 from __future__ import annotations
