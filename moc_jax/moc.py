@@ -309,19 +309,15 @@ def moc_decode_ffn(
   validate(d_ff, k, variant)
   x_TxD = x.reshape(-1, d_model)
   ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
-  fused = output_major and backends.resolve(backend) == "pallas"
-  if fused and variant == "dense":  # norm and residual both inside the two GEMVs
-    from pallas_kernels import moc_decode
-
-    res = x_TxD if residual else None
-    y = moc_decode.dense_decode_ffn(x_TxD, *ws, output_major=True, norm=norm, residual=res)
-    return y.reshape(*lead, d_model)
+  fused = output_major and backends.resolve(backend) == "pallas"  # kernels take norm, residual
   xn_TxD = x_TxD if norm is None or fused else backends.rms_norm(x_TxD, *norm)
+  kw = {"norm": norm} if fused else {}
   if variant == "dense":
-    y = backends.dense_decode_ffn(backend, x_TxD.shape[0], output_major)(xn_TxD, *ws)
-  else:
+    if fused:  # the residual added inside the down GEMV
+      kw["residual"], residual = (x_TxD if residual else None), False
+    y = backends.dense_decode_ffn(backend, output_major)(xn_TxD, *ws, **kw)
+  else:  # MoC: the norm inside the gate GEMV, the residual with the rows' partial sums
     kernel = backends.decode_ffn(backend, output_major)
-    kw = {"norm": norm} if fused and norm is not None else {}  # inside the gate GEMV
     y = kernel(xn_TxD, *ws, effective_k(k, d_ff, variant), variant, warm=warm, **kw)
   y = (x_TxD + y).astype(y.dtype) if residual else y
   return y.reshape(*lead, d_model)

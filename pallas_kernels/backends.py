@@ -78,29 +78,27 @@ def decode_ffn(backend: str, output_major: bool = False) -> Callable:
   return functools.partial(moc_decode.decode_ffn, output_major=output_major)
 
 
-def dense_decode_ffn(backend: str, num_tokens: int, output_major: bool = False) -> Callable:
+def dense_decode_ffn(backend: str, output_major: bool = False) -> Callable:
   """(x_TxD, w_gate, w_up, w_down) -> y_TxD with Wg, Wu D x F and Wd F x D, or all three
-  transposed with output_major; GEMV kernels only for T <= 16."""
-  from pallas_kernels import moc_decode
-
-  if resolve(backend) == "xla" or num_tokens > moc_decode.MAX_KERNEL_TOKENS:
+  transposed with output_major; on Pallas GEMV kernels for T <= 16, XLA's dots past that, and
+  with output_major also `norm=` and `residual=` (applied inside the kernels)."""
+  if resolve(backend) == "xla":
     if output_major:
       return lambda x, wg, wu, wd: reference.dense_decode_ffn(x, wg.T, wu.T, wd.T)
     return reference.dense_decode_ffn
+  from pallas_kernels import moc_decode
+
   return functools.partial(moc_decode.dense_decode_ffn, output_major=output_major)
 
 
 def decode_linear(backend: str, num_tokens: int, output_major: bool = False) -> Callable:
-  """(x_TxD, w, out_dtype=None) -> y_TxN with w D x N (the split-K GEMV) or, output_major,
-  N x D (the rowdot GEMV); the kernels only for T <= 16."""
-  from pallas_kernels import _decode_gemv, _decode_rowdot
+  """(x_TxD, w, out_dtype=None) -> y_TxN with w D x N (the split-K GEMV on Pallas for
+  T <= 16) or, output_major, N x D through XLA (the model calls the rowdot kernel itself, with
+  the norm and residual it fuses: `model.decode_linear`)."""
+  from pallas_kernels import _decode_gemv
 
-  if resolve(backend) == "xla" or num_tokens > _decode_gemv.MAX_TOKENS:
-    if output_major:
-      return lambda x_TxD, w_NxD, out_dtype=None: reference.linear(x_TxD, w_NxD.T, out_dtype)
-    return reference.linear
   if output_major:
-    return lambda x_TxD, w_NxD, out_dtype=None: _decode_rowdot.rowdot(
-      x_TxD, w_NxD, out_dtype=out_dtype
-    )
+    return lambda x_TxD, w_NxD, out_dtype=None: reference.linear(x_TxD, w_NxD.T, out_dtype)
+  if resolve(backend) == "xla" or num_tokens > _decode_gemv.MAX_TOKENS:
+    return reference.linear
   return lambda x_TxD, w_DxN, out_dtype=None: _decode_gemv.linear(x_TxD, w_DxN, out_dtype=out_dtype)
