@@ -15,12 +15,11 @@ them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
-`dense_kernel_attn` / `moc_kernel_attn` take each step's attention as one Pallas kernel
-(`model.decode_attention='pallas'`, what 'auto' picks on GPU), `_xattn` XLA's attention.
-`dense_kernel_rowdot` / `moc_kernel_rowdot` run the attention and unembedding GEMVs on
-output-major weights (`model.decode_gemv='rowdot'`: whole rows per program, no partials);
-`_fused` rows apply RoPE and split q, k, v inside the attention kernel
-(`model.decode_attention='fused'`), `_rowdot_fused` both.
+The defaults on GPU (since 2026-12-05b): output-major GEMVs with the norms and residual adds
+inside (`model.decode_gemv='rowdot'`) and RoPE inside the attention kernel ('fused').
+`*_splitk` rows are the path before (split-K GEMVs, XLA's norms, RoPE and adds, the plain
+attention kernel), `*_splitk_fused` split-K with the fused attention, `*_attn` the plain
+attention kernel (`model.decode_attention='pallas'`), `*_xattn` XLA's attention.
 `dense_kernel_pdl` / `moc_kernel_pdl` (and `_nopdl`) compile the generation with XLA's
 programmatic dependent launch on (off): a kernel may start before the one it follows has ended.
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
@@ -167,25 +166,22 @@ def main() -> None:
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
-    # each step's attention as one kernel over the filled cache slots (model.decode_attention)
-    "dense_kernel_attn": dict(ffn="dense", kernel_backend="pallas", decode_attention="pallas"),
-    "moc_kernel_attn": dict(ffn="moc", kernel_backend="pallas", decode_attention="pallas"),
-    # XLA's attention for the decode steps (the default before 2026-12-05)
-    "dense_kernel_xattn": dict(ffn="dense", kernel_backend="pallas", decode_attention="xla"),
-    "moc_kernel_xattn": dict(ffn="moc", kernel_backend="pallas", decode_attention="xla"),
-    "dense_xla": dict(ffn="dense", kernel_backend="xla"),
-    # the attention and unembedding GEMVs output-major, no split-K partials (model.decode_gemv)
-    "dense_kernel_rowdot": dict(ffn="dense", kernel_backend="pallas", decode_gemv="rowdot"),
-    "moc_kernel_rowdot": dict(ffn="moc", kernel_backend="pallas", decode_gemv="rowdot"),
-    # RoPE and the q, k, v split inside the attention kernel (model.decode_attention='fused')
-    "dense_kernel_fused": dict(ffn="dense", kernel_backend="pallas", decode_attention="fused"),
-    "moc_kernel_fused": dict(ffn="moc", kernel_backend="pallas", decode_attention="fused"),
+    # before 2026-12-05b: split-K GEMVs, XLA's norms / RoPE / adds, the plain attention kernel
     **{
-      f"{v}_kernel_rowdot_fused": dict(
-        ffn=v, kernel_backend="pallas", decode_gemv="rowdot", decode_attention="fused"
+      f"{v}_kernel_splitk": dict(
+        ffn=v, kernel_backend="pallas", decode_gemv="splitk", decode_attention="pallas"
       )
       for v in ("dense", "moc")
     },
+    # split-K GEMVs with the fused attention (RoPE and the q, k, v split inside it)
+    "dense_kernel_splitk_fused": dict(ffn="dense", kernel_backend="pallas", decode_gemv="splitk"),
+    "moc_kernel_splitk_fused": dict(ffn="moc", kernel_backend="pallas", decode_gemv="splitk"),
+    # the attention kernel without RoPE inside (model.decode_attention='pallas'); XLA's
+    "dense_kernel_attn": dict(ffn="dense", kernel_backend="pallas", decode_attention="pallas"),
+    "moc_kernel_attn": dict(ffn="moc", kernel_backend="pallas", decode_attention="pallas"),
+    "dense_kernel_xattn": dict(ffn="dense", kernel_backend="pallas", decode_attention="xla"),
+    "moc_kernel_xattn": dict(ffn="moc", kernel_backend="pallas", decode_attention="xla"),
+    "dense_xla": dict(ffn="dense", kernel_backend="xla"),
     # programmatic dependent launch (Hopper): each kernel may launch before the one it follows
     # ends and waits for it inside; XLA's default for it differs between versions, so both
     **{

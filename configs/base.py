@@ -29,8 +29,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # xla | pallas (one kernel over the filled cache slots only) | fused (pallas, with RoPE and
   # the q, k, v split inside the kernel)
   c.model.decode_attention = "auto"
-  # generation's attention and unembedding GEMVs: splitk | rowdot (weights stored output-major)
-  c.model.decode_gemv = "splitk"
+  # generation's GEMVs: auto (rowdot on GPU) | splitk | rowdot (weights stored output-major)
+  c.model.decode_gemv = "auto"
   c.model.remat = "none"  # none | ffn | full: rematerialisation policy
   c.model.pad_to = config_dict.placeholder(int)  # pad F inside the op (None: 128 on GPU)
   c.model.document_mask = True  # packed rows attend only within their own document

@@ -71,7 +71,7 @@ def decode_linear(
   (prefill). w is K x N, or N x K with `decode_gemv='rowdot'` (see `decode_layout`), whose
   kernel applies the norm (scale, eps) and adds the residual itself; elsewhere XLA does."""
   x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
-  rowdot = cfg.decode_gemv == "rowdot"
+  rowdot = cfg.decode_gemv_impl() == "rowdot"
   kernel = backends.resolve(cfg.kernel_backend) == "pallas"
   if rowdot and kernel and x_TxK.shape[0] <= _decode_rowdot.MAX_TOKENS:
     return _decode_rowdot.rowdot(x_BxLxK, w, out_dtype=out_dtype, norm=norm, residual=residual)
@@ -85,7 +85,7 @@ def decode_layout(cfg: ModelConfig, w_KxN: jax.Array) -> DecodeWeight:
   """A K x N weight in compute dtype, stored as `decode_linear` reads it (N x K for rowdot:
   each output's weights one contiguous row)."""
   w = w_KxN.astype(cfg.compute_dtype)
-  return DecodeWeight(w.T if cfg.decode_gemv == "rowdot" else w)
+  return DecodeWeight(w.T if cfg.decode_gemv_impl() == "rowdot" else w)
 
 
 def xla_cache_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxE, k_BxSxHxE, v_BxSxHxE, positions_BxL):
@@ -250,7 +250,7 @@ class FeedForward(nnx.Module):
       variant=c.ffn,
       backend=c.kernel_backend,
       warm=warm,
-      output_major=c.decode_gemv == "rowdot",
+      output_major=c.decode_gemv_impl() == "rowdot",
       norm=norm.spec,
       residual=True,
     )

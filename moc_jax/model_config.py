@@ -24,7 +24,7 @@ REMAT_POLICIES = ("none", "ffn", "full")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNEL_BACKENDS = ("auto", "xla", "pallas")
 DECODE_ATTENTION = ("auto", "xla", "pallas", "fused")
-DECODE_GEMVS = ("splitk", "rowdot")
+DECODE_GEMVS = ("auto", "splitk", "rowdot")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,15 +54,16 @@ class ModelConfig:
   norm_eps: float = 1e-6
   attention: str = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
   kernel_backend: str = "auto"  # MoC kernels: auto (pallas on GPU) | xla | pallas
-  # decode steps of one token per row: auto (pallas where the kernel backend resolves to
+  # decode steps of one token per row: auto (fused where the kernel backend resolves to
   # pallas, i.e. on GPU) | xla (dot_product_attention over every cache slot) | pallas
   # (`pallas_kernels.decode_attention`: one kernel, only the filled slots) | fused (that
   # kernel also applies RoPE to the q, k, v GEMV's output and splits it: `attend_qkv`)
   decode_attention: str = "auto"
-  # the decode GEMVs of attention and unembedding (T <= 16 tokens on the Pallas backend):
-  # splitk (weights D x N, D split over programs, partials summed by XLA) | rowdot (weights
-  # stored N x D once when prepared for decode, whole rows per program, no partials)
-  decode_gemv: str = "splitk"
+  # the decode GEMVs (T <= 16 tokens on the Pallas backend): auto (rowdot where the kernel
+  # backend resolves to pallas) | splitk (weights D x N, D split over programs, partials summed
+  # by XLA) | rowdot (weights stored N x D once when prepared for decode, whole rows per
+  # program, no partials, the block's norms and residual adds inside)
+  decode_gemv: str = "auto"
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -80,12 +81,21 @@ class ModelConfig:
     return self.attention
 
   def decode_attention_impl(self) -> str:
-    """'auto': the one-kernel attention wherever the MoC kernels run as Pallas. On the H200
-    (1b, batch 1, 128 + 128 tokens, decode_e2e_h200_20261205.json, 5 interleaved rounds) it
-    decoded 4.5% faster than XLA's attention for dense and 3.1% for MoC."""
+    """'auto': the one-kernel attention with RoPE inside ('fused') wherever the MoC kernels run
+    as Pallas. On the H200 (1b, batch 1, 128 + 128 tokens, 3 interleaved rounds,
+    decode_e2e_rowdot_h200_20261205.json) 'fused' decoded 3.6% (dense) and 4.5% (MoC) faster
+    than 'pallas', which had been 4.0-4.5% / 3.1-5.7% faster than XLA's attention."""
     if self.decode_attention == "auto":
-      return backends.resolve(self.kernel_backend)
+      return "fused" if backends.resolve(self.kernel_backend) == "pallas" else "xla"
     return self.decode_attention
+
+  def decode_gemv_impl(self) -> str:
+    """'auto': rowdot wherever the MoC kernels run as Pallas. On the H200 (same run) rowdot
+    with the fused attention decoded 6.2% faster than split-K for dense and ~1% for MoC
+    (paired rounds; 1.2% slower by medians)."""
+    if self.decode_gemv == "auto":
+      return "rowdot" if backends.resolve(self.kernel_backend) == "pallas" else "splitk"
+    return self.decode_gemv
 
   def validate(self) -> ModelConfig:
     """Raise ConfigError naming the first bad value."""

@@ -40,7 +40,7 @@ def build_model_config(
     attention=model_cfg.attention,
     kernel_backend=model_cfg.kernel_backend,
     decode_attention=model_cfg.get("decode_attention", "auto"),  # absent from older runs
-    decode_gemv=model_cfg.get("decode_gemv", "splitk"),
+    decode_gemv=model_cfg.get("decode_gemv", "auto"),
     remat=model_cfg.remat,
     pad_to=model_cfg.pad_to,
   )

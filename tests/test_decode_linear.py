@@ -285,3 +285,16 @@ def test_rowdot_norm_prologue_and_residual_epilogue(num_tokens, dtype):
   )
   with pytest.raises(ValueError, match="needs a norm"):
     _decode_rowdot.rowdot(x, w.T, return_normed=True, interpret=True)
+
+
+def test_auto_decode_paths_follow_the_kernel_backend():
+  """'auto': rowdot GEMVs and the fused attention where the kernels are Pallas, else split-K
+  layouts and XLA's attention."""
+  from moc_jax import model_config
+
+  pallas = model_config.from_preset("tiny", kernel_backend="pallas")
+  xla = model_config.from_preset("tiny", kernel_backend="xla")
+  assert (pallas.decode_gemv_impl(), pallas.decode_attention_impl()) == ("rowdot", "fused")
+  assert (xla.decode_gemv_impl(), xla.decode_attention_impl()) == ("splitk", "xla")
+  pinned = model_config.from_preset("tiny", kernel_backend="pallas", decode_gemv="splitk")
+  assert pinned.decode_gemv_impl() == "splitk"
