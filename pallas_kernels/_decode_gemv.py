@@ -208,6 +208,20 @@ def linear_config(num_tokens: int, d_model: int, n: int) -> DecodeConfig:
   )
 
 
+def check_gemv_inputs(name: str, x, w, d_axis: int, out_dtype):
+  """(x's leading dims, x as T x D, the output dtype) for a decode GEMV whose weight holds D
+  on `d_axis`; one clear error for a bad shape, dtype or token count."""
+  want = "w[D, N]" if d_axis == 0 else "w[N, D]"
+  if w.ndim != 2 or x.shape[-1] != w.shape[d_axis]:
+    raise ValueError(f"{name}: x {x.shape} and w {w.shape} need x[..., D] and {want}")
+  if x.dtype != w.dtype:
+    raise ValueError(f"{name}: x is {x.dtype} but w is {w.dtype}; cast the weight once")
+  x_TxD = x.reshape(-1, x.shape[-1])
+  if x_TxD.shape[0] > MAX_TOKENS:
+    raise ValueError(f"{name}: T={x_TxD.shape[0]} tokens; the GEMV takes at most {MAX_TOKENS}")
+  return x.shape[:-1], x_TxD, jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+
+
 def linear(
   x_TxD: jax.Array,
   w_DxN: jax.Array,
@@ -221,16 +235,9 @@ def linear(
   gemv_sweep_h200_20261201). fp32 accumulation, the fp32 sum over D splits cast once to
   out_dtype (default x's dtype); with one split the kernel writes y itself.
   """
-  if w_DxN.ndim != 2 or x_TxD.shape[-1] != w_DxN.shape[0]:
-    raise ValueError(f"linear: x {x_TxD.shape} and w {w_DxN.shape} need x[..., D] and w[D, N]")
-  if x_TxD.dtype != w_DxN.dtype:
-    raise ValueError(f"linear: x is {x_TxD.dtype} but w is {w_DxN.dtype}; cast the weight once")
-  lead, (d_model, n) = x_TxD.shape[:-1], w_DxN.shape
-  x_TxD = x_TxD.reshape(-1, d_model)
+  lead, x_TxD, out_dtype = check_gemv_inputs("linear", x_TxD, w_DxN, 0, out_dtype)
+  d_model, n = w_DxN.shape
   num_tokens = x_TxD.shape[0]
-  if num_tokens > MAX_TOKENS:
-    raise ValueError(f"linear: T={num_tokens} tokens; the GEMV takes at most {MAX_TOKENS}")
-  out_dtype = jnp.dtype(x_TxD.dtype if out_dtype is None else out_dtype)
   if num_tokens == 0:
     return jnp.zeros((*lead, n), out_dtype)
   cfg = config or linear_config(num_tokens, d_model, n)

@@ -21,7 +21,16 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import pow2_at_least
-from pallas_kernels._decode_gemv import MAX_TOKENS, load_x, precision_for, tf_mask, tf_ref
+from pallas_kernels._decode_gemv import (
+  MAX_TOKENS as MAX_TOKENS,  # the model reads it here
+)
+from pallas_kernels._decode_gemv import (
+  check_gemv_inputs,
+  load_x,
+  precision_for,
+  tf_mask,
+  tf_ref,
+)
 
 F32 = jnp.float32
 
@@ -211,16 +220,9 @@ def rowdot(
   norm = (scale_D, eps): x is RMS-normalized first, as `model.RMSNorm` does (so the norm
   costs no launch of its own); return_normed: also return that normalized x (T × D).
   residual (x's leading dims × N): y = residual + x Wᵀ, added as XLA adds two bf16 arrays."""
-  if w_NxD.ndim != 2 or x_TxD.shape[-1] != w_NxD.shape[1]:
-    raise ValueError(f"rowdot: x {x_TxD.shape} and w {w_NxD.shape} need x[..., D] and w[N, D]")
-  if x_TxD.dtype != w_NxD.dtype:
-    raise ValueError(f"rowdot: x is {x_TxD.dtype} but w is {w_NxD.dtype}; cast the weight once")
-  lead, (n, d_model) = x_TxD.shape[:-1], w_NxD.shape
-  x_TxD = x_TxD.reshape(-1, d_model)
+  lead, x_TxD, out_dtype = check_gemv_inputs("rowdot", x_TxD, w_NxD, 1, out_dtype)
+  n, d_model = w_NxD.shape
   num_tokens = x_TxD.shape[0]
-  if num_tokens > MAX_TOKENS:
-    raise ValueError(f"rowdot: T={num_tokens} tokens; the GEMV takes at most {MAX_TOKENS}")
-  out_dtype = jnp.dtype(x_TxD.dtype if out_dtype is None else out_dtype)
   norm_eps, normed, scale = _norm_args(norm, return_normed)
   if num_tokens == 0:
     y = jnp.zeros((*lead, n), out_dtype)
