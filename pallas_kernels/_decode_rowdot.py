@@ -47,10 +47,18 @@ class RowdotConfig:
   t1_dot: bool = False
 
 
-def rowdot_config(num_tokens: int, d_model: int, n: int) -> RowdotConfig:
-  """Until the H200 sweep (`gemv_sweep.py --methods=rowdot`) picks: 8 rows, 512-wide D steps."""
-  del num_tokens, d_model, n
-  return RowdotConfig()
+def rowdot_config(num_tokens: int, d_model: int, n: int, weights: int = 1) -> RowdotConfig:
+  """From the H200 sweep at T = 1 (`gemv_sweep_rowdot_h200_20261205.json`): 8 rows and
+  512-wide D steps, except for one weight at one token, where a D over 2048 goes in 2048-wide
+  steps (dense down at D = 5464: 11.2 µs against 21.0) and N from 16384 up in 4 rows (the
+  unembedding, N = 32000: 37.3 against 41.2). Two weights (the SwiGLU) and T > 1 keep the
+  default: their wider steps were not measured and hold more registers and shared memory."""
+  if num_tokens != 1 or weights != 1:
+    return RowdotConfig()
+  return RowdotConfig(
+    block_n=4 if n >= 16384 else 8,
+    block_d=2048 if d_model > 2048 else 512,
+  )
 
 
 def _rows(num_tokens: int, cfg: RowdotConfig) -> int:
@@ -251,7 +259,7 @@ def swiglu(
   `rowdot`'s."""
   num_tokens, d_model = x_TxD.shape
   d_ff = w_gate_FxD.shape[0]
-  cfg = config or rowdot_config(num_tokens, d_model, 2 * d_ff)
+  cfg = config or rowdot_config(num_tokens, d_model, d_ff, weights=2)
   norm_eps, _, scale = _norm_args(norm, False)
   ws = (w_gate_FxD, w_up_FxD)
   interpret = tu.default_interpret(interpret)

@@ -8,6 +8,7 @@ fills each output with NaN before the kernel runs, so a NaN-free result was full
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -97,6 +98,21 @@ def test_rowdot_leading_dims_out_dtype_t1_dot_and_errors():
     _decode_rowdot.rowdot(x, w, interpret=True)
   with pytest.raises(ValueError, match="at most 16"):
     _decode_rowdot.rowdot(jnp.zeros((17, 96), jnp.bfloat16), w.T, interpret=True)
+
+
+def test_rowdot_config_picks_and_its_wide_step_at_t1():
+  """The sweep's rule: one weight at T = 1 steps a D over 2048 2048 wide and takes 4 rows from
+  N = 16384 up; the SwiGLU's two weights and T > 1 keep 8 rows, 512 wide. The wide step
+  masks an odd D's last step (D = 2100: one full step and 52 columns)."""
+  pick = _decode_rowdot.rowdot_config
+  assert (pick(1, 5464, 2048).block_n, pick(1, 5464, 2048).block_d) == (8, 2048)
+  assert (pick(1, 2048, 32000).block_n, pick(1, 2048, 32000).block_d) == (4, 512)
+  assert pick(1, 2048, 6144) == pick(4, 5464, 32000) == pick(1, 4096, 11008, weights=2)
+  assert pick(1, 2048, 6144) == _decode_rowdot.RowdotConfig()
+  seed = _seed()
+  x, w = _inputs(seed, (1,), 2100, 40, jnp.bfloat16)
+  y = _decode_rowdot.rowdot(x, w.T, interpret=True)
+  assert _rel_err_f64(y, x, w) < TOL[jnp.bfloat16], f"seed={seed}"
 
 
 def test_linear_rejects_bad_inputs():
@@ -228,6 +244,25 @@ def test_linear_compiled_on_gpu(num_tokens):
     jnp.full((num_tokens, 6144), jnp.nan, jnp.bfloat16).block_until_ready()
     y = _decode_rowdot.rowdot(x, w.T.copy(), config=cfg)
     assert _rel_err_f64(y, x, w) < 6e-3, f"seed={seed} rowdot cfg={cfg}"
+
+
+@pytest.mark.gpu
+def test_rowdot_wide_configs_compiled_on_gpu():
+  """rowdot_config's sweep picks at the 1b shapes they were chosen for, compiled: dense down
+  (D = 5464 in 2048-wide steps, with the residual) and the unembedding (4 rows, fp32 logits),
+  each output poisoned first."""
+  seed = _seed()
+  x, w = _inputs(seed, (1,), 5464, 2048, jnp.bfloat16)
+  r = jax.random.normal(jax.random.key(seed + 1), (1, 2048), jnp.bfloat16)
+  jnp.full((1, 2048), jnp.nan, jnp.bfloat16).block_until_ready()
+  y = _decode_rowdot.rowdot(x, w.T.copy(), residual=r)
+  want = (reference.linear(x, w) + r).astype(jnp.bfloat16)
+  f32 = functools.partial(np.asarray, dtype=np.float32)
+  np.testing.assert_allclose(f32(y), f32(want), rtol=1e-2, atol=2e-2)
+  x, w = _inputs(seed + 2, (1,), 2048, 32000, jnp.bfloat16)
+  jnp.full((1, 32000), jnp.nan, jnp.float32).block_until_ready()
+  y = _decode_rowdot.rowdot(x, w.T.copy(), out_dtype=jnp.float32)
+  assert _rel_err_f64(y, x, w) < 1e-5, f"seed={seed}"
 
 
 def test_gemv_tiles_fit_shared_memory_in_fp32():
