@@ -15,6 +15,10 @@ them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
+`dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
+each layer's attention launch read N MB of the output projection, then of the FFN's first
+weights, into L2 (`model.decode_attention_warm_mb`) on P programs
+(`decode_attention.WARM_PROGRAMS`).
 The defaults on GPU (since 2026-12-05b): output-major GEMVs with the norms and residual adds
 inside (`model.decode_gemv='rowdot'`) and RoPE inside the attention kernel ('fused').
 `*_splitk` rows are the path before (split-K GEMVs, XLA's norms, RoPE and adds, the plain
@@ -53,7 +57,7 @@ from decode_timing import run_info
 from flax import nnx
 
 from moc_jax import compile_options, generate, model, model_config
-from pallas_kernels import moc_decode
+from pallas_kernels import decode_attention, moc_decode
 
 PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with compile_options.pdl on and off
 
@@ -150,11 +154,17 @@ def main() -> None:
     "--warm_mb", default="", help="comma-separated MB[:PROGRAMS]: a moc_kernel_warm row each"
   )
   p.add_argument(
+    "--attn_warm_mb",
+    default="",
+    help="comma-separated MB[:PROGRAMS]: a dense_kernel_awarm and a moc_kernel_awarm row each",
+  )
+  p.add_argument(
     "--profile", action="store_true", help="also trace one generation: device vs wall time"
   )
   a = p.parse_args()
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   warm = [v.replace(":", "p") for v in a.warm_mb.split(",") if v]
+  attn_warm = [v.replace(":", "p") for v in a.attn_warm_mb.split(",") if v]
   vocab = 512 if a.quick else 32000  # quick: CPU wiring checks, kernels in interpret mode
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=vocab)
   try:  # a bad --d_ff is one error line, before any variant is built
@@ -190,6 +200,13 @@ def main() -> None:
       for tag in ("pdl", "nopdl")
     },
     **{f"moc_kernel_warm{w}": dict(ffn="moc", kernel_backend="pallas") for w in warm},
+    **{
+      f"{v}_kernel_awarm{w}": dict(
+        ffn=v, kernel_backend="pallas", decode_attention_warm_mb=int(w.partition("p")[0])
+      )
+      for w in attn_warm
+      for v in ("dense", "moc")
+    },
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
@@ -265,6 +282,7 @@ def _error(e: Exception) -> dict:
 def _patched(name: str):
   """The model and kernel configs variant `name` compiles with (see the module docstring)."""
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
+  original_programs = decode_attention.WARM_PROGRAMS
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
@@ -276,10 +294,13 @@ def _patched(name: str):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
     knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
     moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
+  if "_kernel_awarm" in name and "p" in name.partition("awarm")[2]:
+    decode_attention.WARM_PROGRAMS = int(name.partition("awarm")[2].partition("p")[2])
   try:
     yield
   finally:
     model.FeedForward.decode, moc_decode.moc_config = original, original_cfg
+    decode_attention.WARM_PROGRAMS = original_programs
 
 
 def _with_mosaic_select(cfg, cold: bool = False):

@@ -148,10 +148,11 @@ class Attention(nnx.Module):
     w_o = self.w_o[...].reshape(-1, d)
     self.decode_weights = nnx.List([decode_layout(self.cfg, w) for w in (w_qkv, w_o)])
 
-  def decode(self, x_BxLxD, positions_BxL, cache: dict, norm: RMSNorm):
+  def decode(self, x_BxLxD, positions_BxL, cache: dict, norm: RMSNorm, warm=()):
     """x + attention(norm(x)) for new tokens: their k, v written at `positions` into the
     cache, every slot at or before them attended. Once prepared, the norm and the residual
-    add go to the q, k, v and output GEMVs (inside the rowdot kernels: `decode_linear`)."""
+    add go to the q, k, v and output GEMVs (inside the rowdot kernels: `decode_linear`).
+    warm: (weight, bytes) pairs the fused attention kernel reads into L2 (no value changes)."""
     c = self.cfg
     if self.decode_weights is None:
       q, k, v = self._qkv(norm(x_BxLxD), positions_BxL)
@@ -163,7 +164,15 @@ class Attention(nnx.Module):
       # RoPE, the split and the cache write inside the attention kernel (`attend_qkv`)
       cos, sin = rope_cos_sin(positions_BxL[:, 0], c.head_dim, c.rope_theta)
       o, k_cache, v_cache = decode_attention.attend_qkv(
-        qkv_BxLx3xHxE[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], cos, sin
+        qkv_BxLx3xHxE[:, 0],
+        cache["k"],
+        cache["v"],
+        positions_BxL[:, 0],
+        cos,
+        sin,
+        warm=tuple(w for w, _ in warm),
+        warm_bytes=tuple(b for _, b in warm),
+        warm_programs=decode_attention.WARM_PROGRAMS,
       )
       o, cache = o[:, None], {"k": k_cache, "v": v_cache}
     else:
@@ -270,8 +279,23 @@ class Block(nnx.Module):
     return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
 
   def decode(self, x_BxLxD, positions_BxL, cache, warm=None):
-    h_BxLxD, cache = self.attn.decode(x_BxLxD, positions_BxL, cache, self.attn_norm)
+    """warm: the next block's first decode weight, for the FFN's kernels to warm L2 with."""
+    attn_warm = self._attention_warm()
+    h_BxLxD, cache = self.attn.decode(x_BxLxD, positions_BxL, cache, self.attn_norm, attn_warm)
     return self.ffn.decode(h_BxLxD, self.ffn_norm, warm), cache
+
+  def _attention_warm(self) -> tuple[tuple[jax.Array, int], ...]:
+    """What the attention kernel reads into L2 (`decode_attention_warm_mb`): the output
+    projection whole, then the rest of the budget shared by the weights the FFN's first
+    kernel reads side by side (MoC: the gate; dense: gate and up)."""
+    budget = self.attn.cfg.decode_attention_warm_mb << 20
+    if not budget or self.attn.decode_weights is None or self.ffn.decode_weights is None:
+      return ()
+    w_o = self.attn.decode_weights[1][...]
+    firsts = [w[...] for w in self.ffn.decode_weights[: 2 if self.ffn.cfg.ffn == "dense" else 1]]
+    o_bytes = min(w_o.nbytes, budget)
+    share = (budget - o_bytes) // len(firsts)
+    return ((w_o, o_bytes), *((w, share) for w in firsts if share))
 
   def first_decode_weight(self) -> jax.Array | None:
     """The weight this block's decode reads first (q, k, v as one), once prepared."""

@@ -64,6 +64,10 @@ class ModelConfig:
   # by XLA) | rowdot (weights stored N x D once when prepared for decode, whole rows per
   # program, no partials, the block's norms and residual adds inside)
   decode_gemv: str = "auto"
+  # MB of the weights read right after the fused decode attention (the output projection,
+  # then the FFN's first weights) that its launch reads into L2 on the SMs its one program per
+  # head leaves idle (`decode_attention.attend_qkv(warm=...)`); 0: off. Opt-in until timed.
+  decode_attention_warm_mb: int = 0
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -110,6 +114,10 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.decode_attention_warm_mb < 0:
+      raise ConfigError(
+        f"model.decode_attention_warm_mb must be >= 0, got {self.decode_attention_warm_mb}"
+      )
     if self.d_model % self.num_heads or self.head_dim % 2:
       raise ConfigError(
         f"model.d_model={self.d_model} must split into num_heads="

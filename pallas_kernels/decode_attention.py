@@ -23,11 +23,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _l2_prefetch
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import pow2_at_least
 
 F32 = jnp.float32
 I32 = jnp.int32
+# Warming programs beside the attention's own (`attend_qkv(warm=...)`): two per H200 SM, as
+# the top-K's (`DecodeConfig.warm_programs`, the best of 131 and 264 there).
+WARM_PROGRAMS = 264
 
 
 def _rotated(ref, part, b, h, e, half, in_head, cos_ref, sin_ref, dtype):
@@ -43,7 +47,16 @@ def _rotated(ref, part, b, h, e, half, in_head, cos_ref, sin_ref, dtype):
   return out.astype(dtype)
 
 
-def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fused):
+def _program(flat_grid: tuple[int, int, int] | None):
+  """(b, h, c) of this program: from the 3-D grid, or unravelled from a 1-D one."""
+  if flat_grid is None:
+    return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  _, heads, chunks = flat_grid
+  pid = pl.program_id(0)
+  return pid // (heads * chunks), (pid // chunks) % heads, pid % chunks
+
+
+def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fused, flat_grid=None):
   """Program (b, h, c): query (b, h) against the cached slots [c·chunk, (c+1)·chunk).
 
   write: refs are (q, k_new, v_new, k, v, pos, outputs…, k_out, v_out), k_out / v_out aliasing
@@ -51,8 +64,9 @@ def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fus
   registers, the cache gives slots 0…pos-1. fused: the same with (qkv, cos, sin) for
   (q, k_new, v_new): q, k, v unrotated in one (B, 3, H, E) array, RoPE applied here. Else
   (q, k, v, pos, outputs…): slots 0…pos all from the cache. Outputs: o (one chunk), or each
-  chunk's running max, sum and fp32 accumulator for `_combine`."""
-  b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  chunk's running max, sum and fp32 accumulator for `_combine`. flat_grid = (B, H, C): the
+  programs come as one axis of B·H·C (beside L2-warming programs: `_l2_prefetch`)."""
+  b, h, c = _program(flat_grid)
   e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
   in_head = e < head_dim
   if fused:
@@ -144,9 +158,23 @@ def _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s: int) -> None:
     raise ValueError(f"block_s={block_s} must be a power of two")
 
 
-def _call(o_shape, dtype, k_BxSxHxE, write, fused, block_s, chunk, num_warps, interpret):
+def _call(
+  o_shape,
+  dtype,
+  k_BxSxHxE,
+  write,
+  fused,
+  block_s,
+  chunk,
+  num_warps,
+  interpret,
+  warm=(),
+  warm_programs=WARM_PROGRAMS,
+):
   """The pallas_call: its outputs are o (one chunk) or the chunks' (max, sum, accumulator),
-  then (write) the two caches, aliasing inputs 3 and 4."""
+  then (write) the two caches, aliasing inputs 3 and 4. warm: (weight, bytes) pairs that
+  `warm_programs` more programs of the same launch read into L2 (`_l2_prefetch`); the
+  attention's programs then form one axis (in interpret mode too, which runs them alone)."""
   batch, heads, head_dim = o_shape
   chunks = -(-k_BxSxHxE.shape[1] // chunk)
   kernel = functools.partial(
@@ -158,6 +186,7 @@ def _call(o_shape, dtype, k_BxSxHxE, write, fused, block_s, chunk, num_warps, in
     scale=head_dim**-0.5,
     write=write,
     fused=fused,
+    flat_grid=(batch, heads, chunks) if warm else None,
   )
   if chunks == 1:
     outs = [jax.ShapeDtypeStruct(o_shape, dtype)]
@@ -168,12 +197,26 @@ def _call(o_shape, dtype, k_BxSxHxE, write, fused, block_s, chunk, num_warps, in
   if write:
     aliases = {3: len(outs), 4: len(outs) + 1}  # the caches are updated in place
     outs += [jax.ShapeDtypeStruct(k_BxSxHxE.shape, k_BxSxHxE.dtype)] * 2
+  params = tu.compiler_params(num_warps, num_stages=2)
+  interpret = tu.default_interpret(interpret)
+  if warm and not interpret:
+    return lambda *inputs: _l2_prefetch.call(
+      kernel,
+      inputs,
+      out_shape=outs,
+      grid=batch * heads * chunks,
+      warm=warm,
+      programs=warm_programs,
+      compiler_params=params,
+      name="decode_attention_warm",
+      input_output_aliases=aliases,
+    )
   return pl.pallas_call(
     kernel,
     out_shape=tuple(outs),
-    grid=(batch, heads, chunks),
-    compiler_params=tu.compiler_params(num_warps, num_stages=2),
-    interpret=tu.default_interpret(interpret),
+    grid=(batch * heads * chunks,) if warm else (batch, heads, chunks),
+    compiler_params=params,
+    interpret=interpret,
     name="decode_attention",
     input_output_aliases=aliases,
   )
@@ -231,7 +274,10 @@ def attend(
   return (o, *caches) if write else o
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "chunk", "num_warps", "interpret"))
+@functools.partial(
+  jax.jit,
+  static_argnames=("block_s", "chunk", "num_warps", "interpret", "warm_bytes", "warm_programs"),
+)
 def attend_qkv(
   qkv_Bx3xHxE: jax.Array,
   k_BxSxHxE: jax.Array,
@@ -244,11 +290,19 @@ def attend_qkv(
   chunk: int | None = None,
   num_warps: int = 4,
   interpret: bool | None = None,
+  warm: tuple[jax.Array, ...] = (),
+  warm_bytes: tuple[int, ...] = (),
+  warm_programs: int = WARM_PROGRAMS,
 ):
   """`attend` with new_kv, taking q, k, v as the q, k, v GEMV wrote them (unrotated, one
   array) and each row's RoPE cos and sin (fp32, E/2): the rotation, the split into q, k, v
   and the cache write all happen in the one kernel, so no XLA fusion runs between the GEMV
-  and the attention. Returns (o_BxHxE, k cache, v cache)."""
+  and the attention. Returns (o_BxHxE, k cache, v cache).
+
+  warm, warm_bytes: weights the next kernels read (the output projection, the FFN's first
+  weights) and how many of each one's first bytes to read into L2 on `warm_programs` programs
+  of this launch beside the attention's (one program per head and row leaves most SMs idle
+  at batch 1). No value changes."""
   batch, three, heads, head_dim = qkv_Bx3xHxE.shape
   o_shape = (batch, heads, head_dim)
   if three != 3 or head_dim % 2:
@@ -259,7 +313,10 @@ def attend_qkv(
   chunk = chunk or default_chunk(k_BxSxHxE.shape[1], block_s)
   if chunk % block_s:
     raise ValueError(f"chunk={chunk} must be a multiple of block_s={block_s}")
-  args = (k_BxSxHxE, True, True, block_s, chunk, num_warps, interpret)
+  if len(warm) != len(warm_bytes):
+    raise ValueError(f"warm_bytes needs one entry per warm weight, got {warm_bytes}")
+  warm_plan = tuple((w, b) for w, b in zip(warm, warm_bytes, strict=True) if b > 0)
+  args = (k_BxSxHxE, True, True, block_s, chunk, num_warps, interpret, warm_plan, warm_programs)
   call = _call(o_shape, qkv_Bx3xHxE.dtype, *args)
   rope = (cos_BxE2.astype(F32), sin_BxE2.astype(F32))
   outs = call(qkv_Bx3xHxE, *rope, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))

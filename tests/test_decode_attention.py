@@ -3,6 +3,8 @@ reference and XLA's attention, in interpret mode on the CPU; compiled on a GPU (
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import jax
@@ -157,6 +159,39 @@ def test_attend_qkv_equals_rope_then_attend(slots, pos, chunk):
     decode_attention.attend_qkv(qkv, k, v, pos, cos[:, :3], sin, interpret=True)
 
 
+def _qkv_case(seed: int, slots: int, pos, batch=2, heads=3, head_dim=24):
+  """A bf16 qkv, caches, positions and RoPE tables for `attend_qkv`."""
+  from moc_jax.model import rope_cos_sin
+
+  _, k, v = _inputs(seed, batch, slots, heads, head_dim, jnp.bfloat16)
+  qkv = jax.random.normal(jax.random.key(seed + 1), (batch, 3, heads, head_dim), jnp.bfloat16)
+  pos = jnp.asarray(pos, jnp.int32)
+  return (qkv, k, v, pos, *rope_cos_sin(pos, head_dim, 500.0))
+
+
+@pytest.mark.parametrize(("slots", "pos", "chunk"), [(37, [0, 36], None), (300, [299, 130], 64)])
+def test_attend_qkv_with_warm_is_unchanged(slots, pos, chunk):
+  """With weights to warm, the attention's programs run on one unravelled axis (here alone,
+  as interpret mode runs them): the same o and caches bit for bit, one chunk or several; the
+  launch with the warming programs lowers to one Triton call for CUDA."""
+  seed = time.time_ns() % (2**31)
+  args = _qkv_case(seed, slots, pos)
+  w_o, w_g = (jax.random.normal(jax.random.key(seed + i), (72, 40), jnp.bfloat16) for i in (2, 3))
+  kw = dict(chunk=chunk, block_s=32)
+  want = decode_attention.attend_qkv(*args, **kw, interpret=True)
+  warm = dict(warm=(w_o, w_g), warm_bytes=(w_o.nbytes, 1000))
+  got = decode_attention.attend_qkv(*args, **kw, **warm, interpret=True)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(
+      np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=f"{seed=}"
+    )
+  fn = lambda *a: decode_attention.attend_qkv(*a, **kw, **warm, interpret=False)
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "decode_attention_warm" in text
+  with pytest.raises(ValueError, match="one entry per warm weight"):
+    decode_attention.attend_qkv(*args, warm=(w_o,), warm_bytes=(), interpret=True)
+
+
 def test_attend_refuses_mismatched_shapes():
   q, k, v = _inputs(0, 2, 8, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match="k, v"):
@@ -215,3 +250,52 @@ def test_attend_qkv_gpu_1b_shape():
     np.testing.assert_allclose(
       np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2, rtol=2e-2
     )
+  # beside 264 programs warming L2 with 16 MB of two weights: the same values bit for bit
+  ws = tuple(jnp.ones((2048, 2048 * i), jnp.bfloat16) for i in (1, 3))
+  warmed = jax.jit(
+    functools.partial(decode_attention.attend_qkv, warm_bytes=(8 << 20, 8 << 20)),
+    donate_argnums=(1, 2),
+  )(qkv, k, v, pos, cos, sin, warm=ws)
+  again = decode_attention.attend_qkv(qkv, k, v, pos, cos, sin)
+  for g, w in zip(warmed, again, strict=True):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("ffn", ["moc", "dense"])
+def test_model_attention_warm_plan_and_same_tokens(monkeypatch, ffn):
+  """model.decode_attention_warm_mb: each layer's fused attention is handed the output
+  projection whole, then the rest of the budget shared by the FFN's first weights (MoC: the
+  gate; dense: gate and up); the fp32 tiny model's greedy tokens are those without warming
+  (interpret mode runs the attention's programs alone, on the one axis they get beside
+  warming programs)."""
+  from flax import nnx
+
+  from moc_jax import generate, model_config
+  from moc_jax.model import Transformer
+
+  cfg = model_config.from_preset("tiny", vocab_size=301, num_layers=2, dtype="float32", ffn=ffn)
+  plain = generate.with_backend(
+    Transformer(cfg, nnx.Rngs(3)), "pallas", decode_attention="fused", decode_gemv="rowdot"
+  )
+  warmed = Transformer(dataclasses.replace(plain.cfg, decode_attention_warm_mb=1), nnx.Rngs(0))
+  nnx.update(warmed, nnx.state(plain, nnx.Param))
+  warmed.prepare_for_decode()
+  seen = []
+  real = decode_attention.attend_qkv
+  monkeypatch.setattr(
+    decode_attention,
+    "attend_qkv",
+    lambda *a, **kw: seen.append((kw["warm"], kw["warm_bytes"])) or real(*a, **kw),
+  )
+  block = warmed.blocks[0]
+  w_o = block.attn.decode_weights[1][...]
+  firsts = block.ffn.decode_weights[: 2 if ffn == "dense" else 1]
+  share = ((1 << 20) - w_o.nbytes) // len(firsts)
+  assert [b for _, b in block._attention_warm()] == [w_o.nbytes] + [share] * len(firsts)
+  assert block._attention_warm()[1][0] is firsts[0][...]
+  prompts = [[1, 5, 9, 13, 2], [3, 4, 60]]
+  tokens = generate.generate(warmed, prompts, 4)
+  assert seen and all(len(w) == len(b) == 1 + len(firsts) for w, b in seen)
+  seen.clear()
+  assert generate.generate(plain, prompts, 4) == tokens
+  assert seen and all(w == b == () for w, b in seen)

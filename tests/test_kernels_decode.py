@@ -285,11 +285,30 @@ def test_warm_programs_read_exactly_the_first_bytes(max_bytes, programs):
   """The L2-warming programs together read the first max_bytes of the weight, each once."""
   seed = _seed()
   w = jax.random.normal(jax.random.key(seed), (64, 300)).astype(jnp.bfloat16)
-  sums = _l2_prefetch.warm_sums(w, max_bytes=max_bytes, programs=programs, interpret=True)
+  sums = _l2_prefetch.warm_sums([(w, max_bytes)], programs=programs, interpret=True)
   n = min(w.size, max_bytes // 2)
   want = np.asarray(w, np.float64).reshape(-1)[:n].sum()
   np.testing.assert_allclose(float(np.sum(np.asarray(sums, np.float64))), want, atol=1e-3)
   assert sums.shape == (programs,)
+
+
+@pytest.mark.parametrize(("budgets", "programs"), [((5000, 10**9), 7), ((600, 0, 40), 2)])
+def test_warm_programs_share_several_weights(budgets, programs):
+  """Several weights: each warming program reads from one of them, and together they read
+  the first bytes asked of each (none of a weight asked for 0), each byte once."""
+  seed = _seed()
+  keys = jax.random.split(jax.random.key(seed), len(budgets))
+  ws = [jax.random.normal(k, (40 + 8 * i, 100)).astype(jnp.bfloat16) for i, k in enumerate(keys)]
+  warm = list(zip(ws, budgets, strict=True))
+  sums = _l2_prefetch.warm_sums(warm, programs=programs, interpret=True)
+  plan = _l2_prefetch._plan(warm, programs)
+  assert sums.shape == (programs,) and sum(count for *_, count in plan) == programs
+  got = np.asarray(sums, np.float64)
+  asked = [(w, b) for w, b in zip(ws, budgets, strict=True) if b]
+  for (_, n, first, count), (w, b) in zip(plan, asked, strict=True):
+    assert n == min(w.size, b // 2)
+    want = np.asarray(w, np.float64).reshape(-1)[:n].sum()
+    np.testing.assert_allclose(got[first : first + count].sum(), want, atol=1e-3)
 
 
 @pytest.mark.parametrize("fold", [True, False])
