@@ -15,6 +15,8 @@ them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
+`moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
+(`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
 weights, into L2 (`model.decode_attention_warm_mb`) on P programs
@@ -207,6 +209,7 @@ def main() -> None:
       for w in attn_warm
       for v in ("dense", "moc")
     },
+    "moc_kernel_sumk": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
@@ -287,6 +290,8 @@ def _patched(name: str):
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
     moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
+  if name == "moc_kernel_sumk":  # the rows' partial sum and the residual add in one kernel
+    moc_decode.moc_config = lambda *a: replace(original_cfg(*a), list_sum="kernel")
   if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
     cold = name.endswith("_cold")  # without its L2 prefetch
     moc_decode.moc_config = lambda *a, c=cold: _with_mosaic_select(original_cfg(*a), c)

@@ -312,11 +312,11 @@ def moc_decode_ffn(
   fused = output_major and backends.resolve(backend) == "pallas"  # kernels take norm, residual
   xn_TxD = x_TxD if norm is None or fused else backends.rms_norm(x_TxD, *norm)
   kw = {"norm": norm} if fused else {}
+  if fused:  # the residual added by the kernels (dense: the down GEMV; MoC: the rows' sum)
+    kw["residual"], residual = (x_TxD if residual else None), False
   if variant == "dense":
-    if fused:  # the residual added inside the down GEMV
-      kw["residual"], residual = (x_TxD if residual else None), False
     y = backends.dense_decode_ffn(backend, output_major)(xn_TxD, *ws, **kw)
-  else:  # MoC: the norm inside the gate GEMV, the residual with the rows' partial sums
+  else:  # MoC: the norm inside the gate GEMV
     kernel = backends.decode_ffn(backend, output_major)
     y = kernel(xn_TxD, *ws, effective_k(k, d_ff, variant), variant, warm=warm, **kw)
   y = (x_TxD + y).astype(y.dtype) if residual else y

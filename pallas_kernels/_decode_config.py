@@ -14,6 +14,7 @@ import dataclasses
 from pallas_kernels._topk_config import TopKConfig
 
 PIPELINES = ("mask", "list")
+LIST_SUMS = ("xla", "kernel")
 DENSE_DOWNS = ("rows", "gemv")
 
 
@@ -71,6 +72,10 @@ class DecodeConfig:
   list_programs: int = 128  # programs over all tokens (each owns a slice of one token's list)
   list_block_d: int = 1024  # columns per load (static loop over D)
   list_warps: int = 8
+  # the sum of the list pipeline's partial y (and the block's residual add, where the kernels
+  # are given it): 'xla' (a reduce fusion, then the add: two launches) or 'kernel'
+  # (`_decode_list.sum_partials`: one launch, the add in its epilogue; untimed, opt-in)
+  list_sum: str = "xla"
   # The list pipeline's top-K launch also warms L2 with up to this many bytes of the weight the
   # next kernels read (the next layer's q, k, v; `_l2_prefetch`), on `warm_programs` programs
   # of its own; 0: off.
@@ -80,6 +85,8 @@ class DecodeConfig:
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
       raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
+    if self.list_sum not in LIST_SUMS:
+      raise ValueError(f"unknown list_sum {self.list_sum!r}; expected one of {LIST_SUMS}")
     if self.dense_down not in DENSE_DOWNS:
       raise ValueError(f"unknown dense_down {self.dense_down!r}; expected one of {DENSE_DOWNS}")
     if self.topk is not None and self.pipeline != "list":

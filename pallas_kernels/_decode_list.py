@@ -5,9 +5,11 @@ tile carries ~K/F active rows and few bytes are in flight per SM. Here program (
 slice of token t's sorted list of K selected channels and, `rows` entries at a time, loads
 whole rows of Wu^T and Wd (2·rows·D·2 bytes issued together, before any arithmetic), computes
 z = a · (x Wu^T[idx]) rounded to x's dtype (as the reference does) and accumulates
-y += z Wd[idx] in fp32. Each program writes its fp32 partial y; XLA sums the partials (one small
-fusion), so the result is deterministic. At T > 1 a channel picked by several tokens is read
-once per token (the repeats mostly hit L2).
+y += z Wd[idx] in fp32. Each program writes its fp32 partial y, and a fixed-order sum of the
+partials follows (deterministic): XLA's (one small fusion; the block's residual add is then a
+launch of its own) or, with `DecodeConfig.list_sum='kernel'`, `sum_partials` (one Pallas
+launch with the residual add in its epilogue). At T > 1 a channel picked by several tokens is
+read once per token (the repeats mostly hit L2).
 """
 
 from __future__ import annotations
@@ -70,6 +72,48 @@ def _rows_kernel(
     plgpu.store(y_ref.at[s, t, pl.ds(jnp.int32(b), w)], y, mask=c < d_model)
 
 
+SUM_TILE = 4096  # partial sums one `sum_partials` program loads at once (splits × columns)
+
+
+def _sum_kernel(p_ref, *refs, splits, d_model, block_d, residual):
+  """y[t, cols] = round(Σ_s p[s, t, cols]) (+ the residual, added as XLA adds two arrays)."""
+  r_ref, y_ref = refs if residual else (None, *refs)
+  t, j = pl.program_id(0), pl.program_id(1)
+  s = jnp.arange(pow2_at_least(splits), dtype=I32)
+  cols = j * block_d + jnp.arange(block_d, dtype=I32)
+  ok = cols < d_model
+  shape = (s.size, block_d)
+  s_b, c_b = jnp.broadcast_to(s[:, None], shape), jnp.broadcast_to(cols[None, :], shape)
+  parts = plgpu.load(p_ref.at[s_b, t, c_b], mask=(s_b < splits) & (c_b < d_model), other=0)
+  y = jnp.sum(parts, axis=0).astype(y_ref.dtype)
+  if residual:
+    r = plgpu.load(r_ref.at[t, pl.ds(j * block_d, block_d)], mask=ok, other=0)
+    y = (y.astype(F32) + r.astype(F32)).astype(y_ref.dtype)
+  plgpu.store(y_ref.at[t, pl.ds(j * block_d, block_d)], y, mask=ok)
+
+
+def sum_partials(
+  partials_SxTxD: jax.Array, dtype, residual_TxD: jax.Array | None, interpret: bool
+) -> jax.Array:
+  """round(Σ_s partials[s]) to dtype, plus residual_TxD if given (round, add in fp32, round:
+  XLA's add of two arrays), in one launch: grid T × D / block_d, each program loading all
+  splits of its columns at once."""
+  splits, num_tokens, d_model = partials_SxTxD.shape
+  block_d = min(pow2_at_least(d_model), max(16, SUM_TILE // pow2_at_least(splits)))
+  kernel = functools.partial(
+    _sum_kernel, splits=splits, d_model=d_model, block_d=block_d, residual=residual_TxD is not None
+  )
+  inputs = (partials_SxTxD,) + (() if residual_TxD is None else (residual_TxD,))
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_tokens, d_model), dtype),
+    grid=(num_tokens, pl.cdiv(d_model, block_d)),
+    compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    interpret=interpret,
+    name="decode_rows_sum",
+  )(*inputs)
+
+
 def rows_ffn(
   x_TxD: jax.Array,
   idx_TxK: jax.Array,
@@ -80,8 +124,10 @@ def rows_ffn(
   *,
   interpret: bool,
   gate_values: bool = False,
+  residual_TxD: jax.Array | None = None,
 ) -> jax.Array:
-  """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype.
+  """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype; with residual_TxD,
+  residual + y (rounded as XLA adds two arrays).
 
   gate_values: a_TxK holds the selected G (any float dtype) and the kernel takes silu(G)."""
   num_tokens, d_model = x_TxD.shape
@@ -108,4 +154,7 @@ def rows_ffn(
     interpret=interpret,
     name="decode_rows",
   )(x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD)
-  return jnp.sum(partials, axis=0).astype(x_TxD.dtype)
+  if cfg.list_sum == "kernel":
+    return sum_partials(partials, x_TxD.dtype, residual_TxD, interpret)
+  y = jnp.sum(partials, axis=0).astype(x_TxD.dtype)
+  return y if residual_TxD is None else (residual_TxD + y).astype(y.dtype)

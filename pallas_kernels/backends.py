@@ -68,7 +68,8 @@ rms_norm = reference.rms_norm  # the norm every backend's decode applies outside
 
 def decode_ffn(backend: str, output_major: bool = False) -> Callable:
   """(x_TxD, w_gate, w_up_FxD, w_down_FxD, k, variant, *, warm=None) -> y_TxD, the gate
-  weight D x F, or F x D with output_major."""
+  weight D x F, or F x D with output_major; on Pallas with output_major also `norm=` and
+  `residual=` (applied by the kernels)."""
   if resolve(backend) == "xla":
     if output_major:
       return lambda x, wg, *a, **kw: reference.decode_ffn(x, wg.T, *a, **kw)

@@ -166,9 +166,10 @@ def test_decode_e2e_records_a_variant_that_fails_to_build(tmp_path, monkeypatch)
     decode_e2e.main()
 
 
-def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
+def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
   """--attn_warm_mb=1:8 adds dense and MoC rows whose attention warms L2 (1 MB, 8 programs,
-  patched only while that row compiles): same tokens as the rows without."""
+  patched only while that row compiles): same tokens as the rows without; the Pallas sum of
+  the rows' partials (`moc_kernel_sumk`) runs."""
   import json
   import sys
 
@@ -181,11 +182,12 @@ def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
     lambda *a, **kw: programs.append((kw["warm_bytes"], kw["warm_programs"])) or real(*a, **kw),
   )
   out = tmp_path / "e2e.json"
-  only = "--only=moc_kernel,moc_kernel_awarm1p8"
+  only = "--only=moc_kernel,moc_kernel_awarm1p8,moc_kernel_sumk"
   argv = ["x", "--quick", "--trials=1", "--attn_warm_mb=1:8", only, f"--out={out}"]
   monkeypatch.setattr(sys, "argv", argv)
   decode_e2e.main()
   rows = json.loads(out.read_text())["rows"]
-  assert set(rows) == {"moc_kernel", "moc_kernel_awarm1p8"}
+  assert set(rows) == {"moc_kernel", "moc_kernel_awarm1p8", "moc_kernel_sumk"}
   assert rows["moc_kernel_awarm1p8"]["tokens"] == rows["moc_kernel"]["tokens"]
+  assert "error" not in rows["moc_kernel_sumk"]
   assert {p for b, p in programs if b} == {8} and decode_e2e.decode_attention.WARM_PROGRAMS == 264

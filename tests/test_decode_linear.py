@@ -268,9 +268,9 @@ def test_rowdot_wide_configs_compiled_on_gpu():
 def test_gemv_tiles_fit_shared_memory_in_fp32():
   """The dense down GEMV's tile (tuned on bf16) keeps its 128-row step in bf16 and halves it
   in fp32, where the H200 refused it (272 KB asked of 227)."""
-  from pallas_kernels import moc_decode
+  from pallas_kernels import _decode_mask, moc_decode
 
-  down = moc_decode._down_gemv(moc_decode.dense_config(1, 2048, 5464))
+  down = _decode_mask.down_gemv_config(moc_decode.dense_config(1, 2048, 5464))
   assert _decode_gemv.fit_block_d(down, 5464, down.gemv_block_f, 2) == down.gemv_block_d == 128
   fp32 = _decode_gemv.fit_block_d(down, 5464, down.gemv_block_f, 4)
   assert fp32 == 64

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _decode_select, _l2_prefetch, moc_decode, reference, topk
+from pallas_kernels import _decode_list, _decode_select, _l2_prefetch, moc_decode, reference, topk
 
 # Small blocks so that the tiny CPU shapes still cover several programs, splits and edges.
 SMALL = moc_decode.DecodeConfig(
@@ -142,6 +142,72 @@ def test_decode_ffn_output_major_gate(num_tokens, d_ff, k, variant, dtype, cfg):
   )
   want = reference.decode_ffn(x, wg, wu, wd, k, variant)
   assert _rel_err(y, want) < (1e-5 if dtype == jnp.float32 else 2e-2), f"{seed=}"
+
+
+@pytest.mark.parametrize(
+  ("splits", "num_tokens", "d_model", "dtype", "residual"),
+  [
+    (5, 3, 200, jnp.bfloat16, True),  # splits not a power of two, odd D
+    (128, 1, 2048, jnp.float32, True),  # the 1b shape at T = 1: 32-column programs
+    (7, 2, 33, jnp.bfloat16, False),
+  ],
+)
+def test_sum_partials_matches_float64(splits, num_tokens, d_model, dtype, residual):
+  """round(Σ partials) (+ residual, rounded as XLA adds) against the float64 sum: within one
+  rounding of the output, plus the fp32 sum's own error (~1e-6 per partial of unit size)."""
+  seed = _seed()
+  kp, kr = jax.random.split(jax.random.key(seed))
+  p = jax.random.normal(kp, (splits, num_tokens, d_model), jnp.float32)
+  r = jax.random.normal(kr, (num_tokens, d_model), dtype) if residual else None
+  got = _decode_list.sum_partials(p, dtype, r, interpret=True)
+  assert got.shape == (num_tokens, d_model) and got.dtype == dtype
+  want = np.asarray(jnp.asarray(np.asarray(p, np.float64).sum(0), jnp.float32).astype(dtype))
+  if residual:
+    want = np.asarray((jnp.asarray(want, jnp.float32) + r.astype(jnp.float32)).astype(dtype))
+  ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-22
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32),
+    want.astype(np.float32),
+    rtol=ulp,
+    atol=1e-6 * splits,
+    err_msg=f"{seed=}",
+  )
+
+
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "cfg"),
+  [
+    (1, 1376, 250, "kernel"),  # moc_config (list pipeline, training top-K), the Pallas sum
+    (1, 1376, 250, "xla"),
+    (3, 203, 41, dataclasses.replace(TOPK, list_sum="kernel")),
+    (5, 203, 41, SMALL),  # mask pipeline: the add after the down projection
+  ],
+)
+def test_decode_ffn_norm_and_residual(num_tokens, d_ff, k, cfg):
+  """residual + FFN(RMSNorm(x)) with the norm in the gate GEMV and the residual added in the
+  sum of the rows' partials (list_sum 'kernel') or by XLA: the reference's, in fp32."""
+  seed, d_model = _seed(), 48
+  x, wg, wu, wd = _weights(seed, num_tokens, d_model, d_ff, jnp.float32, False)
+  scale = jax.random.uniform(jax.random.key(seed + 1), (d_model,), jnp.float32, 0.5, 1.5)
+  r = jax.random.normal(jax.random.key(seed + 2), x.shape, jnp.float32)
+  if isinstance(cfg, str):
+    cfg = dataclasses.replace(moc_decode.moc_config(num_tokens, d_model, d_ff), list_sum=cfg)
+  y = moc_decode.decode_ffn(
+    x,
+    wg.T,
+    wu,
+    wd,
+    k,
+    "moc",
+    config=cfg,
+    interpret=True,
+    output_major=True,
+    norm=(scale, 1e-6),
+    residual=r,
+  )
+  xn = reference.rms_norm(x, scale, 1e-6)
+  want = r + reference.decode_ffn(xn, wg, wu, wd, k, "moc")
+  assert _rel_err(y, want) < 1e-5, f"{seed=}"
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 17])  # 17: prefill, XLA on the transposed weights
@@ -328,6 +394,43 @@ def test_decode_ffn_with_warm_lowers_and_matches(fold):
   )
   text = jax.jit(fn).trace(x, wg, wu, wd, warm=warm).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") >= 2  # gate GEMV, top-K + warming, rows
+
+
+def test_sum_kernel_lowers_for_cuda_and_bad_list_sum():
+  """The list pipeline with list_sum='kernel' lowers its partial sum to a Triton call of its
+  own; an unknown list_sum is refused by name."""
+  seed = _seed()
+  x, wg, wu, wd = _weights(seed, 1, 64, 300, jnp.bfloat16, False)
+  cfg = dataclasses.replace(moc_decode.moc_config(1, 64, 300), list_sum="kernel")
+  fn = functools.partial(
+    moc_decode.decode_ffn, k=40, variant="moc", config=cfg, interpret=False, output_major=True
+  )
+  text = jax.jit(fn).trace(x, wg.T, wu, wd, residual=x).lower(lowering_platforms=("cuda",))
+  assert "decode_rows_sum" in text.as_text()
+  with pytest.raises(ValueError, match="list_sum"):
+    dataclasses.replace(cfg, list_sum="atomic")
+
+
+@pytest.mark.gpu
+def test_decode_ffn_sum_kernel_gpu():
+  """Compiled at the 1b shape (T = 1, bf16, the norm in the gate GEMV): the rows' partials
+  summed with the residual by `sum_partials` give what XLA's sum and add give, within one
+  bf16 rounding (the two sums' orders differ)."""
+  d_model, d_ff, k = 2048, 5464, 1024
+  seed = _seed()
+  x, wg, wu, wd = _weights(seed, 1, d_model, d_ff, jnp.bfloat16, False)
+  scale = jax.random.uniform(jax.random.key(seed + 1), (d_model,), jnp.float32, 0.5, 1.5)
+  r = jax.random.normal(jax.random.key(seed + 2), x.shape, jnp.bfloat16)
+  cfg = moc_decode.moc_config(1, d_model, d_ff)
+  kw = dict(output_major=True, norm=(scale, 1e-6), residual=r)
+  wg_t = wg.T.copy()
+  y_xla = moc_decode.decode_ffn(x, wg_t, wu, wd, k, "moc", config=cfg, **kw)
+  jnp.full(x.shape, jnp.nan, jnp.bfloat16).block_until_ready()  # poison, freed
+  kernel_cfg = dataclasses.replace(cfg, list_sum="kernel")
+  y = moc_decode.decode_ffn(x, wg_t, wu, wd, k, "moc", config=kernel_cfg, **kw)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32), np.asarray(y_xla, np.float32), rtol=2**-7, atol=1e-2
+  )
 
 
 @pytest.mark.gpu
