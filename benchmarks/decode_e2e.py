@@ -15,6 +15,8 @@ them as `moc_kernel_mgpu_cold`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
+`dense_kernel_rowdot0` / `moc_kernel_rowdot0`: every rowdot GEMV with one config (8 rows,
+512-wide D steps: `rowdot_config` before the sweep's picks of 2026-12-05).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
@@ -59,7 +61,7 @@ from decode_timing import run_info
 from flax import nnx
 
 from moc_jax import compile_options, generate, model, model_config
-from pallas_kernels import decode_attention, moc_decode
+from pallas_kernels import _decode_rowdot, decode_attention, moc_decode
 
 PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with compile_options.pdl on and off
 
@@ -210,6 +212,8 @@ def main() -> None:
       for v in ("dense", "moc")
     },
     "moc_kernel_sumk": dict(ffn="moc", kernel_backend="pallas"),
+    "dense_kernel_rowdot0": dict(ffn="dense", kernel_backend="pallas"),
+    "moc_kernel_rowdot0": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),
@@ -286,6 +290,9 @@ def _patched(name: str):
   """The model and kernel configs variant `name` compiles with (see the module docstring)."""
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
   original_programs = decode_attention.WARM_PROGRAMS
+  original_rowdot = _decode_rowdot.rowdot_config
+  if name.endswith("_rowdot0"):  # one rowdot config for every shape
+    _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
@@ -306,6 +313,7 @@ def _patched(name: str):
   finally:
     model.FeedForward.decode, moc_decode.moc_config = original, original_cfg
     decode_attention.WARM_PROGRAMS = original_programs
+    _decode_rowdot.rowdot_config = original_rowdot
 
 
 def _with_mosaic_select(cfg, cold: bool = False):

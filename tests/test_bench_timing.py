@@ -169,7 +169,7 @@ def test_decode_e2e_records_a_variant_that_fails_to_build(tmp_path, monkeypatch)
 def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
   """--attn_warm_mb=1:8 adds dense and MoC rows whose attention warms L2 (1 MB, 8 programs,
   patched only while that row compiles): same tokens as the rows without; the Pallas sum of
-  the rows' partials (`moc_kernel_sumk`) runs."""
+  the rows' partials (`moc_kernel_sumk`) and the one rowdot config (`*_rowdot0`) run."""
   import json
   import sys
 
@@ -182,12 +182,14 @@ def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
     lambda *a, **kw: programs.append((kw["warm_bytes"], kw["warm_programs"])) or real(*a, **kw),
   )
   out = tmp_path / "e2e.json"
-  only = "--only=moc_kernel,moc_kernel_awarm1p8,moc_kernel_sumk"
+  only = "--only=moc_kernel,moc_kernel_awarm1p8,moc_kernel_sumk,dense_kernel_rowdot0"
   argv = ["x", "--quick", "--trials=1", "--attn_warm_mb=1:8", only, f"--out={out}"]
   monkeypatch.setattr(sys, "argv", argv)
   decode_e2e.main()
   rows = json.loads(out.read_text())["rows"]
-  assert set(rows) == {"moc_kernel", "moc_kernel_awarm1p8", "moc_kernel_sumk"}
+  names = {"moc_kernel", "moc_kernel_awarm1p8", "moc_kernel_sumk", "dense_kernel_rowdot0"}
+  assert set(rows) == names
   assert rows["moc_kernel_awarm1p8"]["tokens"] == rows["moc_kernel"]["tokens"]
-  assert "error" not in rows["moc_kernel_sumk"]
+  assert all("error" not in rows[n] for n in names)
+  assert decode_e2e._decode_rowdot.rowdot_config(1, 5464, 2048).block_d == 2048  # restored
   assert {p for b, p in programs if b} == {8} and decode_e2e.decode_attention.WARM_PROGRAMS == 264
