@@ -15,7 +15,8 @@
 #           at all shapes, the select's knobs on the MoC default, then T = 4
 #   e2e     end-to-end decode, dense_kernel / moc_kernel / dense_xla / no_ffn, with a profile,
 #           the variants timed in interleaved rounds (E2E_ROUNDS, default 5; E2E_SKIP: the
-#           decode_e2e variants to leave out, default moc_xla,moc_kernel_mask)
+#           decode_e2e variants to leave out, default moc_xla,moc_kernel_mask; E2E_ARGS: more
+#           decode_e2e flags, e.g. "--only=dense_kernel,moc_kernel_awarm16 --attn_warm_mb=16")
 #   step64  1b model step at batch 64: dense / MoC / MoC+GCP (tokens/s, MFU, peak memory)
 #   flags   the same step under each XLA_FLAGS set in $FLAG_SETS ('|'-separated, default one
 #           blank set) and each train.compiler_options value in $OPTION_SETS (default
@@ -148,7 +149,8 @@ e2e() {  # e2e LIMIT [OUT_NAME]: the decode_e2e rows, each with a device profile
   local args=(--d_ff=5464 --interleave "${E2E_ROUNDS:-5}" --build_budget_s "$budget")
   args+=(--profile --skip "$skip")
   [ -n "${DRY:-}" ] && args=(--quick --interleave 2 --profile --skip "$skip")
-  python3 benchmarks/decode_e2e.py "${args[@]}" --out "$work/${2:-decode_e2e}.json"
+  # shellcheck disable=SC2086  # E2E_ARGS is a list of flags
+  python3 benchmarks/decode_e2e.py "${args[@]}" ${E2E_ARGS:-} --out "$work/${2:-decode_e2e}.json"
 }
 
 step_1b_64() {  # the 1b model step at batch 64; model_step.py flags follow
