@@ -17,9 +17,16 @@ Two halves, two Pythons:
   python benchmarks/sass_report.py --kernel=forward --f=5504 --k=1024 --num_valid=5461
   python benchmarks/sass_report.py --kernel=decode_attention --t=1 --f=256   (batch, slots)
   python benchmarks/sass_report.py --kernel=decode_ffn --t=1 --f=5464 --k=1024
+  python benchmarks/sass_report.py --kernel=rowdot --t=1 --f=5464 --k=2048   (T, D, N)
+  python benchmarks/sass_report.py --kernel=attend_qkv --t=1 --f=256 --set warm_mb=16
+  python benchmarks/sass_report.py --kernel=decode_step_ffn --t=1 --f=5464 --k=1024 \
+      --set "list_sum='kernel'"
 
 The same config fields as `TopKConfig` can be set with --set name=value (e.g.
---set apply_mode=row --set apply_warps=4); values are parsed as Python literals.
+--set apply_mode=row --set apply_warps=4); values are parsed as Python literals. For rowdot
+they are `RowdotConfig`'s (default: `rowdot_config`'s pick), for decode_step_ffn
+`DecodeConfig`'s (default: `moc_config`'s), for attend_qkv `warm_mb` (MB of two weights, the
+1b o-projection and gate, to warm L2 with).
 """
 
 from __future__ import annotations
@@ -93,9 +100,60 @@ def _function(args):
       moc_decode.dense_decode_ffn(x, wg, wu, wd, interpret=False),
     )
     return fn, (x, w_df, w_df, w_fd, w_fd)
+  if args.kernel in DECODE_STEP:
+    return _decode_step_function(args)
   raise SystemExit(
-    f"unknown --kernel {args.kernel!r}; expected topk, forward, decode_attention or decode_ffn"
+    f"unknown --kernel {args.kernel!r}; expected topk, forward, decode_attention, decode_ffn, "
+    f"or one of {', '.join(DECODE_STEP)}"
   )
+
+
+DECODE_STEP = ("rowdot", "attend_qkv", "decode_step_ffn")
+
+
+def _decode_step_function(args):
+  """The decode step's kernels as the model calls them on GPU (output-major weights, norms
+  and residual adds inside), at d = 2048 and the 1b heads unless --f / --k say otherwise."""
+  import jax
+  import jax.numpy as jnp
+
+  from pallas_kernels import _decode_rowdot, decode_attention, moc_decode
+
+  t, f, k = args.t, args.f, args.k
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  if args.kernel == "rowdot":  # T = --t, D = --f, N = --k, with a residual
+    pick = _decode_rowdot.rowdot_config(t, f, k)
+    cfg = _config(pick, args.set) if args.set else pick
+    fn = lambda x, w, r: _decode_rowdot.rowdot(x, w, config=cfg, residual=r, interpret=False)
+    return fn, (bf16(t, f), bf16(k, f), bf16(t, k))
+  if args.kernel == "attend_qkv":  # batch --t, --f cache slots; warm_mb of two 1b weights
+    settings = dict(item.partition("=")[::2] for item in args.set)
+    warm_bytes = int(settings.get("warm_mb", 0)) << 20
+    f32 = jax.ShapeDtypeStruct((t, 64), jnp.float32)
+    pos = jax.ShapeDtypeStruct((t,), jnp.int32)
+
+    def fn(qkv, kc, vc, p, cos, sin, w_o, w_g):
+      warm = dict(warm=(w_o, w_g), warm_bytes=(warm_bytes // 2,) * 2) if warm_bytes else {}
+      return decode_attention.attend_qkv(qkv, kc, vc, p, cos, sin, interpret=False, **warm)
+
+    cache = bf16(t, f, 16, 128)
+    return fn, (bf16(t, 3, 16, 128), cache, cache, pos, f32, f32, bf16(2048, 2048), bf16(f, 2048))
+  cfg = _config(moc_decode.moc_config(t, 2048, f), args.set)  # decode_step_ffn
+  scale = jax.ShapeDtypeStruct((2048,), jnp.float32)
+  fn = lambda x, wg_t, wu_t, wd, s: moc_decode.decode_ffn(
+    x,
+    wg_t,
+    wu_t,
+    wd,
+    k,
+    "moc",
+    config=cfg,
+    interpret=False,
+    output_major=True,
+    norm=(s, 1e-6),
+    residual=x,
+  )
+  return fn, (bf16(t, 2048), bf16(f, 2048), bf16(f, 2048), bf16(f, 2048), scale)
 
 
 def _as_text(bytecode: bytes) -> str:
@@ -179,7 +237,11 @@ def compile_calls(calls: list[dict]) -> list[dict]:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kernel", default="topk", help="topk | forward | decode_attention | decode_ffn")
+  p.add_argument(
+    "--kernel",
+    default="topk",
+    help="topk | forward | decode_attention | decode_ffn | rowdot | attend_qkv | decode_step_ffn",
+  )
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632)
   p.add_argument("--k", type=int, default=1024)

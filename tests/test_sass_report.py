@@ -21,3 +21,28 @@ def test_config_fields_parse_as_literals():
 
   cfg = sass_report._config(topk.GAUSS, ["apply_warps=8", "apply_mode=gather", "compact=True"])
   assert (cfg.apply_warps, cfg.apply_mode, cfg.compact) == (8, "gather", True)
+
+
+def test_extracts_the_decode_step_kernels(tmp_path):
+  """rowdot, the warming attention and the MoC FFN as the model calls them (the Pallas sum of
+  the rows' partials with list_sum='kernel') each come out as the Triton calls expected."""
+  names = {}
+  for kernel, sets in [
+    ("rowdot", ["block_d=2048"]),
+    ("attend_qkv", ["warm_mb=16"]),
+    ("decode_step_ffn", ["list_sum='kernel'"]),
+  ]:
+    args = argparse.Namespace(
+      kernel=kernel, t=1, f=256 if kernel == "attend_qkv" else 1376, k=250, num_valid=0, set=sets
+    )
+    out = tmp_path / kernel
+    out.mkdir()
+    names[kernel] = [c["name"] for c in sass_report.extract(args, str(out))]
+  assert names["rowdot"] == ["decode_rowdot"]
+  assert names["attend_qkv"] == ["decode_attention_warm"]
+  assert set(names["decode_step_ffn"]) == {
+    "decode_rowdot",
+    "moc_select_moc",
+    "decode_rows",
+    "decode_rows_sum",
+  }
