@@ -17,6 +17,8 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 (`warm_programs`).
 `dense_kernel_rowdot0` / `moc_kernel_rowdot0`: every rowdot GEMV with one config (8 rows,
 512-wide D steps: `rowdot_config` before the sweep's picks of 2026-12-05).
+`dense_kernel_rdpf` / `moc_kernel_rdpf`: the one-weight rowdot GEMVs at T = 1 load each D
+step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep their config).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
@@ -212,6 +214,8 @@ def main() -> None:
       for v in ("dense", "moc")
     },
     "moc_kernel_sumk": dict(ffn="moc", kernel_backend="pallas"),
+    "dense_kernel_rdpf": dict(ffn="dense", kernel_backend="pallas"),
+    "moc_kernel_rdpf": dict(ffn="moc", kernel_backend="pallas"),
     "dense_kernel_rowdot0": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel_rowdot0": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
@@ -293,6 +297,10 @@ def _patched(name: str):
   original_rowdot = _decode_rowdot.rowdot_config
   if name.endswith("_rowdot0"):  # one rowdot config for every shape
     _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
+  if name.endswith("_rdpf"):  # one weight at T = 1: each D step's loads one step ahead
+    _decode_rowdot.rowdot_config = lambda t, d, n, weights=1: replace(
+      original_rowdot(t, d, n, weights), prefetch=t == 1 and weights == 1
+    )
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select

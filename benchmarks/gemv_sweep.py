@@ -61,11 +61,12 @@ GRID = {
   "gemv_stages": (2, 3, 4, 6, 8),
 }
 ROWDOT_GRID = {  # the output-major GEMV (`_decode_rowdot`, weight stored N x D)
+  "prefetch": (False, True),
+  "t1_dot": (False, True),
   "block_n": (4, 8, 16, 32),
   "block_d": (256, 512, 1024, 2048),
   "warps": (2, 4, 8),
   "stages": (1, 2, 3, 4),
-  "t1_dot": (False, True),
 }
 SKIPPED = "skipped: time budget spent"
 XLA = "xla"
@@ -107,21 +108,27 @@ def candidates(t: int, d: int, n: int, most: int) -> dict[str, DecodeConfig]:
 
 def rowdot_name(c: _decode_rowdot.RowdotConfig) -> str:
   name = "rowdot_n{block_n}_d{block_d}_w{warps}_st{stages}".format(**dataclasses.asdict(c))
-  return name + ("_dot" if c.t1_dot else "")
+  return name + ("_dot" if c.t1_dot else "") + ("_pf" if c.prefetch else "")
 
 
 def rowdot_candidates(t: int, d: int, n: int, most: int) -> dict:
-  """Name -> RowdotConfig: rowdot_config's pick, its one-knob moves, then a seeded draw."""
+  """Name -> RowdotConfig: rowdot_config's pick, its one-knob moves each also with the loads
+  one step ahead (prefetch), then a seeded draw."""
   pick = _decode_rowdot.rowdot_config(t, d, n)
   out = {rowdot_name(pick): pick}
-  moves = [dataclasses.replace(pick, **{k: v}) for k, vs in ROWDOT_GRID.items() for v in vs]
+  bases = (pick, dataclasses.replace(pick, prefetch=True))
+  moves = [
+    dataclasses.replace(b, **{k: v}) for k, vs in ROWDOT_GRID.items() for v in vs for b in bases
+  ]
   rest = [
     _decode_rowdot.RowdotConfig(**dict(zip(ROWDOT_GRID, vs, strict=True)))
     for vs in itertools.product(*ROWDOT_GRID.values())
   ]
   random.Random(f"rowdot {t},{d},{n}").shuffle(rest)
   for c in moves + rest:
-    if t > 1 and c.t1_dot:  # only one token has a choice
+    if (t > 1 or c.prefetch) and c.t1_dot:  # one token has a choice; tl.dot is pipelined
+      continue
+    if t > 1 and c.prefetch:  # more tokens take tl.dot, which ignores it
       continue
     out.setdefault(rowdot_name(c), c)
   return dict(itertools.islice(out.items(), most))

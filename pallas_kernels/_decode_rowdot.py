@@ -38,13 +38,19 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class RowdotConfig:
   """Rows per program, the D step (powers of 2), Triton's warps and pipeline stages; t1_dot:
-  one token through tl.dot (padded to 16 rows) instead of a multiply-reduce."""
+  one token through tl.dot (padded to 16 rows) instead of a multiply-reduce; prefetch (the
+  multiply-reduce): load each D step one step ahead.
+
+  Why prefetch: Triton software-pipelines (cp.async, `stages`) only the tl.dot loop; the T = 1
+  multiply-reduce loop compiles to loads that the same step waits for (no async copies in its
+  TTGIR for sm_90), so a program makes one HBM round trip per D step."""
 
   block_n: int = 8
   block_d: int = 512
   warps: int = 4
   stages: int = 3
   t1_dot: bool = False
+  prefetch: bool = False
 
 
 def rowdot_config(num_tokens: int, d_model: int, n: int, weights: int = 1) -> RowdotConfig:
@@ -93,12 +99,15 @@ def _kernel(
   residual,
   write_normed,
   precision,
+  prefetch,
 ):
   """y = x Wᵀ for this program's block of rows; with two weights (swiglu) silu(x Wgᵀ) x Wuᵀ.
 
   refs: x, [norm scale], weights…, [residual], y, [normed x]. With a norm (norm_eps not None)
   x is RMS-normalized first (rounded to its dtype, as the model's norm output is); program 0
-  also writes that normalized x if asked. With a residual, y = round(x Wᵀ) + residual."""
+  also writes that normalized x if asked. With a residual, y = round(x Wᵀ) + residual.
+  prefetch (T = 1): each D step's loads are issued one step ahead (the first before the
+  norm's read of x), so a program has two steps in flight instead of one round trip a step."""
   refs = list(refs)
   x_ref = refs.pop(0)
   scale_ref = refs.pop(0) if norm_eps is not None else None
@@ -110,14 +119,27 @@ def _kernel(
   n0 = pid * block_n
   n_mask = n0 + jnp.arange(block_n) < n
   dims = dict(num_tokens=num_tokens, rows=rows, d_model=d_model)
-  inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
 
-  def body(i, accs):
+  def loads(i):
+    """Step i's x, norm scale and weight tiles (past D all masked: no memory traffic)."""
     d0 = i * block_d
     d_mask = d0 + jnp.arange(block_d) < d_model
     xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
+    scale = None
     if scale_ref is not None:
       scale = plgpu.load(scale_ref.at[pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
+    mask = n_mask[:, None] & d_mask[None, :]
+    ws = tuple(
+      plgpu.load(w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)], mask=mask, other=0)
+      for w_ref in w_refs
+    )
+    return xk, scale, ws
+
+  def update(i, accs, step, inv):
+    xk, scale, ws = step
+    if scale is not None:
+      d0 = i * block_d
+      d_mask = d0 + jnp.arange(block_d) < d_model
       per_token = inv if rows == 1 else inv[:, None]
       xk = (xk.astype(F32) * per_token * scale).astype(x_ref.dtype)
       if xn_ref is not None:
@@ -125,12 +147,7 @@ def _kernel(
         plgpu.store(tf_ref(xn_ref, rows, d0, block_d), xk, mask=mine)
       xk = xk.astype(F32) if rows == 1 else xk
     out = []
-    for w_ref, acc in zip(w_refs, accs, strict=True):
-      w = plgpu.load(
-        w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)],
-        mask=n_mask[:, None] & d_mask[None, :],
-        other=0,
-      )
+    for w, acc in zip(ws, accs, strict=True):
       if rows == 1:  # whole-row products summed once after the loop
         out.append(acc + w.astype(F32) * xk[None, :])
       else:
@@ -142,7 +159,20 @@ def _kernel(
 
   shape = (block_n, block_d) if rows == 1 else (rows, block_n)
   accs = tuple(jnp.zeros(shape, F32) for _ in w_refs)
-  accs = lax.fori_loop(0, pl.cdiv(d_model, block_d), body, accs)
+  steps = pl.cdiv(d_model, block_d)
+  if prefetch and rows == 1:
+    first = loads(0)  # issued before the norm's own read of x
+    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
+
+    def body(i, carry):
+      accs, step = carry
+      ahead = loads(i + 1)
+      return update(i, accs, step, inv), ahead
+
+    accs, _ = lax.fori_loop(0, steps, body, (accs, first))
+  else:
+    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
+    accs = lax.fori_loop(0, steps, lambda i, accs: update(i, accs, loads(i), inv), accs)
   ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
   y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
   mask = tf_mask(rows, num_tokens, n_mask)
@@ -184,6 +214,7 @@ def _rowdot(
     residual=residual_TxN is not None,
     write_normed=normed,
     precision=precision_for(x_TxD.dtype),
+    prefetch=cfg.prefetch,
   )
   out_shape = [jax.ShapeDtypeStruct((num_tokens, n), out_dtype)]
   if normed:

@@ -168,8 +168,9 @@ def test_decode_e2e_records_a_variant_that_fails_to_build(tmp_path, monkeypatch)
 
 def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
   """--attn_warm_mb=1:8 adds dense and MoC rows whose attention warms L2 (1 MB, 8 programs,
-  patched only while that row compiles): same tokens as the rows without; the Pallas sum of
-  the rows' partials (`moc_kernel_sumk`) and the one rowdot config (`*_rowdot0`) run."""
+    patched only while that row compiles): same tokens as the rows without; the Pallas sum of
+    the rows' partials (`moc_kernel_sumk`), the one rowdot config (`*_rowdot0`) and the rowdot
+  loads one step ahead (`*_rdpf`, the same tokens) run."""
   import json
   import sys
 
@@ -182,14 +183,21 @@ def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
     lambda *a, **kw: programs.append((kw["warm_bytes"], kw["warm_programs"])) or real(*a, **kw),
   )
   out = tmp_path / "e2e.json"
-  only = "--only=moc_kernel,moc_kernel_awarm1p8,moc_kernel_sumk,dense_kernel_rowdot0"
+  names = {
+    "moc_kernel",
+    "moc_kernel_awarm1p8",
+    "moc_kernel_sumk",
+    "dense_kernel_rowdot0",
+    "moc_kernel_rdpf",
+  }
+  only = "--only=" + ",".join(sorted(names))
   argv = ["x", "--quick", "--trials=1", "--attn_warm_mb=1:8", only, f"--out={out}"]
   monkeypatch.setattr(sys, "argv", argv)
   decode_e2e.main()
   rows = json.loads(out.read_text())["rows"]
-  names = {"moc_kernel", "moc_kernel_awarm1p8", "moc_kernel_sumk", "dense_kernel_rowdot0"}
   assert set(rows) == names
   assert rows["moc_kernel_awarm1p8"]["tokens"] == rows["moc_kernel"]["tokens"]
+  assert rows["moc_kernel_rdpf"]["tokens"] == rows["moc_kernel"]["tokens"]  # the same bits
   assert all("error" not in rows[n] for n in names)
   assert decode_e2e._decode_rowdot.rowdot_config(1, 5464, 2048).block_d == 2048  # restored
   assert {p for b, p in programs if b} == {8} and decode_e2e.decode_attention.WARM_PROGRAMS == 264

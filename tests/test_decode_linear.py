@@ -74,15 +74,23 @@ def test_linear_leading_dims_out_dtype_and_t1_reduce(splits):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("num_tokens", [1, 3, 16])
-@pytest.mark.parametrize(("d", "n", "block_n"), [(64, 1376, 8), (200, 2736, 16), (96, 5461, 4)])
-def test_rowdot_matches_float64(dtype, num_tokens, d, n, block_n):
-  """The output-major GEMV on Wᵀ: odd N (a last block of rows past N), D not a step multiple."""
+@pytest.mark.parametrize(
+  ("d", "n", "block_n", "prefetch"),
+  [(64, 1376, 8, False), (200, 2736, 16, False), (96, 5461, 4, False), (200, 1376, 8, True)],
+)
+def test_rowdot_matches_float64(dtype, num_tokens, d, n, block_n, prefetch):
+  """The output-major GEMV on Wᵀ: odd N (a last block of rows past N), D not a step multiple;
+  prefetch: each step's loads one step ahead (T = 1; more tokens ignore it)."""
   seed = _seed()
   x, w = _inputs(seed, (num_tokens,), d, n, dtype)
   cfg = _decode_rowdot.RowdotConfig(block_n=block_n, block_d=32, warps=4, stages=2)
+  cfg = dataclasses.replace(cfg, prefetch=prefetch)
   y = _decode_rowdot.rowdot(x, w.T, config=cfg, interpret=True)
   assert y.shape == (num_tokens, n) and y.dtype == dtype
   assert _rel_err_f64(y, x, w) < TOL[dtype], f"seed={seed}"
+  if prefetch:  # the same sums in the same order: the same bits
+    plain = dataclasses.replace(cfg, prefetch=False)
+    np.testing.assert_array_equal(y, _decode_rowdot.rowdot(x, w.T, config=plain, interpret=True))
 
 
 def test_rowdot_leading_dims_out_dtype_t1_dot_and_errors():
@@ -277,9 +285,9 @@ def test_gemv_tiles_fit_shared_memory_in_fp32():
   assert down.gemv_stages * fp32 * down.gemv_block_f * 4 <= _decode_gemv.SMEM_BUDGET_BYTES
 
 
-@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize(("num_tokens", "prefetch"), [(1, False), (3, False), (1, True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_rowdot_norm_prologue_and_residual_epilogue(num_tokens, dtype):
+def test_rowdot_norm_prologue_and_residual_epilogue(num_tokens, prefetch, dtype):
   """rowdot(norm=…, residual=…) equals the model's RMSNorm, then rowdot, then the residual add
   (an odd D split into several steps); swiglu's norm likewise; the normalized x it returns is
   the norm's output."""
@@ -292,7 +300,7 @@ def test_rowdot_norm_prologue_and_residual_epilogue(num_tokens, dtype):
   norm = RMSNorm(d, 1e-5, jnp.float32, nnx.Rngs(0))
   norm.scale[...] = jax.random.uniform(jax.random.key(seed + 1), (d,), jnp.float32, 0.5, 1.5)
   residual = jax.random.normal(jax.random.key(seed + 2), (num_tokens, n), dtype)
-  cfg = _decode_rowdot.RowdotConfig(block_n=16, block_d=64)
+  cfg = _decode_rowdot.RowdotConfig(block_n=16, block_d=64, prefetch=prefetch)
   xn = norm(x)
   want = (reference.linear(xn, w) + residual).astype(dtype)
   got, got_xn = _decode_rowdot.rowdot(
