@@ -19,6 +19,8 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 512-wide D steps: `rowdot_config` before the sweep's picks of 2026-12-05).
 `dense_kernel_rdpf` / `moc_kernel_rdpf`: the one-weight rowdot GEMVs at T = 1 load each D
 step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep their config).
+`dense_kernel_apf` / `moc_kernel_apf`: the attention kernel loads each block of K and V one
+block ahead (`decode_attention.PREFETCH`).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
@@ -214,6 +216,8 @@ def main() -> None:
       for v in ("dense", "moc")
     },
     "moc_kernel_sumk": dict(ffn="moc", kernel_backend="pallas"),
+    "dense_kernel_apf": dict(ffn="dense", kernel_backend="pallas"),
+    "moc_kernel_apf": dict(ffn="moc", kernel_backend="pallas"),
     "dense_kernel_rdpf": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel_rdpf": dict(ffn="moc", kernel_backend="pallas"),
     "dense_kernel_rowdot0": dict(ffn="dense", kernel_backend="pallas"),
@@ -294,6 +298,7 @@ def _patched(name: str):
   """The model and kernel configs variant `name` compiles with (see the module docstring)."""
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
   original_programs = decode_attention.WARM_PROGRAMS
+  decode_attention.PREFETCH = name.endswith("_apf")  # K and V one block ahead
   original_rowdot = _decode_rowdot.rowdot_config
   if name.endswith("_rowdot0"):  # one rowdot config for every shape
     _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
@@ -321,6 +326,7 @@ def _patched(name: str):
   finally:
     model.FeedForward.decode, moc_decode.moc_config = original, original_cfg
     decode_attention.WARM_PROGRAMS = original_programs
+    decode_attention.PREFETCH = False
     _decode_rowdot.rowdot_config = original_rowdot
 
 

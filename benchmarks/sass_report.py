@@ -26,7 +26,7 @@ The same config fields as `TopKConfig` can be set with --set name=value (e.g.
 --set apply_mode=row --set apply_warps=4); values are parsed as Python literals. For rowdot
 they are `RowdotConfig`'s (default: `rowdot_config`'s pick), for decode_step_ffn
 `DecodeConfig`'s (default: `moc_config`'s), for attend_qkv `warm_mb` (MB of two weights, the
-1b o-projection and gate, to warm L2 with).
+1b o-projection and gate, to warm L2 with) and `prefetch` (True: K, V one block ahead).
 """
 
 from __future__ import annotations
@@ -132,9 +132,13 @@ def _decode_step_function(args):
     f32 = jax.ShapeDtypeStruct((t, 64), jnp.float32)
     pos = jax.ShapeDtypeStruct((t,), jnp.int32)
 
+    prefetch = settings.get("prefetch", "False") == "True"
+
     def fn(qkv, kc, vc, p, cos, sin, w_o, w_g):
       warm = dict(warm=(w_o, w_g), warm_bytes=(warm_bytes // 2,) * 2) if warm_bytes else {}
-      return decode_attention.attend_qkv(qkv, kc, vc, p, cos, sin, interpret=False, **warm)
+      return decode_attention.attend_qkv(
+        qkv, kc, vc, p, cos, sin, interpret=False, prefetch=prefetch, **warm
+      )
 
     cache = bf16(t, f, 16, 128)
     return fn, (bf16(t, 3, 16, 128), cache, cache, pos, f32, f32, bf16(2048, 2048), bf16(f, 2048))

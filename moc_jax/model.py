@@ -173,6 +173,7 @@ class Attention(nnx.Module):
         warm=tuple(w for w, _ in warm),
         warm_bytes=tuple(b for _, b in warm),
         warm_programs=decode_attention.WARM_PROGRAMS,
+        prefetch=decode_attention.PREFETCH,
       )
       o, cache = o[:, None], {"k": k_cache, "v": v_cache}
     else:
@@ -186,7 +187,12 @@ class Attention(nnx.Module):
     """(o, cache with the new k, v): one kernel for one token per row, else XLA."""
     if self.cfg.decode_attention_impl() in ("pallas", "fused") and q.shape[1] == 1:
       o, k_cache, v_cache = decode_attention.attend(
-        q[:, 0], cache["k"], cache["v"], positions_BxL[:, 0], (k[:, 0], v[:, 0])
+        q[:, 0],
+        cache["k"],
+        cache["v"],
+        positions_BxL[:, 0],
+        (k[:, 0], v[:, 0]),
+        prefetch=decode_attention.PREFETCH,
       )
       o = o[:, None]
     else:

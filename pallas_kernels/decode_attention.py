@@ -32,6 +32,8 @@ I32 = jnp.int32
 # Warming programs beside the attention's own (`attend_qkv(warm=...)`): two per H200 SM, as
 # the top-K's (`DecodeConfig.warm_programs`, the best of 131 and 264 there).
 WARM_PROGRAMS = 264
+# What the model asks for (`prefetch=`): K and V loaded one block ahead. Off until timed.
+PREFETCH = False
 
 
 def _rotated(ref, part, b, h, e, half, in_head, cos_ref, sin_ref, dtype):
@@ -56,7 +58,9 @@ def _program(flat_grid: tuple[int, int, int] | None):
   return pid // (heads * chunks), (pid // chunks) % heads, pid % chunks
 
 
-def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fused, flat_grid=None):
+def _attend_kernel(
+  *refs, block_s, chunk, num_slots, head_dim, scale, write, fused, flat_grid=None, prefetch=False
+):
   """Program (b, h, c): query (b, h) against the cached slots [c·chunk, (c+1)·chunk).
 
   write: refs are (q, k_new, v_new, k, v, pos, outputs…, k_out, v_out), k_out / v_out aliasing
@@ -65,12 +69,33 @@ def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fus
   (q, k_new, v_new): q, k, v unrotated in one (B, 3, H, E) array, RoPE applied here. Else
   (q, k, v, pos, outputs…): slots 0…pos all from the cache. Outputs: o (one chunk), or each
   chunk's running max, sum and fp32 accumulator for `_combine`. flat_grid = (B, H, C): the
-  programs come as one axis of B·H·C (beside L2-warming programs: `_l2_prefetch`)."""
+  programs come as one axis of B·H·C (beside L2-warming programs: `_l2_prefetch`). prefetch:
+  each block's K and V are loaded one block ahead, the first before the query is formed
+  (Triton does not software-pipeline this multiply-reduce loop: without it, one HBM round
+  trip per block)."""
   b, h, c = _program(flat_grid)
   e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
   in_head = e < head_dim
+  k_ref, v_ref, pos_ref = refs[3:6] if write else refs[1:4]
+  pos = pos_ref[b]
+  first = c * chunk
+  # cached slots this program reads: first … end - 1
+  end = jnp.minimum(pos if write else pos + 1, first + chunk)
+
+  def slots_of(i):
+    slots = first + i * block_s + jnp.arange(block_s, dtype=I32)
+    return slots, slots < end
+
+  def load_block(i):
+    """Block i's cached keys and values (masked past end: no memory traffic)."""
+    slots, filled = slots_of(i)
+    both = filled[:, None] & in_head[None, :]
+    at = (b, jnp.minimum(slots, num_slots - 1)[:, None], h, e[None, :])
+    return tuple(plgpu.load(ref.at[at], mask=both, other=0) for ref in (k_ref, v_ref))
+
+  first_kv = load_block(0) if prefetch else None
   if fused:
-    qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, *outs = refs
+    qkv_ref, cos_ref, sin_ref, *outs = refs[:3] + refs[6:]
     outs, (k_out_ref, v_out_ref) = outs[:-2], outs[-2:]
     rope = functools.partial(
       _rotated,
@@ -87,27 +112,19 @@ def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fus
     k_new = rope(1, dtype=k_out_ref.dtype)
     v_new = plgpu.load(qkv_ref.at[b, 2, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
   elif write:
-    q_ref, k_new_ref, v_new_ref, k_ref, v_ref, pos_ref, *outs = refs
+    q_ref, k_new_ref, v_new_ref, *outs = refs[:3] + refs[6:]
     outs, (k_out_ref, v_out_ref) = outs[:-2], outs[-2:]
     q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
     k_new = plgpu.load(k_new_ref.at[b, h, e], mask=in_head, other=0).astype(k_out_ref.dtype)
     v_new = plgpu.load(v_new_ref.at[b, h, e], mask=in_head, other=0).astype(v_out_ref.dtype)
   else:
-    q_ref, k_ref, v_ref, pos_ref, *outs = refs
+    q_ref, *outs = refs[:1] + refs[4:]
     q = plgpu.load(q_ref.at[b, h, e], mask=in_head, other=0).astype(F32)
-  pos = pos_ref[b]
-  first = c * chunk
-  # cached slots this program reads: first … end - 1
-  end = jnp.minimum(pos if write else pos + 1, first + chunk)
 
-  def block(i, carry):
+  def block(i, carry, kv):
     top, total, acc = carry
-    slots = first + i * block_s + jnp.arange(block_s, dtype=I32)
-    filled = slots < end
-    both = filled[:, None] & in_head[None, :]
-    at = (b, jnp.minimum(slots, num_slots - 1)[:, None], h, e[None, :])  # masked past end
-    keys = plgpu.load(k_ref.at[at], mask=both, other=0).astype(F32)
-    vals = plgpu.load(v_ref.at[at], mask=both, other=0).astype(F32)
+    _, filled = slots_of(i)
+    keys, vals = (t.astype(F32) for t in kv)
     logits = jnp.where(filled, jnp.sum(keys * q[None, :], axis=1) * scale, -jnp.inf)
     top_new = jnp.maximum(top, jnp.max(logits))
     p = jnp.exp(logits - top_new)
@@ -127,8 +144,16 @@ def _attend_kernel(*refs, block_s, chunk, num_slots, head_dim, scale, write, fus
       jnp.where(c == 0, 1.0, init[1]).astype(F32),
       jnp.where(c == 0, v_new.astype(F32), init[2]),
     )
-  count = jnp.maximum(end - first, 0)
-  top, total, acc = lax.fori_loop(0, pl.cdiv(count, block_s), block, init)
+  steps = pl.cdiv(jnp.maximum(end - first, 0), block_s)
+  if prefetch:
+
+    def body(i, carry):
+      *state, kv = carry
+      return (*block(i, tuple(state), kv), load_block(i + 1))
+
+    top, total, acc, _ = lax.fori_loop(0, steps, body, (*init, first_kv))
+  else:
+    top, total, acc = lax.fori_loop(0, steps, lambda i, st: block(i, st, load_block(i)), init)
   if len(outs) == 1:  # one chunk: the output itself
     plgpu.store(outs[0].at[b, h, e], (acc / total).astype(outs[0].dtype), mask=in_head)
     return
@@ -170,6 +195,7 @@ def _call(
   interpret,
   warm=(),
   warm_programs=WARM_PROGRAMS,
+  prefetch=False,
 ):
   """The pallas_call: its outputs are o (one chunk) or the chunks' (max, sum, accumulator),
   then (write) the two caches, aliasing inputs 3 and 4. warm: (weight, bytes) pairs that
@@ -187,6 +213,7 @@ def _call(
     write=write,
     fused=fused,
     flat_grid=(batch, heads, chunks) if warm else None,
+    prefetch=prefetch,
   )
   if chunks == 1:
     outs = [jax.ShapeDtypeStruct(o_shape, dtype)]
@@ -232,7 +259,9 @@ def default_chunk(num_slots: int, block_s: int) -> int:
   return -(-chunk // block_s) * block_s
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "chunk", "num_warps", "interpret"))
+@functools.partial(
+  jax.jit, static_argnames=("block_s", "chunk", "num_warps", "interpret", "prefetch")
+)
 def attend(
   q_BxHxE: jax.Array,
   k_BxSxHxE: jax.Array,
@@ -244,6 +273,7 @@ def attend(
   chunk: int | None = None,
   num_warps: int = 4,
   interpret: bool | None = None,
+  prefetch: bool = False,
 ):
   """Each row's query against its cache slots 0…pos[b] (pos in [0, S)), softmax scaled by
   1/sqrt(E), o_BxHxE in q's dtype.
@@ -252,14 +282,15 @@ def attend(
   they are written at slot pos first, in the same kernel; returns (o, k cache, v cache), the
   kernel's outputs aliasing the caches (in place wherever XLA can update them, as in the
   decode loop). chunk: slots per program (a multiple of block_s; default `default_chunk`);
-  with more than one chunk per row, XLA merges the chunks' softmaxes (`_combine`)."""
+  with more than one chunk per row, XLA merges the chunks' softmaxes (`_combine`). prefetch:
+  each block of slots is loaded one block ahead (same values)."""
   _check(q_BxHxE, k_BxSxHxE, v_BxSxHxE, block_s)
   chunk = chunk or default_chunk(k_BxSxHxE.shape[1], block_s)
   if chunk % block_s:
     raise ValueError(f"chunk={chunk} must be a multiple of block_s={block_s}")
   write = new_kv is not None
   args = (k_BxSxHxE, write, False, block_s, chunk, num_warps, interpret)
-  call = _call(q_BxHxE.shape, q_BxHxE.dtype, *args)
+  call = _call(q_BxHxE.shape, q_BxHxE.dtype, *args, prefetch=prefetch)
   if write:
     k_new, v_new = new_kv
     if k_new.shape != q_BxHxE.shape or v_new.shape != q_BxHxE.shape:
@@ -276,7 +307,15 @@ def attend(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("block_s", "chunk", "num_warps", "interpret", "warm_bytes", "warm_programs"),
+  static_argnames=(
+    "block_s",
+    "chunk",
+    "num_warps",
+    "interpret",
+    "warm_bytes",
+    "warm_programs",
+    "prefetch",
+  ),
 )
 def attend_qkv(
   qkv_Bx3xHxE: jax.Array,
@@ -293,6 +332,7 @@ def attend_qkv(
   warm: tuple[jax.Array, ...] = (),
   warm_bytes: tuple[int, ...] = (),
   warm_programs: int = WARM_PROGRAMS,
+  prefetch: bool = False,
 ):
   """`attend` with new_kv, taking q, k, v as the q, k, v GEMV wrote them (unrotated, one
   array) and each row's RoPE cos and sin (fp32, E/2): the rotation, the split into q, k, v
@@ -302,7 +342,7 @@ def attend_qkv(
   warm, warm_bytes: weights the next kernels read (the output projection, the FFN's first
   weights) and how many of each one's first bytes to read into L2 on `warm_programs` programs
   of this launch beside the attention's (one program per head and row leaves most SMs idle
-  at batch 1). No value changes."""
+  at batch 1). No value changes. prefetch: as `attend`'s."""
   batch, three, heads, head_dim = qkv_Bx3xHxE.shape
   o_shape = (batch, heads, head_dim)
   if three != 3 or head_dim % 2:
@@ -317,7 +357,7 @@ def attend_qkv(
     raise ValueError(f"warm_bytes needs one entry per warm weight, got {warm_bytes}")
   warm_plan = tuple((w, b) for w, b in zip(warm, warm_bytes, strict=True) if b > 0)
   args = (k_BxSxHxE, True, True, block_s, chunk, num_warps, interpret, warm_plan, warm_programs)
-  call = _call(o_shape, qkv_Bx3xHxE.dtype, *args)
+  call = _call(o_shape, qkv_Bx3xHxE.dtype, *args, prefetch=prefetch)
   rope = (cos_BxE2.astype(F32), sin_BxE2.astype(F32))
   outs = call(qkv_Bx3xHxE, *rope, k_BxSxHxE, v_BxSxHxE, pos_B.astype(I32))
   outs, caches = outs[:-2], tuple(outs[-2:])

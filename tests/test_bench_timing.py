@@ -170,7 +170,7 @@ def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
   """--attn_warm_mb=1:8 adds dense and MoC rows whose attention warms L2 (1 MB, 8 programs,
     patched only while that row compiles): same tokens as the rows without; the Pallas sum of
     the rows' partials (`moc_kernel_sumk`), the one rowdot config (`*_rowdot0`) and the rowdot
-  loads one step ahead (`*_rdpf`, the same tokens) run."""
+  loads one step ahead (`*_rdpf`) and the attention's (`*_apf`) give the same tokens."""
   import json
   import sys
 
@@ -180,7 +180,9 @@ def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
   monkeypatch.setattr(
     decode_e2e.decode_attention,
     "attend_qkv",
-    lambda *a, **kw: programs.append((kw["warm_bytes"], kw["warm_programs"])) or real(*a, **kw),
+    lambda *a, **kw: (
+      programs.append((kw["warm_bytes"], kw["warm_programs"], kw["prefetch"])) or real(*a, **kw)
+    ),
   )
   out = tmp_path / "e2e.json"
   names = {
@@ -189,6 +191,7 @@ def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
     "moc_kernel_sumk",
     "dense_kernel_rowdot0",
     "moc_kernel_rdpf",
+    "moc_kernel_apf",
   }
   only = "--only=" + ",".join(sorted(names))
   argv = ["x", "--quick", "--trials=1", "--attn_warm_mb=1:8", only, f"--out={out}"]
@@ -197,7 +200,10 @@ def test_decode_e2e_attention_warm_and_sum_kernel_rows(tmp_path, monkeypatch):
   rows = json.loads(out.read_text())["rows"]
   assert set(rows) == names
   assert rows["moc_kernel_awarm1p8"]["tokens"] == rows["moc_kernel"]["tokens"]
-  assert rows["moc_kernel_rdpf"]["tokens"] == rows["moc_kernel"]["tokens"]  # the same bits
+  for same_bits in ("moc_kernel_rdpf", "moc_kernel_apf"):
+    assert rows[same_bits]["tokens"] == rows["moc_kernel"]["tokens"]
   assert all("error" not in rows[n] for n in names)
   assert decode_e2e._decode_rowdot.rowdot_config(1, 5464, 2048).block_d == 2048  # restored
-  assert {p for b, p in programs if b} == {8} and decode_e2e.decode_attention.WARM_PROGRAMS == 264
+  assert {p for b, p, _ in programs if b} == {8} and any(pf for *_, pf in programs)
+  restored = decode_e2e.decode_attention
+  assert restored.WARM_PROGRAMS == 264 and not restored.PREFETCH

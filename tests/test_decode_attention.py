@@ -44,14 +44,18 @@ def _reference(q, k, v, pos) -> np.ndarray:
   ],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attend_matches_float64_reference(batch, slots, heads, head_dim, block_s, pos, dtype):
-  """Slots past pos hold large values (poison): they must not change the result."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_attend_matches_float64_reference(
+  batch, slots, heads, head_dim, block_s, pos, dtype, prefetch
+):
+  """Slots past pos hold large values (poison): they must not change the result, with each
+  block loaded in its own step or one step ahead (prefetch)."""
   seed = time.time_ns() % (2**31)
   q, k, v = _inputs(seed, batch, slots, heads, head_dim, dtype)
   pos = jnp.asarray(pos, jnp.int32)
   past = jnp.arange(slots)[None, :, None, None] > pos[:, None, None, None]
   k, v = jnp.where(past, 1e4, k).astype(dtype), jnp.where(past, -1e4, v).astype(dtype)
-  got = decode_attention.attend(q, k, v, pos, block_s=block_s, interpret=True)
+  got = decode_attention.attend(q, k, v, pos, block_s=block_s, interpret=True, prefetch=prefetch)
   assert got.shape == q.shape and got.dtype == q.dtype
   want = _reference(q, k, v, pos)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -93,13 +97,14 @@ def test_attend_with_new_kv_equals_an_update_then_attend(
   np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize(("write", "prefetch"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize(
   ("slots", "block_s", "chunk", "pos"), [(130, 16, 32, [0, 33, 129]), (77, 16, 16, [76, 15, 40])]
 )
-def test_chunks_merge_to_one_softmax(write, slots, block_s, chunk, pos):
+def test_chunks_merge_to_one_softmax(write, prefetch, slots, block_s, chunk, pos):
   """The cache split into chunks (programs), their softmaxes merged by XLA: empty chunks
-  (past pos), a chunk holding only the new token, a pos on a chunk edge."""
+  (past pos), a chunk holding only the new token, a pos on a chunk edge; prefetch (blocks
+  loaded one step ahead) gives the same bits."""
   seed = time.time_ns() % (2**31)
   q, k, v = _inputs(seed, 3, slots, 2, 24, jnp.float32)
   pos = jnp.asarray(pos, jnp.int32)
@@ -107,11 +112,13 @@ def test_chunks_merge_to_one_softmax(write, slots, block_s, chunk, pos):
   if write:
     k_new, v_new = k[rows, pos], v[rows, pos]
     poisoned = [c.at[rows, pos].set(1e4) for c in (k, v)]
-    o, k2, v2 = decode_attention.attend(
-      q, *poisoned, pos, (k_new, v_new), block_s=block_s, chunk=chunk, interpret=True
-    )
+    kw = dict(block_s=block_s, chunk=chunk, interpret=True)
+    o, k2, v2 = decode_attention.attend(q, *poisoned, pos, (k_new, v_new), prefetch=prefetch, **kw)
     assert np.array_equal(np.asarray(k2), np.asarray(k))
     assert np.array_equal(np.asarray(v2), np.asarray(v))
+    if prefetch:
+      plain = decode_attention.attend(q, *poisoned, pos, (k_new, v_new), **kw)[0]
+      np.testing.assert_array_equal(np.asarray(o), np.asarray(plain))
   else:
     o = decode_attention.attend(q, k, v, pos, block_s=block_s, chunk=chunk, interpret=True)
   want = _reference(q, k, v, pos)
@@ -172,14 +179,15 @@ def _qkv_case(seed: int, slots: int, pos, batch=2, heads=3, head_dim=24):
 @pytest.mark.parametrize(("slots", "pos", "chunk"), [(37, [0, 36], None), (300, [299, 130], 64)])
 def test_attend_qkv_with_warm_is_unchanged(slots, pos, chunk):
   """With weights to warm, the attention's programs run on one unravelled axis (here alone,
-  as interpret mode runs them): the same o and caches bit for bit, one chunk or several; the
-  launch with the warming programs lowers to one Triton call for CUDA."""
+  as interpret mode runs them), and with blocks loaded one step ahead: the same o and caches
+  bit for bit, one chunk or several; the launch with the warming programs lowers to one
+  Triton call for CUDA."""
   seed = time.time_ns() % (2**31)
   args = _qkv_case(seed, slots, pos)
   w_o, w_g = (jax.random.normal(jax.random.key(seed + i), (72, 40), jnp.bfloat16) for i in (2, 3))
   kw = dict(chunk=chunk, block_s=32)
   want = decode_attention.attend_qkv(*args, **kw, interpret=True)
-  warm = dict(warm=(w_o, w_g), warm_bytes=(w_o.nbytes, 1000))
+  warm = dict(warm=(w_o, w_g), warm_bytes=(w_o.nbytes, 1000), prefetch=True)
   got = decode_attention.attend_qkv(*args, **kw, **warm, interpret=True)
   for g, w in zip(got, want, strict=True):
     np.testing.assert_array_equal(
@@ -223,12 +231,15 @@ def test_attend_gpu_1b_shape():
   )
   assert np.array_equal(np.asarray(k2), np.asarray(k)) and np.array_equal(v2, v)
   np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=2e-2, rtol=2e-2)
-  # a long cache: 4096 slots in chunks of 256 over more programs, merged by XLA
+  # a long cache: 4096 slots in chunks of 256 over more programs, merged by XLA; with each
+  # block of slots loaded one step ahead, the same bits
   q, k, v = _inputs(seed + 1, 2, 4096, 16, 128, jnp.bfloat16)
   pos = jnp.asarray([700, 4095], jnp.int32)
   got = decode_attention.attend(q, k, v, pos)
   want = _reference(q, k, v, pos)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2, rtol=2e-2)
+  ahead = decode_attention.attend(q, k, v, pos, prefetch=True)
+  np.testing.assert_array_equal(np.asarray(ahead, np.float32), np.asarray(got, np.float32))
 
 
 @pytest.mark.gpu
@@ -250,10 +261,11 @@ def test_attend_qkv_gpu_1b_shape():
     np.testing.assert_allclose(
       np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2, rtol=2e-2
     )
-  # beside 264 programs warming L2 with 16 MB of two weights: the same values bit for bit
+  # beside 264 programs warming L2 with 16 MB of two weights, and each block of slots loaded
+  # one step ahead: the same values bit for bit
   ws = tuple(jnp.ones((2048, 2048 * i), jnp.bfloat16) for i in (1, 3))
   warmed = jax.jit(
-    functools.partial(decode_attention.attend_qkv, warm_bytes=(8 << 20, 8 << 20)),
+    functools.partial(decode_attention.attend_qkv, warm_bytes=(8 << 20, 8 << 20), prefetch=True),
     donate_argnums=(1, 2),
   )(qkv, k, v, pos, cos, sin, warm=ws)
   again = decode_attention.attend_qkv(qkv, k, v, pos, cos, sin)
