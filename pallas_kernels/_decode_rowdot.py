@@ -159,20 +159,17 @@ def _kernel(
 
   shape = (block_n, block_d) if rows == 1 else (rows, block_n)
   accs = tuple(jnp.zeros(shape, F32) for _ in w_refs)
-  steps = pl.cdiv(d_model, block_d)
-  if prefetch and rows == 1:
-    first = loads(0)  # issued before the norm's own read of x
-    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
-
-    def body(i, carry):
-      accs, step = carry
-      ahead = loads(i + 1)
-      return update(i, accs, step, inv), ahead
-
-    accs, _ = lax.fori_loop(0, steps, body, (accs, first))
-  else:
-    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
-    accs = lax.fori_loop(0, steps, lambda i, accs: update(i, accs, loads(i), inv), accs)
+  prefetch = prefetch and rows == 1  # more tokens take tl.dot, which Triton pipelines
+  first = loads(0) if prefetch else None  # issued before the norm's own read of x
+  inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
+  accs = tu.fori_prefetched(
+    pl.cdiv(d_model, block_d),
+    loads,
+    lambda i, accs, step: update(i, accs, step, inv),
+    accs,
+    prefetch=prefetch,
+    first=first,
+  )
   ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
   y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
   mask = tf_mask(rows, num_tokens, n_mask)

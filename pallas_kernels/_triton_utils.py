@@ -36,6 +36,23 @@ def silu(v: jax.Array) -> jax.Array:
   return v / (1.0 + jnp.exp(-v))
 
 
+def fori_prefetched(steps, load, update, init, *, prefetch: bool, first=None):
+  """`lax.fori_loop(0, steps, lambda i, c: update(i, c, load(i)), init)`; with prefetch, step
+  i + 1's `load` is issued before step i's `update` and carried (`first`: load(0), if the
+  caller issued it earlier). Why: Triton software-pipelines only loops around tl.dot, so in a
+  multiply-reduce loop each step otherwise waits a whole memory round trip for its own loads.
+  The loads past the last step must be masked (they then move no bytes)."""
+  if not prefetch:
+    return lax.fori_loop(0, steps, lambda i, carry: update(i, carry, load(i)), init)
+
+  def body(i, carry):
+    state, step = carry
+    return update(i, state, step), load(i + 1)
+
+  out, _ = lax.fori_loop(0, steps, body, (init, load(0) if first is None else first))
+  return out
+
+
 def key_bits(dtype) -> int:
   """Width of the order-preserving integer key for a float dtype."""
   try:

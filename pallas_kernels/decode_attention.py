@@ -19,7 +19,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -145,15 +144,9 @@ def _attend_kernel(
       jnp.where(c == 0, v_new.astype(F32), init[2]),
     )
   steps = pl.cdiv(jnp.maximum(end - first, 0), block_s)
-  if prefetch:
-
-    def body(i, carry):
-      *state, kv = carry
-      return (*block(i, tuple(state), kv), load_block(i + 1))
-
-    top, total, acc, _ = lax.fori_loop(0, steps, body, (*init, first_kv))
-  else:
-    top, total, acc = lax.fori_loop(0, steps, lambda i, st: block(i, st, load_block(i)), init)
+  top, total, acc = tu.fori_prefetched(
+    steps, load_block, block, init, prefetch=prefetch, first=first_kv
+  )
   if len(outs) == 1:  # one chunk: the output itself
     plgpu.store(outs[0].at[b, h, e], (acc / total).astype(outs[0].dtype), mask=in_head)
     return
