@@ -47,7 +47,8 @@ def fori_prefetched(steps, load, update, init, *, prefetch: bool, first=None):
 
   def body(i, carry):
     state, step = carry
-    return update(i, state, step), load(i + 1)
+    ahead = load(i + 1)  # traced first, so issued before this step's arithmetic
+    return update(i, state, step), ahead
 
   out, _ = lax.fori_loop(0, steps, body, (init, load(0) if first is None else first))
   return out
