@@ -129,6 +129,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     ("model", "ffn", "topk", ConfigError, "model.ffn='topk' is not valid"),
     ("model", "k", 0, ConfigError, "0 < k <= d_ff"),
     ("model", "k", 10_000, ConfigError, "0 < k <= d_ff"),
+    ("model", "decode_attention_warm_mb", -1, ConfigError, "decode_attention_warm_mb must be >= 0"),
     ("train", "batch_size", 3, ConfigError, "divisible by train.grad_accum"),
     ("train", "compiler_options", "xla_no_such_option=1", ConfigError, "XLA rejected"),
     ("train", "compiler_options", "triton_gemm", ConfigError, "is not name=value"),
