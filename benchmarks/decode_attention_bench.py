@@ -27,16 +27,16 @@ import jax
 import jax.numpy as jnp
 from decode_timing import chain, rel_err, run_info, time_chain
 
-from moc_jax import model
+from moc_jax import decode_ops
 from pallas_kernels import decode_attention
 
 HEADS, HEAD_DIM = 16, 128
 
 
 def xla_step(q, k_new, v_new, k, v, pos):
-  """The model's xla decode path for one token (`model.xla_cache_attention`)."""
+  """The model's xla decode path for one token (`decode_ops.xla_cache_attention`)."""
   one = lambda a: a[:, None]
-  o, k, v = model.xla_cache_attention(one(q), one(k_new), one(v_new), k, v, one(pos))
+  o, k, v = decode_ops.xla_cache_attention(one(q), one(k_new), one(v_new), k, v, one(pos))
   return o[:, 0], k, v
 
 

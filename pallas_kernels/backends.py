@@ -95,7 +95,7 @@ def dense_decode_ffn(backend: str, output_major: bool = False) -> Callable:
 def decode_linear(backend: str, num_tokens: int, output_major: bool = False) -> Callable:
   """(x_TxD, w, out_dtype=None) -> y_TxN with w D x N (the split-K GEMV on Pallas for
   T <= 16) or, output_major, N x D through XLA (the model calls the rowdot kernel itself, with
-  the norm and residual it fuses: `model.decode_linear`)."""
+  the norm and residual it fuses: `decode_ops.decode_linear`)."""
   from pallas_kernels import _decode_gemv
 
   if output_major:
