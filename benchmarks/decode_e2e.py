@@ -303,8 +303,8 @@ def _patched(name: str):
   if name.endswith("_rowdot0"):  # one rowdot config for every shape
     _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
   if name.endswith("_rdpf"):  # one weight at T = 1: each D step's loads one step ahead
-    _decode_rowdot.rowdot_config = lambda t, d, n, weights=1: replace(
-      original_rowdot(t, d, n, weights), prefetch=t == 1 and weights == 1
+    _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: replace(
+      original_rowdot(t, d, n, weights, itemsize), prefetch=t == 1 and weights == 1
     )
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode

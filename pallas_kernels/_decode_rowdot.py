@@ -53,17 +53,20 @@ class RowdotConfig:
   prefetch: bool = False
 
 
-def rowdot_config(num_tokens: int, d_model: int, n: int, weights: int = 1) -> RowdotConfig:
-  """From the H200 sweep at T = 1 (`gemv_sweep_rowdot_h200_20261205.json`): 8 rows and
-  512-wide D steps, except for one weight at one token, where a D over 2048 goes in 2048-wide
-  steps (dense down at D = 5464: 11.2 µs against 21.0) and N from 16384 up in 4 rows (the
-  unembedding, N = 32000: 37.3 against 41.2). Two weights (the SwiGLU) and T > 1 keep the
-  default: their wider steps were not measured and hold more registers and shared memory."""
+def rowdot_config(
+  num_tokens: int, d_model: int, n: int, weights: int = 1, itemsize: int = 2
+) -> RowdotConfig:
+  """From the H200 sweep at T = 1 (`gemv_sweep_rowdot_h200_20261205.json`, bf16): 8 rows and
+  512-wide D steps, except for one 2-byte weight at one token, where a D over 2048 goes in
+  2048-wide steps (dense down at D = 5464: 11.2 µs against 21.0; 168 registers a thread) and
+  N from 16384 up in 4 rows (the unembedding, N = 32000: 37.3 against 41.2). Two weights (the
+  SwiGLU), fp32 weights and T > 1 keep the default: their wider steps were not measured and
+  hold more registers and shared memory."""
   if num_tokens != 1 or weights != 1:
     return RowdotConfig()
   return RowdotConfig(
     block_n=4 if n >= 16384 else 8,
-    block_d=2048 if d_model > 2048 else 512,
+    block_d=2048 if d_model > 2048 and itemsize <= 2 else 512,
   )
 
 
@@ -263,7 +266,7 @@ def rowdot(
   if num_tokens == 0:
     y = jnp.zeros((*lead, n), out_dtype)
     return (y, jnp.zeros((*lead, d_model), x_TxD.dtype)) if normed else y
-  cfg = config or rowdot_config(num_tokens, d_model, n)
+  cfg = config or rowdot_config(num_tokens, d_model, n, itemsize=w_NxD.dtype.itemsize)
   res = None if residual is None else residual.reshape(num_tokens, n)
   out = _rowdot(
     x_TxD, (w_NxD,), cfg, out_dtype, tu.default_interpret(interpret), norm_eps, normed, scale, res

@@ -109,13 +109,14 @@ def test_rowdot_leading_dims_out_dtype_t1_dot_and_errors():
 
 
 def test_rowdot_config_picks_and_its_wide_step_at_t1():
-  """The sweep's rule: one weight at T = 1 steps a D over 2048 2048 wide and takes 4 rows from
-  N = 16384 up; the SwiGLU's two weights and T > 1 keep 8 rows, 512 wide. The wide step
+  """The sweep's rule: one 2-byte weight at T = 1 steps a D over 2048 2048 wide and takes 4 rows
+  from N = 16384 up; the SwiGLU's two weights, fp32 and T > 1 keep 8 rows, 512 wide. The wide step
   masks an odd D's last step (D = 2100: one full step and 52 columns)."""
   pick = _decode_rowdot.rowdot_config
   assert (pick(1, 5464, 2048).block_n, pick(1, 5464, 2048).block_d) == (8, 2048)
   assert (pick(1, 2048, 32000).block_n, pick(1, 2048, 32000).block_d) == (4, 512)
   assert pick(1, 2048, 6144) == pick(4, 5464, 32000) == pick(1, 4096, 11008, weights=2)
+  assert pick(1, 5464, 2048, itemsize=4).block_d == 512  # fp32 weights: not measured wide
   assert pick(1, 2048, 6144) == _decode_rowdot.RowdotConfig()
   seed = _seed()
   x, w = _inputs(seed, (1,), 2100, 40, jnp.bfloat16)
