@@ -23,6 +23,8 @@ step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep thei
 block ahead (`decode_attention.PREFETCH`).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
+`dense_kernel_all` / `moc_kernel_all` turn all of rdpf, apf and (MoC) sumk on at once, with the
+attention warming the first `--attn_warm_mb` entry's MB (16 without one).
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
 weights, into L2 (`model.decode_attention_warm_mb`) on P programs
@@ -68,6 +70,7 @@ from moc_jax import compile_options, generate, model, model_config
 from pallas_kernels import _decode_rowdot, decode_attention, moc_decode
 
 PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with compile_options.pdl on and off
+COMBINED = ("rdpf", "apf", "sumk")  # the knobs a `*_kernel_all` row turns on together
 
 
 def _no_ffn_decode(self, h, norm, warm=None):
@@ -173,6 +176,7 @@ def main() -> None:
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   warm = [v.replace(":", "p") for v in a.warm_mb.split(",") if v]
   attn_warm = [v.replace(":", "p") for v in a.attn_warm_mb.split(",") if v]
+  all_warm = int(attn_warm[0].partition("p")[0]) if attn_warm else 16
   vocab = 512 if a.quick else 32000  # quick: CPU wiring checks, kernels in interpret mode
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=vocab)
   try:  # a bad --d_ff is one error line, before any variant is built
@@ -182,6 +186,10 @@ def main() -> None:
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
+    **{
+      f"{v}_kernel_all": dict(ffn=v, kernel_backend="pallas", decode_attention_warm_mb=all_warm)
+      for v in ("dense", "moc")
+    },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
     # before 2026-12-05b: split-K GEMVs, XLA's norms / RoPE / adds, the plain attention kernel
@@ -298,11 +306,13 @@ def _patched(name: str):
   """The model and kernel configs variant `name` compiles with (see the module docstring)."""
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
   original_programs = decode_attention.WARM_PROGRAMS
-  decode_attention.PREFETCH = name.endswith("_apf")  # K and V one block ahead
+  tail = name.rpartition("_")[2]
+  knobs = set(COMBINED) if tail == "all" else {tail}
+  decode_attention.PREFETCH = "apf" in knobs  # K and V one block ahead
   original_rowdot = _decode_rowdot.rowdot_config
-  if name.endswith("_rowdot0"):  # one rowdot config for every shape
+  if "rowdot0" in knobs:  # one rowdot config for every shape
     _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
-  if name.endswith("_rdpf"):  # one weight at T = 1: each D step's loads one step ahead
+  if "rdpf" in knobs:  # one weight at T = 1: each D step's loads one step ahead
     _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: replace(
       original_rowdot(t, d, n, weights, itemsize), prefetch=t == 1 and weights == 1
     )
@@ -310,7 +320,7 @@ def _patched(name: str):
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
     moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
-  if name == "moc_kernel_sumk":  # the rows' partial sum and the residual add in one kernel
+  if "sumk" in knobs and name.startswith("moc_"):  # the rows' sum and residual add in one kernel
     moc_decode.moc_config = lambda *a: replace(original_cfg(*a), list_sum="kernel")
   if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
     cold = name.endswith("_cold")  # without its L2 prefetch

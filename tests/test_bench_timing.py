@@ -193,13 +193,15 @@ def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
 
 def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   """Each knob row compiles under its own settings (the sum kernel, the one rowdot config,
-  the loads one step ahead in rowdot and in the attention) and leaves them as they were."""
+  the loads one step ahead in rowdot and in the attention; `*_all` under all of them) and
+  leaves them as they were."""
   from benchmarks import decode_e2e
 
   d = decode_e2e
   pick = d._decode_rowdot.rowdot_config
   seen = {}
-  for name in ("moc_kernel_sumk", "dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_apf"):
+  names = ("moc_kernel_sumk", "dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_apf")
+  for name in (*names, "moc_kernel_all", "dense_kernel_all"):
     with d._patched(name):
       seen[name] = (
         d.moc_decode.moc_config(1, 2048, 5464).list_sum,
@@ -212,5 +214,8 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   assert seen["moc_kernel_rdpf"][1].prefetch and seen["moc_kernel_rdpf"][1].block_d == 2048
   assert not seen["moc_kernel_rdpf"][2]  # the SwiGLU's two weights keep their config
   assert seen["moc_kernel_apf"][3] and not seen["moc_kernel_rdpf"][3]
+  for v in ("moc", "dense"):  # every knob at once (sumk is MoC's alone)
+    list_sum, rowdot, _, prefetch = seen[f"{v}_kernel_all"]
+    assert rowdot.prefetch and prefetch and list_sum == ("kernel" if v == "moc" else "xla")
   assert d.moc_decode.moc_config(1, 2048, 5464).list_sum == "xla"
   assert d._decode_rowdot.rowdot_config is pick and not d.decode_attention.PREFETCH
