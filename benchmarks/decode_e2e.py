@@ -11,7 +11,8 @@ faster counts: `dense_kernel` (the model's decode with the kernel backend: split
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
 config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
 list pipeline's top-K as the Mosaic GPU radix select (warming by bulk L2 prefetches; without
-them as `moc_kernel_mgpu_cold`);
+them as `moc_kernel_mgpu_cold`; with the rows kernel's launch warming instead as
+`moc_kernel_mgpur`);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
@@ -192,6 +193,7 @@ def main() -> None:
     },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_kernel_mgpur": dict(ffn="moc", kernel_backend="pallas"),
     # before 2026-12-05b: split-K GEMVs, XLA's norms / RoPE / adds, the plain attention kernel
     **{
       f"{v}_kernel_splitk": dict(
@@ -324,7 +326,8 @@ def _patched(name: str):
     moc_decode.moc_config = lambda *a: replace(original_cfg(*a), list_sum="kernel")
   if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
     cold = name.endswith("_cold")  # without its L2 prefetch
-    moc_decode.moc_config = lambda *a, c=cold: _with_mosaic_select(original_cfg(*a), c)
+    rows = name.endswith("_mgpur")  # the rows kernel's launch warms instead
+    moc_decode.moc_config = lambda *a, c=cold, r=rows: _with_mosaic_select(original_cfg(*a), c, r)
   if name.startswith("moc_kernel_warm"):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
     knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -340,12 +343,15 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = original_rowdot
 
 
-def _with_mosaic_select(cfg, cold: bool = False):
+def _with_mosaic_select(cfg, cold: bool = False, rows: bool = False):
   """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
-  T <= 4); it warms L2 with the same bytes by bulk prefetches, unless cold."""
+  T <= 4); it warms L2 with the same bytes by bulk prefetches, unless cold (no warming) or
+  rows (the rows kernel's launch warms instead, `DecodeConfig.warm_from`)."""
   if cfg.topk is None:
     return cfg
   mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"))
+  if rows:
+    return replace(mosaic, warm_from="rows")
   return replace(mosaic, warm_bytes=0) if cold else mosaic
 
 

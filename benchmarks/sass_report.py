@@ -144,20 +144,13 @@ def _decode_step_function(args):
     return fn, (bf16(t, 3, 16, 128), cache, cache, pos, f32, f32, bf16(2048, 2048), bf16(f, 2048))
   cfg = _config(moc_decode.moc_config(t, 2048, f), args.set)  # decode_step_ffn
   scale = jax.ShapeDtypeStruct((2048,), jnp.float32)
-  fn = lambda x, wg_t, wu_t, wd, s: moc_decode.decode_ffn(
-    x,
-    wg_t,
-    wu_t,
-    wd,
-    k,
-    "moc",
-    config=cfg,
-    interpret=False,
-    output_major=True,
-    norm=(s, 1e-6),
-    residual=x,
-  )
-  return fn, (bf16(t, 2048), bf16(f, 2048), bf16(f, 2048), bf16(f, 2048), scale)
+
+  def fn(x, wg_t, wu_t, wd, s, nxt):  # nxt: the next layer's q, k, v, warmed into L2
+    kw = dict(output_major=True, norm=(s, 1e-6), residual=x, warm=nxt)
+    return moc_decode.decode_ffn(x, wg_t, wu_t, wd, k, "moc", config=cfg, interpret=False, **kw)
+
+  weights = (bf16(f, 2048), bf16(f, 2048), bf16(f, 2048))
+  return fn, (bf16(t, 2048), *weights, scale, bf16(6144, 2048))
 
 
 def _as_text(bytecode: bytes) -> str:

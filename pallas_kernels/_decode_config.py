@@ -15,6 +15,7 @@ from pallas_kernels._topk_config import TopKConfig
 
 PIPELINES = ("mask", "list")
 LIST_SUMS = ("xla", "kernel")
+WARM_FROM = ("select", "rows")
 DENSE_DOWNS = ("rows", "gemv")
 
 
@@ -81,10 +82,15 @@ class DecodeConfig:
   # of its own; 0: off.
   warm_bytes: int = 0
   warm_programs: int = 264
+  # which launch warms: 'select' (the top-K's, above) or 'rows' (the rows kernel's, for the
+  # Mosaic GPU select: its own L2 prefetch made it wait, NOTES_decode 2026-12-05)
+  warm_from: str = "select"
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
       raise ValueError(f"unknown decode pipeline {self.pipeline!r}; expected one of {PIPELINES}")
+    if self.warm_from not in WARM_FROM:
+      raise ValueError(f"unknown warm_from {self.warm_from!r}; expected one of {WARM_FROM}")
     if self.list_sum not in LIST_SUMS:
       raise ValueError(f"unknown list_sum {self.list_sum!r}; expected one of {LIST_SUMS}")
     if self.dense_down not in DENSE_DOWNS:

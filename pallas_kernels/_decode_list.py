@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _l2_prefetch
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, cdiv, pow2_at_least
 
@@ -30,9 +31,27 @@ I32 = jnp.int32
 
 
 def _rows_kernel(
-  x_ref, idx_ref, a_ref, wu_ref, wd_ref, y_ref, *, k, per, rows, d_model, block_d, gate_values
+  x_ref,
+  idx_ref,
+  a_ref,
+  wu_ref,
+  wd_ref,
+  y_ref,
+  *,
+  k,
+  per,
+  rows,
+  d_model,
+  block_d,
+  gate_values,
+  splits=None,
 ):
-  t, s = pl.program_id(0), pl.program_id(1)
+  """Program (t, s): entries [s·per, (s+1)·per) of token t's list. splits: the programs come
+  as one axis of T·splits (beside L2-warming programs: `_l2_prefetch`)."""
+  if splits is None:
+    t, s = pl.program_id(0), pl.program_id(1)
+  else:
+    t, s = pl.program_id(0) // splits, pl.program_id(0) % splits
   blocks = [(b, min(block_d, pow2_at_least(d_model - b))) for b in range(0, d_model, block_d)]
   cols = [b + jnp.arange(w, dtype=I32) for b, w in blocks]
   xs = [
@@ -125,11 +144,15 @@ def rows_ffn(
   interpret: bool,
   gate_values: bool = False,
   residual_TxD: jax.Array | None = None,
+  warm: jax.Array | None = None,
 ) -> jax.Array:
   """y_TxD = sum_j (a_j · x Wu^T[idx_j]) Wd[idx_j] per token, in x's dtype; with residual_TxD,
   residual + y (rounded as XLA adds two arrays).
 
-  gate_values: a_TxK holds the selected G (any float dtype) and the kernel takes silu(G)."""
+  gate_values: a_TxK holds the selected G (any float dtype) and the kernel takes silu(G).
+  warm: a weight the next kernels read (the next layer's q, k, v), whose first
+  `cfg.warm_bytes` `cfg.warm_programs` more programs of this launch read into L2 (for a
+  select that warms nothing itself: `DecodeConfig.warm_from='rows'`). No effect on y."""
   num_tokens, d_model = x_TxD.shape
   k = idx_TxK.shape[1]
   rows = cfg.list_rows
@@ -137,6 +160,7 @@ def rows_ffn(
   per = cdiv(cdiv(k, splits), rows) * rows  # list entries per program, whole steps
   splits = cdiv(k, per)
   block_d = min(cfg.list_block_d, pow2_at_least(d_model))
+  warm = None if warm is None or not cfg.warm_bytes else warm
   kernel = functools.partial(
     _rows_kernel,
     k=k,
@@ -145,15 +169,31 @@ def rows_ffn(
     d_model=d_model,
     block_d=block_d,
     gate_values=gate_values,
+    splits=None if warm is None else splits,
   )
-  partials = pl.pallas_call(
-    kernel,
-    out_shape=jax.ShapeDtypeStruct((splits, num_tokens, d_model), F32),
-    grid=(num_tokens, splits),
-    compiler_params=plgpu.CompilerParams(num_warps=cfg.list_warps, num_stages=1),
-    interpret=interpret,
-    name="decode_rows",
-  )(x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD)
+  out_shape = jax.ShapeDtypeStruct((splits, num_tokens, d_model), F32)
+  params = plgpu.CompilerParams(num_warps=cfg.list_warps, num_stages=1)
+  inputs = (x_TxD, idx_TxK, a_TxK, w_up_FxD, w_down_FxD)
+  if warm is not None and not interpret:
+    (partials,) = _l2_prefetch.call(
+      kernel,
+      inputs,
+      out_shape=(out_shape,),
+      grid=num_tokens * splits,
+      warm=[(warm, cfg.warm_bytes)],
+      programs=cfg.warm_programs,
+      compiler_params=params,
+      name="decode_rows_warm",
+    )
+  else:  # interpret mode runs the rows alone (on one axis if they would warm)
+    partials = pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(num_tokens, splits) if warm is None else (num_tokens * splits,),
+      compiler_params=params,
+      interpret=interpret,
+      name="decode_rows",
+    )(*inputs)
   if cfg.list_sum == "kernel":
     return sum_partials(partials, x_TxD.dtype, residual_TxD, interpret)
   y = jnp.sum(partials, axis=0).astype(x_TxD.dtype)

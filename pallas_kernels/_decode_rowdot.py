@@ -175,14 +175,14 @@ def _kernel(
   )
   ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
   y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
-  mask = tf_mask(rows, num_tokens, n_mask)
+  mask = tf_mask(rows, num_tokens, n0 + jnp.arange(block_n) < y_ref.shape[-1])  # 0 past N
   if res_ref is not None:  # the residual add as XLA does it: round, add in fp32, round
     r = plgpu.load(tf_ref(res_ref, rows, n0, block_n), mask=mask, other=0).astype(F32)
     y = (y.astype(F32) + r).astype(y_ref.dtype)
   plgpu.store(tf_ref(y_ref, rows, n0, block_n), y, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
 def _rowdot(
   x_TxD,
   ws_NxD,
@@ -191,13 +191,15 @@ def _rowdot(
   interpret: bool,
   norm_eps=None,
   normed=False,
+  out_cols=None,
   scale_D=None,
   residual_TxN=None,
 ):
-  """One launch over N / block_n programs; two weights: the SwiGLU of both. Returns y, or
-  (y, normalized x) with `normed`."""
+  """One launch over N / block_n programs (out_cols / block_n: y's columns past N are 0);
+  two weights: the SwiGLU of both. Returns y, or (y, normalized x) with `normed`."""
   num_tokens, d_model = x_TxD.shape
   n = ws_NxD[0].shape[0]
+  out_cols = out_cols or n
   block_n = min(cfg.block_n, pow2_at_least(n))
   block_d = min(cfg.block_d, pow2_at_least(d_model))
   kernel = functools.partial(
@@ -216,7 +218,7 @@ def _rowdot(
     precision=precision_for(x_TxD.dtype),
     prefetch=cfg.prefetch,
   )
-  out_shape = [jax.ShapeDtypeStruct((num_tokens, n), out_dtype)]
+  out_shape = [jax.ShapeDtypeStruct((num_tokens, out_cols), out_dtype)]
   if normed:
     out_shape.append(jax.ShapeDtypeStruct(x_TxD.shape, x_TxD.dtype))
   inputs = [x_TxD, *([scale_D] if norm_eps is not None else []), *ws_NxD]
@@ -224,7 +226,7 @@ def _rowdot(
   outs = pl.pallas_call(
     kernel,
     out_shape=tuple(out_shape),
-    grid=(pl.cdiv(n, block_n),),
+    grid=(pl.cdiv(out_cols, block_n),),
     compiler_params=plgpu.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
     interpret=interpret,
     name="decode_rowdot",
@@ -252,15 +254,20 @@ def rowdot(
   norm: tuple[jax.Array, float] | None = None,
   residual: jax.Array | None = None,
   return_normed: bool = False,
+  out_cols: int | None = None,
 ):
   """y_TxN = x Wᵀ for T ≤ 16 tokens (leading dims of x flattened), W output-major (N × D);
   fp32 accumulation, one cast to out_dtype (default x's dtype).
 
   norm = (scale_D, eps): x is RMS-normalized first, as `model.RMSNorm` does (so the norm
   costs no launch of its own); return_normed: also return that normalized x (T × D).
-  residual (x's leading dims × N): y = residual + x Wᵀ, added as XLA adds two bf16 arrays."""
+  residual (x's leading dims × N): y = residual + x Wᵀ, added as XLA adds two bf16 arrays.
+  out_cols (>= N, no residual): y is that wide, 0 past N (the padded G a select reads)."""
   lead, x_TxD, out_dtype = check_gemv_inputs("rowdot", x_TxD, w_NxD, 1, out_dtype)
   n, d_model = w_NxD.shape
+  if out_cols is not None and (out_cols < n or residual is not None):
+    raise ValueError(f"rowdot: out_cols={out_cols} needs >= N={n} and no residual")
+  n = out_cols or n
   num_tokens = x_TxD.shape[0]
   norm_eps, normed, scale = _norm_args(norm, return_normed)
   if num_tokens == 0:
@@ -268,9 +275,8 @@ def rowdot(
     return (y, jnp.zeros((*lead, d_model), x_TxD.dtype)) if normed else y
   cfg = config or rowdot_config(num_tokens, d_model, n, itemsize=w_NxD.dtype.itemsize)
   res = None if residual is None else residual.reshape(num_tokens, n)
-  out = _rowdot(
-    x_TxD, (w_NxD,), cfg, out_dtype, tu.default_interpret(interpret), norm_eps, normed, scale, res
-  )
+  interpret = tu.default_interpret(interpret)
+  out = _rowdot(x_TxD, (w_NxD,), cfg, out_dtype, interpret, norm_eps, normed, n, scale, res)
   y_TxN, xn_TxD = out if normed else (out, None)
   y = y_TxN.reshape(*lead, n)
   return (y, xn_TxD.reshape(*lead, d_model)) if normed else y
@@ -294,4 +300,4 @@ def swiglu(
   norm_eps, _, scale = _norm_args(norm, False)
   ws = (w_gate_FxD, w_up_FxD)
   interpret = tu.default_interpret(interpret)
-  return _rowdot(x_TxD, ws, cfg, x_TxD.dtype, interpret, norm_eps, False, scale)
+  return _rowdot(x_TxD, ws, cfg, x_TxD.dtype, interpret, norm_eps, False, None, scale)

@@ -124,6 +124,25 @@ def test_rowdot_config_picks_and_its_wide_step_at_t1():
   assert _rel_err_f64(y, x, w) < TOL[jnp.bfloat16], f"seed={seed}"
 
 
+def test_rowdot_out_cols_pads_with_zeros():
+  """out_cols > N: y is that wide, its first N columns as without, the rest exactly 0 (the
+  padded G the Mosaic select reads); out_cols < N or with a residual is refused."""
+  seed = _seed()
+  x, w = _inputs(seed, (3,), 64, 203, jnp.bfloat16)
+  cfg = _decode_rowdot.RowdotConfig(block_n=8, block_d=32)
+  y = _decode_rowdot.rowdot(x, w.T, config=cfg, out_dtype=jnp.float32, interpret=True)
+  wide = _decode_rowdot.rowdot(
+    x, w.T, config=cfg, out_dtype=jnp.float32, out_cols=256, interpret=True
+  )
+  assert wide.shape == (3, 256)
+  np.testing.assert_array_equal(np.asarray(wide[:, :203]), np.asarray(y))
+  np.testing.assert_array_equal(np.asarray(wide[:, 203:]), 0)
+  with pytest.raises(ValueError, match="out_cols"):
+    _decode_rowdot.rowdot(x, w.T, out_cols=200, interpret=True)
+  with pytest.raises(ValueError, match="out_cols"):
+    _decode_rowdot.rowdot(x, w.T, out_cols=256, residual=y.astype(x.dtype), interpret=True)
+
+
 def test_linear_rejects_bad_inputs():
   x, w = _inputs(0, (17,), 64, 128, jnp.float32)
   with pytest.raises(ValueError, match="at most 16"):

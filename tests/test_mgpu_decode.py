@@ -90,6 +90,53 @@ def test_decode_ffn_through_mosaic_select_matches_reference(num_tokens, d_ff, k)
   assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"{seed=}"
 
 
+@pytest.mark.parametrize(
+  ("num_tokens", "d_ff", "k", "warm_from"), [(1, 203, 40, "rows"), (3, 171, 24, "select")]
+)
+def test_output_major_decode_through_mosaic_select(num_tokens, d_ff, k, warm_from):
+  """The model's GPU path with the Mosaic select: the rowdot gate GEMV (norm inside) writes
+  G in fp32 as the select's one partial, padded with zeros to whole warpgroups; the residual
+  is added after the rows. With warm_from='rows' the rows kernel's programs run on one axis
+  (here alone: interpret mode does not warm) and the select warms nothing: y is the same."""
+  seed, d_model = _seed(), 48
+  ks = jax.random.split(jax.random.key(seed), 6)
+  x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(jnp.bfloat16)
+  wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(jnp.bfloat16)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  scale = jnp.ones((d_model,), jnp.float32)  # keeps the integer gates exact
+  r = jax.random.normal(ks[4], x.shape, jnp.bfloat16)
+  nxt = jax.random.normal(ks[5], (d_model, 96), jnp.bfloat16)
+  cfg = dataclasses.replace(MOSAIC_LIST, warm_bytes=4096, warm_from=warm_from)
+  kw = dict(interpret=True, output_major=True, norm=(scale, 1e-6), residual=r)
+  y = moc_decode.decode_ffn(x, wg.T, wu, wd, k, "moc", config=cfg, warm=nxt, **kw)
+  want = r + reference.decode_ffn(reference.rms_norm(x, scale, 1e-6), wg, wu, wd, k, "moc")
+  a, b = np.asarray(y, np.float64), np.asarray(want, np.float64)
+  assert y.dtype == want.dtype and np.isfinite(a).all()
+  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"{seed=}"
+  plain = dataclasses.replace(MOSAIC_LIST, warm_bytes=0)
+  y0 = moc_decode.decode_ffn(x, wg.T, wu, wd, k, "moc", config=plain, **kw)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+
+
+def test_output_major_mosaic_with_rows_warming_lowers_for_cuda():
+  """At the 1B shape: the Mosaic select without its bulk prefetch, and the rows kernel's
+  launch with warming programs (`decode_rows_warm`), lowered for CUDA here."""
+  cfg = dataclasses.replace(
+    moc_decode.moc_config(1, 2048, 5464),
+    topk=dataclasses.replace(LIST_TOPK, selection="mgpu"),
+    warm_from="rows",
+  )
+  shapes = ((1, 2048), (5464, 2048), (5464, 2048), (6144, 2048))
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+  fn = lambda x, wg, wu, warm: moc_decode.decode_ffn(
+    x, wg, wu, wu, 1024, "moc", config=cfg, interpret=False, warm=warm, output_major=True
+  )
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "decode_rows_warm" in text
+  assert "cp.async.bulk.prefetch" not in text  # the select warms nothing now
+
+
 def test_mosaic_select_is_opt_in_for_decode():
   """Decode's shipped top-K config stays Triton; 'mgpu' always takes Mosaic, 'auto' only where
   it can run (never in interpret mode or for K % 8 != 0)."""
@@ -136,6 +183,31 @@ def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens, warm):
   nxt = jax.random.normal(ks[0], (d_model, 3 * d_model), jnp.bfloat16) if warm else None
   y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=mosaic, warm=nxt)  # nxt: L2 only
   y_triton = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=cfg)
+  np.testing.assert_array_equal(
+    np.asarray(y, np.float32), np.asarray(y_triton, np.float32), err_msg=f"{seed=}"
+  )
+
+
+@pytest.mark.gpu
+def test_output_major_mosaic_select_with_rows_warming_gpu():
+  """Compiled at the 1B decode shape, T = 1, on the model's GPU path (rowdot gate with the
+  norm, residual): the Mosaic select with the rows kernel warming the next weight gives the
+  Triton select's y bit for bit."""
+  d_model, d_ff, k = 2048, 5464, 1024
+  cfg = moc_decode.moc_config(1, d_model, d_ff)
+  mosaic = dataclasses.replace(
+    cfg, topk=dataclasses.replace(cfg.topk, selection="mgpu"), warm_from="rows"
+  )
+  seed = _seed()
+  ks = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(ks[0], (1, d_model), jnp.bfloat16)
+  wg_t = (jax.random.normal(ks[1], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  nxt = jax.random.normal(ks[4], (3 * d_model, d_model), jnp.bfloat16)
+  kw = dict(output_major=True, norm=(jnp.ones((d_model,), jnp.float32), 1e-6), residual=x)
+  y = moc_decode.decode_ffn(x, wg_t, wu, wd, k, "moc", config=mosaic, warm=nxt, **kw)
+  y_triton = moc_decode.decode_ffn(x, wg_t, wu, wd, k, "moc", config=cfg, warm=nxt, **kw)
   np.testing.assert_array_equal(
     np.asarray(y, np.float32), np.asarray(y_triton, np.float32), err_msg=f"{seed=}"
   )

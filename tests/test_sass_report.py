@@ -24,8 +24,9 @@ def test_config_fields_parse_as_literals():
 
 
 def test_extracts_the_decode_step_kernels(tmp_path):
-  """rowdot, the warming attention and the MoC FFN as the model calls them (the Pallas sum of
-  the rows' partials with list_sum='kernel') each come out as the Triton calls expected."""
+  """rowdot, the warming attention and the MoC FFN as the model calls them (its select's launch
+  warming the next weight, the Pallas sum of the rows' partials with list_sum='kernel') each
+  come out as the Triton calls expected."""
   names = {}
   for kernel, sets in [
     ("rowdot", ["block_d=2048"]),
@@ -42,7 +43,7 @@ def test_extracts_the_decode_step_kernels(tmp_path):
   assert names["attend_qkv"] == ["decode_attention_warm"]
   assert set(names["decode_step_ffn"]) == {
     "decode_rowdot",
-    "moc_select_moc",
+    "moc_select_warm",
     "decode_rows",
     "decode_rows_sum",
   }
