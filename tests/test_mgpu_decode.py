@@ -37,6 +37,23 @@ def _seed() -> int:
   return time.time_ns() % (2**31)
 
 
+def _integer_gate_ffn(seed: int, num_tokens: int, d_model: int, d_ff: int):
+  """bf16 x, Wg (D × F), Wu^T, Wd (F × D) with integer x and Wg: G exact, with many ties."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(jnp.bfloat16)
+  wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(jnp.bfloat16)
+  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
+  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  return x, wg, wu, wd
+
+
+def _assert_close(y, want, seed: int) -> None:
+  """Same dtype, every element written, within bf16 rounding of the reference."""
+  a, b = np.asarray(y, np.float64), np.asarray(want, np.float64)
+  assert y.dtype == want.dtype and np.isfinite(a).all()
+  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"{seed=}"
+
+
 @pytest.mark.parametrize(
   ("splits", "t", "d_ff", "k", "ties"),
   [(2, 1, 1000, 64, False), (1, 3, 1024, 128, True), (3, 2, 700, 8, True), (2, 4, 203, 56, True)],
@@ -77,17 +94,10 @@ def test_select_partials_refuses_what_it_cannot_do():
 def test_decode_ffn_through_mosaic_select_matches_reference(num_tokens, d_ff, k):
   """The whole decode FFN (gate GEMV partials -> Mosaic select -> rows kernel), bf16 with
   integer gates (exact G, many ties): the reference's y."""
-  seed, d_model = _seed(), 48
-  ks = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(jnp.bfloat16)
-  wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(jnp.bfloat16)
-  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
-  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  seed = _seed()
+  x, wg, wu, wd = _integer_gate_ffn(seed, num_tokens, 48, d_ff)
   y = moc_decode.decode_ffn(x, wg, wu, wd, k, "moc", config=MOSAIC_LIST, interpret=True)
-  want = reference.decode_ffn(x, wg, wu, wd, k, "moc")
-  a, b = np.asarray(y, np.float64), np.asarray(want, np.float64)
-  assert y.dtype == want.dtype and np.isfinite(a).all()
-  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"{seed=}"
+  _assert_close(y, reference.decode_ffn(x, wg, wu, wd, k, "moc"), seed)
 
 
 @pytest.mark.parametrize(
@@ -99,21 +109,16 @@ def test_output_major_decode_through_mosaic_select(num_tokens, d_ff, k, warm_fro
   is added after the rows. With warm_from='rows' the rows kernel's programs run on one axis
   (here alone: interpret mode does not warm) and the select warms nothing: y is the same."""
   seed, d_model = _seed(), 48
-  ks = jax.random.split(jax.random.key(seed), 6)
-  x = jax.random.randint(ks[0], (num_tokens, d_model), -2, 3).astype(jnp.bfloat16)
-  wg = jax.random.randint(ks[1], (d_model, d_ff), -2, 3).astype(jnp.bfloat16)
-  wu = (jax.random.normal(ks[2], (d_ff, d_model)) * d_model**-0.5).astype(jnp.bfloat16)
-  wd = (jax.random.normal(ks[3], (d_ff, d_model)) * d_ff**-0.5).astype(jnp.bfloat16)
+  x, wg, wu, wd = _integer_gate_ffn(seed, num_tokens, d_model, d_ff)
+  kr, kn = jax.random.split(jax.random.key(seed + 1))
   scale = jnp.ones((d_model,), jnp.float32)  # keeps the integer gates exact
-  r = jax.random.normal(ks[4], x.shape, jnp.bfloat16)
-  nxt = jax.random.normal(ks[5], (d_model, 96), jnp.bfloat16)
+  r = jax.random.normal(kr, x.shape, jnp.bfloat16)
+  nxt = jax.random.normal(kn, (d_model, 96), jnp.bfloat16)
   cfg = dataclasses.replace(MOSAIC_LIST, warm_bytes=4096, warm_from=warm_from)
   kw = dict(interpret=True, output_major=True, norm=(scale, 1e-6), residual=r)
   y = moc_decode.decode_ffn(x, wg.T, wu, wd, k, "moc", config=cfg, warm=nxt, **kw)
   want = r + reference.decode_ffn(reference.rms_norm(x, scale, 1e-6), wg, wu, wd, k, "moc")
-  a, b = np.asarray(y, np.float64), np.asarray(want, np.float64)
-  assert y.dtype == want.dtype and np.isfinite(a).all()
-  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"{seed=}"
+  _assert_close(y, want, seed)
   plain = dataclasses.replace(MOSAIC_LIST, warm_bytes=0)
   y0 = moc_decode.decode_ffn(x, wg.T, wu, wd, k, "moc", config=plain, **kw)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
