@@ -25,7 +25,8 @@ block ahead (`decode_attention.PREFETCH`).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_all` / `moc_kernel_all` turn all of rdpf, apf and (MoC) sumk on at once, with the
-attention warming the first `--attn_warm_mb` entry's MB (16 without one).
+attention warming the first `--attn_warm_mb` entry's MB (16 without one); `moc_kernel_allm`
+the same with mgpur's select.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
 weights, into L2 (`model.decode_attention_warm_mb`) on P programs
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -188,8 +190,8 @@ def main() -> None:
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     **{
-      f"{v}_kernel_all": dict(ffn=v, kernel_backend="pallas", decode_attention_warm_mb=all_warm)
-      for v in ("dense", "moc")
+      f"{v}_kernel_{tag}": dict(ffn=v, kernel_backend="pallas", decode_attention_warm_mb=all_warm)
+      for v, tag in (("dense", "all"), ("moc", "all"), ("moc", "allm"))
     },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
@@ -308,10 +310,11 @@ def _patched(name: str):
   """The model and kernel configs variant `name` compiles with (see the module docstring)."""
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
   original_programs = decode_attention.WARM_PROGRAMS
-  tail = name.rpartition("_")[2]
-  knobs = set(COMBINED) if tail == "all" else {tail}
-  decode_attention.PREFETCH = "apf" in knobs  # K and V one block ahead
   original_rowdot = _decode_rowdot.rowdot_config
+  tail = name.rpartition("_")[2]
+  knobs = {"all": set(COMBINED), "allm": {*COMBINED, "mgpur"}}.get(tail, {tail})
+  edits = []  # DecodeConfig -> DecodeConfig, applied in order to moc_config's pick
+  decode_attention.PREFETCH = "apf" in knobs  # K and V one block ahead
   if "rowdot0" in knobs:  # one rowdot config for every shape
     _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
   if "rdpf" in knobs:  # one weight at T = 1: each D step's loads one step ahead
@@ -321,17 +324,18 @@ def _patched(name: str):
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
-    moc_decode.moc_config = lambda *a: replace(original_cfg(*a), pipeline="mask", topk=None)
-  if "sumk" in knobs and name.startswith("moc_"):  # the rows' sum and residual add in one kernel
-    moc_decode.moc_config = lambda *a: replace(original_cfg(*a), list_sum="kernel")
-  if name.startswith("moc_kernel_mgpu"):  # the list pipeline's top-K as the Mosaic select
-    cold = name.endswith("_cold")  # without its L2 prefetch
-    rows = name.endswith("_mgpur")  # the rows kernel's launch warms instead
-    moc_decode.moc_config = lambda *a, c=cold, r=rows: _with_mosaic_select(original_cfg(*a), c, r)
+    edits.append(lambda c: replace(c, pipeline="mask", topk=None))
+  if "sumk" in knobs and name.startswith("moc_"):  # the rows' sum and residual add: one kernel
+    edits.append(lambda c: replace(c, list_sum="kernel"))
+  if knobs & {"mgpu", "cold", "mgpur"}:  # the list pipeline's top-K as the Mosaic select
+    cold, rows = "cold" in knobs, "mgpur" in knobs  # no warming / the rows kernel's launch's
+    edits.append(lambda c: _with_mosaic_select(c, cold, rows))
   if name.startswith("moc_kernel_warm"):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
-    knobs = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
-    moc_decode.moc_config = lambda *a, kw=knobs: replace(original_cfg(*a), **kw)
+    warm = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
+    edits.append(lambda c: replace(c, **warm))
+  if edits:
+    moc_decode.moc_config = lambda *a: functools.reduce(lambda c, e: e(c), edits, original_cfg(*a))
   if "_kernel_awarm" in name and "p" in name.partition("awarm")[2]:
     decode_attention.WARM_PROGRAMS = int(name.partition("awarm")[2].partition("p")[2])
   try:

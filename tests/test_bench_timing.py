@@ -201,7 +201,7 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   pick = d._decode_rowdot.rowdot_config
   seen = {}
   names = ("moc_kernel_sumk", "dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_apf")
-  for name in (*names, "moc_kernel_all", "dense_kernel_all"):
+  for name in (*names, "moc_kernel_all", "dense_kernel_all", "moc_kernel_allm"):
     with d._patched(name):
       seen[name] = (
         d.moc_decode.moc_config(1, 2048, 5464).list_sum,
@@ -217,8 +217,10 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   for v in ("moc", "dense"):  # every knob at once (sumk is MoC's alone)
     list_sum, rowdot, _, prefetch = seen[f"{v}_kernel_all"]
     assert rowdot.prefetch and prefetch and list_sum == ("kernel" if v == "moc" else "xla")
-  with d._patched("moc_kernel_mgpur"):
-    mgpur = d.moc_decode.moc_config(1, 2048, 5464)
-  assert mgpur.topk.selection == "mgpu" and mgpur.warm_from == "rows" and mgpur.warm_bytes
+  for name in ("moc_kernel_mgpur", "moc_kernel_allm"):
+    with d._patched(name):
+      mgpur = d.moc_decode.moc_config(1, 2048, 5464)
+    assert mgpur.topk.selection == "mgpu" and mgpur.warm_from == "rows" and mgpur.warm_bytes
+  assert seen["moc_kernel_allm"][0] == "kernel"  # with sumk
   assert d.moc_decode.moc_config(1, 2048, 5464).list_sum == "xla"
   assert d._decode_rowdot.rowdot_config is pick and not d.decode_attention.PREFETCH
