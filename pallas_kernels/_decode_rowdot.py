@@ -123,32 +123,37 @@ def _kernel(
   n_mask = n0 + jnp.arange(block_n) < n
   dims = dict(num_tokens=num_tokens, rows=rows, d_model=d_model)
 
-  def loads(i):
-    """Step i's x, norm scale and weight tiles (past D all masked: no memory traffic)."""
+  def load_x_scale(i):
+    """Step i's x and norm scale (past D all masked: no memory traffic)."""
     d0 = i * block_d
     d_mask = d0 + jnp.arange(block_d) < d_model
     xk = load_x(x_ref, d0, block_d, num_tokens, rows, d_model)
-    scale = None
-    if scale_ref is not None:
-      scale = plgpu.load(scale_ref.at[pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
-    mask = n_mask[:, None] & d_mask[None, :]
-    ws = tuple(
+    if scale_ref is None:
+      return xk, None
+    return xk, plgpu.load(scale_ref.at[pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
+
+  def load_w(i):
+    """Step i's weight tiles (past D all masked)."""
+    d0 = i * block_d
+    mask = n_mask[:, None] & (d0 + jnp.arange(block_d) < d_model)[None, :]
+    return tuple(
       plgpu.load(w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)], mask=mask, other=0)
       for w_ref in w_refs
     )
-    return xk, scale, ws
 
-  def update(i, accs, step, inv):
-    xk, scale, ws = step
-    if scale is not None:
-      d0 = i * block_d
-      d_mask = d0 + jnp.arange(block_d) < d_model
-      per_token = inv if rows == 1 else inv[:, None]
-      xk = (xk.astype(F32) * per_token * scale).astype(x_ref.dtype)
-      if xn_ref is not None:
-        mine = tf_mask(rows, num_tokens, d_mask) & (pid == 0)
-        plgpu.store(tf_ref(xn_ref, rows, d0, block_d), xk, mask=mine)
-      xk = xk.astype(F32) if rows == 1 else xk
+  def normalized(i, xk, scale, inv):
+    if scale is None:
+      return xk
+    d0 = i * block_d
+    d_mask = d0 + jnp.arange(block_d) < d_model
+    per_token = inv if rows == 1 else inv[:, None]
+    xk = (xk.astype(F32) * per_token * scale).astype(x_ref.dtype)
+    if xn_ref is not None:
+      mine = tf_mask(rows, num_tokens, d_mask) & (pid == 0)
+      plgpu.store(tf_ref(xn_ref, rows, d0, block_d), xk, mask=mine)
+    return xk.astype(F32) if rows == 1 else xk
+
+  def accumulate(accs, xk, ws):
     out = []
     for w, acc in zip(ws, accs, strict=True):
       if rows == 1:  # whole-row products summed once after the loop
@@ -162,17 +167,25 @@ def _kernel(
 
   shape = (block_n, block_d) if rows == 1 else (rows, block_n)
   accs = tuple(jnp.zeros(shape, F32) for _ in w_refs)
-  prefetch = prefetch and rows == 1  # more tokens take tl.dot, which Triton pipelines
-  first = loads(0) if prefetch else None  # issued before the norm's own read of x
-  inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
-  accs = tu.fori_prefetched(
-    pl.cdiv(d_model, block_d),
-    loads,
-    lambda i, accs, step: update(i, accs, step, inv),
-    accs,
-    prefetch=prefetch,
-    first=first,
-  )
+  steps = pl.cdiv(d_model, block_d)
+  if prefetch and rows == 1:  # more tokens take tl.dot, which Triton pipelines itself
+    loads = lambda i: (load_x_scale(i), load_w(i))
+    first = loads(0)  # issued before the norm's own read of x
+    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
+
+    def update(i, accs, step):
+      (xk, scale), ws = step
+      return accumulate(accs, normalized(i, xk, scale, inv), ws)
+
+    accs = tu.fori_prefetched(steps, loads, update, accs, prefetch=True, first=first)
+  else:  # x normalized before the weight tiles load: fewer registers held (72 for the gate)
+    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
+
+    def body(i, accs):
+      xk = normalized(i, *load_x_scale(i), inv)
+      return accumulate(accs, xk, load_w(i))
+
+    accs = lax.fori_loop(0, steps, body, accs)
   ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
   y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
   mask = tf_mask(rows, num_tokens, n0 + jnp.arange(block_n) < y_ref.shape[-1])  # 0 past N
