@@ -48,10 +48,7 @@ def _rows_kernel(
 ):
   """Program (t, s): entries [s·per, (s+1)·per) of token t's list. splits: the programs come
   as one axis of T·splits (beside L2-warming programs: `_l2_prefetch`)."""
-  if splits is None:
-    t, s = pl.program_id(0), pl.program_id(1)
-  else:
-    t, s = pl.program_id(0) // splits, pl.program_id(0) % splits
+  t, s = tu.program_ids((None, splits), flat=splits is not None)
   blocks = [(b, min(block_d, pow2_at_least(d_model - b))) for b in range(0, d_model, block_d)]
   cols = [b + jnp.arange(w, dtype=I32) for b, w in blocks]
   xs = [

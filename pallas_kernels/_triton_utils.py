@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 KEY_BITS = {jnp.dtype(jnp.bfloat16): 16, jnp.dtype(jnp.float16): 16, jnp.dtype(jnp.float32): 32}
 
@@ -34,6 +35,19 @@ def default_interpret(interpret: bool | None = None) -> bool:
 def silu(v: jax.Array) -> jax.Array:
   """v · sigmoid(v), spelled so that the Triton lowering takes it as is."""
   return v / (1.0 + jnp.exp(-v))
+
+
+def program_ids(grid: tuple[int, ...], flat: bool) -> tuple:
+  """This program's index on each axis of `grid`: read from the grid, or (flat: the programs
+  launched as one axis of prod(grid), as beside `_l2_prefetch`'s warming programs)
+  unravelled from program 0's axis, the last axis fastest."""
+  if not flat:
+    return tuple(pl.program_id(axis) for axis in range(len(grid)))
+  pid, ids = pl.program_id(0), []
+  for size in reversed(grid[1:]):
+    ids.append(pid % size)
+    pid = pid // size
+  return (pid, *reversed(ids))
 
 
 def fori_prefetched(steps, load, update, init, *, prefetch: bool, first=None):

@@ -48,15 +48,6 @@ def _rotated(ref, part, b, h, e, half, in_head, cos_ref, sin_ref, dtype):
   return out.astype(dtype)
 
 
-def _program(flat_grid: tuple[int, int, int] | None):
-  """(b, h, c) of this program: from the 3-D grid, or unravelled from a 1-D one."""
-  if flat_grid is None:
-    return pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  _, heads, chunks = flat_grid
-  pid = pl.program_id(0)
-  return pid // (heads * chunks), (pid // chunks) % heads, pid % chunks
-
-
 def _attend_kernel(
   *refs, block_s, chunk, num_slots, head_dim, scale, write, fused, flat_grid=None, prefetch=False
 ):
@@ -72,7 +63,7 @@ def _attend_kernel(
   each block's K and V are loaded one block ahead, the first before the query is formed
   (Triton does not software-pipeline this multiply-reduce loop: without it, one HBM round
   trip per block)."""
-  b, h, c = _program(flat_grid)
+  b, h, c = tu.program_ids(flat_grid or (1, 1, 1), flat=flat_grid is not None)
   e = jnp.arange(pow2_at_least(head_dim), dtype=I32)
   in_head = e < head_dim
   k_ref, v_ref, pos_ref = refs[3:6] if write else refs[1:4]
