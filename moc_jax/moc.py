@@ -310,7 +310,7 @@ def moc_decode_ffn(
   x_TxD = x.reshape(-1, d_model)
   ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
   fused = output_major and backends.resolve(backend) == "pallas"  # kernels take norm, residual
-  xn_TxD = x_TxD if norm is None or fused else backends.rms_norm(x_TxD, *norm)
+  xn_TxD = x_TxD if norm is None or fused else reference.rms_norm(x_TxD, *norm)
   kw = {"norm": norm} if fused else {}
   if fused:  # the residual added by the kernels (dense: the down GEMV; MoC: the rows' sum)
     kw["residual"], residual = (x_TxD if residual else None), False

@@ -63,9 +63,6 @@ def bitmask_epilogues(backend: str) -> tuple[Callable, Callable] | None:
   return moc_train_mask.train_forward_bitmask, moc_train_mask.train_backward_bitmask
 
 
-rms_norm = reference.rms_norm  # the norm every backend's decode applies outside its kernels
-
-
 def decode_ffn(backend: str, output_major: bool = False) -> Callable:
   """(x_TxD, w_gate, w_up_FxD, w_down_FxD, k, variant, *, warm=None) -> y_TxD, the gate
   weight D x F, or F x D with output_major; on Pallas with output_major also `norm=` and

@@ -331,7 +331,7 @@ def attend_qkv(
   o_shape = (batch, heads, head_dim)
   if three != 3 or head_dim % 2:
     raise ValueError(f"attend_qkv needs qkv (B, 3, H, E) with E even, got {qkv_Bx3xHxE.shape}")
-  _check(jnp.zeros(o_shape, qkv_Bx3xHxE.dtype), k_BxSxHxE, v_BxSxHxE, block_s)
+  _check(jax.ShapeDtypeStruct(o_shape, qkv_Bx3xHxE.dtype), k_BxSxHxE, v_BxSxHxE, block_s)
   if cos_BxE2.shape != (batch, head_dim // 2) or sin_BxE2.shape != cos_BxE2.shape:
     raise ValueError(f"cos, sin must be (B, E/2) = {(batch, head_dim // 2)}, got {cos_BxE2.shape}")
   chunk = chunk or default_chunk(k_BxSxHxE.shape[1], block_s)
