@@ -10,9 +10,8 @@ round. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
 `moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
 config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
-list pipeline's top-K as the Mosaic GPU radix select (warming by bulk L2 prefetches; without
-them as `moc_kernel_mgpu_cold`; with the rows kernel's launch warming instead as
-`moc_kernel_mgpur`);
+list pipeline's top-K as the Mosaic GPU radix select (the rows kernel's launch warming the next
+layer's q, k, v; `moc_kernel_mgpu_cold` without any warming);
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
@@ -26,7 +25,7 @@ block ahead (`decode_attention.PREFETCH`).
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_all` / `moc_kernel_all` turn all of rdpf, apf and (MoC) sumk on at once, with the
 attention warming the first `--attn_warm_mb` entry's MB (16 without one); `moc_kernel_allm`
-the same with mgpur's select.
+the same with the Mosaic select.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
 weights, into L2 (`model.decode_attention_warm_mb`) on P programs
@@ -36,8 +35,6 @@ inside (`model.decode_gemv='rowdot'`) and RoPE inside the attention kernel ('fus
 `*_splitk` rows are the path before (split-K GEMVs, XLA's norms, RoPE and adds, the plain
 attention kernel), `*_splitk_fused` split-K with the fused attention, `*_attn` the plain
 attention kernel (`model.decode_attention='pallas'`), `*_xattn` XLA's attention.
-`dense_kernel_pdl` / `moc_kernel_pdl` (and `_nopdl`) compile the generation with XLA's
-programmatic dependent launch on (off): a kernel may start before the one it follows has ended.
 `no_ffn` returns zeros from every FFN: the non-FFN time per token, i.e. the ceiling of any FFN
 speedup.
 
@@ -69,10 +66,9 @@ import step_profile
 from decode_timing import run_info
 from flax import nnx
 
-from moc_jax import compile_options, generate, model, model_config
+from moc_jax import generate, model, model_config
 from pallas_kernels import _decode_rowdot, decode_attention, moc_decode
 
-PDL_ROWS = ("dense_kernel", "moc_kernel")  # also run with compile_options.pdl on and off
 COMBINED = ("rdpf", "apf", "sumk")  # the knobs a `*_kernel_all` row turns on together
 
 
@@ -195,7 +191,6 @@ def main() -> None:
     },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
-    "moc_kernel_mgpur": dict(ffn="moc", kernel_backend="pallas"),
     # before 2026-12-05b: split-K GEMVs, XLA's norms / RoPE / adds, the plain attention kernel
     **{
       f"{v}_kernel_splitk": dict(
@@ -212,13 +207,6 @@ def main() -> None:
     "dense_kernel_xattn": dict(ffn="dense", kernel_backend="pallas", decode_attention="xla"),
     "moc_kernel_xattn": dict(ffn="moc", kernel_backend="pallas", decode_attention="xla"),
     "dense_xla": dict(ffn="dense", kernel_backend="xla"),
-    # programmatic dependent launch (Hopper): each kernel may launch before the one it follows
-    # ends and waits for it inside; XLA's default for it differs between versions, so both
-    **{
-      f"{v}_{tag}": dict(ffn=v.split("_")[0], kernel_backend="pallas")
-      for v in PDL_ROWS
-      for tag in ("pdl", "nopdl")
-    },
     **{f"moc_kernel_warm{w}": dict(ffn="moc", kernel_backend="pallas") for w in warm},
     **{
       f"{v}_kernel_awarm{w}": dict(
@@ -260,9 +248,8 @@ def main() -> None:
     if key not in models:
       models[key] = model.Transformer(model_config.from_preset(preset, **base, **kw), nnx.Rngs(0))
       models[key].prepare_for_decode()
-    options = compile_options.pdl(name.endswith("_pdl")) if "pdl" in name else None
     with _patched(name):
-      return Runner(models[key], prompt_len, new, options)
+      return Runner(models[key], prompt_len, new)
 
   def record(name: str, row: dict) -> None:
     cfg = model_config.from_preset(preset, **base, **variants[name])  # also if build failed
@@ -312,7 +299,7 @@ def _patched(name: str):
   original_programs = decode_attention.WARM_PROGRAMS
   original_rowdot = _decode_rowdot.rowdot_config
   tail = name.rpartition("_")[2]
-  knobs = {"all": set(COMBINED), "allm": {*COMBINED, "mgpur"}}.get(tail, {tail})
+  knobs = {"all": set(COMBINED), "allm": {*COMBINED, "mgpu"}}.get(tail, {tail})
   edits = []  # DecodeConfig -> DecodeConfig, applied in order to moc_config's pick
   decode_attention.PREFETCH = "apf" in knobs  # K and V one block ahead
   if "rowdot0" in knobs:  # one rowdot config for every shape
@@ -327,9 +314,8 @@ def _patched(name: str):
     edits.append(lambda c: replace(c, pipeline="mask", topk=None))
   if "sumk" in knobs and name.startswith("moc_"):  # the rows' sum and residual add: one kernel
     edits.append(lambda c: replace(c, list_sum="kernel"))
-  if knobs & {"mgpu", "cold", "mgpur"}:  # the list pipeline's top-K as the Mosaic select
-    cold, rows = "cold" in knobs, "mgpur" in knobs  # no warming / the rows kernel's launch's
-    edits.append(lambda c: _with_mosaic_select(c, cold, rows))
+  if knobs & {"mgpu", "cold"}:  # the list pipeline's top-K as the Mosaic select
+    edits.append(lambda c: _with_mosaic_select(c, cold="cold" in knobs))
   if name.startswith("moc_kernel_warm"):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
     warm = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -347,15 +333,13 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = original_rowdot
 
 
-def _with_mosaic_select(cfg, cold: bool = False, rows: bool = False):
+def _with_mosaic_select(cfg, cold: bool = False):
   """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
-  T <= 4); it warms L2 with the same bytes by bulk prefetches, unless cold (no warming) or
-  rows (the rows kernel's launch warms instead, `DecodeConfig.warm_from`)."""
+  T <= 4); the rows kernel's launch warms L2 with the same bytes (`DecodeConfig.warm_from`),
+  unless cold (no warming)."""
   if cfg.topk is None:
     return cfg
-  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"))
-  if rows:
-    return replace(mosaic, warm_from="rows")
+  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_from="rows")
   return replace(mosaic, warm_bytes=0) if cold else mosaic
 
 

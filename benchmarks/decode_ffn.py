@@ -40,7 +40,6 @@ from decode_timing import (
   time_single,
 )
 
-from moc_jax import compile_options
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import moc_decode, reference
 from pallas_kernels._decode_config import LINEAR_DOWN, LIST_TOPK, default_config, legacy_config
@@ -67,15 +66,10 @@ PHASES = {
   # and the dense FFN with its SwiGLU folded into the down GEMV (opt-in), against its default
   "mgpu1": (1, FIRST, frozenset({"mgpu"})),
   "mgpu4": (4, FIRST, frozenset({"mgpu"})),
-  # each default path compiled with XLA's programmatic dependent launch on and off
-  "pdl1": (1, ALL, frozenset({"pdl"})),
-  "pdl4": (4, FIRST, frozenset({"pdl"})),
   # the FFN GEMVs output-major (`model.decode_gemv='rowdot'`) against the split-K defaults
   "rowdot1": (1, ALL, frozenset({"rowdot"})),
   "rowdot4": (4, FIRST, frozenset({"rowdot"})),
 }
-# row-name suffix -> XLA options of its programs (no suffix: XLA's defaults)
-PDL = {"[pdl]": compile_options.pdl(True), "[nopdl]": compile_options.pdl(False)}
 # gate+up GEMV knobs (F-block, D-step, splits, warps, stages; 1 split fuses the SwiGLU) and down
 # GEMV knobs (column block, row step, splits, warps, stages), each varied with the other default
 DENSE_GATE_UP = ((64, 64, 2, 4, 4), (128, 64, 2, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 4, 4))
@@ -173,11 +167,6 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
     if "mgpu" in kinds:
       out |= {"dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
       out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-  if "pdl" in kinds:
-    xla = lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd)
-    paths = {"xla_dense": (xla, None), "dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
-    paths["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    out |= {name + tag: row for name, row in paths.items() for tag in ("", *PDL)}
   # The 2026-11-28c rows (histogram select, in-kernel sum of the list partials) are gone with
   # those options (slower on the H200; NOTES_decode.md has the figures).
   if "rowdot" in kinds:  # these rows take two more weights: Wgᵀ and Wdᵀ (`bench_case`)
@@ -316,13 +305,12 @@ def bench_case(d, f, k, variant, t, kinds, sets, args, deadline) -> list[dict]:
       row["error"] = SKIPPED
       rows.append(row)
       continue
-    options = next((o for tag, o in PDL.items() if name.endswith(tag)), None)
     try:
-      jfn = jax.jit(fn, compiler_options=options)
+      jfn = jax.jit(fn)
       y = jfn(x, *row_sets[0])
       if not name.startswith("stage:"):
         row["rel_err_vs_reference"] = rel_err(y, ref_dense if "dense" in name else ref_moc)
-      timing = time_chain(chain(fn, options), (xs, row_sets), len(sets), args.reps, args.trials)
+      timing = time_chain(chain(fn), (xs, row_sets), len(sets), args.reps, args.trials)
       row["time_s"] = timing["median_s"]
       row["trials_s"] = timing["trials_s"]
       row["single_call_s"] = time_single(jfn, (x, *row_sets[0]), args.trials)

@@ -29,7 +29,7 @@ from jax import lax
 
 from benchmarks import common
 from pallas_kernels import mgpu_select
-from pallas_kernels._mgpu_ops import keep_lowest, popcount
+from pallas_kernels._mgpu_ops import keep_lowest
 from pallas_kernels._mgpu_ptx import BINS, I32
 
 
@@ -55,7 +55,7 @@ def emulate_words(g: jax.Array, k: int, num_valid: int | None = None) -> jax.Arr
   weights = lax.shift_left(jnp.ones((32,), I32), jnp.arange(32, dtype=I32))
   words = lambda m: jnp.sum(m.reshape(t, f // 32, 32).astype(I32) * weights, axis=2, dtype=I32)
   eq = words(valid & (key == v))
-  before = jnp.cumsum(popcount(eq), axis=1) - popcount(eq)
+  before = jnp.cumsum(lax.population_count(eq), axis=1) - lax.population_count(eq)
   return words(valid & (key > v)) | keep_lowest(eq, jnp.clip(need - before, 0, 32))
 
 
@@ -66,9 +66,9 @@ def emulate_slots(words: jax.Array, f: int) -> jax.Array:
   t = words.shape[0]
   chan = jnp.arange(f, dtype=I32)
   w = words[:, chan >> 5]
-  first = jnp.cumsum(popcount(words), axis=1) - popcount(words)
+  first = jnp.cumsum(lax.population_count(words), axis=1) - lax.population_count(words)
   lower = lax.shift_left(jnp.ones_like(chan), chan & 31) - 1
-  slot = first[:, chan >> 5] + popcount(w & lower)
+  slot = first[:, chan >> 5] + lax.population_count(w & lower)
   sel = lax.shift_right_logical(w, jnp.broadcast_to(chan & 31, (t, f))) & 1
   return jnp.where(sel == 1, slot, -1)
 
@@ -87,8 +87,7 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
 
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
-  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first;
-  '_lean' rows: the kernel's `lean` form."""
+  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -97,13 +96,9 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
-  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, lean=True)
-  fns["mgpu_select_lean"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-    for lean in (False, True):
-      kw = dict(ctas=counts[0], interpret=False, lean=lean)
-      name = "mgpu_topk_lean" if lean else "mgpu_topk"
-      fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
+    kw = dict(ctas=counts[0], interpret=False)
+    fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
   return fns
 
 
@@ -181,14 +176,10 @@ def _decode_partials(a, g: jax.Array) -> dict:
   except Exception as e:  # the reference itself failed: nothing to check the others against
     return {"decode_topk_partials": {"error": f"{type(e).__name__}: {str(e)[:2000]}"}}
   fns, rows = {"decode_topk_partials": triton}, {"decode_topk_partials": {}}
-  for lean in (False, True):  # reported; timed only if exact
-    fn = jax.jit(
-      lambda p, lean=lean: mgpu_select.select_partials(
-        p, a.k, a.f, jnp.bfloat16, interpret=False, lean=lean
-      )
-    )
-    name = f"mgpu_topk_partials{'_lean' if lean else ''}"
-    _admit(fns, rows, name, fn, want, [partials], "exact_vs_triton")
+  fn = jax.jit(
+    lambda p: mgpu_select.select_partials(p, a.k, a.f, jnp.bfloat16, interpret=False)
+  )  # reported; timed only if exact
+  _admit(fns, rows, "mgpu_topk_partials", fn, want, [partials], "exact_vs_triton")
   _time_rows(fns, rows, [(partials,)], a.device_time)
   return rows
 

@@ -38,7 +38,6 @@ from benchmarks.step_variants import (  # noqa: E402
   configure,
   wrap_step,
 )
-from benchmarks.step_variants import compiler_options as variant_options  # noqa: E402
 
 
 def build(
@@ -71,7 +70,7 @@ def build(
     train_lib.make_schedule(t),
     grad_accum=1,
     document_mask=False,
-    compiler_options=compile_options.parse(compiler_options) | variant_options(variant),
+    compiler_options=compile_options.parse(compiler_options),
   )
 
   def batch_of(b):
@@ -134,8 +133,7 @@ def child(args) -> dict:
   fixed = compiled_bytes[hi] - per_seq * hi
   return {
     "variant": args.variant,
-    "compiler_options": compile_options.parse(args.compiler_options)
-    | variant_options(args.variant),
+    "compiler_options": compile_options.parse(args.compiler_options),
     "params": n_params,
     "batch": args.batch,
     "seq": args.seq,

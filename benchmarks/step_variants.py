@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-from moc_jax import compile_options
-
 VARIANTS = {
   "dense": dict(ffn="dense"),
   "dense_remat_ffn": dict(ffn="dense", remat="ffn"),
@@ -50,19 +48,6 @@ VARIANTS.update(RECAST)
 # select on Hopper; `TopKConfig.selection`).
 TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
 VARIANTS.update(TRITON)
-# The step compiled with XLA's programmatic dependent launch on / off, whatever the run's other
-# options: variant -> the XLA options it adds (`compiler_options`).
-PDL = {
-  f"{base}_{tag}": compile_options.pdl(tag == "pdl")
-  for base in ("dense", "moc")
-  for tag in ("pdl", "nopdl")
-}
-VARIANTS.update({name: dict(ffn=name.split("_")[0]) for name in PDL})
-
-
-def compiler_options(variant: str) -> dict:
-  """The XLA options `variant` adds to the run's (PDL), else none."""
-  return dict(PDL.get(variant, {}))
 
 
 def configure(variant: str) -> dict:

@@ -5,6 +5,8 @@ Why: XLA's GPU defaults are not the fastest for this model. On the H200 the 1b d
 recompute SwiGLU's elementwise work inside the GEMM), +2.1% with the gate and up projections as
 one GEMM as well, and MoC was unchanged (its FFN GEMMs are already cuBLAS calls)
 (`benchmarks/results/model_step_1b_flags_h200_20261203{b,c}.json`, set through XLA_FLAGS).
+Programmatic dependent launch (`xla_gpu_enable_pdl`) changed neither the 1b step nor decoding
+there (`model_step_1b_pdl_h200_20261205.json`, `decode_e2e_h200_20261205.json`): not a default.
 The options go to `jax.jit(..., compiler_options=...)` of the train step only, so nothing else
 a process compiles is affected, and no XLA_FLAGS are needed.
 
@@ -23,16 +25,6 @@ import jax
 from moc_jax.model_config import ConfigError
 
 GPU_DEFAULTS: dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
-
-
-def pdl(on: bool) -> dict[str, Any]:
-  """XLA's programmatic dependent launch on or off (Hopper+): with it, each kernel may launch
-  before the one it follows has ended and waits for that one inside, so launch latency hides
-  behind the previous kernel's tail. Not a default: on the H200 it changed neither the 1b
-  train step (model_step_1b_pdl_h200_20261205.json) nor decoding (decode_e2e_h200_20261205.json);
-  the benchmarks' `pdl` / `nopdl` rows set it explicitly, since XLA's default differs between
-  versions."""
-  return {"xla_gpu_enable_pdl": on}
 
 
 def _value(text: str) -> Any:

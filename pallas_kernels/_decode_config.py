@@ -82,8 +82,9 @@ class DecodeConfig:
   # of its own; 0: off.
   warm_bytes: int = 0
   warm_programs: int = 264
-  # which launch warms: 'select' (the top-K's, above) or 'rows' (the rows kernel's, for the
-  # Mosaic GPU select: its own L2 prefetch made it wait, NOTES_decode 2026-12-05)
+  # which launch warms: 'select' (the Triton top-K's, above) or 'rows' (the rows kernel's;
+  # always with the Mosaic GPU select, whose own bulk L2 prefetch made it wait, NOTES_decode
+  # 2026-12-05)
   warm_from: str = "select"
 
   def __post_init__(self):

@@ -14,22 +14,15 @@ from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels._mgpu_ptx import BINS, I32
 
 
-def popcount(x):
-  """Set bits of each int32 (SWAR; Mosaic GPU lowers no population_count)."""
-  x = x - (lax.shift_right_logical(x, 1) & 0x55555555)
-  x = (x & 0x33333333) + (lax.shift_right_logical(x, 2) & 0x33333333)
-  x = (x + lax.shift_right_logical(x, 4)) & 0x0F0F0F0F
-  return lax.shift_right_logical(x * 0x01010101, 24)
-
-
 def keep_lowest(x, m):
   """The lowest m set bits of each int32 x (0 <= m <= 32): x masked below the smallest bit
-  position p with m set bits under it, p found by a 6-step binary search."""
+  position p with m set bits under it, p found by a 6-step binary search (the jnp form of the
+  kernel's PTX `fns`)."""
   lo, hi = jnp.zeros_like(x), jnp.full_like(x, 32)
   below = lambda p: jnp.where(p >= 32, -1, lax.shift_left(jnp.ones_like(x), p) - 1)
   for _ in range(6):
     mid = lax.shift_right_logical(lo + hi, 1)
-    enough = popcount(x & below(mid)) >= m
+    enough = lax.population_count(x & below(mid)) >= m
     lo, hi = jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
   return x & below(hi)
 
@@ -50,12 +43,10 @@ class SelectOps:
     select_bin(h, base, tmp_ref, slot): tmp[slot + 4 : slot + 6] = (b, S[b + 1]);
     exclusive_prefix(x, tmp_ref, slot); popcount(x); keep_lowest(x, m); compact(...);
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
-  Scalars (high, v, base) are bins arrays of one value (`splat`). lean: popcount and
-  keep_lowest by PTX `popc` / `fns` instead of SWAR arithmetic and a 6-step bisection, and
-  select_bin may clear the histogram it read (2026-12-04f, not yet run on a GPU)."""
+  Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
+  are PTX `popc` and `fns` on the GPU."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, lean: bool = False):
-    self.lean = lean
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
@@ -112,29 +103,28 @@ class SelectOps:
     self._op("ballot", ptx.ballot_words, rl, bl, nv)(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
-    if self.lean and not self._interpret:
-      return self._op("popc", ptx.map_bins, self.bin_layout, ptx.POPC, 1)(x)
-    return popcount(x)
+    if self._interpret:
+      return lax.population_count(x)
+    return self._op("popc", ptx.map_bins, self.bin_layout, ptx.POPC, 1)(x)
 
   def keep_lowest(self, x, m):
     """The lowest m set bits of each word (m < 1: none; m > 32: all)."""
-    if self.lean and not self._interpret:
-      return self._op("keep_lowest", ptx.map_bins, self.bin_layout, ptx.KEEP_LOWEST, 2)(x, m)
-    return keep_lowest(x, jnp.clip(m, 0, 32))
-
-  def select_bin(self, h, base, tmp_ref, slot: int, clear_ref=None) -> None:
-    """clear_ref: the histogram h came from, zeroed (each thread its own two bins)."""
-    clear = clear_ref is not None
     if self._interpret:
-      if clear:
-        clear_ref[...] = jnp.zeros_like(clear_ref[...])
+      return keep_lowest(x, jnp.clip(m, 0, 32))
+    return self._op("keep_lowest", ptx.map_bins, self.bin_layout, ptx.KEEP_LOWEST, 2)(x, m)
+
+  def select_bin(self, h, base, tmp_ref, slot: int, clear_ref) -> None:
+    """clear_ref: the histogram h came from, zeroed for the next row (each thread its own two
+    bins; the next adds come after this op's barriers)."""
+    if self._interpret:
+      clear_ref[...] = jnp.zeros_like(clear_ref[...])
       s = jnp.cumsum(h[::-1])[::-1] + base[0]
       b = jnp.max(jnp.where(s >= self._k, jnp.arange(BINS), -1))
       tmp_ref[slot + 4] = b
       tmp_ref[slot + 5] = jnp.concatenate([s, base[:1]])[b + 1]
       return
-    op = self._op(f"select_bin{slot}{clear}", ptx.select_bin, self.bin_layout, self._k, slot, clear)
-    op(h, base, tmp_ref, *([clear_ref] if clear else []))
+    op = self._op(f"select_bin{slot}", ptx.select_bin, self.bin_layout, self._k, slot)
+    op(h, base, tmp_ref, clear_ref)
 
   def exclusive_prefix(self, x, tmp_ref, slot: int):
     if self._interpret:

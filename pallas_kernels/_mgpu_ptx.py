@@ -191,22 +191,20 @@ def _block_scan(bins, tmp_ref, slot: int, suffix: bool):
   return a0, a1, x, thread
 
 
-def select_bin(bin_layout, k: int, slot: int, clear: bool = False):
+def select_bin(bin_layout, k: int, slot: int):
   """With S[b] = base + Σ_{j >= b} h[j]: the one bin b with S[b] >= K > S[b + 1], written
   to tmp[slot + 4] with S[b + 1] to tmp[slot + 5] by the thread holding it; then a barrier.
-  h and base (one value everywhere) in the bins layout; S[256] = base < K. clear: a fourth
-  argument, the histogram h was loaded from, whose two bins each thread zeroes (it alone
-  loads them, and the next adds come after this op's barriers)."""
-  refs = (plgpu.RefType(),) * (2 if clear else 1)
+  h and base (one value everywhere) in the bins layout; S[256] = base < K. The fourth
+  argument, the histogram h was loaded from, gets its two bins zeroed by each thread (it
+  alone loads them, and the next adds come after this op's barriers)."""
 
-  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, *refs))
-  def select_bin(ctx, h, base_array, tmp_ref, *hist_ref):
+  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
+  def select_bin(ctx, h, base_array, tmp_ref, hist_ref):
     del ctx
-    if clear:
-      pair = mgpu_utils.getelementptr(
-        mgpu_utils.memref_ptr(hist_ref[0]), [arith.muli(_thread()[0], _c(2))], _i32()
-      )
-      _asm("st.shared.v2.b32 [$0], {$1, $1};", [pair, _c(0)], "r,r")
+    pair = mgpu_utils.getelementptr(
+      mgpu_utils.memref_ptr(hist_ref), [arith.muli(_thread()[0], _c(2))], _i32()
+    )
+    _asm("st.shared.v2.b32 [$0], {$1, $1};", [pair, _c(0)], "r,r")
     a0, a1, incl, thread = _block_scan(h, tmp_ref, slot, suffix=True)
     s0 = arith.addi(incl, _scalar(base_array))  # S[2t]
     s1, s2 = arith.subi(s0, a0), arith.subi(arith.subi(s0, a0), a1)  # S[2t + 1], S[2t + 2]
@@ -308,41 +306,6 @@ def map_bins(bin_layout, text: str, arity: int):
     return mgpu.FragmentedArray(_registers=out, _layout=arrays[0].layout, _is_signed=True)
 
   return op
-
-
-PREFETCH_CHUNK = 1 << 16  # bytes per bulk L2 prefetch
-
-
-def prefetch_l2(num_bytes: int):
-  """Ask L2 for the first num_bytes (a multiple of 16) of a GMEM buffer, evict-last: thread t
-  of the warpgroup issues `cp.async.bulk.prefetch` for chunks t, t + 128, …; the tail by
-  thread 0. Nothing waits for it: the lines land while this kernel and the next ones run (the
-  next kernels' weights, as `_l2_prefetch` warms them from the Triton top-K's launch)."""
-  full, tail = divmod(num_bytes, PREFETCH_CHUNK)
-  steps = -(-full // LANES)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-  def prefetch(ctx, ref):
-    del ctx
-    lines = [
-      "{ .reg .pred p; .reg .b64 g, a, pol;",
-      "cvta.to.global.u64 g, $0; createpolicy.fractional.L2::evict_last.b64 pol, 1.0;",
-    ]
-    for j in range(steps):
-      lines.append(
-        f"setp.lt.u32 p, $1, {full - LANES * j}; mad.wide.u32 a, $1, {PREFETCH_CHUNK}, g;"
-        f" add.u64 a, a, {LANES * j * PREFETCH_CHUNK};"
-        f" @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [a], {PREFETCH_CHUNK}, pol;"
-      )
-    if tail:
-      lines.append(
-        f"setp.eq.u32 p, $1, 0; add.u64 a, g, {full * PREFETCH_CHUNK};"
-        f" @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [a], {tail}, pol;"
-      )
-    lines.append("}")
-    _asm("\n".join(lines), [mgpu_utils.memref_ptr(ref), _thread()[0]], "l,r")
-
-  return prefetch
 
 
 @plgpu.inline_mgpu()

@@ -34,7 +34,6 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._mgpu_ops import SelectOps
 from pallas_kernels._mgpu_ptx import BINS, I32, LANES
@@ -54,22 +53,21 @@ def kernel(
   num_valid: int | None = None,
   compact: bool = False,
   interpret: bool = False,
-  lean: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
-  warm_bytes: int = 0,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
   channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
-  lean: the tie cut's bit counts by PTX `popc` / `fns`, and each histogram cleared by its
-  readers as they read it instead of at every row's start behind a barrier (opt-in until a
-  GPU run times it: `SelectOps`). splits > 0: the input is (splits · T, W) fp32 split-K
-  partials of G (a decode gate GEMV's), row r's G their sum in split order rounded to
-  round_dtype as the row loads. warm_bytes > 0: a second input, any GMEM buffer, whose first
-  warm_bytes (a multiple of 16) CTA 0 asks L2 to hold (`_mgpu_ptx.prefetch_l2`) as it starts;
-  nothing waits for it, and interpret mode skips it. (Loading each CTA's next row before
-  selecting in the current one, removed after 9f0621c, cost 17-22% on the H200.)"""
+  splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
+  row r's G their sum in split order rounded to round_dtype as the row loads.
+
+  Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
+  loading each CTA's next row before selecting in the current one (17-22% slower, after
+  9f0621c); the tie cut by SWAR arithmetic with the histograms cleared at every row's start
+  (no faster than `popc` / `fns` and clearing as they are read, after 95cc600); a bulk L2
+  prefetch of the next layer's weight from CTA 0 (the kernel waited for it: 66 µs per decode
+  layer, after 95cc600)."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -78,14 +76,12 @@ def kernel(
     )
   if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
-  if warm_bytes % 16 or warm_bytes < 0:
-    raise ValueError(f"warm_bytes must be a multiple of 16, got {warm_bytes}")
   if compact and k % 8:
     raise ValueError(f"the Mosaic GPU top-K copies K-long rows by TMA: K % 8 == 0, got {k}")
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, lean)
+  ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
 
   def compact_row(r, key, final, refs) -> None:
@@ -107,7 +103,7 @@ def kernel(
     return functools.reduce(operator.add, parts).astype(round_dtype)
 
   def body(g_ref, *refs):
-    warm_ref, out_ref, *refs = refs if warm_bytes else (None, *refs)
+    out_ref, *refs = refs
     idx_out, val_out, high_ref, low_ref, above_ref, equal_ref, tmp_ref, idx_ref, val_ref = (
       refs if compact else (None, None, *refs, None, None)
     )
@@ -120,21 +116,16 @@ def kernel(
       ops.barrier()
 
     def one_row(r) -> None:
-      if not lean:
-        clear_histograms()
       bits = lax.bitcast_convert_type(load_g(g_ref, r), jnp.int16).astype(I32)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
-      clear = lambda ref: ref if lean else None
-      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0, clear(high_ref))
+      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0, high_ref)
       b1, above = tmp_ref[4], tmp_ref[5]
       ops.count_low(key, ops.splat(b1), low_ref)
       ops.wait_read()  # the last row's words have left shared memory before new ones land
       ops.barrier()
-      ops.select_bin(
-        ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8, clear(low_ref)
-      )
+      ops.select_bin(ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8, low_ref)
       v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
       ops.ballot_words(key, ops.splat(v), above_ref, equal_ref)
       ops.barrier()
@@ -156,10 +147,7 @@ def kernel(
         one_row(r)
       return carry
 
-    if warm_bytes and not interpret:
-      pl.when(pid == 0)(lambda: ptx.prefetch_l2(warm_bytes)(warm_ref))
-    if lean:
-      clear_histograms()
+    clear_histograms()  # once: each later row's readers clear what they read (`select_bin`)
     lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
     ops.wait()
 
@@ -237,15 +225,13 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
-  lean: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(interpret=interpret, lean=lean)
-  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
+  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, interpret=interpret)(g2)[0]
 
 
 def select(
@@ -254,14 +240,12 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
-  lean: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  kw = dict(compact=True, interpret=interpret, lean=lean)
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 
@@ -274,17 +258,12 @@ def select_partials(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
-  lean: bool = False,
-  warm: jax.Array | None = None,
-  warm_bytes: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` of G = Σ_s partials[s, :, :d_ff] (fp32, summed in split order)
   rounded to dtype, the sum done as each row loads: the decode gate GEMV's split-K partials,
   as `_decode_select.topk_from_partials` takes them. (idx_TxK ascending, G values in dtype).
   The rows' first d_ff rounded up to a multiple of 128 columns are read; the partials' padding
-  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192. warm: a weight the
-  next kernels read (the next layer's q, k, v), whose first warm_bytes the launch asks L2 to
-  hold (no effect on the results)."""
+  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192."""
   splits, t, width = partials_SxTxW.shape
   f = row_width(d_ff)
   if partials_SxTxW.dtype != jnp.float32 or f > width:
@@ -293,13 +272,7 @@ def select_partials(
       f"{partials_SxTxW.dtype} of width {width}"
     )
   interpret = tu.default_interpret(interpret)
-  inputs = [partials_SxTxW.reshape(splits * t, width)]
-  nbytes = 0
-  if warm is not None and not interpret:
-    nbytes = min(warm_bytes, warm.size * warm.dtype.itemsize) // 16 * 16
-  if nbytes:
-    inputs.append(warm.reshape(-1))
-  kw = dict(compact=True, interpret=interpret, lean=lean, splits=splits, round_dtype=dtype)
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, warm_bytes=nbytes, **kw)
-  _, idx, val_bits = build(*inputs)
+  kw = dict(compact=True, interpret=interpret, splits=splits, round_dtype=dtype)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, **kw)
+  _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width))
   return idx, lax.bitcast_convert_type(val_bits, dtype)

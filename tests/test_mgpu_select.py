@@ -31,7 +31,7 @@ def test_select_probe_lowers_for_cuda(capsys, shape):
   last round's rows for some CTAs only)."""
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4,3", *shape])
   out = capsys.readouterr().out
-  assert "mgpu_select: lowered for CUDA" in out and "mgpu_select_lean: lowered for CUDA" in out
+  assert "mgpu_select: lowered for CUDA" in out and "mgpu_select_c3: lowered for CUDA" in out
   assert ("mgpu_topk: lowered for CUDA" in out) == ("--num_valid=1376" not in shape)
 
 
@@ -74,11 +74,10 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-@pytest.mark.parametrize("lean", [False, True])
-def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
-  """The kernel's own dataflow (histograms, scans, thresholds, tie cut, slots, the row loop;
-  `lean`: the histograms cleared as they are read) on random rows, tie-heavy rows, an
-  all-equal row and a -0.0 row."""
+def test_select_kernel_in_interpret_mode(f, k, num_valid):
+  """The kernel's own dataflow (histograms cleared as they are read, scans, thresholds, tie
+  cut, slots, the row loop) on random rows, tie-heavy rows, an all-equal row and a -0.0
+  row."""
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -86,10 +85,10 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, lean):
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
   for x in (g, ties):
-    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True, lean=lean))
+    words = np.asarray(mgpu_select.words(x, k, num_valid=num_valid, interpret=True))
     assert np.array_equal(words, mgpu_select_probe.reference_words(x, k, num_valid)), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True, lean=lean)
+      idx, val = mgpu_select.select(x, k, interpret=True)
       _assert_reference_topk(idx, val, x, k, seed)
 
 
@@ -137,8 +136,7 @@ def test_train_forward_with_mosaic_words_matches_triton():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lean", [False, True])
-def test_mgpu_select_gpu_real_size(lean):
+def test_mgpu_select_gpu_real_size():
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding, as the reference selects."""
   seed = time.time_ns() % (2**31)
@@ -146,9 +144,9 @@ def test_mgpu_select_gpu_real_size(lean):
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
-    idx, val = mgpu_select.select(x, 1024, lean=lean)
+    idx, val = mgpu_select.select(x, 1024)
     _assert_reference_topk(idx, val, x, 1024, seed)
-  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461, lean=lean)
+  words = mgpu_select.words(g[:, :5504], 1024, num_valid=5461)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
 
@@ -239,20 +237,17 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     ["--lower_only", "--t=8", "--ctas=3", "--f=1408", "--k=256", "--num_valid=1376"]
   )
   capsys.readouterr()
-  warm = jax.ShapeDtypeStruct((64, 4100), jnp.bfloat16)  # 524,800 bytes: 8 chunks and a tail
   partials = jax.ShapeDtypeStruct((2, 1, 512), jnp.float32)
-  fn = lambda p, w: mgpu_select.select_partials(
-    p, 40, 500, jnp.bfloat16, interpret=False, ctas=1, warm=w, warm_bytes=1 << 30
-  )
-  jax.jit(fn).trace(partials, warm).lower(lowering_platforms=("cuda",))
+  fn = lambda p: mgpu_select.select_partials(p, 40, 500, jnp.bfloat16, interpret=False, ctas=1)
+  jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",))
   body = []
   for n, (text, constraints) in enumerate(snippets.items()):
     regs = [(f"%x{n}_{i}", "b64" if c.endswith("l") else "b32") for i, c in enumerate(constraints)]
     bound = re.sub(r"\$(\d+)", lambda m, regs=regs: regs[int(m.group(1))][0], text)
     body += [f".reg .{kind} {r}; mov.{kind} {r}, 0;" for r, kind in regs]
     body += ["{", bound, "}"]
-  assert len(snippets) >= 13  # counts, ballots, scans, stores, bit ops, compaction, prefetch
-  assert any("cp.async.bulk.prefetch" in text for text in snippets)
+  assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
+  assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   ptx = tmp_path / "snippets.ptx"
   head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
   ptx.write_text(head + "\n".join(body) + "\nret;\n}\n")

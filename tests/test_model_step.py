@@ -3,8 +3,6 @@ order rotated, and ratios taken round by round against the reference."""
 
 import argparse
 
-import jax
-
 from benchmarks import model_step
 
 
@@ -43,18 +41,3 @@ def test_fit_steps_line_through_the_runs():
   assert rows["dense"]["steady_vs_dense"] == 1.0
   ratio = rows["dense"]["steady_step_ms"] / rows["moc"]["steady_step_ms"]
   assert rows["moc"]["steady_vs_dense"] == ratio
-
-
-def test_pdl_variants_carry_their_xla_option():
-  """`dense_pdl` / `moc_nopdl`: the plain variants' models, compiled with
-  xla_gpu_enable_pdl on / off on top of the run's options (a CPU takes and ignores it)."""
-  from benchmarks import step_variants
-
-  assert step_variants.compiler_options("dense_pdl") == {"xla_gpu_enable_pdl": True}
-  assert step_variants.compiler_options("moc_nopdl") == {"xla_gpu_enable_pdl": False}
-  assert step_variants.compiler_options("moc") == {}
-  assert step_variants.VARIANTS["moc_pdl"] == step_variants.VARIANTS["moc"]
-  cfg, _, state, step, batch_of = model_step.build("tiny", "dense_pdl", "xla", 16)
-  assert cfg.ffn == "dense"
-  _, metrics = step(state, batch_of(2))  # compiled with the added option, and it trains
-  assert bool(jax.numpy.isfinite(metrics["loss"]))
