@@ -27,7 +27,7 @@ from flax import nnx
 from moc_jax.model import Transformer
 
 # `--compiler_options=auto` on GPU. Empty: no option has yet been measured to speed decoding up
-# (benchmarks/decode_e2e.py's `_pdl` / `_nopdl` rows try programmatic dependent launch).
+# (programmatic dependent launch, `xla_gpu_enable_pdl`, changed nothing: decode_e2e_h200_20261205).
 DECODE_GPU_DEFAULTS: dict[str, Any] = {}
 
 
