@@ -70,23 +70,15 @@ _FWD = dataclasses.replace(moc_train.FORWARD_DEFAULT, selection="triton")  # the
 # (stream_sweep_h200_20261203p.json). 8 warps and 1024-wide chunks lost everywhere
 # in stream_sweep_h200_20261203c.json (dropped).
 SELECTIONS: dict[str, TopKConfig] = {
-  # before 2026-12-03: a prefix sum per chunk, the search over all keys
-  "mask_scan": dataclasses.replace(_FWD, mask_pass="scan", gauss_margin=0.0),
-  "mask_cut": dataclasses.replace(_FWD, mask_pass="cut"),  # the default
-  # the words' rows and columns min-reduced (the default until 2026-12-03o): 305 vs 273 us
-  "mask_cut_min_reduced": dataclasses.replace(_FWD, words_by_offset=False),
+  "mask_cut": _FWD,  # the default (the final passes that lost to its tie cut are gone)
   # with the words addressed by offset, re-check layouts and chunk widths that lost before it
   "mask_cut_vectorized": dataclasses.replace(_FWD, strided=False),
   "mask_cut_c1024": dataclasses.replace(_FWD, chunk=1024),
   "mask_cut_c256": dataclasses.replace(_FWD, chunk=256),
-  "mask_ballot": dataclasses.replace(_FWD, mask_pass="ballot"),
   "mask_cut_all_keys": dataclasses.replace(_FWD, gauss_margin=0.0),
   "mask_cut_t": dataclasses.replace(_FWD, fan=2),
   "mask_cut_g05": dataclasses.replace(_FWD, gauss_margin=0.05),
   "mask_cut_g25": dataclasses.replace(_FWD, gauss_margin=0.25),
-  # a count reduction per chunk, 128 instead of 158 registers: 321.9 vs 327.6 us (ballot) and
-  # 296.5 (cut) at the 1B shape in stream_sweep_h200_20261203e.json
-  "mask_ballot_each": dataclasses.replace(_FWD, mask_pass="ballot_each"),
   # 2 warps: 4-14% faster below 4096 channels, 2% slower at the 1B shape (`forward_config`);
   # 1 warp, 2-4 rows per program, 8 warps lost (stream_sweep_h200_20261203{i,j}.json).
   "mask_cut_w2": dataclasses.replace(_FWD, num_warps=2),
@@ -127,9 +119,9 @@ def _count_instead_of_words(m_ref, rows_b, cols_b, sel, *, t, f, ballot=False, o
   topk_compact.pltriton.store(m_ref.at[row, jnp.zeros_like(row)], cnt, mask=row < t)
 
 
-def _ties_all(ckeys, v, need, mask_pass):
+def _ties_all(ckeys, v, need):
   """A stand-in for `topk.tie_masks`: keep every key equal to v (no counts, no cut)."""
-  del need, mask_pass
+  del need
   for ckey in ckeys:
     yield ckey == v
 

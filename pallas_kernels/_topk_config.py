@@ -2,7 +2,11 @@
 
 Options that lost on the H200 (warp-per-row layout, radix-histogram search, sampled bracket,
 `final_pieces`, `span`) were removed after commit e334f23, the radix select through Triton's
-`tt.histogram` (`search='hist'`) after ad399d4; NOTES_kernels.md has their figures.
+`tt.histogram` (`search='hist'`) after ad399d4, the bitmask's other final passes (`mask_pass`
+'scan', 'ballot', 'ballot_each': 4-10% slower than the tie cut kept, stream_sweep_h200_20261203e)
+and its words' rows and columns min-reduced from the channels (`words_by_offset=False`: 305 vs
+273 µs at the 1B shape, stream_sweep_h200_20261203o) after 766c726; NOTES_kernels.md has their
+figures.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 ABLATIONS = ("", "mask_only")
-MASK_PASSES = ("ballot", "ballot_each", "cut", "scan")
 SELECTIONS = ("triton", "mgpu", "auto")
 
 
@@ -52,18 +55,6 @@ class TopKConfig:
   # 0.993x at F = 2048 / 2736 / 1376; the 1B forward 300.8 / 312.8 vs 288.8 us
   # (topk_ab_slots_*_h200_20261204.json, stream_sweep_slots_h200_20261204.json).
   gather_slots: int = 256
-  # Bitmask words' rows and columns computed from the chunk offset, not min-reduced from the
-  # channel indices: 273 vs 305 us at the 1B shape, 118 vs 126 at 130M, all exact
-  # (stream_sweep_h200_20261203o.json).
-  words_by_offset: bool = True
-  # The bitmask kernel's final pass: 'scan' (a prefix sum per chunk, as for slots), 'cut' (ties
-  # resolved from per-chunk counts; a prefix sum only where the cut falls), 'ballot' ('cut',
-  # words by warp ballot on the GPU; as 'cut' in interpret mode or without `strided`),
-  # 'ballot_each' ('ballot' with one count reduction per chunk: fewer registers). At the 1B
-  # shape 'cut' 296.5, 'ballot' 327.6, 'ballot_each' 321.9 us (stream_sweep_h200_20261203e.json;
-  # 'cut' 4% faster than 'ballot' over three runs, a tie at 60M). A prefix sum per row over the
-  # chunk the cut falls in ('cut1', removed) lost: stream_sweep_h200_20261204.json.
-  mask_pass: str = "cut"
   # Which kernel finds the selection: 'triton' (these knobs), or ('moc' only) the Mosaic GPU
   # radix select with shared-memory histograms (`mgpu_select`; 16-bit values, F % 128 == 0,
   # F <= 8192). With `compact` it writes the bitmask that the gathered compaction or the train
@@ -81,8 +72,6 @@ class TopKConfig:
       raise ValueError(f"chunk={self.chunk} needs a power of two")
     if self.gather_slots < 1 or self.gather_slots & (self.gather_slots - 1):
       raise ValueError(f"gather_slots={self.gather_slots} needs a power of two")
-    if self.mask_pass not in MASK_PASSES:
-      raise ValueError(f"mask_pass must be one of {MASK_PASSES}, got {self.mask_pass!r}")
     if self.selection not in SELECTIONS:
       raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
     if self.ablate not in ABLATIONS:

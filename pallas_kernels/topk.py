@@ -222,7 +222,7 @@ def select_rows(
   v_c = v.astype(jnp.float32) if use_float else v
 
   if not slots:
-    ties = tie_masks(ckeys, v_c, need, cfg.mask_pass)
+    ties = tie_masks(ckeys, v_c, need)
     for ckey, eq_keep, (off, w) in zip(ckeys, ties, chunks, strict=True):
       rows_b, cols_b, valid, g = load_chunk(off, w)
       on_chunk(rows_b, cols_b, valid, g, valid & ((ckey > v_c) | eq_keep), None, off)

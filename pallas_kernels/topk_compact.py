@@ -39,17 +39,10 @@ WORD = 32
 WORD_GRANULE = 16  # words per compaction chunk at least (512 channels)
 
 
-def _store_words(
-  m_ref, rows_b, cols_b, sel, *, t: int, f: int, ballot: bool = False, off: int | None = None
-) -> None:
+def _store_words(m_ref, rows_b, cols_b, sel, *, t: int, f: int, off: int | None = None) -> None:
   """Pack sel (..., W) into words along its last axis (32 consecutive channels each). off:
   the block's first channel, when its rows are this program's `pl.program_id(0) * R + i`:
   the words' rows and columns are then computed, not reduced from rows_b and cols_b."""
-  # One row of >= 32 channels: Triton's blocked layout puts a warp's 32 lanes on 32 consecutive
-  # channels. With 2+ rows it interleaves rows across lanes (threadsPerWarp [2, 16], order
-  # [0, 1], read from the TTGIR), and narrower blocks repeat lanes: no ballot there.
-  if ballot and sel.ndim == 2 and sel.shape[0] == 1 and sel.shape[-1] >= WORD:
-    return _store_words_ballot(m_ref, rows_b, cols_b, sel, t=t, f=f)
   w = sel.shape[-1]
   shape = (*sel.shape[:-1], w // WORD, WORD)
   bits = jnp.left_shift(sel.astype(jnp.int32), cols_b & (WORD - 1))
@@ -69,23 +62,6 @@ def _store_words(
   pltriton.store(m_ref.at[row, widx], words, mask=ok)
 
 
-def _store_words_ballot(m_ref, rows_b, cols_b, sel, *, t: int, f: int) -> None:
-  """GPU: each warp's 32 lanes hold 32 consecutive channels of a (1, W) block (one element
-  per thread per repetition, `tu.lane_iota`), so one `vote.ballot` per element gives the
-  word, and the lane holding channel 32w stores it: no reshape, no layout conversion through
-  shared memory. The GPU tests compare the words with the reference bit for bit."""
-  words = pltriton.elementwise_inline_asm(
-    "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.ballot.b32 $0, p, 0xffffffff; }",
-    args=[sel.astype(jnp.int32)],
-    constraints="=r,r",
-    pack=1,
-    result_shape_dtypes=[jax.ShapeDtypeStruct(sel.shape, jnp.int32)],
-  )[0]
-  first = (cols_b & (WORD - 1)) == 0
-  ok = first & (rows_b < t) & (cols_b < f)
-  pltriton.store(m_ref.at[rows_b, lax.shift_right_logical(cols_b, 5)], words, mask=ok)
-
-
 def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
   if variant == "moc_2of8":
 
@@ -101,11 +77,7 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
 
   def on_chunk(rows_b, cols_b, valid, g, sel, pos, off):
     del valid, g, pos
-    off = off if cfg.words_by_offset else None
-    _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f, ballot=ballot, off=off)
-
-  # The ballot needs lane i of a warp on channel 32w + i (`strided`) and a GPU.
-  ballot = cfg.mask_pass.startswith("ballot") and cfg.strided and not interpret
+    _store_words(m_ref, rows_b, cols_b, sel, t=t, f=f, off=off)
 
   topk.select_rows(
     g_ref,
@@ -116,7 +88,7 @@ def _mask_kernel(g_ref, m_ref, *, t, f, k, variant, cfg, interpret, num_valid):
     interpret=interpret,
     on_chunk=on_chunk,
     num_valid=num_valid,
-    slots=cfg.mask_pass == "scan",
+    slots=False,
   )
 
 

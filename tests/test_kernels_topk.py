@@ -7,8 +7,6 @@ element was written.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,10 +90,7 @@ def test_group_2of8():
     (5461, 1024, TopKConfig(compact=True)),  # odd F: a ragged last word
     (2736, 512, TopKConfig(rows=2, chunk=512, fan=2, compact=True)),
     (5461, 1024, TopKConfig(chunk=512, compact=True)),  # the train forward's selection
-    (2736, 512, TopKConfig(chunk=512, compact=True, mask_pass="scan")),  # a prefix sum per chunk
-    # the words' rows and columns min-reduced from the channels (before 2026-12-03)
-    (5461, 1024, TopKConfig(chunk=512, compact=True, words_by_offset=False)),
-    (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, words_by_offset=False)),
+    (2736, 512, TopKConfig(rows=2, chunk=512, compact=True)),  # rows from the program id
     # slots gathered in order by a search over the words (`_apply_gather.compact_call`)
     (5461, 1024, TopKConfig(chunk=512, compact=True, gauss_margin=0.1, apply_mode="gather")),
     (2736, 512, TopKConfig(rows=2, chunk=512, compact=True, apply_mode="gather")),
@@ -112,18 +107,15 @@ def test_compact(f, k, config):
   _assert_same(g, k, "moc", config=config)
 
 
-@pytest.mark.parametrize(
-  ("gauss", "mask_pass"), [(0.0, "ballot"), (0.1, "ballot_each"), (0.1, "cut")]
-)
+@pytest.mark.parametrize("gauss", [0.0, 0.1])
 @pytest.mark.parametrize("k", [1, 37, 350, 699, 700])
-def test_mask_ties_across_chunks(k, gauss, mask_pass):
-  """The bitmask's tie cut (`mask_pass` 'cut'): values in {-2..2}, so the K-th value's ties
-  span many 64-wide chunks and the cut lands in any of them; an all-equal row and a row of
-  +-0; ragged rows (rows=2, T=5) and a ragged last chunk (F=700)."""
+def test_mask_ties_across_chunks(k, gauss):
+  """The bitmask's tie cut: values in {-2..2}, so the K-th value's ties span many 64-wide
+  chunks and the cut lands in any of them; an all-equal row and a row of +-0; ragged rows
+  (rows=2, T=5) and a ragged last chunk (F=700)."""
   g = jax.random.randint(_key(k), (5, 700), -2, 3).astype(jnp.bfloat16)
   g = g.at[3].set(1.5).at[4].set(jnp.where(jnp.arange(700) % 2 == 0, -0.0, 0.0))
-  cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss, mask_pass=mask_pass)
-  cfg = dataclasses.replace(cfg, words_by_offset=mask_pass != "cut")
+  cfg = TopKConfig(rows=2, chunk=64, compact=True, gauss_margin=gauss)
   _assert_same(g, k, "moc", config=cfg)
 
 
@@ -144,7 +136,7 @@ def test_default_config():
 
 
 def test_errors():
-  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan"), dict(mask_pass="x")):
+  for bad in (dict(fan=4), dict(chunk=384), dict(ablate="no_scan"), dict(selection="x")):
     with pytest.raises(ValueError):
       TopKConfig(**bad)
   g = jnp.ones((2, 64), jnp.float32)

@@ -290,7 +290,6 @@ def test_forward_default_on_wide_rows():
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, fan=2)),
     (1408, 256, 1376, TopKConfig(compact=True)),
     (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, rows=2, gauss_margin=0.1)),  # no ballot
-    (5504, 1024, 5461, TopKConfig(compact=True, chunk=512, gauss_margin=0.1, mask_pass="ballot")),
   ],
 )
 def test_gpu_real_sizes(f, k, nv, cfg):
