@@ -41,7 +41,8 @@ class SelectOps:
     count_high(key, ref) / count_low(key, high, ref): ref[digit] += 1 per valid key;
     ballot_words(key, v, above_ref, equal_ref): the words of keys > v / == v;
     select_bin(h, base, tmp_ref, slot): tmp[slot + 4 : slot + 6] = (b, S[b + 1]);
-    exclusive_prefix(x, tmp_ref, slot); popcount(x); keep_lowest(x, m); compact(...);
+    exclusive_prefix(x, tmp_ref, slot); popcount(x); keep_lowest(x, m); stash_row(bits,
+    row_ref) and compact(words, first, row_ref, idx_ref, val_ref) for the whole top-K;
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU."""
@@ -131,26 +132,27 @@ class SelectOps:
       return jnp.cumsum(x) - x
     return self._op(f"prefix{slot}", ptx.exclusive_prefix, self.bin_layout, slot)(x, tmp_ref)
 
-  def compact(self, key, words_ref, first_ref, idx_ref, val_ref) -> None:
-    """idx[slot] = channel, val[slot] = its value's int16 bits, for each selected key (the
-    row's final words; first: each word's first slot)."""
+  def stash_row(self, bits, row_ref) -> None:
+    """row[c] = element c's 16 bits: the row's values, for `compact` to read by channel."""
     if self._interpret:
-      words, first = words_ref[...], first_ref[...]
+      row_ref[...] = bits.astype(row_ref.dtype)
+      return
+    self._op("stash", ptx.stash_row, self.row_layout, self._f)(bits, row_ref)
+
+  def compact(self, words, first, row_ref, idx_ref, val_ref) -> None:
+    """idx[slot] = c and val[slot] = row[c] for each selected channel c, a set bit of the
+    row's words (bins arrays, words past the row zero; first: each word's first slot), slot
+    its word's first slot plus the set bits below it."""
+    if self._interpret:
       chan = jnp.arange(self._f, dtype=I32)
       w = words[chan >> 5]
       sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
-      slot = first[chan >> 5] + lax.population_count(
-        w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
-      )
-      slot = jnp.where(sel, slot, idx_ref.shape[0])  # out of range: dropped
-      centered = key - 32768
-      bits = jnp.where(centered < 0, centered ^ 0x7FFF, centered)
-      idx_ref[...] = idx_ref[...].at[slot].set(chan, mode="drop")
-      val_ref[...] = val_ref[...].at[slot].set(bits.astype(val_ref.dtype), mode="drop")
+      below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
+      slot = jnp.where(sel, first[chan >> 5] + lax.population_count(below), idx_ref.shape[0])
+      idx_ref[...] = idx_ref[...].at[slot].set(chan, mode="drop")  # out of range: dropped
+      val_ref[...] = val_ref[...].at[slot].set(row_ref[...], mode="drop")
       return
-    self._op("compact", ptx.compact, self.row_layout, self._nv)(
-      key, words_ref, first_ref, idx_ref, val_ref
-    )
+    self._op("compact", ptx.compact, self.bin_layout)(words, first, row_ref, idx_ref, val_ref)
 
 
 def _scatter_add(ref, index, where) -> None:

@@ -243,36 +243,59 @@ def exclusive_prefix(bin_layout, slot: int):
   return prefix
 
 
-def compact(row_layout, num_valid: int):
-  """Each selected key's channel and value bits to its slot: word 4 i + warp of the row's
-  words (one broadcast load per warp) says whether this lane's key is selected; its slot is
-  the word's first slot plus the selected lanes below it (`popc`). Values as int16 bits, back
-  from the keys (the map is its own inverse around 32768)."""
+def stash_row(row_layout, f: int):
+  """row[c] = the low 16 bits of element c of a row-layout array (the row's value bits, for
+  the compaction to read by channel): one store per register, at an immediate offset from
+  this thread's first element (element 128 i + thread sits 256 i bytes past it)."""
 
   def element(k, flag, i):
-    del flag  # channels past num_valid are never in the words
-    return (
-      f"ld.shared.b32 w, [$0+{16 * i}]; ld.shared.b32 s, [$1+{16 * i}];"
-      " and.b32 t, w, $5; setp.ne.b32 p, t, 0;"
-      " and.b32 t, w, $6; popc.b32 t, t; add.u32 s, s, t;"
-      f" add.u32 t, $4, {LANES * i}; mad.lo.u32 a, s, 4, $2; @p st.shared.b32 [a], t;"
-      f" sub.s32 t, {k}, 32768; setp.lt.s32 n, t, 0; xor.b32 c, t, 0x7FFF; selp.b32 t, c, t, n;"
-      " mad.lo.u32 a, s, 2, $3; @p st.shared.b16 [a], t;"
-    )
+    del flag  # every column of the row is stored
+    return f"st.shared.b16 [$0+{2 * LANES * i}], {k};"
 
-  arg_types = (row_layout, plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
-
-  @plgpu.inline_mgpu(arg_types=arg_types)
-  def compact(ctx, key, words_ref, first_ref, idx_ref, val_ref):
+  @plgpu.inline_mgpu(arg_types=(row_layout, plgpu.RefType()))
+  def stash(ctx, bits, row_ref):
     del ctx
-    thread, warp, lane = _thread()
-    at_warp = lambda r: mgpu_utils.getelementptr(mgpu_utils.memref_ptr(r), [warp], _i32())
-    bit = arith.shli(_c(1), lane)
-    fixed = [at_warp(words_ref), at_warp(first_ref)]
-    fixed += [mgpu_utils.memref_ptr(r) for r in (idx_ref, val_ref)]
-    fixed += [thread, bit, arith.subi(bit, _c(1))]
-    decls = ".reg .pred p, n; .reg .b32 w, s, t, a, c;"
-    _blocks(_keys(key, num_valid), fixed, element, decls)
+    i16 = ir.IntegerType.get_signless(16)
+    base = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(row_ref), [_thread()[0]], i16)
+    _blocks(_keys(bits, f), [base], element, "")
+
+  return stash
+
+
+# Thread t's two words of the row's bitmask (2t, 2t + 1) as one 64-bit mask m, lowest bit
+# first: its channel c = 64 t + the bit's position (brev, then the shift that brings the top
+# bit up), idx[s] = c, val[s] = row[c], s += 1, the bit cleared. Work per selected key, not per
+# key, and no step waits on another thread. PTX labels are local to their { } block.
+COMPACT_LOOP = """{
+.reg .pred p; .reg .b64 m, x; .reg .b32 s, b, c, a, v;
+mov.b64 m, {$0, $1}; mov.b32 s, $2;
+COMPACT_NEXT:
+setp.eq.b64 p, m, 0;
+@p bra COMPACT_DONE;
+brev.b64 x, m; bfind.shiftamt.u64 b, x;
+add.u32 c, $6, b; mad.lo.u32 a, c, 2, $3; ld.shared.u16 v, [a];
+mad.lo.u32 a, s, 4, $4; st.shared.b32 [a], c;
+mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;
+add.u32 s, s, 1; sub.u64 x, m, 1; and.b64 m, m, x;
+bra COMPACT_NEXT;
+COMPACT_DONE:
+}"""
+
+
+def compact(bin_layout):
+  """Each selected channel and its value bits to its slot, from the row's final words and
+  each word's first slot (bins-layout arrays: thread t holds words 2t and 2t + 1) and the
+  stashed row (`stash_row`): `COMPACT_LOOP` per thread."""
+  refs = (plgpu.RefType(),) * 3
+
+  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, *refs))
+  def compact(ctx, words, first, row_ref, idx_ref, val_ref):
+    del ctx
+    w0, w1 = (llvm.extractelement(words.registers.flat[0], _c(j)) for j in (0, 1))
+    s0 = llvm.extractelement(first.registers.flat[0], _c(0))
+    ptrs = [mgpu_utils.memref_ptr(r) for r in (row_ref, idx_ref, val_ref)]
+    ch0 = arith.muli(_thread()[0], _c(64))
+    _asm(COMPACT_LOOP, [w0, w1, s0, *ptrs, ch0], ",".join(["r"] * 7))
 
   return compact
 

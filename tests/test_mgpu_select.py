@@ -248,6 +248,8 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     body += ["{", bound, "}"]
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
+  assert any(text == _mgpu_ptx.COMPACT_LOOP for text in snippets)  # the top-K's bit walk
+  assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   ptx = tmp_path / "snippets.ptx"
   head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
   ptx.write_text(head + "\n".join(body) + "\nret;\n}\n")
