@@ -108,14 +108,34 @@ def candidates(t: int, d: int, n: int, most: int) -> dict[str, DecodeConfig]:
 
 def rowdot_name(c: _decode_rowdot.RowdotConfig) -> str:
   name = "rowdot_n{block_n}_d{block_d}_w{warps}_st{stages}".format(**dataclasses.asdict(c))
-  return name + ("_dot" if c.t1_dot else "") + ("_pf" if c.prefetch else "")
+  name += ("_dot" if c.t1_dot else "") + ("_pf" if c.prefetch else "")
+  return name + (f"_p{c.programs}" if c.programs else "")
+
+
+def streaming_moves(pick, n: int, sms: int) -> list:
+  """At T = 1, grids of a few programs streaming their blocks (`RowdotConfig.programs`): the
+  pick's tile on 2 or 4 programs per SM; 4 rows 512 wide on 4 per SM or on two blocks a
+  program (where that fits 8 per SM); 4 rows 2048 wide on 4 per SM. Registers compiled for
+  sm_90 (sass_report, the 1b gate): 104, 64 and 106, so 4 programs per SM stay resident."""
+  blocks = lambda rows: -(-n // rows)
+  moves = [(pick.block_n, pick.block_d, 2 * sms), (pick.block_n, pick.block_d, 4 * sms)]
+  moves += [(4, 512, 4 * sms), (4, 512, -(-blocks(4) // 2)), (4, 2048, 4 * sms)]
+  return [
+    dataclasses.replace(pick, block_n=rows, block_d=width, programs=programs)
+    for rows, width, programs in moves
+    if programs < blocks(rows) and programs <= 8 * sms
+  ]
 
 
 def rowdot_candidates(t: int, d: int, n: int, most: int) -> dict:
-  """Name -> RowdotConfig: rowdot_config's pick, its one-knob moves each also with the loads
-  one step ahead (prefetch), then a seeded draw."""
+  """Name -> RowdotConfig: rowdot_config's pick, (T = 1) grids of a few programs streaming
+  their blocks, its one-knob moves each also with the loads one step ahead (prefetch), then
+  a seeded draw."""
   pick = _decode_rowdot.rowdot_config(t, d, n)
   out = {rowdot_name(pick): pick}
+  if t == 1:
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    out.update((rowdot_name(c), c) for c in streaming_moves(pick, n, sms))
   bases = (pick, dataclasses.replace(pick, prefetch=True))
   moves = [
     dataclasses.replace(b, **{k: v}) for k, vs in ROWDOT_GRID.items() for v in vs for b in bases

@@ -37,13 +37,20 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class RowdotConfig:
-  """Rows per program, the D step (powers of 2), Triton's warps and pipeline stages; t1_dot:
+  """Rows per block, the D step (powers of 2), Triton's warps and pipeline stages; t1_dot:
   one token through tl.dot (padded to 16 rows) instead of a multiply-reduce; prefetch (the
-  multiply-reduce): load each D step one step ahead.
+  multiply-reduce): load each D step one step ahead; programs (the multiply-reduce): at most
+  this many programs, each taking row blocks pid, pid + programs, … in turn with every load
+  one step ahead, across blocks too (0: one program per block).
 
   Why prefetch: Triton software-pipelines (cp.async, `stages`) only the tl.dot loop; the T = 1
   multiply-reduce loop compiles to loads that the same step waits for (no async copies in its
-  TTGIR for sm_90), so a program makes one HBM round trip per D step."""
+  TTGIR for sm_90), so a program makes one HBM round trip per D step.
+  Why programs: a grid of one program per block runs in waves when it holds more programs
+  than the SMs keep resident (683 gate programs, 396 resident at 168 registers in 2048-wide
+  steps): each wave pays the memory latency again, and a short last wave leaves SMs idle.
+  A grid of about what stays resident, each program streaming its blocks back to back, pays
+  it once (untimed; `gemv_sweep` has `_p<N>` rows)."""
 
   block_n: int = 8
   block_d: int = 512
@@ -51,6 +58,7 @@ class RowdotConfig:
   stages: int = 3
   t1_dot: bool = False
   prefetch: bool = False
+  programs: int = 0
 
 
 def rowdot_config(
@@ -103,14 +111,18 @@ def _kernel(
   write_normed,
   precision,
   prefetch,
+  programs,
 ):
-  """y = x Wᵀ for this program's block of rows; with two weights (swiglu) silu(x Wgᵀ) x Wuᵀ.
+  """y = x Wᵀ for this program's block of rows (`programs`: its blocks, in turn); with two
+  weights (swiglu) silu(x Wgᵀ) x Wuᵀ.
 
   refs: x, [norm scale], weights…, [residual], y, [normed x]. With a norm (norm_eps not None)
   x is RMS-normalized first (rounded to its dtype, as the model's norm output is); program 0
   also writes that normalized x if asked. With a residual, y = round(x Wᵀ) + residual.
   prefetch (T = 1): each D step's loads are issued one step ahead (the first before the
-  norm's read of x), so a program has two steps in flight instead of one round trip a step."""
+  norm's read of x), so a program has two steps in flight instead of one round trip a step.
+  programs > 0 (T = 1): a grid of at most that many programs, each streaming row blocks pid,
+  pid + programs, … with every block's first step loaded during the last one's."""
   refs = list(refs)
   x_ref = refs.pop(0)
   scale_ref = refs.pop(0) if norm_eps is not None else None
@@ -119,9 +131,8 @@ def _kernel(
   y_ref = refs.pop(0)
   xn_ref = refs.pop(0) if write_normed else None
   pid = pl.program_id(0)
-  n0 = pid * block_n
-  n_mask = n0 + jnp.arange(block_n) < n
   dims = dict(num_tokens=num_tokens, rows=rows, d_model=d_model)
+  steps = pl.cdiv(d_model, block_d)
 
   def load_x_scale(i):
     """Step i's x and norm scale (past D all masked: no memory traffic)."""
@@ -132,16 +143,17 @@ def _kernel(
       return xk, None
     return xk, plgpu.load(scale_ref.at[pl.ds(d0, block_d)], mask=d_mask, other=0).astype(F32)
 
-  def load_w(i):
-    """Step i's weight tiles (past D all masked)."""
-    d0 = i * block_d
-    mask = n_mask[:, None] & (d0 + jnp.arange(block_d) < d_model)[None, :]
+  def load_w(b, i):
+    """Row block b's weight tiles at step i (past N or D all masked)."""
+    n0, d0 = b * block_n, i * block_d
+    mask = (n0 + jnp.arange(block_n) < n)[:, None] & (d0 + jnp.arange(block_d) < d_model)[None, :]
     return tuple(
       plgpu.load(w_ref.at[pl.ds(n0, block_n), pl.ds(d0, block_d)], mask=mask, other=0)
       for w_ref in w_refs
     )
 
-  def normalized(i, xk, scale, inv):
+  def normalized(i, xk, scale, inv, write=True):
+    """x at step i, normalized with the norm; program 0 writes it out (once: `write`)."""
     if scale is None:
       return xk
     d0 = i * block_d
@@ -149,14 +161,14 @@ def _kernel(
     per_token = inv if rows == 1 else inv[:, None]
     xk = (xk.astype(F32) * per_token * scale).astype(x_ref.dtype)
     if xn_ref is not None:
-      mine = tf_mask(rows, num_tokens, d_mask) & (pid == 0)
+      mine = tf_mask(rows, num_tokens, d_mask) & (pid == 0) & write
       plgpu.store(tf_ref(xn_ref, rows, d0, block_d), xk, mask=mine)
     return xk.astype(F32) if rows == 1 else xk
 
   def accumulate(accs, xk, ws):
     out = []
     for w, acc in zip(ws, accs, strict=True):
-      if rows == 1:  # whole-row products summed once after the loop
+      if rows == 1:  # whole-row products summed once per block
         out.append(acc + w.astype(F32) * xk[None, :])
       else:
         dims_ = (((1,), (1,)), ((), ()))
@@ -165,11 +177,46 @@ def _kernel(
         )
     return tuple(out)
 
+  def finish(b, accs) -> None:
+    """Row block b's outputs from its accumulators: the SwiGLU, the residual, the store."""
+    n0 = b * block_n
+    ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
+    y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
+    mask = tf_mask(rows, num_tokens, n0 + jnp.arange(block_n) < y_ref.shape[-1])  # 0 past N
+    if res_ref is not None:  # the residual add as XLA does it: round, add in fp32, round
+      r = plgpu.load(tf_ref(res_ref, rows, n0, block_n), mask=mask, other=0).astype(F32)
+      y = (y.astype(F32) + r).astype(y_ref.dtype)
+    plgpu.store(tf_ref(y_ref, rows, n0, block_n), y, mask=mask)
+
   shape = (block_n, block_d) if rows == 1 else (rows, block_n)
-  accs = tuple(jnp.zeros(shape, F32) for _ in w_refs)
-  steps = pl.cdiv(d_model, block_d)
+  zeros = tuple(jnp.zeros(shape, F32) for _ in w_refs)
+  if programs and rows == 1:  # blocks pid, pid + programs, …: one flat loop, a step ahead
+
+    def at(j):
+      """Flat step j's (row block, D step); int32 throughout (Triton takes no i1 divisor)."""
+      j = jnp.asarray(j, jnp.int32)
+      return pid + j // jnp.int32(steps) * programs, j % jnp.int32(steps)
+
+    def loads(j):
+      b, i = at(j)
+      return load_x_scale(i), load_w(b, i)
+
+    first = loads(0)  # issued before the norm's own read of x
+    inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
+
+    def update(j, accs, step):
+      (xk, scale), ws = step
+      b, i = at(j)
+      accs = accumulate(accs, normalized(i, xk, scale, inv, write=j < steps), ws)
+      last = i == steps - 1
+      pl.when(last)(lambda: finish(b, accs))
+      return tuple(jnp.where(last, 0.0, acc) for acc in accs)
+
+    mine = pl.cdiv(pl.cdiv(y_ref.shape[-1], block_n) - pid, programs)  # this program's blocks
+    tu.fori_prefetched(mine * steps, loads, update, zeros, prefetch=True, first=first)
+    return
   if prefetch and rows == 1:  # more tokens take tl.dot, which Triton pipelines itself
-    loads = lambda i: (load_x_scale(i), load_w(i))
+    loads = lambda i: (load_x_scale(i), load_w(pid, i))
     first = loads(0)  # issued before the norm's own read of x
     inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
 
@@ -177,22 +224,16 @@ def _kernel(
       (xk, scale), ws = step
       return accumulate(accs, normalized(i, xk, scale, inv), ws)
 
-    accs = tu.fori_prefetched(steps, loads, update, accs, prefetch=True, first=first)
+    accs = tu.fori_prefetched(steps, loads, update, zeros, prefetch=True, first=first)
   else:  # x normalized before the weight tiles load: fewer registers held (72 for the gate)
     inv = None if scale_ref is None else _inv_rms(x_ref, eps=norm_eps, **dims)
 
     def body(i, accs):
       xk = normalized(i, *load_x_scale(i), inv)
-      return accumulate(accs, xk, load_w(i))
+      return accumulate(accs, xk, load_w(pid, i))
 
-    accs = lax.fori_loop(0, steps, body, accs)
-  ys = [jnp.sum(acc, axis=1) if rows == 1 else acc for acc in accs]
-  y = (tu.silu(ys[0]) * ys[1] if swiglu else ys[0]).astype(y_ref.dtype)
-  mask = tf_mask(rows, num_tokens, n0 + jnp.arange(block_n) < y_ref.shape[-1])  # 0 past N
-  if res_ref is not None:  # the residual add as XLA does it: round, add in fp32, round
-    r = plgpu.load(tf_ref(res_ref, rows, n0, block_n), mask=mask, other=0).astype(F32)
-    y = (y.astype(F32) + r).astype(y_ref.dtype)
-  plgpu.store(tf_ref(y_ref, rows, n0, block_n), y, mask=mask)
+    accs = lax.fori_loop(0, steps, body, zeros)
+  finish(pid, accs)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
@@ -215,6 +256,8 @@ def _rowdot(
   out_cols = out_cols or n
   block_n = min(cfg.block_n, pow2_at_least(n))
   block_d = min(cfg.block_d, pow2_at_least(d_model))
+  blocks = pl.cdiv(out_cols, block_n)
+  programs = min(cfg.programs, blocks) if _rows(num_tokens, cfg) == 1 else 0
   kernel = functools.partial(
     _kernel,
     num_tokens=num_tokens,
@@ -230,6 +273,7 @@ def _rowdot(
     write_normed=normed,
     precision=precision_for(x_TxD.dtype),
     prefetch=cfg.prefetch,
+    programs=programs,
   )
   out_shape = [jax.ShapeDtypeStruct((num_tokens, out_cols), out_dtype)]
   if normed:
@@ -239,7 +283,7 @@ def _rowdot(
   outs = pl.pallas_call(
     kernel,
     out_shape=tuple(out_shape),
-    grid=(pl.cdiv(out_cols, block_n),),
+    grid=(programs or blocks,),
     compiler_params=plgpu.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
     interpret=interpret,
     name="decode_rowdot",

@@ -293,6 +293,25 @@ def test_rowdot_wide_configs_compiled_on_gpu():
   assert _rel_err_f64(y, x, w) < 1e-5, f"seed={seed}"
 
 
+@pytest.mark.gpu
+def test_rowdot_streaming_programs_compiled_on_gpu():
+  """`RowdotConfig.programs` compiled at the 1b gate (5464 rows, the norm inside, returning the
+  normalized x): the sweep's streaming grids give the bits of one program per block of the
+  same tile."""
+  seed = _seed()
+  x, w = _inputs(seed, (1,), 2048, 5464, jnp.bfloat16)
+  scale = jax.random.uniform(jax.random.key(seed + 1), (2048,), jnp.float32, 0.5, 1.5)
+  w_t = w.T.copy()
+  run = lambda cfg: _decode_rowdot.rowdot(
+    x, w_t, config=cfg, norm=(scale, 1e-5), return_normed=True
+  )
+  for rows, width, programs in ((8, 512, 264), (4, 512, 683), (4, 2048, 528)):
+    plain = _decode_rowdot.RowdotConfig(block_n=rows, block_d=width)
+    cfg = dataclasses.replace(plain, programs=programs)
+    for got, ref in zip(run(cfg), run(plain), strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=f"{cfg} {seed=}")
+
+
 def test_gemv_tiles_fit_shared_memory_in_fp32():
   """The dense down GEMV's tile (tuned on bf16) keeps its 128-row step in bf16 and halves it
   in fp32, where the H200 refused it (272 KB asked of 227)."""
@@ -361,3 +380,35 @@ def test_auto_decode_paths_follow_the_kernel_backend():
   assert (xla.decode_gemv_impl(), xla.decode_attention_impl()) == ("splitk", "xla")
   pinned = model_config.from_preset("tiny", kernel_backend="pallas", decode_gemv="splitk")
   assert pinned.decode_gemv_impl() == "splitk"
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_rowdot_programs_stream_their_blocks_bit_for_bit(programs, dtype):
+  """`RowdotConfig.programs`: a few programs, each taking row blocks pid, pid + programs, …
+  with its loads a step ahead, give one program per block's bits (odd N: 173 blocks of 8 rows,
+  so programs hold different counts; D in 7 steps), with the norm, the residual, the
+  normalized x, zero-padded columns and the SwiGLU; more tokens ignore it."""
+  seed = _seed()
+  d, n = 200, 1379
+  x, w = _inputs(seed, (1,), d, n, dtype)
+  scale = jax.random.uniform(jax.random.key(seed + 1), (d,), jnp.float32, 0.5, 1.5)
+  residual = jax.random.normal(jax.random.key(seed + 2), (1, n), dtype)
+  plain = _decode_rowdot.RowdotConfig(block_n=8, block_d=32)
+  many = dataclasses.replace(plain, programs=programs)
+  run = lambda cfg, **kw: _decode_rowdot.rowdot(x, w.T, config=cfg, interpret=True, **kw)
+  same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b), f"{seed=}")
+  same(run(many), run(plain))
+  kw = dict(norm=(scale, 1e-5), residual=residual, return_normed=True)
+  for got, want in zip(run(many, **kw), run(plain, **kw), strict=True):
+    same(got, want)
+  same(
+    run(many, out_cols=1400, out_dtype=jnp.float32),
+    run(plain, out_cols=1400, out_dtype=jnp.float32),
+  )
+  wu = jax.random.normal(jax.random.key(seed + 3), (n, d), dtype)
+  swiglu = lambda cfg: _decode_rowdot.swiglu(x, w.T, wu, config=cfg, interpret=True)
+  same(swiglu(many), swiglu(plain))
+  x3 = jnp.concatenate([x, x + 1, x - 1])
+  three = lambda cfg: _decode_rowdot.rowdot(x3, w.T, config=cfg, interpret=True)
+  same(three(many), three(plain))
