@@ -190,8 +190,8 @@ def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
 
 def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   """Each knob row compiles under its own settings (the sum kernel, the one rowdot config,
-  the loads one step ahead in rowdot and in the attention; `*_all` under all of them) and
-  leaves them as they were."""
+  the loads one step ahead in rowdot and in the attention, rowdot's resident grid; `*_all`
+  under all of them) and leaves them as they were."""
   from benchmarks import decode_e2e
 
   d = decode_e2e
@@ -211,6 +211,12 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   assert seen["moc_kernel_rdpf"][1].prefetch and seen["moc_kernel_rdpf"][1].block_d == 2048
   assert not seen["moc_kernel_rdpf"][2]  # the SwiGLU's two weights keep their config
   assert seen["moc_kernel_apf"][3] and not seen["moc_kernel_rdpf"][3]
+  with d._patched("dense_kernel_rds"):  # a resident grid: 2 programs per SM at 2048 wide
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    assert d._decode_rowdot.rowdot_config(1, 5464, 2048).programs == 2 * sms
+    assert d._decode_rowdot.rowdot_config(1, 2048, 6144).programs == 4 * sms
+    assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 0
+    assert d._decode_rowdot.rowdot_config(4, 2048, 6144).programs == 0
   for v in ("moc", "dense"):  # every knob at once (sumk is MoC's alone)
     list_sum, rowdot, _, prefetch = seen[f"{v}_kernel_all"]
     assert rowdot.prefetch and prefetch and list_sum == ("kernel" if v == "moc" else "xla")
