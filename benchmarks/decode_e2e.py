@@ -19,8 +19,8 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 512-wide D steps: `rowdot_config` before the sweep's picks of 2026-12-05).
 `dense_kernel_rdpf` / `moc_kernel_rdpf`: the one-weight rowdot GEMVs at T = 1 load each D
 step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep their config).
-`dense_kernel_rds` / `moc_kernel_rds`: the one-weight rowdot GEMVs at T = 1 on a grid that
-stays resident, each program streaming its row blocks (`RowdotConfig.programs`).
+`dense_kernel_rds` / `moc_kernel_rds`: the rowdot GEMVs (and the SwiGLU) at T = 1 on a grid
+that stays resident, each program streaming its row blocks (`RowdotConfig.programs`).
 `dense_kernel_apf` / `moc_kernel_apf`: the attention kernel loads each block of K and V one
 block ahead (`decode_attention.PREFETCH`).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
@@ -312,9 +312,9 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: replace(
       original_rowdot(t, d, n, weights, itemsize), prefetch=t == 1 and weights == 1
     )
-  if "rds" in knobs:  # one weight at T = 1: a resident grid streaming its blocks
+  if "rds" in knobs:  # T = 1: a resident grid streaming its blocks
     _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: _streaming(
-      original_rowdot(t, d, n, weights, itemsize), t == 1 and weights == 1
+      original_rowdot(t, d, n, weights, itemsize), t == 1, weights
     )
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
@@ -341,13 +341,14 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = original_rowdot
 
 
-def _streaming(cfg, applies: bool):
+def _streaming(cfg, applies: bool, weights: int):
   """`cfg` on a grid of about what stays resident (`RowdotConfig.programs`): 4 programs per SM,
-  2 with 2048-wide steps (104 and 174 registers for sm_90, `sass_report`)."""
+  2 with 2048-wide steps or the SwiGLU's two weights (104, 174 and 168 registers for sm_90 at
+  the 1b shapes, `sass_report`)."""
   if not applies:
     return cfg
   sms = getattr(jax.devices()[0], "core_count", None) or 132
-  return replace(cfg, programs=(2 if cfg.block_d >= 2048 else 4) * sms)
+  return replace(cfg, programs=(2 if cfg.block_d >= 2048 or weights == 2 else 4) * sms)
 
 
 def _with_mosaic_select(cfg, cold: bool = False):

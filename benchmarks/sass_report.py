@@ -18,13 +18,14 @@ Two halves, two Pythons:
   python benchmarks/sass_report.py --kernel=decode_attention --t=1 --f=256   (batch, slots)
   python benchmarks/sass_report.py --kernel=decode_ffn --t=1 --f=5464 --k=1024
   python benchmarks/sass_report.py --kernel=rowdot --t=1 --f=5464 --k=2048   (T, D, N)
+  python benchmarks/sass_report.py --kernel=swiglu --t=1 --f=2048 --k=5464   (T, D, F)
   python benchmarks/sass_report.py --kernel=attend_qkv --t=1 --f=256 --set warm_mb=16
   python benchmarks/sass_report.py --kernel=decode_step_ffn --t=1 --f=5464 --k=1024 \
       --set "list_sum='kernel'"
 
 The same config fields as `TopKConfig` can be set with --set name=value (e.g.
 --set apply_mode=row --set apply_warps=4); values are parsed as Python literals. For rowdot
-they are `RowdotConfig`'s (default: `rowdot_config`'s pick), for decode_step_ffn
+they are `RowdotConfig`'s (default: `rowdot_config`'s pick, as for swiglu), for decode_step_ffn
 `DecodeConfig`'s (default: `moc_config`'s), for attend_qkv `warm_mb` (MB of two weights, the
 1b o-projection and gate, to warm L2 with) and `prefetch` (True: K, V one block ahead).
 """
@@ -108,7 +109,7 @@ def _function(args):
   )
 
 
-DECODE_STEP = ("rowdot", "attend_qkv", "decode_step_ffn")
+DECODE_STEP = ("rowdot", "swiglu", "attend_qkv", "decode_step_ffn")
 
 
 def _decode_step_function(args):
@@ -126,6 +127,13 @@ def _decode_step_function(args):
     cfg = _config(pick, args.set) if args.set else pick
     fn = lambda x, w, r: _decode_rowdot.rowdot(x, w, config=cfg, residual=r, interpret=False)
     return fn, (bf16(t, f), bf16(k, f), bf16(t, k))
+  if args.kernel == "swiglu":  # the dense FFN's first half: T = --t, D = --f, F = --k, norm
+    pick = _decode_rowdot.rowdot_config(t, f, k, weights=2)
+    cfg = _config(pick, args.set) if args.set else pick
+    fn = lambda x, wg, wu, scale: _decode_rowdot.swiglu(
+      x, wg, wu, config=cfg, norm=(scale, 1e-5), interpret=False
+    )
+    return fn, (bf16(t, f), bf16(k, f), bf16(k, f), jax.ShapeDtypeStruct((f,), jnp.float32))
   if args.kernel == "attend_qkv":  # batch --t, --f cache slots; warm_mb of two 1b weights
     settings = dict(item.partition("=")[::2] for item in args.set)
     warm_bytes = int(settings.get("warm_mb", 0)) << 20
@@ -237,7 +245,8 @@ def main() -> None:
   p.add_argument(
     "--kernel",
     default="topk",
-    help="topk | forward | decode_attention | decode_ffn | rowdot | attend_qkv | decode_step_ffn",
+    help="topk | forward | decode_attention | decode_ffn | rowdot | swiglu | attend_qkv | "
+    "decode_step_ffn",
   )
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632)

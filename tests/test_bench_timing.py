@@ -215,7 +215,7 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
     sms = getattr(jax.devices()[0], "core_count", None) or 132
     assert d._decode_rowdot.rowdot_config(1, 5464, 2048).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 6144).programs == 4 * sms
-    assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 0
+    assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(4, 2048, 6144).programs == 0
   for v in ("moc", "dense"):  # every knob at once (sumk is MoC's alone)
     list_sum, rowdot, _, prefetch = seen[f"{v}_kernel_all"]
