@@ -222,13 +222,16 @@ graphs() {
   XLA_FLAGS="${XLA_FLAGS:-} $graph_flags" e2e "$(( $1 / 2 ))" decode_e2e_graphs
 }
 
-mgpu() {  # the Mosaic GPU radix select probe at 5632 and the 1B layer's words, CTA counts;
+mgpu() {  # the Mosaic GPU radix select probe at 5632, the 1B and 60m layers' words, CTA counts;
   # then one row (decode, T = 1) by kernel time from a profile
   [ -n "${DRY:-}" ] && { echo "Mosaic GPU probes skipped (DRY)"; return 0; }
   local ctas=${MGPU_CTAS:-1024,528,660,792,924,1056,2048,4096}
   python3 benchmarks/mgpu_select_probe.py --ctas=$ctas --out "$work/mgpu_select_probe.json"
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --ctas=$ctas \
     --out "$work/mgpu_select_1b.json"
+  # the 60m layer's rows (11 keys a thread, fewer registers): do more CTAs per SM pay there?
+  python3 benchmarks/mgpu_select_probe.py --f=1408 --num_valid=1376 --k=256 \
+    --ctas=${MGPU_SMALL_CTAS:-1056,1584,2112} --out "$work/mgpu_select_60m.json"
   python3 benchmarks/mgpu_select_probe.py --t=1 --f=5504 --ctas=1 --device_time \
     --out "$work/mgpu_select_t1.json"
 }
