@@ -262,40 +262,50 @@ def stash_row(row_layout, f: int):
   return stash
 
 
-# Thread t's two words of the row's bitmask (2t, 2t + 1) as one 64-bit mask m, lowest bit
-# first: its channel c = 64 t + the bit's position (brev, then the shift that brings the top
-# bit up), idx[s] = c, val[s] = row[c], s += 1, the bit cleared. Work per selected key, not per
-# key, and no step waits on another thread. PTX labels are local to their { } block.
-COMPACT_LOOP = """{
-.reg .pred p; .reg .b64 m, x; .reg .b32 s, b, c, a, v;
-mov.b64 m, {$0, $1}; mov.b32 s, $2;
-COMPACT_NEXT:
-setp.eq.b64 p, m, 0;
-@p bra COMPACT_DONE;
-brev.b64 x, m; bfind.shiftamt.u64 b, x;
-add.u32 c, $6, b; mad.lo.u32 a, c, 2, $3; ld.shared.u16 v, [a];
-mad.lo.u32 a, s, 4, $4; st.shared.b32 [a], c;
-mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;
-add.u32 s, s, 1; sub.u64 x, m, 1; and.b64 m, m, x;
-bra COMPACT_NEXT;
-COMPACT_DONE:
-}"""
+def compact_loop(values: int, with_idx: bool) -> str:
+  """Thread t's two words of the row's bitmask (2t, 2t + 1) as one 64-bit mask m, walked
+  lowest bit first: its channel c = 64 t + the bit's position (brev, then the shift that
+  brings the top bit up); for each of `values` stashed rows out[s] = row[c], and (with_idx)
+  idx[s] = c; then s += 1 and the bit cleared. Work per selected key, not per key, and no step
+  waits on another thread. Operands: $0, $1 the words, $2 the first slot, $3 64 t, then a
+  (row, out) pair of shared addresses per value row, then idx's. PTX labels are local to
+  their { } block."""
+  steps, operand = [], 4
+  for _ in range(values):
+    steps.append(
+      f"mad.lo.u32 a, c, 2, ${operand}; ld.shared.u16 v, [a];"
+      f" mad.lo.u32 a, s, 2, ${operand + 1}; st.shared.b16 [a], v;"
+    )
+    operand += 2
+  if with_idx:
+    steps.append(f"mad.lo.u32 a, s, 4, ${operand}; st.shared.b32 [a], c;")
+  body = "\n".join(steps)
+  return (
+    "{\n.reg .pred p; .reg .b64 m, x; .reg .b32 s, b, c, a, v;\n"
+    "mov.b64 m, {$0, $1}; mov.b32 s, $2;\n"
+    "COMPACT_NEXT:\nsetp.eq.b64 p, m, 0;\n@p bra COMPACT_DONE;\n"
+    "brev.b64 x, m; bfind.shiftamt.u64 b, x; add.u32 c, $3, b;\n"
+    f"{body}\n"
+    "add.u32 s, s, 1; sub.u64 x, m, 1; and.b64 m, m, x;\nbra COMPACT_NEXT;\n"
+    "COMPACT_DONE:\n}"
+  )
 
 
-def compact(bin_layout):
-  """Each selected channel and its value bits to its slot, from the row's final words and
-  each word's first slot (bins-layout arrays: thread t holds words 2t and 2t + 1) and the
-  stashed row (`stash_row`): `COMPACT_LOOP` per thread."""
-  refs = (plgpu.RefType(),) * 3
+def compact(bin_layout, values: int, with_idx: bool):
+  """Each selected channel's stashed values (and channel) to its slot, from the row's final
+  words and each word's first slot (bins-layout arrays: thread t holds words 2t and 2t + 1):
+  `compact_loop` per thread. Arguments: words, first, then the (row, out) refs of each value
+  row, then idx's ref if with_idx."""
+  refs = (plgpu.RefType(),) * (2 * values + with_idx)
 
   @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, *refs))
-  def compact(ctx, words, first, row_ref, idx_ref, val_ref):
+  def compact(ctx, words, first, *refs):
     del ctx
     w0, w1 = (llvm.extractelement(words.registers.flat[0], _c(j)) for j in (0, 1))
     s0 = llvm.extractelement(first.registers.flat[0], _c(0))
-    ptrs = [mgpu_utils.memref_ptr(r) for r in (row_ref, idx_ref, val_ref)]
     ch0 = arith.muli(_thread()[0], _c(64))
-    _asm(COMPACT_LOOP, [w0, w1, s0, *ptrs, ch0], ",".join(["r"] * 7))
+    operands = [w0, w1, s0, ch0, *(mgpu_utils.memref_ptr(r) for r in refs)]
+    _asm(compact_loop(values, with_idx), operands, ",".join(["r"] * len(operands)))
 
   return compact
 

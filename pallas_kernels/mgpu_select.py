@@ -49,20 +49,25 @@ CTAS_PER_SM = 8
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+COMPACTS = ("", "topk", "gu")  # what the kernel writes beside the words (`kernel`)
+
+
 def kernel(
   t: int,
   f: int,
   k: int,
   ctas: int,
   num_valid: int | None = None,
-  compact: bool = False,
+  compact: str = "",
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
-  (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K) int32
-  channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
+  (T, F/32) int32 words; channels >= num_valid never selected. compact 'topk': also (T, K)
+  int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs;
+  'gu': also the (T, K) int16 bits of G and of U at the selected channels, U being columns
+  [F, 2F) of the input (the [G | U] buffer of one fused GEMM; the train forward's residuals).
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
 
@@ -78,6 +83,8 @@ def kernel(
       f"the Mosaic GPU select needs F % {LANES} == 0, F <= {32 * BINS}, 0 < ctas <= T and "
       f"0 < K <= num_valid <= F; got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
+  if compact not in COMPACTS or (compact == "gu" and splits):
+    raise ValueError(f"compact must be one of {COMPACTS} ('gu' without splits), got {compact!r}")
   if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
   if compact and k % 8:
@@ -85,31 +92,37 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
+  values = 2 if compact == "gu" else 1  # rows stashed and compacted
   ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
 
-  def compact_row(r, final, refs) -> None:
+  def compact_row(r, final, tmp_ref, stashes, outs, out_refs) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
-    bits); its channel and stashed value stored there, the two rows copied out."""
-    tmp_ref, row_ref, idx_ref, val_ref, idx_out, val_out = refs
+    bits); its stashed values (and with 'topk' the channel) stored there, the K-long rows
+    copied out."""
     first = ops.exclusive_prefix(ops.popcount(final), tmp_ref, 24)
-    ops.compact(final, first, row_ref, idx_ref, val_ref)
+    idx_ref = outs[0] if compact == "topk" else None
+    val_refs = outs[1:] if compact == "topk" else outs
+    ops.compact(final, first, list(zip(stashes, val_refs, strict=True)), idx_ref)
     ops.commit()
-    ops.copy_out(idx_ref, idx_out.at[r])
-    ops.copy_out(val_ref, val_out.at[r])
+    for src, dst in zip(outs, out_refs, strict=True):
+      ops.copy_out(src, dst.at[r])
 
-  def load_g(g_ref, r):
-    """Row r of G, 16-bit: as stored, or (splits) the sum of its fp32 partials, rounded."""
+  def load_bits(g_ref, r, col0=0):
+    """Row r of G (or at col0, U) as 16-bit patterns in int32: as stored, or (splits) the
+    sum of G's fp32 partials, rounded."""
     if not splits:
-      return ops.load_row(g_ref, r)
-    parts = [ops.load_row(g_ref, s * t + r) for s in range(splits)]
-    return functools.reduce(operator.add, parts).astype(round_dtype)
+      row = ops.load_row(g_ref, r, col0)
+    else:
+      parts = [ops.load_row(g_ref, s * t + r) for s in range(splits)]
+      row = functools.reduce(operator.add, parts).astype(round_dtype)
+    return lax.bitcast_convert_type(row, jnp.int16).astype(I32)
 
   def body(g_ref, *refs):
-    out_ref, *refs = refs
-    idx_out, val_out, high_ref, low_ref, above_ref, equal_ref, tmp_ref, *row_refs = (
-      refs if compact else (None, None, *refs)
-    )
+    n_out = values + (compact == "topk") if compact else 0  # the K-long outputs
+    out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
+    high_ref, low_ref, above_ref, equal_ref, tmp_ref, *rest = refs
+    stashes, outs = rest[:values], rest[values:]
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
@@ -119,9 +132,11 @@ def kernel(
       ops.barrier()
 
     def one_row(r) -> None:
-      bits = lax.bitcast_convert_type(load_g(g_ref, r), jnp.int16).astype(I32)
+      bits = load_bits(g_ref, r)
       if compact:  # the values, read by channel once the selection is known (the last row's
-        ops.stash_row(bits, row_refs[0])  # were read before its final barrier, `commit`)
+        ops.stash_row(bits, stashes[0])  # were read before its final barrier, `commit`)
+        if compact == "gu":  # U's row loads beside G's; its registers free once stashed
+          ops.stash_row(load_bits(g_ref, r, f), stashes[1])
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
@@ -139,7 +154,7 @@ def kernel(
       final = ops.cast(above_ref[...], bin_layout) | ops.keep_lowest(eq, need - before)
       above_ref[...] = final
       if compact:  # words past the row are stale shared memory: none of the top-K's
-        compact_row(r, jnp.where(in_row, final, 0), (tmp_ref, *row_refs, idx_out, val_out))
+        compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stashes, outs, out_refs)
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
@@ -163,10 +178,12 @@ def kernel(
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
   ]
-  if compact:
-    out_type += [jax.ShapeDtypeStruct((t, k), I32), jax.ShapeDtypeStruct((t, k), jnp.int16)]
-    # the row's value bits (`stash_row`), then its K channels and values
-    scratch += [plgpu.SMEM((f,), jnp.int16), plgpu.SMEM((k,), I32), plgpu.SMEM((k,), jnp.int16)]
+  if compact:  # the rows' value bits (`stash_row`), then the K-long outputs
+    outs = [jnp.int16] * values
+    outs = [I32, *outs] if compact == "topk" else outs
+    out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in outs]
+    scratch += [plgpu.SMEM((f,), jnp.int16) for _ in range(values)]
+    scratch += [plgpu.SMEM((k,), dtype) for dtype in outs]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
@@ -250,9 +267,29 @@ def select(
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact="topk", interpret=interpret)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
+
+
+def forward(
+  gu_Tx2F: jax.Array,
+  k: int,
+  *,
+  num_valid: int | None = None,
+  interpret: bool | None = None,
+  ctas: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The train forward's selection and its compact residuals from the (T, 2F) [G | U] output
+  of one fused GEMM, F % 128 == 0, K % 8 == 0: (words_TxW int32, G_sel, U_sel (T, K) in its
+  dtype, in channel order), as `moc_train_mask.train_forward_bitmask` returns them."""
+  _check_dtype(gu_Tx2F)
+  interpret = tu.default_interpret(interpret)
+  t, f = gu_Tx2F.shape[0], gu_Tx2F.shape[1] // 2
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, "gu", interpret)
+  words, g_bits, u_bits = build(gu_Tx2F)
+  as_values = lambda bits: lax.bitcast_convert_type(bits, gu_Tx2F.dtype)
+  return words, as_values(g_bits), as_values(u_bits)
 
 
 def select_partials(
@@ -277,7 +314,7 @@ def select_partials(
       f"{partials_SxTxW.dtype} of width {width}"
     )
   interpret = tu.default_interpret(interpret)
-  kw = dict(compact=True, interpret=interpret, splits=splits, round_dtype=dtype)
+  kw = dict(compact="topk", interpret=interpret, splits=splits, round_dtype=dtype)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, **kw)
   _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width))
   return idx, lax.bitcast_convert_type(val_bits, dtype)

@@ -120,9 +120,6 @@ def _forward_group_kernel(
   topk.group_rows(g_ref, t=t, f=f, rows=rows, on_group=emit, num_valid=num_valid)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "idx_dtype")
-)
 def train_forward_epilogue(
   g_TxF: jax.Array,
   u_TxF: jax.Array,
@@ -137,9 +134,19 @@ def train_forward_epilogue(
   """(idx_TxK ascending, g_sel_TxK, u_sel_TxK, z_TxF): see the reference.
 
   idx is int32 like the reference unless `idx_dtype` (e.g. uint16, as stored) says otherwise.
+  The default config (`forward_config`) is picked here, outside the jit (see `topk.select`).
   """
+  cfg = config or forward_config(g_TxF.shape[-1])
+  kw = dict(num_valid=num_valid, config=cfg, interpret=interpret, idx_dtype=idx_dtype)
+  return _train_forward_epilogue(g_TxF, u_TxF, k, variant, **kw)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "idx_dtype")
+)
+def _train_forward_epilogue(g_TxF, u_TxF, k, variant, *, num_valid, config, interpret, idx_dtype):
   *lead, f = g_TxF.shape
-  cfg = config or forward_config(f)
+  cfg = config
   interpret = tu.default_interpret(interpret)
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
   k, nv = checked_selection(f, k, variant, num_valid)

@@ -316,7 +316,6 @@ def group_program_rows(cfg: TopKConfig, f: int) -> int:
   return max(1, min(cfg.rows, 4096 // tu.next_pow2(f)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "variant", "config", "interpret"))
 def select(
   g_TxF: jax.Array,
   k: int,
@@ -327,12 +326,20 @@ def select(
 ) -> tuple[jax.Array, jax.Array]:
   """Same contract as `reference.select`: (idx_TxK int32 ascending, val_TxK in g's dtype).
 
-  Not differentiable (a pallas_call); `moc_ffn` owns the gradient.
+  Not differentiable (a pallas_call); `moc_ffn` owns the gradient. The default config is
+  picked here, outside the jit: a default read inside would be frozen into jit's cache by
+  the first trace (a benchmark that swaps it would time the first program again).
   """
+  cfg = config or default_config(g_TxF.shape[-1], variant)
+  return _select(g_TxF, k, variant, config=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "variant", "config", "interpret"))
+def _select(g_TxF, k, variant, *, config: TopKConfig, interpret: bool | None):
   interpret = tu.default_interpret(interpret)
   g2, lead = _flatten(g_TxF)
   t, f = g2.shape
-  cfg = config or default_config(f, variant)
+  cfg = config
   if variant == "moc_2of8":
     if f % GROUP:
       raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
