@@ -345,8 +345,8 @@ def test_a_swapped_forward_default_is_not_frozen_by_jits_cache(monkeypatch):
   calls = []
   words = mgpu_select.words
   monkeypatch.setattr(mgpu_select, "words", lambda *a, **k: calls.append(1) or words(*a, **k))
-  gu = jax.random.normal(jax.random.key(0), (4, 1280)).astype(jnp.bfloat16)
-  run = lambda: moc_train_mask.train_forward_bitmask(gu, None, 64, num_valid=600)
+  gu = jax.random.normal(jax.random.key(0), (5, 1536)).astype(jnp.bfloat16)  # shapes of its own:
+  run = lambda: moc_train_mask.train_forward_bitmask(gu, None, 72, num_valid=700)  # no trace yet
   run()  # the default: on the CPU, the Triton selection
   assert not calls
   with common.forward_selection("mgpu"):
