@@ -15,6 +15,8 @@ Two halves, two Pythons:
 
   python benchmarks/sass_report.py --kernel=topk --f=5632 --k=1024 [--triton_python=...]
   python benchmarks/sass_report.py --kernel=forward --f=5504 --k=1024 --num_valid=5461
+  python benchmarks/sass_report.py --kernel=forward_bitmask --f=5504 --k=1024 --num_valid=5461 \
+      --set selection="'mgpu'" --set apply_mode="'mosaic'"   (Mosaic kernels are not reported)
   python benchmarks/sass_report.py --kernel=decode_attention --t=1 --f=256   (batch, slots)
   python benchmarks/sass_report.py --kernel=decode_ffn --t=1 --f=5464 --k=1024
   python benchmarks/sass_report.py --kernel=rowdot --t=1 --f=5464 --k=2048   (T, D, N)
@@ -73,6 +75,15 @@ def _function(args):
   if args.kernel == "topk":
     cfg = _config(topk.default_config(f), args.set)
     return (lambda g: topk.select(g, k, config=cfg, interpret=False)), (bf16,)
+  if args.kernel == "forward_bitmask":  # the model's form: one (T, 2F) [G | U] buffer
+    from pallas_kernels import moc_train_mask
+
+    cfg = _config(moc_train.forward_config(f), args.set)
+    nv = args.num_valid or f
+    fn = lambda gu: moc_train_mask.train_forward_bitmask(
+      gu, None, k, num_valid=nv, config=cfg, interpret=False, z_sel=True
+    )
+    return fn, (jax.ShapeDtypeStruct((t, 2 * f), jnp.bfloat16),)
   if args.kernel == "forward":
     cfg = _config(moc_train.forward_config(f), args.set)
     nv = args.num_valid or f
@@ -245,8 +256,8 @@ def main() -> None:
   p.add_argument(
     "--kernel",
     default="topk",
-    help="topk | forward | decode_attention | decode_ffn | rowdot | swiglu | attend_qkv | "
-    "decode_step_ffn",
+    help="topk | forward | forward_bitmask | decode_attention | decode_ffn | rowdot | swiglu | "
+    "attend_qkv | decode_step_ffn",
   )
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632)
