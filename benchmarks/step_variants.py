@@ -48,6 +48,15 @@ VARIANTS.update(RECAST)
 # select on Hopper; `TopKConfig.selection`).
 TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
 VARIANTS.update(TRITON)
+# The forward's residuals compacted by the Mosaic GPU select itself, Z written from them
+# (`TopKConfig.apply_mode='mosaic'`, untimed; Hopper only).
+MOSAIC_FORWARD = {"moc_mfwd": dict(ffn="moc"), "moc_gcp_mfwd": dict(ffn="moc", gcp=True)}
+VARIANTS.update(MOSAIC_FORWARD)
+SELECTIONS = {  # variant -> the forward config changes its step is traced under
+  **{name: "triton" for name in TRITON},
+  **{name: {"selection": "mgpu", "apply_mode": "mosaic"} for name in MOSAIC_FORWARD},
+}
+_SHIPPED_FORWARD = []  # moc_train.FORWARD_DEFAULT as imported, once `configure` has run
 
 
 def configure(variant: str) -> dict:
@@ -56,6 +65,9 @@ def configure(variant: str) -> dict:
   from moc_jax import moc
   from pallas_kernels import moc_train
 
+  if not _SHIPPED_FORWARD:
+    _SHIPPED_FORWARD.append(moc_train.FORWARD_DEFAULT)
+  moc_train.FORWARD_DEFAULT = _SHIPPED_FORWARD[0]  # a `_split` variant built before sets it
   if variant in FORWARD:
     from benchmarks import topk_variants
 
@@ -71,10 +83,11 @@ def configure(variant: str) -> dict:
 
 
 class _UnderSelection:
-  """A jitted step that is called and lowered under one selection kernel: the first call
-  traces and compiles under it, later calls reuse that program."""
+  """A jitted step that is called and lowered under one forward config (a selection kernel,
+  or `TopKConfig` changes): the first call traces and compiles under it, later calls reuse
+  that program."""
 
-  def __init__(self, step, selection: str):
+  def __init__(self, step, selection: str | dict):
     self._step, self._selection = step, selection
 
   def __call__(self, *args, **kwargs):
@@ -91,5 +104,5 @@ class _UnderSelection:
 
 
 def wrap_step(variant: str, step):
-  """The step under the variant's own selection kernel (TRITON), else as it is."""
-  return _UnderSelection(step, "triton") if variant in TRITON else step
+  """The step under the variant's own forward config (`SELECTIONS`), else as it is."""
+  return _UnderSelection(step, SELECTIONS[variant]) if variant in SELECTIONS else step

@@ -41,3 +41,23 @@ def test_fit_steps_line_through_the_runs():
   assert rows["dense"]["steady_vs_dense"] == 1.0
   ratio = rows["dense"]["steady_step_ms"] / rows["moc"]["steady_step_ms"]
   assert rows["moc"]["steady_vs_dense"] == ratio
+
+
+def test_step_variants_reset_the_forward_default_and_name_their_configs():
+  """`configure` restores the shipped forward config after a `_split` variant set another (one
+  process may build several variants); the forward-config variants trace under their own."""
+  from benchmarks import step_variants
+  from pallas_kernels import moc_train
+
+  shipped = moc_train.FORWARD_DEFAULT
+  try:
+    step_variants.configure("moc_split")
+    assert moc_train.FORWARD_DEFAULT is not shipped
+    step_variants.configure("moc")
+    assert moc_train.FORWARD_DEFAULT is shipped
+  finally:
+    moc_train.FORWARD_DEFAULT = shipped
+  assert step_variants.SELECTIONS["moc_triton"] == "triton"
+  mosaic = {"selection": "mgpu", "apply_mode": "mosaic"}
+  assert step_variants.SELECTIONS["moc_gcp_mfwd"] == mosaic
+  assert step_variants.VARIANTS["moc_gcp_mfwd"] == {"ffn": "moc", "gcp": True}
