@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import step_profile
-from decode_timing import run_info
+from decode_timing import run_info, streaming_rowdot
 from flax import nnx
 
 from moc_jax import generate, model, model_config
@@ -313,9 +313,7 @@ def _patched(name: str):
       original_rowdot(t, d, n, weights, itemsize), prefetch=t == 1 and weights == 1
     )
   if "rds" in knobs:  # T = 1: a resident grid streaming its blocks
-    _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: _streaming(
-      original_rowdot(t, d, n, weights, itemsize), t == 1, weights
-    )
+    _decode_rowdot.rowdot_config = streaming_rowdot(original_rowdot)
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
@@ -339,16 +337,6 @@ def _patched(name: str):
     decode_attention.WARM_PROGRAMS = original_programs
     decode_attention.PREFETCH = False
     _decode_rowdot.rowdot_config = original_rowdot
-
-
-def _streaming(cfg, applies: bool, weights: int):
-  """`cfg` on a grid of about what stays resident (`RowdotConfig.programs`): 4 programs per SM,
-  2 with 2048-wide steps or the SwiGLU's two weights (104, 174 and 168 registers for sm_90 at
-  the 1b shapes, `sass_report`)."""
-  if not applies:
-    return cfg
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
-  return replace(cfg, programs=(2 if cfg.block_d >= 2048 or weights == 2 else 4) * sms)
 
 
 def _with_mosaic_select(cfg, cold: bool = False):

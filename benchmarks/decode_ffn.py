@@ -36,6 +36,7 @@ from decode_timing import (
   make_sets,
   rel_err,
   run_info,
+  streamed,
   time_chain,
   time_single,
 )
@@ -172,19 +173,18 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
   if "rowdot" in kinds:  # these rows take two more weights: Wgᵀ and Wdᵀ (`bench_case`)
     out["xla_dense"] = (lambda x, wg, wu, wut, wd: reference.dense_decode_ffn(x, wg, wu, wd), None)
     out.update(dense_defaults)
-    out["dense_kernel[rowdot]"] = (
-      lambda x, wg, wu, wut, wd, wgt, wdt: moc_decode.dense_decode_ffn(
-        x, wgt, wut, wdt, interpret=interp, output_major=True
-      ),
-      None,
+    dense_rowdot = lambda x, wg, wu, wut, wd, wgt, wdt: moc_decode.dense_decode_ffn(
+      x, wgt, wut, wdt, interpret=interp, output_major=True
     )
+    moc_rowdot = lambda x, wg, wu, wut, wd, wgt, wdt: moc_decode.decode_ffn(
+      x, wgt, wut, wd, k, variant, config=moc_cfg, interpret=interp, output_major=True
+    )
+    out["dense_kernel[rowdot]"] = (dense_rowdot, None)
     out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)
-    out["moc_kernel[rowdot]"] = (
-      lambda x, wg, wu, wut, wd, wgt, wdt: moc_decode.decode_ffn(
-        x, wgt, wut, wd, k, variant, config=moc_cfg, interpret=interp, output_major=True
-      ),
-      moc_cfg,
-    )
+    out["moc_kernel[rowdot]"] = (moc_rowdot, moc_cfg)
+    # the same with every T = 1 GEMV on a resident grid (`RowdotConfig.programs`, untimed)
+    out["dense_kernel[rowdot_rds]"] = (streamed(dense_rowdot), None)
+    out["moc_kernel[rowdot_rds]"] = (streamed(moc_rowdot), moc_cfg)
   if "selsweep" in kinds:  # knobs of the decode select (`own_select`), not of the top-K one
     for tag, c in (
       ("own,sel8w", replace(own_select, select_warps=8)),

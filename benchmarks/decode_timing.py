@@ -7,6 +7,8 @@ dispatches. Also the run's header (date, commit, device) and the copy bandwidth 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -108,3 +110,43 @@ def make_sets(d, f, num_sets, dtype, seed=0):
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def streaming_rowdot(pick):
+  """`_decode_rowdot.rowdot_config` with every T = 1 GEMV on a grid of about what stays
+  resident (`RowdotConfig.programs`): 4 programs per SM, 2 with 2048-wide steps or the
+  SwiGLU's two weights (104, 174 and 168 registers for sm_90 at the 1b shapes, `sass_report`).
+  pick: the rule it wraps."""
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+
+  def config(t, d, n, weights=1, itemsize=2):
+    cfg = pick(t, d, n, weights, itemsize)
+    if t != 1:
+      return cfg
+    per_sm = 2 if cfg.block_d >= 2048 or weights == 2 else 4
+    return dataclasses.replace(cfg, programs=per_sm * sms)
+
+  return config
+
+
+@contextlib.contextmanager
+def rowdot_streaming():
+  """While inside it (while tracing), the rowdot GEMVs pick `streaming_rowdot` configs."""
+  from pallas_kernels import _decode_rowdot
+
+  pick = _decode_rowdot.rowdot_config
+  _decode_rowdot.rowdot_config = streaming_rowdot(pick)
+  try:
+    yield
+  finally:
+    _decode_rowdot.rowdot_config = pick
+
+
+def streamed(fn):
+  """fn, traced (on its jit's first call) with `rowdot_streaming`'s rowdot configs."""
+
+  def run(*args):
+    with rowdot_streaming():
+      return fn(*args)
+
+  return run

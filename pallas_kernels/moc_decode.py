@@ -95,7 +95,13 @@ def decode_ffn(
   ws = (w_gate_DxF, w_up_FxD, w_down_FxD)
   scale, eps = (None, None) if norm is None else (norm[0], float(norm[1]))
   res = None if residual is None else residual.reshape(num_tokens, d_model)
-  y = _moc_kernels(x_TxD, *ws, k, variant, cfg, interpret, warm, output_major, scale, eps, res)
+  # the gate GEMV's tile, picked here: read inside the jit below, a swapped `rowdot_config`
+  # would be frozen by jit's cache at its first trace
+  size, gate = w_gate_DxF.dtype.itemsize, None
+  if output_major:
+    gate = _decode_rowdot.rowdot_config(num_tokens, d_model, d_ff, itemsize=size)
+  args = (k, variant, cfg, interpret, warm, output_major, scale, eps, res, gate)
+  y = _moc_kernels(x_TxD, *ws, *args)
   return y.reshape(*lead, d_model)
 
 
@@ -158,7 +164,7 @@ def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: 
   )
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 9, 11))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 9, 11, 13))
 def _moc_kernels(
   x_TxD,
   w_gate_DxF,
@@ -173,6 +179,7 @@ def _moc_kernels(
   norm_scale=None,
   norm_eps=None,
   residual_TxD=None,
+  gate_config=None,
 ):
   """Jitted so that every layer's call reuses one trace of the kernels. warm: the list
   pipeline's top-K launch (`warm_from='select'`) or its rows kernel's (`'rows'`, and always
@@ -180,8 +187,8 @@ def _moc_kernels(
   H200) reads it into L2. With the Mosaic select output-major G comes in fp32 as its one
   partial, zero-padded to whole warpgroups. output_major: the gate weight is F × D,
   its GEMV the rowdot one, which also RMS-normalizes x first with a norm (norm_eps not None)
-  and hands the normalized x to the kernels after it. residual_TxD: added to y (by the list
-  pipeline's partial sum, else after the down projection)."""
+  and hands the normalized x to the kernels after it, on gate_config's tile. residual_TxD:
+  added to y (by the list pipeline's partial sum, else after the down projection)."""
   d_ff = w_up_FxD.shape[0]
   mosaic = cfg.topk is not None and _mosaic_select(
     x_TxD.dtype, d_ff, k, variant, cfg.topk, interpret
@@ -193,6 +200,7 @@ def _moc_kernels(
     out = _decode_rowdot.rowdot(
       x_TxD,
       w_gate_DxF,
+      config=gate_config,
       out_dtype=g_dtype,
       interpret=interpret,
       norm=norm,

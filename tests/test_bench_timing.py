@@ -229,3 +229,28 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   assert seen["moc_kernel_allm"][0] == "kernel"  # with sumk
   assert d.moc_decode.moc_config(1, 2048, 5464).list_sum == "xla"
   assert d._decode_rowdot.rowdot_config is pick and not d.decode_attention.PREFETCH
+
+
+def test_a_swapped_rowdot_config_reaches_the_moc_gate_after_a_default_call(monkeypatch):
+  """`decode_timing.rowdot_streaming` swaps `rowdot_config`; MoC's decode picks its gate
+  GEMV's tile before its jit, so a call after the swap (same shapes, same DecodeConfig) is
+  traced again with the swapped tile: read inside, jit's cache kept the first trace's (the
+  `*_rds`, `*_rdpf` and `*_rowdot0` rows would have timed the default gate GEMV)."""
+  from benchmarks import decode_timing
+  from pallas_kernels import _decode_rowdot, moc_decode
+
+  seen = []
+  rowdot = _decode_rowdot._rowdot
+  monkeypatch.setattr(
+    _decode_rowdot,
+    "_rowdot",
+    lambda x, ws, cfg, *a: seen.append(cfg.programs) or rowdot(x, ws, cfg, *a),
+  )
+  x, w = jnp.ones((1, 72), jnp.bfloat16), jnp.ones((211, 72), jnp.bfloat16)  # no other test's
+  run = lambda: moc_decode.decode_ffn(x, w, w, w, 24, "moc", interpret=True, output_major=True)
+  run()
+  assert seen == [0]
+  with decode_timing.rowdot_streaming():
+    run()
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  assert seen == [0, 4 * sms]
