@@ -142,6 +142,8 @@ def _slots_without_scan():
 # the pass it changes). Where the selection's and the forward walk's time goes: the search
 # loop skipped (load, stats, guess check, final pass and stores only) or cut to one pass; the
 # forward row walk without its slot scatters (Z and the word expansion only) or with one.
+# The 'sel' ones patch the Triton selection, so they run it whatever the default picks (on
+# Hopper the Mosaic select, which none of them would touch).
 ABLATIONS: dict[str, tuple[Callable, str]] = {
   "abl_sel_no_search": (
     lambda: mock.patch.object(topk.lax, "while_loop", lambda c, b, s: s),
@@ -282,9 +284,10 @@ def shape_rows(label: str, t: int, f: int, nv: int, k: int, interpret: bool, tim
     )
   )
   res["ablations"] = []
+  triton = dataclasses.replace(cfg, selection="triton")  # what the 'sel' ablations patch
   for name, (patch, target) in ABLATIONS.items():
     fn, args, nbytes = (
-      (select(cfg), sets, dense + words) if target == "sel" else (forward(cfg), msets, fwd_bytes)
+      (select(triton), sets, dense + words) if target == "sel" else (forward(cfg), msets, fwd_bytes)
     )
     with patch():
       keep("ablations", _row(name, jax.jit(fn), args, nbytes, **timing))
