@@ -137,16 +137,15 @@ def train_forward_epilogue(
   The default config (`forward_config`) is picked here, outside the jit (see `topk.select`).
   """
   cfg = config or forward_config(g_TxF.shape[-1])
-  kw = dict(num_valid=num_valid, config=cfg, interpret=interpret, idx_dtype=idx_dtype)
+  kw = dict(num_valid=num_valid, cfg=cfg, interpret=interpret, idx_dtype=idx_dtype)
   return _train_forward_epilogue(g_TxF, u_TxF, k, variant, **kw)
 
 
 @functools.partial(
-  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "idx_dtype")
+  jax.jit, static_argnames=("k", "variant", "num_valid", "cfg", "interpret", "idx_dtype")
 )
-def _train_forward_epilogue(g_TxF, u_TxF, k, variant, *, num_valid, config, interpret, idx_dtype):
+def _train_forward_epilogue(g_TxF, u_TxF, k, variant, *, num_valid, cfg, interpret, idx_dtype):
   *lead, f = g_TxF.shape
-  cfg = config
   interpret = tu.default_interpret(interpret)
   g2, u2 = g_TxF.reshape(-1, f), u_TxF.reshape(-1, f)
   k, nv = checked_selection(f, k, variant, num_valid)

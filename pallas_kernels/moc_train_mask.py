@@ -278,19 +278,18 @@ def train_forward_bitmask(
 
   f = g_TxF.shape[-1] // 2 if u_TxF is None else g_TxF.shape[-1]
   cfg = dataclasses.replace(config or moc_train.forward_config(f), compact=False)
-  kw = dict(num_valid=num_valid, config=cfg, interpret=interpret, z_sel=z_sel)
+  kw = dict(num_valid=num_valid, cfg=cfg, interpret=interpret, z_sel=z_sel)
   return _train_forward_bitmask(g_TxF, u_TxF, k, variant, **kw)
 
 
 @functools.partial(
-  jax.jit, static_argnames=("k", "variant", "num_valid", "config", "interpret", "z_sel")
+  jax.jit, static_argnames=("k", "variant", "num_valid", "cfg", "interpret", "z_sel")
 )
-def _train_forward_bitmask(g_TxF, u_TxF, k, variant, *, num_valid, config, interpret, z_sel):
+def _train_forward_bitmask(g_TxF, u_TxF, k, variant, *, num_valid, cfg, interpret, z_sel):
   f = g_TxF.shape[-1] // 2 if u_TxF is None else g_TxF.shape[-1]
   if f < topk_compact.WORD:
     raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
   k, nv = checked_selection(f, k, variant, num_valid)
-  cfg = config
   interpret = tu.default_interpret(interpret)
   if cfg.apply_mode == "mosaic":
     if u_TxF is not None:
@@ -343,17 +342,16 @@ def train_backward_bitmask(
   """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection;
   fused: (dgu_Tx2F = [dG | dU], z_TxF). The default walk is picked outside the jit."""
   sc = config or backward_config(dz_TxF.shape[-1])
-  kw = dict(config=sc, interpret=interpret, fused=fused)
+  kw = dict(sc=sc, interpret=interpret, fused=fused)
   return _train_backward_bitmask(dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK, z_sel_TxK, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "fused"))
+@functools.partial(jax.jit, static_argnames=("sc", "interpret", "fused"))
 def _train_backward_bitmask(
-  dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK, z_sel_TxK, *, config, interpret, fused
+  dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK, z_sel_TxK, *, sc, interpret, fused
 ):
   interpret = tu.default_interpret(interpret)
   t, f = dz_TxF.shape
-  sc = config
   has_z = z_sel_TxK is not None
   z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype
   kernel = functools.partial(

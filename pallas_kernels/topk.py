@@ -331,15 +331,14 @@ def select(
   the first trace (a benchmark that swaps it would time the first program again).
   """
   cfg = config or default_config(g_TxF.shape[-1], variant)
-  return _select(g_TxF, k, variant, config=cfg, interpret=interpret)
+  return _select(g_TxF, k, variant, cfg=cfg, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "variant", "config", "interpret"))
-def _select(g_TxF, k, variant, *, config: TopKConfig, interpret: bool | None):
+@functools.partial(jax.jit, static_argnames=("k", "variant", "cfg", "interpret"))
+def _select(g_TxF, k, variant, *, cfg: TopKConfig, interpret: bool | None):
   interpret = tu.default_interpret(interpret)
   g2, lead = _flatten(g_TxF)
   t, f = g2.shape
-  cfg = config
   if variant == "moc_2of8":
     if f % GROUP:
       raise ValueError(f"moc_2of8 needs F divisible by {GROUP}, got F={f}")
