@@ -117,7 +117,9 @@ def streaming_rowdot(pick):
   resident (`RowdotConfig.programs`): 4 programs per SM, 2 with 2048-wide steps or the
   SwiGLU's two weights (104, 174 and 168 registers for sm_90 at the 1b shapes, `sass_report`).
   pick: the rule it wraps."""
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  from pallas_kernels import _triton_utils
+
+  sms = _triton_utils.sm_count()
 
   def config(t, d, n, weights=1, itemsize=2):
     cfg = pick(t, d, n, weights, itemsize)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from decode_timing import chain, copy_bandwidth, make_sets, rel_err, run_info, time_chain
 
 from pallas_kernels import _decode_gemv, _decode_rowdot, reference
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels._decode_config import DecodeConfig, cdiv, moc_config, pow2_at_least
 
 SHAPES = {  # (D, N) -> what it is
@@ -134,7 +135,7 @@ def rowdot_candidates(t: int, d: int, n: int, most: int) -> dict:
   pick = _decode_rowdot.rowdot_config(t, d, n)
   out = {rowdot_name(pick): pick}
   if t == 1:
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    sms = tu.sm_count()
     out.update((rowdot_name(c), c) for c in streaming_moves(pick, n, sms))
   bases = (pick, dataclasses.replace(pick, prefetch=True))
   moves = [

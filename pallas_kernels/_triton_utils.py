@@ -32,6 +32,12 @@ def default_interpret(interpret: bool | None = None) -> bool:
   return jax.default_backend() != "gpu" if interpret is None else interpret
 
 
+def sm_count() -> int:
+  """Streaming multiprocessors of the first device (132 on an H100 / H200, and where the
+  device does not say: CPUs, interpret mode), for grids sized by residency."""
+  return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def silu(v: jax.Array) -> jax.Array:
   """v · sigmoid(v), spelled so that the Triton lowering takes it as is."""
   return v / (1.0 + jnp.exp(-v))

@@ -199,8 +199,7 @@ def _ctas(t: int, interpret: bool, ctas: int | None) -> int:
   mode), at most T."""
   if interpret:
     return 1
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
-  return min(t, ctas or CTAS_PER_SM * sms)
+  return min(t, ctas or CTAS_PER_SM * tu.sm_count())
 
 
 SELECTION_ENV = "MOC_SELECTION"  # 'triton': 'auto' never takes this kernel

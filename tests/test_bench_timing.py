@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import common
+from pallas_kernels import _triton_utils as tu
 
 
 def test_interleaved_order_rotates_and_failures_are_dropped():
@@ -212,7 +213,7 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   assert not seen["moc_kernel_rdpf"][2]  # the SwiGLU's two weights keep their config
   assert seen["moc_kernel_apf"][3] and not seen["moc_kernel_rdpf"][3]
   with d._patched("dense_kernel_rds"):  # a resident grid: 2 programs per SM at 2048 wide
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    sms = tu.sm_count()
     assert d._decode_rowdot.rowdot_config(1, 5464, 2048).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 6144).programs == 4 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 2 * sms
@@ -252,5 +253,5 @@ def test_a_swapped_rowdot_config_reaches_the_moc_gate_after_a_default_call(monke
   assert seen == [0]
   with decode_timing.rowdot_streaming():
     run()
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  sms = tu.sm_count()
   assert seen == [0, 4 * sms]
