@@ -218,14 +218,12 @@ def main() -> None:
       for v in ("dense", "moc")
     },
     "moc_kernel_sumk": dict(ffn="moc", kernel_backend="pallas"),
-    "dense_kernel_apf": dict(ffn="dense", kernel_backend="pallas"),
-    "moc_kernel_apf": dict(ffn="moc", kernel_backend="pallas"),
-    "dense_kernel_rdpf": dict(ffn="dense", kernel_backend="pallas"),
-    "moc_kernel_rdpf": dict(ffn="moc", kernel_backend="pallas"),
-    "dense_kernel_rds": dict(ffn="dense", kernel_backend="pallas"),
-    "moc_kernel_rds": dict(ffn="moc", kernel_backend="pallas"),
-    "dense_kernel_rowdot0": dict(ffn="dense", kernel_backend="pallas"),
-    "moc_kernel_rowdot0": dict(ffn="moc", kernel_backend="pallas"),
+    # kernel knobs alone (`_patched`): the model as the defaults build it
+    **{
+      f"{v}_kernel_{knob}": dict(ffn=v, kernel_backend="pallas")
+      for knob in ("apf", "rdpf", "rds", "rowdot0")
+      for v in ("dense", "moc")
+    },
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
     "moc_xla": dict(ffn="moc", kernel_backend="xla"),
     "no_ffn": dict(ffn="dense", kernel_backend="pallas"),

@@ -49,7 +49,9 @@ CTAS_PER_SM = 8
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-COMPACTS = ("", "topk", "gu")  # what the kernel writes beside the words (`kernel`)
+# What the kernel writes beside the words (`kernel`): the (T, K) outputs' dtypes, and how
+# many value rows it stashes and compacts into them.
+COMPACTS = {"": ((), 0), "topk": ((I32, jnp.int16), 1), "gu": ((jnp.int16, jnp.int16), 2)}
 
 
 def kernel(
@@ -84,7 +86,9 @@ def kernel(
       f"0 < K <= num_valid <= F; got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
   if compact not in COMPACTS or (compact == "gu" and splits):
-    raise ValueError(f"compact must be one of {COMPACTS} ('gu' without splits), got {compact!r}")
+    raise ValueError(
+      f"compact must be one of {tuple(COMPACTS)} ('gu' without splits), got {compact!r}"
+    )
   if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
   if compact and k % 8:
@@ -92,7 +96,7 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  values = 2 if compact == "gu" else 1  # rows stashed and compacted
+  out_dtypes, values = COMPACTS[compact]
   ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
 
@@ -119,7 +123,7 @@ def kernel(
     return lax.bitcast_convert_type(row, jnp.int16).astype(I32)
 
   def body(g_ref, *refs):
-    n_out = values + (compact == "topk") if compact else 0  # the K-long outputs
+    n_out = len(out_dtypes)  # the K-long outputs
     out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
     high_ref, low_ref, above_ref, equal_ref, tmp_ref, *rest = refs
     stashes, outs = rest[:values], rest[values:]
@@ -178,12 +182,10 @@ def kernel(
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
   ]
-  if compact:  # the rows' value bits (`stash_row`), then the K-long outputs
-    outs = [jnp.int16] * values
-    outs = [I32, *outs] if compact == "topk" else outs
-    out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in outs]
-    scratch += [plgpu.SMEM((f,), jnp.int16) for _ in range(values)]
-    scratch += [plgpu.SMEM((k,), dtype) for dtype in outs]
+  # the rows' value bits (`stash_row`), then the K-long outputs
+  out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in out_dtypes]
+  scratch += [plgpu.SMEM((f,), jnp.int16) for _ in range(values)]
+  scratch += [plgpu.SMEM((k,), dtype) for dtype in out_dtypes]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
