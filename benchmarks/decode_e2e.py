@@ -21,13 +21,15 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep their config).
 `dense_kernel_rds` / `moc_kernel_rds`: the rowdot GEMVs (and the SwiGLU) at T = 1 on a grid
 that stays resident, each program streaming its row blocks (`RowdotConfig.programs`).
+`dense_kernel_rdn` / `moc_kernel_rdn`: the same only for the one-weight GEMVs in 512-wide
+steps below 16384 rows (q, k, v, the output projection, MoC's gate).
 `dense_kernel_apf` / `moc_kernel_apf`: the attention kernel loads each block of K and V one
 block ahead (`decode_attention.PREFETCH`).
 `moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
 (`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
 `dense_kernel_all` / `moc_kernel_all` turn all of rdpf, apf and (MoC) sumk on at once, with the
 attention warming the first `--attn_warm_mb` entry's MB (16 without one); `moc_kernel_allm`
-the same with the Mosaic select.
+the same with the Mosaic select; `*_allr` / `moc_kernel_allmr` those with rdn on top.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
 weights, into L2 (`model.decode_attention_warm_mb`) on P programs
@@ -189,7 +191,14 @@ def main() -> None:
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
     **{
       f"{v}_kernel_{tag}": dict(ffn=v, kernel_backend="pallas", decode_attention_warm_mb=all_warm)
-      for v, tag in (("dense", "all"), ("moc", "all"), ("moc", "allm"))
+      for v, tag in (
+        ("dense", "all"),
+        ("moc", "all"),
+        ("moc", "allm"),
+        ("dense", "allr"),
+        ("moc", "allr"),
+        ("moc", "allmr"),
+      )
     },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
@@ -221,7 +230,7 @@ def main() -> None:
     # kernel knobs alone (`_patched`): the model as the defaults build it
     **{
       f"{v}_kernel_{knob}": dict(ffn=v, kernel_backend="pallas")
-      for knob in ("apf", "rdpf", "rds", "rowdot0")
+      for knob in ("apf", "rdpf", "rds", "rdn", "rowdot0")
       for v in ("dense", "moc")
     },
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
@@ -301,7 +310,12 @@ def _patched(name: str):
   original_programs = decode_attention.WARM_PROGRAMS
   original_rowdot = _decode_rowdot.rowdot_config
   tail = name.rpartition("_")[2]
-  knobs = {"all": set(COMBINED), "allm": {*COMBINED, "mgpu"}}.get(tail, {tail})
+  knobs = {
+    "all": set(COMBINED),
+    "allm": {*COMBINED, "mgpu"},
+    "allr": {*COMBINED, "rdn"},
+    "allmr": {*COMBINED, "mgpu", "rdn"},
+  }.get(tail, {tail})
   edits = []  # DecodeConfig -> DecodeConfig, applied in order to moc_config's pick
   decode_attention.PREFETCH = "apf" in knobs  # K and V one block ahead
   if "rowdot0" in knobs:  # one rowdot config for every shape
@@ -310,8 +324,9 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: replace(
       original_rowdot(t, d, n, weights, itemsize), prefetch=t == 1 and weights == 1
     )
-  if "rds" in knobs:  # T = 1: a resident grid streaming its blocks
-    _decode_rowdot.rowdot_config = streaming_rowdot(original_rowdot)
+  if knobs & {"rds", "rdn"}:  # T = 1: a resident grid streaming its blocks (rdn: narrow ones)
+    pick = _decode_rowdot.rowdot_config  # rdpf's, with it
+    _decode_rowdot.rowdot_config = streaming_rowdot(pick, narrow_only="rdn" in knobs)
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select

@@ -58,6 +58,10 @@ GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
 # GAUSS as two kernels: the selection bitmask (by the Mosaic GPU radix select where it can run),
 # then each slot gathered in order (`select`'s default for 'moc')
 GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather", selection="auto")
+# The whole top-K in the Mosaic GPU kernel: the selection, then each selected key compacted to
+# its slot while the row is still in shared memory (`mgpu_select.select`); `select`'s default
+# for 'moc' where that kernel runs (`mosaic_default`)
+MOSAIC = dataclasses.replace(GAUSS_GATHER, compact=False, selection="mgpu")
 
 
 GATHER_MAX_F = 8192  # GAUSS_GATHER was timed up to 5632 channels (exact at 16384 too, untimed)
@@ -74,6 +78,19 @@ def default_config(f: int, variant: str = "moc") -> TopKConfig:
   the cap stays until the gather is. Rows far from Gaussian cost up to ~2 passes more than a
   plain bisection (the guess is checked)."""
   return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
+
+
+def mosaic_default(g_TxF: jax.Array, k: int, variant: str, interpret: bool | None) -> bool:
+  """Whether `select` without a config runs `MOSAIC`: 'moc', K % 8 == 0, and the Mosaic GPU
+  kernel usable for these rows (`mgpu_select.usable`: Hopper, 16-bit, F % 128 == 0, F <= 8192).
+  On an H100 (16384 x 5632, K = 1024, exact; mgpu_select_probe_h100_20261205.json) it took
+  232.7 us against 302.7 for the Mosaic bitmask + gathered compaction (`GAUSS_GATHER`) and
+  413.9 for the Triton bitmask + compaction."""
+  from pallas_kernels import mgpu_select
+
+  f = g_TxF.shape[-1]
+  usable = mgpu_select.usable(g_TxF.dtype, f, tu.default_interpret(interpret))
+  return variant == "moc" and k % 8 == 0 and 0 < k <= f and usable
 
 
 def selected_slots(cum, gt, eq, valid, need):
@@ -330,6 +347,8 @@ def select(
   picked here, outside the jit: a default read inside would be frozen into jit's cache by
   the first trace (a benchmark that swaps it would time the first program again).
   """
+  if config is None and mosaic_default(g_TxF, k, variant, interpret):
+    config = MOSAIC
   cfg = config or default_config(g_TxF.shape[-1], variant)
   return _select(g_TxF, k, variant, cfg=cfg, interpret=interpret)
 
