@@ -266,19 +266,17 @@ def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, A
 
 
 @contextlib.contextmanager
-def forward_selection(selection: str | dict | None):
+def forward_selection(selection: str | None):
   """While tracing inside it, MoC's train forward finds its selection with this kernel
-  (`TopKConfig.selection`, e.g. 'mgpu'), or runs with these `TopKConfig` changes (a dict);
-  None changes nothing. Wrap a jitted call in it: the first call traces and compiles under
-  it, later calls reuse that program."""
+  (`TopKConfig.selection`, e.g. 'mgpu'); None changes nothing. Wrap a jitted call in it: the
+  first call traces and compiles under it, later calls reuse that program."""
   from pallas_kernels import moc_train
 
   if not selection:
     yield
     return
   saved = moc_train.FORWARD_DEFAULT
-  changes = selection if isinstance(selection, dict) else {"selection": selection}
-  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, **changes)
+  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, selection=selection)
   try:
     yield
   finally:

@@ -45,20 +45,6 @@ METHODS = {
   # the forward's selection by the Triton kernel (the default's 'auto' takes the Mosaic GPU
   # radix select on Hopper: ffn_layer_h200_20261204e.json)
   "moc_pallas_triton": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "triton"},
-  # the Mosaic select compacting G_sel and U_sel itself, a row walk writing Z from them
-  # (`TopKConfig.apply_mode='mosaic'`, NOTES_kernels 2026-12-05d; Hopper only)
-  "moc_pallas_mfwd": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "selection": {"selection": "mgpu", "apply_mode": "mosaic"},
-  },
-  "moc_pallas_gcp_mfwd": {
-    "variant": "moc",
-    "gcp": True,
-    "backend": "pallas",
-    "selection": {"selection": "mgpu", "apply_mode": "mosaic"},
-  },
   "moc_pallas_gcp_triton": {
     "variant": "moc",
     "gcp": True,

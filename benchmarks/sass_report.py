@@ -15,8 +15,7 @@ Two halves, two Pythons:
 
   python benchmarks/sass_report.py --kernel=topk --f=5632 --k=1024 [--triton_python=...]
   python benchmarks/sass_report.py --kernel=forward --f=5504 --k=1024 --num_valid=5461
-  python benchmarks/sass_report.py --kernel=forward_bitmask --f=5504 --k=1024 --num_valid=5461 \
-      --set selection="'mgpu'" --set apply_mode="'mosaic'"   (Mosaic kernels are not reported)
+  python benchmarks/sass_report.py --kernel=forward_bitmask --f=5504 --k=1024 --num_valid=5461
   python benchmarks/sass_report.py --kernel=decode_attention --t=1 --f=256   (batch, slots)
   python benchmarks/sass_report.py --kernel=decode_ffn --t=1 --f=5464 --k=1024
   python benchmarks/sass_report.py --kernel=rowdot --t=1 --f=5464 --k=2048   (T, D, N)

@@ -48,14 +48,7 @@ VARIANTS.update(RECAST)
 # select on Hopper; `TopKConfig.selection`).
 TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
 VARIANTS.update(TRITON)
-# The forward's residuals compacted by the Mosaic GPU select itself, Z written from them
-# (`TopKConfig.apply_mode='mosaic'`, untimed; Hopper only).
-MOSAIC_FORWARD = {"moc_mfwd": dict(ffn="moc"), "moc_gcp_mfwd": dict(ffn="moc", gcp=True)}
-VARIANTS.update(MOSAIC_FORWARD)
-SELECTIONS = {  # variant -> the forward config changes its step is traced under
-  **{name: "triton" for name in TRITON},
-  **{name: {"selection": "mgpu", "apply_mode": "mosaic"} for name in MOSAIC_FORWARD},
-}
+SELECTIONS = {name: "triton" for name in TRITON}  # variant -> its forward config's changes
 _SHIPPED_FORWARD = []  # moc_train.FORWARD_DEFAULT as imported, once `configure` has run
 
 
@@ -83,11 +76,10 @@ def configure(variant: str) -> dict:
 
 
 class _UnderSelection:
-  """A jitted step that is called and lowered under one forward config (a selection kernel,
-  or `TopKConfig` changes): the first call traces and compiles under it, later calls reuse
-  that program."""
+  """A jitted step that is called and lowered under one forward selection kernel: the first
+  call traces and compiles under it, later calls reuse that program."""
 
-  def __init__(self, step, selection: str | dict):
+  def __init__(self, step, selection: str):
     self._step, self._selection = step, selection
 
   def __call__(self, *args, **kwargs):

@@ -69,11 +69,11 @@ class SelectOps:
       self._built[name] = make(*args)
     return self._built[name]
 
-  def load_row(self, ref, r, col0: int = 0):
-    """ref[r, col0 : col0 + F], one element per register."""
+  def load_row(self, ref, r):
+    """ref[r, :F], one element per register."""
     if self._interpret:
-      return ref[r, pl.ds(col0, self._f)]
-    return plgpu.load(ref, (r, pl.ds(col0, self._f)), layout=self.row_layout)
+      return ref[r, pl.ds(0, self._f)]
+    return plgpu.load(ref, (r, pl.ds(0, self._f)), layout=self.row_layout)
 
   def splat(self, x):
     return self.cast(jnp.full((BINS,), x, I32), self.bin_layout)

@@ -51,7 +51,7 @@ KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 # What the kernel writes beside the words (`kernel`): the (T, K) outputs' dtypes, and how
 # many value rows it stashes and compacts into them.
-COMPACTS = {"": ((), 0), "topk": ((I32, jnp.int16), 1), "gu": ((jnp.int16, jnp.int16), 2)}
+COMPACTS = {"": ((), 0), "topk": ((I32, jnp.int16), 1)}
 
 
 def kernel(
@@ -67,9 +67,7 @@ def kernel(
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact 'topk': also (T, K)
-  int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs;
-  'gu': also the (T, K) int16 bits of G and of U at the selected channels, U being columns
-  [F, 2F) of the input (the [G | U] buffer of one fused GEMM; the train forward's residuals).
+  int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
 
@@ -85,10 +83,8 @@ def kernel(
       f"the Mosaic GPU select needs F % {LANES} == 0, F <= {32 * BINS}, 0 < ctas <= T and "
       f"0 < K <= num_valid <= F; got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
-  if compact not in COMPACTS or (compact == "gu" and splits):
-    raise ValueError(
-      f"compact must be one of {tuple(COMPACTS)} ('gu' without splits), got {compact!r}"
-    )
+  if compact not in COMPACTS:
+    raise ValueError(f"compact must be one of {tuple(COMPACTS)}, got {compact!r}")
   if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
   if compact and k % 8:
@@ -112,11 +108,11 @@ def kernel(
     for src, dst in zip(outs, out_refs, strict=True):
       ops.copy_out(src, dst.at[r])
 
-  def load_bits(g_ref, r, col0=0):
-    """Row r of G (or at col0, U) as 16-bit patterns in int32: as stored, or (splits) the
-    sum of G's fp32 partials, rounded."""
+  def load_bits(g_ref, r):
+    """Row r of G as 16-bit patterns in int32: as stored, or (splits) the sum of its fp32
+    partials, rounded."""
     if not splits:
-      row = ops.load_row(g_ref, r, col0)
+      row = ops.load_row(g_ref, r)
     else:
       parts = [ops.load_row(g_ref, s * t + r) for s in range(splits)]
       row = functools.reduce(operator.add, parts).astype(round_dtype)
@@ -139,8 +135,6 @@ def kernel(
       bits = load_bits(g_ref, r)
       if compact:  # the values, read by channel once the selection is known (the last row's
         ops.stash_row(bits, stashes[0])  # were read before its final barrier, `commit`)
-        if compact == "gu":  # U's row loads beside G's; its registers free once stashed
-          ops.stash_row(load_bits(g_ref, r, f), stashes[1])
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
@@ -271,26 +265,6 @@ def select(
   build = kernel(t, f, k, _ctas(t, interpret, ctas), compact="topk", interpret=interpret)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
-
-
-def forward(
-  gu_Tx2F: jax.Array,
-  k: int,
-  *,
-  num_valid: int | None = None,
-  interpret: bool | None = None,
-  ctas: int | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The train forward's selection and its compact residuals from the (T, 2F) [G | U] output
-  of one fused GEMM, F % 128 == 0, K % 8 == 0: (words_TxW int32, G_sel, U_sel (T, K) in its
-  dtype, in channel order), as `moc_train_mask.train_forward_bitmask` returns them."""
-  _check_dtype(gu_Tx2F)
-  interpret = tu.default_interpret(interpret)
-  t, f = gu_Tx2F.shape[0], gu_Tx2F.shape[1] // 2
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, "gu", interpret)
-  words, g_bits, u_bits = build(gu_Tx2F)
-  as_values = lambda bits: lax.bitcast_convert_type(bits, gu_Tx2F.dtype)
-  return words, as_values(g_bits), as_values(u_bits)
 
 
 def select_partials(

@@ -139,50 +139,6 @@ def _apply_kernel(m_ref, g_ref, *refs, t, f, num_valid, sc, has_idx, fused, inte
   sc.run(m_ref, t=t, f=f, load=load, finish=finish)
 
 
-def _z_kernel(m_ref, gs_ref, us_ref, z_ref, *zs_ref, t, f, sc, interpret):
-  """Z densely (and Z_sel) from G_sel and U_sel at each selected channel's slot: the forward's
-  streaming pass when the selection kernel compacted G and U itself (apply_mode 'mosaic')."""
-
-  def load(block):
-    rows_b, _, _, sel, slot = block
-    return [pltriton.load(r.at[rows_b, slot], mask=sel, other=0) for r in (gs_ref, us_ref)]
-
-  def finish(block, loaded):
-    rows_b, cols_b, ok, sel, slot = block
-    z = store_z(z_ref, rows_b, cols_b, ok, sel, *loaded)
-    if zs_ref:
-      tu.scatter_store(zs_ref[0], rows_b, slot, z, sel, interpret)
-
-  sc.run(m_ref, t=t, f=f, load=load, finish=finish)
-
-
-def _forward_mosaic(gu, k, variant, nv, f, cfg: TopKConfig, interpret: bool, z_sel: bool):
-  """apply_mode 'mosaic': the Mosaic GPU select writes the words and compacts G_sel and U_sel
-  from the rows it holds (`mgpu_select.forward`: no second read of G and U for them), then one
-  row walk writes Z (and Z_sel) from those. Untimed (NOTES_kernels 2026-12-05d)."""
-  from pallas_kernels import mgpu_select
-
-  if variant != "moc" or f % mgpu_select.LANES or k % 8:
-    raise ValueError(
-      f"apply_mode='mosaic' selects 'moc' on a fused [G | U] buffer with F % "
-      f"{mgpu_select.LANES} == 0 and K % 8 == 0; got {variant!r}, F={f}, K={k}"
-    )
-  words, g_sel, u_sel = mgpu_select.forward(gu, k, num_valid=nv, interpret=interpret)
-  t = gu.shape[0]
-  sc = StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode="row")
-  out_shape = [jax.ShapeDtypeStruct((t, f), u_sel.dtype)]
-  out_shape += [jax.ShapeDtypeStruct((t, k), u_sel.dtype)] if z_sel else []
-  z_outs = pl.pallas_call(
-    functools.partial(_z_kernel, t=t, f=f, sc=sc, interpret=interpret),
-    out_shape=tuple(out_shape),
-    grid=sc.grid(t, f),
-    interpret=interpret,
-    compiler_params=None if interpret else tu.compiler_params(sc.warps),
-    name="moc_train_fwd_z",
-  )(words, g_sel, u_sel)
-  return (words, g_sel, u_sel, *z_outs)
-
-
 def stream_config(cfg: TopKConfig) -> StreamConfig:
   """The forward streaming pass's walk, from a `TopKConfig`'s apply_* fields."""
   return StreamConfig(words=cfg.apply_words, warps=cfg.apply_warps, mode=cfg.apply_mode)
@@ -291,10 +247,6 @@ def _train_forward_bitmask(g_TxF, u_TxF, k, variant, *, num_valid, cfg, interpre
     raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
   k, nv = checked_selection(f, k, variant, num_valid)
   interpret = tu.default_interpret(interpret)
-  if cfg.apply_mode == "mosaic":
-    if u_TxF is not None:
-      raise ValueError("apply_mode='mosaic' takes the fused [G | U] buffer (u_TxF None)")
-    return _forward_mosaic(g_TxF, k, variant, nv, f, cfg, interpret, z_sel)
   words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv, width=f)
   outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
   return (words, *outs)

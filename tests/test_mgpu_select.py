@@ -120,8 +120,7 @@ def test_topk_select_through_mosaic_matches_reference():
 @pytest.mark.parametrize("z_sel", [False, True])
 def test_train_forward_with_mosaic_words_matches_triton(z_sel):
   """The train forward epilogue on the fused [G | U] buffer, padding channels included: the
-  Mosaic words and everything computed from them, and (apply_mode 'mosaic') the Mosaic
-  select's own G_sel and U_sel with Z from them, equal the Triton selection's."""
+  Mosaic words and everything computed from them equal the Triton selection's."""
   from pallas_kernels import moc_train, moc_train_mask
 
   seed = time.time_ns() % (2**31)
@@ -130,20 +129,13 @@ def test_train_forward_with_mosaic_words_matches_triton(z_sel):
   configs = [
     dataclasses.replace(base, selection="triton"),
     dataclasses.replace(base, selection="mgpu"),
-    dataclasses.replace(base, selection="mgpu", apply_mode="mosaic"),
   ]
   outs = [
     moc_train_mask.train_forward_bitmask(gu, None, 64, num_valid=600, config=c, z_sel=z_sel)
     for c in configs
   ]
-  for want, *got in zip(*outs, strict=True):
-    for g in got:
-      assert np.array_equal(np.asarray(want, np.float32), np.asarray(g, np.float32)), f"{seed=}"
-  mosaic = configs[2]
-  with pytest.raises(ValueError, match="fused"):
-    moc_train_mask.train_forward_bitmask(gu[:, :640], gu[:, 640:], 64, config=mosaic)
-  with pytest.raises(ValueError, match="K % 8"):
-    moc_train_mask.train_forward_bitmask(gu, None, 60, config=mosaic)
+  for want, got in zip(*outs, strict=True):
+    assert np.array_equal(np.asarray(want, np.float32), np.asarray(got, np.float32)), f"{seed=}"
 
 
 @pytest.mark.gpu
@@ -251,9 +243,6 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   partials = jax.ShapeDtypeStruct((2, 1, 512), jnp.float32)
   fn = lambda p: mgpu_select.select_partials(p, 40, 500, jnp.bfloat16, interpret=False, ctas=1)
   jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",))
-  gu = jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16)  # the train forward's form: G and U
-  fn = lambda x: mgpu_select.forward(x, 40, num_valid=500, interpret=False, ctas=2)
-  jax.jit(fn).trace(gu).lower(lowering_platforms=("cuda",))
   body = []
   for n, (text, constraints) in enumerate(snippets.items()):
     regs = [(f"%x{n}_{i}", "b64" if c.endswith("l") else "b32") for i, c in enumerate(constraints)]
@@ -262,8 +251,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     body += ["{", bound, "}"]
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
-  for values, with_idx in ((1, True), (2, False)):  # the bit walks: top-K, train forward
-    assert _mgpu_ptx.compact_loop(values, with_idx) in snippets
+  assert _mgpu_ptx.compact_loop(1, True) in snippets  # the top-K's bit walk
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   ptx = tmp_path / "snippets.ptx"
   head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
@@ -282,56 +270,6 @@ def test_probe_device_time_counts_the_calls_kernels():
   small = mgpu_select_probe.device_us(jax.jit(lambda a: a @ a), (x,), calls=5)
   big = mgpu_select_probe.device_us(jax.jit(lambda a: a @ a @ a @ a @ a @ a @ a @ a), (x,), 5)
   assert 0 < small < big
-
-
-@pytest.mark.parametrize(
-  ("f", "k", "num_valid"), [(640, 64, None), (640, 64, 600), (1024, 512, None), (512, 8, 500)]
-)
-def test_forward_compacts_g_and_u_in_interpret_mode(f, k, num_valid):
-  """`forward` on a [G | U] buffer: the reference's words, and G and U at the selected
-  channels in channel order bit for bit (the U half read from columns F..2F), on random and
-  tie-heavy G."""
-  seed = time.time_ns() % (2**31)
-  keys = jax.random.split(jax.random.key(seed), 3)
-  u = jax.random.normal(keys[2], (3, f)).astype(jnp.bfloat16)
-  for g in (
-    jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16),
-    jax.random.randint(keys[1], (3, f), -3, 4).astype(jnp.bfloat16),
-  ):
-    gu = jnp.concatenate([g, u], axis=1)
-    words, g_sel, u_sel = mgpu_select.forward(gu, k, num_valid=num_valid, interpret=True)
-    want = mgpu_select_probe.reference_words(g, k, num_valid)
-    assert np.array_equal(np.asarray(words), want), f"{seed=}"
-    _, want_g, want_u, _ = reference.train_forward_epilogue(g, u, k, "moc", num_valid=num_valid)
-    for got, ref in ((g_sel, want_g), (u_sel, want_u)):
-      assert np.array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32)), f"{seed=}"
-
-
-def test_moc_ffn_with_the_mosaic_forward_matches_the_default():
-  """`moc_ffn` on the Pallas backend (interpret mode, F padded to 128 as on a GPU) under the
-  forward config `ffn_layer`'s `moc_pallas_mfwd` row sets (apply_mode 'mosaic'): y and the
-  gradients of x and every weight equal the default forward's bit for bit, F = 1376 (60m)."""
-  from benchmarks import common
-  from moc_jax import moc
-
-  seed = time.time_ns() % (2**31)
-  ks = jax.random.split(jax.random.key(seed), 5)
-  d, f, k = 64, 1376, 256
-  x = jax.random.normal(ks[0], (16, d), jnp.float32).astype(jnp.bfloat16)
-  wg, wu = (jax.random.normal(kk, (d, f)) * d**-0.5 for kk in ks[1:3])
-  wd = jax.random.normal(ks[3], (f, d)) * f**-0.5
-  dy = jax.random.normal(ks[4], (16, d), jnp.float32).astype(jnp.bfloat16)
-  run = lambda *a: moc.moc_ffn(*a, k=k, variant="moc", backend="pallas", pad_to=128)
-
-  def fwd_bwd(forward):
-    with common.forward_selection(forward):
-      y, vjp = jax.vjp(run, x, wg, wu, wd)
-      return (y, *vjp(dy))
-
-  want = fwd_bwd(None)
-  got = fwd_bwd({"selection": "mgpu", "apply_mode": "mosaic"})
-  for a, b in zip(want, got, strict=True):
-    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
 
 
 def test_a_swapped_forward_default_is_not_frozen_by_jits_cache(monkeypatch):

@@ -57,7 +57,5 @@ def test_step_variants_reset_the_forward_default_and_name_their_configs():
     assert moc_train.FORWARD_DEFAULT is shipped
   finally:
     moc_train.FORWARD_DEFAULT = shipped
-  assert step_variants.SELECTIONS["moc_triton"] == "triton"
-  mosaic = {"selection": "mgpu", "apply_mode": "mosaic"}
-  assert step_variants.SELECTIONS["moc_gcp_mfwd"] == mosaic
-  assert step_variants.VARIANTS["moc_gcp_mfwd"] == {"ffn": "moc", "gcp": True}
+  assert step_variants.SELECTIONS["moc_gcp_triton"] == "triton"
+  assert step_variants.VARIANTS["moc_gcp_triton"] == {"ffn": "moc", "gcp": True}
