@@ -189,10 +189,30 @@ def test_auto_selection_on_a_hopper_gpu_and_its_escape_hatch(monkeypatch):
     mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)
 
 
+def test_select_default_is_the_whole_mosaic_topk_where_usable(monkeypatch):
+  """Where the Mosaic kernel is usable, `topk.select` without a config runs the whole top-K in
+  it (`topk.MOSAIC`, the kernel in interpret mode here) and equals the reference; K % 8 != 0
+  and 'moc_2of8' keep the Triton path."""
+  from pallas_kernels import topk
+
+  calls = []
+  whole = mgpu_select.select
+  monkeypatch.setattr(mgpu_select, "usable", lambda dtype, f, interpret: True)
+  monkeypatch.setattr(mgpu_select, "select", lambda *a, **kw: calls.append(a) or whole(*a, **kw))
+  seed = time.time_ns() % (2**31)
+  g = jax.random.normal(jax.random.key(seed), (3, 640)).astype(jnp.bfloat16)
+  idx, val = topk.select(g, 64, "moc", interpret=True)
+  assert len(calls) == 1
+  _assert_reference_topk(idx, val, g, 64, seed)
+  assert not topk.mosaic_default(g, 60, "moc", True)
+  assert not topk.mosaic_default(g, 64, "moc_2of8", True)
+  assert topk.mosaic_default(g, 64, "moc", True)
+
+
 @pytest.mark.gpu
 def test_auto_selection_on_gpu_is_mosaic_and_exact():
-  """On a Hopper GPU the defaults' 'auto' is the Mosaic bitmask, and `topk.select` through it
-  equals the reference at the 1B layer's width."""
+  """On a Hopper GPU the defaults' 'auto' is the Mosaic kernel, and `topk.select` (the whole
+  Mosaic top-K) equals the reference at the 1B layer's width."""
   from pallas_kernels import topk
 
   assert mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)
