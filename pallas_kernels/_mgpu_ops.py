@@ -139,23 +139,20 @@ class SelectOps:
       return
     self._op("stash", ptx.stash_row, self.row_layout, self._f)(bits, row_ref)
 
-  def compact(self, words, first, rows: list, idx_ref=None) -> None:
-    """out[slot] = row[c] for each (row_ref, out_ref) in rows, and idx[slot] = c, for each
-    selected channel c, a set bit of the row's words (bins arrays, words past the row zero;
-    first: each word's first slot), slot its word's first slot plus the set bits below it."""
+  def compact(self, words, first, row_ref, out_ref, idx_ref) -> None:
+    """out[slot] = row[c] and idx[slot] = c for each selected channel c, a set bit of the
+    row's words (bins arrays, words past the row zero; first: each word's first slot), slot
+    its word's first slot plus the set bits below it."""
     if self._interpret:
       chan = jnp.arange(self._f, dtype=I32)
       w = words[chan >> 5]
       sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
       below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
       slot = jnp.where(sel, first[chan >> 5] + lax.population_count(below), self._k)
-      pairs = [(row_ref[...], out_ref) for row_ref, out_ref in rows]
-      for values, out_ref in [*pairs, *([(chan, idx_ref)] if idx_ref is not None else [])]:
-        out_ref[...] = out_ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
+      for values, ref in ((row_ref[...], out_ref), (chan, idx_ref)):
+        ref[...] = ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
       return
-    with_idx, n = idx_ref is not None, len(rows)
-    op = self._op(f"compact{n}{with_idx}", ptx.compact, self.bin_layout, n, with_idx)
-    op(words, first, *(r for pair in rows for r in pair), *([idx_ref] if with_idx else []))
+    self._op("compact", ptx.compact, self.bin_layout)(words, first, row_ref, out_ref, idx_ref)
 
 
 def _scatter_add(ref, index, where) -> None:

@@ -262,24 +262,17 @@ def stash_row(row_layout, f: int):
   return stash
 
 
-def compact_loop(values: int, with_idx: bool) -> str:
+def compact_loop() -> str:
   """Thread t's two words of the row's bitmask (2t, 2t + 1) as one 64-bit mask m, walked
   lowest bit first: its channel c = 64 t + the bit's position (brev, then the shift that
-  brings the top bit up); for each of `values` stashed rows out[s] = row[c], and (with_idx)
-  idx[s] = c; then s += 1 and the bit cleared. Work per selected key, not per key, and no step
-  waits on another thread. Operands: $0, $1 the words, $2 the first slot, $3 64 t, then a
-  (row, out) pair of shared addresses per value row, then idx's. PTX labels are local to
-  their { } block."""
-  steps, operand = [], 4
-  for _ in range(values):
-    steps.append(
-      f"mad.lo.u32 a, c, 2, ${operand}; ld.shared.u16 v, [a];"
-      f" mad.lo.u32 a, s, 2, ${operand + 1}; st.shared.b16 [a], v;"
-    )
-    operand += 2
-  if with_idx:
-    steps.append(f"mad.lo.u32 a, s, 4, ${operand}; st.shared.b32 [a], c;")
-  body = "\n".join(steps)
+  brings the top bit up); out[s] = row[c] (the stashed value) and idx[s] = c; then s += 1 and
+  the bit cleared. Work per selected key, not per key, and no step waits on another thread.
+  Operands: $0, $1 the words, $2 the first slot, $3 64 t, then the shared addresses of the
+  stashed row, of out and of idx. PTX labels are local to their { } block."""
+  body = (
+    "mad.lo.u32 a, c, 2, $4; ld.shared.u16 v, [a]; mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;"
+    "\nmad.lo.u32 a, s, 4, $6; st.shared.b32 [a], c;"
+  )
   return (
     "{\n.reg .pred p; .reg .b64 m, x; .reg .b32 s, b, c, a, v;\n"
     "mov.b64 m, {$0, $1}; mov.b32 s, $2;\n"
@@ -291,12 +284,12 @@ def compact_loop(values: int, with_idx: bool) -> str:
   )
 
 
-def compact(bin_layout, values: int, with_idx: bool):
-  """Each selected channel's stashed values (and channel) to its slot, from the row's final
+def compact(bin_layout):
+  """Each selected channel's stashed value and the channel to its slot, from the row's final
   words and each word's first slot (bins-layout arrays: thread t holds words 2t and 2t + 1):
-  `compact_loop` per thread. Arguments: words, first, then the (row, out) refs of each value
-  row, then idx's ref if with_idx."""
-  refs = (plgpu.RefType(),) * (2 * values + with_idx)
+  `compact_loop` per thread. Arguments: words, first, then the refs of the stashed row, of
+  the values out and of the channels out."""
+  refs = (plgpu.RefType(),) * 3
 
   @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, *refs))
   def compact(ctx, words, first, *refs):
@@ -305,7 +298,7 @@ def compact(bin_layout, values: int, with_idx: bool):
     s0 = llvm.extractelement(first.registers.flat[0], _c(0))
     ch0 = arith.muli(_thread()[0], _c(64))
     operands = [w0, w1, s0, ch0, *(mgpu_utils.memref_ptr(r) for r in refs)]
-    _asm(compact_loop(values, with_idx), operands, ",".join(["r"] * len(operands)))
+    _asm(compact_loop(), operands, ",".join(["r"] * len(operands)))
 
   return compact
 

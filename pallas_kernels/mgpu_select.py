@@ -49,9 +49,8 @@ CTAS_PER_SM = 8
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-# What the kernel writes beside the words (`kernel`): the (T, K) outputs' dtypes, and how
-# many value rows it stashes and compacts into them.
-COMPACTS = {"": ((), 0), "topk": ((I32, jnp.int16), 1)}
+# The K-long outputs of the top-K (`kernel(compact=True)`): channels and their values' bits.
+TOPK_DTYPES = (I32, jnp.int16)
 
 
 def kernel(
@@ -60,13 +59,13 @@ def kernel(
   k: int,
   ctas: int,
   num_valid: int | None = None,
-  compact: str = "",
+  compact: bool = False,
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
-  (T, F/32) int32 words; channels >= num_valid never selected. compact 'topk': also (T, K)
+  (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
@@ -83,8 +82,6 @@ def kernel(
       f"the Mosaic GPU select needs F % {LANES} == 0, F <= {32 * BINS}, 0 < ctas <= T and "
       f"0 < K <= num_valid <= F; got T={t}, F={f}, ctas={ctas}, K={k}, num_valid={nv}"
     )
-  if compact not in COMPACTS:
-    raise ValueError(f"compact must be one of {tuple(COMPACTS)}, got {compact!r}")
   if splits and jnp.dtype(round_dtype) not in KEY_DTYPES:
     raise ValueError(f"the Mosaic GPU select rounds G to bf16 or f16, got {round_dtype}")
   if compact and k % 8:
@@ -92,18 +89,15 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  out_dtypes, values = COMPACTS[compact]
   ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
 
-  def compact_row(r, final, tmp_ref, stashes, outs, out_refs) -> None:
+  def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
-    bits); its stashed values (and with 'topk' the channel) stored there, the K-long rows
-    copied out."""
+    bits); the channel and its stashed value stored there, the K-long rows copied out."""
     first = ops.exclusive_prefix(ops.popcount(final), tmp_ref, 24)
-    idx_ref = outs[0] if compact == "topk" else None
-    val_refs = outs[1:] if compact == "topk" else outs
-    ops.compact(final, first, list(zip(stashes, val_refs, strict=True)), idx_ref)
+    idx_ref, val_ref = outs
+    ops.compact(final, first, stash_ref, val_ref, idx_ref)
     ops.commit()
     for src, dst in zip(outs, out_refs, strict=True):
       ops.copy_out(src, dst.at[r])
@@ -119,10 +113,10 @@ def kernel(
     return lax.bitcast_convert_type(row, jnp.int16).astype(I32)
 
   def body(g_ref, *refs):
-    n_out = len(out_dtypes)  # the K-long outputs
+    n_out = len(TOPK_DTYPES) if compact else 0  # the K-long outputs
     out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
     high_ref, low_ref, above_ref, equal_ref, tmp_ref, *rest = refs
-    stashes, outs = rest[:values], rest[values:]
+    stash_ref, *outs = rest or (None,)  # the row's value bits, then the K-long rows
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
@@ -134,7 +128,7 @@ def kernel(
     def one_row(r) -> None:
       bits = load_bits(g_ref, r)
       if compact:  # the values, read by channel once the selection is known (the last row's
-        ops.stash_row(bits, stashes[0])  # were read before its final barrier, `commit`)
+        ops.stash_row(bits, stash_ref)  # were read before its final barrier, `commit`)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
@@ -152,7 +146,7 @@ def kernel(
       final = ops.cast(above_ref[...], bin_layout) | ops.keep_lowest(eq, need - before)
       above_ref[...] = final
       if compact:  # words past the row are stale shared memory: none of the top-K's
-        compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stashes, outs, out_refs)
+        compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stash_ref, outs, out_refs)
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
@@ -176,10 +170,9 @@ def kernel(
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
   ]
-  # the rows' value bits (`stash_row`), then the K-long outputs
-  out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in out_dtypes]
-  scratch += [plgpu.SMEM((f,), jnp.int16) for _ in range(values)]
-  scratch += [plgpu.SMEM((k,), dtype) for dtype in out_dtypes]
+  if compact:  # the row's value bits (`stash_row`), then the K-long outputs
+    out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in TOPK_DTYPES]
+    scratch += [plgpu.SMEM((f,), jnp.int16), *(plgpu.SMEM((k,), d) for d in TOPK_DTYPES)]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
@@ -262,7 +255,7 @@ def select(
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact="topk", interpret=interpret)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 
@@ -289,7 +282,7 @@ def select_partials(
       f"{partials_SxTxW.dtype} of width {width}"
     )
   interpret = tu.default_interpret(interpret)
-  kw = dict(compact="topk", interpret=interpret, splits=splits, round_dtype=dtype)
+  kw = dict(compact=True, interpret=interpret, splits=splits, round_dtype=dtype)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, **kw)
   _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width))
   return idx, lax.bitcast_convert_type(val_bits, dtype)
