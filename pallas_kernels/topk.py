@@ -60,37 +60,37 @@ GAUSS = TopKConfig(chunk=512, gauss_margin=0.1)
 GAUSS_GATHER = dataclasses.replace(GAUSS, compact=True, apply_mode="gather", selection="auto")
 # The whole top-K in the Mosaic GPU kernel: the selection, then each selected key compacted to
 # its slot while the row is still in shared memory (`mgpu_select.select`); `select`'s default
-# for 'moc' where that kernel runs (`mosaic_default`)
+# for 'moc' where that kernel runs (`default_config`)
 MOSAIC = dataclasses.replace(GAUSS_GATHER, compact=False, selection="mgpu")
 
 
 GATHER_MAX_F = 8192  # GAUSS_GATHER was timed up to 5632 channels (exact at 16384 too, untimed)
 
 
-def default_config(f: int, variant: str = "moc") -> TopKConfig:
-  """`select`'s config for rows of F channels when none is given: GAUSS_GATHER for 'moc' up to
-  GATHER_MAX_F channels, GAUSS above it and for 'moc_2of8' (its rows per program). On the H200
-  (16384 rows, Gaussian rows, topk_h200_20261203c.json) GAUSS_GATHER took 150.4 / 186.7 / 253.1
-  / 432.4 / 435.4 us at F = 1376 / 2048 / 2736 / 5461 / 5632 where GAUSS took 149.7 / 192.5 /
-  311.8 / 479.7 / 486.2 (GAUSS itself beat the ternary search's 176 / 252 / 344 / 559 / 594,
-  topk_h200_20261203.json). At F = 16384 (K = 4096) both GAUSS and GAUSS_GATHER are exact on the
-  H200 (GPU tests of 2026-12-04, 2 min of compile each) but only GAUSS was ever timed there, so
-  the cap stays until the gather is. Rows far from Gaussian cost up to ~2 passes more than a
-  plain bisection (the guess is checked)."""
-  return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
+def default_config(
+  f: int, variant: str = "moc", *, k: int = 0, dtype=None, interpret: bool = True
+) -> TopKConfig:
+  """`select`'s config for rows of F channels when none is given.
 
-
-def mosaic_default(g_TxF: jax.Array, k: int, variant: str, interpret: bool | None) -> bool:
-  """Whether `select` without a config runs `MOSAIC`: 'moc', K % 8 == 0, and the Mosaic GPU
-  kernel usable for these rows (`mgpu_select.usable`: Hopper, 16-bit, F % 128 == 0, F <= 8192).
+  MOSAIC for 'moc' where the Mosaic GPU kernel is usable for rows of this dtype
+  (`mgpu_select.usable`: compiled on Hopper, 16-bit, F % 128 == 0, F <= 8192) and K % 8 == 0.
   On an H100 (16384 x 5632, K = 1024, exact; mgpu_select_probe_h100_20261205.json) it took
   232.7 us against 302.7 for the Mosaic bitmask + gathered compaction (`GAUSS_GATHER`) and
-  413.9 for the Triton bitmask + compaction."""
+  413.9 for the Triton bitmask + compaction.
+  Else GAUSS_GATHER for 'moc' up to GATHER_MAX_F channels, GAUSS above it and for 'moc_2of8'
+  (its rows per program). On the H200 (16384 rows, Gaussian rows, topk_h200_20261203c.json)
+  GAUSS_GATHER took 150.4 / 186.7 / 253.1 / 432.4 / 435.4 us at F = 1376 / 2048 / 2736 / 5461
+  / 5632 where GAUSS took 149.7 / 192.5 / 311.8 / 479.7 / 486.2 (GAUSS itself beat the ternary
+  search's 176 / 252 / 344 / 559 / 594, topk_h200_20261203.json). At F = 16384 (K = 4096) both
+  GAUSS and GAUSS_GATHER are exact on the H200 (GPU tests of 2026-12-04, 2 min of compile
+  each) but only GAUSS was ever timed there, so the cap stays until the gather is. Rows far
+  from Gaussian cost up to ~2 passes more than a plain bisection (the guess is checked)."""
   from pallas_kernels import mgpu_select
 
-  f = g_TxF.shape[-1]
-  usable = mgpu_select.usable(g_TxF.dtype, f, tu.default_interpret(interpret))
-  return variant == "moc" and k % 8 == 0 and 0 < k <= f and usable
+  mosaic = variant == "moc" and dtype is not None and k % 8 == 0
+  if mosaic and mgpu_select.usable(jnp.dtype(dtype), f, interpret):
+    return MOSAIC
+  return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
 
 
 def selected_slots(cum, gt, eq, valid, need):
@@ -347,9 +347,10 @@ def select(
   picked here, outside the jit: a default read inside would be frozen into jit's cache by
   the first trace (a benchmark that swaps it would time the first program again).
   """
-  if config is None and mosaic_default(g_TxF, k, variant, interpret):
-    config = MOSAIC
-  cfg = config or default_config(g_TxF.shape[-1], variant)
+  f, dtype = g_TxF.shape[-1], g_TxF.dtype
+  cfg = config or default_config(
+    f, variant, k=k, dtype=dtype, interpret=tu.default_interpret(interpret)
+  )
   return _select(g_TxF, k, variant, cfg=cfg, interpret=interpret)
 
 

@@ -204,9 +204,10 @@ def test_select_default_is_the_whole_mosaic_topk_where_usable(monkeypatch):
   idx, val = topk.select(g, 64, "moc", interpret=True)
   assert len(calls) == 1
   _assert_reference_topk(idx, val, g, 64, seed)
-  assert not topk.mosaic_default(g, 60, "moc", True)
-  assert not topk.mosaic_default(g, 64, "moc_2of8", True)
-  assert topk.mosaic_default(g, 64, "moc", True)
+  kw = dict(dtype=g.dtype, interpret=True)
+  assert topk.default_config(640, "moc", k=60, **kw) is not topk.MOSAIC
+  assert topk.default_config(640, "moc_2of8", k=64, **kw) is not topk.MOSAIC
+  assert topk.default_config(640, "moc", k=64, **kw) is topk.MOSAIC
 
 
 @pytest.mark.gpu
@@ -271,7 +272,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     body += ["{", bound, "}"]
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
-  assert _mgpu_ptx.compact_loop(1, True) in snippets  # the top-K's bit walk
+  assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   ptx = tmp_path / "snippets.ptx"
   head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
