@@ -48,7 +48,6 @@ VARIANTS.update(RECAST)
 # select on Hopper; `TopKConfig.selection`).
 TRITON = {"moc_triton": dict(ffn="moc"), "moc_gcp_triton": dict(ffn="moc", gcp=True)}
 VARIANTS.update(TRITON)
-SELECTIONS = {name: "triton" for name in TRITON}  # variant -> its forward config's changes
 _SHIPPED_FORWARD = []  # moc_train.FORWARD_DEFAULT as imported, once `configure` has run
 
 
@@ -96,5 +95,5 @@ class _UnderSelection:
 
 
 def wrap_step(variant: str, step):
-  """The step under the variant's own forward config (`SELECTIONS`), else as it is."""
-  return _UnderSelection(step, SELECTIONS[variant]) if variant in SELECTIONS else step
+  """The step under the variant's own selection kernel (TRITON), else as it is."""
+  return _UnderSelection(step, "triton") if variant in TRITON else step

@@ -57,5 +57,6 @@ def test_step_variants_reset_the_forward_default_and_name_their_configs():
     assert moc_train.FORWARD_DEFAULT is shipped
   finally:
     moc_train.FORWARD_DEFAULT = shipped
-  assert step_variants.SELECTIONS["moc_gcp_triton"] == "triton"
+  assert step_variants.wrap_step("moc_gcp_triton", len)._selection == "triton"
+  assert step_variants.wrap_step("moc", len) is len
   assert step_variants.VARIANTS["moc_gcp_triton"] == {"ffn": "moc", "gcp": True}
