@@ -7,11 +7,18 @@ compiled first (an executable of its own), then each is timed once per round for
 `over_<reference>_rounds` / `moc_over_dense_rounds` are medians of per-round ratios: drift of
 the machine's speed over the run (±5% between rows run one after another) cancels within a
 round. Dense runs on both of its paths and the
-faster counts: `dense_kernel` (the model's decode with the kernel backend: split-K GEMVs,
-`moc_decode.dense_decode_ffn`) and `dense_xla` (XLA's dots). MoC runs with the default decode
-config, as `moc_kernel_mask` with the mask pipeline forced and as `moc_kernel_mgpu` with the
-list pipeline's top-K as the Mosaic GPU radix select (the rows kernel's launch warming the next
-layer's q, k, v; `moc_kernel_mgpu_cold` without any warming);
+faster counts: `dense_kernel` (the model's decode with the kernel backend) and `dense_xla`
+(XLA's dots). MoC runs with the default decode config (since 2026-12-05f: the Mosaic GPU
+select, its rows kernel's launch warming the next layer's q, k, v; the partials summed with
+the residual add in one kernel; the model's `decode_prefetch` and 16 MB of attention
+warming), as `moc_kernel_mask` with the mask pipeline forced, `moc_kernel_triton` with the
+Triton top-K (its own launch warming), `moc_kernel_xsum` with XLA's sum and add,
+`moc_kernel_mgpu_cold` warming nothing from the FFN, and `moc_kernel_before` on the defaults
+before 2026-12-05f (Triton top-K, XLA's sum, no prefetch, no attention warming).
+`dense_kernel_pf` / `moc_kernel_nopf`: the model's `decode_prefetch` on for dense / off for
+MoC (attention K and V a block ahead; q, k, v, the output projection and MoC's gate streamed
+on a resident grid); `dense_kernel_pf16` dense with MoC's model defaults (that and 16 MB of
+attention warming).
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
@@ -21,19 +28,10 @@ of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) o
 step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep their config).
 `dense_kernel_rds` / `moc_kernel_rds`: the rowdot GEMVs (and the SwiGLU) at T = 1 on a grid
 that stays resident, each program streaming its row blocks (`RowdotConfig.programs`).
-`dense_kernel_rdn` / `moc_kernel_rdn`: the same only for the one-weight GEMVs in 512-wide
-steps below 16384 rows (q, k, v, the output projection, MoC's gate).
-`dense_kernel_apf` / `moc_kernel_apf`: the attention kernel loads each block of K and V one
-block ahead (`decode_attention.PREFETCH`).
-`moc_kernel_sumk` sums the rows kernel's partials and adds the residual in one Pallas launch
-(`DecodeConfig.list_sum='kernel'`) instead of XLA's reduce and add.
-`dense_kernel_all` / `moc_kernel_all` turn all of rdpf, apf and (MoC) sumk on at once, with the
-attention warming the first `--attn_warm_mb` entry's MB (16 without one); `moc_kernel_allm`
-the same with the Mosaic select; `*_allr` / `moc_kernel_allmr` those with rdn on top.
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
-weights, into L2 (`model.decode_attention_warm_mb`) on P programs
-(`decode_attention.WARM_PROGRAMS`).
+weights, into L2 (`model.decode_attention_warm_mb`; MoC's default is 16, dense's 0) on P
+programs (`decode_attention.WARM_PROGRAMS`).
 The defaults on GPU (since 2026-12-05b): output-major GEMVs with the norms and residual adds
 inside (`model.decode_gemv='rowdot'`) and RoPE inside the attention kernel ('fused').
 `*_splitk` rows are the path before (split-K GEMVs, XLA's norms, RoPE and adds, the plain
@@ -72,8 +70,6 @@ from flax import nnx
 
 from moc_jax import generate, model, model_config
 from pallas_kernels import _decode_rowdot, decode_attention, moc_decode
-
-COMBINED = ("rdpf", "apf", "sumk")  # the knobs a `*_kernel_all` row turns on together
 
 
 def _no_ffn_decode(self, h, norm, warm=None):
@@ -179,7 +175,6 @@ def main() -> None:
   preset, prompt_len, new = ("tiny", 16, 8) if a.quick else ("1b", 128, 128)
   warm = [v.replace(":", "p") for v in a.warm_mb.split(",") if v]
   attn_warm = [v.replace(":", "p") for v in a.attn_warm_mb.split(",") if v]
-  all_warm = int(attn_warm[0].partition("p")[0]) if attn_warm else 16
   vocab = 512 if a.quick else 32000  # quick: CPU wiring checks, kernels in interpret mode
   base = dict(dtype="bfloat16", param_dtype="bfloat16", d_ff=a.d_ff, vocab_size=vocab)
   try:  # a bad --d_ff is one error line, before any variant is built
@@ -189,18 +184,16 @@ def main() -> None:
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
-    **{
-      f"{v}_kernel_{tag}": dict(ffn=v, kernel_backend="pallas", decode_attention_warm_mb=all_warm)
-      for v, tag in (
-        ("dense", "all"),
-        ("moc", "all"),
-        ("moc", "allm"),
-        ("dense", "allr"),
-        ("moc", "allr"),
-        ("moc", "allmr"),
-      )
-    },
-    "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
+    "dense_kernel_pf": dict(ffn="dense", kernel_backend="pallas", decode_prefetch=True),
+    "dense_kernel_pf16": dict(
+      ffn="dense", kernel_backend="pallas", decode_prefetch=True, decode_attention_warm_mb=16
+    ),
+    "moc_kernel_nopf": dict(ffn="moc", kernel_backend="pallas", decode_prefetch=False),
+    "moc_kernel_triton": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_kernel_xsum": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_kernel_before": dict(
+      ffn="moc", kernel_backend="pallas", decode_prefetch=False, decode_attention_warm_mb=0
+    ),
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
     # before 2026-12-05b: split-K GEMVs, XLA's norms / RoPE / adds, the plain attention kernel
     **{
@@ -226,11 +219,10 @@ def main() -> None:
       for w in attn_warm
       for v in ("dense", "moc")
     },
-    "moc_kernel_sumk": dict(ffn="moc", kernel_backend="pallas"),
-    # kernel knobs alone (`_patched`): the model as the defaults build it
+    # rowdot knobs alone (`_patched`): the model as the defaults build it
     **{
       f"{v}_kernel_{knob}": dict(ffn=v, kernel_backend="pallas")
-      for knob in ("apf", "rdpf", "rds", "rdn", "rowdot0")
+      for knob in ("rdpf", "rds", "rowdot0")
       for v in ("dense", "moc")
     },
     "moc_kernel_mask": dict(ffn="moc", kernel_backend="pallas"),
@@ -309,32 +301,26 @@ def _patched(name: str):
   original, original_cfg = model.FeedForward.decode, moc_decode.moc_config
   original_programs = decode_attention.WARM_PROGRAMS
   original_rowdot = _decode_rowdot.rowdot_config
-  tail = name.rpartition("_")[2]
-  knobs = {
-    "all": set(COMBINED),
-    "allm": {*COMBINED, "mgpu"},
-    "allr": {*COMBINED, "rdn"},
-    "allmr": {*COMBINED, "mgpu", "rdn"},
-  }.get(tail, {tail})
+  knob = name.rpartition("_")[2]
   edits = []  # DecodeConfig -> DecodeConfig, applied in order to moc_config's pick
-  decode_attention.PREFETCH = "apf" in knobs  # K and V one block ahead
-  if "rowdot0" in knobs:  # one rowdot config for every shape
+  if knob == "rowdot0":  # one rowdot config for every shape
     _decode_rowdot.rowdot_config = lambda *a, **kw: _decode_rowdot.RowdotConfig()
-  if "rdpf" in knobs:  # one weight at T = 1: each D step's loads one step ahead
-    _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2: replace(
-      original_rowdot(t, d, n, weights, itemsize), prefetch=t == 1 and weights == 1
+  if knob == "rdpf":  # one weight at T = 1: each D step's loads one step ahead
+    _decode_rowdot.rowdot_config = lambda t, d, n, weights=1, itemsize=2, streaming=False: replace(
+      original_rowdot(t, d, n, weights, itemsize, streaming), prefetch=t == 1 and weights == 1
     )
-  if knobs & {"rds", "rdn"}:  # T = 1: a resident grid streaming its blocks (rdn: narrow ones)
-    pick = _decode_rowdot.rowdot_config  # rdpf's, with it
-    _decode_rowdot.rowdot_config = streaming_rowdot(pick, narrow_only="rdn" in knobs)
+  if knob == "rds":  # T = 1: every GEMV on a resident grid streaming its blocks
+    _decode_rowdot.rowdot_config = streaming_rowdot(original_rowdot)
   if name == "no_ffn":
     model.FeedForward.decode = _no_ffn_decode
   if name == "moc_kernel_mask":  # the mask pipeline selects with its own select
     edits.append(lambda c: replace(c, pipeline="mask", topk=None))
-  if "sumk" in knobs and name.startswith("moc_"):  # the rows' sum and residual add: one kernel
-    edits.append(lambda c: replace(c, list_sum="kernel"))
-  if knobs & {"mgpu", "cold"}:  # the list pipeline's top-K as the Mosaic select
-    edits.append(lambda c: _with_mosaic_select(c, cold="cold" in knobs))
+  if knob in ("xsum", "before"):  # XLA's reduce, then its add
+    edits.append(lambda c: replace(c, list_sum="xla"))
+  if knob in ("triton", "before"):  # the Triton top-K, its own launch warming
+    edits.append(_with_triton_select)
+  if knob == "cold":  # no L2 warming from the FFN's kernels
+    edits.append(lambda c: replace(c, warm_bytes=0))
   if name.startswith("moc_kernel_warm"):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
     warm = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -348,18 +334,15 @@ def _patched(name: str):
   finally:
     model.FeedForward.decode, moc_decode.moc_config = original, original_cfg
     decode_attention.WARM_PROGRAMS = original_programs
-    decode_attention.PREFETCH = False
     _decode_rowdot.rowdot_config = original_rowdot
 
 
-def _with_mosaic_select(cfg, cold: bool = False):
-  """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
-  T <= 4); the rows kernel's launch warms L2 with the same bytes (`DecodeConfig.warm_from`),
-  unless cold (no warming)."""
+def _with_triton_select(cfg):
+  """`cfg` selecting with the Triton top-K where it has a top-K (the list pipeline, T <= 4),
+  whose launch warms L2 (`DecodeConfig.warm_from='select'`): MoC's default before 2026-12-05f."""
   if cfg.topk is None:
     return cfg
-  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_from="rows")
-  return replace(mosaic, warm_bytes=0) if cold else mosaic
+  return replace(cfg, topk=replace(cfg.topk, selection="triton"), warm_from="select")
 
 
 def _summarise(result: dict, out: str, reference: str) -> None:

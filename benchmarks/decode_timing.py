@@ -112,23 +112,19 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def streaming_rowdot(pick, narrow_only: bool = False):
+def streaming_rowdot(pick):
   """`_decode_rowdot.rowdot_config` with every T = 1 GEMV on a grid of about what stays
   resident (`RowdotConfig.programs`): 4 programs per SM, 2 with 2048-wide steps or the
   SwiGLU's two weights (104, 174 and 168 registers for sm_90 at the 1b shapes, `sass_report`).
-  pick: the rule it wraps. narrow_only: only one-weight GEMVs in 512-wide steps below 16384
-  rows (q, k, v, the output projection, MoC's gate): on the H100 of 2026-12-05 the resident
-  grid made the 2048-wide down GEMV 2.2x slower and the unembedding slower, and helped the
-  gate and (in MoC's loop) q, k, v (`decode_e2e_h100_20261205.json`)."""
+  pick: the rule it wraps. (`rowdot_config(streaming=True)` does this for the narrow GEMVs
+  alone, with their loads one step ahead.)"""
   from pallas_kernels import _triton_utils
 
   sms = _triton_utils.sm_count()
 
-  def config(t, d, n, weights=1, itemsize=2):
-    cfg = pick(t, d, n, weights, itemsize)
+  def config(t, d, n, weights=1, itemsize=2, streaming=False):
+    cfg = pick(t, d, n, weights, itemsize, streaming)
     if t != 1:
-      return cfg
-    if narrow_only and (weights != 1 or cfg.block_d > 512 or n >= 16384):
       return cfg
     per_sm = 2 if cfg.block_d >= 2048 or weights == 2 else 4
     return dataclasses.replace(cfg, programs=per_sm * sms)

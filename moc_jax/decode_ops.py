@@ -26,12 +26,15 @@ def decode_linear(
 ):
   """residual + RMSNorm(x) W for decode: a Pallas GEMV for ≤ 16 tokens (B·L), else XLA
   (prefill). w is K x N, or N x K with `decode_gemv='rowdot'` (see `decode_layout`), whose
-  kernel applies the norm (scale, eps) and adds the residual itself; elsewhere XLA does."""
+  kernel applies the norm (scale, eps) and adds the residual itself (and streams narrow
+  GEMVs with `decode_prefetch`); elsewhere XLA does."""
   x_TxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
   rowdot = cfg.decode_gemv_impl() == "rowdot"
   kernel = backends.resolve(cfg.kernel_backend) == "pallas"
   if rowdot and kernel and x_TxK.shape[0] <= _decode_rowdot.MAX_TOKENS:
-    return _decode_rowdot.rowdot(x_BxLxK, w, out_dtype=out_dtype, norm=norm, residual=residual)
+    streaming = cfg.decode_prefetch_on()
+    kw = dict(out_dtype=out_dtype, norm=norm, residual=residual, streaming=streaming)
+    return _decode_rowdot.rowdot(x_BxLxK, w, **kw)
   x_TxK = x_TxK if norm is None else reference.rms_norm(x_TxK, *norm)
   gemv = backends.decode_linear(cfg.kernel_backend, x_TxK.shape[0], rowdot)
   y = gemv(x_TxK, w, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)

@@ -293,6 +293,7 @@ def moc_decode_ffn(
   output_major: bool = False,
   norm: tuple[jax.Array, float] | None = None,
   residual: bool = False,
+  streaming: bool = False,
 ) -> jax.Array:
   """MoC FFN for a few tokens with channel-major Wu^T and Wd: reads only the selected rows.
 
@@ -312,6 +313,8 @@ def moc_decode_ffn(
   fused = output_major and backends.resolve(backend) == "pallas"  # kernels take norm, residual
   xn_TxD = x_TxD if norm is None or fused else reference.rms_norm(x_TxD, *norm)
   kw = {"norm": norm} if fused else {}
+  if fused and variant != "dense":
+    kw["streaming"] = streaming
   if fused:  # the residual added by the kernels (dense: the down GEMV; MoC: the rows' sum)
     kw["residual"], residual = (x_TxD if residual else None), False
   if variant == "dense":

@@ -134,7 +134,7 @@ class Attention(nnx.Module):
         warm=tuple(w for w, _ in warm),
         warm_bytes=tuple(b for _, b in warm),
         warm_programs=decode_attention.WARM_PROGRAMS,
-        prefetch=decode_attention.PREFETCH,
+        prefetch=c.decode_prefetch_on(),
       )
       o, cache = o[:, None], {"k": k_cache, "v": v_cache}
     else:
@@ -153,7 +153,7 @@ class Attention(nnx.Module):
         cache["v"],
         positions_BxL[:, 0],
         (k[:, 0], v[:, 0]),
-        prefetch=decode_attention.PREFETCH,
+        prefetch=self.cfg.decode_prefetch_on(),
       )
       o = o[:, None]
     else:
@@ -225,6 +225,7 @@ class FeedForward(nnx.Module):
       output_major=c.decode_gemv_impl() == "rowdot",
       norm=norm.spec,
       residual=True,
+      streaming=c.decode_prefetch_on(),
     )
 
 
@@ -251,7 +252,7 @@ class Block(nnx.Module):
     """What the attention kernel reads into L2 (`decode_attention_warm_mb`): the output
     projection whole, then the rest of the budget shared by the weights the FFN's first
     kernel reads side by side (MoC: the gate; dense: gate and up)."""
-    budget = self.attn.cfg.decode_attention_warm_mb << 20
+    budget = self.attn.cfg.decode_attention_warm_bytes()
     if not budget or self.attn.decode_weights is None or self.ffn.decode_weights is None:
       return ()
     w_o = self.attn.decode_weights[1][...]

@@ -26,6 +26,7 @@ KERNEL_BACKENDS = ("auto", "xla", "pallas")
 DECODE_ATTENTION = ("auto", "xla", "pallas", "fused")
 DECODE_GEMVS = ("auto", "splitk", "rowdot")
 DTYPES = ("float32", "bfloat16", "float16")
+DECODE_WARM_MB = 16  # `decode_attention_warm_mb`'s auto value for MoC models
 
 
 class ConfigError(ValueError):
@@ -66,8 +67,13 @@ class ModelConfig:
   decode_gemv: str = "auto"
   # MB of the weights read right after the fused decode attention (the output projection,
   # then the FFN's first weights) that its launch reads into L2 on the SMs its one program per
-  # head leaves idle (`decode_attention.attend_qkv(warm=...)`); 0: off. Opt-in until timed.
-  decode_attention_warm_mb: int = 0
+  # head leaves idle (`decode_attention.attend_qkv(warm=...)`); 0: off; None: auto
+  # (`decode_attention_warm_bytes`)
+  decode_attention_warm_mb: int | None = None
+  # decode kernels loading one step ahead: the attention's K and V blocks, and the narrow
+  # one-token GEMVs (q, k, v, the output projection) on a resident grid
+  # (`_decode_rowdot.rowdot_config(streaming=True)`); None: auto (`decode_prefetch_on`)
+  decode_prefetch: bool | None = None
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -101,6 +107,21 @@ class ModelConfig:
       return "rowdot" if backends.resolve(self.kernel_backend) == "pallas" else "splitk"
     return self.decode_gemv
 
+  def decode_attention_warm_bytes(self) -> int:
+    """None: 16 MB for MoC models, 0 for dense. End to end on the H200 (1b, batch 1,
+    decode_e2e_h200_20261205c.json) MoC took 1.144 instead of 1.253 ms of device time per
+    token with the warming, `decode_prefetch` and its kernels' defaults of now; for dense
+    the warming alone gained 1.8% on an H100 (decode_e2e_h100_20261205.json), untimed alone
+    on an H200."""
+    mb = self.decode_attention_warm_mb
+    return (DECODE_WARM_MB if self.ffn != "dense" else 0) << 20 if mb is None else mb << 20
+
+  def decode_prefetch_on(self) -> bool:
+    """None: on for MoC models, off for dense. The resident grid pays where a kernel before
+    the GEMV warmed its weight in L2, as MoC's do (the rows kernel warms the next q, k, v, the
+    attention the output projection and the gate); dense's GEMVs read cold weights."""
+    return self.ffn != "dense" if self.decode_prefetch is None else self.decode_prefetch
+
   def validate(self) -> ModelConfig:
     """Raise ConfigError naming the first bad value."""
     _choice("model.ffn", self.ffn, moc.VARIANTS)
@@ -114,7 +135,7 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-    if self.decode_attention_warm_mb < 0:
+    if self.decode_attention_warm_mb is not None and self.decode_attention_warm_mb < 0:
       raise ConfigError(
         f"model.decode_attention_warm_mb must be >= 0, got {self.decode_attention_warm_mb}"
       )

@@ -61,21 +61,40 @@ class RowdotConfig:
   programs: int = 0
 
 
+STREAMING_PER_SM = 4  # `rowdot_config(streaming=True)`'s resident programs per SM
+
+
 def rowdot_config(
-  num_tokens: int, d_model: int, n: int, weights: int = 1, itemsize: int = 2
+  num_tokens: int,
+  d_model: int,
+  n: int,
+  weights: int = 1,
+  itemsize: int = 2,
+  streaming: bool = False,
 ) -> RowdotConfig:
   """From the H200 sweep at T = 1 (`gemv_sweep_rowdot_h200_20261205.json`, bf16): 8 rows and
   512-wide D steps, except for one 2-byte weight at one token, where a D over 2048 goes in
   2048-wide steps (dense down at D = 5464: 11.2 µs against 21.0; 168 registers a thread) and
   N from 16384 up in 4 rows (the unembedding, N = 32000: 37.3 against 41.2). Two weights (the
   SwiGLU), fp32 weights and T > 1 keep the default: their wider steps were not measured and
-  hold more registers and shared memory."""
+  hold more registers and shared memory.
+
+  streaming: a narrow GEMV (T = 1, one weight, 512-wide steps, N < 16384: q, k, v, the output
+  projection, MoC's gate) loads each step one ahead on a grid of 4 programs per SM that stays
+  resident (`STREAMING_PER_SM`). It pays where the weight is already in L2 (warmed by the
+  kernel before it): in MoC's decode loop on the H200 it took q, k, v 0.193 → 0.188 and the
+  gate 0.186 → 0.180 ms per token, on the H100 q, k, v 0.328 → 0.268; it made dense's
+  2048-wide down GEMV 2.2-3× slower and its output projection slower (NOTES_decode
+  2026-12-05e), so wider steps, two weights and the unembedding never stream."""
   if num_tokens != 1 or weights != 1:
     return RowdotConfig()
-  return RowdotConfig(
+  cfg = RowdotConfig(
     block_n=4 if n >= 16384 else 8,
     block_d=2048 if d_model > 2048 and itemsize <= 2 else 512,
   )
+  if streaming and cfg.block_d <= 512 and n < 16384:
+    return dataclasses.replace(cfg, prefetch=True, programs=STREAMING_PER_SM * tu.sm_count())
+  return cfg
 
 
 def _rows(num_tokens: int, cfg: RowdotConfig) -> int:
@@ -312,6 +331,7 @@ def rowdot(
   residual: jax.Array | None = None,
   return_normed: bool = False,
   out_cols: int | None = None,
+  streaming: bool = False,
 ):
   """y_TxN = x Wᵀ for T ≤ 16 tokens (leading dims of x flattened), W output-major (N × D);
   fp32 accumulation, one cast to out_dtype (default x's dtype).
@@ -319,7 +339,8 @@ def rowdot(
   norm = (scale_D, eps): x is RMS-normalized first, as `model.RMSNorm` does (so the norm
   costs no launch of its own); return_normed: also return that normalized x (T × D).
   residual (x's leading dims × N): y = residual + x Wᵀ, added as XLA adds two bf16 arrays.
-  out_cols (>= N, no residual): y is that wide, 0 past N (the padded G a select reads)."""
+  out_cols (>= N, no residual): y is that wide, 0 past N (the padded G a select reads).
+  streaming: without a config, `rowdot_config`'s streaming tile where it applies."""
   lead, x_TxD, out_dtype = check_gemv_inputs("rowdot", x_TxD, w_NxD, 1, out_dtype)
   n, d_model = w_NxD.shape
   if out_cols is not None and (out_cols < n or residual is not None):
@@ -330,7 +351,8 @@ def rowdot(
   if num_tokens == 0:
     y = jnp.zeros((*lead, n), out_dtype)
     return (y, jnp.zeros((*lead, d_model), x_TxD.dtype)) if normed else y
-  cfg = config or rowdot_config(num_tokens, d_model, n, itemsize=w_NxD.dtype.itemsize)
+  size = w_NxD.dtype.itemsize
+  cfg = config or rowdot_config(num_tokens, d_model, n, itemsize=size, streaming=streaming)
   res = None if residual is None else residual.reshape(num_tokens, n)
   interpret = tu.default_interpret(interpret)
   out = _rowdot(x_TxD, (w_NxD,), cfg, out_dtype, interpret, norm_eps, normed, n, scale, res)

@@ -31,8 +31,6 @@ I32 = jnp.int32
 # Warming programs beside the attention's own (`attend_qkv(warm=...)`): two per H200 SM, as
 # the top-K's (`DecodeConfig.warm_programs`, the best of 131 and 264 there).
 WARM_PROGRAMS = 264
-# What the model asks for (`prefetch=`): K and V loaded one block ahead. Off until timed.
-PREFETCH = False
 
 
 def _rotated(ref, part, b, h, e, half, in_head, cos_ref, sin_ref, dtype):

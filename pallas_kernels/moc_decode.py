@@ -65,6 +65,7 @@ def decode_ffn(
   output_major: bool = False,
   norm: tuple[jax.Array, float] | None = None,
   residual: jax.Array | None = None,
+  streaming: bool = False,
 ) -> jax.Array:
   """MoC FFN: same contract as `reference.decode_ffn` (leading dims of x are flattened).
 
@@ -73,7 +74,8 @@ def decode_ffn(
   output_major: the gate weight comes as Wgᵀ (F × D) and its GEMV is `_decode_rowdot`'s;
   norm = (scale, eps) (output_major only): the FFN of RMSNorm(x), the norm inside that GEMV;
   residual (shaped as x): residual + FFN, added as XLA adds two arrays (inside the sum of the
-  list pipeline's partials with `DecodeConfig.list_sum='kernel'`)."""
+  list pipeline's partials with `DecodeConfig.list_sum='kernel'`). streaming (output_major):
+  the gate GEMV on `_decode_rowdot.rowdot_config(streaming=True)`'s tile where it applies."""
   if norm is not None and not output_major:
     raise ValueError("decode_ffn: a norm prologue needs output_major weights")
   x_TxD, lead = _flatten(x_TxD)
@@ -99,7 +101,9 @@ def decode_ffn(
   # would be frozen by jit's cache at its first trace
   size, gate = w_gate_DxF.dtype.itemsize, None
   if output_major:
-    gate = _decode_rowdot.rowdot_config(num_tokens, d_model, d_ff, itemsize=size)
+    gate = _decode_rowdot.rowdot_config(
+      num_tokens, d_model, d_ff, itemsize=size, streaming=streaming
+    )
   args = (k, variant, cfg, interpret, warm, output_major, scale, eps, res, gate)
   y = _moc_kernels(x_TxD, *ws, *args)
   return y.reshape(*lead, d_model)
@@ -151,8 +155,8 @@ def _mosaic_width(d_ff: int) -> int:
 def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: bool) -> bool:
   """Whether the list pipeline selects with the Mosaic GPU radix select, its one-CTA-per-token
   top-K summing the gate partials as it loads them (`mgpu_select.select_partials`):
-  selection 'mgpu', or 'auto' where it can run (`mgpu_select.usable`, K % 8 == 0). Opt-in
-  (`LIST_TOPK` keeps 'triton') until an H200 run times it against the Triton select."""
+  selection 'mgpu', or 'auto' (`LIST_TOPK`'s) where it can run (`mgpu_select.usable`,
+  K % 8 == 0)."""
   from pallas_kernels import mgpu_select
 
   fits = k % 8 == 0 or topk_cfg.selection == "mgpu"  # 'mgpu' raises on what it cannot take

@@ -1,6 +1,8 @@
 """The interleaved timer: every fn sampled once per trial, in an order rotated each trial; a fn
 that fails is dropped and the rest still compared; ratios paired trial by trial."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -166,7 +168,8 @@ def test_decode_e2e_records_a_variant_that_fails_to_build(tmp_path, monkeypatch)
 
 def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
   """--attn_warm_mb=1:8 adds a MoC row whose attention warms L2 (1 MB on 8 programs, patched
-  only while that row compiles), with the same tokens as the row without."""
+  only while that row compiles), with the same tokens as the default row (16 MB on 264) and
+  the row warming nothing (`moc_kernel_before`)."""
   import json
   import sys
 
@@ -179,57 +182,54 @@ def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
     lambda *a, **kw: calls.append((kw["warm_bytes"], kw["warm_programs"])) or real(*a, **kw),
   )
   out = tmp_path / "e2e.json"
-  only = "--only=moc_kernel,moc_kernel_awarm1p8"
+  only = "--only=moc_kernel,moc_kernel_awarm1p8,moc_kernel_before"
   argv = ["x", "--quick", "--trials=1", "--attn_warm_mb=1:8", only, f"--out={out}"]
   monkeypatch.setattr(sys, "argv", argv)
   decode_e2e.main()
   rows = json.loads(out.read_text())["rows"]
   assert "error" not in rows["moc_kernel_awarm1p8"]
-  assert rows["moc_kernel_awarm1p8"]["tokens"] == rows["moc_kernel"]["tokens"]
-  assert {p for b, p in calls if b} == {8} and decode_e2e.decode_attention.WARM_PROGRAMS == 264
+  tokens = rows["moc_kernel"]["tokens"]
+  assert rows["moc_kernel_awarm1p8"]["tokens"] == tokens == rows["moc_kernel_before"]["tokens"]
+  assert {p for b, p in calls if b} == {8, 264} and decode_e2e.decode_attention.WARM_PROGRAMS == 264
+  assert any(not b for b, _ in calls)  # moc_kernel_before's
 
 
 def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
-  """Each knob row compiles under its own settings (the sum kernel, the one rowdot config,
-  the loads one step ahead in rowdot and in the attention, rowdot's resident grid; `*_all`
-  under all of them) and leaves them as they were."""
+  """Each knob row compiles under its own settings (the one rowdot config, the loads one step
+  ahead, the resident grid; MoC's XLA sum, Triton select, no warming, and all of the defaults
+  before) and leaves them as they were."""
   from benchmarks import decode_e2e
 
   d = decode_e2e
-  pick = d._decode_rowdot.rowdot_config
+  pick, default = d._decode_rowdot.rowdot_config, d.moc_decode.moc_config(1, 2048, 5464)
   seen = {}
-  names = ("moc_kernel_sumk", "dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_apf")
-  for name in (*names, "moc_kernel_all", "dense_kernel_all", "moc_kernel_allm"):
+  for name in ("dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_xsum", "moc_kernel_triton"):
     with d._patched(name):
       seen[name] = (
-        d.moc_decode.moc_config(1, 2048, 5464).list_sum,
+        d.moc_decode.moc_config(1, 2048, 5464),
         d._decode_rowdot.rowdot_config(1, 5464, 2048),
         d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).prefetch,
-        d.decode_attention.PREFETCH,
       )
-  assert seen["moc_kernel_sumk"][0] == "kernel"
   assert seen["dense_kernel_rowdot0"][1] == d._decode_rowdot.RowdotConfig()
   assert seen["moc_kernel_rdpf"][1].prefetch and seen["moc_kernel_rdpf"][1].block_d == 2048
   assert not seen["moc_kernel_rdpf"][2]  # the SwiGLU's two weights keep their config
-  assert seen["moc_kernel_apf"][3] and not seen["moc_kernel_rdpf"][3]
+  assert seen["moc_kernel_xsum"][0] == replace(default, list_sum="xla")
+  triton = seen["moc_kernel_triton"][0]
+  assert triton.topk.selection == "triton" and triton.warm_from == "select" and triton.warm_bytes
+  assert triton.list_sum == "kernel"
+  with d._patched("moc_kernel_before"):
+    before = d.moc_decode.moc_config(1, 2048, 5464)
+  assert before == replace(triton, list_sum="xla")
   with d._patched("dense_kernel_rds"):  # a resident grid: 2 programs per SM at 2048 wide
     sms = tu.sm_count()
     assert d._decode_rowdot.rowdot_config(1, 5464, 2048).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 6144).programs == 4 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(4, 2048, 6144).programs == 0
-  for v in ("moc", "dense"):  # every knob at once (sumk is MoC's alone)
-    list_sum, rowdot, _, prefetch = seen[f"{v}_kernel_all"]
-    assert rowdot.prefetch and prefetch and list_sum == ("kernel" if v == "moc" else "xla")
-  for name in ("moc_kernel_mgpu", "moc_kernel_allm"):
-    with d._patched(name):
-      mosaic = d.moc_decode.moc_config(1, 2048, 5464)
-    assert mosaic.topk.selection == "mgpu" and mosaic.warm_from == "rows" and mosaic.warm_bytes
   with d._patched("moc_kernel_mgpu_cold"):
-    assert d.moc_decode.moc_config(1, 2048, 5464).warm_bytes == 0
-  assert seen["moc_kernel_allm"][0] == "kernel"  # with sumk
-  assert d.moc_decode.moc_config(1, 2048, 5464).list_sum == "xla"
-  assert d._decode_rowdot.rowdot_config is pick and not d.decode_attention.PREFETCH
+    assert d.moc_decode.moc_config(1, 2048, 5464) == replace(default, warm_bytes=0)
+  assert d.moc_decode.moc_config(1, 2048, 5464) == default
+  assert d._decode_rowdot.rowdot_config is pick
 
 
 def test_a_swapped_rowdot_config_reaches_the_moc_gate_after_a_default_call(monkeypatch):

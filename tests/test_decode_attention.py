@@ -285,7 +285,9 @@ def test_model_attention_warm_plan_and_same_tokens(monkeypatch, ffn):
   from moc_jax import generate, model_config
   from moc_jax.model import Transformer
 
-  cfg = model_config.from_preset("tiny", vocab_size=301, num_layers=2, dtype="float32", ffn=ffn)
+  cfg = model_config.from_preset(
+    "tiny", vocab_size=301, num_layers=2, dtype="float32", ffn=ffn, decode_attention_warm_mb=0
+  )
   plain = generate.with_backend(
     Transformer(cfg, nnx.Rngs(3)), "pallas", decode_attention="fused", decode_gemv="rowdot"
   )

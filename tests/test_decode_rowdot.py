@@ -72,6 +72,62 @@ def test_rowdot_config_picks_and_its_wide_step_at_t1():
   assert _rel_err_f64(y, x, w) < TOL[jnp.bfloat16], f"seed={seed}"
 
 
+def test_rowdot_config_streams_only_narrow_one_token_gemvs():
+  """streaming=True: q, k, v, the output projection and MoC's gate (T = 1, one weight,
+  512-wide steps, N < 16384) load a step ahead on 4 resident programs per SM; 2048-wide steps
+  (dense's down GEMV, every one-weight GEMV at d > 2048), the unembedding, the SwiGLU's two
+  weights and T > 1 keep their tile."""
+  pick = functools.partial(_decode_rowdot.rowdot_config, streaming=True)
+  sms = _decode_rowdot.tu.sm_count()
+  for d, n in ((2048, 6144), (2048, 2048), (2048, 5464), (512, 1376)):
+    cfg = pick(1, d, n)
+    plain = _decode_rowdot.rowdot_config(1, d, n)
+    assert cfg == dataclasses.replace(plain, prefetch=True, programs=4 * sms), (d, n)
+  for args in ((1, 5464, 2048), (1, 4096, 11008), (1, 2048, 32000), (4, 2048, 6144)):
+    assert pick(*args) == _decode_rowdot.rowdot_config(*args), args
+  assert pick(1, 2048, 5464, weights=2) == _decode_rowdot.RowdotConfig()
+
+
+@pytest.mark.parametrize("ffn", ["moc", "dense"])
+def test_model_decode_prefetch_reaches_the_gemvs_and_keeps_the_tokens(monkeypatch, ffn):
+  """model.decode_prefetch (auto: on for MoC, off for dense) hands the narrow GEMVs the
+  streaming tile (q, k, v, the output projection, MoC's gate) and the attention its loads a
+  block ahead; the fp32 tiny model's greedy tokens are the same either way (interpret mode)."""
+  from moc_jax import generate, model_config
+  from moc_jax.model import Transformer
+  from pallas_kernels import decode_attention
+
+  cfg = model_config.from_preset("tiny", vocab_size=301, num_layers=2, dtype="float32", ffn=ffn)
+  assert cfg.decode_prefetch_on() == (ffn == "moc")
+  assert cfg.decode_attention_warm_bytes() == (16 << 20 if ffn == "moc" else 0)
+  seen, attn = [], []
+  rowdot, attend = _decode_rowdot._rowdot, decode_attention.attend_qkv
+  monkeypatch.setattr(
+    _decode_rowdot,
+    "_rowdot",
+    lambda x, ws, c, *a: seen.append((len(ws), c.prefetch, c.programs)) or rowdot(x, ws, c, *a),
+  )
+  monkeypatch.setattr(
+    decode_attention,
+    "attend_qkv",
+    lambda *a, **kw: attn.append(kw["prefetch"]) or attend(*a, **kw),
+  )
+  tokens = {}
+  for on in (True, False):
+    seen.clear(), attn.clear()
+    m = generate.with_backend(
+      Transformer(dataclasses.replace(cfg, decode_prefetch=on), nnx.Rngs(3)),
+      "pallas",
+      decode_attention="fused",
+      decode_gemv="rowdot",
+    )
+    tokens[on] = generate.generate(m, [[1, 5, 9, 13, 2]], 3)  # T = 1: one row
+    streamed = {(p, g > 0) for w, p, g in seen if w == 1}
+    assert (True, True) in streamed if on else streamed <= {(False, False)}
+    assert attn and set(attn) == {on}
+  assert tokens[True] == tokens[False]
+
+
 def test_rowdot_out_cols_pads_with_zeros():
   """out_cols > N: y is that wide, its first N columns as without, the rest exactly 0 (the
   padded G the Mosaic select reads); out_cols < N or with a residual is refused."""
