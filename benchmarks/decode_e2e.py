@@ -8,17 +8,15 @@ compiled first (an executable of its own), then each is timed once per round for
 the machine's speed over the run (±5% between rows run one after another) cancels within a
 round. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend) and `dense_xla`
-(XLA's dots). MoC runs with the default decode config (since 2026-12-05f: the Mosaic GPU
-select, its rows kernel's launch warming the next layer's q, k, v; the partials summed with
-the residual add in one kernel; the model's `decode_prefetch` and 16 MB of attention
-warming), as `moc_kernel_mask` with the mask pipeline forced, `moc_kernel_triton` with the
-Triton top-K (its own launch warming), `moc_kernel_xsum` with XLA's sum and add,
-`moc_kernel_mgpu_cold` warming nothing from the FFN, and `moc_kernel_before` on the defaults
-before 2026-12-05f (Triton top-K, XLA's sum, no prefetch, no attention warming).
-`dense_kernel_pf` / `moc_kernel_nopf`: the model's `decode_prefetch` on for dense / off for
-MoC (attention K and V a block ahead; q, k, v, the output projection and MoC's gate streamed
-on a resident grid); `dense_kernel_pf16` dense with MoC's model defaults (that and 16 MB of
-attention warming).
+(XLA's dots). MoC runs with the default decode config (since 2026-12-05f: the partials
+summed with the residual add in one kernel, 16 MB of attention warming), as `moc_kernel_mask`
+with the mask pipeline forced, `moc_kernel_mgpu` with the list pipeline's top-K as the Mosaic
+GPU select (the rows kernel's launch warming the next layer's q, k, v; `moc_kernel_mgpu_cold`
+without any warming from the FFN), `moc_kernel_xsum` with XLA's sum and add, and
+`moc_kernel_before` on the defaults before 2026-12-05f (XLA's sum, no prefetch, no attention
+warming). `dense_kernel_nopf` / `moc_kernel_nopf`: the model's `decode_prefetch` off (on by
+default since 2026-12-05f: attention K and V a block ahead; q, k, v, the output projection
+and MoC's gate streamed on a resident grid).
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
@@ -184,12 +182,11 @@ def main() -> None:
   variants = {  # fastest paths first: a timeout keeps them
     "dense_kernel": dict(ffn="dense", kernel_backend="pallas"),
     "moc_kernel": dict(ffn="moc", kernel_backend="pallas"),
-    "dense_kernel_pf": dict(ffn="dense", kernel_backend="pallas", decode_prefetch=True),
-    "dense_kernel_pf16": dict(
-      ffn="dense", kernel_backend="pallas", decode_prefetch=True, decode_attention_warm_mb=16
-    ),
-    "moc_kernel_nopf": dict(ffn="moc", kernel_backend="pallas", decode_prefetch=False),
-    "moc_kernel_triton": dict(ffn="moc", kernel_backend="pallas"),
+    **{
+      f"{v}_kernel_nopf": dict(ffn=v, kernel_backend="pallas", decode_prefetch=False)
+      for v in ("dense", "moc")
+    },
+    "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_xsum": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_before": dict(
       ffn="moc", kernel_backend="pallas", decode_prefetch=False, decode_attention_warm_mb=0
@@ -317,10 +314,8 @@ def _patched(name: str):
     edits.append(lambda c: replace(c, pipeline="mask", topk=None))
   if knob in ("xsum", "before"):  # XLA's reduce, then its add
     edits.append(lambda c: replace(c, list_sum="xla"))
-  if knob in ("triton", "before"):  # the Triton top-K, its own launch warming
-    edits.append(_with_triton_select)
-  if knob == "cold":  # no L2 warming from the FFN's kernels
-    edits.append(lambda c: replace(c, warm_bytes=0))
+  if knob in ("mgpu", "cold"):  # the Mosaic select, the rows kernel warming (cold: nothing)
+    edits.append(lambda c: _with_mosaic_select(c, cold=knob == "cold"))
   if name.startswith("moc_kernel_warm"):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
     warm = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -337,12 +332,14 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = original_rowdot
 
 
-def _with_triton_select(cfg):
-  """`cfg` selecting with the Triton top-K where it has a top-K (the list pipeline, T <= 4),
-  whose launch warms L2 (`DecodeConfig.warm_from='select'`): MoC's default before 2026-12-05f."""
+def _with_mosaic_select(cfg, cold: bool = False):
+  """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
+  T <= 4); the rows kernel's launch warms L2 with the same bytes (`DecodeConfig.warm_from`),
+  unless cold (no warming)."""
   if cfg.topk is None:
     return cfg
-  return replace(cfg, topk=replace(cfg.topk, selection="triton"), warm_from="select")
+  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_from="rows")
+  return replace(mosaic, warm_bytes=0) if cold else mosaic
 
 
 def _summarise(result: dict, out: str, reference: str) -> None:

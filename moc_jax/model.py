@@ -134,7 +134,7 @@ class Attention(nnx.Module):
         warm=tuple(w for w, _ in warm),
         warm_bytes=tuple(b for _, b in warm),
         warm_programs=decode_attention.WARM_PROGRAMS,
-        prefetch=c.decode_prefetch_on(),
+        prefetch=c.decode_prefetch,
       )
       o, cache = o[:, None], {"k": k_cache, "v": v_cache}
     else:
@@ -153,7 +153,7 @@ class Attention(nnx.Module):
         cache["v"],
         positions_BxL[:, 0],
         (k[:, 0], v[:, 0]),
-        prefetch=self.cfg.decode_prefetch_on(),
+        prefetch=self.cfg.decode_prefetch,
       )
       o = o[:, None]
     else:
@@ -225,7 +225,7 @@ class FeedForward(nnx.Module):
       output_major=c.decode_gemv_impl() == "rowdot",
       norm=norm.spec,
       residual=True,
-      streaming=c.decode_prefetch_on(),
+      streaming=c.decode_prefetch,
     )
 
 

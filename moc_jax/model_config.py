@@ -71,9 +71,11 @@ class ModelConfig:
   # (`decode_attention_warm_bytes`)
   decode_attention_warm_mb: int | None = None
   # decode kernels loading one step ahead: the attention's K and V blocks, and the narrow
-  # one-token GEMVs (q, k, v, the output projection) on a resident grid
-  # (`_decode_rowdot.rowdot_config(streaming=True)`); None: auto (`decode_prefetch_on`)
-  decode_prefetch: bool | None = None
+  # one-token GEMVs (q, k, v, the output projection, MoC's gate) on a resident grid
+  # (`_decode_rowdot.rowdot_config(streaming=True)`). End to end on an H100 (1b, batch 1,
+  # decode_e2e_h100_20261205f.json, paired rounds) it gained dense 1.9% (the attention and q,
+  # k, v faster) and MoC 8.6% (the gate and q, k, v, warmed in L2 before them, faster).
+  decode_prefetch: bool = True
   remat: str = "none"  # none | ffn | full
   pad_to: int | None = None  # pad F inside the op (None: 128 on GPU, none on CPU)
 
@@ -110,17 +112,11 @@ class ModelConfig:
   def decode_attention_warm_bytes(self) -> int:
     """None: 16 MB for MoC models, 0 for dense. End to end on the H200 (1b, batch 1,
     decode_e2e_h200_20261205c.json) MoC took 1.144 instead of 1.253 ms of device time per
-    token with the warming, `decode_prefetch` and its kernels' defaults of now; for dense
-    the warming alone gained 1.8% on an H100 (decode_e2e_h100_20261205.json), untimed alone
-    on an H200."""
+    token with the warming, prefetch, the one-kernel sum and the Mosaic select together; for
+    dense (prefetch off) the warming alone gained 1.0% on an H100, paired
+    (decode_e2e_h100_20261205f.json)."""
     mb = self.decode_attention_warm_mb
     return (DECODE_WARM_MB if self.ffn != "dense" else 0) << 20 if mb is None else mb << 20
-
-  def decode_prefetch_on(self) -> bool:
-    """None: on for MoC models, off for dense. The resident grid pays where a kernel before
-    the GEMV warmed its weight in L2, as MoC's do (the rows kernel warms the next q, k, v, the
-    attention the output projection and the gate); dense's GEMVs read cold weights."""
-    return self.ffn != "dense" if self.decode_prefetch is None else self.decode_prefetch
 
   def validate(self) -> ModelConfig:
     """Raise ConfigError naming the first bad value."""

@@ -178,9 +178,7 @@ def dense_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
 # (512-lane chunks: 32.3, 65.8, 79.2; 4 or 16 warps slower everywhere).
 # From a checked Gaussian guess (decode_ffn_h200_20261203d.json): 30.4 vs 33.2 us at d = 2048,
 # 60.2 vs 66.3 at d = 4096, F = 11008; 79.9 vs 72.7 at F = 14336 (a noisy shape in that run).
-# Since 2026-12-05f 'auto': the Mosaic GPU select where it runs (one CTA per token, the gate's
-# fp32 partial summed as it loads; `moc_decode._mosaic_select`), these knobs elsewhere.
-LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8, gauss_margin=0.1, selection="auto")
+LIST_TOPK = TopKConfig(chunk=1024, fan=2, num_warps=8, gauss_margin=0.1)
 WARM_BYTES = 16 << 20  # `moc_config`'s L2 warming from the list pipeline's top-K launch
 
 
@@ -200,12 +198,12 @@ def moc_config(num_tokens: int, d_model: int, d_ff: int) -> DecodeConfig:
   XLA: the select summing them lost at T = 4 (114.8 vs 101.7 µs at F = 11008, 130.3 vs 118.4
   at F = 14336; decode_ffn_t4_h200_20261204.json) and at T = 1 (77.9 vs 63.5, 88.7 vs 78.6;
   decode_ffn_t16_t1_h200_20261204.json).
-  The list pipeline selects with the Mosaic GPU select where it runs (`LIST_TOPK`'s 'auto';
-  then the rows kernel's launch warms) and sums its partials with the residual add in one
-  kernel (`list_sum='kernel'`). End to end on the H200 (decode_e2e_h200_20261205c.json) with
-  the model's decode_prefetch and attention warming: 1.154 ms of device time per token
-  against 1.253 with neither (the Triton select, XLA's sum, no prefetch); alone on an H100
-  (decode_e2e_h100_20261205.json) the sum kernel gained 1-2.5%, the Mosaic select lost 11%.
+  The list pipeline sums its partials with the residual add in one kernel
+  (`list_sum='kernel'`). The Triton top-K stays its select: with the model's decode_prefetch
+  and attention warming on an H100 (decode_e2e_h100_20261205f.json, paired rounds) it decoded
+  5% faster than the Mosaic GPU select (858.7 against 815.0 tokens/s): the select's own
+  launch warming the next q, k, v beside it cost 0.06 ms per token less than the rows
+  kernel warming it after the Mosaic select (`warm_from='rows'`).
   The top-K's launch also warms L2 with 16 MB of the next layer's q, k, v weight. End to end
   (1b, T = 1, decode_e2e_warm_h200_20261204{,b,d}.json) that weight's GEMV took 5.9 instead of
   8.1 µs per layer and the top-K 8.1 instead of 7.1: device time per token 1.4307 / 1.4297 /

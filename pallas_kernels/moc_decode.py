@@ -155,8 +155,8 @@ def _mosaic_width(d_ff: int) -> int:
 def _mosaic_select(dtype, d_ff: int, k: int, variant: str, topk_cfg, interpret: bool) -> bool:
   """Whether the list pipeline selects with the Mosaic GPU radix select, its one-CTA-per-token
   top-K summing the gate partials as it loads them (`mgpu_select.select_partials`):
-  selection 'mgpu', or 'auto' (`LIST_TOPK`'s) where it can run (`mgpu_select.usable`,
-  K % 8 == 0)."""
+  selection 'mgpu', or 'auto' where it can run (`mgpu_select.usable`, K % 8 == 0). Opt-in
+  (`LIST_TOPK` keeps 'triton': it decoded faster end to end, `moc_config`)."""
   from pallas_kernels import mgpu_select
 
   fits = k % 8 == 0 or topk_cfg.selection == "mgpu"  # 'mgpu' raises on what it cannot take

@@ -196,14 +196,14 @@ def test_decode_e2e_attention_warm_rows(tmp_path, monkeypatch):
 
 def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   """Each knob row compiles under its own settings (the one rowdot config, the loads one step
-  ahead, the resident grid; MoC's XLA sum, Triton select, no warming, and all of the defaults
-  before) and leaves them as they were."""
+  ahead, the resident grid; MoC's XLA sum, the Mosaic select warmed from the rows kernel or
+  not at all) and leaves them as they were."""
   from benchmarks import decode_e2e
 
   d = decode_e2e
   pick, default = d._decode_rowdot.rowdot_config, d.moc_decode.moc_config(1, 2048, 5464)
   seen = {}
-  for name in ("dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_xsum", "moc_kernel_triton"):
+  for name in ("dense_kernel_rowdot0", "moc_kernel_rdpf", "moc_kernel_xsum", "moc_kernel_before"):
     with d._patched(name):
       seen[name] = (
         d.moc_decode.moc_config(1, 2048, 5464),
@@ -213,21 +213,21 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
   assert seen["dense_kernel_rowdot0"][1] == d._decode_rowdot.RowdotConfig()
   assert seen["moc_kernel_rdpf"][1].prefetch and seen["moc_kernel_rdpf"][1].block_d == 2048
   assert not seen["moc_kernel_rdpf"][2]  # the SwiGLU's two weights keep their config
-  assert seen["moc_kernel_xsum"][0] == replace(default, list_sum="xla")
-  triton = seen["moc_kernel_triton"][0]
-  assert triton.topk.selection == "triton" and triton.warm_from == "select" and triton.warm_bytes
-  assert triton.list_sum == "kernel"
-  with d._patched("moc_kernel_before"):
-    before = d.moc_decode.moc_config(1, 2048, 5464)
-  assert before == replace(triton, list_sum="xla")
+  assert default.list_sum == "kernel" and default.topk.selection == "triton"
+  assert (
+    seen["moc_kernel_xsum"][0] == replace(default, list_sum="xla") == seen["moc_kernel_before"][0]
+  )
   with d._patched("dense_kernel_rds"):  # a resident grid: 2 programs per SM at 2048 wide
     sms = tu.sm_count()
     assert d._decode_rowdot.rowdot_config(1, 5464, 2048).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 6144).programs == 4 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(4, 2048, 6144).programs == 0
-  with d._patched("moc_kernel_mgpu_cold"):
-    assert d.moc_decode.moc_config(1, 2048, 5464) == replace(default, warm_bytes=0)
+  for name in ("moc_kernel_mgpu", "moc_kernel_mgpu_cold"):
+    with d._patched(name):
+      mosaic = d.moc_decode.moc_config(1, 2048, 5464)
+    assert mosaic.topk.selection == "mgpu" and mosaic.warm_from == "rows"
+    assert bool(mosaic.warm_bytes) == (name == "moc_kernel_mgpu")
   assert d.moc_decode.moc_config(1, 2048, 5464) == default
   assert d._decode_rowdot.rowdot_config is pick
 

@@ -90,7 +90,7 @@ def test_rowdot_config_streams_only_narrow_one_token_gemvs():
 
 @pytest.mark.parametrize("ffn", ["moc", "dense"])
 def test_model_decode_prefetch_reaches_the_gemvs_and_keeps_the_tokens(monkeypatch, ffn):
-  """model.decode_prefetch (auto: on for MoC, off for dense) hands the narrow GEMVs the
+  """model.decode_prefetch (on by default) hands the narrow GEMVs the
   streaming tile (q, k, v, the output projection, MoC's gate) and the attention its loads a
   block ahead; the fp32 tiny model's greedy tokens are the same either way (interpret mode)."""
   from moc_jax import generate, model_config
@@ -98,7 +98,7 @@ def test_model_decode_prefetch_reaches_the_gemvs_and_keeps_the_tokens(monkeypatc
   from pallas_kernels import decode_attention
 
   cfg = model_config.from_preset("tiny", vocab_size=301, num_layers=2, dtype="float32", ffn=ffn)
-  assert cfg.decode_prefetch_on() == (ffn == "moc")
+  assert cfg.decode_prefetch
   assert cfg.decode_attention_warm_bytes() == (16 << 20 if ffn == "moc" else 0)
   seen, attn = [], []
   rowdot, attend = _decode_rowdot._rowdot, decode_attention.attend_qkv

@@ -143,17 +143,17 @@ def test_output_major_mosaic_with_rows_warming_lowers_for_cuda():
   assert "cp.async.bulk.prefetch" not in text  # the select warms nothing now
 
 
-def test_decode_selects_with_mosaic_where_it_runs():
-  """Decode's shipped top-K config is 'auto': Mosaic where it can run (never in interpret mode
-  or for K % 8 != 0), so CPUs keep the Triton top-K; 'mgpu' always takes Mosaic, 'triton'
-  never."""
+def test_mosaic_select_is_opt_in_for_decode():
+  """Decode's shipped top-K config stays Triton (faster end to end); 'mgpu' always takes
+  Mosaic, 'auto' only where it can run (never in interpret mode or for K % 8 != 0)."""
   pick = functools.partial(moc_decode._mosaic_select, jnp.bfloat16, 5464, 1024, "moc")
-  assert LIST_TOPK.selection == "auto" and not pick(LIST_TOPK, True)
+  assert LIST_TOPK.selection == "triton" and not pick(LIST_TOPK, False)
   assert moc_decode.moc_config(1, 2048, 5464).topk == LIST_TOPK
   assert pick(dataclasses.replace(LIST_TOPK, selection="mgpu"), True)
-  assert not pick(dataclasses.replace(LIST_TOPK, selection="triton"), False)
-  assert not moc_decode._mosaic_select(jnp.bfloat16, 5464, 1020, "moc", LIST_TOPK, False)
-  assert not moc_decode._mosaic_select(jnp.bfloat16, 5464, 1024, "moc_2of8", LIST_TOPK, False)
+  auto = dataclasses.replace(LIST_TOPK, selection="auto")
+  assert not pick(auto, True)
+  assert not moc_decode._mosaic_select(jnp.bfloat16, 5464, 1020, "moc", auto, False)
+  assert not moc_decode._mosaic_select(jnp.bfloat16, 5464, 1024, "moc_2of8", auto, False)
 
 
 def test_decode_ffn_through_mosaic_lowers_for_cuda():
