@@ -32,8 +32,7 @@ def decode_linear(
   rowdot = cfg.decode_gemv_impl() == "rowdot"
   kernel = backends.resolve(cfg.kernel_backend) == "pallas"
   if rowdot and kernel and x_TxK.shape[0] <= _decode_rowdot.MAX_TOKENS:
-    streaming = cfg.decode_prefetch
-    kw = dict(out_dtype=out_dtype, norm=norm, residual=residual, streaming=streaming)
+    kw = dict(out_dtype=out_dtype, norm=norm, residual=residual, streaming=cfg.decode_prefetch)
     return _decode_rowdot.rowdot(x_BxLxK, w, **kw)
   x_TxK = x_TxK if norm is None else reference.rms_norm(x_TxK, *norm)
   gemv = backends.decode_linear(cfg.kernel_backend, x_TxK.shape[0], rowdot)

@@ -81,11 +81,11 @@ def rowdot_config(
 
   streaming: a narrow GEMV (T = 1, one weight, 512-wide steps, N < 16384: q, k, v, the output
   projection, MoC's gate) loads each step one ahead on a grid of 4 programs per SM that stays
-  resident (`STREAMING_PER_SM`). It pays where the weight is already in L2 (warmed by the
-  kernel before it): in MoC's decode loop on the H200 it took q, k, v 0.193 → 0.188 and the
-  gate 0.186 → 0.180 ms per token, on the H100 q, k, v 0.328 → 0.268; it made dense's
-  2048-wide down GEMV 2.2-3× slower and its output projection slower (NOTES_decode
-  2026-12-05e), so wider steps, two weights and the unembedding never stream."""
+  resident (`STREAMING_PER_SM`). It pays most where the weight is already in L2 (warmed by
+  a kernel before it): in MoC's decode loop on the H200 it took q, k, v 0.193 → 0.188 and the
+  gate 0.186 → 0.180 ms per token, on an H100 q, k, v 0.328 → 0.268; dense's q, k, v there
+  0.293 → 0.274 (NOTES_decode 2026-12-05e, f). It made dense's 2048-wide down GEMV 2.2-3×
+  slower, so wider steps, two weights and the unembedding never stream."""
   if num_tokens != 1 or weights != 1:
     return RowdotConfig()
   cfg = RowdotConfig(
