@@ -8,15 +8,15 @@ compiled first (an executable of its own), then each is timed once per round for
 the machine's speed over the run (±5% between rows run one after another) cancels within a
 round. Dense runs on both of its paths and the
 faster counts: `dense_kernel` (the model's decode with the kernel backend) and `dense_xla`
-(XLA's dots). MoC runs with the default decode config (since 2026-12-05f: the partials
-summed with the residual add in one kernel, 16 MB of attention warming), as `moc_kernel_mask`
+(XLA's dots). Both models decode with the attention's launch warming 16 MB of L2 and
+`decode_prefetch` on (defaults since 2026-12-05f; `*_kernel_before` rows: neither). MoC runs
+with the default decode config (since 2026-12-05f its partials summed with the residual add
+in one kernel; `moc_kernel_before` sums them by XLA as before), as `moc_kernel_mask`
 with the mask pipeline forced, `moc_kernel_mgpu` with the list pipeline's top-K as the Mosaic
 GPU select (the rows kernel's launch warming the next layer's q, k, v; `moc_kernel_mgpu_cold`
-without any warming from the FFN), `moc_kernel_xsum` with XLA's sum and add, and
-`moc_kernel_before` on the defaults before 2026-12-05f (XLA's sum, no prefetch, no attention
-warming). `dense_kernel_nopf` / `moc_kernel_nopf`: the model's `decode_prefetch` off (on by
-default since 2026-12-05f: attention K and V a block ahead; q, k, v, the output projection
-and MoC's gate streamed on a resident grid).
+without any warming from the FFN) and `moc_kernel_xsum` with XLA's sum and add.
+`dense_kernel_nopf` / `moc_kernel_nopf`: the model's `decode_prefetch` off (attention K and V
+a block ahead; q, k, v, the output projection and MoC's gate streamed on a resident grid).
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
 of the next layer's q, k, v weight into L2 (`DecodeConfig.warm_bytes`; 0: off) on P programs
 (`warm_programs`).
@@ -28,7 +28,7 @@ step one step ahead (`RowdotConfig.prefetch`; the SwiGLU's two weights keep thei
 that stays resident, each program streaming its row blocks (`RowdotConfig.programs`).
 `dense_kernel_awarmN[pP]` / `moc_kernel_awarmN[pP]` (one pair per `--attn_warm_mb` entry) have
 each layer's attention launch read N MB of the output projection, then of the FFN's first
-weights, into L2 (`model.decode_attention_warm_mb`; MoC's default is 16, dense's 0) on P
+weights, into L2 (`model.decode_attention_warm_mb`; the default is 16) on P
 programs (`decode_attention.WARM_PROGRAMS`).
 The defaults on GPU (since 2026-12-05b): output-major GEMVs with the norms and residual adds
 inside (`model.decode_gemv='rowdot'`) and RoPE inside the attention kernel ('fused').
@@ -188,9 +188,12 @@ def main() -> None:
     },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_xsum": dict(ffn="moc", kernel_backend="pallas"),
-    "moc_kernel_before": dict(
-      ffn="moc", kernel_backend="pallas", decode_prefetch=False, decode_attention_warm_mb=0
-    ),
+    **{
+      f"{v}_kernel_before": dict(
+        ffn=v, kernel_backend="pallas", decode_prefetch=False, decode_attention_warm_mb=0
+      )
+      for v in ("dense", "moc")
+    },
     "moc_kernel_mgpu_cold": dict(ffn="moc", kernel_backend="pallas"),
     # before 2026-12-05b: split-K GEMVs, XLA's norms / RoPE / adds, the plain attention kernel
     **{

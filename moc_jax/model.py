@@ -252,7 +252,7 @@ class Block(nnx.Module):
     """What the attention kernel reads into L2 (`decode_attention_warm_mb`): the output
     projection whole, then the rest of the budget shared by the weights the FFN's first
     kernel reads side by side (MoC: the gate; dense: gate and up)."""
-    budget = self.attn.cfg.decode_attention_warm_bytes()
+    budget = self.attn.cfg.decode_attention_warm_mb << 20
     if not budget or self.attn.decode_weights is None or self.ffn.decode_weights is None:
       return ()
     w_o = self.attn.decode_weights[1][...]

@@ -26,7 +26,6 @@ KERNEL_BACKENDS = ("auto", "xla", "pallas")
 DECODE_ATTENTION = ("auto", "xla", "pallas", "fused")
 DECODE_GEMVS = ("auto", "splitk", "rowdot")
 DTYPES = ("float32", "bfloat16", "float16")
-DECODE_WARM_MB = 16  # `decode_attention_warm_mb`'s auto value for MoC models
 
 
 class ConfigError(ValueError):
@@ -67,9 +66,11 @@ class ModelConfig:
   decode_gemv: str = "auto"
   # MB of the weights read right after the fused decode attention (the output projection,
   # then the FFN's first weights) that its launch reads into L2 on the SMs its one program per
-  # head leaves idle (`decode_attention.attend_qkv(warm=...)`); 0: off; None: auto
-  # (`decode_attention_warm_bytes`)
-  decode_attention_warm_mb: int | None = None
+  # head leaves idle (`decode_attention.attend_qkv(warm=...)`); 0: off. End to end on an H100
+  # (1b, batch 1, with decode_prefetch; decode_e2e_h100_20261205g.json, paired rounds) 16 MB
+  # gained dense 2.3%; MoC gained more (the H200's 1.253 → 1.144 ms per token of 2026-12-05c
+  # came with it); 32 MB cost MoC 8% against 16.
+  decode_attention_warm_mb: int = 16
   # decode kernels loading one step ahead: the attention's K and V blocks, and the narrow
   # one-token GEMVs (q, k, v, the output projection, MoC's gate) on a resident grid
   # (`_decode_rowdot.rowdot_config(streaming=True)`). End to end on an H100 (1b, batch 1,
@@ -109,15 +110,6 @@ class ModelConfig:
       return "rowdot" if backends.resolve(self.kernel_backend) == "pallas" else "splitk"
     return self.decode_gemv
 
-  def decode_attention_warm_bytes(self) -> int:
-    """None: 16 MB for MoC models, 0 for dense. End to end on the H200 (1b, batch 1,
-    decode_e2e_h200_20261205c.json) MoC took 1.144 instead of 1.253 ms of device time per
-    token with the warming, prefetch, the one-kernel sum and the Mosaic select together; for
-    dense (prefetch off) the warming alone gained 1.0% on an H100, paired
-    (decode_e2e_h100_20261205f.json)."""
-    mb = self.decode_attention_warm_mb
-    return (DECODE_WARM_MB if self.ffn != "dense" else 0) << 20 if mb is None else mb << 20
-
   def validate(self) -> ModelConfig:
     """Raise ConfigError naming the first bad value."""
     _choice("model.ffn", self.ffn, moc.VARIANTS)
@@ -131,7 +123,7 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-    if self.decode_attention_warm_mb is not None and self.decode_attention_warm_mb < 0:
+    if self.decode_attention_warm_mb < 0:
       raise ConfigError(
         f"model.decode_attention_warm_mb must be >= 0, got {self.decode_attention_warm_mb}"
       )

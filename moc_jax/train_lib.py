@@ -41,7 +41,7 @@ def build_model_config(
     kernel_backend=model_cfg.kernel_backend,
     decode_attention=model_cfg.get("decode_attention", "auto"),  # absent from older runs
     decode_gemv=model_cfg.get("decode_gemv", "auto"),
-    decode_attention_warm_mb=model_cfg.get("decode_attention_warm_mb"),
+    decode_attention_warm_mb=model_cfg.get("decode_attention_warm_mb", 16),
     decode_prefetch=model_cfg.get("decode_prefetch", True),
     remat=model_cfg.remat,
     pad_to=model_cfg.pad_to,

@@ -99,7 +99,7 @@ def test_model_decode_prefetch_reaches_the_gemvs_and_keeps_the_tokens(monkeypatc
 
   cfg = model_config.from_preset("tiny", vocab_size=301, num_layers=2, dtype="float32", ffn=ffn)
   assert cfg.decode_prefetch
-  assert cfg.decode_attention_warm_bytes() == (16 << 20 if ffn == "moc" else 0)
+  assert cfg.decode_attention_warm_mb == 16
   seen, attn = [], []
   rowdot, attend = _decode_rowdot._rowdot, decode_attention.attend_qkv
   monkeypatch.setattr(
