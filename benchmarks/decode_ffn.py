@@ -63,8 +63,8 @@ PHASES = {
   # the dense path's GEMVs: gate+up and down knobs around `dense_config` (2026-12-04 sweep)
   "dense": (1, ALL, frozenset({"dense"})),
   "dense4": (4, FIRST, frozenset({"dense"})),
-  # the list pipeline's default (the Mosaic GPU select) against the Triton top-K, and the
-  # dense FFN's default beside them
+  # the list pipeline selecting with the Mosaic GPU radix select (opt-in), against its default
+  # (the Triton top-K), and the dense FFN's default beside them
   "mgpu1": (1, FIRST, frozenset({"mgpu"})),
   "mgpu4": (4, FIRST, frozenset({"mgpu"})),
   # the FFN GEMVs output-major (`model.decode_gemv='rowdot'`) against the split-K defaults
@@ -95,15 +95,15 @@ def dense_variants(dense_cfg) -> dict:
   return out
 
 
-def triton_select_rows(moc_cfg, moc, f: int, k: int, interp) -> dict:
-  """Where the list pipeline's default top-K is the Mosaic GPU radix select (a compiled Hopper
-  GPU, F <= 8192, K % 8 == 0; since 2026-12-05f), the same config selecting with the Triton
-  top-K instead (`selection='triton'`)."""
-  interp = tu.default_interpret(interp)
-  if not moc_decode._mosaic_select(jnp.bfloat16, f, k, "moc", moc_cfg.topk, interp):
+def mosaic_rows(moc_cfg, moc, f: int, k: int, interp) -> dict:
+  """The list pipeline's top-K as the Mosaic GPU radix select (`selection='mgpu'`: one CTA per
+  token, the gate partials summed as it loads them; these rows pass no weight to warm), where
+  it can run: a compiled Hopper GPU, F <= 8192, K % 8 == 0."""
+  auto = replace(moc_cfg.topk, selection="auto")
+  if not moc_decode._mosaic_select(jnp.bfloat16, f, k, "moc", auto, tu.default_interpret(interp)):
     return {}
-  cfg = replace(moc_cfg, topk=replace(moc_cfg.topk, selection="triton"))
-  return {"moc_kernel[triton]": (moc(cfg), cfg)}
+  cfg = replace(moc_cfg, topk=replace(moc_cfg.topk, selection="mgpu"))
+  return {"moc_kernel[mgpu]": (moc(cfg), cfg)}
 
 
 def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
@@ -164,7 +164,7 @@ def methods_for(d, f, k, t, variant, interp, kinds: frozenset) -> dict:
       gemv = replace(moc_cfg, dense_down="gemv", **dense_down)
       out["moc_kernel[gemv_down]"] = (moc(gemv), gemv)
   if ("main" in kinds or "mgpu" in kinds) and moc_cfg.topk is not None:
-    out |= triton_select_rows(moc_cfg, moc, f, k, interp)
+    out |= mosaic_rows(moc_cfg, moc, f, k, interp)
     if "mgpu" in kinds:
       out |= {"dense_kernel[new]": dense_defaults["dense_kernel[new]"]}
       out["moc_kernel[default]"] = (moc(moc_cfg), moc_cfg)

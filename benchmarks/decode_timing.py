@@ -118,7 +118,7 @@ def streaming_rowdot(pick):
   SwiGLU's two weights (104, 174 and 168 registers for sm_90 at the 1b shapes, `sass_report`).
   pick: the rule it wraps. (`rowdot_config(streaming=True)` does this for the narrow GEMVs
   alone, with their loads one step ahead.)"""
-  from pallas_kernels import _triton_utils
+  from pallas_kernels import _decode_rowdot, _triton_utils
 
   sms = _triton_utils.sm_count()
 
@@ -126,7 +126,7 @@ def streaming_rowdot(pick):
     cfg = pick(t, d, n, weights, itemsize, streaming)
     if t != 1:
       return cfg
-    per_sm = 2 if cfg.block_d >= 2048 or weights == 2 else 4
+    per_sm = 2 if cfg.block_d >= 2048 or weights == 2 else _decode_rowdot.STREAMING_PER_SM
     return dataclasses.replace(cfg, programs=per_sm * sms)
 
   return config

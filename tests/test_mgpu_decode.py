@@ -247,3 +247,17 @@ def test_probe_decode_rows_check_the_mosaic_select_against_triton(monkeypatch):
   rows = mgpu_select_probe._decode_partials(args, g)
   assert set(rows) == {"decode_topk_partials", "mgpu_topk_partials"}
   assert all(rows[n]["exact_vs_triton"] and "median_us" in rows[n] for n in rows if "mgpu" in n)
+
+
+@pytest.mark.parametrize("usable", [True, False])
+def test_decode_ffn_mgpu_phase_times_the_mosaic_select_beside_the_default(monkeypatch, usable):
+  """`decode_ffn.py --phases mgpu1`: where the Mosaic select can run, a `moc_kernel[mgpu]` row
+  selects with it beside the default (Triton) row; elsewhere the phase has no Mosaic row."""
+  from benchmarks import decode_ffn
+
+  monkeypatch.setattr(mgpu_select, "usable", lambda *a: usable)
+  rows = decode_ffn.methods_for(2048, 5464, 1024, 1, "moc", False, frozenset({"mgpu"}))
+  assert rows["moc_kernel[default]"][1].topk.selection == "triton"
+  assert ("moc_kernel[mgpu]" in rows) == usable
+  if usable:
+    assert rows["moc_kernel[mgpu]"][1].topk.selection == "mgpu"
