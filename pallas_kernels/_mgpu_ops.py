@@ -45,12 +45,14 @@ class SelectOps:
     row_ref) and compact(words, first, row_ref, idx_ref, val_ref) for the whole top-K;
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
-  are PTX `popc` and `fns` on the GPU."""
+  are PTX `popc` and `fns` on the GPU. Keys may come shifted down by `key_offset` (a
+  multiple of 256: signed keys); digits, `high` and `v` stay those of the unsigned keys."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool):
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, key_offset: int = 0):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
+    self._offset = key_offset  # the keys given are the unsigned keys (0…65535) minus this
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -83,25 +85,28 @@ class SelectOps:
 
   def count_high(self, key, ref) -> None:
     if self._interpret:
+      key = key + self._offset
       return _scatter_add(ref, key >> 8, self._valid_key(key))
-    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    self._op("count_high", ptx.count, rl, bl, nv, False)(key, ref)
+    rl, bl, nv, off = self.row_layout, self.bin_layout, self._nv, self._offset
+    self._op("count_high", ptx.count, rl, bl, nv, False, off)(key, ref)
 
   def count_low(self, key, high, ref) -> None:
     if self._interpret:
+      key = key + self._offset
       return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
-    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    self._op("count_low", ptx.count, rl, bl, nv, True)(key, high, ref)
+    rl, bl, nv, off = self.row_layout, self.bin_layout, self._nv, self._offset
+    self._op("count_low", ptx.count, rl, bl, nv, True, off)(key, high, ref)
 
   def ballot_words(self, key, v, above_ref, equal_ref) -> None:
     if self._interpret:
+      key = key + self._offset
       nw, valid = self._f // 32, self._valid_key(key)
       zeros = jnp.zeros((BINS,), I32)
       above_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key > v[0])))
       equal_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key == v[0])))
       return
-    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    self._op("ballot", ptx.ballot_words, rl, bl, nv)(key, v, above_ref, equal_ref)
+    rl, bl, nv, off = self.row_layout, self.bin_layout, self._nv, self._offset
+    self._op("ballot", ptx.ballot_words, rl, bl, nv, off)(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
     if self._interpret:

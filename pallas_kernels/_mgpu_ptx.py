@@ -92,10 +92,12 @@ def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8) -> None:
     _asm(text, operands, ",".join(["r"] * len(operands)))
 
 
-def count(row_layout, bin_layout, num_valid: int, low: bool):
+def count(row_layout, bin_layout, num_valid: int, low: bool, offset: int = 0):
   """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
   the keys whose high byte is `high` (a bins-layout array of that one value). Per key: two
-  or three ALU ops and one shared-memory reduction."""
+  or three ALU ops and one shared-memory reduction. Keys are the unsigned keys minus
+  `offset` (a multiple of 256; 32768: signed keys): the bins' base moves up by offset / 256
+  bins, `high`'s first key down by offset."""
   args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
 
   def element(k, flag, i):
@@ -107,24 +109,28 @@ def count(row_layout, bin_layout, num_valid: int, low: bool):
         k=k, f=flag
       )
     guard = "" if flag is None else f"setp.ne.s32 p, {flag}, 0; @p "
-    return f"shr.u32 d, {k}, 8; mad.lo.u32 a, d, 4, $0; {guard}red.shared::cta.add.u32 [a], $1;"
+    return f"shr.s32 d, {k}, 8; mad.lo.s32 a, d, 4, $0; {guard}red.shared::cta.add.u32 [a], $1;"
 
   @plgpu.inline_mgpu(arg_types=args)
   def count(ctx, key, *rest):
     del ctx
-    fixed = [mgpu_utils.memref_ptr(rest[-1]), _c(1)]
+    base = mgpu_utils.memref_ptr(rest[-1])
+    if not low and offset:
+      base = mgpu_utils.getelementptr(base, [offset // BINS], _i32())
+    fixed = [base, _c(1)]
     if low:
-      fixed.append(arith.muli(_scalar(rest[0]), _c(BINS)))
+      fixed.append(arith.subi(arith.muli(_scalar(rest[0]), _c(BINS)), _c(offset)))
     decls = ".reg .pred p; .reg .b32 a, d;"
     _blocks(_keys(key, num_valid), fixed, element, decls)
 
   return count
 
 
-def ballot_words(row_layout, bin_layout, num_valid: int):
+def ballot_words(row_layout, bin_layout, num_valid: int, offset: int = 0):
   """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
   per register and warp, stored by lane 0 (every word of the row is written). Register i of
-  warp w holds word 4 i + w: an immediate offset from the warp's first word."""
+  warp w holds word 4 i + w: an immediate offset from the warp's first word. Keys are the
+  unsigned keys minus `offset`, v an unsigned key."""
 
   def element(k, flag, i):
     both = (
@@ -146,7 +152,8 @@ def ballot_words(row_layout, bin_layout, num_valid: int):
     ]
     lane0 = arith.extui(_i32(), arith.cmpi(arith.CmpIPredicate.eq, lane, _c(0)))
     decls = ".reg .pred p, e, q; .reg .b32 g, w; setp.ne.s32 q, $3, 0;"
-    _blocks(_keys(key, num_valid), [*ptrs, _scalar(v_array), lane0], element, decls)
+    v = arith.subi(_scalar(v_array), _c(offset))
+    _blocks(_keys(key, num_valid), [*ptrs, v, lane0], element, decls)
 
   return ballot
 
