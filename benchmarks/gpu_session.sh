@@ -32,7 +32,7 @@
 #   mgpu    the Mosaic GPU radix select (benchmarks/mgpu_select_probe.py), exact-checked, then
 #           timed beside the Triton selection; and at T = 1 by kernel time (decode);
 #           MGPU_CTAS, MGPU_SMALL_CTAS: CTA counts; MGPU_FORMS: the kernel's opt-in forms too
-#           (e.g. skey,reload,reload_skey)
+#           (e.g. copies4,copies8)
 #   attn    one decode step's attention + cache update, XLA vs the Pallas kernel, at 256 /
 #           1024 / 4096 slots (benchmarks/decode_attention_bench.py)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise

@@ -11,7 +11,7 @@ algorithm in jnp, for the CPU tests.
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461   # the 1B layer's words
   python3 benchmarks/mgpu_select_probe.py --lower_only   # CPU: lower for CUDA, nothing runs
   python3 benchmarks/mgpu_select_probe.py --t=1 --f=5504 --ctas=1 --device_time   # decode, T = 1
-  python3 benchmarks/mgpu_select_probe.py --forms=skey,reload,reload_skey   # opt-in forms too
+  python3 benchmarks/mgpu_select_probe.py --forms=copies4,copies8   # opt-in forms too
 """
 
 from __future__ import annotations
@@ -87,12 +87,7 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
 
 
 # The kernel's opt-in forms (`mgpu_select.kernel`), timed beside the default: row suffix -> kw.
-FORMS = {
-  "": {},
-  "_skey": {"signed_keys": True},
-  "_reload": {"reload": True},
-  "_reload_skey": {"signed_keys": True, "reload": True},
-}
+FORMS = {"": {}, "_copies2": {"copies": 2}, "_copies4": {"copies": 4}, "_copies8": {"copies": 8}}
 
 
 def _variants(a) -> dict:

@@ -39,20 +39,21 @@ class SelectOps:
 
   Row arrays (F keys, one per register) and bins arrays (256, two per thread):
     count_high(key, ref) / count_low(key, high, ref): ref[digit] += 1 per valid key;
+    take_bins(ref): a histogram as a bins array (its copies summed), zeroed behind;
     ballot_words(key, v, above_ref, equal_ref): the words of keys > v / == v;
     select_bin(h, base, tmp_ref, slot): tmp[slot + 4 : slot + 6] = (b, S[b + 1]);
     exclusive_prefix(x, tmp_ref, slot); popcount(x); keep_lowest(x, m); stash_row(bits,
     row_ref) and compact(words, first, row_ref, idx_ref, val_ref) for the whole top-K;
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
-  are PTX `popc` and `fns` on the GPU. Keys may come shifted down by `key_offset` (a
-  multiple of 256: signed keys); digits, `high` and `v` stay those of the unsigned keys."""
+  are PTX `popc` and `fns` on the GPU."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, key_offset: int = 0):
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, copies: int = 1):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
-    self._offset = key_offset  # the keys given are the unsigned keys (0…65535) minus this
+    self.copies = copies  # of each histogram: lane l adds into copy l % copies
+    self.hist_words = BINS if copies == 1 else copies * ptx.COPY_STRIDE
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -83,30 +84,44 @@ class SelectOps:
   def _valid_key(self, key):
     return jnp.arange(self._f) < self._nv
 
+  def _copy(self):
+    """Each element's histogram copy: its lane's (element c sits in lane c % 32)."""
+    return (jnp.arange(self._f) % self.copies) * ptx.COPY_STRIDE
+
   def count_high(self, key, ref) -> None:
     if self._interpret:
-      key = key + self._offset
-      return _scatter_add(ref, key >> 8, self._valid_key(key))
-    rl, bl, nv, off = self.row_layout, self.bin_layout, self._nv, self._offset
-    self._op("count_high", ptx.count, rl, bl, nv, False, off)(key, ref)
+      return _scatter_add(ref, self._copy() + (key >> 8), self._valid_key(key))
+    rl, bl, nv, n = self.row_layout, self.bin_layout, self._nv, self.copies
+    self._op("count_high", ptx.count, rl, bl, nv, False, n)(key, ref)
 
   def count_low(self, key, high, ref) -> None:
     if self._interpret:
-      key = key + self._offset
-      return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
-    rl, bl, nv, off = self.row_layout, self.bin_layout, self._nv, self._offset
-    self._op("count_low", ptx.count, rl, bl, nv, True, off)(key, high, ref)
+      where = self._valid_key(key) & (key >> 8 == high[0])
+      return _scatter_add(ref, self._copy() + (key & 0xFF), where)
+    rl, bl, nv, n = self.row_layout, self.bin_layout, self._nv, self.copies
+    self._op("count_low", ptx.count, rl, bl, nv, True, n)(key, high, ref)
+
+  def take_bins(self, ref):
+    """The histogram in ref (its copies summed) as a bins array; ref zeroed for the next row
+    (each thread its own two bins; the next adds come after `select_bin`'s barriers)."""
+    if self._interpret:
+      h = ref[...]
+      ref[...] = jnp.zeros_like(h)
+      if self.copies == 1:
+        return h
+      return h.reshape(self.copies, ptx.COPY_STRIDE)[:, :BINS].sum(axis=0)
+    take = self._op("take_bins", ptx.take_bins, self.bin_layout, self.copies)
+    return take(self.splat(0), ref)
 
   def ballot_words(self, key, v, above_ref, equal_ref) -> None:
     if self._interpret:
-      key = key + self._offset
       nw, valid = self._f // 32, self._valid_key(key)
       zeros = jnp.zeros((BINS,), I32)
       above_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key > v[0])))
       equal_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key == v[0])))
       return
-    rl, bl, nv, off = self.row_layout, self.bin_layout, self._nv, self._offset
-    self._op("ballot", ptx.ballot_words, rl, bl, nv, off)(key, v, above_ref, equal_ref)
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("ballot", ptx.ballot_words, rl, bl, nv)(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
     if self._interpret:
@@ -119,18 +134,15 @@ class SelectOps:
       return keep_lowest(x, jnp.clip(m, 0, 32))
     return self._op("keep_lowest", ptx.map_bins, self.bin_layout, ptx.KEEP_LOWEST, 2)(x, m)
 
-  def select_bin(self, h, base, tmp_ref, slot: int, clear_ref) -> None:
-    """clear_ref: the histogram h came from, zeroed for the next row (each thread its own two
-    bins; the next adds come after this op's barriers)."""
+  def select_bin(self, h, base, tmp_ref, slot: int) -> None:
     if self._interpret:
-      clear_ref[...] = jnp.zeros_like(clear_ref[...])
       s = jnp.cumsum(h[::-1])[::-1] + base[0]
       b = jnp.max(jnp.where(s >= self._k, jnp.arange(BINS), -1))
       tmp_ref[slot + 4] = b
       tmp_ref[slot + 5] = jnp.concatenate([s, base[:1]])[b + 1]
       return
     op = self._op(f"select_bin{slot}", ptx.select_bin, self.bin_layout, self._k, slot)
-    op(h, base, tmp_ref, clear_ref)
+    op(h, base, tmp_ref)
 
   def exclusive_prefix(self, x, tmp_ref, slot: int):
     if self._interpret:

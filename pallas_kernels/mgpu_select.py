@@ -63,20 +63,16 @@ def kernel(
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
-  signed_keys: bool = False,
-  reload: bool = False,
+  copies: int = 1,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
-
-  Opt-in until an H200 times them (NOTES_kernels 2026-12-05g): signed_keys, keys as signed
-  16-bit images (-32768…32767: a shift and one logic op from the bits, no add per key; the
-  digits and thresholds shifted to match); reload, the row loaded again for the second
-  histogram and for the ballots instead of its keys held in registers across all three
-  (fewer registers a thread, so more CTAs resident; the reloads hit L1).
+  copies: of each histogram, lane l adding into copy l % copies (1, 2, 4, 8, 16 or 32): a
+  Gaussian row's high bytes fall into a few bins, so a warp's adds to one word serialize
+  (opt-in until an H200 times it, NOTES_kernels 2026-12-05g).
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -96,9 +92,10 @@ def kernel(
     raise ValueError(f"the Mosaic GPU top-K copies K-long rows by TMA: K % 8 == 0, got {k}")
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
+  if copies not in (1, 2, 4, 8, 16, 32):
+    raise ValueError(f"histogram copies must be a power of two up to 32, got {copies}")
   nw = f // 32
-  offset = 32768 if signed_keys else 0  # key + offset: the unsigned key (0…65535)
-  ops = SelectOps(f, k, nv, interpret, key_offset=offset)
+  ops = SelectOps(f, k, nv, interpret, copies)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -121,14 +118,6 @@ def kernel(
       row = functools.reduce(operator.add, parts).astype(round_dtype)
     return lax.bitcast_convert_type(row, jnp.int16).astype(I32)
 
-  def load_keys(g_ref, r):
-    """Row r's order-preserving keys: the 16-bit patterns with the magnitude bits of negative
-    values flipped, signed (signed_keys) or shifted up by 32768."""
-    bits = load_bits(g_ref, r)
-    if signed_keys:  # bits >> 15: all ones for a negative value (the load sign-extends)
-      return bits, bits ^ ((bits >> 15) & 0x7FFF)
-    return bits, jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
-
   def body(g_ref, *refs):
     n_out = len(TOPK_DTYPES) if compact else 0  # the K-long outputs
     out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
@@ -137,28 +126,25 @@ def kernel(
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
-    def clear_histograms() -> None:
-      high_ref[...] = ops.splat(0)
-      low_ref[...] = ops.splat(0)
+    def clear_histograms() -> None:  # what `take_bins` does after reading: zeroes them
+      ops.take_bins(high_ref)
+      ops.take_bins(low_ref)
       ops.barrier()
 
     def one_row(r) -> None:
-      bits, key = load_keys(g_ref, r)
+      bits = load_bits(g_ref, r)
       if compact:  # the values, read by channel once the selection is known (the last row's
         ops.stash_row(bits, stash_ref)  # were read before its final barrier, `commit`)
+      key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
-      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0, high_ref)
+      ops.select_bin(ops.take_bins(high_ref), ops.splat(0), tmp_ref, 0)
       b1, above = tmp_ref[4], tmp_ref[5]
-      if reload:
-        key = load_keys(g_ref, r)[1]
       ops.count_low(key, ops.splat(b1), low_ref)
       ops.wait_read()  # the last row's words have left shared memory before new ones land
       ops.barrier()
-      ops.select_bin(ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8, low_ref)
+      ops.select_bin(ops.take_bins(low_ref), ops.splat(above), tmp_ref, 8)
       v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
-      if reload:
-        key = load_keys(g_ref, r)[1]
       ops.ballot_words(key, ops.splat(v), above_ref, equal_ref)
       ops.barrier()
       eq = jnp.where(in_row, ops.cast(equal_ref[...], bin_layout), 0)
@@ -184,8 +170,8 @@ def kernel(
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
   scratch = [
-    plgpu.SMEM((BINS,), I32),  # the high bytes' histogram
-    plgpu.SMEM((BINS,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
+    plgpu.SMEM((ops.hist_words,), I32),  # the high bytes' histogram (its copies)
+    plgpu.SMEM((ops.hist_words,), I32),  # the low bytes' (keys in the K-th key's high bin)
     plgpu.SMEM((BINS,), I32),  # words of keys above v, then the row's words
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
@@ -259,7 +245,7 @@ def words(
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F). variant: `kernel`'s
-  opt-in forms (signed_keys, reload)."""
+  opt-in forms (copies)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]

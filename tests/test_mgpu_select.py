@@ -78,7 +78,7 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
 def test_select_kernel_in_interpret_mode(f, k, num_valid, form):
   """The kernel's own dataflow (histograms cleared as they are read, scans, thresholds, tie
   cut, slots, the row loop) on random rows, tie-heavy rows, an all-equal row and a -0.0
-  row; in each opt-in form (signed keys: digits and thresholds shifted; the row reloaded)."""
+  row; in each opt-in form (histogram copies per lane)."""
   variant = mgpu_select_probe.FORMS[form]
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
