@@ -30,9 +30,7 @@
 #           GPU_TESTS=tests: all 37, ~6 min plus ~2 min for each of the two F = 16384 top-K
 #           cases, nearly all compile; GPU_TESTS_K: a pytest -k expression, e.g. 'not 16384')
 #   mgpu    the Mosaic GPU radix select (benchmarks/mgpu_select_probe.py), exact-checked, then
-#           timed beside the Triton selection; and at T = 1 by kernel time (decode);
-#           MGPU_CTAS, MGPU_SMALL_CTAS: CTA counts; MGPU_FORMS: the kernel's opt-in forms too
-#           (e.g. copies4,copies8)
+#           timed beside the Triton selection; and at T = 1 by kernel time (decode)
 #   attn    one decode step's attention + cache update, XLA vs the Pallas kernel, at 256 /
 #           1024 / 4096 slots (benchmarks/decode_attention_bench.py)
 #   stream  the train epilogues' streaming passes, each walk of the bitmask vs XLA's elementwise
@@ -227,12 +225,12 @@ graphs() {
 mgpu() {  # the Mosaic GPU radix select probe at 5632, the 1B and 60m layers' words, CTA counts;
   # then one row (decode, T = 1) by kernel time from a profile
   [ -n "${DRY:-}" ] && { echo "Mosaic GPU probes skipped (DRY)"; return 0; }
-  local ctas=${MGPU_CTAS:-1024,528,660,792,924,1056,2048,4096} forms=--forms=${MGPU_FORMS:-}
-  python3 benchmarks/mgpu_select_probe.py --ctas=$ctas $forms --out "$work/mgpu_select_probe.json"
-  python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --ctas=$ctas $forms \
+  local ctas=${MGPU_CTAS:-1024,528,660,792,924,1056,2048,4096}
+  python3 benchmarks/mgpu_select_probe.py --ctas=$ctas --out "$work/mgpu_select_probe.json"
+  python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461 --ctas=$ctas \
     --out "$work/mgpu_select_1b.json"
   # the 60m layer's rows (11 keys a thread, fewer registers): do more CTAs per SM pay there?
-  python3 benchmarks/mgpu_select_probe.py --f=1408 --num_valid=1376 --k=256 $forms \
+  python3 benchmarks/mgpu_select_probe.py --f=1408 --num_valid=1376 --k=256 \
     --ctas=${MGPU_SMALL_CTAS:-1056,1584,2112} --out "$work/mgpu_select_60m.json"
   python3 benchmarks/mgpu_select_probe.py --t=1 --f=5504 --ctas=1 --device_time \
     --out "$work/mgpu_select_t1.json"

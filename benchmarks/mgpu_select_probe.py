@@ -11,7 +11,6 @@ algorithm in jnp, for the CPU tests.
   python3 benchmarks/mgpu_select_probe.py --f=5504 --num_valid=5461   # the 1B layer's words
   python3 benchmarks/mgpu_select_probe.py --lower_only   # CPU: lower for CUDA, nothing runs
   python3 benchmarks/mgpu_select_probe.py --t=1 --f=5504 --ctas=1 --device_time   # decode, T = 1
-  python3 benchmarks/mgpu_select_probe.py --forms=copies4,copies8   # opt-in forms too
 """
 
 from __future__ import annotations
@@ -86,27 +85,20 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
   return bits.sum(axis=2).astype(np.uint32).view(np.int32)
 
 
-# The kernel's opt-in forms (`mgpu_select.kernel`), timed beside the default: row suffix -> kw.
-FORMS = {"": {}, "_copies2": {"copies": 2}, "_copies4": {"copies": 4}, "_copies8": {"copies": 8}}
-
-
 def _variants(a) -> dict:
-  """The Mosaic GPU rows, for each form in `--forms` ('' the default, '_skey', …): words on
-  each of `--ctas` CTA counts ('mgpu_select<form>' the first, 'mgpu_select<form>_c<N>' the
-  rest) and (without padding, K % 8 == 0) the whole top-K on the first ('mgpu_topk<form>')."""
+  """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
+  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first."""
   counts = [int(c) for c in a.ctas.split(",")]
-  forms = {name: FORMS[name] for name in ("", *(f"_{x}" for x in a.forms.split(",") if x))}
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
   fns = {}
-  for form, variant in forms.items():
-    for n, c in enumerate(counts):
-      kw = dict(ctas=c, interpret=False, num_valid=a.num_valid, **variant)
-      name = f"mgpu_select{form}" + ("" if n == 0 else f"_c{c}")
-      fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
-    if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
-      kw = dict(ctas=counts[0], interpret=False, **variant)
-      fns[f"mgpu_topk{form}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
+  for n, c in enumerate(counts):
+    kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
+    name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
+    fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
+  if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
+    kw = dict(ctas=counts[0], interpret=False)
+    fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
   return fns
 
 
@@ -199,17 +191,12 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--k", type=int, default=1024, help="a multiple of 8 for the top-K rows")
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
   p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
-  known = ", ".join(f[1:] for f in FORMS if f)
-  p.add_argument("--forms", default="", help=f"opt-in kernel forms beside the default: {known}")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument(
     "--device_time", action="store_true", help="kernel time per call from a profile (e.g. T = 1)"
   )
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  unknown = [x for x in a.forms.split(",") if x and f"_{x}" not in FORMS]
-  if unknown:
-    p.error(f"unknown --forms {unknown}; known: {known}")
   try:
     fns = _variants(a)
   except ValueError as e:

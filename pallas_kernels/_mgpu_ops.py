@@ -39,7 +39,6 @@ class SelectOps:
 
   Row arrays (F keys, one per register) and bins arrays (256, two per thread):
     count_high(key, ref) / count_low(key, high, ref): ref[digit] += 1 per valid key;
-    take_bins(ref): a histogram as a bins array (its copies summed), zeroed behind;
     ballot_words(key, v, above_ref, equal_ref): the words of keys > v / == v;
     select_bin(h, base, tmp_ref, slot): tmp[slot + 4 : slot + 6] = (b, S[b + 1]);
     exclusive_prefix(x, tmp_ref, slot); popcount(x); keep_lowest(x, m); stash_row(bits,
@@ -48,12 +47,10 @@ class SelectOps:
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, copies: int = 1):
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
-    self.copies = copies  # of each histogram: lane l adds into copy l % copies
-    self.hist_words = BINS if copies == 1 else copies * ptx.COPY_STRIDE
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -84,34 +81,17 @@ class SelectOps:
   def _valid_key(self, key):
     return jnp.arange(self._f) < self._nv
 
-  def _copy(self):
-    """Each element's histogram copy: its lane's (element c sits in lane c % 32)."""
-    return (jnp.arange(self._f) % self.copies) * ptx.COPY_STRIDE
-
   def count_high(self, key, ref) -> None:
     if self._interpret:
-      return _scatter_add(ref, self._copy() + (key >> 8), self._valid_key(key))
-    rl, bl, nv, n = self.row_layout, self.bin_layout, self._nv, self.copies
-    self._op("count_high", ptx.count, rl, bl, nv, False, n)(key, ref)
+      return _scatter_add(ref, key >> 8, self._valid_key(key))
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("count_high", ptx.count, rl, bl, nv, False)(key, ref)
 
   def count_low(self, key, high, ref) -> None:
     if self._interpret:
-      where = self._valid_key(key) & (key >> 8 == high[0])
-      return _scatter_add(ref, self._copy() + (key & 0xFF), where)
-    rl, bl, nv, n = self.row_layout, self.bin_layout, self._nv, self.copies
-    self._op("count_low", ptx.count, rl, bl, nv, True, n)(key, high, ref)
-
-  def take_bins(self, ref):
-    """The histogram in ref (its copies summed) as a bins array; ref zeroed for the next row
-    (each thread its own two bins; the next adds come after `select_bin`'s barriers)."""
-    if self._interpret:
-      h = ref[...]
-      ref[...] = jnp.zeros_like(h)
-      if self.copies == 1:
-        return h
-      return h.reshape(self.copies, ptx.COPY_STRIDE)[:, :BINS].sum(axis=0)
-    take = self._op("take_bins", ptx.take_bins, self.bin_layout, self.copies)
-    return take(self.splat(0), ref)
+      return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("count_low", ptx.count, rl, bl, nv, True)(key, high, ref)
 
   def ballot_words(self, key, v, above_ref, equal_ref) -> None:
     if self._interpret:
@@ -134,15 +114,18 @@ class SelectOps:
       return keep_lowest(x, jnp.clip(m, 0, 32))
     return self._op("keep_lowest", ptx.map_bins, self.bin_layout, ptx.KEEP_LOWEST, 2)(x, m)
 
-  def select_bin(self, h, base, tmp_ref, slot: int) -> None:
+  def select_bin(self, h, base, tmp_ref, slot: int, clear_ref) -> None:
+    """clear_ref: the histogram h came from, zeroed for the next row (each thread its own two
+    bins; the next adds come after this op's barriers)."""
     if self._interpret:
+      clear_ref[...] = jnp.zeros_like(clear_ref[...])
       s = jnp.cumsum(h[::-1])[::-1] + base[0]
       b = jnp.max(jnp.where(s >= self._k, jnp.arange(BINS), -1))
       tmp_ref[slot + 4] = b
       tmp_ref[slot + 5] = jnp.concatenate([s, base[:1]])[b + 1]
       return
     op = self._op(f"select_bin{slot}", ptx.select_bin, self.bin_layout, self._k, slot)
-    op(h, base, tmp_ref)
+    op(h, base, tmp_ref, clear_ref)
 
   def exclusive_prefix(self, x, tmp_ref, slot: int):
     if self._interpret:

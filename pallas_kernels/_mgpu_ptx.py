@@ -92,12 +92,10 @@ def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8) -> None:
     _asm(text, operands, ",".join(["r"] * len(operands)))
 
 
-def count(row_layout, bin_layout, num_valid: int, low: bool, copies: int = 1):
+def count(row_layout, bin_layout, num_valid: int, low: bool):
   """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
   the keys whose high byte is `high` (a bins-layout array of that one value). Per key: two
-  or three ALU ops and one shared-memory reduction. copies > 1: lane l adds into copy
-  l % copies of the histogram (COPY_STRIDE words apart), so lanes of a warp whose keys share
-  a digit mostly reach different words (a Gaussian row's high bytes fall into a few bins)."""
+  or three ALU ops and one shared-memory reduction."""
   args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
 
   def element(k, flag, i):
@@ -114,60 +112,13 @@ def count(row_layout, bin_layout, num_valid: int, low: bool, copies: int = 1):
   @plgpu.inline_mgpu(arg_types=args)
   def count(ctx, key, *rest):
     del ctx
-    fixed = [_copy_base(rest[-1], copies), _c(1)]
+    fixed = [mgpu_utils.memref_ptr(rest[-1]), _c(1)]
     if low:
       fixed.append(arith.muli(_scalar(rest[0]), _c(BINS)))
     decls = ".reg .pred p; .reg .b32 a, d;"
     _blocks(_keys(key, num_valid), fixed, element, decls)
 
   return count
-
-
-# Words between a histogram's copies: a multiple of 2 (bins are read in pairs) and 4 banks
-# apart, so one bin's copies 0…7 sit in different shared-memory banks.
-COPY_STRIDE = BINS + 4
-
-
-def _copy_base(ref, copies: int):
-  """This thread's histogram copy: copy (lane % copies) of ref."""
-  base = mgpu_utils.memref_ptr(ref)
-  if copies == 1:
-    return base
-  copy = arith.muli(arith.remui(_thread()[2], _c(copies)), _c(COPY_STRIDE))
-  return mgpu_utils.getelementptr(base, [copy], _i32())
-
-
-def take_bins(bin_layout, copies: int):
-  """Thread t's two bins (2t, 2t + 1) of a histogram, summed over its copies, as a bins
-  array; each copy's pair zeroed for the next row (this thread alone reads and clears them).
-  Arguments: a bins array (any values: the result's registers), the histogram's ref."""
-
-  @plgpu.inline_mgpu(
-    arg_types=(bin_layout, plgpu.RefType()),
-    return_type=plgpu.ShapeDtypeStruct((BINS,), I32, layout=bin_layout),
-  )
-  def take(ctx, like, ref):
-    del ctx
-    pair = mgpu_utils.getelementptr(
-      mgpu_utils.memref_ptr(ref), [arith.muli(_thread()[0], _c(2))], _i32()
-    )
-    vec = like.registers.flat[0]
-    for j in (0, 1):
-      adds = " ".join(
-        f"ld.shared.b32 x, [$1+{4 * (c * COPY_STRIDE + j)}]; add.s32 $0, $0, x;"
-        for c in range(copies)
-      )
-      total = _asm(f"{{ .reg .b32 x; mov.b32 $0, 0; {adds} }}", [pair], "=r,r", True)
-      vec = llvm.insertelement(vec, total, _c(j))
-    zero = " ".join(
-      f"st.shared.v2.b32 [$0+{4 * c * COPY_STRIDE}], {{$1, $1}};" for c in range(copies)
-    )
-    _asm(zero, [pair, _c(0)], "r,r")
-    regs = np.empty_like(like.registers)
-    regs.flat[0] = vec
-    return mgpu.FragmentedArray(_registers=regs, _layout=like.layout, _is_signed=True)
-
-  return take
 
 
 def ballot_words(row_layout, bin_layout, num_valid: int):
@@ -243,11 +194,17 @@ def _block_scan(bins, tmp_ref, slot: int, suffix: bool):
 def select_bin(bin_layout, k: int, slot: int):
   """With S[b] = base + Σ_{j >= b} h[j]: the one bin b with S[b] >= K > S[b + 1], written
   to tmp[slot + 4] with S[b + 1] to tmp[slot + 5] by the thread holding it; then a barrier.
-  h (`take_bins`'s) and base (one value everywhere) in the bins layout; S[256] = base < K."""
+  h and base (one value everywhere) in the bins layout; S[256] = base < K. The fourth
+  argument, the histogram h was loaded from, gets its two bins zeroed by each thread (it
+  alone loads them, and the next adds come after this op's barriers)."""
 
-  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, plgpu.RefType()))
-  def select_bin(ctx, h, base_array, tmp_ref):
+  @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
+  def select_bin(ctx, h, base_array, tmp_ref, hist_ref):
     del ctx
+    pair = mgpu_utils.getelementptr(
+      mgpu_utils.memref_ptr(hist_ref), [arith.muli(_thread()[0], _c(2))], _i32()
+    )
+    _asm("st.shared.v2.b32 [$0], {$1, $1};", [pair, _c(0)], "r,r")
     a0, a1, incl, thread = _block_scan(h, tmp_ref, slot, suffix=True)
     s0 = arith.addi(incl, _scalar(base_array))  # S[2t]
     s1, s2 = arith.subi(s0, a0), arith.subi(arith.subi(s0, a0), a1)  # S[2t + 1], S[2t + 2]

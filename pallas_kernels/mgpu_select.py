@@ -63,23 +63,22 @@ def kernel(
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
-  copies: int = 1,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
-  copies: of each histogram, lane l adding into copy l % copies (1, 2, 4, 8, 16 or 32): a
-  Gaussian row's high bytes fall into a few bins, so a warp's adds to one word serialize
-  (opt-in until an H200 times it, NOTES_kernels 2026-12-05g).
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
   9f0621c); the tie cut by SWAR arithmetic with the histograms cleared at every row's start
   (no faster than `popc` / `fns` and clearing as they are read, after 95cc600); a bulk L2
   prefetch of the next layer's weight from CTA 0 (the kernel waited for it: 66 µs per decode
-  layer, after 95cc600)."""
+  layer, after 95cc600). Timed on an H100 on 2026-12-05 (NOTES_kernels 2026-12-05g) and
+  removed: signed keys (no add per key: a tie), the row loaded again for each pass instead
+  of its keys held in registers (25% slower), and 2, 4 or 8 copies of each histogram, one
+  per lane group (up to 20% slower: same-word adds within a warp are not the limit)."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -92,10 +91,8 @@ def kernel(
     raise ValueError(f"the Mosaic GPU top-K copies K-long rows by TMA: K % 8 == 0, got {k}")
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
-  if copies not in (1, 2, 4, 8, 16, 32):
-    raise ValueError(f"histogram copies must be a power of two up to 32, got {copies}")
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, copies)
+  ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -126,9 +123,9 @@ def kernel(
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
-    def clear_histograms() -> None:  # what `take_bins` does after reading: zeroes them
-      ops.take_bins(high_ref)
-      ops.take_bins(low_ref)
+    def clear_histograms() -> None:
+      high_ref[...] = ops.splat(0)
+      low_ref[...] = ops.splat(0)
       ops.barrier()
 
     def one_row(r) -> None:
@@ -138,12 +135,12 @@ def kernel(
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
-      ops.select_bin(ops.take_bins(high_ref), ops.splat(0), tmp_ref, 0)
+      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0, high_ref)
       b1, above = tmp_ref[4], tmp_ref[5]
       ops.count_low(key, ops.splat(b1), low_ref)
       ops.wait_read()  # the last row's words have left shared memory before new ones land
       ops.barrier()
-      ops.select_bin(ops.take_bins(low_ref), ops.splat(above), tmp_ref, 8)
+      ops.select_bin(ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8, low_ref)
       v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
       ops.ballot_words(key, ops.splat(v), above_ref, equal_ref)
       ops.barrier()
@@ -170,8 +167,8 @@ def kernel(
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
   scratch = [
-    plgpu.SMEM((ops.hist_words,), I32),  # the high bytes' histogram (its copies)
-    plgpu.SMEM((ops.hist_words,), I32),  # the low bytes' (keys in the K-th key's high bin)
+    plgpu.SMEM((BINS,), I32),  # the high bytes' histogram
+    plgpu.SMEM((BINS,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
     plgpu.SMEM((BINS,), I32),  # words of keys above v, then the row's words
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
@@ -241,16 +238,13 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
-  **variant,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
-  (default: all of them; the [G | U] buffer of a fused GEMM passes F). variant: `kernel`'s
-  opt-in forms (copies)."""
+  (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, interpret=interpret, **variant)
-  return build(g2)[0]
+  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, interpret=interpret)(g2)[0]
 
 
 def select(
@@ -259,15 +253,12 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
-  **variant,
 ) -> tuple[jax.Array, jax.Array]:
-  """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). variant:
-  `kernel`'s opt-in forms."""
+  """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  kw = dict(compact=True, interpret=interpret, **variant)
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 
