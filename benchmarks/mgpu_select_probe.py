@@ -1,4 +1,5 @@
-"""Probe: MoC's selection as a Mosaic GPU radix select (`pallas_kernels/mgpu_select.py`).
+"""Probe: MoC's selection as a Mosaic GPU radix select (`pallas_kernels/mgpu_select.py`, and
+for rows of at most 2048 channels `mgpu_select_warp.py`, one warp a row).
 
 Checks the kernel's words (the Triton selection pass's format) and its whole top-K against the
 reference on Gaussian and tie-heavy rows, then times them beside the Triton selection pass
@@ -28,7 +29,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks import common
-from pallas_kernels import mgpu_select
+from pallas_kernels import mgpu_select, mgpu_select_warp
 from pallas_kernels._mgpu_ops import keep_lowest
 from pallas_kernels._mgpu_ptx import BINS, I32
 
@@ -96,9 +97,16 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
+  # the per-key shared-memory ops predicated (before 2026-12-05g), on the first CTA count
+  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, branchless=False)
+  fns["mgpu_select_branchy"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
     kw = dict(ctas=counts[0], interpret=False)
     fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
+    fns["mgpu_topk_branchy"] = jax.jit(lambda g: mgpu_select.select(g, a.k, branchless=False, **kw))
+  if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (experimental)
+    nv = a.num_valid
+    fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))
   return fns
 
 

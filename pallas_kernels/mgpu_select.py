@@ -63,12 +63,15 @@ def kernel(
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
+  branchless: bool = True,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
+  branchless=False: the per-key shared-memory ops predicated, as before 2026-12-05g
+  (`_mgpu_ptx.count`), for the probe to time once against the default.
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -92,7 +95,7 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret)
+  ops = SelectOps(f, k, nv, interpret, branchless)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -123,9 +126,11 @@ def kernel(
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
 
+    bins = lambda ref: ops.cast(ref[pl.ds(0, BINS)], bin_layout)  # JUNK_BIN's word not read
+
     def clear_histograms() -> None:
-      high_ref[...] = ops.splat(0)
-      low_ref[...] = ops.splat(0)
+      high_ref[pl.ds(0, BINS)] = ops.splat(0)
+      low_ref[pl.ds(0, BINS)] = ops.splat(0)
       ops.barrier()
 
     def one_row(r) -> None:
@@ -135,12 +140,12 @@ def kernel(
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
-      ops.select_bin(ops.cast(high_ref[...], bin_layout), ops.splat(0), tmp_ref, 0, high_ref)
+      ops.select_bin(bins(high_ref), ops.splat(0), tmp_ref, 0, high_ref)
       b1, above = tmp_ref[4], tmp_ref[5]
       ops.count_low(key, ops.splat(b1), low_ref)
       ops.wait_read()  # the last row's words have left shared memory before new ones land
       ops.barrier()
-      ops.select_bin(ops.cast(low_ref[...], bin_layout), ops.splat(above), tmp_ref, 8, low_ref)
+      ops.select_bin(bins(low_ref), ops.splat(above), tmp_ref, 8, low_ref)
       v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
       ops.ballot_words(key, ops.splat(v), above_ref, equal_ref)
       ops.barrier()
@@ -167,8 +172,8 @@ def kernel(
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
   scratch = [
-    plgpu.SMEM((BINS,), I32),  # the high bytes' histogram
-    plgpu.SMEM((BINS,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
+    plgpu.SMEM((BINS + 8,), I32),  # the high bytes' histogram, JUNK_BIN after it
+    plgpu.SMEM((BINS + 8,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
     plgpu.SMEM((BINS,), I32),  # words of keys above v, then the row's words
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above
@@ -238,13 +243,15 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
+  branchless: bool = True,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, interpret=interpret)(g2)[0]
+  kw = dict(interpret=interpret, branchless=branchless)
+  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
 def select(
@@ -253,12 +260,14 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
+  branchless: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
+  kw = dict(compact=True, interpret=interpret, branchless=branchless)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 

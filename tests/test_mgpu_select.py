@@ -311,3 +311,60 @@ def test_a_swapped_forward_default_is_not_frozen_by_jits_cache(monkeypatch):
   with common.forward_selection("mgpu"):
     run()
   assert calls == [1]
+
+
+# The warp-per-row select for narrow rows (`mgpu_select_warp`): no interpret form (one PTX block
+# a row), so a CPU checks that its PTX assembles and the kernel lowers; a GPU that it selects.
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="no ptxas on this machine")
+@pytest.mark.parametrize(
+  ("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, 2048), (640, 64, 600)]
+)
+def test_warp_select_ptx_assembles_for_hopper(tmp_path, f, k, num_valid):
+  """The row's PTX, its operands bound to registers, assembles for sm_90a without spilling."""
+  import re
+  import subprocess
+
+  from pallas_kernels import mgpu_select_warp
+
+  text = mgpu_select_warp.row_ptx(16384, f, k, num_valid, f, 1056)
+  regs = [("%a0", "b64"), ("%a1", "b64"), ("%a2", "b32"), ("%a3", "b32"), ("%a4", "b32")]
+  bound = re.sub(r"\$(\d+)", lambda m: regs[int(m.group(1))][0], text)
+  decls = "".join(f".reg .{kind} {r}; mov.{kind} {r}, 0;\n" for r, kind in regs)
+  ptx = tmp_path / "row.ptx"
+  head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
+  ptx.write_text(head + decls + bound + "\nret;\n}\n")
+  cmd = [_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "row.cubin")]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  assert "0 bytes spill stores" in done.stderr, done.stderr
+
+
+def test_warp_select_lowers_and_refuses_what_it_cannot_do(capsys):
+  from pallas_kernels import mgpu_select_warp
+
+  mgpu_select_probe.main(
+    ["--lower_only", "--t=8", "--ctas=2", "--f=1408", "--k=256", "--num_valid=1376"]
+  )
+  assert "mgpu_select_warp: lowered for CUDA" in capsys.readouterr().out
+  for f, k, nv in ((2080, 64, None), (1400, 64, None), (1408, 0, None), (1408, 300, 200)):
+    with pytest.raises(ValueError, match="warp-per-row"):
+      mgpu_select_warp.kernel(8, f, k, 2, nv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, None)])
+def test_warp_select_gpu_real_size(f, k, num_valid):
+  """Compiled on the GPU: the 60m and 130m layers' words (Gaussian and tie-heavy rows, and
+  padding channels), as the reference selects; T not a multiple of the rows in flight."""
+  from pallas_kernels import mgpu_select_warp
+
+  seed = time.time_ns() % (2**31)
+  keys = jax.random.split(jax.random.key(seed), 2)
+  g = jax.random.normal(keys[0], (16383, f)).astype(jnp.bfloat16)
+  ties = jax.random.randint(keys[1], (16383, f), -3, 4).astype(jnp.bfloat16)
+  for x in (g, ties):
+    words = mgpu_select_warp.words(x, k, num_valid=num_valid)
+    want = mgpu_select_probe.reference_words(x, k, num_valid)
+    assert np.array_equal(np.asarray(words), want), f"{seed=}"

@@ -1,0 +1,231 @@
+"""MoC's selection bitmask for narrow rows (F <= 2048: the 60m and 130m layers), one warp a row.
+
+Why: the warpgroup radix select (`mgpu_select`) spends most of a narrow row's time on work per
+row, not per key: at the 60m layer (16384 × 1408) it takes 64 µs on an H100 where one read of
+G takes ~16, and neither more CTAs, fewer registers, signed keys nor histogram copies moved it
+(NOTES_kernels 2026-12-05g). Here one warp holds a whole row (key i of lane l is element
+32 i + l, so the ballot of register i is word i of the row's bitmask), keeps its histograms in
+shared memory of its own and orders them with `bar.warp.sync`: no CTA barrier, and each
+256-bin scan is eight bins a lane plus one warp scan. Same algorithm as `mgpu_select` (two
+8-bit digits of the order-preserving 16-bit keys, then the words of keys above and equal to
+the K-th key, ties cut to the lowest channels), same words. Experimental: `words` only, for
+the probe to time against `mgpu_select.words`.
+
+The whole row is one inline PTX block (`row_ptx`); Pallas Mosaic GPU only launches the CTAs
+(one warpgroup each: four warps, four rows at a time) and allocates shared memory. There is
+no interpret-mode form: the CPU tests assemble the PTX with ptxas, the GPU test checks it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import llvm
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+from pallas_kernels import _mgpu_ptx as ptx
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels._mgpu_ptx import BINS, I32
+
+MAX_F = 2048  # 64 keys a lane
+WARPS = 4  # a warpgroup: the CTA Mosaic GPU launches
+CTAS_PER_SM = 8
+_HIST_WORDS = BINS + 8  # bins, then bin 256: where keys outside the pass land (never read)
+_HIST_BYTES = 2 * _HIST_WORDS * 4  # per warp: the high digits' histogram, then the low digits'
+_STAGE_BYTES = 2 * 64 * 4  # per warp: the words of keys above v, then of keys equal to v
+_BIN_LAYOUT = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)  # how a scalar reaches the asm
+
+
+def _scan_select(hist: str, base: str, k: int, out_bin: str, out_above: str) -> list[str]:
+  """PTX: with S[b] = base + #keys whose digit >= b (the histogram at `hist`, lane l holding
+  bins 8 l … 8 l + 7), the one bin b with S[b] >= K > S[b + 1] into out_bin and S[b + 1]
+  into out_above, in every lane (the lane holding b found by a ballot)."""
+  c = [f"c{j}" for j in range(8)]
+  lines = [
+    f"mad.lo.u32 a, lane, 32, {hist};",
+    f"ld.shared.v4.u32 {{{', '.join(c[:4])}}}, [a];",
+    f"ld.shared.v4.u32 {{{', '.join(c[4:])}}}, [a+16];",
+  ]
+  lines += [f"add.u32 {c[j]}, {c[j]}, {c[j + 1]};" for j in range(6, -1, -1)]  # suffix sums
+  lines.append("mov.b32 x, c0;")  # the lane's total; then the sum over the lanes at or above
+  lines += [
+    f"shfl.sync.down.b32 y|p, x, {d}, 0x1f, 0xffffffff; @p add.u32 x, x, y;"
+    for d in (1, 2, 4, 8, 16)
+  ]
+  lines += ["sub.u32 x, x, c0;", f"add.u32 x, x, {base};"]  # x = S[8 l + 8]
+  lines += [f"add.u32 {cj}, {cj}, x;" for cj in c]  # c_j = S[8 l + j]
+  lines += ["mov.b32 bl, 0;", "mov.b32 ab, x;"]
+  for j in range(8):  # S is non-increasing: the last j with S >= K is the owner's bin
+    nxt = c[j + 1] if j < 7 else "x"
+    lines.append(f"setp.ge.s32 q, {c[j]}, {k}; @q mov.b32 bl, {j}; @q mov.b32 ab, {nxt};")
+  lines += [
+    f"setp.ge.s32 q, c0, {k}; setp.lt.s32 e, x, {k}; and.pred q, q, e;",
+    "vote.sync.ballot.b32 m, q, 0xffffffff; bfind.u32 m, m;",
+    "mad.lo.u32 y, lane, 8, bl;",
+    f"shfl.sync.idx.b32 {out_bin}|p, y, m, 0x1f, 0xffffffff;",
+    f"shfl.sync.idx.b32 {out_above}|p, ab, m, 0x1f, 0xffffffff;",
+  ]
+  return lines
+
+
+def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> str:
+  """One warp's selection in row r = (i · ctas + cta) · 4 + warp of G (T, width) bf16/f16:
+  its (F / 32) words to out[r]. Operands: $0 G's address, $1 out's, $2 the CTA's histograms
+  (shared), $3 its word staging (shared), $4 i."""
+  nw, n = f // 32, -(-num_valid // 32)  # words; registers holding valid keys
+  rem = num_valid - 32 * (n - 1)  # valid lanes in the last of them
+  keys = [f"k{i}" for i in range(n)]
+  partial = lambda i: i == n - 1 and rem < 32  # register i holds padding in some lanes
+  junk = lambda i: " @!v mov.b32 d, 256;" if partial(i) else ""  # their digit: bin 256
+  lines = [
+    ".reg .pred p, q, e, z, v, w0, w1;",
+    ".reg .b32 lane, warp, r, hb, lb, sa, se, a, d, x, y, m, bl, ab, b1, a1, b2, a2, vk, need;",
+    ".reg .b32 c0, c1, c2, c3, c4, c5, c6, c7, g, w, g0, g1, e0, e1, p0, p1, i0, i1, t0, kl;",
+    f".reg .b32 {', '.join(keys)};",
+    ".reg .b64 ga, oa, o64;",
+    "mov.u32 x, %tid.x; and.b32 lane, x, 31; shr.u32 warp, x, 5; mov.u32 y, %ctaid.x;",
+    f"mad.lo.u32 r, $4, {ctas}, y; mad.lo.u32 r, r, {WARPS}, warp;",
+    f"setp.ge.u32 z, r, {t}; @z bra ROW_DONE;",
+    f"mad.lo.u32 hb, warp, {_HIST_BYTES}, $2; add.u32 lb, hb, {_HIST_WORDS * 4};",
+    f"mad.lo.u32 sa, warp, {_STAGE_BYTES}, $3; add.u32 se, sa, {_STAGE_BYTES // 2};",
+    # this lane's eight bins of both histograms zeroed (the last row's reads were its own)
+    "mad.lo.u32 a, lane, 32, hb;",
+    *(
+      f"st.shared.v4.u32 [a+{off}], {{0, 0, 0, 0}};"
+      for off in (0, 16, _HIST_WORDS * 4, _HIST_WORDS * 4 + 16)
+    ),
+    f"setp.lt.u32 v, lane, {rem};",
+    # the row's keys: element 32 i + lane at byte 64 i + 2 lane
+    f"cvta.to.global.u64 ga, $0; mul.wide.u32 o64, r, {2 * width}; add.u64 ga, ga, o64;",
+    "mul.wide.u32 o64, lane, 2; add.u64 ga, ga, o64;",
+    *(f"ld.global.nc.s16 {kk}, [ga+{64 * i}];" for i, kk in enumerate(keys)),
+    *(
+      f"shr.s32 m, {kk}, 15; and.b32 m, m, 32767; xor.b32 {kk}, {kk}, m; add.u32 {kk}, {kk}, 32768;"
+      for kk in keys
+    ),
+    "bar.warp.sync 0xffffffff;",
+    # the high digits' histogram (no predicated shared-memory op: ptxas branches around each)
+    *(
+      f"shr.u32 d, {kk}, 8;{junk(i)} mad.lo.u32 a, d, 4, hb; red.shared.add.u32 [a], 1;"
+      for i, kk in enumerate(keys)
+    ),
+    "bar.warp.sync 0xffffffff;",
+    *_scan_select("hb", "0", k, "b1", "a1"),
+    # the low digits' histogram of the keys in bin b1
+    "shl.b32 b1, b1, 8;",
+  ]
+  for i, kk in enumerate(keys):  # keys of other bins (and padding) add into bin 256
+    lines.append(
+      f"sub.u32 d, {kk}, b1; min.u32 d, d, 256;{junk(i)} mad.lo.u32 a, d, 4, lb;"
+      " red.shared.add.u32 [a], 1;"
+    )
+  lines += [
+    "bar.warp.sync 0xffffffff;",
+    *_scan_select("lb", "a1", k, "b2", "a2"),
+    f"add.u32 vk, b1, b2; sub.s32 need, {k}, a2;",  # the K-th key; how many equal to it fit
+  ]
+  for i, kk in enumerate(keys):  # word i: the keys above vk, and those equal to it
+    valid = " and.pred p, p, v; and.pred e, e, v;" if partial(i) else ""
+    lines.append(
+      f"setp.gt.u32 p, {kk}, vk; setp.eq.u32 e, {kk}, vk;{valid}"
+      " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;"
+      f" st.shared.u32 [sa+{4 * i}], g; st.shared.u32 [se+{4 * i}], w;"  # all lanes: one word
+    )
+  for i in range(n, nw):  # words of padding channels only
+    lines.append(f"st.shared.u32 [sa+{4 * i}], 0; st.shared.u32 [se+{4 * i}], 0;")
+  lines += [
+    "bar.warp.sync 0xffffffff;",
+    # lane l: words l and 32 + l; the equal keys' popcounts summed over the words before
+    f"setp.lt.u32 w0, lane, {nw}; setp.lt.u32 w1, lane, {max(nw - 32, 0)};",
+    "mov.b32 g0, 0; mov.b32 e0, 0; mov.b32 g1, 0; mov.b32 e1, 0;",
+    "mad.lo.u32 a, lane, 4, sa;",
+    "@w0 ld.shared.u32 g0, [a]; @w0 ld.shared.u32 e0, [a+256];",
+    "@w1 ld.shared.u32 g1, [a+128]; @w1 ld.shared.u32 e1, [a+384];",
+    "popc.b32 p0, e0; popc.b32 p1, e1; mov.b32 i0, p0; mov.b32 i1, p1;",
+    *(
+      f"shfl.sync.up.b32 y|p, i{h}, {d}, 0x0, 0xffffffff; @p add.u32 i{h}, i{h}, y;"
+      for d in (1, 2, 4, 8, 16)
+      for h in (0, 1)
+    ),
+    "shfl.sync.idx.b32 t0|p, i0, 31, 0x1f, 0xffffffff;",  # the first 32 words' total
+    "sub.u32 i0, i0, p0; sub.u32 i1, i1, p1; add.u32 i1, i1, t0;",
+    *_keep_lowest("e0", "i0", "g0"),
+    *_keep_lowest("e1", "i1", "g1"),
+    f"cvta.to.global.u64 oa, $1; mul.wide.u32 o64, r, {4 * nw}; add.u64 oa, oa, o64;",
+    "mul.wide.u32 o64, lane, 4; add.u64 oa, oa, o64;",
+    "@w0 st.global.u32 [oa], g0; @w1 st.global.u32 [oa+128], g1;",
+    "ROW_DONE:",
+  ]
+  return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _keep_lowest(eq: str, before: str, words: str) -> list[str]:
+  """PTX: words |= the lowest (need - before) set bits of eq (none if that is < 1, all if it
+  is more than eq has: `_mgpu_ptx.KEEP_LOWEST`'s arithmetic)."""
+  return [
+    f"sub.s32 m, need, {before}; setp.lt.s32 z, m, 1; fns.b32 d, {eq}, 0, m;",
+    f"mov.b32 kl, 2; shl.b32 kl, kl, d; sub.u32 kl, kl, 1; and.b32 kl, {eq}, kl;",
+    f"@z mov.b32 kl, 0; or.b32 {words}, {words}, kl;",
+  ]
+
+
+def kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None, width: int = 0):
+  """(T, width >= F) 16-bit G -> (T, F / 32) int32 words of the first F columns' selection,
+  channels >= num_valid never selected; `ctas` CTAs of four warps, one row a warp at a time."""
+  nv = f if num_valid is None else num_valid
+  width = width or f
+  if f % 32 or f > MAX_F or f > width or not 0 < k <= nv <= f or ctas < 1:
+    raise ValueError(
+      f"the warp-per-row select needs F % 32 == 0, F <= {MAX_F}, F <= width, ctas > 0 and "
+      f"0 < K <= num_valid <= F; got F={f}, width={width}, K={k}, num_valid={nv}, ctas={ctas}"
+    )
+  text = row_ptx(t, f, k, nv, width, ctas)
+  splat = lambda x: plgpu.layout_cast(jnp.full((BINS,), x, I32), _BIN_LAYOUT)
+
+  @plgpu.inline_mgpu(
+    arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), _BIN_LAYOUT)
+  )
+  def row(ctx, g_ref, out_ref, hist_ref, stage_ref, i_array):
+    del ctx
+    i64 = ir.IntegerType.get_signless(64)
+    gptr = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(g_ref))
+    optr = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(out_ref))
+    smem = [mgpu_utils.memref_ptr(r) for r in (hist_ref, stage_ref)]
+    operands = [gptr, optr, *smem, ptx._scalar(i_array)]
+    ptx._asm(text, operands, "l,l,r,r,r")
+
+  def body(g_ref, out_ref, hist_ref, stage_ref):
+    def step(i, carry):
+      row(g_ref, out_ref, hist_ref, stage_ref, splat(i))
+      return carry
+
+    lax.fori_loop(0, pl.cdiv(t, WARPS * ctas), step, 0)
+
+  return plgpu.kernel(
+    body,
+    out_type=jax.ShapeDtypeStruct((t, f // 32), I32),
+    grid=(ctas,),
+    grid_names=("cta",),
+    scratch_types=[
+      plgpu.SMEM((WARPS * _HIST_BYTES // 4,), I32),
+      plgpu.SMEM((WARPS * _STAGE_BYTES // 4,), I32),
+    ],
+  )
+
+
+def words(
+  g2: jax.Array,
+  k: int,
+  *,
+  num_valid: int | None = None,
+  width: int | None = None,
+  ctas: int | None = None,
+) -> jax.Array:
+  """`mgpu_select.words` for rows of at most 2048 channels (compiled on a Hopper GPU only)."""
+  t, f = g2.shape[0], width or g2.shape[1]
+  n = ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
+  return kernel(t, f, k, n, num_valid, width=g2.shape[1])(g2)
