@@ -110,6 +110,24 @@ def _variants(a) -> dict:
   return fns
 
 
+def _ablated(a, ops: list[str]):
+  """The words kernel with `SelectOps` methods `ops` (count_high, count_low, ballot_words)
+  doing nothing while it traces: what those passes cost (its words are then wrong)."""
+  import contextlib
+
+  from pallas_kernels import _mgpu_ops
+
+  def fn(g):
+    with contextlib.ExitStack() as stack:
+      for op in ops:
+        original = getattr(_mgpu_ops.SelectOps, op)
+        setattr(_mgpu_ops.SelectOps, op, lambda *args, **kw: None)
+        stack.callback(setattr, _mgpu_ops.SelectOps, op, original)
+      return mgpu_select.words(g, a.k, num_valid=a.num_valid, interpret=False)
+
+  return jax.jit(fn)
+
+
 def _same(a, b) -> bool:
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
 
@@ -201,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument(
+    "--ablate",
+    default="",
+    help="diagnostic rows, comma-separated: the words kernel without these SelectOps methods "
+    "('+'-joined, e.g. count_high+count_low); timed, never exact",
+  )
+  p.add_argument(
     "--device_time", action="store_true", help="kernel time per call from a profile (e.g. T = 1)"
   )
   p.add_argument("--out", default="")
@@ -235,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     lambda g: topk_compact.mask_call(g, a.k, "moc", cfg, False, num_valid=a.num_valid)
   )
   fns["xla_read_max"] = jax.jit(lambda g: jnp.max(g, axis=1))
+  if a.ablate:
+    for ops in a.ablate.split(","):
+      fns[f"ablate_{ops}"] = _ablated(a, ops.split("+"))
+      rows[f"ablate_{ops}"] = {"diagnostic": "words wrong by design: timing only"}
   if a.num_valid is None:  # `select`'s default (Mosaic words + gathered compaction), and Triton's
     fns["default_topk"] = jax.jit(lambda g: topk.select(g, a.k, "moc"))
     triton = dataclasses.replace(topk.default_config(a.f), selection="triton")
