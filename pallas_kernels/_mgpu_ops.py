@@ -47,11 +47,10 @@ class SelectOps:
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, branchless: bool = True):
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
-    self._branchless = branchless  # `_mgpu_ptx.count`'s
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -85,14 +84,14 @@ class SelectOps:
   def count_high(self, key, ref) -> None:
     if self._interpret:
       return _scatter_add(ref, key >> 8, self._valid_key(key))
-    rl, bl, nv, bx = self.row_layout, self.bin_layout, self._nv, self._branchless
-    self._op("count_high", ptx.count, rl, bl, nv, False, bx)(key, ref)
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("count_high", ptx.count, rl, bl, nv, False)(key, ref)
 
   def count_low(self, key, high, ref) -> None:
     if self._interpret:
       return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
-    rl, bl, nv, bx = self.row_layout, self.bin_layout, self._nv, self._branchless
-    self._op("count_low", ptx.count, rl, bl, nv, True, bx)(key, high, ref)
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("count_low", ptx.count, rl, bl, nv, True)(key, high, ref)
 
   def ballot_words(self, key, v, above_ref, equal_ref) -> None:
     if self._interpret:
@@ -101,8 +100,8 @@ class SelectOps:
       above_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key > v[0])))
       equal_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key == v[0])))
       return
-    rl, bl, nv, bx = self.row_layout, self.bin_layout, self._nv, self._branchless
-    self._op("ballot", ptx.ballot_words, rl, bl, nv, bx)(key, v, above_ref, equal_ref)
+    rl, bl, nv = self.row_layout, self.bin_layout, self._nv
+    self._op("ballot", ptx.ballot_words, rl, bl, nv)(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
     if self._interpret:

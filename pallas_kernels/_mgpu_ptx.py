@@ -95,19 +95,17 @@ def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8) -> None:
 JUNK_BIN = BINS  # where keys outside a pass add (histograms hold BINS + 8 words; never read)
 
 
-def count(row_layout, bin_layout, num_valid: int, low: bool, branchless: bool = True):
+def count(row_layout, bin_layout, num_valid: int, low: bool):
   """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
   the keys whose high byte is `high` (a bins-layout array of that one value). Per key: two
   or three ALU ops and one shared-memory reduction. Keys outside the pass (other high
   bytes, padding) add into JUNK_BIN: ptxas turns a predicated shared-memory reduction into
-  a branch around it (BSSY, BRA, BSYNC per key in the SASS; `branchless=False`, the form
-  before 2026-12-05g)."""
+  a branch around it (BSSY, BRA, BSYNC per key in the SASS), which cost the 1B layer's
+  words 10-11% and the top-K at T = 1 17% on an H100 (NOTES_kernels 2026-12-05g)."""
   args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
 
   def element(k, flag, i):
     del i
-    if not branchless:
-      return _count_predicated(k, flag, low)
     digit = f"sub.s32 d, {k}, $2; min.u32 d, d, {JUNK_BIN};" if low else f"shr.u32 d, {k}, 8;"
     if flag is not None:
       digit += f" setp.eq.s32 p, {flag}, 0; @p mov.b32 d, {JUNK_BIN};"
@@ -125,24 +123,11 @@ def count(row_layout, bin_layout, num_valid: int, low: bool, branchless: bool = 
   return count
 
 
-def _count_predicated(k: str, flag: str | None, low: bool) -> str:
-  if low:  # d = key - 256 high: a bin iff 0 <= d < 256
-    pred = "sub.s32 d, {k}, $2; setp.lt.u32 p, d, 256;"
-    pred += "" if flag is None else " setp.ne.and.s32 p, {f}, 0, p;"
-    return (pred + " mad.lo.u32 a, d, 4, $0; @p red.shared::cta.add.u32 [a], $1;").format(
-      k=k, f=flag
-    )
-  guard = "" if flag is None else f"setp.ne.s32 p, {flag}, 0; @p "
-  return f"shr.u32 d, {k}, 8; mad.lo.u32 a, d, 4, $0; {guard}red.shared::cta.add.u32 [a], $1;"
-
-
-def ballot_words(row_layout, bin_layout, num_valid: int, branchless: bool = True):
+def ballot_words(row_layout, bin_layout, num_valid: int):
   """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
-  per register and warp, stored by lane 0 (every word of the row is written). Register i of
-  warp w holds word 4 i + w: an immediate offset from the warp's first word. Every lane
-  stores the word (one address, one value) unless not branchless (lane 0 alone: a branch
-  around each pair of stores in the SASS)."""
-  lane0 = "" if branchless else "@q "
+  per register and warp (every word of the row is written). Register i of warp w holds word
+  4 i + w: an immediate offset from the warp's first word. Every lane stores the word (one
+  address, one value): stores by lane 0 alone were a branch around each pair in the SASS."""
 
   def element(k, flag, i):
     both = (
@@ -151,20 +136,19 @@ def ballot_words(row_layout, bin_layout, num_valid: int, branchless: bool = True
     return (
       f"setp.gt.s32 p, {k}, $2; setp.eq.s32 e, {k}, $2;{both}"
       " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;"
-      f" {lane0}st.shared.b32 [$0+{16 * i}], g; {lane0}st.shared.b32 [$1+{16 * i}], w;"
+      f" st.shared.b32 [$0+{16 * i}], g; st.shared.b32 [$1+{16 * i}], w;"
     )
 
   @plgpu.inline_mgpu(arg_types=(row_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
   def ballot(ctx, key, v_array, above_ref, equal_ref):
     del ctx
-    _, warp, lane = _thread()
+    warp = _thread()[1]
     ptrs = [
       mgpu_utils.getelementptr(mgpu_utils.memref_ptr(r), [warp], _i32())
       for r in (above_ref, equal_ref)
     ]
-    lane0 = arith.extui(_i32(), arith.cmpi(arith.CmpIPredicate.eq, lane, _c(0)))
-    decls = ".reg .pred p, e, q; .reg .b32 g, w; setp.ne.s32 q, $3, 0;"
-    _blocks(_keys(key, num_valid), [*ptrs, _scalar(v_array), lane0], element, decls)
+    decls = ".reg .pred p, e; .reg .b32 g, w;"
+    _blocks(_keys(key, num_valid), [*ptrs, _scalar(v_array)], element, decls)
 
   return ballot
 

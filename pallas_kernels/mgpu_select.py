@@ -63,15 +63,12 @@ def kernel(
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
-  branchless: bool = True,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
-  branchless=False: the per-key shared-memory ops predicated, as before 2026-12-05g
-  (`_mgpu_ptx.count`), for the probe to time once against the default.
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -95,7 +92,7 @@ def kernel(
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, branchless)
+  ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -243,15 +240,13 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
-  branchless: bool = True,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(interpret=interpret, branchless=branchless)
-  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
+  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, interpret=interpret)(g2)[0]
 
 
 def select(
@@ -260,14 +255,12 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
-  branchless: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  kw = dict(compact=True, interpret=interpret, branchless=branchless)
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 

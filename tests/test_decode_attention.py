@@ -256,7 +256,8 @@ def test_attend_qkv_gpu_1b_shape():
   rope = lambda t: apply_rope(t[:, None], pos[:, None], 10000.0)[:, 0]
   want = decode_attention.attend(rope(qkv[:, 0]), k, v, pos, (rope(qkv[:, 1]), qkv[:, 2]))
   cos, sin = rope_cos_sin(pos, 128, 10000.0)
-  got = jax.jit(decode_attention.attend_qkv, donate_argnums=(1, 2))(qkv, k, v, pos, cos, sin)
+  fresh = lambda: (jnp.copy(k), jnp.copy(v))  # each donating call gets caches of its own
+  got = jax.jit(decode_attention.attend_qkv, donate_argnums=(1, 2))(qkv, *fresh(), pos, cos, sin)
   for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(
       np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2, rtol=2e-2
@@ -267,8 +268,8 @@ def test_attend_qkv_gpu_1b_shape():
   warmed = jax.jit(
     functools.partial(decode_attention.attend_qkv, warm_bytes=(8 << 20, 8 << 20), prefetch=True),
     donate_argnums=(1, 2),
-  )(qkv, k, v, pos, cos, sin, warm=ws)
-  again = decode_attention.attend_qkv(qkv, k, v, pos, cos, sin)
+  )(qkv, *fresh(), pos, cos, sin, warm=ws)
+  again = decode_attention.attend_qkv(qkv, *fresh(), pos, cos, sin)
   for g, w in zip(warmed, again, strict=True):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
