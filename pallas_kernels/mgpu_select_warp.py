@@ -9,7 +9,9 @@ shared memory of its own and orders them with `bar.warp.sync`: no CTA barrier, a
 256-bin scan is eight bins a lane plus one warp scan. Same algorithm as `mgpu_select` (two
 8-bit digits of the order-preserving 16-bit keys, then the words of keys above and equal to
 the K-th key, ties cut to the lowest channels), same words. Experimental: `words` only, for
-the probe to time against `mgpu_select.words`.
+the probe to time against `mgpu_select.words`. First timings (H100, NOTES_kernels
+2026-12-05g): 60m 66.5 vs 65.4 µs in one run, 53.8 vs 63.0 in the next; 130m 63.8 vs 69.6.
+Not a default until a paired run with more trials says so.
 
 The whole row is one inline PTX block (`row_ptx`); Pallas Mosaic GPU only launches the CTAs
 (one warpgroup each: four warps, four rows at a time) and allocates shared memory. There is
