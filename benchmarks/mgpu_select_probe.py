@@ -97,9 +97,13 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
+  # rows by bulk async copy into a two-row buffer, one row ahead (opt-in), first CTA count
+  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, async_rows=True)
+  fns["mgpu_select_async"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
     kw = dict(ctas=counts[0], interpret=False)
     fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
+    fns["mgpu_topk_async"] = jax.jit(lambda g: mgpu_select.select(g, a.k, async_rows=True, **kw))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (experimental)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))

@@ -75,6 +75,19 @@ class SelectOps:
       return ref[r, pl.ds(0, self._f)]
     return plgpu.load(ref, (r, pl.ds(0, self._f)), layout=self.row_layout)
 
+  def fetch_row(self, src_ref, r, rows_ref, slot, barriers) -> None:
+    """rows[slot] = src[r, :F] by bulk async copy (arrival on barriers[slot])."""
+    if self._interpret:
+      rows_ref[slot] = src_ref[r, pl.ds(0, self._f)]
+      return
+    src = src_ref.at[r, pl.ds(0, self._f)]
+    promise = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # a contiguous row: one cp.async.bulk
+    plgpu.copy_gmem_to_smem(src, rows_ref.at[slot], barriers.at[slot], oob_mode=promise)
+
+  def wait_row(self, barriers, slot) -> None:
+    if not self._interpret:
+      plgpu.barrier_wait(barriers.at[slot])
+
   def splat(self, x):
     return self.cast(jnp.full((BINS,), x, I32), self.bin_layout)
 

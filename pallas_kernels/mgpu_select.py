@@ -63,12 +63,19 @@ def kernel(
   interpret: bool = False,
   splits: int = 0,
   round_dtype=jnp.bfloat16,
+  async_rows: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
+  async_rows (16-bit G, not with splits; opt-in until a GPU times it): each CTA's next row
+  arrives by bulk async copy into the other half of a two-row buffer in shared memory while
+  it selects in the current one, so the row's HBM latency is not exposed at each row's start
+  (the ablation of 2026-12-05g: ~60 of the 1B words' 150 µs are outside the per-key passes);
+  no registers held for it, unlike the register prefetch that lost in 2026-12-05. The input's
+  dtype is round_dtype then.
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -91,6 +98,8 @@ def kernel(
     raise ValueError(f"the Mosaic GPU top-K copies K-long rows by TMA: K % 8 == 0, got {k}")
   if interpret and ctas != 1:
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
+  if async_rows and (splits or jnp.dtype(round_dtype) not in KEY_DTYPES):
+    raise ValueError("async_rows copies 16-bit rows as stored: no splits")
   nw = f // 32
   ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
@@ -119,6 +128,8 @@ def kernel(
     n_out = len(TOPK_DTYPES) if compact else 0  # the K-long outputs
     out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
     high_ref, low_ref, above_ref, equal_ref, tmp_ref, *rest = refs
+    if async_rows:  # the two-row buffer and its two barriers come last
+      *rest, rows_ref, arrived = rest
     stash_ref, *outs = rest or (None,)  # the row's value bits, then the K-long rows
     pid = 0 if interpret else lax.axis_index("cta")  # interpret mode: one CTA (ctas=1)
     in_row = ops.cast(lax.broadcasted_iota(I32, (BINS,), 0), bin_layout) < nw
@@ -130,8 +141,13 @@ def kernel(
       low_ref[pl.ds(0, BINS)] = ops.splat(0)
       ops.barrier()
 
-    def one_row(r) -> None:
-      bits = load_bits(g_ref, r)
+    def one_row(r, i) -> None:
+      if async_rows:  # the next row into the other half; its last reader passed barriers since
+        pl.when(r + ctas < t)(lambda: ops.fetch_row(g_ref, r + ctas, rows_ref, 1 - i % 2, arrived))
+        ops.wait_row(arrived, i % 2)
+        bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
+      else:
+        bits = load_bits(g_ref, r)
       if compact:  # the values, read by channel once the selection is known (the last row's
         ops.stash_row(bits, stash_ref)  # were read before its final barrier, `commit`)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
@@ -158,11 +174,13 @@ def kernel(
     def row(i, carry):
       r = pid + i * ctas
       if t % ctas:  # the last round has rows for only some CTAs
-        pl.when(r < t)(lambda: one_row(r))
+        pl.when(r < t)(lambda: one_row(r, i))
       else:
-        one_row(r)
+        one_row(r, i)
       return carry
 
+    if async_rows:
+      ops.fetch_row(g_ref, pid, rows_ref, 0, arrived)  # ctas <= T: every CTA has a first row
     clear_histograms()  # once: each later row's readers clear what they read (`select_bin`)
     lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
     ops.wait()
@@ -178,6 +196,9 @@ def kernel(
   if compact:  # the row's value bits (`stash_row`), then the K-long outputs
     out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in TOPK_DTYPES]
     scratch += [plgpu.SMEM((f,), jnp.int16), *(plgpu.SMEM((k,), d) for d in TOPK_DTYPES)]
+  if async_rows:  # interpret mode has no barriers (it copies at once): a stand-in
+    arrived = plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=1, num_barriers=2)
+    scratch += [plgpu.SMEM((2, f), round_dtype), arrived]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
@@ -240,13 +261,16 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
+  async_rows: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
-  (default: all of them; the [G | U] buffer of a fused GEMM passes F)."""
+  (default: all of them; the [G | U] buffer of a fused GEMM passes F). async_rows: `kernel`'s
+  (opt-in)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, interpret=interpret)(g2)[0]
+  kw = dict(interpret=interpret, async_rows=async_rows, round_dtype=g2.dtype)
+  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
 def select(
@@ -255,12 +279,15 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
+  async_rows: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values)."""
+  """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
+  `kernel`'s (opt-in)."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), compact=True, interpret=interpret)
+  kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 
