@@ -162,7 +162,8 @@ class SelectOps:
       sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
       below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
       slot = jnp.where(sel, first[chan >> 5] + lax.population_count(below), self._k)
-      for values, ref in ((row_ref[...], out_ref), (chan, idx_ref)):
+      bits = lax.bitcast_convert_type(row_ref[...], out_ref.dtype)  # bf16 rows: their bits
+      for values, ref in ((bits, out_ref), (chan, idx_ref)):
         ref[...] = ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
       return
     self._op("compact", ptx.compact, self.bin_layout)(words, first, row_ref, out_ref, idx_ref)

@@ -148,8 +148,9 @@ def kernel(
         bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
       else:
         bits = load_bits(g_ref, r)
-      if compact:  # the values, read by channel once the selection is known (the last row's
-        ops.stash_row(bits, stash_ref)  # were read before its final barrier, `commit`)
+      stash = rows_ref.at[i % 2] if async_rows else stash_ref  # the row's values by channel
+      if compact and not async_rows:  # (the last row's were read before its final barrier)
+        ops.stash_row(bits, stash_ref)
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
@@ -167,7 +168,7 @@ def kernel(
       final = ops.cast(above_ref[...], bin_layout) | ops.keep_lowest(eq, need - before)
       above_ref[...] = final
       if compact:  # words past the row are stale shared memory: none of the top-K's
-        compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stash_ref, outs, out_refs)
+        compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stash, outs, out_refs)
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
@@ -195,7 +196,9 @@ def kernel(
   ]
   if compact:  # the row's value bits (`stash_row`), then the K-long outputs
     out_type += [jax.ShapeDtypeStruct((t, k), dtype) for dtype in TOPK_DTYPES]
-    scratch += [plgpu.SMEM((f,), jnp.int16), *(plgpu.SMEM((k,), d) for d in TOPK_DTYPES)]
+    stash_words = 8 if async_rows else f  # async_rows: the row buffer is the stash
+    scratch += [plgpu.SMEM((stash_words,), jnp.int16)]
+    scratch += [plgpu.SMEM((k,), d) for d in TOPK_DTYPES]
   if async_rows:  # interpret mode has no barriers (it copies at once): a stand-in
     arrived = plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=1, num_barriers=2)
     scratch += [plgpu.SMEM((2, f), round_dtype), arrived]
