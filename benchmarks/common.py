@@ -266,17 +266,20 @@ def run_variant_child(script: str, variant: str, argv: list[str]) -> dict[str, A
 
 
 @contextlib.contextmanager
-def forward_selection(selection: str | None):
+def forward_selection(selection: str | None, **fields):
   """While tracing inside it, MoC's train forward finds its selection with this kernel
-  (`TopKConfig.selection`, e.g. 'mgpu'); None changes nothing. Wrap a jitted call in it: the
-  first call traces and compiles under it, later calls reuse that program."""
+  (`TopKConfig.selection`, e.g. 'mgpu') and these other `TopKConfig` fields (e.g.
+  async_rows=True); None and no fields change nothing. Wrap a jitted call in it: the first
+  call traces and compiles under it, later calls reuse that program."""
   from pallas_kernels import moc_train
 
-  if not selection:
+  if selection:
+    fields["selection"] = selection
+  if not fields:
     yield
     return
   saved = moc_train.FORWARD_DEFAULT
-  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, selection=selection)
+  moc_train.FORWARD_DEFAULT = dataclasses.replace(saved, **fields)
   try:
     yield
   finally:

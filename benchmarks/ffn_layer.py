@@ -51,6 +51,8 @@ METHODS = {
     "backend": "pallas",
     "selection": "triton",
   },
+  # the Mosaic select's rows by bulk async copy, one ahead (`TopKConfig.async_rows`, opt-in)
+  "moc_pallas_async": {"variant": "moc", "gcp": False, "backend": "pallas", "async_rows": True},
 }
 DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
 
@@ -70,14 +72,15 @@ def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
   method = dict(method)
   selection = method.pop("selection", None)
+  fields = {f: method.pop(f) for f in ("async_rows",) if f in method}  # TopKConfig's
 
   def fwd(x, wg, wu, wd, dy):
     del dy
-    with common.forward_selection(selection):
+    with common.forward_selection(selection, **fields):
       return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
 
   def fwd_bwd(x, wg, wu, wd, dy):
-    with common.forward_selection(selection):
+    with common.forward_selection(selection, **fields):
       y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
     return y, vjp(dy)
 

@@ -63,6 +63,10 @@ class TopKConfig:
   # 405 vs 390 us). 'auto' (the shipped defaults' choice): the Mosaic bitmask where it can run
   # (`mgpu_select.usable`: a compiled Hopper-or-newer GPU), else 'triton'.
   selection: str = "triton"
+  # The Mosaic select's rows by bulk async copy, one row ahead into a two-row shared buffer
+  # (`mgpu_select.kernel(async_rows=True)`); opt-in until a GPU times it (NOTES_kernels
+  # 2026-12-05g). No effect on the Triton selection.
+  async_rows: bool = False
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):

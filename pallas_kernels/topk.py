@@ -377,7 +377,7 @@ def _select(g_TxF, k, variant, *, cfg: TopKConfig, interpret: bool | None):
   if variant == "moc" and cfg.selection == "mgpu" and not cfg.compact:  # all Mosaic GPU
     from pallas_kernels import mgpu_select
 
-    idx, val = mgpu_select.select(g2, k, interpret=interpret)
+    idx, val = mgpu_select.select(g2, k, interpret=interpret, async_rows=cfg.async_rows)
     return idx.reshape(*lead, k), val.reshape(*lead, k)
   if cfg.compact:  # two kernels: bitmask, then compaction
     from pallas_kernels import topk_compact

@@ -186,7 +186,8 @@ def mask_call(
   if cfg.selection == "mgpu" and variant != "moc":
     raise ValueError(f"selection={cfg.selection!r} selects 'moc' only, got {variant!r}")
   if variant == "moc" and mgpu_select.chosen(cfg.selection, g2.dtype, f, interpret):
-    return mgpu_select.words(g2, k, num_valid=num_valid, width=width, interpret=interpret)
+    kw = dict(num_valid=num_valid, width=width, interpret=interpret, async_rows=cfg.async_rows)
+    return mgpu_select.words(g2, k, **kw)
   rows = topk.group_program_rows(cfg, f) if variant == "moc_2of8" else cfg.rows
   kernel = functools.partial(
     _mask_kernel,

@@ -373,3 +373,24 @@ def test_warp_select_gpu_real_size(f, k, num_valid):
     words = mgpu_select_warp.words(x, k, num_valid=num_valid)
     want = mgpu_select_probe.reference_words(x, k, num_valid)
     assert np.array_equal(np.asarray(words), want), f"{seed=}"
+
+
+def test_forward_config_fields_reach_the_mosaic_select(monkeypatch):
+  """`common.forward_selection(selection, async_rows=True)` (ffn_layer's `moc_pallas_async`):
+  the train forward's words come from the Mosaic select with its rows copied one ahead, and
+  equal the default's."""
+  from benchmarks import common
+  from pallas_kernels import moc_train_mask
+
+  seen = []
+  words = mgpu_select.words
+  monkeypatch.setattr(mgpu_select, "words", lambda *a, **k: seen.append(k) or words(*a, **k))
+  gu = jax.random.normal(jax.random.key(3), (5, 1280)).astype(jnp.bfloat16)
+  run = lambda: moc_train_mask.train_forward_bitmask(gu, None, 64, num_valid=600)
+  with common.forward_selection("mgpu"):
+    want = run()
+  with common.forward_selection("mgpu", async_rows=True):
+    got = run()
+  assert [k["async_rows"] for k in seen] == [False, True]
+  for w, g in zip(want, got, strict=True):
+    assert np.array_equal(np.asarray(w, np.float32), np.asarray(g, np.float32))
