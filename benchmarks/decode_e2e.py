@@ -13,8 +13,10 @@ faster counts: `dense_kernel` (the model's decode with the kernel backend) and `
 with the default decode config (since 2026-12-05f its partials summed with the residual add
 in one kernel; `moc_kernel_before` sums them by XLA as before), as `moc_kernel_mask`
 with the mask pipeline forced, `moc_kernel_mgpu` with the list pipeline's top-K as the Mosaic
-GPU select (the rows kernel's launch warming the next layer's q, k, v; `moc_kernel_mgpu_cold`
-without any warming from the FFN) and `moc_kernel_xsum` with XLA's sum and add.
+GPU select (the rows kernel's launch warming the next layer's q, k, v; `moc_kernel_mgpusw`:
+the select's own launch warming them, by bulk prefetches from CTAs of its own;
+`moc_kernel_mgpu_cold` without any warming from the FFN) and `moc_kernel_xsum` with XLA's sum
+and add.
 `dense_kernel_nopf` / `moc_kernel_nopf`: the model's `decode_prefetch` off (attention K and V
 a block ahead; q, k, v, the output projection and MoC's gate streamed on a resident grid).
 `moc_kernel_warmN[pP]` (one per `--warm_mb` entry N[:P]) has each layer's top-K launch read N MB
@@ -187,6 +189,7 @@ def main() -> None:
       for v in ("dense", "moc")
     },
     "moc_kernel_mgpu": dict(ffn="moc", kernel_backend="pallas"),
+    "moc_kernel_mgpusw": dict(ffn="moc", kernel_backend="pallas"),
     "moc_kernel_xsum": dict(ffn="moc", kernel_backend="pallas"),
     **{
       f"{v}_kernel_before": dict(
@@ -317,8 +320,9 @@ def _patched(name: str):
     edits.append(lambda c: replace(c, pipeline="mask", topk=None))
   if knob in ("xsum", "before"):  # XLA's reduce, then its add
     edits.append(lambda c: replace(c, list_sum="xla"))
-  if knob in ("mgpu", "cold"):  # the Mosaic select, the rows kernel warming (cold: nothing)
-    edits.append(lambda c: _with_mosaic_select(c, cold=knob == "cold"))
+  if knob in ("mgpu", "cold", "mgpusw"):  # the Mosaic select; the rows kernel warming, or
+    # (mgpusw) the select's own CTAs by bulk prefetches, or (cold) nothing
+    edits.append(lambda c: _with_mosaic_select(c, cold=knob == "cold", own=knob == "mgpusw"))
   if name.startswith("moc_kernel_warm"):
     mb, _, programs = name.removeprefix("moc_kernel_warm").partition("p")
     warm = {"warm_bytes": int(mb) << 20} | ({"warm_programs": int(programs)} if programs else {})
@@ -335,13 +339,14 @@ def _patched(name: str):
     _decode_rowdot.rowdot_config = original_rowdot
 
 
-def _with_mosaic_select(cfg, cold: bool = False):
+def _with_mosaic_select(cfg, cold: bool = False, own: bool = False):
   """`cfg` selecting with the Mosaic GPU radix select where it has a top-K (the list pipeline,
   T <= 4); the rows kernel's launch warms L2 with the same bytes (`DecodeConfig.warm_from`),
-  unless cold (no warming)."""
+  or (own) the select's launch by bulk prefetches from CTAs of its own, or (cold) none."""
   if cfg.topk is None:
     return cfg
-  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_from="rows")
+  where = "select" if own else "rows"
+  mosaic = replace(cfg, topk=replace(cfg.topk, selection="mgpu"), warm_from=where)
   return replace(mosaic, warm_bytes=0) if cold else mosaic
 
 

@@ -82,9 +82,9 @@ class DecodeConfig:
   # of its own; 0: off.
   warm_bytes: int = 0
   warm_programs: int = 264
-  # which launch warms: 'select' (the Triton top-K's, above) or 'rows' (the rows kernel's;
-  # always with the Mosaic GPU select, whose own bulk L2 prefetch made it wait, NOTES_decode
-  # 2026-12-05)
+  # which launch warms: 'select' (the top-K's: the Triton one's programs load, the Mosaic
+  # GPU select's CTAs bulk-prefetch a chunk each, since 2026-12-05g; from its one CTA it
+  # made the select wait, NOTES_decode 2026-12-05d) or 'rows' (the rows kernel's)
   warm_from: str = "select"
 
   def __post_init__(self):

@@ -88,6 +88,11 @@ class SelectOps:
     if not self._interpret:
       plgpu.barrier_wait(barriers.at[slot])
 
+  def prefetch(self, warm_refs, num_bytes, chunks, first_cta: int) -> None:
+    """A warming CTA's share of each weight, asked of L2 (`_mgpu_ptx.prefetch_share`)."""
+    op = self._op("prefetch", ptx.prefetch_share, tuple(num_bytes), tuple(chunks), first_cta)
+    op(*warm_refs)
+
   def splat(self, x):
     return self.cast(jnp.full((BINS,), x, I32), self.bin_layout)
 

@@ -336,6 +336,37 @@ def map_bins(bin_layout, text: str, arity: int):
   return op
 
 
+def prefetch_share(num_bytes: tuple[int, ...], chunks: tuple[int, ...], first_cta: int):
+  """Warming CTA j = ctaid - first_cta asks L2 for bytes [j c, min(B, (j + 1) c)) of each
+  weight (B, c: num_bytes, chunks; multiples of 16), one `cp.async.bulk.prefetch` each,
+  evict-last, issued by thread 0. Many CTAs, one chunk each: CTA 0 issuing all of a 16 MB
+  warming through its one TMA unit made the select wait 66 µs (NOTES_decode 2026-12-05d).
+  Arguments: the weights' refs."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(num_bytes))
+  def prefetch(ctx, *refs):
+    del ctx
+    lines = [
+      "{ .reg .pred p, z; .reg .b64 g, a, pol; .reg .b32 j, lo, sz, t;",
+      "mov.u32 t, %tid.x; setp.eq.u32 z, t, 0;",
+      f"mov.u32 j, %ctaid.x; sub.u32 j, j, {first_cta};",
+      "createpolicy.fractional.L2::evict_last.b64 pol, 1.0;",
+    ]
+    for i, (total, chunk) in enumerate(zip(num_bytes, chunks, strict=True)):
+      lines += [
+        f"cvta.to.global.u64 g, ${i}; mul.lo.u32 lo, j, {chunk};",
+        f"setp.lt.u32 p, lo, {total}; and.pred p, p, z;",
+        f"sub.u32 sz, {total}, lo; min.u32 sz, sz, {chunk};",
+        "cvt.u64.u32 a, lo; add.u64 a, a, g;",
+        "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [a], sz, pol;",
+      ]
+    lines.append("}")
+    ptrs = [mgpu_utils.memref_ptr(r) for r in refs]
+    _asm("\n".join(lines), ptrs, ",".join(["l"] * len(ptrs)))
+
+  return prefetch
+
+
 @plgpu.inline_mgpu()
 def barrier(ctx):
   del ctx

@@ -64,6 +64,8 @@ def kernel(
   splits: int = 0,
   round_dtype=jnp.bfloat16,
   async_rows: bool = False,
+  warm_bytes: tuple[int, ...] = (),
+  warm_ctas: int = 0,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
@@ -76,6 +78,11 @@ def kernel(
   (the ablation of 2026-12-05g: ~60 of the 1B words' 150 µs are outside the per-key passes);
   no registers held for it, unlike the register prefetch that lost in 2026-12-05. The input's
   dtype is round_dtype then.
+  warm_bytes (compiled only; opt-in until timed end to end): the kernel takes one more input
+  per entry, a flat weight the next kernels read (decode: the next layer's q, k, v), and
+  `warm_ctas` more CTAs ask L2 for its first warm_bytes[i] bytes, a chunk each
+  (`_mgpu_ptx.prefetch_share`), beside the select's CTAs. The Triton top-K's launch warms
+  that way with loads (`_l2_prefetch`); a bulk prefetch needs no registers or waits.
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -100,6 +107,11 @@ def kernel(
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   if async_rows and (splits or jnp.dtype(round_dtype) not in KEY_DTYPES):
     raise ValueError("async_rows copies 16-bit rows as stored: no splits")
+  if (warm_ctas > 0) != bool(warm_bytes) or (interpret and warm_ctas):
+    raise ValueError(
+      f"warming needs both warm_bytes and warm_ctas, compiled: got {warm_bytes}, {warm_ctas}"
+    )
+  chunks = [-(-b // warm_ctas // 16) * 16 if warm_ctas else 0 for b in warm_bytes]
   nw = f // 32
   ops = SelectOps(f, k, nv, interpret)
   bin_layout = ops.bin_layout
@@ -125,6 +137,7 @@ def kernel(
     return lax.bitcast_convert_type(row, jnp.int16).astype(I32)
 
   def body(g_ref, *refs):
+    warm_refs, refs = refs[: len(warm_bytes)], refs[len(warm_bytes) :]
     n_out = len(TOPK_DTYPES) if compact else 0  # the K-long outputs
     out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
     high_ref, low_ref, above_ref, equal_ref, tmp_ref, *rest = refs
@@ -180,11 +193,18 @@ def kernel(
         one_row(r, i)
       return carry
 
-    if async_rows:
-      ops.fetch_row(g_ref, pid, rows_ref, 0, arrived)  # ctas <= T: every CTA has a first row
-    clear_histograms()  # once: each later row's readers clear what they read (`select_bin`)
-    lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
-    ops.wait()
+    def select_rows() -> None:
+      if async_rows:
+        ops.fetch_row(g_ref, pid, rows_ref, 0, arrived)  # ctas <= T: each CTA has a first row
+      clear_histograms()  # once: each later row's readers clear what they read (`select_bin`)
+      lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
+      ops.wait()
+
+    if not warm_ctas:
+      select_rows()
+      return
+    pl.when(pid < ctas)(select_rows)
+    pl.when(pid >= ctas)(lambda: ops.prefetch(warm_refs, warm_bytes, chunks, ctas))
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
   scratch = [
@@ -205,7 +225,7 @@ def kernel(
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
-    grid=(ctas,),
+    grid=(ctas + warm_ctas,),
     grid_names=("cta",),
     scratch_types=scratch,
     interpret=interpret,
@@ -303,12 +323,16 @@ def select_partials(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
+  warm: tuple[jax.Array, int] | None = None,
+  warm_ctas: int = 264,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` of G = Σ_s partials[s, :, :d_ff] (fp32, summed in split order)
   rounded to dtype, the sum done as each row loads: the decode gate GEMV's split-K partials,
   as `_decode_select.topk_from_partials` takes them. (idx_TxK ascending, G values in dtype).
   The rows' first d_ff rounded up to a multiple of 128 columns are read; the partials' padding
-  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192."""
+  columns there are never selected. Needs K % 8 == 0 and d_ff <= 8192. warm = (weight,
+  bytes): `warm_ctas` more CTAs ask L2 for the weight's first bytes (`kernel`'s warm_bytes;
+  nothing in interpret mode)."""
   splits, t, width = partials_SxTxW.shape
   f = row_width(d_ff)
   if partials_SxTxW.dtype != jnp.float32 or f > width:
@@ -318,6 +342,12 @@ def select_partials(
     )
   interpret = tu.default_interpret(interpret)
   kw = dict(compact=True, interpret=interpret, splits=splits, round_dtype=dtype)
+  weights = []
+  if warm is not None and not interpret:
+    flat = warm[0].reshape(-1)
+    size = min(flat.size * flat.dtype.itemsize, warm[1]) // 16 * 16
+    weights = [flat] if size else []
+    kw |= dict(warm_bytes=(size,), warm_ctas=warm_ctas) if size else {}
   build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid=d_ff, **kw)
-  _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width))
+  _, idx, val_bits = build(partials_SxTxW.reshape(splits * t, width), *weights)
   return idx, lax.bitcast_convert_type(val_bits, dtype)

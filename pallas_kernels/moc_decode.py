@@ -119,12 +119,11 @@ def _topk_of_g(g_TxF, k, variant, cfg, interpret, warm=None):
 def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   """(idx_TxK, G_TxK) by the training top-K on G = x Wg rounded to x's dtype: the kernel sums
   the gate GEMV's split partials as it loads them ('moc', `fold_gate_sum`), else XLA first.
-  warm: a weight whose start the top-K's launch reads into L2 ('moc' only; not with the
-  Mosaic GPU select, which `cfg.topk.selection` picks (`_mosaic_select`): there the rows
-  kernel warms, `_moc_kernels`)."""
+  warm: a weight whose start the top-K's launch reads into L2 ('moc' only; with the Mosaic
+  GPU select, which `cfg.topk.selection` picks (`_mosaic_select`), by bulk prefetches)."""
   if _mosaic_select(x_TxD.dtype, w_gate_DxF.shape[1], k, variant, cfg.topk, interpret):
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
-    return _mosaic_topk(partials, k, w_gate_DxF.shape[1], x_TxD.dtype, interpret)
+    return _mosaic_topk(partials, k, w_gate_DxF.shape[1], x_TxD.dtype, interpret, warm, cfg)
   warm = None if warm is None or variant != "moc" else (warm, cfg)
   if cfg.gemv_splits > 1 and cfg.fold_gate_sum and variant == "moc":
     partials = _gemv(x_TxD, (w_gate_DxF,), cfg, swiglu=False, interpret=interpret)[:, 0]
@@ -138,11 +137,14 @@ def _topk_select(x_TxD, w_gate_DxF, k, variant, cfg, interpret, warm=None):
   return topk.select(g_TxF, k, variant, config=cfg.topk, interpret=interpret)
 
 
-def _mosaic_topk(partials_SxTxW, k, d_ff, dtype, interpret):
-  """(idx_TxK, G_TxK) by the Mosaic GPU select over fp32 partials of G (`select_partials`)."""
+def _mosaic_topk(partials_SxTxW, k, d_ff, dtype, interpret, warm=None, cfg=None):
+  """(idx_TxK, G_TxK) by the Mosaic GPU select over fp32 partials of G (`select_partials`);
+  warm: a weight whose first `cfg.warm_bytes` its launch's `cfg.warm_programs` more CTAs
+  ask L2 for."""
   from pallas_kernels import mgpu_select  # Mosaic GPU, imported where it is used
 
-  return mgpu_select.select_partials(partials_SxTxW, k, d_ff, dtype, interpret=interpret)
+  kw = {} if warm is None else dict(warm=(warm, cfg.warm_bytes), warm_ctas=cfg.warm_programs)
+  return mgpu_select.select_partials(partials_SxTxW, k, d_ff, dtype, interpret=interpret, **kw)
 
 
 def _mosaic_width(d_ff: int) -> int:
@@ -186,9 +188,9 @@ def _moc_kernels(
   gate_config=None,
 ):
   """Jitted so that every layer's call reuses one trace of the kernels. warm: the list
-  pipeline's top-K launch (`warm_from='select'`) or its rows kernel's (`'rows'`, and always
-  with the Mosaic GPU select, `_mosaic_select`, whose own bulk L2 prefetch made it wait on the
-  H200) reads it into L2. With the Mosaic select output-major G comes in fp32 as its one
+  pipeline's top-K launch (`warm_from='select'`; with the Mosaic GPU select, `_mosaic_select`,
+  by bulk prefetches from CTAs of its own) or its rows kernel's (`'rows'`) reads it into L2.
+  With the Mosaic select output-major G comes in fp32 as its one
   partial, zero-padded to whole warpgroups. output_major: the gate weight is F × D,
   its GEMV the rowdot one, which also RMS-normalizes x first with a norm (norm_eps not None)
   and hands the normalized x to the kernels after it, on gate_config's tile. residual_TxD:
@@ -197,7 +199,7 @@ def _moc_kernels(
   mosaic = cfg.topk is not None and _mosaic_select(
     x_TxD.dtype, d_ff, k, variant, cfg.topk, interpret
   )
-  rows_warm, warm = (warm, None) if cfg.warm_from == "rows" or mosaic else (None, warm)
+  rows_warm, warm = (warm, None) if cfg.warm_from == "rows" else (None, warm)
   if output_major:  # G whole: in x's dtype for the top-K, fp32 as the select's one partial
     g_dtype = x_TxD.dtype if cfg.topk is not None and not mosaic else F32
     norm = None if norm_eps is None else (norm_scale, norm_eps)
@@ -214,7 +216,7 @@ def _moc_kernels(
     g_TxF, x_TxD = out if norm is not None else (out, x_TxD)
   if cfg.topk is not None:  # G in x's dtype from the gate GEMV, then the training top-K
     if output_major and mosaic:  # G as the Mosaic select's one fp32 partial, 0 past F
-      idx_TxK, g_TxK = _mosaic_topk(g_TxF[None], k, d_ff, x_TxD.dtype, interpret)
+      idx_TxK, g_TxK = _mosaic_topk(g_TxF[None], k, d_ff, x_TxD.dtype, interpret, warm, cfg)
     elif output_major:
       idx_TxK, g_TxK = _topk_of_g(g_TxF, k, variant, cfg, interpret, warm)
     else:

@@ -223,11 +223,12 @@ def test_decode_e2e_variants_patch_and_restore_the_kernel_knobs():
     assert d._decode_rowdot.rowdot_config(1, 2048, 6144).programs == 4 * sms
     assert d._decode_rowdot.rowdot_config(1, 2048, 5464, weights=2).programs == 2 * sms
     assert d._decode_rowdot.rowdot_config(4, 2048, 6144).programs == 0
-  for name in ("moc_kernel_mgpu", "moc_kernel_mgpu_cold"):
+  for name in ("moc_kernel_mgpu", "moc_kernel_mgpu_cold", "moc_kernel_mgpusw"):
     with d._patched(name):
       mosaic = d.moc_decode.moc_config(1, 2048, 5464)
-    assert mosaic.topk.selection == "mgpu" and mosaic.warm_from == "rows"
-    assert bool(mosaic.warm_bytes) == (name == "moc_kernel_mgpu")
+    assert mosaic.topk.selection == "mgpu"
+    assert mosaic.warm_from == ("select" if name.endswith("sw") else "rows")
+    assert bool(mosaic.warm_bytes) == (name != "moc_kernel_mgpu_cold")
   assert d.moc_decode.moc_config(1, 2048, 5464) == default
   assert d._decode_rowdot.rowdot_config is pick
 

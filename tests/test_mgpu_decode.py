@@ -107,8 +107,8 @@ def test_output_major_decode_through_mosaic_select(num_tokens, d_ff, k, warm_fro
   """The model's GPU path with the Mosaic select: the rowdot gate GEMV (norm inside) writes
   G in fp32 as the select's one partial, padded with zeros to whole warpgroups; the residual
   is added after the rows. With warm_from='rows' the rows kernel's programs run on one axis
-  (here alone: interpret mode does not warm) and the Mosaic select warms nothing whatever
-  warm_from says: y is the same."""
+  (here alone: interpret mode does not warm), with 'select' the select's (interpret mode has
+  no warming CTAs): y is the same."""
   seed, d_model = _seed(), 48
   x, wg, wu, wd = _integer_gate_ffn(seed, num_tokens, d_model, d_ff)
   kr, kn = jax.random.split(jax.random.key(seed + 1))
@@ -158,8 +158,8 @@ def test_mosaic_select_is_opt_in_for_decode():
 
 def test_decode_ffn_through_mosaic_lowers_for_cuda():
   """The 1B decode shape at T = 1, split-K gate: the Mosaic select's custom call beside the
-  Triton GEMV and rows kernels, lowered for CUDA here; the rows kernel's launch warms the next
-  weight (the select has no L2 prefetch of its own), though warm_from says 'select'."""
+  Triton GEMV and rows kernels, lowered for CUDA here; with warm_from='select' the select
+  takes the next weight (flat) for its warming CTAs, and the rows kernel warms nothing."""
   cfg = dataclasses.replace(
     moc_decode.moc_config(1, 2048, 5464), topk=dataclasses.replace(LIST_TOPK, selection="mgpu")
   )
@@ -170,16 +170,16 @@ def test_decode_ffn_through_mosaic_lowers_for_cuda():
   )
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
-  assert cfg.warm_from == "select" and cfg.warm_bytes and "decode_rows_warm" in text
-  assert "cp.async.bulk.prefetch" not in text
+  assert cfg.warm_from == "select" and cfg.warm_bytes and "decode_rows_warm" not in text
+  assert f"tensor<{2048 * 6144}xbf16>" in text  # the next weight, flat, into the select
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("num_tokens", "warm"), [(1, False), (1, True), (4, True)])
 def test_decode_ffn_mosaic_select_gpu_equals_triton(num_tokens, warm):
-  """Compiled at the 1B decode shape: the Mosaic select (with or without the rows kernel
-  warming a next weight) picks the channels and values the Triton select picks: y is the same
-  bit for bit."""
+  """Compiled at the 1B decode shape: the Mosaic select (with or without its own CTAs
+  prefetching a next weight into L2) picks the channels and values the Triton select picks:
+  y is the same bit for bit."""
   d_model, d_ff, k = 2048, 5464, 1024
   cfg = moc_decode.moc_config(num_tokens, d_model, d_ff)
   mosaic = dataclasses.replace(cfg, topk=dataclasses.replace(cfg.topk, selection="mgpu"))

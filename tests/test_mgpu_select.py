@@ -267,8 +267,11 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   )
   capsys.readouterr()
   partials = jax.ShapeDtypeStruct((2, 1, 512), jnp.float32)
-  fn = lambda p: mgpu_select.select_partials(p, 40, 500, jnp.bfloat16, interpret=False, ctas=1)
-  jax.jit(fn).trace(partials).lower(lowering_platforms=("cuda",))
+  warm = jax.ShapeDtypeStruct((64, 96), jnp.bfloat16)  # the select's warming CTAs' prefetch
+  fn = lambda p, w: mgpu_select.select_partials(
+    p, 40, 500, jnp.bfloat16, interpret=False, ctas=1, warm=(w, 4096), warm_ctas=8
+  )
+  jax.jit(fn).trace(partials, warm).lower(lowering_platforms=("cuda",))
   body = []
   for n, (text, constraints) in enumerate(snippets.items()):
     regs = [(f"%x{n}_{i}", "b64" if c.endswith("l") else "b32") for i, c in enumerate(constraints)]
@@ -279,6 +282,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
+  assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
   ptx = tmp_path / "snippets.ptx"
   head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
   ptx.write_text(head + "\n".join(body) + "\nret;\n}\n")
