@@ -20,6 +20,8 @@ no interpret-mode form: the CPU tests assemble the PTX with ptxas, the GPU test 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -166,13 +168,11 @@ def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> st
 
 
 def _keep_lowest(eq: str, before: str, words: str) -> list[str]:
-  """PTX: words |= the lowest (need - before) set bits of eq (none if that is < 1, all if it
-  is more than eq has: `_mgpu_ptx.KEEP_LOWEST`'s arithmetic)."""
-  return [
-    f"sub.s32 m, need, {before}; setp.lt.s32 z, m, 1; fns.b32 d, {eq}, 0, m;",
-    f"mov.b32 kl, 2; shl.b32 kl, kl, d; sub.u32 kl, kl, 1; and.b32 kl, {eq}, kl;",
-    f"@z mov.b32 kl, 0; or.b32 {words}, {words}, kl;",
-  ]
+  """PTX: words |= the lowest (need - before) set bits of eq (`_mgpu_ptx.KEEP_LOWEST`, its
+  operands $0, $1, $2 bound to kl, eq and that count)."""
+  operands = ("kl", eq, "m")
+  keep = re.sub(r"\$(\d)", lambda g: operands[int(g.group(1))], ptx.KEEP_LOWEST)
+  return [f"sub.s32 m, need, {before};", keep, f"or.b32 {words}, {words}, kl;"]
 
 
 def kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None, width: int = 0):
