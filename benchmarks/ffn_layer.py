@@ -51,8 +51,15 @@ METHODS = {
     "backend": "pallas",
     "selection": "triton",
   },
-  # the Mosaic select's rows by bulk async copy, one ahead (`TopKConfig.async_rows`, opt-in)
-  "moc_pallas_async": {"variant": "moc", "gcp": False, "backend": "pallas", "async_rows": True},
+  # the Mosaic select as before 2026-12-05i: its rows loaded at each row's start, no warp-per-row
+  # form for narrow rows (`TopKConfig.async_rows`, `warp_rows`)
+  "moc_pallas_sync": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "async_rows": False,
+    "warp_rows": False,
+  },
 }
 DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
 
@@ -72,7 +79,7 @@ def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
   method = dict(method)
   selection = method.pop("selection", None)
-  fields = {f: method.pop(f) for f in ("async_rows",) if f in method}  # TopKConfig's
+  fields = {f: method.pop(f) for f in ("async_rows", "warp_rows") if f in method}  # TopKConfig's
 
   def fwd(x, wg, wu, wd, dy):
     del dy

@@ -5,7 +5,8 @@ Checks the kernel's words (the Triton selection pass's format) and its whole top
 reference on Gaussian and tie-heavy rows, then times them beside the Triton selection pass
 (`triton_mask`), `topk.select`'s default (`default_topk`), its Triton form (`triton_topk`) and
 one XLA read of G (the floor of any pass over G). A variant that fails to compile or is
-inexact is recorded and not timed. `emulate_words` / `emulate_slots` are the kernel's
+inexact is recorded and not timed; `*_sync` rows load each row at its start (not
+`async_rows`, the default). `emulate_words` / `emulate_slots` are the kernel's
 algorithm in jnp, for the CPU tests.
 
   python3 benchmarks/mgpu_select_probe.py [--t=16384 --f=5632 --k=1024 --ctas=1024] [--out=F]
@@ -97,14 +98,14 @@ def _variants(a) -> dict:
     kw = dict(ctas=c, interpret=False, num_valid=a.num_valid)
     name = "mgpu_select" if n == 0 else f"mgpu_select_c{c}"
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
-  # rows by bulk async copy into a two-row buffer, one row ahead (opt-in), first CTA count
-  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, async_rows=True)
-  fns["mgpu_select_async"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
+  # rows loaded by each CTA's threads at the row's start (before async_rows, the default)
+  kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, async_rows=False)
+  fns["mgpu_select_sync"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
     kw = dict(ctas=counts[0], interpret=False)
     fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
-    fns["mgpu_topk_async"] = jax.jit(lambda g: mgpu_select.select(g, a.k, async_rows=True, **kw))
-  if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (experimental)
+    fns["mgpu_topk_sync"] = jax.jit(lambda g: mgpu_select.select(g, a.k, async_rows=False, **kw))
+  if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))
   return fns

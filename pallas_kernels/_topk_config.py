@@ -64,9 +64,14 @@ class TopKConfig:
   # (`mgpu_select.usable`: a compiled Hopper-or-newer GPU), else 'triton'.
   selection: str = "triton"
   # The Mosaic select's rows by bulk async copy, one row ahead into a two-row shared buffer
-  # (`mgpu_select.kernel(async_rows=True)`); opt-in until a GPU times it (NOTES_kernels
-  # 2026-12-05g). No effect on the Triton selection.
-  async_rows: bool = False
+  # (`mgpu_select.kernel(async_rows=True)`). H100, one run (mgpu_select_*_async_h100_20261205i):
+  # whole top-K at 16384 x 5632 197.3 vs 226.6 us, 1B words 133.8 vs 157.3, 60m words 60.5 vs
+  # 63.5, 130m 71.2 vs 70.9. No effect on the Triton selection.
+  async_rows: bool = True
+  # Rows of at most 2048 channels (the 60m and 130m layers): the words by the warp-per-row
+  # select (`mgpu_select_warp`) where the Mosaic select is chosen and compiled. H100: 60m 51.8
+  # vs 63.5 us (and 53.8 vs 63.0, 66.5 vs 65.4 earlier), 130m 65.1 vs 70.9 (63.8 vs 69.6).
+  warp_rows: bool = True
 
   def __post_init__(self):
     if self.fan not in (1, 2, 3):

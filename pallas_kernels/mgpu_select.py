@@ -72,13 +72,15 @@ def kernel(
   int32 channels (ascending) and (T, K) int16 bits of their values, `topk.select`'s outputs.
   splits > 0: the input is (splits · T, W) fp32 split-K partials of G (a decode gate GEMV's),
   row r's G their sum in split order rounded to round_dtype as the row loads.
-  async_rows (16-bit G, not with splits; opt-in until a GPU times it): each CTA's next row
+  async_rows (16-bit G, not with splits; `words` and `select` default to it): each CTA's next row
   arrives by bulk async copy into the other half of a two-row buffer in shared memory while
   it selects in the current one, so the row's HBM latency is not exposed at each row's start
   (the ablation of 2026-12-05g: ~60 of the 1B words' 150 µs are outside the per-key passes);
   no registers held for it, unlike the register prefetch that lost in 2026-12-05. The input's
   dtype is round_dtype then.
-  warm_bytes (compiled only; opt-in until timed end to end): the kernel takes one more input
+  warm_bytes (compiled only; opt-in: end to end on an H100 it cut device time per token, 1.198
+  vs 1.222 ms, but not wall time, 851 vs 886 tokens/s, decode_e2e_mgpusw_h100_20261205i):
+  the kernel takes one more input
   per entry, a flat weight the next kernels read (decode: the next layer's q, k, v), and
   `warm_ctas` more CTAs ask L2 for its first warm_bytes[i] bytes, a chunk each
   (`_mgpu_ptx.prefetch_share`), beside the select's CTAs. The Triton top-K's launch warms
@@ -284,11 +286,11 @@ def words(
   width: int | None = None,
   interpret: bool | None = None,
   ctas: int | None = None,
-  async_rows: bool = False,
+  async_rows: bool = True,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F). async_rows: `kernel`'s
-  (opt-in)."""
+  (faster at every width timed, `TopKConfig.async_rows`)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
@@ -302,10 +304,10 @@ def select(
   *,
   interpret: bool | None = None,
   ctas: int | None = None,
-  async_rows: bool = False,
+  async_rows: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
-  `kernel`'s (opt-in)."""
+  `kernel`'s."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape

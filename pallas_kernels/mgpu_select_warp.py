@@ -8,10 +8,10 @@ G takes ~16, and neither more CTAs, fewer registers, signed keys nor histogram c
 shared memory of its own and orders them with `bar.warp.sync`: no CTA barrier, and each
 256-bin scan is eight bins a lane plus one warp scan. Same algorithm as `mgpu_select` (two
 8-bit digits of the order-preserving 16-bit keys, then the words of keys above and equal to
-the K-th key, ties cut to the lowest channels), same words. Experimental: `words` only, for
-the probe to time against `mgpu_select.words`. First timings (H100, NOTES_kernels
-2026-12-05g): 60m 66.5 vs 65.4 µs in one run, 53.8 vs 63.0 in the next; 130m 63.8 vs 69.6.
-Not a default until a paired run with more trials says so.
+the K-th key, ties cut to the lowest channels), same words. The train forward's words where
+the Mosaic select is chosen and compiled (`TopKConfig.warp_rows`, `topk_compact.mask_call`).
+H100, against the warpgroup select in the same runs: 60m 51.8 vs 63.5 µs (2026-12-05i), 53.8
+vs 63.0 and 66.5 vs 65.4 (2026-12-05g); 130m 65.1 vs 70.9 and 63.8 vs 69.6.
 
 The whole row is one inline PTX block (`row_ptx`); Pallas Mosaic GPU only launches the CTAs
 (one warpgroup each: four warps, four rows at a time) and allocates shared memory. There is

@@ -179,13 +179,16 @@ def mask_call(
 ) -> jax.Array:
   """Kernel 1: (T, ceil(F/32)) int32 selection words; channels >= num_valid never set.
   `width`: G is the first `width` columns of g2 (the [G | U] buffer of one fused GEMM).
-  cfg.selection 'mgpu' (or 'auto' where it can run): the Mosaic GPU radix select writes them."""
-  from pallas_kernels import mgpu_select
+  cfg.selection 'mgpu' (or 'auto' where it can run): the Mosaic GPU radix select writes them
+  (compiled rows of at most 2048 channels, with cfg.warp_rows: its warp-per-row form)."""
+  from pallas_kernels import mgpu_select, mgpu_select_warp
 
   t, f = g2.shape[0], width or g2.shape[1]
   if cfg.selection == "mgpu" and variant != "moc":
     raise ValueError(f"selection={cfg.selection!r} selects 'moc' only, got {variant!r}")
   if variant == "moc" and mgpu_select.chosen(cfg.selection, g2.dtype, f, interpret):
+    if cfg.warp_rows and f <= mgpu_select_warp.MAX_F and not tu.default_interpret(interpret):
+      return mgpu_select_warp.words(g2, k, num_valid=num_valid, width=width)
     kw = dict(num_valid=num_valid, width=width, interpret=interpret, async_rows=cfg.async_rows)
     return mgpu_select.words(g2, k, **kw)
   rows = topk.group_program_rows(cfg, f) if variant == "moc_2of8" else cfg.rows

@@ -7,6 +7,7 @@ reference's words and top-K. Only a GPU runs the inline PTX and the barriers for
 import dataclasses
 import time
 
+import _ptxas
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,28 +229,12 @@ def test_auto_selection_on_gpu_is_mosaic_and_exact():
   _assert_reference_topk(idx, val, g, 1024, seed)
 
 
-def _ptxas() -> str | None:
-  import shutil
-
-  found = shutil.which("ptxas")
-  if found:
-    return found
-  try:  # Triton's wheel bundles one
-    import triton
-
-    path = f"{triton.__path__[0]}/backends/nvidia/bin/ptxas"
-    return path if __import__("os").path.exists(path) else None
-  except ImportError:
-    return None
-
-
-@pytest.mark.skipif(_ptxas() is None, reason="no ptxas on this machine")
+@pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
 def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   """Every inline PTX block the kernels emit (captured while lowering each form for CUDA),
   its operands bound to registers, assembles with ptxas for sm_90a: a syntax check of the
   PTX on a CPU machine (what it computes only a GPU tests)."""
   import re
-  import subprocess
 
   from pallas_kernels import _mgpu_ptx
 
@@ -283,14 +268,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
-  ptx = tmp_path / "snippets.ptx"
-  head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
-  ptx.write_text(head + "\n".join(body) + "\nret;\n}\n")
-  done = subprocess.run(
-    [_ptxas(), "-arch=sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
-    capture_output=True,
-    text=True,
-  )
+  done = _ptxas.assemble("\n".join(body), tmp_path)
   assert done.returncode == 0, done.stderr
 
 
@@ -322,67 +300,10 @@ def test_a_swapped_forward_default_is_not_frozen_by_jits_cache(monkeypatch):
   assert calls == [1]
 
 
-# The warp-per-row select for narrow rows (`mgpu_select_warp`): no interpret form (one PTX block
-# a row), so a CPU checks that its PTX assembles and the kernel lowers; a GPU that it selects.
-
-
-@pytest.mark.skipif(_ptxas() is None, reason="no ptxas on this machine")
-@pytest.mark.parametrize(
-  ("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, 2048), (640, 64, 600)]
-)
-def test_warp_select_ptx_assembles_for_hopper(tmp_path, f, k, num_valid):
-  """The row's PTX, its operands bound to registers, assembles for sm_90a without spilling."""
-  import re
-  import subprocess
-
-  from pallas_kernels import mgpu_select_warp
-
-  text = mgpu_select_warp.row_ptx(16384, f, k, num_valid, f, 1056)
-  regs = [("%a0", "b64"), ("%a1", "b64"), ("%a2", "b32"), ("%a3", "b32"), ("%a4", "b32")]
-  bound = re.sub(r"\$(\d+)", lambda m: regs[int(m.group(1))][0], text)
-  decls = "".join(f".reg .{kind} {r}; mov.{kind} {r}, 0;\n" for r, kind in regs)
-  ptx = tmp_path / "row.ptx"
-  head = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
-  ptx.write_text(head + decls + bound + "\nret;\n}\n")
-  cmd = [_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "row.cubin")]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  assert done.returncode == 0, done.stderr
-  assert "0 bytes spill stores" in done.stderr, done.stderr
-
-
-def test_warp_select_lowers_and_refuses_what_it_cannot_do(capsys):
-  from pallas_kernels import mgpu_select_warp
-
-  mgpu_select_probe.main(
-    ["--lower_only", "--t=8", "--ctas=2", "--f=1408", "--k=256", "--num_valid=1376"]
-  )
-  assert "mgpu_select_warp: lowered for CUDA" in capsys.readouterr().out
-  for f, k, nv in ((2080, 64, None), (1400, 64, None), (1408, 0, None), (1408, 300, 200)):
-    with pytest.raises(ValueError, match="warp-per-row"):
-      mgpu_select_warp.kernel(8, f, k, 2, nv)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, None)])
-def test_warp_select_gpu_real_size(f, k, num_valid):
-  """Compiled on the GPU: the 60m and 130m layers' words (Gaussian and tie-heavy rows, and
-  padding channels), as the reference selects; T not a multiple of the rows in flight."""
-  from pallas_kernels import mgpu_select_warp
-
-  seed = time.time_ns() % (2**31)
-  keys = jax.random.split(jax.random.key(seed), 2)
-  g = jax.random.normal(keys[0], (16383, f)).astype(jnp.bfloat16)
-  ties = jax.random.randint(keys[1], (16383, f), -3, 4).astype(jnp.bfloat16)
-  for x in (g, ties):
-    words = mgpu_select_warp.words(x, k, num_valid=num_valid)
-    want = mgpu_select_probe.reference_words(x, k, num_valid)
-    assert np.array_equal(np.asarray(words), want), f"{seed=}"
-
-
 def test_forward_config_fields_reach_the_mosaic_select(monkeypatch):
-  """`common.forward_selection(selection, async_rows=True)` (ffn_layer's `moc_pallas_async`):
-  the train forward's words come from the Mosaic select with its rows copied one ahead, and
-  equal the default's."""
+  """`common.forward_selection(selection, async_rows=False)` (ffn_layer's `moc_pallas_sync`):
+  the train forward's words come from the Mosaic select with its rows loaded at each row's
+  start instead of copied one ahead (the default), and equal the default's."""
   from benchmarks import common
   from pallas_kernels import moc_train_mask
 
@@ -393,8 +314,8 @@ def test_forward_config_fields_reach_the_mosaic_select(monkeypatch):
   run = lambda: moc_train_mask.train_forward_bitmask(gu, None, 64, num_valid=600)
   with common.forward_selection("mgpu"):
     want = run()
-  with common.forward_selection("mgpu", async_rows=True):
+  with common.forward_selection("mgpu", async_rows=False):
     got = run()
-  assert [k["async_rows"] for k in seen] == [False, True]
+  assert [k["async_rows"] for k in seen] == [True, False]
   for w, g in zip(want, got, strict=True):
     assert np.array_equal(np.asarray(w, np.float32), np.asarray(g, np.float32))

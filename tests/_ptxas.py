@@ -1,0 +1,32 @@
+"""ptxas on a CPU machine (the system's, else the one Triton's wheel bundles): the CPU tests of
+the inline-PTX kernels assemble their PTX for sm_90a, a syntax and register check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+_HEAD = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {\n"
+
+
+def path() -> str | None:
+  found = shutil.which("ptxas")
+  if found:
+    return found
+  try:
+    import triton
+  except ImportError:
+    return None
+  bundled = f"{triton.__path__[0]}/backends/nvidia/bin/ptxas"
+  return bundled if os.path.exists(bundled) else None
+
+
+def assemble(body: str, tmp_dir) -> subprocess.CompletedProcess:
+  """ptxas -v on one kernel whose body is `body` (registers declared in it): its return code
+  and the stderr that reports registers and spills."""
+  ptx = os.path.join(tmp_dir, "k.ptx")
+  with open(ptx, "w") as f:
+    f.write(_HEAD + body + "\nret;\n}\n")
+  cmd = [path(), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp_dir, "k.cubin")]
+  return subprocess.run(cmd, capture_output=True, text=True)

@@ -1,0 +1,107 @@
+"""The warp-per-row select for narrow rows (`pallas_kernels/mgpu_select_warp.py`): no interpret
+form (one PTX block a row), so a CPU checks that its PTX assembles, that the kernel lowers and
+that the train forward's selection routes rows of at most 2048 channels to it; a GPU that it
+selects what the reference selects, alone and inside the train forward."""
+
+import dataclasses
+import time
+
+import _ptxas
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import mgpu_select_probe
+from pallas_kernels import mgpu_select, mgpu_select_warp, moc_train, moc_train_mask, topk_compact
+
+
+@pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
+@pytest.mark.parametrize(
+  ("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, 2048), (640, 64, 600)]
+)
+def test_warp_select_ptx_assembles_for_hopper(tmp_path, f, k, num_valid):
+  """The row's PTX, its operands bound to registers, assembles for sm_90a without spilling."""
+  import re
+
+  text = mgpu_select_warp.row_ptx(16384, f, k, num_valid, f, 1056)
+  regs = [("%a0", "b64"), ("%a1", "b64"), ("%a2", "b32"), ("%a3", "b32"), ("%a4", "b32")]
+  bound = re.sub(r"\$(\d+)", lambda m: regs[int(m.group(1))][0], text)
+  decls = "".join(f".reg .{kind} {r}; mov.{kind} {r}, 0;\n" for r, kind in regs)
+  done = _ptxas.assemble(decls + bound, tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert "0 bytes spill stores" in done.stderr, done.stderr
+
+
+def test_warp_select_lowers_and_refuses_what_it_cannot_do(capsys):
+
+  mgpu_select_probe.main(
+    ["--lower_only", "--t=8", "--ctas=2", "--f=1408", "--k=256", "--num_valid=1376"]
+  )
+  assert "mgpu_select_warp: lowered for CUDA" in capsys.readouterr().out
+  for f, k, nv in ((2080, 64, None), (1400, 64, None), (1408, 0, None), (1408, 300, 200)):
+    with pytest.raises(ValueError, match="warp-per-row"):
+      mgpu_select_warp.kernel(8, f, k, 2, nv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, None)])
+def test_warp_select_gpu_real_size(f, k, num_valid):
+  """Compiled on the GPU: the 60m and 130m layers' words (Gaussian and tie-heavy rows, and
+  padding channels), as the reference selects; T not a multiple of the rows in flight."""
+
+  seed = time.time_ns() % (2**31)
+  keys = jax.random.split(jax.random.key(seed), 2)
+  g = jax.random.normal(keys[0], (16383, f)).astype(jnp.bfloat16)
+  ties = jax.random.randint(keys[1], (16383, f), -3, 4).astype(jnp.bfloat16)
+  for x in (g, ties):
+    words = mgpu_select_warp.words(x, k, num_valid=num_valid)
+    want = mgpu_select_probe.reference_words(x, k, num_valid)
+    assert np.array_equal(np.asarray(words), want), f"{seed=}"
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+  """Calls of module.name recorded (G's shape, width) and answered with zeros of the words'
+  shape: which kernel the selection routes to, on a CPU that runs neither."""
+  calls = []
+
+  def fake(g2, k, *, num_valid=None, width=None, **kw):
+    calls.append((g2.shape, width))
+    return jnp.zeros((g2.shape[0], (width or g2.shape[1]) // 32), jnp.int32)
+
+  monkeypatch.setattr(module, name, fake)
+  return calls
+
+
+def test_compiled_narrow_rows_route_to_the_warp_select(monkeypatch):
+  """Where the Mosaic select is chosen and compiled (a stand-in Hopper GPU here), the words
+  (`topk_compact.mask_call`, the train forward's selection) for rows of at most 2048 channels
+  come from the warp-per-row select (the fused [G | U] buffer read in place), wider rows from
+  the warpgroup select; with `warp_rows=False` every width takes the warpgroup select."""
+  monkeypatch.setattr(mgpu_select, "usable", lambda dtype, f, interpret: True)
+  warp = _spy(monkeypatch, mgpu_select_warp, "words")
+  group = _spy(monkeypatch, mgpu_select, "words")
+  cfg = moc_train.forward_config(1408)
+  assert cfg.selection == "auto" and cfg.warp_rows
+  for f in (1408, 2048, 2176):
+    gu = jnp.ones((4, 2 * f), jnp.bfloat16)
+    topk_compact.mask_call(gu, 64, "moc", cfg, False, num_valid=f - 32, width=f)
+  assert warp == [((4, 2816), 1408), ((4, 4096), 2048)] and group == [((4, 4352), 2176)]
+  cfg = dataclasses.replace(cfg, warp_rows=False)
+  topk_compact.mask_call(jnp.ones((4, 1536), jnp.bfloat16), 64, "moc", cfg, False, width=768)
+  assert len(warp) == 2 and group[-1] == ((4, 1536), 768)
+
+
+@pytest.mark.gpu
+def test_train_forward_at_60m_takes_the_warp_select_on_gpu(monkeypatch):
+  """On a Hopper GPU the defaults' train forward at the 60m layer (fused [G | U], 1376 of 1408
+  channels valid) runs the warp-per-row select, and its words are the reference's."""
+  calls = []
+  words = mgpu_select_warp.words
+  monkeypatch.setattr(mgpu_select_warp, "words", lambda *a, **k: calls.append(1) or words(*a, **k))
+  seed = time.time_ns() % (2**31)
+  gu = jax.random.normal(jax.random.key(seed), (16384, 2 * 1408)).astype(jnp.bfloat16)
+  out = moc_train_mask.train_forward_bitmask(gu, None, 256, num_valid=1376)
+  assert calls == [1]
+  want = mgpu_select_probe.reference_words(gu[:, :1408], 256, 1376)
+  assert np.array_equal(np.asarray(out[0]), want), f"{seed=}"
