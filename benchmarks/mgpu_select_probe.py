@@ -146,7 +146,7 @@ def _admit(fns: dict, rows: dict, name: str, fn, want: list, inputs: list, label
   print(name, row, flush=True)
 
 
-def _time_rows(fns: dict, rows: dict, sets: list, device_time: bool) -> None:
+def _time_rows(fns: dict, rows: dict, sets: list, device_time: bool, trials: int = 9) -> None:
   """Each fn's time on `sets` into its row: kernel time from a profile, or interleaved
   wall-clock samples and their median."""
   if device_time:
@@ -154,7 +154,7 @@ def _time_rows(fns: dict, rows: dict, sets: list, device_time: bool) -> None:
       rows.setdefault(name, {})["device_us"] = device_us(fn, sets[0])
       print(f"{name:14s} {rows[name]['device_us']:8.2f} us of kernels per call", flush=True)
     return
-  for name, us in common.time_interleaved(fns, sets, inner=10, trials=9).items():
+  for name, us in common.time_interleaved(fns, sets, inner=10, trials=trials).items():
     rows.setdefault(name, {}).update(median_us=sorted(us)[len(us) // 2], samples_us=us)
     print(f"{name:14s} {rows[name]['median_us']:8.1f} us", flush=True)
 
@@ -207,7 +207,7 @@ def _decode_partials(a, g: jax.Array) -> dict:
     lambda p: mgpu_select.select_partials(p, a.k, a.f, jnp.bfloat16, interpret=False)
   )  # reported; timed only if exact
   _admit(fns, rows, "mgpu_topk_partials", fn, want, [partials], "exact_vs_triton")
-  _time_rows(fns, rows, [(partials,)], a.device_time)
+  _time_rows(fns, rows, [(partials,)], a.device_time, a.trials)
   return rows
 
 
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument(
     "--device_time", action="store_true", help="kernel time per call from a profile (e.g. T = 1)"
   )
+  p.add_argument("--trials", type=int, default=9, help="interleaved trials (medians of these)")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   try:
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
       fns["decode_topk"] = jax.jit(lambda g: _decode_select.topk_rows(g, a.k, dcfg, False))
   if a.t <= 16:
     rows |= _decode_partials(a, sets[0][0])
-  _time_rows(fns, rows, sets, a.device_time)
+  _time_rows(fns, rows, sets, a.device_time, a.trials)
   if a.out:
     shape = {"t": a.t, "f": a.f, "k": a.k, "num_valid": a.num_valid, "ctas": a.ctas}
     common.write_json(a.out, {"info": common.run_info(), "shape": shape, "rows": rows})
