@@ -64,9 +64,9 @@ class TopKConfig:
   # (`mgpu_select.usable`: a compiled Hopper-or-newer GPU), else 'triton'.
   selection: str = "triton"
   # The Mosaic select's rows by bulk async copy, one row ahead into a two-row shared buffer
-  # (`mgpu_select.kernel(async_rows=True)`). H100, one run (mgpu_select_*_async_h100_20261205i):
-  # whole top-K at 16384 x 5632 197.3 vs 226.6 us, 1B words 133.8 vs 157.3, 60m words 60.5 vs
-  # 63.5, 130m 71.2 vs 70.9. No effect on the Triton selection.
+  # (`mgpu_select.kernel(async_rows=True)`). H100, 21 trials (mgpu_select_*_async21_h100_
+  # 20261205k): whole top-K at 16384 x 5632 187.8 vs 218.0 us, words at 1B 127.2 vs 147.6, 350m
+  # 78.1 vs 82.5; 130m 71.1 vs 68.5 (words there: `warp_rows`). No effect on the Triton one.
   async_rows: bool = True
   # Rows of at most 2048 channels (the 60m and 130m layers): the words by the warp-per-row
   # select (`mgpu_select_warp`) where the Mosaic select is chosen and compiled. H100: 60m 51.8
