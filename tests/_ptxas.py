@@ -4,6 +4,7 @@ the inline-PTX kernels assemble their PTX for sm_90a, a syntax and register chec
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -20,6 +21,16 @@ def path() -> str | None:
     return None
   bundled = f"{triton.__path__[0]}/backends/nvidia/bin/ptxas"
   return bundled if os.path.exists(bundled) else None
+
+
+def bind(text: str, kinds: list[str], prefix: str) -> str:
+  """An inline asm block whose operands $0, $1, ... are registers %<prefix>0, ... of the PTX
+  kinds given (b32, b64), declared and zeroed before it, so that it assembles on its own."""
+  regs = [f"%{prefix}{i}" for i in range(len(kinds))]
+  decls = "".join(
+    f".reg .{kind} {regs[i]}; mov.{kind} {regs[i]}, 0;\n" for i, kind in enumerate(kinds)
+  )
+  return decls + "{\n" + re.sub(r"\$(\d+)", lambda m: regs[int(m.group(1))], text) + "\n}\n"
 
 
 def assemble(body: str, tmp_dir) -> subprocess.CompletedProcess:

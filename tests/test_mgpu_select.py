@@ -234,8 +234,6 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   """Every inline PTX block the kernels emit (captured while lowering each form for CUDA),
   its operands bound to registers, assembles with ptxas for sm_90a: a syntax check of the
   PTX on a CPU machine (what it computes only a GPU tests)."""
-  import re
-
   from pallas_kernels import _mgpu_ptx
 
   snippets: dict[str, list[str]] = {}
@@ -257,12 +255,10 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     p, 40, 500, jnp.bfloat16, interpret=False, ctas=1, warm=(w, 4096), warm_ctas=8
   )
   jax.jit(fn).trace(partials, warm).lower(lowering_platforms=("cuda",))
-  body = []
-  for n, (text, constraints) in enumerate(snippets.items()):
-    regs = [(f"%x{n}_{i}", "b64" if c.endswith("l") else "b32") for i, c in enumerate(constraints)]
-    bound = re.sub(r"\$(\d+)", lambda m, regs=regs: regs[int(m.group(1))][0], text)
-    body += [f".reg .{kind} {r}; mov.{kind} {r}, 0;" for r, kind in regs]
-    body += ["{", bound, "}"]
+  body = [
+    _ptxas.bind(text, ["b64" if c.endswith("l") else "b32" for c in constraints], f"x{n}_")
+    for n, (text, constraints) in enumerate(snippets.items())
+  ]
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk

@@ -22,19 +22,13 @@ from pallas_kernels import mgpu_select, mgpu_select_warp, moc_train, moc_train_m
 )
 def test_warp_select_ptx_assembles_for_hopper(tmp_path, f, k, num_valid):
   """The row's PTX, its operands bound to registers, assembles for sm_90a without spilling."""
-  import re
-
   text = mgpu_select_warp.row_ptx(16384, f, k, num_valid, f, 1056)
-  regs = [("%a0", "b64"), ("%a1", "b64"), ("%a2", "b32"), ("%a3", "b32"), ("%a4", "b32")]
-  bound = re.sub(r"\$(\d+)", lambda m: regs[int(m.group(1))][0], text)
-  decls = "".join(f".reg .{kind} {r}; mov.{kind} {r}, 0;\n" for r, kind in regs)
-  done = _ptxas.assemble(decls + bound, tmp_path)
+  done = _ptxas.assemble(_ptxas.bind(text, ["b64", "b64", "b32", "b32", "b32"], "a"), tmp_path)
   assert done.returncode == 0, done.stderr
   assert "0 bytes spill stores" in done.stderr, done.stderr
 
 
 def test_warp_select_lowers_and_refuses_what_it_cannot_do(capsys):
-
   mgpu_select_probe.main(
     ["--lower_only", "--t=8", "--ctas=2", "--f=1408", "--k=256", "--num_valid=1376"]
   )
