@@ -242,7 +242,7 @@ def test_probe_decode_rows_check_the_mosaic_select_against_triton(monkeypatch):
   monkeypatch.setattr(
     mgpu_select_probe.common, "time_interleaved", lambda fns, sets, **kw: {n: [1.0] for n in fns}
   )
-  args = types.SimpleNamespace(t=2, f=640, k=64, device_time=False)
+  args = types.SimpleNamespace(t=2, f=640, k=64, device_time=False, trials=1)
   g = jax.random.normal(jax.random.key(_seed()), (2, 640)).astype(jnp.bfloat16)
   rows = mgpu_select_probe._decode_partials(args, g)
   assert set(rows) == {"decode_topk_partials", "mgpu_topk_partials"}
