@@ -20,7 +20,8 @@ train: install
 	$(BIN)/python train.py --config=configs/default.py --workdir=$(WORKDIR)
 
 # CI (CI=true) also installs TensorFlow (CPU, ~40 s) so the tf.data tests of the TFDS source
-# run there once; without it they skip. They run in their own process, so that the rest of
+# run there once, and Triton for the ptxas in its wheel: the CPU tests of the inline-PTX
+# kernels (tests/_ptxas.py) assemble their PTX for sm_90a with it. Without them they skip. They run in their own process, so that the rest of
 # the suite never shares one with TensorFlow (TensorFlow and jaxlib in one process are a known
 # source of crashes, jax-ml/jax#120).
 TF_TESTS := tests/test_data_tfdata.py
@@ -31,7 +32,7 @@ TF_TESTS := tests/test_data_tfdata.py
 TEST_WORKERS ?= 2
 
 test: install
-	@if [ -n "$$CI" ]; then $(BIN)/pip install -q "tensorflow-cpu>=2.18"; fi
+	@if [ -n "$$CI" ]; then $(BIN)/pip install -q "tensorflow-cpu>=2.18" "triton==3.6.0"; fi
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15 --ignore=$(TF_TESTS)
 	$(BIN)/python -m pytest -q $(TF_TESTS)
 
