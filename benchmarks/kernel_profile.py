@@ -4,6 +4,9 @@
   bash benchmarks/kernel_profile.sh OUT_DIR row_default row_c512_t   # ncu on the GPU
 
 `--kernel=decode`: the MoC and dense FFN decode kernels (1b shape, T = 1, default configs).
+`--kernel=mgpu`: the Mosaic selects' words at (T, F), K, `--num_valid`, each twice and nothing
+else launched between: `mgpu_select` with rows one ahead (the default), then without, then (F
+<= 2048) `mgpu_select_warp`; all three kernels are named body_mosaic_gpu_kernel.
 `--kernel=epilogue`: the bitmask train epilogues at the 1B layer (selection, forward streaming
 pass, backward), the streaming passes walked as `--stream=MODE:WORDS:WARPS`.
 The training kernels: `select` (topk.select) and `fwd` (the train forward
@@ -29,13 +32,18 @@ from pallas_kernels import moc_train, topk
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kernel", choices=("select", "fwd", "decode", "epilogue"), default="select")
+  p.add_argument(
+    "--kernel", choices=("select", "fwd", "decode", "epilogue", "mgpu"), default="select"
+  )
   p.add_argument("--stream", default="row:32:4", help="epilogue: MODE:WORDS:WARPS")
   p.add_argument("--config", default="row_default", help="a topk_variants.SWEEP name")
   p.add_argument("--t", type=int, default=16384)
   p.add_argument("--f", type=int, default=5632)
   p.add_argument("--k", type=int, default=1024)
+  p.add_argument("--num_valid", type=int, default=None, help="mgpu: channels that may be selected")
   args = p.parse_args(argv)
+  if args.kernel == "mgpu":
+    return _mgpu_twice(args.t, args.f, args.k, args.num_valid)
   if args.kernel == "decode":  # MoC and dense FFN decode at the 1b shape, T = 1: all kernels
     return _decode_twice()
   if args.kernel == "epilogue":
@@ -76,6 +84,22 @@ def _epilogue_twice(mode: str, words: int, warps: int) -> None:
     back = moc_train_mask.train_backward_bitmask(dz, out[0], out[1], out[2], out[4], config=sc)
     jax.block_until_ready(back)
   print(f"ran the bitmask epilogues ({sc}) twice on {jax.devices()[0].device_kind}")
+
+
+def _mgpu_twice(t: int, f: int, k: int, num_valid: int | None) -> None:
+  from pallas_kernels import mgpu_select, mgpu_select_warp
+
+  g = jax.block_until_ready(jax.random.normal(jax.random.key(0), (t, f), jnp.bfloat16))
+  fns = [
+    lambda: mgpu_select.words(g, k, num_valid=num_valid),
+    lambda: mgpu_select.words(g, k, num_valid=num_valid, async_rows=False),
+  ]
+  if f <= mgpu_select_warp.MAX_F:
+    fns.append(lambda: mgpu_select_warp.words(g, k, num_valid=num_valid))
+  for fn in fns:
+    for _ in range(2):
+      jax.block_until_ready(fn())
+  print(f"ran {len(fns)} Mosaic selects twice each on {jax.devices()[0].device_kind}")
 
 
 def _decode_twice() -> None:

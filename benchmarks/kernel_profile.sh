@@ -4,6 +4,8 @@
 #   bash benchmarks/kernel_profile.sh OUT_DIR CONFIG...      (topk_variants.SWEEP names)
 #   bash benchmarks/kernel_profile.sh OUT_DIR decode         (the FFN decode kernels, T = 1)
 #   bash benchmarks/kernel_profile.sh OUT_DIR epilogue MODE:WORDS:WARPS...  (bitmask epilogues)
+#   bash benchmarks/kernel_profile.sh OUT_DIR mgpu F:NUM_VALID:K...  (the Mosaic selects' words
+#     at T = 16384, with the source counters' stall sampling; not yet run on a GPU)
 # OUT_DIR/ncu_<kernel>_<config>.txt: the details page (launch stats, occupancy, speed of light,
 # warp-state stall reasons). Each profile has a hard time limit; one failure does not stop the rest.
 set -uo pipefail
@@ -22,6 +24,24 @@ if [ "${1:-}" = decode ]; then  # one report per decode kernel (second call), ge
       --section WarpStateStats --section MemoryWorkloadAnalysis \
       python3 benchmarks/kernel_profile.py --kernel=decode >"$out/ncu_$name.txt" 2>&1
     echo "$name: rc=$? $(grep -c . "$out/ncu_$name.txt") lines"
+  done
+  exit 0
+fi
+if [ "${1:-}" = mgpu ]; then  # the second launch of each select (kernel_profile.py --kernel=mgpu)
+  # Without preallocation: kernel replay backs up the device memory JAX holds, 75% of the GPU
+  # by default, and a first try (2026-12-05i) made no progress in 150 s. The killed ncu left its
+  # Python child holding the GPU: pkill it.
+  shift
+  for shape in "${@:-5504:5461:1024}"; do
+    IFS=: read -r f nv k <<<"$shape"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$ncu" --clock-control none \
+      --kernel-name regex:mosaic --launch-skip 1 --launch-count 5 --section LaunchStats \
+      --section Occupancy --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis --section SourceCounters \
+      python3 benchmarks/kernel_profile.py --kernel=mgpu --f="$f" --num_valid="$nv" --k="$k" \
+      >"$out/ncu_mgpu_$f.txt" 2>&1
+    echo "mgpu $shape: rc=$? $(grep -c . "$out/ncu_mgpu_$f.txt") lines (profiles 1, 3, 5: async, sync, warp)"
+    pkill -f "kernel_profile.py --kernel=mgpu"
   done
   exit 0
 fi
