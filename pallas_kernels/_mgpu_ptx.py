@@ -92,7 +92,8 @@ def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8) -> None:
     _asm(text, operands, ",".join(["r"] * len(operands)))
 
 
-JUNK_BIN = BINS  # where keys outside a pass add (histograms hold BINS + 8 words; never read)
+JUNK_BIN = BINS  # where keys outside a pass add (never read)
+HIST_WORDS = BINS + 8  # a histogram in shared memory: the bins, then JUNK_BIN (16-byte rows)
 
 
 def count(row_layout, bin_layout, num_valid: int, low: bool):

@@ -40,7 +40,7 @@ from jax import lax
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._mgpu_ops import SelectOps
-from pallas_kernels._mgpu_ptx import BINS, I32, LANES
+from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, LANES
 
 # CTAs per SM by default: 4 are resident (111 registers a thread), and two full rounds timed
 # as fast as one (169.2 / 169.7 us at 8 / 4 per SM, 177.1 at 1024 CTAs; 5-7 per SM leave a
@@ -210,8 +210,8 @@ def kernel(
 
   out_type = [jax.ShapeDtypeStruct((t, nw), I32)]
   scratch = [
-    plgpu.SMEM((BINS + 8,), I32),  # the high bytes' histogram, JUNK_BIN after it
-    plgpu.SMEM((BINS + 8,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
+    plgpu.SMEM((HIST_WORDS,), I32),  # the high bytes' histogram, JUNK_BIN after it
+    plgpu.SMEM((HIST_WORDS,), I32),  # the low bytes' (keys in the K-th key's high-byte bin)
     plgpu.SMEM((BINS,), I32),  # words of keys above v, then the row's words
     plgpu.SMEM((BINS,), I32),  # words of keys equal to v
     plgpu.SMEM((32,), I32),  # per scan: 4 warp totals, then the bin found and the count above

@@ -33,13 +33,12 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ptx import BINS, I32
+from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, JUNK_BIN
 
 MAX_F = 2048  # 64 keys a lane
 WARPS = 4  # a warpgroup: the CTA Mosaic GPU launches
 CTAS_PER_SM = 8
-_HIST_WORDS = BINS + 8  # bins, then bin 256: where keys outside the pass land (never read)
-_HIST_BYTES = 2 * _HIST_WORDS * 4  # per warp: the high digits' histogram, then the low digits'
+_HIST_BYTES = 2 * HIST_WORDS * 4  # per warp: the high digits' histogram, then the low digits'
 _STAGE_BYTES = 2 * 64 * 4  # per warp: the words of keys above v, then of keys equal to v
 _BIN_LAYOUT = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)  # how a scalar reaches the asm
 
@@ -84,7 +83,7 @@ def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> st
   rem = num_valid - 32 * (n - 1)  # valid lanes in the last of them
   keys = [f"k{i}" for i in range(n)]
   partial = lambda i: i == n - 1 and rem < 32  # register i holds padding in some lanes
-  junk = lambda i: " @!v mov.b32 d, 256;" if partial(i) else ""  # their digit: bin 256
+  junk = lambda i: f" @!v mov.b32 d, {JUNK_BIN};" if partial(i) else ""  # their digit
   lines = [
     ".reg .pred p, q, e, z, v, w0, w1;",
     ".reg .b32 lane, warp, r, hb, lb, sa, se, a, d, x, y, m, bl, ab, b1, a1, b2, a2, vk, need;",
@@ -94,13 +93,13 @@ def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> st
     "mov.u32 x, %tid.x; and.b32 lane, x, 31; shr.u32 warp, x, 5; mov.u32 y, %ctaid.x;",
     f"mad.lo.u32 r, $4, {ctas}, y; mad.lo.u32 r, r, {WARPS}, warp;",
     f"setp.ge.u32 z, r, {t}; @z bra ROW_DONE;",
-    f"mad.lo.u32 hb, warp, {_HIST_BYTES}, $2; add.u32 lb, hb, {_HIST_WORDS * 4};",
+    f"mad.lo.u32 hb, warp, {_HIST_BYTES}, $2; add.u32 lb, hb, {HIST_WORDS * 4};",
     f"mad.lo.u32 sa, warp, {_STAGE_BYTES}, $3; add.u32 se, sa, {_STAGE_BYTES // 2};",
     # this lane's eight bins of both histograms zeroed (the last row's reads were its own)
     "mad.lo.u32 a, lane, 32, hb;",
     *(
       f"st.shared.v4.u32 [a+{off}], {{0, 0, 0, 0}};"
-      for off in (0, 16, _HIST_WORDS * 4, _HIST_WORDS * 4 + 16)
+      for off in (0, 16, HIST_WORDS * 4, HIST_WORDS * 4 + 16)
     ),
     f"setp.lt.u32 v, lane, {rem};",
     # the row's keys: element 32 i + lane at byte 64 i + 2 lane
@@ -122,9 +121,9 @@ def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> st
     # the low digits' histogram of the keys in bin b1
     "shl.b32 b1, b1, 8;",
   ]
-  for i, kk in enumerate(keys):  # keys of other bins (and padding) add into bin 256
+  for i, kk in enumerate(keys):  # keys of other bins (and padding) add into JUNK_BIN
     lines.append(
-      f"sub.u32 d, {kk}, b1; min.u32 d, d, 256;{junk(i)} mad.lo.u32 a, d, 4, lb;"
+      f"sub.u32 d, {kk}, b1; min.u32 d, d, {JUNK_BIN};{junk(i)} mad.lo.u32 a, d, 4, lb;"
       " red.shared.add.u32 [a], 1;"
     )
   lines += [
