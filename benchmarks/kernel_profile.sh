@@ -5,7 +5,7 @@
 #   bash benchmarks/kernel_profile.sh OUT_DIR decode         (the FFN decode kernels, T = 1)
 #   bash benchmarks/kernel_profile.sh OUT_DIR epilogue MODE:WORDS:WARPS...  (bitmask epilogues)
 #   bash benchmarks/kernel_profile.sh OUT_DIR mgpu F:NUM_VALID:K...  (the Mosaic selects' words
-#     at T = 16384, with the source counters' stall sampling; not yet run on a GPU)
+#     at T = 16384, with the source counters' stall sampling: OUT_DIR/ncu_mgpu_<F>.{txt,sass.csv})
 # OUT_DIR/ncu_<kernel>_<config>.txt: the details page (launch stats, occupancy, speed of light,
 # warp-state stall reasons). Each profile has a hard time limit; one failure does not stop the rest.
 set -uo pipefail
@@ -34,14 +34,22 @@ if [ "${1:-}" = mgpu ]; then  # the second launch of each select (kernel_profile
   shift
   for shape in "${@:-5504:5461:1024}"; do
     IFS=: read -r f nv k <<<"$shape"
+    rep="$out/ncu_mgpu_$f"
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$ncu" --clock-control none \
       --kernel-name regex:mosaic --launch-skip 1 --launch-count 5 --section LaunchStats \
       --section Occupancy --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis --section SourceCounters \
+      --section MemoryWorkloadAnalysis --section SourceCounters --import-source no \
+      -o "$rep" -f \
       python3 benchmarks/kernel_profile.py --kernel=mgpu --f="$f" --num_valid="$nv" --k="$k" \
-      >"$out/ncu_mgpu_$f.txt" 2>&1
-    echo "mgpu $shape: rc=$? $(grep -c . "$out/ncu_mgpu_$f.txt") lines (profiles 1, 3, 5: async, sync, warp)"
+      >"$rep.log" 2>&1
+    echo "mgpu $shape: rc=$? (profiles 1, 3, 5: async, sync, warp)"
     pkill -f "kernel_profile.py --kernel=mgpu"
+    [ -f "$rep.ncu-rep" ] || { tail -n 5 "$rep.log"; continue; }
+    # the details page, and each instruction's SASS with its stall samples (the source page)
+    timeout 60 "$ncu" -i "$rep.ncu-rep" --page details >"$rep.txt" 2>&1
+    timeout 60 "$ncu" -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1
+    echo "  details $(grep -c . "$rep.txt") lines, source $(grep -c . "$rep.sass.csv") lines"
+    rm -f "$rep.ncu-rep"  # tens of MB; the two pages above are what is read
   done
   exit 0
 fi

@@ -89,7 +89,8 @@ def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.nd
 
 def _variants(a) -> dict:
   """The Mosaic GPU rows: words on each of `--ctas` CTA counts ('mgpu_select' the first,
-  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on the first."""
+  'mgpu_select_c<N>' the rest) and (without padding, K % 8 == 0) the whole top-K on each
+  ('mgpu_topk', 'mgpu_topk_c<N>')."""
   counts = [int(c) for c in a.ctas.split(",")]
   for c in counts:  # shape errors before any tracing
     mgpu_select.kernel(a.t, a.f, a.k, c, a.num_valid)
@@ -102,8 +103,11 @@ def _variants(a) -> dict:
   kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, async_rows=False)
   fns["mgpu_select_sync"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
+    for n, c in enumerate(counts):  # the whole top-K's footprint differs from the words'
+      kw = dict(ctas=c, interpret=False)
+      name = "mgpu_topk" if n == 0 else f"mgpu_topk_c{c}"
+      fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
     kw = dict(ctas=counts[0], interpret=False)
-    fns["mgpu_topk"] = jax.jit(lambda g: mgpu_select.select(g, a.k, **kw))
     fns["mgpu_topk_sync"] = jax.jit(lambda g: mgpu_select.select(g, a.k, async_rows=False, **kw))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
