@@ -101,14 +101,26 @@ def _variants(a) -> dict:
     fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
   # rows loaded by each CTA's threads at the row's start (before async_rows, the default)
   kw = dict(ctas=counts[0], interpret=False, num_valid=a.num_valid, async_rows=False)
-  fns["mgpu_select_sync"] = jax.jit(lambda g: mgpu_select.words(g, a.k, **kw))
+  fns["mgpu_select_sync"] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
   if a.num_valid is None and a.k % 8 == 0:  # `topk.select` has no num_valid
     for n, c in enumerate(counts):  # the whole top-K's footprint differs from the words'
       kw = dict(ctas=c, interpret=False)
       name = "mgpu_topk" if n == 0 else f"mgpu_topk_c{c}"
       fns[name] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
     kw = dict(ctas=counts[0], interpret=False)
-    fns["mgpu_topk_sync"] = jax.jit(lambda g: mgpu_select.select(g, a.k, async_rows=False, **kw))
+    fns["mgpu_topk_sync"] = jax.jit(
+      lambda g, kw=kw: mgpu_select.select(g, a.k, async_rows=False, **kw)
+    )
+  # keys in the row buffer, not registers (`kernel(keys_in_row=True)`), on counts[0] and on
+  # --keys_ctas: fewer registers may let more CTAs an SM be resident
+  for n, c in enumerate([counts[0], *(int(c) for c in a.keys_ctas.split(",") if c)]):
+    tag = "" if n == 0 else f"_c{c}"
+    kw = dict(ctas=c, interpret=False, keys_in_row=True)
+    fns[f"mgpu_select_keys{tag}"] = jax.jit(
+      lambda g, kw=kw: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw)
+    )
+    if a.num_valid is None and a.k % 8 == 0:
+      fns[f"mgpu_topk_keys{tag}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))
@@ -222,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--k", type=int, default=1024, help="a multiple of 8 for the top-K rows")
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
   p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
+  p.add_argument("--keys_ctas", default="", help="more CTA counts for the keys_in_row rows")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument(
     "--ablate",

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import SelectOps
+from pallas_kernels._mgpu_ops import SelectOps, order_key
 from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, LANES
 
 # CTAs per SM by default: 4 are resident (111 registers a thread), and two full rounds timed
@@ -66,6 +66,7 @@ def kernel(
   async_rows: bool = False,
   warm_bytes: tuple[int, ...] = (),
   warm_ctas: int = 0,
+  keys_in_row: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
@@ -85,6 +86,10 @@ def kernel(
   `warm_ctas` more CTAs ask L2 for its first warm_bytes[i] bytes, a chunk each
   (`_mgpu_ptx.prefetch_share`), beside the select's CTAs. The Triton top-K's launch warms
   that way with loads (`_l2_prefetch`); a bulk prefetch needs no registers or waits.
+  keys_in_row (with async_rows): the first pass turns the row buffer's values into keys in
+  place and the later passes read them there, so no key is held in a register across the
+  passes (108 registers a thread held 43 keys at the 1B shape and let 4 CTAs an SM resident,
+  the profile of 2026-12-05m).
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -109,13 +114,15 @@ def kernel(
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   if async_rows and (splits or jnp.dtype(round_dtype) not in KEY_DTYPES):
     raise ValueError("async_rows copies 16-bit rows as stored: no splits")
+  if keys_in_row and not async_rows:
+    raise ValueError("keys_in_row keeps the keys in async_rows's row buffer: needs async_rows")
   if (warm_ctas > 0) != bool(warm_bytes) or (interpret and warm_ctas):
     raise ValueError(
       f"warming needs both warm_bytes and warm_ctas, compiled: got {warm_bytes}, {warm_ctas}"
     )
   chunks = [-(-b // warm_ctas // 16) * 16 if warm_ctas else 0 for b in warm_bytes]
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret)
+  ops = SelectOps(f, k, nv, interpret, keys_in_row)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -160,14 +167,20 @@ def kernel(
       if async_rows:  # the next row into the other half; its last reader passed barriers since
         pl.when(r + ctas < t)(lambda: ops.fetch_row(g_ref, r + ctas, rows_ref, 1 - i % 2, arrived))
         ops.wait_row(arrived, i % 2)
-        bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
-      else:
-        bits = load_bits(g_ref, r)
       stash = rows_ref.at[i % 2] if async_rows else stash_ref  # the row's values by channel
-      if compact and not async_rows:  # (the last row's were read before its final barrier)
-        ops.stash_row(bits, stash_ref)
-      key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
+      if keys_in_row:  # the passes read the row buffer; count_high makes its values keys
+        key = stash
+      else:
+        if async_rows:
+          bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
+        else:
+          bits = load_bits(g_ref, r)
+        if compact and not async_rows:  # (the last row's were read before its final barrier)
+          ops.stash_row(bits, stash_ref)
+        key = order_key(bits)
       ops.count_high(key, high_ref)
+      if keys_in_row:  # the keys' stores before the bulk copy that later refills this half
+        ops.commit()
       ops.barrier()
       ops.select_bin(bins(high_ref), ops.splat(0), tmp_ref, 0, high_ref)
       b1, above = tmp_ref[4], tmp_ref[5]
@@ -223,7 +236,9 @@ def kernel(
     scratch += [plgpu.SMEM((k,), d) for d in TOPK_DTYPES]
   if async_rows:  # interpret mode has no barriers (it copies at once): a stand-in
     arrived = plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=1, num_barriers=2)
-    scratch += [plgpu.SMEM((2, f), round_dtype), arrived]
+    # interpret mode: keys as int16 (stored as bf16, some would be NaNs the CPU canonicalises)
+    row_dtype = jnp.int16 if interpret and keys_in_row else round_dtype
+    scratch += [plgpu.SMEM((2, f), row_dtype), arrived]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
@@ -287,6 +302,7 @@ def words(
   interpret: bool | None = None,
   ctas: int | None = None,
   async_rows: bool = True,
+  keys_in_row: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F). async_rows: `kernel`'s
@@ -294,7 +310,9 @@ def words(
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(interpret=interpret, async_rows=async_rows, round_dtype=g2.dtype)
+  kw = dict(
+    interpret=interpret, async_rows=async_rows, round_dtype=g2.dtype, keys_in_row=keys_in_row
+  )
   return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
@@ -305,6 +323,7 @@ def select(
   interpret: bool | None = None,
   ctas: int | None = None,
   async_rows: bool = True,
+  keys_in_row: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
   `kernel`'s."""
@@ -312,6 +331,7 @@ def select(
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
   kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
+  kw |= dict(keys_in_row=keys_in_row)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)

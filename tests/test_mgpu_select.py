@@ -72,14 +72,16 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
     assert gi == sum(1 << b for b in bits)
 
 
-@pytest.mark.parametrize("async_rows", [False, True])
+@pytest.mark.parametrize("rows", ["sync", "async", "keys"])
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-def test_select_kernel_in_interpret_mode(f, k, num_valid, async_rows):
+def test_select_kernel_in_interpret_mode(f, k, num_valid, rows):
   """The kernel's own dataflow (histograms cleared as they are read, scans, thresholds, tie
-  cut, slots, the row loop; rows through the two-row buffer with `async_rows`) on random
-  rows, tie-heavy rows, an all-equal row and a -0.0 row."""
+  cut, slots, the row loop; rows through the two-row buffer with `async_rows`, there turned
+  into keys in place with `keys_in_row`) on random rows, tie-heavy rows, an all-equal row
+  and a -0.0 row."""
+  kw = dict(async_rows=rows != "sync", keys_in_row=rows == "keys")
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -87,11 +89,11 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, async_rows):
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
   for x in (g, ties):
-    words = mgpu_select.words(x, k, num_valid=num_valid, interpret=True, async_rows=async_rows)
+    words = mgpu_select.words(x, k, num_valid=num_valid, interpret=True, **kw)
     want = mgpu_select_probe.reference_words(x, k, num_valid)
     assert np.array_equal(np.asarray(words), want), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True, async_rows=async_rows)
+      idx, val = mgpu_select.select(x, k, interpret=True, **kw)
       _assert_reference_topk(idx, val, x, k, seed)
 
 
@@ -142,20 +144,21 @@ def test_train_forward_with_mosaic_words_matches_triton(z_sel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("async_rows", [False, True])
-def test_mgpu_select_gpu_real_size(async_rows):
+@pytest.mark.parametrize("rows", ["sync", "async", "keys"])
+def test_mgpu_select_gpu_real_size(rows):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding (read from a row twice as wide,
   as the fused [G | U] buffer is), as the reference selects."""
+  kw = dict(async_rows=rows != "sync", keys_in_row=rows == "keys")
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
   ties = jax.random.randint(keys[1], (16384, 5632), -3, 4).astype(jnp.bfloat16)
   for x in (g, ties):
-    idx, val = mgpu_select.select(x, 1024, async_rows=async_rows)
+    idx, val = mgpu_select.select(x, 1024, **kw)
     _assert_reference_topk(idx, val, x, 1024, seed)
   gu = jnp.concatenate([g[:, :5504], ties[:, :5504]], axis=1)
-  words = mgpu_select.words(gu, 1024, num_valid=5461, width=5504, async_rows=async_rows)
+  words = mgpu_select.words(gu, 1024, num_valid=5461, width=5504, **kw)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
 
@@ -262,6 +265,8 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
+  assert _mgpu_ptx.compact_loop(keys=True) in snippets  # the same from keys in the row buffer
+  assert any("st.shared.b16 [$" in t and "ld.shared.s16" in t for t in snippets)  # FIRST_KEY
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
   done = _ptxas.assemble("\n".join(body), tmp_path)
