@@ -111,16 +111,22 @@ def _variants(a) -> dict:
     fns["mgpu_topk_sync"] = jax.jit(
       lambda g, kw=kw: mgpu_select.select(g, a.k, async_rows=False, **kw)
     )
-  # keys in the row buffer, not registers (`kernel(keys_in_row=True)`), on counts[0] and on
-  # --keys_ctas: fewer registers may let more CTAs an SM be resident
-  for n, c in enumerate([counts[0], *(int(c) for c in a.keys_ctas.split(",") if c)]):
+  # `kernel`'s forms: the ballots' words stored once per lane (`lanes`, on counts[0]); keys in
+  # the row buffer, not registers (`keys`, `keyslanes` with both), on counts[0] and on
+  # --keys_ctas: fewer registers let more CTAs an SM be resident
+  keys_counts = [counts[0], *(int(c) for c in a.keys_ctas.split(",") if c)]
+  forms = [("lanes", counts[0], dict(ballot_lanes=True))]
+  for n, c in enumerate(keys_counts):
     tag = "" if n == 0 else f"_c{c}"
-    kw = dict(ctas=c, interpret=False, keys_in_row=True)
-    fns[f"mgpu_select_keys{tag}"] = jax.jit(
+    forms += [(f"keys{tag}", c, dict(keys_in_row=True))]
+    forms += [(f"keyslanes{tag}", c, dict(keys_in_row=True, ballot_lanes=True))]
+  for name, c, form in forms:
+    kw = dict(ctas=c, interpret=False, **form)
+    fns[f"mgpu_select_{name}"] = jax.jit(
       lambda g, kw=kw: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw)
     )
     if a.num_valid is None and a.k % 8 == 0:
-      fns[f"mgpu_topk_keys{tag}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
+      fns[f"mgpu_topk_{name}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))

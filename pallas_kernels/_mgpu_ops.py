@@ -58,16 +58,26 @@ class SelectOps:
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU.
 
+  ballot_lanes: `_mgpu_ptx.ballot_words`'s lanes (the same words, fewer stores).
   keys_in_row: `key` is the shared-memory row of 16-bit values itself, not a row array:
   count_high turns its values into keys in place, count_low, ballot_words and compact read
   them there (the per-key passes then hold no keys in registers between them)."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, keys_in_row: bool = False):
+  def __init__(
+    self,
+    f: int,
+    k: int,
+    num_valid: int,
+    interpret: bool,
+    keys_in_row: bool = False,
+    ballot_lanes: bool = False,
+  ):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
     self._keys_in_row = keys_in_row
     self._row_f = f if keys_in_row else 0
+    self._ballot_lanes = ballot_lanes  # `_mgpu_ptx.ballot_words(lanes=)`: PTX only
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -146,7 +156,8 @@ class SelectOps:
       equal_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key == v[0])))
       return
     rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    self._op("ballot", ptx.ballot_words, rl, bl, nv, self._row_f)(key, v, above_ref, equal_ref)
+    op = self._op("ballot", ptx.ballot_words, rl, bl, nv, self._row_f, self._ballot_lanes)
+    op(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
     if self._interpret:

@@ -98,10 +98,13 @@ FIRST_KEY = (
 )
 
 
-def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8, load: str = "") -> None:
+def _blocks(
+  keys, fixed: list, element, decls: str, chunk: int = 8, load: str = "", tail: str = ""
+) -> None:
   """One inline PTX block per `chunk` keys: `fixed` operands first ($0…), then each key and
-  its flag; element(key operand, flag operand or None, register i) is that key's PTX. Keys
-  of None are loaded by `load` (LOAD_KEY, FIRST_KEY) from the row at the last fixed operand."""
+  its flag; element(key operand, flag operand or None, register i) is that key's PTX, `tail`
+  ends each block. Keys of None are loaded by `load` (LOAD_KEY, FIRST_KEY) from the row at
+  the last fixed operand."""
   row = f"${len(fixed) - 1}"
   for start in range(0, len(keys), chunk):
     operands, lines = list(fixed), []
@@ -117,7 +120,7 @@ def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8, load: str = 
       loaded = load.replace("$R", row).format(off=2 * LANES * i) + " " if k is None else ""
       lines.append(loaded + element(k_op, f_op, i))
     decls_k = decls + (" .reg .b32 k, b, m;" if load else "")
-    text = "{\n" + decls_k + "\n" + "\n".join(lines) + "\n}"
+    text = "{\n" + decls_k + "\n" + "\n".join(lines) + tail + "\n}"
     _asm(text, operands, ",".join(["r"] * len(operands)))
 
 
@@ -160,21 +163,41 @@ def count(row_layout, bin_layout, num_valid: int, low: bool, row_f: int = 0):
   return count
 
 
-def ballot_words(row_layout, bin_layout, num_valid: int, row_f: int = 0):
+def _lane_stores(n: int) -> str:
+  """`ballot_words(lanes=True)`'s end: lane j stores the words of registers j and 32 + j
+  (a0, z0 and a1, z1) where the row has them; word 4 i + warp is 16 i bytes past $0 / $1."""
+  text = "\nmad.lo.u32 t, l, 16, $0; mad.lo.u32 u, l, 16, $1;"
+  for half in range(-(-n // 32)):
+    text += (
+      f"\nsetp.lt.u32 q, l, {min(32, n - 32 * half)};"
+      f" @q st.shared.b32 [t+{512 * half}], a{half}; @q st.shared.b32 [u+{512 * half}], z{half};"
+    )
+  return text
+
+
+def ballot_words(row_layout, bin_layout, num_valid: int, row_f: int = 0, lanes: bool = False):
   """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
   per register and warp (every word of the row is written). Register i of warp w holds word
   4 i + w: an immediate offset from the warp's first word. Every lane stores the word (one
   address, one value): stores by lane 0 alone were a branch around each pair in the SASS.
-  row_f > 0: the keys are read from a shared-memory row of row_f keys (`count`'s)."""
+  row_f > 0: the keys are read from a shared-memory row of row_f keys (`count`'s).
+  lanes: lane i % 32 keeps register i's two words (a select each) and each lane stores its
+  words once at the end: 4 shared-memory stores a thread, not two per register (the
+  ballots' stores were 36% of the 1B words' shared-memory wavefronts, the profile of
+  2026-12-05m), for one more ALU op per register."""
 
   def element(k, flag, i):
     both = (
       "" if flag is None else f" setp.ne.and.s32 p, {flag}, 0, p; setp.ne.and.s32 e, {flag}, 0, e;"
     )
+    keep = (
+      f" setp.eq.u32 q, l, {i % 32}; @q mov.b32 a{i // 32}, g; @q mov.b32 z{i // 32}, w;"
+      if lanes
+      else f" st.shared.b32 [$0+{16 * i}], g; st.shared.b32 [$1+{16 * i}], w;"
+    )
     return (
       f"setp.gt.s32 p, {k}, $2; setp.eq.s32 e, {k}, $2;{both}"
-      " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;"
-      f" st.shared.b32 [$0+{16 * i}], g; st.shared.b32 [$1+{16 * i}], w;"
+      " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;" + keep
     )
 
   key_arg = plgpu.RefType() if row_f else row_layout
@@ -188,10 +211,12 @@ def ballot_words(row_layout, bin_layout, num_valid: int, row_f: int = 0):
       for r in (above_ref, equal_ref)
     ]
     fixed, decls = [*ptrs, _scalar(v_array)], ".reg .pred p, e; .reg .b32 g, w;"
-    if not row_f:
-      return _blocks(_keys(key, num_valid), fixed, element, decls)
-    keys = _row_keys(row_f, num_valid)
-    _blocks(keys, [*fixed, _row_base(key)], element, decls, load=LOAD_KEY)
+    keys = _row_keys(row_f, num_valid) if row_f else _keys(key, num_valid)
+    kw = dict(load=LOAD_KEY) if row_f else {}
+    if lanes:  # one block: the lanes' words live across all the registers
+      decls += " .reg .pred q; .reg .b32 l, t, u, a0, a1, z0, z1; mov.u32 l, %laneid;"
+      kw |= dict(chunk=len(keys), tail=_lane_stores(len(keys)))
+    _blocks(keys, [*fixed, _row_base(key)] if row_f else fixed, element, decls, **kw)
 
   return ballot
 

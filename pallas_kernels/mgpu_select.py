@@ -67,6 +67,7 @@ def kernel(
   warm_bytes: tuple[int, ...] = (),
   warm_ctas: int = 0,
   keys_in_row: bool = False,
+  ballot_lanes: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
@@ -90,6 +91,8 @@ def kernel(
   place and the later passes read them there, so no key is held in a register across the
   passes (108 registers a thread held 43 keys at the 1B shape and let 4 CTAs an SM resident,
   the profile of 2026-12-05m).
+  ballot_lanes: each lane keeps the ballot words of one register and stores them once
+  (`_mgpu_ptx.ballot_words(lanes=True)`).
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -122,7 +125,7 @@ def kernel(
     )
   chunks = [-(-b // warm_ctas // 16) * 16 if warm_ctas else 0 for b in warm_bytes]
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, keys_in_row)
+  ops = SelectOps(f, k, nv, interpret, keys_in_row, ballot_lanes)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -303,6 +306,7 @@ def words(
   ctas: int | None = None,
   async_rows: bool = True,
   keys_in_row: bool = False,
+  ballot_lanes: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F). async_rows: `kernel`'s
@@ -311,7 +315,11 @@ def words(
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
   kw = dict(
-    interpret=interpret, async_rows=async_rows, round_dtype=g2.dtype, keys_in_row=keys_in_row
+    interpret=interpret,
+    async_rows=async_rows,
+    round_dtype=g2.dtype,
+    keys_in_row=keys_in_row,
+    ballot_lanes=ballot_lanes,
   )
   return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
@@ -324,6 +332,7 @@ def select(
   ctas: int | None = None,
   async_rows: bool = True,
   keys_in_row: bool = False,
+  ballot_lanes: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
   `kernel`'s."""
@@ -331,7 +340,7 @@ def select(
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
   kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
-  kw |= dict(keys_in_row=keys_in_row)
+  kw |= dict(keys_in_row=keys_in_row, ballot_lanes=ballot_lanes)
   build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
