@@ -111,13 +111,13 @@ def _variants(a) -> dict:
     fns["mgpu_topk_sync"] = jax.jit(
       lambda g, kw=kw: mgpu_select.select(g, a.k, async_rows=False, **kw)
     )
-  # `kernel`'s forms: the ballots' words stored once per lane (`lanes`, on counts[0]); keys in
-  # the row buffer, not registers (`keys`, `keyslanes` with both), on counts[0] and on
-  # --keys_ctas: fewer registers let more CTAs an SM be resident
-  keys_counts = [counts[0], *(int(c) for c in a.keys_ctas.split(",") if c)]
-  forms = [("lanes", counts[0], dict(ballot_lanes=True))]
-  for n, c in enumerate(keys_counts):
+  # `kernel`'s forms, on counts[0] and on --form_ctas (fewer registers let more CTAs an SM be
+  # resident): the ballots' words stored once per lane (`lanes`); keys in the row buffer, not
+  # registers (`keys`, `keyslanes` with both)
+  forms = []
+  for n, c in enumerate([counts[0], *(int(c) for c in a.form_ctas.split(",") if c)]):
     tag = "" if n == 0 else f"_c{c}"
+    forms += [(f"lanes{tag}", c, dict(ballot_lanes=True))]
     forms += [(f"keys{tag}", c, dict(keys_in_row=True))]
     forms += [(f"keyslanes{tag}", c, dict(keys_in_row=True, ballot_lanes=True))]
   for name, c, form in forms:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--k", type=int, default=1024, help="a multiple of 8 for the top-K rows")
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
   p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
-  p.add_argument("--keys_ctas", default="", help="more CTA counts for the keys_in_row rows")
+  p.add_argument("--form_ctas", default="", help="more CTA counts for the lanes / keys rows")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument(
     "--ablate",
