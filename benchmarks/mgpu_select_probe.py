@@ -111,22 +111,16 @@ def _variants(a) -> dict:
     fns["mgpu_topk_sync"] = jax.jit(
       lambda g, kw=kw: mgpu_select.select(g, a.k, async_rows=False, **kw)
     )
-  # `kernel`'s forms, on counts[0] and on --form_ctas (fewer registers let more CTAs an SM be
-  # resident): the ballots' words stored once per lane (`lanes`); keys in the row buffer, not
-  # registers (`keys`, `keyslanes` with both)
-  forms = []
+  # the ballots' words stored once per lane (`ballot_lanes`), on counts[0] and on --form_ctas
+  # (80 registers, not 108, at 5632: more CTAs an SM resident); the whole top-K's default on
+  # rows wider than `mgpu_select.LANES_MIN_F`, where `mgpu_topk_nolanes` is the old form
   for n, c in enumerate([counts[0], *(int(c) for c in a.form_ctas.split(",") if c)]):
     tag = "" if n == 0 else f"_c{c}"
-    forms += [(f"lanes{tag}", c, dict(ballot_lanes=True))]
-    forms += [(f"keys{tag}", c, dict(keys_in_row=True))]
-    forms += [(f"keyslanes{tag}", c, dict(keys_in_row=True, ballot_lanes=True))]
-  for name, c, form in forms:
-    kw = dict(ctas=c, interpret=False, **form)
-    fns[f"mgpu_select_{name}"] = jax.jit(
-      lambda g, kw=kw: mgpu_select.words(g, a.k, num_valid=a.num_valid, **kw)
-    )
-    if a.num_valid is None and a.k % 8 == 0:
-      fns[f"mgpu_topk_{name}"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
+    kw = dict(ctas=c, interpret=False, num_valid=a.num_valid, ballot_lanes=True)
+    fns[f"mgpu_select_lanes{tag}"] = jax.jit(lambda g, kw=kw: mgpu_select.words(g, a.k, **kw))
+  if a.num_valid is None and a.k % 8 == 0:
+    kw = dict(ctas=counts[0], interpret=False, ballot_lanes=False)
+    fns["mgpu_topk_nolanes"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))
@@ -240,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--k", type=int, default=1024, help="a multiple of 8 for the top-K rows")
   p.add_argument("--num_valid", type=int, default=None, help="channels that may be selected")
   p.add_argument("--ctas", default="1024", help="CTA counts, comma-separated (at most T)")
-  p.add_argument("--form_ctas", default="", help="more CTA counts for the lanes / keys rows")
+  p.add_argument("--form_ctas", default="", help="more CTA counts for the lanes rows")
   p.add_argument("--lower_only", action="store_true", help="lower for CUDA and stop (CPU)")
   p.add_argument(
     "--ablate",

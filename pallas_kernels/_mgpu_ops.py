@@ -27,17 +27,6 @@ def keep_lowest(x, m):
   return x & below(hi)
 
 
-def order_key(bits):
-  """The order-preserving key (0…65535) of 16-bit float patterns (sign-extended int32)."""
-  return jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
-
-
-def key_bits(key):
-  """order_key's inverse: the sign-extended 16-bit pattern of a key."""
-  s = key - 32768
-  return jnp.where(s < 0, s ^ 0x7FFF, s)
-
-
 def _pack_words(bits_F):
   """A row's booleans as (F / 32) int32 words, bit c % 32 of word c // 32."""
   weights = lax.shift_left(jnp.ones((32,), I32), jnp.arange(32, dtype=I32))
@@ -56,28 +45,14 @@ class SelectOps:
     row_ref) and compact(words, first, row_ref, idx_ref, val_ref) for the whole top-K;
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
-  are PTX `popc` and `fns` on the GPU.
+  are PTX `popc` and `fns` on the GPU. ballot_lanes: `_mgpu_ptx.ballot_words`'s lanes (the
+  same words, fewer stores; PTX only)."""
 
-  ballot_lanes: `_mgpu_ptx.ballot_words`'s lanes (the same words, fewer stores).
-  keys_in_row: `key` is the shared-memory row of 16-bit values itself, not a row array:
-  count_high turns its values into keys in place, count_low, ballot_words and compact read
-  them there (the per-key passes then hold no keys in registers between them)."""
-
-  def __init__(
-    self,
-    f: int,
-    k: int,
-    num_valid: int,
-    interpret: bool,
-    keys_in_row: bool = False,
-    ballot_lanes: bool = False,
-  ):
+  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, ballot_lanes: bool = False):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
-    self._keys_in_row = keys_in_row
-    self._row_f = f if keys_in_row else 0
-    self._ballot_lanes = ballot_lanes  # `_mgpu_ptx.ballot_words(lanes=)`: PTX only
+    self._ballot_lanes = ballot_lanes
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -104,8 +79,8 @@ class SelectOps:
 
   def fetch_row(self, src_ref, r, rows_ref, slot, barriers) -> None:
     """rows[slot] = src[r, :F] by bulk async copy (arrival on barriers[slot])."""
-    if self._interpret:  # (an int16 buffer for keys_in_row: no float NaN canonicalised)
-      rows_ref[slot] = lax.bitcast_convert_type(src_ref[r, pl.ds(0, self._f)], rows_ref.dtype)
+    if self._interpret:
+      rows_ref[slot] = src_ref[r, pl.ds(0, self._f)]
       return
     src = src_ref.at[r, pl.ds(0, self._f)]
     promise = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # a contiguous row: one cp.async.bulk
@@ -126,37 +101,27 @@ class SelectOps:
   def _valid_key(self, key):
     return jnp.arange(self._f) < self._nv
 
-  def _stored(self, row_ref):
-    """Interpret mode: the row's 16-bit patterns as int32 (sign-extended)."""
-    return lax.bitcast_convert_type(row_ref[...], jnp.int16).astype(I32)
-
   def count_high(self, key, ref) -> None:
     if self._interpret:
-      if self._keys_in_row:  # the keys replace the values, as FIRST_KEY stores them
-        row_ref, key = key, order_key(self._stored(key))
-        pattern = jnp.where(key >= 32768, key - 65536, key).astype(jnp.int16)
-        row_ref[...] = lax.bitcast_convert_type(pattern, row_ref.dtype)
       return _scatter_add(ref, key >> 8, self._valid_key(key))
     rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    self._op("count_high", ptx.count, rl, bl, nv, False, self._row_f)(key, ref)
+    self._op("count_high", ptx.count, rl, bl, nv, False)(key, ref)
 
   def count_low(self, key, high, ref) -> None:
     if self._interpret:
-      key = self._stored(key) & 0xFFFF if self._keys_in_row else key
       return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
     rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    self._op("count_low", ptx.count, rl, bl, nv, True, self._row_f)(key, high, ref)
+    self._op("count_low", ptx.count, rl, bl, nv, True)(key, high, ref)
 
   def ballot_words(self, key, v, above_ref, equal_ref) -> None:
     if self._interpret:
-      key = self._stored(key) & 0xFFFF if self._keys_in_row else key
       nw, valid = self._f // 32, self._valid_key(key)
       zeros = jnp.zeros((BINS,), I32)
       above_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key > v[0])))
       equal_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key == v[0])))
       return
     rl, bl, nv = self.row_layout, self.bin_layout, self._nv
-    op = self._op("ballot", ptx.ballot_words, rl, bl, nv, self._row_f, self._ballot_lanes)
+    op = self._op("ballot", ptx.ballot_words, rl, bl, nv, self._ballot_lanes)
     op(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
@@ -205,15 +170,11 @@ class SelectOps:
       sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
       below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
       slot = jnp.where(sel, first[chan >> 5] + lax.population_count(below), self._k)
-      bits = self._stored(row_ref)  # bf16 rows: their bits
-      if self._keys_in_row:
-        bits = key_bits(bits & 0xFFFF)
-      bits = bits.astype(out_ref.dtype)
+      bits = lax.bitcast_convert_type(row_ref[...], out_ref.dtype)  # bf16 rows: their bits
       for values, ref in ((bits, out_ref), (chan, idx_ref)):
         ref[...] = ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
       return
-    op = self._op("compact", ptx.compact, self.bin_layout, self._keys_in_row)
-    op(words, first, row_ref, out_ref, idx_ref)
+    self._op("compact", ptx.compact, self.bin_layout)(words, first, row_ref, out_ref, idx_ref)
 
 
 def _scatter_add(ref, index, where) -> None:

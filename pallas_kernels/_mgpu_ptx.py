@@ -65,62 +65,31 @@ def _scalar(array):
   return llvm.extractelement(array.registers.flat[0], _c(0))
 
 
-def _flag(thread, i: int, num_valid: int):
-  ok = _valid(thread, i, num_valid)
-  return None if ok is None else arith.extui(_i32(), ok)
-
-
 def _keys(key, num_valid: int):
   """[(register i, key, validity flag: an int32, or None where the whole register is valid)]."""
   thread = _thread()[0]
-  return [(i, k, _flag(thread, i, num_valid)) for i, _, k in _elements(key)]
+  out = []
+  for i, _, k in _elements(key):
+    ok = _valid(thread, i, num_valid)
+    out.append((i, k, None if ok is None else arith.extui(_i32(), ok)))
+  return out
 
 
-def _row_keys(f: int, num_valid: int):
-  """`_keys` for keys the PTX loads from the shared-memory row itself (key None)."""
-  thread = _thread()[0]
-  return [(i, None, _flag(thread, i, num_valid)) for i in range(f // LANES)]
-
-
-def _row_base(row_ref):
-  """This thread's first element of a 16-bit row in shared memory (element 128 i + thread
-  sits 256 i bytes past it)."""
-  i16 = ir.IntegerType.get_signless(16)
-  return mgpu_utils.getelementptr(mgpu_utils.memref_ptr(row_ref), [_thread()[0]], i16)
-
-
-# Loading key i from the row at operand $R into register k: the key as stored, or (FIRST) the
-# row's value bits b, turned into the order-preserving key and stored back in their place.
-LOAD_KEY = "ld.shared.u16 k, [$R+{off}];"
-FIRST_KEY = (
-  "ld.shared.s16 b, [$R+{off}]; shr.s32 m, b, 31; and.b32 m, m, 32767; xor.b32 k, b, m;"
-  " add.s32 k, k, 32768; st.shared.b16 [$R+{off}], k;"
-)
-
-
-def _blocks(
-  keys, fixed: list, element, decls: str, chunk: int = 8, load: str = "", tail: str = ""
-) -> None:
+def _blocks(keys, fixed: list, element, decls: str, chunk: int = 8, tail: str = "") -> None:
   """One inline PTX block per `chunk` keys: `fixed` operands first ($0…), then each key and
   its flag; element(key operand, flag operand or None, register i) is that key's PTX, `tail`
-  ends each block. Keys of None are loaded by `load` (LOAD_KEY, FIRST_KEY) from the row at
-  the last fixed operand."""
-  row = f"${len(fixed) - 1}"
+  ends each block."""
   for start in range(0, len(keys), chunk):
     operands, lines = list(fixed), []
     for i, k, flag in keys[start : start + chunk]:
-      k_op = "k"
-      if k is not None:
-        operands.append(k)
-        k_op = f"${len(operands) - 1}"
+      operands.append(k)
+      k_op = f"${len(operands) - 1}"
       f_op = None
       if flag is not None:
         operands.append(flag)
         f_op = f"${len(operands) - 1}"
-      loaded = load.replace("$R", row).format(off=2 * LANES * i) + " " if k is None else ""
-      lines.append(loaded + element(k_op, f_op, i))
-    decls_k = decls + (" .reg .b32 k, b, m;" if load else "")
-    text = "{\n" + decls_k + "\n" + "\n".join(lines) + tail + "\n}"
+      lines.append(element(k_op, f_op, i))
+    text = "{\n" + decls + "\n" + "\n".join(lines) + tail + "\n}"
     _asm(text, operands, ",".join(["r"] * len(operands)))
 
 
@@ -128,18 +97,14 @@ JUNK_BIN = BINS  # where keys outside a pass add (never read)
 HIST_WORDS = BINS + 8  # a histogram in shared memory: the bins, then JUNK_BIN (16-byte rows)
 
 
-def count(row_layout, bin_layout, num_valid: int, low: bool, row_f: int = 0):
+def count(row_layout, bin_layout, num_valid: int, low: bool):
   """ref[digit(key)] += 1 for the row's valid keys: the high byte, or (low) the low byte of
   the keys whose high byte is `high` (a bins-layout array of that one value). Per key: two
   or three ALU ops and one shared-memory reduction. Keys outside the pass (other high
   bytes, padding) add into JUNK_BIN: ptxas turns a predicated shared-memory reduction into
   a branch around it (BSSY, BRA, BSYNC per key in the SASS), which cost the 1B layer's
-  words 10-11% and the top-K at T = 1 17% on an H100 (NOTES_kernels 2026-12-05g).
-  row_f > 0: the first argument is a shared-memory row of row_f 16-bit elements, not a row
-  array: the high pass turns its value bits into keys in place (FIRST_KEY), the low pass
-  reads those keys (LOAD_KEY), so no key is held in a register between passes."""
-  key_arg = plgpu.RefType() if row_f else row_layout
-  args = (key_arg, bin_layout, plgpu.RefType()) if low else (key_arg, plgpu.RefType())
+  words 10-11% and the top-K at T = 1 17% on an H100 (NOTES_kernels 2026-12-05g)."""
+  args = (row_layout, bin_layout, plgpu.RefType()) if low else (row_layout, plgpu.RefType())
 
   def element(k, flag, i):
     del i
@@ -155,10 +120,7 @@ def count(row_layout, bin_layout, num_valid: int, low: bool, row_f: int = 0):
     if low:
       fixed.append(arith.muli(_scalar(rest[0]), _c(BINS)))
     decls = ".reg .pred p; .reg .b32 a, d;"
-    if not row_f:
-      return _blocks(_keys(key, num_valid), fixed, element, decls)
-    load = LOAD_KEY if low else FIRST_KEY
-    _blocks(_row_keys(row_f, num_valid), [*fixed, _row_base(key)], element, decls, load=load)
+    _blocks(_keys(key, num_valid), fixed, element, decls)
 
   return count
 
@@ -175,15 +137,14 @@ def _lane_stores(n: int) -> str:
   return text
 
 
-def ballot_words(row_layout, bin_layout, num_valid: int, row_f: int = 0, lanes: bool = False):
+def ballot_words(row_layout, bin_layout, num_valid: int, lanes: bool = False):
   """above[w] / equal[w]: the bits of the row's valid keys > v / == v in word w, one ballot
   per register and warp (every word of the row is written). Register i of warp w holds word
   4 i + w: an immediate offset from the warp's first word. Every lane stores the word (one
   address, one value): stores by lane 0 alone were a branch around each pair in the SASS.
-  row_f > 0: the keys are read from a shared-memory row of row_f keys (`count`'s).
   lanes: lane i % 32 keeps register i's two words (a select each) and each lane stores its
   words once at the end: 4 shared-memory stores a thread, not two per register (the
-  ballots' stores were 36% of the 1B words' shared-memory wavefronts, the profile of
+  ballots' stores were 28% of the 1B words' shared-memory wavefronts, the profile of
   2026-12-05m), for one more ALU op per register."""
 
   def element(k, flag, i):
@@ -200,9 +161,7 @@ def ballot_words(row_layout, bin_layout, num_valid: int, row_f: int = 0, lanes: 
       " vote.sync.ballot.b32 g, p, 0xffffffff; vote.sync.ballot.b32 w, e, 0xffffffff;" + keep
     )
 
-  key_arg = plgpu.RefType() if row_f else row_layout
-
-  @plgpu.inline_mgpu(arg_types=(key_arg, bin_layout, plgpu.RefType(), plgpu.RefType()))
+  @plgpu.inline_mgpu(arg_types=(row_layout, bin_layout, plgpu.RefType(), plgpu.RefType()))
   def ballot(ctx, key, v_array, above_ref, equal_ref):
     del ctx
     warp = _thread()[1]
@@ -211,12 +170,11 @@ def ballot_words(row_layout, bin_layout, num_valid: int, row_f: int = 0, lanes: 
       for r in (above_ref, equal_ref)
     ]
     fixed, decls = [*ptrs, _scalar(v_array)], ".reg .pred p, e; .reg .b32 g, w;"
-    keys = _row_keys(row_f, num_valid) if row_f else _keys(key, num_valid)
-    kw = dict(load=LOAD_KEY) if row_f else {}
+    keys, kw = _keys(key, num_valid), {}
     if lanes:  # one block: the lanes' words live across all the registers
       decls += " .reg .pred q; .reg .b32 l, t, u, a0, a1, z0, z1; mov.u32 l, %laneid;"
-      kw |= dict(chunk=len(keys), tail=_lane_stores(len(keys)))
-    _blocks(keys, [*fixed, _row_base(key)] if row_f else fixed, element, decls, **kw)
+      kw = dict(chunk=len(keys), tail=_lane_stores(len(keys)))
+    _blocks(keys, fixed, element, decls, **kw)
 
   return ballot
 
@@ -332,28 +290,19 @@ def stash_row(row_layout, f: int):
   return stash
 
 
-# A key as FIRST_KEY stores it (the low 16 bits of 32768 + the order-preserving image) back to
-# its value bits: the sign bit flipped, then the low 15 bits flipped where that sign is set.
-KEY_TO_BITS = (
-  "xor.b32 v, v, 32768; shr.u32 t, v, 15; neg.s32 t, t; and.b32 t, t, 32767; xor.b32 v, v, t;"
-)
-
-
-def compact_loop(keys: bool = False) -> str:
+def compact_loop() -> str:
   """Thread t's two words of the row's bitmask (2t, 2t + 1) as one 64-bit mask m, walked
   lowest bit first: its channel c = 64 t + the bit's position (brev, then the shift that
   brings the top bit up); out[s] = row[c] (the stashed value) and idx[s] = c; then s += 1 and
   the bit cleared. Work per selected key, not per key, and no step waits on another thread.
   Operands: $0, $1 the words, $2 the first slot, $3 64 t, then the shared addresses of the
-  stashed row, of out and of idx. PTX labels are local to their { } block. keys: the row
-  holds `count`'s keys in place of the values (KEY_TO_BITS)."""
+  stashed row, of out and of idx. PTX labels are local to their { } block."""
   body = (
-    f"mad.lo.u32 a, c, 2, $4; ld.shared.u16 v, [a]; {KEY_TO_BITS if keys else ''}"
-    " mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;"
+    "mad.lo.u32 a, c, 2, $4; ld.shared.u16 v, [a]; mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;"
     "\nmad.lo.u32 a, s, 4, $6; st.shared.b32 [a], c;"
   )
   return (
-    "{\n.reg .pred p; .reg .b64 m, x; .reg .b32 s, b, c, a, v, t;\n"
+    "{\n.reg .pred p; .reg .b64 m, x; .reg .b32 s, b, c, a, v;\n"
     "mov.b64 m, {$0, $1}; mov.b32 s, $2;\n"
     "COMPACT_NEXT:\nsetp.eq.b64 p, m, 0;\n@p bra COMPACT_DONE;\n"
     "brev.b64 x, m; bfind.shiftamt.u64 b, x; add.u32 c, $3, b;\n"
@@ -363,11 +312,11 @@ def compact_loop(keys: bool = False) -> str:
   )
 
 
-def compact(bin_layout, keys: bool = False):
+def compact(bin_layout):
   """Each selected channel's stashed value and the channel to its slot, from the row's final
   words and each word's first slot (bins-layout arrays: thread t holds words 2t and 2t + 1):
-  `compact_loop(keys)` per thread. Arguments: words, first, then the refs of the stashed row,
-  of the values out and of the channels out."""
+  `compact_loop` per thread. Arguments: words, first, then the refs of the stashed row, of
+  the values out and of the channels out."""
   refs = (plgpu.RefType(),) * 3
 
   @plgpu.inline_mgpu(arg_types=(bin_layout, bin_layout, *refs))
@@ -377,7 +326,7 @@ def compact(bin_layout, keys: bool = False):
     s0 = llvm.extractelement(first.registers.flat[0], _c(0))
     ch0 = arith.muli(_thread()[0], _c(64))
     operands = [w0, w1, s0, ch0, *(mgpu_utils.memref_ptr(r) for r in refs)]
-    _asm(compact_loop(keys), operands, ",".join(["r"] * len(operands)))
+    _asm(compact_loop(), operands, ",".join(["r"] * len(operands)))
 
   return compact
 

@@ -39,13 +39,20 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import SelectOps, order_key
+from pallas_kernels._mgpu_ops import SelectOps
 from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, LANES
 
-# CTAs per SM by default: 4 are resident (111 registers a thread), and two full rounds timed
+# CTAs per SM by default: 4 are resident (108 registers a thread), and two full rounds timed
 # as fast as one (169.2 / 169.7 us at 8 / 4 per SM, 177.1 at 1024 CTAs; 5-7 per SM leave a
-# ragged round: up to 226.6; 16384 x 5504 in mgpu_select_1b_h200_20261204c.json)
+# ragged round: up to 226.6; 16384 x 5504 in mgpu_select_1b_h200_20261204c.json; again on
+# an H100 with rows one ahead: mgpu_select_1b_ctas_h100_20261205m.json)
 CTAS_PER_SM = 8
+# The whole top-K with `ballot_lanes` on rows wider than LANES_MIN_F: 80 registers (not 108)
+# and ~33 KB of shared memory a CTA, so 6 resident per SM, one round of them: 167.8 vs 183.2
+# us at 16384 x 5632 on an H100 (mgpu_select_lanes_h100_20261205m.json; 172.9 at 5 a SM,
+# 193.1 at 8, a ragged second round). The words alone tie at 1B and lose 6-9% at 350m.
+LANES_MIN_F = 4096
+LANES_CTAS_PER_SM = 6
 KEY_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -66,7 +73,6 @@ def kernel(
   async_rows: bool = False,
   warm_bytes: tuple[int, ...] = (),
   warm_ctas: int = 0,
-  keys_in_row: bool = False,
   ballot_lanes: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
@@ -87,12 +93,8 @@ def kernel(
   `warm_ctas` more CTAs ask L2 for its first warm_bytes[i] bytes, a chunk each
   (`_mgpu_ptx.prefetch_share`), beside the select's CTAs. The Triton top-K's launch warms
   that way with loads (`_l2_prefetch`); a bulk prefetch needs no registers or waits.
-  keys_in_row (with async_rows): the first pass turns the row buffer's values into keys in
-  place and the later passes read them there, so no key is held in a register across the
-  passes (108 registers a thread held 43 keys at the 1B shape and let 4 CTAs an SM resident,
-  the profile of 2026-12-05m).
   ballot_lanes: each lane keeps the ballot words of one register and stores them once
-  (`_mgpu_ptx.ballot_words(lanes=True)`).
+  (`_mgpu_ptx.ballot_words(lanes=True)`); `select`'s default on rows wider than 4096.
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -102,7 +104,11 @@ def kernel(
   layer, after 95cc600). Timed on an H100 on 2026-12-05 (NOTES_kernels 2026-12-05g) and
   removed: signed keys (no add per key: a tie), the row loaded again for each pass instead
   of its keys held in registers (25% slower), and 2, 4 or 8 copies of each histogram, one
-  per lane group (up to 20% slower: same-word adds within a warp are not the limit)."""
+  per lane group (up to 20% slower: same-word adds within a warp are not the limit). Timed
+  on an H100 on 2026-12-05 (NOTES_kernels 2026-12-05m) and removed: the keys kept in the row
+  buffer (the first pass storing them over the values, the later passes loading them): 30
+  registers, 7 CTAs an SM, but 15-18% slower (the shared-memory pipe, not latency, bounds
+  the passes; code at 41cfd30)."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -117,15 +123,13 @@ def kernel(
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   if async_rows and (splits or jnp.dtype(round_dtype) not in KEY_DTYPES):
     raise ValueError("async_rows copies 16-bit rows as stored: no splits")
-  if keys_in_row and not async_rows:
-    raise ValueError("keys_in_row keeps the keys in async_rows's row buffer: needs async_rows")
   if (warm_ctas > 0) != bool(warm_bytes) or (interpret and warm_ctas):
     raise ValueError(
       f"warming needs both warm_bytes and warm_ctas, compiled: got {warm_bytes}, {warm_ctas}"
     )
   chunks = [-(-b // warm_ctas // 16) * 16 if warm_ctas else 0 for b in warm_bytes]
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, keys_in_row, ballot_lanes)
+  ops = SelectOps(f, k, nv, interpret, ballot_lanes)
   bin_layout = ops.bin_layout
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
@@ -170,20 +174,14 @@ def kernel(
       if async_rows:  # the next row into the other half; its last reader passed barriers since
         pl.when(r + ctas < t)(lambda: ops.fetch_row(g_ref, r + ctas, rows_ref, 1 - i % 2, arrived))
         ops.wait_row(arrived, i % 2)
-      stash = rows_ref.at[i % 2] if async_rows else stash_ref  # the row's values by channel
-      if keys_in_row:  # the passes read the row buffer; count_high makes its values keys
-        key = stash
+        bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
       else:
-        if async_rows:
-          bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
-        else:
-          bits = load_bits(g_ref, r)
-        if compact and not async_rows:  # (the last row's were read before its final barrier)
-          ops.stash_row(bits, stash_ref)
-        key = order_key(bits)
+        bits = load_bits(g_ref, r)
+      stash = rows_ref.at[i % 2] if async_rows else stash_ref  # the row's values by channel
+      if compact and not async_rows:  # (the last row's were read before its final barrier)
+        ops.stash_row(bits, stash_ref)
+      key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
-      if keys_in_row:  # the keys' stores before the bulk copy that later refills this half
-        ops.commit()
       ops.barrier()
       ops.select_bin(bins(high_ref), ops.splat(0), tmp_ref, 0, high_ref)
       b1, above = tmp_ref[4], tmp_ref[5]
@@ -239,9 +237,7 @@ def kernel(
     scratch += [plgpu.SMEM((k,), d) for d in TOPK_DTYPES]
   if async_rows:  # interpret mode has no barriers (it copies at once): a stand-in
     arrived = plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=1, num_barriers=2)
-    # interpret mode: keys as int16 (stored as bf16, some would be NaNs the CPU canonicalises)
-    row_dtype = jnp.int16 if interpret and keys_in_row else round_dtype
-    scratch += [plgpu.SMEM((2, f), row_dtype), arrived]
+    scratch += [plgpu.SMEM((2, f), round_dtype), arrived]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),
@@ -252,12 +248,12 @@ def kernel(
   )
 
 
-def _ctas(t: int, interpret: bool, ctas: int | None) -> int:
-  """CTAs for T rows: `ctas` if given, else CTAS_PER_SM per SM of the device (1 in interpret
+def _ctas(t: int, interpret: bool, ctas: int | None, per_sm: int = CTAS_PER_SM) -> int:
+  """CTAs for T rows: `ctas` if given, else per_sm per SM of the device (1 in interpret
   mode), at most T."""
   if interpret:
     return 1
-  return min(t, ctas or CTAS_PER_SM * tu.sm_count())
+  return min(t, ctas or per_sm * tu.sm_count())
 
 
 SELECTION_ENV = "MOC_SELECTION"  # 'triton': 'auto' never takes this kernel
@@ -305,7 +301,6 @@ def words(
   interpret: bool | None = None,
   ctas: int | None = None,
   async_rows: bool = True,
-  keys_in_row: bool = False,
   ballot_lanes: bool = False,
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
@@ -314,13 +309,8 @@ def words(
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
-  kw = dict(
-    interpret=interpret,
-    async_rows=async_rows,
-    round_dtype=g2.dtype,
-    keys_in_row=keys_in_row,
-    ballot_lanes=ballot_lanes,
-  )
+  kw = dict(interpret=interpret, async_rows=async_rows, round_dtype=g2.dtype)
+  kw |= dict(ballot_lanes=ballot_lanes)
   return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
 
 
@@ -331,17 +321,18 @@ def select(
   interpret: bool | None = None,
   ctas: int | None = None,
   async_rows: bool = True,
-  keys_in_row: bool = False,
-  ballot_lanes: bool = False,
+  ballot_lanes: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
-  `kernel`'s."""
+  `kernel`'s; ballot_lanes: `kernel`'s on rows wider than LANES_MIN_F, LANES_CTAS_PER_SM
+  CTAs a SM then."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, f = g_TxF.shape
+  lanes = ballot_lanes and f > LANES_MIN_F
   kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
-  kw |= dict(keys_in_row=keys_in_row, ballot_lanes=ballot_lanes)
-  build = kernel(t, f, k, _ctas(t, interpret, ctas), **kw)
+  per_sm = LANES_CTAS_PER_SM if lanes else CTAS_PER_SM
+  build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), ballot_lanes=lanes, **kw)
   _, idx, val_bits = build(g_TxF)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 

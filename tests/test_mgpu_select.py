@@ -72,16 +72,15 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
     assert gi == sum(1 << b for b in bits)
 
 
-@pytest.mark.parametrize("rows", ["sync", "async", "keys"])
+@pytest.mark.parametrize("async_rows", [False, True])
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-def test_select_kernel_in_interpret_mode(f, k, num_valid, rows):
+def test_select_kernel_in_interpret_mode(f, k, num_valid, async_rows):
   """The kernel's own dataflow (histograms cleared as they are read, scans, thresholds, tie
-  cut, slots, the row loop; rows through the two-row buffer with `async_rows`, there turned
-  into keys in place with `keys_in_row`) on random rows, tie-heavy rows, an all-equal row
-  and a -0.0 row."""
-  kw = dict(async_rows=rows != "sync", keys_in_row="keys" in rows, ballot_lanes="lanes" in rows)
+  cut, slots, the row loop; rows through the two-row buffer with `async_rows`) on random
+  rows, tie-heavy rows, an all-equal row and a -0.0 row."""
+  kw = dict(async_rows=async_rows)
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -144,12 +143,17 @@ def test_train_forward_with_mosaic_words_matches_triton(z_sel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", ["sync", "async", "keys", "lanes", "keyslanes"])
-def test_mgpu_select_gpu_real_size(rows):
+@pytest.mark.parametrize("form", ["default", "sync", "one_store_per_ballot", "ballot_lanes"])
+def test_mgpu_select_gpu_real_size(form):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding (read from a row twice as wide,
-  as the fused [G | U] buffer is), as the reference selects."""
-  kw = dict(async_rows=rows != "sync", keys_in_row="keys" in rows, ballot_lanes="lanes" in rows)
+  as the fused [G | U] buffer is), as the reference selects; in the defaults and each form."""
+  kw = {
+    "default": {},
+    "sync": dict(async_rows=False, ballot_lanes=False),
+    "one_store_per_ballot": dict(ballot_lanes=False),
+    "ballot_lanes": dict(ballot_lanes=True),
+  }[form]
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (16384, 5632)).astype(jnp.bfloat16)
@@ -265,8 +269,6 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
-  assert _mgpu_ptx.compact_loop(keys=True) in snippets  # the same from keys in the row buffer
-  assert any("st.shared.b16 [$" in t and "ld.shared.s16" in t for t in snippets)  # FIRST_KEY
   assert any("%laneid" in t and "vote.sync" in t for t in snippets)  # ballots kept by lanes
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
