@@ -178,7 +178,7 @@ def fmt(x: float | None, digits: int = 1) -> str:
 def print_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> None:
   """A plain fixed-width table (the device tool returns only the end of the output)."""
   cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+  widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
   print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
   for row in cells:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))

@@ -198,8 +198,9 @@ def main() -> None:
   common.write_json(
     args.out, {"info": info, "T": T, "rows": rows, "sweep": sweep, "2of8": group, "epilogues": epi}
   )
-  print(f"\nsweep at F={SWEEP_SHAPE[0]} K={SWEEP_SHAPE[1]} (us):")
-  common.print_table([{**s, "us": common.fmt(s["us"])} for s in sweep], ["name", "exact", "us"])
+  if sweep:
+    print(f"\nsweep at F={SWEEP_SHAPE[0]} K={SWEEP_SHAPE[1]} (us):")
+    common.print_table([{**s, "us": common.fmt(s["us"])} for s in sweep], ["name", "exact", "us"])
   print("\ntop-K (16384 x F, bf16), medians in us:")
   _shape_table(rows)
   print("2of8:", group)
