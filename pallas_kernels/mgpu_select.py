@@ -325,15 +325,18 @@ def select(
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
   `kernel`'s; ballot_lanes: `kernel`'s on rows wider than LANES_MIN_F, LANES_CTAS_PER_SM
-  CTAs a SM then."""
+  CTAs a SM then. Rows of F not a multiple of 128 are padded to one (a copy of G; the bulk
+  copies need 16-byte aligned rows), the padding never selected."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
-  t, f = g_TxF.shape
+  t, num_valid = g_TxF.shape
+  f = row_width(num_valid)
+  g_TxW = jnp.pad(g_TxF, ((0, 0), (0, f - num_valid))) if f > num_valid else g_TxF
   lanes = ballot_lanes and f > LANES_MIN_F
   kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
   per_sm = LANES_CTAS_PER_SM if lanes else CTAS_PER_SM
-  build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), ballot_lanes=lanes, **kw)
-  _, idx, val_bits = build(g_TxF)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), num_valid, ballot_lanes=lanes, **kw)
+  _, idx, val_bits = build(g_TxW)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 
 

@@ -73,7 +73,8 @@ def default_config(
   """`select`'s config for rows of F channels when none is given.
 
   MOSAIC for 'moc' where the Mosaic GPU kernel is usable for rows of this dtype
-  (`mgpu_select.usable`: compiled on Hopper, 16-bit, F % 128 == 0, F <= 8192) and K % 8 == 0.
+  (`mgpu_select.usable`: compiled on Hopper, 16-bit, F <= 8192; F not a multiple of 128 is
+  padded to one) and K % 8 == 0.
   On an H100 (16384 x 5632, K = 1024, exact; mgpu_select_probe_h100_20261205.json) it took
   232.7 us against 302.7 for the Mosaic bitmask + gathered compaction (`GAUSS_GATHER`) and
   413.9 for the Triton bitmask + compaction.
@@ -88,7 +89,7 @@ def default_config(
   from pallas_kernels import mgpu_select
 
   mosaic = variant == "moc" and dtype is not None and k % 8 == 0
-  if mosaic and mgpu_select.usable(jnp.dtype(dtype), f, interpret):
+  if mosaic and mgpu_select.usable(jnp.dtype(dtype), mgpu_select.row_width(f), interpret):
     return MOSAIC
   return GAUSS if variant == "moc_2of8" or f > GATHER_MAX_F else GAUSS_GATHER
 

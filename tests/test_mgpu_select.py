@@ -217,7 +217,12 @@ def test_select_default_is_the_whole_mosaic_topk_where_usable(monkeypatch):
   idx, val = topk.select(g, 64, "moc", interpret=True)
   assert len(calls) == 1
   _assert_reference_topk(idx, val, g, 64, seed)
+  odd = jax.random.normal(jax.random.key(seed + 1), (3, 600)).astype(jnp.bfloat16)
+  idx, val = topk.select(odd, 64, "moc", interpret=True)  # padded to 640 inside
+  assert len(calls) == 2
+  _assert_reference_topk(idx, val, odd, 64, seed)
   kw = dict(dtype=g.dtype, interpret=True)
+  assert topk.default_config(600, "moc", k=64, **kw) is topk.MOSAIC
   assert topk.default_config(640, "moc", k=60, **kw) is not topk.MOSAIC
   assert topk.default_config(640, "moc_2of8", k=64, **kw) is not topk.MOSAIC
   assert topk.default_config(640, "moc", k=64, **kw) is topk.MOSAIC
@@ -226,14 +231,17 @@ def test_select_default_is_the_whole_mosaic_topk_where_usable(monkeypatch):
 @pytest.mark.gpu
 def test_auto_selection_on_gpu_is_mosaic_and_exact():
   """On a Hopper GPU the defaults' 'auto' is the Mosaic kernel, and `topk.select` (the whole
-  Mosaic top-K) equals the reference at the 1B layer's width."""
+  Mosaic top-K) equals the reference at the 1B layer's width and at the paper's widths that
+  are not multiples of 128 (padded inside)."""
   from pallas_kernels import topk
 
   assert mgpu_select.usable(jnp.bfloat16, 5504, interpret=False)
   seed = time.time_ns() % (2**31)
-  g = jax.random.normal(jax.random.key(seed), (4096, 5504)).astype(jnp.bfloat16)
-  idx, val = topk.select(g, 1024, "moc")
-  _assert_reference_topk(idx, val, g, 1024, seed)
+  for f, k in ((5504, 1024), (5461, 1024), (2736, 512), (1376, 256)):
+    assert topk.default_config(f, "moc", k=k, dtype=jnp.bfloat16, interpret=False) is topk.MOSAIC
+    g = jax.random.normal(jax.random.key(seed + f), (4096, f)).astype(jnp.bfloat16)
+    idx, val = topk.select(g, k, "moc")
+    _assert_reference_topk(idx, val, g, k, seed)
 
 
 @pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
