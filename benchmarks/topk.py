@@ -9,6 +9,7 @@ a sweep of kernel configs. Every ours-vs-reference pair is also checked for equa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -35,6 +36,8 @@ SWEEP = {
   "r2": TopKConfig(rows=2),
 }
 EPILOGUE_T, EPILOGUE_F, EPILOGUE_K, EPILOGUE_NV = 16384, 5504, 1024, 5461
+# the Triton top-K (GAUSS_GATHER with the Triton bitmask): the default before the Mosaic one
+TRITON_GATHER = dataclasses.replace(topk.GAUSS_GATHER, selection="triton")
 
 
 def _inputs(f: int, dtype, sets: int) -> list[tuple[jax.Array]]:
@@ -141,6 +144,8 @@ def main() -> None:
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--epilogues", action="store_true")
   ap.add_argument("--no-shapes", action="store_true")
+  ap.add_argument("--widths", default="", help="only these F of SHAPES, comma-separated")
+  ap.add_argument("--triton_too", action="store_true", help="also the Triton top-K at each F")
   ap.add_argument("--out", default="benchmarks/results/topk.json")
   args = ap.parse_args()
   dtype = jnp.bfloat16
@@ -162,7 +167,8 @@ def main() -> None:
       us = _time(fn, sets, args.quick) if ok is not None else None
       sweep.append({"name": name, "config": str(cfg), "exact": ok, "us": us})
       print("sweep", name, ok, common.fmt(us), flush=True)
-  for f, k in () if args.no_shapes else SHAPES:
+  widths = {int(w) for w in args.widths.split(",")} if args.widths else {f for f, _ in SHAPES}
+  for f, k in () if args.no_shapes else [(f, k) for f, k in SHAPES if f in widths]:
     sets = _inputs(f, dtype, 2)
     g = sets[0][0]
     ours = jax.jit(lambda g, k=k: topk.select(g, k, "moc"))
@@ -173,6 +179,11 @@ def main() -> None:
       ok = None
     row = {"F": f, "K": k, "dtype": "bf16", "exact": ok}
     row["ours_us"] = _time(ours, sets, args.quick)
+    if args.triton_too:  # the Triton bitmask + gathered compaction, checked and timed beside
+      triton = jax.jit(lambda g, k=k: topk.select(g, k, "moc", config=TRITON_GATHER))
+      row["triton_gather_exact"] = _check(triton, g, k)
+      row["triton_gather_us"] = _time(triton, sets, args.quick)
+      row["triton_over_ours"] = common.ratio(row["triton_gather_us"], row["ours_us"])
     row["floor_read_us"] = _time(jax.jit(lambda g: jnp.max(g, axis=-1)), sets, args.quick)
     row["lax_top_k_us"] = _time(jax.jit(lambda g, k=k: jax.lax.top_k(g, k)), sets, args.quick)
     row["reference_us"] = _time(
