@@ -107,7 +107,7 @@ def kernel(
   per lane group (up to 20% slower: same-word adds within a warp are not the limit). Timed
   on an H100 on 2026-12-05 (NOTES_kernels 2026-12-05m) and removed: the keys kept in the row
   buffer (the first pass storing them over the values, the later passes loading them): 30
-  registers, 7 CTAs an SM, but 15-18% slower (the shared-memory pipe, not latency, bounds
+  registers, 7 CTAs an SM, but 12-18% slower (the shared-memory pipe, not latency, bounds
   the passes; code at 41cfd30)."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
