@@ -77,7 +77,9 @@ def default_config(
   padded to one) and K % 8 == 0.
   On an H100 (16384 x 5632, K = 1024, exact; mgpu_select_probe_h100_20261205.json) it took
   232.7 us against 302.7 for the Mosaic bitmask + gathered compaction (`GAUSS_GATHER`) and
-  413.9 for the Triton bitmask + compaction.
+  413.9 for the Triton bitmask + compaction (167.8 us since 2026-12-05m; 174.7 on the H200).
+  Padded at F = 1376 / 2736 / 5461: 131.1 / 198.2 / 334.3 us against 150.3 / 224.4 / 473.6
+  for the Triton top-K (H100, topk_pad_h100_20261205m.json).
   Else GAUSS_GATHER for 'moc' up to GATHER_MAX_F channels, GAUSS above it and for 'moc_2of8'
   (its rows per program). On the H200 (16384 rows, Gaussian rows, topk_h200_20261203c.json)
   GAUSS_GATHER took 150.4 / 186.7 / 253.1 / 432.4 / 435.4 us at F = 1376 / 2048 / 2736 / 5461
