@@ -305,13 +305,14 @@ def words(
 ) -> jax.Array:
   """`topk_compact.mask_call`'s (T, F/32) int32 words for the first `width` columns of g2
   (default: all of them; the [G | U] buffer of a fused GEMM passes F). async_rows: `kernel`'s
-  (faster at every width timed, `TopKConfig.async_rows`)."""
+  (faster at every width timed, `TopKConfig.async_rows`); ballot_lanes: `kernel`'s, off (the
+  words tie at 1B and lose 6-9% at 350m with it, NOTES_kernels 2026-12-05m)."""
   _check_dtype(g2)
   interpret = tu.default_interpret(interpret)
   t, f = g2.shape[0], width or g2.shape[1]
   kw = dict(interpret=interpret, async_rows=async_rows, round_dtype=g2.dtype)
-  kw |= dict(ballot_lanes=ballot_lanes)
-  return kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, **kw)(g2)[0]
+  build = kernel(t, f, k, _ctas(t, interpret, ctas), num_valid, ballot_lanes=ballot_lanes, **kw)
+  return build(g2)[0]
 
 
 def select(
