@@ -6,7 +6,8 @@
 `--kernel=decode`: the MoC and dense FFN decode kernels (1b shape, T = 1, default configs).
 `--kernel=mgpu`: the Mosaic selects' words at (T, F), K, `--num_valid`, each twice and nothing
 else launched between: `mgpu_select` with rows one ahead (the default), then without, then (F
-<= 2048) `mgpu_select_warp`; all three kernels are named body_mosaic_gpu_kernel.
+<= 2048) `mgpu_select_warp`, else (no num_valid) the whole top-K `mgpu_select.select`; all
+are named body_mosaic_gpu_kernel.
 `--kernel=epilogue`: the bitmask train epilogues at the 1B layer (selection, forward streaming
 pass, backward), the streaming passes walked as `--stream=MODE:WORDS:WARPS`.
 The training kernels: `select` (topk.select) and `fwd` (the train forward
@@ -96,6 +97,8 @@ def _mgpu_twice(t: int, f: int, k: int, num_valid: int | None) -> None:
   ]
   if f <= mgpu_select_warp.MAX_F:
     fns.append(lambda: mgpu_select_warp.words(g, k, num_valid=num_valid))
+  elif num_valid is None and k % 8 == 0:  # the whole top-K (its ballots kept by lanes)
+    fns.append(lambda: mgpu_select.select(g, k))
   for fn in fns:
     for _ in range(2):
       jax.block_until_ready(fn())

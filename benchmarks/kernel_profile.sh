@@ -42,7 +42,7 @@ if [ "${1:-}" = mgpu ]; then  # the second launch of each select (kernel_profile
       -o "$rep" -f \
       python3 benchmarks/kernel_profile.py --kernel=mgpu --f="$f" --num_valid="$nv" --k="$k" \
       >"$rep.log" 2>&1
-    echo "mgpu $shape: rc=$? (profiles 1, 3, 5: async, sync, warp)"
+    echo "mgpu $shape: rc=$? (profiles 1, 3, 5: async words, sync words, warp words or whole top-K)"
     pkill -f "kernel_profile.py --kernel=mgpu"
     [ -f "$rep.ncu-rep" ] || { tail -n 5 "$rep.log"; continue; }
     # the details page, and each instruction's SASS with its stall samples (the source page)
