@@ -97,7 +97,7 @@ def _mgpu_twice(t: int, f: int, k: int, num_valid: int | None) -> None:
   ]
   if f <= mgpu_select_warp.MAX_F:
     fns.append(lambda: mgpu_select_warp.words(g, k, num_valid=num_valid))
-  elif num_valid is None and k % 8 == 0:  # the whole top-K (its ballots kept by lanes)
+  elif num_valid in (None, f) and k % 8 == 0:  # the whole top-K (its ballots kept by lanes)
     fns.append(lambda: mgpu_select.select(g, k))
   for fn in fns:
     for _ in range(2):
