@@ -121,8 +121,6 @@ def _variants(a) -> dict:
   if a.num_valid is None and a.k % 8 == 0:
     kw = dict(ctas=counts[0], interpret=False, ballot_lanes=False)
     fns["mgpu_topk_nolanes"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
-    # no barrier after the compaction's walk (`kernel(late_copies=True)`), default CTAs
-    fns["mgpu_topk_late"] = jax.jit(lambda g: mgpu_select.select(g, a.k, late_copies=True))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))

@@ -43,8 +43,7 @@ class SelectOps:
     select_bin(h, base, tmp_ref, slot): tmp[slot + 4 : slot + 6] = (b, S[b + 1]);
     exclusive_prefix(x, tmp_ref, slot); popcount(x); keep_lowest(x, m); stash_row(bits,
     row_ref) and compact(words, first, row_ref, idx_ref, val_ref) for the whole top-K;
-    splat(x): a traced scalar as a bins array; barrier, commit, fence, copy_out,
-    wait_read(pending), wait.
+    splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU. ballot_lanes: `_mgpu_ptx.ballot_words`'s lanes (the
   same words, fewer stores; PTX only)."""
@@ -56,8 +55,7 @@ class SelectOps:
     self._ballot_lanes = ballot_lanes
     self._built: dict = {}
     if interpret:
-      self.barrier = self.commit = self.fence = self.wait = lambda: None
-      self.wait_read = lambda pending=0: None
+      self.barrier = self.commit = self.wait_read = self.wait = lambda: None
       self.copy_out = _assign
       self.cast = lambda x, layout: x
       return
@@ -65,8 +63,7 @@ class SelectOps:
     self.barrier = ptx.barrier
     self.commit = plgpu.commit_smem
     self.copy_out = plgpu.copy_smem_to_gmem  # TMA: a bulk copy of the contiguous row
-    self.fence = ptx.fence_async  # commit without its barrier
-    self.wait_read = lambda pending=0: plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+    self.wait_read = lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     self.wait = lambda: plgpu.wait_smem_to_gmem(0)
 
   def _op(self, name: str, make, *args):

@@ -394,14 +394,6 @@ def prefetch_share(num_bytes: tuple[int, ...], chunks: tuple[int, ...], first_ct
 
 
 @plgpu.inline_mgpu()
-def fence_async(ctx):
-  """This thread's shared-memory writes, visible to a bulk copy issued after a later barrier
-  (`plgpu.commit_smem` without its barrier)."""
-  del ctx
-  _asm("fence.proxy.async.shared::cta;", [], "")
-
-
-@plgpu.inline_mgpu()
 def barrier(ctx):
   del ctx
   mgpu_utils.warpgroup_barrier()

@@ -74,7 +74,6 @@ def kernel(
   warm_bytes: tuple[int, ...] = (),
   warm_ctas: int = 0,
   ballot_lanes: bool = False,
-  late_copies: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
@@ -96,10 +95,6 @@ def kernel(
   that way with loads (`_l2_prefetch`); a bulk prefetch needs no registers or waits.
   ballot_lanes: each lane keeps the ballot words of one register and stores them once
   (`_mgpu_ptx.ballot_words(lanes=True)`); `select`'s default on rows wider than 4096.
-  late_copies (compact with async_rows): no barrier after the compaction's walk (a third of
-  the whole top-K was the walk and the wait for its busiest thread, 2026-12-05m): each thread
-  fences its writes, and the next row's first barrier releases the K-long copies and the
-  next row's bulk load into the half the walk read; the words go out before the walk.
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -137,25 +132,15 @@ def kernel(
   ops = SelectOps(f, k, nv, interpret, ballot_lanes)
   bin_layout = ops.bin_layout
 
-  late = late_copies and compact and async_rows
-
-  def copy_k_long(outs, out_refs, r) -> None:
-    for src, dst in zip(outs, out_refs, strict=True):
-      ops.copy_out(src, dst.at[r])
-
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
-    bits); the channel and its stashed value stored there, the K-long rows copied out (late:
-    by the next row, after its first barrier)."""
-    if late:  # the last row's K-long copies have read the buffers (the prefix's barrier next)
-      ops.wait_read()
+    bits); the channel and its stashed value stored there, the K-long rows copied out."""
     first = ops.exclusive_prefix(ops.popcount(final), tmp_ref, 24)
     idx_ref, val_ref = outs
     ops.compact(final, first, stash_ref, val_ref, idx_ref)
-    if late:
-      return ops.fence()
     ops.commit()
-    copy_k_long(outs, out_refs, r)
+    for src, dst in zip(outs, out_refs, strict=True):
+      ops.copy_out(src, dst.at[r])
 
   def load_bits(g_ref, r):
     """Row r of G as 16-bit patterns in int32: as stored, or (splits) the sum of its fp32
@@ -186,10 +171,8 @@ def kernel(
       ops.barrier()
 
     def one_row(r, i) -> None:
-      fetch_next = lambda: ops.fetch_row(g_ref, r + ctas, rows_ref, 1 - i % 2, arrived)
-      if async_rows and not late:  # the next row into the other half; its readers are done
-        pl.when(r + ctas < t)(fetch_next)
-      if async_rows:
+      if async_rows:  # the next row into the other half; its last reader passed barriers since
+        pl.when(r + ctas < t)(lambda: ops.fetch_row(g_ref, r + ctas, rows_ref, 1 - i % 2, arrived))
         ops.wait_row(arrived, i % 2)
         bits = lax.bitcast_convert_type(ops.load_row(rows_ref, i % 2), jnp.int16).astype(I32)
       else:
@@ -200,15 +183,10 @@ def kernel(
       key = jnp.where(bits < 0, bits ^ 0x7FFF, bits) + 32768
       ops.count_high(key, high_ref)
       ops.barrier()
-      if late:  # every thread's walk of the last row is done: its rows out, the next row in
-        pl.when(i > 0)(lambda: copy_k_long(outs, out_refs, r - ctas))
-        pl.when(r + ctas < t)(fetch_next)
       ops.select_bin(bins(high_ref), ops.splat(0), tmp_ref, 0, high_ref)
       b1, above = tmp_ref[4], tmp_ref[5]
       ops.count_low(key, ops.splat(b1), low_ref)
-      # the last row's words have left shared memory before new ones land (late: the K-long
-      # copies issued above, two groups after the words', may still be reading)
-      ops.wait_read(2 if late else 0)
+      ops.wait_read()  # the last row's words have left shared memory before new ones land
       ops.barrier()
       ops.select_bin(bins(low_ref), ops.splat(above), tmp_ref, 8, low_ref)
       v, need = b1 * BINS + tmp_ref[12], k - tmp_ref[13]
@@ -218,14 +196,10 @@ def kernel(
       before = ops.exclusive_prefix(ops.popcount(eq), tmp_ref, 16)
       final = ops.cast(above_ref[...], bin_layout) | ops.keep_lowest(eq, need - before)
       above_ref[...] = final
-      if late:  # the words out first: no barrier after the walk
-        ops.commit()
-        ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
       if compact:  # words past the row are stale shared memory: none of the top-K's
         compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stash, outs, out_refs)
-      if not late:
-        ops.commit()  # the words, visible to the TMA engine
-        ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
+      ops.commit()  # the words, visible to the TMA engine
+      ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
     def row(i, carry):
       r = pid + i * ctas
@@ -240,9 +214,6 @@ def kernel(
         ops.fetch_row(g_ref, pid, rows_ref, 0, arrived)  # ctas <= T: each CTA has a first row
       clear_histograms()  # once: each later row's readers clear what they read (`select_bin`)
       lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
-      if late:  # this CTA's last row's K-long rows
-        ops.barrier()
-        copy_k_long(outs, out_refs, pid + ((t - pid + ctas - 1) // ctas - 1) * ctas)
       ops.wait()
 
     if not warm_ctas:
@@ -352,12 +323,11 @@ def select(
   ctas: int | None = None,
   async_rows: bool = True,
   ballot_lanes: bool = True,
-  late_copies: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
   `kernel`'s; ballot_lanes: `kernel`'s on rows wider than LANES_MIN_F, LANES_CTAS_PER_SM
-  CTAs a SM then; late_copies: `kernel`'s. Rows of F not a multiple of 128 are padded to one
-  (a copy of G; the bulk copies need 16-byte aligned rows), the padding never selected."""
+  CTAs a SM then. Rows of F not a multiple of 128 are padded to one (a copy of G; the bulk
+  copies need 16-byte aligned rows), the padding never selected."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, num_valid = g_TxF.shape
@@ -365,7 +335,6 @@ def select(
   g_TxW = jnp.pad(g_TxF, ((0, 0), (0, f - num_valid))) if f > num_valid else g_TxF
   lanes = ballot_lanes and f > LANES_MIN_F
   kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
-  kw |= dict(late_copies=late_copies)
   per_sm = LANES_CTAS_PER_SM if lanes else CTAS_PER_SM
   build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), num_valid, ballot_lanes=lanes, **kw)
   _, idx, val_bits = build(g_TxW)

@@ -72,16 +72,15 @@ def test_keep_lowest_keeps_the_lowest_set_bits():
     assert gi == sum(1 << b for b in bits)
 
 
-@pytest.mark.parametrize("rows", ["sync", "async", "late"])
+@pytest.mark.parametrize("async_rows", [False, True])
 @pytest.mark.parametrize(
   ("f", "k", "num_valid"), [(512, 40, None), (640, 1, None), (1024, 512, None), (640, 64, 600)]
 )
-def test_select_kernel_in_interpret_mode(f, k, num_valid, rows):
+def test_select_kernel_in_interpret_mode(f, k, num_valid, async_rows):
   """The kernel's own dataflow (histograms cleared as they are read, scans, thresholds, tie
   cut, slots, the row loop; rows through the two-row buffer with `async_rows`) on random
-  rows, tie-heavy rows, an all-equal row and a -0.0 row; `late_copies`' K-long rows copied
-  by the next row, the last after the loop)."""
-  kw = dict(async_rows=rows != "sync")
+  rows, tie-heavy rows, an all-equal row and a -0.0 row."""
+  kw = dict(async_rows=async_rows)
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -93,7 +92,7 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, rows):
     want = mgpu_select_probe.reference_words(x, k, num_valid)
     assert np.array_equal(np.asarray(words), want), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True, late_copies=rows == "late", **kw)
+      idx, val = mgpu_select.select(x, k, interpret=True, **kw)
       _assert_reference_topk(idx, val, x, k, seed)
 
 
@@ -144,9 +143,7 @@ def test_train_forward_with_mosaic_words_matches_triton(z_sel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-  "form", ["default", "sync", "one_store_per_ballot", "ballot_lanes", "late_copies"]
-)
+@pytest.mark.parametrize("form", ["default", "sync", "one_store_per_ballot", "ballot_lanes"])
 def test_mgpu_select_gpu_real_size(form):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding (read from a row twice as wide,
@@ -156,7 +153,6 @@ def test_mgpu_select_gpu_real_size(form):
     "sync": dict(async_rows=False, ballot_lanes=False),
     "one_store_per_ballot": dict(ballot_lanes=False),
     "ballot_lanes": dict(ballot_lanes=True),
-    "late_copies": dict(late_copies=True),
   }[form]
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
@@ -166,7 +162,6 @@ def test_mgpu_select_gpu_real_size(form):
     idx, val = mgpu_select.select(x, 1024, **kw)
     _assert_reference_topk(idx, val, x, 1024, seed)
   gu = jnp.concatenate([g[:, :5504], ties[:, :5504]], axis=1)
-  kw.pop("late_copies", None)  # the whole top-K's only
   words = mgpu_select.words(gu, 1024, num_valid=5461, width=5504, **kw)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
