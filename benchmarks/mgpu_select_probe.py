@@ -75,6 +75,33 @@ def emulate_slots(words: jax.Array, f: int) -> jax.Array:
   return jnp.where(sel == 1, slot, -1)
 
 
+def emulate_balanced(words: np.ndarray, k: int, threads: int = 128) -> np.ndarray:
+  """`_mgpu_ptx.balanced_loop` step by step for one row's 256 words (uint32, zero past the
+  row): each thread's search for the word holding its first slot, the set bits it drops
+  there, its walk; the channel of every slot (the CPU check of the PTX's arithmetic)."""
+  popc = np.array([bin(int(w)).count("1") for w in words])
+  first = np.concatenate([[0], np.cumsum(popc)[:-1]])  # words past the row: first slot K
+  per = -(-k // threads)
+  out = np.full(k, -1)
+  for t in range(threads):
+    s0, n = t * per, max(0, min(per, k - t * per))
+    w = 0
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+      w = w + step if first[w + step] <= s0 else w
+    m, j = int(words[w]), s0 - int(first[w])
+    if j and n:  # fns: the position of the j-th set bit; bits up to it cleared
+      b = [i for i in range(32) if m >> i & 1][j - 1]
+      m &= ~((2 << b) - 1) & 0xFFFFFFFF
+    for s in range(s0, s0 + n):
+      while m == 0:
+        w += 1
+        m = int(words[w])
+      b = (m & -m).bit_length() - 1
+      out[s] = 32 * w + b
+      m &= m - 1
+  return out
+
+
 def reference_words(g: jax.Array, k: int, num_valid: int | None = None) -> np.ndarray:
   """The selection of the first num_valid channels as words, from `reference.select`."""
   from pallas_kernels import reference
@@ -121,6 +148,9 @@ def _variants(a) -> dict:
   if a.num_valid is None and a.k % 8 == 0:
     kw = dict(ctas=counts[0], interpret=False, ballot_lanes=False)
     fns["mgpu_topk_nolanes"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
+    # every thread compacting as many keys (`kernel(balanced_walk=True)`), default CTAs
+    kw = dict(interpret=False, balanced_walk=True)
+    fns["mgpu_topk_balanced"] = jax.jit(lambda g, kw=kw: mgpu_select.select(g, a.k, **kw))
   if a.f <= mgpu_select_warp.MAX_F:  # narrow rows: one warp a row (the train forward's words)
     nv = a.num_valid
     fns["mgpu_select_warp"] = jax.jit(lambda g: mgpu_select_warp.words(g, a.k, num_valid=nv))

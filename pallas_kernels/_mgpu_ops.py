@@ -46,13 +46,22 @@ class SelectOps:
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU. ballot_lanes: `_mgpu_ptx.ballot_words`'s lanes (the
-  same words, fewer stores; PTX only)."""
+  same words, fewer stores); balanced_walk: `compact` by `_mgpu_ptx.compact_balanced` (the
+  same slots, every thread walking as many keys; both PTX only)."""
 
-  def __init__(self, f: int, k: int, num_valid: int, interpret: bool, ballot_lanes: bool = False):
+  def __init__(
+    self,
+    f: int,
+    k: int,
+    num_valid: int,
+    interpret: bool,
+    ballot_lanes: bool = False,
+    balanced_walk: bool = False,
+  ):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
-    self._ballot_lanes = ballot_lanes
+    self._ballot_lanes, self._balanced_walk = ballot_lanes, balanced_walk
     self._built: dict = {}
     if interpret:
       self.barrier = self.commit = self.wait_read = self.wait = lambda: None
@@ -160,10 +169,11 @@ class SelectOps:
       return
     self._op("stash", ptx.stash_row, self.row_layout, self._f)(bits, row_ref)
 
-  def compact(self, words, first, row_ref, out_ref, idx_ref) -> None:
+  def compact(self, words, first, row_ref, out_ref, idx_ref, words_ref, first_ref) -> None:
     """out[slot] = row[c] and idx[slot] = c for each selected channel c, a set bit of the
     row's words (bins arrays, words past the row zero; first: each word's first slot), slot
-    its word's first slot plus the set bits below it."""
+    its word's first slot plus the set bits below it. words_ref: the row's words in shared
+    memory, first_ref: 256 int32 of scratch (balanced_walk reads them)."""
     if self._interpret:
       chan = jnp.arange(self._f, dtype=I32)
       w = words[chan >> 5]
@@ -174,6 +184,9 @@ class SelectOps:
       for values, ref in ((bits, out_ref), (chan, idx_ref)):
         ref[...] = ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
       return
+    if self._balanced_walk:
+      op = self._op("balanced", ptx.compact_balanced, self.bin_layout, self._k)
+      return op(first, words_ref, first_ref, row_ref, out_ref, idx_ref)
     self._op("compact", ptx.compact, self.bin_layout)(words, first, row_ref, out_ref, idx_ref)
 
 

@@ -74,6 +74,7 @@ def kernel(
   warm_bytes: tuple[int, ...] = (),
   warm_ctas: int = 0,
   ballot_lanes: bool = False,
+  balanced_walk: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
@@ -95,6 +96,10 @@ def kernel(
   that way with loads (`_l2_prefetch`); a bulk prefetch needs no registers or waits.
   ballot_lanes: each lane keeps the ballot words of one register and stores them once
   (`_mgpu_ptx.ballot_words(lanes=True)`); `select`'s default on rows wider than 4096.
+  balanced_walk (compact; built 2026-12-05m, not yet timed): every thread compacts
+  ceil(K / 128) selected keys, found by a search over the words' first slots
+  (`_mgpu_ptx.compact_balanced`), not the ~12-20 of its own 64 channels: a third of the
+  whole top-K was the walk and the wait for its busiest thread (NOTES_kernels 2026-12-05m).
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
   loading each CTA's next row before selecting in the current one (17-22% slower, after
@@ -130,15 +135,15 @@ def kernel(
     )
   chunks = [-(-b // warm_ctas // 16) * 16 if warm_ctas else 0 for b in warm_bytes]
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, ballot_lanes)
+  ops = SelectOps(f, k, nv, interpret, ballot_lanes, balanced_walk)
   bin_layout = ops.bin_layout
 
-  def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs) -> None:
+  def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs, words_ref, first_ref) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
     bits); the channel and its stashed value stored there, the K-long rows copied out."""
     first = ops.exclusive_prefix(ops.popcount(final), tmp_ref, 24)
     idx_ref, val_ref = outs
-    ops.compact(final, first, stash_ref, val_ref, idx_ref)
+    ops.compact(final, first, stash_ref, val_ref, idx_ref, words_ref, first_ref)
     ops.commit()
     for src, dst in zip(outs, out_refs, strict=True):
       ops.copy_out(src, dst.at[r])
@@ -198,7 +203,8 @@ def kernel(
       final = ops.cast(above_ref[...], bin_layout) | ops.keep_lowest(eq, need - before)
       above_ref[...] = final
       if compact:  # words past the row are stale shared memory: none of the top-K's
-        compact_row(r, jnp.where(in_row, final, 0), tmp_ref, stash, outs, out_refs)
+        words = jnp.where(in_row, final, 0)  # (equal_ref is free: eq was read before)
+        compact_row(r, words, tmp_ref, stash, outs, out_refs, above_ref, equal_ref)
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
@@ -324,11 +330,12 @@ def select(
   ctas: int | None = None,
   async_rows: bool = True,
   ballot_lanes: bool = True,
+  balanced_walk: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk.select(g, k, 'moc')` for a (T, F) 16-bit G: (idx ascending, values). async_rows:
   `kernel`'s; ballot_lanes: `kernel`'s on rows wider than LANES_MIN_F, LANES_CTAS_PER_SM
-  CTAs a SM then. Rows of F not a multiple of 128 are padded to one (a copy of G; the bulk
-  copies need 16-byte aligned rows), the padding never selected."""
+  CTAs a SM then; balanced_walk: `kernel`'s. Rows of F not a multiple of 128 are padded to
+  one (a copy of G; the bulk copies need 16-byte aligned rows), the padding never selected."""
   _check_dtype(g_TxF)
   interpret = tu.default_interpret(interpret)
   t, num_valid = g_TxF.shape
@@ -336,6 +343,7 @@ def select(
   g_TxW = jnp.pad(g_TxF, ((0, 0), (0, f - num_valid))) if f > num_valid else g_TxF
   lanes = ballot_lanes and f > LANES_MIN_F
   kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
+  kw |= dict(balanced_walk=balanced_walk)
   per_sm = LANES_CTAS_PER_SM if lanes else CTAS_PER_SM
   build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), num_valid, ballot_lanes=lanes, **kw)
   _, idx, val_bits = build(g_TxW)

@@ -62,6 +62,25 @@ def test_select_algorithm_is_exact(f, k, num_valid):
       assert np.array_equal(chans, np.asarray(idx[row])), f"{seed=}"
 
 
+@pytest.mark.parametrize(("f", "k"), [(5632, 1024), (1408, 256), (640, 40), (256, 8)])
+def test_balanced_walk_finds_every_slots_channel(f, k):
+  """The balanced compaction's arithmetic (search, dropped bits, walk; `emulate_balanced`)
+  puts the s-th selected channel at slot s, on random selections with runs of empty and full
+  words."""
+  rng = np.random.default_rng(time.time_ns() % (2**31))
+  for density in (k / f, 0.9):
+    n = min(k, int(f * density))
+    chosen = np.sort(rng.choice(f, size=k, replace=False)) if n == k else None
+    if chosen is None:  # a dense block: whole words of set bits, then empty ones
+      start = rng.integers(0, f - k + 1)
+      chosen = np.arange(start, start + k)
+    bits = np.zeros(256 * 32, np.uint64)
+    bits[chosen] = 1
+    words = (bits.reshape(256, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
+    got = mgpu_select_probe.emulate_balanced(words.astype(np.uint32), k)
+    assert np.array_equal(got, chosen)
+
+
 def test_keep_lowest_keeps_the_lowest_set_bits():
   rng = np.random.default_rng(0)
   x = rng.integers(-(2**31), 2**31, 64, dtype=np.int64).astype(np.int32)
@@ -143,7 +162,9 @@ def test_train_forward_with_mosaic_words_matches_triton(z_sel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["default", "sync", "one_store_per_ballot", "ballot_lanes"])
+@pytest.mark.parametrize(
+  "form", ["default", "sync", "one_store_per_ballot", "ballot_lanes", "balanced_walk"]
+)
 def test_mgpu_select_gpu_real_size(form):
   """Compiled on the GPU: the whole top-K at 16384 × 5632 (Gaussian and tie-heavy rows) and
   the words at the 1B layer's 5504 channels with 43 of padding (read from a row twice as wide,
@@ -153,6 +174,7 @@ def test_mgpu_select_gpu_real_size(form):
     "sync": dict(async_rows=False, ballot_lanes=False),
     "one_store_per_ballot": dict(ballot_lanes=False),
     "ballot_lanes": dict(ballot_lanes=True),
+    "balanced_walk": dict(balanced_walk=True),
   }[form]
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
@@ -162,6 +184,7 @@ def test_mgpu_select_gpu_real_size(form):
     idx, val = mgpu_select.select(x, 1024, **kw)
     _assert_reference_topk(idx, val, x, 1024, seed)
   gu = jnp.concatenate([g[:, :5504], ties[:, :5504]], axis=1)
+  kw.pop("balanced_walk", None)  # the whole top-K's only
   words = mgpu_select.words(gu, 1024, num_valid=5461, width=5504, **kw)
   assert np.array_equal(words, mgpu_select_probe.reference_words(g[:, :5504], 1024, 5461))
 
@@ -277,6 +300,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
+  assert _mgpu_ptx.balanced_loop() in snippets  # and its balanced form
   assert any("%laneid" in t and "vote.sync" in t for t in snippets)  # ballots kept by lanes
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
