@@ -76,7 +76,7 @@ def emulate_slots(words: jax.Array, f: int) -> jax.Array:
 
 
 def emulate_balanced(words: np.ndarray, k: int, threads: int = 128) -> np.ndarray:
-  """`_mgpu_ptx.balanced_loop` step by step for one row's 256 words (uint32, zero past the
+  """`_mgpu_compact.balanced_loop` step by step for one row's 256 words (uint32, zero past the
   row): each thread's search for the word holding its first slot, the set bits it drops
   there, its walk; the channel of every slot (the CPU check of the PTX's arithmetic)."""
   popc = np.array([bin(int(w)).count("1") for w in words])

@@ -10,6 +10,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _mgpu_compact
 from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels._mgpu_ptx import BINS, I32
 
@@ -46,7 +47,7 @@ class SelectOps:
     splat(x): a traced scalar as a bins array; barrier, commit, copy_out, wait_read, wait.
   Scalars (high, v, base) are bins arrays of one value (`splat`). popcount and keep_lowest
   are PTX `popc` and `fns` on the GPU. ballot_lanes: `_mgpu_ptx.ballot_words`'s lanes (the
-  same words, fewer stores); balanced_walk: `compact` by `_mgpu_ptx.compact_balanced` (the
+  same words, fewer stores); balanced_walk: `compact` by `_mgpu_compact.compact_balanced` (the
   same slots, every thread walking as many keys; both PTX only)."""
 
   def __init__(
@@ -185,9 +186,10 @@ class SelectOps:
         ref[...] = ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
       return
     if self._balanced_walk:
-      op = self._op("balanced", ptx.compact_balanced, self.bin_layout, self._k)
+      op = self._op("balanced", _mgpu_compact.compact_balanced, self.bin_layout, self._k)
       return op(first, words_ref, first_ref, row_ref, out_ref, idx_ref)
-    self._op("compact", ptx.compact, self.bin_layout)(words, first, row_ref, out_ref, idx_ref)
+    op = self._op("compact", _mgpu_compact.compact, self.bin_layout)
+    op(words, first, row_ref, out_ref, idx_ref)
 
 
 def _scatter_add(ref, index, where) -> None:

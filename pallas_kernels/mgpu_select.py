@@ -98,7 +98,7 @@ def kernel(
   (`_mgpu_ptx.ballot_words(lanes=True)`); `select`'s default on rows wider than 4096.
   balanced_walk (compact; built 2026-12-05m, not yet timed): every thread compacts
   ceil(K / 128) selected keys, found by a search over the words' first slots
-  (`_mgpu_ptx.compact_balanced`), not the ~12-20 of its own 64 channels: a third of the
+  (`_mgpu_compact.compact_balanced`), not the ~12-20 of its own 64 channels: a third of the
   whole top-K was the walk and the wait for its busiest thread (NOTES_kernels 2026-12-05m).
 
   Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):

@@ -272,7 +272,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   """Every inline PTX block the kernels emit (captured while lowering each form for CUDA),
   its operands bound to registers, assembles with ptxas for sm_90a: a syntax check of the
   PTX on a CPU machine (what it computes only a GPU tests)."""
-  from pallas_kernels import _mgpu_ptx
+  from pallas_kernels import _mgpu_compact, _mgpu_ptx
 
   snippets: dict[str, list[str]] = {}
   original = _mgpu_ptx._asm
@@ -299,8 +299,8 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   ]
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
-  assert _mgpu_ptx.compact_loop() in snippets  # the top-K's bit walk
-  assert _mgpu_ptx.balanced_loop() in snippets  # and its balanced form
+  assert _mgpu_compact.compact_loop() in snippets  # the top-K's bit walk
+  assert _mgpu_compact.balanced_loop() in snippets  # and its balanced form
   assert any("%laneid" in t and "vote.sync" in t for t in snippets)  # ballots kept by lanes
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
