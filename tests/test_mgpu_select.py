@@ -63,22 +63,22 @@ def test_select_algorithm_is_exact(f, k, num_valid):
 
 
 @pytest.mark.parametrize(("f", "k"), [(5632, 1024), (1408, 256), (640, 40), (256, 8)])
-def test_balanced_walk_finds_every_slots_channel(f, k):
+@pytest.mark.parametrize("spread", ["random", "one_block"])
+def test_balanced_walk_finds_every_slots_channel(f, k, spread):
   """The balanced compaction's arithmetic (search, dropped bits, walk; `emulate_balanced`)
-  puts the s-th selected channel at slot s, on random selections with runs of empty and full
-  words."""
+  puts the s-th selected channel at slot s: K channels chosen at random, or K consecutive
+  ones (full words, with empty words before and after)."""
   rng = np.random.default_rng(time.time_ns() % (2**31))
-  for density in (k / f, 0.9):
-    n = min(k, int(f * density))
-    chosen = np.sort(rng.choice(f, size=k, replace=False)) if n == k else None
-    if chosen is None:  # a dense block: whole words of set bits, then empty ones
-      start = rng.integers(0, f - k + 1)
-      chosen = np.arange(start, start + k)
-    bits = np.zeros(256 * 32, np.uint64)
-    bits[chosen] = 1
-    words = (bits.reshape(256, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
-    got = mgpu_select_probe.emulate_balanced(words.astype(np.uint32), k)
-    assert np.array_equal(got, chosen)
+  if spread == "random":
+    chosen = np.sort(rng.choice(f, size=k, replace=False))
+  else:
+    start = rng.integers(0, f - k + 1)
+    chosen = np.arange(start, start + k)
+  bits = np.zeros(256 * 32, np.uint64)
+  bits[chosen] = 1
+  words = (bits.reshape(256, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
+  got = mgpu_select_probe.emulate_balanced(words.astype(np.uint32), k)
+  assert np.array_equal(got, chosen)
 
 
 def test_keep_lowest_keeps_the_lowest_set_bits():
@@ -99,7 +99,6 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, async_rows):
   """The kernel's own dataflow (histograms cleared as they are read, scans, thresholds, tie
   cut, slots, the row loop; rows through the two-row buffer with `async_rows`) on random
   rows, tie-heavy rows, an all-equal row and a -0.0 row."""
-  kw = dict(async_rows=async_rows)
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 2)
   g = jax.random.normal(keys[0], (3, f)).astype(jnp.bfloat16)
@@ -107,11 +106,11 @@ def test_select_kernel_in_interpret_mode(f, k, num_valid, async_rows):
   ties = ties.at[0].set(0.5).at[1].set(-0.0)
   with_topk = num_valid is None and k % 8 == 0  # the top-K's rows leave by TMA: K % 8 == 0
   for x in (g, ties):
-    words = mgpu_select.words(x, k, num_valid=num_valid, interpret=True, **kw)
+    words = mgpu_select.words(x, k, num_valid=num_valid, interpret=True, async_rows=async_rows)
     want = mgpu_select_probe.reference_words(x, k, num_valid)
     assert np.array_equal(np.asarray(words), want), f"{seed=}"
     if with_topk:
-      idx, val = mgpu_select.select(x, k, interpret=True, **kw)
+      idx, val = mgpu_select.select(x, k, interpret=True, async_rows=async_rows)
       _assert_reference_topk(idx, val, x, k, seed)
 
 
