@@ -342,10 +342,10 @@ def select(
   f = row_width(num_valid)
   g_TxW = jnp.pad(g_TxF, ((0, 0), (0, f - num_valid))) if f > num_valid else g_TxF
   lanes = ballot_lanes and f > LANES_MIN_F
-  kw = dict(compact=True, interpret=interpret, async_rows=async_rows, round_dtype=g_TxF.dtype)
-  kw |= dict(balanced_walk=balanced_walk)
+  forms = dict(async_rows=async_rows, ballot_lanes=lanes, balanced_walk=balanced_walk)
+  kw = dict(compact=True, interpret=interpret, round_dtype=g_TxF.dtype, **forms)
   per_sm = LANES_CTAS_PER_SM if lanes else CTAS_PER_SM
-  build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), num_valid, ballot_lanes=lanes, **kw)
+  build = kernel(t, f, k, _ctas(t, interpret, ctas, per_sm), num_valid, **kw)
   _, idx, val_bits = build(g_TxW)
   return idx, lax.bitcast_convert_type(val_bits, g_TxF.dtype)
 
