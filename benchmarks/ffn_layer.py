@@ -60,6 +60,15 @@ METHODS = {
     "async_rows": False,
     "warp_rows": False,
   },
+  # the forward's streaming pass as a Mosaic GPU kernel (`TopKConfig.apply_mode='mgpu'`,
+  # `mgpu_apply`): G and U rows by bulk copy, silu(G)·U for the selected keys only
+  "moc_pallas_mapply": {"variant": "moc", "gcp": False, "backend": "pallas", "apply_mode": "mgpu"},
+  "moc_pallas_gcp_mapply": {
+    "variant": "moc",
+    "gcp": True,
+    "backend": "pallas",
+    "apply_mode": "mgpu",
+  },
 }
 DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
 
@@ -79,7 +88,7 @@ def _fns(k: int, method: dict, opts: dict):
   """Jitted fwd and fwd+bwd, compiled with the train step's XLA options (`opts`)."""
   method = dict(method)
   selection = method.pop("selection", None)
-  fields = {f: method.pop(f) for f in ("async_rows", "warp_rows") if f in method}  # TopKConfig's
+  fields = {f: method.pop(f) for f in ("async_rows", "warp_rows", "apply_mode") if f in method}
 
   def fwd(x, wg, wu, wd, dy):
     del dy

@@ -60,6 +60,9 @@ GATHERS: dict[str, TopKConfig] = {
   f"gather_w{w}_{a}w": TopKConfig(apply_mode="gather", apply_words=w, apply_warps=a)
   for w, a in ((32, 4), (16, 4), (32, 8), (16, 8), (64, 8))
 }
+# The forward pass as a Mosaic GPU kernel (`mgpu_apply`: rows by bulk copy, the selected keys
+# computed by a balanced walk; built 2026-12-05n, not yet timed); errors where F % 128 != 0.
+GATHERS["mgpu"] = TopKConfig(apply_mode="mgpu")
 # 512 or 1024 slots searched per step (`gather_slots`) lost to 256 at every preset
 # (stream_sweep_slots_h200_20261204.json; rows removed).
 _FWD = dataclasses.replace(moc_train.FORWARD_DEFAULT, selection="triton")  # these rows' kernel

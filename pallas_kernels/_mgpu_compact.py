@@ -57,22 +57,32 @@ def compact(bin_layout):
   return compact
 
 
-def balanced_loop() -> str:
+# `balanced_loop`'s work per selected key for the top-K: its value from the stashed row ($4) to
+# slot s of the values out ($5), its channel c to slot s of the channels out ($6).
+TOPK_KEY = (
+  "mad.lo.u32 a, c, 2, $4; ld.shared.u16 v, [a]; mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;\n"
+  "mad.lo.u32 a, s, 4, $6; st.shared.b32 [a], c;"
+)
+
+
+def balanced_loop(key: str = TOPK_KEY, decls: str = "") -> str:
   """The compaction with every thread walking the same number of selected keys: thread t
   takes slots s0 = $0 … s0 + $1 - 1. It finds the word holding slot s0 (the largest w with
   first[w] <= s0, 8 steps over the 256 words' first slots at $3), drops that word's set bits
   below the slot (fns: the position of the j-th set bit), then walks set bits (and words,
   loading the next at $2 when one runs out) as `compact_loop` does. A thread's own 64
   channels hold ~12 selected keys but the busiest of 128 ~20, and a warp runs as long as its
-  busiest lane. Operands: $0 s0, $1 the count, $2 the words, $3 the first slots, then the
-  stashed row, out and idx (shared addresses)."""
+  busiest lane. Operands: $0 s0, $1 the count, $2 the words, $3 the first slots (shared
+  addresses), then `key`'s ($4 on: for the top-K the stashed row, out and idx). `key` is the
+  PTX for one selected key, channel c going to slot s (registers a and v are free there);
+  `decls` declares the registers of its own."""
   search = "".join(
     f"add.u32 y, w, {step}; mad.lo.u32 a, y, 4, $3; ld.shared.u32 v, [a];"
     " setp.le.u32 p, v, $0; @p mov.b32 w, y;\n"
     for step in (128, 64, 32, 16, 8, 4, 2, 1)
   )
   return (
-    "{\n.reg .pred p; .reg .b32 w, y, a, v, m, j, b, e, c, s, n;\n"
+    f"{{\n.reg .pred p; .reg .b32 w, y, a, v, m, j, b, e, c, s, n; {decls}\n"
     f"mov.b32 w, 0;\n{search}"
     "mad.lo.u32 a, w, 4, $3; ld.shared.u32 v, [a]; mad.lo.u32 a, w, 4, $2; ld.shared.u32 m, [a];\n"
     "sub.u32 j, $0, v; setp.ne.u32 p, j, 0; @p fns.b32 b, m, 0, j; @p mov.b32 e, 2;\n"
@@ -81,21 +91,21 @@ def balanced_loop() -> str:
     "BALANCED_NEXT:\nsetp.ne.u32 p, m, 0; @p bra BALANCED_HAVE;\n"
     "add.u32 w, w, 1; mad.lo.u32 a, w, 4, $2; ld.shared.u32 m, [a]; bra BALANCED_NEXT;\n"
     "BALANCED_HAVE:\nbrev.b32 e, m; bfind.shiftamt.u32 b, e; mad.lo.u32 c, w, 32, b;\n"
-    "mad.lo.u32 a, c, 2, $4; ld.shared.u16 v, [a]; mad.lo.u32 a, s, 2, $5; st.shared.b16 [a], v;\n"
-    "mad.lo.u32 a, s, 4, $6; st.shared.b32 [a], c;\n"
+    f"{key}\n"
     "add.u32 s, s, 1; sub.u32 e, m, 1; and.b32 m, m, e; sub.u32 n, n, 1;\n"
     "setp.ne.u32 p, n, 0; @p bra BALANCED_NEXT;\nBALANCED_DONE:\n}"
   )
 
 
-def compact_balanced(bin_layout, k: int):
-  """`compact` by `balanced_loop`: each thread's two first slots go to `first_ref` (words
-  past the row have first slot K), a barrier, then every thread walks ceil(K / 128) slots.
-  Arguments: first, then the refs of the row's words, of first's scratch (256 int32), of
-  the stashed row, of the values out and of the channels out."""
+def compact_balanced(bin_layout, k: int, key: str = TOPK_KEY, decls: str = "", refs: int = 3):
+  """`compact` by `balanced_loop(key, decls)`: each thread's two first slots go to
+  `first_ref` (words past the row have first slot K), a barrier, then every thread walks
+  ceil(K / 128) slots. Arguments: first, then the refs of the row's words, of first's
+  scratch (256 int32), then `refs` refs for `key` (the top-K's: the stashed row, the values
+  out and the channels out)."""
   per_thread = -(-k // LANES)
 
-  @plgpu.inline_mgpu(arg_types=(bin_layout, *(plgpu.RefType(),) * 5))
+  @plgpu.inline_mgpu(arg_types=(bin_layout, *(plgpu.RefType(),) * (2 + refs)))
   def compact(ctx, first, words_ref, first_ref, *refs):
     del ctx
     f0, f1 = (llvm.extractelement(first.registers.flat[0], _c(j)) for j in (0, 1))
@@ -108,6 +118,6 @@ def compact_balanced(bin_layout, k: int):
     left = arith.maxsi(arith.subi(_c(k), s0), _c(0))
     n = arith.minsi(left, _c(per_thread))
     operands = [s0, n, ptr(words_ref), ptr(first_ref), *(ptr(r) for r in refs)]
-    ptx._asm(balanced_loop(), operands, ",".join(["r"] * len(operands)))
+    ptx._asm(balanced_loop(key, decls), operands, ",".join(["r"] * len(operands)))
 
   return compact

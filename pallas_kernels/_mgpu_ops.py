@@ -192,6 +192,21 @@ class SelectOps:
     op(words, first, row_ref, out_ref, idx_ref)
 
 
+def rows_in_turn(t: int, ctas: int, pid, one_row) -> None:
+  """one_row(r, i) for this CTA's rows r = pid + i · ctas < T, in turn (CTAs take rows
+  round-robin; the last round has rows for only some CTAs when ctas does not divide T)."""
+
+  def row(i, carry):
+    r = pid + i * ctas
+    if t % ctas:
+      pl.when(r < t)(lambda: one_row(r, i))
+    else:
+      one_row(r, i)
+    return carry
+
+  lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
+
+
 def _scatter_add(ref, index, where) -> None:
   cur = ref[...]
   ref[...] = cur.at[jnp.where(where, index, cur.shape[0])].add(1, mode="drop")

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import SelectOps
+from pallas_kernels._mgpu_ops import SelectOps, rows_in_turn
 from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, LANES
 
 # CTAs per SM by default: 4 are resident (108 registers a thread), and two full rounds timed
@@ -208,19 +208,11 @@ def kernel(
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
-    def row(i, carry):
-      r = pid + i * ctas
-      if t % ctas:  # the last round has rows for only some CTAs
-        pl.when(r < t)(lambda: one_row(r, i))
-      else:
-        one_row(r, i)
-      return carry
-
     def select_rows() -> None:
       if async_rows:
         ops.fetch_row(g_ref, pid, rows_ref, 0, arrived)  # ctas <= T: each CTA has a first row
       clear_histograms()  # once: each later row's readers clear what they read (`select_bin`)
-      lax.fori_loop(0, pl.cdiv(t, ctas), row, 0)
+      rows_in_turn(t, ctas, pid, one_row)
       ops.wait()
 
     if not warm_ctas:

@@ -167,6 +167,11 @@ def apply_call(
     out_shape.insert(0, compact(idx_dtype))
   if z_sel:
     out_shape.append(compact(u_dtype))
+  if cfg.apply_mode == "mgpu":  # the Mosaic GPU kernel (opt-in, not yet timed)
+    from pallas_kernels import mgpu_apply
+
+    kw = dict(idx_dtype=idx_dtype, z_sel=z_sel, num_valid=num_valid, interpret=interpret)
+    return mgpu_apply.apply(mask, g2, u2, k, **kw)
   if cfg.apply_mode == "gather":  # slots filled in order by a search, not scattered
     from pallas_kernels._apply_gather import gather_call
 

@@ -41,3 +41,28 @@ def assemble(body: str, tmp_dir) -> subprocess.CompletedProcess:
     f.write(_HEAD + body + "\nret;\n}\n")
   cmd = [path(), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp_dir, "k.cubin")]
   return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def record_asm(monkeypatch) -> dict[str, list[str]]:
+  """Every inline PTX block `_mgpu_ptx._asm` emits from now on (the Mosaic GPU kernels all
+  go through it), with its operands' constraints: text -> constraints."""
+  from pallas_kernels import _mgpu_ptx
+
+  snippets: dict[str, list[str]] = {}
+  original = _mgpu_ptx._asm
+
+  def record(text, operands, constraints, result=False):
+    snippets[text] = constraints.split(",")
+    return original(text, operands, constraints, result)
+
+  monkeypatch.setattr(_mgpu_ptx, "_asm", record)
+  return snippets
+
+
+def assemble_snippets(snippets: dict[str, list[str]], tmp_dir) -> subprocess.CompletedProcess:
+  """All recorded blocks in one kernel, each its operands bound to registers (`bind`)."""
+  body = [
+    bind(text, ["b64" if c.endswith("l") else "b32" for c in constraints], f"x{n}_")
+    for n, (text, constraints) in enumerate(snippets.items())
+  ]
+  return assemble("\n".join(body), tmp_dir)

@@ -271,16 +271,9 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   """Every inline PTX block the kernels emit (captured while lowering each form for CUDA),
   its operands bound to registers, assembles with ptxas for sm_90a: a syntax check of the
   PTX on a CPU machine (what it computes only a GPU tests)."""
-  from pallas_kernels import _mgpu_compact, _mgpu_ptx
+  from pallas_kernels import _mgpu_compact
 
-  snippets: dict[str, list[str]] = {}
-  original = _mgpu_ptx._asm
-
-  def record(text, operands, constraints, result=False):
-    snippets[text] = constraints.split(",")
-    return original(text, operands, constraints, result)
-
-  monkeypatch.setattr(_mgpu_ptx, "_asm", record)
+  snippets = _ptxas.record_asm(monkeypatch)
   mgpu_select_probe.main(["--lower_only", "--t=8", "--ctas=4", "--f=512", "--k=40"])
   mgpu_select_probe.main(
     ["--lower_only", "--t=8", "--ctas=3", "--f=1408", "--k=256", "--num_valid=1376"]
@@ -292,10 +285,6 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
     p, 40, 500, jnp.bfloat16, interpret=False, ctas=1, warm=(w, 4096), warm_ctas=8
   )
   jax.jit(fn).trace(partials, warm).lower(lowering_platforms=("cuda",))
-  body = [
-    _ptxas.bind(text, ["b64" if c.endswith("l") else "b32" for c in constraints], f"x{n}_")
-    for n, (text, constraints) in enumerate(snippets.items())
-  ]
   assert len(snippets) >= 12  # counts, ballots, scans, stores, bit ops (popc, fns), compaction
   assert any("popc.b32" in text for text in snippets) and any("fns.b32" in t for t in snippets)
   assert _mgpu_compact.compact_loop() in snippets  # the top-K's bit walk
@@ -303,7 +292,7 @@ def test_inline_ptx_assembles_for_hopper(monkeypatch, tmp_path, capsys):
   assert any("%laneid" in t and "vote.sync" in t for t in snippets)  # ballots kept by lanes
   assert any(text.startswith("{\n\nst.shared.b16") for text in snippets)  # its row stash
   assert any("cp.async.bulk.prefetch.L2" in text for text in snippets)  # decode's warming
-  done = _ptxas.assemble("\n".join(body), tmp_path)
+  done = _ptxas.assemble_snippets(snippets, tmp_path)
   assert done.returncode == 0, done.stderr
 
 

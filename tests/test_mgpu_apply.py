@@ -1,0 +1,131 @@
+"""The train forward's streaming pass as a Mosaic GPU kernel (`mgpu_apply`, opt-in as
+`TopKConfig.apply_mode='mgpu'`): in interpret mode (one CTA, its PTX ops as jnp) it gives the
+gathered Triton pass's outputs bit for bit; it lowers for CUDA here and its inline PTX
+assembles for sm_90a; on a GPU it equals the gathered pass at the 1B and 60m layer shapes."""
+
+import dataclasses
+import time
+
+import _ptxas
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _mgpu_compact, mgpu_apply, moc_train_mask, topk_compact
+from pallas_kernels._topk_config import TopKConfig
+
+_CFG = TopKConfig(compact=True)
+
+
+def _inputs(t: int, f: int, seed: int, ties: bool = False):
+  keys = jax.random.split(jax.random.key(seed), 2)
+  if ties:  # small integers: many keys equal the K-th
+    g = jax.random.randint(keys[0], (t, f), -3, 4).astype(jnp.bfloat16)
+  else:
+    g = jax.random.normal(keys[0], (t, f)).astype(jnp.bfloat16)
+  return g, jax.random.normal(keys[1], (t, f)).astype(jnp.bfloat16)
+
+
+def _passes(g, u, k, variant, num_valid, interpret, fused=False, **kw):
+  """(the gathered pass's outputs, this kernel's) from the same words."""
+  words = topk_compact.mask_call(g, k, variant, _CFG, interpret, num_valid=num_valid)
+  g2, u2 = (jnp.concatenate([g, u], axis=1), None) if fused else (g, u)
+  run = lambda mode: moc_train_mask.apply_call(
+    words,
+    g2,
+    u2,
+    k,
+    num_valid=num_valid,
+    cfg=dataclasses.replace(_CFG, apply_mode=mode),
+    interpret=interpret,
+    **kw,
+  )
+  return run("gather"), run("mgpu")
+
+
+def _assert_same(want, got, seed) -> None:
+  assert len(want) == len(got)
+  for a, b in zip(want, got, strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{seed=}"
+    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
+
+
+@pytest.mark.parametrize(
+  ("f", "k", "variant", "num_valid", "fused", "extras"),
+  [
+    (512, 40, "moc", None, False, dict(z_sel=True)),
+    (640, 320, "moc", None, True, dict(idx_dtype=jnp.int32)),  # K = F/2
+    (1408, 256, "moc", 1376, True, dict(z_sel=True, idx_dtype=jnp.int16)),  # the 60m layer
+    (1408, 352, "moc_2of8", 1376, False, {}),  # 2:8 may select whole padding groups
+    (256, 8, "moc", None, False, dict(z_sel=True)),
+  ],
+)
+def test_interpret_equals_the_gathered_pass(f, k, variant, num_valid, fused, extras):
+  """Random and tie-heavy rows: Z, G_sel, U_sel (Z_sel, the channels) as the gathered pass
+  writes them."""
+  seed = time.time_ns() % (2**31)
+  for ties in (False, True):
+    g, u = _inputs(5, f, seed, ties)
+    want, got = _passes(g, u, k, variant, num_valid, True, fused=fused, **extras)
+    _assert_same(want, got, seed)
+
+
+def test_bad_shapes_are_refused_with_the_reason():
+  with pytest.raises(ValueError, match="F % 128"):
+    mgpu_apply.check(1376, 256, jnp.bfloat16)
+  with pytest.raises(ValueError, match="K % 8"):
+    mgpu_apply.check(1408, 250, jnp.bfloat16)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    mgpu_apply.check(1408, 256, jnp.float32)
+  with pytest.raises(ValueError, match="int16 or int32"):
+    mgpu_apply.check(1408, 256, jnp.bfloat16, jnp.uint8)
+
+
+def test_ctas_fill_each_sm_by_its_shared_memory():
+  """The 1B row (~67 KB a CTA) fits 3 an SM, the 60m row 8 (the cap): one resident round."""
+  one_b = mgpu_apply.smem_bytes(5504, 1024, True, 0)
+  assert mgpu_apply._ctas(16384, one_b, False, None) == 3 * 132
+  small = mgpu_apply.smem_bytes(1408, 256, True, 0)
+  assert mgpu_apply._ctas(16384, small, False, None) == 8 * 132
+  assert mgpu_apply._ctas(100, small, False, None) == 100 and mgpu_apply._ctas(9, 1, True, 4) == 1
+
+
+@pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
+def test_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
+  """Every form lowers for CUDA on this CPU machine, and each inline PTX block it emits (the
+  walk with silu, the zero fill, the words' loads, pairs, scans) assembles for sm_90a."""
+  snippets = _ptxas.record_asm(monkeypatch)
+  t, f, k = 16, 1408, 256
+  words = jax.ShapeDtypeStruct((t, f // 32), jnp.int32)
+  for fused, extras in (
+    (True, dict(z_sel=True, num_valid=1376)),
+    (False, dict(idx_dtype=jnp.int16)),
+  ):
+    for dtype in (jnp.bfloat16, jnp.float16):
+      g = jax.ShapeDtypeStruct((t, 2 * f if fused else f), dtype)
+      fn = lambda w, g, *u, kw=extras: mgpu_apply.apply(
+        w, g, u[0] if u else None, k, interpret=False, ctas=3, **kw
+      )
+      args = (words, g) if fused else (words, g, g)
+      jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  keys = [mgpu_apply.forward_key(f, d, True, 0, 1376) for d in (jnp.bfloat16, jnp.float16)]
+  for key in keys:
+    assert _mgpu_compact.balanced_loop(key, mgpu_apply.KEY_DECLS) in snippets
+  assert any("st.shared.v4.b32" in text for text in snippets)  # Z's zero fill
+  assert any("ld.global.u32" in text for text in snippets)  # the words a row ahead
+  done = _ptxas.assemble_snippets(snippets, tmp_path)
+  assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("f", "k", "num_valid"), [(5504, 1024, 5461), (1408, 256, 1376)])
+def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
+  """Compiled on the GPU, 16384 rows of the 1B and 60m layers from the fused [G | U] buffer,
+  Gaussian and tie-heavy: every output equals the gathered Triton pass's, Z bit for bit
+  (the same silu PTX)."""
+  seed = time.time_ns() % (2**31)
+  for ties in (False, True):
+    g, u = _inputs(16384, f, seed, ties)
+    want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
+    _assert_same(want, got, seed)
