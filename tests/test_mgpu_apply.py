@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _mgpu_compact, mgpu_apply, moc_train_mask, topk_compact
+from pallas_kernels import _mgpu_compact, _mgpu_stream, mgpu_apply, moc_train_mask, topk_compact
 from pallas_kernels._topk_config import TopKConfig
 
 _CFG = TopKConfig(compact=True)
@@ -85,10 +85,13 @@ def test_bad_shapes_are_refused_with_the_reason():
 def test_ctas_fill_each_sm_by_its_shared_memory():
   """The 1B row (~67 KB a CTA) fits 3 an SM, the 60m row 8 (the cap): one resident round."""
   one_b = mgpu_apply.smem_bytes(5504, 1024, True, 0)
-  assert mgpu_apply._ctas(16384, one_b, False, None) == 3 * 132
+  assert _mgpu_stream.ctas_for(16384, one_b, False, None) == 3 * 132
   small = mgpu_apply.smem_bytes(1408, 256, True, 0)
-  assert mgpu_apply._ctas(16384, small, False, None) == 8 * 132
-  assert mgpu_apply._ctas(100, small, False, None) == 100 and mgpu_apply._ctas(9, 1, True, 4) == 1
+  assert _mgpu_stream.ctas_for(16384, small, False, None) == 8 * 132
+  assert (
+    _mgpu_stream.ctas_for(100, small, False, None) == 100
+    and _mgpu_stream.ctas_for(9, 1, True, 4) == 1
+  )
 
 
 @pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
@@ -111,7 +114,7 @@ def test_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
       jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   keys = [mgpu_apply.forward_key(f, d, True, 0, 1376) for d in (jnp.bfloat16, jnp.float16)]
   for key in keys:
-    assert _mgpu_compact.balanced_loop(key, mgpu_apply.KEY_DECLS) in snippets
+    assert _mgpu_compact.balanced_loop(key, _mgpu_stream.KEY_DECLS) in snippets
   assert any("st.shared.v4.b32" in text for text in snippets)  # Z's zero fill
   assert any("ld.global.u32" in text for text in snippets)  # the words a row ahead
   done = _ptxas.assemble_snippets(snippets, tmp_path)
