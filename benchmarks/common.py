@@ -284,3 +284,20 @@ def forward_selection(selection: str | None, **fields):
     yield
   finally:
     moc_train.FORWARD_DEFAULT = saved
+
+
+@contextlib.contextmanager
+def backward_mode(mode: str | None):
+  """While tracing inside it, MoC's train backward takes this `StreamConfig.mode` at every
+  width (e.g. 'mgpu'); None changes nothing. Wrap the backward's trace (the vjp's call)."""
+  from pallas_kernels import moc_train_mask
+
+  if not mode:
+    yield
+    return
+  saved = moc_train_mask.BACKWARD_DEFAULT
+  moc_train_mask.BACKWARD_DEFAULT = dataclasses.replace(saved, mode=mode)
+  try:
+    yield
+  finally:
+    moc_train_mask.BACKWARD_DEFAULT = saved

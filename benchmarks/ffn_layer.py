@@ -60,14 +60,22 @@ METHODS = {
     "async_rows": False,
     "warp_rows": False,
   },
-  # the forward's streaming pass as a Mosaic GPU kernel (`TopKConfig.apply_mode='mgpu'`,
-  # `mgpu_apply`): G and U rows by bulk copy, silu(G)·U for the selected keys only
+  # the streaming passes as Mosaic GPU kernels (`mgpu_apply`, `mgpu_backward`): rows by bulk
+  # copy, only the selected keys computed; the forward's alone (`_mapply`) and both (`_mgpu`)
   "moc_pallas_mapply": {"variant": "moc", "gcp": False, "backend": "pallas", "apply_mode": "mgpu"},
-  "moc_pallas_gcp_mapply": {
+  "moc_pallas_mgpu": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "apply_mode": "mgpu",
+    "backward": "mgpu",
+  },
+  "moc_pallas_gcp_mgpu": {
     "variant": "moc",
     "gcp": True,
     "backend": "pallas",
     "apply_mode": "mgpu",
+    "backward": "mgpu",
   },
 }
 DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
@@ -89,6 +97,7 @@ def _fns(k: int, method: dict, opts: dict):
   method = dict(method)
   selection = method.pop("selection", None)
   fields = {f: method.pop(f) for f in ("async_rows", "warp_rows", "apply_mode") if f in method}
+  backward = method.pop("backward", None)  # `StreamConfig.mode`
 
   def fwd(x, wg, wu, wd, dy):
     del dy
@@ -96,9 +105,9 @@ def _fns(k: int, method: dict, opts: dict):
       return moc.moc_ffn(x, wg, wu, wd, k=k, **method)
 
   def fwd_bwd(x, wg, wu, wd, dy):
-    with common.forward_selection(selection, **fields):
+    with common.forward_selection(selection, **fields), common.backward_mode(backward):
       y, vjp = jax.vjp(lambda *a: moc.moc_ffn(*a, k=k, **method), x, wg, wu, wd)
-    return y, vjp(dy)
+      return y, vjp(dy)
 
   return jax.jit(fwd, compiler_options=opts), jax.jit(fwd_bwd, compiler_options=opts)
 

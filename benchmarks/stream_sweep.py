@@ -45,6 +45,9 @@ VARIANTS: dict[str, SC] = {
   "block_w32": SC(32, 4, "block"),
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
+  # both passes as Mosaic GPU kernels (`mgpu_apply`, `mgpu_backward`: rows by bulk copy, only
+  # the selected keys computed; built 2026-12-05n, not yet timed); F % 128 == 0 only
+  "mgpu": SC(32, 4, "mgpu"),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block; 2 or 4 rows per
   # program, in either walk (stream_sweep_h200_20261203i.json, code at 9dc81ef); each word's
@@ -60,9 +63,6 @@ GATHERS: dict[str, TopKConfig] = {
   f"gather_w{w}_{a}w": TopKConfig(apply_mode="gather", apply_words=w, apply_warps=a)
   for w, a in ((32, 4), (16, 4), (32, 8), (16, 8), (64, 8))
 }
-# The forward pass as a Mosaic GPU kernel (`mgpu_apply`: rows by bulk copy, the selected keys
-# computed by a balanced walk; built 2026-12-05n, not yet timed); errors where F % 128 != 0.
-GATHERS["mgpu"] = TopKConfig(apply_mode="mgpu")
 # 512 or 1024 slots searched per step (`gather_slots`) lost to 256 at every preset
 # (stream_sweep_slots_h200_20261204.json; rows removed).
 _FWD = dataclasses.replace(moc_train.FORWARD_DEFAULT, selection="triton")  # these rows' kernel

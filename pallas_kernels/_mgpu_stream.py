@@ -189,6 +189,24 @@ class RowStream:
     self._popcount = ptx.map_bins(self.layout, ptx.POPC, 1)
     self._prefix = ptx.exclusive_prefix(self.layout, 0)
 
+  def arrived(self, copies: int):
+    """The two slots' arrival barriers, `copies` bulk copies into a slot (a stand-in in
+    interpret mode, which copies at once)."""
+    if self.interpret:
+      return plgpu.SMEM((2,), I32)
+    return plgpu.Barrier(num_arrivals=copies, num_barriers=2)
+
+  def kernel(self, body, out_type, scratch: list):
+    """The kernel: `body` on one CTA a grid step, the kernel's scratch then the loop's."""
+    return plgpu.kernel(
+      body,
+      out_type=tuple(out_type),
+      grid=(self.ctas,),
+      grid_names=("cta",),
+      scratch_types=[*scratch, *self.scratch()],
+      interpret=self.interpret,
+    )
+
   def scratch(self) -> list:
     """The loop's shared memory, after the kernel's own: two rows of words (0 past the row),
     each word's first slot (the walk's search), the prefix's warp totals."""
@@ -211,12 +229,16 @@ class RowStream:
     else:
       self._put(x, words_ref.at[slot])
 
-  def run(self, words_gmem, scratch, *, fetch, wait, fill_ref, walk_refs, row_in_jnp, copies):
-    """Every row of this CTA: fetch(r, slot) starts row r's bulk copies into `slot`, wait(slot)
-    waits for them; walk_refs(slot) are the walk's refs; row_in_jnp(r, slot, words) is the
+  def run(self, words_gmem, scratch, *, fetch, arrived, fill_ref, walk_refs, row_in_jnp, copies):
+    """Every row of this CTA: fetch(r, slot) starts row r's bulk copies into `slot` (arrival
+    on arrived[slot]); walk_refs(slot) are the walk's refs; row_in_jnp(r, slot, words) is the
     fill and walk in interpret mode; copies: (shared ref, HBM ref) pairs, row r out."""
     words_ref, first_ref, tmp_ref = scratch
     interpret, t, ctas = self.interpret, self.t, self.ctas
+
+    def wait(slot) -> None:
+      if not interpret:
+        plgpu.barrier_wait(arrived.at[slot])
 
     def finish(r, slot, words) -> None:
       if interpret:

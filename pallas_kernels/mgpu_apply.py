@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from pallas_kernels import _mgpu_stream as stream
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ptx import I32
 
 WHAT = "forward pass"
 
@@ -134,7 +133,7 @@ def kernel(
       words_gmem,
       loop_refs,
       fetch=fetch,
-      wait=lambda slot: None if interpret else plgpu.barrier_wait(arrived.at[slot]),
+      arrived=arrived,
       fill_ref=z_ref,
       walk_refs=lambda slot: (rows_ref.at[slot], z_ref, *compact_refs),
       row_in_jnp=row_in_jnp,
@@ -145,21 +144,11 @@ def kernel(
   out_type = [compact(dtype), compact(dtype), jax.ShapeDtypeStruct((t, f), dtype)]
   out_type = ([compact(idx_dtype)] if idx_bytes else []) + out_type
   out_type += [compact(dtype)] if z_sel else []
-  arrivals = 1 if fused else 2  # one per copy into a slot
-  arrived = (
-    plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=arrivals, num_barriers=2)
-  )
+  arrived = rows.arrived(1 if fused else 2)  # one arrival per copy into a slot
   scratch = [plgpu.SMEM((2, 2 * f), dtype), plgpu.SMEM((f,), dtype), arrived]  # [G | U] rows, Z
   scratch += [plgpu.SMEM((k,), dtype)] * (2 + z_sel)  # g_sel, u_sel[, z_sel]
   scratch += [plgpu.SMEM((k,), idx_dtype)] if idx_bytes else []
-  return plgpu.kernel(
-    body,
-    out_type=tuple(out_type),
-    grid=(ctas,),
-    grid_names=("cta",),
-    scratch_types=scratch + rows.scratch(),
-    interpret=interpret,
-  )
+  return rows.kernel(body, out_type, scratch)
 
 
 def apply(

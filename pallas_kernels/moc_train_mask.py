@@ -28,18 +28,20 @@ from pallas_kernels import topk_compact
 from pallas_kernels._topk_config import TopKConfig
 from pallas_kernels.reference import GROUP, PER_GROUP
 
-STREAM_MODES = ("row", "block")
+STREAM_MODES = ("row", "block", "mgpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
   """How a streaming pass walks the bitmask: `words` per block (32 channels each; 0: the
   row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
-  'row' (one program per row, each block loaded, computed and stored in turn) or 'block' (one
-  program per block: grid (T, blocks)). Walks that lost on the H200 and were removed: every
-  block's loads first ('prefetch', code at 3b714b8) and the next block's loads ahead of this
-  block's stores ('pipeline': forward 319 vs 305 us for 'row', backward 370 vs 345 for
-  'block', stream_sweep_h200_20261203b.json; code at 3c9c317)."""
+  'row' (one program per row, each block loaded, computed and stored in turn), 'block' (one
+  program per block: grid (T, blocks)) or, for the backward, 'mgpu' (`mgpu_backward`, a Mosaic
+  GPU kernel computing only the selected keys; built 2026-12-05n, not yet timed). Walks that
+  lost on the H200 and were removed: every block's loads first ('prefetch', code at 3b714b8)
+  and the next block's loads ahead of this block's stores ('pipeline': forward 319 vs 305 us
+  for 'row', backward 370 vs 345 for 'block', stream_sweep_h200_20261203b.json; code at
+  3c9c317)."""
 
   words: int = 32
   warps: int = 4
@@ -81,7 +83,9 @@ def backward_config(f: int) -> StreamConfig:
   99 us where the block walk took 121 / 103 / 101 in three runs (GCP 95 / 101 / 104 vs 100 /
   102 / 101; stream_sweep_h200_20261203{i,j}.json, _20261202.json); at 130M the block walk
   wins (134-141 vs 142-153)."""
-  return StreamConfig(words=32, mode="row") if f < ROW_WALK_BELOW else BACKWARD_DEFAULT
+  if f >= ROW_WALK_BELOW or BACKWARD_DEFAULT.mode == "mgpu":
+    return BACKWARD_DEFAULT
+  return StreamConfig(words=32, mode="row")
 
 
 def silu_mul(g, u, out_dtype):
@@ -273,16 +277,21 @@ def _backward_kernel(dz_ref, m_ref, gs_ref, us_ref, *rest, t, f, sc, has_z, fuse
   def finish(block, loaded):
     rows_b, cols_b, ok, sel, _ = block
     dz, g_raw, u_raw, *z = loaded
-    z = z[0] if has_z else silu_mul(g_raw, u_raw, z_ref.dtype)
-    dz, g, u = (v.astype(jnp.float32) for v in (dz, g_raw, u_raw))
-    s = jax.nn.sigmoid(g)
-    du = dz * (g * s)
-    dg = dz * u * (s * (1.0 + g * (1.0 - s)))
+    dg, du, z = backward_values(dz, g_raw, u_raw, z[0] if has_z else None, z_ref.dtype)
     for ref, val, off in ((dg_ref, dg, 0), (du_ref, du, du_off), (z_ref, z, 0)):
       val = jnp.where(sel, val.astype(ref.dtype), jnp.zeros((), ref.dtype))
       pltriton.store(ref.at[rows_b, cols_b + off], val, mask=ok)
 
   sc.run(m_ref, t=t, f=f, load=load, finish=finish)
+
+
+def backward_values(dz, g_raw, u_raw, z, z_dtype):
+  """(dG, dU in fp32, Z) at selected channels from dZ, G_sel, U_sel and Z_sel (None: silu(G)·U
+  recomputed, GCP): the one formula every backward pass uses (`mgpu_backward` in PTX)."""
+  z = silu_mul(g_raw, u_raw, z_dtype) if z is None else z
+  dz, g, u = (v.astype(jnp.float32) for v in (dz, g_raw, u_raw))
+  s = jax.nn.sigmoid(g)
+  return dz * u * (s * (1.0 + g * (1.0 - s))), dz * (g * s), z
 
 
 def train_backward_bitmask(
@@ -308,6 +317,11 @@ def _train_backward_bitmask(
   dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK, z_sel_TxK, *, sc, interpret, fused
 ):
   interpret = tu.default_interpret(interpret)
+  if sc.mode == "mgpu":
+    from pallas_kernels import mgpu_backward
+
+    kw = dict(fused=fused, interpret=interpret)
+    return mgpu_backward.backward(dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK, z_sel_TxK, **kw)
   t, f = dz_TxF.shape
   has_z = z_sel_TxK is not None
   z_dtype = (z_sel_TxK if has_z else u_sel_TxK).dtype

@@ -1,7 +1,8 @@
-"""The train forward's streaming pass as a Mosaic GPU kernel (`mgpu_apply`, opt-in as
-`TopKConfig.apply_mode='mgpu'`): in interpret mode (one CTA, its PTX ops as jnp) it gives the
-gathered Triton pass's outputs bit for bit; it lowers for CUDA here and its inline PTX
-assembles for sm_90a; on a GPU it equals the gathered pass at the 1B and 60m layer shapes."""
+"""The train epilogues' streaming passes as Mosaic GPU kernels (`_mgpu_stream`): the forward
+(`mgpu_apply`, opt-in as `TopKConfig.apply_mode='mgpu'`) and the backward (`mgpu_backward`,
+`StreamConfig(mode='mgpu')`). In interpret mode (one CTA, the PTX ops as jnp) each gives the
+Triton passes' outputs bit for bit; each lowers for CUDA here and its inline PTX assembles for
+sm_90a; on a GPU each equals the Triton pass at the 1B and 60m layer shapes."""
 
 import dataclasses
 import time
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _mgpu_compact, _mgpu_stream, mgpu_apply, moc_train_mask, topk_compact
+from pallas_kernels import _mgpu_compact, _mgpu_stream, mgpu_apply, mgpu_backward, topk_compact
+from pallas_kernels import moc_train_mask as mm
 from pallas_kernels._topk_config import TopKConfig
 
 _CFG = TopKConfig(compact=True)
@@ -31,7 +33,7 @@ def _passes(g, u, k, variant, num_valid, interpret, fused=False, **kw):
   """(the gathered pass's outputs, this kernel's) from the same words."""
   words = topk_compact.mask_call(g, k, variant, _CFG, interpret, num_valid=num_valid)
   g2, u2 = (jnp.concatenate([g, u], axis=1), None) if fused else (g, u)
-  run = lambda mode: moc_train_mask.apply_call(
+  run = lambda mode: mm.apply_call(
     words,
     g2,
     u2,
@@ -132,3 +134,82 @@ def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
     g, u = _inputs(16384, f, seed, ties)
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
     _assert_same(want, got, seed)
+
+
+# The backward pass.
+
+_MGPU = mm.StreamConfig(mode="mgpu")
+
+
+def _residuals(t: int, f: int, k: int, seed: int, num_valid=None, ties=False, interpret=True):
+  """dZ and the forward's (words, G_sel, U_sel, Z_sel) for `_inputs`' rows."""
+  g, u = _inputs(t, f, seed, ties)
+  dz = jax.random.normal(jax.random.key(seed + 1), (t, f)).astype(jnp.bfloat16)
+  words, gs, us, _, zs = mm.train_forward_bitmask(
+    g, u, k, num_valid=num_valid, interpret=interpret, z_sel=True
+  )
+  return dz, words, gs, us, zs
+
+
+@pytest.mark.parametrize(
+  ("f", "k", "num_valid"), [(512, 64, None), (1408, 256, 1376), (256, 128, None)]
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_interpret_equals_the_triton_walk(f, k, num_valid, fused):
+  """Random and tie-heavy rows, with Z_sel (MoC) and without (GCP, Z recomputed)."""
+  seed = time.time_ns() % (2**31)
+  for ties in (False, True):
+    dz, words, gs, us, zs = _residuals(4, f, k, seed, num_valid, ties)
+    for z_sel in (zs, None):
+      want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, interpret=True, fused=fused)
+      got = mm.train_backward_bitmask(
+        dz, words, gs, us, z_sel, interpret=True, fused=fused, config=_MGPU
+      )
+      _assert_same(want, got, seed)
+
+
+def test_backward_refuses_bad_inputs_with_the_reason():
+  dz, words, gs, us, _ = _residuals(2, 512, 64, 0)
+  with pytest.raises(ValueError, match="K % 64"):
+    mgpu_backward.backward(dz, words, gs[:, :40], us[:, :40])
+  with pytest.raises(ValueError, match="one dtype"):
+    mgpu_backward.backward(dz.astype(jnp.float16), words, gs, us)
+
+
+@pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
+def test_backward_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
+  """Every form (fused or not, Z_sel or not, bf16 and f16) lowers for CUDA on this CPU
+  machine, and each inline PTX block it emits assembles for sm_90a."""
+  snippets = _ptxas.record_asm(monkeypatch)
+  t, f, k = 16, 1408, 256
+  words = jax.ShapeDtypeStruct((t, f // 32), jnp.int32)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    rows, sel = jax.ShapeDtypeStruct((t, f), dtype), jax.ShapeDtypeStruct((t, k), dtype)
+    for fused in (False, True):
+      for has_z in (False, True):
+        fn = lambda dz, w, g, u, *z, fused=fused: mgpu_backward.backward(
+          dz, w, g, u, *z, fused=fused, interpret=False, ctas=3
+        )
+        args = (rows, words, sel, sel) + ((sel,) if has_z else ())
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  for dtype in (jnp.bfloat16, jnp.float16):
+    for has_z in (False, True):
+      key = mgpu_backward.backward_key(f, k, dtype, has_z)
+      assert _mgpu_compact.balanced_loop(key, _mgpu_stream.KEY_DECLS) in snippets
+  done = _ptxas.assemble_snippets(snippets, tmp_path)
+  assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("f", "k", "num_valid"), [(5504, 1024, 5461), (1408, 256, 1376)])
+def test_mgpu_backward_gpu_equals_the_block_walk(f, k, num_valid):
+  """Compiled on the GPU, 16384 rows of the 1B and 60m layers, Gaussian and tie-heavy, fused
+  [dG | dU] and not, with Z_sel and without: bit for bit the Triton walks' outputs."""
+  seed = time.time_ns() % (2**31)
+  for ties in (False, True):
+    dz, words, gs, us, zs = _residuals(16384, f, k, seed, num_valid, ties, interpret=False)
+    for fused in (False, True):
+      for z_sel in (zs, None):
+        want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, fused=fused)
+        got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, fused=fused, config=_MGPU)
+        _assert_same(want, got, seed)
