@@ -219,3 +219,24 @@ def test_mgpu_backward_gpu_equals_the_block_walk(f, k, num_valid):
         want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, fused=fused)
         got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, fused=fused, config=_MGPU)
         _assert_same(want, got, seed)
+
+
+# The probe that times both (benchmarks/mgpu_stream_probe.py).
+
+
+def test_probe_lowers_every_row_and_its_dry_run_finds_them_exact(capsys, tmp_path):
+  """`--lower_only` lowers each Mosaic row for CUDA; `--dry_run` (interpret mode) checks every
+  row against the shipped passes, times them and records it all."""
+  import json
+
+  from benchmarks import mgpu_stream_probe
+
+  mgpu_stream_probe.main(["--lower_only", "--shapes=tiny", "--ctas=0,2"])
+  out = capsys.readouterr().out
+  assert out.count("lowered for CUDA") == 4  # forward and backward, two CTA counts each
+  path = tmp_path / "probe.json"
+  mgpu_stream_probe.main(["--dry_run", "--shapes=tiny", "--ctas=0", f"--out={path}"])
+  tiny = json.loads(path.read_text())["shapes"]["tiny"]
+  assert not tiny["errors"] and tiny["exact"]["bwd_gcp_mgpu_c0"] == [True, True]
+  assert all(all(v) for v in tiny["exact"].values()) and len(tiny["exact"]) == 6
+  assert tiny["fwd"]["mgpu_c0"]["median_us"] > 0 and "xla_copy" in tiny["bwd_moc"]
