@@ -7,9 +7,11 @@ sm_90a; on a GPU each equals the Triton pass at the 1B and 60m layer shapes."""
 import dataclasses
 import time
 
+import _ptx_arith
 import _ptxas
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -140,6 +142,54 @@ def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
     g, u = _inputs(16384, f, seed, ties)
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
     _assert_same(want, got, seed)
+
+
+def _bf16_bits(x) -> np.ndarray:
+  return np.asarray(x, ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+
+
+def _gate_values(n: int, seed: int):
+  """bf16 g (Gaussian, then a ramp over [-20, 20] for the exp's range reduction), u and dz."""
+  rng = np.random.default_rng(seed)
+  g = np.concatenate([rng.normal(size=n), np.linspace(-20, 20, n)])
+  u, dz = rng.normal(size=2 * n), rng.normal(size=2 * n)
+  return (np.asarray(v, ml_dtypes.bfloat16) for v in (g, u, dz))
+
+
+def _assert_near(got_bits, want, seed) -> None:
+  """The PTX's bf16 results against jnp's: at most 1 ulp apart, 99% equal (the evaluator's
+  ex2 and divide are exact where the GPU's are within 2 fp32 ulp)."""
+  got = np.asarray(got_bits, np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+  want = np.asarray(want, ml_dtypes.bfloat16).astype(np.float32)
+  ulp = np.abs(want.view(np.int32) - got.view(np.int32)) >> 16
+  assert ulp.max() <= 1 and np.mean(got == want) >= 0.99, f"{seed=} {ulp.max()=}"
+
+
+def test_the_silu_ptx_computes_silu_mul():
+  """The forward's per-key PTX (`forward_key`: silu(g)·u) evaluated on the CPU
+  (`_ptx_arith`) gives `moc_train_mask.silu_mul`'s Z."""
+  seed = time.time_ns() % (2**31)
+  g, u, _ = _gate_values(4096, seed)
+  key = mgpu_apply.forward_key(512, jnp.bfloat16, True, 0)
+  regs = _ptx_arith.run(key, {"gh": _bf16_bits(g), "uh": _bf16_bits(u)})
+  _assert_near(regs["zh"], mm.silu_mul(jnp.asarray(g), jnp.asarray(u), jnp.bfloat16), seed)
+
+
+@pytest.mark.parametrize("has_z", [False, True])
+def test_the_backward_ptx_computes_the_gradients(has_z):
+  """The backward's per-key PTX (`backward_key`) evaluated on the CPU gives
+  `moc_train_mask.backward_values`' dG, dU and (GCP) Z."""
+  seed = time.time_ns() % (2**31)
+  g, u, dz = _gate_values(4096, seed)
+  z = np.asarray(mm.silu_mul(jnp.asarray(g), jnp.asarray(u), jnp.bfloat16))
+  key = mgpu_backward.backward_key(512, 64, jnp.bfloat16, has_z)
+  regs = {"gh": _bf16_bits(g), "uh": _bf16_bits(u), "dh": _bf16_bits(dz), "zh": _bf16_bits(z)}
+  out = _ptx_arith.run(key, regs)
+  dg, du, want_z = mm.backward_values(
+    jnp.asarray(dz), jnp.asarray(g), jnp.asarray(u), z if has_z else None, jnp.bfloat16
+  )
+  for name, want in (("xh", dg), ("yh", du), ("zh", want_z)):
+    _assert_near(out[name], np.asarray(want, np.float32), seed)
 
 
 # The backward pass.
