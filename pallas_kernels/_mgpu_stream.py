@@ -71,6 +71,15 @@ def check(what: str, f: int, k: int, dtype, k_multiple: int = 8) -> None:
     )
 
 
+def usable(dtype, f: int, k: int, k_multiple: int, interpret: bool) -> bool:
+  """Whether an 'auto' mode takes a streaming kernel: where the Mosaic select could run
+  (`mgpu_select.usable`: compiled on a Hopper-or-newer GPU, F % 128 == 0, F <= 8192, 16-bit,
+  no MOC_SELECTION=triton) and K fits its copies."""
+  from pallas_kernels import mgpu_select
+
+  return mgpu_select.usable(dtype, f, interpret) and 0 < k <= f and k % k_multiple == 0
+
+
 def ctas_for(t: int, per_cta_bytes: int, interpret: bool, ctas: int | None) -> int:
   """CTAs for T rows: `ctas` if given, else as many an SM as its shared memory holds (at most
   MAX_CTAS_PER_SM: one round, all resident), 1 in interpret mode; at most T."""

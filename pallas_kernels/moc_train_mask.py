@@ -28,7 +28,7 @@ from pallas_kernels import topk_compact
 from pallas_kernels._topk_config import TopKConfig
 from pallas_kernels.reference import GROUP, PER_GROUP
 
-STREAM_MODES = ("row", "block", "mgpu")
+STREAM_MODES = ("row", "block", "mgpu", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,8 @@ class StreamConfig:
   row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
   'row' (one program per row, each block loaded, computed and stored in turn), 'block' (one
   program per block: grid (T, blocks)) or, for the backward, 'mgpu' (`mgpu_backward`, a Mosaic
-  GPU kernel computing only the selected keys; built 2026-12-05n, not yet timed). Walks that
+  GPU kernel computing only the selected keys; built 2026-12-05n, not yet timed) or 'auto'
+  ('mgpu' where it can run, else the Triton walk `backward_config` picks by width). Walks that
   lost on the H200 and were removed: every block's loads first ('prefetch', code at 3b714b8)
   and the next block's loads ahead of this block's stores ('pipeline': forward 319 vs 305 us
   for 'row', backward 370 vs 345 for 'block', stream_sweep_h200_20261203b.json; code at
@@ -73,7 +74,8 @@ class StreamConfig:
 # The H200 at the 1B layer shape (stream_sweep_h200_20261203b.json): one program per 512 channels,
 # 345 us vs 369 for one program per row (GCP: 335 vs 371); the forward pass is fastest per row
 # (305 us vs 354-437 for the block walks).
-BACKWARD_DEFAULT = StreamConfig(words=16, mode="block")
+TRITON_BACKWARD = StreamConfig(words=16, mode="block")
+BACKWARD_DEFAULT = TRITON_BACKWARD
 ROW_WALK_BELOW = 2048  # rows of fewer channels: the backward walks one row per program
 
 
@@ -83,9 +85,15 @@ def backward_config(f: int) -> StreamConfig:
   99 us where the block walk took 121 / 103 / 101 in three runs (GCP 95 / 101 / 104 vs 100 /
   102 / 101; stream_sweep_h200_20261203{i,j}.json, _20261202.json); at 130M the block walk
   wins (134-141 vs 142-153)."""
-  if f >= ROW_WALK_BELOW or BACKWARD_DEFAULT.mode == "mgpu":
+  if f >= ROW_WALK_BELOW or BACKWARD_DEFAULT.mode in ("mgpu", "auto"):
     return BACKWARD_DEFAULT
-  return StreamConfig(words=32, mode="row")
+  return _triton_walk(f)
+
+
+def _triton_walk(f: int) -> StreamConfig:
+  """'auto''s backward where the Mosaic kernel cannot run: the block walk, or the row walk
+  below ROW_WALK_BELOW channels."""
+  return TRITON_BACKWARD if f >= ROW_WALK_BELOW else StreamConfig(words=32, mode="row")
 
 
 def silu_mul(g, u, out_dtype):
@@ -171,11 +179,13 @@ def apply_call(
     out_shape.insert(0, compact(idx_dtype))
   if z_sel:
     out_shape.append(compact(u_dtype))
-  if cfg.apply_mode == "mgpu":  # the Mosaic GPU kernel (opt-in, not yet timed)
-    from pallas_kernels import mgpu_apply
+  if cfg.apply_mode in ("mgpu", "auto"):
+    from pallas_kernels import _mgpu_stream, mgpu_apply
 
-    kw = dict(idx_dtype=idx_dtype, z_sel=z_sel, num_valid=num_valid, interpret=interpret)
-    return mgpu_apply.apply(mask, g2, u2, k, **kw)
+    if cfg.apply_mode == "mgpu" or _mgpu_stream.usable(g2.dtype, f, k, 8, interpret):
+      kw = dict(idx_dtype=idx_dtype, z_sel=z_sel, num_valid=num_valid, interpret=interpret)
+      return mgpu_apply.apply(mask, g2, u2, k, **kw)
+    cfg = dataclasses.replace(cfg, apply_mode="gather")  # 'auto' where it cannot run
   if cfg.apply_mode == "gather":  # slots filled in order by a search, not scattered
     from pallas_kernels._apply_gather import gather_call
 
@@ -307,7 +317,16 @@ def train_backward_bitmask(
 ) -> tuple[jax.Array, ...]:
   """(dg_TxF, du_TxF in dz's dtype, z_TxF in z_sel's / u_sel's dtype), zero off the selection;
   fused: (dgu_Tx2F = [dG | dU], z_TxF). The default walk is picked outside the jit."""
-  sc = config or backward_config(dz_TxF.shape[-1])
+  f = dz_TxF.shape[-1]
+  sc = config or backward_config(f)
+  if sc.mode == "auto":
+    from pallas_kernels import _mgpu_stream, mgpu_backward
+
+    k, same = g_sel_TxK.shape[1], len({a.dtype for a in (dz_TxF, g_sel_TxK, u_sel_TxK)}) == 1
+    ok = same and _mgpu_stream.usable(
+      dz_TxF.dtype, f, k, mgpu_backward.K_MULTIPLE, tu.default_interpret(interpret)
+    )
+    sc = dataclasses.replace(sc, mode="mgpu") if ok else _triton_walk(f)
   kw = dict(sc=sc, interpret=interpret, fused=fused)
   return _train_backward_bitmask(dz_TxF, words_TxW, g_sel_TxK, u_sel_TxK, z_sel_TxK, **kw)
 

@@ -290,3 +290,32 @@ def test_probe_lowers_every_row_and_its_dry_run_finds_them_exact(capsys, tmp_pat
   assert not tiny["errors"] and tiny["exact"]["bwd_gcp_mgpu_c0"] == [True, True]
   assert all(all(v) for v in tiny["exact"].values()) and len(tiny["exact"]) == 6
   assert tiny["fwd"]["mgpu_c0"]["median_us"] > 0 and "xla_copy" in tiny["bwd_moc"]
+
+
+def test_auto_modes_take_mosaic_only_where_it_can_run(monkeypatch):
+  """`apply_mode='auto'` / `StreamConfig(mode='auto')`: the Triton passes on this CPU (and in
+  interpret mode), the Mosaic kernels where `_mgpu_stream.usable` says they run; the same
+  outputs either way."""
+  assert not _mgpu_stream.usable(jnp.bfloat16, 1408, 256, 64, interpret=False)  # no GPU here
+  calls = []
+  for module, name in ((mgpu_apply, "apply"), (mgpu_backward, "backward")):
+    original = getattr(module, name)
+    spy = lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
+    monkeypatch.setattr(module, name, spy)
+  seed = time.time_ns() % (2**31)
+  dz, words, gs, us, zs = _residuals(3, 512, 64, seed)
+  g, u = _inputs(3, 512, seed)
+  auto_fwd = dataclasses.replace(_CFG, apply_mode="auto")
+  auto_bwd = mm.StreamConfig(mode="auto")
+
+  def both():
+    fwd = mm.apply_call(words, g, u, 64, num_valid=None, cfg=auto_fwd, interpret=True)
+    return fwd, mm.train_backward_bitmask(dz, words, gs, us, zs, config=auto_bwd, interpret=True)
+
+  triton = both()
+  assert calls == []
+  monkeypatch.setattr(_mgpu_stream, "usable", lambda *a: True)
+  mosaic = both()
+  assert calls == ["apply", "backward"]
+  for want, got in zip(triton, mosaic, strict=True):
+    _assert_same(want, got, seed)
