@@ -176,11 +176,7 @@ class SelectOps:
     its word's first slot plus the set bits below it. words_ref: the row's words in shared
     memory, first_ref: 256 int32 of scratch (balanced_walk reads them)."""
     if self._interpret:
-      chan = jnp.arange(self._f, dtype=I32)
-      w = words[chan >> 5]
-      sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
-      below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
-      slot = jnp.where(sel, first[chan >> 5] + lax.population_count(below), self._k)
+      chan, _, slot = slots_in_jnp(words, first, self._f, self._k)
       bits = lax.bitcast_convert_type(row_ref[...], out_ref.dtype)  # bf16 rows: their bits
       for values, ref in ((bits, out_ref), (chan, idx_ref)):
         ref[...] = ref[...].at[slot].set(values, mode="drop")  # slot K: dropped
@@ -190,6 +186,16 @@ class SelectOps:
       return op(first, words_ref, first_ref, row_ref, out_ref, idx_ref)
     op = self._op("compact", _mgpu_compact.compact, self.bin_layout)
     op(words, first, row_ref, out_ref, idx_ref)
+
+
+def slots_in_jnp(words, first, f: int, k: int):
+  """(channels, each selected, its slot or K) for a row's words (bins arrays) and each word's
+  first slot: a compaction's walk as jnp (interpret mode)."""
+  chan = jnp.arange(f, dtype=I32)
+  w = words[chan >> 5]
+  sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
+  below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
+  return chan, sel, jnp.where(sel, first[chan >> 5] + lax.population_count(below), k)
 
 
 def rows_in_turn(t: int, ctas: int, pid, one_row) -> None:

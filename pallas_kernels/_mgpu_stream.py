@@ -22,7 +22,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from pallas_kernels import _mgpu_compact
 from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import rows_in_turn
+from pallas_kernels._mgpu_ops import rows_in_turn, slots_in_jnp
 from pallas_kernels._mgpu_ptx import BINS, I32, LANES, _c, _i32, _thread
 
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -284,10 +284,5 @@ class RowStream:
 
 def words_in_jnp(words, f: int, k: int):
   """(channels, each selected, its slot or K): what a row's walk finds, as jnp (interpret)."""
-  chan = jnp.arange(f, dtype=I32)
-  w = words[chan >> 5]
-  sel = lax.shift_right_logical(w, chan & 31) & 1 == 1
   counts = lax.population_count(words)
-  below = w & (lax.shift_left(jnp.ones_like(chan), chan & 31) - 1)
-  first = jnp.cumsum(counts) - counts
-  return chan, sel, jnp.where(sel, first[chan >> 5] + lax.population_count(below), k)
+  return slots_in_jnp(words, jnp.cumsum(counts) - counts, f, k)
