@@ -70,6 +70,15 @@ METHODS = {
     "apply_mode": "mgpu",
     "backward": "mgpu",
   },
+  # the Mosaic select writing the forward pass's outputs itself (`apply_mode='in_select'`),
+  # the backward by `mgpu_backward`
+  "moc_pallas_insel": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "apply_mode": "in_select",
+    "backward": "mgpu",
+  },
   "moc_pallas_gcp_mgpu": {
     "variant": "moc",
     "gcp": True,

@@ -1,13 +1,16 @@
 """Probe: the train epilogues' streaming passes as Mosaic GPU kernels (`mgpu_apply`, the forward;
 `mgpu_backward`, the backward) against the shipped Triton passes, at the layer shapes.
 
-Per shape (16384 rows of a preset's padded F, its K): the words come from the shipped
-selection; each Mosaic row is first checked bit for bit against the shipped pass on Gaussian
-and tie-heavy rows (an inexact or failing row is recorded, not timed), then all rows are timed
-interleaved (`common.time_interleaved`): the forward from the fused [G | U] buffer, the
-backward fused ([dG | dU]) with Z_sel (MoC) and without (GCP), and XLA's silu(G)·U and copy
-as floors. `--ctas` adds Mosaic rows on that many CTAs an SM (0: the kernels' own pick, as
-many as shared memory holds).
+Per shape (16384 rows of a preset's padded F, its K), each group's Mosaic rows are first
+checked bit for bit against the shipped form on Gaussian and tie-heavy rows (an inexact or
+failing row is recorded, not timed), then all rows are timed interleaved
+(`common.time_interleaved`) beside XLA's silu(G)·U and a copy as floors:
+  select_fwd  the whole forward epilogue from the fused [G | U] buffer (selection and pass) as
+              shipped, with the Mosaic pass, and as one kernel (`apply_mode='in_select'`);
+  fwd         the forward pass alone, from the shipped selection's words;
+  bwd_moc / bwd_gcp   the backward, fused ([dG | dU]), with Z_sel and without.
+`--ctas` adds Mosaic pass rows on that many CTAs an SM (0: the kernels' own pick, as many as
+shared memory holds).
 
   python3 benchmarks/mgpu_stream_probe.py --shapes=1b,60m [--ctas=0,2] [--out=F]
   python3 benchmarks/mgpu_stream_probe.py --lower_only   # CPU: lower every row for CUDA
@@ -16,6 +19,7 @@ many as shared memory holds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -71,6 +75,22 @@ def _backward_rows(ctas: list[int], interpret: bool = False) -> dict:
   return rows
 
 
+def _select_forward_rows(k: int, nv: int | None, interpret: bool = False) -> dict:
+  """gu -> (words, g_sel, u_sel, z): the whole train forward epilogue (selection and pass) as
+  shipped, with the Mosaic pass, and as one kernel (`in_select`)."""
+  modes = {"default": None, "mgpu_pass": "mgpu", "in_select": "in_select"}
+  rows = {}
+  for name, mode in modes.items():
+
+    def row(gu, mode=mode):
+      cfg = moc_train.forward_config(gu.shape[1] // 2)
+      cfg = cfg if mode is None else dataclasses.replace(cfg, apply_mode=mode)
+      return mm.train_forward_bitmask(gu, None, k, num_valid=nv, config=cfg, interpret=interpret)
+
+    rows[name] = row
+  return rows
+
+
 def _inputs(t: int, f: int, seed: int, ties: bool):
   keys = jax.random.split(jax.random.key(seed), 3)
   g = (
@@ -110,7 +130,9 @@ def shape_rows(label: str, a) -> dict:
     kw = dict(num_valid=nv, cfg=cfg, interpret=interpret, z_sel=True)
     gs, us, _, zs = mm.apply_call(w, gu, None, k, **kw)  # the residuals, Z_sel too
     sets.append(dict(gu=gu, dz=dz, w=w, gs=gs, us=us, zs=zs))
+  whole = {name: jax.jit(fn) for name, fn in _select_forward_rows(k, nv, interpret).items()}
   for group, fns, args_of in (
+    ("select_fwd", whole, lambda s: (s["gu"],)),
     ("fwd", fwd, lambda s: (s["w"], s["gu"])),
     ("bwd_moc", bwd, lambda s: (s["dz"], s["w"], s["gs"], s["us"], s["zs"])),
     ("bwd_gcp", bwd, lambda s: (s["dz"], s["w"], s["gs"], s["us"], None)),
@@ -181,11 +203,12 @@ def lower_only(a) -> None:
       (_forward_rows(k, nv, ctas), (words, bf16(t, 2 * f))),
       (_backward_rows(ctas), (bf16(t, f), words, bf16(t, k), bf16(t, k), bf16(t, k))),
     )
+    groups += ((_select_forward_rows(k, nv), (bf16(t, 2 * f),)),)
     for n, (rows, specs) in enumerate(groups):
       for name, fn in rows.items():
-        if name != "default":
+        if name not in ("default", "mgpu_pass"):  # (those two need a GPU for the selection)
           jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
-          print(f"{label} {('fwd', 'bwd')[n]} {name}: lowered for CUDA")
+          print(f"{label} {('fwd', 'bwd', 'select_fwd')[n]} {name}: lowered for CUDA")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ class SelectOps:
     interpret: bool,
     ballot_lanes: bool = False,
     balanced_walk: bool = False,
+    fetch_width: int | None = None,
   ):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
+    self._fetch = fetch_width or f  # `fetch_row`'s columns (the select reads the first F)
     self._ballot_lanes, self._balanced_walk = ballot_lanes, balanced_walk
     self._built: dict = {}
     if interpret:
@@ -88,11 +90,11 @@ class SelectOps:
     return plgpu.load(ref, (r, pl.ds(0, self._f)), layout=self.row_layout)
 
   def fetch_row(self, src_ref, r, rows_ref, slot, barriers) -> None:
-    """rows[slot] = src[r, :F] by bulk async copy (arrival on barriers[slot])."""
+    """rows[slot] = src[r, :fetch_width] by bulk async copy (arrival on barriers[slot])."""
     if self._interpret:
-      rows_ref[slot] = src_ref[r, pl.ds(0, self._f)]
+      rows_ref[slot] = src_ref[r, pl.ds(0, self._fetch)]
       return
-    src = src_ref.at[r, pl.ds(0, self._f)]
+    src = src_ref.at[r, pl.ds(0, self._fetch)]
     promise = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # a contiguous row: one cp.async.bulk
     plgpu.copy_gmem_to_smem(src, rows_ref.at[slot], barriers.at[slot], oob_mode=promise)
 

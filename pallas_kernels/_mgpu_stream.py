@@ -179,6 +179,20 @@ def _get_pair(bin_layout):
   return get
 
 
+def fill_and_walk(layout, k: int, key: str, refs: int, fill_bytes: int):
+  """op(first, words_ref, first_ref, fill_ref, *walk_refs): fill_ref's first fill_bytes zeroed,
+  then every thread walks ceil(K / 128) selected keys doing `key` on the `refs` walk refs
+  (`_mgpu_compact.compact_balanced`; first: each word's first slot, a bins array)."""
+  walk = _mgpu_compact.compact_balanced(layout, k, key, KEY_DECLS, refs=refs)
+  fill = _zero_fill(fill_bytes)
+
+  def op(first, words_ref, first_ref, fill_ref, *walk_refs) -> None:
+    fill(fill_ref)
+    walk(first, words_ref, first_ref, *walk_refs)
+
+  return op
+
+
 class RowStream:
   """The per-row loop of a streaming epilogue over (T, F/32) words with K set bits a row.
 
@@ -191,8 +205,7 @@ class RowStream:
     self.layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
     if interpret:
       return
-    self._walk = _mgpu_compact.compact_balanced(self.layout, k, key, KEY_DECLS, refs=refs)
-    self._fill = _zero_fill(fill_bytes)
+    self._fill_walk = fill_and_walk(self.layout, k, key, refs, fill_bytes)
     self._load = _load_words(self.layout, self.nw, t)
     self._get, self._put = _get_pair(self.layout), _put_pair(self.layout)
     self._popcount = ptx.map_bins(self.layout, ptx.POPC, 1)
@@ -255,8 +268,7 @@ class RowStream:
       else:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last row's copies have read
         first = self._prefix(self._popcount(words), tmp_ref)  # (a barrier: all know both)
-        self._fill(fill_ref)
-        self._walk(first, words_ref.at[slot], first_ref, *walk_refs(slot))
+        self._fill_walk(first, words_ref.at[slot], first_ref, fill_ref, *walk_refs(slot))
         plgpu.commit_smem()  # visible to the TMA engine, every thread done (a barrier)
       for src, dst in copies:
         if interpret:

@@ -54,6 +54,21 @@ def forward_key(f: int, dtype, z_sel: bool, idx_bytes: int, num_valid: int | Non
   return text
 
 
+def forward_in_jnp(row, words, f: int, k: int, z_sel: bool, num_valid, z_ref, compact_refs):
+  """What a row's fill and walk write (`forward_key`), as jnp (interpret mode): row is the
+  [G | U] row, words its bins array; Z's row to z_ref, the K-long rows to compact_refs
+  (g_sel, u_sel[, z_sel][, idx])."""
+  from pallas_kernels.moc_train_mask import as_selected, silu_mul
+
+  chan, sel, at = stream.words_in_jnp(words, f, k)
+  g, u = as_selected(row[:f], chan, num_valid), row[f:]
+  z = jnp.where(sel, silu_mul(g, u, row.dtype), jnp.zeros((), row.dtype))
+  z_ref[...] = z
+  values = [g, u] + ([z] if z_sel else []) + [chan]  # the key's order; chan only with idx
+  for ref, value in zip(compact_refs, values, strict=False):
+    ref[...] = jnp.zeros_like(ref[...]).at[at].set(value.astype(ref.dtype), mode="drop")
+
+
 def smem_bytes(f: int, k: int, z_sel: bool, idx_bytes: int, dtype=jnp.bfloat16) -> int:
   """A CTA's shared memory: two [G | U] rows, Z's row, the K-long rows, the loop's."""
   e = jnp.dtype(dtype).itemsize
@@ -119,15 +134,7 @@ def kernel(
       plgpu.copy_gmem_to_smem(u_gmem.at[r, pl.ds(0, f)], rows_ref.at[slot, pl.ds(f, f)], bar, **kw)
 
     def row_in_jnp(r, slot, words) -> None:
-      from pallas_kernels.moc_train_mask import as_selected, silu_mul
-
-      chan, sel, at = stream.words_in_jnp(words, f, k)
-      g, u = as_selected(rows_ref[slot, pl.ds(0, f)], chan, num_valid), rows_ref[slot, pl.ds(f, f)]
-      z = jnp.where(sel, silu_mul(g, u, dtype), jnp.zeros((), dtype))
-      z_ref[...] = z
-      values = [g, u] + ([z] if z_sel else []) + [chan]  # the key's order; chan only with idx
-      for ref, value in zip(compact_refs, values, strict=False):
-        ref[...] = jnp.zeros_like(ref[...]).at[at].set(value.astype(ref.dtype), mode="drop")
+      forward_in_jnp(rows_ref[slot], words, f, k, z_sel, num_valid, z_ref, compact_refs)
 
     rows.run(
       words_gmem,
@@ -179,3 +186,29 @@ def apply(
   kw = dict(fused=fused, idx_dtype=idx_dtype, z_sel=z_sel, num_valid=num_valid)
   build = kernel(t, f, k, n, g2.dtype, interpret=interpret, **kw)
   return tuple(build(words_TxW, g2, *(() if fused else (u2,))))
+
+
+def in_select(
+  gu_Tx2F: jax.Array,
+  k: int,
+  *,
+  num_valid: int | None = None,
+  z_sel: bool = False,
+  interpret: bool | None = None,
+  ctas: int | None = None,
+) -> tuple[jax.Array, ...]:
+  """`moc_train_mask.train_forward_bitmask`'s (words, g_sel, u_sel, z[, z_sel]) for 'moc' from
+  the (T, 2F) [G | U] buffer in one kernel: the Mosaic select writes the words, then this
+  pass's outputs from the row it holds (`mgpu_select.kernel(forward=True)`; built 2026-12-05n,
+  not yet timed). As many CTAs an SM as shared memory holds, at most the select's 8."""
+  from pallas_kernels import mgpu_select
+
+  t, f = gu_Tx2F.shape[0], gu_Tx2F.shape[1] // 2
+  check(f, k, gu_Tx2F.dtype)
+  interpret = tu.default_interpret(interpret)
+  e = jnp.dtype(gu_Tx2F.dtype).itemsize
+  per_cta = 4 * f * e + f * e + k * (2 + z_sel) * e + 8 * 1024  # rows, Z, K-long rows, the select's
+  n = stream.ctas_for(t, per_cta, interpret, ctas)
+  kw = dict(async_rows=True, round_dtype=gu_Tx2F.dtype, forward=True, z_sel=z_sel)
+  build = mgpu_select.kernel(t, f, k, n, num_valid, interpret=interpret, **kw)
+  return tuple(build(gu_Tx2F))

@@ -17,13 +17,10 @@ Per row, one warpgroup per CTA, rows taken in turn by the CTAs; keys are the ord
      then per word the lowest bits that fit); the row's (F/32) words go to HBM by TMA, and
      the next row waits only for that copy to have read them;
   4. (`select`) each thread walks the set bits of its two words, lowest first: the channel
-     and its value (the row's bits, stashed in shared memory as the row loads) go to slot
-     (the word's first slot, an exclusive prefix of the popcounts) + the bits already seen;
-     the K-long rows out by TMA. Work per selected key (2026-12-05d; storing every key at
-     its slot as a predicated store per key made the whole top-K 15% slower than the words
-     followed by the gathered compaction: 323.7 vs 280.8 µs at 16384 x 5632).
-The first version (2026-12-04: shared-memory atomics for the words, doubling sums, a TMA wait
-per row) needed 255 registers and spilled, at 12.5% occupancy: 1.43x the Triton pass.
+     and its value (the row's bits in shared memory) go to slot (the word's first slot, an
+     exclusive prefix of the popcounts) + the bits already seen; the K-long rows out by TMA.
+     Work per selected key (2026-12-05d: a predicated store per key was 15% slower).
+The first version's history (255 registers, spilling): NOTES_kernels 2026-12-04.
 """
 
 from __future__ import annotations
@@ -75,6 +72,8 @@ def kernel(
   warm_ctas: int = 0,
   ballot_lanes: bool = False,
   balanced_walk: bool = False,
+  forward: bool = False,
+  z_sel: bool = False,
 ):
   """The kernel for (T, W >= F) 16-bit inputs, selecting among each row's first F columns:
   (T, F/32) int32 words; channels >= num_valid never selected. compact: also (T, K)
@@ -100,21 +99,16 @@ def kernel(
   ceil(K / 128) selected keys, found by a search over the words' first slots
   (`_mgpu_compact.compact_balanced`), not the ~12-20 of its own 64 channels: a third of the
   whole top-K was the walk and the wait for its busiest thread (NOTES_kernels 2026-12-05m).
+  forward (async_rows; built 2026-12-05n, not yet timed): the input is the (T, 2F) [G | U]
+  buffer, each row fetched whole, and after its words the kernel writes the train forward's
+  outputs too, (T, K) G_sel, U_sel, (T, F) Z[, (T, K) Z_sel] (`moc_train_mask.apply_call`'s),
+  by `mgpu_apply`'s walk: the select is instruction-bound and that pass memory-bound, so one
+  kernel may hide one behind the other, and G is read once, not twice.
 
-  Removed after the H200 timed them (NOTES_kernels 2026-12-05, NOTES_decode 2026-12-05):
-  loading each CTA's next row before selecting in the current one (17-22% slower, after
-  9f0621c); the tie cut by SWAR arithmetic with the histograms cleared at every row's start
-  (no faster than `popc` / `fns` and clearing as they are read, after 95cc600); a bulk L2
-  prefetch of the next layer's weight from CTA 0 (the kernel waited for it: 66 µs per decode
-  layer, after 95cc600). Timed on an H100 on 2026-12-05 (NOTES_kernels 2026-12-05g) and
-  removed: signed keys (no add per key: a tie), the row loaded again for each pass instead
-  of its keys held in registers (25% slower), and 2, 4 or 8 copies of each histogram, one
-  per lane group (up to 20% slower: same-word adds within a warp are not the limit). Timed
-  on an H100 on 2026-12-05 (NOTES_kernels 2026-12-05m) and removed: the keys kept in the row
-  buffer (the first pass storing them over the values, the later passes loading them): 30
-  registers, 7 CTAs an SM, but 12-18% slower (the shared-memory pipe, not latency, bounds
-  the passes; code at 41cfd30); no barrier after the compaction's walk, the K-long copies
-  released by the next row's first barrier (184.3 vs 178.8 us; code at 37d5de8)."""
+  Forms timed and removed (loading the next row before selecting in the current one, SWAR
+  tie cuts, signed keys, reloading the row per pass, histogram copies per lane group, keys
+  kept in shared memory, no barrier after the compaction): NOTES_kernels 2026-12-05,
+  2026-12-05g and 2026-12-05m, NOTES_decode 2026-12-05."""
   nv = f if num_valid is None else num_valid
   if f % LANES or f // 32 > BINS or not 0 < ctas <= t or not 0 < k <= nv <= f:
     raise ValueError(
@@ -129,14 +123,35 @@ def kernel(
     raise ValueError("interpret mode binds no CTA axis: use ctas=1")
   if async_rows and (splits or jnp.dtype(round_dtype) not in KEY_DTYPES):
     raise ValueError("async_rows copies 16-bit rows as stored: no splits")
+  if forward and (compact or not async_rows or k % 8 or warm_ctas):
+    raise ValueError(f"forward needs async_rows, K % 8 == 0, no compact or warming; got K={k}")
   if (warm_ctas > 0) != bool(warm_bytes) or (interpret and warm_ctas):
     raise ValueError(
       f"warming needs both warm_bytes and warm_ctas, compiled: got {warm_bytes}, {warm_ctas}"
     )
   chunks = [-(-b // warm_ctas // 16) * 16 if warm_ctas else 0 for b in warm_bytes]
   nw = f // 32
-  ops = SelectOps(f, k, nv, interpret, ballot_lanes, balanced_walk)
+  ops = SelectOps(f, k, nv, interpret, ballot_lanes, balanced_walk, (1 + forward) * f)
   bin_layout = ops.bin_layout
+  if forward:
+    from pallas_kernels import _mgpu_stream, mgpu_apply
+
+    key = mgpu_apply.forward_key(f, round_dtype, z_sel, 0, num_valid)
+    e = jnp.dtype(round_dtype).itemsize
+    write = None if interpret else _mgpu_stream.fill_and_walk(bin_layout, k, key, 4 + z_sel, f * e)
+
+  def forward_row(r, words, row_ref, tmp_ref, words_ref, first_ref, outs, out_refs) -> None:
+    """The train forward's outputs of row r (`mgpu_apply.forward_key`): Z's row and G_sel,
+    U_sel (Z_sel) from the [G | U] row in shared memory, then out by TMA."""
+    gs, us, z, *zs = outs
+    if interpret:
+      mgpu_apply.forward_in_jnp(row_ref[...], words, f, k, z_sel, num_valid, z, [gs, us, *zs])
+    else:
+      first = ops.exclusive_prefix(ops.popcount(words), tmp_ref, 24)
+      write(first, words_ref, first_ref, z, row_ref, z, gs, us, *zs)
+    ops.commit()
+    for src, dst in zip(outs, out_refs, strict=True):
+      ops.copy_out(src, dst.at[r])
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs, words_ref, first_ref) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
@@ -160,7 +175,7 @@ def kernel(
 
   def body(g_ref, *refs):
     warm_refs, refs = refs[: len(warm_bytes)], refs[len(warm_bytes) :]
-    n_out = len(TOPK_DTYPES) if compact else 0  # the K-long outputs
+    n_out = len(TOPK_DTYPES) if compact else (3 + z_sel) * forward  # beside the words
     out_ref, out_refs, refs = refs[0], refs[1 : 1 + n_out], refs[1 + n_out :]
     high_ref, low_ref, above_ref, equal_ref, tmp_ref, *rest = refs
     if async_rows:  # the two-row buffer and its two barriers come last
@@ -205,6 +220,9 @@ def kernel(
       if compact:  # words past the row are stale shared memory: none of the top-K's
         words = jnp.where(in_row, final, 0)  # (equal_ref is free: eq was read before)
         compact_row(r, words, tmp_ref, stash, outs, out_refs, above_ref, equal_ref)
+      if forward:
+        words = jnp.where(in_row, final, 0)
+        forward_row(r, words, stash, tmp_ref, above_ref, equal_ref, outs, out_refs)
       ops.commit()  # the words, visible to the TMA engine
       ops.copy_out(above_ref.at[pl.ds(0, nw)], out_ref.at[r])
 
@@ -234,9 +252,14 @@ def kernel(
     stash_words = 8 if async_rows else f  # async_rows: the row buffer is the stash
     scratch += [plgpu.SMEM((stash_words,), jnp.int16)]
     scratch += [plgpu.SMEM((k,), d) for d in TOPK_DTYPES]
+  if forward:  # a stash stand-in (the row buffer is it), then G_sel, U_sel, Z[, Z_sel]
+    shapes = [(k,), (k,), (f,)] + [(k,)] * z_sel
+    out_type += [jax.ShapeDtypeStruct((t, *shape), round_dtype) for shape in shapes]
+    scratch += [plgpu.SMEM((8,), jnp.int16)]
+    scratch += [plgpu.SMEM(shape, round_dtype) for shape in shapes]
   if async_rows:  # interpret mode has no barriers (it copies at once): a stand-in
     arrived = plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=1, num_barriers=2)
-    scratch += [plgpu.SMEM((2, f), round_dtype), arrived]
+    scratch += [plgpu.SMEM((2, (1 + forward) * f), round_dtype), arrived]
   return plgpu.kernel(
     body,
     out_type=tuple(out_type),

@@ -266,6 +266,12 @@ def _train_forward_bitmask(g_TxF, u_TxF, k, variant, *, num_valid, cfg, interpre
     raise ValueError(f"the bitmask epilogue needs F >= {topk_compact.WORD}, got F={f}")
   k, nv = checked_selection(f, k, variant, num_valid)
   interpret = tu.default_interpret(interpret)
+  if cfg.apply_mode == "in_select":  # one Mosaic kernel: the select writes the pass's outputs
+    if u_TxF is not None or variant != "moc":
+      raise ValueError("apply_mode='in_select' takes the fused [G | U] buffer and variant 'moc'")
+    from pallas_kernels import mgpu_apply
+
+    return mgpu_apply.in_select(g_TxF, k, num_valid=nv, z_sel=z_sel, interpret=interpret)
   words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv, width=f)
   outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
   return (words, *outs)

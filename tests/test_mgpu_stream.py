@@ -81,6 +81,25 @@ def test_interpret_equals_the_gathered_pass(f, k, variant, num_valid, fused, ext
     _assert_same(want, got, seed)
 
 
+@pytest.mark.parametrize(("f", "k", "num_valid"), [(512, 64, 500), (1408, 256, 1376)])
+def test_in_select_interpret_equals_the_two_kernels(f, k, num_valid):
+  """`apply_mode='in_select'` (the Mosaic select writing the forward pass's outputs, in
+  interpret mode) gives the words and outputs of the shipped select and gathered pass,
+  random and tie-heavy rows, with Z_sel and without."""
+  seed = time.time_ns() % (2**31)
+  in_select = dataclasses.replace(_CFG, apply_mode="in_select")
+  for ties in (False, True):
+    gu = jnp.concatenate(_inputs(4, f, seed, ties), axis=1)
+    for z_sel in (False, True):
+      kw = dict(num_valid=num_valid, interpret=True, z_sel=z_sel)
+      want = mm.train_forward_bitmask(gu, None, k, **kw)
+      got = mm.train_forward_bitmask(gu, None, k, config=in_select, **kw)
+      _assert_same(want, got, seed)
+  with pytest.raises(ValueError, match="fused"):
+    g, u = _inputs(4, f, seed)
+    mm.train_forward_bitmask(g, u, k, config=in_select, interpret=True)
+
+
 def test_bad_shapes_are_refused_with_the_reason():
   with pytest.raises(ValueError, match="F % 128"):
     mgpu_apply.check(1376, 256, jnp.bfloat16)
@@ -122,7 +141,14 @@ def test_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
       )
       args = (words, g) if fused else (words, g, g)
       jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  for z_sel in (False, True):  # the select writing the pass's outputs (`in_select`)
+    fn = lambda gu, z_sel=z_sel: mgpu_apply.in_select(
+      gu, k, num_valid=1376, z_sel=z_sel, interpret=False, ctas=3
+    )
+    gu = jax.ShapeDtypeStruct((t, 2 * f), jnp.bfloat16)
+    jax.jit(fn).trace(gu).lower(lowering_platforms=("cuda",))
   keys = [mgpu_apply.forward_key(f, d, True, 0, 1376) for d in (jnp.bfloat16, jnp.float16)]
+  keys.append(mgpu_apply.forward_key(f, jnp.bfloat16, False, 0, 1376))  # in_select's
   for key in keys:
     assert _mgpu_compact.balanced_loop(key, _mgpu_stream.KEY_DECLS) in snippets
   assert any("st.shared.v4.b32" in text for text in snippets)  # Z's zero fill
@@ -136,11 +162,16 @@ def test_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
 def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
   """Compiled on the GPU, 16384 rows of the 1B and 60m layers from the fused [G | U] buffer,
   Gaussian and tie-heavy: every output equals the gathered Triton pass's, Z bit for bit
-  (the same silu PTX)."""
+  (the same silu PTX); so do the words and outputs of `in_select` (one kernel)."""
   seed = time.time_ns() % (2**31)
+  in_select = dataclasses.replace(_CFG, apply_mode="in_select")
   for ties in (False, True):
     g, u = _inputs(16384, f, seed, ties)
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
+    _assert_same(want, got, seed)
+    gu = jnp.concatenate([g, u], axis=1)
+    want = mm.train_forward_bitmask(gu, None, k, num_valid=num_valid, z_sel=True)
+    got = mm.train_forward_bitmask(gu, None, k, num_valid=num_valid, z_sel=True, config=in_select)
     _assert_same(want, got, seed)
 
 
@@ -283,12 +314,13 @@ def test_probe_lowers_every_row_and_its_dry_run_finds_them_exact(capsys, tmp_pat
 
   mgpu_stream_probe.main(["--lower_only", "--shapes=tiny", "--ctas=0,2"])
   out = capsys.readouterr().out
-  assert out.count("lowered for CUDA") == 4  # forward and backward, two CTA counts each
+  assert out.count("lowered for CUDA") == 5  # forward, backward: two CTA counts; in_select
   path = tmp_path / "probe.json"
   mgpu_stream_probe.main(["--dry_run", "--shapes=tiny", "--ctas=0", f"--out={path}"])
   tiny = json.loads(path.read_text())["shapes"]["tiny"]
   assert not tiny["errors"] and tiny["exact"]["bwd_gcp_mgpu_c0"] == [True, True]
-  assert all(all(v) for v in tiny["exact"].values()) and len(tiny["exact"]) == 6
+  assert all(all(v) for v in tiny["exact"].values()) and len(tiny["exact"]) == 9
+  assert tiny["select_fwd"]["in_select"]["median_us"] > 0
   assert tiny["fwd"]["mgpu_c0"]["median_us"] > 0 and "xla_copy" in tiny["bwd_moc"]
 
 
