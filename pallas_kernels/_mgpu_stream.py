@@ -89,7 +89,16 @@ def ctas_for(t: int, per_cta_bytes: int, interpret: bool, ctas: int | None) -> i
   return min(t, ctas or per_sm * tu.sm_count())
 
 
-STREAM_SMEM = 2 * BINS * 4 + BINS * 4 + 32 * 4 + 512  # `RowStream.scratch`, with slack
+SMEM_ALIGNMENT = 1024  # Pallas Mosaic GPU starts every scratch buffer on a 1 KB boundary
+
+
+def smem(*buffer_bytes: int) -> int:
+  """A CTA's shared memory for scratch buffers of these sizes, each aligned as Pallas lays
+  them out, plus the two-slot barrier's."""
+  return sum(-(-b // SMEM_ALIGNMENT) * SMEM_ALIGNMENT for b in (*buffer_bytes, 16))
+
+
+STREAM_SMEM = (2 * BINS * 4, BINS * 4, 32 * 4)  # `RowStream.scratch`'s buffers
 
 
 def _zero_fill(num_bytes: int):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _mgpu_stream as stream
 from pallas_kernels import _triton_utils as tu
+from pallas_kernels._mgpu_ptx import BINS
 
 WHAT = "forward pass"
 
@@ -72,7 +73,8 @@ def forward_in_jnp(row, words, f: int, k: int, z_sel: bool, num_valid, z_ref, co
 def smem_bytes(f: int, k: int, z_sel: bool, idx_bytes: int, dtype=jnp.bfloat16) -> int:
   """A CTA's shared memory: two [G | U] rows, Z's row, the K-long rows, the loop's."""
   e = jnp.dtype(dtype).itemsize
-  return 5 * f * e + k * ((2 + z_sel) * e + idx_bytes) + stream.STREAM_SMEM
+  compact = [k * e] * (2 + z_sel) + ([k * idx_bytes] if idx_bytes else [])
+  return stream.smem(4 * f * e, f * e, *compact, *stream.STREAM_SMEM)
 
 
 def check(f: int, k: int, dtype, idx_dtype=None) -> None:
@@ -207,7 +209,8 @@ def in_select(
   check(f, k, gu_Tx2F.dtype)
   interpret = tu.default_interpret(interpret)
   e = jnp.dtype(gu_Tx2F.dtype).itemsize
-  per_cta = 4 * f * e + f * e + k * (2 + z_sel) * e + 8 * 1024  # rows, Z, K-long rows, the select's
+  select = [(BINS + 8) * 4] * 2 + [BINS * 4] * 2 + [32 * 4, 16]  # histograms, words, scan, stash
+  per_cta = stream.smem(4 * f * e, f * e, *[k * e] * (2 + z_sel), *select)
   n = stream.ctas_for(t, per_cta, interpret, ctas)
   kw = dict(async_rows=True, round_dtype=gu_Tx2F.dtype, forward=True, z_sel=z_sel)
   build = mgpu_select.kernel(t, f, k, n, num_valid, interpret=interpret, **kw)

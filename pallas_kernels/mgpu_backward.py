@@ -59,7 +59,7 @@ def _times_u(kind: str) -> str:
 def smem_bytes(f: int, k: int, has_z: bool, dtype=jnp.bfloat16) -> int:
   """A CTA's shared memory: two input rows, the [dG | dU | Z] row, the loop's."""
   e = jnp.dtype(dtype).itemsize
-  return 2 * (f + (2 + has_z) * k) * e + 3 * f * e + stream.STREAM_SMEM
+  return stream.smem(2 * (f + (2 + has_z) * k) * e, 3 * f * e, *stream.STREAM_SMEM)
 
 
 def kernel(
