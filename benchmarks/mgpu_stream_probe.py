@@ -50,9 +50,10 @@ def _ctas(c: int, t: int, interpret: bool) -> int | None:
 
 
 def _forward_rows(k: int, nv: int | None, ctas: list[int], interpret: bool = False) -> dict:
-  """(words, gu) -> (g_sel, u_sel, z) for each forward row; 'default' first."""
+  """(words, gu) -> (g_sel, u_sel, z, z_sel) for each forward row (MoC's: Z_sel kept);
+  'default' first."""
   f_of = lambda gu: gu.shape[1] // 2
-  kw = dict(num_valid=nv, interpret=interpret)
+  kw = dict(num_valid=nv, interpret=interpret, z_sel=True)
   rows = {
     "default": lambda w, gu: mm.apply_call(
       w, gu, None, k, cfg=moc_train.forward_config(f_of(gu)), **kw
@@ -76,7 +77,7 @@ def _backward_rows(ctas: list[int], interpret: bool = False) -> dict:
 
 
 def _select_forward_rows(k: int, nv: int | None, interpret: bool = False) -> dict:
-  """gu -> (words, g_sel, u_sel, z): the whole train forward epilogue (selection and pass) as
+  """gu -> (words, g_sel, u_sel, z, z_sel): the whole train forward epilogue (selection and pass) as
   shipped, with the Mosaic pass, and as one kernel (`in_select`)."""
   modes = {"default": None, "mgpu_pass": "mgpu", "in_select": "in_select"}
   rows = {}
@@ -85,7 +86,8 @@ def _select_forward_rows(k: int, nv: int | None, interpret: bool = False) -> dic
     def row(gu, mode=mode):
       cfg = moc_train.forward_config(gu.shape[1] // 2)
       cfg = cfg if mode is None else dataclasses.replace(cfg, apply_mode=mode)
-      return mm.train_forward_bitmask(gu, None, k, num_valid=nv, config=cfg, interpret=interpret)
+      kw = dict(num_valid=nv, config=cfg, interpret=interpret, z_sel=True)  # MoC's: Z_sel kept
+      return mm.train_forward_bitmask(gu, None, k, **kw)
 
     rows[name] = row
   return rows
