@@ -62,7 +62,7 @@ class SelectOps:
   ):
     self.row_layout = plgpu.Layout.WG_STRIDED((f,), vec_size=1)
     self.bin_layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
-    self._f, self._k, self._nv, self._interpret = f, k, num_valid, interpret
+    self._f, self._k, self._nv, self.interpret = f, k, num_valid, interpret
     self._fetch = fetch_width or f  # `fetch_row`'s columns (the select reads the first F)
     self._ballot_lanes, self._balanced_walk = ballot_lanes, balanced_walk
     self._built: dict = {}
@@ -85,13 +85,13 @@ class SelectOps:
 
   def load_row(self, ref, r):
     """ref[r, :F], one element per register."""
-    if self._interpret:
+    if self.interpret:
       return ref[r, pl.ds(0, self._f)]
     return plgpu.load(ref, (r, pl.ds(0, self._f)), layout=self.row_layout)
 
   def fetch_row(self, src_ref, r, rows_ref, slot, barriers) -> None:
     """rows[slot] = src[r, :fetch_width] by bulk async copy (arrival on barriers[slot])."""
-    if self._interpret:
+    if self.interpret:
       rows_ref[slot] = src_ref[r, pl.ds(0, self._fetch)]
       return
     src = src_ref.at[r, pl.ds(0, self._fetch)]
@@ -99,7 +99,7 @@ class SelectOps:
     plgpu.copy_gmem_to_smem(src, rows_ref.at[slot], barriers.at[slot], oob_mode=promise)
 
   def wait_row(self, barriers, slot) -> None:
-    if not self._interpret:
+    if not self.interpret:
       plgpu.barrier_wait(barriers.at[slot])
 
   def prefetch(self, warm_refs, num_bytes, chunks, first_cta: int) -> None:
@@ -114,19 +114,19 @@ class SelectOps:
     return jnp.arange(self._f) < self._nv
 
   def count_high(self, key, ref) -> None:
-    if self._interpret:
+    if self.interpret:
       return _scatter_add(ref, key >> 8, self._valid_key(key))
     rl, bl, nv = self.row_layout, self.bin_layout, self._nv
     self._op("count_high", ptx.count, rl, bl, nv, False)(key, ref)
 
   def count_low(self, key, high, ref) -> None:
-    if self._interpret:
+    if self.interpret:
       return _scatter_add(ref, key & 0xFF, self._valid_key(key) & (key >> 8 == high[0]))
     rl, bl, nv = self.row_layout, self.bin_layout, self._nv
     self._op("count_low", ptx.count, rl, bl, nv, True)(key, high, ref)
 
   def ballot_words(self, key, v, above_ref, equal_ref) -> None:
-    if self._interpret:
+    if self.interpret:
       nw, valid = self._f // 32, self._valid_key(key)
       zeros = jnp.zeros((BINS,), I32)
       above_ref[...] = zeros.at[:nw].set(_pack_words(valid & (key > v[0])))
@@ -137,20 +137,20 @@ class SelectOps:
     op(key, v, above_ref, equal_ref)
 
   def popcount(self, x):
-    if self._interpret:
+    if self.interpret:
       return lax.population_count(x)
     return self._op("popc", ptx.map_bins, self.bin_layout, ptx.POPC, 1)(x)
 
   def keep_lowest(self, x, m):
     """The lowest m set bits of each word (m < 1: none; m > 32: all)."""
-    if self._interpret:
+    if self.interpret:
       return keep_lowest(x, jnp.clip(m, 0, 32))
     return self._op("keep_lowest", ptx.map_bins, self.bin_layout, ptx.KEEP_LOWEST, 2)(x, m)
 
   def select_bin(self, h, base, tmp_ref, slot: int, clear_ref) -> None:
     """clear_ref: the histogram h came from, zeroed for the next row (each thread its own two
     bins; the next adds come after this op's barriers)."""
-    if self._interpret:
+    if self.interpret:
       clear_ref[...] = jnp.zeros_like(clear_ref[...])
       s = jnp.cumsum(h[::-1])[::-1] + base[0]
       b = jnp.max(jnp.where(s >= self._k, jnp.arange(BINS), -1))
@@ -161,13 +161,13 @@ class SelectOps:
     op(h, base, tmp_ref, clear_ref)
 
   def exclusive_prefix(self, x, tmp_ref, slot: int):
-    if self._interpret:
+    if self.interpret:
       return jnp.cumsum(x) - x
     return self._op(f"prefix{slot}", ptx.exclusive_prefix, self.bin_layout, slot)(x, tmp_ref)
 
   def stash_row(self, bits, row_ref) -> None:
     """row[c] = element c's 16 bits: the row's values, for `compact` to read by channel."""
-    if self._interpret:
+    if self.interpret:
       row_ref[...] = bits.astype(row_ref.dtype)
       return
     self._op("stash", ptx.stash_row, self.row_layout, self._f)(bits, row_ref)
@@ -177,7 +177,7 @@ class SelectOps:
     row's words (bins arrays, words past the row zero; first: each word's first slot), slot
     its word's first slot plus the set bits below it. words_ref: the row's words in shared
     memory, first_ref: 256 int32 of scratch (balanced_walk reads them)."""
-    if self._interpret:
+    if self.interpret:
       chan, _, slot = slots_in_jnp(words, first, self._f, self._k)
       bits = lax.bitcast_convert_type(row_ref[...], out_ref.dtype)  # bf16 rows: their bits
       for values, ref in ((bits, out_ref), (chan, idx_ref)):

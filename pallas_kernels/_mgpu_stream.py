@@ -22,7 +22,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from pallas_kernels import _mgpu_compact
 from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels._mgpu_ops import rows_in_turn, slots_in_jnp
+from pallas_kernels._mgpu_ops import SelectOps, rows_in_turn, slots_in_jnp
 from pallas_kernels._mgpu_ptx import BINS, I32, LANES, _c, _i32, _thread
 
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -211,14 +211,22 @@ class RowStream:
 
   def __init__(self, t, f, k, ctas, interpret: bool, key: str, refs: int, fill_bytes: int):
     self.t, self.nw, self.ctas, self.interpret = t, f // 32, ctas, interpret
-    self.layout = plgpu.Layout.WG_STRIDED((BINS,), vec_size=2)
+    self.ops = SelectOps(f, k, f, interpret)  # the select's scans, copies and waits
+    self.layout = self.ops.bin_layout
     if interpret:
       return
     self._fill_walk = fill_and_walk(self.layout, k, key, refs, fill_bytes)
     self._load = _load_words(self.layout, self.nw, t)
     self._get, self._put = _get_pair(self.layout), _put_pair(self.layout)
-    self._popcount = ptx.map_bins(self.layout, ptx.POPC, 1)
-    self._prefix = ptx.exclusive_prefix(self.layout, 0)
+
+  def copy_in(self, src_ref, dst_ref, arrived, slot) -> None:
+    """dst = src (a contiguous row or part of one) by bulk async copy, arrival on
+    arrived[slot]; `arrived(copies)` counts one arrival per copy into a slot."""
+    if self.interpret:
+      dst_ref[...] = src_ref[...]
+      return
+    kw = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)  # contiguous: one cp.async.bulk
+    plgpu.copy_gmem_to_smem(src_ref, dst_ref, arrived.at[slot], **kw)
 
   def arrived(self, copies: int):
     """The two slots' arrival barriers, `copies` bulk copies into a slot (a stand-in in
@@ -243,16 +251,12 @@ class RowStream:
     each word's first slot (the walk's search), the prefix's warp totals."""
     return [plgpu.SMEM((2, BINS), I32), plgpu.SMEM((BINS,), I32), plgpu.SMEM((32,), I32)]
 
-  def _splat(self, x):
-    full = jnp.full((BINS,), x, I32)
-    return full if self.interpret else plgpu.layout_cast(full, self.layout)
-
   def _words_of(self, words_gmem, r):
     """Row min(r, T - 1)'s words as a bins array: loads, not yet waited for."""
     if self.interpret:
       row = words_gmem[jnp.minimum(r, self.t - 1)]
       return jnp.zeros((BINS,), I32).at[: self.nw].set(row)
-    return self._load(words_gmem, self._splat(r))
+    return self._load(words_gmem, self.ops.splat(r))
 
   def _put_words(self, x, words_ref, slot) -> None:
     if self.interpret:
@@ -265,33 +269,26 @@ class RowStream:
     on arrived[slot]); walk_refs(slot) are the walk's refs; row_in_jnp(r, slot, words) is the
     fill and walk in interpret mode; copies: (shared ref, HBM ref) pairs, row r out."""
     words_ref, first_ref, tmp_ref = scratch
-    interpret, t, ctas = self.interpret, self.t, self.ctas
-
-    def wait(slot) -> None:
-      if not interpret:
-        plgpu.barrier_wait(arrived.at[slot])
+    interpret, t, ctas, ops = self.interpret, self.t, self.ctas, self.ops
 
     def finish(r, slot, words) -> None:
       if interpret:
         row_in_jnp(r, slot, words)
       else:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last row's copies have read
-        first = self._prefix(self._popcount(words), tmp_ref)  # (a barrier: all know both)
+        ops.wait_read()  # the last row's copies have read
+        first = ops.exclusive_prefix(ops.popcount(words), tmp_ref, 0)  # (a barrier: all know)
         self._fill_walk(first, words_ref.at[slot], first_ref, fill_ref, *walk_refs(slot))
-        plgpu.commit_smem()  # visible to the TMA engine, every thread done (a barrier)
+      ops.commit()  # visible to the TMA engine, every thread done (a barrier)
       for src, dst in copies:
-        if interpret:
-          dst[r] = src[...]
-        else:
-          plgpu.copy_smem_to_gmem(src, dst.at[r])
+        ops.copy_out(src, dst.at[r])
 
     def one_row(r, i) -> None:
       slot = i % 2
       nxt = r + ctas
       pl.when(nxt < t)(lambda: fetch(nxt, 1 - slot))
       ahead = self._words_of(words_gmem, nxt)  # in flight while this row is worked on
-      wait(slot)
-      words = words_ref[slot] if interpret else self._get(words_ref.at[slot], self._splat(0))
+      ops.wait_row(arrived, slot)
+      words = words_ref[slot] if interpret else self._get(words_ref.at[slot], self.ops.splat(0))
       finish(r, slot, words)
       self._put_words(ahead, words_ref, 1 - slot)  # its last reader was the last row's walk
 
@@ -299,8 +296,7 @@ class RowStream:
     fetch(pid, 0)  # ctas <= T: every CTA has a first row
     self._put_words(self._words_of(words_gmem, pid), words_ref, 0)  # read back by its thread
     rows_in_turn(t, ctas, pid, one_row)
-    if not interpret:
-      plgpu.wait_smem_to_gmem(0)
+    ops.wait()
 
 
 def words_in_jnp(words, f: int, k: int):

@@ -122,18 +122,12 @@ def kernel(
     copies += [(compact_refs[-1], idx_out)] if idx_bytes else []
 
     def fetch(r, slot) -> None:
-      """rows[slot] = [G | U] row r, by bulk async copy (arrival on arrived[slot])."""
-      if interpret:
-        rows_ref[slot, pl.ds(0, f)] = g_gmem[r, pl.ds(0, f)]
-        rows_ref[slot, pl.ds(f, f)] = g_gmem[r, pl.ds(f, f)] if fused else u_gmem[r, pl.ds(0, f)]
-        return
-      kw = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)  # contiguous: one cp.async.bulk
-      bar = arrived.at[slot]
+      """rows[slot] = [G | U] row r, by bulk async copies (one from the fused buffer)."""
       if fused:
-        plgpu.copy_gmem_to_smem(g_gmem.at[r, pl.ds(0, 2 * f)], rows_ref.at[slot], bar, **kw)
+        rows.copy_in(g_gmem.at[r, pl.ds(0, 2 * f)], rows_ref.at[slot], arrived, slot)
         return
-      plgpu.copy_gmem_to_smem(g_gmem.at[r, pl.ds(0, f)], rows_ref.at[slot, pl.ds(0, f)], bar, **kw)
-      plgpu.copy_gmem_to_smem(u_gmem.at[r, pl.ds(0, f)], rows_ref.at[slot, pl.ds(f, f)], bar, **kw)
+      for n, src in enumerate((g_gmem, u_gmem)):
+        rows.copy_in(src.at[r, pl.ds(0, f)], rows_ref.at[slot, pl.ds(n * f, f)], arrived, slot)
 
     def row_in_jnp(r, slot, words) -> None:
       forward_in_jnp(rows_ref[slot], words, f, k, z_sel, num_valid, z_ref, compact_refs)
@@ -188,6 +182,30 @@ def apply(
   kw = dict(fused=fused, idx_dtype=idx_dtype, z_sel=z_sel, num_valid=num_valid)
   build = kernel(t, f, k, n, g2.dtype, interpret=interpret, **kw)
   return tuple(build(words_TxW, g2, *(() if fused else (u2,))))
+
+
+def select_forward_row(ops, f: int, k: int, dtype, z_sel: bool, num_valid: int | None):
+  """`mgpu_select.kernel(forward=True)`'s step after a row's words, with the select's
+  `SelectOps`: forward_row(r, words, row_ref, tmp_ref, words_ref, first_ref, outs, out_refs)
+  writes Z's row and G_sel, U_sel (Z_sel) from the [G | U] row in shared memory (`outs`:
+  g_sel, u_sel, z[, z_sel]) and copies them out."""
+  e = jnp.dtype(dtype).itemsize
+  if not ops.interpret:
+    key = forward_key(f, dtype, z_sel, 0, num_valid)
+    write = stream.fill_and_walk(ops.bin_layout, k, key, 4 + z_sel, f * e)
+
+  def forward_row(r, words, row_ref, tmp_ref, words_ref, first_ref, outs, out_refs) -> None:
+    gs, us, z, *zs = outs
+    if ops.interpret:
+      forward_in_jnp(row_ref[...], words, f, k, z_sel, num_valid, z, [gs, us, *zs])
+    else:
+      first = ops.exclusive_prefix(ops.popcount(words), tmp_ref, 24)
+      write(first, words_ref, first_ref, z, row_ref, z, gs, us, *zs)
+    ops.commit()
+    for src, dst in zip(outs, out_refs, strict=True):
+      ops.copy_out(src, dst.at[r])
+
+  return forward_row
 
 
 def in_select(

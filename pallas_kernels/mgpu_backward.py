@@ -88,12 +88,7 @@ def kernel(
       """in[slot] = [dZ | G_sel | U_sel[ | Z_sel]] of row r, by bulk async copies."""
       parts = [(dz_gmem, 0, f)] + [(src, f + i * k, k) for i, src in enumerate(ins)]
       for src, start, n in parts:
-        dst = in_ref.at[slot, pl.ds(start, n)]
-        if interpret:
-          dst[...] = src[r]
-        else:
-          kw = dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-          plgpu.copy_gmem_to_smem(src.at[r], dst, arrived.at[slot], **kw)
+        rows.copy_in(src.at[r], in_ref.at[slot, pl.ds(start, n)], arrived, slot)
 
     def row_in_jnp(r, slot, words) -> None:
       from pallas_kernels.moc_train_mask import backward_values

@@ -133,25 +133,10 @@ def kernel(
   nw = f // 32
   ops = SelectOps(f, k, nv, interpret, ballot_lanes, balanced_walk, (1 + forward) * f)
   bin_layout = ops.bin_layout
-  if forward:
-    from pallas_kernels import _mgpu_stream, mgpu_apply
+  if forward:  # the train forward's per-row step, after the row's words (`mgpu_apply`)
+    from pallas_kernels import mgpu_apply
 
-    key = mgpu_apply.forward_key(f, round_dtype, z_sel, 0, num_valid)
-    e = jnp.dtype(round_dtype).itemsize
-    write = None if interpret else _mgpu_stream.fill_and_walk(bin_layout, k, key, 4 + z_sel, f * e)
-
-  def forward_row(r, words, row_ref, tmp_ref, words_ref, first_ref, outs, out_refs) -> None:
-    """The train forward's outputs of row r (`mgpu_apply.forward_key`): Z's row and G_sel,
-    U_sel (Z_sel) from the [G | U] row in shared memory, then out by TMA."""
-    gs, us, z, *zs = outs
-    if interpret:
-      mgpu_apply.forward_in_jnp(row_ref[...], words, f, k, z_sel, num_valid, z, [gs, us, *zs])
-    else:
-      first = ops.exclusive_prefix(ops.popcount(words), tmp_ref, 24)
-      write(first, words_ref, first_ref, z, row_ref, z, gs, us, *zs)
-    ops.commit()
-    for src, dst in zip(outs, out_refs, strict=True):
-      ops.copy_out(src, dst.at[r])
+    forward_row = mgpu_apply.select_forward_row(ops, f, k, round_dtype, z_sel, num_valid)
 
   def compact_row(r, final, tmp_ref, stash_ref, outs, out_refs, words_ref, first_ref) -> None:
     """Each selected channel's slot (the popcounts of the earlier words plus its word's lower
