@@ -51,6 +51,20 @@ METHODS = {
     "backend": "pallas",
     "selection": "triton",
   },
+  # the forward pass by the Triton gather after the select (the default before 2026-12-05o,
+  # whose 'auto' has the Mosaic select write the pass's outputs itself)
+  "moc_pallas_gather": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "apply_mode": "gather",
+  },
+  "moc_pallas_gcp_gather": {
+    "variant": "moc",
+    "gcp": True,
+    "backend": "pallas",
+    "apply_mode": "gather",
+  },
   # the Mosaic select as before 2026-12-05i: its rows loaded at each row's start, no warp-per-row
   # form for narrow rows (`TopKConfig.async_rows`, `warp_rows`)
   "moc_pallas_sync": {

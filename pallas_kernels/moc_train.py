@@ -41,12 +41,17 @@ from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 # (selection 326-331 vs 350 us at 16384 x 5504, stream_sweep_h200_20261203d.json). The
 # streaming pass gathers its compact residuals (`_apply_gather`) on 8 warps, 32-word blocks:
 # 292 vs 316 us for the scatter walk at that shape (stream_sweep_h200_20261203p.json).
+#
+# 'auto' (2026-12-05o, an H100, mgpu_stream_h100_20261205o.json; exact): where the Mosaic select
+# runs, it writes the pass's outputs itself from the fused [G | U] buffer (selection + pass 274.7
+# vs 460.6 us at 1B, 94.0 vs 126.2 at 60M), or the Mosaic streaming pass follows it on split
+# G, U (the pass alone 272.3 vs 337.9 us at 1B); the Triton gather below everywhere else.
 FORWARD_DEFAULT = TopKConfig(
   chunk=512,
   compact=True,
   apply_words=32,
   apply_warps=8,
-  apply_mode="gather",
+  apply_mode="auto",
   gauss_margin=0.1,
   selection="auto",  # the Mosaic GPU bitmask on Hopper: 179.7 vs 263.4 us at the 1B layer
 )

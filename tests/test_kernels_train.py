@@ -245,7 +245,7 @@ def test_epilogue_configs_by_row_width():
   assert (narrow.num_warps, narrow.apply_warps, narrow.apply_words) == (2, 4, 16)
   assert moc_train.forward_config(1408) == narrow
   assert moc_train.forward_config(5504) == moc_train.FORWARD_DEFAULT
-  assert moc_train.FORWARD_DEFAULT.apply_mode == narrow.apply_mode == "gather"
+  assert moc_train.FORWARD_DEFAULT.apply_mode == narrow.apply_mode == "auto"
   assert moc_train_mask.backward_config(1408).mode == "row"
   assert moc_train_mask.backward_config(2048) == moc_train_mask.BACKWARD_DEFAULT
 

@@ -15,7 +15,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import _mgpu_compact, _mgpu_stream, mgpu_apply, mgpu_backward, topk_compact
+from pallas_kernels import (
+  _mgpu_compact,
+  _mgpu_stream,
+  mgpu_apply,
+  mgpu_backward,
+  moc_train,
+  topk_compact,
+)
 from pallas_kernels import moc_train_mask as mm
 from pallas_kernels._topk_config import TopKConfig
 
@@ -162,17 +169,20 @@ def test_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
 def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
   """Compiled on the GPU, 16384 rows of the 1B and 60m layers from the fused [G | U] buffer,
   Gaussian and tie-heavy: every output equals the gathered Triton pass's, Z bit for bit
-  (the same silu PTX); so do the words and outputs of `in_select` (one kernel)."""
+  (the same silu PTX); so do the words and outputs of `in_select` (one kernel) and of the
+  default ('auto': in_select here)."""
   seed = time.time_ns() % (2**31)
   in_select = dataclasses.replace(_CFG, apply_mode="in_select")
+  gather = dataclasses.replace(moc_train.forward_config(f), apply_mode="gather")
   for ties in (False, True):
     g, u = _inputs(16384, f, seed, ties)
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
     _assert_same(want, got, seed)
     gu = jnp.concatenate([g, u], axis=1)
-    want = mm.train_forward_bitmask(gu, None, k, num_valid=num_valid, z_sel=True)
-    got = mm.train_forward_bitmask(gu, None, k, num_valid=num_valid, z_sel=True, config=in_select)
-    _assert_same(want, got, seed)
+    kw = dict(num_valid=num_valid, z_sel=True)
+    want = mm.train_forward_bitmask(gu, None, k, config=gather, **kw)
+    _assert_same(want, mm.train_forward_bitmask(gu, None, k, config=in_select, **kw), seed)
+    _assert_same(want, mm.train_forward_bitmask(gu, None, k, **kw), seed)  # the default: auto
 
 
 def _bf16_bits(x) -> np.ndarray:
@@ -351,3 +361,32 @@ def test_auto_modes_take_mosaic_only_where_it_can_run(monkeypatch):
   assert calls == ["apply", "backward"]
   for want, got in zip(triton, mosaic, strict=True):
     _assert_same(want, got, seed)
+
+
+def test_auto_forward_is_the_select_writing_the_pass_on_the_fused_buffer(monkeypatch):
+  """The forward's 'auto' (the shipped default): `in_select` on the fused [G | U] buffer for
+  'moc' where the Mosaic kernels run; the Triton select and gather on this CPU, and the
+  streaming pass (not in_select) for split G, U or with the Triton selection. Same outputs."""
+  calls = []
+  for name in ("apply", "in_select"):
+    original = getattr(mgpu_apply, name)
+    spy = lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
+    monkeypatch.setattr(mgpu_apply, name, spy)
+  seed = time.time_ns() % (2**31)
+  g, u = _inputs(3, 512, seed)
+  gu = jnp.concatenate([g, u], axis=1)
+  auto = dataclasses.replace(_CFG, apply_mode="auto", selection="auto")
+  run = lambda *gu, cfg=auto: mm.train_forward_bitmask(
+    *gu, 64, num_valid=500, interpret=True, z_sel=True, config=cfg
+  )
+  assert moc_train.FORWARD_DEFAULT.apply_mode == "auto"
+  triton = run(gu, None)
+  assert calls == []
+  monkeypatch.setattr(_mgpu_stream, "usable", lambda *a: True)
+  jax.clear_caches()  # (the jitted forward would keep the first trace's choice)
+  _assert_same(triton, run(gu, None), seed)
+  assert calls == ["in_select"]
+  _assert_same(triton, run(g, u), seed)
+  assert calls == ["in_select", "apply"]
+  _assert_same(triton, run(gu, None, cfg=dataclasses.replace(auto, selection="triton")), seed)
+  assert calls == ["in_select", "apply", "apply"]
