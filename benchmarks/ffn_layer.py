@@ -93,6 +93,13 @@ METHODS = {
     "apply_mode": "in_select",
     "backward": "mgpu",
   },
+  "moc_pallas_gcp_insel": {
+    "variant": "moc",
+    "gcp": True,
+    "backend": "pallas",
+    "apply_mode": "in_select",
+    "backward": "mgpu",
+  },
   "moc_pallas_gcp_mgpu": {
     "variant": "moc",
     "gcp": True,
