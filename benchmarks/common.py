@@ -289,15 +289,17 @@ def forward_selection(selection: str | None, **fields):
 @contextlib.contextmanager
 def backward_mode(mode: str | None):
   """While tracing inside it, MoC's train backward takes this `StreamConfig.mode` at every
-  width (e.g. 'mgpu'); None changes nothing. Wrap the backward's trace (the vjp's call)."""
-  from pallas_kernels import moc_train_mask
+  width (e.g. 'mgpu'), or 'triton': the Triton walks by width (the default before
+  2026-12-05o); None changes nothing. Wrap the backward's trace (the vjp's call)."""
+  from pallas_kernels import moc_train_mask as mm
 
   if not mode:
     yield
     return
-  saved = moc_train_mask.BACKWARD_DEFAULT
-  moc_train_mask.BACKWARD_DEFAULT = dataclasses.replace(saved, mode=mode)
+  saved = mm.BACKWARD_DEFAULT
+  triton = mode == "triton"
+  mm.BACKWARD_DEFAULT = mm.TRITON_BACKWARD if triton else dataclasses.replace(saved, mode=mode)
   try:
     yield
   finally:
-    moc_train_mask.BACKWARD_DEFAULT = saved
+    mm.BACKWARD_DEFAULT = saved

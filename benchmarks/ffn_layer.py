@@ -51,20 +51,25 @@ METHODS = {
     "backend": "pallas",
     "selection": "triton",
   },
-  # the forward pass by the Triton gather after the select (the default before 2026-12-05o,
-  # whose 'auto' has the Mosaic select write the pass's outputs itself)
+  # both streaming passes by Triton kernels, the forward's a gather after the select: the
+  # defaults before 2026-12-05o (whose 'auto's have the Mosaic select write the forward pass's
+  # outputs itself and the Mosaic backward compute only the selected keys); `_tbwd`: the
+  # Triton backward after today's forward
   "moc_pallas_gather": {
     "variant": "moc",
     "gcp": False,
     "backend": "pallas",
     "apply_mode": "gather",
+    "backward": "triton",
   },
   "moc_pallas_gcp_gather": {
     "variant": "moc",
     "gcp": True,
     "backend": "pallas",
     "apply_mode": "gather",
+    "backward": "triton",
   },
+  "moc_pallas_tbwd": {"variant": "moc", "gcp": False, "backend": "pallas", "backward": "triton"},
   # the Mosaic select as before 2026-12-05i: its rows loaded at each row's start, no warp-per-row
   # form for narrow rows (`TopKConfig.async_rows`, `warp_rows`)
   "moc_pallas_sync": {

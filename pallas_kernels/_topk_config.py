@@ -48,10 +48,10 @@ class TopKConfig:
   apply_words: int = 0
   # 'row' | 'block' (moc_train_mask.StreamConfig) | 'gather' (_apply_gather: the forward, and
   # `topk.select`'s compaction) | 'mgpu' (the forward only: `mgpu_apply`, a Mosaic GPU kernel
-  # streaming rows by bulk copy and computing only the selected keys; built 2026-12-05n, not
-  # yet timed) | 'auto' ('mgpu' where it can run, else 'gather') | 'in_select' (the Mosaic
-  # select writing this pass's outputs itself: `mgpu_apply.in_select`, the fused [G | U]
-  # buffer and 'moc' only; built 2026-12-05n, not yet timed). Removed after an H100 run
+  # streaming rows by bulk copy and computing only the selected keys) | 'in_select' (the
+  # Mosaic select writing this pass's outputs itself: `mgpu_apply.in_select`, the fused
+  # [G | U] buffer and 'moc' only) | 'auto' ('in_select' where it can run, else 'mgpu', else
+  # 'gather'; the train forward's default since 2026-12-05o). Removed after an H100 run
   # timed it (NOTES_kernels 2026-12-05e): 'mosaic' (the Mosaic select compacting G_sel and
   # U_sel, a row walk writing Z)
   apply_mode: str = "row"

@@ -12,11 +12,11 @@ walk reads dz at c and g, u (z) at s, computes
 
     s = sigmoid(g),  dU = dz·(g·s),  dG = (dz·u)·(s·(1 + g·(1 - s))),  Z = (s·g)·u (GCP)
 
-in fp32 as `moc_train_mask.backward_values` does and the Triton pass compiles it (one fma for
-1 + g·(1 - s); `_mgpu_stream.sigmoid_ptx`), and stores them at c; the rows go out by TMA.
-
-Built 2026-12-05n without a GPU: interpret mode and the PTX's assembly are checked here,
-nothing is timed yet. Opt-in as `StreamConfig(mode='mgpu')` (`moc_train_mask`).
+in fp32 as `moc_train_mask.backward_values` does and JAX's Triton compiles it
+(`_mgpu_stream.sigmoid_ptx`; 1 + g·(1 - s) rounded after the product, not one fma: with the
+fma 9 of the 60M shape's 4.2 M selected dG differed by an ulp, without it none; H100,
+2026-12-05o), and stores them at c; the rows go out by TMA. `.rn` keeps ptxas from
+contracting it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def backward_key(f: int, k: int, dtype, has_z: bool) -> str:
     f"mad.lo.u32 a, s, 2, $4; ld.shared.b16 gh, [a+{2 * f}]; ld.shared.b16 uh, [a+{2 * f + 2 * k}];"
     f"{z_in}\n{stream.sigmoid_ptx(dtype)}\n{z}\n"
     f"cvt.f32.{kind} fd, dh; mul.f32 fh, fs, fx; mul.f32 fh, fh, fd; cvt.rn.{kind}.f32 yh, fh;\n"
-    "sub.f32 ft, 0f3F800000, fs; fma.rn.f32 ft, ft, fx, 0f3F800000; mul.f32 ft, fs, ft;\n"
+    "sub.rn.f32 ft, 0f3F800000, fs; mul.rn.f32 ft, ft, fx; add.rn.f32 ft, ft, 0f3F800000;\n"
+    "mul.rn.f32 ft, fs, ft;\n"
     f"mul.f32 fh, fd, fy; mul.f32 fh, fh, ft; cvt.rn.{kind}.f32 xh, fh;\n"
     f"mad.lo.u32 a, c, 2, $5; st.shared.b16 [a], xh; st.shared.b16 [a+{2 * f}], yh;"
     f" st.shared.b16 [a+{4 * f}], zh;"

@@ -99,11 +99,12 @@ def kernel(
   ceil(K / 128) selected keys, found by a search over the words' first slots
   (`_mgpu_compact.compact_balanced`), not the ~12-20 of its own 64 channels: a third of the
   whole top-K was the walk and the wait for its busiest thread (NOTES_kernels 2026-12-05m).
-  forward (async_rows; built 2026-12-05n, not yet timed): the input is the (T, 2F) [G | U]
-  buffer, each row fetched whole, and after its words the kernel writes the train forward's
-  outputs too, (T, K) G_sel, U_sel, (T, F) Z[, (T, K) Z_sel] (`moc_train_mask.apply_call`'s),
-  by `mgpu_apply`'s walk: the select is instruction-bound and that pass memory-bound, so one
-  kernel may hide one behind the other, and G is read once, not twice.
+  forward (async_rows; `mgpu_apply.in_select`, the train forward's default): the input is
+  the (T, 2F) [G | U] buffer, each row fetched whole, and after its words the kernel writes
+  the train forward's outputs too, (T, K) G_sel, U_sel, (T, F) Z[, (T, K) Z_sel]
+  (`moc_train_mask.apply_call`'s), by `mgpu_apply`'s walk: the select is instruction-bound
+  and that pass memory-bound, so one kernel hides one behind the other (selection and pass
+  275 vs 461 µs at the 1B layer, H100), and G is read once, not twice.
 
   Forms timed and removed (loading the next row before selecting in the current one, SWAR
   tie cuts, signed keys, reloading the row per pass, histogram copies per lane group, keys

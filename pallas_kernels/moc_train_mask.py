@@ -37,8 +37,8 @@ class StreamConfig:
   row's power-of-two pieces, row modes only), `warps` per program, and `mode`:
   'row' (one program per row, each block loaded, computed and stored in turn), 'block' (one
   program per block: grid (T, blocks)) or, for the backward, 'mgpu' (`mgpu_backward`, a Mosaic
-  GPU kernel computing only the selected keys; built 2026-12-05n, not yet timed) or 'auto'
-  ('mgpu' where it can run, else the Triton walk `backward_config` picks by width). Walks that
+  GPU kernel computing only the selected keys) or 'auto' (the default: 'mgpu' where it can
+  run, else the Triton walk `_triton_walk` picks by width). Walks that
   lost on the H200 and were removed: every block's loads first ('prefetch', code at 3b714b8)
   and the next block's loads ahead of this block's stores ('pipeline': forward 319 vs 305 us
   for 'row', backward 370 vs 345 for 'block', stream_sweep_h200_20261203b.json; code at
@@ -75,7 +75,11 @@ class StreamConfig:
 # 345 us vs 369 for one program per row (GCP: 335 vs 371); the forward pass is fastest per row
 # (305 us vs 354-437 for the block walks).
 TRITON_BACKWARD = StreamConfig(words=16, mode="block")
-BACKWARD_DEFAULT = TRITON_BACKWARD
+# 'auto': the Mosaic backward (`mgpu_backward`) where it runs (K % 64), else the Triton walks.
+# In the layer on an H100 (ffn_layer_h100_20261205o.json), with the select writing the forward:
+# fwd+bwd / dense 1.047 / 1.030 / 1.029 / 1.040 against 1.075 / 1.064 / 1.060 / 1.079 with
+# the Triton walk, at the 60M / 130M / 350M / 1B shapes.
+BACKWARD_DEFAULT = StreamConfig(mode="auto")
 ROW_WALK_BELOW = 2048  # rows of fewer channels: the backward walks one row per program
 
 

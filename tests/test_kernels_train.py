@@ -246,7 +246,9 @@ def test_epilogue_configs_by_row_width():
   assert moc_train.forward_config(1408) == narrow
   assert moc_train.forward_config(5504) == moc_train.FORWARD_DEFAULT
   assert moc_train.FORWARD_DEFAULT.apply_mode == narrow.apply_mode == "auto"
-  assert moc_train_mask.backward_config(1408).mode == "row"
+  assert moc_train_mask.backward_config(1408).mode == "auto"  # the Mosaic walk, else:
+  assert moc_train_mask._triton_walk(1408).mode == "row"
+  assert moc_train_mask._triton_walk(2048) == moc_train_mask.TRITON_BACKWARD
   assert moc_train_mask.backward_config(2048) == moc_train_mask.BACKWARD_DEFAULT
 
 
