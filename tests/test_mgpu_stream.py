@@ -179,10 +179,11 @@ def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
     _assert_same(want, got, seed)
     gu = jnp.concatenate([g, u], axis=1)
-    kw = dict(num_valid=num_valid, z_sel=True)
-    want = mm.train_forward_bitmask(gu, None, k, config=gather, **kw)
-    _assert_same(want, mm.train_forward_bitmask(gu, None, k, config=in_select, **kw), seed)
-    _assert_same(want, mm.train_forward_bitmask(gu, None, k, **kw), seed)  # the default: auto
+    for z_sel in (True, False):  # MoC keeps Z_sel, GCP does not
+      kw = dict(num_valid=num_valid, z_sel=z_sel)
+      want = mm.train_forward_bitmask(gu, None, k, config=gather, **kw)
+      _assert_same(want, mm.train_forward_bitmask(gu, None, k, config=in_select, **kw), seed)
+      _assert_same(want, mm.train_forward_bitmask(gu, None, k, **kw), seed)  # the default
 
 
 def _bf16_bits(x) -> np.ndarray:
