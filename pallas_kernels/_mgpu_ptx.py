@@ -26,6 +26,13 @@ LANES = 128  # threads per warpgroup
 _VOID = "!llvm.void"
 
 
+def named(body, name: str):
+  """`body`, renamed: Mosaic GPU names a kernel after its body function, and a profile should
+  tell this project's kernels apart (`moc_` names: step_profile's 'pallas' kind)."""
+  body.__name__ = name
+  return body
+
+
 def _i32():
   return ir.IntegerType.get_signless(32)
 

@@ -235,10 +235,10 @@ class RowStream:
       return plgpu.SMEM((2,), I32)
     return plgpu.Barrier(num_arrivals=copies, num_barriers=2)
 
-  def kernel(self, body, out_type, scratch: list):
+  def kernel(self, body, out_type, scratch: list, name: str):
     """The kernel: `body` on one CTA a grid step, the kernel's scratch then the loop's."""
     return plgpu.kernel(
-      body,
+      ptx.named(body, name),
       out_type=tuple(out_type),
       grid=(self.ctas,),
       grid_names=("cta",),

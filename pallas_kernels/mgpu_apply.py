@@ -152,7 +152,7 @@ def kernel(
   scratch = [plgpu.SMEM((2, 2 * f), dtype), plgpu.SMEM((f,), dtype), arrived]  # [G | U] rows, Z
   scratch += [plgpu.SMEM((k,), dtype)] * (2 + z_sel)  # g_sel, u_sel[, z_sel]
   scratch += [plgpu.SMEM((k,), idx_dtype)] if idx_bytes else []
-  return rows.kernel(body, out_type, scratch)
+  return rows.kernel(body, out_type, scratch, "moc_forward_pass")
 
 
 def apply(

@@ -116,7 +116,8 @@ def kernel(
   outs = [(t, 2 * f), (t, f)] if fused else [(t, f)] * 3
   arrived = rows.arrived(3 + has_z)  # one arrival per copy into a slot
   scratch = [plgpu.SMEM((2, width), dtype), plgpu.SMEM((3 * f,), dtype), arrived]
-  return rows.kernel(body, [jax.ShapeDtypeStruct(shape, dtype) for shape in outs], scratch)
+  out_type = [jax.ShapeDtypeStruct(shape, dtype) for shape in outs]
+  return rows.kernel(body, out_type, scratch, "moc_backward_pass")
 
 
 def backward(

@@ -35,6 +35,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._mgpu_ops import SelectOps, rows_in_turn
 from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, LANES
@@ -246,8 +247,9 @@ def kernel(
   if async_rows:  # interpret mode has no barriers (it copies at once): a stand-in
     arrived = plgpu.SMEM((2,), I32) if interpret else plgpu.Barrier(num_arrivals=1, num_barriers=2)
     scratch += [plgpu.SMEM((2, (1 + forward) * f), round_dtype), arrived]
+  name = "moc_select_forward" if forward else "moc_topk" if compact else "moc_select_words"
   return plgpu.kernel(
-    body,
+    ptx.named(body, name),
     out_type=tuple(out_type),
     grid=(ctas + warm_ctas,),
     grid_names=("cta",),

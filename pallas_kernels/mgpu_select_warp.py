@@ -207,7 +207,7 @@ def kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None, widt
     lax.fori_loop(0, pl.cdiv(t, WARPS * ctas), step, 0)
 
   return plgpu.kernel(
-    body,
+    ptx.named(body, "moc_select_warp"),
     out_type=jax.ShapeDtypeStruct((t, f // 32), I32),
     grid=(ctas,),
     grid_names=("cta",),

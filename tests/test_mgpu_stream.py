@@ -147,13 +147,15 @@ def test_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
         w, g, u[0] if u else None, k, interpret=False, ctas=3, **kw
       )
       args = (words, g) if fused else (words, g, g)
-      jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+      assert "moc_forward_pass" in text
   for z_sel in (False, True):  # the select writing the pass's outputs (`in_select`)
     fn = lambda gu, z_sel=z_sel: mgpu_apply.in_select(
       gu, k, num_valid=1376, z_sel=z_sel, interpret=False, ctas=3
     )
     gu = jax.ShapeDtypeStruct((t, 2 * f), jnp.bfloat16)
-    jax.jit(fn).trace(gu).lower(lowering_platforms=("cuda",))
+    text = jax.jit(fn).trace(gu).lower(lowering_platforms=("cuda",)).as_text()
+    assert "moc_select_forward" in text  # the kernel's name in a profile
   keys = [mgpu_apply.forward_key(f, d, True, 0, 1376) for d in (jnp.bfloat16, jnp.float16)]
   keys.append(mgpu_apply.forward_key(f, jnp.bfloat16, False, 0, 1376))  # in_select's
   for key in keys:
@@ -289,7 +291,8 @@ def test_backward_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
           dz, w, g, u, *z, fused=fused, interpret=False, ctas=3
         )
         args = (rows, words, sel, sel) + ((sel,) if has_z else ())
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "moc_backward_pass" in text  # the kernel's name in a profile
   for dtype in (jnp.bfloat16, jnp.float16):
     for has_z in (False, True):
       key = mgpu_backward.backward_key(f, k, dtype, has_z)
