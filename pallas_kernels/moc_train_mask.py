@@ -76,7 +76,7 @@ class StreamConfig:
 # (305 us vs 354-437 for the block walks).
 TRITON_BACKWARD = StreamConfig(words=16, mode="block")
 # 'auto': the Mosaic backward (`mgpu_backward`) where it runs (K % 64), else the Triton walks.
-# In the layer on an H100 (ffn_layer_h100_20261205o.json), with the select writing the forward:
+# In the layer on an H100 (ffn_layer_h100_20261205o2.json), with the select writing the forward:
 # fwd+bwd / dense 1.047 / 1.030 / 1.029 / 1.040 against 1.075 / 1.064 / 1.060 / 1.079 with
 # the Triton walk, at the 60M / 130M / 350M / 1B shapes.
 BACKWARD_DEFAULT = StreamConfig(mode="auto")
