@@ -16,7 +16,8 @@ on the GPU (H100, 2026-12-05o).
 
 On an H100 (NOTES_kernels 2026-12-05o) the pass took 272 vs 338 µs at the 1B layer, and the
 same walk inside the select (`in_select`) the selection and pass 275 vs 461: the default
-`TopKConfig.apply_mode='auto'` takes `in_select` on the fused buffer, this pass on split G, U.
+`TopKConfig.apply_mode='auto'` takes `in_select` on the fused buffer, this pass after another
+selection (2:8) there; split G, U only as 'mgpu' (not yet compiled on a GPU).
 """
 
 from __future__ import annotations

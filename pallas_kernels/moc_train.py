@@ -44,8 +44,9 @@ from pallas_kernels.topk import GROUP, PER_GROUP, TopKConfig
 #
 # 'auto' (2026-12-05o, an H100, mgpu_stream_h100_20261205o.json; exact): where the Mosaic select
 # runs, it writes the pass's outputs itself from the fused [G | U] buffer (selection + pass 274.7
-# vs 460.6 us at 1B, 94.0 vs 126.2 at 60M), or the Mosaic streaming pass follows it on split
-# G, U (the pass alone 272.3 vs 337.9 us at 1B); the Triton gather below everywhere else.
+# vs 460.6 us at 1B, 94.0 vs 126.2 at 60M); after another selection (2:8) the Mosaic streaming
+# pass reads that buffer (the pass alone 272.3 vs 337.9 us at 1B); the Triton gather below
+# everywhere else (split G, U included: not yet checked compiled on a GPU).
 FORWARD_DEFAULT = TopKConfig(
   chunk=512,
   compact=True,

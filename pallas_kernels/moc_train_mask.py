@@ -186,7 +186,10 @@ def apply_call(
   if cfg.apply_mode in ("mgpu", "auto"):
     from pallas_kernels import _mgpu_stream, mgpu_apply
 
-    if cfg.apply_mode == "mgpu" or _mgpu_stream.usable(g2.dtype, f, k, 8, interpret):
+    # 'auto' on the fused buffer only: split G, U (tensor parallelism, FUSE_GATE_UP off) are
+    # checked in interpret mode, not yet compiled on a GPU (`test_mgpu_apply_gpu_*` now is)
+    runs = fused and _mgpu_stream.usable(g2.dtype, f, k, 8, interpret)
+    if cfg.apply_mode == "mgpu" or runs:
       kw = dict(idx_dtype=idx_dtype, z_sel=z_sel, num_valid=num_valid, interpret=interpret)
       return mgpu_apply.apply(mask, g2, u2, k, **kw)
     cfg = dataclasses.replace(cfg, apply_mode="gather")  # 'auto' where it cannot run

@@ -180,6 +180,8 @@ def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
     g, u = _inputs(16384, f, seed, ties)
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
     _assert_same(want, got, seed)
+    want, got = _passes(g, u, k, "moc", num_valid, False, idx_dtype=jnp.int16)  # split G, U
+    _assert_same(want, got, seed)
     gu = jnp.concatenate([g, u], axis=1)
     for z_sel in (True, False):  # MoC keeps Z_sel, GCP does not
       kw = dict(num_valid=num_valid, z_sel=z_sel)
@@ -355,7 +357,8 @@ def test_auto_modes_take_mosaic_only_where_it_can_run(monkeypatch):
   auto_bwd = mm.StreamConfig(mode="auto")
 
   def both():
-    fwd = mm.apply_call(words, g, u, 64, num_valid=None, cfg=auto_fwd, interpret=True)
+    gu = jnp.concatenate([g, u], axis=1)
+    fwd = mm.apply_call(words, gu, None, 64, num_valid=None, cfg=auto_fwd, interpret=True)
     return fwd, mm.train_backward_bitmask(dz, words, gs, us, zs, config=auto_bwd, interpret=True)
 
   triton = both()
@@ -369,8 +372,8 @@ def test_auto_modes_take_mosaic_only_where_it_can_run(monkeypatch):
 
 def test_auto_forward_is_the_select_writing_the_pass_on_the_fused_buffer(monkeypatch):
   """The forward's 'auto' (the shipped default): `in_select` on the fused [G | U] buffer for
-  'moc' where the Mosaic kernels run; the Triton select and gather on this CPU, and the
-  streaming pass (not in_select) for split G, U or with the Triton selection. Same outputs."""
+  'moc' where the Mosaic kernels run; the Triton select and gather on this CPU; the Mosaic
+  streaming pass after the Triton selection; the Triton gather for split G, U. Same outputs."""
   calls = []
   for name in ("apply", "in_select"):
     original = getattr(mgpu_apply, name)
@@ -390,7 +393,7 @@ def test_auto_forward_is_the_select_writing_the_pass_on_the_fused_buffer(monkeyp
   jax.clear_caches()  # (the jitted forward would keep the first trace's choice)
   _assert_same(triton, run(gu, None), seed)
   assert calls == ["in_select"]
-  _assert_same(triton, run(g, u), seed)
-  assert calls == ["in_select", "apply"]
   _assert_same(triton, run(gu, None, cfg=dataclasses.replace(auto, selection="triton")), seed)
-  assert calls == ["in_select", "apply", "apply"]
+  assert calls == ["in_select", "apply"]
+  _assert_same(triton, run(g, u), seed)  # split G, U: the Triton gather (not yet GPU-checked)
+  assert calls == ["in_select", "apply"]
