@@ -79,9 +79,15 @@ METHODS = {
     "async_rows": False,
     "warp_rows": False,
   },
-  # the streaming passes as Mosaic GPU kernels (`mgpu_apply`, `mgpu_backward`): rows by bulk
-  # copy, only the selected keys computed; the forward's alone (`_mapply`) and both (`_mgpu`)
-  "moc_pallas_mapply": {"variant": "moc", "gcp": False, "backend": "pallas", "apply_mode": "mgpu"},
+  # the streaming passes as Mosaic GPU kernels (`mgpu_apply`, `mgpu_backward`) after the
+  # select: the forward's alone (`_mapply`, the Triton backward) and both (`_mgpu`)
+  "moc_pallas_mapply": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "apply_mode": "mgpu",
+    "backward": "triton",
+  },
   "moc_pallas_mgpu": {
     "variant": "moc",
     "gcp": False,
@@ -90,7 +96,7 @@ METHODS = {
     "backward": "mgpu",
   },
   # the Mosaic select writing the forward pass's outputs itself (`apply_mode='in_select'`),
-  # the backward by `mgpu_backward`
+  # the backward by `mgpu_backward`: what the defaults' 'auto's take on Hopper since 2026-12-05o
   "moc_pallas_insel": {
     "variant": "moc",
     "gcp": False,

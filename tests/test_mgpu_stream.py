@@ -397,3 +397,18 @@ def test_auto_forward_is_the_select_writing_the_pass_on_the_fused_buffer(monkeyp
   assert calls == ["in_select", "apply"]
   _assert_same(triton, run(g, u), seed)  # split G, U: the Triton gather (not yet GPU-checked)
   assert calls == ["in_select", "apply"]
+
+
+def test_backward_mode_swaps_the_default_and_restores_it():
+  """`common.backward_mode` (ffn_layer's 'backward' field): 'triton' is the Triton walks by
+  width (the default before 2026-12-05o), another mode replaces the default's; then back."""
+  from benchmarks import common
+
+  shipped = mm.BACKWARD_DEFAULT
+  assert shipped.mode == "auto"
+  with common.backward_mode("triton"):
+    assert mm.backward_config(5504) == mm.TRITON_BACKWARD
+    assert mm.backward_config(1408).mode == "row"
+  with common.backward_mode("mgpu"):
+    assert mm.backward_config(1408).mode == "mgpu"
+  assert mm.BACKWARD_DEFAULT is shipped
