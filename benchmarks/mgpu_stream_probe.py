@@ -1,13 +1,16 @@
 """Probe: the train epilogues' streaming passes as Mosaic GPU kernels (`mgpu_apply`, the forward;
-`mgpu_backward`, the backward) against the shipped Triton passes, at the layer shapes.
+`mgpu_backward`, the backward) against the Triton passes (`triton` rows: the defaults before
+2026-12-05o; 'auto' now takes the Mosaic kernels on Hopper), at the layer shapes.
 
 Per shape (16384 rows of a preset's padded F, its K), each group's Mosaic rows are first
-checked bit for bit against the shipped form on Gaussian and tie-heavy rows (an inexact or
+checked bit for bit against the Triton form on Gaussian and tie-heavy rows (an inexact or
 failing row is recorded, not timed), then all rows are timed interleaved
-(`common.time_interleaved`) beside XLA's silu(G)·U and a copy as floors:
-  select_fwd  the whole forward epilogue from the fused [G | U] buffer (selection and pass) as
-              shipped, with the Mosaic pass, and as one kernel (`apply_mode='in_select'`);
-  fwd         the forward pass alone, from the shipped selection's words;
+(`common.time_interleaved`) beside XLA's silu(G)·U and a copy as floors; `vs_triton` is each
+row's time over the Triton row's:
+  select_fwd  the whole forward epilogue from the fused [G | U] buffer (selection and pass):
+              the select and the Triton gather, the Mosaic pass, and one kernel (`in_select`,
+              the default);
+  fwd         the forward pass alone, from the selection's words;
   bwd_moc / bwd_gcp   the backward, fused ([dG | dU]), with Z_sel and without.
 `--ctas` adds Mosaic pass rows on that many CTAs an SM (0: the kernels' own pick, as many as
 shared memory holds).
@@ -35,6 +38,7 @@ from pallas_kernels import _triton_utils as tu
 from pallas_kernels import mgpu_apply, mgpu_backward, moc_train, topk_compact
 from pallas_kernels import moc_train_mask as mm
 
+BASE = "triton"  # the row each group is checked and timed against
 SHAPES = {  # T, padded F, num_valid, K
   "1b": (16384, 5504, 5461, 1024),
   "350m": (16384, 2816, 2736, 512),
@@ -49,15 +53,17 @@ def _ctas(c: int, t: int, interpret: bool) -> int | None:
   return None if interpret or not c else min(c * tu.sm_count(), t)
 
 
+def _triton_config(f: int):
+  """The forward's config with the Triton gather as its pass (the default before 2026-12-05o)."""
+  return dataclasses.replace(moc_train.forward_config(f), apply_mode="gather")
+
+
 def _forward_rows(k: int, nv: int | None, ctas: list[int], interpret: bool = False) -> dict:
   """(words, gu) -> (g_sel, u_sel, z, z_sel) for each forward row (MoC's: Z_sel kept);
-  'default' first."""
-  f_of = lambda gu: gu.shape[1] // 2
+  the Triton row first."""
   kw = dict(num_valid=nv, interpret=interpret, z_sel=True)
   rows = {
-    "default": lambda w, gu: mm.apply_call(
-      w, gu, None, k, cfg=moc_train.forward_config(f_of(gu)), **kw
-    )
+    BASE: lambda w, gu: mm.apply_call(w, gu, None, k, cfg=_triton_config(gu.shape[1] // 2), **kw)
   }
   for c in ctas:
     rows[f"mgpu_c{c}"] = lambda w, gu, c=c: mgpu_apply.apply(
@@ -68,7 +74,11 @@ def _forward_rows(k: int, nv: int | None, ctas: list[int], interpret: bool = Fal
 
 def _backward_rows(ctas: list[int], interpret: bool = False) -> dict:
   """(dz, words, g_sel, u_sel, z_sel or None) -> ([dG | dU], Z) for each backward row."""
-  rows = {"default": lambda *a: mm.train_backward_bitmask(*a, fused=True, interpret=interpret)}
+  rows = {
+    BASE: lambda *a: mm.train_backward_bitmask(
+      *a, fused=True, interpret=interpret, config=mm._triton_walk(a[0].shape[1])
+    )
+  }
   for c in ctas:
     rows[f"mgpu_c{c}"] = lambda *a, c=c: mgpu_backward.backward(
       *a, fused=True, interpret=interpret, ctas=_ctas(c, len(a[0]), interpret)
@@ -77,15 +87,14 @@ def _backward_rows(ctas: list[int], interpret: bool = False) -> dict:
 
 
 def _select_forward_rows(k: int, nv: int | None, interpret: bool = False) -> dict:
-  """gu -> (words, g_sel, u_sel, z, z_sel): the whole train forward epilogue (selection and pass) as
-  shipped, with the Mosaic pass, and as one kernel (`in_select`)."""
-  modes = {"default": None, "mgpu_pass": "mgpu", "in_select": "in_select"}
+  """gu -> (words, g_sel, u_sel, z, z_sel): the whole train forward epilogue (selection and
+  pass) with the Triton gather, with the Mosaic pass, and as one kernel (`in_select`)."""
+  modes = {BASE: "gather", "mgpu_pass": "mgpu", "in_select": "in_select"}
   rows = {}
   for name, mode in modes.items():
 
     def row(gu, mode=mode):
-      cfg = moc_train.forward_config(gu.shape[1] // 2)
-      cfg = cfg if mode is None else dataclasses.replace(cfg, apply_mode=mode)
+      cfg = dataclasses.replace(moc_train.forward_config(gu.shape[1] // 2), apply_mode=mode)
       kw = dict(num_valid=nv, config=cfg, interpret=interpret, z_sel=True)  # MoC's: Z_sel kept
       return mm.train_forward_bitmask(gu, None, k, **kw)
 
@@ -142,7 +151,7 @@ def shape_rows(label: str, a) -> dict:
     live = {}
     for name, fn in fns.items():
       try:
-        exact = [_same(fn(*args_of(s)), fns["default"](*args_of(s))) for s in sets]
+        exact = [_same(fn(*args_of(s)), fns[BASE](*args_of(s))) for s in sets]
       except Exception as e:  # recorded, not timed
         res["errors"][f"{group}_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
         continue
@@ -159,13 +168,11 @@ def shape_rows(label: str, a) -> dict:
       {n: jax.jit(fn) for n, fn in live.items()}, arg_sets, **timing
     )
     res[group] = {
-      n: dict(
-        median_us=statistics.median(v), vs_default=common.paired_ratio(v, samples.get("default"))
-      )
+      n: dict(median_us=statistics.median(v), vs_triton=common.paired_ratio(v, samples.get(BASE)))
       for n, v in samples.items()
     }
     for n, row in res[group].items():
-      print(f"{label} {group:8s} {n:14s} {row['median_us']:8.1f} us  x{row['vs_default'] or 0:.3f}")
+      print(f"{label} {group:8s} {n:14s} {row['median_us']:8.1f} us  x{row['vs_triton'] or 0:.3f}")
   return res
 
 
@@ -208,7 +215,7 @@ def lower_only(a) -> None:
     groups += ((_select_forward_rows(k, nv), (bf16(t, 2 * f),)),)
     for n, (rows, specs) in enumerate(groups):
       for name, fn in rows.items():
-        if name not in ("default", "mgpu_pass"):  # (those two need a GPU for the selection)
+        if name not in (BASE, "mgpu_pass"):  # (those two need a GPU for the selection)
           jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
           print(f"{label} {('fwd', 'bwd', 'select_fwd')[n]} {name}: lowered for CUDA")
 

@@ -46,7 +46,8 @@ VARIANTS: dict[str, SC] = {
   "block_w16_a2": SC(16, 2, "block"),
   "block_w8_a2": SC(8, 2, "block"),
   # both passes as Mosaic GPU kernels (`mgpu_apply`, `mgpu_backward`: rows by bulk copy, only
-  # the selected keys computed; built 2026-12-05n, not yet timed); F % 128 == 0 only
+  # the selected keys computed; the defaults' 'auto' on Hopper since 2026-12-05o, the forward's
+  # on the fused buffer); F % 128 == 0 only. Here G and U are split
   "mgpu": SC(32, 4, "mgpu"),
   # Measured slower in every pass (stream_sweep_h200_20261202.json): every block's loads
   # first ('prefetch', removed), 8 warps per 1024- or 2048-channel block; 2 or 4 rows per
