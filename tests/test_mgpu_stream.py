@@ -263,10 +263,9 @@ def test_backward_interpret_equals_the_triton_walk(f, k, num_valid, fused):
   for ties in (False, True):
     dz, words, gs, us, zs = _residuals(4, f, k, seed, num_valid, ties)
     for z_sel in (zs, None):
-      want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, interpret=True, fused=fused)
-      got = mm.train_backward_bitmask(
-        dz, words, gs, us, z_sel, interpret=True, fused=fused, config=_MGPU
-      )
+      kw = dict(interpret=True, fused=fused)
+      want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=mm._triton_walk(f), **kw)
+      got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=_MGPU, **kw)
       _assert_same(want, got, seed)
 
 
@@ -309,12 +308,14 @@ def test_mgpu_backward_gpu_equals_the_block_walk(f, k, num_valid):
   """Compiled on the GPU, 16384 rows of the 1B and 60m layers, Gaussian and tie-heavy, fused
   [dG | dU] and not, with Z_sel and without: bit for bit the Triton walks' outputs."""
   seed = time.time_ns() % (2**31)
+  walk = mm._triton_walk(f)
   for ties in (False, True):
     dz, words, gs, us, zs = _residuals(16384, f, k, seed, num_valid, ties, interpret=False)
     for fused in (False, True):
       for z_sel in (zs, None):
-        want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, fused=fused)
-        got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, fused=fused, config=_MGPU)
+        kw = dict(fused=fused)  # (the default is the Mosaic kernel here: the walk named)
+        want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=walk, **kw)
+        got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=_MGPU, **kw)
         _assert_same(want, got, seed)
 
 
