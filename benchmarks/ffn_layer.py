@@ -111,6 +111,14 @@ METHODS = {
     "apply_mode": "in_select",
     "backward": "mgpu",
   },
+  # the same with one warp a row for F <= 2048 (`apply_mode='in_select_warp'`; untimed yet;
+  # wider rows: the warpgroup in_select)
+  "moc_pallas_inselw": {
+    "variant": "moc",
+    "gcp": False,
+    "backend": "pallas",
+    "apply_mode": "in_select_warp",
+  },
   "moc_pallas_gcp_mgpu": {
     "variant": "moc",
     "gcp": True,

@@ -9,7 +9,7 @@ failing row is recorded, not timed), then all rows are timed interleaved
 row's time over the Triton row's:
   select_fwd  the whole forward epilogue from the fused [G | U] buffer (selection and pass):
               the select and the Triton gather, the Mosaic pass, and one kernel (`in_select`,
-              the default);
+              the default; `in_select_warp`, one warp a row, for F <= 2048: untimed yet);
   fwd         the forward pass alone, from the selection's words;
   bwd_moc / bwd_gcp   the backward, fused ([dG | dU]), with Z_sel and without.
 `--ctas` adds Mosaic pass rows on that many CTAs an SM (0: the kernels' own pick, as many as
@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks import common
 from pallas_kernels import _triton_utils as tu
-from pallas_kernels import mgpu_apply, mgpu_backward, moc_train, topk_compact
+from pallas_kernels import mgpu_apply, mgpu_backward, mgpu_select_warp, moc_train, topk_compact
 from pallas_kernels import moc_train_mask as mm
 
 BASE = "triton"  # the row each group is checked and timed against
@@ -86,10 +86,13 @@ def _backward_rows(ctas: list[int], interpret: bool = False) -> dict:
   return rows
 
 
-def _select_forward_rows(k: int, nv: int | None, interpret: bool = False) -> dict:
+def _select_forward_rows(k: int, nv: int | None, f: int, interpret: bool = False) -> dict:
   """gu -> (words, g_sel, u_sel, z, z_sel): the whole train forward epilogue (selection and
-  pass) with the Triton gather, with the Mosaic pass, and as one kernel (`in_select`)."""
+  pass) with the Triton gather, with the Mosaic pass, and as one kernel (`in_select`; for
+  F <= 2048 compiled, also one warp a row: `in_select_warp`)."""
   modes = {BASE: "gather", "mgpu_pass": "mgpu", "in_select": "in_select"}
+  if f <= mgpu_select_warp.MAX_F and not interpret:
+    modes["in_select_warp"] = "in_select_warp"
   rows = {}
   for name, mode in modes.items():
 
@@ -141,7 +144,7 @@ def shape_rows(label: str, a) -> dict:
     kw = dict(num_valid=nv, cfg=cfg, interpret=interpret, z_sel=True)
     gs, us, _, zs = mm.apply_call(w, gu, None, k, **kw)  # the residuals, Z_sel too
     sets.append(dict(gu=gu, dz=dz, w=w, gs=gs, us=us, zs=zs))
-  whole = {name: jax.jit(fn) for name, fn in _select_forward_rows(k, nv, interpret).items()}
+  whole = {name: jax.jit(fn) for name, fn in _select_forward_rows(k, nv, f, interpret).items()}
   for group, fns, args_of in (
     ("select_fwd", whole, lambda s: (s["gu"],)),
     ("fwd", fwd, lambda s: (s["w"], s["gu"])),
@@ -212,7 +215,7 @@ def lower_only(a) -> None:
       (_forward_rows(k, nv, ctas), (words, bf16(t, 2 * f))),
       (_backward_rows(ctas), (bf16(t, f), words, bf16(t, k), bf16(t, k), bf16(t, k))),
     )
-    groups += ((_select_forward_rows(k, nv), (bf16(t, 2 * f),)),)
+    groups += ((_select_forward_rows(k, nv, f), (bf16(t, 2 * f),)),)
     for n, (rows, specs) in enumerate(groups):
       for name, fn in rows.items():
         if name not in (BASE, "mgpu_pass"):  # (those two need a GPU for the selection)

@@ -50,10 +50,11 @@ class TopKConfig:
   # `topk.select`'s compaction) | 'mgpu' (the forward only: `mgpu_apply`, a Mosaic GPU kernel
   # streaming rows by bulk copy and computing only the selected keys) | 'in_select' (the
   # Mosaic select writing this pass's outputs itself: `mgpu_apply.in_select`, the fused
-  # [G | U] buffer and 'moc' only) | 'auto' ('in_select' where it can run, else 'mgpu' on the
-  # fused buffer, else 'gather'; the train forward's default since 2026-12-05o). Removed after
-  # an H100 run timed it (NOTES_kernels 2026-12-05e): 'mosaic' (the Mosaic select compacting
-  # G_sel and U_sel, a row walk writing Z)
+  # [G | U] buffer and 'moc' only) | 'in_select_warp' (the same one warp a row for F <= 2048,
+  # `mgpu_select_warp.in_select`, else 'in_select'; opt-in, untimed) | 'auto' ('in_select'
+  # where it can run, else 'mgpu' on the fused buffer, else 'gather'; the train forward's
+  # default since 2026-12-05o). Removed after an H100 run timed it (NOTES_kernels
+  # 2026-12-05e): 'mosaic' (the Mosaic select compacting G_sel and U_sel, a row walk writing Z)
   apply_mode: str = "row"
   # 'gather': slots searched per step (a power of two). More slots per step put more of the
   # searches' dependent loads in flight, at more registers; on the H200 it did not pay: top-K at

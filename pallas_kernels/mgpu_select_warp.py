@@ -75,10 +75,13 @@ def _scan_select(hist: str, base: str, k: int, out_bin: str, out_above: str) -> 
   return lines
 
 
-def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> str:
+def row_ptx(
+  t: int, f: int, k: int, num_valid: int, width: int, ctas: int, forward: str = ""
+) -> str:
   """One warp's selection in row r = (i · ctas + cta) · 4 + warp of G (T, width) bf16/f16:
   its (F / 32) words to out[r]. Operands: $0 G's address, $1 out's, $2 the CTA's histograms
-  (shared), $3 its word staging (shared), $4 i."""
+  (shared), $3 its word staging (shared), $4 i; with `forward` (`forward_ptx`'s lines), $5…
+  the forward's outputs."""
   nw, n = f // 32, -(-num_valid // 32)  # words; registers holding valid keys
   rem = num_valid - 32 * (n - 1)  # valid lanes in the last of them
   keys = [f"k{i}" for i in range(n)]
@@ -161,9 +164,55 @@ def row_ptx(t: int, f: int, k: int, num_valid: int, width: int, ctas: int) -> st
     f"cvta.to.global.u64 oa, $1; mul.wide.u32 o64, r, {4 * nw}; add.u64 oa, oa, o64;",
     "mul.wide.u32 o64, lane, 4; add.u64 oa, oa, o64;",
     "@w0 st.global.u32 [oa], g0; @w1 st.global.u32 [oa+128], g1;",
+    forward,
     "ROW_DONE:",
   ]
   return "{\n" + "\n".join(lines) + "\n}"
+
+
+def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool) -> str:
+  """PTX after a row's words (`row_ptx`'s `forward`): the train forward's outputs of row r
+  from the [G | U] row, as `mgpu_apply` computes them. Lane l owns channels 32 i + l: for
+  each register i it takes word i by shuffle, and its key's bit there says whether the
+  channel is selected; the slot is the set bits before it in the row. z = silu(g)·u is
+  computed for every channel (a warp issues it anyway) and stored to Z, 0 where unselected;
+  the selected lanes store g, u (and z) at their slots, consecutive within a register.
+  Operands: $5 Z's address, $6 G_sel's, $7 U_sel's, $8 Z_sel's (z_sel)."""
+  from pallas_kernels import _mgpu_stream
+
+  nw, n = f // 32, -(-num_valid // 32)
+  outs = ["gs", "us"] + ["zs"] * z_sel
+  lines = [
+    ".reg .pred sl; .reg .b16 gh, uh, zh, zo; .reg .b32 fx, fy, fn, ft, fh, fs, lt, wi, base;",
+    f".reg .b64 zp, sp, {', '.join(p + 'p' for p in outs)};",
+    f"cvta.to.global.u64 zp, $5; mul.wide.u32 o64, r, {2 * f}; add.u64 zp, zp, o64;",
+    "mul.wide.u32 o64, lane, 2; add.u64 zp, zp, o64;",
+  ]
+  for j, name in enumerate(outs):
+    lines.append(
+      f"cvta.to.global.u64 {name}p, ${6 + j}; mul.wide.u32 o64, r, {2 * k};"
+      f" add.u64 {name}p, {name}p, o64;"
+    )
+  lines += ["mov.u32 lt, %lanemask_lt;", "mov.b32 base, 0;"]
+  stores = [("gh", "gsp"), ("uh", "usp")] + [("zh", "zsp")] * z_sel
+  for i in range(n):
+    lines += [
+      f"shfl.sync.idx.b32 wi|p, g{i // 32}, {i % 32}, 0x1f, 0xffffffff;",
+      "shr.b32 x, wi, lane; and.b32 x, x, 1; setp.ne.u32 sl, x, 0;",
+      "and.b32 x, wi, lt; popc.b32 x, x; add.u32 y, base, x; popc.b32 x, wi;"
+      " add.u32 base, base, x;",  # y: the slot, if selected
+      # the key back to G's 16 bits (`row_ptx`'s order-preserving map, inverted)
+      f"sub.u32 x, k{i}, 32768; shr.s32 m, x, 15; and.b32 m, m, 32767; xor.b32 x, x, m;"
+      " cvt.u16.u32 gh, x;",
+      f"ld.global.nc.b16 uh, [ga+{2 * f + 64 * i}];",
+      _mgpu_stream.silu_mul_ptx(dtype),
+      f"selp.b16 zo, zh, 0, sl; st.global.b16 [zp+{64 * i}], zo;",
+      "mul.wide.u32 o64, y, 2;",
+      *(f"add.u64 sp, {ptr}, o64; @sl st.global.b16 [sp], {val};" for val, ptr in stores),
+    ]
+  lines.append("mov.b16 zo, 0;")
+  lines += [f"st.global.b16 [zp+{64 * i}], zo;" for i in range(n, nw)]  # padding channels
+  return "\n".join(lines)
 
 
 def _keep_lowest(eq: str, before: str, words: str) -> list[str]:
@@ -174,9 +223,21 @@ def _keep_lowest(eq: str, before: str, words: str) -> list[str]:
   return [f"sub.s32 m, need, {before};", keep, f"or.b32 {words}, {words}, kl;"]
 
 
-def kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None, width: int = 0):
+def kernel(
+  t: int,
+  f: int,
+  k: int,
+  ctas: int,
+  num_valid: int | None = None,
+  width: int = 0,
+  *,
+  forward_dtype=None,
+  z_sel: bool = False,
+):
   """(T, width >= F) 16-bit G -> (T, F / 32) int32 words of the first F columns' selection,
-  channels >= num_valid never selected; `ctas` CTAs of four warps, one row a warp at a time."""
+  channels >= num_valid never selected; `ctas` CTAs of four warps, one row a warp at a time.
+  forward_dtype (the (T, 2F) [G | U] buffer's): also the train forward's (T, K) G_sel, U_sel,
+  (T, F) Z[, (T, K) Z_sel] (`forward_ptx`), as `mgpu_apply.in_select` returns them."""
   nv = f if num_valid is None else num_valid
   width = width or f
   if f % 32 or f > MAX_F or f > width or not 0 < k <= nv <= f or ctas < 1:
@@ -184,31 +245,44 @@ def kernel(t: int, f: int, k: int, ctas: int, num_valid: int | None = None, widt
       f"the warp-per-row select needs F % 32 == 0, F <= {MAX_F}, F <= width, ctas > 0 and "
       f"0 < K <= num_valid <= F; got F={f}, width={width}, K={k}, num_valid={nv}, ctas={ctas}"
     )
-  text = row_ptx(t, f, k, nv, width, ctas)
+  out_type = [jax.ShapeDtypeStruct((t, f // 32), I32)]
+  forward = ""
+  if forward_dtype is not None:
+    if width != 2 * f or jnp.dtype(forward_dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(
+        f"the forward reads the (T, 2F) [G | U] buffer of bf16 or f16; got width {width}, "
+        f"F={f}, {jnp.dtype(forward_dtype)}"
+      )
+    forward = forward_ptx(f, k, nv, forward_dtype, z_sel)
+    shapes = [(t, k), (t, k), (t, f)] + [(t, k)] * z_sel
+    out_type += [jax.ShapeDtypeStruct(shape, forward_dtype) for shape in shapes]
+  text = row_ptx(t, f, k, nv, width, ctas, forward)
   splat = lambda x: plgpu.layout_cast(jnp.full((BINS,), x, I32), _BIN_LAYOUT)
+  n_out = len(out_type)
 
-  @plgpu.inline_mgpu(
-    arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), _BIN_LAYOUT)
-  )
-  def row(ctx, g_ref, out_ref, hist_ref, stage_ref, i_array):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (3 + n_out) + (_BIN_LAYOUT,))
+  def row(ctx, g_ref, *refs):
     del ctx
+    outs, (hist_ref, stage_ref, i_array) = refs[:n_out], refs[n_out:]
     i64 = ir.IntegerType.get_signless(64)
-    gptr = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(g_ref))
-    optr = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(out_ref))
+    address = lambda ref: llvm.ptrtoint(i64, mgpu_utils.memref_ptr(ref))
     smem = [mgpu_utils.memref_ptr(r) for r in (hist_ref, stage_ref)]
-    operands = [gptr, optr, *smem, ptx._scalar(i_array)]
-    ptx._asm(text, operands, "l,l,r,r,r")
+    operands = [address(g_ref), address(outs[0]), *smem, ptx._scalar(i_array)]
+    if forward:  # $5 Z, $6 G_sel, $7 U_sel[, $8 Z_sel]
+      operands += [address(outs[3]), address(outs[1]), address(outs[2]), *map(address, outs[4:])]
+    ptx._asm(text, operands, ",".join(["l", "l", "r", "r", "r"] + ["l"] * (n_out - 1)))
 
-  def body(g_ref, out_ref, hist_ref, stage_ref):
+  def body(g_ref, *refs):
     def step(i, carry):
-      row(g_ref, out_ref, hist_ref, stage_ref, splat(i))
+      row(g_ref, *refs, splat(i))
       return carry
 
     lax.fori_loop(0, pl.cdiv(t, WARPS * ctas), step, 0)
 
+  name = "moc_select_warp_forward" if forward else "moc_select_warp"
   return plgpu.kernel(
-    ptx.named(body, "moc_select_warp"),
-    out_type=jax.ShapeDtypeStruct((t, f // 32), I32),
+    ptx.named(body, name),
+    out_type=tuple(out_type) if forward else out_type[0],
     grid=(ctas,),
     grid_names=("cta",),
     scratch_types=[
@@ -230,3 +304,21 @@ def words(
   t, f = g2.shape[0], width or g2.shape[1]
   n = ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
   return kernel(t, f, k, n, num_valid, width=g2.shape[1])(g2)
+
+
+def in_select(
+  gu_Tx2F: jax.Array,
+  k: int,
+  *,
+  num_valid: int | None = None,
+  z_sel: bool = False,
+  ctas: int | None = None,
+) -> tuple[jax.Array, ...]:
+  """`mgpu_apply.in_select`'s (words, g_sel, u_sel, z[, z_sel]) one warp a row, for rows of
+  at most 2048 channels (compiled on a Hopper GPU only). Built 2026-12-05o without a GPU:
+  its PTX assembles and it lowers; untimed and unchecked on a GPU (opt-in:
+  `TopKConfig.apply_mode='in_select_warp'`)."""
+  t, f = gu_Tx2F.shape[0], gu_Tx2F.shape[1] // 2
+  n = ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
+  kw = dict(width=2 * f, forward_dtype=gu_Tx2F.dtype, z_sel=z_sel)
+  return tuple(kernel(t, f, k, n, num_valid, **kw)(gu_Tx2F))

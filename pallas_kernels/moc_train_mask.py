@@ -274,8 +274,13 @@ def _train_forward_bitmask(g_TxF, u_TxF, k, variant, *, num_valid, cfg, interpre
   k, nv = checked_selection(f, k, variant, num_valid)
   interpret = tu.default_interpret(interpret)
   if _takes_in_select(cfg, u_TxF is None, variant, g_TxF.dtype, f, k, interpret):
-    from pallas_kernels import mgpu_apply
+    from pallas_kernels import mgpu_apply, mgpu_select_warp
 
+    warp = cfg.apply_mode == "in_select_warp" and f <= mgpu_select_warp.MAX_F
+    if warp:  # opt-in, untimed: one warp a row (wider rows: the warpgroup in_select)
+      if interpret:
+        raise ValueError("apply_mode='in_select_warp' has no interpret mode (PTX a row)")
+      return mgpu_select_warp.in_select(g_TxF, k, num_valid=nv, z_sel=z_sel)
     return mgpu_apply.in_select(g_TxF, k, num_valid=nv, z_sel=z_sel, interpret=interpret)
   words = topk_compact.mask_call(g_TxF, k, variant, cfg, interpret, num_valid=nv, width=f)
   outs = apply_call(words, g_TxF, u_TxF, k, num_valid=nv, cfg=cfg, interpret=interpret, z_sel=z_sel)
@@ -287,9 +292,9 @@ def _takes_in_select(cfg: TopKConfig, fused: bool, variant: str, dtype, f, k, in
   always for 'in_select', and for 'auto' where the Mosaic select runs on the fused buffer.
   On an H100, 16384 rows (mgpu_stream_h100_20261205o.json): selection and pass 274.7 vs
   460.6 us at the 1B layer, 142.8 vs 255.4 at 350M, 94.0 vs 126.2 at 60M; exact."""
-  if cfg.apply_mode == "in_select":
+  if cfg.apply_mode in ("in_select", "in_select_warp"):
     if not fused or variant != "moc":
-      raise ValueError("apply_mode='in_select' takes the fused [G | U] buffer and variant 'moc'")
+      raise ValueError(f"apply_mode={cfg.apply_mode!r} takes the fused [G | U] buffer and 'moc'")
     return True
   from pallas_kernels import _mgpu_stream
 

@@ -99,3 +99,65 @@ def test_train_forward_at_60m_takes_the_warp_select_on_gpu(monkeypatch):
   assert calls == [1]
   want = mgpu_select_probe.reference_words(gu[:, :1408], 256, 1376)
   assert np.array_equal(np.asarray(out[0]), want), f"{seed=}"
+
+
+@pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
+@pytest.mark.parametrize(
+  ("f", "k", "num_valid", "z_sel"),
+  [(1408, 256, 1376, True), (2048, 384, 2048, False), (640, 64, 600, True)],
+)
+def test_warp_in_select_ptx_assembles_for_hopper(tmp_path, f, k, num_valid, z_sel):
+  """The row's PTX with the train forward after its words, operands bound, assembles for
+  sm_90a without spilling (bf16 and f16)."""
+  for dtype in (jnp.bfloat16, jnp.float16):
+    forward = mgpu_select_warp.forward_ptx(f, k, num_valid, dtype, z_sel)
+    text = mgpu_select_warp.row_ptx(16384, f, k, num_valid, 2 * f, 1056, forward)
+    operands = ["b64", "b64", "b32", "b32", "b32"] + ["b64"] * (3 + z_sel)
+    done = _ptxas.assemble(_ptxas.bind(text, operands, "a"), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "0 bytes spill stores" in done.stderr, done.stderr
+
+
+def test_warp_in_select_lowers_and_refuses_what_it_cannot_do():
+  """It lowers for CUDA under its own kernel name; it takes only the fused 16-bit [G | U]
+  buffer and 'moc', and has no interpret mode."""
+  gu = jax.ShapeDtypeStruct((8, 2 * 1408), jnp.bfloat16)
+  for z_sel in (False, True):
+    fn = lambda gu, z_sel=z_sel: mgpu_select_warp.in_select(
+      gu, 256, num_valid=1376, z_sel=z_sel, ctas=2
+    )
+    text = jax.jit(fn).trace(gu).lower(lowering_platforms=("cuda",)).as_text()
+    assert "moc_select_warp_forward" in text
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    mgpu_select_warp.kernel(8, 1408, 256, 2, width=2816, forward_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="2F"):
+    mgpu_select_warp.kernel(8, 1408, 256, 2, width=1408, forward_dtype=jnp.bfloat16)
+  cfg = dataclasses.replace(moc_train.forward_config(1408), apply_mode="in_select_warp")
+  g = jnp.ones((4, 1408), jnp.bfloat16)
+  with pytest.raises(ValueError, match="interpret"):
+    moc_train_mask.train_forward_bitmask(jnp.concatenate([g, g], 1), None, 64, config=cfg)
+  with pytest.raises(ValueError, match="fused"):
+    moc_train_mask.train_forward_bitmask(g, g, 64, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, None)])
+def test_warp_in_select_gpu_equals_the_gathered_pass(f, k, num_valid):
+  """Compiled on the GPU (16383 rows of the 60m and 130m layers, Gaussian and tie-heavy, with
+  Z_sel and without): words and outputs bit for bit those of the select and the Triton
+  gather."""
+  seed = time.time_ns() % (2**31)
+  keys = jax.random.split(jax.random.key(seed), 3)
+  u = jax.random.normal(keys[2], (16383, f)).astype(jnp.bfloat16)
+  gauss = jax.random.normal(keys[0], (16383, f)).astype(jnp.bfloat16)
+  ties = jax.random.randint(keys[1], (16383, f), -3, 4).astype(jnp.bfloat16)
+  cfg = moc_train.forward_config(f)
+  gather, warp = (dataclasses.replace(cfg, apply_mode=m) for m in ("gather", "in_select_warp"))
+  for g in (gauss, ties):
+    gu = jnp.concatenate([g, u], axis=1)
+    for z_sel in (True, False):
+      kw = dict(num_valid=num_valid, z_sel=z_sel)
+      want = moc_train_mask.train_forward_bitmask(gu, None, k, config=gather, **kw)
+      got = moc_train_mask.train_forward_bitmask(gu, None, k, config=warp, **kw)
+      for a, b in zip(want, got, strict=True):
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
