@@ -87,17 +87,27 @@ def test_compiled_narrow_rows_route_to_the_warp_select(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_train_forward_at_60m_takes_the_warp_select_on_gpu(monkeypatch):
+def test_train_forward_at_60m_on_gpu_selects_as_the_reference(monkeypatch):
   """On a Hopper GPU the defaults' train forward at the 60m layer (fused [G | U], 1376 of 1408
-  channels valid) runs the warp-per-row select, and its words are the reference's."""
+  channels valid) runs `in_select` (the select writing the pass, since 2026-12-05o); with the
+  Triton pass after the select ('gather') its words come from the warp-per-row select. Both
+  words are the reference's."""
+  from pallas_kernels import mgpu_apply
+
   calls = []
-  words = mgpu_select_warp.words
-  monkeypatch.setattr(mgpu_select_warp, "words", lambda *a, **k: calls.append(1) or words(*a, **k))
+  for module, name in ((mgpu_select_warp, "words"), (mgpu_apply, "in_select")):
+    original = getattr(module, name)
+    spy = lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
+    monkeypatch.setattr(module, name, spy)
   seed = time.time_ns() % (2**31)
   gu = jax.random.normal(jax.random.key(seed), (16384, 2 * 1408)).astype(jnp.bfloat16)
-  out = moc_train_mask.train_forward_bitmask(gu, None, 256, num_valid=1376)
-  assert calls == [1]
   want = mgpu_select_probe.reference_words(gu[:, :1408], 256, 1376)
+  out = moc_train_mask.train_forward_bitmask(gu, None, 256, num_valid=1376)
+  assert calls == ["in_select"]
+  assert np.array_equal(np.asarray(out[0]), want), f"{seed=}"
+  gather = dataclasses.replace(moc_train.forward_config(1408), apply_mode="gather")
+  out = moc_train_mask.train_forward_bitmask(gu, None, 256, num_valid=1376, config=gather)
+  assert calls == ["in_select", "words"]
   assert np.array_equal(np.asarray(out[0]), want), f"{seed=}"
 
 
