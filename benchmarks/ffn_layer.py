@@ -35,97 +35,47 @@ from moc_jax import compile_options, moc
 
 TOKENS = 64 * 256
 SHAPES = ((512, 1376, 256), (768, 2048, 384), (1024, 2736, 512), (2048, 5461, 1024))
+
+
+def _moc(gcp: bool = False, **fields) -> dict:
+  """A MoC method on the Pallas backend; `fields` go to the forward's config (`apply_mode`,
+  `selection`, ...), `backward` to the backward's mode, `keep_weights` to the op."""
+  return {"variant": "moc", "gcp": gcp, "backend": "pallas", **fields}
+
+
 METHODS = {
   "dense": {"variant": "dense", "gcp": False, "backend": "xla"},
   "moc_xla": {"variant": "moc", "gcp": False, "backend": "xla"},
-  "moc_pallas": {"variant": "moc", "gcp": False, "backend": "pallas"},
-  "moc_pallas_gcp": {"variant": "moc", "gcp": True, "backend": "pallas"},
+  "moc_pallas": _moc(),
+  "moc_pallas_gcp": _moc(gcp=True),
   # the backward padding (and casting) the weights again instead of reusing the forward's
-  "moc_pallas_recast": {"variant": "moc", "gcp": False, "backend": "pallas", "keep_weights": False},
+  "moc_pallas_recast": _moc(keep_weights=False),
   # the forward's selection by the Triton kernel (the default's 'auto' takes the Mosaic GPU
   # radix select on Hopper: ffn_layer_h200_20261204e.json)
-  "moc_pallas_triton": {"variant": "moc", "gcp": False, "backend": "pallas", "selection": "triton"},
-  "moc_pallas_gcp_triton": {
-    "variant": "moc",
-    "gcp": True,
-    "backend": "pallas",
-    "selection": "triton",
-  },
+  "moc_pallas_triton": _moc(selection="triton"),
+  "moc_pallas_gcp_triton": _moc(gcp=True, selection="triton"),
   # both streaming passes by Triton kernels, the forward's a gather after the select: the
   # defaults before 2026-12-05o (whose 'auto's have the Mosaic select write the forward pass's
   # outputs itself and the Mosaic backward compute only the selected keys); `_tbwd`: the
   # Triton backward after today's forward
-  "moc_pallas_gather": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "apply_mode": "gather",
-    "backward": "triton",
-  },
-  "moc_pallas_gcp_gather": {
-    "variant": "moc",
-    "gcp": True,
-    "backend": "pallas",
-    "apply_mode": "gather",
-    "backward": "triton",
-  },
-  "moc_pallas_tbwd": {"variant": "moc", "gcp": False, "backend": "pallas", "backward": "triton"},
+  "moc_pallas_gather": _moc(apply_mode="gather", backward="triton"),
+  "moc_pallas_gcp_gather": _moc(gcp=True, apply_mode="gather", backward="triton"),
+  "moc_pallas_tbwd": _moc(backward="triton"),
   # the Mosaic select as before 2026-12-05i: its rows loaded at each row's start, no warp-per-row
   # form for narrow rows (`TopKConfig.async_rows`, `warp_rows`)
-  "moc_pallas_sync": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "async_rows": False,
-    "warp_rows": False,
-  },
+  "moc_pallas_sync": _moc(async_rows=False, warp_rows=False),
   # the streaming passes as Mosaic GPU kernels (`mgpu_apply`, `mgpu_backward`) after the
   # select: the forward's alone (`_mapply`, the Triton backward) and both (`_mgpu`)
-  "moc_pallas_mapply": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "apply_mode": "mgpu",
-    "backward": "triton",
-  },
-  "moc_pallas_mgpu": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "apply_mode": "mgpu",
-    "backward": "mgpu",
-  },
+  "moc_pallas_mapply": _moc(apply_mode="mgpu", backward="triton"),
+  "moc_pallas_mgpu": _moc(apply_mode="mgpu", backward="mgpu"),
+  "moc_pallas_gcp_mgpu": _moc(gcp=True, apply_mode="mgpu", backward="mgpu"),
   # the Mosaic select writing the forward pass's outputs itself (`apply_mode='in_select'`),
   # the backward by `mgpu_backward`: what the defaults' 'auto's take on Hopper since 2026-12-05o
-  "moc_pallas_insel": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "apply_mode": "in_select",
-    "backward": "mgpu",
-  },
-  "moc_pallas_gcp_insel": {
-    "variant": "moc",
-    "gcp": True,
-    "backend": "pallas",
-    "apply_mode": "in_select",
-    "backward": "mgpu",
-  },
+  "moc_pallas_insel": _moc(apply_mode="in_select", backward="mgpu"),
+  "moc_pallas_gcp_insel": _moc(gcp=True, apply_mode="in_select", backward="mgpu"),
   # the same with one warp a row for F <= 2048 (`apply_mode='in_select_warp'`; untimed yet;
   # wider rows: the warpgroup in_select)
-  "moc_pallas_inselw": {
-    "variant": "moc",
-    "gcp": False,
-    "backend": "pallas",
-    "apply_mode": "in_select_warp",
-  },
-  "moc_pallas_gcp_mgpu": {
-    "variant": "moc",
-    "gcp": True,
-    "backend": "pallas",
-    "apply_mode": "mgpu",
-    "backward": "mgpu",
-  },
+  "moc_pallas_inselw": _moc(apply_mode="in_select_warp"),
 }
 DEFAULT_METHODS = "dense,moc_xla,moc_pallas,moc_pallas_gcp,moc_pallas_recast"
 

@@ -17,11 +17,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from test_mgpu_stream import _residuals  # noqa: E402
 
 from pallas_kernels import mgpu_backward as mb  # noqa: E402
 from pallas_kernels import moc_train_mask as mm  # noqa: E402
@@ -48,6 +48,16 @@ VARIANTS = {  # name: {text of the kernel's key: its replacement}
 }
 
 
+def residuals(t: int, f: int, k: int, nv: int, seed: int):
+  """dZ and the forward's (words, G_sel, U_sel, Z_sel) for Gaussian bf16 rows."""
+  g, u, dz = (
+    jax.random.normal(key, (t, f)).astype(jnp.bfloat16)
+    for key in jax.random.split(jax.random.key(seed), 3)
+  )
+  words, gs, us, _, zs = mm.train_forward_bitmask(g, u, k, num_valid=nv, z_sel=True)
+  return dz, words, gs, us, zs
+
+
 def variant_key(edits: dict[str, str]):
   """`mgpu_backward.backward_key` with `edits` applied (each must match the shipped text)."""
   shipped = mb.backward_key
@@ -67,7 +77,7 @@ def main() -> None:
   shipped = mb.backward_key
   for f, k, nv in ((1408, 256, 1376), (5504, 1024, 5461)):
     seed = time.time_ns() % (2**31)
-    dz, words, gs, us, zs = _residuals(16384, f, k, seed, nv, False, interpret=False)
+    dz, words, gs, us, zs = residuals(16384, f, k, nv, seed)
     runs = {"moc": zs, "gcp": None}  # with Z_sel, and Z recomputed
     ins = (dz, words, gs, us)
     walk = mm._triton_walk(f)  # the Triton walk (the shipped default is the Mosaic kernel)

@@ -34,6 +34,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from pallas_kernels import _mgpu_ptx as ptx
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels._mgpu_ptx import BINS, HIST_WORDS, I32, JUNK_BIN
+from pallas_kernels._mgpu_stream import silu_mul_ptx
 
 MAX_F = 2048  # 64 keys a lane
 WARPS = 4  # a warpgroup: the CTA Mosaic GPU launches
@@ -178,8 +179,6 @@ def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool) -> str:
   computed for every channel (a warp issues it anyway) and stored to Z, 0 where unselected;
   the selected lanes store g, u (and z) at their slots, consecutive within a register.
   Operands: $5 Z's address, $6 G_sel's, $7 U_sel's, $8 Z_sel's (z_sel)."""
-  from pallas_kernels import _mgpu_stream
-
   nw, n = f // 32, -(-num_valid // 32)
   outs = ["gs", "us"] + ["zs"] * z_sel
   lines = [
@@ -205,7 +204,7 @@ def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool) -> str:
       f"sub.u32 x, k{i}, 32768; shr.s32 m, x, 15; and.b32 m, m, 32767; xor.b32 x, x, m;"
       " cvt.u16.u32 gh, x;",
       f"ld.global.nc.b16 uh, [ga+{2 * f + 64 * i}];",
-      _mgpu_stream.silu_mul_ptx(dtype),
+      silu_mul_ptx(dtype),
       f"selp.b16 zo, zh, 0, sl; st.global.b16 [zp+{64 * i}], zo;",
       "mul.wide.u32 o64, y, 2;",
       *(f"add.u64 sp, {ptr}, o64; @sl st.global.b16 [sp], {val};" for val, ptr in stores),

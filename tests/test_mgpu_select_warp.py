@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _spies import record_calls
 
 from benchmarks import mgpu_select_probe
 from pallas_kernels import mgpu_select, mgpu_select_warp, moc_train, moc_train_mask, topk_compact
@@ -94,11 +95,7 @@ def test_train_forward_at_60m_on_gpu_selects_as_the_reference(monkeypatch):
   words are the reference's."""
   from pallas_kernels import mgpu_apply
 
-  calls = []
-  for module, name in ((mgpu_select_warp, "words"), (mgpu_apply, "in_select")):
-    original = getattr(module, name)
-    spy = lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
-    monkeypatch.setattr(module, name, spy)
+  calls = record_calls(monkeypatch, (mgpu_select_warp, "words"), (mgpu_apply, "in_select"))
   seed = time.time_ns() % (2**31)
   gu = jax.random.normal(jax.random.key(seed), (16384, 2 * 1408)).astype(jnp.bfloat16)
   want = mgpu_select_probe.reference_words(gu[:, :1408], 256, 1376)

@@ -1,8 +1,9 @@
-"""The train epilogues' streaming passes as Mosaic GPU kernels (`_mgpu_stream`): the forward
-(`mgpu_apply`, opt-in as `TopKConfig.apply_mode='mgpu'`) and the backward (`mgpu_backward`,
-`StreamConfig(mode='mgpu')`). In interpret mode (one CTA, the PTX ops as jnp) each gives the
-Triton passes' outputs bit for bit; each lowers for CUDA here and its inline PTX assembles for
-sm_90a; on a GPU each equals the Triton pass at the 1B and 60m layer shapes."""
+"""The train forward's streaming pass as Mosaic GPU kernels (`_mgpu_stream`, `mgpu_apply`: the
+pass after the select, and `in_select`, the select writing it), the 'auto' modes that take
+them and the probe that times them (the backward's kernel: test_mgpu_backward.py). In
+interpret mode (one CTA, the PTX ops as jnp) each gives the Triton pass's outputs bit for bit;
+each lowers for CUDA here and its inline PTX assembles for sm_90a; on a GPU each equals the
+Triton pass at the 1B and 60m layer shapes."""
 
 import dataclasses
 import time
@@ -11,9 +12,9 @@ import _ptx_arith
 import _ptxas
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 import pytest
+from _spies import record_calls
+from _stream_checks import assert_near, assert_same, bf16_bits, gate_values, inputs, residuals
 
 from pallas_kernels import (
   _mgpu_compact,
@@ -27,15 +28,6 @@ from pallas_kernels import moc_train_mask as mm
 from pallas_kernels._topk_config import TopKConfig
 
 _CFG = TopKConfig(compact=True)
-
-
-def _inputs(t: int, f: int, seed: int, ties: bool = False):
-  keys = jax.random.split(jax.random.key(seed), 2)
-  if ties:  # small integers: many keys equal the K-th
-    g = jax.random.randint(keys[0], (t, f), -3, 4).astype(jnp.bfloat16)
-  else:
-    g = jax.random.normal(keys[0], (t, f)).astype(jnp.bfloat16)
-  return g, jax.random.normal(keys[1], (t, f)).astype(jnp.bfloat16)
 
 
 def _passes(g, u, k, variant, num_valid, interpret, fused=False, **kw):
@@ -55,19 +47,6 @@ def _passes(g, u, k, variant, num_valid, interpret, fused=False, **kw):
   return run("gather"), run("mgpu")
 
 
-def _assert_same(want, got, seed) -> None:
-  """Bit for bit; a failure says how many elements differ and by how much (on a GPU: whether
-  the silu PTX rounds as the Triton pass's does)."""
-  assert len(want) == len(got)
-  for n, (a, b) in enumerate(zip(want, got, strict=True)):
-    assert a.shape == b.shape and a.dtype == b.dtype, f"{seed=}"
-    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    diff = np.abs(a32 - b32)
-    assert np.array_equal(a32, b32), (
-      f"{seed=} output {n}: {np.count_nonzero(a32 != b32)} of {a32.size} differ, max {diff.max()}"
-    )
-
-
 @pytest.mark.parametrize(
   ("f", "k", "variant", "num_valid", "fused", "extras"),
   [
@@ -83,9 +62,9 @@ def test_interpret_equals_the_gathered_pass(f, k, variant, num_valid, fused, ext
   writes them."""
   seed = time.time_ns() % (2**31)
   for ties in (False, True):
-    g, u = _inputs(5, f, seed, ties)
+    g, u = inputs(5, f, seed, ties)
     want, got = _passes(g, u, k, variant, num_valid, True, fused=fused, **extras)
-    _assert_same(want, got, seed)
+    assert_same(want, got, seed)
 
 
 @pytest.mark.parametrize(("f", "k", "num_valid"), [(512, 64, 500), (1408, 256, 1376)])
@@ -96,14 +75,14 @@ def test_in_select_interpret_equals_the_two_kernels(f, k, num_valid):
   seed = time.time_ns() % (2**31)
   in_select = dataclasses.replace(_CFG, apply_mode="in_select")
   for ties in (False, True):
-    gu = jnp.concatenate(_inputs(4, f, seed, ties), axis=1)
+    gu = jnp.concatenate(inputs(4, f, seed, ties), axis=1)
     for z_sel in (False, True):
       kw = dict(num_valid=num_valid, interpret=True, z_sel=z_sel)
       want = mm.train_forward_bitmask(gu, None, k, **kw)
       got = mm.train_forward_bitmask(gu, None, k, config=in_select, **kw)
-      _assert_same(want, got, seed)
+      assert_same(want, got, seed)
   with pytest.raises(ValueError, match="fused"):
-    g, u = _inputs(4, f, seed)
+    g, u = inputs(4, f, seed)
     mm.train_forward_bitmask(g, u, k, config=in_select, interpret=True)
 
 
@@ -177,146 +156,27 @@ def test_mgpu_apply_gpu_equals_the_gathered_pass(f, k, num_valid):
   in_select = dataclasses.replace(_CFG, apply_mode="in_select")
   gather = dataclasses.replace(moc_train.forward_config(f), apply_mode="gather")
   for ties in (False, True):
-    g, u = _inputs(16384, f, seed, ties)
+    g, u = inputs(16384, f, seed, ties)
     want, got = _passes(g, u, k, "moc", num_valid, False, fused=True, z_sel=True)
-    _assert_same(want, got, seed)
+    assert_same(want, got, seed)
     want, got = _passes(g, u, k, "moc", num_valid, False, idx_dtype=jnp.int16)  # split G, U
-    _assert_same(want, got, seed)
+    assert_same(want, got, seed)
     gu = jnp.concatenate([g, u], axis=1)
     for z_sel in (True, False):  # MoC keeps Z_sel, GCP does not
       kw = dict(num_valid=num_valid, z_sel=z_sel)
       want = mm.train_forward_bitmask(gu, None, k, config=gather, **kw)
-      _assert_same(want, mm.train_forward_bitmask(gu, None, k, config=in_select, **kw), seed)
-      _assert_same(want, mm.train_forward_bitmask(gu, None, k, **kw), seed)  # the default
-
-
-def _bf16_bits(x) -> np.ndarray:
-  return np.asarray(x, ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
-
-
-def _gate_values(n: int, seed: int):
-  """bf16 g (Gaussian, then a ramp over [-20, 20] for the exp's range reduction), u and dz."""
-  rng = np.random.default_rng(seed)
-  g = np.concatenate([rng.normal(size=n), np.linspace(-20, 20, n)])
-  u, dz = rng.normal(size=2 * n), rng.normal(size=2 * n)
-  return (np.asarray(v, ml_dtypes.bfloat16) for v in (g, u, dz))
-
-
-def _assert_near(got_bits, want, seed) -> None:
-  """The PTX's bf16 results against jnp's: at most 1 ulp apart, 99% equal (the evaluator's
-  ex2 and divide are exact where the GPU's are within 2 fp32 ulp)."""
-  got = np.asarray(got_bits, np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
-  want = np.asarray(want, ml_dtypes.bfloat16).astype(np.float32)
-  ulp = np.abs(want.view(np.int32) - got.view(np.int32)) >> 16
-  assert ulp.max() <= 1 and np.mean(got == want) >= 0.99, f"{seed=} {ulp.max()=}"
+      assert_same(want, mm.train_forward_bitmask(gu, None, k, config=in_select, **kw), seed)
+      assert_same(want, mm.train_forward_bitmask(gu, None, k, **kw), seed)  # the default
 
 
 def test_the_silu_ptx_computes_silu_mul():
   """The forward's per-key PTX (`forward_key`: silu(g)·u) evaluated on the CPU
   (`_ptx_arith`) gives `moc_train_mask.silu_mul`'s Z."""
   seed = time.time_ns() % (2**31)
-  g, u, _ = _gate_values(4096, seed)
+  g, u, _ = gate_values(4096, seed)
   key = mgpu_apply.forward_key(512, jnp.bfloat16, True, 0)
-  regs = _ptx_arith.run(key, {"gh": _bf16_bits(g), "uh": _bf16_bits(u)})
-  _assert_near(regs["zh"], mm.silu_mul(jnp.asarray(g), jnp.asarray(u), jnp.bfloat16), seed)
-
-
-@pytest.mark.parametrize("has_z", [False, True])
-def test_the_backward_ptx_computes_the_gradients(has_z):
-  """The backward's per-key PTX (`backward_key`) evaluated on the CPU gives
-  `moc_train_mask.backward_values`' dG, dU and (GCP) Z."""
-  seed = time.time_ns() % (2**31)
-  g, u, dz = _gate_values(4096, seed)
-  z = np.asarray(mm.silu_mul(jnp.asarray(g), jnp.asarray(u), jnp.bfloat16))
-  key = mgpu_backward.backward_key(512, 64, jnp.bfloat16, has_z)
-  regs = {"gh": _bf16_bits(g), "uh": _bf16_bits(u), "dh": _bf16_bits(dz), "zh": _bf16_bits(z)}
-  out = _ptx_arith.run(key, regs)
-  dg, du, want_z = mm.backward_values(
-    jnp.asarray(dz), jnp.asarray(g), jnp.asarray(u), z if has_z else None, jnp.bfloat16
-  )
-  for name, want in (("xh", dg), ("yh", du), ("zh", want_z)):
-    _assert_near(out[name], np.asarray(want, np.float32), seed)
-
-
-# The backward pass.
-
-_MGPU = mm.StreamConfig(mode="mgpu")
-
-
-def _residuals(t: int, f: int, k: int, seed: int, num_valid=None, ties=False, interpret=True):
-  """dZ and the forward's (words, G_sel, U_sel, Z_sel) for `_inputs`' rows."""
-  g, u = _inputs(t, f, seed, ties)
-  dz = jax.random.normal(jax.random.key(seed + 1), (t, f)).astype(jnp.bfloat16)
-  words, gs, us, _, zs = mm.train_forward_bitmask(
-    g, u, k, num_valid=num_valid, interpret=interpret, z_sel=True
-  )
-  return dz, words, gs, us, zs
-
-
-@pytest.mark.parametrize(
-  ("f", "k", "num_valid"), [(512, 64, None), (1408, 256, 1376), (256, 128, None)]
-)
-@pytest.mark.parametrize("fused", [False, True])
-def test_backward_interpret_equals_the_triton_walk(f, k, num_valid, fused):
-  """Random and tie-heavy rows, with Z_sel (MoC) and without (GCP, Z recomputed)."""
-  seed = time.time_ns() % (2**31)
-  for ties in (False, True):
-    dz, words, gs, us, zs = _residuals(4, f, k, seed, num_valid, ties)
-    for z_sel in (zs, None):
-      kw = dict(interpret=True, fused=fused)
-      want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=mm._triton_walk(f), **kw)
-      got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=_MGPU, **kw)
-      _assert_same(want, got, seed)
-
-
-def test_backward_refuses_bad_inputs_with_the_reason():
-  dz, words, gs, us, _ = _residuals(2, 512, 64, 0)
-  with pytest.raises(ValueError, match="K % 64"):
-    mgpu_backward.backward(dz, words, gs[:, :40], us[:, :40])
-  with pytest.raises(ValueError, match="one dtype"):
-    mgpu_backward.backward(dz.astype(jnp.float16), words, gs, us)
-
-
-@pytest.mark.skipif(_ptxas.path() is None, reason="no ptxas on this machine")
-def test_backward_lowers_for_cuda_and_its_ptx_assembles(monkeypatch, tmp_path):
-  """Every form (fused or not, Z_sel or not, bf16 and f16) lowers for CUDA on this CPU
-  machine, and each inline PTX block it emits assembles for sm_90a."""
-  snippets = _ptxas.record_asm(monkeypatch)
-  t, f, k = 16, 1408, 256
-  words = jax.ShapeDtypeStruct((t, f // 32), jnp.int32)
-  for dtype in (jnp.bfloat16, jnp.float16):
-    rows, sel = jax.ShapeDtypeStruct((t, f), dtype), jax.ShapeDtypeStruct((t, k), dtype)
-    for fused in (False, True):
-      for has_z in (False, True):
-        fn = lambda dz, w, g, u, *z, fused=fused: mgpu_backward.backward(
-          dz, w, g, u, *z, fused=fused, interpret=False, ctas=3
-        )
-        args = (rows, words, sel, sel) + ((sel,) if has_z else ())
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "moc_backward_pass" in text  # the kernel's name in a profile
-  for dtype in (jnp.bfloat16, jnp.float16):
-    for has_z in (False, True):
-      key = mgpu_backward.backward_key(f, k, dtype, has_z)
-      assert _mgpu_compact.balanced_loop(key, _mgpu_stream.KEY_DECLS) in snippets
-  done = _ptxas.assemble_snippets(snippets, tmp_path)
-  assert done.returncode == 0, done.stderr
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("f", "k", "num_valid"), [(5504, 1024, 5461), (1408, 256, 1376)])
-def test_mgpu_backward_gpu_equals_the_block_walk(f, k, num_valid):
-  """Compiled on the GPU, 16384 rows of the 1B and 60m layers, Gaussian and tie-heavy, fused
-  [dG | dU] and not, with Z_sel and without: bit for bit the Triton walks' outputs."""
-  seed = time.time_ns() % (2**31)
-  walk = mm._triton_walk(f)
-  for ties in (False, True):
-    dz, words, gs, us, zs = _residuals(16384, f, k, seed, num_valid, ties, interpret=False)
-    for fused in (False, True):
-      for z_sel in (zs, None):
-        kw = dict(fused=fused)  # (the default is the Mosaic kernel here: the walk named)
-        want = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=walk, **kw)
-        got = mm.train_backward_bitmask(dz, words, gs, us, z_sel, config=_MGPU, **kw)
-        _assert_same(want, got, seed)
+  regs = _ptx_arith.run(key, {"gh": bf16_bits(g), "uh": bf16_bits(u)})
+  assert_near(regs["zh"], mm.silu_mul(jnp.asarray(g), jnp.asarray(u), jnp.bfloat16), seed)
 
 
 # The probe that times both (benchmarks/mgpu_stream_probe.py).
@@ -346,14 +206,10 @@ def test_auto_modes_take_mosaic_only_where_it_can_run(monkeypatch):
   interpret mode), the Mosaic kernels where `_mgpu_stream.usable` says they run; the same
   outputs either way."""
   assert not _mgpu_stream.usable(jnp.bfloat16, 1408, 256, 64, interpret=False)  # no GPU here
-  calls = []
-  for module, name in ((mgpu_apply, "apply"), (mgpu_backward, "backward")):
-    original = getattr(module, name)
-    spy = lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
-    monkeypatch.setattr(module, name, spy)
+  calls = record_calls(monkeypatch, (mgpu_apply, "apply"), (mgpu_backward, "backward"))
   seed = time.time_ns() % (2**31)
-  dz, words, gs, us, zs = _residuals(3, 512, 64, seed)
-  g, u = _inputs(3, 512, seed)
+  dz, words, gs, us, zs = residuals(3, 512, 64, seed)
+  g, u = inputs(3, 512, seed)
   auto_fwd = dataclasses.replace(_CFG, apply_mode="auto")
   auto_bwd = mm.StreamConfig(mode="auto")
 
@@ -368,20 +224,16 @@ def test_auto_modes_take_mosaic_only_where_it_can_run(monkeypatch):
   mosaic = both()
   assert calls == ["apply", "backward"]
   for want, got in zip(triton, mosaic, strict=True):
-    _assert_same(want, got, seed)
+    assert_same(want, got, seed)
 
 
 def test_auto_forward_is_the_select_writing_the_pass_on_the_fused_buffer(monkeypatch):
   """The forward's 'auto' (the shipped default): `in_select` on the fused [G | U] buffer for
   'moc' where the Mosaic kernels run; the Triton select and gather on this CPU; the Mosaic
   streaming pass after the Triton selection; the Triton gather for split G, U. Same outputs."""
-  calls = []
-  for name in ("apply", "in_select"):
-    original = getattr(mgpu_apply, name)
-    spy = lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
-    monkeypatch.setattr(mgpu_apply, name, spy)
+  calls = record_calls(monkeypatch, (mgpu_apply, "apply"), (mgpu_apply, "in_select"))
   seed = time.time_ns() % (2**31)
-  g, u = _inputs(3, 512, seed)
+  g, u = inputs(3, 512, seed)
   gu = jnp.concatenate([g, u], axis=1)
   auto = dataclasses.replace(_CFG, apply_mode="auto", selection="auto")
   run = lambda *gu, cfg=auto: mm.train_forward_bitmask(
@@ -392,24 +244,9 @@ def test_auto_forward_is_the_select_writing_the_pass_on_the_fused_buffer(monkeyp
   assert calls == []
   monkeypatch.setattr(_mgpu_stream, "usable", lambda *a: True)
   jax.clear_caches()  # (the jitted forward would keep the first trace's choice)
-  _assert_same(triton, run(gu, None), seed)
+  assert_same(triton, run(gu, None), seed)
   assert calls == ["in_select"]
-  _assert_same(triton, run(gu, None, cfg=dataclasses.replace(auto, selection="triton")), seed)
+  assert_same(triton, run(gu, None, cfg=dataclasses.replace(auto, selection="triton")), seed)
   assert calls == ["in_select", "apply"]
-  _assert_same(triton, run(g, u), seed)  # split G, U: the Triton gather (not yet GPU-checked)
+  assert_same(triton, run(g, u), seed)  # split G, U: the Triton gather (not yet GPU-checked)
   assert calls == ["in_select", "apply"]
-
-
-def test_backward_mode_swaps_the_default_and_restores_it():
-  """`common.backward_mode` (ffn_layer's 'backward' field): 'triton' is the Triton walks by
-  width (the default before 2026-12-05o), another mode replaces the default's; then back."""
-  from benchmarks import common
-
-  shipped = mm.BACKWARD_DEFAULT
-  assert shipped.mode == "auto"
-  with common.backward_mode("triton"):
-    assert mm.backward_config(5504) == mm.TRITON_BACKWARD
-    assert mm.backward_config(1408).mode == "row"
-  with common.backward_mode("mgpu"):
-    assert mm.backward_config(1408).mode == "mgpu"
-  assert mm.BACKWARD_DEFAULT is shipped
