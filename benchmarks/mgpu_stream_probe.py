@@ -102,6 +102,10 @@ def _select_forward_rows(k: int, nv: int | None, f: int, interpret: bool = False
       return mm.train_forward_bitmask(gu, None, k, **kw)
 
     rows[name] = row
+  if "in_select_warp" in modes:  # its g turned back from the keys (167 registers, not 64)
+    rows["in_select_warp_keys"] = lambda gu: mgpu_select_warp.in_select(
+      gu, k, num_valid=nv, z_sel=True, reload_g=False
+    )
   return rows
 
 

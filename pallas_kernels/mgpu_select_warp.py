@@ -171,13 +171,15 @@ def row_ptx(
   return "{\n" + "\n".join(lines) + "\n}"
 
 
-def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool) -> str:
+def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool, reload_g: bool = True) -> str:
   """PTX after a row's words (`row_ptx`'s `forward`): the train forward's outputs of row r
   from the [G | U] row, as `mgpu_apply` computes them. Lane l owns channels 32 i + l: for
   each register i it takes word i by shuffle, and its key's bit there says whether the
   channel is selected; the slot is the set bits before it in the row. z = silu(g)·u is
   computed for every channel (a warp issues it anyway) and stored to Z, 0 where unselected;
   the selected lanes store g, u (and z) at their slots, consecutive within a register.
+  reload_g: g loaded again (from L1) rather than turned back from the key: ptxas then lets
+  the keys die after the words, 64 registers a thread at 60M against 167 (3 CTAs an SM).
   Operands: $5 Z's address, $6 G_sel's, $7 U_sel's, $8 Z_sel's (z_sel)."""
   nw, n = f // 32, -(-num_valid // 32)
   outs = ["gs", "us"] + ["zs"] * z_sel
@@ -200,9 +202,7 @@ def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool) -> str:
       "shr.b32 x, wi, lane; and.b32 x, x, 1; setp.ne.u32 sl, x, 0;",
       "and.b32 x, wi, lt; popc.b32 x, x; add.u32 y, base, x; popc.b32 x, wi;"
       " add.u32 base, base, x;",  # y: the slot, if selected
-      # the key back to G's 16 bits (`row_ptx`'s order-preserving map, inverted)
-      f"sub.u32 x, k{i}, 32768; shr.s32 m, x, 15; and.b32 m, m, 32767; xor.b32 x, x, m;"
-      " cvt.u16.u32 gh, x;",
+      f"ld.global.nc.b16 gh, [ga+{64 * i}];" if reload_g else _key_to_bits(i),
       f"ld.global.nc.b16 uh, [ga+{2 * f + 64 * i}];",
       silu_mul_ptx(dtype),
       f"selp.b16 zo, zh, 0, sl; st.global.b16 [zp+{64 * i}], zo;",
@@ -212,6 +212,14 @@ def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool) -> str:
   lines.append("mov.b16 zo, 0;")
   lines += [f"st.global.b16 [zp+{64 * i}], zo;" for i in range(n, nw)]  # padding channels
   return "\n".join(lines)
+
+
+def _key_to_bits(i: int) -> str:
+  """PTX: key i back to G's 16 bits into gh (`row_ptx`'s order-preserving map, inverted)."""
+  return (
+    f"sub.u32 x, k{i}, 32768; shr.s32 m, x, 15; and.b32 m, m, 32767; xor.b32 x, x, m;"
+    " cvt.u16.u32 gh, x;"
+  )
 
 
 def _keep_lowest(eq: str, before: str, words: str) -> list[str]:
@@ -232,6 +240,7 @@ def kernel(
   *,
   forward_dtype=None,
   z_sel: bool = False,
+  reload_g: bool = True,
 ):
   """(T, width >= F) 16-bit G -> (T, F / 32) int32 words of the first F columns' selection,
   channels >= num_valid never selected; `ctas` CTAs of four warps, one row a warp at a time.
@@ -252,7 +261,7 @@ def kernel(
         f"the forward reads the (T, 2F) [G | U] buffer of bf16 or f16; got width {width}, "
         f"F={f}, {jnp.dtype(forward_dtype)}"
       )
-    forward = forward_ptx(f, k, nv, forward_dtype, z_sel)
+    forward = forward_ptx(f, k, nv, forward_dtype, z_sel, reload_g)
     shapes = [(t, k), (t, k), (t, f)] + [(t, k)] * z_sel
     out_type += [jax.ShapeDtypeStruct(shape, forward_dtype) for shape in shapes]
   text = row_ptx(t, f, k, nv, width, ctas, forward)
@@ -312,6 +321,7 @@ def in_select(
   num_valid: int | None = None,
   z_sel: bool = False,
   ctas: int | None = None,
+  reload_g: bool = True,
 ) -> tuple[jax.Array, ...]:
   """`mgpu_apply.in_select`'s (words, g_sel, u_sel, z[, z_sel]) one warp a row, for rows of
   at most 2048 channels (compiled on a Hopper GPU only). Built 2026-12-05o without a GPU:
@@ -319,5 +329,5 @@ def in_select(
   `TopKConfig.apply_mode='in_select_warp'`)."""
   t, f = gu_Tx2F.shape[0], gu_Tx2F.shape[1] // 2
   n = ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
-  kw = dict(width=2 * f, forward_dtype=gu_Tx2F.dtype, z_sel=z_sel)
+  kw = dict(width=2 * f, forward_dtype=gu_Tx2F.dtype, z_sel=z_sel, reload_g=reload_g)
   return tuple(kernel(t, f, k, n, num_valid, **kw)(gu_Tx2F))

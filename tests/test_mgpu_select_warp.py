@@ -4,6 +4,8 @@ that the train forward's selection routes rows of at most 2048 channels to it; a
 selects what the reference selects, alone and inside the train forward."""
 
 import dataclasses
+import itertools
+import re
 import time
 
 import _ptxas
@@ -115,14 +117,19 @@ def test_train_forward_at_60m_on_gpu_selects_as_the_reference(monkeypatch):
 )
 def test_warp_in_select_ptx_assembles_for_hopper(tmp_path, f, k, num_valid, z_sel):
   """The row's PTX with the train forward after its words, operands bound, assembles for
-  sm_90a without spilling (bf16 and f16)."""
-  for dtype in (jnp.bfloat16, jnp.float16):
-    forward = mgpu_select_warp.forward_ptx(f, k, num_valid, dtype, z_sel)
+  sm_90a without spilling (bf16 and f16, g reloaded or turned back from the key); reloading
+  g takes fewer registers."""
+  registers = {}
+  for dtype, reload_g in itertools.product((jnp.bfloat16, jnp.float16), (True, False)):
+    forward = mgpu_select_warp.forward_ptx(f, k, num_valid, dtype, z_sel, reload_g)
     text = mgpu_select_warp.row_ptx(16384, f, k, num_valid, 2 * f, 1056, forward)
     operands = ["b64", "b64", "b32", "b32", "b32"] + ["b64"] * (3 + z_sel)
     done = _ptxas.assemble(_ptxas.bind(text, operands, "a"), tmp_path)
     assert done.returncode == 0, done.stderr
     assert "0 bytes spill stores" in done.stderr, done.stderr
+    registers[dtype, reload_g] = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
+  for dtype in (jnp.bfloat16, jnp.float16):  # g reloaded: the keys die after the words
+    assert registers[dtype, True] < registers[dtype, False], registers
 
 
 def test_warp_in_select_lowers_and_refuses_what_it_cannot_do():
@@ -151,8 +158,8 @@ def test_warp_in_select_lowers_and_refuses_what_it_cannot_do():
 @pytest.mark.parametrize(("f", "k", "num_valid"), [(1408, 256, 1376), (2048, 384, None)])
 def test_warp_in_select_gpu_equals_the_gathered_pass(f, k, num_valid):
   """Compiled on the GPU (16383 rows of the 60m and 130m layers, Gaussian and tie-heavy, with
-  Z_sel and without): words and outputs bit for bit those of the select and the Triton
-  gather."""
+  Z_sel and without; g reloaded, the default, and turned back from the keys): words and
+  outputs bit for bit those of the select and the Triton gather."""
   seed = time.time_ns() % (2**31)
   keys = jax.random.split(jax.random.key(seed), 3)
   u = jax.random.normal(keys[2], (16383, f)).astype(jnp.bfloat16)
@@ -166,5 +173,7 @@ def test_warp_in_select_gpu_equals_the_gathered_pass(f, k, num_valid):
       kw = dict(num_valid=num_valid, z_sel=z_sel)
       want = moc_train_mask.train_forward_bitmask(gu, None, k, config=gather, **kw)
       got = moc_train_mask.train_forward_bitmask(gu, None, k, config=warp, **kw)
-      for a, b in zip(want, got, strict=True):
+      keys = mgpu_select_warp.in_select(gu, k, reload_g=False, **kw)  # g from the keys
+      for a, b, c in zip(want, got, keys, strict=True):
         assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), f"{seed=}"
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32)), f"{seed=}"
