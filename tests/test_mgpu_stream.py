@@ -191,7 +191,9 @@ def test_probe_lowers_every_row_and_its_dry_run_finds_them_exact(capsys, tmp_pat
 
   mgpu_stream_probe.main(["--lower_only", "--shapes=tiny", "--ctas=0,2"])
   out = capsys.readouterr().out
-  assert out.count("lowered for CUDA") == 6  # fwd, bwd: two CTA counts; in_select, its warp form
+  # fwd, bwd: two CTA counts each; in_select, its warp form with g reloaded and from the keys
+  assert out.count("lowered for CUDA") == 7
+  assert "select_fwd in_select_warp_keys: lowered for CUDA" in out
   path = tmp_path / "probe.json"
   mgpu_stream_probe.main(["--dry_run", "--shapes=tiny", "--ctas=0", f"--out={path}"])
   tiny = json.loads(path.read_text())["shapes"]["tiny"]
