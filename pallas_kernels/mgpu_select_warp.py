@@ -179,7 +179,7 @@ def forward_ptx(f: int, k: int, num_valid: int, dtype, z_sel: bool, reload_g: bo
   computed for every channel (a warp issues it anyway) and stored to Z, 0 where unselected;
   the selected lanes store g, u (and z) at their slots, consecutive within a register.
   reload_g: g loaded again (from L1) rather than turned back from the key: ptxas then lets
-  the keys die after the words, 64 registers a thread at 60M against 167 (3 CTAs an SM).
+  the keys die after the words, 64 registers a thread at 60M (8 CTAs an SM) against 167 (3).
   Operands: $5 Z's address, $6 G_sel's, $7 U_sel's, $8 Z_sel's (z_sel)."""
   nw, n = f // 32, -(-num_valid // 32)
   outs = ["gs", "us"] + ["zs"] * z_sel
