@@ -310,8 +310,7 @@ def words(
 ) -> jax.Array:
   """`mgpu_select.words` for rows of at most 2048 channels (compiled on a Hopper GPU only)."""
   t, f = g2.shape[0], width or g2.shape[1]
-  n = ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
-  return kernel(t, f, k, n, num_valid, width=g2.shape[1])(g2)
+  return kernel(t, f, k, _ctas(t, ctas), num_valid, width=g2.shape[1])(g2)
 
 
 def in_select(
@@ -328,6 +327,10 @@ def in_select(
   its PTX assembles and it lowers; untimed and unchecked on a GPU (opt-in:
   `TopKConfig.apply_mode='in_select_warp'`)."""
   t, f = gu_Tx2F.shape[0], gu_Tx2F.shape[1] // 2
-  n = ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
   kw = dict(width=2 * f, forward_dtype=gu_Tx2F.dtype, z_sel=z_sel, reload_g=reload_g)
-  return tuple(kernel(t, f, k, n, num_valid, **kw)(gu_Tx2F))
+  return tuple(kernel(t, f, k, _ctas(t, ctas), num_valid, **kw)(gu_Tx2F))
+
+
+def _ctas(t: int, ctas: int | None) -> int:
+  """The CTAs asked for, else enough for every row's warp, at most CTAS_PER_SM an SM."""
+  return ctas or min(pl.cdiv(t, WARPS), CTAS_PER_SM * tu.sm_count())
